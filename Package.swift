@@ -1,0 +1,37 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// shaderc is linked statically: Debian's libshaderc.so.1 is under-linked (it has undefined glslang
+// symbols and no NEEDED entries for them). This order resolves every symbol without a linker group
+// (see docs/architecture.md). No unsafeFlags anywhere: vkflex must be usable as a versioned dependency.
+let shadercLibraries: [LinkerSetting] = [
+    "shaderc_combined", "glslang", "SPIRV", "MachineIndependent", "OSDependent", "GenericCodeGen",
+    "OGLCompiler", "glslang-default-resource-limits", "SPIRV-Tools-opt", "SPIRV-Tools", "stdc++", "m", "pthread",
+].map { .linkedLibrary($0) }
+
+let package = Package(
+    name: "vkflex",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "VKFlex", targets: ["VKFlex"]),
+        .executable(name: "vkflex", targets: ["vkflex"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CVulkan", pkgConfig: "vulkan",
+                       providers: [.apt(["libvulkan-dev"])]),
+        .target(name: "CShaderc", linkerSettings: shadercLibraries),
+        .target(name: "VKFlexExpr"),
+        .target(name: "VKFlexVulkan", dependencies: ["CVulkan", "CShaderc"]),
+        .target(name: "VKFlex", dependencies: ["VKFlexExpr", "VKFlexVulkan"]),
+        .executableTarget(name: "vkflex", dependencies: [
+            "VKFlex", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "VKFlexExprTests", dependencies: ["VKFlexExpr"]),
+        .testTarget(name: "VKFlexVulkanTests", dependencies: ["VKFlexVulkan"]),
+        .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

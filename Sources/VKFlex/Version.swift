@@ -1,0 +1,2 @@
+/// The version of vkflex.
+public let vkflexVersion = "0.1.0"

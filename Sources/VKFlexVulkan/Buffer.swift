@@ -1,0 +1,210 @@
+import CVulkan
+import Foundation
+
+/// A storage buffer on a ``Device``: device-local memory, mapped directly when the device's memory
+/// is unified (lavapipe, integrated GPUs), uploaded and read back through staging buffers otherwise.
+///
+/// A buffer stays alive until the last GPU work that uses it has completed, even when the caller
+/// lets go of it earlier: each batch retains the buffers it uses.
+///
+/// ```swift
+/// let buffer = try device.makeBuffer(bytes: 4 * 1024)
+/// try buffer.upload([Float](repeating: 2, count: 1024))
+/// let back: [Float] = try buffer.download(count: 1024)
+/// ```
+public final class Buffer: @unchecked Sendable {
+    public let device: Device
+    /// The `VkBuffer` (interop).
+    public let handle: VkBuffer
+    let memory: VkDeviceMemory?
+    /// Size in bytes.
+    public let size: Int
+    /// The host address when the memory is mapped (unified memory), else `nil`.
+    let mapped: UnsafeMutableRawPointer?
+    let owned: Bool
+    /// The GPU address when buffer device addresses are enabled.
+    public let deviceAddress: UInt64?
+    /// The last batch that wrote the buffer and the last that used it (guarded by the device lock).
+    var lastWrite: Batch?
+    var lastUse: Batch?
+
+    init(device: Device, handle: VkBuffer, memory: VkDeviceMemory?, size: Int, mapped: UnsafeMutableRawPointer?,
+         owned: Bool, deviceAddress: UInt64?) {
+        self.device = device
+        self.handle = handle
+        self.memory = memory
+        self.size = size
+        self.mapped = mapped
+        self.owned = owned
+        self.deviceAddress = deviceAddress
+    }
+
+    deinit {
+        guard owned else { return }
+        vkDestroyBuffer(device.handle, handle, nil)
+        if let memory { vkFreeMemory(device.handle, memory, nil) }
+    }
+
+    /// Copies `values` into the buffer at `byteOffset`. Waits for GPU work still using the buffer
+    /// when writing through a mapping; otherwise the copy is ordered after that work on the queue.
+    public func upload<T>(_ values: [T], byteOffset: Int = 0) throws {
+        try values.withUnsafeBytes { try upload(bytes: $0, byteOffset: byteOffset) }
+    }
+
+    /// Copies raw bytes into the buffer at `byteOffset`.
+    public func upload(bytes: UnsafeRawBufferPointer, byteOffset: Int = 0) throws {
+        guard byteOffset >= 0, byteOffset + bytes.count <= size else {
+            throw VulkanError.invalidArgument("upload of \(bytes.count) bytes at offset \(byteOffset) overruns a buffer of \(size) bytes")
+        }
+        guard bytes.count > 0, let base = bytes.baseAddress else { return }
+        if let mapped {
+            try device.waitForUse(of: self)
+            mapped.advanced(by: byteOffset).copyMemory(from: base, byteCount: bytes.count)
+            return
+        }
+        let staging = try device.makeBuffer(bytes: bytes.count, hostVisible: true)
+        staging.mapped!.copyMemory(from: base, byteCount: bytes.count)
+        try device.record { rec in
+            rec.copy(from: staging, to: self, bytes: bytes.count, sourceOffset: 0, destinationOffset: byteOffset)
+        }
+    }
+
+    /// Reads `count` values of `T` starting at `byteOffset`, after the work that writes the buffer completes.
+    public func download<T>(count: Int, as type: T.Type = T.self, byteOffset: Int = 0) throws -> [T] {
+        let bytes = count * MemoryLayout<T>.stride
+        guard byteOffset >= 0, byteOffset + bytes <= size else {
+            throw VulkanError.invalidArgument("download of \(bytes) bytes at offset \(byteOffset) overruns a buffer of \(size) bytes")
+        }
+        var result = [T]()
+        result.reserveCapacity(count)
+        try withUnsafeTemporaryAllocation(byteCount: max(bytes, 1), alignment: 16) { tmp in
+            try download(into: UnsafeMutableRawBufferPointer(rebasing: tmp[0..<bytes]), byteOffset: byteOffset)
+            result.append(contentsOf: UnsafeRawBufferPointer(rebasing: tmp[0..<bytes]).bindMemory(to: T.self))
+        }
+        return result
+    }
+
+    /// Reads raw bytes starting at `byteOffset` into `destination`.
+    public func download(into destination: UnsafeMutableRawBufferPointer, byteOffset: Int = 0) throws {
+        guard destination.count > 0, let dst = destination.baseAddress else { return }
+        if let mapped {
+            try device.waitForWrites(to: self)
+            dst.copyMemory(from: mapped.advanced(by: byteOffset), byteCount: destination.count)
+            return
+        }
+        let staging = try device.makeBuffer(bytes: destination.count, hostVisible: true)
+        let batch = try device.record { rec in
+            rec.copy(from: self, to: staging, bytes: destination.count, sourceOffset: byteOffset, destinationOffset: 0)
+            return rec.batch
+        }
+        try device.wait(for: batch)
+        dst.copyMemory(from: staging.mapped!, byteCount: destination.count)
+    }
+
+    /// Fills `bytes` bytes from `byteOffset` with a repeated 32-bit pattern, on the GPU queue.
+    public func fill(pattern: UInt32, byteOffset: Int = 0, bytes: Int? = nil) throws {
+        let count = bytes ?? (size - byteOffset)
+        try device.record { rec in rec.fill(self, pattern: pattern, offset: byteOffset, bytes: count) }
+    }
+}
+
+extension Device {
+    /// Allocates a storage buffer of `bytes` bytes (at least 4).
+    ///
+    /// Throws ``VulkanError/limitExceeded(_:)`` before calling the driver when the size is over the
+    /// device's largest allocation or memory heap.
+    public func makeBuffer(bytes: Int, hostVisible: Bool = false) throws -> Buffer {
+        guard bytes >= 0 else { throw VulkanError.invalidArgument("buffer size \(bytes) is negative") }
+        let size = max(bytes, 4).roundedUp(to: 4)
+        let caps = capabilities
+        if size > caps.maxMemoryAllocation {
+            throw VulkanError.limitExceeded("cannot allocate \(formatBytes(size)): \(caps.name) allows at most \(formatBytes(caps.maxMemoryAllocation)) in one allocation")
+        }
+        var info = VkBufferCreateInfo()
+        info.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO
+        info.size = VkDeviceSize(size)
+        var usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT.rawValue | VK_BUFFER_USAGE_TRANSFER_SRC_BIT.rawValue | VK_BUFFER_USAGE_TRANSFER_DST_BIT.rawValue
+        if enabledFeatures.bufferDeviceAddress { usage |= VK_BUFFER_USAGE_SHADER_DEVICE_ADDRESS_BIT.rawValue }
+        info.usage = VkBufferUsageFlags(usage)
+        info.sharingMode = VK_SHARING_MODE_EXCLUSIVE
+        var buffer: VkBuffer?
+        try check(vkCreateBuffer(handle, &info, nil, &buffer), "vkCreateBuffer")
+        guard let buffer else { throw VulkanError.call("vkCreateBuffer", result: VK_ERROR_UNKNOWN.rawValue) }
+        var requirements = VkMemoryRequirements()
+        vkGetBufferMemoryRequirements(handle, buffer, &requirements)
+
+        let hostFlags = VkMemoryPropertyFlags(VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT.rawValue | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT.rawValue)
+        let local = VkMemoryPropertyFlags(VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT.rawValue)
+        let wantHost = hostVisible || caps.unifiedMemory
+        let choice = wantHost
+            ? memoryTypeIndex(bits: requirements.memoryTypeBits, required: hostFlags,
+                              preferred: hostVisible && !caps.unifiedMemory ? VkMemoryPropertyFlags(VK_MEMORY_PROPERTY_HOST_CACHED_BIT.rawValue) : local)
+            : memoryTypeIndex(bits: requirements.memoryTypeBits, required: local)
+        guard let choice else {
+            vkDestroyBuffer(handle, buffer, nil)
+            throw VulkanError.unsupported("no memory type fits a storage buffer on \(caps.name)")
+        }
+        let heap = heapSize(ofType: choice.index)
+        if Int(requirements.size) > heap {
+            vkDestroyBuffer(handle, buffer, nil)
+            throw VulkanError.limitExceeded("cannot allocate \(formatBytes(size)): the memory heap of \(caps.name) holds \(formatBytes(heap))")
+        }
+        var flagsInfo = VkMemoryAllocateFlagsInfo()
+        flagsInfo.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_FLAGS_INFO
+        flagsInfo.flags = VkMemoryAllocateFlags(VK_MEMORY_ALLOCATE_DEVICE_ADDRESS_BIT.rawValue)
+        var memory: VkDeviceMemory?
+        let allocResult: VkResult = withUnsafePointer(to: &flagsInfo) { fp in
+            var alloc = VkMemoryAllocateInfo()
+            alloc.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO
+            alloc.allocationSize = requirements.size
+            alloc.memoryTypeIndex = choice.index
+            if enabledFeatures.bufferDeviceAddress { alloc.pNext = UnsafeRawPointer(fp) }
+            return vkAllocateMemory(handle, &alloc, nil, &memory)
+        }
+        guard allocResult == VK_SUCCESS, let memory else {
+            vkDestroyBuffer(handle, buffer, nil)
+            throw VulkanError.call("vkAllocateMemory(\(formatBytes(size)))", result: allocResult.rawValue)
+        }
+        let bindResult = vkBindBufferMemory(handle, buffer, memory, 0)
+        guard bindResult == VK_SUCCESS else {
+            vkDestroyBuffer(handle, buffer, nil)
+            vkFreeMemory(handle, memory, nil)
+            throw VulkanError.call("vkBindBufferMemory", result: bindResult.rawValue)
+        }
+        var mapped: UnsafeMutableRawPointer?
+        if choice.flags & hostFlags == hostFlags {
+            let mapResult = vkMapMemory(handle, memory, 0, VkDeviceSize(VK_WHOLE_SIZE), 0, &mapped)
+            if mapResult != VK_SUCCESS {
+                vkDestroyBuffer(handle, buffer, nil)
+                vkFreeMemory(handle, memory, nil)
+                throw VulkanError.call("vkMapMemory", result: mapResult.rawValue)
+            }
+        }
+        var address: UInt64?
+        if enabledFeatures.bufferDeviceAddress {
+            var ai = VkBufferDeviceAddressInfo()
+            ai.sType = VK_STRUCTURE_TYPE_BUFFER_DEVICE_ADDRESS_INFO
+            ai.buffer = buffer
+            address = vkGetBufferDeviceAddress(handle, &ai)
+        }
+        return Buffer(device: self, handle: buffer, memory: memory, size: size, mapped: mapped, owned: true, deviceAddress: address)
+    }
+
+    /// Wraps a `VkBuffer` that an engine owns (interop). vkflex never destroys it; `size` is the
+    /// number of bytes it may use. The buffer must have been created with storage-buffer and
+    /// transfer usage. Reads and writes go through the queue (it is not mapped).
+    public func wrapBuffer(_ buffer: VkBuffer, size: Int) -> Buffer {
+        Buffer(device: self, handle: buffer, memory: nil, size: size, mapped: nil, owned: false, deviceAddress: nil)
+    }
+}
+
+/// "1.5 GiB", "128 MiB", "512 B".
+public func formatBytes(_ bytes: Int) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+    if unit == 0 { return "\(bytes) B" }
+    let rounded = (value * 10).rounded() / 10
+    return rounded == rounded.rounded() ? "\(Int(rounded)) \(units[unit])" : "\(rounded) \(units[unit])"
+}

@@ -1,0 +1,285 @@
+import CVulkan
+import Foundation
+
+/// A Vulkan device with one compute queue: it owns buffers, the pipeline cache and the command
+/// batches that carry work to the GPU.
+///
+/// ```swift
+/// let device = try Device.default()          // discrete > integrated > virtual > CPU; VKFLEX_DEVICE overrides
+/// print(device.capabilities.name, device.capabilities.subgroupSize)
+/// let buffer = try device.makeBuffer(bytes: 1024)
+/// try buffer.upload([Float](repeating: 1, count: 256))
+/// ```
+///
+/// The device is safe to use from several threads: its queue, command pool, batches and caches
+/// sit behind locks. Vulkan handles are C pointers and are not `Sendable`; they never leave it
+/// except through the interop accessors.
+public final class Device: @unchecked Sendable {
+    /// Options for opening a device.
+    public struct Options: Sendable {
+        /// Enable the Khronos validation layer; `nil` reads `VKFLEX_VALIDATE` (`1` enables).
+        public var validation: Bool?
+        /// Where the persistent `VkPipelineCache` lives; `nil` means `$VKFLEX_CACHE_DIR`, else
+        /// `$XDG_CACHE_HOME/vkflex`, else `~/.cache/vkflex`. `VKFLEX_PIPELINE_CACHE=0` disables it.
+        public var pipelineCacheDirectory: URL?
+        /// Submit the current batch once it holds this many commands.
+        public var maxCommandsPerBatch: Int
+
+        public init(validation: Bool? = nil, pipelineCacheDirectory: URL? = nil, maxCommandsPerBatch: Int = 256) {
+            self.validation = validation
+            self.pipelineCacheDirectory = pipelineCacheDirectory
+            self.maxCommandsPerBatch = maxCommandsPerBatch
+        }
+
+        var validationEnabled: Bool {
+            validation ?? (ProcessInfo.processInfo.environment["VKFLEX_VALIDATE"] == "1")
+        }
+    }
+
+    /// What the device is and can do.
+    public let capabilities: DeviceCapabilities
+    let instance: Instance
+    /// The `VkPhysicalDevice` (interop).
+    public let physicalDevice: VkPhysicalDevice
+    /// The `VkDevice` (interop).
+    public let handle: VkDevice
+    /// The compute queue; submissions to it must go through ``withQueue(_:)`` (interop).
+    let queue: VkQueue
+    /// The queue family of ``queue``.
+    public let queueFamilyIndex: UInt32
+    let ownsDevice: Bool
+    let options: Options
+    /// Features enabled on the logical device.
+    public let enabledFeatures: EnabledFeatures
+
+    let memoryProperties: VkPhysicalDeviceMemoryProperties
+    let lock = NSLock()
+    var commandPool: VkCommandPool?
+    var recording: Batch?
+    var inFlight: [Batch] = []
+    var nextBatchID: UInt64 = 1
+    let pipelines: PipelineCache
+
+    /// The features vkflex turned on when it created the logical device.
+    public struct EnabledFeatures: Sendable {
+        public var shaderFloat16 = false
+        public var storageBuffer16Bit = false
+        public var bufferDeviceAddress = false
+        public var cooperativeMatrixNV = false
+        public var subgroupSizeControl = false
+        public init(shaderFloat16: Bool = false, storageBuffer16Bit: Bool = false, bufferDeviceAddress: Bool = false,
+                    cooperativeMatrixNV: Bool = false, subgroupSizeControl: Bool = false) {
+            self.shaderFloat16 = shaderFloat16
+            self.storageBuffer16Bit = storageBuffer16Bit
+            self.bufferDeviceAddress = bufferDeviceAddress
+            self.cooperativeMatrixNV = cooperativeMatrixNV
+            self.subgroupSizeControl = subgroupSizeControl
+        }
+    }
+
+    // MARK: - Choosing a device
+
+    /// The capabilities of every Vulkan device present, in enumeration order (their `index`).
+    public static func availableDevices(validation: Bool? = nil) throws -> [DeviceCapabilities] {
+        let instance = try Instance.shared(validation: Options(validation: validation).validationEnabled)
+        return try instance.physicalDevices().enumerated().map {
+            DeviceCapabilities.query($0.element, index: $0.offset, instance: instance.handle)
+        }
+    }
+
+    /// Opens the preferred device: `VKFLEX_DEVICE` (an index or a case-insensitive name substring)
+    /// when set, else the first discrete GPU, then integrated, virtual, CPU (lavapipe).
+    public static func `default`(options: Options = Options()) throws -> Device {
+        try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"], options: options)
+    }
+
+    /// Opens the device that `selector` names: an index into ``availableDevices(validation:)`` or a
+    /// case-insensitive substring of its name; `nil` or empty picks by type preference.
+    public convenience init(selector: String?, options: Options = Options()) throws {
+        let instance = try Instance.shared(validation: options.validationEnabled)
+        let physical = try instance.physicalDevices()
+        guard !physical.isEmpty else {
+            throw VulkanError.noDevice("no Vulkan device found (install mesa-vulkan-drivers for the lavapipe CPU device)")
+        }
+        let caps = physical.enumerated().map { DeviceCapabilities.query($0.element, index: $0.offset, instance: instance.handle) }
+        let chosen = try Device.choose(caps, selector: selector)
+        try self.init(instance: instance, physicalDevice: physical[chosen], capabilities: caps[chosen], options: options)
+    }
+
+    /// The index `selector` picks among `caps` (see ``init(selector:options:)``).
+    public static func choose(_ caps: [DeviceCapabilities], selector: String?) throws -> Int {
+        if let selector = selector?.trimmingCharacters(in: .whitespaces), !selector.isEmpty {
+            if let index = Int(selector) {
+                guard caps.indices.contains(index) else {
+                    throw VulkanError.noDevice("VKFLEX_DEVICE=\(selector): no device with that index; devices: \(Device.listing(caps))")
+                }
+                return index
+            }
+            if let match = caps.first(where: { $0.name.lowercased().contains(selector.lowercased()) }) {
+                return match.index
+            }
+            throw VulkanError.noDevice("VKFLEX_DEVICE=\(selector): no device name contains it; devices: \(Device.listing(caps))")
+        }
+        return caps.min { ($0.type, $0.index) < ($1.type, $1.index) }!.index
+    }
+
+    static func listing(_ caps: [DeviceCapabilities]) -> String {
+        caps.map { "\($0.index): \($0.name)" }.joined(separator: ", ")
+    }
+
+    // MARK: - Creating
+
+    private init(instance: Instance, physicalDevice: VkPhysicalDevice, capabilities caps: DeviceCapabilities, options: Options) throws {
+        self.instance = instance
+        self.physicalDevice = physicalDevice
+        self.capabilities = caps
+        self.options = options
+        self.ownsDevice = true
+
+        let family = try Device.computeQueueFamily(physicalDevice)
+        var enabled = EnabledFeatures()
+        enabled.shaderFloat16 = caps.shaderFloat16
+        enabled.storageBuffer16Bit = caps.storageBuffer16Bit
+        enabled.bufferDeviceAddress = caps.bufferDeviceAddress
+        enabled.cooperativeMatrixNV = caps.cooperativeMatrixNV
+        var extensions: [String] = []
+        if enabled.cooperativeMatrixNV { extensions.append("VK_NV_cooperative_matrix") }
+        if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
+
+        var v11 = VkPhysicalDeviceVulkan11Features()
+        v11.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES
+        v11.storageBuffer16BitAccess = VkBool32(enabled.storageBuffer16Bit ? 1 : 0)
+        var v12 = VkPhysicalDeviceVulkan12Features()
+        v12.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES
+        v12.shaderFloat16 = VkBool32(enabled.shaderFloat16 ? 1 : 0)
+        v12.bufferDeviceAddress = VkBool32(enabled.bufferDeviceAddress ? 1 : 0)
+        var coop = VkPhysicalDeviceCooperativeMatrixFeaturesNV()
+        coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
+        coop.cooperativeMatrix = VkBool32(1)
+
+        var device: VkDevice?
+        var priority: Float = 1
+        let result: VkResult = withCStrings(extensions) { extPtrs in
+            withUnsafeMutablePointer(to: &v11) { p11 in
+            withUnsafeMutablePointer(to: &v12) { p12 in
+            withUnsafeMutablePointer(to: &coop) { pc in
+            withUnsafePointer(to: &priority) { prio in
+                var chain = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
+                if enabled.cooperativeMatrixNV { chain.append(UnsafeMutableRawPointer(pc)) }
+                linkChain(chain)
+                var queueInfo = VkDeviceQueueCreateInfo()
+                queueInfo.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO
+                queueInfo.queueFamilyIndex = family
+                queueInfo.queueCount = 1
+                queueInfo.pQueuePriorities = prio
+                return withUnsafePointer(to: &queueInfo) { qi in
+                    var info = VkDeviceCreateInfo()
+                    info.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO
+                    info.pNext = UnsafeRawPointer(chain[0])
+                    info.queueCreateInfoCount = 1
+                    info.pQueueCreateInfos = qi
+                    info.enabledExtensionCount = UInt32(extPtrs.count)
+                    info.ppEnabledExtensionNames = extPtrs.baseAddress
+                    return vkCreateDevice(physicalDevice, &info, nil, &device)
+                }
+            }}}}
+        }
+        try check(result, "vkCreateDevice")
+        guard let device else { throw VulkanError.call("vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
+        var queue: VkQueue?
+        vkGetDeviceQueue(device, family, 0, &queue)
+        self.handle = device
+        self.queue = queue!
+        self.queueFamilyIndex = family
+        self.enabledFeatures = enabled
+        var mem = VkPhysicalDeviceMemoryProperties()
+        vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
+        self.memoryProperties = mem
+        self.pipelines = PipelineCache()
+        try finishSetup()
+    }
+
+    /// Wraps Vulkan objects that an engine already owns; vkflex destroys none of them.
+    ///
+    /// The engine must have enabled, on `device`, the features listed in `enabledFeatures`
+    /// (vkflex's kernels use 16-bit storage and fp16 arithmetic when they are there), and must not
+    /// submit to `queue` concurrently with vkflex.
+    ///
+    /// ```swift
+    /// let device = try Device(wrapping: myInstance, physicalDevice: myGPU, device: myDevice,
+    ///                         queue: myQueue, queueFamilyIndex: family,
+    ///                         enabledFeatures: .init(shaderFloat16: true, storageBuffer16Bit: true))
+    /// ```
+    public init(wrapping instance: VkInstance, physicalDevice: VkPhysicalDevice, device: VkDevice,
+                queue: VkQueue, queueFamilyIndex: UInt32, enabledFeatures: EnabledFeatures,
+                options: Options = Options()) throws {
+        self.instance = Instance(borrowing: instance)
+        self.physicalDevice = physicalDevice
+        var caps = DeviceCapabilities.query(physicalDevice, index: 0, instance: instance)
+        caps.cooperativeMatrixNV = caps.cooperativeMatrixNV && enabledFeatures.cooperativeMatrixNV
+        self.capabilities = caps
+        self.handle = device
+        self.queue = queue
+        self.queueFamilyIndex = queueFamilyIndex
+        self.ownsDevice = false
+        self.options = options
+        self.enabledFeatures = enabledFeatures
+        var mem = VkPhysicalDeviceMemoryProperties()
+        vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
+        self.memoryProperties = mem
+        self.pipelines = PipelineCache()
+        try finishSetup()
+    }
+
+    private func finishSetup() throws {
+        var poolInfo = VkCommandPoolCreateInfo()
+        poolInfo.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO
+        poolInfo.flags = VkCommandPoolCreateFlags(VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT.rawValue)
+        poolInfo.queueFamilyIndex = queueFamilyIndex
+        var pool: VkCommandPool?
+        try check(vkCreateCommandPool(handle, &poolInfo, nil, &pool), "vkCreateCommandPool")
+        commandPool = pool
+        pipelines.attach(device: self)
+    }
+
+    deinit {
+        _ = try? synchronize()
+        vkDeviceWaitIdle(handle)
+        pipelines.destroyAll(device: handle)
+        if let commandPool { vkDestroyCommandPool(handle, commandPool, nil) }
+        if ownsDevice { vkDestroyDevice(handle, nil) }
+    }
+
+    static func computeQueueFamily(_ pd: VkPhysicalDevice) throws -> UInt32 {
+        var count: UInt32 = 0
+        vkGetPhysicalDeviceQueueFamilyProperties(pd, &count, nil)
+        var families = [VkQueueFamilyProperties](repeating: VkQueueFamilyProperties(), count: Int(count))
+        vkGetPhysicalDeviceQueueFamilyProperties(pd, &count, &families)
+        let compute = VkQueueFlags(VK_QUEUE_COMPUTE_BIT.rawValue)
+        let candidates = families.enumerated().filter { $0.element.queueFlags & compute != 0 }
+        guard !candidates.isEmpty else { throw VulkanError.unsupported("the device has no compute queue") }
+        // Prefer a family with timestamps; among those, the first.
+        let best = candidates.first { $0.element.timestampValidBits > 0 } ?? candidates[0]
+        return UInt32(best.offset)
+    }
+
+    // MARK: - Memory types
+
+    func memoryTypeIndex(bits: UInt32, required: VkMemoryPropertyFlags, preferred: VkMemoryPropertyFlags = 0) -> (index: UInt32, flags: VkMemoryPropertyFlags)? {
+        let types = withUnsafeBytes(of: memoryProperties.memoryTypes) { Array($0.bindMemory(to: VkMemoryType.self)) }
+        var fallback: (UInt32, VkMemoryPropertyFlags)?
+        for i in 0..<Int(memoryProperties.memoryTypeCount) where bits & (1 << UInt32(i)) != 0 {
+            let flags = types[i].propertyFlags
+            guard flags & required == required else { continue }
+            if flags & preferred == preferred { return (UInt32(i), flags) }
+            if fallback == nil { fallback = (UInt32(i), flags) }
+        }
+        return fallback
+    }
+
+    func heapSize(ofType index: UInt32) -> Int {
+        let types = withUnsafeBytes(of: memoryProperties.memoryTypes) { Array($0.bindMemory(to: VkMemoryType.self)) }
+        let heaps = withUnsafeBytes(of: memoryProperties.memoryHeaps) { Array($0.bindMemory(to: VkMemoryHeap.self)) }
+        return Int(heaps[Int(types[Int(index)].heapIndex)].size)
+    }
+}

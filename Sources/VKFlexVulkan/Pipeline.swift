@@ -1,0 +1,288 @@
+import CVulkan
+import Foundation
+
+/// What a compute pipeline is made of (Kompute's "algorithm"): a shader, the number of storage
+/// buffers it binds (set 0, bindings 0..<n), the size of its push constants, and the values of its
+/// specialization constants (`constant_id = i` gets `specialization[i]`).
+public struct PipelineDescription: Sendable {
+    public var source: ShaderSource
+    public var bindingCount: Int
+    public var pushConstantSize: Int
+    public var specialization: [UInt32]
+
+    public init(source: ShaderSource, bindingCount: Int, pushConstantSize: Int = 0, specialization: [UInt32] = []) {
+        self.source = source
+        self.bindingCount = bindingCount
+        self.pushConstantSize = pushConstantSize
+        self.specialization = specialization
+    }
+}
+
+/// A compiled compute pipeline with its layouts.
+public final class ComputePipeline: @unchecked Sendable {
+    public let name: String
+    let pipeline: VkPipeline
+    let layout: VkPipelineLayout
+    let setLayout: VkDescriptorSetLayout
+    public let bindingCount: Int
+    public let pushConstantSize: Int
+    /// Seconds spent in shaderc and in `vkCreateComputePipelines`.
+    public let compileSeconds: Double
+    public let createSeconds: Double
+    weak var device: Device?
+    var destroyed = false
+
+    init(name: String, pipeline: VkPipeline, layout: VkPipelineLayout, setLayout: VkDescriptorSetLayout,
+         bindingCount: Int, pushConstantSize: Int, compileSeconds: Double, createSeconds: Double, device: Device) {
+        self.name = name
+        self.pipeline = pipeline
+        self.layout = layout
+        self.setLayout = setLayout
+        self.bindingCount = bindingCount
+        self.pushConstantSize = pushConstantSize
+        self.compileSeconds = compileSeconds
+        self.createSeconds = createSeconds
+        self.device = device
+    }
+
+    deinit {
+        if let device { destroy(device.handle) }
+    }
+
+    func destroy(_ device: VkDevice) {
+        guard !destroyed else { return }
+        destroyed = true
+        vkDestroyPipeline(device, pipeline, nil)
+        vkDestroyPipelineLayout(device, layout, nil)
+        vkDestroyDescriptorSetLayout(device, setLayout, nil)
+    }
+}
+
+/// Pipelines by key: each key is compiled once, even when several threads ask for it at once;
+/// the others wait for the first. Backed by a `VkPipelineCache` saved on disk.
+final class PipelineCache: @unchecked Sendable {
+    private enum Entry {
+        case building(NSCondition)
+        case ready(ComputePipeline)
+        case failed(any Error)
+    }
+    private let lock = NSLock()
+    private var entries: [AnyHashable: Entry] = [:]
+    private(set) var builds = 0
+    var vkCache: VkPipelineCache?
+    var cacheFile: URL?
+    private var dirty = false
+
+    func attach(device: Device) {
+        let env = ProcessInfo.processInfo.environment
+        guard env["VKFLEX_PIPELINE_CACHE"] != "0" else { return }
+        let dir: URL
+        if let d = device.options.pipelineCacheDirectory { dir = d }
+        else if let d = env["VKFLEX_CACHE_DIR"], !d.isEmpty { dir = URL(fileURLWithPath: d) }
+        else if let d = env["XDG_CACHE_HOME"], !d.isEmpty { dir = URL(fileURLWithPath: d).appendingPathComponent("vkflex") }
+        else { dir = URL(fileURLWithPath: NSHomeDirectory()).appendingPathComponent(".cache/vkflex") }
+        var props = VkPhysicalDeviceProperties()
+        vkGetPhysicalDeviceProperties(device.physicalDevice, &props)
+        let uuid = withUnsafeBytes(of: props.pipelineCacheUUID) { $0.map { String(format: "%02x", $0) }.joined() }
+        let file = dir.appendingPathComponent(String(format: "pipelines-%04x-%04x-", props.vendorID, props.deviceID) + uuid + ".bin")
+        cacheFile = file
+        let initial = (try? Data(contentsOf: file)) ?? Data()
+        vkCache = makeCache(device.handle, initial) ?? makeCache(device.handle, Data())
+    }
+
+    private func makeCache(_ device: VkDevice, _ data: Data) -> VkPipelineCache? {
+        var cache: VkPipelineCache?
+        let r: VkResult = data.withUnsafeBytes { raw in
+            var info = VkPipelineCacheCreateInfo()
+            info.sType = VK_STRUCTURE_TYPE_PIPELINE_CACHE_CREATE_INFO
+            info.initialDataSize = raw.count
+            info.pInitialData = raw.baseAddress
+            return vkCreatePipelineCache(device, &info, nil, &cache)
+        }
+        return r == VK_SUCCESS ? cache : nil
+    }
+
+    /// Writes the VkPipelineCache to disk (atomically) when new pipelines were added.
+    func save(_ device: VkDevice) {
+        guard let vkCache, let cacheFile else { return }
+        let shouldSave: Bool = lock.withLock { let d = dirty; dirty = false; return d }
+        guard shouldSave else { return }
+        var size = 0
+        guard vkGetPipelineCacheData(device, vkCache, &size, nil) == VK_SUCCESS, size > 0 else { return }
+        var data = Data(count: size)
+        let r = data.withUnsafeMutableBytes { vkGetPipelineCacheData(device, vkCache, &size, $0.baseAddress) }
+        guard r == VK_SUCCESS else { return }
+        try? FileManager.default.createDirectory(at: cacheFile.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try? data.prefix(size).write(to: cacheFile, options: .atomic)
+    }
+
+    func pipeline(key: AnyHashable, device: Device, make: () throws -> PipelineDescription) throws -> ComputePipeline {
+        lock.lock()
+        while true {
+            switch entries[key] {
+            case .ready(let p):
+                lock.unlock()
+                return p
+            case .failed(let e):
+                lock.unlock()
+                throw e
+            case .building(let cond):
+                lock.unlock()
+                cond.lock()
+                _ = cond.wait(until: Date().addingTimeInterval(0.01))
+                cond.unlock()
+                lock.lock()
+            case nil:
+                let cond = NSCondition()
+                entries[key] = .building(cond)
+                builds += 1
+                lock.unlock()
+                let outcome: Result<ComputePipeline, any Error> = Result { try device.buildPipeline(make(), cache: vkCache) }
+                lock.lock()
+                switch outcome {
+                case .success(let p):
+                    entries[key] = .ready(p)
+                    dirty = true
+                case .failure(let e):
+                    entries[key] = .failed(e)
+                }
+                lock.unlock()
+                cond.lock(); cond.broadcast(); cond.unlock()
+                if case .success = outcome { save(device.handle) }
+                return try outcome.get()
+            }
+        }
+    }
+
+    var buildCount: Int { lock.withLock { builds } }
+
+    func destroyAll(device: VkDevice) {
+        save(device)
+        lock.withLock {
+            for case .ready(let p) in entries.values { p.destroy(device) }
+            entries = [:]
+        }
+        if let vkCache { vkDestroyPipelineCache(device, vkCache, nil) }
+        vkCache = nil
+    }
+}
+
+extension Device {
+    /// The pipeline for `key`, built by `make` the first time any thread asks for that key.
+    ///
+    /// ```swift
+    /// struct Key: Hashable, Sendable { var headDim: Int }
+    /// let p = try device.pipeline(for: Key(headDim: 64)) {
+    ///     PipelineDescription(source: ShaderSource(name: "k", text: glsl), bindingCount: 2)
+    /// }
+    /// ```
+    public func pipeline<K: Hashable & Sendable>(for key: K, make: () throws -> PipelineDescription) throws -> ComputePipeline {
+        try pipelines.pipeline(key: AnyHashable(key), device: self, make: make)
+    }
+
+    /// How many distinct pipelines this device has built (each key once).
+    public var pipelineBuilds: Int { pipelines.buildCount }
+
+    /// Where the persistent pipeline cache lives, when enabled.
+    public var pipelineCacheFile: URL? { pipelines.cacheFile }
+
+    /// Compiles and creates a pipeline without caching it by key.
+    public func buildPipeline(_ d: PipelineDescription) throws -> ComputePipeline {
+        try buildPipeline(d, cache: pipelines.vkCache)
+    }
+
+    func buildPipeline(_ d: PipelineDescription, cache: VkPipelineCache?) throws -> ComputePipeline {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let spirv = try ShaderCompiler.shared.compile(d.source)
+        let t1 = DispatchTime.now().uptimeNanoseconds
+        guard d.pushConstantSize <= capabilities.maxPushConstantsSize else {
+            throw VulkanError.limitExceeded("\(d.source.name) needs \(d.pushConstantSize) bytes of push constants; the device allows \(capabilities.maxPushConstantsSize)")
+        }
+
+        var module: VkShaderModule?
+        try spirv.withUnsafeBufferPointer { words in
+            var info = VkShaderModuleCreateInfo()
+            info.sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO
+            info.codeSize = words.count * 4
+            info.pCode = words.baseAddress
+            try check(vkCreateShaderModule(handle, &info, nil, &module), "vkCreateShaderModule(\(d.source.name))")
+        }
+        defer { vkDestroyShaderModule(handle, module, nil) }
+
+        var bindings = (0..<d.bindingCount).map { i -> VkDescriptorSetLayoutBinding in
+            var b = VkDescriptorSetLayoutBinding()
+            b.binding = UInt32(i)
+            b.descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
+            b.descriptorCount = 1
+            b.stageFlags = VkShaderStageFlags(VK_SHADER_STAGE_COMPUTE_BIT.rawValue)
+            return b
+        }
+        var setLayout: VkDescriptorSetLayout?
+        try bindings.withUnsafeMutableBufferPointer { bp in
+            var info = VkDescriptorSetLayoutCreateInfo()
+            info.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO
+            info.bindingCount = UInt32(bp.count)
+            info.pBindings = UnsafePointer(bp.baseAddress)
+            try check(vkCreateDescriptorSetLayout(handle, &info, nil, &setLayout), "vkCreateDescriptorSetLayout")
+        }
+        var layout: VkPipelineLayout?
+        var range = VkPushConstantRange(stageFlags: VkShaderStageFlags(VK_SHADER_STAGE_COMPUTE_BIT.rawValue), offset: 0,
+                                        size: UInt32(d.pushConstantSize))
+        var sl: VkDescriptorSetLayout? = setLayout
+        let layoutResult: VkResult = withUnsafePointer(to: &sl) { slp in
+            withUnsafePointer(to: &range) { rp in
+                var info = VkPipelineLayoutCreateInfo()
+                info.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO
+                info.setLayoutCount = 1
+                info.pSetLayouts = slp
+                info.pushConstantRangeCount = d.pushConstantSize > 0 ? 1 : 0
+                info.pPushConstantRanges = d.pushConstantSize > 0 ? rp : nil
+                return vkCreatePipelineLayout(handle, &info, nil, &layout)
+            }
+        }
+        guard layoutResult == VK_SUCCESS else {
+            vkDestroyDescriptorSetLayout(handle, setLayout, nil)
+            throw VulkanError.call("vkCreatePipelineLayout", result: layoutResult.rawValue)
+        }
+
+        var entries = d.specialization.indices.map {
+            VkSpecializationMapEntry(constantID: UInt32($0), offset: UInt32($0 * 4), size: 4)
+        }
+        var values = d.specialization
+        var pipeline: VkPipeline?
+        let t2 = DispatchTime.now().uptimeNanoseconds
+        let result: VkResult = entries.withUnsafeMutableBufferPointer { ep in
+            values.withUnsafeMutableBytes { vp in
+                var spec = VkSpecializationInfo()
+                spec.mapEntryCount = UInt32(ep.count)
+                spec.pMapEntries = UnsafePointer(ep.baseAddress)
+                spec.dataSize = vp.count
+                spec.pData = UnsafeRawPointer(vp.baseAddress)
+                return withUnsafePointer(to: &spec) { specPtr in
+                    "main".withCString { entry in
+                        var stage = VkPipelineShaderStageCreateInfo()
+                        stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO
+                        stage.stage = VK_SHADER_STAGE_COMPUTE_BIT
+                        stage.module = module
+                        stage.pName = entry
+                        stage.pSpecializationInfo = d.specialization.isEmpty ? nil : specPtr
+                        var info = VkComputePipelineCreateInfo()
+                        info.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO
+                        info.stage = stage
+                        info.layout = layout
+                        return vkCreateComputePipelines(handle, cache, 1, &info, nil, &pipeline)
+                    }
+                }
+            }
+        }
+        let t3 = DispatchTime.now().uptimeNanoseconds
+        guard result == VK_SUCCESS, let pipeline else {
+            vkDestroyPipelineLayout(handle, layout, nil)
+            vkDestroyDescriptorSetLayout(handle, setLayout, nil)
+            throw VulkanError.call("vkCreateComputePipelines(\(d.source.name))", result: result.rawValue)
+        }
+        return ComputePipeline(name: d.source.name, pipeline: pipeline, layout: layout!, setLayout: setLayout!,
+                               bindingCount: d.bindingCount, pushConstantSize: d.pushConstantSize,
+                               compileSeconds: Double(t1 - t0) * 1e-9, createSeconds: Double(t3 - t2) * 1e-9, device: self)
+    }
+}

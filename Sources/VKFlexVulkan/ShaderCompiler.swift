@@ -1,0 +1,191 @@
+import CShaderc
+import Foundation
+
+/// A GLSL compute shader to compile: a template text plus the defines that pick its variant.
+public struct ShaderSource: Sendable, Hashable {
+    /// A name for messages and dumps, e.g. `flex_attention_fwd`.
+    public var name: String
+    /// GLSL text starting with `#version`.
+    public var text: String
+    /// `#define NAME VALUE` lines inserted after `#version`, in this order.
+    public var defines: [Define]
+    /// Run the SPIR-V optimizer. Off for cooperative-matrix shaders: spirv-opt from SPIRV-Tools
+    /// v2023.1 segfaults on some of them, taking the process down.
+    public var optimize: Bool
+
+    public struct Define: Sendable, Hashable {
+        public var name: String
+        public var value: String
+        public init(_ name: String, _ value: String = "1") { self.name = name; self.value = value }
+    }
+
+    public init(name: String, text: String, defines: [Define] = [], optimize: Bool = true) {
+        self.name = name
+        self.text = text
+        self.defines = defines
+        self.optimize = optimize
+    }
+
+    /// The text shaderc sees: defines after the `#version` line, then `#line` so that messages
+    /// keep the template's line numbers.
+    public var expandedText: String {
+        guard !defines.isEmpty else { return text }
+        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        let versionLine = lines.firstIndex { $0.hasPrefix("#version") } ?? -1
+        let inject = defines.map { "#define \($0.name) \($0.value)" } + ["#line \(versionLine + 2)"]
+        lines.insert(contentsOf: inject, at: versionLine + 1)
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// A shader that failed to compile: shaderc's message and the numbered source around the line.
+///
+/// ```swift
+/// catch let error as ShaderCompileError { print(error) }
+/// // flex_attention_fwd.comp:42: error: 'scroe' : undeclared identifier
+/// //    41 |   float s = score_mod(...);
+/// // >  42 |   s = scroe * 2.0;
+/// ```
+public struct ShaderCompileError: Error, CustomStringConvertible, Sendable {
+    public var shaderName: String
+    /// shaderc's message, as it printed it.
+    public var message: String
+    /// The file (shader or include) and line of the first error, when shaderc named one.
+    public var file: String?
+    public var line: Int?
+    /// Numbered source lines around `line` (the failing one marked with `>`).
+    public var excerpt: String
+
+    public var description: String {
+        var text = "shader \(shaderName) failed to compile:\n\(message.trimmingCharacters(in: .whitespacesAndNewlines))"
+        if !excerpt.isEmpty { text += "\n\(excerpt)" }
+        return text
+    }
+}
+
+/// The shader templates and includes: embedded in the binary from `Shaders/`, or read from the
+/// folder `VKFLEX_SHADER_DIR` names (for working on shaders without rebuilding).
+public struct ShaderLibrary: Sendable {
+    /// File name (e.g. `flex_common.glsl`) to text.
+    public var files: [String: String]
+
+    public init(files: [String: String]) { self.files = files }
+
+    /// The embedded copy, or the folder in `VKFLEX_SHADER_DIR` when that is set.
+    public static var standard: ShaderLibrary {
+        if let dir = ProcessInfo.processInfo.environment["VKFLEX_SHADER_DIR"], !dir.isEmpty,
+           let names = try? FileManager.default.contentsOfDirectory(atPath: dir) {
+            var files: [String: String] = [:]
+            for name in names where name.hasSuffix(".comp") || name.hasSuffix(".glsl") {
+                if let text = try? String(contentsOfFile: (dir as NSString).appendingPathComponent(name), encoding: .utf8) {
+                    files[name] = text
+                }
+            }
+            return ShaderLibrary(files: files)
+        }
+        return ShaderLibrary(files: EmbeddedShaders.files)
+    }
+
+    /// The text of a template or include.
+    public func text(_ name: String) throws -> String {
+        guard let text = files[name] else {
+            throw VulkanError.invalidArgument("no shader named \(name) in the shader library (have: \(files.keys.sorted().joined(separator: ", ")))")
+        }
+        return text
+    }
+}
+
+/// Compiles GLSL to SPIR-V with libshaderc, linked statically.
+public final class ShaderCompiler: @unchecked Sendable {
+    /// The process-wide compiler.
+    public static let shared = ShaderCompiler()
+
+    private let lock = NSLock()
+    private var compiler: shaderc_compiler_t?
+    private var compileCount = 0
+
+    private init() {}
+
+    /// How many compiles this process has run (for tests of the pipeline cache).
+    public var compilations: Int { lock.withLock { compileCount } }
+
+    /// Compiles `source` (with `#include` resolved from `library`) to SPIR-V words.
+    ///
+    /// `VKFLEX_DUMP_SHADERS=dir` writes the expanded source to `dir/<name>.comp` first.
+    public func compile(_ source: ShaderSource, library: ShaderLibrary = .standard) throws -> [UInt32] {
+        let text = source.expandedText
+        if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
+            try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            let safe = source.name.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" ? $0 : "_" }
+            try? text.write(toFile: (dir as NSString).appendingPathComponent(String(safe) + ".comp"), atomically: true, encoding: .utf8)
+        }
+        return try lock.withLock {
+            if compiler == nil { compiler = shaderc_compiler_initialize() }
+            guard let compiler else { throw VulkanError.unsupported("shaderc_compiler_initialize failed") }
+            compileCount += 1
+            guard let options = shaderc_compile_options_initialize() else {
+                throw VulkanError.unsupported("shaderc_compile_options_initialize failed")
+            }
+            defer { shaderc_compile_options_release(options) }
+            shaderc_compile_options_set_target_env(options, shaderc_target_env_vulkan, UInt32((1 << 22) | (2 << 12)))
+            shaderc_compile_options_set_target_spirv(options, shaderc_spirv_version_1_5)
+            shaderc_compile_options_set_optimization_level(
+                options, source.optimize ? shaderc_optimization_level_performance : shaderc_optimization_level_zero)
+            let names = Array(library.files.keys.sorted())
+            let table = withCStrings(names) { np in
+                withCStrings(names.map { library.files[$0]! }) { cp in
+                    vkflex_include_table_create(np.baseAddress, cp.baseAddress, names.count)
+                }
+            }
+            defer { vkflex_include_table_destroy(table) }
+            vkflex_shaderc_use_includes(options, table)
+
+            let fileName = source.name.hasSuffix(".comp") ? source.name : source.name + ".comp"
+            let result = text.withCString { src in
+                shaderc_compile_into_spv(compiler, src, strlen(src), shaderc_compute_shader, fileName, "main", options)
+            }
+            defer { shaderc_result_release(result) }
+            let status = shaderc_result_get_compilation_status(result)
+            guard status == shaderc_compilation_status_success else {
+                let message = shaderc_result_get_error_message(result).map { String(cString: $0) } ?? "compilation failed (status \(status.rawValue))"
+                throw ShaderCompileError.make(shaderName: source.name, fileName: fileName, message: message,
+                                              text: source.text, library: library)
+            }
+            let length = shaderc_result_get_length(result)
+            guard length % 4 == 0, length > 0, let bytes = shaderc_result_get_bytes(result) else {
+                throw VulkanError.unsupported("shaderc returned \(length) bytes of SPIR-V for \(source.name)")
+            }
+            return Array(UnsafeRawBufferPointer(start: bytes, count: length).bindMemory(to: UInt32.self))
+        }
+    }
+}
+
+extension ShaderCompileError {
+    static func make(shaderName: String, fileName: String, message: String, text: String, library: ShaderLibrary) -> ShaderCompileError {
+        // shaderc: "<file>:<line>: error: ..." — find the first such location.
+        var file: String?
+        var line: Int?
+        for msgLine in message.split(separator: "\n") {
+            let parts = msgLine.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            if parts.count >= 3, let n = Int(parts[1].trimmingCharacters(in: .whitespaces)) {
+                file = String(parts[0])
+                line = n
+                break
+            }
+        }
+        var excerpt = ""
+        if let line {
+            let sourceText = (file == nil || file == fileName) ? text : (library.files[file!] ?? text)
+            let lines = sourceText.split(separator: "\n", omittingEmptySubsequences: false)
+            let lo = max(1, line - 4), hi = min(lines.count, line + 4)
+            if lo <= hi {
+                excerpt = (lo...hi).map { n in
+                    let mark = n == line ? ">" : " "
+                    let num = String(n)
+                    return "\(mark) \(String(repeating: " ", count: max(0, 5 - num.count)))\(num) | \(lines[n - 1])"
+                }.joined(separator: "\n")
+            }
+        }
+        return ShaderCompileError(shaderName: shaderName, message: message, file: file, line: line, excerpt: excerpt)
+    }
+}
