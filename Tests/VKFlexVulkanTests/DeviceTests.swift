@@ -1,0 +1,106 @@
+import CVulkan
+import Foundation
+import XCTest
+@testable import VKFlexVulkan
+
+final class DeviceTests: VulkanTestCase {
+    func testLavapipeIsListedWithItsSubgroupSize() throws {
+        let devices = try Device.availableDevices(validation: true)
+        let cpu = try XCTUnwrap(devices.first { $0.name.contains("llvmpipe") }, "lavapipe not found among \(devices.map(\.name))")
+        XCTAssertEqual(cpu.type, .cpu)
+        XCTAssertTrue([4, 8, 16].contains(cpu.subgroupSize), "subgroup size \(cpu.subgroupSize)")
+        XCTAssertTrue(cpu.subgroupArithmetic)
+        XCTAssertEqual(cpu.maxStorageBufferRange, 128 << 20)
+        XCTAssertGreaterThan(cpu.maxSharedMemory, 0)
+        XCTAssertFalse(cpu.cooperativeMatrixNV)
+    }
+
+    func testEveryDeviceCheckPasses() throws {
+        for check in DeviceChecks.all {
+            XCTAssertNoThrow(try check.run(device), check.name)
+        }
+    }
+
+    func testSelectionByIndexNameAndPreference() throws {
+        func caps(_ name: String, _ type: DeviceType, _ index: Int) -> DeviceCapabilities {
+            var c = try! Device.availableDevices(validation: true)[0]
+            c.name = name; c.type = type; c.index = index
+            return c
+        }
+        let list = [caps("llvmpipe", .cpu, 0), caps("Intel UHD", .integrated, 1), caps("NVIDIA H200", .discrete, 2), caps("Radeon", .discrete, 3)]
+        XCTAssertEqual(try Device.choose(list, selector: nil), 2, "first discrete wins")
+        XCTAssertEqual(try Device.choose(Array(list.prefix(2)), selector: ""), 1, "integrated beats CPU")
+        XCTAssertEqual(try Device.choose(list, selector: "0"), 0)
+        XCTAssertEqual(try Device.choose(list, selector: "radeon"), 3, "name substring, any case")
+        XCTAssertThrowsError(try Device.choose(list, selector: "7")) { error in
+            XCTAssertTrue("\(error)".contains("no device with that index"), "\(error)")
+        }
+        XCTAssertThrowsError(try Device.choose(list, selector: "Apple")) { error in
+            XCTAssertTrue("\(error)".contains("2: NVIDIA H200"), "the message lists the devices: \(error)")
+        }
+        // The real thing: open lavapipe by name and by index.
+        let byName = try Device(selector: "LLVMPIPE", options: .init(validation: true))
+        XCTAssertTrue(byName.capabilities.name.contains("llvmpipe"))
+        XCTAssertThrowsError(try Device(selector: "no-such-gpu", options: .init(validation: true)))
+    }
+
+    func testOverLimitAllocationIsACleanError() throws {
+        let limit = device.capabilities.maxMemoryAllocation
+        XCTAssertThrowsError(try device.makeBuffer(bytes: limit + 1)) { error in
+            guard case VulkanError.limitExceeded(let message) = error else { return XCTFail("\(error)") }
+            XCTAssertTrue(message.contains("at most"), message)
+        }
+        XCTAssertThrowsError(try device.makeBuffer(bytes: -1))
+    }
+
+    func testBindingLargerThanStorageRangeIsACleanError() throws {
+        let big = try device.makeBuffer(bytes: device.capabilities.maxStorageBufferRange + 4096)
+        let small = try device.makeBuffer(bytes: 64)
+        let pipeline = try device.pipeline(for: "vkflex.subgroup_sum") { try DeviceChecks.subgroupSumDescription(device) }
+        XCTAssertThrowsError(try device.record { rec in
+            try rec.dispatch(pipeline, bindings: [BufferBinding(big), BufferBinding(small, writes: true)],
+                             pushConstants: pushBytes(1, 1), groups: (1, 1, 1))
+        }) { error in
+            guard case VulkanError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
+            XCTAssertTrue(m.contains("binds at most 128 MiB"), m)
+        }
+    }
+
+    func testVulkanErrorNamesCallAndResult() {
+        let e = VulkanError.call("vkCreateInstance", result: -9)
+        XCTAssertEqual(e.description, "vkCreateInstance failed: VK_ERROR_INCOMPATIBLE_DRIVER (-9)")
+        XCTAssertEqual(vkResultName(-2), "VK_ERROR_OUT_OF_DEVICE_MEMORY")
+    }
+
+    /// The validation layer is really on: a bad call is reported (and then forgiven).
+    func testValidationLayerCatchesMisuse() throws {
+        let before = ValidationLog.shared.count
+        var info = VkBufferCreateInfo()
+        info.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO
+        info.size = 0 // invalid: VUID-VkBufferCreateInfo-size-00912
+        info.usage = VkBufferUsageFlags(VK_BUFFER_USAGE_STORAGE_BUFFER_BIT.rawValue)
+        var buffer: VkBuffer?
+        _ = vkCreateBuffer(device.handle, &info, nil, &buffer)
+        if let buffer { vkDestroyBuffer(device.handle, buffer, nil) }
+        XCTAssertGreaterThan(ValidationLog.shared.count, before, "the validation layer did not report a zero-sized buffer")
+        // Forgive the deliberate message so tearDown does not fail this test.
+        try super.setUpWithError()
+    }
+
+    func testWrappingAnotherDevicesVulkanObjects() throws {
+        let owner = device!
+        let wrapped = try Device(wrapping: owner.instance.handle, physicalDevice: owner.physicalDevice, device: owner.handle,
+                                 queue: owner.queue, queueFamilyIndex: owner.queueFamilyIndex,
+                                 enabledFeatures: owner.enabledFeatures, options: .init(pipelineCacheDirectory: nil))
+        try owner.synchronize()
+        let (sums, expected) = try DeviceChecks.runSubgroupSum(wrapped, count: 3000, perGroup: 300)
+        for (a, b) in zip(sums, expected) { XCTAssertEqual(a, b, accuracy: 1e-3) }
+        // A Tensor-level wrap of an engine's VkBuffer: upload through the owner, read through the wrapper.
+        let engineBuffer = try owner.makeBuffer(bytes: 64)
+        try engineBuffer.upload((0..<16).map(Float.init))
+        try owner.synchronize()
+        let view = wrapped.wrapBuffer(engineBuffer.handle, size: 64)
+        XCTAssertEqual(try view.download(count: 16, as: Float.self), (0..<16).map(Float.init))
+        try wrapped.synchronize()
+    }
+}
