@@ -25,7 +25,7 @@ let package = Package(
         .target(name: "CShaderc", linkerSettings: shadercLibraries),
         .target(name: "VKFlexExpr"),
         .target(name: "VKFlexVulkan", dependencies: ["CVulkan", "CShaderc"]),
-        .target(name: "VKFlex", dependencies: ["VKFlexExpr", "VKFlexVulkan"]),
+        .target(name: "VKFlex", dependencies: ["CVulkan", "VKFlexExpr", "VKFlexVulkan"]),
         .executableTarget(name: "vkflex", dependencies: [
             "VKFlex", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -1,1 +1,2 @@
+@_exported import VKFlexExpr
 @_exported import VKFlexVulkan

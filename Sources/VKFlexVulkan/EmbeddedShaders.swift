@@ -2,6 +2,35 @@
 
 enum EmbeddedShaders {
     static let files: [String: String] = [
+        "mod_eval.comp": #"""
+#version 450
+// Evaluates the spliced mods over an index grid [B, H, Q, KV] (row-major): score_mod on given
+// scores, its derivative, and mask_mod. Used to check generated code against the CPU interpreter.
+#extension GL_GOOGLE_include_directive : require
+
+layout(local_size_x = 64) in;
+layout(std430, set = 0, binding = 0) readonly buffer Scores { float scores[]; };
+layout(std430, set = 0, binding = 1) writeonly buffer OutScore { float out_score[]; };
+layout(std430, set = 0, binding = 2) writeonly buffer OutGrad { float out_grad[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer OutMask { int out_mask[]; };
+layout(push_constant) uniform Push { int B; int H; int Q; int KV; } pc;
+
+// Splice point: score_mod, score_mod_grad, mask_mod; error buffer at binding 4, captures from 5.
+#include "flex_mods.glsl"
+
+void main() {
+    uint i = gl_GlobalInvocationID.x;
+    uint total = uint(pc.B) * uint(pc.H) * uint(pc.Q) * uint(pc.KV);
+    if (i >= total) return;
+    int kv = int(i % uint(pc.KV));
+    int q = int((i / uint(pc.KV)) % uint(pc.Q));
+    int h = int((i / (uint(pc.KV) * uint(pc.Q))) % uint(pc.H));
+    int b = int(i / (uint(pc.KV) * uint(pc.Q) * uint(pc.H)));
+    out_score[i] = score_mod(scores[i], b, h, q, kv);
+    out_grad[i] = score_mod_grad(scores[i], b, h, q, kv);
+    out_mask[i] = mask_mod(b, h, q, kv) ? 1 : 0;
+}
+"""#,
         "subgroup_sum.comp": #"""
 #version 450
 // Device check: each workgroup sums its slice of `data` with subgroup reductions and shared

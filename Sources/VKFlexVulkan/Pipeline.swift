@@ -9,12 +9,16 @@ public struct PipelineDescription: Sendable {
     public var bindingCount: Int
     public var pushConstantSize: Int
     public var specialization: [UInt32]
+    /// Generated include files (e.g. the spliced mods), added to the shader library for this compile.
+    public var includes: [String: String]
 
-    public init(source: ShaderSource, bindingCount: Int, pushConstantSize: Int = 0, specialization: [UInt32] = []) {
+    public init(source: ShaderSource, bindingCount: Int, pushConstantSize: Int = 0, specialization: [UInt32] = [],
+                includes: [String: String] = [:]) {
         self.source = source
         self.bindingCount = bindingCount
         self.pushConstantSize = pushConstantSize
         self.specialization = specialization
+        self.includes = includes
     }
 }
 
@@ -193,7 +197,9 @@ extension Device {
 
     func buildPipeline(_ d: PipelineDescription, cache: VkPipelineCache?) throws -> ComputePipeline {
         let t0 = DispatchTime.now().uptimeNanoseconds
-        let spirv = try ShaderCompiler.shared.compile(d.source)
+        var library = ShaderLibrary.standard
+        library.files.merge(d.includes) { _, generated in generated }
+        let spirv = try ShaderCompiler.shared.compile(d.source, library: library)
         let t1 = DispatchTime.now().uptimeNanoseconds
         guard d.pushConstantSize <= capabilities.maxPushConstantsSize else {
             throw VulkanError.limitExceeded("\(d.source.name) needs \(d.pushConstantSize) bytes of push constants; the device allows \(capabilities.maxPushConstantsSize)")

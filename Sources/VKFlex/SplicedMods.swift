@@ -1,0 +1,101 @@
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+/// A score-mod and mask-mod turned into GLSL for one kernel, with the buffers their captures bind.
+struct SplicedMods {
+    let glsl: GLSLMods
+    let tensors: [Tensor]
+
+    /// The name of the generated include every template pulls in.
+    static let includeName = "flex_mods.glsl"
+
+    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, device: Device) throws {
+        try score?.check()
+        try mask?.check()
+        glsl = try GLSLEmitter.emit(scoreMod: score?.graph, maskMod: mask?.graph, firstBinding: firstBinding, errorBinding: errorBinding)
+        tensors = try glsl.captures.map { cap in
+            guard let t = cap.storage.object as? Tensor else {
+                throw FlexError("\(cap.name) is a host tensor; captures used on the GPU must be device tensors (device.tensor(...))")
+            }
+            guard t.device === device else { throw FlexError("captured tensor \(t.name) belongs to another device") }
+            guard t.dtype != .float16 else { throw FlexError("captured tensor \(t.name) is float16; captures must be int32 or float32") }
+            guard t.isContiguous else { throw FlexError("captured tensor \(t.name) is a strided view; captures must be contiguous") }
+            guard t.count > 0 else { throw FlexError("captured tensor \(t.name) is empty") }
+            guard t.byteOffset % device.capabilities.minStorageBufferOffsetAlignment == 0 else {
+                throw FlexError("captured tensor \(t.name) starts at byte \(t.byteOffset), not a multiple of \(device.capabilities.minStorageBufferOffsetAlignment)")
+            }
+            return t
+        }
+    }
+
+    var includes: [String: String] { [SplicedMods.includeName: glsl.source] }
+
+    func captureBindings() -> [BufferBinding] {
+        tensors.map { BufferBinding($0.buffer, offset: $0.byteOffset, size: $0.count * 4) }
+    }
+
+    /// A zeroed error buffer (`int vkf_err[4]`).
+    func makeErrorBuffer(_ device: Device) throws -> Buffer {
+        let b = try device.makeBuffer(bytes: 16)
+        try b.upload([Int32](repeating: 0, count: 4))
+        return b
+    }
+
+    /// Reads the error buffer after the work ran; throws what the kernel reported.
+    func check(errors: Buffer) throws {
+        let e = try errors.download(count: 4, as: Int32.self)
+        try SplicedMods.decode(e, captures: glsl.captures)
+    }
+
+    static func decode(_ e: [Int32], captures: [CaptureInfo]) throws {
+        switch e[0] {
+        case 0: return
+        case 1:
+            let cap = captures.indices.contains(Int(e[1])) ? captures[Int(e[1])] : CaptureInfo(id: -1, name: "a captured tensor", dtype: .int32, shape: [])
+            throw EvaluationError.indexOutOfRange(cap, index: e[2], dim: Int(e[3]))
+        case 2: throw EvaluationError.divisionByZero
+        case 3: throw EvaluationError.negativePower
+        default: throw FlexError("the kernel reported error code \(e[0])")
+        }
+    }
+}
+
+/// Runs mods on the GPU over an index grid: what the tests and `vkflex selftest` compare with the
+/// CPU interpreter.
+public enum ModEvaluator {
+    public struct Result {
+        /// `score_mod(score, b, h, q, kv)`, its derivative, and `mask_mod(b, h, q, kv)`, row-major over [B, H, Q, KV].
+        public var scores: [Float]
+        public var gradients: [Float]
+        public var mask: [Bool]
+    }
+
+    struct Key: Hashable, Sendable { let source: String }
+
+    /// Evaluates `score` (on the given `scores`) and `mask` over the grid.
+    public static func evaluate(score: ScoreMod?, mask: MaskMod?, B: Int, H: Int, Q: Int, KV: Int,
+                                scores: [Float], device: Device) throws -> Result {
+        let n = B * H * Q * KV
+        guard scores.count == n, n > 0 else { throw FlexError("need \(n) scores for the grid, got \(scores.count)") }
+        let mods = try SplicedMods(score: score, mask: mask, firstBinding: 5, errorBinding: 4, device: device)
+        let pipeline = try device.pipeline(for: Key(source: mods.glsl.source)) {
+            PipelineDescription(source: ShaderSource(name: "mod_eval", text: try ShaderLibrary.standard.text("mod_eval.comp")),
+                                bindingCount: 5 + mods.tensors.count, pushConstantSize: 16, includes: mods.includes)
+        }
+        let input = try device.makeBuffer(bytes: n * 4)
+        try input.upload(scores)
+        let outScore = try device.makeBuffer(bytes: n * 4), outGrad = try device.makeBuffer(bytes: n * 4), outMask = try device.makeBuffer(bytes: n * 4)
+        let errors = try mods.makeErrorBuffer(device)
+        let bindings = [BufferBinding(input), BufferBinding(outScore, writes: true), BufferBinding(outGrad, writes: true),
+                        BufferBinding(outMask, writes: true), BufferBinding(errors, writes: true)] + mods.captureBindings()
+        try device.record { rec in
+            try rec.dispatch(pipeline, bindings: bindings, pushConstants: pushBytes(UInt32(B), UInt32(H), UInt32(Q), UInt32(KV)),
+                             groups: ((n + 63) / 64, 1, 1))
+        }
+        try mods.check(errors: errors)
+        return Result(scores: try outScore.download(count: n, as: Float.self),
+                      gradients: try outGrad.download(count: n, as: Float.self),
+                      mask: try outMask.download(count: n, as: Int32.self).map { $0 != 0 })
+    }
+}

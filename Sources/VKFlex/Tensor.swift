@@ -1,0 +1,201 @@
+import CVulkan
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+/// Element types of tensors.
+public enum DType: String, Sendable, CaseIterable, Codable {
+    case float32, float16, int32
+
+    /// Bytes per element.
+    public var size: Int { self == .float16 ? 2 : 4 }
+}
+
+/// Errors about tensors, shapes and arguments, worded for the caller.
+public struct FlexError: Error, Sendable, CustomStringConvertible, Equatable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// An n-dimensional array in a device buffer: a shape, strides (in elements) and a dtype.
+///
+/// ```swift
+/// let q = try device.tensor(values, shape: [1, 8, 1024, 64], dtype: .float16)
+/// let bshd = try device.tensor(values, shape: [B, S, H, D])          // the layout models keep
+/// let bhsd = bshd.permuted(0, 2, 1, 3)                               // a view: no copy
+/// let out: [Float] = try q.toArray()
+/// ```
+///
+/// Work that writes a tensor is enqueued; reading it (``toArray()``) waits only for that work.
+/// A tensor captured by a mod (`docs[q]`) is bound to the kernel as a buffer.
+public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvider, CustomStringConvertible {
+    public let device: Device
+    public let buffer: Buffer
+    /// Offset of element 0 in the buffer, in bytes.
+    public let byteOffset: Int
+    public let shape: [Int]
+    /// Strides in elements.
+    public let strides: [Int]
+    public let dtype: DType
+    /// A name for messages (captured tensors are named by it); defaults to `tensor<N>`.
+    public var name: String
+    let id: Int
+
+    init(device: Device, buffer: Buffer, byteOffset: Int, shape: [Int], strides: [Int], dtype: DType, name: String?) {
+        self.device = device
+        self.buffer = buffer
+        self.byteOffset = byteOffset
+        self.shape = shape
+        self.strides = strides
+        self.dtype = dtype
+        self.id = CaptureInfo.newID()
+        self.name = name ?? "tensor\(id)"
+    }
+
+    /// Row-major strides for `shape`.
+    public static func contiguousStrides(_ shape: [Int]) -> [Int] {
+        var strides = [Int](repeating: 1, count: shape.count)
+        for d in stride(from: shape.count - 2, through: 0, by: -1) { strides[d] = strides[d + 1] * shape[d + 1] }
+        return strides
+    }
+
+    public var count: Int { shape.reduce(1, *) }
+    public var rank: Int { shape.count }
+    public var isContiguous: Bool { strides == Tensor.contiguousStrides(shape) || count <= 1 }
+
+    /// The bytes from the first to one past the last element this view touches.
+    var byteSpan: (lower: Int, upper: Int) {
+        guard count > 0 else { return (byteOffset, byteOffset) }
+        var lo = 0, hi = 0
+        for (n, s) in zip(shape, strides) {
+            if s >= 0 { hi += (n - 1) * s } else { lo += (n - 1) * s }
+        }
+        return (byteOffset + lo * dtype.size, byteOffset + (hi + 1) * dtype.size)
+    }
+
+    public var description: String { "Tensor(\(name), shape: \(shape), dtype: \(dtype.rawValue)\(isContiguous ? "" : ", strides: \(strides)"))" }
+
+    /// A view with dimensions reordered: `permuted(0, 2, 1, 3)` turns `[B, S, H, D]` into `[B, H, S, D]`.
+    public func permuted(_ order: Int...) throws -> Tensor {
+        guard order.sorted() == Array(0..<rank) else {
+            throw FlexError("permuted\(order) is not a permutation of the \(rank) dimensions of \(name)")
+        }
+        return Tensor(device: device, buffer: buffer, byteOffset: byteOffset, shape: order.map { shape[$0] },
+                      strides: order.map { strides[$0] }, dtype: dtype, name: name)
+    }
+
+    /// A view of the same elements with another shape (the tensor must be contiguous).
+    public func reshaped(_ newShape: [Int]) throws -> Tensor {
+        guard isContiguous else { throw FlexError("reshaped: \(name) is not contiguous") }
+        guard newShape.reduce(1, *) == count, newShape.allSatisfy({ $0 >= 0 }) else {
+            throw FlexError("cannot reshape \(name) of shape \(shape) (\(count) elements) to \(newShape)")
+        }
+        return Tensor(device: device, buffer: buffer, byteOffset: byteOffset, shape: newShape,
+                      strides: Tensor.contiguousStrides(newShape), dtype: dtype, name: name)
+    }
+
+    // MARK: Reading
+
+    /// The elements in row-major order of the shape, as Float; waits for the work that writes the tensor.
+    public func toArray() throws -> [Float] {
+        switch dtype {
+        case .float32: return try gather(Float.self) { $0 }
+        case .float16: return try gather(Float16.self) { Float($0) }
+        case .int32: return try gather(Int32.self) { Float($0) }
+        }
+    }
+
+    /// The elements of an int32 tensor.
+    public func toInt32Array() throws -> [Int32] {
+        guard dtype == .int32 else { throw FlexError("\(name) is \(dtype.rawValue), not int32") }
+        return try gather(Int32.self) { $0 }
+    }
+
+    func gather<T, R>(_ type: T.Type, _ convert: (T) -> R) throws -> [R] {
+        let (lo, hi) = byteSpan
+        guard hi > lo else { return [] }
+        let raw = try buffer.download(count: (hi - lo) / MemoryLayout<T>.stride, as: T.self, byteOffset: lo)
+        if isContiguous { return raw.map(convert) }
+        let base = (byteOffset - lo) / dtype.size
+        var out = [R]()
+        out.reserveCapacity(count)
+        var index = [Int](repeating: 0, count: rank)
+        for _ in 0..<count {
+            var off = base
+            for d in 0..<rank { off += index[d] * strides[d] }
+            out.append(convert(raw[off]))
+            var d = rank - 1
+            while d >= 0 { index[d] += 1; if index[d] < shape[d] { break }; index[d] = 0; d -= 1 }
+        }
+        return out
+    }
+
+    // MARK: Capture
+
+    /// How a mod sees this tensor when it indexes it.
+    public var captureInfo: CaptureInfo {
+        CaptureInfo(id: id, name: name, dtype: dtype == .int32 ? .int32 : .float32, shape: shape, storage: CaptureStorage(self))
+    }
+
+    public func captureValues() throws -> CaptureValues {
+        dtype == .int32 ? .int32(try toInt32Array()) : .float32(try toArray())
+    }
+}
+
+extension Device {
+    /// A new tensor holding `values` (row-major), converted to `dtype` (`.float32`, `.float16` or `.int32`).
+    public func tensor(_ values: [Float], shape: [Int], dtype: DType = .float32, name: String? = nil) throws -> Tensor {
+        try checkShape(shape, count: values.count)
+        let t = try empty(shape: shape, dtype: dtype, name: name)
+        switch dtype {
+        case .float32: try t.buffer.upload(values)
+        case .float16: try t.buffer.upload(values.map { Float16($0) })
+        case .int32:
+            guard values.allSatisfy({ $0 == $0.rounded() && abs($0) < 2_147_483_648 }) else {
+                throw FlexError("int32 tensor \(name ?? ""): values must be integers in int32 range")
+            }
+            try t.buffer.upload(values.map { Int32($0) })
+        }
+        return t
+    }
+
+    /// A new int32 tensor (document ids, offsets...).
+    public func tensor(_ values: [Int32], shape: [Int], name: String? = nil) throws -> Tensor {
+        try checkShape(shape, count: values.count)
+        let t = try empty(shape: shape, dtype: .int32, name: name)
+        try t.buffer.upload(values)
+        return t
+    }
+
+    /// A new tensor with unspecified contents.
+    public func empty(shape: [Int], dtype: DType, name: String? = nil) throws -> Tensor {
+        guard shape.allSatisfy({ $0 >= 0 }) else { throw FlexError("shape \(shape) has a negative dimension") }
+        let (bytes, overflow) = shape.reduce(dtype.size) { $0 * $1 }.multipliedReportingOverflow(by: 1)
+        guard !overflow else { throw FlexError("shape \(shape) is too large") }
+        let buffer = try makeBuffer(bytes: bytes)
+        return Tensor(device: self, buffer: buffer, byteOffset: 0, shape: shape, strides: Tensor.contiguousStrides(shape), dtype: dtype, name: name)
+    }
+
+    /// Wraps an engine's `VkBuffer` as a tensor (interop): `byteOffset` to element 0, strides in
+    /// elements (row-major when `nil`). vkflex never frees the buffer.
+    public func tensor(wrapping vkBuffer: VkBuffer, bufferSize: Int, byteOffset: Int = 0, shape: [Int],
+                       strides: [Int]? = nil, dtype: DType, name: String? = nil) throws -> Tensor {
+        let s = strides ?? Tensor.contiguousStrides(shape)
+        guard s.count == shape.count else { throw FlexError("strides \(s) do not match shape \(shape)") }
+        let t = Tensor(device: self, buffer: wrapBuffer(vkBuffer, size: bufferSize), byteOffset: byteOffset,
+                       shape: shape, strides: s, dtype: dtype, name: name)
+        let (lo, hi) = t.byteSpan
+        guard lo >= 0, hi <= bufferSize else {
+            throw FlexError("a tensor of shape \(shape) at offset \(byteOffset) does not fit in a buffer of \(bufferSize) bytes")
+        }
+        return t
+    }
+
+    func checkShape(_ shape: [Int], count: Int) throws {
+        guard shape.allSatisfy({ $0 >= 0 }) else { throw FlexError("shape \(shape) has a negative dimension") }
+        guard shape.reduce(1, *) == count else {
+            throw FlexError("shape \(shape) holds \(shape.reduce(1, *)) elements but \(count) values were given")
+        }
+    }
+}
