@@ -38,6 +38,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     /// Strides in elements.
     public let strides: [Int]
     public let dtype: DType
+    private let checkLock = NSLock()
+    private var checks: [ErrorCheck] = []
     /// A name for messages (captured tensors are named by it); defaults to `tensor<N>`.
     public var name: String
     let id: Int
@@ -112,7 +114,22 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         return try gather(Int32.self) { $0 }
     }
 
+    func addCheck(_ check: ErrorCheck) { checkLock.withLock { checks.append(check) } }
+
+    /// Throws what the kernels that wrote this tensor reported (an out-of-range captured index,
+    /// an integer division by zero); waits for them.
+    public func checkErrors() throws {
+        let pending = checkLock.withLock { checks }
+        for c in pending { try c.run() }
+    }
+
     func gather<T, R>(_ type: T.Type, _ convert: (T) -> R) throws -> [R] {
+        let result = try gatherUnchecked(type, convert)
+        try checkErrors()
+        return result
+    }
+
+    func gatherUnchecked<T, R>(_ type: T.Type, _ convert: (T) -> R) throws -> [R] {
         let (lo, hi) = byteSpan
         guard hi > lo else { return [] }
         let raw = try buffer.download(count: (hi - lo) / MemoryLayout<T>.stride, as: T.self, byteOffset: lo)

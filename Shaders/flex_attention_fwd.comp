@@ -1,0 +1,171 @@
+#version 450
+// Block-sparse flash attention, forward, portable path (scalar math, any subgroup size).
+//
+// One workgroup per (query tile, head, batch). A query tile is BQ rows inside one BlockMask query
+// block. The workgroup walks the block's full kv blocks (no mask) and then its partial ones
+// (mask_mod applied), BKV keys at a time: scores into shared memory, in PyTorch's order
+// s = scale * q.k; s = score_mod(s); on partial blocks s = -inf where mask_mod is false; then an
+// online softmax in base 2 with fp32 statistics (running max starts at -1e30, finite), and
+// O += P V. A row with every score masked gives O = 0 and LSE = -inf.
+//
+// Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
+// IN_F16, OUT_F16 (0/1). Splice point: flex_mods.glsl (error buffer at binding 10, captures from 11).
+#extension GL_GOOGLE_include_directive : require
+#if IN_F16 || OUT_F16
+#extension GL_EXT_shader_16bit_storage : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#endif
+
+layout(local_size_x = WG) in;
+
+#if IN_F16
+#define IN_T float16_t
+#else
+#define IN_T float
+#endif
+#if OUT_F16
+#define OUT_T float16_t
+#else
+#define OUT_T float
+#endif
+
+layout(std430, set = 0, binding = 0) readonly buffer QBuf { IN_T q_data[]; };
+layout(std430, set = 0, binding = 1) readonly buffer KBuf { IN_T k_data[]; };
+layout(std430, set = 0, binding = 2) readonly buffer VBuf { IN_T v_data[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer OBuf { OUT_T o_data[]; };
+layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
+layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
+layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
+layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
+layout(std430, set = 0, binding = 9) readonly buffer Params {
+    int B, Hq, Hkv, Lq, Lkv, b_start;
+    int q_base, q_sb, q_sh, q_sl, q_sd;
+    int k_base, k_sb, k_sh, k_sl, k_sd;
+    int v_base, v_sb, v_sh, v_sl, v_sd;
+    int o_base, o_sb, o_sh, o_sl, o_sd;
+    int lse_base, lse_sb, lse_sh, lse_sl;
+    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
+    float scale;
+} p;
+
+#include "flex_mods.glsl"
+
+#define KVD (D > DV ? D : DV)
+#define ACC ((BQ * DV + WG - 1) / WG)
+const float LOG2E = 1.4426950408889634;
+const float LN2 = 0.6931471805599453;
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+
+shared float Qs[BQ * D];
+shared float KVs[BKV * KVD];
+shared float Ss[BQ * BKV];
+shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
+
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int tile = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int b = p.b_start + bl;
+    const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
+    const int q0 = qb * p.q_bs + sub * BQ;
+    const int q_end = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq);
+    if (q0 >= q_end) return;
+    const int rows = q_end - q0;
+    const int hk = h / (p.Hq / p.Hkv);
+
+    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    for (int e = lid; e < BQ * D; e += WG) {
+        int r = e / D, d = e - (e / D) * D;
+        Qs[e] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
+    }
+    if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
+    float acc[ACC];
+    for (int a = 0; a < ACC; ++a) acc[a] = 0.0;
+    barrier();
+
+    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
+    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
+    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
+    const int voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+
+    for (int pass = 0; pass < 2; ++pass) {
+        const int n = pass == 0 ? n_full : n_part;
+        for (int i = 0; i < n; ++i) {
+            int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+            int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
+            for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
+                int kn = min(BKV, k_stop - k0);
+                for (int e = lid; e < BKV * D; e += WG) {
+                    int j = e / D, d = e - (e / D) * D;
+                    KVs[j * KVD + d] = j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0;
+                }
+                barrier();
+                for (int e = lid; e < BQ * BKV; e += WG) {
+                    int r = e / BKV, j = e - (e / BKV) * BKV;
+                    float s = NEG_INF;
+                    if (r < rows && j < kn) {
+                        float dot = 0.0;
+                        for (int d = 0; d < D; ++d) dot += Qs[r * D + d] * KVs[j * KVD + d];
+                        s = dot * p.scale;
+                        int qi = q0 + r, ki = k0 + j;
+#if VKF_HAS_SCORE_MOD
+                        s = score_mod(s, b, h, qi, ki);
+#endif
+#if VKF_HAS_MASK_MOD
+                        if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
+#endif
+                    }
+                    Ss[e] = s * LOG2E;
+                }
+                barrier();
+                if (lid < BQ) {
+                    float m_old = row_m[lid], mx = m_old;
+                    for (int j = 0; j < kn; ++j) mx = max(mx, Ss[lid * BKV + j]);
+                    float sum = 0.0;
+                    for (int j = 0; j < BKV; ++j) {
+                        float pj = j < kn ? exp2(Ss[lid * BKV + j] - mx) : 0.0;
+                        Ss[lid * BKV + j] = pj;
+                        sum += pj;
+                    }
+                    float alpha = exp2(m_old - mx);
+                    row_m[lid] = mx;
+                    row_l[lid] = row_l[lid] * alpha + sum;
+                    row_alpha[lid] = alpha;
+                }
+                barrier();
+                for (int e = lid; e < BKV * DV; e += WG) {
+                    int j = e / DV, d = e - (e / DV) * DV;
+                    KVs[j * KVD + d] = j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0;
+                }
+                barrier();
+                for (int a = 0; a < ACC; ++a) {
+                    int e = lid + a * WG;
+                    if (e < BQ * DV) {
+                        int r = e / DV, d = e - (e / DV) * DV;
+                        float o = acc[a] * row_alpha[r];
+                        for (int j = 0; j < kn; ++j) o += Ss[r * BKV + j] * KVs[j * KVD + d];
+                        acc[a] = o;
+                    }
+                }
+                barrier();
+            }
+        }
+    }
+
+    const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
+    for (int a = 0; a < ACC; ++a) {
+        int e = lid + a * WG;
+        if (e < BQ * DV) {
+            int r = e / DV, d = e - (e / DV) * DV;
+            if (r < rows) {
+                float l = row_l[r];
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l > 0.0 ? acc[a] / l : 0.0);
+            }
+        }
+    }
+    if (p.write_lse != 0 && lid < rows) {
+        float l = row_l[lid];
+        lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+    }
+}

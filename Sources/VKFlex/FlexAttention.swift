@@ -1,0 +1,261 @@
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)`` returns.
+public struct FlexResult {
+    /// `[B, Hq, Lq, Dv]`, in the query's dtype.
+    public var output: Tensor
+    /// `[B, Hq, Lq]` float32, natural log; `-inf` on rows where every score is masked. Only with `returnLSE: true`.
+    public var lse: Tensor?
+}
+
+/// Which kernel runs an attention call.
+public enum FlexKernel: String, Sendable {
+    case portable
+}
+
+/// PyTorch's `flex_attention`: softmax(score_mod(scale · Q Kᵀ) masked by the BlockMask) · V, as one
+/// fused block-sparse kernel.
+///
+/// ```swift
+/// let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
+/// let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
+/// let result = try flexAttention(q, k, v, scoreMod: softcap, blockMask: causal, returnLSE: true)
+/// let out = try result.output.toArray()
+/// ```
+///
+/// - q: `[B, Hq, Lq, D]`, k: `[B, Hkv, Lkv, D]`, v: `[B, Hkv, Lkv, Dv]`; float32 or float16 (all the
+///   same); any head dims 1–256; `Lq` and `Lkv` independent; strided views work without a copy.
+/// - scoreMod: applied to `scale · q·k` before masking. nil means the identity.
+/// - blockMask: from ``createBlockMask(_:B:H:qLen:kvLen:device:blockSize:backend:)``; its lengths
+///   must be the inputs' and its B/H 1 or the inputs'. nil means dense (every pair).
+/// - scale: default `1/sqrt(D)`.
+/// - enableGQA: allow `Hq` a multiple of `Hkv`; query head `h` reads key/value head `h / (Hq/Hkv)`.
+/// - out: a caller's tensor to write (shape `[B, Hq, Lq, Dv]`, the query's dtype).
+///
+/// The call enqueues the work and returns at once; reading the output waits for it. A captured
+/// index out of range (or an integer division by zero) in a mod makes reading the output throw.
+public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
+                          scale: Double? = nil, enableGQA: Bool = false, returnLSE: Bool = false,
+                          out: Tensor? = nil) throws -> FlexResult {
+    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let device = q.device
+    if let out {
+        guard out.device === device else { throw FlexError("out: the tensor belongs to another device") }
+        guard out.shape == [shape.B, shape.Hq, shape.Lq, shape.Dv] else {
+            throw FlexError("out: shape \(out.shape) should be \([shape.B, shape.Hq, shape.Lq, shape.Dv])")
+        }
+        guard out.dtype == q.dtype else { throw FlexError("out: dtype \(out.dtype.rawValue) should be the query's, \(q.dtype.rawValue)") }
+    }
+    let scale = scale ?? 1 / Double(shape.D).squareRoot()
+    guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
+    let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
+    let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
+    if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse) }
+    try PortableForward.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
+                            output: output, lse: lse)
+    return FlexResult(output: output, lse: lse)
+}
+
+/// The sizes of an attention call, validated.
+struct AttentionShape {
+    let B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int
+    let dtype: DType
+
+    init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool) throws {
+        for (name, t) in [("query", q), ("key", k), ("value", v)] {
+            guard t.rank == 4 else { throw FlexError("\(name) must be 4-D [B, H, L, D], got shape \(t.shape)") }
+            guard t.dtype == .float32 || t.dtype == .float16 else {
+                throw FlexError("\(name) is \(t.dtype.rawValue); attention inputs must be float32 or float16")
+            }
+            guard t.device === q.device else { throw FlexError("\(name) is on another device than the query") }
+        }
+        guard q.dtype == k.dtype, q.dtype == v.dtype else {
+            throw FlexError("query, key and value must share a dtype, got \(q.dtype.rawValue), \(k.dtype.rawValue), \(v.dtype.rawValue)")
+        }
+        B = q.shape[0]; Hq = q.shape[1]; Lq = q.shape[2]; D = q.shape[3]
+        Hkv = k.shape[1]; Lkv = k.shape[2]; Dv = v.shape[3]
+        dtype = q.dtype
+        guard k.shape[0] == B, v.shape[0] == B else {
+            throw FlexError("batch sizes differ: query \(B), key \(k.shape[0]), value \(v.shape[0])")
+        }
+        guard v.shape[1] == Hkv else { throw FlexError("key has \(Hkv) heads but value has \(v.shape[1])") }
+        guard v.shape[2] == Lkv else { throw FlexError("key has length \(Lkv) but value has \(v.shape[2])") }
+        guard k.shape[3] == D else { throw FlexError("query head dim \(D) differs from key head dim \(k.shape[3])") }
+        guard (1...256).contains(D) else { throw FlexError("head dim \(D) is outside 1...256") }
+        guard (1...256).contains(Dv) else { throw FlexError("value head dim \(Dv) is outside 1...256") }
+        if Hq != Hkv {
+            guard enableGQA else {
+                throw FlexError("query has \(Hq) heads and key/value \(Hkv): pass enableGQA: true for grouped-query attention")
+            }
+            guard Hkv > 0, Hq % Hkv == 0 else {
+                throw FlexError("enableGQA needs the query heads (\(Hq)) to be a multiple of the key/value heads (\(Hkv))")
+            }
+        }
+        guard Hkv > 0 || Hq == 0 else { throw FlexError("key/value have no heads") }
+        if q.dtype == .float16 && !q.device.enabledFeatures.storageBuffer16Bit {
+            throw VulkanError.unsupported("\(q.device.capabilities.name) cannot read float16 buffers (no 16-bit storage); use float32")
+        }
+        if let m = blockMask {
+            guard m.qLen == Lq, m.kvLen == Lkv else {
+                throw FlexError("the BlockMask was built for qLen=\(m.qLen), kvLen=\(m.kvLen) but the inputs have qLen=\(Lq), kvLen=\(Lkv): build it for these lengths")
+            }
+            guard m.B == 1 || m.B == B else { throw FlexError("the BlockMask has B=\(m.B); it must be 1 (broadcast) or the batch size \(B)") }
+            guard m.H == 1 || m.H == Hq else { throw FlexError("the BlockMask has H=\(m.H); it must be 1 (broadcast) or the number of query heads \(Hq)") }
+            guard m.device === q.device else { throw FlexError("the BlockMask belongs to another device") }
+        }
+    }
+}
+
+/// The portable kernel: tile sizes, pipeline and dispatch.
+enum PortableForward {
+    struct Key: Hashable, Sendable {
+        let mods: String
+        let D: Int, Dv: Int, BQ: Int, BKV: Int, WG: Int
+        let inF16: Bool
+    }
+
+    /// Tile sizes that fit the device's shared memory.
+    static func tiles(D: Int, Dv: Int, device: Device) -> (BQ: Int, BKV: Int, WG: Int) {
+        let budget = device.capabilities.maxSharedMemory - 256
+        let kvd = max(D, Dv)
+        for (bq, bkv) in [(16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
+            if 4 * (bq * D + bkv * kvd + bq * bkv + 3 * bq) <= budget {
+                return (bq, bkv, min(128, device.capabilities.maxWorkgroupInvocations))
+            }
+        }
+        return (1, 1, 64)
+    }
+
+    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
+                    scale: Double, output: Tensor, lse: Tensor?) throws {
+        let device = q.device
+        let caps = device.capabilities
+        let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
+                                   firstBinding: 11, errorBinding: 10, device: device)
+        let (BQ, BKV, WG) = tiles(D: s.D, Dv: s.Dv, device: device)
+        let f16 = s.dtype == .float16
+        let key = Key(mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
+        let pipeline = try device.pipeline(for: key) {
+            let defines: [ShaderSource.Define] = [
+                .init("D", "\(s.D)"), .init("DV", "\(s.Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
+                .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 ? "1" : "0"),
+            ]
+            return PipelineDescription(source: ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"),
+                                                            defines: defines),
+                                       bindingCount: 11 + mods.tensors.count, includes: mods.includes)
+        }
+
+        // Block structure: the mask's, or a dense walk.
+        let qBS: Int, kvBS: Int, qBlocks: Int, kvBlocks: Int, maskB: Int, maskH: Int
+        let maskBuffers: [Tensor]
+        if let m = blockMask {
+            qBS = m.blockSize.q; kvBS = m.blockSize.kv; qBlocks = m.qBlocks; kvBlocks = m.kvBlocks; maskB = m.B; maskH = m.H
+            maskBuffers = [m.kvNumBlocks, m.kvIndices, m.fullKVNumBlocks, m.fullKVIndices]
+        } else {
+            qBS = BQ; kvBS = BKV * 8; qBlocks = (s.Lq + BQ - 1) / BQ; kvBlocks = (s.Lkv + kvBS - 1) / kvBS; maskB = 1; maskH = 1
+            let dummy = try dummyIndexBuffer(device)
+            maskBuffers = [dummy, dummy, dummy, dummy]
+        }
+        let tilesPerBlock = (qBS + BQ - 1) / BQ
+        let groupsX = qBlocks * tilesPerBlock
+        guard groupsX <= caps.maxWorkgroupCount[0], s.Hq <= caps.maxWorkgroupCount[1] else {
+            throw VulkanError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
+        }
+        let lseTensor = lse
+        let lseScratch = lse == nil ? try dummyFloatBuffer(device) : nil
+
+        // Split over batches when a tensor is larger than one storage-buffer binding.
+        let batchesPerDispatch = try batchesPerChunk(s, tensors: [q, k, v, output] + (lse.map { [$0] } ?? []), device: device)
+        let errors = try mods.makeErrorBuffer(device)
+        var b0 = 0
+        while b0 < s.B {
+            let nb = min(batchesPerDispatch, s.B - b0)
+            var bindings: [BufferBinding] = []
+            var bases: [Int] = []
+            for (t, writes) in [(q, false), (k, false), (v, false), (output, true)] {
+                let (binding, base) = try bind(t, batches: b0..<(b0 + nb), writes: writes, device: device)
+                bindings.append(binding); bases.append(base)
+            }
+            if let l = lseTensor {
+                let (binding, base) = try bind(l, batches: b0..<(b0 + nb), writes: true, device: device)
+                bindings.append(binding); bases.append(base)
+            } else {
+                bindings.append(BufferBinding(lseScratch!, writes: true)); bases.append(0)
+            }
+            bindings += maskBuffers.map { BufferBinding($0.buffer, offset: $0.byteOffset, size: max(4, $0.count * 4)) }
+            var ints: [Int32] = [s.B, s.Hq, s.Hkv, s.Lq, s.Lkv, b0].map { Int32($0) }
+            for (i, t) in [q, k, v, output].enumerated() { ints += ([bases[i]] + t.strides).map { Int32($0) } }
+            let ls = lse?.strides ?? [0, 0, 0]
+            ints += [bases[4], ls[0], ls[1], ls[2]].map { Int32($0) }
+            ints += [maskB, maskH, qBS, kvBS, qBlocks, kvBlocks, blockMask == nil ? 1 : 0, tilesPerBlock, lse == nil ? 0 : 1].map { Int32($0) }
+            var params = ints.withUnsafeBytes { Array($0) }
+            params += withUnsafeBytes(of: Float(scale)) { Array($0) }
+            let paramBuffer = try device.makeBuffer(bytes: params.count)
+            try paramBuffer.upload(params)
+            bindings.append(BufferBinding(paramBuffer))
+            bindings.append(BufferBinding(errors, writes: true))
+            bindings += mods.captureBindings()
+            try device.record { rec in
+                try rec.dispatch(pipeline, bindings: bindings, groups: (groupsX, s.Hq, nb))
+            }
+            b0 += nb
+        }
+        if scoreMod != nil || blockMask?.maskMod != nil {
+            let check = ErrorCheck(errors: errors, captures: mods.glsl.captures)
+            output.addCheck(check)
+            lse?.addCheck(check)
+        }
+    }
+
+    /// Binds the part of `t` that batches `range` use; returns the binding and the element offset
+    /// of batch `range.lowerBound` inside it.
+    static func bind(_ t: Tensor, batches range: Range<Int>, writes: Bool, device: Device) throws -> (BufferBinding, Int) {
+        let size = t.dtype.size
+        let align = device.capabilities.minStorageBufferOffsetAlignment
+        let first = t.byteOffset + range.lowerBound * t.strides[0] * size
+        var lo = first, hi = first + size
+        for (d, (n, st)) in zip(t.shape, t.strides).enumerated() {
+            let extent = d == 0 ? range.count : n
+            guard extent > 0 else { continue }
+            if st >= 0 { hi += (extent - 1) * st * size } else { lo += (extent - 1) * st * size }
+        }
+        let start = lo / align * align
+        let base = (first - start) / size
+        guard (first - start) % size == 0 else { throw FlexError("\(t.name) is not aligned to its element size") }
+        return (BufferBinding(t.buffer, offset: start, size: hi - start, writes: writes), base)
+    }
+
+    static func batchesPerChunk(_ s: AttentionShape, tensors: [Tensor], device: Device) throws -> Int {
+        let limit = device.capabilities.maxStorageBufferRange - device.capabilities.minStorageBufferOffsetAlignment
+        var per = max(1, s.B)
+        for t in tensors {
+            let batchBytes = max(1, t.shape.dropFirst().enumerated().reduce(1) { acc, x in acc + (x.element - 1) * abs(t.strides[x.offset + 1]) } * t.dtype.size)
+            guard batchBytes <= limit else {
+                throw VulkanError.limitExceeded("one batch of \(t.name) spans \(formatBytes(batchBytes)); \(device.capabilities.name) binds at most \(formatBytes(device.capabilities.maxStorageBufferRange)) per buffer")
+            }
+            let stride0 = max(1, abs(t.strides[0]) * t.dtype.size)
+            per = min(per, max(1, (limit - batchBytes) / stride0 + 1))
+        }
+        return per
+    }
+
+    static func dummyIndexBuffer(_ device: Device) throws -> Tensor {
+        try device.tensor([Int32(0)], shape: [1], name: "no_block_mask")
+    }
+
+    static func dummyFloatBuffer(_ device: Device) throws -> Buffer {
+        try device.makeBuffer(bytes: 16)
+    }
+}
+
+/// Reads a kernel's error buffer when its output is read.
+final class ErrorCheck: @unchecked Sendable {
+    let errors: Buffer
+    let captures: [CaptureInfo]
+    init(errors: Buffer, captures: [CaptureInfo]) { self.errors = errors; self.captures = captures }
+    func run() throws {
+        try SplicedMods.decode(try errors.download(count: 4, as: Int32.self), captures: captures)
+    }
+}

@@ -1,0 +1,90 @@
+import Foundation
+import VKFlexExpr
+
+/// The float64 CPU reference of FlexAttention's semantics, what the tests and `vkflex selftest`
+/// compare the kernels with. The mods run through the interpreter in float64.
+///
+/// ```swift
+/// let ref = try flexAttentionReference(q, k, v, scoreMod: softcap, blockMask: mask)
+/// let err = relativeL2Error(try out.toArray(), ref.output)
+/// ```
+public struct ReferenceResult {
+    /// `[B, Hq, Lq, Dv]` row-major.
+    public var output: [Double]
+    /// `[B, Hq, Lq]`, natural log, `-inf` for fully masked rows.
+    public var lse: [Double]
+}
+
+/// Computes attention in float64 from the tensors' values (read back from the device).
+public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
+                                   scale: Double? = nil, enableGQA: Bool = false) throws -> ReferenceResult {
+    let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let classes = try blockMask?.blockClasses()
+    return try referenceAttention(q: try q.toArray(), k: try k.toArray(), v: try v.toArray(),
+                                  B: s.B, Hq: s.Hq, Hkv: s.Hkv, Lq: s.Lq, Lkv: s.Lkv, D: s.D, Dv: s.Dv,
+                                  scoreMod: scoreMod, blockMask: blockMask.map { ($0, classes!) }, scale: scale ?? 1 / Double(s.D).squareRoot())
+}
+
+func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int,
+                        scoreMod: ScoreMod?, blockMask: (BlockMask, [UInt8])?, scale: Double) throws -> ReferenceResult {
+    let score = try scoreMod.map { try Interpreter($0.graph) }
+    let mask = try blockMask?.0.maskMod.map { try Interpreter($0.graph) }
+    var out = [Double](repeating: 0, count: B * Hq * Lq * Dv)
+    var lse = [Double](repeating: -.infinity, count: B * Hq * Lq)
+    var s = [Double](repeating: 0, count: Lkv)
+    let group = Hkv == 0 ? 1 : Hq / Hkv
+    for b in 0..<B {
+        for h in 0..<Hq {
+            let hk = h / group
+            for i in 0..<Lq {
+                let qrow = ((b * Hq + h) * Lq + i) * D
+                var m = -Double.infinity
+                for j in 0..<Lkv {
+                    var keep = true, partial = false
+                    if let (bm, classes) = blockMask {
+                        let mb = bm.B == 1 ? 0 : b, mh = bm.H == 1 ? 0 : h
+                        let c = classes[((mb * bm.H + mh) * bm.qBlocks + i / bm.blockSize.q) * bm.kvBlocks + j / bm.blockSize.kv]
+                        keep = c != 0
+                        partial = c == 1
+                    }
+                    guard keep else { s[j] = -.infinity; continue }
+                    let krow = ((b * Hkv + hk) * Lkv + j) * D
+                    var dot = 0.0
+                    for d in 0..<D { dot += Double(q[qrow + d]) * Double(k[krow + d]) }
+                    var x = dot * scale
+                    if let score { x = score.float(score: x, b: b, h: h, q: i, kv: j) }
+                    if partial, let mask, !mask.bool(b: b, h: h, q: i, kv: j) { x = -.infinity }
+                    s[j] = x
+                    m = max(m, x)
+                }
+                let orow = ((b * Hq + h) * Lq + i) * Dv
+                guard m > -.infinity else { continue }
+                var l = 0.0
+                for j in 0..<Lkv {
+                    let p = s[j] == -.infinity ? 0 : Foundation.exp(s[j] - m)
+                    guard p != 0 else { continue }
+                    l += p
+                    let vrow = ((b * Hkv + hk) * Lkv + j) * Dv
+                    for d in 0..<Dv { out[orow + d] += p * Double(v[vrow + d]) }
+                }
+                for d in 0..<Dv { out[orow + d] /= l }
+                lse[(b * Hq + h) * Lq + i] = m + Foundation.log(l)
+            }
+        }
+    }
+    if let e = score?.error ?? mask?.error { throw e }
+    return ReferenceResult(output: out, lse: lse)
+}
+
+/// `‖a − b‖ / ‖b‖` (∞ when `a` has a NaN, or `b` is all zeros and `a` is not).
+public func relativeL2Error(_ a: [Float], _ b: [Double]) -> Double {
+    var num = 0.0, den = 0.0
+    for (x, y) in zip(a, b) {
+        if x.isNaN { return .infinity }
+        num += (Double(x) - y) * (Double(x) - y)
+        den += y * y
+    }
+    if a.count != b.count { return .infinity }
+    if den == 0 { return num == 0 ? 0 : .infinity }
+    return (num / den).squareRoot()
+}
