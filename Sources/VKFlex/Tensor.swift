@@ -87,6 +87,17 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
                       strides: order.map { strides[$0] }, dtype: dtype, name: name)
     }
 
+    /// A view of the same buffer with any shape, strides (elements) and offset (PyTorch's
+    /// `as_strided`); it must stay inside the buffer.
+    public func asStrided(shape: [Int], strides: [Int], byteOffset: Int? = nil) throws -> Tensor {
+        guard shape.count == strides.count else { throw FlexError("asStrided: \(shape.count) sizes but \(strides.count) strides") }
+        let t = Tensor(device: device, buffer: buffer, byteOffset: byteOffset ?? self.byteOffset, shape: shape, strides: strides, dtype: dtype, name: name)
+        let (lo, hi) = t.byteSpan
+        guard lo >= 0, hi <= buffer.size else { throw FlexError("asStrided: the view spans bytes \(lo)..<\(hi) of a \(buffer.size)-byte buffer") }
+        guard t.byteOffset % dtype.size == 0 else { throw FlexError("asStrided: offset \(t.byteOffset) is not a multiple of the element size") }
+        return t
+    }
+
     /// A view of the same elements with another shape (the tensor must be contiguous).
     public func reshaped(_ newShape: [Int]) throws -> Tensor {
         guard isContiguous else { throw FlexError("reshaped: \(name) is not contiguous") }

@@ -201,6 +201,10 @@ extension Device {
         return result
     }
 
+    /// Whether commands are recorded but not yet submitted (they go out with the next read,
+    /// ``flush()`` or ``synchronize()``).
+    public var hasUnsubmittedWork: Bool { lock.withLock { recording != nil } }
+
     /// Submits the batch being recorded, if any. Returns at once.
     public func flush() throws {
         try lock.withLock {

@@ -51,3 +51,140 @@ final class AttentionTests: FlexTestCase {
         try check(Case(mask: MaskMod { _, _, q, kv in q >= kv }), "causal")
     }
 }
+
+extension AttentionTests {
+    func testSeedScoreAndMaskMods() throws {
+        let S = 150
+        let doc = try device.tensor((0..<S).map { Int32($0 < 40 ? 0 : $0 < 100 ? 1 : 2) }, shape: [S], name: "doc")
+        let slopes = try device.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 8 / 4)) }, shape: [4], name: "slopes")
+        let bounds = [0, 33, 90, S]
+        let seq = try device.tensor((0..<S).map { i in Int32(bounds.lastIndex { $0 <= i }!) }, shape: [S], name: "seq")
+        let offsets = try device.tensor(bounds.map(Int32.init), shape: [4], name: "offsets")
+        let W = 10
+        let cases: [(String, ScoreMod?, MaskMod?)] = [
+            ("noop", .identity, nil),
+            ("causal", nil, MaskMod { _, _, q, kv in q >= kv }),
+            ("causal as score_mod", ScoreMod { s, _, _, q, kv in select(q >= kv, s, -Double.infinity) }, nil),
+            ("sliding window", nil, MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 37) }),
+            ("prefix-LM", nil, MaskMod { _, _, q, kv in (kv <= 45) | (q >= kv) }),
+            ("document", nil, MaskMod { _, _, q, kv in (q >= kv) & (doc[q] == doc[kv]) }),
+            ("SASA", nil, MaskMod { _, _, q, kv in (abs(floorDiv(q, W) - floorDiv(kv, W)) <= 2) & (abs(q % W - kv % W) <= 2) }),
+            ("NATTEN", nil, MaskMod { _, _, q, kv in
+                (abs(clamp(floorDiv(q, W), 1, W - 2) - floorDiv(kv, W)) <= 1) & (abs(clamp(q % W, 1, W - 2) - kv % W) <= 1) }),
+            ("ALiBi captured", ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }, MaskMod { _, _, q, kv in q >= kv }),
+            ("ALiBi functional", ScoreMod { s, _, h, q, kv in s + (q - kv) * exp2(-((h + 1) * 8.0 / 4)) }, nil),
+            ("soft-cap", ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, MaskMod { _, _, q, kv in q >= kv }),
+            ("jagged", nil, MaskMod { _, _, q, kv in (q - offsets[seq[q]] >= kv - offsets[seq[kv]]) & (seq[q] == seq[kv]) }),
+        ]
+        for (name, score, mask) in cases {
+            try check(Case(Hq: 4, Hkv: 4, Lq: S, Lkv: S, D: 16, Dv: 16, score: score, mask: mask), name)
+        }
+    }
+
+    func testFlamingoCrossAttention() throws {
+        // 12 text queries attend to 3 images of 3 tokens each: Lq != Lkv.
+        let images = try device.tensor((0..<9).map { Int32($0 / 3) }, shape: [9], name: "image_of_token")
+        let intervals = try device.tensor([0, 7, 1, 7, 7, 12], shape: [3, 2], name: "intervals")
+        let mask = MaskMod { _, _, q, kv in (q >= intervals[images[kv], 0]) & (q < intervals[images[kv], 1]) }
+        try check(Case(Lq: 12, Lkv: 9, D: 8, Dv: 8, mask: mask, blockSize: 4), "flamingo")
+    }
+
+    func testShapesDtypesAndGQA() throws {
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        try check(Case(Hq: 8, Hkv: 2, Lq: 45, Lkv: 45, mask: causal), "GQA 8/2")
+        try check(Case(Hq: 3, Hkv: 1, Lq: 33, Lkv: 61, D: 24, Dv: 40), "MQA, Lq != Lkv, Dv != D")
+        try check(Case(B: 2, Lq: 77, Lkv: 51, D: 37, Dv: 19, mask: causal, blockSize: BlockSize(q: 16, kv: 48)), "odd head dims and lengths")
+        try check(Case(Lq: 40, Lkv: 40, D: 256, Dv: 256, mask: causal), "head dim 256")
+        try check(Case(Lq: 64, Lkv: 64, D: 64, Dv: 64, dtype: .float16, mask: causal), "float16")
+        try check(Case(Lq: 50, Lkv: 50, scale: 0.37), "custom scale")
+        try check(Case(B: 2, Hq: 2, Lq: 64, Lkv: 64, mask: MaskMod { b, h, q, kv in q - kv <= (b * 2 + h) * 9 }, maskB: 2, maskH: 2), "per-batch, per-head mask")
+    }
+
+    func testFullyMaskedRowsGiveZeroAndMinusInfinity() throws {
+        // Rows 0..9 see no key; a score_mod of -inf masks a whole row too.
+        try check(Case(Lq: 40, Lkv: 40, mask: MaskMod { _, _, q, kv in (q >= 10) & (kv < q) }), "masked rows")
+        try check(Case(Lq: 20, Lkv: 20, score: ScoreMod { s, _, _, q, _ in select(q % 3 == 0, -Double.infinity, s) }), "score -inf rows")
+    }
+
+    func testStridedViewsAndOut() throws {
+        let (B, S, H, D) = (2, 37, 3, 16)
+        let bshd = try device.tensor(randn(B * S * H * D), shape: [B, S, H, D], name: "qkv")
+        let view = try bshd.permuted(0, 2, 1, 3)
+        let contiguous = try device.tensor(try view.toArray(), shape: [B, H, S, D])
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device, blockSize: 16)
+        let a = try flexAttention(view, view, view, blockMask: causal).output.toArray()
+        let b = try flexAttention(contiguous, contiguous, contiguous, blockMask: causal).output.toArray()
+        XCTAssertEqual(a, b)
+        // out: writes into a permuted view of a caller's buffer.
+        let outBuffer = try device.empty(shape: [B, S, H, D], dtype: .float32)
+        let outView = try outBuffer.permuted(0, 2, 1, 3)
+        _ = try flexAttention(contiguous, contiguous, contiguous, blockMask: causal, out: outView)
+        XCTAssertEqual(try outView.toArray(), b)
+    }
+
+    func testTensorsLargerThanOneBindingAreSplitAcrossDispatches() throws {
+        // Two batches 160 MiB apart: the whole span is over lavapipe's 128 MiB binding limit.
+        let stride = 40 << 20
+        let big = try device.empty(shape: [2 * stride], dtype: .float32, name: "big")
+        let shape = [2, 1, 5, 4]
+        let strides = [stride, 20, 4, 1]
+        let values = randn(40)
+        try big.buffer.upload(Array(values[0..<20]))
+        try big.buffer.upload(Array(values[20..<40]), byteOffset: stride * 4)
+        let q = try big.asStrided(shape: shape, strides: strides)
+        let dense = try device.tensor(values, shape: shape)
+        XCTAssertGreaterThan(q.byteSpan.upper, device.capabilities.maxStorageBufferRange)
+        let a = try flexAttention(q, q, q, returnLSE: true)
+        let b = try flexAttention(dense, dense, dense, returnLSE: true)
+        XCTAssertEqual(try a.output.toArray(), try b.output.toArray())
+        XCTAssertEqual(try a.lse!.toArray(), try b.lse!.toArray())
+    }
+
+    func testOutOfRangeCaptureFailsWhenTheOutputIsRead() throws {
+        let table = try device.tensor([0, 1, 2], shape: [3], name: "short_table")
+        let q = try device.tensor(randn(8 * 4), shape: [1, 1, 8, 4])
+        let r = try flexAttention(q, q, q, scoreMod: ScoreMod { s, _, _, qi, _ in s + table[qi] })
+        XCTAssertThrowsError(try r.output.toArray()) { e in
+            XCTAssertTrue("\(e)".contains("is out of range for short_table (size 3)"), "\(e)")
+        }
+    }
+
+    func testBadInputsAreCleanErrors() throws {
+        let q = try device.tensor(randn(2 * 4 * 8 * 16), shape: [2, 4, 8, 16])
+        let k3 = try device.tensor(randn(2 * 3 * 8 * 16), shape: [2, 3, 8, 16])
+        let k2 = try device.tensor(randn(2 * 2 * 8 * 16), shape: [2, 2, 8, 16])
+        let kd = try device.tensor(randn(2 * 4 * 8 * 8), shape: [2, 4, 8, 8])
+        let h16 = try device.tensor(randn(2 * 4 * 8 * 16), shape: [2, 4, 8, 16], dtype: .float16)
+        let i32 = try device.tensor([Int32](repeating: 1, count: 2 * 4 * 8 * 16), shape: [2, 4, 8, 16])
+        let flat = try device.tensor(randn(16), shape: [16])
+        func expect(_ fragment: String, _ body: () throws -> Void, line: UInt = #line) {
+            XCTAssertThrowsError(try body(), line: line) { XCTAssertTrue("\($0)".contains(fragment), "\($0)", line: line) }
+        }
+        expect("pass enableGQA: true") { _ = try flexAttention(q, k2, k2) }
+        expect("multiple of the key/value heads") { _ = try flexAttention(q, k3, k3, enableGQA: true) }
+        expect("head dim 16 differs") { _ = try flexAttention(q, kd, kd) }
+        expect("must share a dtype") { _ = try flexAttention(q, h16, h16) }
+        expect("must be float32 or float16") { _ = try flexAttention(i32, i32, i32) }
+        expect("must be 4-D") { _ = try flexAttention(flat, q, q) }
+        let m = try createBlockMask(noopMask, B: 1, H: 1, qLen: 9, kvLen: 8, device: device)
+        expect("built for qLen=9, kvLen=8") { _ = try flexAttention(q, q, q, blockMask: m) }
+        let mh = try createBlockMask(noopMask, B: 1, H: 3, qLen: 8, kvLen: 8, device: device)
+        expect("has H=3") { _ = try flexAttention(q, q, q, blockMask: mh) }
+        let out = try device.empty(shape: [2, 4, 8, 8], dtype: .float32)
+        expect("out: shape") { _ = try flexAttention(q, q, q, out: out) }
+        expect("scale must be finite") { _ = try flexAttention(q, q, q, scale: .nan) }
+        let bad = ScoreMod { s, _, _, q, _ in s + q / 2 * Num(Int(Int32.max) + 5) }
+        expect("does not fit in int32") { _ = try flexAttention(q, q, q, scoreMod: bad) }
+    }
+
+    func testSeveralCallsShareOneSubmission() throws {
+        let q = try device.tensor(randn(1 * 2 * 32 * 8), shape: [1, 2, 32, 8])
+        let first = try flexAttention(q, q, q).output
+        let second = try flexAttention(first, first, first).output
+        XCTAssertTrue(device.hasUnsubmittedWork, "both calls are still being recorded")
+        let ref1 = try flexAttentionReference(q, q, q)
+        XCTAssertLessThan(relativeL2Error(try first.toArray(), ref1.output), 1e-5)
+        let ref2 = try flexAttentionReference(first, first, first)
+        XCTAssertLessThan(relativeL2Error(try second.toArray(), ref2.output), 1e-5)
+    }
+}
