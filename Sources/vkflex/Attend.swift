@@ -1,0 +1,141 @@
+import ArgumentParser
+import Foundation
+import VKFlex
+
+/// `NAME=FILE.npy` captures shared by attend, mask and bench.
+struct CaptureOptions: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("A tensor the mods index, as NAME=FILE.npy (float32 or int32, rank 1-4).", valueName: "NAME=FILE.npy"))
+    var capture: [String] = []
+
+    func load(on device: Device) throws -> [String: Tensor] {
+        var out: [String: Tensor] = [:]
+        for item in capture {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                throw CLIError("--capture \(item): write NAME=FILE.npy")
+            }
+            let name = parts[0]
+            guard name.first!.isLetter || name.first == "_", name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "_" }) else {
+                throw CLIError("--capture \(item): '\(name)' is not a valid name")
+            }
+            guard out[name] == nil else { throw CLIError("--capture: \(name) is given twice") }
+            let array = try NPYArray(contentsOf: URL(fileURLWithPath: parts[1]))
+            guard (1...4).contains(array.shape.count) else {
+                throw CLIError("--capture \(name): \(parts[1]) has rank \(array.shape.count); captures have rank 1 to 4")
+            }
+            guard array.dtype != .float16 else { throw CLIError("--capture \(name): \(parts[1]) is float16; captures are float32 or int32") }
+            guard array.shape.reduce(1, *) > 0 else { throw CLIError("--capture \(name): \(parts[1]) is empty") }
+            out[name] = try device.tensor(array, name: name)
+        }
+        return out
+    }
+}
+
+func parseBlockSize(_ text: String?) throws -> BlockSize {
+    guard let text else { return 128 }
+    return try BlockSize(parsing: text)
+}
+
+struct Attend: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run flex attention on .npy inputs.",
+        discussion: """
+        Inputs are (B, H, L, D) float32 or float16 .npy files; outputs are float32 .npy: the output \
+        (B, Hq, Lq, Dv) and the log-sum-exp (B, Hq, Lq), natural log, -inf on fully masked rows.
+        Example:
+          vkflex attend --q q.npy --k k.npy --v v.npy --mask-mod "q_idx >= kv_idx" \\
+                        --score-mod "20 * tanh(score / 20)" --out out.npy --lse lse.npy
+        """)
+
+    @Option(name: .long, help: "Query .npy, shape (B, Hq, Lq, D).") var q: String
+    @Option(name: .long, help: "Key .npy, shape (B, Hkv, Lkv, D).") var k: String
+    @Option(name: .long, help: "Value .npy, shape (B, Hkv, Lkv, Dv).") var v: String
+    @Option(name: .long, help: "score_mod expression, e.g. \"score + slope[h] * (kv_idx - q_idx)\".") var scoreMod: String?
+    @Option(name: .long, help: "mask_mod expression, e.g. \"q_idx >= kv_idx\".") var maskMod: String?
+    @OptionGroup var captures: CaptureOptions
+    @Option(name: .long, help: "Softmax scale (default 1/sqrt(D)).") var scale: Double?
+    @Flag(name: .long, help: "Allow fewer key/value heads than query heads (grouped-query attention).") var gqa = false
+    @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
+    @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
+    @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
+    @OptionGroup var deviceOptions: DeviceOptions
+
+    func run() throws {
+        try reportingErrors {
+            let bs = try parseBlockSize(blockSize)
+            if let scale, !scale.isFinite { throw CLIError("--scale must be a finite number") }
+            let arrays = try [("--q", q), ("--k", k), ("--v", v)].map { flag, path -> NPYArray in
+                let a = try NPYArray(contentsOf: URL(fileURLWithPath: path))
+                guard a.shape.count == 4 else { throw CLIError("\(flag) \(path) has shape \(a.shape); expected (B, H, L, D)") }
+                guard a.dtype != .int32 else { throw CLIError("\(flag) \(path) is int32; attention inputs are float32 or float16") }
+                return a
+            }
+            let device = try deviceOptions.open()
+            let caps = try captures.load(on: device)
+            let score = try scoreMod.map { try ScoreMod(parsing: $0, captures: caps) }
+            let maskExpr = try maskMod.map { try MaskMod(parsing: $0, captures: caps) }
+            var dtypes = Set(arrays.map(\.dtype))
+            if dtypes.count > 1 { dtypes = [.float32] } // mixed inputs run in float32
+            let dtype = dtypes.first!
+            let tensors = try zip(arrays, ["q", "k", "v"]).map { a, name -> Tensor in
+                a.dtype == dtype ? try device.tensor(a, name: name) : try device.tensor(a.floats, shape: a.shape, dtype: dtype, name: name)
+            }
+            let (B, Hq, Lq) = (arrays[0].shape[0], arrays[0].shape[1], arrays[0].shape[2])
+            let Lkv = arrays[1].shape[2]
+            var blockMask: BlockMask?
+            if let m = maskExpr {
+                let perB = m.graph.uses(.b), perH = m.graph.uses(.h)
+                guard Lq > 0, Lkv > 0 else { throw CLIError("a mask needs non-empty sequences") }
+                blockMask = try createBlockMask(m, B: perB ? B : 1, H: perH ? Hq : 1, qLen: Lq, kvLen: Lkv, device: device, blockSize: bs)
+            }
+            let t0 = Date()
+            let result = try flexAttention(tensors[0], tensors[1], tensors[2], scoreMod: score, blockMask: blockMask,
+                                           scale: scale, enableGQA: gqa, returnLSE: true)
+            let output = try result.output.toArray()
+            let lseValues = try result.lse!.toArray()
+            let ms = Date().timeIntervalSince(t0) * 1e3
+            if let out { try NPYArray(float32: output, shape: result.output.shape).write(to: URL(fileURLWithPath: out)) }
+            if let lse { try NPYArray(float32: lseValues, shape: result.lse!.shape).write(to: URL(fileURLWithPath: lse)) }
+            let masked = lseValues.filter { $0 == -.infinity }.count
+            print("output \(result.output.shape) \(dtype.rawValue) on \(device.capabilities.name) in \(String(format: "%.1f", ms)) ms"
+                  + (blockMask.map { m in ", sparsity \(String(format: "%.2f", (try? m.sparsity()) ?? 0))%" } ?? "")
+                  + (masked > 0 ? ", \(masked) fully masked rows" : ""))
+        }
+    }
+}
+
+struct Mask: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Build a BlockMask from a mask_mod and print its picture and sparsity.",
+        discussion: """
+        Example:
+          vkflex mask --mask-mod "(q_idx >= kv_idx) & (q_idx - kv_idx <= 512)" --q-len 2048 --kv-len 2048
+        """)
+
+    @Option(name: .long, help: "mask_mod expression.") var maskMod: String
+    @Option(name: .long, help: "Query length.") var qLen: Int
+    @Option(name: .long, help: "Key/value length.") var kvLen: Int
+    @Option(name: .long, help: "Block size: N or QxKV (default 128).") var blockSize: String?
+    @Option(name: .customLong("b"), help: "Batch size (when the mask uses b).") var batch: Int = 1
+    @Option(name: .customLong("h"), help: "Heads (when the mask uses h).") var heads: Int = 1
+    @OptionGroup var captures: CaptureOptions
+    @OptionGroup var deviceOptions: DeviceOptions
+
+    func run() throws {
+        try reportingErrors {
+            guard qLen > 0, kvLen > 0 else { throw CLIError("--q-len and --kv-len must be positive") }
+            guard batch > 0, heads > 0 else { throw CLIError("--b and --h must be positive") }
+            let bs = try parseBlockSize(blockSize)
+            let device = try deviceOptions.open()
+            let caps = try captures.load(on: device)
+            let mod = try MaskMod(parsing: maskMod, captures: caps)
+            let t0 = Date()
+            let mask = try createBlockMask(mod, B: mod.graph.uses(.b) ? batch : 1, H: mod.graph.uses(.h) ? heads : 1,
+                                           qLen: qLen, kvLen: kvLen, device: device, blockSize: bs)
+            let sparsity = try mask.sparsity()
+            let ms = Date().timeIntervalSince(t0) * 1e3
+            print(mask)
+            print(String(format: "sparsity %.2f%% (built in %.1f ms on %@)", sparsity, ms, device.capabilities.name))
+        }
+    }
+}

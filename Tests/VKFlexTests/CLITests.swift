@@ -1,0 +1,204 @@
+import Foundation
+import XCTest
+@testable import VKFlex
+
+/// `vkflex attend` end to end against a NumPy float64 implementation of flex attention, and every
+/// bad input rejected with a clear message and an exit status below 128.
+final class CLITests: XCTestCase {
+    var binary: URL {
+        if let p = ProcessInfo.processInfo.environment["VKFLEX_BIN"] { return URL(fileURLWithPath: p) }
+        let candidates = [
+            URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vkflex"),
+            Bundle.main.bundleURL.appendingPathComponent("debug/vkflex"),
+            URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../.build/debug/vkflex").standardized,
+        ]
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates[2]
+    }
+    lazy var dir: URL = {
+        let d = FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-cli-\(UUID())")
+        try? FileManager.default.createDirectory(at: d, withIntermediateDirectories: true)
+        return d
+    }()
+
+    func run(_ args: [String]) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = binary
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        env["VKFLEX_DEVICE"] = env["VKFLEX_DEVICE"] ?? "llvmpipe"
+        env["VKFLEX_VALIDATE"] = "1"
+        p.environment = env
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: out, as: UTF8.self))
+    }
+
+    func python(_ script: String) throws -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", "-c", script, dir.path]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let text = String(decoding: out, as: UTF8.self)
+        guard p.terminationStatus == 0 else { throw FlexError("python3 failed: \(text)") }
+        return text
+    }
+
+    /// NumPy flex attention in float64: the mods are the same text, evaluated by Python.
+    static let reference = """
+    import numpy as np, sys, os, json
+    d = sys.argv[1]
+    def where(c, a, b): return np.where(c, a, b)
+    env = dict(where=np.where, minimum=np.minimum, maximum=np.maximum, abs=np.abs, floor=np.floor, exp=np.exp,
+               exp2=np.exp2, log=np.log, log2=np.log2, sqrt=np.sqrt, tanh=np.tanh, sin=np.sin, cos=np.cos,
+               tan=np.tan, sigmoid=lambda x: 1 / (1 + np.exp(-x)), clamp=lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi),
+               inf=np.inf)
+    def attend(q, k, v, score_mod, mask_mod, captures, scale=None):
+        B, Hq, Lq, D = q.shape; Hkv, Lkv = k.shape[1], k.shape[2]
+        g = Hq // Hkv
+        k = np.repeat(k, g, axis=1).astype(np.float64); v = np.repeat(v, g, axis=1).astype(np.float64)
+        scale = 1 / np.sqrt(D) if scale is None else scale
+        s = np.einsum('bhqd,bhkd->bhqk', q.astype(np.float64), k) * scale
+        b, h, qi, ki = np.meshgrid(np.arange(B, dtype=np.int32), np.arange(Hq, dtype=np.int32),
+                                   np.arange(Lq, dtype=np.int32), np.arange(Lkv, dtype=np.int32), indexing='ij')
+        e = dict(env, b=b, h=h, q_idx=qi, kv_idx=ki, score=s, **captures)
+        with np.errstate(all='ignore'):
+            if score_mod: s = np.broadcast_to(eval(score_mod, {'__builtins__': {}}, e), s.shape).astype(np.float64)
+            if mask_mod: s = np.where(np.broadcast_to(eval(mask_mod, {'__builtins__': {}}, e), s.shape), s, -np.inf)
+            m = s.max(axis=-1, keepdims=True)
+            p = np.where(np.isneginf(s), 0.0, np.exp(s - np.where(np.isneginf(m), 0, m)))
+            l = p.sum(axis=-1, keepdims=True)
+            out = np.where(l > 0, (p @ v) / np.where(l > 0, l, 1), 0.0)
+            lse = np.where(l[..., 0] > 0, m[..., 0] + np.log(np.where(l[..., 0] > 0, l[..., 0], 1)), -np.inf)
+        return out, lse
+    """
+
+    func testAttendMatchesNumPy() throws {
+        let cases: [(String, String?, String?, String, [String])] = [
+            // name, score_mod, mask_mod, shapes (B,Hq,Hkv,Lq,Lkv,D,Dv,dtype), extra flags
+            ("causal", nil, "q_idx >= kv_idx", "1,2,2,70,70,16,16,float32", []),
+            ("alibi", "score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx", "2,4,4,33,33,8,8,float32", []),
+            ("softcap", "20 * tanh(score / 20)", nil, "1,2,2,40,50,32,24,float32", []),
+            ("document", nil, "(doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)", "1,2,2,64,64,16,16,float16", []),
+            ("gqa", "where(q_idx >= kv_idx, score, -inf)", nil, "1,6,2,30,30,16,16,float32", ["--gqa"]),
+            ("per-head", nil, "q_idx - kv_idx <= h * 7", "1,3,3,45,45,8,8,float32", ["--block-size", "16x32"]),
+            ("masked rows", nil, "(q_idx >= 5) & (kv_idx < q_idx)", "1,1,1,20,20,8,8,float32", ["--scale", "0.5"]),
+            ("natten", nil, "(abs(clamp(q_idx // 8, 1, 6) - kv_idx // 8) <= 1) & (abs(clamp(q_idx % 8, 1, 6) - kv_idx % 8) <= 1)", "1,1,1,64,64,8,8,float32", ["--block-size", "16"]),
+        ]
+        for (name, score, mask, shapes, flags) in cases {
+            let s = shapes.split(separator: ",").map(String.init)
+            let gen = """
+            import numpy as np, sys
+            d = sys.argv[1]
+            B, Hq, Hkv, Lq, Lkv, D, Dv = \(s[0...6].joined(separator: ", "))
+            rng = np.random.default_rng()
+            for n, shape in (('q', (B, Hq, Lq, D)), ('k', (B, Hkv, Lkv, D)), ('v', (B, Hkv, Lkv, Dv))):
+                np.save(f'{d}/{n}.npy', rng.standard_normal(shape).astype(np.\(s[7])))
+            np.save(f'{d}/slope.npy', np.exp2(-(np.arange(Hq) + 1) * 8.0 / Hq).astype(np.float32))
+            np.save(f'{d}/doc.npy', (np.arange(max(Lq, Lkv)) * 3 // max(Lq, Lkv)).astype(np.int32))
+            """
+            _ = try python(gen)
+            var args = ["attend", "--q", "\(dir.path)/q.npy", "--k", "\(dir.path)/k.npy", "--v", "\(dir.path)/v.npy",
+                        "--capture", "slope=\(dir.path)/slope.npy", "--capture", "doc=\(dir.path)/doc.npy",
+                        "--out", "\(dir.path)/out.npy", "--lse", "\(dir.path)/lse.npy"] + flags
+            if let score { args += ["--score-mod", score] }
+            if let mask { args += ["--mask-mod", mask] }
+            let (status, output) = try run(args)
+            XCTAssertEqual(status, 0, "\(name): \(output)")
+            XCTAssertFalse(output.contains("[validation]"), output)
+            let scale = flags.firstIndex(of: "--scale").map { flags[$0 + 1] } ?? "None"
+            let check = Self.reference + """
+
+            q, k, v = (np.load(f'{d}/{n}.npy') for n in 'qkv')
+            caps = dict(slope=np.load(f'{d}/slope.npy'), doc=np.load(f'{d}/doc.npy'))
+            ref, ref_lse = attend(q, k, v, \(score.map { "'\($0)'" } ?? "None"), \(mask.map { "'\($0)'" } ?? "None"), caps, \(scale))
+            out, lse = np.load(f'{d}/out.npy'), np.load(f'{d}/lse.npy')
+            assert out.dtype == np.float32 and out.shape == ref.shape, (out.dtype, out.shape, ref.shape)
+            err = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+            masked = np.isneginf(ref_lse)
+            ok_masked = bool(np.all(np.isneginf(lse[masked])) and np.all(out[masked] == 0))
+            lse_err = float(np.max(np.abs(lse[~masked] - ref_lse[~masked]))) if (~masked).any() else 0.0
+            print(json.dumps(dict(err=float(err), lse=lse_err, masked=ok_masked, nan=bool(np.isnan(out).any()))))
+            """
+            let line = try python(check).split(separator: "\n").last.map(String.init) ?? "{}"
+            let r = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
+            let tol = s[7] == "float16" ? 2e-3 : 1e-4
+            XCTAssertLessThanOrEqual(r["err"] as! Double, tol, "\(name): \(line)")
+            XCTAssertLessThanOrEqual(r["lse"] as! Double, s[7] == "float16" ? 2e-2 : 1e-3, "\(name): \(line)")
+            XCTAssertEqual(r["masked"] as? Bool, true, "\(name): fully masked rows must be 0 with LSE -inf: \(line)")
+            XCTAssertEqual(r["nan"] as? Bool, false, "\(name)")
+        }
+    }
+
+    func testBadInputsExitCleanly() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        np.save(f'{d}/q.npy', np.ones((1, 4, 8, 16), np.float32))
+        np.save(f'{d}/k.npy', np.ones((1, 4, 8, 16), np.float32))
+        np.save(f'{d}/k3.npy', np.ones((1, 3, 8, 16), np.float32))
+        np.save(f'{d}/k2.npy', np.ones((1, 2, 8, 16), np.float32))
+        np.save(f'{d}/kd.npy', np.ones((1, 4, 8, 8), np.float32))
+        np.save(f'{d}/f64.npy', np.ones((1, 4, 8, 16), np.float64))
+        np.save(f'{d}/r3.npy', np.ones((4, 8, 16), np.float32))
+        np.save(f'{d}/cap5.npy', np.ones((1, 1, 1, 1, 2), np.int32))
+        open(f'{d}/trunc.npy', 'wb').write(open(f'{d}/q.npy', 'rb').read()[:200])
+        open(f'{d}/text.npy', 'w').write('hello')
+        """)
+        let d = dir.path
+        let base = ["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"]
+        let cases: [([String], String)] = [
+            (["attend", "--q", "\(d)/nope.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "no such file"),
+            (["attend", "--q", "\(d)/trunc.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "truncated"),
+            (["attend", "--q", "\(d)/text.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "not a NumPy .npy file"),
+            (["attend", "--q", "\(d)/f64.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "dtype float64"),
+            (["attend", "--q", "\(d)/r3.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "expected (B, H, L, D)"),
+            (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/kd.npy", "--v", "\(d)/kd.npy"], "head dim 16 differs"),
+            (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k2.npy", "--v", "\(d)/k2.npy"], "enableGQA"),
+            (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k3.npy", "--v", "\(d)/k3.npy", "--gqa"], "multiple of the key/value heads"),
+            (base + ["--score-mod", "score + foo"], "unknown name 'foo'"),
+            (base + ["--mask-mod", "q_idx >="], "ends too early"),
+            (base + ["--mask-mod", "doc[q_idx] == 0"], "unknown name 'doc'"),
+            (base + ["--mask-mod", "cap[q_idx] == 0", "--capture", "cap=\(d)/cap5.npy"], "rank 5"),
+            (base + ["--mask-mod", "cap[q_idx] == 0", "--capture", "cap=\(d)/missing.npy"], "no such file"),
+            (base + ["--mask-mod", "q_idx >= kv_idx", "--block-size", "0"], "must be positive"),
+            (base + ["--mask-mod", "q_idx >= kv_idx", "--block-size", "64x"], "block size"),
+            (base + ["--score-mod", "q_idx >= kv_idx"], "must give a number"),
+            (base + ["--capture", "bad"], "NAME=FILE.npy"),
+        ]
+        for (args, fragment) in cases {
+            let (status, output) = try run(args)
+            XCTAssertTrue(status > 0 && status < 128, "\(args.joined(separator: " ")): status \(status)")
+            XCTAssertTrue(output.contains(fragment), "\(args.joined(separator: " ")): \(output)")
+            XCTAssertFalse(output.contains("Fatal error"), output)
+        }
+    }
+
+    func testMaskCommandPrintsThePicture() throws {
+        let (status, output) = try run(["mask", "--mask-mod", "(q_idx >= kv_idx) & (q_idx - kv_idx <= 512)", "--q-len", "2048", "--kv-len", "2048"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("BlockMask(shape=(1, 1, 2048, 2048), sparsity=72.66%,"), output)
+        XCTAssertTrue(output.contains("░░██████░░"), output)
+    }
+
+    func testDevicesListsLavapipe() throws {
+        let (status, output) = try run(["devices"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("llvmpipe"), output)
+        XCTAssertTrue(output.contains("subgroup size"), output)
+        let (js, json) = try run(["devices", "--json"])
+        XCTAssertEqual(js, 0)
+        XCTAssertTrue(json.contains("\"subgroupSize\""), json)
+        let (vs, version) = try run(["--version"])
+        XCTAssertEqual(vs, 0)
+        XCTAssertEqual(version.trimmingCharacters(in: .whitespacesAndNewlines), vkflexVersion)
+    }
+}
