@@ -44,6 +44,8 @@ public struct Cond: Sendable, ExpressibleByBooleanLiteral, CustomStringConvertib
 }
 
 /// A Swift value that mixes with ``Num`` as a constant (`let W = 128; q % W`).
+/// Swift `Int` and `Double` values mix with `Num` in operators; other types (`Float`, `Int32`) work through
+/// the generic functions below or `Num(x)`.
 public protocol NumConstant { var num: Num { get } }
 extension Int: NumConstant { public var num: Num { Num(self) } }
 extension Int32: NumConstant { public var num: Num { Num(Int(self)) } }
@@ -73,14 +75,22 @@ extension Num {
     /// Bitwise not of an int.
     public static prefix func ~ (a: Num) -> Num { Num(traced { try .makeUnary(.bitNot, a.expr) }) }
 
-    public static func + <T: NumConstant>(a: Num, b: T) -> Num { a + b.num }
-    public static func + <T: NumConstant>(a: T, b: Num) -> Num { a.num + b }
-    public static func - <T: NumConstant>(a: Num, b: T) -> Num { a - b.num }
-    public static func - <T: NumConstant>(a: T, b: Num) -> Num { a.num - b }
-    public static func * <T: NumConstant>(a: Num, b: T) -> Num { a * b.num }
-    public static func * <T: NumConstant>(a: T, b: Num) -> Num { a.num * b }
-    public static func / <T: NumConstant>(a: Num, b: T) -> Num { a / b.num }
-    public static func % <T: NumConstant>(a: Num, b: T) -> Num { a % b.num }
+    public static func + (a: Num, b: Int) -> Num { a + b.num }
+    public static func + (a: Num, b: Double) -> Num { a + b.num }
+    public static func + (a: Int, b: Num) -> Num { a.num + b }
+    public static func + (a: Double, b: Num) -> Num { a.num + b }
+    public static func - (a: Num, b: Int) -> Num { a - b.num }
+    public static func - (a: Num, b: Double) -> Num { a - b.num }
+    public static func - (a: Int, b: Num) -> Num { a.num - b }
+    public static func - (a: Double, b: Num) -> Num { a.num - b }
+    public static func * (a: Num, b: Int) -> Num { a * b.num }
+    public static func * (a: Num, b: Double) -> Num { a * b.num }
+    public static func * (a: Int, b: Num) -> Num { a.num * b }
+    public static func * (a: Double, b: Num) -> Num { a.num * b }
+    public static func / (a: Num, b: Int) -> Num { a / b.num }
+    public static func / (a: Num, b: Double) -> Num { a / b.num }
+    public static func % (a: Num, b: Int) -> Num { a % b.num }
+    public static func % (a: Num, b: Double) -> Num { a % b.num }
 
     // MARK: Comparisons
     public static func < (a: Num, b: Num) -> Cond { Cond(bin(.lt, a.expr, b.expr)) }
@@ -89,18 +99,30 @@ extension Num {
     public static func >= (a: Num, b: Num) -> Cond { Cond(bin(.ge, a.expr, b.expr)) }
     public static func == (a: Num, b: Num) -> Cond { Cond(bin(.eq, a.expr, b.expr)) }
     public static func != (a: Num, b: Num) -> Cond { Cond(bin(.ne, a.expr, b.expr)) }
-    public static func < <T: NumConstant>(a: Num, b: T) -> Cond { a < b.num }
-    public static func < <T: NumConstant>(a: T, b: Num) -> Cond { a.num < b }
-    public static func <= <T: NumConstant>(a: Num, b: T) -> Cond { a <= b.num }
-    public static func <= <T: NumConstant>(a: T, b: Num) -> Cond { a.num <= b }
-    public static func > <T: NumConstant>(a: Num, b: T) -> Cond { a > b.num }
-    public static func > <T: NumConstant>(a: T, b: Num) -> Cond { a.num > b }
-    public static func >= <T: NumConstant>(a: Num, b: T) -> Cond { a >= b.num }
-    public static func >= <T: NumConstant>(a: T, b: Num) -> Cond { a.num >= b }
-    public static func == <T: NumConstant>(a: Num, b: T) -> Cond { a == b.num }
-    public static func == <T: NumConstant>(a: T, b: Num) -> Cond { a.num == b }
-    public static func != <T: NumConstant>(a: Num, b: T) -> Cond { a != b.num }
-    public static func != <T: NumConstant>(a: T, b: Num) -> Cond { a.num != b }
+    public static func < (a: Num, b: Int) -> Cond { a < b.num }
+    public static func < (a: Num, b: Double) -> Cond { a < b.num }
+    public static func < (a: Int, b: Num) -> Cond { a.num < b }
+    public static func < (a: Double, b: Num) -> Cond { a.num < b }
+    public static func <= (a: Num, b: Int) -> Cond { a <= b.num }
+    public static func <= (a: Num, b: Double) -> Cond { a <= b.num }
+    public static func <= (a: Int, b: Num) -> Cond { a.num <= b }
+    public static func <= (a: Double, b: Num) -> Cond { a.num <= b }
+    public static func > (a: Num, b: Int) -> Cond { a > b.num }
+    public static func > (a: Num, b: Double) -> Cond { a > b.num }
+    public static func > (a: Int, b: Num) -> Cond { a.num > b }
+    public static func > (a: Double, b: Num) -> Cond { a.num > b }
+    public static func >= (a: Num, b: Int) -> Cond { a >= b.num }
+    public static func >= (a: Num, b: Double) -> Cond { a >= b.num }
+    public static func >= (a: Int, b: Num) -> Cond { a.num >= b }
+    public static func >= (a: Double, b: Num) -> Cond { a.num >= b }
+    public static func == (a: Num, b: Int) -> Cond { a == b.num }
+    public static func == (a: Num, b: Double) -> Cond { a == b.num }
+    public static func == (a: Int, b: Num) -> Cond { a.num == b }
+    public static func == (a: Double, b: Num) -> Cond { a.num == b }
+    public static func != (a: Num, b: Int) -> Cond { a != b.num }
+    public static func != (a: Num, b: Double) -> Cond { a != b.num }
+    public static func != (a: Int, b: Num) -> Cond { a.num != b }
+    public static func != (a: Double, b: Num) -> Cond { a.num != b }
 }
 
 extension Cond {
@@ -119,25 +141,32 @@ extension Cond {
 
 /// `torch.where(cond, a, b)` (`where` is a Swift keyword).
 public func select(_ cond: Cond, _ a: Num, _ b: Num) -> Num { Num(traced { try .makeSelect(cond.expr, a.expr, b.expr) }) }
-public func select<T: NumConstant>(_ cond: Cond, _ a: Num, _ b: T) -> Num { select(cond, a, b.num) }
-public func select<T: NumConstant>(_ cond: Cond, _ a: T, _ b: Num) -> Num { select(cond, a.num, b) }
+public func select(_ cond: Cond, _ a: Num, _ b: Int) -> Num { select(cond, a, b.num) }
+public func select(_ cond: Cond, _ a: Num, _ b: Double) -> Num { select(cond, a, b.num) }
+public func select(_ cond: Cond, _ a: Int, _ b: Num) -> Num { select(cond, a.num, b) }
+public func select(_ cond: Cond, _ a: Double, _ b: Num) -> Num { select(cond, a.num, b) }
 /// `torch.where` on two conditions.
 public func select(_ cond: Cond, _ a: Cond, _ b: Cond) -> Cond { Cond(traced { try .makeSelect(cond.expr, a.expr, b.expr) }) }
 
 /// Python's `a // b`: floor division (ints stay ints; rounds toward negative infinity).
 public func floorDiv(_ a: Num, _ b: Num) -> Num { Num(bin(.floorDiv, a.expr, b.expr)) }
-public func floorDiv<T: NumConstant>(_ a: Num, _ b: T) -> Num { floorDiv(a, b.num) }
+public func floorDiv(_ a: Num, _ b: Int) -> Num { floorDiv(a, b.num) }
+public func floorDiv(_ a: Num, _ b: Double) -> Num { floorDiv(a, b.num) }
 /// Python's `a ** b` (int ** non-negative int stays int).
 public func pow(_ a: Num, _ b: Num) -> Num { Num(bin(.pow, a.expr, b.expr)) }
-public func pow<T: NumConstant>(_ a: Num, _ b: T) -> Num { pow(a, b.num) }
+public func pow(_ a: Num, _ b: Int) -> Num { pow(a, b.num) }
+public func pow(_ a: Num, _ b: Double) -> Num { pow(a, b.num) }
 /// `torch.minimum` / `torch.maximum`.
 public func min(_ a: Num, _ b: Num) -> Num { Num(bin(.min, a.expr, b.expr)) }
 public func max(_ a: Num, _ b: Num) -> Num { Num(bin(.max, a.expr, b.expr)) }
-public func min<T: NumConstant>(_ a: Num, _ b: T) -> Num { min(a, b.num) }
-public func max<T: NumConstant>(_ a: Num, _ b: T) -> Num { max(a, b.num) }
+public func min(_ a: Num, _ b: Int) -> Num { min(a, b.num) }
+public func min(_ a: Num, _ b: Double) -> Num { min(a, b.num) }
+public func max(_ a: Num, _ b: Int) -> Num { max(a, b.num) }
+public func max(_ a: Num, _ b: Double) -> Num { max(a, b.num) }
 /// `x.clamp(lo, hi)` = `minimum(maximum(x, lo), hi)`.
 public func clamp(_ x: Num, _ lo: Num, _ hi: Num) -> Num { Num(traced { try .makeCall(.clamp, [x.expr, lo.expr, hi.expr]) }) }
-public func clamp<L: NumConstant, H: NumConstant>(_ x: Num, _ lo: L, _ hi: H) -> Num { clamp(x, lo.num, hi.num) }
+public func clamp(_ x: Num, _ lo: Int, _ hi: Int) -> Num { clamp(x, lo.num, hi.num) }
+public func clamp(_ x: Num, _ lo: Double, _ hi: Double) -> Num { clamp(x, lo.num, hi.num) }
 
 private func fn(_ f: Function, _ x: Num) -> Num { Num(traced { try .makeCall(f, [x.expr]) }) }
 public func abs(_ x: Num) -> Num { fn(.abs, x) }

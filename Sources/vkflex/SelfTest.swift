@@ -28,6 +28,19 @@ struct SelfTest: ParsableCommand {
                 rows.append((check.name, ok, ms, detail))
                 if !ok { failures += 1 }
             }
+            print("attention cases against the float64 reference:")
+            let outcomes = AttentionSelfTest.run(on: device) { o in
+                print("\(o.passed ? "PASS" : "FAIL")  \(pad(o.name, 26)) \(String(format: "%8.1f ms  err %.1e  lse %.1e", o.seconds * 1e3, o.relativeError, o.lseError))  \(o.detail)")
+            }
+            for o in outcomes {
+                rows.append((o.name, o.passed, o.seconds * 1e3, o.detail))
+                if !o.passed { failures += 1 }
+            }
+            print("\nsummary")
+            print("  \(pad("check", 52)) result        ms")
+            for r in rows {
+                print("  \(pad(r.0, 52)) \(r.1 ? "PASS" : "FAIL")  \(String(format: "%10.1f", r.2))")
+            }
             let messages = ValidationLog.shared.count - validationBefore
             if messages > 0 {
                 print("FAIL  validation layer reported \(messages) message(s)")
@@ -37,4 +50,8 @@ struct SelfTest: ParsableCommand {
         }
         if failures > 0 { throw ExitCode(1) }
     }
+}
+
+func pad(_ s: String, _ n: Int) -> String {
+    s.count >= n ? String(s.prefix(n)) : s + String(repeating: " ", count: n - s.count)
 }

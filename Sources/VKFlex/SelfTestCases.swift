@@ -1,0 +1,128 @@
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+/// The attention cases `vkflex selftest` runs: every seed example of the attention-gym notebook
+/// plus GQA, odd lengths, an odd head dim and float16, each against the float64 reference.
+public enum AttentionSelfTest {
+    public struct Outcome: Sendable {
+        public var name: String
+        public var passed: Bool
+        public var seconds: Double
+        public var relativeError: Double
+        public var lseError: Double
+        public var detail: String
+    }
+
+    struct Spec {
+        var name: String
+        var B = 1, Hq = 4, Hkv = 4, Lq = 256, Lkv = 256, D = 32, Dv = 32
+        var dtype: DType = .float32
+        var score: (Device) throws -> ScoreMod? = { _ in nil }
+        var mask: (Device, Int, Int) throws -> MaskMod? = { _, _, _ in nil }
+        var blockSize: BlockSize = 64
+    }
+
+    static var specs: [Spec] {
+        let causal: (Device, Int, Int) throws -> MaskMod? = { _, _, _ in MaskMod { _, _, q, kv in q >= kv } }
+        let W = 16
+        var all: [Spec] = []
+        all.append(Spec(name: "noop", score: { _ in .identity }))
+        all.append(Spec(name: "causal", mask: causal))
+        all.append(Spec(name: "sliding window 64", mask: { _, _, _ in MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 64) } }))
+        all.append(Spec(name: "prefix-LM 100", mask: { _, _, _ in MaskMod { _, _, q, kv in (kv <= 100) | (q >= kv) } }))
+        all.append(Spec(name: "document", mask: { d, S, _ in
+                let splits = [S / 8, S / 4, S / 2]
+                let ids: [Int32] = (0..<S).map { i in Int32(splits.filter { i >= $0 }.count) }
+                let doc = try d.tensor(ids, shape: [S], name: "doc")
+                return MaskMod { _, _, q, kv in (doc[q] == doc[kv]) & (q >= kv) }
+            }))
+        all.append(Spec(name: "SASA 16x16", mask: { _, _, _ in
+                MaskMod { _, _, q, kv in (abs(floorDiv(q, W) - floorDiv(kv, W)) <= 3) & (abs(q % W - kv % W) <= 3) } }))
+        all.append(Spec(name: "NATTEN 16x16 k5", mask: { _, _, _ in
+                MaskMod { _, _, q, kv in
+                    (abs(clamp(floorDiv(q, W), 2, W - 3) - floorDiv(kv, W)) <= 2) & (abs(clamp(q % W, 2, W - 3) - kv % W) <= 2) } }))
+        all.append(Spec(name: "ALiBi captured", score: { d in
+                let slopes = try d.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 2)) }, shape: [4], name: "alibi_slopes")
+                return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
+            }, mask: causal))
+        all.append(Spec(name: "ALiBi functional", score: { _ in ScoreMod { s, _, h, q, kv in s + (kv - q) * exp2(-((h + 1) * 8.0 / 4)) } }, mask: causal))
+        all.append(Spec(name: "tanh soft-cap 20", score: { _ in ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) } }, mask: causal))
+        all.append(Spec(name: "jagged offsets", mask: { d, S, _ in
+                let bounds = [0, S / 5, S / 2, S - 7, S]
+                let offsets = try d.tensor(bounds.map(Int32.init), shape: [bounds.count], name: "offsets")
+                let seq = try d.tensor((0..<S).map { i in Int32(bounds.lastIndex { $0 <= i }!) }, shape: [S], name: "seq_idx")
+                return MaskMod { _, _, q, kv in (q - offsets[seq[q]] >= kv - offsets[seq[kv]]) & (seq[q] == seq[kv]) }
+            }))
+        all.append(Spec(name: "Flamingo cross-attention", Lq: 96, Lkv: 60, mask: { d, Lq, Lkv in
+                let images = try d.tensor((0..<Lkv).map { Int32($0 * 3 / Lkv) }, shape: [Lkv], name: "image_of_token")
+                let iv = try d.tensor([0, Int32(Lq / 2), Int32(Lq / 4), Int32(Lq), Int32(Lq * 3 / 4), Int32(Lq)], shape: [3, 2], name: "intervals")
+                return MaskMod { _, _, q, kv in (q >= iv[images[kv], 0]) & (q < iv[images[kv], 1]) }
+            }, blockSize: 32))
+        all.append(Spec(name: "GQA 8 query / 2 kv heads", Hq: 8, Hkv: 2, mask: causal))
+        all.append(Spec(name: "odd lengths 201 x 173", B: 2, Lq: 201, Lkv: 173, mask: { _, _, _ in MaskMod { _, _, q, kv in q + 28 >= kv } }, blockSize: BlockSize(q: 32, kv: 64)))
+        all.append(Spec(name: "odd head dims 47 / 23", Lq: 100, Lkv: 100, D: 47, Dv: 23, mask: causal))
+        all.append(Spec(name: "float16", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal))
+        return all
+    }
+
+    /// The case names, in order.
+    public static var names: [String] { specs.map(\.name) }
+
+    /// Runs every case; `progress` sees each outcome as it completes.
+    public static func run(on device: Device, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
+        specs.map { spec in
+            let t0 = Date()
+            var outcome = Outcome(name: spec.name, passed: false, seconds: 0, relativeError: .nan, lseError: .nan, detail: "")
+            do {
+                outcome = try run(spec, device: device)
+            } catch {
+                outcome.detail = "\(error)"
+            }
+            outcome.seconds = Date().timeIntervalSince(t0)
+            progress(outcome)
+            return outcome
+        }
+    }
+
+    static func run(_ s: Spec, device: Device) throws -> Outcome {
+        var rng = SystemRandomNumberGenerator()
+        func randn(_ n: Int) -> [Float] {
+            (0..<n).map { _ in
+                let u1 = Float.random(in: Float.ulpOfOne..<1, using: &rng), u2 = Float.random(in: 0..<1, using: &rng)
+                return (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * .pi * u2)
+            }
+        }
+        let q = try device.tensor(randn(s.B * s.Hq * s.Lq * s.D), shape: [s.B, s.Hq, s.Lq, s.D], dtype: s.dtype, name: "q")
+        let k = try device.tensor(randn(s.B * s.Hkv * s.Lkv * s.D), shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: s.dtype, name: "k")
+        let v = try device.tensor(randn(s.B * s.Hkv * s.Lkv * s.Dv), shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: s.dtype, name: "v")
+        let maskMod = try s.mask(device, s.Lq, s.Lkv)
+        let score = try s.score(device)
+        let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: s.Lq, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
+        // Poison the output so that an unwritten element shows as NaN.
+        let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)
+        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, returnLSE: true, out: out)
+        let o = try r.output.toArray(), l = try r.lse!.toArray()
+        let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv)
+        let err = relativeL2Error(o, ref.output)
+        var lseErr = 0.0
+        var maskedOK = true
+        for (i, (a, b)) in zip(l, ref.lse).enumerated() {
+            if b == -.infinity {
+                if a != -.infinity || o[(i * s.Dv)..<((i + 1) * s.Dv)].contains(where: { $0 != 0 }) { maskedOK = false }
+            } else {
+                lseErr = max(lseErr, abs(Double(a) - b))
+            }
+        }
+        let tol = s.dtype == .float32 ? 1e-4 : 2e-3, lseTol = s.dtype == .float32 ? 1e-3 : 2e-2
+        var problems: [String] = []
+        if o.contains(where: { $0.isNaN }) { problems.append("NaN in the output") }
+        if !(err <= tol) { problems.append(String(format: "relative error %.2e > %.0e", err, tol)) }
+        if !(lseErr <= lseTol) { problems.append(String(format: "LSE error %.2e > %.0e", lseErr, lseTol)) }
+        if !maskedOK { problems.append("a fully masked row is not 0 / -inf") }
+        let sparsity = try blockMask?.sparsity()
+        let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue)" + (sparsity.map { String(format: ", sparsity %.1f%%", $0) } ?? "")
+        return Outcome(name: s.name, passed: problems.isEmpty, seconds: 0, relativeError: err, lseError: lseErr,
+                       detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
+    }
+}
