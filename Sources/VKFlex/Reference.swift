@@ -88,3 +88,43 @@ public func relativeL2Error(_ a: [Float], _ b: [Double]) -> Double {
     if den == 0 { return num == 0 ? 0 : .infinity }
     return (num / den).squareRoot()
 }
+
+/// The float64 reference for some query rows of one (batch 0, head 0) slice: `q` holds the rows'
+/// query vectors (`rows.count × D`), `k`/`v` the whole key/value head. Returns `rows.count × Dv`.
+/// What `vkflex bench` checks a slice of a large output with.
+public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Float], Lkv: Int, D: Int, Dv: Int,
+                                   scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double? = nil) throws -> [Double] {
+    let score = try scoreMod.map { try Interpreter($0.graph) }
+    let mask = try blockMask?.maskMod.map { try Interpreter($0.graph) }
+    let classes = try blockMask?.blockClasses()
+    let sc = scale ?? 1 / Double(D).squareRoot()
+    var out = [Double](repeating: 0, count: rows.count * Dv)
+    var s = [Double](repeating: 0, count: Lkv)
+    for (ri, i) in rows.enumerated() {
+        var m = -Double.infinity
+        for j in 0..<Lkv {
+            var partial = false
+            if let bm = blockMask, let classes {
+                let c = classes[(i / bm.blockSize.q) * bm.kvBlocks + j / bm.blockSize.kv]
+                if c == 0 { s[j] = -.infinity; continue }
+                partial = c == 1
+            }
+            var dot = 0.0
+            for d in 0..<D { dot += Double(q[ri * D + d]) * Double(k[j * D + d]) }
+            var x = dot * sc
+            if let score { x = score.float(score: x, b: 0, h: 0, q: i, kv: j) }
+            if partial, let mask, !mask.bool(b: 0, h: 0, q: i, kv: j) { x = -.infinity }
+            s[j] = x
+            m = max(m, x)
+        }
+        guard m > -.infinity else { continue }
+        var l = 0.0
+        for j in 0..<Lkv where s[j] > -.infinity {
+            let p = Foundation.exp(s[j] - m)
+            l += p
+            for d in 0..<Dv { out[ri * Dv + d] += p * Double(v[j * Dv + d]) }
+        }
+        for d in 0..<Dv { out[ri * Dv + d] /= l }
+    }
+    return out
+}

@@ -8,7 +8,7 @@ struct VKFlexCommand: ParsableCommand {
         commandName: "vkflex",
         abstract: "FlexAttention for every Vulkan GPU.",
         version: vkflexVersion,
-        subcommands: [Devices.self, SelfTest.self, Attend.self, Mask.self])
+        subcommands: [Devices.self, SelfTest.self, Attend.self, Mask.self, Bench.self])
 }
 
 /// A failure the CLI reports as one line and a non-zero exit status.

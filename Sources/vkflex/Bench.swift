@@ -1,0 +1,221 @@
+import ArgumentParser
+import Foundation
+import VKFlex
+
+/// `vkflex bench`: the seed suite of ../shared/bench/SUITE.md (names, shapes, FLOP convention and
+/// JSON fields are a contract with the PyTorch side), or a custom case.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Time flex attention (device timestamps, median after warm-up).",
+        discussion: """
+        Examples:
+          vkflex bench --suite seed --json results.jsonl
+          vkflex bench --suite seed --cases causal,alibi_causal --repeat 20
+          vkflex bench --b 2 --h 8 --s 4096 --d 64 --mask-mod "q_idx >= kv_idx" --score-mod "score * 0.5"
+        On a CPU device (lavapipe) the suite runs at small sizes unless --full-size is given.
+        """)
+
+    @Option(name: .long, help: "Run a named suite (seed).") var suite: String?
+    @Option(name: .long, help: "Comma-separated case names of the suite.") var cases: String?
+    @Option(name: .long, help: "Append one JSON object per case to this file.") var json: String?
+    @Option(name: .long, help: "Timed runs per case (after warm-up).") var `repeat`: Int = 10
+    @Flag(name: .long, help: "Use the suite's full sizes even on a CPU device.") var fullSize = false
+    @Flag(name: .long, help: "Use small sizes (B=1, H=2, S=512) whatever the device.") var small = false
+    @Option(name: .customLong("b"), help: "Custom case: batch.") var batch: Int = 1
+    @Option(name: .customLong("h"), help: "Custom case: heads.") var heads: Int = 8
+    @Option(name: .customLong("s"), help: "Custom case: sequence length.") var seq: Int = 2048
+    @Option(name: .customLong("d"), help: "Custom case: head dim.") var dim: Int = 64
+    @Option(name: .long, help: "Custom case: float16 or float32.") var dtype: String = "float16"
+    @Option(name: .long, help: "Custom case: mask_mod expression.") var maskMod: String?
+    @Option(name: .long, help: "Custom case: score_mod expression.") var scoreMod: String?
+    @OptionGroup var captures: CaptureOptions
+    @Option(name: .long, help: "Block size for the masks (default 128).") var blockSize: String?
+    @Flag(name: .long, help: "Skip the float64 check of a slice of the output.") var noCheck = false
+    @OptionGroup var deviceOptions: DeviceOptions
+
+    struct BenchCase {
+        var name: String
+        var B: Int, H: Int, S: Int, D: Int
+        var dtype: DType = .float16
+        var mask: String?
+        var score: String?
+        var doc = false
+        var slope = false
+    }
+
+    static let seed: [BenchCase] = [
+        BenchCase(name: "full", B: 16, H: 16, S: 8192, D: 64),
+        BenchCase(name: "full", B: 8, H: 16, S: 8192, D: 128),
+        BenchCase(name: "causal", B: 16, H: 16, S: 8192, D: 64, mask: "q_idx >= kv_idx"),
+        BenchCase(name: "causal", B: 8, H: 16, S: 8192, D: 128, mask: "q_idx >= kv_idx"),
+        BenchCase(name: "sliding_window_1024", B: 16, H: 16, S: 8192, D: 64, mask: "(q_idx >= kv_idx) & (q_idx - kv_idx <= 1024)"),
+        BenchCase(name: "prefix_lm_2048", B: 16, H: 16, S: 8192, D: 64, mask: "(kv_idx <= 2048) | (q_idx >= kv_idx)"),
+        BenchCase(name: "document_causal", B: 16, H: 16, S: 8192, D: 64, mask: "(doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)", doc: true),
+        BenchCase(name: "alibi_causal", B: 16, H: 16, S: 8192, D: 64, mask: "q_idx >= kv_idx", score: "score + slope[h] * (kv_idx - q_idx)", slope: true),
+        BenchCase(name: "softcap20_causal", B: 16, H: 16, S: 8192, D: 64, mask: "q_idx >= kv_idx", score: "20 * tanh(score / 20)"),
+    ]
+
+    func run() throws {
+        try reportingErrors {
+            guard `repeat` >= 1 else { throw CLIError("--repeat must be at least 1") }
+            let device = try deviceOptions.open()
+            let bs = try parseBlockSize(blockSize)
+            var list: [BenchCase]
+            var custom = false
+            if let suite {
+                guard suite == "seed" else { throw CLIError("unknown suite '\(suite)' (known: seed)") }
+                list = Bench.seed
+                if let cases {
+                    let wanted = cases.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+                    for w in wanted where !Bench.seed.contains(where: { $0.name == w }) {
+                        throw CLIError("unknown case '\(w)' (known: \(Set(Bench.seed.map(\.name)).sorted().joined(separator: ", ")))")
+                    }
+                    list = list.filter { wanted.contains($0.name) }
+                }
+                if small || (device.capabilities.type == .cpu && !fullSize) {
+                    list = list.map { var c = $0; c.B = 1; c.H = 2; c.S = 512; return c }
+                    print("(small sizes: B=1, H=2, S=512\(device.capabilities.type == .cpu ? " on a CPU device; --full-size for the suite's" : ""))")
+                }
+            } else {
+                guard let dt = DType(rawValue: dtype), dt != .int32 else { throw CLIError("--dtype must be float16 or float32") }
+                guard batch > 0, heads > 0, seq > 0, (1...256).contains(dim) else { throw CLIError("--b, --h, --s must be positive and --d in 1...256") }
+                list = [BenchCase(name: "custom", B: batch, H: heads, S: seq, D: dim, dtype: dt, mask: maskMod, score: scoreMod)]
+                custom = true
+            }
+            let caps = device.capabilities
+            print("vkflex bench on \(caps.name) (\(caps.driverName) \(caps.driverInfo)), kernel portable, \(`repeat`) timed runs per case")
+            print("case                  B   H      S    D  density   fw ms  fw TFLOP/s  mask ms  rel_err")
+            var rows: [String] = []
+            for c in list {
+                let row = try runCase(c, device: device, blockSize: bs, custom: custom)
+                rows.append(row)
+                if let json {
+                    let url = URL(fileURLWithPath: json)
+                    if !FileManager.default.fileExists(atPath: json) { FileManager.default.createFile(atPath: json, contents: nil) }
+                    let handle = try FileHandle(forWritingTo: url)
+                    handle.seekToEndOfFile()
+                    handle.write(Data((row + "\n").utf8))
+                    try handle.close()
+                }
+            }
+        }
+    }
+
+    func runCase(_ c: BenchCase, device: Device, blockSize: BlockSize, custom: Bool) throws -> String {
+        var rng = FastRandom(seed: UInt64(c.S * 31 + c.D))
+        let n = c.B * c.H * c.S * c.D
+        let qv = rng.normals(n), kv = rng.normals(n), vv = rng.normals(n)
+        let q = try device.tensor(qv, shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "q")
+        let k = try device.tensor(kv, shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "k")
+        let v = try device.tensor(vv, shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "v")
+        var caps = try captures.load(on: device)
+        if c.doc {
+            let splits = [c.S / 8, c.S / 4, c.S / 2]
+            caps["doc"] = try device.tensor((0..<c.S).map { i in Int32(splits.filter { i >= $0 }.count) }, shape: [c.S], name: "doc")
+        }
+        if c.slope {
+            caps["slope"] = try device.tensor((0..<c.H).map { Float(exp2(-Double($0 + 1) * 8 / Double(c.H))) }, shape: [c.H], name: "slope")
+        }
+        let score = try c.score.map { try ScoreMod(parsing: $0, captures: caps) }
+        let maskMod = try c.mask.map { try MaskMod(parsing: $0, captures: caps) }
+
+        // Mask build time: median of wall-clock builds after a warm-up build (pipelines compiled).
+        var blockMask: BlockMask?
+        var maskMs: Double?
+        if let maskMod {
+            let B = maskMod.graph.uses(.b) ? c.B : 1, H = maskMod.graph.uses(.h) ? c.H : 1
+            blockMask = try createBlockMask(maskMod, B: B, H: H, qLen: c.S, kvLen: c.S, device: device, blockSize: blockSize)
+            var times: [Double] = []
+            for _ in 0..<5 {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                blockMask = try createBlockMask(maskMod, B: B, H: H, qLen: c.S, kvLen: c.S, device: device, blockSize: blockSize)
+                times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-6)
+            }
+            maskMs = median(times)
+        }
+        // Density over 128x128 blocks, as the suite's FLOP convention defines it.
+        let density: Double
+        if let maskMod {
+            let m128 = blockSize == 128 ? blockMask! : try createBlockMask(maskMod, B: 1, H: 1, qLen: c.S, kvLen: c.S, device: device)
+            density = try m128.blockDensity()
+        } else {
+            density = 1
+        }
+
+        let out = try device.empty(shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "out")
+        for _ in 0..<2 { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
+        try device.synchronize()
+        var stamps: [(GPUTimestamp, GPUTimestamp)] = []
+        for _ in 0..<`repeat` {
+            let start = try device.record { try $0.timestamp() }
+            _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out)
+            let end = try device.record { try $0.timestamp() }
+            stamps.append((start, end))
+        }
+        try device.synchronize()
+        let ms = median(try stamps.map { try device.seconds(from: $0.0, to: $0.1) * 1e3 })
+        let flops = density * Double(c.B * c.H * c.D) * Double(c.S) * Double(c.S)
+        let tflops = 4 * flops / (ms * 1e-3) / 1e12
+
+        var relErr: Double?
+        if !noCheck {
+            relErr = try checkSlice(c, qv: qv, kv: kv, vv: vv, out: out, score: score, mask: blockMask)
+        }
+        let printedMask = maskMs.map { String(format: "%8.2f", $0) } ?? "       -"
+        let printedErr = relErr.map { String(format: "%.1e", $0) } ?? "-"
+        print("\(pad(c.name, 20)) \(String(format: "%2d %3d %6d %4d  %7.4f %7.2f %11.1f", c.B, c.H, c.S, c.D, density, ms, tflops)) \(printedMask)  \(printedErr)")
+        var obj: [String: Any] = ["case": c.name, "B": c.B, "H": c.H, "S": c.S, "D": c.D, "dtype": c.dtype.rawValue,
+                                  "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
+                                  "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": "portable"]
+        if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
+        if let relErr { obj["rel_err"] = relErr }
+        if custom {
+            if let s = c.score { obj["score_mod"] = s }
+            if let m = c.mask { obj["mask_mod"] = m }
+        }
+        let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Relative L2 error of 64 query rows of batch 0, head 0 against a float64 reference.
+    func checkSlice(_ c: BenchCase, qv: [Float], kv: [Float], vv: [Float], out: Tensor, score: ScoreMod?, mask: BlockMask?) throws -> Double {
+        let rows = Array(Set((0..<64).map { $0 * c.S / 64 + ($0 * 37) % max(1, c.S / 64) })).sorted().filter { $0 < c.S }
+        func host(_ a: [Float]) -> [Float] { c.dtype == .float16 ? a.map { Float(Float16($0)) } : a }
+        let headQ = host(Array(qv[0..<(c.S * c.D)])), headK = host(Array(kv[0..<(c.S * c.D)])), headV = host(Array(vv[0..<(c.S * c.D)]))
+        let q = rows.flatMap { headQ[($0 * c.D)..<(($0 + 1) * c.D)] }
+        let all = try out.toArray()
+        var got: [Float] = []
+        for r in rows { got += all[(r * c.D)..<((r + 1) * c.D)] }
+        let ref = try attentionReferenceRows(q: q, rows: rows, k: headK, v: headV, Lkv: c.S, D: c.D, Dv: c.D,
+                                             scoreMod: score, blockMask: mask)
+        return relativeL2Error(got, ref)
+    }
+}
+
+func median(_ xs: [Double]) -> Double {
+    let s = xs.sorted()
+    return s.isEmpty ? .nan : s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+/// xorshift64* and Box-Muller: fast normal samples for large benchmark inputs.
+struct FastRandom {
+    var state: UInt64
+    init(seed: UInt64) { state = seed &* 0x9E37_79B9_7F4A_7C15 | 1 }
+    mutating func next() -> UInt64 {
+        state ^= state >> 12; state ^= state << 25; state ^= state >> 27
+        return state &* 0x2545_F491_4F6C_DD1D
+    }
+    mutating func uniform() -> Float { Float(next() >> 40) * (1.0 / Float(1 << 24)) }
+    mutating func normals(_ n: Int) -> [Float] {
+        var out = [Float](repeating: 0, count: n)
+        var i = 0
+        while i < n {
+            let u1 = max(uniform(), 1e-7), u2 = uniform()
+            let r = (-2 * Foundation.log(u1)).squareRoot()
+            out[i] = r * Foundation.cos(2 * .pi * u2)
+            if i + 1 < n { out[i + 1] = r * Foundation.sin(2 * .pi * u2) }
+            i += 2
+        }
+        return out
+    }
+}
