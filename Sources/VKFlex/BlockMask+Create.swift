@@ -23,6 +23,10 @@ public enum MaskBackend: Sendable {
 /// `B` and `H` may be 1 (broadcast over batches / heads) or the real sizes when the mask uses
 /// `b` or `h`. Lengths need not be multiples of the block size; the mod is never evaluated
 /// outside `[0, qLen) × [0, kvLen)`.
+///
+/// The GPU build is enqueued and returns at once. If the mask reads a captured tensor out of
+/// range (or divides an int by zero), reading the mask (`sparsity()`, its tensors) or the output
+/// of an attention call that uses it throws the kernel's report.
 public func createBlockMask(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, device: Device,
                             blockSize: BlockSize = 128, backend: MaskBackend = .gpu) throws -> BlockMask {
     try maskMod.check()
@@ -64,15 +68,16 @@ struct BlockMaskKernelKey: Hashable, Sendable {
 }
 
 func buildOnGPU(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, qB: Int, kvB: Int, blockSize: BlockSize, device: Device) throws -> BlockMask {
-    let caps = device.capabilities
-    guard caps.subgroupArithmetic else {
+    let capabilities = device.capabilities
+    guard capabilities.subgroupArithmetic else {
         return try createBlockMask(maskMod, B: B, H: H, qLen: qLen, kvLen: kvLen, device: device, blockSize: blockSize, backend: .cpu())
     }
     let BH = B * H
-    guard BH <= caps.maxWorkgroupCount[2], qB <= caps.maxWorkgroupCount[1], kvB <= caps.maxWorkgroupCount[0] else {
+    guard BH <= capabilities.maxWorkgroupCount[2], qB <= capabilities.maxWorkgroupCount[1], kvB <= capabilities.maxWorkgroupCount[0] else {
         throw FlexError("createBlockMask: \(B)x\(H)x\(qB)x\(kvB) blocks exceed the device's dispatch limits; use larger blocks")
     }
     let mods = try SplicedMods(score: nil, mask: maskMod, firstBinding: 2, errorBinding: 1, device: device)
+    let caps = device.capabilities
     let wg = min(256, caps.maxWorkgroupInvocations)
     let lib = ShaderLibrary.standard
     let classify = try device.pipeline(for: BlockMaskKernelKey(mods: mods.glsl.source, workgroup: wg)) {
@@ -84,30 +89,46 @@ func buildOnGPU(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, qB: I
         PipelineDescription(source: ShaderSource(name: "block_mask_compact", text: try lib.text("block_mask.comp"), defines: [.init("COMPACT")]),
                             bindingCount: 9, pushConstantSize: 16)
     }
-    let classes = try device.empty(shape: [B, H, qB, kvB], dtype: .int32, name: "block_classes")
-    let errors = try mods.makeErrorBuffer(device)
-    let outputs = try [
-        device.empty(shape: [B, H, qB], dtype: .int32, name: "kv_num_blocks"),
-        device.empty(shape: [B, H, qB, kvB], dtype: .int32, name: "kv_indices"),
-        device.empty(shape: [B, H, qB], dtype: .int32, name: "full_kv_num_blocks"),
-        device.empty(shape: [B, H, qB, kvB], dtype: .int32, name: "full_kv_indices"),
-        device.empty(shape: [B, H, kvB], dtype: .int32, name: "q_num_blocks"),
-        device.empty(shape: [B, H, kvB, qB], dtype: .int32, name: "q_indices"),
-        device.empty(shape: [B, H, kvB], dtype: .int32, name: "full_q_num_blocks"),
-        device.empty(shape: [B, H, kvB, qB], dtype: .int32, name: "full_q_indices"),
+    // One allocation for the classes and the eight index tensors; views at aligned offsets.
+    let shapes: [([Int], String)] = [
+        ([B, H, qB, kvB], "block_classes"),
+        ([B, H, qB], "kv_num_blocks"), ([B, H, qB, kvB], "kv_indices"),
+        ([B, H, qB], "full_kv_num_blocks"), ([B, H, qB, kvB], "full_kv_indices"),
+        ([B, H, kvB], "q_num_blocks"), ([B, H, kvB, qB], "q_indices"),
+        ([B, H, kvB], "full_q_num_blocks"), ([B, H, kvB, qB], "full_q_indices"),
     ]
+    let align = max(16, caps.minStorageBufferOffsetAlignment)
+    var offsets: [Int] = []
+    var total = 0
+    for (shape, _) in shapes {
+        offsets.append(total)
+        total += (shape.reduce(4, *) + align - 1) / align * align
+    }
+    let storage = try device.makeBuffer(bytes: total)
+    let views = zip(shapes, offsets).map { item, offset in
+        Tensor(device: device, buffer: storage, byteOffset: offset, shape: item.0, strides: Tensor.contiguousStrides(item.0),
+               dtype: .int32, name: item.1)
+    }
+    let classes = views[0]
+    let outputs = Array(views.dropFirst())
+    let errors = try mods.makeErrorBuffer(device)
     try device.record { rec in
-        try rec.dispatch(classify, bindings: [BufferBinding(classes.buffer, writes: true), BufferBinding(errors, writes: true)] + mods.captureBindings(),
+        try rec.dispatch(classify, bindings: [classes.binding(writes: true), BufferBinding(errors, writes: true)] + mods.captureBindings(),
                          pushConstants: pushBytes(UInt32(qLen), UInt32(kvLen), UInt32(blockSize.q), UInt32(blockSize.kv),
                                                   UInt32(qB), UInt32(kvB), UInt32(H), 0),
                          groups: (kvB, qB, BH))
         let invocations = BH * (qB + kvB)
-        try rec.dispatch(compact, bindings: [BufferBinding(classes.buffer)] + outputs.map { BufferBinding($0.buffer, writes: true) },
+        try rec.dispatch(compact, bindings: [classes.binding()] + outputs.map { $0.binding(writes: true) },
                          pushConstants: pushBytes(UInt32(qB), UInt32(kvB), UInt32(BH), 0),
                          groups: ((invocations + 63) / 64, 1, 1))
     }
-    try mods.check(errors: errors)
-    return BlockMask(B: B, H: H, qLen: qLen, kvLen: kvLen, blockSize: blockSize, maskMod: maskMod, device: device, tensors: outputs, classes: nil)
+    let mask = BlockMask(B: B, H: H, qLen: qLen, kvLen: kvLen, blockSize: blockSize, maskMod: maskMod, device: device, tensors: outputs, classes: nil)
+    if maskMod.graph.canFail {
+        // Reported when the mask is read or its attention output is.
+        mask.errorCheck = ErrorCheck(errors: errors, captures: mods.glsl.captures)
+        for t in outputs { t.addCheck(mask.errorCheck!) }
+    }
+    return mask
 }
 
 /// PyTorch's `create_mask`: the element-level mask `[B, H, qLen, kvLen]`, row-major, evaluated on

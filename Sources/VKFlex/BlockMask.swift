@@ -24,6 +24,8 @@ public final class BlockMask: @unchecked Sendable, CustomStringConvertible {
     public let kvNumBlocks: Tensor, kvIndices: Tensor, fullKVNumBlocks: Tensor, fullKVIndices: Tensor
     public let qNumBlocks: Tensor, qIndices: Tensor, fullQNumBlocks: Tensor, fullQIndices: Tensor
     let device: Device
+    /// The kernel's report for a mask built on the GPU (an out-of-range captured index).
+    var errorCheck: ErrorCheck?
     private let lock = NSLock()
     private var cachedClasses: [UInt8]?
 

@@ -202,8 +202,11 @@ enum PortableForward {
             }
             b0 += nb
         }
-        if scoreMod != nil || blockMask?.maskMod != nil {
-            let check = ErrorCheck(errors: errors, captures: mods.glsl.captures)
+        var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
+        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) {
+            checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
+        }
+        for check in checks {
             output.addCheck(check)
             lse?.addCheck(check)
         }

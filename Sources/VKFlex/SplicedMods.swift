@@ -35,9 +35,9 @@ struct SplicedMods {
         tensors.map { BufferBinding($0.buffer, offset: $0.byteOffset, size: $0.count * 4) }
     }
 
-    /// A zeroed error buffer (`int vkf_err[4]`).
+    /// A zeroed error buffer (`int vkf_err[4]`), host-visible so that checking it needs no copy.
     func makeErrorBuffer(_ device: Device) throws -> Buffer {
-        let b = try device.makeBuffer(bytes: 16)
+        let b = try device.makeBuffer(bytes: 16, hostVisible: true)
         try b.upload([Int32](repeating: 0, count: 4))
         return b
     }

@@ -55,6 +55,11 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         self.name = name ?? "tensor\(id)"
     }
 
+    /// A binding of the bytes this (contiguous) tensor covers.
+    func binding(writes: Bool = false) -> BufferBinding {
+        BufferBinding(buffer, offset: byteOffset, size: max(4, count * dtype.size), writes: writes)
+    }
+
     /// Row-major strides for `shape`.
     public static func contiguousStrides(_ shape: [Int]) -> [Int] {
         var strides = [Int](repeating: 1, count: shape.count)

@@ -267,6 +267,19 @@ extension Expr {
         return seen
     }
 
+    /// Whether evaluating the graph can report an error: it reads a captured tensor (index out
+    /// of range) or divides ints (division by zero, negative power).
+    public var canFail: Bool {
+        contains { e in
+            switch e {
+            case .load: return true
+            case .binary(let op, let a, let b) where op == .floorDiv || op == .mod || op == .pow:
+                return (try? a.type()) == .int && (try? b.type()) == .int
+            default: return false
+            }
+        }
+    }
+
     /// Whether the graph reads `arg`.
     public func uses(_ arg: Argument) -> Bool { contains { $0 == .arg(arg) } }
 

@@ -148,9 +148,14 @@ final class BlockMaskTests: FlexTestCase {
         XCTAssertThrowsError(try createBlockMask(noopMask, B: 0, H: 1, qLen: 8, kvLen: 8, device: device))
         XCTAssertThrowsError(try createBlockMask(noopMask, B: 1, H: 1, qLen: 8, kvLen: 8, device: device, blockSize: BlockSize(q: -1, kv: 4)))
         let t = try device.tensor([0, 1], shape: [2], name: "short")
-        XCTAssertThrowsError(try createBlockMask(MaskMod { _, _, q, _ in t[q] == 0 }, B: 1, H: 1, qLen: 8, kvLen: 8, device: device)) {
-            XCTAssertTrue("\($0)".contains("out of range for short"), "\($0)")
-        }
+        // The build is asynchronous: the kernel's report surfaces when the mask is read or used.
+        let bad = try createBlockMask(MaskMod { _, _, q, _ in t[q] == 0 }, B: 1, H: 1, qLen: 8, kvLen: 8, device: device)
+        XCTAssertThrowsError(try bad.sparsity()) { XCTAssertTrue("\($0)".contains("out of range for short"), "\($0)") }
+        let q = try device.tensor(randn(64), shape: [1, 1, 8, 8])
+        let r = try flexAttention(q, q, q, blockMask: bad)
+        XCTAssertThrowsError(try r.output.toArray()) { XCTAssertTrue("\($0)".contains("out of range for short"), "\($0)") }
+        let cpu = MaskBackend.cpu()
+        XCTAssertThrowsError(try createBlockMask(MaskMod { _, _, q, _ in t[q] == 0 }, B: 1, H: 1, qLen: 8, kvLen: 8, device: device, backend: cpu))
     }
 
     func testFloatMaskAgreesWithTheFloat32Interpreter() throws {
