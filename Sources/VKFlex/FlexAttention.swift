@@ -119,7 +119,7 @@ enum PortableForward {
     /// Tile sizes that fit the device's shared memory.
     static func tiles(D: Int, Dv: Int, device: Device) -> (BQ: Int, BKV: Int, WG: Int) {
         let budget = device.capabilities.maxSharedMemory - 256
-        let kvd = max(D, Dv)
+        let kvd = max(D, Dv) | 1
         for (bq, bkv) in [(16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
             if 4 * (bq * D + bkv * kvd + bq * bkv + 3 * bq) <= budget {
                 return (bq, bkv, min(128, device.capabilities.maxWorkgroupInvocations))

@@ -147,7 +147,9 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
 
 #include "flex_mods.glsl"
 
-#define KVD (D > DV ? D : DV)
+// Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
+// the same dimension hit different banks.
+#define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
