@@ -22,11 +22,17 @@ public final class Buffer: @unchecked Sendable {
     /// The host address when the memory is mapped (unified memory), else `nil`.
     let mapped: UnsafeMutableRawPointer?
     let owned: Bool
+    /// The size class this buffer was allocated with, when it goes back to the device's pool.
+    var poolClass: BufferPool.Class?
     /// The GPU address when buffer device addresses are enabled.
     public let deviceAddress: UInt64?
     /// The last batch that wrote the buffer and the last that used it (guarded by the device lock).
     var lastWrite: Batch?
     var lastUse: Batch?
+
+    /// Hands the Vulkan objects to another Buffer: this one no longer frees them.
+    func disown() { isOwner = false }
+    private var isOwner = true
 
     init(device: Device, handle: VkBuffer, memory: VkDeviceMemory?, size: Int, mapped: UnsafeMutableRawPointer?,
          owned: Bool, deviceAddress: UInt64?) {
@@ -40,7 +46,10 @@ public final class Buffer: @unchecked Sendable {
     }
 
     deinit {
-        guard owned else { return }
+        guard owned, isOwner else { return }
+        if let poolClass, let memory, device.bufferPool.give(BufferPool.Entry(buffer: handle, memory: memory, mapped: mapped, address: deviceAddress), to: poolClass) {
+            return
+        }
         vkDestroyBuffer(device.handle, handle, nil)
         if let memory { vkFreeMemory(device.handle, memory, nil) }
     }
@@ -115,6 +124,27 @@ extension Device {
     /// device's largest allocation or memory heap.
     public func makeBuffer(bytes: Int, hostVisible: Bool = false) throws -> Buffer {
         guard bytes >= 0 else { throw VulkanError.invalidArgument("buffer size \(bytes) is negative") }
+        // Small buffers (parameters, error flags, masks) come from a pool of freed ones: an
+        // allocation costs far more than the work on some drivers.
+        if bytes <= BufferPool.maxPooledBytes {
+            let cls = BufferPool.Class(bytes: bytes, hostVisible: hostVisible)
+            if let e = bufferPool.take(cls) {
+                let b = Buffer(device: self, handle: e.buffer, memory: e.memory, size: max(bytes, 4).roundedUp(to: 4),
+                               mapped: e.mapped, owned: true, deviceAddress: e.address)
+                b.poolClass = cls
+                return b
+            }
+            let b = try allocateBuffer(bytes: cls.bytes, hostVisible: hostVisible)
+            let sized = Buffer(device: self, handle: b.handle, memory: b.memory, size: max(bytes, 4).roundedUp(to: 4),
+                               mapped: b.mapped, owned: true, deviceAddress: b.deviceAddress)
+            sized.poolClass = cls
+            b.disown()
+            return sized
+        }
+        return try allocateBuffer(bytes: bytes, hostVisible: hostVisible)
+    }
+
+    func allocateBuffer(bytes: Int, hostVisible: Bool) throws -> Buffer {
         let size = max(bytes, 4).roundedUp(to: 4)
         let caps = capabilities
         if size > caps.maxMemoryAllocation {
@@ -207,4 +237,55 @@ public func formatBytes(_ bytes: Int) -> String {
     if unit == 0 { return "\(bytes) B" }
     let rounded = (value * 10).rounded() / 10
     return rounded == rounded.rounded() ? "\(Int(rounded)) \(units[unit])" : "\(rounded) \(units[unit])"
+}
+
+/// Freed small buffers, by size class, for reuse. Bounded: at most `perClass` kept per class.
+final class BufferPool: @unchecked Sendable {
+    static let maxPooledBytes = 16 << 20
+    static let perClass = 32
+
+    struct Class: Hashable {
+        let bytes: Int
+        let hostVisible: Bool
+        init(bytes: Int, hostVisible: Bool) {
+            var n = 256
+            while n < bytes { n <<= 1 }
+            self.bytes = n
+            self.hostVisible = hostVisible
+        }
+    }
+
+    struct Entry {
+        let buffer: VkBuffer
+        let memory: VkDeviceMemory
+        let mapped: UnsafeMutableRawPointer?
+        let address: UInt64?
+    }
+
+    private let lock = NSLock()
+    private var free: [Class: [Entry]] = [:]
+    private var closed = false
+
+    func take(_ c: Class) -> Entry? { lock.withLock { free[c]?.popLast() } }
+
+    /// Keeps `e` for reuse; false when the pool is full or closed (the caller frees it).
+    func give(_ e: Entry, to c: Class) -> Bool {
+        lock.withLock {
+            guard !closed, free[c, default: []].count < BufferPool.perClass else { return false }
+            free[c, default: []].append(e)
+            return true
+        }
+    }
+
+    func drain(_ device: VkDevice) {
+        let all: [Entry] = lock.withLock {
+            closed = true
+            defer { free = [:] }
+            return free.values.flatMap { $0 }
+        }
+        for e in all {
+            vkDestroyBuffer(device, e.buffer, nil)
+            vkFreeMemory(device, e.memory, nil)
+        }
+    }
 }

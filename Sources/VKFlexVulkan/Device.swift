@@ -59,6 +59,7 @@ public final class Device: @unchecked Sendable {
     var inFlight: [Batch] = []
     var nextBatchID: UInt64 = 1
     let pipelines: PipelineCache
+    let bufferPool = BufferPool()
 
     /// The features vkflex turned on when it created the logical device.
     public struct EnabledFeatures: Sendable {
@@ -246,6 +247,7 @@ public final class Device: @unchecked Sendable {
         _ = try? synchronize()
         vkDeviceWaitIdle(handle)
         pipelines.destroyAll(device: handle)
+        bufferPool.drain(handle)
         if let commandPool { vkDestroyCommandPool(handle, commandPool, nil) }
         if ownsDevice { vkDestroyDevice(handle, nil) }
     }

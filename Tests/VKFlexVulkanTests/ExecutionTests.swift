@@ -92,3 +92,26 @@ final class ExecutionTests: VulkanTestCase {
         XCTAssertTrue(result.contains("ms"), result)
     }
 }
+
+extension ExecutionTests {
+    func testSmallBuffersAreRecycledOnlyAfterTheirWorkCompletes() throws {
+        var first: Buffer? = try device.makeBuffer(bytes: 1000)
+        let handle = first!.handle
+        try first!.upload([Float](repeating: 7, count: 250))
+        first = nil
+        let second = try device.makeBuffer(bytes: 900)          // same size class: the freed one comes back
+        XCTAssertEqual(second.handle, handle)
+        XCTAssertEqual(second.size, 900)
+        // A buffer still used by recorded work is not recycled before that work completes.
+        let pipeline = try device.pipeline(for: "vkflex.subgroup_sum") { try DeviceChecks.subgroupSumDescription(device) }
+        let out = try device.makeBuffer(bytes: 4)
+        var input: Buffer? = try device.makeBuffer(bytes: 256)
+        try input!.upload([Float](repeating: 1, count: 64))
+        let inputHandle = input!.handle
+        try device.record { try $0.dispatch(pipeline, bindings: [BufferBinding(input!), BufferBinding(out, writes: true)], pushConstants: pushBytes(64, 64), groups: (1, 1, 1)) }
+        input = nil
+        let other = try device.makeBuffer(bytes: 256)
+        XCTAssertNotEqual(other.handle, inputHandle, "the batch still holds the input")
+        XCTAssertEqual(try out.download(count: 1, as: Float.self), [64])
+    }
+}
