@@ -8,11 +8,61 @@ public struct FlexResult {
     public var output: Tensor
     /// `[B, Hq, Lq]` float32, natural log; `-inf` on rows where every score is masked. Only with `returnLSE: true`.
     public var lse: Tensor?
+    /// The kernel that ran.
+    public var kernel: FlexKernel = .portable
 }
 
 /// Which kernel runs an attention call.
-public enum FlexKernel: String, Sendable {
+///
+/// `VKFLEX_KERNEL=portable|coopmat` forces one (a forced `coopmat` the inputs or device cannot
+/// use is an error); by default vkflex takes the cooperative-matrix kernel where it applies.
+public enum FlexKernel: String, Sendable, CaseIterable {
+    /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
+    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16, at most 128.
+    case coopmat
+
+    /// Why `coopmat` cannot run this call, or nil when it can.
+    static func coopmatProblem(_ s: AttentionShape, device: Device) -> String? {
+        let caps = device.capabilities
+        if !device.enabledFeatures.cooperativeMatrixNV { return "\(caps.name) has no VK_NV_cooperative_matrix" }
+        if !caps.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == "float16" && $0.result == "float32" }) {
+            return "\(caps.name) offers no 16x16x16 float16 -> float32 cooperative matrix"
+        }
+        if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
+        if s.dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
+        if s.D != s.Dv || s.D % 16 != 0 || s.D > 128 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 128 (got \(s.D)/\(s.Dv))" }
+        if CoopmatTiles(D: s.D, device: device) == nil { return "not enough shared memory for the cooperative-matrix tiles" }
+        return nil
+    }
+
+    /// The kernel for a call: `VKFLEX_KERNEL` when set, else coopmat where it applies.
+    static func choose(_ s: AttentionShape, device: Device) throws -> FlexKernel {
+        let env = ProcessInfo.processInfo.environment["VKFLEX_KERNEL"]?.lowercased() ?? ""
+        switch env {
+        case "", "auto": return coopmatProblem(s, device: device) == nil ? .coopmat : .portable
+        case "portable": return .portable
+        case "coopmat":
+            if let problem = coopmatProblem(s, device: device) { throw FlexError("VKFLEX_KERNEL=coopmat: \(problem)") }
+            return .coopmat
+        default: throw FlexError("VKFLEX_KERNEL=\(env): use portable or coopmat")
+        }
+    }
+}
+
+/// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory.
+struct CoopmatTiles: Hashable {
+    let BKV: Int, NSG: Int
+    init?(D: Int, device: Device) {
+        let budget = device.capabilities.maxSharedMemory
+        for bkv in (D <= 64 ? [64, 32, 16] : [32, 16]) {
+            let nsg = 4, bq = 16 * nsg, ks = D + 8
+            let kv = max(2 * bkv * ks, bq * ks) * 2
+            let bytes = kv + bq * (bkv + 4) * 4 + bq * (bkv + 8) * 2 + 2 * 256 * 4 + 3 * bq * 4
+            if bytes <= budget { BKV = bkv; NSG = nsg; return }
+        }
+        return nil
+    }
 }
 
 /// PyTorch's `flex_attention`: softmax(score_mod(scale · Q Kᵀ) masked by the BlockMask) · V, as one
@@ -52,10 +102,11 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
-    if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse) }
+    let kernel = try FlexKernel.choose(shape, device: device)
+    if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, kernel: kernel) }
     try PortableForward.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                            output: output, lse: lse)
-    return FlexResult(output: output, lse: lse)
+                            output: output, lse: lse, kernel: kernel)
+    return FlexResult(output: output, lse: lse, kernel: kernel)
 }
 
 /// The sizes of an attention call, validated.
@@ -111,6 +162,7 @@ struct AttentionShape {
 /// The portable kernel: tile sizes, pipeline and dispatch.
 enum PortableForward {
     struct Key: Hashable, Sendable {
+        let kernel: String
         let mods: String
         let D: Int, Dv: Int, BQ: Int, BKV: Int, WG: Int
         let inF16: Bool
@@ -129,22 +181,31 @@ enum PortableForward {
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
-                    scale: Double, output: Tensor, lse: Tensor?) throws {
+                    scale: Double, output: Tensor, lse: Tensor?, kernel: FlexKernel) throws {
         let device = q.device
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: 11, errorBinding: 10, device: device)
-        let (BQ, BKV, WG) = tiles(D: s.D, Dv: s.Dv, device: device)
         let f16 = s.dtype == .float16
-        let key = Key(mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
-        let pipeline = try device.pipeline(for: key) {
-            let defines: [ShaderSource.Define] = [
+        let BQ: Int, BKV: Int, WG: Int
+        let source: ShaderSource
+        switch kernel {
+        case .portable:
+            (BQ, BKV, WG) = tiles(D: s.D, Dv: s.Dv, device: device)
+            source = ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"), defines: [
                 .init("D", "\(s.D)"), .init("DV", "\(s.Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
                 .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 ? "1" : "0"),
-            ]
-            return PipelineDescription(source: ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"),
-                                                            defines: defines),
-                                       bindingCount: 11 + mods.tensors.count, includes: mods.includes)
+            ])
+        case .coopmat:
+            let t = CoopmatTiles(D: s.D, device: device)!
+            (BQ, BKV, WG) = (16 * t.NSG, t.BKV, 32 * t.NSG)
+            // No spirv-opt: it segfaults on some NV cooperative-matrix shaders (SPIRV-Tools v2023.1).
+            source = ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
+                                  defines: [.init("D", "\(s.D)"), .init("BKV", "\(BKV)"), .init("NSG", "\(t.NSG)")], optimize: false)
+        }
+        let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
+        let pipeline = try device.pipeline(for: key) {
+            PipelineDescription(source: source, bindingCount: 11 + mods.tensors.count, includes: mods.includes)
         }
 
         // Block structure: the mask's, or a dense walk.

@@ -63,6 +63,18 @@ public enum AttentionSelfTest {
         all.append(Spec(name: "odd lengths 201 x 173", B: 2, Lq: 201, Lkv: 173, mask: { _, _, _ in MaskMod { _, _, q, kv in q + 28 >= kv } }, blockSize: BlockSize(q: 32, kv: 64)))
         all.append(Spec(name: "odd head dims 47 / 23", Lq: 100, Lkv: 100, D: 47, Dv: 23, mask: causal))
         all.append(Spec(name: "float16", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal))
+        all.append(Spec(name: "float16 D128 odd lengths", Lq: 300, Lkv: 277, D: 128, Dv: 128, dtype: .float16,
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in q + 50 >= kv } }, blockSize: 128))
+        all.append(Spec(name: "float16 soft-cap GQA", Hq: 8, Hkv: 2, Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16,
+                        score: { _ in ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) } }, mask: causal, blockSize: 128))
+        all.append(Spec(name: "float16 document ALiBi", Lq: 384, Lkv: 384, D: 64, Dv: 64, dtype: .float16, score: { d in
+            let slopes = try d.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 2)) }, shape: [4], name: "alibi_slopes")
+            return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
+        }, mask: { d, S, _ in
+            let ids: [Int32] = (0..<S).map { Int32($0 * 3 / S) }
+            let doc = try d.tensor(ids, shape: [S], name: "doc")
+            return MaskMod { _, _, q, kv in (doc[q] == doc[kv]) & (q >= kv) }
+        }, blockSize: 128))
         return all
     }
 
@@ -121,7 +133,7 @@ public enum AttentionSelfTest {
         if !(lseErr <= lseTol) { problems.append(String(format: "LSE error %.2e > %.0e", lseErr, lseTol)) }
         if !maskedOK { problems.append("a fully masked row is not 0 / -inf") }
         let sparsity = try blockMask?.sparsity()
-        let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue)" + (sparsity.map { String(format: ", sparsity %.1f%%", $0) } ?? "")
+        let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue), \(r.kernel.rawValue)" + (sparsity.map { String(format: ", sparsity %.1f%%", $0) } ?? "")
         return Outcome(name: s.name, passed: problems.isEmpty, seconds: 0, relativeError: err, lseError: lseErr,
                        detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
     }

@@ -268,6 +268,213 @@ void main() {
     }
 }
 """#,
+        "flex_attention_fwd_coopmat.comp": #"""
+#version 450
+// Block-sparse flash attention, forward, through VK_NV_cooperative_matrix (NVIDIA), fp16 in/out.
+//
+// One workgroup of NSG subgroups (32 lanes each) per (query tile of 16*NSG rows inside one
+// BlockMask query block, head, batch). Each subgroup owns 16 query rows: its Q fragments stay in
+// registers; per BKV keys it computes S = Q K^T into fp32 accumulator fragments (16x16x16
+// fp16 -> fp32), applies scale, score_mod and (partial blocks) mask_mod to the fragment
+// elements — a fragment of row indices and one of column indices, loaded once with the same
+// layout, tell each element its (row, column) — then stores S to shared memory, where pairs of
+// lanes run the online softmax of a row (fp32 statistics, base 2, running max from -1e30) and
+// write P as fp16; O (fp32 fragments) is rescaled and accumulates P V.
+//
+// Defines: D (= DV, a multiple of 16), BKV (a multiple of 16), NSG (subgroups per workgroup).
+// Subgroup size must be 32. Bindings as flex_attention_fwd.comp. Compile without spirv-opt.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_NV_cooperative_matrix : require
+#extension GL_KHR_memory_scope_semantics : require
+#extension GL_EXT_shader_16bit_storage : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+
+#define DV D
+#define BQ (16 * NSG)
+layout(local_size_x = 32 * NSG) in;
+
+layout(std430, set = 0, binding = 0) readonly buffer QBuf { float16_t q_data[]; };
+layout(std430, set = 0, binding = 1) readonly buffer KBuf { float16_t k_data[]; };
+layout(std430, set = 0, binding = 2) readonly buffer VBuf { float16_t v_data[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer OBuf { float16_t o_data[]; };
+layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
+layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
+layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
+layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
+layout(std430, set = 0, binding = 9) readonly buffer Params {
+    int B, Hq, Hkv, Lq, Lkv, b_start;
+    int q_base, q_sb, q_sh, q_sl, q_sd;
+    int k_base, k_sb, k_sh, k_sl, k_sd;
+    int v_base, v_sb, v_sh, v_sl, v_sd;
+    int o_base, o_sb, o_sh, o_sl, o_sd;
+    int lse_base, lse_sb, lse_sh, lse_sl;
+    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
+    float scale;
+} p;
+
+#include "flex_mods.glsl"
+
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+const float LOG2E = 1.4426950408889634;
+const float LN2 = 0.6931471805599453;
+
+// Row strides in shared memory (elements), padded to keep rows 16-byte aligned and off one bank.
+#define KS (D + 8)
+#define SS (BKV + 4)
+#define PS (BKV + 8)
+// K and V tiles side by side; the same space stages Q at the start and O at the end.
+#define KV_HALVES (2 * BKV * KS)
+#define STAGE_HALVES (BQ * KS)
+shared float16_t kv16[KV_HALVES > STAGE_HALVES ? KV_HALVES : STAGE_HALVES];
+shared float s32[BQ * SS];
+shared float16_t p16[BQ * PS];
+shared float row_ids[256], col_ids[256];
+shared float m_s[BQ], l_s[BQ], a_s[BQ];
+
+#define FRAG16 fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
+#define FRAG32 fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>
+
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int sg = lid / 32, lane = lid % 32;
+    const int tile = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int b = p.b_start + bl;
+    const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
+    const int q0 = qb * p.q_bs + sub * BQ;
+    const int q_end = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq);
+    if (q0 >= q_end) return;
+    const int rows = q_end - q0;
+    const int hk = h / (p.Hq / p.Hkv);
+
+    // Stage Q (rows past the end are zero) and the index tables.
+    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    for (int e = lid; e < BQ * D; e += 32 * NSG) {
+        int r = e / D, d = e - (e / D) * D;
+        kv16[r * KS + d] = r < rows ? q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd] : float16_t(0.0);
+    }
+    for (int e = lid; e < 256; e += 32 * NSG) { row_ids[e] = float(e / 16); col_ids[e] = float(e % 16); }
+    if (lid < BQ) { m_s[lid] = -1e30; l_s[lid] = 0.0; a_s[lid] = 1.0; }
+    barrier();
+
+    FRAG16 qf[D / 16];
+    for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[kk], kv16, uint(sg * 16 * KS + kk * 16), uint(KS), false);
+    FRAG32 rowf, colf;
+    coopMatLoadNV(rowf, row_ids, 0, 16, false);
+    coopMatLoadNV(colf, col_ids, 0, 16, false);
+    FRAG32 of[DV / 16];
+    for (int dd = 0; dd < DV / 16; ++dd) of[dd] = FRAG32(0.0);
+    barrier();
+
+    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
+    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
+    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
+    const int voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+    const int row0 = sg * 16;
+
+    for (int pass = 0; pass < 2; ++pass) {
+        const int n = pass == 0 ? n_full : n_part;
+        for (int i = 0; i < n; ++i) {
+            int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+            int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
+            for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
+                int kn = min(BKV, k_stop - k0);
+                for (int e = lid; e < BKV * D; e += 32 * NSG) {
+                    int j = e / D, d = e - (e / D) * D;
+                    bool ok = j < kn;
+                    kv16[j * KS + d] = ok ? k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd] : float16_t(0.0);
+                    kv16[BKV * KS + j * KS + d] = ok ? v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd] : float16_t(0.0);
+                }
+                barrier();
+
+                // S = Q K^T, then scale, mods and mask on the fragment elements.
+                for (int c = 0; c < BKV / 16; ++c) {
+                    FRAG32 acc = FRAG32(0.0);
+                    for (int kk = 0; kk < D / 16; ++kk) {
+                        FRAG16 kt;
+                        coopMatLoadNV(kt, kv16, uint(c * 16 * KS + kk * 16), uint(KS), true);
+                        acc = coopMatMulAddNV(qf[kk], kt, acc);
+                    }
+                    for (int e = 0; e < acc.length(); ++e) {
+                        int r = int(rowf[e]), cc = int(colf[e]);
+                        int qi = q0 + row0 + r, j = c * 16 + cc, ki = k0 + j;
+                        float s = NEG_INF;
+                        if (row0 + r < rows && j < kn) {
+                            s = acc[e] * p.scale;
+#if VKF_HAS_SCORE_MOD
+                            s = score_mod(s, b, h, qi, ki);
+#endif
+#if VKF_HAS_MASK_MOD
+                            if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
+#endif
+                        }
+                        acc[e] = s * LOG2E;
+                    }
+                    coopMatStoreNV(acc, s32, uint(row0 * SS + c * 16), uint(SS), false);
+                }
+                subgroupMemoryBarrierShared();
+                subgroupBarrier();
+
+                // Online softmax: two lanes per row, each over half of the columns.
+                {
+                    int r = row0 + lane / 2, side = lane % 2;
+                    int c0 = side * (BKV / 2);
+                    float m_old = m_s[r], mx = m_old;
+                    for (int j = 0; j < BKV / 2; ++j) mx = max(mx, s32[r * SS + c0 + j]);
+                    mx = max(mx, subgroupShuffleXor(mx, 1));
+                    float sum = 0.0;
+                    for (int j = 0; j < BKV / 2; ++j) {
+                        float pj = exp2(s32[r * SS + c0 + j] - mx);
+                        p16[r * PS + c0 + j] = float16_t(pj);
+                        sum += pj;
+                    }
+                    sum += subgroupShuffleXor(sum, 1);
+                    float alpha = exp2(m_old - mx);
+                    if (side == 0) { m_s[r] = mx; l_s[r] = l_s[r] * alpha + sum; a_s[r] = alpha; }
+                }
+                subgroupMemoryBarrierShared();
+                subgroupBarrier();
+
+                // O = O * alpha + P V
+                FRAG16 pf[BKV / 16];
+                for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[c], p16, uint(row0 * PS + c * 16), uint(PS), false);
+                for (int dd = 0; dd < DV / 16; ++dd) {
+                    for (int e = 0; e < of[dd].length(); ++e) of[dd][e] *= a_s[row0 + int(rowf[e])];
+                    for (int c = 0; c < BKV / 16; ++c) {
+                        FRAG16 vf;
+                        coopMatLoadNV(vf, kv16, uint(BKV * KS + c * 16 * KS + dd * 16), uint(KS), false);
+                        of[dd] = coopMatMulAddNV(pf[c], vf, of[dd]);
+                    }
+                }
+                barrier();
+            }
+        }
+    }
+
+    // O / l (0 for rows with no key), staged as fp16, written with the output's strides.
+    for (int dd = 0; dd < DV / 16; ++dd) {
+        for (int e = 0; e < of[dd].length(); ++e) {
+            float l = l_s[row0 + int(rowf[e])];
+            of[dd][e] = l > 0.0 ? of[dd][e] / l : 0.0;
+        }
+        FRAG16 oh = FRAG16(of[dd]);
+        coopMatStoreNV(oh, kv16, uint(row0 * KS + dd * 16), uint(KS), false);
+    }
+    barrier();
+    const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
+    for (int e = lid; e < BQ * DV; e += 32 * NSG) {
+        int r = e / DV, d = e - (e / DV) * DV;
+        if (r < rows) o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = kv16[r * KS + d];
+    }
+    if (p.write_lse != 0 && lid < rows) {
+        float l = l_s[lid];
+        lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (m_s[lid] + log2(l)) * LN2 : NEG_INF;
+    }
+}
+"""#,
         "mod_eval.comp": #"""
 #version 450
 // Evaluates the spliced mods over an index grid [B, H, Q, KV] (row-major): score_mod on given

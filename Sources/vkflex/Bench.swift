@@ -83,8 +83,8 @@ struct Bench: ParsableCommand {
                 custom = true
             }
             let caps = device.capabilities
-            print("vkflex bench on \(caps.name) (\(caps.driverName) \(caps.driverInfo)), kernel portable, \(`repeat`) timed runs per case")
-            print("case                  B   H      S    D  density   fw ms  fw TFLOP/s  mask ms  rel_err")
+            print("vkflex bench on \(caps.name) (\(caps.driverName) \(caps.driverInfo)), \(`repeat`) timed runs per case")
+            print("case                  B   H      S    D  density   fw ms  fw TFLOP/s  mask ms  rel_err  kernel")
             var rows: [String] = []
             for c in list {
                 let row = try runCase(c, device: device, blockSize: bs, custom: custom)
@@ -147,7 +147,8 @@ struct Bench: ParsableCommand {
         }
 
         let out = try device.empty(shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "out")
-        for _ in 0..<2 { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
+        var kernel = FlexKernel.portable
+        for _ in 0..<2 { kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel }
         try device.synchronize()
         var stamps: [(GPUTimestamp, GPUTimestamp)] = []
         for _ in 0..<`repeat` {
@@ -167,10 +168,10 @@ struct Bench: ParsableCommand {
         }
         let printedMask = maskMs.map { String(format: "%8.2f", $0) } ?? "       -"
         let printedErr = relErr.map { String(format: "%.1e", $0) } ?? "-"
-        print("\(pad(c.name, 20)) \(String(format: "%2d %3d %6d %4d  %7.4f %7.2f %11.1f", c.B, c.H, c.S, c.D, density, ms, tflops)) \(printedMask)  \(printedErr)")
+        print("\(pad(c.name, 20)) \(String(format: "%2d %3d %6d %4d  %7.4f %7.2f %11.1f", c.B, c.H, c.S, c.D, density, ms, tflops)) \(printedMask)  \(printedErr)  \(kernel.rawValue)")
         var obj: [String: Any] = ["case": c.name, "B": c.B, "H": c.H, "S": c.S, "D": c.D, "dtype": c.dtype.rawValue,
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
-                                  "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": "portable"]
+                                  "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue]
         if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
         if let relErr { obj["rel_err"] = relErr }
         if custom {

@@ -188,3 +188,17 @@ extension AttentionTests {
         XCTAssertLessThan(relativeL2Error(try second.toArray(), ref2.output), 1e-5)
     }
 }
+
+extension AttentionTests {
+    func testKernelChoiceAndForcing() throws {
+        let q = try device.tensor(randn(64 * 16), shape: [1, 1, 64, 16], dtype: .float16)
+        XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable, "lavapipe has no cooperative matrices")
+        setenv("VKFLEX_KERNEL", "coopmat", 1)
+        defer { unsetenv("VKFLEX_KERNEL") }
+        XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("VK_NV_cooperative_matrix"), "\($0)") }
+        setenv("VKFLEX_KERNEL", "fast", 1)
+        XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("use portable or coopmat"), "\($0)") }
+        setenv("VKFLEX_KERNEL", "portable", 1)
+        XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable)
+    }
+}
