@@ -47,6 +47,7 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
     int lse_base, lse_sb, lse_sh, lse_sl;
     int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
     float scale;
+    int vec_ok;
 } p;
 
 #include "flex_mods.glsl"

@@ -42,7 +42,13 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
     int lse_base, lse_sb, lse_sh, lse_sl;
     int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
     float scale;
+    int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
 } p;
+// The same buffers seen 8 halves at a time, for the vector path.
+layout(std430, set = 0, binding = 0) readonly buffer QBuf4 { uvec4 q4[]; };
+layout(std430, set = 0, binding = 1) readonly buffer KBuf4 { uvec4 k4[]; };
+layout(std430, set = 0, binding = 2) readonly buffer VBuf4 { uvec4 v4[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 
 #include "flex_mods.glsl"
 
@@ -63,6 +69,17 @@ shared float16_t p16[BQ * PS];
 shared float row_ids[256], col_ids[256];
 shared float m_s[BQ], l_s[BQ], a_s[BQ];
 
+// Writes 8 halves packed in a uvec4 to shared memory at kv16[at].
+void put8(int at, uvec4 w) {
+    f16vec2 a = unpackFloat2x16(w.x), b2 = unpackFloat2x16(w.y), c2 = unpackFloat2x16(w.z), d2 = unpackFloat2x16(w.w);
+    kv16[at] = a.x; kv16[at + 1] = a.y; kv16[at + 2] = b2.x; kv16[at + 3] = b2.y;
+    kv16[at + 4] = c2.x; kv16[at + 5] = c2.y; kv16[at + 6] = d2.x; kv16[at + 7] = d2.y;
+}
+uvec4 get8(int at) {
+    return uvec4(packFloat2x16(f16vec2(kv16[at], kv16[at + 1])), packFloat2x16(f16vec2(kv16[at + 2], kv16[at + 3])),
+                 packFloat2x16(f16vec2(kv16[at + 4], kv16[at + 5])), packFloat2x16(f16vec2(kv16[at + 6], kv16[at + 7])));
+}
+
 #define FRAG16 fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
 #define FRAG32 fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>
 
@@ -80,9 +97,16 @@ void main() {
 
     // Stage Q (rows past the end are zero) and the index tables.
     const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
-    for (int e = lid; e < BQ * D; e += 32 * NSG) {
-        int r = e / D, d = e - (e / D) * D;
-        kv16[r * KS + d] = r < rows ? q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd] : float16_t(0.0);
+    if (p.vec_ok != 0) {
+        for (int e = lid; e < BQ * (D / 8); e += 32 * NSG) {
+            int r = e / (D / 8), d8 = e - r * (D / 8);
+            put8(r * KS + d8 * 8, r < rows ? q4[(qoff + (q0 + r) * p.q_sl) / 8 + d8] : uvec4(0));
+        }
+    } else {
+        for (int e = lid; e < BQ * D; e += 32 * NSG) {
+            int r = e / D, d = e - (e / D) * D;
+            kv16[r * KS + d] = r < rows ? q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd] : float16_t(0.0);
+        }
     }
     for (int e = lid; e < 256; e += 32 * NSG) { row_ids[e] = float(e / 16); col_ids[e] = float(e % 16); }
     if (lid < BQ) { m_s[lid] = -1e30; l_s[lid] = 0.0; a_s[lid] = 1.0; }
@@ -111,11 +135,20 @@ void main() {
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
             for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
                 int kn = min(BKV, k_stop - k0);
-                for (int e = lid; e < BKV * D; e += 32 * NSG) {
-                    int j = e / D, d = e - (e / D) * D;
-                    bool ok = j < kn;
-                    kv16[j * KS + d] = ok ? k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd] : float16_t(0.0);
-                    kv16[BKV * KS + j * KS + d] = ok ? v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd] : float16_t(0.0);
+                if (p.vec_ok != 0) {
+                    for (int e = lid; e < BKV * (D / 8); e += 32 * NSG) {
+                        int j = e / (D / 8), d8 = e - j * (D / 8);
+                        bool ok = j < kn;
+                        put8(j * KS + d8 * 8, ok ? k4[(koff + (k0 + j) * p.k_sl) / 8 + d8] : uvec4(0));
+                        put8(BKV * KS + j * KS + d8 * 8, ok ? v4[(voff + (k0 + j) * p.v_sl) / 8 + d8] : uvec4(0));
+                    }
+                } else {
+                    for (int e = lid; e < BKV * D; e += 32 * NSG) {
+                        int j = e / D, d = e - (e / D) * D;
+                        bool ok = j < kn;
+                        kv16[j * KS + d] = ok ? k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd] : float16_t(0.0);
+                        kv16[BKV * KS + j * KS + d] = ok ? v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd] : float16_t(0.0);
+                    }
                 }
                 barrier();
 
@@ -194,9 +227,16 @@ void main() {
     }
     barrier();
     const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
-    for (int e = lid; e < BQ * DV; e += 32 * NSG) {
-        int r = e / DV, d = e - (e / DV) * DV;
-        if (r < rows) o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = kv16[r * KS + d];
+    if (p.vec_ok != 0) {
+        for (int e = lid; e < BQ * (DV / 8); e += 32 * NSG) {
+            int r = e / (DV / 8), d8 = e - r * (DV / 8);
+            if (r < rows) o4[(ooff + (q0 + r) * p.o_sl) / 8 + d8] = get8(r * KS + d8 * 8);
+        }
+    } else {
+        for (int e = lid; e < BQ * DV; e += 32 * NSG) {
+            int r = e / DV, d = e - (e / DV) * DV;
+            if (r < rows) o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = kv16[r * KS + d];
+        }
     }
     if (p.write_lse != 0 && lid < rows) {
         float l = l_s[lid];

@@ -253,6 +253,11 @@ enum PortableForward {
             ints += [maskB, maskH, qBS, kvBS, qBlocks, kvBlocks, blockMask == nil ? 1 : 0, tilesPerBlock, lse == nil ? 0 : 1].map { Int32($0) }
             var params = ints.withUnsafeBytes { Array($0) }
             params += withUnsafeBytes(of: Float(scale)) { Array($0) }
+            // Rows readable 8 halves at a time: unit inner stride, 8-aligned row offsets.
+            let vecOK = [q, k, v, output].enumerated().allSatisfy { i, t in
+                t.strides[3] == 1 && bases[i] % 8 == 0 && t.strides[0] % 8 == 0 && t.strides[1] % 8 == 0 && t.strides[2] % 8 == 0
+            } && s.D % 8 == 0 && s.Dv % 8 == 0
+            params += withUnsafeBytes(of: Int32(vecOK ? 1 : 0)) { Array($0) }
             let paramBuffer = try device.makeBuffer(bytes: params.count)
             try paramBuffer.upload(params)
             bindings.append(BufferBinding(paramBuffer))
