@@ -11,7 +11,8 @@
 // write P as fp16; O (fp32 fragments) is rescaled and accumulates P V.
 //
 // Defines: D (= DV, a multiple of 16), BKV (a multiple of 16), NSG (subgroups per workgroup).
-// Subgroup size must be 32. Bindings as flex_attention_fwd.comp. Compile without spirv-opt.
+// Subgroup size must be 32. Bindings as flex_attention_fwd.comp. spirv-opt survives this shader
+// (a test compiles every variant optimized); it crashes on some other NV cooperative-matrix code.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
@@ -19,6 +20,7 @@
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_EXT_control_flow_attributes : require
 
 #define DV D
 #define BQ (16 * NSG)
@@ -113,12 +115,12 @@ void main() {
     barrier();
 
     FRAG16 qf[D / 16];
-    for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[kk], kv16, uint(sg * 16 * KS + kk * 16), uint(KS), false);
+    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[kk], kv16, uint(sg * 16 * KS + kk * 16), uint(KS), false);
     FRAG32 rowf, colf;
     coopMatLoadNV(rowf, row_ids, 0, 16, false);
     coopMatLoadNV(colf, col_ids, 0, 16, false);
     FRAG32 of[DV / 16];
-    for (int dd = 0; dd < DV / 16; ++dd) of[dd] = FRAG32(0.0);
+    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[dd] = FRAG32(0.0);
     barrier();
 
     const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
@@ -153,14 +155,14 @@ void main() {
                 barrier();
 
                 // S = Q K^T, then scale, mods and mask on the fragment elements.
-                for (int c = 0; c < BKV / 16; ++c) {
+                [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
                     FRAG32 acc = FRAG32(0.0);
-                    for (int kk = 0; kk < D / 16; ++kk) {
+                    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
                         FRAG16 kt;
                         coopMatLoadNV(kt, kv16, uint(c * 16 * KS + kk * 16), uint(KS), true);
                         acc = coopMatMulAddNV(qf[kk], kt, acc);
                     }
-                    for (int e = 0; e < acc.length(); ++e) {
+                    [[unroll]] for (int e = 0; e < acc.length(); ++e) {
                         int r = int(rowf[e]), cc = int(colf[e]);
                         int qi = q0 + row0 + r, j = c * 16 + cc, ki = k0 + j;
                         float s = NEG_INF;
@@ -185,10 +187,10 @@ void main() {
                     int r = row0 + lane / 2, side = lane % 2;
                     int c0 = side * (BKV / 2);
                     float m_old = m_s[r], mx = m_old;
-                    for (int j = 0; j < BKV / 2; ++j) mx = max(mx, s32[r * SS + c0 + j]);
+                    [[unroll]] for (int j = 0; j < BKV / 2; ++j) mx = max(mx, s32[r * SS + c0 + j]);
                     mx = max(mx, subgroupShuffleXor(mx, 1));
                     float sum = 0.0;
-                    for (int j = 0; j < BKV / 2; ++j) {
+                    [[unroll]] for (int j = 0; j < BKV / 2; ++j) {
                         float pj = exp2(s32[r * SS + c0 + j] - mx);
                         p16[r * PS + c0 + j] = float16_t(pj);
                         sum += pj;
@@ -202,10 +204,10 @@ void main() {
 
                 // O = O * alpha + P V
                 FRAG16 pf[BKV / 16];
-                for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[c], p16, uint(row0 * PS + c * 16), uint(PS), false);
-                for (int dd = 0; dd < DV / 16; ++dd) {
-                    for (int e = 0; e < of[dd].length(); ++e) of[dd][e] *= a_s[row0 + int(rowf[e])];
-                    for (int c = 0; c < BKV / 16; ++c) {
+                [[unroll]] for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[c], p16, uint(row0 * PS + c * 16), uint(PS), false);
+                [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+                    [[unroll]] for (int e = 0; e < of[dd].length(); ++e) of[dd][e] *= a_s[row0 + int(rowf[e])];
+                    [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
                         FRAG16 vf;
                         coopMatLoadNV(vf, kv16, uint(BKV * KS + c * 16 * KS + dd * 16), uint(KS), false);
                         of[dd] = coopMatMulAddNV(pf[c], vf, of[dd]);
@@ -217,8 +219,8 @@ void main() {
     }
 
     // O / l (0 for rows with no key), staged as fp16, written with the output's strides.
-    for (int dd = 0; dd < DV / 16; ++dd) {
-        for (int e = 0; e < of[dd].length(); ++e) {
+    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+        [[unroll]] for (int e = 0; e < of[dd].length(); ++e) {
             float l = l_s[row0 + int(rowf[e])];
             of[dd][e] = l > 0.0 ? of[dd][e] / l : 0.0;
         }

@@ -53,8 +53,11 @@ public enum FlexKernel: String, Sendable, CaseIterable {
 /// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory.
 struct CoopmatTiles: Hashable {
     let BKV: Int, NSG: Int
+    init(BKV: Int, NSG: Int) { self.BKV = BKV; self.NSG = NSG }
     init?(D: Int, device: Device) {
-        let budget = device.capabilities.maxSharedMemory
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory)
+    }
+    init?(D: Int, sharedMemory budget: Int) {
         for bkv in (D <= 64 ? [64, 32, 16] : [32, 16]) {
             let nsg = 4, bq = 16 * nsg, ks = D + 8
             let kv = max(2 * bkv * ks, bq * ks) * 2
@@ -168,6 +171,14 @@ enum PortableForward {
         let inF16: Bool
     }
 
+    /// The cooperative-matrix shader for a head dim and tiles. spirv-opt (SPIRV-Tools v2023.1)
+    /// segfaults on some NV cooperative-matrix shaders but survives this one: a test compiles
+    /// every variant optimized, so a crash would show there, not in a user's process.
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles) throws -> ShaderSource {
+        ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
+                     defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)")], optimize: true)
+    }
+
     /// Tile sizes that fit the device's shared memory.
     static func tiles(D: Int, Dv: Int, device: Device) -> (BQ: Int, BKV: Int, WG: Int) {
         let budget = device.capabilities.maxSharedMemory - 256
@@ -199,9 +210,7 @@ enum PortableForward {
         case .coopmat:
             let t = CoopmatTiles(D: s.D, device: device)!
             (BQ, BKV, WG) = (16 * t.NSG, t.BKV, 32 * t.NSG)
-            // No spirv-opt: it segfaults on some NV cooperative-matrix shaders (SPIRV-Tools v2023.1).
-            source = ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
-                                  defines: [.init("D", "\(s.D)"), .init("BKV", "\(BKV)"), .init("NSG", "\(t.NSG)")], optimize: false)
+            source = try coopmatSource(D: s.D, tiles: t)
         }
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
         let pipeline = try device.pipeline(for: key) {

@@ -68,13 +68,15 @@ public final class Device: @unchecked Sendable {
         public var bufferDeviceAddress = false
         public var cooperativeMatrixNV = false
         public var subgroupSizeControl = false
+        public var vulkanMemoryModel = false
         public init(shaderFloat16: Bool = false, storageBuffer16Bit: Bool = false, bufferDeviceAddress: Bool = false,
-                    cooperativeMatrixNV: Bool = false, subgroupSizeControl: Bool = false) {
+                    cooperativeMatrixNV: Bool = false, subgroupSizeControl: Bool = false, vulkanMemoryModel: Bool = false) {
             self.shaderFloat16 = shaderFloat16
             self.storageBuffer16Bit = storageBuffer16Bit
             self.bufferDeviceAddress = bufferDeviceAddress
             self.cooperativeMatrixNV = cooperativeMatrixNV
             self.subgroupSizeControl = subgroupSizeControl
+            self.vulkanMemoryModel = vulkanMemoryModel
         }
     }
 
@@ -142,7 +144,9 @@ public final class Device: @unchecked Sendable {
         enabled.shaderFloat16 = caps.shaderFloat16
         enabled.storageBuffer16Bit = caps.storageBuffer16Bit
         enabled.bufferDeviceAddress = caps.bufferDeviceAddress
-        enabled.cooperativeMatrixNV = caps.cooperativeMatrixNV
+        // Cooperative-matrix shaders declare the Vulkan memory model (GL_KHR_memory_scope_semantics).
+        enabled.cooperativeMatrixNV = caps.cooperativeMatrixNV && caps.vulkanMemoryModel
+        enabled.vulkanMemoryModel = enabled.cooperativeMatrixNV
         var extensions: [String] = []
         if enabled.cooperativeMatrixNV { extensions.append("VK_NV_cooperative_matrix") }
         if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
@@ -154,6 +158,7 @@ public final class Device: @unchecked Sendable {
         v12.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES
         v12.shaderFloat16 = VkBool32(enabled.shaderFloat16 ? 1 : 0)
         v12.bufferDeviceAddress = VkBool32(enabled.bufferDeviceAddress ? 1 : 0)
+        v12.vulkanMemoryModel = VkBool32(enabled.vulkanMemoryModel ? 1 : 0)
         var coop = VkPhysicalDeviceCooperativeMatrixFeaturesNV()
         coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
         coop.cooperativeMatrix = VkBool32(1)

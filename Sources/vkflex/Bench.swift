@@ -147,8 +147,15 @@ struct Bench: ParsableCommand {
         }
 
         let out = try device.empty(shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "out")
-        var kernel = FlexKernel.portable
-        for _ in 0..<2 { kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel }
+        // First call: shader compile + pipeline creation (+ the run), wall clock.
+        try device.synchronize()
+        let compileBefore = ShaderCompiler.shared.compilations
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        var kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel
+        try device.synchronize()
+        let firstCallMs = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-6
+        let compiled = ShaderCompiler.shared.compilations > compileBefore
+        kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel
         try device.synchronize()
         var stamps: [(GPUTimestamp, GPUTimestamp)] = []
         for _ in 0..<`repeat` {
@@ -173,6 +180,7 @@ struct Bench: ParsableCommand {
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
                                   "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue]
         if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
+        if compiled { obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100 }
         if let relErr { obj["rel_err"] = relErr }
         if custom {
             if let s = c.score { obj["score_mod"] = s }

@@ -202,3 +202,32 @@ extension AttentionTests {
         XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable)
     }
 }
+
+extension AttentionTests {
+    /// The cooperative-matrix kernel cannot run on lavapipe, but it must compile — optimized, since
+    /// spirv-opt crashes on some NV cooperative-matrix code and a crash would take the process down:
+    /// every head dim and tile choice, with and without mods, goes through shaderc here.
+    func testCooperativeMatrixVariantsCompileWithTheOptimizer() throws {
+        let docs = try device.tensor([0, 0, 1, 1], shape: [4], name: "docs")
+        let modSets: [(ScoreMod?, MaskMod?)] = [
+            (nil, nil),
+            (ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, MaskMod { _, _, q, kv in q >= kv }),
+            (ScoreMod { s, _, h, q, kv in s + (kv - q) * exp2(-((h + 1) * 8.0 / 16)) }, MaskMod { _, _, q, kv in docs[q % 4] == docs[kv % 4] }),
+        ]
+        var compiled = 0
+        for D in [16, 32, 48, 64, 80, 96, 112, 128] {
+            for shared in [48 << 10, 32 << 10] {
+                guard let tiles = CoopmatTiles(D: D, sharedMemory: shared) else { continue }
+                for (score, mask) in modSets {
+                    let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
+                    var library = ShaderLibrary.standard
+                    library.files.merge(mods.includes) { _, new in new }
+                    let spirv = try ShaderCompiler.shared.compile(try PortableForward.coopmatSource(D: D, tiles: tiles), library: library)
+                    XCTAssertEqual(spirv.first, 0x0723_0203)
+                    compiled += 1
+                }
+            }
+        }
+        XCTAssertGreaterThanOrEqual(compiled, 24)
+    }
+}
