@@ -122,6 +122,7 @@ struct Bench: ParsableCommand {
         // Mask build time: median of wall-clock builds after a warm-up build (pipelines compiled).
         var blockMask: BlockMask?
         var maskMs: Double?
+        var maskGPUMs: Double?
         if let maskMod {
             let B = maskMod.graph.uses(.b) ? c.B : 1, H = maskMod.graph.uses(.h) ? c.H : 1
             blockMask = try createBlockMask(maskMod, B: B, H: H, qLen: c.S, kvLen: c.S, device: device, blockSize: blockSize)
@@ -136,6 +137,15 @@ struct Bench: ParsableCommand {
             }
             try blockMask!.kvNumBlocks.checkErrors()
             maskMs = median(times)
+            // The same build measured on the device alone (no submission or host overhead).
+            var gpuTimes: [Double] = []
+            for _ in 0..<5 {
+                let a = try device.record { try $0.timestamp() }
+                blockMask = try createBlockMask(maskMod, B: B, H: H, qLen: c.S, kvLen: c.S, device: device, blockSize: blockSize)
+                let b = try device.record { try $0.timestamp() }
+                gpuTimes.append(try device.seconds(from: a, to: b) * 1e3)
+            }
+            maskGPUMs = median(gpuTimes)
         }
         // Density over 128x128 blocks, as the suite's FLOP convention defines it.
         let density: Double
@@ -180,6 +190,7 @@ struct Bench: ParsableCommand {
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
                                   "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue]
         if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
+        if let maskGPUMs { obj["mask_gpu_ms"] = (maskGPUMs * 1e3).rounded() / 1e3 }
         if compiled { obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100 }
         if let relErr { obj["rel_err"] = relErr }
         if custom {
