@@ -29,10 +29,14 @@ void main() {
     int total = qn * kn;
     if (gl_LocalInvocationIndex == 0) s_count = 0;
     barrier();
+    // Threads as a grid of 32 columns by (workgroup / 32) rows: no division per element.
     int count = 0;
-    for (int e = int(gl_LocalInvocationIndex); e < total; e += int(gl_WorkGroupSize.x)) {
-        int r = e / kn;
-        if (mask_mod(b, h, q0 + r, kv0 + (e - r * kn))) count += 1;
+    const int lanes = 32, rows_at_once = int(gl_WorkGroupSize.x) / 32;
+    int c0 = int(gl_LocalInvocationIndex) % lanes, r0 = int(gl_LocalInvocationIndex) / lanes;
+    for (int r = r0; r < qn; r += rows_at_once) {
+        for (int c = c0; c < kn; c += lanes) {
+            if (mask_mod(b, h, q0 + r, kv0 + c)) count += 1;
+        }
     }
     count = subgroupAdd(count);
     if (subgroupElect()) atomicAdd(s_count, count);

@@ -85,6 +85,113 @@ uvec4 get8(int at) {
 #define FRAG16 fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
 #define FRAG32 fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>
 
+// Per-invocation state shared by main() and the tile functions.
+FRAG16 qf[D / 16];
+FRAG32 of[DV / 16];
+FRAG32 rowf, colf;
+int g_b, g_h, g_q0, g_rows, g_row0, g_lane, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
+
+// Key range of tile t of this row of blocks: full blocks first, then partial ones.
+void tile_range(int t, out int k0, out int kn, out int pass) {
+    int blk = t / g_tiles_per_kvb, sub = t - blk * g_tiles_per_kvb;
+    pass = blk < g_nfull ? 0 : 1;
+    int i = pass == 0 ? blk : blk - g_nfull;
+    int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[g_mrow * p.kv_blocks + i] : kv_idx[g_mrow * p.kv_blocks + i]);
+    int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
+    k0 = k_start + sub * BKV;
+    kn = min(BKV, k_stop - k0);
+}
+
+// Scores, softmax and P V for the K/V tile already in shared memory.
+void process_tile(int k0, int kn, int pass) {
+    // S = Q K^T, then scale, mods and mask on the fragment elements.
+    [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+        FRAG32 acc = FRAG32(0.0);
+        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+            FRAG16 kt;
+            coopMatLoadNV(kt, kv16, uint(c * 16 * KS + kk * 16), uint(KS), true);
+            acc = coopMatMulAddNV(qf[kk], kt, acc);
+        }
+        [[unroll]] for (int e = 0; e < acc.length(); ++e) {
+            int r = int(rowf[e]), cc = int(colf[e]);
+            int qi = g_q0 + g_row0 + r, j = c * 16 + cc, ki = k0 + j;
+            float s = NEG_INF;
+            if (g_row0 + r < g_rows && j < kn) {
+                s = acc[e] * p.scale;
+#if VKF_HAS_SCORE_MOD
+                s = score_mod(s, g_b, g_h, qi, ki);
+#endif
+#if VKF_HAS_MASK_MOD
+                if (pass == 1 && !mask_mod(g_b, g_h, qi, ki)) s = NEG_INF;
+#endif
+            }
+            acc[e] = s * LOG2E;
+        }
+        coopMatStoreNV(acc, s32, uint(g_row0 * SS + c * 16), uint(SS), false);
+    }
+    subgroupMemoryBarrierShared();
+    subgroupBarrier();
+
+    // Online softmax: two lanes per row, each over half of the columns.
+    {
+        int r = g_row0 + g_lane / 2, side = g_lane % 2;
+        int c0 = side * (BKV / 2);
+        float m_old = m_s[r], mx = m_old;
+        [[unroll]] for (int j = 0; j < BKV / 2; ++j) mx = max(mx, s32[r * SS + c0 + j]);
+        mx = max(mx, subgroupShuffleXor(mx, 1));
+        float sum = 0.0;
+        [[unroll]] for (int j = 0; j < BKV / 2; ++j) {
+            float pj = exp2(s32[r * SS + c0 + j] - mx);
+            p16[r * PS + c0 + j] = float16_t(pj);
+            sum += pj;
+        }
+        sum += subgroupShuffleXor(sum, 1);
+        float alpha = exp2(m_old - mx);
+        if (side == 0) { m_s[r] = mx; l_s[r] = l_s[r] * alpha + sum; a_s[r] = alpha; }
+    }
+    subgroupMemoryBarrierShared();
+    subgroupBarrier();
+
+    // O = O * alpha + P V
+    FRAG16 pf[BKV / 16];
+    [[unroll]] for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[c], p16, uint(g_row0 * PS + c * 16), uint(PS), false);
+    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+        [[unroll]] for (int e = 0; e < of[dd].length(); ++e) of[dd][e] *= a_s[g_row0 + int(rowf[e])];
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+            FRAG16 vf;
+            coopMatLoadNV(vf, kv16, uint(BKV * KS + c * 16 * KS + dd * 16), uint(KS), false);
+            of[dd] = coopMatMulAddNV(pf[c], vf, of[dd]);
+        }
+    }
+}
+
+// Vector path: each invocation moves PRE 8-half vectors of K and of V per tile.
+#define PRE ((BKV * (D / 8) + 32 * NSG - 1) / (32 * NSG))
+uvec4 pre_k[PRE], pre_v[PRE];
+
+void fetch(int t, int lid) {
+    int k0, kn, pass;
+    tile_range(t, k0, kn, pass);
+    [[unroll]] for (int a = 0; a < PRE; ++a) {
+        int e = lid + a * 32 * NSG;
+        int j = e / (D / 8), d8 = e - j * (D / 8);
+        bool ok = e < BKV * (D / 8) && j < kn;
+        pre_k[a] = ok ? k4[(g_koff + (k0 + j) * p.k_sl) / 8 + d8] : uvec4(0);
+        pre_v[a] = ok ? v4[(g_voff + (k0 + j) * p.v_sl) / 8 + d8] : uvec4(0);
+    }
+}
+
+void stash(int lid) {
+    [[unroll]] for (int a = 0; a < PRE; ++a) {
+        int e = lid + a * 32 * NSG;
+        if (e < BKV * (D / 8)) {
+            int j = e / (D / 8), d8 = e - j * (D / 8);
+            put8(j * KS + d8 * 8, pre_k[a]);
+            put8(BKV * KS + j * KS + d8 * 8, pre_v[a]);
+        }
+    }
+}
+
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sg = lid / 32, lane = lid % 32;
@@ -114,118 +221,58 @@ void main() {
     if (lid < BQ) { m_s[lid] = -1e30; l_s[lid] = 0.0; a_s[lid] = 1.0; }
     barrier();
 
-    FRAG16 qf[D / 16];
     [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[kk], kv16, uint(sg * 16 * KS + kk * 16), uint(KS), false);
-    FRAG32 rowf, colf;
     coopMatLoadNV(rowf, row_ids, 0, 16, false);
     coopMatLoadNV(colf, col_ids, 0, 16, false);
-    FRAG32 of[DV / 16];
     [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[dd] = FRAG32(0.0);
     barrier();
 
-    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
-    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
-    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
-    const int koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
-    const int voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
-    const int row0 = sg * 16;
+    g_b = b; g_h = h; g_q0 = q0; g_rows = rows; g_row0 = sg * 16; g_lane = lane;
+    g_mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
+    g_nfull = p.dense != 0 ? p.kv_blocks : full_kv_num[g_mrow];
+    g_npart = p.dense != 0 ? 0 : kv_num[g_mrow];
+    g_tiles_per_kvb = (p.kv_bs + BKV - 1) / BKV;
+    g_koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
+    g_voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+    const int total_tiles = (g_nfull + g_npart) * g_tiles_per_kvb;
 
-    for (int pass = 0; pass < 2; ++pass) {
-        const int n = pass == 0 ? n_full : n_part;
-        for (int i = 0; i < n; ++i) {
-            int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
-            int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
-            for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
-                int kn = min(BKV, k_stop - k0);
-                if (p.vec_ok != 0) {
-                    for (int e = lid; e < BKV * (D / 8); e += 32 * NSG) {
-                        int j = e / (D / 8), d8 = e - j * (D / 8);
-                        bool ok = j < kn;
-                        put8(j * KS + d8 * 8, ok ? k4[(koff + (k0 + j) * p.k_sl) / 8 + d8] : uvec4(0));
-                        put8(BKV * KS + j * KS + d8 * 8, ok ? v4[(voff + (k0 + j) * p.v_sl) / 8 + d8] : uvec4(0));
-                    }
-                } else {
-                    for (int e = lid; e < BKV * D; e += 32 * NSG) {
-                        int j = e / D, d = e - (e / D) * D;
-                        bool ok = j < kn;
-                        kv16[j * KS + d] = ok ? k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd] : float16_t(0.0);
-                        kv16[BKV * KS + j * KS + d] = ok ? v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd] : float16_t(0.0);
-                    }
-                }
-                barrier();
-
-                // S = Q K^T, then scale, mods and mask on the fragment elements.
-                [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
-                    FRAG32 acc = FRAG32(0.0);
-                    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
-                        FRAG16 kt;
-                        coopMatLoadNV(kt, kv16, uint(c * 16 * KS + kk * 16), uint(KS), true);
-                        acc = coopMatMulAddNV(qf[kk], kt, acc);
-                    }
-                    [[unroll]] for (int e = 0; e < acc.length(); ++e) {
-                        int r = int(rowf[e]), cc = int(colf[e]);
-                        int qi = q0 + row0 + r, j = c * 16 + cc, ki = k0 + j;
-                        float s = NEG_INF;
-                        if (row0 + r < rows && j < kn) {
-                            s = acc[e] * p.scale;
-#if VKF_HAS_SCORE_MOD
-                            s = score_mod(s, b, h, qi, ki);
-#endif
-#if VKF_HAS_MASK_MOD
-                            if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
-#endif
-                        }
-                        acc[e] = s * LOG2E;
-                    }
-                    coopMatStoreNV(acc, s32, uint(row0 * SS + c * 16), uint(SS), false);
-                }
-                subgroupMemoryBarrierShared();
-                subgroupBarrier();
-
-                // Online softmax: two lanes per row, each over half of the columns.
-                {
-                    int r = row0 + lane / 2, side = lane % 2;
-                    int c0 = side * (BKV / 2);
-                    float m_old = m_s[r], mx = m_old;
-                    [[unroll]] for (int j = 0; j < BKV / 2; ++j) mx = max(mx, s32[r * SS + c0 + j]);
-                    mx = max(mx, subgroupShuffleXor(mx, 1));
-                    float sum = 0.0;
-                    [[unroll]] for (int j = 0; j < BKV / 2; ++j) {
-                        float pj = exp2(s32[r * SS + c0 + j] - mx);
-                        p16[r * PS + c0 + j] = float16_t(pj);
-                        sum += pj;
-                    }
-                    sum += subgroupShuffleXor(sum, 1);
-                    float alpha = exp2(m_old - mx);
-                    if (side == 0) { m_s[r] = mx; l_s[r] = l_s[r] * alpha + sum; a_s[r] = alpha; }
-                }
-                subgroupMemoryBarrierShared();
-                subgroupBarrier();
-
-                // O = O * alpha + P V
-                FRAG16 pf[BKV / 16];
-                [[unroll]] for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[c], p16, uint(row0 * PS + c * 16), uint(PS), false);
-                [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-                    [[unroll]] for (int e = 0; e < of[dd].length(); ++e) of[dd][e] *= a_s[row0 + int(rowf[e])];
-                    [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
-                        FRAG16 vf;
-                        coopMatLoadNV(vf, kv16, uint(BKV * KS + c * 16 * KS + dd * 16), uint(KS), false);
-                        of[dd] = coopMatMulAddNV(pf[c], vf, of[dd]);
-                    }
-                }
-                barrier();
+    if (p.vec_ok != 0) {
+        // Software pipeline: the next tile's global loads are in flight while this one computes.
+        if (total_tiles > 0) fetch(0, lid);
+        for (int t = 0; t < total_tiles; ++t) {
+            int k0, kn, pass;
+            tile_range(t, k0, kn, pass);
+            stash(lid);
+            barrier();
+            if (t + 1 < total_tiles) fetch(t + 1, lid);
+            if (kn > 0) process_tile(k0, kn, pass);
+            barrier();
+        }
+    } else {
+        for (int t = 0; t < total_tiles; ++t) {
+            int k0, kn, pass;
+            tile_range(t, k0, kn, pass);
+            if (kn <= 0) continue;
+            for (int e = lid; e < BKV * D; e += 32 * NSG) {
+                int j = e / D, d = e - (e / D) * D;
+                bool ok = j < kn;
+                kv16[j * KS + d] = ok ? k_data[g_koff + (k0 + j) * p.k_sl + d * p.k_sd] : float16_t(0.0);
+                kv16[BKV * KS + j * KS + d] = ok ? v_data[g_voff + (k0 + j) * p.v_sl + d * p.v_sd] : float16_t(0.0);
             }
+            barrier();
+            process_tile(k0, kn, pass);
+            barrier();
         }
     }
 
     // O / l (0 for rows with no key), staged as fp16, written with the output's strides.
     [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
         [[unroll]] for (int e = 0; e < of[dd].length(); ++e) {
-            float l = l_s[row0 + int(rowf[e])];
+            float l = l_s[g_row0 + int(rowf[e])];
             of[dd][e] = l > 0.0 ? of[dd][e] / l : 0.0;
         }
         FRAG16 oh = FRAG16(of[dd]);
-        coopMatStoreNV(oh, kv16, uint(row0 * KS + dd * 16), uint(KS), false);
+        coopMatStoreNV(oh, kv16, uint(g_row0 * KS + dd * 16), uint(KS), false);
     }
     barrier();
     const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;

@@ -78,7 +78,7 @@ func buildOnGPU(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, qB: I
     }
     let mods = try SplicedMods(score: nil, mask: maskMod, firstBinding: 2, errorBinding: 1, device: device)
     let caps = device.capabilities
-    let wg = min(256, caps.maxWorkgroupInvocations)
+    let wg = max(32, min(256, caps.maxWorkgroupInvocations) / 32 * 32)
     let lib = ShaderLibrary.standard
     let classify = try device.pipeline(for: BlockMaskKernelKey(mods: mods.glsl.source, workgroup: wg)) {
         PipelineDescription(source: ShaderSource(name: "block_mask_classify", text: try lib.text("block_mask.comp")),

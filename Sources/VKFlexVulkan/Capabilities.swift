@@ -78,7 +78,8 @@ public struct DeviceCapabilities: Sendable, Codable {
     public var subgroupSizeControl: Bool
     /// Whether `VK_NV_cooperative_matrix` is available with its feature enabled.
     public var cooperativeMatrixNV: Bool
-    /// The Vulkan memory model (what GL_KHR_memory_scope_semantics, used with cooperative matrices, needs).
+    /// The Vulkan memory model with device scope (what GL_KHR_memory_scope_semantics, used with
+    /// cooperative matrices, needs once enabled: the kernels' atomics use device scope).
     public var vulkanMemoryModel: Bool
     public var cooperativeMatrixShapes: [CooperativeMatrixShape]
     public var timestampPeriodNs: Double
@@ -195,7 +196,7 @@ extension DeviceCapabilities {
             floatAtomicAdd: features.floatAtomicAdd,
             subgroupSizeControl: features.subgroupSizeControl,
             cooperativeMatrixNV: features.cooperativeMatrixNV,
-            vulkanMemoryModel: features.vulkanMemoryModel,
+            vulkanMemoryModel: features.vulkanMemoryModel && features.vulkanMemoryModelDeviceScope,
             cooperativeMatrixShapes: shapes,
             timestampPeriodNs: Double(limits.timestampPeriod),
             timestamps: limits.timestampComputeAndGraphics != 0,
@@ -239,6 +240,7 @@ struct DeviceFeatures {
     var subgroupSizeControl = false
     var cooperativeMatrixNV = false
     var vulkanMemoryModel = false
+    var vulkanMemoryModelDeviceScope = false
 
     static func query(_ pd: VkPhysicalDevice, extensions: Set<String>) -> DeviceFeatures {
         var v11 = VkPhysicalDeviceVulkan11Features()
@@ -272,6 +274,7 @@ struct DeviceFeatures {
         f.shaderInt64 = base.features.shaderInt64 != 0
         f.bufferDeviceAddress = v12.bufferDeviceAddress != 0
         f.vulkanMemoryModel = v12.vulkanMemoryModel != 0
+        f.vulkanMemoryModelDeviceScope = v12.vulkanMemoryModelDeviceScope != 0
         f.floatAtomicAdd = extensions.contains("VK_EXT_shader_atomic_float") && atomics.shaderBufferFloat32AtomicAdd != 0
         f.subgroupSizeControl = extensions.contains("VK_EXT_subgroup_size_control") && sizeControl.subgroupSizeControl != 0
         f.cooperativeMatrixNV = extensions.contains("VK_NV_cooperative_matrix") && coop.cooperativeMatrix != 0

@@ -16,6 +16,8 @@ final class Batch: @unchecked Sendable {
     var queryPool: VkQueryPool?
     var queryCount = 0
     var timestamps: [GPUTimestamp] = []
+    /// Reset descriptor pools from a recycled batch, not yet in use.
+    var poolsToReuse: [VkDescriptorPool] = []
 
     init(id: UInt64, commandBuffer: VkCommandBuffer) {
         self.id = id
@@ -258,18 +260,30 @@ extension Device {
 
     private func currentBatchLocked() throws -> Batch {
         if let recording { return recording }
-        var info = VkCommandBufferAllocateInfo()
-        info.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO
-        info.commandPool = commandPool
-        info.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY
-        info.commandBufferCount = 1
         var cb: VkCommandBuffer?
-        try check(vkAllocateCommandBuffers(handle, &info, &cb), "vkAllocateCommandBuffers")
+        var recycled: RecycledBatch?
+        if let r = spareBatches.popLast() {
+            recycled = r
+            cb = r.commandBuffer
+        } else {
+            var info = VkCommandBufferAllocateInfo()
+            info.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO
+            info.commandPool = commandPool
+            info.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY
+            info.commandBufferCount = 1
+            try check(vkAllocateCommandBuffers(handle, &info, &cb), "vkAllocateCommandBuffers")
+        }
         var begin = VkCommandBufferBeginInfo()
         begin.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO
         begin.flags = VkCommandBufferUsageFlags(VK_COMMAND_BUFFER_USAGE_ONE_TIME_SUBMIT_BIT.rawValue)
         try check(vkBeginCommandBuffer(cb, &begin), "vkBeginCommandBuffer")
         let batch = Batch(id: nextBatchID, commandBuffer: cb!)
+        if let recycled {
+            batch.fence = recycled.fence
+            batch.descriptorPools = recycled.descriptorPools
+            batch.setsLeftInPool = recycled.descriptorPools.isEmpty ? 0 : 64
+            batch.poolsToReuse = Array(recycled.descriptorPools.dropLast())
+        }
         nextBatchID += 1
         recording = batch
         return batch
@@ -286,11 +300,13 @@ extension Device {
                              VkPipelineStageFlags(VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT.rawValue | VK_PIPELINE_STAGE_TRANSFER_BIT.rawValue),
                              VkPipelineStageFlags(VK_PIPELINE_STAGE_HOST_BIT.rawValue), 0, 1, &mb, 0, nil, 0, nil)
         try check(vkEndCommandBuffer(batch.commandBuffer), "vkEndCommandBuffer")
-        var fenceInfo = VkFenceCreateInfo()
-        fenceInfo.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO
-        var fence: VkFence?
-        try check(vkCreateFence(handle, &fenceInfo, nil, &fence), "vkCreateFence")
-        batch.fence = fence
+        var fence: VkFence? = batch.fence
+        if fence == nil {
+            var fenceInfo = VkFenceCreateInfo()
+            fenceInfo.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO
+            try check(vkCreateFence(handle, &fenceInfo, nil, &fence), "vkCreateFence")
+            batch.fence = fence
+        }
         var cb: VkCommandBuffer? = batch.commandBuffer
         let result: VkResult = withUnsafePointer(to: &cb) { cbp in
             var submit = VkSubmitInfo()
@@ -323,10 +339,20 @@ extension Device {
                 }
                 vkDestroyQueryPool(handle, pool, nil)
             }
-            vkDestroyFence(handle, fence, nil)
-            var cb: VkCommandBuffer? = batch.commandBuffer
-            vkFreeCommandBuffers(handle, commandPool, 1, &cb)
-            for pool in batch.descriptorPools { vkDestroyDescriptorPool(handle, pool, nil) }
+            // Keep the command buffer, fence and descriptor pools for the next batch.
+            var f: VkFence? = fence
+            var reusable = vkResetFences(handle, 1, &f) == VK_SUCCESS
+                && vkResetCommandBuffer(batch.commandBuffer, 0) == VK_SUCCESS
+            for pool in batch.descriptorPools where vkResetDescriptorPool(handle, pool, 0) != VK_SUCCESS { reusable = false }
+            if reusable && spareBatches.count < 8 {
+                spareBatches.append(RecycledBatch(commandBuffer: batch.commandBuffer, fence: fence, descriptorPools: batch.descriptorPools))
+            } else {
+                vkDestroyFence(handle, fence, nil)
+                var cb: VkCommandBuffer? = batch.commandBuffer
+                vkFreeCommandBuffers(handle, commandPool, 1, &cb)
+                for pool in batch.descriptorPools { vkDestroyDescriptorPool(handle, pool, nil) }
+            }
+            batch.fence = nil
             batch.descriptorPools = []
             batch.completed = true
             batch.retained = []
@@ -335,6 +361,12 @@ extension Device {
     }
 
     func allocateDescriptorSet(_ layout: VkDescriptorSetLayout, in batch: Batch, bindings: Int) throws -> VkDescriptorSet {
+        if batch.setsLeftInPool == 0, let reuse = batch.poolsToReuse.popLast() {
+            // A recycled pool (already reset) becomes the current one.
+            batch.descriptorPools.removeAll { $0 == reuse }
+            batch.descriptorPools.append(reuse)
+            batch.setsLeftInPool = 64
+        }
         if batch.setsLeftInPool == 0 {
             let sets = 64
             var size = VkDescriptorPoolSize(type: VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount: UInt32(sets * 16))
@@ -365,4 +397,11 @@ extension Device {
         try check(r, "vkAllocateDescriptorSets")
         return set!
     }
+}
+
+/// The Vulkan objects of a completed batch, reset and kept for the next one.
+struct RecycledBatch {
+    let commandBuffer: VkCommandBuffer
+    let fence: VkFence
+    let descriptorPools: [VkDescriptorPool]
 }

@@ -57,6 +57,7 @@ public final class Device: @unchecked Sendable {
     var commandPool: VkCommandPool?
     var recording: Batch?
     var inFlight: [Batch] = []
+    var spareBatches: [RecycledBatch] = []
     var nextBatchID: UInt64 = 1
     let pipelines: PipelineCache
     let bufferPool = BufferPool()
@@ -159,6 +160,7 @@ public final class Device: @unchecked Sendable {
         v12.shaderFloat16 = VkBool32(enabled.shaderFloat16 ? 1 : 0)
         v12.bufferDeviceAddress = VkBool32(enabled.bufferDeviceAddress ? 1 : 0)
         v12.vulkanMemoryModel = VkBool32(enabled.vulkanMemoryModel ? 1 : 0)
+        v12.vulkanMemoryModelDeviceScope = VkBool32(enabled.vulkanMemoryModel ? 1 : 0)
         var coop = VkPhysicalDeviceCooperativeMatrixFeaturesNV()
         coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
         coop.cooperativeMatrix = VkBool32(1)
@@ -253,6 +255,10 @@ public final class Device: @unchecked Sendable {
         vkDeviceWaitIdle(handle)
         pipelines.destroyAll(device: handle)
         bufferPool.drain(handle)
+        for spare in spareBatches {
+            vkDestroyFence(handle, spare.fence, nil)
+            for pool in spare.descriptorPools { vkDestroyDescriptorPool(handle, pool, nil) }
+        }
         if let commandPool { vkDestroyCommandPool(handle, commandPool, nil) }
         if ownsDevice { vkDestroyDevice(handle, nil) }
     }
