@@ -10,7 +10,8 @@
 // lanes run the online softmax of a row (fp32 statistics, base 2, running max from -1e30) and
 // write P as fp16; O (fp32 fragments) is rescaled and accumulates P V.
 //
-// Defines: D (= DV, a multiple of 16), BKV (a multiple of 16), NSG (subgroups per workgroup).
+// Defines: D (= DV, a multiple of 16), BKV (a multiple of 16), NSG (subgroups per workgroup),
+// RPW (16-row blocks per subgroup: 1 or 2; with 2 each K/V fragment load feeds two products).
 // Subgroup size must be 32. Bindings as flex_attention_fwd.comp. spirv-opt survives this shader
 // (a test compiles every variant optimized); it crashes on some other NV cooperative-matrix code.
 #extension GL_GOOGLE_include_directive : require
@@ -23,7 +24,12 @@
 #extension GL_EXT_control_flow_attributes : require
 
 #define DV D
-#define BQ (16 * NSG)
+#ifndef RPW
+#define RPW 1
+#endif
+#define BQ (16 * NSG * RPW)
+// Lanes per row in the softmax: 32 lanes over the subgroup's 16 * RPW rows.
+#define LPR (2 / RPW)
 layout(local_size_x = 32 * NSG) in;
 
 layout(std430, set = 0, binding = 0) readonly buffer QBuf { float16_t q_data[]; };
@@ -62,13 +68,13 @@ const float LN2 = 0.6931471805599453;
 #define KS (D + 8)
 #define SS (BKV + 4)
 #define PS (BKV + 8)
-// K and V tiles side by side; the same space stages Q at the start and O at the end.
+// K and V tiles side by side; the same space stages Q (16 * NSG rows at a time) at the start and
+// O (as many rows) at the end. The score area holds the index tables at the start.
 #define KV_HALVES (2 * BKV * KS)
-#define STAGE_HALVES (BQ * KS)
+#define STAGE_HALVES (16 * NSG * KS)
 shared float16_t kv16[KV_HALVES > STAGE_HALVES ? KV_HALVES : STAGE_HALVES];
-shared float s32[BQ * SS];
+shared float s32[BQ * SS > 512 ? BQ * SS : 512];
 shared float16_t p16[BQ * PS];
-shared float row_ids[256], col_ids[256];
 shared float m_s[BQ], l_s[BQ], a_s[BQ];
 
 // Writes 8 halves packed in a uvec4 to shared memory at kv16[at].
@@ -86,10 +92,10 @@ uvec4 get8(int at) {
 #define FRAG32 fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>
 
 // Per-invocation state shared by main() and the tile functions.
-FRAG16 qf[D / 16];
-FRAG32 of[DV / 16];
+FRAG16 qf[RPW][D / 16];
+FRAG32 of[RPW][DV / 16];
 FRAG32 rowf, colf;
-int g_b, g_h, g_q0, g_rows, g_row0, g_lane, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
+int g_b, g_h, g_q0, g_rows, g_sg, g_lane, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
 
 // Key range of tile t of this row of blocks: full blocks first, then partial ones.
 void tile_range(int t, out int k0, out int kn, out int pass) {
@@ -102,50 +108,62 @@ void tile_range(int t, out int k0, out int kn, out int pass) {
     kn = min(BKV, k_stop - k0);
 }
 
+// First row (in the tile) of the subgroup's row block rb.
+int row_base(int rb) { return (rb * NSG + g_sg) * 16; }
+
 // Scores, softmax and P V for the K/V tile already in shared memory.
 void process_tile(int k0, int kn, int pass) {
     // S = Q K^T, then scale, mods and mask on the fragment elements.
     [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
-        FRAG32 acc = FRAG32(0.0);
+        FRAG32 acc[RPW];
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb] = FRAG32(0.0);
         [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
             FRAG16 kt;
             coopMatLoadNV(kt, kv16, uint(c * 16 * KS + kk * 16), uint(KS), true);
-            acc = coopMatMulAddNV(qf[kk], kt, acc);
+            [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb] = coopMatMulAddNV(qf[rb][kk], kt, acc[rb]);
         }
-        [[unroll]] for (int e = 0; e < acc.length(); ++e) {
-            int r = int(rowf[e]), cc = int(colf[e]);
-            int qi = g_q0 + g_row0 + r, j = c * 16 + cc, ki = k0 + j;
-            float s = NEG_INF;
-            if (g_row0 + r < g_rows && j < kn) {
-                s = acc[e] * p.scale;
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+            int rbase = row_base(rb);
+            [[unroll]] for (int e = 0; e < acc[rb].length(); ++e) {
+                int r = rbase + int(rowf[e]), j = c * 16 + int(colf[e]);
+                int qi = g_q0 + r, ki = k0 + j;
+                float s = NEG_INF;
+                if (r < g_rows && j < kn) {
+                    s = acc[rb][e] * p.scale;
 #if VKF_HAS_SCORE_MOD
-                s = score_mod(s, g_b, g_h, qi, ki);
+                    s = score_mod(s, g_b, g_h, qi, ki);
 #endif
 #if VKF_HAS_MASK_MOD
-                if (pass == 1 && !mask_mod(g_b, g_h, qi, ki)) s = NEG_INF;
+                    if (pass == 1 && !mask_mod(g_b, g_h, qi, ki)) s = NEG_INF;
 #endif
+                }
+                acc[rb][e] = s * LOG2E;
             }
-            acc[e] = s * LOG2E;
+            coopMatStoreNV(acc[rb], s32, uint(rbase * SS + c * 16), uint(SS), false);
         }
-        coopMatStoreNV(acc, s32, uint(g_row0 * SS + c * 16), uint(SS), false);
     }
     subgroupMemoryBarrierShared();
     subgroupBarrier();
 
-    // Online softmax: two lanes per row, each over half of the columns.
+    // Online softmax: LPR lanes per row, each over BKV / LPR columns.
     {
-        int r = g_row0 + g_lane / 2, side = g_lane % 2;
-        int c0 = side * (BKV / 2);
+        int rl = g_lane / LPR, side = g_lane % LPR;
+        int r = row_base(rl / 16) + rl % 16;
+        int c0 = side * (BKV / LPR);
         float m_old = m_s[r], mx = m_old;
-        [[unroll]] for (int j = 0; j < BKV / 2; ++j) mx = max(mx, s32[r * SS + c0 + j]);
+        [[unroll]] for (int j = 0; j < BKV / LPR; ++j) mx = max(mx, s32[r * SS + c0 + j]);
+#if LPR == 2
         mx = max(mx, subgroupShuffleXor(mx, 1));
+#endif
         float sum = 0.0;
-        [[unroll]] for (int j = 0; j < BKV / 2; ++j) {
+        [[unroll]] for (int j = 0; j < BKV / LPR; ++j) {
             float pj = exp2(s32[r * SS + c0 + j] - mx);
             p16[r * PS + c0 + j] = float16_t(pj);
             sum += pj;
         }
+#if LPR == 2
         sum += subgroupShuffleXor(sum, 1);
+#endif
         float alpha = exp2(m_old - mx);
         if (side == 0) { m_s[r] = mx; l_s[r] = l_s[r] * alpha + sum; a_s[r] = alpha; }
     }
@@ -153,14 +171,19 @@ void process_tile(int k0, int kn, int pass) {
     subgroupBarrier();
 
     // O = O * alpha + P V
-    FRAG16 pf[BKV / 16];
-    [[unroll]] for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[c], p16, uint(g_row0 * PS + c * 16), uint(PS), false);
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+        int rbase = row_base(rb);
+        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
+            [[unroll]] for (int e = 0; e < of[rb][dd].length(); ++e) of[rb][dd][e] *= a_s[rbase + int(rowf[e])];
+    }
+    FRAG16 pf[RPW][BKV / 16];
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) coopMatLoadNV(pf[rb][c], p16, uint(row_base(rb) * PS + c * 16), uint(PS), false);
     [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-        [[unroll]] for (int e = 0; e < of[dd].length(); ++e) of[dd][e] *= a_s[g_row0 + int(rowf[e])];
         [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
             FRAG16 vf;
             coopMatLoadNV(vf, kv16, uint(BKV * KS + c * 16 * KS + dd * 16), uint(KS), false);
-            of[dd] = coopMatMulAddNV(pf[c], vf, of[dd]);
+            [[unroll]] for (int rb = 0; rb < RPW; ++rb) of[rb][dd] = coopMatMulAddNV(pf[rb][c], vf, of[rb][dd]);
         }
     }
 }
@@ -204,30 +227,38 @@ void main() {
     const int rows = q_end - q0;
     const int hk = h / (p.Hq / p.Hkv);
 
-    // Stage Q (rows past the end are zero) and the index tables.
-    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
-    if (p.vec_ok != 0) {
-        for (int e = lid; e < BQ * (D / 8); e += 32 * NSG) {
-            int r = e / (D / 8), d8 = e - r * (D / 8);
-            put8(r * KS + d8 * 8, r < rows ? q4[(qoff + (q0 + r) * p.q_sl) / 8 + d8] : uvec4(0));
-        }
-    } else {
-        for (int e = lid; e < BQ * D; e += 32 * NSG) {
-            int r = e / D, d = e - (e / D) * D;
-            kv16[r * KS + d] = r < rows ? q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd] : float16_t(0.0);
-        }
-    }
-    for (int e = lid; e < 256; e += 32 * NSG) { row_ids[e] = float(e / 16); col_ids[e] = float(e % 16); }
+    g_sg = sg;
+    // The index tables, in the score area for now.
+    for (int e = lid; e < 256; e += 32 * NSG) { s32[e] = float(e / 16); s32[256 + e] = float(e % 16); }
     if (lid < BQ) { m_s[lid] = -1e30; l_s[lid] = 0.0; a_s[lid] = 1.0; }
     barrier();
+    coopMatLoadNV(rowf, s32, 0, 16, false);
+    coopMatLoadNV(colf, s32, 256, 16, false);
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[rb][dd] = FRAG32(0.0);
 
-    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[kk], kv16, uint(sg * 16 * KS + kk * 16), uint(KS), false);
-    coopMatLoadNV(rowf, row_ids, 0, 16, false);
-    coopMatLoadNV(colf, col_ids, 0, 16, false);
-    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[dd] = FRAG32(0.0);
+    // Stage Q, 16 * NSG rows at a time (rows past the end are zero), into the fragments.
+    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+        const int first = rb * 16 * NSG;
+        barrier();
+        if (p.vec_ok != 0) {
+            for (int e = lid; e < 16 * NSG * (D / 8); e += 32 * NSG) {
+                int r = e / (D / 8), d8 = e - r * (D / 8);
+                put8(r * KS + d8 * 8, first + r < rows ? q4[(qoff + (q0 + first + r) * p.q_sl) / 8 + d8] : uvec4(0));
+            }
+        } else {
+            for (int e = lid; e < 16 * NSG * D; e += 32 * NSG) {
+                int r = e / D, d = e - (e / D) * D;
+                kv16[r * KS + d] = first + r < rows ? q_data[qoff + (q0 + first + r) * p.q_sl + d * p.q_sd] : float16_t(0.0);
+            }
+        }
+        barrier();
+        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[rb][kk], kv16, uint(sg * 16 * KS + kk * 16), uint(KS), false);
+    }
     barrier();
 
-    g_b = b; g_h = h; g_q0 = q0; g_rows = rows; g_row0 = sg * 16; g_lane = lane;
+    g_b = b; g_h = h; g_q0 = q0; g_rows = rows; g_lane = lane;
     g_mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
     g_nfull = p.dense != 0 ? p.kv_blocks : full_kv_num[g_mrow];
     g_npart = p.dense != 0 ? 0 : kv_num[g_mrow];
@@ -265,30 +296,35 @@ void main() {
         }
     }
 
-    // O / l (0 for rows with no key), staged as fp16, written with the output's strides.
-    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-        [[unroll]] for (int e = 0; e < of[dd].length(); ++e) {
-            float l = l_s[g_row0 + int(rowf[e])];
-            of[dd][e] = l > 0.0 ? of[dd][e] / l : 0.0;
-        }
-        FRAG16 oh = FRAG16(of[dd]);
-        coopMatStoreNV(oh, kv16, uint(g_row0 * KS + dd * 16), uint(KS), false);
-    }
-    barrier();
+    // O / l (0 for rows with no key), staged as fp16 16 * NSG rows at a time, written with the output's strides.
     const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
-    if (p.vec_ok != 0) {
-        for (int e = lid; e < BQ * (DV / 8); e += 32 * NSG) {
-            int r = e / (DV / 8), d8 = e - r * (DV / 8);
-            if (r < rows) o4[(ooff + (q0 + r) * p.o_sl) / 8 + d8] = get8(r * KS + d8 * 8);
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+        const int first = rb * 16 * NSG;
+        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+            [[unroll]] for (int e = 0; e < of[rb][dd].length(); ++e) {
+                float l = l_s[row_base(rb) + int(rowf[e])];
+                of[rb][dd][e] = l > 0.0 ? of[rb][dd][e] / l : 0.0;
+            }
+            FRAG16 oh = FRAG16(of[rb][dd]);
+            coopMatStoreNV(oh, kv16, uint(sg * 16 * KS + dd * 16), uint(KS), false);
         }
-    } else {
-        for (int e = lid; e < BQ * DV; e += 32 * NSG) {
-            int r = e / DV, d = e - (e / DV) * DV;
-            if (r < rows) o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = kv16[r * KS + d];
+        barrier();
+        if (p.vec_ok != 0) {
+            for (int e = lid; e < 16 * NSG * (DV / 8); e += 32 * NSG) {
+                int r = e / (DV / 8), d8 = e - r * (DV / 8);
+                if (first + r < rows) o4[(ooff + (q0 + first + r) * p.o_sl) / 8 + d8] = get8(r * KS + d8 * 8);
+            }
+        } else {
+            for (int e = lid; e < 16 * NSG * DV; e += 32 * NSG) {
+                int r = e / DV, d = e - (e / DV) * DV;
+                if (first + r < rows) o_data[ooff + (q0 + first + r) * p.o_sl + d * p.o_sd] = kv16[r * KS + d];
+            }
         }
+        barrier();
     }
-    if (p.write_lse != 0 && lid < rows) {
-        float l = l_s[lid];
-        lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (m_s[lid] + log2(l)) * LN2 : NEG_INF;
+    for (int r = lid; r < rows; r += 32 * NSG) {
+        float l = l_s[r];
+        if (p.write_lse != 0)
+            lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + r) * p.lse_sl] = l > 0.0 ? (m_s[r] + log2(l)) * LN2 : NEG_INF;
     }
 }

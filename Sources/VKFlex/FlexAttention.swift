@@ -50,21 +50,31 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     }
 }
 
-/// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory.
+/// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory: BKV keys per
+/// step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment load).
 struct CoopmatTiles: Hashable {
-    let BKV: Int, NSG: Int
-    init(BKV: Int, NSG: Int) { self.BKV = BKV; self.NSG = NSG }
+    let BKV: Int, NSG: Int, RPW: Int
+    init(BKV: Int, NSG: Int, RPW: Int) { self.BKV = BKV; self.NSG = NSG; self.RPW = RPW }
     init?(D: Int, device: Device) {
         self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory)
     }
     init?(D: Int, sharedMemory budget: Int) {
-        for bkv in (D <= 64 ? [64, 32, 16] : [32, 16]) {
-            let nsg = 4, bq = 16 * nsg, ks = D + 8
-            let kv = max(2 * bkv * ks, bq * ks) * 2
-            let bytes = kv + bq * (bkv + 4) * 4 + bq * (bkv + 8) * 2 + 2 * 256 * 4 + 3 * bq * 4
-            if bytes <= budget { BKV = bkv; NSG = nsg; return }
+        // Preferred first. Two row blocks per subgroup only where registers allow (D <= 64).
+        let options: [(Int, Int)] = D <= 64 ? [(32, 2), (64, 1), (32, 1), (16, 1)] : [(32, 1), (16, 1)]
+        for (bkv, rpw) in options where CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: 4, RPW: rpw) <= budget {
+            self.init(BKV: bkv, NSG: 4, RPW: rpw)
+            return
         }
         return nil
+    }
+
+    /// Mirrors the shared arrays of flex_attention_fwd_coopmat.comp.
+    static func sharedBytes(D: Int, BKV: Int, NSG: Int, RPW: Int) -> Int {
+        let bq = 16 * NSG * RPW, ks = D + 8
+        let kv16 = max(2 * BKV * ks, 16 * NSG * ks) * 2
+        let s32 = max(bq * (BKV + 4), 512) * 4
+        let p16 = bq * (BKV + 8) * 2
+        return kv16 + s32 + p16 + 3 * bq * 4
     }
 }
 
@@ -176,7 +186,8 @@ enum PortableForward {
     /// every variant optimized, so a crash would show there, not in a user's process.
     static func coopmatSource(D: Int, tiles t: CoopmatTiles) throws -> ShaderSource {
         ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
-                     defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)")], optimize: true)
+                     defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)")],
+                     optimize: true)
     }
 
     /// Tile sizes that fit the device's shared memory.
@@ -209,7 +220,7 @@ enum PortableForward {
             ])
         case .coopmat:
             let t = CoopmatTiles(D: s.D, device: device)!
-            (BQ, BKV, WG) = (16 * t.NSG, t.BKV, 32 * t.NSG)
+            (BQ, BKV, WG) = (16 * t.NSG * t.RPW, t.BKV, 32 * t.NSG)
             source = try coopmatSource(D: s.D, tiles: t)
         }
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
