@@ -74,7 +74,10 @@ final class Instance: @unchecked Sendable {
         var enable: [String] = []
         if validation && extensions.contains("VK_EXT_debug_utils") { enable.append("VK_EXT_debug_utils") }
         if extensions.contains("VK_KHR_portability_enumeration") { enable.append("VK_KHR_portability_enumeration") }
-        let layers = validation ? ["VK_LAYER_KHRONOS_validation"] : []
+        // A layer already named in VK_INSTANCE_LAYERS is loaded by the loader; naming it again
+        // only earns a loader warning.
+        let preloaded = ProcessInfo.processInfo.environment["VK_INSTANCE_LAYERS"]?.contains("VK_LAYER_KHRONOS_validation") ?? false
+        let layers = validation && !preloaded ? ["VK_LAYER_KHRONOS_validation"] : []
         let useMessenger = enable.contains("VK_EXT_debug_utils")
 
         var instance: VkInstance?

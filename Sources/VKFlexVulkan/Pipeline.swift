@@ -80,11 +80,7 @@ final class PipelineCache: @unchecked Sendable {
     func attach(device: Device) {
         let env = ProcessInfo.processInfo.environment
         guard env["VKFLEX_PIPELINE_CACHE"] != "0" else { return }
-        let dir: URL
-        if let d = device.options.pipelineCacheDirectory { dir = d }
-        else if let d = env["VKFLEX_CACHE_DIR"], !d.isEmpty { dir = URL(fileURLWithPath: d) }
-        else if let d = env["XDG_CACHE_HOME"], !d.isEmpty { dir = URL(fileURLWithPath: d).appendingPathComponent("vkflex") }
-        else { dir = URL(fileURLWithPath: NSHomeDirectory()).appendingPathComponent(".cache/vkflex") }
+        let dir = device.options.pipelineCacheDirectory ?? cacheRoot()
         var props = VkPhysicalDeviceProperties()
         vkGetPhysicalDeviceProperties(device.physicalDevice, &props)
         let uuid = withUnsafeBytes(of: props.pipelineCacheUUID) { $0.map { String(format: "%02x", $0) }.joined() }

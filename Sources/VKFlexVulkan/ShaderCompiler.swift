@@ -106,12 +106,17 @@ public final class ShaderCompiler: @unchecked Sendable {
 
     private init() {}
 
-    /// How many compiles this process has run (for tests of the pipeline cache).
+    /// How many compiles this process has asked for, from shaderc or the SPIR-V cache (for tests
+    /// of the pipeline cache).
     public var compilations: Int { lock.withLock { compileCount } }
 
     /// Compiles `source` (with `#include` resolved from `library`) to SPIR-V words.
     ///
     /// `VKFLEX_DUMP_SHADERS=dir` writes the expanded source to `dir/<name>.comp` first.
+    ///
+    /// The SPIR-V is also kept on disk (next to the pipeline cache, see ``SPIRVCache``) under a
+    /// hash of everything that decides it, so a second process skips shaderc for shaders it has
+    /// seen — glslang and spirv-opt cost tens to hundreds of milliseconds on large kernels.
     public func compile(_ source: ShaderSource, library: ShaderLibrary = .standard) throws -> [UInt32] {
         let text = source.expandedText
         if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
@@ -119,10 +124,19 @@ public final class ShaderCompiler: @unchecked Sendable {
             let safe = source.name.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" ? $0 : "_" }
             try? text.write(toFile: (dir as NSString).appendingPathComponent(String(safe) + ".comp"), atomically: true, encoding: .utf8)
         }
-        return try lock.withLock {
+        lock.withLock { compileCount += 1 }
+        let cache = SPIRVCache.standard
+        let key = cache.map { _ in SPIRVCache.key(text: text, library: library, optimize: source.optimize) }
+        if let cache, let key, let words = cache.load(key) { return words }
+        let words = try compileWithShaderc(source, text: text, library: library)
+        if let cache, let key { cache.store(key, words) }
+        return words
+    }
+
+    private func compileWithShaderc(_ source: ShaderSource, text: String, library: ShaderLibrary) throws -> [UInt32] {
+        try lock.withLock {
             if compiler == nil { compiler = shaderc_compiler_initialize() }
             guard let compiler else { throw VulkanError.unsupported("shaderc_compiler_initialize failed") }
-            compileCount += 1
             guard let options = shaderc_compile_options_initialize() else {
                 throw VulkanError.unsupported("shaderc_compile_options_initialize failed")
             }
@@ -188,4 +202,51 @@ extension ShaderCompileError {
         }
         return ShaderCompileError(shaderName: shaderName, message: message, file: file, line: line, excerpt: excerpt)
     }
+}
+
+/// Compiled SPIR-V on disk, keyed by a 64-bit FNV-1a hash of the expanded source, every file of
+/// the shader library (the generated mods included), the optimization choice and the vkflex
+/// shaderc build. Lives in `$VKFLEX_CACHE_DIR`, `$XDG_CACHE_HOME/vkflex` or `~/.cache/vkflex`;
+/// `VKFLEX_PIPELINE_CACHE=0` turns it off with the pipeline cache.
+public struct SPIRVCache: Sendable {
+    public let directory: URL
+
+    public static var standard: SPIRVCache? {
+        let env = ProcessInfo.processInfo.environment
+        guard env["VKFLEX_PIPELINE_CACHE"] != "0" else { return nil }
+        return SPIRVCache(directory: cacheRoot().appendingPathComponent("spirv"))
+    }
+
+    static func key(text: String, library: ShaderLibrary, optimize: Bool) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix(_ s: String) {
+            for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
+            h = (h ^ 0xff) &* 0x0000_0100_0000_01b3
+        }
+        mix("vkflex-spirv-1 shaderc \(vkflex_shaderc_version()) opt=\(optimize)")
+        mix(text)
+        for name in library.files.keys.sorted() { mix(name); mix(library.files[name]!) }
+        return String(format: "%016llx", h)
+    }
+
+    func load(_ key: String) -> [UInt32]? {
+        guard let data = try? Data(contentsOf: directory.appendingPathComponent(key + ".spv")),
+              data.count >= 20, data.count % 4 == 0 else { return nil }
+        let words = data.withUnsafeBytes { Array($0.bindMemory(to: UInt32.self)) }
+        return words.first == 0x0723_0203 ? words : nil
+    }
+
+    func store(_ key: String, _ words: [UInt32]) {
+        try? FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let data = words.withUnsafeBytes { Data($0) }
+        try? data.write(to: directory.appendingPathComponent(key + ".spv"), options: .atomic)
+    }
+}
+
+/// `$VKFLEX_CACHE_DIR`, else `$XDG_CACHE_HOME/vkflex`, else `~/.cache/vkflex`.
+func cacheRoot() -> URL {
+    let env = ProcessInfo.processInfo.environment
+    if let d = env["VKFLEX_CACHE_DIR"], !d.isEmpty { return URL(fileURLWithPath: d) }
+    if let d = env["XDG_CACHE_HOME"], !d.isEmpty { return URL(fileURLWithPath: d).appendingPathComponent("vkflex") }
+    return URL(fileURLWithPath: NSHomeDirectory()).appendingPathComponent(".cache/vkflex")
 }

@@ -12,6 +12,8 @@ class FlexTestCase: XCTestCase {
     override func setUpWithError() throws {
         if FlexTestCase.sharedDevice == nil {
             let cacheDir = FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-tests-\(getpid())")
+            // Hermetic caches: pipelines and SPIR-V of this test process only.
+            setenv("VKFLEX_CACHE_DIR", cacheDir.path, 1)
             FlexTestCase.sharedDevice = try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"] ?? "llvmpipe",
                                                    options: .init(validation: true, pipelineCacheDirectory: cacheDir))
         }

@@ -120,3 +120,22 @@ final class CompilerTests: VulkanTestCase {
 extension UInt32 {
     var littleEndianBytes: [UInt8] { withUnsafeBytes(of: self.littleEndian) { Array($0) } }
 }
+
+extension CompilerTests {
+    func testSPIRVIsCachedOnDiskByEverythingThatDecidesIt() throws {
+        let cache = try XCTUnwrap(SPIRVCache.standard)
+        // A comment with a fresh UUID makes this source new to the cache.
+        let text = "#version 450\n// \(UUID())\n#extension GL_GOOGLE_include_directive : require\n#include \"part.glsl\"\nlayout(local_size_x = 1) in;\nlayout(std430, binding = 0) buffer B { float x[]; };\nvoid main() { x[0] = VALUE; }\n"
+        let lib1 = ShaderLibrary(files: ["part.glsl": "#define VALUE 1.0\n"])
+        let source = ShaderSource(name: "cached", text: text)
+        let key1 = SPIRVCache.key(text: source.expandedText, library: lib1, optimize: true)
+        XCTAssertNil(cache.load(key1))
+        let words = try ShaderCompiler.shared.compile(source, library: lib1)
+        XCTAssertEqual(cache.load(key1), words, "stored after the first compile")
+        XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: lib1), words, "second compile comes from disk")
+        var lib2 = lib1
+        lib2.files["part.glsl"]! += "// another include text\n"
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib2, optimize: true), key1)
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimize: false), key1)
+    }
+}

@@ -13,6 +13,8 @@ class VulkanTestCase: XCTestCase {
     override func setUpWithError() throws {
         if VulkanTestCase.sharedDevice == nil {
             let cacheDir = FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-tests-\(getpid())")
+            // Hermetic caches: pipelines and SPIR-V of this test process only.
+            setenv("VKFLEX_CACHE_DIR", cacheDir.path, 1)
             VulkanTestCase.sharedDevice = try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"] ?? "llvmpipe",
                                                      options: .init(validation: true, pipelineCacheDirectory: cacheDir))
         }
