@@ -29,36 +29,12 @@ layout(local_size_x = WG) in;
 #define OUT_T float
 #endif
 
-layout(std430, set = 0, binding = 0) readonly buffer QBuf { IN_T q_data[]; };
-layout(std430, set = 0, binding = 1) readonly buffer KBuf { IN_T k_data[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBuf { IN_T v_data[]; };
-layout(std430, set = 0, binding = 3) writeonly buffer OBuf { OUT_T o_data[]; };
-layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
-layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
-layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
-layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
-layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
-layout(std430, set = 0, binding = 9) readonly buffer Params {
-    int B, Hq, Hkv, Lq, Lkv, b_start;
-    int q_base, q_sb, q_sh, q_sl, q_sd;
-    int k_base, k_sb, k_sh, k_sl, k_sd;
-    int v_base, v_sb, v_sh, v_sl, v_sd;
-    int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl;
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
-    float scale;
-    int vec_ok;
-} p;
-
-#include "flex_mods.glsl"
+#include "flex_attention_common.glsl"
 
 // Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
 // the same dimension hit different banks.
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
-const float LOG2E = 1.4426950408889634;
-const float LN2 = 0.6931471805599453;
-#define NEG_INF (-uintBitsToFloat(0x7F800000u))
 
 shared float Qs[BQ * D];
 shared float KVs[BKV * KVD];

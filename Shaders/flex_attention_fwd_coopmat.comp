@@ -32,37 +32,16 @@
 #define LPR (2 / RPW)
 layout(local_size_x = 32 * NSG) in;
 
-layout(std430, set = 0, binding = 0) readonly buffer QBuf { float16_t q_data[]; };
-layout(std430, set = 0, binding = 1) readonly buffer KBuf { float16_t k_data[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBuf { float16_t v_data[]; };
-layout(std430, set = 0, binding = 3) writeonly buffer OBuf { float16_t o_data[]; };
-layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
-layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
-layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
-layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
-layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
-layout(std430, set = 0, binding = 9) readonly buffer Params {
-    int B, Hq, Hkv, Lq, Lkv, b_start;
-    int q_base, q_sb, q_sh, q_sl, q_sd;
-    int k_base, k_sb, k_sh, k_sl, k_sd;
-    int v_base, v_sb, v_sh, v_sl, v_sd;
-    int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl;
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
-    float scale;
-    int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
-} p;
+#define IN_T float16_t
+#define OUT_T float16_t
+#include "flex_attention_common.glsl"
+
 // The same buffers seen 8 halves at a time, for the vector path.
 layout(std430, set = 0, binding = 0) readonly buffer QBuf4 { uvec4 q4[]; };
 layout(std430, set = 0, binding = 1) readonly buffer KBuf4 { uvec4 k4[]; };
 layout(std430, set = 0, binding = 2) readonly buffer VBuf4 { uvec4 v4[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 
-#include "flex_mods.glsl"
-
-#define NEG_INF (-uintBitsToFloat(0x7F800000u))
-const float LOG2E = 1.4426950408889634;
-const float LN2 = 0.6931471805599453;
 
 // Row strides in shared memory (elements), padded to keep rows 16-byte aligned and off one bank.
 #define KS (D + 8)

@@ -46,27 +46,17 @@ public enum GLSLEmitter {
         for (i, c) in caps.enumerated() { out.append(loadFunction(i, c)) }
 
         let score = scoreMod ?? .arg(.score)
-        var body = FunctionEmitter(captures: caps)
-        let sv = try body.value(score)
-        out.append("float score_mod(float score, int b, int h, int q_idx, int kv_idx) {")
-        out.append(contentsOf: body.lines)
-        out.append("    return \(body.asFloat(sv));")
-        out.append("}")
-
-        let grad = score.derivative()
-        var gbody = FunctionEmitter(captures: caps)
-        let gv = try gbody.value(grad)
-        out.append("float score_mod_grad(float score, int b, int h, int q_idx, int kv_idx) {")
-        out.append(contentsOf: gbody.lines)
-        out.append("    return \(gbody.asFloat(gv));")
-        out.append("}")
-
-        var mbody = FunctionEmitter(captures: caps)
-        let mv = try mbody.value(maskMod ?? .bool(true))
-        out.append("bool mask_mod(int b, int h, int q_idx, int kv_idx) {")
-        out.append(contentsOf: mbody.lines)
-        out.append("    return \(mv.code);")
-        out.append("}")
+        func function(_ signature: String, _ graph: Expr, float: Bool) throws {
+            var body = FunctionEmitter(captures: caps)
+            let v = try body.value(graph)
+            out.append(signature + " {")
+            out.append(contentsOf: body.lines)
+            out.append("    return \(float ? body.asFloat(v) : v.code);")
+            out.append("}")
+        }
+        try function("float score_mod(float score, int b, int h, int q_idx, int kv_idx)", score, float: true)
+        try function("float score_mod_grad(float score, int b, int h, int q_idx, int kv_idx)", score.derivative(), float: true)
+        try function("bool mask_mod(int b, int h, int q_idx, int kv_idx)", maskMod ?? .bool(true), float: false)
         out.append("#define VKF_HAS_SCORE_MOD \(scoreMod.map { $0 == .arg(.score) ? 0 : 1 } ?? 0)")
         out.append("#define VKF_HAS_MASK_MOD \(maskMod.map { $0 == .bool(true) ? 0 : 1 } ?? 0)")
         out.append("// ---- end of generated code ----")

@@ -112,30 +112,38 @@ public final class Interpreter: @unchecked Sendable {
     /// Forgets a recorded error.
     public func clearError() { error = nil }
 
+    private func env(_ score: Double, _ b: Int, _ h: Int, _ q: Int, _ kv: Int) -> Env {
+        Env(score: score, b: Int32(truncatingIfNeeded: b), h: Int32(truncatingIfNeeded: h),
+            q: Int32(truncatingIfNeeded: q), kv: Int32(truncatingIfNeeded: kv))
+    }
+
+    /// The value at one point, as a Double (ints converted, bools 0/1).
     public func float(score: Double = 0, b: Int, h: Int, q: Int, kv: Int) -> Double {
-        let env = Env(score: score, b: Int32(truncatingIfNeeded: b), h: Int32(truncatingIfNeeded: h), q: Int32(truncatingIfNeeded: q), kv: Int32(truncatingIfNeeded: kv))
+        let e = env(score, b, h, q, kv)
         switch root! {
-        case .float(let f): return f(env)
-        case .int(let f): return Double(f(env))
-        case .bool(let f): return f(env) ? 1 : 0
+        case .float(let f): return f(e)
+        case .int(let f): return Double(f(e))
+        case .bool(let f): return f(e) ? 1 : 0
         }
     }
 
+    /// The value at one point, as an Int32 (floats truncated, bools 0/1).
     public func int(b: Int, h: Int, q: Int, kv: Int, score: Double = 0) -> Int32 {
-        let env = Env(score: score, b: Int32(truncatingIfNeeded: b), h: Int32(truncatingIfNeeded: h), q: Int32(truncatingIfNeeded: q), kv: Int32(truncatingIfNeeded: kv))
+        let e = env(score, b, h, q, kv)
         switch root! {
-        case .int(let f): return f(env)
-        case .float(let f): return Int32(f(env))
-        case .bool(let f): return f(env) ? 1 : 0
+        case .int(let f): return f(e)
+        case .float(let f): return Int32(f(e))
+        case .bool(let f): return f(e) ? 1 : 0
         }
     }
 
+    /// The value at one point, as a Bool (numbers: non-zero).
     public func bool(b: Int, h: Int, q: Int, kv: Int, score: Double = 0) -> Bool {
-        let env = Env(score: score, b: Int32(truncatingIfNeeded: b), h: Int32(truncatingIfNeeded: h), q: Int32(truncatingIfNeeded: q), kv: Int32(truncatingIfNeeded: kv))
+        let e = env(score, b, h, q, kv)
         switch root! {
-        case .bool(let f): return f(env)
-        case .int(let f): return f(env) != 0
-        case .float(let f): return f(env) != 0
+        case .bool(let f): return f(e)
+        case .int(let f): return f(e) != 0
+        case .float(let f): return f(e) != 0
         }
     }
 

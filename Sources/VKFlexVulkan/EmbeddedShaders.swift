@@ -97,6 +97,39 @@ void main() {
 }
 #endif
 """#,
+        "flex_attention_common.glsl": #"""
+// Bindings and parameters shared by the forward attention kernels (flex_attention_fwd*.comp).
+// Before including, define IN_T and OUT_T (the element types of Q/K/V and of O).
+layout(std430, set = 0, binding = 0) readonly buffer QBuf { IN_T q_data[]; };
+layout(std430, set = 0, binding = 1) readonly buffer KBuf { IN_T k_data[]; };
+layout(std430, set = 0, binding = 2) readonly buffer VBuf { IN_T v_data[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer OBuf { OUT_T o_data[]; };
+layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
+layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
+layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
+layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
+// Sizes, element offsets and strides (elements) of every tensor, the BlockMask's geometry, the
+// scale; filled by PortableForward.run in this order.
+layout(std430, set = 0, binding = 9) readonly buffer Params {
+    int B, Hq, Hkv, Lq, Lkv, b_start;
+    int q_base, q_sb, q_sh, q_sl, q_sd;
+    int k_base, k_sb, k_sh, k_sl, k_sd;
+    int v_base, v_sb, v_sh, v_sl, v_sd;
+    int o_base, o_sb, o_sh, o_sl, o_sd;
+    int lse_base, lse_sb, lse_sh, lse_sl;
+    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
+    float scale;
+    int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
+} p;
+
+// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11).
+#include "flex_mods.glsl"
+
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+const float LOG2E = 1.4426950408889634;
+const float LN2 = 0.6931471805599453;
+"""#,
         "flex_attention_fwd.comp": #"""
 #version 450
 // Block-sparse flash attention, forward, portable path (scalar math, any subgroup size).
@@ -129,36 +162,12 @@ layout(local_size_x = WG) in;
 #define OUT_T float
 #endif
 
-layout(std430, set = 0, binding = 0) readonly buffer QBuf { IN_T q_data[]; };
-layout(std430, set = 0, binding = 1) readonly buffer KBuf { IN_T k_data[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBuf { IN_T v_data[]; };
-layout(std430, set = 0, binding = 3) writeonly buffer OBuf { OUT_T o_data[]; };
-layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
-layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
-layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
-layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
-layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
-layout(std430, set = 0, binding = 9) readonly buffer Params {
-    int B, Hq, Hkv, Lq, Lkv, b_start;
-    int q_base, q_sb, q_sh, q_sl, q_sd;
-    int k_base, k_sb, k_sh, k_sl, k_sd;
-    int v_base, v_sb, v_sh, v_sl, v_sd;
-    int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl;
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
-    float scale;
-    int vec_ok;
-} p;
-
-#include "flex_mods.glsl"
+#include "flex_attention_common.glsl"
 
 // Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
 // the same dimension hit different banks.
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
-const float LOG2E = 1.4426950408889634;
-const float LN2 = 0.6931471805599453;
-#define NEG_INF (-uintBitsToFloat(0x7F800000u))
 
 shared float Qs[BQ * D];
 shared float KVs[BKV * KVD];
@@ -308,37 +317,16 @@ void main() {
 #define LPR (2 / RPW)
 layout(local_size_x = 32 * NSG) in;
 
-layout(std430, set = 0, binding = 0) readonly buffer QBuf { float16_t q_data[]; };
-layout(std430, set = 0, binding = 1) readonly buffer KBuf { float16_t k_data[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBuf { float16_t v_data[]; };
-layout(std430, set = 0, binding = 3) writeonly buffer OBuf { float16_t o_data[]; };
-layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
-layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
-layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
-layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
-layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
-layout(std430, set = 0, binding = 9) readonly buffer Params {
-    int B, Hq, Hkv, Lq, Lkv, b_start;
-    int q_base, q_sb, q_sh, q_sl, q_sd;
-    int k_base, k_sb, k_sh, k_sl, k_sd;
-    int v_base, v_sb, v_sh, v_sl, v_sd;
-    int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl;
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
-    float scale;
-    int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
-} p;
+#define IN_T float16_t
+#define OUT_T float16_t
+#include "flex_attention_common.glsl"
+
 // The same buffers seen 8 halves at a time, for the vector path.
 layout(std430, set = 0, binding = 0) readonly buffer QBuf4 { uvec4 q4[]; };
 layout(std430, set = 0, binding = 1) readonly buffer KBuf4 { uvec4 k4[]; };
 layout(std430, set = 0, binding = 2) readonly buffer VBuf4 { uvec4 v4[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 
-#include "flex_mods.glsl"
-
-#define NEG_INF (-uintBitsToFloat(0x7F800000u))
-const float LOG2E = 1.4426950408889634;
-const float LN2 = 0.6931471805599453;
 
 // Row strides in shared memory (elements), padded to keep rows 16-byte aligned and off one bank.
 #define KS (D + 8)
