@@ -11,7 +11,7 @@ selftest: deps
 
 # Run the test suite on lavapipe under the Khronos validation layer.
 test: deps
-	VKFLEX_DEVICE=$${VKFLEX_DEVICE:-llvmpipe} swift test
+	VKFLEX_DEVICE=$${VKFLEX_DEVICE:-llvmpipe} swift test --disable-swift-testing
 
 # The self-contained release binary (static Swift runtime) that ../shared/device/prep.sh packs.
 release: deps
