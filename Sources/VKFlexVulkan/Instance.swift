@@ -30,7 +30,12 @@ public final class ValidationLog: @unchecked Sendable {
     }
 }
 
-private let debugCallback: PFN_vkDebugUtilsMessengerCallbackEXT = { severity, _, data, _ in
+private let debugCallback: PFN_vkDebugUtilsMessengerCallbackEXT = { severity, types, data, _ in
+    // The validation layer reports through VALIDATION messages; GENERAL warnings are the loader's
+    // notes (e.g. that VK_INSTANCE_LAYERS added a layer) and are not problems with our usage.
+    let isValidation = types & VkDebugUtilsMessageTypeFlagsEXT(VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT.rawValue) != 0
+    let isError = severity.rawValue >= VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT.rawValue
+    guard isValidation || isError else { return VkBool32(VK_FALSE) }
     let text = data.flatMap { $0.pointee.pMessage.map { String(cString: $0) } } ?? "(no message)"
     let level = severity.rawValue >= VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT.rawValue ? "error" : "warning"
     ValidationLog.shared.append("\(level): \(text)")
