@@ -9,7 +9,7 @@ layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
 layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
-// Sizes, element offsets and strides (elements) of every tensor, the BlockMask's geometry, the
+// Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
 // scale; filled by PortableForward.run in this order.
 layout(std430, set = 0, binding = 9) readonly buffer Params {
     int B, Hq, Hkv, Lq, Lkv, b_start;
@@ -21,6 +21,8 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
     int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
     float scale;
     int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
+    int h_start;  // first query head of this dispatch (workgroup y counts from it)
+    int hk_start; // first key/value head bound by this dispatch
 } p;
 
 // Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11).

@@ -43,7 +43,8 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int tile = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
     const int b = p.b_start + bl;
     const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
     const int q0 = qb * p.q_bs + sub * BQ;
@@ -52,7 +53,7 @@ void main() {
     const int rows = q_end - q0;
     const int hk = h / (p.Hq / p.Hkv);
 
-    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     for (int e = lid; e < BQ * D; e += WG) {
         int r = e / D, d = e - (e / D) * D;
         Qs[e] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
@@ -65,8 +66,8 @@ void main() {
     const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
     const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
     const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
-    const int koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
-    const int voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+    const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
+    const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
 
     for (int pass = 0; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
@@ -132,7 +133,7 @@ void main() {
         }
     }
 
-    const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
+    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
     for (int a = 0; a < ACC; ++a) {
         int e = lid + a * WG;
         if (e < BQ * DV) {
@@ -145,6 +146,6 @@ void main() {
     }
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
 }

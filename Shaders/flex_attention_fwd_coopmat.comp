@@ -197,7 +197,8 @@ void stash(int lid) {
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sg = lid / 32, lane = lid % 32;
-    const int tile = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
     const int b = p.b_start + bl;
     const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
     const int q0 = qb * p.q_bs + sub * BQ;
@@ -217,7 +218,7 @@ void main() {
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[rb][dd] = FRAG32(0.0);
 
     // Stage Q, 16 * NSG rows at a time (rows past the end are zero), into the fragments.
-    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int first = rb * 16 * NSG;
         barrier();
@@ -242,8 +243,8 @@ void main() {
     g_nfull = p.dense != 0 ? p.kv_blocks : full_kv_num[g_mrow];
     g_npart = p.dense != 0 ? 0 : kv_num[g_mrow];
     g_tiles_per_kvb = (p.kv_bs + BKV - 1) / BKV;
-    g_koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
-    g_voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+    g_koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
+    g_voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
     const int total_tiles = (g_nfull + g_npart) * g_tiles_per_kvb;
 
     if (p.vec_ok != 0) {
@@ -276,7 +277,7 @@ void main() {
     }
 
     // O / l (0 for rows with no key), staged as fp16 16 * NSG rows at a time, written with the output's strides.
-    const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
+    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int first = rb * 16 * NSG;
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
@@ -304,6 +305,6 @@ void main() {
     for (int r = lid; r < rows; r += 32 * NSG) {
         float l = l_s[r];
         if (p.write_lse != 0)
-            lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + r) * p.lse_sl] = l > 0.0 ? (m_s[r] + log2(l)) * LN2 : NEG_INF;
+            lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = l > 0.0 ? (m_s[r] + log2(l)) * LN2 : NEG_INF;
     }
 }

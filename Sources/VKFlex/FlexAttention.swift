@@ -247,20 +247,21 @@ enum PortableForward {
         let lseTensor = lse
         let lseScratch = lse == nil ? try dummyFloatBuffer(device) : nil
 
-        // Split over batches when a tensor is larger than one storage-buffer binding.
-        let batchesPerDispatch = try batchesPerChunk(s, tensors: [q, k, v, output] + (lse.map { [$0] } ?? []), device: device)
+        // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
+        let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
+        let group = s.Hq / max(1, s.Hkv)
         let errors = try mods.makeErrorBuffer(device)
-        var b0 = 0
-        while b0 < s.B {
-            let nb = min(batchesPerDispatch, s.B - b0)
+        for chunk in chunks {
+            let (b0, nb, h0, nh) = (chunk.b.lowerBound, chunk.b.count, chunk.h.lowerBound, chunk.h.count)
+            let kvHeads = (h0 / group)..<((h0 + nh - 1) / group + 1)
             var bindings: [BufferBinding] = []
             var bases: [Int] = []
-            for (t, writes) in [(q, false), (k, false), (v, false), (output, true)] {
-                let (binding, base) = try bind(t, batches: b0..<(b0 + nb), writes: writes, device: device)
+            for (t, heads, writes) in [(q, chunk.h, false), (k, kvHeads, false), (v, kvHeads, false), (output, chunk.h, true)] {
+                let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: writes, device: device)
                 bindings.append(binding); bases.append(base)
             }
             if let l = lseTensor {
-                let (binding, base) = try bind(l, batches: b0..<(b0 + nb), writes: true, device: device)
+                let (binding, base) = try bind(l, batches: chunk.b, heads: chunk.h, writes: true, device: device)
                 bindings.append(binding); bases.append(base)
             } else {
                 bindings.append(BufferBinding(lseScratch!, writes: true)); bases.append(0)
@@ -277,16 +278,15 @@ enum PortableForward {
             let vecOK = [q, k, v, output].enumerated().allSatisfy { i, t in
                 t.strides[3] == 1 && bases[i] % 8 == 0 && t.strides[0] % 8 == 0 && t.strides[1] % 8 == 0 && t.strides[2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
-            params += withUnsafeBytes(of: Int32(vecOK ? 1 : 0)) { Array($0) }
+            params += [Int32(vecOK ? 1 : 0), Int32(h0), Int32(kvHeads.lowerBound)].withUnsafeBytes { Array($0) }
             let paramBuffer = try device.makeBuffer(bytes: params.count)
             try paramBuffer.upload(params)
             bindings.append(BufferBinding(paramBuffer))
             bindings.append(BufferBinding(errors, writes: true))
             bindings += mods.captureBindings()
             try device.record { rec in
-                try rec.dispatch(pipeline, bindings: bindings, groups: (groupsX, s.Hq, nb))
+                try rec.dispatch(pipeline, bindings: bindings, groups: (groupsX, nh, nb))
             }
-            b0 += nb
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
         if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) {
@@ -298,36 +298,71 @@ enum PortableForward {
         }
     }
 
-    /// Binds the part of `t` that batches `range` use; returns the binding and the element offset
-    /// of batch `range.lowerBound` inside it.
-    static func bind(_ t: Tensor, batches range: Range<Int>, writes: Bool, device: Device) throws -> (BufferBinding, Int) {
+    /// The bytes of `t` that batches `batches` and heads `heads` cover (all of L and D).
+    static func span(_ t: Tensor, batches: Range<Int>, heads: Range<Int>) -> (first: Int, lower: Int, upper: Int) {
         let size = t.dtype.size
-        let align = device.capabilities.minStorageBufferOffsetAlignment
-        let first = t.byteOffset + range.lowerBound * t.strides[0] * size
+        let first = t.byteOffset + (batches.lowerBound * t.strides[0] + heads.lowerBound * t.strides[1]) * size
         var lo = first, hi = first + size
         for (d, (n, st)) in zip(t.shape, t.strides).enumerated() {
-            let extent = d == 0 ? range.count : n
+            let extent = d == 0 ? batches.count : d == 1 ? heads.count : n
             guard extent > 0 else { continue }
             if st >= 0 { hi += (extent - 1) * st * size } else { lo += (extent - 1) * st * size }
         }
-        let start = lo / align * align
-        let base = (first - start) / size
-        guard (first - start) % size == 0 else { throw FlexError("\(t.name) is not aligned to its element size") }
-        return (BufferBinding(t.buffer, offset: start, size: hi - start, writes: writes), base)
+        return (first, lo, hi)
     }
 
-    static func batchesPerChunk(_ s: AttentionShape, tensors: [Tensor], device: Device) throws -> Int {
-        let limit = device.capabilities.maxStorageBufferRange - device.capabilities.minStorageBufferOffsetAlignment
-        var per = max(1, s.B)
-        for t in tensors {
-            let batchBytes = max(1, t.shape.dropFirst().enumerated().reduce(1) { acc, x in acc + (x.element - 1) * abs(t.strides[x.offset + 1]) } * t.dtype.size)
-            guard batchBytes <= limit else {
-                throw VulkanError.limitExceeded("one batch of \(t.name) spans \(formatBytes(batchBytes)); \(device.capabilities.name) binds at most \(formatBytes(device.capabilities.maxStorageBufferRange)) per buffer")
+    /// Binds the part of `t` that `batches` and `heads` use; returns the binding and the element
+    /// offset of element (batches.first, heads.first, 0, 0) inside it.
+    static func bind(_ t: Tensor, batches: Range<Int>, heads: Range<Int>, writes: Bool, device: Device) throws -> (BufferBinding, Int) {
+        let size = t.dtype.size
+        let align = device.capabilities.minStorageBufferOffsetAlignment
+        let (first, lo, hi) = span(t, batches: batches, heads: heads)
+        let start = lo / align * align
+        guard (first - start) % size == 0 else { throw FlexError("\(t.name) is not aligned to its element size") }
+        return (BufferBinding(t.buffer, offset: start, size: hi - start, writes: writes), (first - start) / size)
+    }
+
+    struct Chunk { let b: Range<Int>; let h: Range<Int> }
+
+    /// Dispatches such that every binding fits the device's storage-buffer range: all at once,
+    /// else by groups of batches, else one batch and a group of heads at a time.
+    static func planChunks(_ s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor?, device: Device) throws -> [Chunk] {
+        let caps = device.capabilities
+        let limit = caps.maxStorageBufferRange - caps.minStorageBufferOffsetAlignment
+        let group = s.Hq / max(1, s.Hkv)
+        func fits(_ b: Range<Int>, _ h: Range<Int>) -> Bool {
+            let kvh = (h.lowerBound / group)..<((h.upperBound - 1) / group + 1)
+            let parts: [(Tensor, Range<Int>)] = [(q, h), (k, kvh), (v, kvh), (output, h)] + (lse.map { [($0, h)] } ?? [])
+            return parts.allSatisfy { t, heads in
+                let sp = span(t, batches: b, heads: heads)
+                return sp.upper - sp.lower <= limit
             }
-            let stride0 = max(1, abs(t.strides[0]) * t.dtype.size)
-            per = min(per, max(1, (limit - batchBytes) / stride0 + 1))
         }
-        return per
+        if fits(0..<s.B, 0..<s.Hq) { return [Chunk(b: 0..<s.B, h: 0..<s.Hq)] }
+        var chunks: [Chunk] = []
+        if fits(0..<1, 0..<s.Hq) {
+            var b0 = 0
+            while b0 < s.B {
+                var nb = 1
+                while b0 + nb < s.B && fits(b0..<(b0 + nb + 1), 0..<s.Hq) { nb += 1 }
+                chunks.append(Chunk(b: b0..<(b0 + nb), h: 0..<s.Hq))
+                b0 += nb
+            }
+            return chunks
+        }
+        for b in 0..<s.B {
+            var h0 = 0
+            while h0 < s.Hq {
+                guard fits(b..<(b + 1), h0..<(h0 + 1)) else {
+                    throw VulkanError.limitExceeded("one head of one batch spans more than \(formatBytes(caps.maxStorageBufferRange)), what \(caps.name) binds per buffer; split the sequence")
+                }
+                var nh = 1
+                while h0 + nh < s.Hq && fits(b..<(b + 1), h0..<(h0 + nh + 1)) { nh += 1 }
+                chunks.append(Chunk(b: b..<(b + 1), h: h0..<(h0 + nh)))
+                h0 += nh
+            }
+        }
+        return chunks
     }
 
     static func dummyIndexBuffer(_ device: Device) throws -> Tensor {

@@ -109,7 +109,7 @@ layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
 layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
-// Sizes, element offsets and strides (elements) of every tensor, the BlockMask's geometry, the
+// Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
 // scale; filled by PortableForward.run in this order.
 layout(std430, set = 0, binding = 9) readonly buffer Params {
     int B, Hq, Hkv, Lq, Lkv, b_start;
@@ -121,6 +121,8 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
     int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
     float scale;
     int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
+    int h_start;  // first query head of this dispatch (workgroup y counts from it)
+    int hk_start; // first key/value head bound by this dispatch
 } p;
 
 // Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11).
@@ -176,7 +178,8 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int tile = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
     const int b = p.b_start + bl;
     const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
     const int q0 = qb * p.q_bs + sub * BQ;
@@ -185,7 +188,7 @@ void main() {
     const int rows = q_end - q0;
     const int hk = h / (p.Hq / p.Hkv);
 
-    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     for (int e = lid; e < BQ * D; e += WG) {
         int r = e / D, d = e - (e / D) * D;
         Qs[e] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
@@ -198,8 +201,8 @@ void main() {
     const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
     const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
     const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
-    const int koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
-    const int voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+    const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
+    const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
 
     for (int pass = 0; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
@@ -265,7 +268,7 @@ void main() {
         }
     }
 
-    const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
+    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
     for (int a = 0; a < ACC; ++a) {
         int e = lid + a * WG;
         if (e < BQ * DV) {
@@ -278,7 +281,7 @@ void main() {
     }
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
 }
 """#,
@@ -482,7 +485,8 @@ void stash(int lid) {
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sg = lid / 32, lane = lid % 32;
-    const int tile = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
+    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
     const int b = p.b_start + bl;
     const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
     const int q0 = qb * p.q_bs + sub * BQ;
@@ -502,7 +506,7 @@ void main() {
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[rb][dd] = FRAG32(0.0);
 
     // Stage Q, 16 * NSG rows at a time (rows past the end are zero), into the fragments.
-    const int qoff = p.q_base + bl * p.q_sb + h * p.q_sh;
+    const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int first = rb * 16 * NSG;
         barrier();
@@ -527,8 +531,8 @@ void main() {
     g_nfull = p.dense != 0 ? p.kv_blocks : full_kv_num[g_mrow];
     g_npart = p.dense != 0 ? 0 : kv_num[g_mrow];
     g_tiles_per_kvb = (p.kv_bs + BKV - 1) / BKV;
-    g_koff = p.k_base + bl * p.k_sb + hk * p.k_sh;
-    g_voff = p.v_base + bl * p.v_sb + hk * p.v_sh;
+    g_koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
+    g_voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
     const int total_tiles = (g_nfull + g_npart) * g_tiles_per_kvb;
 
     if (p.vec_ok != 0) {
@@ -561,7 +565,7 @@ void main() {
     }
 
     // O / l (0 for rows with no key), staged as fp16 16 * NSG rows at a time, written with the output's strides.
-    const int ooff = p.o_base + bl * p.o_sb + h * p.o_sh;
+    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int first = rb * 16 * NSG;
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
@@ -589,7 +593,7 @@ void main() {
     for (int r = lid; r < rows; r += 32 * NSG) {
         float l = l_s[r];
         if (p.write_lse != 0)
-            lse_data[p.lse_base + bl * p.lse_sb + h * p.lse_sh + (q0 + r) * p.lse_sl] = l > 0.0 ? (m_s[r] + log2(l)) * LN2 : NEG_INF;
+            lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = l > 0.0 ? (m_s[r] + log2(l)) * LN2 : NEG_INF;
     }
 }
 """#,

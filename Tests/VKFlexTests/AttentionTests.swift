@@ -231,3 +231,26 @@ extension AttentionTests {
         XCTAssertGreaterThanOrEqual(compiled, 24)
     }
 }
+
+extension AttentionTests {
+    func testOneBatchLargerThanABindingIsSplitAcrossHeads() throws {
+        // Heads 160 MiB apart: one batch spans more than lavapipe's 128 MiB, so each dispatch binds a
+        // group of heads. GQA: 4 query heads over 2 key/value heads.
+        let stride = 40 << 20
+        let big = try device.empty(shape: [4 * stride], dtype: .float32, name: "big")
+        let values = randn(4 * 20)
+        for h in 0..<4 { try big.buffer.upload(Array(values[(h * 20)..<((h + 1) * 20)]), byteOffset: h * stride * 4) }
+        let q = try big.asStrided(shape: [1, 4, 5, 4], strides: [4 * stride, stride, 4, 1])
+        let kv = try big.asStrided(shape: [1, 2, 5, 4], strides: [4 * stride, stride, 4, 1])
+        XCTAssertGreaterThan(q.byteSpan.upper - q.byteSpan.lower, device.capabilities.maxStorageBufferRange)
+        let dq = try device.tensor(values, shape: [1, 4, 5, 4])
+        let dkv = try device.tensor(Array(values[0..<40]), shape: [1, 2, 5, 4])
+        let causal = try createBlockMask(MaskMod { _, h, q, kv in q + h >= kv }, B: 1, H: 4, qLen: 5, kvLen: 5, device: device, blockSize: 2)
+        let a = try flexAttention(q, kv, kv, blockMask: causal, enableGQA: true, returnLSE: true)
+        let b = try flexAttention(dq, dkv, dkv, blockMask: causal, enableGQA: true, returnLSE: true)
+        XCTAssertEqual(try a.output.toArray(), try b.output.toArray())
+        XCTAssertEqual(try a.lse!.toArray(), try b.lse!.toArray())
+        let ref = try flexAttentionReference(dq, dkv, dkv, blockMask: causal, enableGQA: true)
+        XCTAssertLessThan(relativeL2Error(try a.output.toArray(), ref.output), 1e-5)
+    }
+}
