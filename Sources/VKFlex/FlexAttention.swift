@@ -186,7 +186,9 @@ enum PortableForward {
     /// every variant optimized, so a crash would show there, not in a user's process.
     static func coopmatSource(D: Int, tiles t: CoopmatTiles) throws -> ShaderSource {
         ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
-                     defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)")],
+                     defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
+                               // VKFLEX_COOPMAT_FAST=0 keeps S and P in shared memory even where the register path applies.
+                               .init("VKF_FAST_PATH", ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_FAST"] == "0" ? "0" : "1")],
                      optimize: true)
     }
 

@@ -310,6 +310,10 @@ void main() {
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_EXT_control_flow_attributes : require
+#extension GL_KHR_shader_subgroup_vote : require
+#ifndef VKF_FAST_PATH
+#define VKF_FAST_PATH 1
+#endif
 
 #define DV D
 #ifndef RPW
@@ -362,6 +366,10 @@ uvec4 get8(int at) {
 FRAG16 qf[RPW][D / 16];
 FRAG32 of[RPW][DV / 16];
 FRAG32 rowf, colf;
+// Fast path: when every lane holds rows (lane / 4) and (lane / 4 + 8) of each accumulator (NVIDIA's
+// layout, checked at run time), S and P stay in registers and rows reduce with two shuffles.
+bool g_fast;
+float fm[RPW][2], fl[RPW][2];
 int g_b, g_h, g_q0, g_rows, g_sg, g_lane, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
 
 // Key range of tile t of this row of blocks: full blocks first, then partial ones.
@@ -455,6 +463,69 @@ void process_tile(int k0, int kn, int pass) {
     }
 }
 
+
+// Scores, softmax and P V for the K/V tile in shared memory, S and P in registers.
+void process_tile_fast(int k0, int kn, int pass) {
+    FRAG32 acc[RPW][BKV / 16];
+    [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb][c] = FRAG32(0.0);
+        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+            FRAG16 kt;
+            coopMatLoadNV(kt, kv16, uint(c * 16 * KS + kk * 16), uint(KS), true);
+            [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb][c] = coopMatMulAddNV(qf[rb][kk], kt, acc[rb][c]);
+        }
+    }
+    FRAG16 pf[RPW][BKV / 16];
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+        int rbase = row_base(rb);
+        float mx0 = fm[rb][0], mx1 = fm[rb][1];
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+            [[unroll]] for (int e = 0; e < acc[rb][c].length(); ++e) {
+                int rr = int(rowf[e]), r = rbase + rr, j = c * 16 + int(colf[e]);
+                float s = NEG_INF;
+                if (r < g_rows && j < kn) {
+                    s = acc[rb][c][e] * p.scale;
+#if VKF_HAS_SCORE_MOD
+                    s = score_mod(s, g_b, g_h, g_q0 + r, k0 + j);
+#endif
+#if VKF_HAS_MASK_MOD
+                    if (pass == 1 && !mask_mod(g_b, g_h, g_q0 + r, k0 + j)) s = NEG_INF;
+#endif
+                }
+                s *= LOG2E;
+                acc[rb][c][e] = s;
+                if (rr < 8) mx0 = max(mx0, s); else mx1 = max(mx1, s);
+            }
+        }
+        mx0 = max(mx0, subgroupShuffleXor(mx0, 1)); mx0 = max(mx0, subgroupShuffleXor(mx0, 2));
+        mx1 = max(mx1, subgroupShuffleXor(mx1, 1)); mx1 = max(mx1, subgroupShuffleXor(mx1, 2));
+        float a0 = exp2(fm[rb][0] - mx0), a1 = exp2(fm[rb][1] - mx1);
+        float s0 = 0.0, s1 = 0.0;
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+            [[unroll]] for (int e = 0; e < acc[rb][c].length(); ++e) {
+                bool lo = int(rowf[e]) < 8;
+                float pj = exp2(acc[rb][c][e] - (lo ? mx0 : mx1));
+                acc[rb][c][e] = pj;
+                if (lo) s0 += pj; else s1 += pj;
+            }
+            pf[rb][c] = FRAG16(acc[rb][c]);
+        }
+        s0 += subgroupShuffleXor(s0, 1); s0 += subgroupShuffleXor(s0, 2);
+        s1 += subgroupShuffleXor(s1, 1); s1 += subgroupShuffleXor(s1, 2);
+        fl[rb][0] = fl[rb][0] * a0 + s0; fl[rb][1] = fl[rb][1] * a1 + s1;
+        fm[rb][0] = mx0; fm[rb][1] = mx1;
+        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
+            [[unroll]] for (int e = 0; e < of[rb][dd].length(); ++e) of[rb][dd][e] *= int(rowf[e]) < 8 ? a0 : a1;
+    }
+    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+            FRAG16 vf;
+            coopMatLoadNV(vf, kv16, uint(BKV * KS + c * 16 * KS + dd * 16), uint(KS), false);
+            [[unroll]] for (int rb = 0; rb < RPW; ++rb) of[rb][dd] = coopMatMulAddNV(pf[rb][c], vf, of[rb][dd]);
+        }
+    }
+}
+
 // Vector path: each invocation moves PRE 8-half vectors of K and of V per tile.
 #define PRE ((BKV * (D / 8) + 32 * NSG - 1) / (32 * NSG))
 uvec4 pre_k[PRE], pre_v[PRE];
@@ -502,6 +573,12 @@ void main() {
     barrier();
     coopMatLoadNV(rowf, s32, 0, 16, false);
     coopMatLoadNV(colf, s32, 256, 16, false);
+    {
+        bool mine = true;
+        for (int e = 0; e < rowf.length(); ++e) mine = mine && (int(rowf[e]) % 8 == lane / 4);
+        g_fast = subgroupAll(mine) && VKF_FAST_PATH != 0;
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb) { fm[rb][0] = -1e30; fm[rb][1] = -1e30; fl[rb][0] = 0.0; fl[rb][1] = 0.0; }
+    }
     [[unroll]] for (int rb = 0; rb < RPW; ++rb)
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[rb][dd] = FRAG32(0.0);
 
@@ -544,7 +621,7 @@ void main() {
             stash(lid);
             barrier();
             if (t + 1 < total_tiles) fetch(t + 1, lid);
-            if (kn > 0) process_tile(k0, kn, pass);
+            if (kn > 0) { if (g_fast) process_tile_fast(k0, kn, pass); else process_tile(k0, kn, pass); }
             barrier();
         }
     } else {
@@ -559,10 +636,20 @@ void main() {
                 kv16[BKV * KS + j * KS + d] = ok ? v_data[g_voff + (k0 + j) * p.v_sl + d * p.v_sd] : float16_t(0.0);
             }
             barrier();
-            process_tile(k0, kn, pass);
+            if (g_fast) process_tile_fast(k0, kn, pass); else process_tile(k0, kn, pass);
             barrier();
         }
     }
+
+    // The fast path's row statistics join the shared ones the epilogue reads.
+    if (g_fast && lane % 4 == 0) {
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+            int r = row_base(rb) + lane / 4;
+            m_s[r] = fm[rb][0]; l_s[r] = fl[rb][0];
+            m_s[r + 8] = fm[rb][1]; l_s[r + 8] = fl[rb][1];
+        }
+    }
+    barrier();
 
     // O / l (0 for rows with no key), staged as fp16 16 * NSG rows at a time, written with the output's strides.
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
