@@ -184,11 +184,15 @@ enum PortableForward {
     /// The cooperative-matrix shader for a head dim and tiles. spirv-opt (SPIRV-Tools v2023.1)
     /// segfaults on some NV cooperative-matrix shaders but survives this one: a test compiles
     /// every variant optimized, so a crash would show there, not in a user's process.
-    static func coopmatSource(D: Int, tiles t: CoopmatTiles) throws -> ShaderSource {
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles, vendorID: UInt32 = 0) throws -> ShaderSource {
+        // NVIDIA's accumulator layout is known: build the register path alone (half the code, so
+        // half the driver's compile time). Elsewhere keep the shared-memory path as a fallback.
+        let env = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_FAST"]
+        let fast = env == "0" ? "0" : (vendorID == 0x10DE ? "2" : "1")
         ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
                      defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                // VKFLEX_COOPMAT_FAST=0 keeps S and P in shared memory even where the register path applies.
-                               .init("VKF_FAST_PATH", ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_FAST"] == "0" ? "0" : "1")],
+                               .init("VKF_FAST_PATH", fast)],
                      optimize: true)
     }
 
@@ -223,7 +227,7 @@ enum PortableForward {
         case .coopmat:
             let t = CoopmatTiles(D: s.D, device: device)!
             (BQ, BKV, WG) = (16 * t.NSG * t.RPW, t.BKV, 32 * t.NSG)
-            source = try coopmatSource(D: s.D, tiles: t)
+            source = try coopmatSource(D: s.D, tiles: t, vendorID: caps.vendorID)
         }
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
         let pipeline = try device.pipeline(for: key) {
@@ -291,7 +295,7 @@ enum PortableForward {
             }
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
-        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) {
+        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || kernel == .coopmat {
             checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
         }
         for check in checks {

@@ -56,6 +56,7 @@ struct SplicedMods {
             throw EvaluationError.indexOutOfRange(cap, index: e[2], dim: Int(e[3]))
         case 2: throw EvaluationError.divisionByZero
         case 3: throw EvaluationError.negativePower
+        case 4: throw FlexError("the cooperative-matrix kernel met an accumulator layout it was not built for; set VKFLEX_KERNEL=portable")
         default: throw FlexError("the kernel reported error code \(e[0])")
         }
     }

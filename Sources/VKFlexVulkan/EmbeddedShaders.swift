@@ -311,6 +311,8 @@ void main() {
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_EXT_control_flow_attributes : require
 #extension GL_KHR_shader_subgroup_vote : require
+// VKF_FAST_PATH: 0 shared-memory softmax only, 1 registers where the layout allows (checked at run
+// time) else shared memory, 2 registers only (NVIDIA; another layout reports error 4).
 #ifndef VKF_FAST_PATH
 #define VKF_FAST_PATH 1
 #endif
@@ -386,6 +388,7 @@ void tile_range(int t, out int k0, out int kn, out int pass) {
 // First row (in the tile) of the subgroup's row block rb.
 int row_base(int rb) { return (rb * NSG + g_sg) * 16; }
 
+#if VKF_FAST_PATH != 2
 // Scores, softmax and P V for the K/V tile already in shared memory.
 void process_tile(int k0, int kn, int pass) {
     // S = Q K^T, then scale, mods and mask on the fragment elements.
@@ -463,6 +466,9 @@ void process_tile(int k0, int kn, int pass) {
     }
 }
 
+#else
+void process_tile(int k0, int kn, int pass) {}
+#endif
 
 // Scores, softmax and P V for the K/V tile in shared memory, S and P in registers.
 void process_tile_fast(int k0, int kn, int pass) {
@@ -577,6 +583,10 @@ void main() {
         bool mine = true;
         for (int e = 0; e < rowf.length(); ++e) mine = mine && (int(rowf[e]) % 8 == lane / 4);
         g_fast = subgroupAll(mine) && VKF_FAST_PATH != 0;
+#if VKF_FAST_PATH == 2
+        // Built for NVIDIA's layout only: anything else is reported, never computed wrongly.
+        if (!g_fast) { if (lid == 0) vkf_report(4, 0, 0, 0); return; }
+#endif
         [[unroll]] for (int rb = 0; rb < RPW; ++rb) { fm[rb][0] = -1e30; fm[rb][1] = -1e30; fl[rb][0] = 0.0; fl[rb][1] = 0.0; }
     }
     [[unroll]] for (int rb = 0; rb < RPW; ++rb)

@@ -222,13 +222,15 @@ extension AttentionTests {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
-                    let spirv = try ShaderCompiler.shared.compile(try PortableForward.coopmatSource(D: D, tiles: tiles), library: library)
-                    XCTAssertEqual(spirv.first, 0x0723_0203)
-                    compiled += 1
+                    for vendor: UInt32 in [0x10DE, 0x1002] {   // NVIDIA: register path only; others: both paths
+                        let spirv = try ShaderCompiler.shared.compile(try PortableForward.coopmatSource(D: D, tiles: tiles, vendorID: vendor), library: library)
+                        XCTAssertEqual(spirv.first, 0x0723_0203)
+                        compiled += 1
+                    }
                 }
             }
         }
-        XCTAssertGreaterThanOrEqual(compiled, 24)
+        XCTAssertGreaterThanOrEqual(compiled, 48)
     }
 }
 
