@@ -189,7 +189,7 @@ enum PortableForward {
         // half the driver's compile time). Elsewhere keep the shared-memory path as a fallback.
         let env = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_FAST"]
         let fast = env == "0" ? "0" : (vendorID == 0x10DE ? "2" : "1")
-        ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
+        return ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
                      defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                // VKFLEX_COOPMAT_FAST=0 keeps S and P in shared memory even where the register path applies.
                                .init("VKF_FAST_PATH", fast)],
