@@ -21,6 +21,8 @@ public enum AttentionSelfTest {
         var score: (Device) throws -> ScoreMod? = { _ in nil }
         var mask: (Device, Int, Int) throws -> MaskMod? = { _, _, _ in nil }
         var blockSize: BlockSize = 64
+        /// Q, K, V as permuted views of [B, L, H, D] buffers (the layout models keep).
+        var strided = false
     }
 
     static var specs: [Spec] {
@@ -63,6 +65,12 @@ public enum AttentionSelfTest {
         all.append(Spec(name: "odd lengths 201 x 173", B: 2, Lq: 201, Lkv: 173, mask: { _, _, _ in MaskMod { _, _, q, kv in q + 28 >= kv } }, blockSize: BlockSize(q: 32, kv: 64)))
         all.append(Spec(name: "odd head dims 47 / 23", Lq: 100, Lkv: 100, D: 47, Dv: 23, mask: causal))
         all.append(Spec(name: "float16", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal))
+        all.append(Spec(name: "float16 D32 Lq != Lkv", Lq: 130, Lkv: 200, D: 32, Dv: 32, dtype: .float16,
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in kv <= q + 70 } }, blockSize: 64))
+        all.append(Spec(name: "float16 D96 GQA prefix-LM", Hq: 6, Hkv: 3, Lq: 200, Lkv: 200, D: 96, Dv: 96, dtype: .float16,
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in (kv <= 40) | (q >= kv) } }, blockSize: 128))
+        all.append(Spec(name: "float16 strided views", B: 2, Hq: 4, Hkv: 4, Lq: 150, Lkv: 150, D: 64, Dv: 64, dtype: .float16,
+                        mask: causal, blockSize: 128, strided: true))
         all.append(Spec(name: "float16 D128 odd lengths", Lq: 300, Lkv: 277, D: 128, Dv: 128, dtype: .float16,
                         mask: { _, _, _ in MaskMod { _, _, q, kv in q + 50 >= kv } }, blockSize: 128))
         all.append(Spec(name: "float16 soft-cap GQA", Hq: 8, Hkv: 2, Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16,
@@ -105,9 +113,13 @@ public enum AttentionSelfTest {
                 return (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * .pi * u2)
             }
         }
-        let q = try device.tensor(randn(s.B * s.Hq * s.Lq * s.D), shape: [s.B, s.Hq, s.Lq, s.D], dtype: s.dtype, name: "q")
-        let k = try device.tensor(randn(s.B * s.Hkv * s.Lkv * s.D), shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: s.dtype, name: "k")
-        let v = try device.tensor(randn(s.B * s.Hkv * s.Lkv * s.Dv), shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: s.dtype, name: "v")
+        func input(_ H: Int, _ L: Int, _ D: Int, _ name: String) throws -> Tensor {
+            if s.strided {
+                return try device.tensor(randn(s.B * L * H * D), shape: [s.B, L, H, D], dtype: s.dtype, name: name).permuted(0, 2, 1, 3)
+            }
+            return try device.tensor(randn(s.B * H * L * D), shape: [s.B, H, L, D], dtype: s.dtype, name: name)
+        }
+        let q = try input(s.Hq, s.Lq, s.D, "q"), k = try input(s.Hkv, s.Lkv, s.D, "k"), v = try input(s.Hkv, s.Lkv, s.Dv, "v")
         let maskMod = try s.mask(device, s.Lq, s.Lkv)
         let score = try s.score(device)
         let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: s.Lq, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
