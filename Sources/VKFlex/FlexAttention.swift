@@ -117,7 +117,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
     let kernel = try FlexKernel.choose(shape, device: device)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, kernel: kernel) }
-    try PortableForward.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
+    try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
                             output: output, lse: lse, kernel: kernel)
     return FlexResult(output: output, lse: lse, kernel: kernel)
 }
@@ -172,8 +172,8 @@ struct AttentionShape {
     }
 }
 
-/// The portable kernel: tile sizes, pipeline and dispatch.
-enum PortableForward {
+/// The forward kernels (portable and cooperative-matrix): tile sizes, pipelines and dispatch.
+enum ForwardKernel {
     struct Key: Hashable, Sendable {
         let kernel: String
         let mods: String

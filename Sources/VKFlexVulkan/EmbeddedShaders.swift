@@ -110,7 +110,7 @@ layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by PortableForward.run in this order.
+// scale; filled by ForwardKernel.run in this order.
 layout(std430, set = 0, binding = 9) readonly buffer Params {
     int B, Hq, Hkv, Lq, Lkv, b_start;
     int q_base, q_sb, q_sh, q_sl, q_sd;

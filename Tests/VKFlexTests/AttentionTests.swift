@@ -223,7 +223,7 @@ extension AttentionTests {
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
                     for vendor: UInt32 in [0x10DE, 0x1002] {   // NVIDIA: register path only; others: both paths
-                        let spirv = try ShaderCompiler.shared.compile(try PortableForward.coopmatSource(D: D, tiles: tiles, vendorID: vendor), library: library)
+                        let spirv = try ShaderCompiler.shared.compile(try ForwardKernel.coopmatSource(D: D, tiles: tiles, vendorID: vendor), library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
                         compiled += 1
                     }

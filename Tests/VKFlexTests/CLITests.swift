@@ -20,14 +20,12 @@ final class CLITests: XCTestCase {
         return d
     }()
 
-    func run(_ args: [String]) throws -> (Int32, String) {
+    /// Runs a program; returns its status and its standard output and error, interleaved.
+    func spawn(_ executable: URL, _ args: [String], environment: [String: String]? = nil) throws -> (Int32, String) {
         let p = Process()
-        p.executableURL = binary
+        p.executableURL = executable
         p.arguments = args
-        var env = ProcessInfo.processInfo.environment
-        env["VKFLEX_DEVICE"] = env["VKFLEX_DEVICE"] ?? "llvmpipe"
-        env["VKFLEX_VALIDATE"] = "1"
-        p.environment = env
+        if let environment { p.environment = environment }
         let pipe = Pipe()
         p.standardOutput = pipe
         p.standardError = pipe
@@ -37,18 +35,16 @@ final class CLITests: XCTestCase {
         return (p.terminationStatus, String(decoding: out, as: UTF8.self))
     }
 
+    func run(_ args: [String]) throws -> (Int32, String) {
+        var env = ProcessInfo.processInfo.environment
+        env["VKFLEX_DEVICE"] = env["VKFLEX_DEVICE"] ?? "llvmpipe"
+        env["VKFLEX_VALIDATE"] = "1"
+        return try spawn(binary, args, environment: env)
+    }
+
     func python(_ script: String) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "-c", script, dir.path]
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let out = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let text = String(decoding: out, as: UTF8.self)
-        guard p.terminationStatus == 0 else { throw FlexError("python3 failed: \(text)") }
+        let (status, text) = try spawn(URL(fileURLWithPath: "/usr/bin/env"), ["python3", "-c", script, dir.path])
+        guard status == 0 else { throw FlexError("python3 failed: \(text)") }
         return text
     }
 
