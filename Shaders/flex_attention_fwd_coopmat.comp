@@ -58,8 +58,13 @@ layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 #define KV_HALVES (2 * BKV * KS)
 #define STAGE_HALVES (16 * NSG * KS)
 shared float16_t kv16[KV_HALVES > STAGE_HALVES ? KV_HALVES : STAGE_HALVES];
+#if VKF_FAST_PATH == 2
+// Register path only: the score area just holds the index tables at the start.
+shared float s32[512];
+#else
 shared float s32[BQ * SS > 512 ? BQ * SS : 512];
 shared float16_t p16[BQ * PS];
+#endif
 shared float m_s[BQ], l_s[BQ], a_s[BQ];
 
 // Writes 8 halves packed in a uvec4 to shared memory at kv16[at].

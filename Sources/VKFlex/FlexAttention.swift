@@ -54,26 +54,37 @@ public enum FlexKernel: String, Sendable, CaseIterable {
 /// step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment load).
 struct CoopmatTiles: Hashable {
     let BKV: Int, NSG: Int, RPW: Int
-    init(BKV: Int, NSG: Int, RPW: Int) { self.BKV = BKV; self.NSG = NSG; self.RPW = RPW }
-    init?(D: Int, device: Device) {
-        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory)
+    /// Whether the kernel is built for the register path alone (NVIDIA), without shared S and P.
+    let registersOnly: Bool
+
+    init(BKV: Int, NSG: Int, RPW: Int, registersOnly: Bool) {
+        self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.registersOnly = registersOnly
     }
-    init?(D: Int, sharedMemory budget: Int) {
+    init?(D: Int, device: Device) {
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, registersOnly: device.capabilities.vendorID == 0x10DE)
+    }
+    init?(D: Int, sharedMemory budget: Int, registersOnly: Bool) {
         // Preferred first. Two row blocks per subgroup only where registers allow (D <= 64).
-        let options: [(Int, Int)] = D <= 64 ? [(32, 2), (64, 1), (32, 1), (16, 1)] : [(32, 1), (16, 1)]
-        for (bkv, rpw) in options where CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: 4, RPW: rpw) <= budget {
-            self.init(BKV: bkv, NSG: 4, RPW: rpw)
+        var options: [(Int, Int)] = D <= 64 ? [(32, 2), (64, 1), (32, 1), (16, 1)] : [(32, 1), (16, 1)]
+        if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
+            // BKVxRPW, for tuning: e.g. 64x2.
+            let parts = forced.split(separator: "x").compactMap { Int($0) }
+            if parts.count == 2 { options = [(parts[0], parts[1])] }
+        }
+        for (bkv, rpw) in options where bkv % 16 == 0 && (rpw == 1 || rpw == 2)
+            && CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: 4, RPW: rpw, registersOnly: registersOnly) <= budget {
+            self.init(BKV: bkv, NSG: 4, RPW: rpw, registersOnly: registersOnly)
             return
         }
         return nil
     }
 
     /// Mirrors the shared arrays of flex_attention_fwd_coopmat.comp.
-    static func sharedBytes(D: Int, BKV: Int, NSG: Int, RPW: Int) -> Int {
+    static func sharedBytes(D: Int, BKV: Int, NSG: Int, RPW: Int, registersOnly: Bool) -> Int {
         let bq = 16 * NSG * RPW, ks = D + 8
         let kv16 = max(2 * BKV * ks, 16 * NSG * ks) * 2
-        let s32 = max(bq * (BKV + 4), 512) * 4
-        let p16 = bq * (BKV + 8) * 2
+        let s32 = registersOnly ? 512 * 4 : max(bq * (BKV + 4), 512) * 4
+        let p16 = registersOnly ? 0 : bq * (BKV + 8) * 2
         return kv16 + s32 + p16 + 3 * bq * 4
     }
 }
@@ -184,11 +195,11 @@ enum ForwardKernel {
     /// The cooperative-matrix shader for a head dim and tiles. spirv-opt (SPIRV-Tools v2023.1)
     /// segfaults on some NV cooperative-matrix shaders but survives this one: a test compiles
     /// every variant optimized, so a crash would show there, not in a user's process.
-    static func coopmatSource(D: Int, tiles t: CoopmatTiles, vendorID: UInt32 = 0) throws -> ShaderSource {
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles) throws -> ShaderSource {
         // NVIDIA's accumulator layout is known: build the register path alone (half the code, so
         // half the driver's compile time). Elsewhere keep the shared-memory path as a fallback.
         let env = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_FAST"]
-        let fast = env == "0" ? "0" : (vendorID == 0x10DE ? "2" : "1")
+        let fast = env == "0" ? "0" : (t.registersOnly ? "2" : "1")
         return ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
                      defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                // VKFLEX_COOPMAT_FAST=0 keeps S and P in shared memory even where the register path applies.
@@ -227,7 +238,7 @@ enum ForwardKernel {
         case .coopmat:
             let t = CoopmatTiles(D: s.D, device: device)!
             (BQ, BKV, WG) = (16 * t.NSG * t.RPW, t.BKV, 32 * t.NSG)
-            source = try coopmatSource(D: s.D, tiles: t, vendorID: caps.vendorID)
+            source = try coopmatSource(D: s.D, tiles: t)
         }
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
         let pipeline = try device.pipeline(for: key) {

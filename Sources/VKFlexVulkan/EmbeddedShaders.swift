@@ -110,7 +110,7 @@ layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by ForwardKernel.run in this order.
+// scale; filled by PortableForward.run in this order.
 layout(std430, set = 0, binding = 9) readonly buffer Params {
     int B, Hq, Hkv, Lq, Lkv, b_start;
     int q_base, q_sb, q_sh, q_sl, q_sd;
@@ -346,8 +346,13 @@ layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 #define KV_HALVES (2 * BKV * KS)
 #define STAGE_HALVES (16 * NSG * KS)
 shared float16_t kv16[KV_HALVES > STAGE_HALVES ? KV_HALVES : STAGE_HALVES];
+#if VKF_FAST_PATH == 2
+// Register path only: the score area just holds the index tables at the start.
+shared float s32[512];
+#else
 shared float s32[BQ * SS > 512 ? BQ * SS : 512];
 shared float16_t p16[BQ * PS];
+#endif
 shared float m_s[BQ], l_s[BQ], a_s[BQ];
 
 // Writes 8 halves packed in a uvec4 to shared memory at kv16[at].
