@@ -64,8 +64,10 @@ struct CoopmatTiles: Hashable {
         self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, registersOnly: device.capabilities.vendorID == 0x10DE)
     }
     init?(D: Int, sharedMemory budget: Int, registersOnly: Bool) {
-        // Preferred first. Two row blocks per subgroup only where registers allow (D <= 64).
-        var options: [(Int, Int)] = D <= 64 ? [(32, 2), (64, 1), (32, 1), (16, 1)] : [(32, 1), (16, 1)]
+        // Preferred first. Small shared footprints win on the H200 (more workgroups per SM):
+        // 32 keys and one row block per subgroup measured best for D = 64 and 128 (docs/performance.md);
+        // the shared-memory fallback needs its S/P areas, where two row blocks amortize better.
+        var options: [(Int, Int)] = registersOnly ? [(32, 1), (16, 1)] : (D <= 64 ? [(32, 2), (64, 1), (32, 1), (16, 1)] : [(32, 1), (16, 1)])
         if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
             // BKVxRPW, for tuning: e.g. 64x2.
             let parts = forced.split(separator: "x").compactMap { Int($0) }
