@@ -67,15 +67,16 @@ struct CoopmatTiles: Hashable {
         // Preferred first. Small shared footprints win on the H200 (more workgroups per SM):
         // 32 keys and one row block per subgroup measured best for D = 64 and 128 (docs/performance.md);
         // the shared-memory fallback needs its S/P areas, where two row blocks amortize better.
-        var options: [(Int, Int)] = registersOnly ? [(32, 1), (16, 1)] : (D <= 64 ? [(32, 2), (64, 1), (32, 1), (16, 1)] : [(32, 1), (16, 1)])
+        var options: [(Int, Int, Int)] = registersOnly ? [(32, 1, 4), (16, 1, 4)]
+            : (D <= 64 ? [(32, 2, 4), (64, 1, 4), (32, 1, 4), (16, 1, 4)] : [(32, 1, 4), (16, 1, 4)])
         if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
-            // BKVxRPW, for tuning: e.g. 64x2.
+            // BKVxRPWxNSG, for tuning: e.g. 64x2x4.
             let parts = forced.split(separator: "x").compactMap { Int($0) }
-            if parts.count == 2 { options = [(parts[0], parts[1])] }
+            if parts.count == 3 { options = [(parts[0], parts[1], parts[2])] }
         }
-        for (bkv, rpw) in options where bkv % 16 == 0 && (rpw == 1 || rpw == 2)
-            && CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: 4, RPW: rpw, registersOnly: registersOnly) <= budget {
-            self.init(BKV: bkv, NSG: 4, RPW: rpw, registersOnly: registersOnly)
+        for (bkv, rpw, nsg) in options where bkv % 16 == 0 && (rpw == 1 || rpw == 2) && (1...8).contains(nsg)
+            && CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: nsg, RPW: rpw, registersOnly: registersOnly) <= budget {
+            self.init(BKV: bkv, NSG: nsg, RPW: rpw, registersOnly: registersOnly)
             return
         }
         return nil
