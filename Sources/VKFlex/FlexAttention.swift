@@ -64,10 +64,10 @@ struct CoopmatTiles: Hashable {
         self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, registersOnly: device.capabilities.vendorID == 0x10DE)
     }
     init?(D: Int, sharedMemory budget: Int, registersOnly: Bool) {
-        // Preferred first. Small shared footprints win on the H200 (more workgroups per SM):
-        // 32 keys and one row block per subgroup measured best for D = 64 and 128 (docs/performance.md);
-        // the shared-memory fallback needs its S/P areas, where two row blocks amortize better.
-        var options: [(Int, Int, Int)] = registersOnly ? [(32, 1, 4), (16, 1, 4)]
+        // Preferred first (BKV, RPW, NSG). Measured on the H200 (docs/performance.md): one row block
+        // per subgroup, 8 subgroups, 32 keys per step at D <= 64 and 64 above. The shared-memory
+        // fallback needs its S/P areas, where two row blocks amortize better.
+        var options: [(Int, Int, Int)] = registersOnly ? (D <= 64 ? [(32, 1, 8), (32, 1, 4), (16, 1, 4)] : [(64, 1, 8), (32, 1, 8), (32, 1, 4), (16, 1, 4)])
             : (D <= 64 ? [(32, 2, 4), (64, 1, 4), (32, 1, 4), (16, 1, 4)] : [(32, 1, 4), (16, 1, 4)])
         if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
             // BKVxRPWxNSG, for tuning: e.g. 64x2x4.
