@@ -165,8 +165,15 @@ struct Bench: ParsableCommand {
         try device.synchronize()
         let firstCallMs = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-6
         let compiled = ShaderCompiler.shared.compilations > compileBefore
-        kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel
-        try device.synchronize()
+        // Warm-up: at least 3 calls and 300 ms, so that the GPU's clocks are up after the idle
+        // time of a pipeline compile (short cases timed right after one ran up to 3x slow).
+        let warmStart = DispatchTime.now().uptimeNanoseconds
+        var warmCalls = 0
+        while warmCalls < 3 || DispatchTime.now().uptimeNanoseconds - warmStart < 300_000_000 {
+            kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel
+            try device.synchronize()
+            warmCalls += 1
+        }
         var stamps: [(GPUTimestamp, GPUTimestamp)] = []
         for _ in 0..<`repeat` {
             let start = try device.record { try $0.timestamp() }
