@@ -85,16 +85,6 @@ uvec4 get8(int at) {
 FRAG16 qf[RPW][D / 16];
 FRAG32 of[RPW][DV / 16];
 FRAG32 rowf, colf;
-#if VKF_FAST_PATH == 2
-// NVIDIA's accumulator layout (mma m16n8k16, two n8 halves): element e of a lane is at these
-// coordinates. Checked against the index fragments at the start; constants after unrolling.
-#define FROW(e) ((g_lane >> 2) + (((e) >> 1) & 1) * 8)
-#define FCOL(e) (((g_lane & 3) << 1) + ((e) & 1) + ((e) >> 2) * 8)
-#else
-#define FROW(e) int(rowf[e])
-#define FCOL(e) int(colf[e])
-#endif
-
 // Fast path: when every lane holds rows (lane / 4) and (lane / 4 + 8) of each accumulator (NVIDIA's
 // layout, checked at run time), S and P stay in registers and rows reduce with two shuffles.
 bool g_fast;
@@ -214,7 +204,7 @@ void process_tile_fast(int k0, int kn, int pass) {
         float mx0 = fm[rb][0], mx1 = fm[rb][1];
         [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
             [[unroll]] for (int e = 0; e < acc[rb][c].length(); ++e) {
-                int rr = FROW(e), r = rbase + rr, j = c * 16 + FCOL(e);
+                int rr = int(rowf[e]), r = rbase + rr, j = c * 16 + int(colf[e]);
                 float s = NEG_INF;
                 if (r < g_rows && j < kn) {
                     s = acc[rb][c][e] * p.scale;
@@ -236,7 +226,7 @@ void process_tile_fast(int k0, int kn, int pass) {
         float s0 = 0.0, s1 = 0.0;
         [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
             [[unroll]] for (int e = 0; e < acc[rb][c].length(); ++e) {
-                bool lo = FROW(e) < 8;
+                bool lo = int(rowf[e]) < 8;
                 float pj = exp2(acc[rb][c][e] - (lo ? mx0 : mx1));
                 acc[rb][c][e] = pj;
                 if (lo) s0 += pj; else s1 += pj;
@@ -248,7 +238,7 @@ void process_tile_fast(int k0, int kn, int pass) {
         fl[rb][0] = fl[rb][0] * a0 + s0; fl[rb][1] = fl[rb][1] * a1 + s1;
         fm[rb][0] = mx0; fm[rb][1] = mx1;
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
-            [[unroll]] for (int e = 0; e < of[rb][dd].length(); ++e) of[rb][dd][e] *= FROW(e) < 8 ? a0 : a1;
+            [[unroll]] for (int e = 0; e < of[rb][dd].length(); ++e) of[rb][dd][e] *= int(rowf[e]) < 8 ? a0 : a1;
     }
     [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
         [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
@@ -308,11 +298,7 @@ void main() {
     coopMatLoadNV(colf, s32, 256, 16, false);
     {
         bool mine = true;
-        g_lane = lane;
         for (int e = 0; e < rowf.length(); ++e) mine = mine && (int(rowf[e]) % 8 == lane / 4);
-#if VKF_FAST_PATH == 2
-        for (int e = 0; e < rowf.length(); ++e) mine = mine && int(rowf[e]) == FROW(e) && int(colf[e]) == FCOL(e);
-#endif
         g_fast = subgroupAll(mine) && VKF_FAST_PATH != 0;
 #if VKF_FAST_PATH == 2
         // Built for NVIDIA's layout only: anything else is reported, never computed wrongly.
@@ -398,7 +384,7 @@ void main() {
         const int first = rb * 16 * NSG;
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
             [[unroll]] for (int e = 0; e < of[rb][dd].length(); ++e) {
-                float l = l_s[row_base(rb) + FROW(e)];
+                float l = l_s[row_base(rb) + int(rowf[e])];
                 of[rb][dd][e] = l > 0.0 ? of[rb][dd][e] / l : 0.0;
             }
             FRAG16 oh = FRAG16(of[rb][dd]);
