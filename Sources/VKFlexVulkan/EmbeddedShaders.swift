@@ -216,6 +216,36 @@ void main() {
                     KVs[j * KVD + d] = j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0;
                 }
                 barrier();
+#if (WG % BKV == 0) && ((BQ * BKV) % WG == 0)
+                // Register blocking: each invocation scores one key against BQ*BKV/WG rows, so
+                // every K element read from shared memory feeds several products.
+                {
+                    const int j = lid % BKV, r0 = lid / BKV;
+                    float dots[BQ * BKV / WG];
+                    for (int a = 0; a < BQ * BKV / WG; ++a) dots[a] = 0.0;
+                    if (j < kn) {
+                        for (int d = 0; d < D; ++d) {
+                            float kd = KVs[j * KVD + d];
+                            for (int a = 0; a < BQ * BKV / WG; ++a) dots[a] += Qs[(r0 + a * (WG / BKV)) * D + d] * kd;
+                        }
+                    }
+                    for (int a = 0; a < BQ * BKV / WG; ++a) {
+                        int r = r0 + a * (WG / BKV);
+                        float s = NEG_INF;
+                        if (r < rows && j < kn) {
+                            s = dots[a] * p.scale;
+                            int qi = q0 + r, ki = k0 + j;
+#if VKF_HAS_SCORE_MOD
+                            s = score_mod(s, b, h, qi, ki);
+#endif
+#if VKF_HAS_MASK_MOD
+                            if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
+#endif
+                        }
+                        Ss[r * BKV + j] = s * LOG2E;
+                    }
+                }
+#else
                 for (int e = lid; e < BQ * BKV; e += WG) {
                     int r = e / BKV, j = e - (e / BKV) * BKV;
                     float s = NEG_INF;
@@ -233,6 +263,7 @@ void main() {
                     }
                     Ss[e] = s * LOG2E;
                 }
+#endif
                 barrier();
                 if (lid < BQ) {
                     float m_old = row_m[lid], mx = m_old;
@@ -254,6 +285,17 @@ void main() {
                     KVs[j * KVD + d] = j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0;
                 }
                 barrier();
+#if (WG % DV == 0) && ((BQ * DV) % WG == 0)
+                // Register blocking: each V element read from shared memory feeds ACC outputs.
+                {
+                    const int d = lid % DV, r0 = lid / DV;
+                    for (int a = 0; a < ACC; ++a) acc[a] *= row_alpha[r0 + a * (WG / DV)];
+                    for (int j = 0; j < kn; ++j) {
+                        float vd = KVs[j * KVD + d];
+                        for (int a = 0; a < ACC; ++a) acc[a] += Ss[(r0 + a * (WG / DV)) * BKV + j] * vd;
+                    }
+                }
+#else
                 for (int a = 0; a < ACC; ++a) {
                     int e = lid + a * WG;
                     if (e < BQ * DV) {
@@ -263,6 +305,7 @@ void main() {
                         acc[a] = o;
                     }
                 }
+#endif
                 barrier();
             }
         }

@@ -182,6 +182,8 @@ struct Bench: ParsableCommand {
             stamps.append((start, end))
         }
         try device.synchronize()
+        // A kernel that reported an error (and so did no work) must not pass for a fast one.
+        try out.checkErrors()
         let ms = median(try stamps.map { try device.seconds(from: $0.0, to: $0.1) * 1e3 })
         let flops = density * Double(c.B * c.H * c.D) * Double(c.S) * Double(c.S)
         let tflops = 4 * flops / (ms * 1e-3) / 1e12
