@@ -49,15 +49,17 @@ struct SplicedMods {
     }
 
     static func decode(_ e: [Int32], captures: [CaptureInfo]) throws {
-        switch e[0] {
-        case 0: return
-        case 1:
+        switch GLSLMods.ErrorCode(rawValue: e[0]) {
+        case .noError: return
+        case .indexOutOfRange:
             let cap = captures.indices.contains(Int(e[1])) ? captures[Int(e[1])] : CaptureInfo(id: -1, name: "a captured tensor", dtype: .int32, shape: [])
             throw EvaluationError.indexOutOfRange(cap, index: e[2], dim: Int(e[3]))
-        case 2: throw EvaluationError.divisionByZero
-        case 3: throw EvaluationError.negativePower
-        case 4: throw FlexError("the cooperative-matrix kernel met an accumulator layout it was not built for; set VKFLEX_KERNEL=portable")
-        default: throw FlexError("the kernel reported error code \(e[0])")
+        case .divisionByZero: throw EvaluationError.divisionByZero
+        case .negativePower: throw EvaluationError.negativePower
+        case .cooperativeMatrixLayout:
+            throw FlexError("the cooperative-matrix kernel met an accumulator layout it was not built for; set VKFLEX_KERNEL=portable")
+        case nil:
+            throw FlexError("the kernel reported error code \(e[0])")
         }
     }
 }

@@ -15,9 +15,10 @@ public struct GLSLMods: Sendable, Hashable {
     /// The binding of the error buffer (`int vkf_err[4]`).
     public var errorBinding: Int
 
-    /// Error codes written to `vkf_err[0]` by the kernel.
+    /// Error codes written to `vkf_err[0]` by the kernels. `cooperativeMatrixLayout` comes from the
+    /// attention template (an accumulator layout the NVIDIA build was not made for), not from mods.
     public enum ErrorCode: Int32, Sendable {
-        case none = 0, indexOutOfRange = 1, divisionByZero = 2, negativePower = 3
+        case noError = 0, indexOutOfRange = 1, divisionByZero = 2, negativePower = 3, cooperativeMatrixLayout = 4
     }
 }
 
