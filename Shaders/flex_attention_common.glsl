@@ -25,7 +25,10 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
     int hk_start; // first key/value head bound by this dispatch
 } p;
 
-// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11).
+// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
+// kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
+// vkf_prologue(b, h), which they call once (when VKF_HAS_PROLOGUE is defined).
+#define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))

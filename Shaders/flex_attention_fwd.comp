@@ -52,6 +52,9 @@ void main() {
     if (q0 >= q_end) return;
     const int rows = q_end - q0;
     const int hk = h / (p.Hq / p.Hkv);
+#ifdef VKF_HAS_PROLOGUE
+    vkf_prologue(b, h);
+#endif
 
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     for (int e = lid; e < BQ * D; e += WG) {

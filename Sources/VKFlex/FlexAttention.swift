@@ -32,7 +32,11 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
         if s.dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
         if s.D != s.Dv || s.D % 16 != 0 || s.D > 128 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 128 (got \(s.D)/\(s.Dv))" }
-        if CoopmatTiles(D: s.D, device: device) == nil { return "not enough shared memory for the cooperative-matrix tiles" }
+        if CoopmatTiles(D: s.D, scoreMod: false, device: device) == nil { return "not enough shared memory for the cooperative-matrix tiles" }
+        guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
+        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) {
+            return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
+        }
         return nil
     }
 
@@ -51,45 +55,50 @@ public enum FlexKernel: String, Sendable, CaseIterable {
 }
 
 /// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory: BKV keys per
-/// step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment load).
-struct CoopmatTiles: Hashable {
-    let BKV: Int, NSG: Int, RPW: Int
-    /// Whether the kernel is built for the register path alone (NVIDIA), without shared S and P.
-    let registersOnly: Bool
+/// step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment load), NBUF
+/// K/V buffers (two: one barrier per step).
+struct CoopmatTiles: Hashable, CustomStringConvertible {
+    let BKV: Int, NSG: Int, RPW: Int, NBUF: Int
+    /// Whether the next K/V tile's global loads are issued a tile ahead (costs registers).
+    let prefetch: Bool
 
-    init(BKV: Int, NSG: Int, RPW: Int, registersOnly: Bool) {
-        self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.registersOnly = registersOnly
+    init(BKV: Int, NSG: Int, RPW: Int, NBUF: Int, prefetch: Bool = true) {
+        self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch
     }
-    init?(D: Int, device: Device) {
-        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, registersOnly: device.capabilities.vendorID == 0x10DE)
+    init?(D: Int, scoreMod: Bool, device: Device) {
+        self.init(D: D, scoreMod: scoreMod, sharedMemory: device.capabilities.maxSharedMemory)
     }
-    init?(D: Int, sharedMemory budget: Int, registersOnly: Bool) {
-        // Preferred first (BKV, RPW, NSG). Measured on the H200 (docs/performance.md): one row block
-        // per subgroup, 8 subgroups, 32 keys per step at D <= 64 and 64 above. The shared-memory
-        // fallback needs its S/P areas, where two row blocks amortize better.
-        var options: [(Int, Int, Int)] = registersOnly ? (D <= 64 ? [(32, 1, 8), (32, 1, 4), (16, 1, 4)] : [(64, 1, 8), (32, 1, 8), (32, 1, 4), (16, 1, 4)])
-            : (D <= 64 ? [(32, 2, 4), (64, 1, 4), (32, 1, 4), (16, 1, 4)] : [(32, 1, 4), (16, 1, 4)])
-        if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
-            // BKVxRPWxNSG, for tuning: e.g. 64x2x4.
+    /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP]` (e.g. `64x1x8x1`, `32x2x4x1x0` without
+    /// prefetch) forces a choice, for tuning.
+    init?(D: Int, scoreMod: Bool, sharedMemory budget: Int, forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
+        // Preferred first (BKV, RPW, NSG, NBUF, prefetch), from the H200 sweep in
+        // docs/performance.md: at D <= 64 two row blocks per subgroup (each K/V fragment read from
+        // shared memory feeds two products) unless a score-mod's per-element work favours more
+        // subgroups; above 64 the same without the register prefetch. Some neighbours collapse
+        // (64 keys at D = 64: 44 TFLOP/s against 145, the driver caps registers at 128 and spills).
+        var options: [(Int, Int, Int, Int, Bool)] = D <= 64
+            ? (scoreMod ? [(32, 1, 8, 2, true), (32, 2, 4, 2, true)] : [(32, 2, 4, 2, true), (32, 1, 8, 2, true)])
+            : [(32, 2, 4, 1, false), (64, 1, 8, 1, true)]
+        options += [(32, 1, 4, 1, true), (16, 1, 4, 1, true), (16, 1, 2, 1, true)]
+        if let forced {
             let parts = forced.split(separator: "x").compactMap { Int($0) }
-            if parts.count == 3 { options = [(parts[0], parts[1], parts[2])] }
+            if parts.count == 4 || parts.count == 5 { options = [(parts[0], parts[1], parts[2], parts[3], parts.count == 4 || parts[4] != 0)] }
         }
-        for (bkv, rpw, nsg) in options where bkv % 16 == 0 && (rpw == 1 || rpw == 2) && (1...8).contains(nsg)
-            && CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: nsg, RPW: rpw, registersOnly: registersOnly) <= budget {
-            self.init(BKV: bkv, NSG: nsg, RPW: rpw, registersOnly: registersOnly)
+        for (bkv, rpw, nsg, nbuf, pre) in options where bkv % 16 == 0 && (1...2).contains(rpw) && (1...8).contains(nsg) && (1...2).contains(nbuf)
+            && CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: nsg, NBUF: nbuf) <= budget {
+            self.init(BKV: bkv, NSG: nsg, RPW: rpw, NBUF: nbuf, prefetch: pre)
             return
         }
         return nil
     }
 
-    /// Mirrors the shared arrays of flex_attention_fwd_coopmat.comp.
-    static func sharedBytes(D: Int, BKV: Int, NSG: Int, RPW: Int, registersOnly: Bool) -> Int {
-        let bq = 16 * NSG * RPW, ks = D + 8
-        let kv16 = max(2 * BKV * ks, 16 * NSG * ks) * 2
-        let s32 = registersOnly ? 512 * 4 : max(bq * (BKV + 4), 512) * 4
-        let p16 = registersOnly ? 0 : bq * (BKV + 8) * 2
-        return kv16 + s32 + p16 + 3 * bq * 4
+    /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves).
+    static func sharedBytes(D: Int, BKV: Int, NSG: Int, NBUF: Int) -> Int {
+        let ks4 = D / 8 + 1
+        return max(NBUF * 2 * BKV * ks4, 16 * NSG * ks4) * 16
     }
+
+    var description: String { "\(BKV)x\(RPW)x\(NSG)x\(NBUF)x\(prefetch ? 1 : 0)" }
 }
 
 /// PyTorch's `flex_attention`: softmax(score_mod(scale · Q Kᵀ) masked by the BlockMask) · V, as one
@@ -191,23 +200,25 @@ enum ForwardKernel {
     struct Key: Hashable, Sendable {
         let kernel: String
         let mods: String
-        let D: Int, Dv: Int, BQ: Int, BKV: Int, WG: Int
-        let inF16: Bool
+        /// The template's defines: head dims, tiles, dtypes.
+        let defines: String
     }
 
-    /// The cooperative-matrix shader for a head dim and tiles. spirv-opt (SPIRV-Tools v2023.1)
-    /// segfaults on some NV cooperative-matrix shaders but survives this one: a test compiles
-    /// every variant optimized, so a crash would show there, not in a user's process.
-    static func coopmatSource(D: Int, tiles t: CoopmatTiles) throws -> ShaderSource {
-        // NVIDIA's accumulator layout is known: build the register path alone (half the code, so
-        // half the driver's compile time). Elsewhere keep the shared-memory path as a fallback.
-        let env = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_FAST"]
-        let fast = env == "0" ? "0" : (t.registersOnly ? "2" : "1")
+    /// The cooperative-matrix shader for a head dim and tiles. `rawMax`: no score-mod and a
+    /// positive scale, so the softmax maximum can be taken over raw scores. spirv-opt (SPIRV-Tools
+    /// v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
+    /// compiles every variant optimized, so a crash would show there, not in a user's process.
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool) throws -> ShaderSource {
+        var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
+                                              .init("NBUF", "\(t.NBUF)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
+                                              .init("VKF_RAW_MAX", rawMax ? "1" : "0")]
+        // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
+        for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            defines.append(.init(parts[0], parts.count > 1 ? parts[1] : "1"))
+        }
         return ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
-                     defines: [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
-                               // VKFLEX_COOPMAT_FAST=0 keeps S and P in shared memory even where the register path applies.
-                               .init("VKF_FAST_PATH", fast)],
-                     optimize: true)
+                            defines: defines, optimize: true)
     }
 
     /// Tile sizes that fit the device's shared memory.
@@ -239,11 +250,15 @@ enum ForwardKernel {
                 .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 ? "1" : "0"),
             ])
         case .coopmat:
-            let t = CoopmatTiles(D: s.D, device: device)!
+            let identity = scoreMod.map { $0.isIdentity } ?? true
+            guard let t = CoopmatTiles(D: s.D, scoreMod: !identity, device: device) else {
+                throw FlexError("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
+            }
             (BQ, BKV, WG) = (16 * t.NSG * t.RPW, t.BKV, 32 * t.NSG)
-            source = try coopmatSource(D: s.D, tiles: t)
+            let rawMax = identity && scale > 0
+            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax)
         }
-        let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, inF16: f16)
+        let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, defines: source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: ","))
         let pipeline = try device.pipeline(for: key) {
             PipelineDescription(source: source, bindingCount: 11 + mods.tensors.count, includes: mods.includes)
         }
@@ -309,7 +324,7 @@ enum ForwardKernel {
             }
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
-        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || kernel == .coopmat {
+        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) {
             checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
         }
         for check in checks {

@@ -56,8 +56,6 @@ struct SplicedMods {
             throw EvaluationError.indexOutOfRange(cap, index: e[2], dim: Int(e[3]))
         case .divisionByZero: throw EvaluationError.divisionByZero
         case .negativePower: throw EvaluationError.negativePower
-        case .cooperativeMatrixLayout:
-            throw FlexError("the cooperative-matrix kernel met an accumulator layout it was not built for; set VKFLEX_KERNEL=portable")
         case nil:
             throw FlexError("the kernel reported error code \(e[0])")
         }

@@ -15,10 +15,9 @@ public struct GLSLMods: Sendable, Hashable {
     /// The binding of the error buffer (`int vkf_err[4]`).
     public var errorBinding: Int
 
-    /// Error codes written to `vkf_err[0]` by the kernels. `cooperativeMatrixLayout` comes from the
-    /// attention template (an accumulator layout the NVIDIA build was not made for), not from mods.
+    /// Error codes written to `vkf_err[0]` by the kernels.
     public enum ErrorCode: Int32, Sendable {
-        case noError = 0, indexOutOfRange = 1, divisionByZero = 2, negativePower = 3, cooperativeMatrixLayout = 4
+        case noError = 0, indexOutOfRange = 1, divisionByZero = 2, negativePower = 3
     }
 }
 
@@ -47,17 +46,42 @@ public enum GLSLEmitter {
         for (i, c) in caps.enumerated() { out.append(loadFunction(i, c)) }
 
         let score = scoreMod ?? .arg(.score)
-        func function(_ signature: String, _ graph: Expr, float: Bool) throws {
-            var body = FunctionEmitter(captures: caps)
-            let v = try body.value(graph)
-            out.append(signature + " {")
-            out.append(contentsOf: body.lines)
-            out.append("    return \(float ? body.asFloat(v) : v.code);")
-            out.append("}")
+        let graphs: [(String, Expr, Bool)] = [
+            ("float score_mod(float score, int b, int h, int q_idx, int kv_idx)", score, true),
+            ("float score_mod_grad(float score, int b, int h, int q_idx, int kv_idx)", score.derivative(), true),
+            ("bool mask_mod(int b, int h, int q_idx, int kv_idx)", maskMod ?? .bool(true), false),
+        ]
+        func functions(prologue: Prologue?) throws -> [String] {
+            var text: [String] = []
+            for (signature, graph, float) in graphs {
+                var body = FunctionEmitter(captures: caps, prologue: prologue)
+                let v = try body.value(graph)
+                text.append(signature + " {")
+                text.append(contentsOf: body.lines)
+                text.append("    return \(float ? body.asFloat(v) : v.code);")
+                text.append("}")
+            }
+            return text
         }
-        try function("float score_mod(float score, int b, int h, int q_idx, int kv_idx)", score, float: true)
-        try function("float score_mod_grad(float score, int b, int h, int q_idx, int kv_idx)", score.derivative(), float: true)
-        try function("bool mask_mod(int b, int h, int q_idx, int kv_idx)", maskMod ?? .bool(true), float: false)
+        // Work that depends only on b and h (a per-head slope, a table lookup by head) is hoisted
+        // into vkf_prologue(b, h) for templates that run one (b, h) per workgroup: they define
+        // VKF_HOIST_BH before the splice and call vkf_prologue when VKF_HAS_PROLOGUE is defined.
+        let prologue = Prologue(captures: caps)
+        let hoisted = try functions(prologue: prologue)
+        if prologue.lines.isEmpty {
+            out.append(contentsOf: try functions(prologue: nil))
+        } else {
+            out.append("#ifdef VKF_HOIST_BH")
+            out.append("#define VKF_HAS_PROLOGUE 1")
+            out.append(contentsOf: prologue.declarations)
+            out.append("void vkf_prologue(int b, int h) {")
+            out.append(contentsOf: prologue.lines)
+            out.append("}")
+            out.append(contentsOf: hoisted)
+            out.append("#else")
+            out.append(contentsOf: try functions(prologue: nil))
+            out.append("#endif")
+        }
         out.append("#define VKF_HAS_SCORE_MOD \(scoreMod.map { $0 == .arg(.score) ? 0 : 1 } ?? 0)")
         out.append("#define VKF_HAS_MASK_MOD \(maskMod.map { $0 == .bool(true) ? 0 : 1 } ?? 0)")
         out.append("// ---- end of generated code ----")
@@ -147,13 +171,23 @@ struct FunctionEmitter {
     let captures: [CaptureInfo]
     var lines: [String] = []
     var memo: [Expr: Value] = [:]
+    /// Where nodes that depend only on b and h go, when hoisting.
+    let prologue: Prologue?
+    /// Prefix of the names of this emitter's values.
+    var prefix = "t"
+    /// Writes values as assignments to globals (the prologue) rather than as local declarations.
+    var assignsGlobals = false
 
-    init(captures: [CaptureInfo]) { self.captures = captures }
+    init(captures: [CaptureInfo], prologue: Prologue? = nil) {
+        self.captures = captures
+        self.prologue = prologue
+    }
 
     func asFloat(_ v: Value) -> String { v.type == .float ? v.code : v.floatCode ?? "float(\(v.code))" }
 
     mutating func value(_ e: Expr) throws -> Value {
         if let v = memo[e] { return v }
+        if let prologue, e.isHeadInvariant, !e.isLeaf { return try prologue.value(e) }
         let v: Value
         switch e {
         case .arg(let a): return Value(code: a.rawValue, type: a == .score ? .float : .int)
@@ -218,11 +252,58 @@ struct FunctionEmitter {
             let i = captures.firstIndex(of: cap)!
             v = Value(code: "vkf_load\(i)(\(vs.map(\.code).joined(separator: ", ")))", type: cap.dtype.scalarType)
         }
-        let name = "t\(memo.count)"
+        let name = "\(prefix)\(memo.count)"
         let glslType = v.type == .int ? "int" : v.type == .float ? "float" : "bool"
-        lines.append("    \(glslType) \(name) = \(v.code);")
+        lines.append(assignsGlobals ? "    \(name) = \(v.code);" : "    \(glslType) \(name) = \(v.code);")
         let named = Value(code: name, type: v.type)
         memo[e] = named
         return named
+    }
+}
+
+/// The values of a mod that depend only on `b` and `h`, computed once per (b, h) into globals
+/// `vkf_bh0`, `vkf_bh1`, ... by `vkf_prologue(b, h)`; shared by the three functions.
+final class Prologue {
+    private var emitter: FunctionEmitter
+
+    init(captures: [CaptureInfo]) {
+        emitter = FunctionEmitter(captures: captures)
+        emitter.prefix = "vkf_bh"
+        emitter.assignsGlobals = true
+    }
+
+    func value(_ e: Expr) throws -> FunctionEmitter.Value { try emitter.value(e) }
+
+    var lines: [String] { emitter.lines }
+
+    /// The globals, in the order they are assigned.
+    var declarations: [String] {
+        emitter.memo.values.sorted { Int($0.code.dropFirst(6))! < Int($1.code.dropFirst(6))! }.map { v in
+            "\(v.type == .int ? "int" : v.type == .float ? "float" : "bool") \(v.code);"
+        }
+    }
+}
+
+extension Expr {
+    /// Whether the node reads no argument but `b` and `h` (so one (b, h) fixes its value).
+    var isHeadInvariant: Bool {
+        switch self {
+        case .arg(let a): return a == .b || a == .h
+        case .int, .float, .bool: return true
+        case .invalid: return false
+        case .unary(_, let x): return x.isHeadInvariant
+        case .binary(_, let x, let y): return x.isHeadInvariant && y.isHeadInvariant
+        case .call(_, let args): return args.allSatisfy(\.isHeadInvariant)
+        case .select(let c, let x, let y): return c.isHeadInvariant && x.isHeadInvariant && y.isHeadInvariant
+        case .load(_, let idx): return idx.allSatisfy(\.isHeadInvariant)
+        }
+    }
+
+    /// Arguments and literals: nothing to compute.
+    var isLeaf: Bool {
+        switch self {
+        case .arg, .int, .float, .bool: return true
+        default: return false
+        }
     }
 }

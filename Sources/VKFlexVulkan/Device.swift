@@ -61,6 +61,9 @@ public final class Device: @unchecked Sendable {
     var nextBatchID: UInt64 = 1
     let pipelines: PipelineCache
     let bufferPool = BufferPool()
+    var measuredLayout: CooperativeMatrixLayout??
+    /// Whether pipelines are built with statistics, printed as they are built (`VKFLEX_PIPELINE_STATS=1`).
+    let reportsPipelineStatistics: Bool
 
     /// The features vkflex turned on when it created the logical device.
     public struct EnabledFeatures: Sendable {
@@ -151,6 +154,14 @@ public final class Device: @unchecked Sendable {
         var extensions: [String] = []
         if enabled.cooperativeMatrixNV { extensions.append("VK_NV_cooperative_matrix") }
         if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
+        // VKFLEX_PIPELINE_STATS=1: the driver's statistics of every pipeline built (registers,
+        // spills, ...) go to standard error, for tuning kernels.
+        let stats = ProcessInfo.processInfo.environment["VKFLEX_PIPELINE_STATS"] == "1"
+            && caps.extensions.contains("VK_KHR_pipeline_executable_properties")
+        if stats { extensions.append("VK_KHR_pipeline_executable_properties") }
+        var exec = VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR()
+        exec.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR
+        exec.pipelineExecutableInfo = VkBool32(1)
 
         var v11 = VkPhysicalDeviceVulkan11Features()
         v11.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_1_FEATURES
@@ -171,9 +182,11 @@ public final class Device: @unchecked Sendable {
             withUnsafeMutablePointer(to: &v11) { p11 in
             withUnsafeMutablePointer(to: &v12) { p12 in
             withUnsafeMutablePointer(to: &coop) { pc in
+            withUnsafeMutablePointer(to: &exec) { pe in
             withUnsafePointer(to: &priority) { prio in
                 var chain = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
                 if enabled.cooperativeMatrixNV { chain.append(UnsafeMutableRawPointer(pc)) }
+                if stats { chain.append(UnsafeMutableRawPointer(pe)) }
                 linkChain(chain)
                 var queueInfo = VkDeviceQueueCreateInfo()
                 queueInfo.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO
@@ -190,7 +203,7 @@ public final class Device: @unchecked Sendable {
                     info.ppEnabledExtensionNames = extPtrs.baseAddress
                     return vkCreateDevice(physicalDevice, &info, nil, &device)
                 }
-            }}}}
+            }}}}}
         }
         try check(result, "vkCreateDevice")
         guard let device else { throw VulkanError.call("vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
@@ -200,6 +213,7 @@ public final class Device: @unchecked Sendable {
         self.queue = queue!
         self.queueFamilyIndex = family
         self.enabledFeatures = enabled
+        self.reportsPipelineStatistics = stats
         var mem = VkPhysicalDeviceMemoryProperties()
         vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
         self.memoryProperties = mem
@@ -232,6 +246,7 @@ public final class Device: @unchecked Sendable {
         self.ownsDevice = false
         self.options = options
         self.enabledFeatures = enabledFeatures
+        self.reportsPipelineStatistics = false
         var mem = VkPhysicalDeviceMemoryProperties()
         vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
         self.memoryProperties = mem

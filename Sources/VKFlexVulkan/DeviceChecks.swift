@@ -83,6 +83,13 @@ public enum DeviceChecks {
                 return "\(formatBytes(tooBig)) refused"
             }
         },
+        DeviceCheck(name: "cooperative-matrix element layout") { device in
+            guard let layout = try CooperativeMatrixLayout.measure(on: device) else {
+                return "no VK_NV_cooperative_matrix with subgroup size 32 (skipped)"
+            }
+            let known = layout.matches(CooperativeMatrixLayout.nvidiaMMA)
+            return (known ? "NVIDIA tensor-core order (the cooperative-matrix kernel applies): " : "another order (attention uses the portable kernel): ") + layout.summary
+        },
         DeviceCheck(name: "GPU timestamps") { device in
             guard device.capabilities.timestamps else { return "device has no timestamps (skipped)" }
             let pipeline = try device.pipeline(for: "vkflex.subgroup_sum") { try subgroupSumDescription(device) }

@@ -272,6 +272,7 @@ extension Device {
                         info.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO
                         info.stage = stage
                         info.layout = layout
+                        if reportsPipelineStatistics { info.flags = VkPipelineCreateFlags(VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR.rawValue) }
                         return vkCreateComputePipelines(handle, cache, 1, &info, nil, &pipeline)
                     }
                 }
@@ -283,8 +284,54 @@ extension Device {
             vkDestroyDescriptorSetLayout(handle, setLayout, nil)
             throw VulkanError.call("vkCreateComputePipelines(\(d.source.name))", result: result.rawValue)
         }
+        if reportsPipelineStatistics {
+            let defines = d.source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: " ")
+            FileHandle.standardError.write(Data("vkflex: pipeline \(d.source.name) [\(defines)]: \(pipelineStatistics(pipeline))\n".utf8))
+        }
         return ComputePipeline(name: d.source.name, pipeline: pipeline, layout: layout!, setLayout: setLayout!,
                                bindingCount: d.bindingCount, pushConstantSize: d.pushConstantSize,
                                compileSeconds: Double(t1 - t0) * 1e-9, createSeconds: Double(t3 - t2) * 1e-9, device: self)
+    }
+}
+
+extension Device {
+    /// The driver's statistics of a pipeline's executables ("Register Count = 128, ..."), from
+    /// `VK_KHR_pipeline_executable_properties`.
+    func pipelineStatistics(_ pipeline: VkPipeline) -> String {
+        guard let rawProps = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutablePropertiesKHR"),
+              let rawStats = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutableStatisticsKHR") else { return "unavailable" }
+        let getProps = unsafeBitCast(rawProps, to: PFN_vkGetPipelineExecutablePropertiesKHR.self)
+        let getStats = unsafeBitCast(rawStats, to: PFN_vkGetPipelineExecutableStatisticsKHR.self)
+        var info = VkPipelineInfoKHR()
+        info.sType = VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR
+        info.pipeline = pipeline
+        var count: UInt32 = 0
+        guard getProps(handle, &info, &count, nil) == VK_SUCCESS else { return "unavailable" }
+        var parts: [String] = []
+        for index in 0..<count {
+            var exec = VkPipelineExecutableInfoKHR()
+            exec.sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR
+            exec.pipeline = pipeline
+            exec.executableIndex = index
+            var n: UInt32 = 0
+            guard getStats(handle, &exec, &n, nil) == VK_SUCCESS, n > 0 else { continue }
+            var template = VkPipelineExecutableStatisticKHR()
+            template.sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_STATISTIC_KHR
+            var list = [VkPipelineExecutableStatisticKHR](repeating: template, count: Int(n))
+            guard getStats(handle, &exec, &n, &list) == VK_SUCCESS else { continue }
+            for stat in list.prefix(Int(n)) {
+                var stat = stat
+                let name = withUnsafeBytes(of: &stat.name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+                let value: String
+                switch stat.format {
+                case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_BOOL32_KHR: value = stat.value.b32 != 0 ? "true" : "false"
+                case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_INT64_KHR: value = "\(stat.value.i64)"
+                case VK_PIPELINE_EXECUTABLE_STATISTIC_FORMAT_UINT64_KHR: value = "\(stat.value.u64)"
+                default: value = "\(stat.value.f64)"
+                }
+                parts.append("\(name) = \(value)")
+            }
+        }
+        return parts.isEmpty ? "no statistics" : parts.joined(separator: ", ")
     }
 }

@@ -52,6 +52,36 @@ final class GLSLTests: XCTestCase {
         """), out.source)
     }
 
+    func testWorkThatDependsOnlyOnBatchAndHeadIsHoisted() throws {
+        let slope = HostTensor(name: "slope", float32: [0.5, 0.25], shape: [2])
+        let alibi = ScoreMod { s, _, h, q, kv in s + slope[h] * (kv - q) }
+        let out = try GLSLEmitter.emit(scoreMod: alibi.graph, maskMod: nil, firstBinding: 5, errorBinding: 4)
+        XCTAssertTrue(out.source.contains("""
+        #ifdef VKF_HOIST_BH
+        #define VKF_HAS_PROLOGUE 1
+        float vkf_bh0;
+        void vkf_prologue(int b, int h) {
+            vkf_bh0 = vkf_load0(h);
+        }
+        float score_mod(float score, int b, int h, int q_idx, int kv_idx) {
+            int t0 = (kv_idx - q_idx);
+            float t1 = (vkf_bh0 * float(t0));
+            float t2 = (score + t1);
+            return t2;
+        }
+        """), out.source)
+        // Templates without a prologue (the mask builder, the mod evaluator) get the plain functions.
+        XCTAssertTrue(out.source.contains("""
+        #else
+        float score_mod(float score, int b, int h, int q_idx, int kv_idx) {
+            float t0 = vkf_load0(h);
+        """), out.source)
+        // Nothing to hoist: no prologue at all.
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        let plain = try GLSLEmitter.emit(scoreMod: nil, maskMod: causal.graph, firstBinding: 5, errorBinding: 4)
+        XCTAssertFalse(plain.source.contains("VKF_HOIST_BH"))
+    }
+
     func testLiteralsAreLocaleFreeAndHandleInfNan() {
         XCTAssertEqual(GLSLEmitter.floatLiteral(0.1), "0.1")
         XCTAssertEqual(GLSLEmitter.floatLiteral(20), "20.0")

@@ -216,19 +216,21 @@ extension AttentionTests {
         ]
         var compiled = 0
         for D in [16, 32, 48, 64, 80, 96, 112, 128] {
-            for (shared, registersOnly) in [(48 << 10, true), (48 << 10, false), (32 << 10, false)] {
-                guard let tiles = CoopmatTiles(D: D, sharedMemory: shared, registersOnly: registersOnly) else { continue }
+            var choices = [CoopmatTiles(D: D, scoreMod: false, sharedMemory: 48 << 10, forced: nil),
+                           CoopmatTiles(D: D, scoreMod: true, sharedMemory: 32 << 10, forced: nil)]
+            if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, scoreMod: false, sharedMemory: 48 << 10, forced: $0) } }
+            for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
-                    let spirv = try ShaderCompiler.shared.compile(try ForwardKernel.coopmatSource(D: D, tiles: tiles), library: library)
+                    let spirv = try ShaderCompiler.shared.compile(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil), library: library)
                     XCTAssertEqual(spirv.first, 0x0723_0203)
                     compiled += 1
                 }
             }
         }
-        XCTAssertGreaterThanOrEqual(compiled, 60)
+        XCTAssertEqual(compiled, 54)
     }
 }
 
@@ -252,5 +254,68 @@ extension AttentionTests {
         XCTAssertEqual(try a.lse!.toArray(), try b.lse!.toArray())
         let ref = try flexAttentionReference(dq, dkv, dkv, blockMask: causal, enableGQA: true)
         XCTAssertLessThan(relativeL2Error(try a.output.toArray(), ref.output), 1e-5)
+    }
+}
+
+extension AttentionTests {
+    /// Per-(batch, head) work in a mod runs once per workgroup in `vkf_prologue`: the results must
+    /// not change, per head and per batch, and an index out of range there is still reported.
+    func testWorkHoistedPerBatchAndHeadMatchesTheReference() throws {
+        let (B, H, L, D) = (2, 3, 40, 8)
+        let slope = try device.tensor([0.5, -0.25, 1.5], shape: [3], name: "slope")
+        let bias = try device.tensor([2.0, -1.0], shape: [2], name: "bias")
+        // slope[h] and bias[b] * exp2(-(h + 1)) depend on b and h alone; kv_idx - q_idx does not.
+        let mod = ScoreMod { s, b, h, q, kv in s + slope[h] * (kv - q) / 8 + bias[b] * exp2(-(h + 1)) }
+        let glsl = try GLSLEmitter.emit(scoreMod: mod.graph, maskMod: nil, firstBinding: 11, errorBinding: 10)
+        XCTAssertTrue(glsl.source.contains("void vkf_prologue(int b, int h)"), glsl.source)
+        let q = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "q")
+        let k = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "k")
+        let v = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "v")
+        let causal = try createBlockMask(MaskMod { _, _, qi, kvi in qi >= kvi }, B: 1, H: 1, qLen: L, kvLen: L, device: device,
+                                         blockSize: BlockSize(16))
+        let r = try flexAttention(q, k, v, scoreMod: mod, blockMask: causal)
+        let ref = try flexAttentionReference(q, k, v, scoreMod: mod, blockMask: causal)
+        XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 1e-5)
+
+        let short = try device.tensor([0.5, -0.25], shape: [2], name: "short_slopes")
+        let bad = try flexAttention(q, k, v, scoreMod: ScoreMod { s, _, h, _, _ in s + short[h] })
+        XCTAssertThrowsError(try bad.output.toArray()) { e in
+            XCTAssertTrue("\(e)".contains("is out of range for short_slopes (size 2)"), "\(e)")
+        }
+    }
+
+    /// The fragment order the cooperative-matrix kernel is written for, as measured on an H200
+    /// (driver 580.159.04, `vkflex selftest`, 2026-11-21): lanes 0, 1 and 4 in full.
+    func testCooperativeMatrixLayoutIsTheMeasuredOne() throws {
+        typealias C = CooperativeMatrixLayout.Coordinate
+        let m = CooperativeMatrixLayout.nvidiaMMA
+        XCTAssertEqual(m.count, 32)
+        XCTAssertEqual(m[0], [C(row: 0, column: 0), C(row: 0, column: 1), C(row: 0, column: 8), C(row: 0, column: 9),
+                              C(row: 8, column: 0), C(row: 8, column: 1), C(row: 8, column: 8), C(row: 8, column: 9)])
+        XCTAssertEqual(m[1], [C(row: 0, column: 2), C(row: 0, column: 3), C(row: 0, column: 10), C(row: 0, column: 11),
+                              C(row: 8, column: 2), C(row: 8, column: 3), C(row: 8, column: 10), C(row: 8, column: 11)])
+        XCTAssertEqual(m[4], [C(row: 1, column: 0), C(row: 1, column: 1), C(row: 1, column: 8), C(row: 1, column: 9),
+                              C(row: 9, column: 0), C(row: 9, column: 1), C(row: 9, column: 8), C(row: 9, column: 9)])
+        // Every element of the 16x16 matrix is held exactly once.
+        XCTAssertEqual(Set(m.flatMap { $0.map { $0.row * 16 + $0.column } }), Set(0..<256))
+        // Lavapipe has no NV cooperative matrices: nothing to measure, and the kernel is not offered.
+        XCTAssertNil(CooperativeMatrixLayout.of(device))
+    }
+
+    func testCooperativeMatrixTileChoices() {
+        let d64 = CoopmatTiles(D: 64, scoreMod: false, sharedMemory: 48 << 10, forced: nil)
+        XCTAssertEqual(d64?.description, "32x2x4x2x1")
+        XCTAssertEqual(CoopmatTiles(D: 64, scoreMod: true, sharedMemory: 48 << 10, forced: nil)?.description, "32x1x8x2x1")
+        XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: nil)?.description, "32x2x4x1x0")
+        XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
+        XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
+        // A forced choice that does not fit is refused rather than built.
+        XCTAssertNil(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "128x1x8x2"))
+        // Less shared memory: a smaller fallback.
+        if let small = CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 16 << 10, forced: nil) {
+            XCTAssertLessThanOrEqual(CoopmatTiles.sharedBytes(D: 128, BKV: small.BKV, NSG: small.NSG, NBUF: small.NBUF), 16 << 10)
+        } else {
+            XCTFail("no tiles for 16 KiB of shared memory")
+        }
     }
 }

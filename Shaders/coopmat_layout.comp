@@ -1,0 +1,28 @@
+#version 450
+// Device check: which (row, column) of a 16x16 NV cooperative matrix each invocation's element
+// holds. One subgroup loads a matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
+// writes every invocation's elements out: out[(lane * 2 + kind) * 16 + e], -1 past length().
+#extension GL_NV_cooperative_matrix : require
+#extension GL_KHR_memory_scope_semantics : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_KHR_shader_subgroup_basic : require
+
+layout(local_size_x_id = 0) in;
+layout(std430, set = 0, binding = 0) writeonly buffer Out { int result[]; };
+
+shared float m32[256];
+shared float16_t m16[256];
+
+void main() {
+    const uint lane = gl_LocalInvocationIndex;
+    for (uint e = lane; e < 256; e += gl_WorkGroupSize.x) { m32[e] = float(e); m16[e] = float16_t(e); }
+    barrier();
+    fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> a;
+    fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> b;
+    coopMatLoadNV(a, m32, 0, 16, false);
+    coopMatLoadNV(b, m16, 0, 16, false);
+    for (int e = 0; e < 16; ++e) {
+        result[(lane * 2) * 16 + e] = e < a.length() ? int(a[e]) : -1;
+        result[(lane * 2 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+    }
+}

@@ -1,0 +1,89 @@
+import Foundation
+
+/// Which (row, column) of a 16×16 `VK_NV_cooperative_matrix` fragment each invocation of a
+/// subgroup holds, as measured on a device by loading a matrix of known values.
+///
+/// The extension leaves this layout to the implementation. vkflex's cooperative-matrix kernel
+/// keeps scores and probabilities in registers, so it needs each element's row and column; the
+/// kernel checks the layout it was built for when it starts, and `vkflex selftest` shows it.
+///
+/// ```swift
+/// if let layout = try CooperativeMatrixLayout.measure(on: device) {
+///     print(layout.summary)            // lane 0: (0,0) (0,1) (8,0) (8,1) ...
+///     print(layout.matches(.nvidiaMMA)) // true on NVIDIA GPUs
+/// }
+/// ```
+public struct CooperativeMatrixLayout: Sendable, Hashable {
+    /// `float32[lane][element]` = (row, column) of an fp32 (accumulator) fragment.
+    public var float32: [[Coordinate]]
+    /// The same for an fp16 fragment.
+    public var float16: [[Coordinate]]
+
+    public struct Coordinate: Sendable, Hashable, CustomStringConvertible {
+        public var row: Int
+        public var column: Int
+        public init(row: Int, column: Int) { self.row = row; self.column = column }
+        public var description: String { "(\(row),\(column))" }
+    }
+
+    public init(float32: [[Coordinate]], float16: [[Coordinate]]) {
+        self.float32 = float32
+        self.float16 = float16
+    }
+
+    /// The layout the cooperative-matrix kernel is written for, measured on an NVIDIA H200
+    /// (driver 580): lane `l` holds rows `l/4` and `l/4 + 8`, columns `2·(l%4)`, `2·(l%4) + 1`,
+    /// `2·(l%4) + 8` and `2·(l%4) + 9`; element `e` is in row `l/4 + 8·(e/4)`, column
+    /// `2·(l%4) + e%2 + 8·((e/2)%2)`. The same for fp16 and fp32 fragments.
+    public static let nvidiaMMA: [[Coordinate]] = (0..<32).map { lane in
+        (0..<8).map { e in
+            Coordinate(row: lane / 4 + 8 * (e / 4), column: 2 * (lane % 4) + e % 2 + 8 * ((e / 2) % 2))
+        }
+    }
+
+    /// Whether both the fp32 and fp16 fragments follow `expected`.
+    public func matches(_ expected: [[Coordinate]]) -> Bool {
+        float32 == expected && float16 == expected
+    }
+
+    /// The first lanes' coordinates, for a report.
+    public var summary: String {
+        func lanes(_ m: [[Coordinate]]) -> String {
+            (0..<min(5, m.count)).map { "lane \($0): " + m[$0].map(\.description).joined(separator: " ") }.joined(separator: "; ")
+        }
+        return "fp32 \(float32.first?.count ?? 0)/lane [\(lanes(float32))]; fp16 \(float16.first?.count ?? 0)/lane [\(lanes(float16))]"
+    }
+
+    /// The layout of `device`, measured on first use and remembered; nil when it has no
+    /// `VK_NV_cooperative_matrix` (or the measurement failed).
+    public static func of(_ device: Device) -> CooperativeMatrixLayout? {
+        if let known = device.lock.withLock({ device.measuredLayout }) { return known }
+        let layout = try? measure(on: device)
+        device.lock.withLock { device.measuredLayout = .some(layout) }
+        return layout
+    }
+
+    /// Measures the layout on `device`; nil when it has no `VK_NV_cooperative_matrix` or a
+    /// subgroup size other than 32.
+    public static func measure(on device: Device) throws -> CooperativeMatrixLayout? {
+        guard device.enabledFeatures.cooperativeMatrixNV, device.capabilities.subgroupSize == 32 else { return nil }
+        let pipeline = try device.pipeline(for: "vkflex.coopmat_layout") {
+            PipelineDescription(source: ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp")),
+                                bindingCount: 1, specialization: [32])
+        }
+        let out = try device.makeBuffer(bytes: 32 * 2 * 16 * 4)
+        try device.record { rec in
+            try rec.dispatch(pipeline, bindings: [BufferBinding(out, writes: true)], groups: (1, 1, 1))
+        }
+        let raw = try out.download(count: 32 * 2 * 16, as: Int32.self)
+        func decode(_ kind: Int) -> [[Coordinate]] {
+            (0..<32).map { lane in
+                (0..<16).compactMap { e -> Coordinate? in
+                    let v = Int(raw[(lane * 2 + kind) * 16 + e])
+                    return v < 0 ? nil : Coordinate(row: v / 16, column: v % 16)
+                }
+            }
+        }
+        return CooperativeMatrixLayout(float32: decode(0), float16: decode(1))
+    }
+}
