@@ -30,8 +30,10 @@ let package = Package(
             "VKFlex", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "VKFlexExprTests", dependencies: ["VKFlexExpr"]),
-        .testTarget(name: "VKFlexVulkanTests", dependencies: ["VKFlexVulkan"]),
-        .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan"]),
+        // The shared base class of the Vulkan tests (a validating lavapipe device per process).
+        .target(name: "VKFlexTestSupport", dependencies: ["VKFlexVulkan"], path: "Tests/VKFlexTestSupport"),
+        .testTarget(name: "VKFlexVulkanTests", dependencies: ["VKFlexVulkan", "VKFlexTestSupport"]),
+        .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan", "VKFlexTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -27,10 +27,32 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
 
 // Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
-// vkf_prologue(b, h), which they call once (when VKF_HAS_PROLOGUE is defined).
+// vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
 #define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
+
+// This workgroup's query tile: rows [q0, q0 + rows) inside query block qb, query head h (hl
+// within this dispatch's bindings), its key/value head hk, batch b (bl within the bindings).
+// False when the tile starts past the end of its block or of the queries. Runs the mods' (b, h)
+// prologue.
+struct WorkgroupTile { int b, bl, h, hl, hk, qb, q0, rows; };
+bool workgroup_tile(int bq, out WorkgroupTile t) {
+    const int tile = int(gl_WorkGroupID.x);
+    t.hl = int(gl_WorkGroupID.y);
+    t.bl = int(gl_WorkGroupID.z);
+    t.h = p.h_start + t.hl;
+    t.b = p.b_start + t.bl;
+    t.hk = t.h / (p.Hq / p.Hkv);
+    t.qb = tile / p.tiles_per_block;
+    t.q0 = t.qb * p.q_bs + (tile - t.qb * p.tiles_per_block) * bq;
+    t.rows = min(min(t.q0 + bq, (t.qb + 1) * p.q_bs), p.Lq) - t.q0;
+    if (t.rows <= 0) return false;
+#ifdef VKF_HAS_PROLOGUE
+    vkf_prologue(t.b, t.h);
+#endif
+    return true;
+}

@@ -43,18 +43,9 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
-    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
-    const int b = p.b_start + bl;
-    const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
-    const int q0 = qb * p.q_bs + sub * BQ;
-    const int q_end = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq);
-    if (q0 >= q_end) return;
-    const int rows = q_end - q0;
-    const int hk = h / (p.Hq / p.Hkv);
-#ifdef VKF_HAS_PROLOGUE
-    vkf_prologue(b, h);
-#endif
+    WorkgroupTile wt;
+    if (!workgroup_tile(BQ, wt)) return;
+    const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
 
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     for (int e = lid; e < BQ * D; e += WG) {

@@ -238,19 +238,10 @@ void stash(int buf, int lid) {
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sg = lid / 32, lane = lid % 32;
-    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
-    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
-    const int b = p.b_start + bl;
-    const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
-    const int q0 = qb * p.q_bs + sub * BQ;
-    const int q_end = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq);
-    if (q0 >= q_end) return;
-    const int rows = q_end - q0;
-    const int hk = h / (p.Hq / p.Hkv);
+    WorkgroupTile wt;
+    if (!workgroup_tile(BQ, wt)) return;
+    const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
 
-#ifdef VKF_HAS_PROLOGUE
-    vkf_prologue(b, h);
-#endif
     g_sg = sg; g_lane_r = lane / 4; g_lane_c = 2 * (lane % 4);
     g_b = b; g_h = h; g_q0 = q0; g_rows = rows;
     g_allrows = row_base(RPW - 1) + 16 <= rows;

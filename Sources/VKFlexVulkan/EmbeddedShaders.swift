@@ -157,13 +157,35 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
 
 // Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
-// vkf_prologue(b, h), which they call once (when VKF_HAS_PROLOGUE is defined).
+// vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
 #define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
+
+// This workgroup's query tile: rows [q0, q0 + rows) inside query block qb, query head h (hl
+// within this dispatch's bindings), its key/value head hk, batch b (bl within the bindings).
+// False when the tile starts past the end of its block or of the queries. Runs the mods' (b, h)
+// prologue.
+struct WorkgroupTile { int b, bl, h, hl, hk, qb, q0, rows; };
+bool workgroup_tile(int bq, out WorkgroupTile t) {
+    const int tile = int(gl_WorkGroupID.x);
+    t.hl = int(gl_WorkGroupID.y);
+    t.bl = int(gl_WorkGroupID.z);
+    t.h = p.h_start + t.hl;
+    t.b = p.b_start + t.bl;
+    t.hk = t.h / (p.Hq / p.Hkv);
+    t.qb = tile / p.tiles_per_block;
+    t.q0 = t.qb * p.q_bs + (tile - t.qb * p.tiles_per_block) * bq;
+    t.rows = min(min(t.q0 + bq, (t.qb + 1) * p.q_bs), p.Lq) - t.q0;
+    if (t.rows <= 0) return false;
+#ifdef VKF_HAS_PROLOGUE
+    vkf_prologue(t.b, t.h);
+#endif
+    return true;
+}
 """#,
         "flex_attention_fwd.comp": #"""
 #version 450
@@ -211,18 +233,9 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
-    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
-    const int b = p.b_start + bl;
-    const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
-    const int q0 = qb * p.q_bs + sub * BQ;
-    const int q_end = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq);
-    if (q0 >= q_end) return;
-    const int rows = q_end - q0;
-    const int hk = h / (p.Hq / p.Hkv);
-#ifdef VKF_HAS_PROLOGUE
-    vkf_prologue(b, h);
-#endif
+    WorkgroupTile wt;
+    if (!workgroup_tile(BQ, wt)) return;
+    const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
 
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     for (int e = lid; e < BQ * D; e += WG) {
@@ -605,19 +618,10 @@ void stash(int buf, int lid) {
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sg = lid / 32, lane = lid % 32;
-    const int tile = int(gl_WorkGroupID.x), h = p.h_start + int(gl_WorkGroupID.y), bl = int(gl_WorkGroupID.z);
-    const int hl = int(gl_WorkGroupID.y);   // the head within this dispatch's bindings
-    const int b = p.b_start + bl;
-    const int qb = tile / p.tiles_per_block, sub = tile - qb * p.tiles_per_block;
-    const int q0 = qb * p.q_bs + sub * BQ;
-    const int q_end = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq);
-    if (q0 >= q_end) return;
-    const int rows = q_end - q0;
-    const int hk = h / (p.Hq / p.Hkv);
+    WorkgroupTile wt;
+    if (!workgroup_tile(BQ, wt)) return;
+    const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
 
-#ifdef VKF_HAS_PROLOGUE
-    vkf_prologue(b, h);
-#endif
     g_sg = sg; g_lane_r = lane / 4; g_lane_c = 2 * (lane % 4);
     g_b = b; g_h = h; g_q0 = q0; g_rows = rows;
     g_allrows = row_base(RPW - 1) + 16 <= rows;

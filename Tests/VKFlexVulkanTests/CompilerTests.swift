@@ -1,4 +1,5 @@
 import Foundation
+import VKFlexTestSupport
 import XCTest
 @testable import VKFlexVulkan
 

@@ -1,5 +1,6 @@
 import CVulkan
 import Foundation
+import VKFlexTestSupport
 import XCTest
 @testable import VKFlexVulkan
 

@@ -1,16 +1,16 @@
-import CVulkan
 import Foundation
 import XCTest
-@testable import VKFlexVulkan
+import VKFlexVulkan
 
-/// Base class for tests on lavapipe: one validating device per process, and any validation
-/// message reported during a test fails it.
-class VulkanTestCase: XCTestCase {
-    nonisolated(unsafe) static var sharedDevice: Device?
-    var device: Device!
+/// Base class for the Vulkan tests of every test target: one validating lavapipe device per
+/// process (`VKFLEX_DEVICE` picks another), hermetic pipeline and SPIR-V caches, and any
+/// validation message reported during a test fails it.
+open class VulkanTestCase: XCTestCase {
+    nonisolated(unsafe) private static var sharedDevice: Device?
+    public var device: Device!
     private var validationBaseline = 0
 
-    override func setUpWithError() throws {
+    open override func setUpWithError() throws {
         if VulkanTestCase.sharedDevice == nil {
             let cacheDir = FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-tests-\(getpid())")
             // Hermetic caches: pipelines and SPIR-V of this test process only.
@@ -22,9 +22,18 @@ class VulkanTestCase: XCTestCase {
         validationBaseline = ValidationLog.shared.count
     }
 
-    override func tearDownWithError() throws {
+    open override func tearDownWithError() throws {
         try device?.synchronize()
         let messages = ValidationLog.shared.messages.dropFirst(validationBaseline)
         XCTAssertTrue(messages.isEmpty, "validation layer reported:\n" + messages.joined(separator: "\n"))
+    }
+
+    /// Fresh random normal values (never zeros).
+    public func randn(_ n: Int, scale: Float = 1) -> [Float] {
+        var rng = SystemRandomNumberGenerator()
+        return (0..<n).map { _ in
+            let u1 = Float.random(in: Float.ulpOfOne..<1, using: &rng), u2 = Float.random(in: 0..<1, using: &rng)
+            return scale * (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * .pi * u2)
+        }
     }
 }
