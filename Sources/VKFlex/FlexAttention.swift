@@ -32,7 +32,12 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
         if s.dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
         if s.D != s.Dv || s.D % 16 != 0 || s.D > 128 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 128 (got \(s.D)/\(s.Dv))" }
-        if CoopmatTiles(D: s.D, scoreMod: false, device: device) == nil { return "not enough shared memory for the cooperative-matrix tiles" }
+        if CoopmatTiles(D: s.D, scoreMod: false, device: device) == nil {
+            if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
+                return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
+            }
+            return "not enough shared memory for the cooperative-matrix tiles"
+        }
         guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
         if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) {
             return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
@@ -42,6 +47,9 @@ public enum FlexKernel: String, Sendable, CaseIterable {
 
     /// The kernel for a call: `VKFLEX_KERNEL` when set, else coopmat where it applies.
     static func choose(_ s: AttentionShape, device: Device) throws -> FlexKernel {
+        if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"], CoopmatTiles.parse(forced) == nil {
+            throw FlexError("VKFLEX_COOPMAT_TILES=\(forced): use BKVxRPWxNSGxNBUF[xP] with BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1 (e.g. 32x2x4x2)")
+        }
         let env = ProcessInfo.processInfo.environment["VKFLEX_KERNEL"]?.lowercased() ?? ""
         switch env {
         case "", "auto": return coopmatProblem(s, device: device) == nil ? .coopmat : .portable
@@ -81,15 +89,25 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
             : [(32, 2, 4, 1, false), (64, 1, 8, 1, true)]
         options += [(32, 1, 4, 1, true), (16, 1, 4, 1, true), (16, 1, 2, 1, true)]
         if let forced {
-            let parts = forced.split(separator: "x").compactMap { Int($0) }
-            if parts.count == 4 || parts.count == 5 { options = [(parts[0], parts[1], parts[2], parts[3], parts.count == 4 || parts[4] != 0)] }
+            guard let t = CoopmatTiles.parse(forced) else { return nil }
+            options = [(t.BKV, t.RPW, t.NSG, t.NBUF, t.prefetch)]
         }
-        for (bkv, rpw, nsg, nbuf, pre) in options where bkv % 16 == 0 && (1...2).contains(rpw) && (1...8).contains(nsg) && (1...2).contains(nbuf)
-            && CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: nsg, NBUF: nbuf) <= budget {
+        for (bkv, rpw, nsg, nbuf, pre) in options where CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: nsg, NBUF: nbuf) <= budget {
             self.init(BKV: bkv, NSG: nsg, RPW: rpw, NBUF: nbuf, prefetch: pre)
             return
         }
         return nil
+    }
+
+    /// `BKVxRPWxNSGxNBUF[xP]`: BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1;
+    /// nil for anything else.
+    static func parse(_ text: String) -> CoopmatTiles? {
+        let parts = text.split(separator: "x", omittingEmptySubsequences: false).map { Int($0) }
+        guard parts.count == 4 || parts.count == 5, parts.allSatisfy({ $0 != nil }) else { return nil }
+        let v = parts.map { $0! }
+        guard v[0] > 0, v[0] % 16 == 0, v[0] <= 128, (1...2).contains(v[1]), (1...8).contains(v[2]), (1...2).contains(v[3]),
+              v.count == 4 || (0...1).contains(v[4]) else { return nil }
+        return CoopmatTiles(BKV: v[0], NSG: v[2], RPW: v[1], NBUF: v[3], prefetch: v.count == 4 || v[4] == 1)
     }
 
     /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves).
@@ -214,8 +232,13 @@ enum ForwardKernel {
                                               .init("VKF_RAW_MAX", rawMax ? "1" : "0")]
         // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
         for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {
-            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-            defines.append(.init(parts[0], parts.count > 1 ? parts[1] : "1"))
+            let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+            let name = parts[0]
+            guard let first = name.first, first == "_" || first.isLetter, name.allSatisfy({ $0 == "_" || ($0.isASCII && ($0.isLetter || $0.isNumber)) }),
+                  parts.count == 1 || !parts[1].isEmpty else {
+                throw FlexError("VKFLEX_COOPMAT_DEFINES: '\(item)' is not NAME or NAME=value")
+            }
+            defines.append(.init(name, parts.count > 1 ? parts[1] : "1"))
         }
         return ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
                             defines: defines, optimize: true)

@@ -309,6 +309,10 @@ extension AttentionTests {
         XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: nil)?.description, "32x2x4x1x0")
         XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
         XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
+        for bad in ["32x2x4", "33x1x4x1", "32x3x4x1", "32x1x9x1", "32x1x4x3", "32x1x4x1x2", "32xx4x1", "abc"] {
+            XCTAssertNil(CoopmatTiles.parse(bad), bad)
+            XCTAssertNil(CoopmatTiles(D: 64, scoreMod: false, sharedMemory: 48 << 10, forced: bad), bad)
+        }
         // A forced choice that does not fit is refused rather than built.
         XCTAssertNil(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "128x1x8x2"))
         // Less shared memory: a smaller fallback.

@@ -35,10 +35,11 @@ final class CLITests: XCTestCase {
         return (p.terminationStatus, String(decoding: out, as: UTF8.self))
     }
 
-    func run(_ args: [String]) throws -> (Int32, String) {
+    func run(_ args: [String], extraEnvironment: [String: String] = [:]) throws -> (Int32, String) {
         var env = ProcessInfo.processInfo.environment
         env["VKFLEX_DEVICE"] = env["VKFLEX_DEVICE"] ?? "llvmpipe"
         env["VKFLEX_VALIDATE"] = "1"
+        env.merge(extraEnvironment) { _, new in new }
         return try spawn(binary, args, environment: env)
     }
 
@@ -175,6 +176,13 @@ final class CLITests: XCTestCase {
             XCTAssertTrue(status > 0 && status < 128, "\(args.joined(separator: " ")): status \(status)")
             XCTAssertTrue(output.contains(fragment), "\(args.joined(separator: " ")): \(output)")
             XCTAssertFalse(output.contains("Fatal error"), output)
+        }
+        // Malformed tuning variables are errors, not silently ignored.
+        for (env, fragment) in [(["VKFLEX_COOPMAT_TILES": "32x2"], "use BKVxRPWxNSGxNBUF"), (["VKFLEX_KERNEL": "fast"], "use portable or coopmat"),
+                                (["VKFLEX_KERNEL": "coopmat"], "has no VK_NV_cooperative_matrix")] {
+            let (status, output) = try run(base, extraEnvironment: env)
+            XCTAssertTrue(status > 0 && status < 128, "\(env): status \(status)")
+            XCTAssertTrue(output.contains(fragment), "\(env): \(output)")
         }
     }
 
