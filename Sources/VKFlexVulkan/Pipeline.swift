@@ -76,6 +76,7 @@ final class PipelineCache: @unchecked Sendable {
     var vkCache: VkPipelineCache?
     var cacheFile: URL?
     private var dirty = false
+    private var lastBuilt: ComputePipeline?
 
     func attach(device: Device) {
         let env = ProcessInfo.processInfo.environment
@@ -142,6 +143,7 @@ final class PipelineCache: @unchecked Sendable {
                 switch outcome {
                 case .success(let p):
                     entries[key] = .ready(p)
+                    lastBuilt = p
                     dirty = true
                 case .failure(let e):
                     entries[key] = .failed(e)
@@ -155,6 +157,7 @@ final class PipelineCache: @unchecked Sendable {
     }
 
     var buildCount: Int { lock.withLock { builds } }
+    var lastBuiltPipeline: ComputePipeline? { lock.withLock { lastBuilt } }
 
     func destroyAll(device: VkDevice) {
         save(device)
@@ -182,6 +185,10 @@ extension Device {
 
     /// How many distinct pipelines this device has built (each key once).
     public var pipelineBuilds: Int { pipelines.buildCount }
+
+    /// The pipeline built most recently, with its `compileSeconds` (shaderc, or the SPIR-V disk
+    /// cache) and `createSeconds` (`vkCreateComputePipelines`): where a first call's time went.
+    public var lastBuiltPipeline: ComputePipeline? { pipelines.lastBuiltPipeline }
 
     /// Where the persistent pipeline cache lives, when enabled.
     public var pipelineCacheFile: URL? { pipelines.cacheFile }

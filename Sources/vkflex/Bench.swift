@@ -165,6 +165,7 @@ struct Bench: ParsableCommand {
         try device.synchronize()
         let firstCallMs = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-6
         let compiled = ShaderCompiler.shared.compilations > compileBefore
+        let firstPipeline = compiled ? device.lastBuiltPipeline : nil
         // Warm-up: at least 3 calls and 300 ms, so that the GPU's clocks are up after the idle
         // time of a pipeline compile (short cases timed right after one ran up to 3x slow).
         let warmStart = DispatchTime.now().uptimeNanoseconds
@@ -200,7 +201,13 @@ struct Bench: ParsableCommand {
                                   "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue]
         if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
         if let maskGPUMs { obj["mask_gpu_ms"] = (maskGPUMs * 1e3).rounded() / 1e3 }
-        if compiled { obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100 }
+        if compiled {
+            obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100
+            if let p = firstPipeline {
+                obj["compile_ms"] = (p.compileSeconds * 1e5).rounded() / 100
+                obj["pipeline_ms"] = (p.createSeconds * 1e5).rounded() / 100
+            }
+        }
         if let relErr { obj["rel_err"] = relErr }
         if custom {
             if let s = c.score { obj["score_mod"] = s }

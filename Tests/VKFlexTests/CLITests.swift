@@ -205,4 +205,36 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(vs, 0)
         XCTAssertEqual(version.trimmingCharacters(in: .whitespacesAndNewlines), vkflexVersion)
     }
+
+    /// `vkflex bench` writes the fields of ../shared/bench/SUITE.md (plus where a first call's time
+    /// went) and checks its results against the float64 reference: a suite case and a custom one.
+    func testBenchWritesTheSuiteFields() throws {
+        let json = dir.appendingPathComponent("bench.jsonl").path
+        let (status, output) = try run(["bench", "--suite", "seed", "--cases", "causal,softcap20_causal", "--small", "--repeat", "2", "--json", json])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("causal"), output)
+        let (cs, custom) = try run(["bench", "--b", "1", "--h", "2", "--s", "200", "--d", "24", "--dtype", "float32",
+                                    "--mask-mod", "(q_idx >= kv_idx) & (q_idx - kv_idx <= 64)", "--score-mod", "score * 0.5",
+                                    "--repeat", "2", "--json", json])
+        XCTAssertEqual(cs, 0, custom)
+        let rows = try String(contentsOfFile: json, encoding: .utf8).split(separator: "\n").map {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
+        }
+        XCTAssertEqual(rows.map { $0["case"] as? String }, ["causal", "causal", "softcap20_causal", "custom"])
+        XCTAssertEqual(rows.map { $0["D"] as? Int }, [64, 128, 64, 24])
+        for row in rows {
+            for field in ["B", "H", "S", "D", "dtype", "density", "fw_ms", "fw_tflops", "mask_ms", "rel_err", "device", "kernel"] {
+                XCTAssertNotNil(row[field], "\(field) missing in \(row)")
+            }
+            XCTAssertLessThan(row["rel_err"] as? Double ?? 1, (row["dtype"] as? String) == "float32" ? 1e-4 : 2e-3, "\(row)")
+            XCTAssertGreaterThan(row["fw_ms"] as? Double ?? 0, 0, "\(row)")
+            // Each case is a new variant here: its first call compiled it, and says where the time went.
+            for field in ["first_call_ms", "compile_ms", "pipeline_ms"] {
+                XCTAssertGreaterThan(row[field] as? Double ?? -1, 0, "\(field) in \(row)")
+            }
+        }
+        XCTAssertEqual(rows[0]["density"] as? Double, 0.625, "causal at S=512 in 128-blocks keeps 10 of 16")
+        XCTAssertEqual(rows[3]["mask_mod"] as? String, "(q_idx >= kv_idx) & (q_idx - kv_idx <= 64)")
+        XCTAssertEqual(rows[3]["score_mod"] as? String, "score * 0.5")
+    }
 }
