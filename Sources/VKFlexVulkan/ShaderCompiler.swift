@@ -118,6 +118,9 @@ public final class ShaderCompiler: @unchecked Sendable {
     /// hash of everything that decides it, so a second process skips shaderc for shaders it has
     /// seen — glslang and spirv-opt cost tens to hundreds of milliseconds on large kernels.
     public func compile(_ source: ShaderSource, library: ShaderLibrary = .standard) throws -> [UInt32] {
+        var source = source
+        // VKFLEX_SPIRV_OPT=0: no spirv-opt for any shader (to compare first-call time and speed).
+        if ProcessInfo.processInfo.environment["VKFLEX_SPIRV_OPT"] == "0" { source.optimize = false }
         let text = source.expandedText
         if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
             try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
