@@ -19,7 +19,9 @@ public struct FlexResult {
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
-    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16, at most 128.
+    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16, at most 128,
+    /// on a device whose fragment element order is NVIDIA's (``CooperativeMatrixLayout/nvidiaMMA``,
+    /// measured once per device).
     case coopmat
 
     /// Why `coopmat` cannot run this call, or nil when it can.
