@@ -175,8 +175,10 @@ struct FunctionEmitter {
     let prologue: Prologue?
     /// Prefix of the names of this emitter's values.
     var prefix = "t"
-    /// Writes values as assignments to globals (the prologue) rather than as local declarations.
+    /// Writes values as assignments to globals (the prologue) rather than as local declarations;
+    /// the globals' declarations then collect in `globals`.
     var assignsGlobals = false
+    var globals: [String] = []
 
     init(captures: [CaptureInfo], prologue: Prologue? = nil) {
         self.captures = captures
@@ -254,7 +256,12 @@ struct FunctionEmitter {
         }
         let name = "\(prefix)\(memo.count)"
         let glslType = v.type == .int ? "int" : v.type == .float ? "float" : "bool"
-        lines.append(assignsGlobals ? "    \(name) = \(v.code);" : "    \(glslType) \(name) = \(v.code);")
+        if assignsGlobals {
+            globals.append("\(glslType) \(name);")
+            lines.append("    \(name) = \(v.code);")
+        } else {
+            lines.append("    \(glslType) \(name) = \(v.code);")
+        }
         let named = Value(code: name, type: v.type)
         memo[e] = named
         return named
@@ -277,11 +284,7 @@ final class Prologue {
     var lines: [String] { emitter.lines }
 
     /// The globals, in the order they are assigned.
-    var declarations: [String] {
-        emitter.memo.values.sorted { Int($0.code.dropFirst(6))! < Int($1.code.dropFirst(6))! }.map { v in
-            "\(v.type == .int ? "int" : v.type == .float ? "float" : "bool") \(v.code);"
-        }
-    }
+    var declarations: [String] { emitter.globals }
 }
 
 extension Expr {
