@@ -23,8 +23,10 @@ let package = Package(
         .systemLibrary(name: "CVulkan", pkgConfig: "vulkan",
                        providers: [.apt(["libvulkan-dev"])]),
         .target(name: "CShaderc", linkerSettings: shadercLibraries),
+        // SPIRV-Tools' optimizer with an explicit pass list (C++ API behind a C function).
+        .target(name: "CSPIRVOpt", linkerSettings: ["SPIRV-Tools-opt", "SPIRV-Tools", "stdc++"].map { .linkedLibrary($0) }),
         .target(name: "VKFlexExpr"),
-        .target(name: "VKFlexVulkan", dependencies: ["CVulkan", "CShaderc"]),
+        .target(name: "VKFlexVulkan", dependencies: ["CVulkan", "CShaderc", "CSPIRVOpt"]),
         .target(name: "VKFlex", dependencies: ["CVulkan", "VKFlexExpr", "VKFlexVulkan"]),
         .executableTarget(name: "vkflex", dependencies: [
             "VKFlex", .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -35,5 +37,6 @@ let package = Package(
         .testTarget(name: "VKFlexVulkanTests", dependencies: ["VKFlexVulkan", "VKFlexTestSupport"]),
         .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan", "VKFlexTestSupport"]),
     ],
-    swiftLanguageModes: [.v6]
+    swiftLanguageModes: [.v6],
+    cxxLanguageStandard: .cxx17
 )

@@ -34,7 +34,7 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
         if s.dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
         if s.D != s.Dv || s.D % 16 != 0 || s.D > 128 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 128 (got \(s.D)/\(s.Dv))" }
-        if CoopmatTiles(D: s.D, scoreMod: false, device: device) == nil {
+        if CoopmatTiles(D: s.D, device: device) == nil {
             if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
                 return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
             }
@@ -75,19 +75,19 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     init(BKV: Int, NSG: Int, RPW: Int, NBUF: Int, prefetch: Bool = true) {
         self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch
     }
-    init?(D: Int, scoreMod: Bool, device: Device) {
-        self.init(D: D, scoreMod: scoreMod, sharedMemory: device.capabilities.maxSharedMemory)
+    init?(D: Int, device: Device) {
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory)
     }
     /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP]` (e.g. `64x1x8x1`, `32x2x4x1x0` without
     /// prefetch) forces a choice, for tuning.
-    init?(D: Int, scoreMod: Bool, sharedMemory budget: Int, forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
+    init?(D: Int, sharedMemory budget: Int, forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
         // Preferred first (BKV, RPW, NSG, NBUF, prefetch), from the H200 sweep in
         // docs/performance.md: at D <= 64 two row blocks per subgroup (each K/V fragment read from
-        // shared memory feeds two products) unless a score-mod's per-element work favours more
-        // subgroups; above 64 the same without the register prefetch. Some neighbours collapse
+        // shared memory feeds two products), with or without a score-mod since P is computed in
+        // fp16 there; above 64 the same without the register prefetch. Some neighbours collapse
         // (64 keys at D = 64: 44 TFLOP/s against 145, the driver caps registers at 128 and spills).
         var options: [(Int, Int, Int, Int, Bool)] = D <= 64
-            ? (scoreMod ? [(32, 1, 8, 2, true), (32, 2, 4, 2, true)] : [(32, 2, 4, 2, true), (32, 1, 8, 2, true)])
+            ? [(32, 2, 4, 2, true), (32, 1, 8, 2, true)]
             : [(32, 2, 4, 1, false), (64, 1, 8, 1, true)]
         options += [(32, 1, 4, 1, true), (16, 1, 4, 1, true), (16, 1, 2, 1, true)]
         if let forced {
@@ -115,7 +115,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves).
     static func sharedBytes(D: Int, BKV: Int, NSG: Int, NBUF: Int) -> Int {
         let ks4 = D / 8 + 1
-        return max(NBUF * 2 * BKV * ks4, 16 * NSG * ks4) * 16
+        return max(2 * NBUF * BKV * ks4, 16 * NSG * ks4) * 16
     }
 
     var description: String { "\(BKV)x\(RPW)x\(NSG)x\(NBUF)x\(prefetch ? 1 : 0)" }
@@ -225,13 +225,16 @@ enum ForwardKernel {
     }
 
     /// The cooperative-matrix shader for a head dim and tiles. `rawMax`: no score-mod and a
-    /// positive scale, so the softmax maximum can be taken over raw scores. spirv-opt (SPIRV-Tools
+    /// positive scale, so the softmax maximum can be taken over raw scores. `exp16`: P evaluated
+    /// in fp16 — with a score-mod, whose own special functions (tanh) compete with exp2 for the
+    /// same units (soft-cap 94 → 124 TFLOP/s, ALiBi 131 → 135 on the H200; without a score-mod it
+    /// costs 6%, so it is off there). spirv-opt (SPIRV-Tools
     /// v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
     /// compiles every variant optimized, so a crash would show there, not in a user's process.
-    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool) throws -> ShaderSource {
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool) throws -> ShaderSource {
         var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                               .init("NBUF", "\(t.NBUF)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
-                                              .init("VKF_RAW_MAX", rawMax ? "1" : "0")]
+                                              .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0")]
         // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
         for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
@@ -276,12 +279,12 @@ enum ForwardKernel {
             ])
         case .coopmat:
             let identity = scoreMod.map { $0.isIdentity } ?? true
-            guard let t = CoopmatTiles(D: s.D, scoreMod: !identity, device: device) else {
+            guard let t = CoopmatTiles(D: s.D, device: device) else {
                 throw FlexError("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
             }
             (BQ, BKV, WG) = (16 * t.NSG * t.RPW, t.BKV, 32 * t.NSG)
             let rawMax = identity && scale > 0
-            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax)
+            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity)
         }
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, defines: source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: ","))
         let pipeline = try device.pipeline(for: key) {

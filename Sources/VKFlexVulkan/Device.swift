@@ -64,6 +64,10 @@ public final class Device: @unchecked Sendable {
     var measuredLayout: CooperativeMatrixLayout??
     /// Whether pipelines are built with statistics, printed as they are built (`VKFLEX_PIPELINE_STATS=1`).
     let reportsPipelineStatistics: Bool
+    /// Where the driver's internal representations of every pipeline built are written
+    /// (`VKFLEX_PIPELINE_IR=dir`; only drivers that offer them through
+    /// `VK_KHR_pipeline_executable_properties` write anything).
+    let pipelineIRDirectory: String?
 
     /// The features vkflex turned on when it created the logical device.
     public struct EnabledFeatures: Sendable {
@@ -156,8 +160,11 @@ public final class Device: @unchecked Sendable {
         if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
         // VKFLEX_PIPELINE_STATS=1: the driver's statistics of every pipeline built (registers,
         // spills, ...) go to standard error, for tuning kernels.
-        let stats = ProcessInfo.processInfo.environment["VKFLEX_PIPELINE_STATS"] == "1"
-            && caps.extensions.contains("VK_KHR_pipeline_executable_properties")
+        // VKFLEX_PIPELINE_IR=dir: the driver's internal representations (if it offers any) go to
+        // files in dir.
+        let hasExec = caps.extensions.contains("VK_KHR_pipeline_executable_properties")
+        let irDir = hasExec ? ProcessInfo.processInfo.environment["VKFLEX_PIPELINE_IR"].flatMap { $0.isEmpty ? nil : $0 } : nil
+        let stats = (ProcessInfo.processInfo.environment["VKFLEX_PIPELINE_STATS"] == "1" && hasExec) || irDir != nil
         if stats { extensions.append("VK_KHR_pipeline_executable_properties") }
         var exec = VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR()
         exec.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR
@@ -214,6 +221,7 @@ public final class Device: @unchecked Sendable {
         self.queueFamilyIndex = family
         self.enabledFeatures = enabled
         self.reportsPipelineStatistics = stats
+        self.pipelineIRDirectory = irDir
         var mem = VkPhysicalDeviceMemoryProperties()
         vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
         self.memoryProperties = mem
@@ -247,6 +255,7 @@ public final class Device: @unchecked Sendable {
         self.options = options
         self.enabledFeatures = enabledFeatures
         self.reportsPipelineStatistics = false
+        self.pipelineIRDirectory = nil
         var mem = VkPhysicalDeviceMemoryProperties()
         vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
         self.memoryProperties = mem

@@ -432,6 +432,11 @@ void main() {
 #ifndef VKF_NO_PREFETCH
 #define VKF_NO_PREFETCH 0
 #endif
+// VKF_EXP16: P = exp2(s - m) evaluated in fp16, in pairs (the precision P is used in): fewer
+// special-function cycles, which pays where a score_mod adds its own (tanh).
+#ifndef VKF_EXP16
+#define VKF_EXP16 0
+#endif
 #define BQ (16 * NSG * RPW)
 layout(local_size_x = 32 * NSG) in;
 
@@ -449,7 +454,8 @@ layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 // padding keeps the eight rows of a fragment load on distinct banks.
 #define KS4 (D / 8 + 1)
 #define TILE4 (BKV * KS4)
-#define KV4 (NBUF * 2 * TILE4)
+// K tiles in NBUF buffers, then V tiles in NBUF buffers.
+#define KV4 (2 * NBUF * TILE4)
 #define STAGE4 (16 * NSG * KS4)
 shared uvec4 kvs[KV4 > STAGE4 ? KV4 : STAGE4];
 
@@ -463,6 +469,7 @@ shared uvec4 kvs[KV4 > STAGE4 ? KV4 : STAGE4];
 // Per-invocation state shared by main() and the tile functions.
 FRAG16 qf[RPW][D / 16];
 FRAG32 of[RPW][DV / 16];
+FRAG16 pf[RPW][BKV / 16];      // P of the current tile, as fp16 operands
 float fm[RPW][2], fl[RPW][2];   // running max (log2 domain) and this lane's share of the row sum
 int g_b, g_h, g_q0, g_rows, g_sg, g_lane_r, g_lane_c, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
 bool g_allrows;                 // every row of this subgroup is inside the query range
@@ -482,9 +489,20 @@ void tile_range(int t, out int k0, out int kn, out int pass) {
 // First row (in the tile) of the subgroup's row block rb.
 int row_base(int rb) { return (rb * NSG + g_sg) * 16; }
 
+// O += P V, V from the buffer at vbase.
+void accumulate_pv(int vbase) {
+    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+            FRAG16 vf;
+            coopMatLoadNV(vf, kvs, uint(vbase + c * 16 * KS4 + dd * 2), uint(KS4), false);
+            [[unroll]] for (int rb = 0; rb < RPW; ++rb) of[rb][dd] = coopMatMulAddNV(pf[rb][c], vf, of[rb][dd]);
+        }
+    }
+}
+
 // Scores, online softmax and P V for the K/V tile in buffer buf.
 void process_tile(int buf, int k0, int kn, int pass) {
-    const int kbase = buf * 2 * TILE4, vbase = kbase + TILE4;
+    const int kbase = buf * TILE4;
     FRAG32 acc[RPW][BKV / 16];
     [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
         [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb][c] = FRAG32(0.0);
@@ -496,7 +514,6 @@ void process_tile(int buf, int k0, int kn, int pass) {
     }
     // Whole tile inside the keys, the rows and a full block: no element needs a check.
     const bool clean = kn == BKV && g_allrows && pass == 0;
-    FRAG16 pf[RPW][BKV / 16];
     bool rescale = false;
     float al[RPW][2];
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
@@ -545,6 +562,20 @@ void process_tile(int buf, int k0, int kn, int pass) {
         fm[rb][0] = m0; fm[rb][1] = m1;
         float s0 = 0.0, s1 = 0.0;
         [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+#if VKF_EXP16
+            [[unroll]] for (int e = 0; e < 8; e += 2) {
+                const float m = EL_HI(e) == 0 ? m0 : m1;
+#if VKF_RAW_MAX
+                const vec2 x = vec2(fma(acc[rb][c][e], g_c, -m), fma(acc[rb][c][e + 1], g_c, -m));
+#else
+                const vec2 x = vec2(acc[rb][c][e] - m, acc[rb][c][e + 1] - m);
+#endif
+                const f16vec2 ph = exp2(f16vec2(x));
+                pf[rb][c][e] = ph.x; pf[rb][c][e + 1] = ph.y;
+                const vec2 pj = vec2(ph);
+                if (EL_HI(e) == 0) s0 += pj.x + pj.y; else s1 += pj.x + pj.y;
+            }
+#else
             [[unroll]] for (int e = 0; e < 8; ++e) {
                 const float m = EL_HI(e) == 0 ? m0 : m1;
 #if VKF_RAW_MAX
@@ -556,6 +587,7 @@ void process_tile(int buf, int k0, int kn, int pass) {
                 if (EL_HI(e) == 0) s0 += pj; else s1 += pj;
             }
             pf[rb][c] = FRAG16(acc[rb][c]);
+#endif
         }
         fl[rb][0] = fl[rb][0] * al[rb][0] + s0; fl[rb][1] = fl[rb][1] * al[rb][1] + s1;
     }
@@ -564,13 +596,7 @@ void process_tile(int buf, int k0, int kn, int pass) {
             [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
                 [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= al[rb][EL_HI(e)];
     }
-    [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-        [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
-            FRAG16 vf;
-            coopMatLoadNV(vf, kvs, uint(vbase + c * 16 * KS4 + dd * 2), uint(KS4), false);
-            [[unroll]] for (int rb = 0; rb < RPW; ++rb) of[rb][dd] = coopMatMulAddNV(pf[rb][c], vf, of[rb][dd]);
-        }
-    }
+    accumulate_pv((NBUF + buf) * TILE4);
 }
 
 // Eight halves of a strided row, packed like a uvec4 load.
@@ -609,8 +635,8 @@ void stash(int buf, int lid) {
         const int e = lid + a * 32 * NSG;
         if (e < BKV * (D / 8)) {
             const int j = e / (D / 8), d8 = e - j * (D / 8);
-            kvs[buf * 2 * TILE4 + j * KS4 + d8] = pre_k[a];
-            kvs[buf * 2 * TILE4 + TILE4 + j * KS4 + d8] = pre_v[a];
+            kvs[buf * TILE4 + j * KS4 + d8] = pre_k[a];
+            kvs[(NBUF + buf) * TILE4 + j * KS4 + d8] = pre_v[a];
         }
     }
 }

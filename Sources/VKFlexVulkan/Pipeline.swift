@@ -280,6 +280,7 @@ extension Device {
                         info.stage = stage
                         info.layout = layout
                         if reportsPipelineStatistics { info.flags = VkPipelineCreateFlags(VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR.rawValue) }
+                        if pipelineIRDirectory != nil { info.flags |= VkPipelineCreateFlags(VK_PIPELINE_CREATE_CAPTURE_INTERNAL_REPRESENTATIONS_BIT_KHR.rawValue) }
                         return vkCreateComputePipelines(handle, cache, 1, &info, nil, &pipeline)
                     }
                 }
@@ -294,6 +295,14 @@ extension Device {
         if reportsPipelineStatistics {
             let defines = d.source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: " ")
             FileHandle.standardError.write(Data("vkflex: pipeline \(d.source.name) [\(defines)]: \(pipelineStatistics(pipeline))\n".utf8))
+            if let dir = pipelineIRDirectory {
+                let parts: [String] = [d.source.name] + d.source.defines.map { "\($0.name)=\($0.value)" }
+                let raw: String = parts.joined(separator: "_")
+                let stem = String(raw.unicodeScalars.prefix(180).map { ch -> Character in
+                    CharacterSet.alphanumerics.contains(ch) || ch == "_" || ch == "=" ? Character(ch) : "-"
+                })
+                writeInternalRepresentations(pipeline, to: dir, stem: stem)
+            }
         }
         return ComputePipeline(name: d.source.name, pipeline: pipeline, layout: layout!, setLayout: setLayout!,
                                bindingCount: d.bindingCount, pushConstantSize: d.pushConstantSize,
@@ -340,5 +349,55 @@ extension Device {
             }
         }
         return parts.isEmpty ? "no statistics" : parts.joined(separator: ", ")
+    }
+}
+
+extension Device {
+    /// Writes the driver's internal representations of a pipeline's executables (text ones as
+    /// they are, others as bytes) to `dir/stem.N.name.txt`; says on standard error what it wrote.
+    func writeInternalRepresentations(_ pipeline: VkPipeline, to dir: String, stem: String) {
+        guard let rawProps = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutablePropertiesKHR"),
+              let rawIR = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutableInternalRepresentationsKHR") else { return }
+        let getProps = unsafeBitCast(rawProps, to: PFN_vkGetPipelineExecutablePropertiesKHR.self)
+        let getIR = unsafeBitCast(rawIR, to: PFN_vkGetPipelineExecutableInternalRepresentationsKHR.self)
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var info = VkPipelineInfoKHR()
+        info.sType = VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR
+        info.pipeline = pipeline
+        var count: UInt32 = 0
+        guard getProps(handle, &info, &count, nil) == VK_SUCCESS else { return }
+        var written = 0
+        for index in 0..<count {
+            var exec = VkPipelineExecutableInfoKHR()
+            exec.sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR
+            exec.pipeline = pipeline
+            exec.executableIndex = index
+            var n: UInt32 = 0
+            guard getIR(handle, &exec, &n, nil) == VK_SUCCESS, n > 0 else { continue }
+            var template = VkPipelineExecutableInternalRepresentationKHR()
+            template.sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INTERNAL_REPRESENTATION_KHR
+            var list = [VkPipelineExecutableInternalRepresentationKHR](repeating: template, count: Int(n))
+            // First pass: sizes; then buffers of those sizes.
+            _ = getIR(handle, &exec, &n, &list)
+            var storage: [UnsafeMutableRawPointer] = []
+            for i in 0..<Int(n) {
+                let size = max(list[i].dataSize, 1)
+                let buf = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
+                storage.append(buf)
+                list[i].pData = buf
+            }
+            defer { storage.forEach { $0.deallocate() } }
+            _ = getIR(handle, &exec, &n, &list)
+            for i in 0..<Int(n) {
+                var ir = list[i]
+                let name = withUnsafeBytes(of: &ir.name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+                guard let data = ir.pData, ir.dataSize > 0 else { continue }
+                let bytes = Data(bytes: data, count: ir.isText != 0 ? strnlen(data.assumingMemoryBound(to: CChar.self), ir.dataSize) : ir.dataSize)
+                let safe = name.map { $0.isLetter || $0.isNumber ? String($0) : "-" }.joined()
+                let path = "\(dir)/\(stem).\(index).\(safe).\(ir.isText != 0 ? "txt" : "bin")"
+                if FileManager.default.createFile(atPath: path, contents: bytes) { written += 1 }
+            }
+        }
+        FileHandle.standardError.write(Data("vkflex: pipeline \(stem): \(written) internal representation(s) written to \(dir)\n".utf8))
     }
 }

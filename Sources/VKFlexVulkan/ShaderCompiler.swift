@@ -1,5 +1,50 @@
 import CShaderc
+import CSPIRVOpt
 import Foundation
+
+/// How shaders marked `optimize` go through SPIRV-Tools' optimizer.
+///
+/// Set per process with `VKFLEX_SPIRV_OPT`: `0` (none), `full` (shaderc's "performance" recipe,
+/// dozens of passes), `unroll` (``essentialPasses`` plus loop unrolling), `fast`
+/// (``essentialPasses``). The optimizer is most of a first call's compile time on large kernels,
+/// while the driver's own compiler redoes most of its work; what a driver cannot do without is
+/// inlining and turning private arrays into SSA values.
+public enum SPIRVOptimization: String, Sendable, CaseIterable {
+    case none, full, unroll, fast
+
+    /// Inline everything into `main`, turn function-local arrays and structs into SSA values,
+    /// propagate constants, drop dead code.
+    public static let essentialPasses = [
+        "--merge-return", "--inline-entry-points-exhaustive", "--eliminate-dead-functions", "--private-to-local",
+        "--scalar-replacement=0", "--ssa-rewrite", "--ccp", "--eliminate-dead-code-aggressive",
+    ]
+
+    /// The process's choice: `VKFLEX_SPIRV_OPT` (`0`, `1` for the default, or a case name), else
+    /// ``default``; any other value is an error.
+    public static func current() throws -> SPIRVOptimization {
+        switch ProcessInfo.processInfo.environment["VKFLEX_SPIRV_OPT"] {
+        case nil, ""?, "1"?: return .default
+        case "0"?: return .none
+        case let value?:
+            guard let mode = SPIRVOptimization(rawValue: value) else {
+                throw VulkanError.invalidArgument("VKFLEX_SPIRV_OPT=\(value) is not one of 0, 1, \(allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return mode
+        }
+    }
+
+    /// What vkflex uses unless told otherwise.
+    public static let `default` = SPIRVOptimization.full
+
+    /// The explicit pass list, for the modes that run one.
+    var passes: [String]? {
+        switch self {
+        case .none, .full: return nil
+        case .unroll: return Self.essentialPasses + ["--loop-unroll", "--ccp", "--eliminate-dead-code-aggressive"]
+        case .fast: return Self.essentialPasses
+        }
+    }
+}
 
 /// A GLSL compute shader to compile: a template text plus the defines that pick its variant.
 public struct ShaderSource: Sendable, Hashable {
@@ -112,31 +157,69 @@ public final class ShaderCompiler: @unchecked Sendable {
 
     /// Compiles `source` (with `#include` resolved from `library`) to SPIR-V words.
     ///
-    /// `VKFLEX_DUMP_SHADERS=dir` writes the expanded source to `dir/<name>.comp` first.
+    /// `VKFLEX_DUMP_SHADERS=dir` first writes the source, its includes inlined, to
+    /// `dir/<name>-<hash>.comp` (one file per variant; it compiles on its own with `glslc`).
     ///
     /// The SPIR-V is also kept on disk (next to the pipeline cache, see ``SPIRVCache``) under a
     /// hash of everything that decides it, so a second process skips shaderc for shaders it has
     /// seen — glslang and spirv-opt cost tens to hundreds of milliseconds on large kernels.
     public func compile(_ source: ShaderSource, library: ShaderLibrary = .standard) throws -> [UInt32] {
-        var source = source
-        // VKFLEX_SPIRV_OPT=0: no spirv-opt for any shader (to compare first-call time and speed).
-        if ProcessInfo.processInfo.environment["VKFLEX_SPIRV_OPT"] == "0" { source.optimize = false }
+        let mode = source.optimize ? try SPIRVOptimization.current() : .none
         let text = source.expandedText
         if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
             try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-            let safe = source.name.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" ? $0 : "_" }
-            try? text.write(toFile: (dir as NSString).appendingPathComponent(String(safe) + ".comp"), atomically: true, encoding: .utf8)
+            let safe = String(source.name.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" ? $0 : "_" })
+            let standalone = Self.inliningIncludes(text, library: library)
+            let tag = SPIRVCache.key(text: standalone, library: ShaderLibrary(files: [:]), optimization: mode).prefix(8)
+            try? standalone.write(toFile: (dir as NSString).appendingPathComponent("\(safe)-\(tag).comp"), atomically: true, encoding: .utf8)
         }
         lock.withLock { compileCount += 1 }
         let cache = SPIRVCache.standard
-        let key = cache.map { _ in SPIRVCache.key(text: text, library: library, optimize: source.optimize) }
+        let key = cache.map { _ in SPIRVCache.key(text: text, library: library, optimization: mode) }
         if let cache, let key, let words = cache.load(key) { return words }
-        let words = try compileWithShaderc(source, text: text, library: library)
+        var words = try compileWithShaderc(source, text: text, library: library, performance: mode == .full)
+        if let passes = mode.passes { words = try Self.optimize(words, passes: passes, name: source.name) }
         if let cache, let key { cache.store(key, words) }
         return words
     }
 
-    private func compileWithShaderc(_ source: ShaderSource, text: String, library: ShaderLibrary) throws -> [UInt32] {
+    /// `text` with every `#include "name"` line replaced by that file of `library` (recursively,
+    /// each file once), so a dumped shader compiles on its own with `glslc`.
+    static func inliningIncludes(_ text: String, library: ShaderLibrary) -> String {
+        var seen: Set<String> = []
+        func expand(_ text: String) -> String {
+            text.split(separator: "\n", omittingEmptySubsequences: false).map { line -> String in
+                let trimmed = line.trimmingCharacters(in: .whitespaces)
+                guard trimmed.hasPrefix("#include"), let open = trimmed.firstIndex(of: "\""),
+                      let close = trimmed[trimmed.index(after: open)...].firstIndex(of: "\"") else { return String(line) }
+                let name = String(trimmed[trimmed.index(after: open)..<close])
+                guard let body = library.files[name] else { return String(line) }
+                if !seen.insert(name).inserted { return "// \(name) (included above)" }
+                return "// begin \(name)\n" + expand(body) + "\n// end \(name)"
+            }.joined(separator: "\n")
+        }
+        return expand(text)
+    }
+
+    /// Runs SPIRV-Tools' optimizer with `passes` over `words`.
+    static func optimize(_ words: [UInt32], passes: [String], name: String) throws -> [UInt32] {
+        var out: UnsafeMutablePointer<UInt32>?
+        var count = 0
+        var message = [CChar](repeating: 0, count: 2048)
+        let status = withCStrings(passes) { flags in
+            words.withUnsafeBufferPointer { w in
+                vkflex_spirv_optimize(w.baseAddress, w.count, flags.baseAddress, flags.count, &out, &count, &message, message.count)
+            }
+        }
+        guard status == 0, let out else {
+            let text = message.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            throw VulkanError.unsupported("spirv-opt failed on \(name): \(text)")
+        }
+        defer { vkflex_spirv_free(out) }
+        return Array(UnsafeBufferPointer(start: out, count: count))
+    }
+
+    private func compileWithShaderc(_ source: ShaderSource, text: String, library: ShaderLibrary, performance: Bool) throws -> [UInt32] {
         try lock.withLock {
             if compiler == nil { compiler = shaderc_compiler_initialize() }
             guard let compiler else { throw VulkanError.unsupported("shaderc_compiler_initialize failed") }
@@ -147,7 +230,7 @@ public final class ShaderCompiler: @unchecked Sendable {
             shaderc_compile_options_set_target_env(options, shaderc_target_env_vulkan, UInt32((1 << 22) | (2 << 12)))
             shaderc_compile_options_set_target_spirv(options, shaderc_spirv_version_1_5)
             shaderc_compile_options_set_optimization_level(
-                options, source.optimize ? shaderc_optimization_level_performance : shaderc_optimization_level_zero)
+                options, performance ? shaderc_optimization_level_performance : shaderc_optimization_level_zero)
             let names = Array(library.files.keys.sorted())
             let table = withCStrings(names) { np in
                 withCStrings(names.map { library.files[$0]! }) { cp in
@@ -220,13 +303,13 @@ public struct SPIRVCache: Sendable {
         return SPIRVCache(directory: cacheRoot().appendingPathComponent("spirv"))
     }
 
-    static func key(text: String, library: ShaderLibrary, optimize: Bool) -> String {
+    static func key(text: String, library: ShaderLibrary, optimization: SPIRVOptimization) -> String {
         var h: UInt64 = 0xcbf2_9ce4_8422_2325
         func mix(_ s: String) {
             for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01b3 }
             h = (h ^ 0xff) &* 0x0000_0100_0000_01b3
         }
-        mix("vkflex-spirv-1 shaderc \(vkflex_shaderc_version()) opt=\(optimize)")
+        mix("vkflex-spirv-1 shaderc \(vkflex_shaderc_version()) opt=\(optimization.rawValue) \(optimization.passes ?? [])")
         mix(text)
         for name in library.files.keys.sorted() { mix(name); mix(library.files[name]!) }
         return String(format: "%016llx", h)

@@ -91,7 +91,7 @@ struct Bench: ParsableCommand {
                 rows.append(row)
                 if let json {
                     let url = URL(fileURLWithPath: json)
-                    if !FileManager.default.fileExists(atPath: json) { FileManager.default.createFile(atPath: json, contents: nil) }
+                    if !FileManager.default.fileExists(atPath: json) { _ = FileManager.default.createFile(atPath: json, contents: nil) }
                     let handle = try FileHandle(forWritingTo: url)
                     handle.seekToEndOfFile()
                     handle.write(Data((row + "\n").utf8))

@@ -216,15 +216,15 @@ extension AttentionTests {
         ]
         var compiled = 0
         for D in [16, 32, 48, 64, 80, 96, 112, 128] {
-            var choices = [CoopmatTiles(D: D, scoreMod: false, sharedMemory: 48 << 10, forced: nil),
-                           CoopmatTiles(D: D, scoreMod: true, sharedMemory: 32 << 10, forced: nil)]
-            if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, scoreMod: false, sharedMemory: 48 << 10, forced: $0) } }
+            var choices = [CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: nil),
+                           CoopmatTiles(D: D, sharedMemory: 16 << 10, forced: nil)]
+            if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: $0) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
-                    let spirv = try ShaderCompiler.shared.compile(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil), library: library)
+                    let spirv = try ShaderCompiler.shared.compile(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil), library: library)
                     XCTAssertEqual(spirv.first, 0x0723_0203)
                     compiled += 1
                 }
@@ -303,20 +303,20 @@ extension AttentionTests {
     }
 
     func testCooperativeMatrixTileChoices() {
-        let d64 = CoopmatTiles(D: 64, scoreMod: false, sharedMemory: 48 << 10, forced: nil)
+        let d64 = CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d64?.description, "32x2x4x2x1")
-        XCTAssertEqual(CoopmatTiles(D: 64, scoreMod: true, sharedMemory: 48 << 10, forced: nil)?.description, "32x1x8x2x1")
-        XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: nil)?.description, "32x2x4x1x0")
-        XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
-        XCTAssertEqual(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, forced: nil)?.description, "32x1x4x1x1", "two 32-key K/V buffers need 18 KiB")
+        XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)?.description, "32x2x4x1x0")
+        XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
+        XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
         for bad in ["32x2x4", "33x1x4x1", "32x3x4x1", "32x1x9x1", "32x1x4x3", "32x1x4x1x2", "32xx4x1", "abc"] {
             XCTAssertNil(CoopmatTiles.parse(bad), bad)
-            XCTAssertNil(CoopmatTiles(D: 64, scoreMod: false, sharedMemory: 48 << 10, forced: bad), bad)
+            XCTAssertNil(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: bad), bad)
         }
         // A forced choice that does not fit is refused rather than built.
-        XCTAssertNil(CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 48 << 10, forced: "128x1x8x2"))
+        XCTAssertNil(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "128x1x8x2"))
         // Less shared memory: a smaller fallback.
-        if let small = CoopmatTiles(D: 128, scoreMod: false, sharedMemory: 16 << 10, forced: nil) {
+        if let small = CoopmatTiles(D: 128, sharedMemory: 16 << 10, forced: nil) {
             XCTAssertLessThanOrEqual(CoopmatTiles.sharedBytes(D: 128, BKV: small.BKV, NSG: small.NSG, NBUF: small.NBUF), 16 << 10)
         } else {
             XCTFail("no tiles for 16 KiB of shared memory")

@@ -102,10 +102,21 @@ final class CompilerTests: VulkanTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-dump-\(UUID())")
         setenv("VKFLEX_DUMP_SHADERS", dir.path, 1)
         defer { unsetenv("VKFLEX_DUMP_SHADERS") }
-        let text = "#version 450\nlayout(local_size_x = 1) in;\nvoid main() { }\n"
-        _ = try ShaderCompiler.shared.compile(ShaderSource(name: "dumped", text: text, defines: [.init("X", "3")]))
-        let dumped = try String(contentsOf: dir.appendingPathComponent("dumped.comp"), encoding: .utf8)
-        XCTAssertTrue(dumped.contains("#define X 3"), dumped)
+        let text = "#version 450\n#extension GL_GOOGLE_include_directive : require\n#include \"inc.glsl\"\nlayout(local_size_x = 1) in;\nvoid main() { }\n"
+        let library = ShaderLibrary(files: ["inc.glsl": "#define FROM_INCLUDE 1\n"])
+        for x in ["3", "4"] {
+            _ = try ShaderCompiler.shared.compile(ShaderSource(name: "dumped", text: text, defines: [.init("X", x)]), library: library)
+        }
+        // One standalone file per variant: defines and includes in it, glslc compiles it alone.
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
+        XCTAssertEqual(files.count, 2, "\(files)")
+        let dumped = try files.map { try String(contentsOf: dir.appendingPathComponent($0), encoding: .utf8) }
+        XCTAssertTrue(files.allSatisfy { $0.hasPrefix("dumped-") && $0.hasSuffix(".comp") }, "\(files)")
+        XCTAssertEqual(Set(dumped.map { $0.contains("#define X 3") }), [true, false])
+        for d in dumped {
+            XCTAssertTrue(d.contains("#define FROM_INCLUDE 1") && !d.contains("#include \"inc.glsl\""), d)
+            XCTAssertNoThrow(try ShaderCompiler.shared.compile(ShaderSource(name: "redumped", text: d), library: ShaderLibrary(files: [:])))
+        }
     }
 
     func testShaderDirOverride() throws {
@@ -129,14 +140,50 @@ extension CompilerTests {
         let text = "#version 450\n// \(UUID())\n#extension GL_GOOGLE_include_directive : require\n#include \"part.glsl\"\nlayout(local_size_x = 1) in;\nlayout(std430, binding = 0) buffer B { float x[]; };\nvoid main() { x[0] = VALUE; }\n"
         let lib1 = ShaderLibrary(files: ["part.glsl": "#define VALUE 1.0\n"])
         let source = ShaderSource(name: "cached", text: text)
-        let key1 = SPIRVCache.key(text: source.expandedText, library: lib1, optimize: true)
+        let key1 = SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .full)
         XCTAssertNil(cache.load(key1))
         let words = try ShaderCompiler.shared.compile(source, library: lib1)
         XCTAssertEqual(cache.load(key1), words, "stored after the first compile")
         XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: lib1), words, "second compile comes from disk")
         var lib2 = lib1
         lib2.files["part.glsl"]! += "// another include text\n"
-        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib2, optimize: true), key1)
-        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimize: false), key1)
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib2, optimization: .full), key1)
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .none), key1)
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .fast), key1)
+    }
+}
+
+extension CompilerTests {
+    func testSPIRVOptimizationModes() throws {
+        let text = """
+        #version 450
+        layout(local_size_x = 1) in;
+        layout(std430, binding = 0) buffer B { float x[]; };
+        float twice(float v) { float t[2] = float[2](v, v); return t[0] + t[1]; }
+        void main() { x[0] = twice(x[1]); }
+        """
+        defer { unsetenv("VKFLEX_SPIRV_OPT"); unsetenv("VKFLEX_CACHE_DIR") }
+        setenv("VKFLEX_CACHE_DIR", FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-opt-\(UUID())").path, 1)
+        var sizes: [SPIRVOptimization: Int] = [:]
+        for mode in SPIRVOptimization.allCases {
+            setenv("VKFLEX_SPIRV_OPT", mode == .none ? "0" : mode.rawValue, 1)
+            XCTAssertEqual(try SPIRVOptimization.current(), mode)
+            let words = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-\(mode)", text: text))
+            XCTAssertEqual(words.first, 0x0723_0203, "\(mode)")
+            sizes[mode] = words.count
+        }
+        // The explicit pass lists inline the helper and drop its array: less code than none.
+        XCTAssertLessThan(sizes[.fast]!, sizes[.none]!)
+        setenv("VKFLEX_SPIRV_OPT", "1", 1)
+        XCTAssertEqual(try SPIRVOptimization.current(), SPIRVOptimization.default)
+        setenv("VKFLEX_SPIRV_OPT", "turbo", 1)
+        XCTAssertThrowsError(try ShaderCompiler.shared.compile(ShaderSource(name: "opt-bad", text: text))) {
+            XCTAssertTrue("\($0)".contains("VKFLEX_SPIRV_OPT=turbo is not one of 0, 1, none, full, unroll, fast"), "\($0)")
+        }
+        // An unknown pass is an error with the optimizer's words, not a crash.
+        let plain = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-plain", text: text, optimize: false))
+        XCTAssertThrowsError(try ShaderCompiler.optimize(plain, passes: ["--no-such-pass"], name: "opt-plain")) {
+            XCTAssertTrue("\($0)".contains("spirv-opt failed on opt-plain"), "\($0)")
+        }
     }
 }
