@@ -95,9 +95,13 @@ int g_b, g_h, g_q0, g_rows, g_sg, g_lane_r, g_lane_c, g_mrow, g_nfull, g_npart, 
 bool g_allrows;                 // every row of this subgroup is inside the query range
 float g_c;                      // scale * log2(e)
 
-// Key range of tile t of this row of blocks: full blocks first, then partial ones.
-void tile_range(int t, out int k0, out int kn, out int pass) {
-    int blk = t / g_tiles_per_kvb, sub = t - blk * g_tiles_per_kvb;
+// Tiles are walked by a cursor (blk, sub): sub-tile sub of the blk-th block of this row of
+// blocks, full blocks first, then partial ones. Stepping it needs no division.
+ivec2 next_tile(ivec2 c) { return c.y + 1 == g_tiles_per_kvb ? ivec2(c.x + 1, 0) : ivec2(c.x, c.y + 1); }
+
+// Key range of the tile at cursor c.
+void tile_range(ivec2 c, out int k0, out int kn, out int pass) {
+    const int blk = c.x, sub = c.y;
     pass = blk < g_nfull ? 0 : 1;
     int i = pass == 0 ? blk : blk - g_nfull;
     int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[g_mrow * p.kv_blocks + i] : kv_idx[g_mrow * p.kv_blocks + i]);
@@ -233,9 +237,9 @@ uvec4 gather8(int base, int stride, bool k) {
 #define PRE ((BKV * (D / 8) + 32 * NSG - 1) / (32 * NSG))
 uvec4 pre_k[PRE], pre_v[PRE];
 
-void fetch(int t, int lid) {
+void fetch(ivec2 c, int lid) {
     int k0, kn, pass;
-    tile_range(t, k0, kn, pass);
+    tile_range(c, k0, kn, pass);
     [[unroll]] for (int a = 0; a < PRE; ++a) {
         const int e = lid + a * 32 * NSG;
         const int j = e / (D / 8), d8 = e - j * (D / 8);
@@ -316,8 +320,10 @@ void main() {
     // Software pipeline: tile t + 1's global loads are in flight while tile t computes. With two
     // buffers, tile t + 1 is stashed into the buffer tile t - 1 used, which every subgroup left
     // before the last barrier: one barrier per tile.
+    ivec2 cur = ivec2(0), ahead = ivec2(0);   // the tile computed, the tile fetched next
 #if !VKF_NO_PREFETCH
-    if (total_tiles > 0) fetch(0, lid);
+    if (total_tiles > 0) fetch(ahead, lid);
+    ahead = next_tile(ahead);
 #endif
     for (int t = 0; t < total_tiles; ++t) {
         const int buf = NBUF == 2 ? (t & 1) : 0;
@@ -325,16 +331,18 @@ void main() {
         if (t > 0) barrier();
 #endif
 #if VKF_NO_PREFETCH
-        fetch(t, lid);
+        fetch(cur, lid);
 #endif
         stash(buf, lid);
         barrier();
 #if !VKF_NO_PREFETCH
-        if (t + 1 < total_tiles) fetch(t + 1, lid);
+        if (t + 1 < total_tiles) fetch(ahead, lid);
+        ahead = next_tile(ahead);
 #endif
         int k0, kn, pass;
-        tile_range(t, k0, kn, pass);
+        tile_range(cur, k0, kn, pass);
         if (kn > 0) process_tile(buf, k0, kn, pass);
+        cur = next_tile(cur);
     }
     barrier();   // the O staging area is the K/V area
 
