@@ -246,7 +246,7 @@ enum ForwardKernel {
             defines.append(.init(name, parts.count > 1 ? parts[1] : "1"))
         }
         return ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
-                            defines: defines, optimize: true)
+                            defines: defines, optimization: .full)
     }
 
     /// Tile sizes that fit the device's shared memory.

@@ -2,13 +2,20 @@ import CShaderc
 import CSPIRVOpt
 import Foundation
 
-/// How shaders marked `optimize` go through SPIRV-Tools' optimizer.
+/// How a shader's SPIR-V goes through SPIRV-Tools' optimizer.
 ///
-/// Set per process with `VKFLEX_SPIRV_OPT`: `0` (none), `full` (shaderc's "performance" recipe,
-/// dozens of passes), `unroll` (``essentialPasses`` plus loop unrolling), `fast`
-/// (``essentialPasses``). The optimizer is most of a first call's compile time on large kernels,
-/// while the driver's own compiler redoes most of its work; what a driver cannot do without is
-/// inlining and turning private arrays into SSA values.
+/// `none`; `full` (shaderc's "performance" recipe, dozens of passes); `unroll`
+/// (``essentialPasses`` plus loop unrolling); `fast` (``essentialPasses``). Each
+/// ``ShaderSource`` names its recipe — `fast` unless it says otherwise; vkflex's
+/// cooperative-matrix kernel says `full`, because NVIDIA's compiler makes a 3-5× slower kernel of
+/// anything less (docs/performance.md). The optimizer is most of a first call's compile time on
+/// large kernels. `VKFLEX_SPIRV_OPT=0|full|unroll|fast` forces one recipe on every shader of a
+/// process.
+///
+/// ```swift
+/// let source = ShaderSource(name: "scale", text: glsl, optimization: .full)
+/// let words = try ShaderCompiler.shared.compile(source)
+/// ```
 public enum SPIRVOptimization: String, Sendable, CaseIterable {
     case none, full, unroll, fast
 
@@ -19,12 +26,12 @@ public enum SPIRVOptimization: String, Sendable, CaseIterable {
         "--scalar-replacement=0", "--ssa-rewrite", "--ccp", "--eliminate-dead-code-aggressive",
     ]
 
-    /// The process's choice: `VKFLEX_SPIRV_OPT` (`0`, `1` for the default, or a case name), else
-    /// ``default``; any other value is an error.
-    public static func current() throws -> SPIRVOptimization {
+    /// The recipe `VKFLEX_SPIRV_OPT` forces on every shader (`0` or a case name), or nil when it is
+    /// unset (or `1`): each shader's own. Any other value is an error.
+    public static func forced() throws -> SPIRVOptimization? {
         switch ProcessInfo.processInfo.environment["VKFLEX_SPIRV_OPT"] {
-        case nil, ""?, "1"?: return .default
-        case "0"?: return .none
+        case nil, ""?, "1"?: return nil
+        case "0"?: return SPIRVOptimization.none
         case let value?:
             guard let mode = SPIRVOptimization(rawValue: value) else {
                 throw VulkanError.invalidArgument("VKFLEX_SPIRV_OPT=\(value) is not one of 0, 1, \(allCases.map(\.rawValue).joined(separator: ", "))")
@@ -32,9 +39,6 @@ public enum SPIRVOptimization: String, Sendable, CaseIterable {
             return mode
         }
     }
-
-    /// What vkflex uses unless told otherwise.
-    public static let `default` = SPIRVOptimization.full
 
     /// The explicit pass list, for the modes that run one.
     var passes: [String]? {
@@ -54,9 +58,10 @@ public struct ShaderSource: Sendable, Hashable {
     public var text: String
     /// `#define NAME VALUE` lines inserted after `#version`, in this order.
     public var defines: [Define]
-    /// Run the SPIR-V optimizer. Off for cooperative-matrix shaders: spirv-opt from SPIRV-Tools
-    /// v2023.1 segfaults on some of them, taking the process down.
-    public var optimize: Bool
+    /// The SPIR-V optimizer's recipe. `none` for shaders the optimizer must not see: spirv-opt
+    /// from SPIRV-Tools v2023.1 segfaults on some NV cooperative-matrix shaders, taking the
+    /// process down.
+    public var optimization: SPIRVOptimization
 
     public struct Define: Sendable, Hashable {
         public var name: String
@@ -64,11 +69,11 @@ public struct ShaderSource: Sendable, Hashable {
         public init(_ name: String, _ value: String = "1") { self.name = name; self.value = value }
     }
 
-    public init(name: String, text: String, defines: [Define] = [], optimize: Bool = true) {
+    public init(name: String, text: String, defines: [Define] = [], optimization: SPIRVOptimization = .fast) {
         self.name = name
         self.text = text
         self.defines = defines
-        self.optimize = optimize
+        self.optimization = optimization
     }
 
     /// The text shaderc sees: defines after the `#version` line, then `#line` so that messages
@@ -164,7 +169,7 @@ public final class ShaderCompiler: @unchecked Sendable {
     /// hash of everything that decides it, so a second process skips shaderc for shaders it has
     /// seen — glslang and spirv-opt cost tens to hundreds of milliseconds on large kernels.
     public func compile(_ source: ShaderSource, library: ShaderLibrary = .standard) throws -> [UInt32] {
-        let mode = source.optimize ? try SPIRVOptimization.current() : .none
+        let mode = try SPIRVOptimization.forced() ?? source.optimization
         let text = source.expandedText
         if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
             try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

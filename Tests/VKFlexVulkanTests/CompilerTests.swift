@@ -140,16 +140,16 @@ extension CompilerTests {
         let text = "#version 450\n// \(UUID())\n#extension GL_GOOGLE_include_directive : require\n#include \"part.glsl\"\nlayout(local_size_x = 1) in;\nlayout(std430, binding = 0) buffer B { float x[]; };\nvoid main() { x[0] = VALUE; }\n"
         let lib1 = ShaderLibrary(files: ["part.glsl": "#define VALUE 1.0\n"])
         let source = ShaderSource(name: "cached", text: text)
-        let key1 = SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .full)
+        let key1 = SPIRVCache.key(text: source.expandedText, library: lib1, optimization: source.optimization)
         XCTAssertNil(cache.load(key1))
         let words = try ShaderCompiler.shared.compile(source, library: lib1)
         XCTAssertEqual(cache.load(key1), words, "stored after the first compile")
         XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: lib1), words, "second compile comes from disk")
         var lib2 = lib1
         lib2.files["part.glsl"]! += "// another include text\n"
-        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib2, optimization: .full), key1)
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib2, optimization: source.optimization), key1)
         XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .none), key1)
-        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .fast), key1)
+        XCTAssertNotEqual(SPIRVCache.key(text: source.expandedText, library: lib1, optimization: .full), key1)
     }
 }
 
@@ -166,22 +166,28 @@ extension CompilerTests {
         setenv("VKFLEX_CACHE_DIR", FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-opt-\(UUID())").path, 1)
         var sizes: [SPIRVOptimization: Int] = [:]
         for mode in SPIRVOptimization.allCases {
+            // Each shader's own recipe, and the same forced on every shader by the environment.
+            unsetenv("VKFLEX_SPIRV_OPT")
+            XCTAssertNil(try SPIRVOptimization.forced())
+            let own = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-\(mode)", text: text, optimization: mode))
             setenv("VKFLEX_SPIRV_OPT", mode == .none ? "0" : mode.rawValue, 1)
-            XCTAssertEqual(try SPIRVOptimization.current(), mode)
-            let words = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-\(mode)", text: text))
-            XCTAssertEqual(words.first, 0x0723_0203, "\(mode)")
-            sizes[mode] = words.count
+            XCTAssertEqual(try SPIRVOptimization.forced(), mode)
+            let forced = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-forced", text: text, optimization: mode == .full ? .none : .full))
+            XCTAssertEqual(own.first, 0x0723_0203, "\(mode)")
+            XCTAssertEqual(own, forced, "\(mode)")
+            sizes[mode] = own.count
         }
         // The explicit pass lists inline the helper and drop its array: less code than none.
         XCTAssertLessThan(sizes[.fast]!, sizes[.none]!)
         setenv("VKFLEX_SPIRV_OPT", "1", 1)
-        XCTAssertEqual(try SPIRVOptimization.current(), SPIRVOptimization.default)
+        XCTAssertNil(try SPIRVOptimization.forced())
         setenv("VKFLEX_SPIRV_OPT", "turbo", 1)
         XCTAssertThrowsError(try ShaderCompiler.shared.compile(ShaderSource(name: "opt-bad", text: text))) {
             XCTAssertTrue("\($0)".contains("VKFLEX_SPIRV_OPT=turbo is not one of 0, 1, none, full, unroll, fast"), "\($0)")
         }
+        unsetenv("VKFLEX_SPIRV_OPT")
         // An unknown pass is an error with the optimizer's words, not a crash.
-        let plain = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-plain", text: text, optimize: false))
+        let plain = try ShaderCompiler.shared.compile(ShaderSource(name: "opt-plain", text: text, optimization: .none))
         XCTAssertThrowsError(try ShaderCompiler.optimize(plain, passes: ["--no-such-pass"], name: "opt-plain")) {
             XCTAssertTrue("\($0)".contains("spirv-opt failed on opt-plain"), "\($0)")
         }
