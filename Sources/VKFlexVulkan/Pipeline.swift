@@ -314,21 +314,11 @@ extension Device {
     /// The driver's statistics of a pipeline's executables ("Register Count = 128, ..."), from
     /// `VK_KHR_pipeline_executable_properties`.
     func pipelineStatistics(_ pipeline: VkPipeline) -> String {
-        guard let rawProps = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutablePropertiesKHR"),
-              let rawStats = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutableStatisticsKHR") else { return "unavailable" }
-        let getProps = unsafeBitCast(rawProps, to: PFN_vkGetPipelineExecutablePropertiesKHR.self)
+        guard let rawStats = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutableStatisticsKHR"),
+              let executables = pipelineExecutables(pipeline) else { return "unavailable" }
         let getStats = unsafeBitCast(rawStats, to: PFN_vkGetPipelineExecutableStatisticsKHR.self)
-        var info = VkPipelineInfoKHR()
-        info.sType = VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR
-        info.pipeline = pipeline
-        var count: UInt32 = 0
-        guard getProps(handle, &info, &count, nil) == VK_SUCCESS else { return "unavailable" }
         var parts: [String] = []
-        for index in 0..<count {
-            var exec = VkPipelineExecutableInfoKHR()
-            exec.sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR
-            exec.pipeline = pipeline
-            exec.executableIndex = index
+        for var exec in executables {
             var n: UInt32 = 0
             guard getStats(handle, &exec, &n, nil) == VK_SUCCESS, n > 0 else { continue }
             var template = VkPipelineExecutableStatisticKHR()
@@ -353,25 +343,35 @@ extension Device {
 }
 
 extension Device {
-    /// Writes the driver's internal representations of a pipeline's executables (text ones as
-    /// they are, others as bytes) to `dir/stem.N.name.txt`; says on standard error what it wrote.
-    func writeInternalRepresentations(_ pipeline: VkPipeline, to dir: String, stem: String) {
-        guard let rawProps = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutablePropertiesKHR"),
-              let rawIR = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutableInternalRepresentationsKHR") else { return }
+    /// The executables of a pipeline (one for a compute pipeline), as the
+    /// `VK_KHR_pipeline_executable_properties` queries take them; nil if the driver lacks them.
+    func pipelineExecutables(_ pipeline: VkPipeline) -> [VkPipelineExecutableInfoKHR]? {
+        guard let rawProps = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutablePropertiesKHR") else { return nil }
         let getProps = unsafeBitCast(rawProps, to: PFN_vkGetPipelineExecutablePropertiesKHR.self)
-        let getIR = unsafeBitCast(rawIR, to: PFN_vkGetPipelineExecutableInternalRepresentationsKHR.self)
-        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         var info = VkPipelineInfoKHR()
         info.sType = VK_STRUCTURE_TYPE_PIPELINE_INFO_KHR
         info.pipeline = pipeline
         var count: UInt32 = 0
-        guard getProps(handle, &info, &count, nil) == VK_SUCCESS else { return }
-        var written = 0
-        for index in 0..<count {
+        guard getProps(handle, &info, &count, nil) == VK_SUCCESS else { return nil }
+        return (0..<count).map { index in
             var exec = VkPipelineExecutableInfoKHR()
             exec.sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INFO_KHR
             exec.pipeline = pipeline
             exec.executableIndex = index
+            return exec
+        }
+    }
+
+    /// Writes the driver's internal representations of a pipeline's executables (text ones as
+    /// they are, others as bytes) to `dir/stem.N.name.txt`; says on standard error what it wrote.
+    func writeInternalRepresentations(_ pipeline: VkPipeline, to dir: String, stem: String) {
+        guard let rawIR = vkGetDeviceProcAddr(handle, "vkGetPipelineExecutableInternalRepresentationsKHR"),
+              let executables = pipelineExecutables(pipeline) else { return }
+        let getIR = unsafeBitCast(rawIR, to: PFN_vkGetPipelineExecutableInternalRepresentationsKHR.self)
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var written = 0
+        for var exec in executables {
+            let index = exec.executableIndex
             var n: UInt32 = 0
             guard getIR(handle, &exec, &n, nil) == VK_SUCCESS, n > 0 else { continue }
             var template = VkPipelineExecutableInternalRepresentationKHR()
