@@ -254,8 +254,11 @@ enum ForwardKernel {
         let budget = device.capabilities.maxSharedMemory - 256
         let kvd = max(D, Dv) | 1
         for (bq, bkv) in [(16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
-            if 4 * (bq * D + bkv * kvd + bq * bkv + 3 * bq) <= budget {
-                return (bq, bkv, min(128, device.capabilities.maxWorkgroupInvocations))
+            let wg = min(128, device.capabilities.maxWorkgroupInvocations)
+            // Mirrors flex_attention_fwd.comp: Q, K/V, scores (odd row stride), row statistics,
+            // the softmax's row-sum shares.
+            if 4 * (bq * D + bkv * kvd + bq * (bkv | 1) + 3 * bq + wg) <= budget {
+                return (bq, bkv, wg)
             }
         }
         return (1, 1, 64)

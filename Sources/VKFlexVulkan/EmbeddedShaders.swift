@@ -225,11 +225,24 @@ layout(local_size_x = WG) in;
 // the same dimension hit different banks.
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
+// Row stride of the score tile: odd, so that rows read at the same key hit different banks.
+#define SST (BKV | 1)
+// Invocations per query row in the softmax (all of them when WG is a multiple of BQ): each
+// exponentiates every TPR-th key of its row and keeps its own share of the row sum, added up once
+// at the end, so no invocation sits idle while a few walk whole rows.
+#if WG % BQ == 0
+#define TPR (WG / BQ)
+#else
+#define TPR 1
+#endif
 
 shared float Qs[BQ * D];
 shared float KVs[BKV * KVD];
-shared float Ss[BQ * BKV];
+shared float Ss[BQ * SST];
 shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
+#if TPR > 1
+shared float l_parts[WG];
+#endif
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
@@ -245,6 +258,8 @@ void main() {
     if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
     float acc[ACC];
     for (int a = 0; a < ACC; ++a) acc[a] = 0.0;
+    const int sr = lid / TPR, part = lid - (lid / TPR) * TPR;   // softmax row and share
+    float l_part = 0.0;
     barrier();
 
     const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
@@ -291,7 +306,7 @@ void main() {
                             if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                         }
-                        Ss[r * BKV + j] = s * LOG2E;
+                        Ss[r * SST + j] = s * LOG2E;
                     }
                 }
 #else
@@ -310,17 +325,36 @@ void main() {
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                     }
-                    Ss[e] = s * LOG2E;
+                    Ss[r * SST + j] = s * LOG2E;
                 }
 #endif
                 barrier();
+#if TPR > 1
+                {
+                    // Every invocation of row sr finds the row max (the same value), then
+                    // exponentiates its keys part, part + TPR, ...
+                    const float m_old = row_m[sr];
+                    float mx = m_old;
+                    for (int j = 0; j < kn; ++j) mx = max(mx, Ss[sr * SST + j]);
+                    barrier();   // every invocation has read its row's scores and row_m
+                    float sum = 0.0;
+                    for (int j = part; j < BKV; j += TPR) {
+                        const float pj = j < kn ? exp2(Ss[sr * SST + j] - mx) : 0.0;
+                        Ss[sr * SST + j] = pj;
+                        sum += pj;
+                    }
+                    const float alpha = exp2(m_old - mx);
+                    l_part = l_part * alpha + sum;
+                    if (part == 0) { row_m[sr] = mx; row_alpha[sr] = alpha; }
+                }
+#else
                 if (lid < BQ) {
                     float m_old = row_m[lid], mx = m_old;
-                    for (int j = 0; j < kn; ++j) mx = max(mx, Ss[lid * BKV + j]);
+                    for (int j = 0; j < kn; ++j) mx = max(mx, Ss[lid * SST + j]);
                     float sum = 0.0;
                     for (int j = 0; j < BKV; ++j) {
-                        float pj = j < kn ? exp2(Ss[lid * BKV + j] - mx) : 0.0;
-                        Ss[lid * BKV + j] = pj;
+                        float pj = j < kn ? exp2(Ss[lid * SST + j] - mx) : 0.0;
+                        Ss[lid * SST + j] = pj;
                         sum += pj;
                     }
                     float alpha = exp2(m_old - mx);
@@ -328,6 +362,7 @@ void main() {
                     row_l[lid] = row_l[lid] * alpha + sum;
                     row_alpha[lid] = alpha;
                 }
+#endif
                 barrier();
                 for (int e = lid; e < BKV * DV; e += WG) {
                     int j = e / DV, d = e - (e / DV) * DV;
@@ -341,7 +376,7 @@ void main() {
                     for (int a = 0; a < ACC; ++a) acc[a] *= row_alpha[r0 + a * (WG / DV)];
                     for (int j = 0; j < kn; ++j) {
                         float vd = KVs[j * KVD + d];
-                        for (int a = 0; a < ACC; ++a) acc[a] += Ss[(r0 + a * (WG / DV)) * BKV + j] * vd;
+                        for (int a = 0; a < ACC; ++a) acc[a] += Ss[(r0 + a * (WG / DV)) * SST + j] * vd;
                     }
                 }
 #else
@@ -350,7 +385,7 @@ void main() {
                     if (e < BQ * DV) {
                         int r = e / DV, d = e - (e / DV) * DV;
                         float o = acc[a] * row_alpha[r];
-                        for (int j = 0; j < kn; ++j) o += Ss[r * BKV + j] * KVs[j * KVD + d];
+                        for (int j = 0; j < kn; ++j) o += Ss[r * SST + j] * KVs[j * KVD + d];
                         acc[a] = o;
                     }
                 }
@@ -360,6 +395,17 @@ void main() {
         }
     }
 
+#if TPR > 1
+    // The row sums: each row's TPR shares added up.
+    l_parts[lid] = l_part;
+    barrier();
+    if (part == 0) {
+        float l = 0.0;
+        for (int i = 0; i < TPR; ++i) l += l_parts[lid + i];
+        row_l[sr] = l;
+    }
+    barrier();
+#endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
     for (int a = 0; a < ACC; ++a) {
         int e = lid + a * WG;
