@@ -179,7 +179,8 @@ final class CLITests: XCTestCase {
         }
         // Malformed tuning variables are errors, not silently ignored.
         for (env, fragment) in [(["VKFLEX_COOPMAT_TILES": "32x2"], "use BKVxRPWxNSGxNBUF"), (["VKFLEX_KERNEL": "fast"], "use portable or coopmat"),
-                                (["VKFLEX_KERNEL": "coopmat"], "has no VK_NV_cooperative_matrix")] {
+                                (["VKFLEX_KERNEL": "coopmat"], "has no VK_NV_cooperative_matrix"),
+                                (["VKFLEX_SPIRV_OPT": "turbo"], "VKFLEX_SPIRV_OPT=turbo is not one of 0, 1")] {
             let (status, output) = try run(base, extraEnvironment: env)
             XCTAssertTrue(status > 0 && status < 128, "\(env): status \(status)")
             XCTAssertTrue(output.contains(fragment), "\(env): \(output)")
