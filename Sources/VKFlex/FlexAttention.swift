@@ -253,7 +253,7 @@ enum ForwardKernel {
     static func tiles(D: Int, Dv: Int, device: Device) -> (BQ: Int, BKV: Int, WG: Int) {
         let budget = device.capabilities.maxSharedMemory - 256
         let kvd = max(D, Dv) | 1
-        for (bq, bkv) in [(16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
+        for (bq, bkv) in [(32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
             let wg = min(128, device.capabilities.maxWorkgroupInvocations)
             // Mirrors flex_attention_fwd.comp: Q, K/V, scores (odd row stride), row statistics,
             // the softmax's row-sum shares.
