@@ -227,8 +227,8 @@ enum ForwardKernel {
     /// The cooperative-matrix shader for a head dim and tiles. `rawMax`: no score-mod and a
     /// positive scale, so the softmax maximum can be taken over raw scores. `exp16`: P evaluated
     /// in fp16 — with a score-mod, whose own special functions (tanh) compete with exp2 for the
-    /// same units (soft-cap 94 → 124 TFLOP/s, ALiBi 131 → 135 on the H200; without a score-mod it
-    /// costs 6%, so it is off there). spirv-opt (SPIRV-Tools
+    /// same units (on the H200 soft-cap 107.8 → 114.7 TFLOP/s, ALiBi 130.8 → 134.8; without a
+    /// score-mod it costs 6%, so it is off there). spirv-opt (SPIRV-Tools
     /// v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
     /// compiles every variant optimized, so a crash would show there, not in a user's process.
     static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool) throws -> ShaderSource {
