@@ -31,6 +31,9 @@ layout(std430, set = 0, binding = 9) readonly buffer Params {
 #define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
+#ifndef VKF_REVERSE_TILES
+#define VKF_REVERSE_TILES 0
+#endif
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
@@ -41,7 +44,13 @@ const float LN2 = 0.6931471805599453;
 // prologue.
 struct WorkgroupTile { int b, bl, h, hl, hk, qb, q0, rows; };
 bool workgroup_tile(int bq, out WorkgroupTile t) {
+#if VKF_REVERSE_TILES
+    // Last query tiles first: under causal-like masks they have the most keys, so the light ones
+    // fill the end of the dispatch.
+    const int tile = int(gl_NumWorkGroups.x - 1u - gl_WorkGroupID.x);
+#else
     const int tile = int(gl_WorkGroupID.x);
+#endif
     t.hl = int(gl_WorkGroupID.y);
     t.bl = int(gl_WorkGroupID.z);
     t.h = p.h_start + t.hl;

@@ -50,7 +50,7 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     /// The kernel for a call: `VKFLEX_KERNEL` when set, else coopmat where it applies.
     static func choose(_ s: AttentionShape, device: Device) throws -> FlexKernel {
         if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"], CoopmatTiles.parse(forced) == nil {
-            throw FlexError("VKFLEX_COOPMAT_TILES=\(forced): use BKVxRPWxNSGxNBUF[xP] with BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1 (e.g. 32x2x4x2)")
+            throw FlexError("VKFLEX_COOPMAT_TILES=\(forced): use BKVxRPWxNSGxNBUF[xP[xS]] with BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1, S 1-4 and S·BKV at most 128 (e.g. 32x2x4x1x1x2)")
         }
         let env = ProcessInfo.processInfo.environment["VKFLEX_KERNEL"]?.lowercased() ?? ""
         switch env {
@@ -65,60 +65,63 @@ public enum FlexKernel: String, Sendable, CaseIterable {
 }
 
 /// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory: BKV keys per
-/// step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment load), NBUF
-/// K/V buffers (two: one barrier per step).
+/// computed step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment
+/// load), NBUF K/V buffers (two: one barrier per staged tile), `split` computed steps per staged tile.
 struct CoopmatTiles: Hashable, CustomStringConvertible {
     let BKV: Int, NSG: Int, RPW: Int, NBUF: Int
     /// Whether the next K/V tile's global loads are issued a tile ahead (costs registers).
     let prefetch: Bool
+    /// K/V tiles are staged `split * BKV` keys at a time (one or two barriers per staged tile)
+    /// and computed `BKV` keys at a time.
+    let split: Int
 
-    init(BKV: Int, NSG: Int, RPW: Int, NBUF: Int, prefetch: Bool = true) {
-        self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch
+    init(BKV: Int, NSG: Int, RPW: Int, NBUF: Int, prefetch: Bool = true, split: Int = 1) {
+        self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch; self.split = split
     }
     init?(D: Int, device: Device) {
         self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory)
     }
-    /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP]` (e.g. `64x1x8x1`, `32x2x4x1x0` without
-    /// prefetch) forces a choice, for tuning.
+    /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP[xS]]` (e.g. `64x1x8x1`, `32x2x4x1x0` without
+    /// prefetch, `32x2x4x1x1x2` staging 64 keys per step) forces a choice, for tuning.
     init?(D: Int, sharedMemory budget: Int, forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
-        // Preferred first (BKV, RPW, NSG, NBUF, prefetch), from the H200 sweep in
-        // docs/performance.md: at D <= 64 two row blocks per subgroup (each K/V fragment read from
-        // shared memory feeds two products), with or without a score-mod since P is computed in
-        // fp16 there; above 64 the same without the register prefetch. Some neighbours collapse
-        // (64 keys at D = 64: 44 TFLOP/s against 145, the driver caps registers at 128 and spills).
-        var options: [(Int, Int, Int, Int, Bool)] = D <= 64
-            ? [(32, 2, 4, 2, true), (32, 1, 8, 2, true)]
-            : [(32, 2, 4, 1, false), (64, 1, 8, 1, true)]
-        options += [(32, 1, 4, 1, true), (16, 1, 4, 1, true), (16, 1, 2, 1, true)]
+        // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
+        // per subgroup (each K/V fragment read from shared memory feeds two products), 64 keys
+        // staged per step in one buffer and computed 32 at a time; above 64 two row blocks
+        // without the register prefetch. Some neighbours collapse: 64 keys computed at once at
+        // D = 64 (44 TFLOP/s against 145: the driver caps registers at 128 and spills), and
+        // anything whose shared memory passes ~24 KiB (two K/V buffers of 64 keys: 104.9 against
+        // 149.1) — the driver then fits fewer workgroups on an SM.
+        var options: [CoopmatTiles] = D <= 64
+            ? [.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 2), .init(BKV: 32, NSG: 8, RPW: 1, NBUF: 2)]
+            : [.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false), .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
+        options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
         if let forced {
             guard let t = CoopmatTiles.parse(forced) else { return nil }
-            options = [(t.BKV, t.RPW, t.NSG, t.NBUF, t.prefetch)]
+            options = [t]
         }
-        for (bkv, rpw, nsg, nbuf, pre) in options where CoopmatTiles.sharedBytes(D: D, BKV: bkv, NSG: nsg, NBUF: nbuf) <= budget {
-            self.init(BKV: bkv, NSG: nsg, RPW: rpw, NBUF: nbuf, prefetch: pre)
-            return
-        }
-        return nil
+        guard let fit = options.first(where: { $0.sharedBytes(D: D) <= budget }) else { return nil }
+        self = fit
     }
 
-    /// `BKVxRPWxNSGxNBUF[xP]`: BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1;
-    /// nil for anything else.
+    /// `BKVxRPWxNSGxNBUF[xP[xS]]`: BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2,
+    /// P 0-1, S 1-4 with S·BKV at most 128; nil for anything else.
     static func parse(_ text: String) -> CoopmatTiles? {
         let parts = text.split(separator: "x", omittingEmptySubsequences: false).map { Int($0) }
-        guard parts.count == 4 || parts.count == 5, parts.allSatisfy({ $0 != nil }) else { return nil }
+        guard (4...6).contains(parts.count), parts.allSatisfy({ $0 != nil }) else { return nil }
         let v = parts.map { $0! }
+        let prefetch = v.count < 5 || v[4] == 1, split = v.count < 6 ? 1 : v[5]
         guard v[0] > 0, v[0] % 16 == 0, v[0] <= 128, (1...2).contains(v[1]), (1...8).contains(v[2]), (1...2).contains(v[3]),
-              v.count == 4 || (0...1).contains(v[4]) else { return nil }
-        return CoopmatTiles(BKV: v[0], NSG: v[2], RPW: v[1], NBUF: v[3], prefetch: v.count == 4 || v[4] == 1)
+              v.count < 5 || (0...1).contains(v[4]), (1...4).contains(split), v[0] * split <= 128 else { return nil }
+        return CoopmatTiles(BKV: v[0], NSG: v[2], RPW: v[1], NBUF: v[3], prefetch: prefetch, split: split)
     }
 
     /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves).
-    static func sharedBytes(D: Int, BKV: Int, NSG: Int, NBUF: Int) -> Int {
+    func sharedBytes(D: Int) -> Int {
         let ks4 = D / 8 + 1
-        return max(2 * NBUF * BKV * ks4, 16 * NSG * ks4) * 16
+        return max(2 * NBUF * BKV * split * ks4, 16 * NSG * ks4) * 16
     }
 
-    var description: String { "\(BKV)x\(RPW)x\(NSG)x\(NBUF)x\(prefetch ? 1 : 0)" }
+    var description: String { "\(BKV)x\(RPW)x\(NSG)x\(NBUF)x\(prefetch ? 1 : 0)" + (split == 1 ? "" : "x\(split)") }
 }
 
 /// PyTorch's `flex_attention`: softmax(score_mod(scale · Q Kᵀ) masked by the BlockMask) · V, as one
@@ -233,7 +236,7 @@ enum ForwardKernel {
     /// compiles every variant optimized, so a crash would show there, not in a user's process.
     static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool) throws -> ShaderSource {
         var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
-                                              .init("NBUF", "\(t.NBUF)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
+                                              .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
                                               .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0")]
         // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
         for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {

@@ -304,12 +304,16 @@ extension AttentionTests {
 
     func testCooperativeMatrixTileChoices() {
         let d64 = CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil)
-        XCTAssertEqual(d64?.description, "32x2x4x2x1")
-        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, forced: nil)?.description, "32x1x4x1x1", "two 32-key K/V buffers need 18 KiB")
+        XCTAssertEqual(d64?.description, "32x2x4x1x1x2")
+        XCTAssertEqual(d64?.sharedBytes(D: 64), 18 << 10, "64 staged keys of K and V, rows padded to 9 units of 16 bytes")
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, forced: nil)?.description, "32x1x4x1x1", "64 staged keys need 18 KiB")
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: "32x2x4x2")?.description, "32x2x4x2x1")
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: "16x2x4x1x0x4")?.description, "16x2x4x1x0x4")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)?.description, "32x2x4x1x0")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
-        for bad in ["32x2x4", "33x1x4x1", "32x3x4x1", "32x1x9x1", "32x1x4x3", "32x1x4x1x2", "32xx4x1", "abc"] {
+        for bad in ["32x2x4", "33x1x4x1", "32x3x4x1", "32x1x9x1", "32x1x4x3", "32x1x4x1x2", "32xx4x1", "abc",
+                    "32x2x4x1x1x0", "32x2x4x1x1x5", "64x2x4x1x1x4", "32x2x4x1x1x2x1"] {
             XCTAssertNil(CoopmatTiles.parse(bad), bad)
             XCTAssertNil(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: bad), bad)
         }
@@ -317,7 +321,7 @@ extension AttentionTests {
         XCTAssertNil(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "128x1x8x2"))
         // Less shared memory: a smaller fallback.
         if let small = CoopmatTiles(D: 128, sharedMemory: 16 << 10, forced: nil) {
-            XCTAssertLessThanOrEqual(CoopmatTiles.sharedBytes(D: 128, BKV: small.BKV, NSG: small.NSG, NBUF: small.NBUF), 16 << 10)
+            XCTAssertLessThanOrEqual(small.sharedBytes(D: 128), 16 << 10)
         } else {
             XCTFail("no tiles for 16 KiB of shared memory")
         }
