@@ -51,10 +51,21 @@ public enum GLSLEmitter {
             ("float score_mod_grad(float score, int b, int h, int q_idx, int kv_idx)", score.derivative(), true),
             ("bool mask_mod(int b, int h, int q_idx, int kv_idx)", maskMod ?? .bool(true), false),
         ]
-        func functions(prologue: Prologue?) throws -> [String] {
+        func functions(prologue: Prologue?, rowColumn: RowColumn? = nil) throws -> [String] {
             var text: [String] = []
             for (signature, graph, float) in graphs {
                 var body = FunctionEmitter(captures: caps, prologue: prologue)
+                if let rowColumn, !float {
+                    // mask_mod through its row/column form, so every template that hoists runs it.
+                    text.append(signature + " {")
+                    text.append("    return mask_mod_rc(b, h, q_idx, kv_idx, vkf_mrow(b, h, q_idx), vkf_mcol(b, h, kv_idx));")
+                    text.append("}")
+                    body.rowColumn = rowColumn
+                    let v = try body.value(graph)
+                    rowColumn.function = ["bool mask_mod_rc(int b, int h, int q_idx, int kv_idx, vkf_mrow_t R, vkf_mcol_t C) {"]
+                        + body.lines + ["    return \(v.code);", "}"]
+                    continue
+                }
                 let v = try body.value(graph)
                 text.append(signature + " {")
                 text.append(contentsOf: body.lines)
@@ -66,17 +77,28 @@ public enum GLSLEmitter {
         // Work that depends only on b and h (a per-head slope, a table lookup by head) is hoisted
         // into vkf_prologue(b, h) for templates that run one (b, h) per workgroup: they define
         // VKF_HOIST_BH before the splice and call vkf_prologue when VKF_HAS_PROLOGUE is defined.
+        // The mask's work that depends on the query row but not the key (doc[q_idx]), or on the
+        // key but not the row, goes into vkf_mrow / vkf_mcol (VKF_HAS_MASK_RC), which templates
+        // that walk fragments evaluate once per row and per key column.
         let prologue = Prologue(captures: caps)
-        let hoisted = try functions(prologue: prologue)
-        if prologue.lines.isEmpty {
+        let rowColumn = RowColumn(captures: caps, prologue: prologue)
+        var hoisted = try functions(prologue: prologue, rowColumn: rowColumn)
+        if rowColumn.isEmpty { hoisted = try functions(prologue: prologue) }
+        if prologue.lines.isEmpty && rowColumn.isEmpty {
             out.append(contentsOf: try functions(prologue: nil))
         } else {
             out.append("#ifdef VKF_HOIST_BH")
-            out.append("#define VKF_HAS_PROLOGUE 1")
-            out.append(contentsOf: prologue.declarations)
-            out.append("void vkf_prologue(int b, int h) {")
-            out.append(contentsOf: prologue.lines)
-            out.append("}")
+            if !prologue.lines.isEmpty {
+                out.append("#define VKF_HAS_PROLOGUE 1")
+                out.append(contentsOf: prologue.declarations)
+                out.append("void vkf_prologue(int b, int h) {")
+                out.append(contentsOf: prologue.lines)
+                out.append("}")
+            }
+            if !rowColumn.isEmpty {
+                out.append("#define VKF_HAS_MASK_RC 1")
+                out.append(contentsOf: rowColumn.declarations)
+            }
             out.append(contentsOf: hoisted)
             out.append("#else")
             out.append(contentsOf: try functions(prologue: nil))
@@ -178,6 +200,10 @@ struct FunctionEmitter {
     var memo: [Expr: Value] = [:]
     /// Where nodes that depend only on b and h go, when hoisting.
     let prologue: Prologue?
+    /// Where the mask's nodes that depend on the row but not the key (or the reverse) go.
+    var rowColumn: RowColumn? = nil
+    /// Set for the row and column functions: values are fields of this struct variable.
+    var structVariable: String? = nil
     /// Prefix of the names of this emitter's values.
     var prefix = "t"
     /// Writes values as assignments to globals (the prologue) rather than as local declarations;
@@ -195,6 +221,7 @@ struct FunctionEmitter {
     mutating func value(_ e: Expr) throws -> Value {
         if let v = memo[e] { return v }
         if let prologue, e.isHeadInvariant, !e.isLeaf { return try prologue.value(e) }
+        if let rowColumn, !e.isLeaf, let side = e.rowColumnSide { return try rowColumn.value(e, side) }
         let v: Value
         switch e {
         case .arg(let a): return Value(code: a.rawValue, type: a == .score ? .float : .int)
@@ -259,10 +286,11 @@ struct FunctionEmitter {
             let i = captures.firstIndex(of: cap)!
             v = Value(code: "vkf_load\(i)(\(vs.map(\.code).joined(separator: ", ")))", type: cap.dtype.scalarType)
         }
-        let name = "\(prefix)\(memo.count)"
+        let field = "\(prefix)\(memo.count)"
+        let name = structVariable.map { "\($0).\(field)" } ?? field
         let glslType = v.type == .int ? "int" : v.type == .float ? "float" : "bool"
         if assignsGlobals {
-            globals.append("\(glslType) \(name);")
+            globals.append("\(glslType) \(field);")
             lines.append("    \(name) = \(v.code);")
         } else {
             lines.append("    \(glslType) \(name) = \(v.code);")
@@ -292,7 +320,66 @@ final class Prologue {
     var declarations: [String] { emitter.globals }
 }
 
+/// The mask's values that depend on the query row but not the key (`R`, by
+/// `vkf_mrow(b, h, q_idx)`) and on the key but not the row (`C`, by `vkf_mcol(b, h, kv_idx)`),
+/// for `mask_mod_rc(b, h, q_idx, kv_idx, R, C)`: a template that evaluates the mask on a
+/// fragment computes each row's and each column's values once instead of per element.
+final class RowColumn {
+    enum Side { case row, column }
+    private var row: FunctionEmitter
+    private var column: FunctionEmitter
+    /// `mask_mod_rc`, set by the emitter.
+    var function: [String] = []
+
+    init(captures: [CaptureInfo], prologue: Prologue) {
+        row = FunctionEmitter(captures: captures, prologue: prologue)
+        row.prefix = "r"; row.structVariable = "R"; row.assignsGlobals = true
+        column = FunctionEmitter(captures: captures, prologue: prologue)
+        column.prefix = "c"; column.structVariable = "C"; column.assignsGlobals = true
+    }
+
+    func value(_ e: Expr, _ side: Side) throws -> FunctionEmitter.Value {
+        side == .row ? try row.value(e) : try column.value(e)
+    }
+
+    var isEmpty: Bool { row.lines.isEmpty && column.lines.isEmpty }
+
+    /// The structs, the row and column functions, then `mask_mod_rc`.
+    var declarations: [String] {
+        func part(_ e: FunctionEmitter, _ type: String, _ fn: String, _ arg: String, _ v: String) -> [String] {
+            // A struct needs a member; an empty side gets one that is never read.
+            let fields = e.globals.isEmpty ? ["int unused;"] : e.globals
+            return ["struct \(type) { " + fields.joined(separator: " ") + " };",
+                    "\(type) \(fn)(int b, int h, int \(arg)) {", "    \(type) \(v);"]
+                + (e.lines.isEmpty ? ["    \(v).unused = 0;"] : e.lines) + ["    return \(v);", "}"]
+        }
+        return part(row, "vkf_mrow_t", "vkf_mrow", "q_idx", "R") + part(column, "vkf_mcol_t", "vkf_mcol", "kv_idx", "C") + function
+    }
+}
+
 extension Expr {
+    /// The arguments the node reads.
+    var arguments: Set<Argument> {
+        switch self {
+        case .arg(let a): return [a]
+        case .int, .float, .bool, .invalid: return []
+        case .unary(_, let x): return x.arguments
+        case .binary(_, let x, let y): return x.arguments.union(y.arguments)
+        case .call(_, let args), .load(_, let args): return args.reduce(into: Set<Argument>()) { $0.formUnion($1.arguments) }
+        case .select(let c, let x, let y): return c.arguments.union(x.arguments).union(y.arguments)
+        }
+    }
+
+    /// `.row` for a node that reads `q_idx` but neither `kv_idx` nor `score`, `.column` for one
+    /// that reads `kv_idx` but neither `q_idx` nor `score`; nil otherwise.
+    var rowColumnSide: RowColumn.Side? {
+        let a = arguments
+        if a.contains(.score) { return nil }
+        if a.contains(.q) && !a.contains(.kv) { return .row }
+        if a.contains(.kv) && !a.contains(.q) { return .column }
+        return nil
+    }
+
     /// Whether the node reads no argument but `b` and `h` (so one (b, h) fixes its value).
     var isHeadInvariant: Bool {
         switch self {

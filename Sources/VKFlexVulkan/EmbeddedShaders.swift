@@ -544,6 +544,9 @@ FRAG16 pf[RPW][BKV / 16];      // P of the current tile, as fp16 operands
 float fm[RPW][2], fl[RPW][2];   // running max (log2 domain) and this lane's share of the row sum
 int g_b, g_h, g_q0, g_rows, g_sg, g_lane_r, g_lane_c, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
 bool g_allrows;                 // every row of this subgroup is inside the query range
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+vkf_mrow_t g_mrv[RPW][2];       // the mask's per-row values of this lane's rows
+#endif
 float g_c;                      // scale * log2(e)
 
 // Tiles are walked by a cursor (blk, sub): sub-tile sub of the blk-th block of this row of
@@ -605,6 +608,17 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                 }
             }
         } else {
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+            // The mask's per-key values, once per column this lane holds (not per element).
+            vkf_mcol_t mc[BKV / 16][4];
+            if (pass == 1) {
+                [[unroll]] for (int c = 0; c < BKV / 16; ++c)
+                    [[unroll]] for (int i = 0; i < 4; ++i) {
+                        const int j = c * 16 + g_lane_c + (i & 1) + 8 * (i >> 1);
+                        if (j < kn) mc[c][i] = vkf_mcol(g_b, g_h, k0 + j);
+                    }
+            }
+#endif
             [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
                 [[unroll]] for (int e = 0; e < 8; ++e) {
                     const int r = rbase + g_lane_r + 8 * EL_HI(e), j = c * 16 + g_lane_c + EL_COL(e);
@@ -614,7 +628,9 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #if !VKF_RAW_MAX
                         s = score_mod(s * p.scale, g_b, g_h, g_q0 + r, k0 + j) * LOG2E;
 #endif
-#if VKF_HAS_MASK_MOD
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+                        if (pass == 1 && !mask_mod_rc(g_b, g_h, g_q0 + r, k0 + j, g_mrv[rb][EL_HI(e)], mc[c][(e & 1) + 2 * ((e >> 1) & 1)])) s = NEG_INF;
+#elif VKF_HAS_MASK_MOD
                         if (pass == 1 && !mask_mod(g_b, g_h, g_q0 + r, k0 + j)) s = NEG_INF;
 #endif
                     }
@@ -785,6 +801,15 @@ void main() {
     g_koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     g_voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
     const int total_tiles = (g_nfull + g_npart) * g_tiles_per_kvb;
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+    if (g_npart > 0) {
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+            [[unroll]] for (int i = 0; i < 2; ++i) {
+                const int r = row_base(rb) + g_lane_r + 8 * i;
+                if (r < rows) g_mrv[rb][i] = vkf_mrow(b, h, q0 + r);
+            }
+    }
+#endif
 
     // Software pipeline: tile t + 1's global loads are in flight while tile t computes. With two
     // buffers, tile t + 1 is stashed into the buffer tile t - 1 used, which every subgroup left

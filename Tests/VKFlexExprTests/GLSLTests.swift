@@ -82,6 +82,62 @@ final class GLSLTests: XCTestCase {
         XCTAssertFalse(plain.source.contains("VKF_HOIST_BH"))
     }
 
+    /// The mask's work that depends on the row alone or the key alone goes into vkf_mrow /
+    /// vkf_mcol, which fragment kernels run once per row and per column; mask_mod itself becomes
+    /// the same computation through them, and (b, h) work still goes to the prologue.
+    func testMaskWorkPerRowAndPerColumnIsSeparated() throws {
+        let doc = HostTensor(name: "doc", int32: [0, 0, 1], shape: [3])
+        let window = HostTensor(name: "window", int32: [4, 8], shape: [2])
+        let m = MaskMod { _, h, q, kv in (doc[q] == doc[kv]) & (q - kv <= window[h]) & (floorDiv(q, 4) >= 1) }
+        let out = try GLSLEmitter.emit(scoreMod: nil, maskMod: m.graph, firstBinding: 6, errorBinding: 5)
+        XCTAssertTrue(out.source.contains("""
+        #ifdef VKF_HOIST_BH
+        #define VKF_HAS_PROLOGUE 1
+        int vkf_bh0;
+        void vkf_prologue(int b, int h) {
+            vkf_bh0 = vkf_load1(h);
+        }
+        #define VKF_HAS_MASK_RC 1
+        struct vkf_mrow_t { int r0; int r1; bool r2; };
+        vkf_mrow_t vkf_mrow(int b, int h, int q_idx) {
+            vkf_mrow_t R;
+            R.r0 = vkf_load0(q_idx);
+            R.r1 = vkf_floordiv(q_idx, 4);
+            R.r2 = (R.r1 >= 1);
+            return R;
+        }
+        struct vkf_mcol_t { int c0; };
+        vkf_mcol_t vkf_mcol(int b, int h, int kv_idx) {
+            vkf_mcol_t C;
+            C.c0 = vkf_load0(kv_idx);
+            return C;
+        }
+        bool mask_mod_rc(int b, int h, int q_idx, int kv_idx, vkf_mrow_t R, vkf_mcol_t C) {
+            bool t0 = (R.r0 == C.c0);
+            int t1 = (q_idx - kv_idx);
+            bool t2 = (t1 <= vkf_bh0);
+            bool t3 = (t0 && t2);
+            bool t4 = (t3 && R.r2);
+            return t4;
+        }
+        """), out.source)
+        XCTAssertTrue(out.source.contains("""
+        bool mask_mod(int b, int h, int q_idx, int kv_idx) {
+            return mask_mod_rc(b, h, q_idx, kv_idx, vkf_mrow(b, h, q_idx), vkf_mcol(b, h, kv_idx));
+        }
+        #else
+        """), out.source)
+        // One side empty: its struct keeps a member that is never read.
+        let prefix = try GLSLEmitter.emit(scoreMod: nil, maskMod: MaskMod { _, _, q, kv in (kv <= 100) | (q >= kv) }.graph,
+                                          firstBinding: 6, errorBinding: 5)
+        XCTAssertTrue(prefix.source.contains("struct vkf_mrow_t { int unused; };"), prefix.source)
+        XCTAssertTrue(prefix.source.contains("struct vkf_mcol_t { bool c0; };"), prefix.source)
+        XCTAssertFalse(prefix.source.contains("VKF_HAS_PROLOGUE"), prefix.source)
+        // Score-mods are not split (they run on every element anyway); causal has nothing to split.
+        let alibi = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + (kv - q) }.graph, maskMod: nil, firstBinding: 6, errorBinding: 5)
+        XCTAssertFalse(alibi.source.contains("VKF_HAS_MASK_RC"), alibi.source)
+    }
+
     func testLiteralsAreLocaleFreeAndHandleInfNan() {
         XCTAssertEqual(GLSLEmitter.floatLiteral(0.1), "0.1")
         XCTAssertEqual(GLSLEmitter.floatLiteral(20), "20.0")
