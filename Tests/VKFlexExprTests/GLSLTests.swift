@@ -128,11 +128,15 @@ final class GLSLTests: XCTestCase {
         #else
         """), out.source)
         // One side empty: its struct keeps a member that is never read.
+        let strided = try GLSLEmitter.emit(scoreMod: nil, maskMod: MaskMod { _, _, q, kv in (kv % 64 == 0) | (q >= kv) }.graph,
+                                           firstBinding: 6, errorBinding: 5)
+        XCTAssertTrue(strided.source.contains("struct vkf_mrow_t { int unused; };"), strided.source)
+        XCTAssertTrue(strided.source.contains("struct vkf_mcol_t { int c0; bool c1; };"), strided.source)
+        XCTAssertFalse(strided.source.contains("VKF_HAS_PROLOGUE"), strided.source)
+        // Only comparisons to hoist: per element they cost no more than reading them back.
         let prefix = try GLSLEmitter.emit(scoreMod: nil, maskMod: MaskMod { _, _, q, kv in (kv <= 100) | (q >= kv) }.graph,
                                           firstBinding: 6, errorBinding: 5)
-        XCTAssertTrue(prefix.source.contains("struct vkf_mrow_t { int unused; };"), prefix.source)
-        XCTAssertTrue(prefix.source.contains("struct vkf_mcol_t { bool c0; };"), prefix.source)
-        XCTAssertFalse(prefix.source.contains("VKF_HAS_PROLOGUE"), prefix.source)
+        XCTAssertFalse(prefix.source.contains("VKF_HOIST_BH"), prefix.source)
         // Score-mods are not split (they run on every element anyway); causal has nothing to split.
         let alibi = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + (kv - q) }.graph, maskMod: nil, firstBinding: 6, errorBinding: 5)
         XCTAssertFalse(alibi.source.contains("VKF_HAS_MASK_RC"), alibi.source)
