@@ -276,6 +276,16 @@ void main() {
     const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
+#if (WG % BKV == 0) && ((BQ * BKV) % WG == 0) && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+    // The mask's per-row values of the rows this invocation scores (the same in every tile).
+    vkf_mrow_t mrv[BQ * BKV / WG];
+    if (n_part > 0) {
+        for (int a = 0; a < BQ * BKV / WG; ++a) {
+            const int r = lid / BKV + a * (WG / BKV);
+            if (r < rows) mrv[a] = vkf_mrow(b, h, q0 + r);
+        }
+    }
+#endif
 
     for (int pass = 0; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
@@ -294,6 +304,11 @@ void main() {
                 // every K element read from shared memory feeds several products.
                 {
                     const int j = lid % BKV, r0 = lid / BKV;
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+                    // The mask's per-key values, once for this invocation's key.
+                    vkf_mcol_t mc;
+                    if (pass == 1 && j < kn) mc = vkf_mcol(b, h, k0 + j);
+#endif
                     float dots[BQ * BKV / WG];
                     for (int a = 0; a < BQ * BKV / WG; ++a) dots[a] = 0.0;
                     if (j < kn) {
@@ -311,7 +326,9 @@ void main() {
 #if VKF_HAS_SCORE_MOD
                             s = score_mod(s, b, h, qi, ki);
 #endif
-#if VKF_HAS_MASK_MOD
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+                            if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[a], mc)) s = NEG_INF;
+#elif VKF_HAS_MASK_MOD
                             if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                         }
