@@ -168,6 +168,36 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     return FlexResult(output: output, lse: lse, kernel: kernel)
 }
 
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)``
+/// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
+/// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
+/// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
+/// docs/performance.md, "First call"). Nothing is dispatched and the tensors' contents are not
+/// read, so it can run while they are being filled, and from another thread: a kernel is built
+/// once however many threads ask for it.
+///
+/// ```swift
+/// let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
+/// let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
+/// try prepareFlexAttention(q, k, v, scoreMod: softcap, blockMask: causal)   // compiles now
+/// let result = try flexAttention(q, k, v, scoreMod: softcap, blockMask: causal)   // no compile
+/// ```
+///
+/// The kernel depends on the head dims, the dtype, the mods (the shapes of the tensors they
+/// capture included), the sign of the scale and the device — not on the batch, the number of
+/// heads or the lengths — so one call prepares every shape that shares those. Arguments are
+/// checked as `flexAttention` checks them. Returns the kernel that was prepared.
+@discardableResult
+public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
+                                 scale: Double? = nil, enableGQA: Bool = false) throws -> FlexKernel {
+    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let scale = scale ?? 1 / Double(shape.D).squareRoot()
+    guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
+    let kernel = try FlexKernel.choose(shape, device: q.device)
+    _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: q.device)
+    return kernel
+}
+
 /// The sizes of an attention call, validated.
 struct AttentionShape {
     let B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int
@@ -267,9 +297,17 @@ enum ForwardKernel {
         return (1, 1, 64)
     }
 
-    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
-                    scale: Double, output: Tensor, lse: Tensor?, kernel: FlexKernel) throws {
-        let device = q.device
+    /// A kernel built for a call: the pipeline, the mods it splices and its tiles.
+    struct Prepared {
+        let pipeline: ComputePipeline
+        let mods: SplicedMods
+        let BQ: Int, BKV: Int, WG: Int
+    }
+
+    /// Builds (or finds in the caches) the pipeline for a call's head dims, dtype, mods and
+    /// kernel; batch, heads and lengths do not enter it.
+    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
+                        device: Device) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: 11, errorBinding: 10, device: device)
@@ -296,6 +334,15 @@ enum ForwardKernel {
         let pipeline = try device.pipeline(for: key) {
             PipelineDescription(source: source, bindingCount: 11 + mods.tensors.count, includes: mods.includes)
         }
+        return Prepared(pipeline: pipeline, mods: mods, BQ: BQ, BKV: BKV, WG: WG)
+    }
+
+    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
+                    scale: Double, output: Tensor, lse: Tensor?, kernel: FlexKernel) throws {
+        let device = q.device
+        let caps = device.capabilities
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device)
+        let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.
         let qBS: Int, kvBS: Int, qBlocks: Int, kvBlocks: Int, maskB: Int, maskH: Int

@@ -327,3 +327,59 @@ extension AttentionTests {
         }
     }
 }
+
+extension AttentionTests {
+    /// prepareFlexAttention builds the call's kernel; the call itself then builds nothing, for any
+    /// batch, heads or lengths that share the head dims, dtype and mods.
+    func testPrepareBuildsTheKernelAheadOfTheCall() throws {
+        // A constant no other test uses, so the kernel is new to this device.
+        let bias = Double(UInt32.random(in: 1...1_000_000)) / 1e7
+        let mod = ScoreMod { s, _, _, q, kv in s + bias * (kv - q) }
+        let mask = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: 48, kvLen: 48, device: device,
+                                       blockSize: BlockSize(16))
+        let q = try device.tensor(randn(2 * 48 * 16), shape: [1, 2, 48, 16], name: "q")
+        let before = device.pipelineBuilds
+        let kernel = try prepareFlexAttention(q, q, q, scoreMod: mod, blockMask: mask)
+        XCTAssertEqual(kernel, .portable, "lavapipe has no cooperative matrices")
+        XCTAssertEqual(device.pipelineBuilds, before + 1)
+        XCTAssertNoThrow(try prepareFlexAttention(q, q, q, scoreMod: mod, blockMask: mask))
+        XCTAssertEqual(device.pipelineBuilds, before + 1, "prepared once")
+
+        let r = try flexAttention(q, q, q, scoreMod: mod, blockMask: mask)
+        let ref = try flexAttentionReference(q, q, q, scoreMod: mod, blockMask: mask)
+        XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 1e-5)
+        // Other batch, heads and lengths: the same kernel.
+        let mask2 = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: 20, kvLen: 33, device: device,
+                                        blockSize: BlockSize(16))
+        let q2 = try device.tensor(randn(3 * 4 * 20 * 16), shape: [3, 4, 20, 16])
+        let kv2 = try device.tensor(randn(3 * 4 * 33 * 16), shape: [3, 4, 33, 16])
+        let builds = device.pipelineBuilds
+        _ = try flexAttention(q2, kv2, kv2, scoreMod: mod, blockMask: mask2).output.toArray()
+        XCTAssertEqual(device.pipelineBuilds, builds, "no kernel built for new lengths")
+        // Bad arguments are the call's errors.
+        XCTAssertThrowsError(try prepareFlexAttention(q, q2, q2)) { XCTAssertTrue("\($0)".contains("batch sizes differ"), "\($0)") }
+        XCTAssertThrowsError(try prepareFlexAttention(q, q, q, scale: .infinity))
+    }
+}
+
+extension AttentionTests {
+    /// The guide's pattern: prepare on another task while this one fills the inputs.
+    func testPrepareOnAnotherTaskWhileTheInputsAreFilled() async throws {
+        let scale = Double(UInt32.random(in: 1...1_000_000)) / 1e6 + 0.5
+        let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: 40, kvLen: 40, device: device)
+        let (q, k, v) = try (device.empty(shape: [1, 2, 40, 8], dtype: .float32, name: "q"), device.empty(shape: [1, 2, 40, 8], dtype: .float32, name: "k"),
+                             device.empty(shape: [1, 2, 40, 8], dtype: .float32, name: "v"))
+        let before = device.pipelineBuilds
+        let warm = Task.detached { try prepareFlexAttention(q, k, v, scoreMod: softcap, blockMask: causal, scale: -scale) }
+        let values = [randn(2 * 40 * 8), randn(2 * 40 * 8), randn(2 * 40 * 8)]
+        for (t, x) in zip([q, k, v], values) { try t.buffer.upload(x, byteOffset: t.byteOffset) }
+        _ = try await warm.value
+        let builds = device.pipelineBuilds
+        XCTAssertGreaterThan(builds, before)
+        let r = try flexAttention(q, k, v, scoreMod: softcap, blockMask: causal, scale: -scale)
+        let ref = try flexAttentionReference(q, k, v, scoreMod: softcap, blockMask: causal, scale: -scale)
+        XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 1e-5)
+        XCTAssertEqual(device.pipelineBuilds, builds)
+    }
+}
