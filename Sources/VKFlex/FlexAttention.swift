@@ -87,13 +87,16 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
         // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
         // per subgroup (each K/V fragment read from shared memory feeds two products), 64 keys
         // staged per step in one buffer and computed 32 at a time; above 64 two row blocks
-        // without the register prefetch. Some neighbours collapse: 64 keys computed at once at
+        // without the register prefetch, 32 keys staged and computed 16 at a time (at D = 128
+        // the score fragments of 32 keys made the driver spill: 160.6 against 174.1 TFLOP/s
+        // causal). Some neighbours collapse: 64 keys computed at once at
         // D = 64 (44 TFLOP/s against 145: the driver caps registers at 128 and spills), and
         // anything whose shared memory passes ~24 KiB (two K/V buffers of 64 keys: 104.9 against
         // 149.1) — the driver then fits fewer workgroups on an SM.
         var options: [CoopmatTiles] = D <= 64
             ? [.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 2), .init(BKV: 32, NSG: 8, RPW: 1, NBUF: 2)]
-            : [.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false), .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
+            : [.init(BKV: 16, NSG: 4, RPW: 2, NBUF: 1, prefetch: false, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false),
+               .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
         options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
         if let forced {
             guard let t = CoopmatTiles.parse(forced) else { return nil }

@@ -309,7 +309,9 @@ extension AttentionTests {
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, forced: nil)?.description, "32x1x4x1x1", "64 staged keys need 18 KiB")
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: "32x2x4x2")?.description, "32x2x4x2x1")
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: "16x2x4x1x0x4")?.description, "16x2x4x1x0x4")
-        XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)?.description, "32x2x4x1x0")
+        let d128 = CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)
+        XCTAssertEqual(d128?.description, "16x2x4x1x0x2")
+        XCTAssertEqual(d128?.sharedBytes(D: 128), 17408, "32 staged keys of K and V, rows padded to 17 units of 16 bytes")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
         for bad in ["32x2x4", "33x1x4x1", "32x3x4x1", "32x1x9x1", "32x1x4x3", "32x1x4x1x2", "32xx4x1", "abc",
