@@ -195,16 +195,8 @@ struct FunctionEmitter {
     struct Value {
         var code: String
         var type: ScalarType
-        /// The same value written as float arithmetic, where that is cheaper than converting
-        /// `code`: int literals, and sums and differences of indices (below).
+        /// For int literals: the same constant written as a float.
         var floatCode: String? = nil
-        /// An index argument, a literal below 2^24, or a sum or difference of such: converted to
-        /// float term by term. `float(kv_idx - q_idx)` becomes `float(kv_idx) - float(q_idx)`,
-        /// whose conversions depend on the key alone and the row alone, so a kernel evaluating
-        /// a fragment converts once per column and per row instead of once per element (ALiBi;
-        /// conversions share the unit `exp2` runs on). Exact while the indices and the result
-        /// stay below 2^24 (16.7M tokens); beyond, within the rounding of the float result.
-        var affine = false
     }
     let captures: [CaptureInfo]
     var lines: [String] = []
@@ -233,12 +225,10 @@ struct FunctionEmitter {
         if let v = memo[e] { return v }
         if let prologue, e.isHeadInvariant, !e.isLeaf { return try prologue.value(e) }
         if let rowColumn, !e.isLeaf, let side = e.rowColumnSide { return try rowColumn.value(e, side) }
-        var v: Value
+        let v: Value
         switch e {
-        case .arg(let a): return Value(code: a.rawValue, type: a == .score ? .float : .int, affine: a != .score)
-        case .int(let x):
-            return Value(code: GLSLEmitter.intLiteral(x), type: .int, floatCode: GLSLEmitter.floatLiteral(Double(x)),
-                         affine: x.magnitude < 1 << 24)
+        case .arg(let a): return Value(code: a.rawValue, type: a == .score ? .float : .int)
+        case .int(let x): return Value(code: GLSLEmitter.intLiteral(x), type: .int, floatCode: GLSLEmitter.floatLiteral(Double(x)))
         case .float(let x): return Value(code: GLSLEmitter.floatLiteral(x), type: .float)
         case .bool(let x): return Value(code: x ? "true" : "false", type: .bool)
         case .invalid(let m): throw ExprTypeError(m)
@@ -258,10 +248,6 @@ struct FunctionEmitter {
             switch op {
             case .add, .sub, .mul:
                 v = Value(code: bothInt ? "(\(a.code) \(op.rawValue) \(b.code))" : "(\(fa) \(op.rawValue) \(fb))", type: t)
-                if bothInt && op != .mul && a.affine && b.affine {
-                    v.floatCode = "(\(fa) \(op.rawValue) \(fb))"
-                    v.affine = true
-                }
             case .div: v = Value(code: "(\(fa) / \(fb))", type: .float)
             case .floorDiv: v = Value(code: bothInt ? "vkf_floordiv(\(a.code), \(b.code))" : "floor(\(fa) / \(fb))", type: t)
             case .mod: v = Value(code: bothInt ? "vkf_mod(\(a.code), \(b.code))" : "vkf_fmod(\(fa), \(fb))", type: t)
@@ -312,9 +298,7 @@ struct FunctionEmitter {
         } else {
             lines.append("    \(glslType) \(name) = \(v.code);")
         }
-        // (Values of the row and column functions are read elsewhere: no float form there.)
-        let named = Value(code: name, type: v.type, floatCode: structVariable == nil ? v.floatCode : nil,
-                          affine: structVariable == nil && v.affine)
+        let named = Value(code: name, type: v.type)
         memo[e] = named
         return named
     }
