@@ -279,6 +279,8 @@ enum ForwardKernel {
                   parts.count == 1 || !parts[1].isEmpty else {
                 throw FlexError("VKFLEX_COOPMAT_DEFINES: '\(item)' is not NAME or NAME=value")
             }
+            // A name the host sets (VKF_EXP16, SPLIT...) takes the given value instead.
+            defines.removeAll { $0.name == name }
             defines.append(.init(name, parts.count > 1 ? parts[1] : "1"))
         }
         return ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),

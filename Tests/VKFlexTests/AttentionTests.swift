@@ -302,6 +302,22 @@ extension AttentionTests {
         XCTAssertNil(CooperativeMatrixLayout.of(device))
     }
 
+    /// `VKFLEX_COOPMAT_DEFINES` (for tuning) adds defines to the cooperative-matrix kernel and
+    /// overrides the ones vkflex sets, rather than redefining a macro the compile would reject.
+    func testCooperativeMatrixDefinesFromTheEnvironment() throws {
+        defer { unsetenv("VKFLEX_COOPMAT_DEFINES") }
+        let tiles = try XCTUnwrap(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil))
+        setenv("VKFLEX_COOPMAT_DEFINES", "VKF_EXP16=1,TAU=4,VKF_FLAG", 1)
+        let source = try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false)
+        let defines = source.defines.map { "\($0.name)=\($0.value)" }
+        XCTAssertEqual(defines.filter { $0.hasPrefix("VKF_EXP16=") }, ["VKF_EXP16=1"])
+        XCTAssertTrue(defines.contains("TAU=4") && defines.contains("VKF_FLAG=1") && defines.contains("D=64"), "\(defines)")
+        setenv("VKFLEX_COOPMAT_DEFINES", "1BAD=2", 1)
+        XCTAssertThrowsError(try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false)) {
+            XCTAssertTrue("\($0)".contains("is not NAME or NAME=value"), "\($0)")
+        }
+    }
+
     func testCooperativeMatrixTileChoices() {
         let d64 = CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d64?.description, "32x2x4x1x1x2")
