@@ -80,8 +80,8 @@ static int cmpd(const void* a, const void* b) { double x = *(double*)a, y = *(do
 int main(int argc, char** argv) {
   if (argc < 2) { fprintf(stderr, "usage: probe info | run FILE INV FLOPS GROUPS\n"); return 2; }
   if (!strcmp(argv[1], "info")) { init(1); return 0; }
+  if (strcmp(argv[1], "run") || argc < 6) { fprintf(stderr, "usage: probe run FILE.spv INVOCATIONS FLOPS_PER_WORKGROUP GROUPS\n"); return 2; }
   init(0);
-  if (argc < 6) { fprintf(stderr, "usage: probe run FILE.spv INVOCATIONS FLOPS_PER_WORKGROUP GROUPS\n"); return 2; }
   FILE* f = fopen(argv[2], "rb");
   if (!f) { perror(argv[2]); return 1; }
   fseek(f, 0, SEEK_END); long sz = ftell(f); fseek(f, 0, SEEK_SET);
