@@ -78,12 +78,22 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     init(BKV: Int, NSG: Int, RPW: Int, NBUF: Int, prefetch: Bool = true, split: Int = 1) {
         self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch; self.split = split
     }
-    init?(D: Int, device: Device) {
-        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory)
+    /// `queryBlock`: the BlockMask's query block size, when there is one (see below).
+    init?(D: Int, device: Device, queryBlock: Int? = nil) {
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, queryBlock: queryBlock)
     }
+
+    /// Query rows per workgroup (16 per row block per subgroup).
+    var BQ: Int { 16 * NSG * RPW }
     /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP[xS]]` (e.g. `64x1x8x1`, `32x2x4x1x0` without
     /// prefetch, `32x2x4x1x1x2` staging 64 keys per step) forces a choice, for tuning.
-    init?(D: Int, sharedMemory budget: Int, forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
+    ///
+    /// A workgroup's query tile never spans two BlockMask query blocks, so blocks of fewer rows
+    /// than the preferred tile's 128 would leave subgroups idle: with 64-row blocks the tiles
+    /// switch to one row block per subgroup (64 rows; causal on the H200 at S = 8192: D=64 77.7 →
+    /// 119.0 TFLOP/s, D=128 82.3 → 124.7), with 32-row blocks also to two subgroups.
+    init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil,
+          forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
         // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
         // per subgroup (each K/V fragment read from shared memory feeds two products), 64 keys
         // staged per step in one buffer and computed 32 at a time; above 64 two row blocks
@@ -98,6 +108,19 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
             : [.init(BKV: 16, NSG: 4, RPW: 2, NBUF: 1, prefetch: false, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false),
                .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
         options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
+        if let rows = queryBlock, rows % 128 != 0 {
+            // Fewer query rows per workgroup where that leaves fewer of them idle: 64 (four
+            // subgroups of one row block), or 32 (two subgroups) for blocks of at most 32 rows.
+            let bkv = D <= 64 ? 32 : 16
+            let rows64 = CoopmatTiles(BKV: bkv, NSG: 4, RPW: 1, NBUF: 1, split: 2)
+            let rows32 = CoopmatTiles(BKV: bkv, NSG: 2, RPW: 1, NBUF: 1, split: 2)
+            func busy(_ bq: Int) -> Double { Double(rows) / Double((rows + bq - 1) / bq * bq) }
+            if rows <= 32 {
+                options = [rows32, rows64] + options
+            } else if busy(64) > busy(128) {
+                options = [rows64] + options
+            }
+        }
         if let forced {
             guard let t = CoopmatTiles.parse(forced) else { return nil }
             options = [t]
@@ -187,8 +210,9 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// ```
 ///
 /// The kernel depends on the head dims, the dtype, the mods (the shapes of the tensors they
-/// capture included), the sign of the scale and the device — not on the batch, the number of
-/// heads or the lengths — so one call prepares every shape that shares those. Arguments are
+/// capture included), the sign of the scale, the device and, for BlockMask query blocks that are
+/// not a multiple of 128 rows, the block size — not on the batch, the number of heads or the
+/// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
@@ -328,10 +352,10 @@ enum ForwardKernel {
             ])
         case .coopmat:
             let identity = scoreMod.map { $0.isIdentity } ?? true
-            guard let t = CoopmatTiles(D: s.D, device: device) else {
+            guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q) else {
                 throw FlexError("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
             }
-            (BQ, BKV, WG) = (16 * t.NSG * t.RPW, t.BKV, 32 * t.NSG)
+            (BQ, BKV, WG) = (t.BQ, t.BKV, 32 * t.NSG)
             let rawMax = identity && scale > 0
             source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity)
         }

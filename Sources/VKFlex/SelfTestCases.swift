@@ -68,7 +68,7 @@ public enum AttentionSelfTest {
         all.append(Spec(name: "float16 D32 Lq != Lkv", Lq: 130, Lkv: 200, D: 32, Dv: 32, dtype: .float16,
                         mask: { _, _, _ in MaskMod { _, _, q, kv in kv <= q + 70 } }, blockSize: 64))
         all.append(Spec(name: "float16 D96 GQA prefix-LM", Hq: 6, Hkv: 3, Lq: 200, Lkv: 200, D: 96, Dv: 96, dtype: .float16,
-                        mask: { _, _, _ in MaskMod { _, _, q, kv in (kv <= 40) | (q >= kv) } }, blockSize: 128))
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in (kv <= 40) | (q >= kv) } }, blockSize: 64))
         all.append(Spec(name: "float16 strided views", B: 2, Hq: 4, Hkv: 4, Lq: 150, Lkv: 150, D: 64, Dv: 64, dtype: .float16,
                         mask: causal, blockSize: 128, strided: true))
         all.append(Spec(name: "float16 D128 odd lengths", Lq: 300, Lkv: 277, D: 128, Dv: 128, dtype: .float16,

@@ -219,6 +219,7 @@ extension AttentionTests {
             var choices = [CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: nil),
                            CoopmatTiles(D: D, sharedMemory: 16 << 10, forced: nil)]
             if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: $0) } }
+            if D == 64 || D == 128 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
@@ -230,7 +231,7 @@ extension AttentionTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 54)
+        XCTAssertEqual(compiled, 66)
     }
 }
 
@@ -328,6 +329,18 @@ extension AttentionTests {
         let d128 = CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d128?.description, "16x2x4x1x0x2")
         XCTAssertEqual(d128?.sharedBytes(D: 128), 17408, "32 staged keys of K and V, rows padded to 17 units of 16 bytes")
+        // BlockMask query blocks that 128-row tiles would leave partly idle.
+        func tiles(_ D: Int, _ rows: Int) -> String? { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: rows, forced: nil)?.description }
+        XCTAssertEqual(tiles(64, 128), "32x2x4x1x1x2")
+        XCTAssertEqual(tiles(64, 256), "32x2x4x1x1x2")
+        XCTAssertEqual(tiles(64, 64), "32x1x4x1x1x2")
+        XCTAssertEqual(tiles(64, 192), "32x1x4x1x1x2")
+        XCTAssertEqual(tiles(64, 48), "32x1x4x1x1x2")
+        XCTAssertEqual(tiles(64, 32), "32x1x2x1x1x2")
+        XCTAssertEqual(tiles(64, 96), "32x2x4x1x1x2", "64-row tiles would leave as many rows idle")
+        XCTAssertEqual(tiles(128, 64), "16x1x4x1x1x2")
+        XCTAssertEqual(tiles(128, 16), "16x1x2x1x1x2")
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, queryBlock: 64, forced: "32x2x4x2")?.description, "32x2x4x2x1", "a forced choice wins")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
         for bad in ["32x2x4", "33x1x4x1", "32x3x4x1", "32x1x9x1", "32x1x4x3", "32x1x4x1x2", "32xx4x1", "abc",
