@@ -7,8 +7,9 @@ import Foundation
 /// `none`; `full` (shaderc's "performance" recipe, dozens of passes); `unroll`
 /// (``essentialPasses`` plus loop unrolling); `fast` (``essentialPasses``). Each
 /// ``ShaderSource`` names its recipe — `fast` unless it says otherwise; vkflex's
-/// cooperative-matrix kernel says `full`, because NVIDIA's compiler makes a 3-5× slower kernel of
-/// anything less (docs/performance.md). The optimizer is most of a first call's compile time on
+/// cooperative-matrix kernel says `full`: NVIDIA's compiler makes a 3-5× slower kernel of the
+/// `unroll` and `fast` lists, which leave the unrolled fragment arrays as arrays (a list with a
+/// second scalar replacement after unrolling matched `full`; docs/performance.md, "First call"). The optimizer is most of a first call's compile time on
 /// large kernels. `VKFLEX_SPIRV_OPT=0|full|unroll|fast` forces one recipe on every shader of a
 /// process.
 ///
