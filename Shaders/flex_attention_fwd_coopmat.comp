@@ -21,7 +21,7 @@
 // score_mod the maximum is taken over raw scores and scale * log2(e) is folded into the exp2's
 // FMA (the host picks VKF_RAW_MAX only for scale > 0).
 //
-// Defines: D (= DV, a multiple of 16), BKV (a multiple of 16), NSG (subgroups per workgroup),
+// Defines: D (= DV, a multiple of 16, at most 256), BKV (a multiple of 16), NSG (subgroups per workgroup),
 // RPW (16-row blocks per subgroup), NBUF (1 or 2 K/V buffers), SPLIT (computed steps per staged
 // tile), VKF_RAW_MAX (0 or 1).
 // Subgroup size must be 32. Bindings as flex_attention_fwd.comp.
@@ -86,13 +86,17 @@ layout(std430, set = 0, binding = 1) readonly buffer KBuf4 { uvec4 k4[]; };
 layout(std430, set = 0, binding = 2) readonly buffer VBuf4 { uvec4 v4[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 
-// Shared memory in units of 8 halves. Rows of K, V, Q and O are KS4 units apart: one unit of
+// Shared memory in units of 8 halves. Rows of K and V are KS4 units apart: one unit of
 // padding keeps the eight rows of a fragment load on distinct banks.
 #define KS4 (D / 8 + 1)
 #define TILE4 (STG * KS4)
 // K tiles in NBUF buffers, then V tiles in NBUF buffers.
 #define KV4 (2 * NBUF * TILE4)
-#define STAGE4 (16 * NSG * KS4)
+// Q and O pass through shared memory QC columns at a time (all of D up to 128; 128 at a time
+// above, so that D = 256 stages in the room of D = 128), rows QS4 units apart.
+#define QC (D > 128 ? 128 : D)
+#define QS4 (QC / 8 + 1)
+#define STAGE4 (16 * NSG * QS4)
 shared uvec4 kvs[KV4 > STAGE4 ? KV4 : STAGE4];
 
 #define FRAG16 fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
@@ -334,28 +338,30 @@ void main() {
     // Q: each subgroup stages its own 16-row blocks (rows past the end are zero) through its
     // part of the shared area, then keeps them as fragments.
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
-    const int mine = sg * 16 * KS4;
+    const int mine = sg * 16 * QS4;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int first = row_base(rb);
-        for (int e = lane; e < 16 * (D / 8); e += 32) {
-            const int r = e / (D / 8), d8 = e - r * (D / 8);
-            uvec4 w = uvec4(0);
-            if (first + r < rows) {
-                const int at = qoff + (q0 + first + r) * p.q_sl;
-                if (p.vec_ok != 0) w = q4[at / 8 + d8];
-                else {
-                    f16vec2 hh[4];
-                    [[unroll]] for (int i = 0; i < 4; ++i)
-                        hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
-                    w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+        [[unroll]] for (int c0 = 0; c0 < D; c0 += QC) {
+            for (int e = lane; e < 16 * (QC / 8); e += 32) {
+                const int r = e / (QC / 8), u = e - r * (QC / 8), d8 = c0 / 8 + u;
+                uvec4 w = uvec4(0);
+                if (first + r < rows) {
+                    const int at = qoff + (q0 + first + r) * p.q_sl;
+                    if (p.vec_ok != 0) w = q4[at / 8 + d8];
+                    else {
+                        f16vec2 hh[4];
+                        [[unroll]] for (int i = 0; i < 4; ++i)
+                            hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
+                        w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+                    }
                 }
+                kvs[mine + r * QS4 + u] = w;
             }
-            kvs[mine + r * KS4 + d8] = w;
+            subgroupMemoryBarrierShared();
+            subgroupBarrier();
+            [[unroll]] for (int kk = 0; kk < QC / 16; ++kk) coopMatLoadNV(qf[rb][c0 / 16 + kk], kvs, uint(mine + kk * 2), uint(QS4), false);
+            subgroupBarrier();
         }
-        subgroupMemoryBarrierShared();
-        subgroupBarrier();
-        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[rb][kk], kvs, uint(mine + kk * 2), uint(KS4), false);
-        subgroupBarrier();
     }
     barrier();   // the Q staging area is the K/V area
 
@@ -416,30 +422,32 @@ void main() {
             fl[rb][i] += subgroupShuffleXor(fl[rb][i], 2);
         }
         const float inv0 = fl[rb][0] > 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] > 0.0 ? 1.0 / fl[rb][1] : 0.0;
-        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
-            FRAG16 oh = FRAG16(of[rb][dd]);
-            coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(KS4), false);
-        }
-        subgroupMemoryBarrierShared();
-        subgroupBarrier();
         const int first = row_base(rb);
-        for (int e = lane; e < 16 * (DV / 8); e += 32) {
-            const int r = e / (DV / 8), d8 = e - r * (DV / 8);
-            if (first + r < rows) {
-                const uvec4 w = kvs[mine + r * KS4 + d8];
-                const int at = ooff + (q0 + first + r) * p.o_sl;
-                if (p.vec_ok != 0) o4[at / 8 + d8] = w;
-                else {
-                    [[unroll]] for (int i = 0; i < 4; ++i) {
-                        const f16vec2 hh = unpackFloat2x16(w[i]);
-                        o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
-                        o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+        [[unroll]] for (int c0 = 0; c0 < DV; c0 += QC) {
+            [[unroll]] for (int dd = 0; dd < QC / 16; ++dd) {
+                [[unroll]] for (int e = 0; e < 8; ++e) of[rb][c0 / 16 + dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
+                FRAG16 oh = FRAG16(of[rb][c0 / 16 + dd]);
+                coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(QS4), false);
+            }
+            subgroupMemoryBarrierShared();
+            subgroupBarrier();
+            for (int e = lane; e < 16 * (QC / 8); e += 32) {
+                const int r = e / (QC / 8), u = e - r * (QC / 8), d8 = c0 / 8 + u;
+                if (first + r < rows) {
+                    const uvec4 w = kvs[mine + r * QS4 + u];
+                    const int at = ooff + (q0 + first + r) * p.o_sl;
+                    if (p.vec_ok != 0) o4[at / 8 + d8] = w;
+                    else {
+                        [[unroll]] for (int i = 0; i < 4; ++i) {
+                            const f16vec2 hh = unpackFloat2x16(w[i]);
+                            o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
+                            o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+                        }
                     }
                 }
             }
+            subgroupBarrier();
         }
-        subgroupBarrier();
         if (p.write_lse != 0 && lane % 4 == 0) {
             [[unroll]] for (int i = 0; i < 2; ++i) {
                 const int r = first + g_lane_r + 8 * i;

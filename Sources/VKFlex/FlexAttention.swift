@@ -19,7 +19,7 @@ public struct FlexResult {
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
-    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16, at most 128,
+    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16, at most 256,
     /// on a device whose fragment element order is NVIDIA's (``CooperativeMatrixLayout/nvidiaMMA``,
     /// measured once per device).
     case coopmat
@@ -33,7 +33,7 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         }
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
         if s.dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
-        if s.D != s.Dv || s.D % 16 != 0 || s.D > 128 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 128 (got \(s.D)/\(s.Dv))" }
+        if s.D != s.Dv || s.D % 16 != 0 || s.D > 256 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 256 (got \(s.D)/\(s.Dv))" }
         if CoopmatTiles(D: s.D, device: device) == nil {
             if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
                 return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
@@ -105,15 +105,18 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
         // 149.1) — the driver then fits fewer workgroups on an SM.
         var options: [CoopmatTiles] = D <= 64
             ? [.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 2), .init(BKV: 32, NSG: 8, RPW: 1, NBUF: 2)]
-            : [.init(BKV: 16, NSG: 4, RPW: 2, NBUF: 1, prefetch: false, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false),
+            : D <= 128
+            ? [.init(BKV: 16, NSG: 4, RPW: 2, NBUF: 1, prefetch: false, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false),
                .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
+            // Above 128 one row block per subgroup: O alone is then 128 registers per lane.
+            : [.init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1, prefetch: false)]
         options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
         if let rows = queryBlock, rows % 128 != 0 {
             // Fewer query rows per workgroup where that leaves fewer of them idle: 64 (four
             // subgroups of one row block), or 32 (two subgroups) for blocks of at most 32 rows.
-            let bkv = D <= 64 ? 32 : 16
-            let rows64 = CoopmatTiles(BKV: bkv, NSG: 4, RPW: 1, NBUF: 1, split: 2)
-            let rows32 = CoopmatTiles(BKV: bkv, NSG: 2, RPW: 1, NBUF: 1, split: 2)
+            let bkv = D <= 64 ? 32 : 16, big = D > 128   // above 128: no prefetch, no second step (registers, shared memory)
+            let rows64 = CoopmatTiles(BKV: bkv, NSG: 4, RPW: 1, NBUF: 1, prefetch: !big, split: big ? 1 : 2)
+            let rows32 = CoopmatTiles(BKV: bkv, NSG: 2, RPW: 1, NBUF: 1, prefetch: !big, split: big ? 1 : 2)
             func busy(_ bq: Int) -> Double { Double(rows) / Double((rows + bq - 1) / bq * bq) }
             if rows <= 32 {
                 options = [rows32, rows64] + options
@@ -141,10 +144,11 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
         return CoopmatTiles(BKV: v[0], NSG: v[2], RPW: v[1], NBUF: v[3], prefetch: prefetch, split: split)
     }
 
-    /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves).
+    /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves): the K/V
+    /// tiles, or each subgroup's Q/O staging rows (at most 128 columns at a time).
     func sharedBytes(D: Int) -> Int {
-        let ks4 = D / 8 + 1
-        return max(2 * NBUF * BKV * split * ks4, 16 * NSG * ks4) * 16
+        let ks4 = D / 8 + 1, qs4 = min(D, 128) / 8 + 1
+        return max(2 * NBUF * BKV * split * ks4, 16 * NSG * qs4) * 16
     }
 
     var description: String { "\(BKV)x\(RPW)x\(NSG)x\(NBUF)x\(prefetch ? 1 : 0)" + (split == 1 ? "" : "x\(split)") }

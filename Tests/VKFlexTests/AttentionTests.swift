@@ -215,11 +215,11 @@ extension AttentionTests {
             (ScoreMod { s, _, h, q, kv in s + (kv - q) * exp2(-((h + 1) * 8.0 / 16)) }, MaskMod { _, _, q, kv in docs[q % 4] == docs[kv % 4] }),
         ]
         var compiled = 0
-        for D in [16, 32, 48, 64, 80, 96, 112, 128] {
+        for D in [16, 32, 48, 64, 80, 96, 112, 128, 256] {
             var choices = [CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: nil),
                            CoopmatTiles(D: D, sharedMemory: 16 << 10, forced: nil)]
             if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: $0) } }
-            if D == 64 || D == 128 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
+            if D == 64 || D == 128 || D == 256 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
@@ -231,7 +231,7 @@ extension AttentionTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 66)
+        XCTAssertEqual(compiled, 75)
     }
 }
 
@@ -340,6 +340,11 @@ extension AttentionTests {
         XCTAssertEqual(tiles(64, 96), "32x2x4x1x1x2", "64-row tiles would leave as many rows idle")
         XCTAssertEqual(tiles(128, 64), "16x1x4x1x1x2")
         XCTAssertEqual(tiles(128, 16), "16x1x2x1x1x2")
+        XCTAssertEqual(tiles(256, 128), "16x1x4x1x0", "above 128: 64 rows, one row block per subgroup")
+        XCTAssertEqual(tiles(256, 64), "16x1x4x1x0")
+        XCTAssertEqual(tiles(256, 32), "16x1x2x1x0")
+        XCTAssertEqual(CoopmatTiles(D: 256, sharedMemory: 48 << 10, forced: nil)?.sharedBytes(D: 256), 17408,
+                       "16 keys of K and V at 33 units a row; Q staged 128 columns at a time (17 units)")
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, queryBlock: 64, forced: "32x2x4x2")?.description, "32x2x4x2x1", "a forced choice wins")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
