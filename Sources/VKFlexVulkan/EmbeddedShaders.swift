@@ -791,6 +791,33 @@ void main() {
     // part of the shared area, then keeps them as fragments.
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     const int mine = sg * 16 * QS4;
+    // Above D = 128 the same, 128 columns at a time. (The two forms stay apart so that the
+    // kernels up to 128 compile to the SPIR-V that docs/performance.md measured; a one-chunk loop
+    // is not unrolled by spirv-opt around the inner loop. Likewise for O below.)
+#if D <= 128
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+        const int first = row_base(rb);
+        for (int e = lane; e < 16 * (D / 8); e += 32) {
+            const int r = e / (D / 8), d8 = e - r * (D / 8);
+            uvec4 w = uvec4(0);
+            if (first + r < rows) {
+                const int at = qoff + (q0 + first + r) * p.q_sl;
+                if (p.vec_ok != 0) w = q4[at / 8 + d8];
+                else {
+                    f16vec2 hh[4];
+                    [[unroll]] for (int i = 0; i < 4; ++i)
+                        hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
+                    w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+                }
+            }
+            kvs[mine + r * QS4 + d8] = w;
+        }
+        subgroupMemoryBarrierShared();
+        subgroupBarrier();
+        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(qf[rb][kk], kvs, uint(mine + kk * 2), uint(QS4), false);
+        subgroupBarrier();
+    }
+#else
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int first = row_base(rb);
         [[unroll]] for (int c0 = 0; c0 < D; c0 += QC) {
@@ -815,6 +842,7 @@ void main() {
             subgroupBarrier();
         }
     }
+#endif
     barrier();   // the Q staging area is the K/V area
 
     g_mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
@@ -874,6 +902,32 @@ void main() {
             fl[rb][i] += subgroupShuffleXor(fl[rb][i], 2);
         }
         const float inv0 = fl[rb][0] > 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] > 0.0 ? 1.0 / fl[rb][1] : 0.0;
+#if DV <= 128
+        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
+            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
+            FRAG16 oh = FRAG16(of[rb][dd]);
+            coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(QS4), false);
+        }
+        subgroupMemoryBarrierShared();
+        subgroupBarrier();
+        const int first = row_base(rb);
+        for (int e = lane; e < 16 * (DV / 8); e += 32) {
+            const int r = e / (DV / 8), d8 = e - r * (DV / 8);
+            if (first + r < rows) {
+                const uvec4 w = kvs[mine + r * QS4 + d8];
+                const int at = ooff + (q0 + first + r) * p.o_sl;
+                if (p.vec_ok != 0) o4[at / 8 + d8] = w;
+                else {
+                    [[unroll]] for (int i = 0; i < 4; ++i) {
+                        const f16vec2 hh = unpackFloat2x16(w[i]);
+                        o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
+                        o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+                    }
+                }
+            }
+        }
+        subgroupBarrier();
+#else
         const int first = row_base(rb);
         [[unroll]] for (int c0 = 0; c0 < DV; c0 += QC) {
             [[unroll]] for (int dd = 0; dd < QC / 16; ++dd) {
@@ -900,6 +954,7 @@ void main() {
             }
             subgroupBarrier();
         }
+#endif
         if (p.write_lse != 0 && lane % 4 == 0) {
             [[unroll]] for (int i = 0; i < 2; ++i) {
                 const int r = first + g_lane_r + 8 * i;
