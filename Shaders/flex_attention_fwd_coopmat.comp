@@ -21,7 +21,7 @@
 // score_mod the maximum is taken over raw scores and scale * log2(e) is folded into the exp2's
 // FMA (the host picks VKF_RAW_MAX only for scale > 0).
 //
-// Defines: D (= DV, a multiple of 16, at most 256), BKV (a multiple of 16), NSG (subgroups per workgroup),
+// Defines: D (= DV, a multiple of 16 up to 128, or 256), BKV (a multiple of 16), NSG (subgroups per workgroup),
 // RPW (16-row blocks per subgroup), NBUF (1 or 2 K/V buffers), SPLIT (computed steps per staged
 // tile), VKF_RAW_MAX (0 or 1).
 // Subgroup size must be 32. Bindings as flex_attention_fwd.comp.

@@ -19,7 +19,7 @@ public struct FlexResult {
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
-    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16, at most 256,
+    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16 up to 128 or 256,
     /// on a device whose fragment element order is NVIDIA's (``CooperativeMatrixLayout/nvidiaMMA``,
     /// measured once per device).
     case coopmat
@@ -32,8 +32,7 @@ public enum FlexKernel: String, Sendable, CaseIterable {
             return "\(caps.name) offers no 16x16x16 float16 -> float32 cooperative matrix"
         }
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
-        if s.dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
-        if s.D != s.Dv || s.D % 16 != 0 || s.D > 256 { return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16, at most 256 (got \(s.D)/\(s.Dv))" }
+        if let problem = shapeProblem(dtype: s.dtype, D: s.D, Dv: s.Dv) { return problem }
         if CoopmatTiles(D: s.D, device: device) == nil {
             if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"] {
                 return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
@@ -43,6 +42,17 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
         if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) {
             return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
+        }
+        return nil
+    }
+
+    /// Why `coopmat` cannot take inputs of this dtype and these head dims, or nil when it can.
+    static func shapeProblem(dtype: DType, D: Int, Dv: Int) -> String? {
+        if dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
+        // Above 128 the kernel stages Q and O 128 columns at a time: 256 is the one such head dim
+        // it takes (and that the H200 validated); 144-240 go to the portable kernel.
+        if D != Dv || D % 16 != 0 || (D > 128 && D != 256) {
+            return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 128, or 256 (got \(D)/\(Dv))"
         }
         return nil
     }

@@ -319,6 +319,15 @@ extension AttentionTests {
         }
     }
 
+    func testCooperativeMatrixHeadDims() {
+        for D in [16, 48, 64, 80, 128, 256] { XCTAssertNil(FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: D), "\(D)") }
+        for (D, Dv) in [(72, 72), (144, 144), (192, 192), (240, 240), (272, 272), (64, 32)] {
+            let problem = FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: Dv)
+            XCTAssertEqual(problem, "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 128, or 256 (got \(D)/\(Dv))")
+        }
+        XCTAssertEqual(FlexKernel.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
+    }
+
     func testCooperativeMatrixTileChoices() {
         let d64 = CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d64?.description, "32x2x4x1x1x2")
