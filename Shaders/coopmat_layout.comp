@@ -1,7 +1,8 @@
 #version 450
-// Device check: which (row, column) of a 16x16 NV cooperative matrix each invocation's element
-// holds. One subgroup loads a matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
-// writes every invocation's elements out: out[(lane * 2 + kind) * 16 + e], -1 past length().
+// Device check: which (row, column) of an NV cooperative matrix each invocation's element holds.
+// One subgroup loads a 16x16 matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
+// (with NARROW, where the device has the 16x8x16 shape) its left 16x8 half as fp32, and writes
+// every invocation's elements out: out[(lane * 3 + kind) * 16 + e], -1 past length().
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -22,7 +23,13 @@ void main() {
     coopMatLoadNV(a, m32, 0, 16, false);
     coopMatLoadNV(b, m16, 0, 16, false);
     for (int e = 0; e < 16; ++e) {
-        result[(lane * 2) * 16 + e] = e < a.length() ? int(a[e]) : -1;
-        result[(lane * 2 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+        result[(lane * 3) * 16 + e] = e < a.length() ? int(a[e]) : -1;
+        result[(lane * 3 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+        result[(lane * 3 + 2) * 16 + e] = -1;
     }
+#if NARROW
+    fcoopmatNV<32, gl_ScopeSubgroup, 16, 8> n;
+    coopMatLoadNV(n, m32, 0, 16, false);
+    for (int e = 0; e < n.length(); ++e) result[(lane * 3 + 2) * 16 + e] = int(n[e]);
+#endif
 }

@@ -10,20 +10,26 @@ layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by PortableForward.run in this order.
-layout(std430, set = 0, binding = 9) readonly buffer Params {
-    int B, Hq, Hkv, Lq, Lkv, b_start;
-    int q_base, q_sb, q_sh, q_sl, q_sd;
-    int k_base, k_sb, k_sh, k_sl, k_sd;
-    int v_base, v_sb, v_sh, v_sl, v_sd;
-    int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl;
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
-    float scale;
-    int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
-    int h_start;  // first query head of this dispatch (workgroup y counts from it)
-    int hk_start; // first key/value head bound by this dispatch
-} p;
+// scale; filled by ForwardKernel.run in this order (172 bytes). Push constants where the device
+// takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
+// buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
+#define VKF_PARAMS_MEMBERS \
+    int B, Hq, Hkv, Lq, Lkv, b_start; \
+    int q_base, q_sb, q_sh, q_sl, q_sd; \
+    int k_base, k_sb, k_sh, k_sl, k_sd; \
+    int v_base, v_sb, v_sh, v_sl, v_sd; \
+    int o_base, o_sb, o_sh, o_sl, o_sd; \
+    int lse_base, lse_sb, lse_sh, lse_sl; \
+    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse; \
+    float scale; \
+    int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
+    int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
+    int hk_start; /* first key/value head bound by this dispatch */
+#if VKF_PARAMS_PUSH
+layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
+#else
+layout(std430, set = 0, binding = 9) readonly buffer Params { VKF_PARAMS_MEMBERS } p;
+#endif
 
 // Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into

@@ -305,10 +305,19 @@ enum ForwardKernel {
     /// score-mod it costs 6%, so it is off there). spirv-opt (SPIRV-Tools
     /// v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
     /// compiles every variant optimized, so a crash would show there, not in a user's process.
-    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool) throws -> ShaderSource {
+    ///
+    /// `narrowK`: Q·Kᵀ as 16×8×16 products (`VKF_K8`), where the device has the shape and its
+    /// 16×8 layout was measured to be ``CooperativeMatrixLayout/nvidiaMMANarrow`` (H200: causal
+    /// D=64 +2%, document +3%).
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false) throws -> ShaderSource {
         var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                               .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
-                                              .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0")]
+                                              .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0"),
+                                              .init("VKF_K8", narrowK ? "1" : "0")]
+        // Up to D = 64 (two steps per staged tile), every step is computed and O rescaled at each:
+        // no second version of O to merge (H200, full D=64 +3.6%; at D = 128 the driver spilled).
+        let straight = D <= 64 && t.split > 1 ? "1" : "0"
+        defines += [.init("VKF_ALWAYS_HALVES", straight), .init("VKF_ALWAYS_RESCALE", straight)]
         // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
         for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
@@ -345,6 +354,25 @@ enum ForwardKernel {
         let pipeline: ComputePipeline
         let mods: SplicedMods
         let BQ: Int, BKV: Int, WG: Int
+        /// The parameter block goes as push constants (else as a buffer at binding 9).
+        let pushParams: Bool
+    }
+
+    /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
+    static let paramBytes = 43 * 4
+
+    /// Whether the parameter block goes as push constants: where the device takes 172 bytes of
+    /// them (NVIDIA and lavapipe take 256; Vulkan promises 128). On the H200 a storage-buffer
+    /// block was reloaded, bounds-checked, on every tile. `VKFLEX_PUSH_PARAMS=0` turns it off.
+    static func pushesParams(_ device: Device) -> Bool {
+        device.capabilities.maxPushConstantsSize >= paramBytes && ProcessInfo.processInfo.environment["VKFLEX_PUSH_PARAMS"] != "0"
+    }
+
+    /// `source` told where its parameter block comes from.
+    static func withParams(_ source: ShaderSource, push: Bool) -> ShaderSource {
+        var s = source
+        if push { s.defines.append(.init("VKF_PARAMS_PUSH", "1")) }
+        return s
     }
 
     /// Builds (or finds in the caches) the pipeline for a call's head dims, dtype, mods and
@@ -356,7 +384,7 @@ enum ForwardKernel {
                                    firstBinding: 11, errorBinding: 10, device: device)
         let f16 = s.dtype == .float16
         let BQ: Int, BKV: Int, WG: Int
-        let source: ShaderSource
+        var source: ShaderSource
         switch kernel {
         case .portable:
             (BQ, BKV, WG) = tiles(D: s.D, Dv: s.Dv, device: device)
@@ -371,13 +399,16 @@ enum ForwardKernel {
             }
             (BQ, BKV, WG) = (t.BQ, t.BKV, 32 * t.NSG)
             let rawMax = identity && scale > 0
-            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity)
+            let narrowK = CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false
+            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity, narrowK: narrowK)
         }
+        let push = pushesParams(device)
+        source = withParams(source, push: push)
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, defines: source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: ","))
         let pipeline = try device.pipeline(for: key) {
-            PipelineDescription(source: source, bindingCount: 11 + mods.tensors.count, includes: mods.includes)
+            PipelineDescription(source: source, bindingCount: 11 + mods.tensors.count, pushConstantSize: push ? paramBytes : 0, includes: mods.includes)
         }
-        return Prepared(pipeline: pipeline, mods: mods, BQ: BQ, BKV: BKV, WG: WG)
+        return Prepared(pipeline: pipeline, mods: mods, BQ: BQ, BKV: BKV, WG: WG, pushParams: push)
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
@@ -438,13 +469,18 @@ enum ForwardKernel {
                 t.strides[3] == 1 && bases[i] % 8 == 0 && t.strides[0] % 8 == 0 && t.strides[1] % 8 == 0 && t.strides[2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
             params += [Int32(vecOK ? 1 : 0), Int32(h0), Int32(kvHeads.lowerBound)].withUnsafeBytes { Array($0) }
-            let paramBuffer = try device.makeBuffer(bytes: params.count)
-            try paramBuffer.upload(params)
-            bindings.append(BufferBinding(paramBuffer))
+            precondition(params.count == paramBytes)
+            if prepared.pushParams {
+                bindings.append(BufferBinding(try dummyFloatBuffer(device)))   // binding 9 unused
+            } else {
+                let paramBuffer = try device.makeBuffer(bytes: params.count)
+                try paramBuffer.upload(params)
+                bindings.append(BufferBinding(paramBuffer))
+            }
             bindings.append(BufferBinding(errors, writes: true))
             bindings += mods.captureBindings()
             try device.record { rec in
-                try rec.dispatch(pipeline, bindings: bindings, groups: (groupsX, nh, nb))
+                try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb))
             }
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []

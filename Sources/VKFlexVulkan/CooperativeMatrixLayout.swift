@@ -18,6 +18,9 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     public var float32: [[Coordinate]]
     /// The same for an fp16 fragment.
     public var float16: [[Coordinate]]
+    /// The same for a 16×8 fp32 fragment (the accumulator of 16×8×16 products); nil where the
+    /// device has no such shape.
+    public var float32Narrow: [[Coordinate]]?
 
     public struct Coordinate: Sendable, Hashable, CustomStringConvertible {
         public var row: Int
@@ -26,9 +29,10 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         public var description: String { "(\(row),\(column))" }
     }
 
-    public init(float32: [[Coordinate]], float16: [[Coordinate]]) {
+    public init(float32: [[Coordinate]], float16: [[Coordinate]], float32Narrow: [[Coordinate]]? = nil) {
         self.float32 = float32
         self.float16 = float16
+        self.float32Narrow = float32Narrow
     }
 
     /// The layout the cooperative-matrix kernel is written for, measured on an NVIDIA H200
@@ -41,6 +45,15 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         }
     }
 
+    /// The 16×8 layout the kernel's narrow products assume (measured on the H200): the left half
+    /// of ``nvidiaMMA``'s — element `e` in row `l/4 + 8·(e/2)`, column `2·(l%4) + e%2`.
+    public static let nvidiaMMANarrow: [[Coordinate]] = (0..<32).map { lane in
+        (0..<4).map { e in Coordinate(row: lane / 4 + 8 * (e / 2), column: 2 * (lane % 4) + e % 2) }
+    }
+
+    /// Whether the 16×8 fp32 fragments were measured and follow ``nvidiaMMANarrow``.
+    public var narrowMatchesNVIDIA: Bool { float32Narrow == CooperativeMatrixLayout.nvidiaMMANarrow }
+
     /// Whether both the fp32 and fp16 fragments follow `expected`.
     public func matches(_ expected: [[Coordinate]]) -> Bool {
         float32 == expected && float16 == expected
@@ -51,7 +64,9 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         func lanes(_ m: [[Coordinate]]) -> String {
             (0..<min(5, m.count)).map { "lane \($0): " + m[$0].map(\.description).joined(separator: " ") }.joined(separator: "; ")
         }
-        return "fp32 \(float32.first?.count ?? 0)/lane [\(lanes(float32))]; fp16 \(float16.first?.count ?? 0)/lane [\(lanes(float16))]"
+        var text = "fp32 \(float32.first?.count ?? 0)/lane [\(lanes(float32))]; fp16 \(float16.first?.count ?? 0)/lane [\(lanes(float16))]"
+        if let n = float32Narrow { text += "; fp32 16x8 \(n.first?.count ?? 0)/lane [\(lanes(n))]" }
+        return text
     }
 
     /// The layout of `device`, measured on first use and remembered; nil when it has no
@@ -67,23 +82,27 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     /// subgroup size other than 32.
     public static func measure(on device: Device) throws -> CooperativeMatrixLayout? {
         guard device.enabledFeatures.cooperativeMatrixNV, device.capabilities.subgroupSize == 32 else { return nil }
-        let pipeline = try device.pipeline(for: "vkflex.coopmat_layout") {
-            PipelineDescription(source: ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp")),
+        let narrow = device.capabilities.cooperativeMatrixShapes.contains {
+            $0.m == 16 && $0.n == 8 && $0.k == 16 && $0.a == "float16" && $0.result == "float32"
+        }
+        let pipeline = try device.pipeline(for: "vkflex.coopmat_layout.\(narrow)") {
+            PipelineDescription(source: ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"),
+                                                     defines: [.init("NARROW", narrow ? "1" : "0")]),
                                 bindingCount: 1, specialization: [32])
         }
-        let out = try device.makeBuffer(bytes: 32 * 2 * 16 * 4)
+        let out = try device.makeBuffer(bytes: 32 * 3 * 16 * 4)
         try device.record { rec in
             try rec.dispatch(pipeline, bindings: [BufferBinding(out, writes: true)], groups: (1, 1, 1))
         }
-        let raw = try out.download(count: 32 * 2 * 16, as: Int32.self)
+        let raw = try out.download(count: 32 * 3 * 16, as: Int32.self)
         func decode(_ kind: Int) -> [[Coordinate]] {
             (0..<32).map { lane in
                 (0..<16).compactMap { e -> Coordinate? in
-                    let v = Int(raw[(lane * 2 + kind) * 16 + e])
+                    let v = Int(raw[(lane * 3 + kind) * 16 + e])
                     return v < 0 ? nil : Coordinate(row: v / 16, column: v % 16)
                 }
             }
         }
-        return CooperativeMatrixLayout(float32: decode(0), float16: decode(1))
+        return CooperativeMatrixLayout(float32: decode(0), float16: decode(1), float32Narrow: narrow ? decode(2) : nil)
     }
 }

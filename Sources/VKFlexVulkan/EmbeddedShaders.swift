@@ -99,9 +99,10 @@ void main() {
 """#,
         "coopmat_layout.comp": #"""
 #version 450
-// Device check: which (row, column) of a 16x16 NV cooperative matrix each invocation's element
-// holds. One subgroup loads a matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
-// writes every invocation's elements out: out[(lane * 2 + kind) * 16 + e], -1 past length().
+// Device check: which (row, column) of an NV cooperative matrix each invocation's element holds.
+// One subgroup loads a 16x16 matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
+// (with NARROW, where the device has the 16x8x16 shape) its left 16x8 half as fp32, and writes
+// every invocation's elements out: out[(lane * 3 + kind) * 16 + e], -1 past length().
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -122,9 +123,15 @@ void main() {
     coopMatLoadNV(a, m32, 0, 16, false);
     coopMatLoadNV(b, m16, 0, 16, false);
     for (int e = 0; e < 16; ++e) {
-        result[(lane * 2) * 16 + e] = e < a.length() ? int(a[e]) : -1;
-        result[(lane * 2 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+        result[(lane * 3) * 16 + e] = e < a.length() ? int(a[e]) : -1;
+        result[(lane * 3 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+        result[(lane * 3 + 2) * 16 + e] = -1;
     }
+#if NARROW
+    fcoopmatNV<32, gl_ScopeSubgroup, 16, 8> n;
+    coopMatLoadNV(n, m32, 0, 16, false);
+    for (int e = 0; e < n.length(); ++e) result[(lane * 3 + 2) * 16 + e] = int(n[e]);
+#endif
 }
 """#,
         "flex_attention_common.glsl": #"""
@@ -140,20 +147,26 @@ layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by PortableForward.run in this order.
-layout(std430, set = 0, binding = 9) readonly buffer Params {
-    int B, Hq, Hkv, Lq, Lkv, b_start;
-    int q_base, q_sb, q_sh, q_sl, q_sd;
-    int k_base, k_sb, k_sh, k_sl, k_sd;
-    int v_base, v_sb, v_sh, v_sl, v_sd;
-    int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl;
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse;
-    float scale;
-    int vec_ok;   // 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements
-    int h_start;  // first query head of this dispatch (workgroup y counts from it)
-    int hk_start; // first key/value head bound by this dispatch
-} p;
+// scale; filled by ForwardKernel.run in this order (172 bytes). Push constants where the device
+// takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
+// buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
+#define VKF_PARAMS_MEMBERS \
+    int B, Hq, Hkv, Lq, Lkv, b_start; \
+    int q_base, q_sb, q_sh, q_sl, q_sd; \
+    int k_base, k_sb, k_sh, k_sl, k_sd; \
+    int v_base, v_sb, v_sh, v_sl, v_sd; \
+    int o_base, o_sb, o_sh, o_sl, o_sd; \
+    int lse_base, lse_sb, lse_sh, lse_sl; \
+    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse; \
+    float scale; \
+    int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
+    int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
+    int hk_start; /* first key/value head bound by this dispatch */
+#if VKF_PARAMS_PUSH
+layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
+#else
+layout(std430, set = 0, binding = 9) readonly buffer Params { VKF_PARAMS_MEMBERS } p;
+#endif
 
 // Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
@@ -510,6 +523,30 @@ void main() {
 #ifndef VKF_EXP16
 #define VKF_EXP16 0
 #endif
+// VKF_K8: S = Q K^T as 16x8x16 products, K^T in 16x8 operands. NVIDIA's compiler lays a 16x16
+// fp16 fragment out for the A operand and re-transposes it (MOVM) wherever it serves as B; a 16x8
+// type serves only as B here. (The transposes stay — the driver emits them for 16x8 B operands
+// too — but the kernel needs fewer registers: H200, causal D=64 167.0 -> 170.4 TFLOP/s, document
+// 143.3 -> 147.9.) Needs the 16x8x16 shape; the host turns it on where the layout was measured.
+#ifndef VKF_K8
+#define VKF_K8 0
+#endif
+// VKF_IDX_AHEAD: BlockMask block indices loaded one tile before the tile's loads need them
+// (causal D=128 181 -> 186 TFLOP/s, document 137.5 -> 143.3). 0 loads each where it is used.
+#ifndef VKF_IDX_AHEAD
+#define VKF_IDX_AHEAD 1
+#endif
+// VKF_ALWAYS_HALVES computes every step of a staged tile, also one past the keys (all masked);
+// VKF_ALWAYS_RESCALE multiplies O by alpha at every step (alpha is 1 mostly). Both spare the
+// compiler a merge of two versions of O, which it pays in register moves (seen in the SASS). The
+// host sets both at D <= 64 (H200, full D=64 192.8 -> 199.8 TFLOP/s, causal 169.0 -> 170.1); at
+// D = 128 they made the driver spill (188.5 -> 161.0).
+#ifndef VKF_ALWAYS_HALVES
+#define VKF_ALWAYS_HALVES 0
+#endif
+#ifndef VKF_ALWAYS_RESCALE
+#define VKF_ALWAYS_RESCALE 0
+#endif
 // VKF_SPEC_MAX: the row reductions of the tile maximum only where a lane's own scores need them
 // (H200, causal: D=64 175.8 -> 179.3 TFLOP/s, D=128 154.3 -> 158.6 with VKF_REVERSE_TILES).
 #ifndef VKF_SPEC_MAX
@@ -553,6 +590,11 @@ shared uvec4 kvs[KV4 > STAGE4 ? KV4 : STAGE4];
 
 #define FRAG16 fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
 #define FRAG32 fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>
+// 16x8 fragments (VKF_K8): lane l holds rows l/4 and l/4 + 8 (elements 0-1 and 2-3), columns
+// 2 * (l % 4) and 2 * (l % 4) + 1 — the left or right half of the 16x16 layout (the host
+// measures this too: CooperativeMatrixLayout.nvidiaMMANarrow).
+#define FRAG16N fcoopmatNV<16, gl_ScopeSubgroup, 16, 8>
+#define FRAG32N fcoopmatNV<32, gl_ScopeSubgroup, 16, 8>
 
 // Element e of a fragment: in the upper 8 rows when EL_HI(e), column lane_c + EL_COL(e).
 #define EL_HI(e) ((e) >> 2)
@@ -574,14 +616,19 @@ float g_c;                      // scale * log2(e)
 // blocks, full blocks first, then partial ones. Stepping it needs no division.
 ivec2 next_tile(ivec2 c) { return c.y + 1 == g_tiles_per_kvb ? ivec2(c.x + 1, 0) : ivec2(c.x, c.y + 1); }
 
-// Key range of the tile at cursor c.
-void tile_range(ivec2 c, out int k0, out int kn, out int pass) {
-    const int blk = c.x, sub = c.y;
-    pass = blk < g_nfull ? 0 : 1;
-    int i = pass == 0 ? blk : blk - g_nfull;
-    int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[g_mrow * p.kv_blocks + i] : kv_idx[g_mrow * p.kv_blocks + i]);
+// The K/V block of the tile at cursor c: the BlockMask's index (a load), 0 past the last tile.
+int tile_block(ivec2 c) {
+    const int blk = c.x;
+    if (p.dense != 0) return blk;
+    if (blk >= g_nfull + g_npart) return 0;
+    return blk < g_nfull ? full_kv_idx[g_mrow * p.kv_blocks + blk] : kv_idx[g_mrow * p.kv_blocks + blk - g_nfull];
+}
+
+// Key range of the tile at cursor c, whose block is kb.
+void tile_range_kb(ivec2 c, int kb, out int k0, out int kn, out int pass) {
+    pass = c.x < g_nfull ? 0 : 1;
     int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
-    k0 = k_start + sub * STG;
+    k0 = k_start + c.y * STG;
     kn = min(STG, k_stop - k0);
 }
 
@@ -603,6 +650,22 @@ void accumulate_pv(int vbase) {
 // kbase and V rows at vbase in the shared area.
 void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
     FRAG32 acc[RPW][BKV / 16];
+#if VKF_K8
+    // K^T as 16x8 operands (16x8x16 products): a type only ever used as B.
+    [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
+        FRAG32N a8[RPW][2];
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb) { a8[rb][0] = FRAG32N(0.0); a8[rb][1] = FRAG32N(0.0); }
+        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+            [[unroll]] for (int hh = 0; hh < 2; ++hh) {
+                FRAG16N kt;
+                coopMatLoadNV(kt, kvs, uint(kbase + (c * 16 + hh * 8) * KS4 + kk * 2), uint(KS4), true);
+                [[unroll]] for (int rb = 0; rb < RPW; ++rb) a8[rb][hh] = coopMatMulAddNV(qf[rb][kk], kt, a8[rb][hh]);
+            }
+        }
+        [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+            [[unroll]] for (int e = 0; e < 8; ++e) acc[rb][c][e] = a8[rb][(e >> 1) & 1][(e & 1) + 2 * (e >> 2)];
+    }
+#else
     [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
         [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb][c] = FRAG32(0.0);
         [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
@@ -611,6 +674,7 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
             [[unroll]] for (int rb = 0; rb < RPW; ++rb) acc[rb][c] = coopMatMulAddNV(qf[rb][kk], kt, acc[rb][c]);
         }
     }
+#endif
     // Whole tile inside the keys, the rows and a full block: no element needs a check.
     const bool clean = kn == BKV && g_allrows && pass == 0;
     float al[RPW][2], mx[RPW][2];   // alpha per row; this lane's share of each row's tile maximum
@@ -687,12 +751,19 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                 fm[rb][i] = m;
             }
         }
+#if !VKF_ALWAYS_RESCALE
         if (subgroupAny(rescale)) {
             [[unroll]] for (int rb = 0; rb < RPW; ++rb)
                 [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
                     [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= al[rb][EL_HI(e)];
         }
+#endif
     }
+#if VKF_ALWAYS_RESCALE
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+        [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
+            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= al[rb][EL_HI(e)];
+#endif
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const float m0 = fm[rb][0], m1 = fm[rb][1];
         float s0 = 0.0, s1 = 0.0;
@@ -743,17 +814,23 @@ uvec4 gather8(int base, int stride, bool k) {
 #define PRE ((STG * (D / 8) + 32 * NSG - 1) / (32 * NSG))
 uvec4 pre_k[PRE], pre_v[PRE];
 
-void fetch(ivec2 c, int lid) {
+void fetch(ivec2 c, int kb, int lid) {
     int k0, kn, pass;
-    tile_range(c, k0, kn, pass);
-    [[unroll]] for (int a = 0; a < PRE; ++a) {
-        const int e = lid + a * 32 * NSG;
-        const int j = e / (D / 8), d8 = e - j * (D / 8);
-        const bool ok = e < STG * (D / 8) && j < kn;
-        if (p.vec_ok != 0) {
+    tile_range_kb(c, kb, k0, kn, pass);
+    // One branch on the layout for all units, so that their loads issue back to back.
+    if (p.vec_ok != 0) {
+        [[unroll]] for (int a = 0; a < PRE; ++a) {
+            const int e = lid + a * 32 * NSG;
+            const int j = e / (D / 8), d8 = e - j * (D / 8);
+            const bool ok = e < STG * (D / 8) && j < kn;
             pre_k[a] = ok ? k4[(g_koff + (k0 + j) * p.k_sl) / 8 + d8] : uvec4(0);
             pre_v[a] = ok ? v4[(g_voff + (k0 + j) * p.v_sl) / 8 + d8] : uvec4(0);
-        } else {
+        }
+    } else {
+        [[unroll]] for (int a = 0; a < PRE; ++a) {
+            const int e = lid + a * 32 * NSG;
+            const int j = e / (D / 8), d8 = e - j * (D / 8);
+            const bool ok = e < STG * (D / 8) && j < kn;
             pre_k[a] = ok ? gather8(g_koff + (k0 + j) * p.k_sl + d8 * 8 * p.k_sd, p.k_sd, true) : uvec4(0);
             pre_v[a] = ok ? gather8(g_voff + (k0 + j) * p.v_sl + d8 * 8 * p.v_sd, p.v_sd, false) : uvec4(0);
         }
@@ -865,10 +942,16 @@ void main() {
     // Software pipeline: tile t + 1's global loads are in flight while tile t computes. With two
     // buffers, tile t + 1 is stashed into the buffer tile t - 1 used, which every subgroup left
     // before the last barrier: one barrier per tile.
+    // Block indices are loaded one tile before they are needed (kb_*), so that neither the loads
+    // of a tile nor its key range wait on an index load.
     ivec2 cur = ivec2(0), ahead = ivec2(0);   // the tile computed, the tile fetched next
+    int kb_cur = tile_block(cur);
 #if !VKF_NO_PREFETCH
-    if (total_tiles > 0) fetch(ahead, lid);
+    if (total_tiles > 0) fetch(ahead, kb_cur, lid);
     ahead = next_tile(ahead);
+    int kb_ahead = tile_block(ahead);
+#else
+    int kb_next = tile_block(next_tile(cur));
 #endif
     for (int t = 0; t < total_tiles; ++t) {
         const int buf = NBUF == 2 ? (t & 1) : 0;
@@ -876,20 +959,34 @@ void main() {
         if (t > 0) barrier();
 #endif
 #if VKF_NO_PREFETCH
-        fetch(cur, lid);
+        fetch(cur, kb_cur, lid);
 #endif
         stash(buf, lid);
         barrier();
 #if !VKF_NO_PREFETCH
-        if (t + 1 < total_tiles) fetch(ahead, lid);
+#if VKF_IDX_AHEAD
+        if (t + 1 < total_tiles) fetch(ahead, kb_ahead, lid);
+#else
+        if (t + 1 < total_tiles) fetch(ahead, tile_block(ahead), lid);
+#endif
+        const int kb_following = kb_ahead;
         ahead = next_tile(ahead);
+        kb_ahead = tile_block(ahead);
+#else
+        const int kb_following = kb_next;
+        kb_next = tile_block(next_tile(next_tile(cur)));
 #endif
         int k0, kn, pass;
-        tile_range(cur, k0, kn, pass);
+#if VKF_IDX_AHEAD
+        tile_range_kb(cur, kb_cur, k0, kn, pass);
+#else
+        tile_range_kb(cur, tile_block(cur), k0, kn, pass);
+#endif
         [[unroll]] for (int hf = 0; hf < SPLIT; ++hf)
-            if (kn > hf * BKV)
+            if (VKF_ALWAYS_HALVES != 0 || kn > hf * BKV)
                 process_tile(buf * TILE4 + hf * BKV * KS4, (NBUF + buf) * TILE4 + hf * BKV * KS4, k0 + hf * BKV, min(kn - hf * BKV, BKV), pass);
         cur = next_tile(cur);
+        kb_cur = kb_following;
     }
     barrier();   // the O staging area is the K/V area
 

@@ -204,6 +204,35 @@ extension AttentionTests {
 }
 
 extension AttentionTests {
+    /// The kernels' parameter block goes as push constants where the device takes 172 bytes of
+    /// them (the H200: 256), else as a storage buffer (lavapipe: 128). Lavapipe runs the buffer
+    /// form; the push-constant form must at least compile, and the host's block must match the
+    /// shader's.
+    func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
+        XCTAssertEqual(ForwardKernel.paramBytes, 172)
+        XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 172)
+        let text = try ShaderLibrary.standard.text("flex_attention_common.glsl")
+        let members = text.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1].components(separatedBy: "#if VKF_PARAMS_PUSH")[0]
+        let declared = members.replacingOccurrences(of: "/\\*[^*]*\\*/", with: "", options: .regularExpression)
+            .split(separator: ";").map { $0.replacingOccurrences(of: "\\", with: "").trimmingCharacters(in: .whitespacesAndNewlines) }
+            .filter { $0.hasPrefix("int ") || $0.hasPrefix("float ") }
+            .reduce(0) { $0 + $1.split(separator: ",").count }
+        XCTAssertEqual(declared * 4, ForwardKernel.paramBytes)
+        for push in [false, true] {
+            let source = ForwardKernel.withParams(ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"),
+                                                               defines: [.init("D", "64"), .init("DV", "64"), .init("BQ", "16"), .init("BKV", "32"), .init("WG", "128"),
+                                                                         .init("IN_F16", "1"), .init("OUT_F16", "1")]), push: push)
+            let mods = try SplicedMods(score: nil, mask: nil, firstBinding: 11, errorBinding: 10, device: device)
+            var library = ShaderLibrary.standard
+            library.files.merge(mods.includes) { _, new in new }
+            XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: library).first, 0x0723_0203)
+        }
+        // VKFLEX_PUSH_PARAMS=0 turns push constants off everywhere.
+        setenv("VKFLEX_PUSH_PARAMS", "0", 1)
+        defer { unsetenv("VKFLEX_PUSH_PARAMS") }
+        XCTAssertFalse(ForwardKernel.pushesParams(device))
+    }
+
     /// The cooperative-matrix kernel cannot run on lavapipe, but it must compile — optimized, since
     /// spirv-opt crashes on some NV cooperative-matrix code and a crash would take the process down:
     /// every head dim and tile choice, with and without mods, goes through shaderc here.
@@ -225,13 +254,20 @@ extension AttentionTests {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
-                    let spirv = try ShaderCompiler.shared.compile(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil), library: library)
-                    XCTAssertEqual(spirv.first, 0x0723_0203)
-                    compiled += 1
+                    // Both forms of the products and of the parameter block (push constants need more room
+                    // than lavapipe's 128 bytes, so only the H200 runs that form).
+                    for narrowK in [false, true] {
+                        let source = ForwardKernel.withParams(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil,
+                                                                                              narrowK: narrowK),
+                                                              push: narrowK)
+                        let spirv = try ShaderCompiler.shared.compile(source, library: library)
+                        XCTAssertEqual(spirv.first, 0x0723_0203)
+                        compiled += 1
+                    }
                 }
             }
         }
-        XCTAssertEqual(compiled, 75)
+        XCTAssertEqual(compiled, 150)
     }
 }
 
@@ -299,8 +335,22 @@ extension AttentionTests {
                               C(row: 9, column: 0), C(row: 9, column: 1), C(row: 9, column: 8), C(row: 9, column: 9)])
         // Every element of the 16x16 matrix is held exactly once.
         XCTAssertEqual(Set(m.flatMap { $0.map { $0.row * 16 + $0.column } }), Set(0..<256))
+        // The 16x8 layout is the left half of the 16x16 one: element e of a 16x8 fragment is
+        // element (e % 2) + 4 * (e / 2) of the 16x16 fragment.
+        let n = CooperativeMatrixLayout.nvidiaMMANarrow
+        for lane in 0..<32 { XCTAssertEqual(n[lane], (0..<4).map { m[lane][$0 % 2 + 4 * ($0 / 2)] }) }
+        XCTAssertEqual(Set(n.flatMap { $0.map { $0.row * 8 + $0.column } }), Set(0..<128))
+        var measured = CooperativeMatrixLayout(float32: m, float16: m)
+        XCTAssertFalse(measured.narrowMatchesNVIDIA)   // not measured: no narrow products
+        measured.float32Narrow = n
+        XCTAssertTrue(measured.narrowMatchesNVIDIA && measured.matches(CooperativeMatrixLayout.nvidiaMMA))
         // Lavapipe has no NV cooperative matrices: nothing to measure, and the kernel is not offered.
         XCTAssertNil(CooperativeMatrixLayout.of(device))
+        // The measuring shader compiles with and without the 16x8 part.
+        for narrow in ["0", "1"] {
+            let source = ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"), defines: [.init("NARROW", narrow)])
+            XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: .standard).first, 0x0723_0203)
+        }
     }
 
     /// `VKFLEX_COOPMAT_DEFINES` (for tuning) adds defines to the cooperative-matrix kernel and
