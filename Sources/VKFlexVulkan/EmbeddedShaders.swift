@@ -526,7 +526,7 @@ void main() {
 // VKF_K8: S = Q K^T as 16x8x16 products, K^T in 16x8 operands. NVIDIA's compiler lays a 16x16
 // fp16 fragment out for the A operand and re-transposes it (MOVM) wherever it serves as B; a 16x8
 // type serves only as B here. (The transposes stay — the driver emits them for 16x8 B operands
-// too — but the kernel needs fewer registers: H200, causal D=64 167.0 -> 170.4 TFLOP/s, document
+// too — but the kernel gets smaller and faster: H200, causal D=64 205.0 -> 210.1 TFLOP/s, document
 // 143.3 -> 147.9.) Needs the 16x8x16 shape; the host turns it on where the layout was measured.
 #ifndef VKF_K8
 #define VKF_K8 0
@@ -539,7 +539,7 @@ void main() {
 // VKF_ALWAYS_HALVES computes every step of a staged tile, also one past the keys (all masked);
 // VKF_ALWAYS_RESCALE multiplies O by alpha at every step (alpha is 1 mostly). Both spare the
 // compiler a merge of two versions of O, which it pays in register moves (seen in the SASS). The
-// host sets both at D <= 64 (H200, full D=64 192.8 -> 199.8 TFLOP/s, causal 169.0 -> 170.1); at
+// host sets both at D <= 64 (H200, causal D=64 196.8 -> 205.0 TFLOP/s, ALiBi 145.5 -> 155.8); at
 // D = 128 they made the driver spill (188.5 -> 161.0).
 #ifndef VKF_ALWAYS_HALVES
 #define VKF_ALWAYS_HALVES 0
