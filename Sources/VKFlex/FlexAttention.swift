@@ -443,6 +443,7 @@ enum ForwardKernel {
         let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
         let group = s.Hq / max(1, s.Hkv)
         let errors = try mods.makeErrorBuffer(device)
+        let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
         for chunk in chunks {
             let (b0, nb, h0, nh) = (chunk.b.lowerBound, chunk.b.count, chunk.h.lowerBound, chunk.h.count)
             let kvHeads = (h0 / group)..<((h0 + nh - 1) / group + 1)
@@ -472,8 +473,8 @@ enum ForwardKernel {
             } && s.D % 8 == 0 && s.Dv % 8 == 0
             params += [Int32(vecOK ? 1 : 0), Int32(h0), Int32(kvHeads.lowerBound)].withUnsafeBytes { Array($0) }
             precondition(params.count == paramBytes)
-            if prepared.pushParams {
-                bindings.append(BufferBinding(try dummyFloatBuffer(device)))   // binding 9 unused
+            if let unusedParams {
+                bindings.append(BufferBinding(unusedParams))
             } else {
                 let paramBuffer = try device.makeBuffer(bytes: params.count)
                 try paramBuffer.upload(params)

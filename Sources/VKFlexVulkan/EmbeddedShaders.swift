@@ -531,11 +531,6 @@ void main() {
 #ifndef VKF_K8
 #define VKF_K8 0
 #endif
-// VKF_IDX_AHEAD: BlockMask block indices loaded one tile before the tile's loads need them
-// (causal D=128 181 -> 186 TFLOP/s, document 137.5 -> 143.3). 0 loads each where it is used.
-#ifndef VKF_IDX_AHEAD
-#define VKF_IDX_AHEAD 1
-#endif
 // VKF_ALWAYS_HALVES computes every step of a staged tile, also one past the keys (all masked);
 // VKF_ALWAYS_RESCALE multiplies O by alpha at every step (alpha is 1 mostly). Both spare the
 // compiler a merge of two versions of O, which it pays in register moves (seen in the SASS). The
@@ -939,7 +934,8 @@ void main() {
     // buffers, tile t + 1 is stashed into the buffer tile t - 1 used, which every subgroup left
     // before the last barrier: one barrier per tile.
     // Block indices are loaded one tile before they are needed (kb_*), so that neither the loads
-    // of a tile nor its key range wait on an index load.
+    // of a tile nor its key range wait on an index load (H200: causal D=128 181 -> 186 TFLOP/s,
+    // document 137.5 -> 143.3).
     ivec2 cur = ivec2(0), ahead = ivec2(0);   // the tile computed, the tile fetched next
     int kb_cur = tile_block(cur);
 #if !VKF_NO_PREFETCH
@@ -960,11 +956,7 @@ void main() {
         stash(buf, lid);
         barrier();
 #if !VKF_NO_PREFETCH
-#if VKF_IDX_AHEAD
         if (t + 1 < total_tiles) fetch(ahead, kb_ahead, lid);
-#else
-        if (t + 1 < total_tiles) fetch(ahead, tile_block(ahead), lid);
-#endif
         const int kb_following = kb_ahead;
         ahead = next_tile(ahead);
         kb_ahead = tile_block(ahead);
@@ -973,11 +965,7 @@ void main() {
         kb_next = tile_block(next_tile(next_tile(cur)));
 #endif
         int k0, kn, pass;
-#if VKF_IDX_AHEAD
         tile_range_kb(cur, kb_cur, k0, kn, pass);
-#else
-        tile_range_kb(cur, tile_block(cur), k0, kn, pass);
-#endif
         [[unroll]] for (int hf = 0; hf < SPLIT; ++hf)
             if (VKF_ALWAYS_HALVES != 0 || kn > hf * BKV)
                 process_tile(buf * TILE4 + hf * BKV * KS4, (NBUF + buf) * TILE4 + hf * BKV * KS4, k0 + hf * BKV, min(kn - hf * BKV, BKV), pass);
