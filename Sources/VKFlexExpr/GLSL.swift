@@ -51,8 +51,12 @@ public enum GLSLEmitter {
             ("float score_mod_grad(float score, int b, int h, int q_idx, int kv_idx)", score.derivative(), true),
             ("bool mask_mod(int b, int h, int q_idx, int kv_idx)", maskMod ?? .bool(true), false),
         ]
+        // VKF_PURE_MODS: the per-element score_mod and mask (mask_mod_rc where the mask is split)
+        // load nothing and report nothing, so a template may evaluate them on elements outside the
+        // ranges and discard the result with a select instead of branching around them.
         func functions(prologue: Prologue?, rowColumn: RowColumn? = nil) throws -> [String] {
             var text: [String] = []
+            var pure = true
             for (signature, graph, float) in graphs {
                 var body = FunctionEmitter(captures: caps, prologue: prologue)
                 if let rowColumn, !float {
@@ -64,14 +68,17 @@ public enum GLSLEmitter {
                     let v = try body.value(graph)
                     rowColumn.function = ["bool mask_mod_rc(int b, int h, int q_idx, int kv_idx, vkf_mrow_t R, vkf_mcol_t C) {"]
                         + body.lines + ["    return \(v.code);", "}"]
+                    pure = pure && Self.isPure(body.lines, v.code)
                     continue
                 }
                 let v = try body.value(graph)
+                if !signature.contains("score_mod_grad") { pure = pure && Self.isPure(body.lines, v.code) }
                 text.append(signature + " {")
                 text.append(contentsOf: body.lines)
                 text.append("    return \(float ? body.asFloat(v) : v.code);")
                 text.append("}")
             }
+            text.append("#define VKF_PURE_MODS \(pure ? 1 : 0)")
             return text
         }
         // Work that depends only on b and h (a per-head slope, a table lookup by head) is hoisted
@@ -111,6 +118,13 @@ public enum GLSLEmitter {
         out.append("#define VKF_HAS_MASK_MOD \(maskMod.map { $0 == .bool(true) ? 0 : 1 } ?? 0)")
         out.append("// ---- end of generated code ----")
         return GLSLMods(source: out.joined(separator: "\n") + "\n", captures: caps, errorBinding: errorBinding)
+    }
+
+    /// Whether a function body loads nothing and can report nothing (no captured tensor, no
+    /// integer division, modulo or power, whose helpers report errors).
+    static func isPure(_ lines: [String], _ result: String) -> Bool {
+        let code = lines.joined(separator: "\n") + result
+        return !["vkf_load", "vkf_cap", "vkf_floordiv", "vkf_mod(", "vkf_ipow", "vkf_report"].contains { code.contains($0) }
     }
 
     static let helpers = """

@@ -125,6 +125,7 @@ final class GLSLTests: XCTestCase {
         bool mask_mod(int b, int h, int q_idx, int kv_idx) {
             return mask_mod_rc(b, h, q_idx, kv_idx, vkf_mrow(b, h, q_idx), vkf_mcol(b, h, kv_idx));
         }
+        #define VKF_PURE_MODS 1
         #else
         """), out.source)
         // One side empty: its struct keeps a member that is never read.
@@ -140,6 +141,27 @@ final class GLSLTests: XCTestCase {
         // Score-mods are not split (they run on every element anyway); causal has nothing to split.
         let alibi = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + (kv - q) }.graph, maskMod: nil, firstBinding: 6, errorBinding: 5)
         XCTAssertFalse(alibi.source.contains("VKF_HAS_MASK_RC"), alibi.source)
+    }
+
+    /// VKF_PURE_MODS tells a template whether the per-element mods may run on elements outside the
+    /// ranges: only where they load nothing and can report nothing.
+    func testModsThatLoadOrReportAreNotPure() throws {
+        func pure(_ score: ScoreMod?, _ mask: MaskMod?) throws -> [Bool] {
+            let source = try GLSLEmitter.emit(scoreMod: score?.graph, maskMod: mask?.graph, firstBinding: 6, errorBinding: 5).source
+            return source.split(separator: "\n").filter { $0.hasPrefix("#define VKF_PURE_MODS ") }.map { $0.hasSuffix(" 1") }
+        }
+        let slopes = HostTensor(name: "slopes", float32: [0.5, 0.25], shape: [2])
+        let bias = HostTensor(name: "bias", float32: [Float](repeating: 0, count: 16), shape: [4, 4])
+        let doc = HostTensor(name: "doc", int32: [0, 0, 1, 1], shape: [4])
+        XCTAssertEqual(try pure(nil, MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 1024) }), [true])
+        XCTAssertEqual(try pure(ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, MaskMod { _, _, q, kv in q >= kv }), [true])
+        // A per-head load goes to the prologue: pure per element there, not in the plain functions.
+        XCTAssertEqual(try pure(ScoreMod { s, _, h, q, kv in s + (kv - q) * slopes[h] }, nil), [true, false])
+        // The document mask's loads go per row and per column; the comparison left is pure.
+        XCTAssertEqual(try pure(nil, MaskMod { _, _, q, kv in doc[q] == doc[kv] }), [true, false])
+        XCTAssertEqual(try pure(ScoreMod { s, _, _, q, kv in s + bias[q, kv] }, nil), [false])
+        XCTAssertEqual(try pure(nil, MaskMod { _, _, q, kv in floorDiv(q, kv + 1) >= 1 }), [false])
+        XCTAssertEqual(try pure(nil, MaskMod { _, _, q, kv in q % (kv + 1) == 0 }), [false])
     }
 
     func testLiteralsAreLocaleFreeAndHandleInfNan() {
