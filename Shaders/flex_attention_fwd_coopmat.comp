@@ -21,7 +21,7 @@
 // score_mod the maximum is taken over raw scores and scale * log2(e) is folded into the exp2's
 // FMA (the host picks VKF_RAW_MAX only for scale > 0).
 //
-// Defines: D (= DV, a multiple of 16 up to 128, or 256), BKV (a multiple of 16), NSG (subgroups per workgroup),
+// Defines: D (= DV, a multiple of 16 up to 256; QC above 128), BKV (a multiple of 16), NSG (subgroups per workgroup),
 // RPW (16-row blocks per subgroup), NBUF (1 or 2 K/V buffers), SPLIT (computed steps per staged
 // tile), VKF_RAW_MAX (0 or 1).
 // Subgroup size must be 32. Bindings as flex_attention_fwd.comp.
@@ -123,9 +123,12 @@ layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
 #define TILE4 (STG * KS4)
 // K tiles in NBUF buffers, then V tiles in NBUF buffers.
 #define KV4 (2 * NBUF * TILE4)
-// Q and O pass through shared memory QC columns at a time (all of D up to 128; 128 at a time
-// above, so that D = 256 stages in the room of D = 128), rows QS4 units apart.
+// Q and O pass through shared memory QC columns at a time, rows QS4 units apart: all of D up to
+// 128; above, a multiple of 16 up to 128 that divides D, which the host passes (128 for 256, 96
+// for 192, 80 for 240, 16 for 208), so that they stage in the room of D = 128.
+#ifndef QC
 #define QC (D > 128 ? 128 : D)
+#endif
 #define QS4 (QC / 8 + 1)
 #define STAGE4 (16 * NSG * QS4)
 shared uvec4 kvs[KV4 > STAGE4 ? KV4 : STAGE4];

@@ -19,7 +19,7 @@ public struct FlexResult {
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
-    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16 up to 128 or 256,
+    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16 up to 256,
     /// on a device whose fragment element order is NVIDIA's (``CooperativeMatrixLayout/nvidiaMMA``,
     /// measured once per device).
     case coopmat
@@ -49,10 +49,8 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     /// Why `coopmat` cannot take inputs of this dtype and these head dims, or nil when it can.
     static func shapeProblem(dtype: DType, D: Int, Dv: Int) -> String? {
         if dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
-        // Above 128 the kernel stages Q and O 128 columns at a time: 256 is the one such head dim
-        // it takes (and that the H200 validated); 144-240 go to the portable kernel.
-        if D != Dv || D % 16 != 0 || (D > 128 && D != 256) {
-            return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 128, or 256 (got \(D)/\(Dv))"
+        if D != Dv || D % 16 != 0 || D > 256 {
+            return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))"
         }
         return nil
     }
@@ -154,10 +152,17 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
         return CoopmatTiles(BKV: v[0], NSG: v[2], RPW: v[1], NBUF: v[3], prefetch: prefetch, split: split)
     }
 
+    /// Columns of Q and O staged at a time through shared memory (`QC`): all of D up to 128; above,
+    /// the largest multiple of 16 up to 128 that divides D.
+    static func stagingColumns(D: Int) -> Int {
+        if D <= 128 { return D }
+        return 16 * (1...8).reversed().first { (D / 16) % $0 == 0 }!
+    }
+
     /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves): the K/V
     /// tiles, or each subgroup's Q/O staging rows (at most 128 columns at a time).
     func sharedBytes(D: Int) -> Int {
-        let ks4 = D / 8 + 1, qs4 = min(D, 128) / 8 + 1
+        let ks4 = D / 8 + 1, qs4 = CoopmatTiles.stagingColumns(D: D) / 8 + 1
         return max(2 * NBUF * BKV * split * ks4, 16 * NSG * qs4) * 16
     }
 
@@ -319,6 +324,7 @@ enum ForwardKernel {
         // driver spilled).
         let straight = D <= 64 && t.split > 1 ? "1" : "0"
         defines += [.init("VKF_ALWAYS_HALVES", straight), .init("VKF_ALWAYS_RESCALE", straight)]
+        if D > 128 { defines.append(.init("QC", "\(CoopmatTiles.stagingColumns(D: D))")) }
         // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
         for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {
             let parts = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)

@@ -75,6 +75,8 @@ public enum AttentionSelfTest {
                         mask: { _, _, _ in MaskMod { _, _, q, kv in q + 50 >= kv } }, blockSize: 128))
         all.append(Spec(name: "float16 D256 soft-cap 50", Lq: 200, Lkv: 200, D: 256, Dv: 256, dtype: .float16,
                         score: { _ in ScoreMod { s, _, _, _, _ in 50 * tanh(s / 50) } }, mask: causal, blockSize: 128))
+        all.append(Spec(name: "float16 D192 sliding window", Lq: 230, Lkv: 230, D: 192, Dv: 192, dtype: .float16,
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 100) } }, blockSize: 128))
         all.append(Spec(name: "float16 soft-cap GQA", Hq: 8, Hkv: 2, Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16,
                         score: { _ in ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) } }, mask: causal, blockSize: 128))
         all.append(Spec(name: "float16 document ALiBi", Lq: 384, Lkv: 384, D: 64, Dv: 64, dtype: .float16, score: { d in

@@ -244,11 +244,11 @@ extension AttentionTests {
             (ScoreMod { s, _, h, q, kv in s + (kv - q) * exp2(-((h + 1) * 8.0 / 16)) }, MaskMod { _, _, q, kv in docs[q % 4] == docs[kv % 4] }),
         ]
         var compiled = 0
-        for D in [16, 32, 48, 64, 80, 96, 112, 128, 256] {
+        for D in [16, 32, 48, 64, 80, 96, 112, 128, 144, 192, 256] {
             var choices = [CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: nil),
                            CoopmatTiles(D: D, sharedMemory: 16 << 10, forced: nil)]
             if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: $0) } }
-            if D == 64 || D == 128 || D == 256 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
+            if D == 64 || D == 128 || D == 192 || D == 256 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
                     let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
@@ -267,7 +267,7 @@ extension AttentionTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 150)
+        XCTAssertEqual(compiled, 186)
     }
 }
 
@@ -370,10 +370,10 @@ extension AttentionTests {
     }
 
     func testCooperativeMatrixHeadDims() {
-        for D in [16, 48, 64, 80, 128, 256] { XCTAssertNil(FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: D), "\(D)") }
-        for (D, Dv) in [(72, 72), (144, 144), (192, 192), (240, 240), (272, 272), (64, 32)] {
+        for D in [16, 48, 64, 80, 128, 144, 192, 240, 256] { XCTAssertNil(FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: D), "\(D)") }
+        for (D, Dv) in [(72, 72), (136, 136), (272, 272), (64, 32)] {
             let problem = FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: Dv)
-            XCTAssertEqual(problem, "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 128, or 256 (got \(D)/\(Dv))")
+            XCTAssertEqual(problem, "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))")
         }
         XCTAssertEqual(FlexKernel.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
     }
@@ -404,6 +404,12 @@ extension AttentionTests {
         XCTAssertEqual(tiles(256, 32), "16x1x2x1x0")
         XCTAssertEqual(CoopmatTiles(D: 256, sharedMemory: 48 << 10, forced: nil)?.sharedBytes(D: 256), 17408,
                        "16 keys of K and V at 33 units a row; Q staged 128 columns at a time (17 units)")
+        // Between 128 and 256, Q and O stage in the largest multiple of 16 up to 128 dividing D.
+        XCTAssertEqual([144, 160, 176, 192, 208, 224, 240, 256].map { CoopmatTiles.stagingColumns(D: $0) }, [48, 80, 16, 96, 16, 112, 80, 128])
+        XCTAssertEqual([16, 64, 128].map { CoopmatTiles.stagingColumns(D: $0) }, [16, 64, 128])
+        XCTAssertEqual(tiles(192, 128), "16x1x4x1x0")
+        XCTAssertEqual(CoopmatTiles(D: 240, sharedMemory: 48 << 10, forced: nil)?.sharedBytes(D: 240), 2 * 16 * 31 * 16,
+                       "16 keys of K and V at 31 units a row, more than 64 rows of Q at 11 units")
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, queryBlock: 64, forced: "32x2x4x2")?.description, "32x2x4x2x1", "a forced choice wins")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "64x1x8x1")?.description, "64x1x8x1x1")
         XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: "32x2x4x1x0")?.description, "32x2x4x1x0")
