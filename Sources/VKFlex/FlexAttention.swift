@@ -314,11 +314,15 @@ enum ForwardKernel {
     /// `narrowK`: Q·Kᵀ as 16×8×16 products (`VKF_K8`), where the device has the shape and its
     /// 16×8 layout was measured to be ``CooperativeMatrixLayout/nvidiaMMANarrow`` (H200: causal
     /// D=64 +2%, document +3%).
-    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false) throws -> ShaderSource {
+    ///
+    /// `floatIndices`: the score-mod may take its index sums from float indices (`VKF_FLOAT_INDICES`;
+    /// exact for lengths up to 2^22).
+    static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false,
+                              floatIndices: Bool = true) throws -> ShaderSource {
         var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                               .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
                                               .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0"),
-                                              .init("VKF_K8", narrowK ? "1" : "0")]
+                                              .init("VKF_K8", narrowK ? "1" : "0"), .init("VKF_FLOAT_INDICES", floatIndices ? "1" : "0")]
         // Up to D = 64 (two steps per staged tile), every step is computed and O rescaled at each:
         // no second version of O to merge (H200: causal D=64 +4%, ALiBi +7%; at D = 128 the
         // driver spilled).
@@ -384,7 +388,7 @@ enum ForwardKernel {
     }
 
     /// Builds (or finds in the caches) the pipeline for a call's head dims, dtype, mods and
-    /// kernel; batch, heads and lengths do not enter it.
+    /// kernel; batch and heads do not enter it, nor lengths below 2^22 (see `floatIndices`).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
                         device: Device) throws -> Prepared {
         let caps = device.capabilities
@@ -408,7 +412,8 @@ enum ForwardKernel {
             (BQ, BKV, WG) = (t.BQ, t.BKV, 32 * t.NSG)
             let rawMax = identity && scale > 0
             let narrowK = CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false
-            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity, narrowK: narrowK)
+            source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity, narrowK: narrowK,
+                                       floatIndices: max(s.Lq, s.Lkv) <= 1 << 22)
         }
         let push = pushesParams(device)
         source = withParams(source, push: push)

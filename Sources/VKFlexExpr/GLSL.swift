@@ -77,6 +77,21 @@ public enum GLSLEmitter {
                 text.append(contentsOf: body.lines)
                 text.append("    return \(float ? body.asFloat(v) : v.code);")
                 text.append("}")
+                if signature.hasPrefix("float score_mod(") {
+                    // The same score_mod with index sums converted from float indices, for
+                    // templates that can supply them without a conversion per score.
+                    var fbody = FunctionEmitter(captures: caps, prologue: prologue)
+                    fbody.floatIndices = true
+                    let fv = try fbody.value(graph)
+                    let result = fbody.asFloat(fv)
+                    if fbody.usesFloatIndices || result.contains("q_f") || result.contains("kv_f") {
+                        text.append("#define VKF_HAS_SCORE_MOD_F 1")
+                        text.append("float score_mod_f(float score, int b, int h, int q_idx, int kv_idx, float q_f, float kv_f) {")
+                        text.append(contentsOf: fbody.lines)
+                        text.append("    return \(result);")
+                        text.append("}")
+                    }
+                }
             }
             text.append("#define VKF_PURE_MODS \(pure ? 1 : 0)")
             return text
@@ -209,9 +224,21 @@ struct FunctionEmitter {
     struct Value {
         var code: String
         var type: ScalarType
-        /// For int literals: the same constant written as a float.
+        /// For int literals: the same constant written as a float. With `floatIndices`, also for
+        /// sums and differences of `q_idx`, `kv_idx` and small literals: the same value computed
+        /// in float from `q_f` and `kv_f`, which is exact (see `floatIndices`).
         var floatCode: String? = nil
+        /// The number of index and literal terms in `floatCode` (0: not such a sum).
+        var terms = 0
     }
+    /// Index sums take their float form from the float arguments `q_f` and `kv_f` (the kernel's
+    /// `score_mod_f`): `float(kv_idx - q_idx)` becomes `(kv_f - q_f)`, no int-to-float conversion
+    /// per score. Exact while every term and partial sum stays below 2^24: the sums have at most
+    /// four terms, literals at most 2^20 in magnitude, and the kernel takes this form only for
+    /// lengths up to 2^22.
+    var floatIndices = false
+    /// Whether the emitted lines use the float indices.
+    var usesFloatIndices: Bool { lines.contains { $0.contains("q_f") || $0.contains("kv_f") } }
     let captures: [CaptureInfo]
     var lines: [String] = []
     var memo: [Expr: Value] = [:]
@@ -235,14 +262,23 @@ struct FunctionEmitter {
 
     func asFloat(_ v: Value) -> String { v.type == .float ? v.code : v.floatCode ?? "float(\(v.code))" }
 
+    /// The float form of an index sum `a op b` (op + or -), when both are such sums.
+    private func indexSum(_ a: Value, _ op: BinaryOp, _ b: Value) -> (String, Int)? {
+        guard floatIndices, a.terms > 0, b.terms > 0, a.terms + b.terms <= 4, let fa = a.floatCode, let fb = b.floatCode else { return nil }
+        return ("(\(fa) \(op.rawValue) \(fb))", a.terms + b.terms)
+    }
+
     mutating func value(_ e: Expr) throws -> Value {
         if let v = memo[e] { return v }
         if let prologue, e.isHeadInvariant, !e.isLeaf { return try prologue.value(e) }
         if let rowColumn, !e.isLeaf, let side = e.rowColumnSide { return try rowColumn.value(e, side) }
-        let v: Value
+        var v: Value
         switch e {
-        case .arg(let a): return Value(code: a.rawValue, type: a == .score ? .float : .int)
-        case .int(let x): return Value(code: GLSLEmitter.intLiteral(x), type: .int, floatCode: GLSLEmitter.floatLiteral(Double(x)))
+        case .arg(let a):
+            if floatIndices && (a == .q || a == .kv) { return Value(code: a.rawValue, type: .int, floatCode: a == .q ? "q_f" : "kv_f", terms: 1) }
+            return Value(code: a.rawValue, type: a == .score ? .float : .int)
+        case .int(let x):
+            return Value(code: GLSLEmitter.intLiteral(x), type: .int, floatCode: GLSLEmitter.floatLiteral(Double(x)), terms: abs(Int(x)) <= 1 << 20 ? 1 : 0)
         case .float(let x): return Value(code: GLSLEmitter.floatLiteral(x), type: .float)
         case .bool(let x): return Value(code: x ? "true" : "false", type: .bool)
         case .invalid(let m): throw ExprTypeError(m)
@@ -250,7 +286,9 @@ struct FunctionEmitter {
             let a = try value(x)
             let t = try Expr.unaryType(op, a.type)
             switch op {
-            case .neg: v = Value(code: "(-\(a.code))", type: t)
+            case .neg:
+                v = Value(code: "(-\(a.code))", type: t)
+                if floatIndices, a.terms > 0, let fa = a.floatCode { v.floatCode = "(-\(fa))"; v.terms = a.terms }
             case .not: v = Value(code: "(!\(a.code))", type: .bool)
             case .bitNot: v = Value(code: t == .bool ? "(!\(a.code))" : "(~\(a.code))", type: t)
             }
@@ -262,6 +300,7 @@ struct FunctionEmitter {
             switch op {
             case .add, .sub, .mul:
                 v = Value(code: bothInt ? "(\(a.code) \(op.rawValue) \(b.code))" : "(\(fa) \(op.rawValue) \(fb))", type: t)
+                if bothInt, op != .mul, let (code, terms) = indexSum(a, op, b) { v.floatCode = code; v.terms = terms }
             case .div: v = Value(code: "(\(fa) / \(fb))", type: .float)
             case .floorDiv: v = Value(code: bothInt ? "vkf_floordiv(\(a.code), \(b.code))" : "floor(\(fa) / \(fb))", type: t)
             case .mod: v = Value(code: bothInt ? "vkf_mod(\(a.code), \(b.code))" : "vkf_fmod(\(fa), \(fb))", type: t)
@@ -278,16 +317,23 @@ struct FunctionEmitter {
                 v = Value(code: same ? "(\(a.code) \(op.rawValue) \(b.code))" : "(\(fa) \(op.rawValue) \(fb))", type: .bool)
             case .min, .max:
                 v = Value(code: bothInt ? "\(op == .min ? "min" : "max")(\(a.code), \(b.code))" : "\(op == .min ? "min" : "max")(\(fa), \(fb))", type: t)
+                if floatIndices, bothInt, a.terms > 0, b.terms > 0 { v.floatCode = "\(op == .min ? "min" : "max")(\(fa), \(fb))"; v.terms = max(a.terms, b.terms) }
             }
         case .call(let f, let args):
             let vs = try args.map { try value($0) }
             let t = try Expr.callType(f, vs.map(\.type))
             switch f {
-            case .abs: v = Value(code: "abs(\(t == .int ? vs[0].code : asFloat(vs[0])))", type: t)
+            case .abs:
+                v = Value(code: "abs(\(t == .int ? vs[0].code : asFloat(vs[0])))", type: t)
+                if floatIndices, t == .int, vs[0].terms > 0 { v.floatCode = "abs(\(asFloat(vs[0])))"; v.terms = vs[0].terms }
             case .floor: v = t == .int ? vs[0] : Value(code: "floor(\(vs[0].code))", type: .float)
             case .clamp:
                 let c = t == .int ? vs.map(\.code) : vs.map { asFloat($0) }
                 v = Value(code: "min(max(\(c[0]), \(c[1])), \(c[2]))", type: t)
+                if floatIndices, t == .int, vs.allSatisfy({ $0.terms > 0 }) {
+                    let f = vs.map { asFloat($0) }
+                    v.floatCode = "min(max(\(f[0]), \(f[1])), \(f[2]))"; v.terms = vs.map(\.terms).max()!
+                }
             case .tanh: v = Value(code: "vkf_tanh(\(asFloat(vs[0])))", type: .float)
             case .sigmoid: v = Value(code: "vkf_sigmoid(\(asFloat(vs[0])))", type: .float)
             default: v = Value(code: "\(f.rawValue)(\(asFloat(vs[0])))", type: .float)
@@ -312,7 +358,7 @@ struct FunctionEmitter {
         } else {
             lines.append("    \(glslType) \(name) = \(v.code);")
         }
-        let named = Value(code: name, type: v.type)
+        let named = Value(code: name, type: v.type, floatCode: v.terms > 0 ? v.floatCode : nil, terms: v.terms)
         memo[e] = named
         return named
     }

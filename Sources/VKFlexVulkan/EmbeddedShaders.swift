@@ -564,6 +564,19 @@ layout(local_size_x = 32 * NSG) in;
 #define OUT_T float16_t
 #include "flex_attention_common.glsl"
 
+// VKF_FLOAT_INDICES (host: lengths up to 2^22): where the splice offers score_mod_f, the score-mod
+// takes its sums of indices (ALiBi's kv_idx - q_idx) from float indices kept per row and per tile,
+// with no int-to-float conversion per score (a quarter-rate instruction, like exp2). Exact: both
+// forms are the same integers below 2^24.
+#ifndef VKF_FLOAT_INDICES
+#define VKF_FLOAT_INDICES 0
+#endif
+#if defined(VKF_HAS_SCORE_MOD_F) && VKF_FLOAT_INDICES
+#define SCORE_MOD(s, q, kv, qf, kvf) score_mod_f(s, g_b, g_h, q, kv, qf, kvf)
+#else
+#define SCORE_MOD(s, q, kv, qf, kvf) score_mod(s, g_b, g_h, q, kv)
+#endif
+
 // VKF_SELECT_CHECKS: on tiles that need range and mask checks, evaluate the mods on every element
 // and select, where the mods allow it (VKF_PURE_MODS, from the splice: no loads, no reports).
 // Branching per element (set to 0 to compare) was slower where partial tiles are common (H200,
@@ -621,6 +634,7 @@ bool g_allrows;                 // every row of this subgroup is inside the quer
 vkf_mrow_t g_mrv[RPW][2];       // the mask's per-row values of this lane's rows
 #endif
 float g_c;                      // scale * log2(e)
+float g_fq[RPW];                // this lane's first query row of each row block, as a float (SCORE_MOD)
 
 // Tiles are walked by a cursor (blk, sub): sub-tile sub of the blk-th block of this row of
 // blocks, full blocks first, then partial ones. Stepping it needs no division.
@@ -687,6 +701,7 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #endif
     // Whole tile inside the keys, the rows and a full block: no element needs a check.
     const bool clean = kn == BKV && g_allrows && pass == 0;
+    const float fk0 = float(k0 + g_lane_c);   // this lane's first key as a float (SCORE_MOD)
     float al[RPW][2], mx[RPW][2];   // alpha per row; this lane's share of each row's tile maximum
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const int rbase = row_base(rb);
@@ -696,7 +711,8 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                 [[unroll]] for (int e = 0; e < 8; ++e) {
                     float s = acc[rb][c][e];
 #if !VKF_RAW_MAX
-                    s = score_mod(s * p.scale, g_b, g_h, g_q0 + rbase + g_lane_r + 8 * EL_HI(e), k0 + c * 16 + g_lane_c + EL_COL(e)) * LOG2E;
+                    s = SCORE_MOD(s * p.scale, g_q0 + rbase + g_lane_r + 8 * EL_HI(e), k0 + c * 16 + g_lane_c + EL_COL(e),
+                                  g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e))) * LOG2E;
                     acc[rb][c][e] = s;
 #endif
                     if (EL_HI(e) == 0) mx0 = max(mx0, s); else mx1 = max(mx1, s);
@@ -723,7 +739,7 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                     // become selects: no branch per element.
                     float s = acc[rb][c][e];
 #if !VKF_RAW_MAX
-                    s = score_mod(s * p.scale, g_b, g_h, g_q0 + r, k0 + j) * LOG2E;
+                    s = SCORE_MOD(s * p.scale, g_q0 + r, k0 + j, g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e))) * LOG2E;
 #endif
                     bool keep = r < g_rows && j < kn;
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
@@ -739,7 +755,7 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                     if (r < g_rows && j < kn) {
                         s = acc[rb][c][e];
 #if !VKF_RAW_MAX
-                        s = score_mod(s * p.scale, g_b, g_h, g_q0 + r, k0 + j) * LOG2E;
+                        s = SCORE_MOD(s * p.scale, g_q0 + r, k0 + j, g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e))) * LOG2E;
 #endif
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                         if (pass == 1 && !mask_mod_rc(g_b, g_h, g_q0 + r, k0 + j, g_mrv[rb][EL_HI(e)], mc[c][(e & 1) + 2 * ((e >> 1) & 1)])) s = NEG_INF;
@@ -891,6 +907,7 @@ void main() {
     g_b = b; g_h = h; g_q0 = q0; g_rows = rows;
     g_allrows = row_base(RPW - 1) + 16 <= rows;
     g_c = p.scale * LOG2E;
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb) g_fq[rb] = float(q0 + row_base(rb) + g_lane_r);
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         fm[rb][0] = -1e30; fm[rb][1] = -1e30; fl[rb][0] = 0.0; fl[rb][1] = 0.0;
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[rb][dd] = FRAG32(0.0);

@@ -164,6 +164,40 @@ final class GLSLTests: XCTestCase {
         XCTAssertEqual(try pure(nil, MaskMod { _, _, q, kv in q % (kv + 1) == 0 }), [false])
     }
 
+    /// `score_mod_f` converts sums of indices from the kernel's float indices, not per score.
+    func testIndexSumsConvertFromFloatIndices() throws {
+        let slopes = HostTensor(name: "slopes", float32: [0.5, 0.25], shape: [2])
+        let alibi = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, h, q, kv in s + (kv - q) * slopes[h] }.graph, maskMod: nil,
+                                         firstBinding: 6, errorBinding: 5).source
+        XCTAssertTrue(alibi.contains("""
+        #define VKF_HAS_SCORE_MOD_F 1
+        float score_mod_f(float score, int b, int h, int q_idx, int kv_idx, float q_f, float kv_f) {
+            int t0 = (kv_idx - q_idx);
+            float t1 = ((kv_f - q_f) * vkf_bh0);
+        """), alibi)
+        // Literals join the sum; a product does not (it could leave float's exact integers).
+        let shifted = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s - abs(q - kv + 3) }.graph, maskMod: nil,
+                                           firstBinding: 6, errorBinding: 5).source
+        XCTAssertTrue(shifted.contains("float t3 = (score - abs(((q_f - kv_f) + 3.0)));"), shifted)
+        let clamped = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + clamp(kv - q, -64, 64) }.graph, maskMod: nil,
+                                           firstBinding: 6, errorBinding: 5).source
+        XCTAssertTrue(clamped.contains("(score + min(max((kv_f - q_f), (-64.0)), 64.0))"), clamped)
+        let product = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + q * kv }.graph, maskMod: nil,
+                                           firstBinding: 6, errorBinding: 5).source
+        XCTAssertFalse(product.contains("score_mod_f"), product)
+        // Soft-capping has no index to convert: no second function.
+        let softcap = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }.graph, maskMod: nil,
+                                           firstBinding: 6, errorBinding: 5).source
+        XCTAssertFalse(softcap.contains("score_mod_f"), softcap)
+        // Five terms or a literal past 2^20 keep the conversion.
+        let long = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + (q - kv + q - kv + q) }.graph, maskMod: nil,
+                                        firstBinding: 6, errorBinding: 5).source
+        XCTAssertFalse(long.contains("score_mod_f"), long)
+        let big = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + (kv - q + 2_000_000) }.graph, maskMod: nil,
+                                       firstBinding: 6, errorBinding: 5).source
+        XCTAssertFalse(big.contains("score_mod_f"), big)
+    }
+
     func testLiteralsAreLocaleFreeAndHandleInfNan() {
         XCTAssertEqual(GLSLEmitter.floatLiteral(0.1), "0.1")
         XCTAssertEqual(GLSLEmitter.floatLiteral(20), "20.0")

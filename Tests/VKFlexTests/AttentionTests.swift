@@ -258,7 +258,7 @@ extension AttentionTests {
                     // than lavapipe's 128 bytes, so only the H200 runs that form).
                     for narrowK in [false, true] {
                         let source = ForwardKernel.withParams(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil,
-                                                                                              narrowK: narrowK),
+                                                                                              narrowK: narrowK, floatIndices: narrowK),
                                                               push: narrowK)
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
