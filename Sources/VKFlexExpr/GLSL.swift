@@ -84,7 +84,7 @@ public enum GLSLEmitter {
                     fbody.floatIndices = true
                     let fv = try fbody.value(graph)
                     let result = fbody.asFloat(fv)
-                    if fbody.usesFloatIndices || result.contains("q_f") || result.contains("kv_f") {
+                    if fbody.usesFloatIndices(result: result) {
                         text.append("#define VKF_HAS_SCORE_MOD_F 1")
                         text.append("float score_mod_f(float score, int b, int h, int q_idx, int kv_idx, float q_f, float kv_f) {")
                         text.append(contentsOf: fbody.lines)
@@ -237,8 +237,8 @@ struct FunctionEmitter {
     /// four terms, literals at most 2^20 in magnitude, and the kernel takes this form only for
     /// lengths up to 2^22.
     var floatIndices = false
-    /// Whether the emitted lines use the float indices.
-    var usesFloatIndices: Bool { lines.contains { $0.contains("q_f") || $0.contains("kv_f") } }
+    /// Whether the emitted lines, or a result expression, use the float indices.
+    func usesFloatIndices(result: String) -> Bool { (lines + [result]).contains { $0.contains("q_f") || $0.contains("kv_f") } }
     let captures: [CaptureInfo]
     var lines: [String] = []
     var memo: [Expr: Value] = [:]
