@@ -33,6 +33,13 @@ layout(local_size_x = WG) in;
 
 // Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
 // the same dimension hit different banks.
+// With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
+// its constants), and the score is not multiplied by log2(e) afterwards.
+#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
+#define SCORE_IN_L2 1
+#else
+#define SCORE_IN_L2 0
+#endif
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
 // Row stride of the score tile: odd, so that rows read at the same key hit different banks.
@@ -125,7 +132,11 @@ void main() {
                             s = dots[a] * p.scale;
                             int qi = q0 + r, ki = k0 + j;
 #if VKF_HAS_SCORE_MOD
+#if SCORE_IN_L2
+                            s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#else
                             s = score_mod(s, b, h, qi, ki);
+#endif
 #endif
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                             if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[a], mc)) s = NEG_INF;
@@ -133,7 +144,7 @@ void main() {
                             if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                         }
-                        Ss[r * SST + j] = s * LOG2E;
+                        Ss[r * SST + j] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                     }
                 }
 #else
@@ -146,13 +157,17 @@ void main() {
                         s = dot * p.scale;
                         int qi = q0 + r, ki = k0 + j;
 #if VKF_HAS_SCORE_MOD
+#if SCORE_IN_L2
+                        s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#else
                         s = score_mod(s, b, h, qi, ki);
+#endif
 #endif
 #if VKF_HAS_MASK_MOD
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                     }
-                    Ss[r * SST + j] = s * LOG2E;
+                    Ss[r * SST + j] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                 }
 #endif
                 barrier();

@@ -72,17 +72,28 @@ public enum ModEvaluator {
         public var mask: [Bool]
     }
 
+    /// Which form of the score-mod fills `Result.scores`.
+    public enum ScoreForm: Int32, Sendable {
+        /// `score_mod` itself.
+        case plain = 0
+        /// `score_mod` times log2(e), through `score_mod_l2` where the emitter wrote one (the
+        /// form the attention kernels take before their `exp2`).
+        case log2 = 1
+        /// The same through `score_mod_l2f`, with float indices, where the emitter wrote one.
+        case log2FloatIndices = 2
+    }
+
     struct Key: Hashable, Sendable { let source: String }
 
     /// Evaluates `score` (on the given `scores`) and `mask` over the grid.
     public static func evaluate(score: ScoreMod?, mask: MaskMod?, B: Int, H: Int, Q: Int, KV: Int,
-                                scores: [Float], device: Device) throws -> Result {
+                                scores: [Float], form: ScoreForm = .plain, device: Device) throws -> Result {
         let n = B * H * Q * KV
         guard scores.count == n, n > 0 else { throw FlexError("need \(n) scores for the grid, got \(scores.count)") }
         let mods = try SplicedMods(score: score, mask: mask, firstBinding: 5, errorBinding: 4, device: device)
         let pipeline = try device.pipeline(for: Key(source: mods.glsl.source)) {
             PipelineDescription(source: ShaderSource(name: "mod_eval", text: try ShaderLibrary.standard.text("mod_eval.comp")),
-                                bindingCount: 5 + mods.tensors.count, pushConstantSize: 16, includes: mods.includes)
+                                bindingCount: 5 + mods.tensors.count, pushConstantSize: 20, includes: mods.includes)
         }
         let input = try device.makeBuffer(bytes: n * 4)
         try input.upload(scores)
@@ -91,7 +102,7 @@ public enum ModEvaluator {
         let bindings = [BufferBinding(input), BufferBinding(outScore, writes: true), BufferBinding(outGrad, writes: true),
                         BufferBinding(outMask, writes: true), BufferBinding(errors, writes: true)] + mods.captureBindings()
         try device.record { rec in
-            try rec.dispatch(pipeline, bindings: bindings, pushConstants: pushBytes(UInt32(B), UInt32(H), UInt32(Q), UInt32(KV)),
+            try rec.dispatch(pipeline, bindings: bindings, pushConstants: pushBytes(UInt32(B), UInt32(H), UInt32(Q), UInt32(KV), UInt32(form.rawValue)),
                              groups: ((n + 63) / 64, 1, 1))
         }
         try mods.check(errors: errors)

@@ -91,6 +91,7 @@ public enum GLSLEmitter {
                         text.append("    return \(result);")
                         text.append("}")
                     }
+                    text.append(contentsOf: try log2Functions(graph, prologue: prologue))
                 }
             }
             text.append("#define VKF_PURE_MODS \(pure ? 1 : 0)")
@@ -102,6 +103,29 @@ public enum GLSLEmitter {
         // The mask's work that depends on the query row but not the key (doc[q_idx]), or on the
         // key but not the row, goes into vkf_mrow / vkf_mcol (VKF_HAS_MASK_RC), which templates
         // that walk fragments evaluate once per row and per key column.
+        // score_mod times log2(e), for templates that take exp2 of it (VKF_HAS_SCORE_MOD_L2,
+        // and ...L2F with the float indices): the factor goes into literals and hoisted
+        // head-invariant factors, and the template passes score * log2(e) as score_l2, so an
+        // additive bias (ALiBi) or a capped score costs no multiplication by log2(e) per score.
+        // Emitted only where that saves the multiplication.
+        func log2Functions(_ graph: Expr, prologue: Prologue?) throws -> [String] {
+            guard scoreMod != nil, graph != .arg(.score) else { return [] }
+            var text: [String] = []
+            for floatIndices in [false, true] {
+                var body = FunctionEmitter(captures: caps, prologue: prologue)
+                body.floatIndices = floatIndices
+                let (code, folded) = try body.log2Value(graph)
+                guard folded, !floatIndices || body.usesFloatIndices(result: code) else { continue }
+                let suffix = floatIndices ? "F" : ""
+                text.append("#define VKF_HAS_SCORE_MOD_L2\(suffix) 1")
+                text.append("float score_mod_l2\(suffix.lowercased())(float score, float score_l2, int b, int h, int q_idx, int kv_idx"
+                            + (floatIndices ? ", float q_f, float kv_f) {" : ") {"))
+                text.append(contentsOf: body.lines)
+                text.append("    return \(code);")
+                text.append("}")
+            }
+            return text
+        }
         let prologue = Prologue(captures: caps)
         let rowColumn = RowColumn(captures: caps, prologue: prologue)
         var hoisted = try functions(prologue: prologue, rowColumn: rowColumn)
@@ -261,6 +285,60 @@ struct FunctionEmitter {
     }
 
     func asFloat(_ v: Value) -> String { v.type == .float ? v.code : v.floatCode ?? "float(\(v.code))" }
+
+    /// log2(e), by which the templates scale scores before their exp2.
+    static let log2e = 1.4426950408889634
+
+    /// GLSL for the node times log2(e) (`score_mod_l2`): `score` times log2(e) is the argument
+    /// `score_l2`, and the factor distributes over float sums, differences, negations, minima,
+    /// maxima and selects into literals and head-invariant factors (which the prologue hoists),
+    /// so `score + slope[h] * (kv_idx - q_idx)` becomes `score_l2 + vkf_bh1 * (kv_f - q_f)` with
+    /// `vkf_bh1 = slope[h] * log2(e)` once per head. `folded` is false where the result is only
+    /// the node times log2(e). Integer nodes are never distributed over (their wrap-around
+    /// arithmetic is not the float one).
+    mutating func log2Value(_ e: Expr) throws -> (code: String, folded: Bool) {
+        let log2e = GLSLEmitter.floatLiteral(Self.log2e)
+        func plain() throws -> (String, Bool) { ("(\(asFloat(try value(e))) * \(log2e))", false) }
+        // A head-invariant factor times log2(e): folded for literals, else a hoisted product.
+        func factor(_ k: Expr) throws -> String {
+            switch k {
+            case .float(let x): return GLSLEmitter.floatLiteral(x * Self.log2e)
+            case .int(let x): return GLSLEmitter.floatLiteral(Double(x) * Self.log2e)
+            default: return asFloat(try value(.binary(.mul, k, .float(Self.log2e))))
+            }
+        }
+        if case .arg(.score) = e { return ("score_l2", true) }
+        if e.isHeadInvariant { return (try factor(e), true) }
+        guard try e.type() == .float else { return try plain() }
+        switch e {
+        case .unary(.neg, let x):
+            let a = try log2Value(x)
+            return a.folded ? ("(-\(a.code))", true) : try plain()
+        case .binary(let op, let x, let y) where [.add, .sub, .min, .max].contains(op):
+            let a = try log2Value(x), b = try log2Value(y)
+            guard a.folded || b.folded else { return try plain() }
+            switch op {
+            case .min, .max: return ("\(op == .min ? "min" : "max")(\(a.code), \(b.code))", true)
+            default: return ("(\(a.code) \(op.rawValue) \(b.code))", true)
+            }
+        case .binary(.mul, let x, let y) where x.isHeadInvariant || y.isHeadInvariant:
+            let (k, v) = x.isHeadInvariant ? (x, y) : (y, x)
+            if v.arguments.contains(.score) {
+                let l = try log2Value(v)
+                if l.folded { return ("(\(asFloat(try value(k))) * \(l.code))", true) }
+            }
+            return ("(\(try factor(k)) * \(asFloat(try value(v))))", true)
+        case .binary(.div, let x, let y) where y.isHeadInvariant:
+            let a = try log2Value(x)
+            return a.folded ? ("(\(a.code) / \(asFloat(try value(y))))", true) : try plain()
+        case .select(let c, let x, let y):
+            let a = try log2Value(x), b = try log2Value(y)
+            guard a.folded || b.folded else { return try plain() }
+            return ("(\(try value(c).code) ? \(a.code) : \(b.code))", true)
+        default:
+            return try plain()
+        }
+    }
 
     /// The float form of an index sum `a op b` (op + or -), when both are such sums.
     private func indexSum(_ a: Value, _ op: BinaryOp, _ b: Value) -> (String, Int)? {

@@ -245,6 +245,13 @@ layout(local_size_x = WG) in;
 
 // Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
 // the same dimension hit different banks.
+// With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
+// its constants), and the score is not multiplied by log2(e) afterwards.
+#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
+#define SCORE_IN_L2 1
+#else
+#define SCORE_IN_L2 0
+#endif
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
 // Row stride of the score tile: odd, so that rows read at the same key hit different banks.
@@ -337,7 +344,11 @@ void main() {
                             s = dots[a] * p.scale;
                             int qi = q0 + r, ki = k0 + j;
 #if VKF_HAS_SCORE_MOD
+#if SCORE_IN_L2
+                            s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#else
                             s = score_mod(s, b, h, qi, ki);
+#endif
 #endif
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                             if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[a], mc)) s = NEG_INF;
@@ -345,7 +356,7 @@ void main() {
                             if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                         }
-                        Ss[r * SST + j] = s * LOG2E;
+                        Ss[r * SST + j] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                     }
                 }
 #else
@@ -358,13 +369,17 @@ void main() {
                         s = dot * p.scale;
                         int qi = q0 + r, ki = k0 + j;
 #if VKF_HAS_SCORE_MOD
+#if SCORE_IN_L2
+                        s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#else
                         s = score_mod(s, b, h, qi, ki);
+#endif
 #endif
 #if VKF_HAS_MASK_MOD
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                     }
-                    Ss[r * SST + j] = s * LOG2E;
+                    Ss[r * SST + j] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                 }
 #endif
                 barrier();
@@ -542,6 +557,19 @@ void main() {
 #ifndef VKF_ALWAYS_RESCALE
 #define VKF_ALWAYS_RESCALE 0
 #endif
+// VKF_MMA_ROWSUM (with VKF_K8): the row sums of P by a product with a ones matrix (16x8x16, into a
+// 16x8 accumulator per row block whose every column holds its rows' sums) instead of an add per
+// element and two shuffles per row at the end; l then sums the fp16 P that O is built from.
+// (H200, seed suite, two runs each: full D=64 218.8 / 218.7 -> 221.1 / 220.9 TFLOP/s, ALiBi
+// 180.9 / 180.3 -> 183.7 / 186.3, causal D=128 190.4 / 193.3 -> 192.9 / 194.5, soft-cap
+// 161.6 / 160.5 -> 159.9 / 159.9.)
+#ifndef VKF_MMA_ROWSUM
+#define VKF_MMA_ROWSUM 1
+#endif
+#if !VKF_K8
+#undef VKF_MMA_ROWSUM
+#define VKF_MMA_ROWSUM 0
+#endif
 // VKF_SPEC_MAX: the row reductions of the tile maximum only where a lane's own scores need them
 // (H200, causal: D=64 175.8 -> 179.3 TFLOP/s, D=128 154.3 -> 158.6 with VKF_REVERSE_TILES).
 #ifndef VKF_SPEC_MAX
@@ -571,10 +599,20 @@ layout(local_size_x = 32 * NSG) in;
 #ifndef VKF_FLOAT_INDICES
 #define VKF_FLOAT_INDICES 0
 #endif
-#if defined(VKF_HAS_SCORE_MOD_F) && VKF_FLOAT_INDICES
-#define SCORE_MOD(s, q, kv, qf, kvf) score_mod_f(s, g_b, g_h, q, kv, qf, kvf)
+// SCORE_L2: the score-mod of the raw product s (before the scale), in log2 units. Where the splice
+// offers score_mod_l2 (VKF_LOG2_MODS, default on), log2(e) is folded into the mod's constants
+// and the scaled score (score_l2 = s * scale * log2(e)), not multiplied per score afterwards.
+#ifndef VKF_LOG2_MODS
+#define VKF_LOG2_MODS 1
+#endif
+#if VKF_LOG2_MODS && defined(VKF_HAS_SCORE_MOD_L2F) && VKF_FLOAT_INDICES
+#define SCORE_L2(s, q, kv, qf, kvf) score_mod_l2f((s) * p.scale, (s) * g_c, g_b, g_h, q, kv, qf, kvf)
+#elif VKF_LOG2_MODS && defined(VKF_HAS_SCORE_MOD_L2)
+#define SCORE_L2(s, q, kv, qf, kvf) score_mod_l2((s) * p.scale, (s) * g_c, g_b, g_h, q, kv)
+#elif defined(VKF_HAS_SCORE_MOD_F) && VKF_FLOAT_INDICES
+#define SCORE_L2(s, q, kv, qf, kvf) (score_mod_f((s) * p.scale, g_b, g_h, q, kv, qf, kvf) * LOG2E)
 #else
-#define SCORE_MOD(s, q, kv, qf, kvf) score_mod(s, g_b, g_h, q, kv)
+#define SCORE_L2(s, q, kv, qf, kvf) (score_mod((s) * p.scale, g_b, g_h, q, kv) * LOG2E)
 #endif
 
 // VKF_SELECT_CHECKS: on tiles that need range and mask checks, evaluate the mods on every element
@@ -628,6 +666,9 @@ FRAG16 qf[RPW][D / 16];
 FRAG32 of[RPW][DV / 16];
 FRAG16 pf[RPW][BKV / 16];      // P of the current tile, as fp16 operands
 float fm[RPW][2], fl[RPW][2];   // running max (log2 domain) and this lane's share of the row sum
+#if VKF_MMA_ROWSUM
+FRAG32N lsum[RPW];              // the row sums (VKF_MMA_ROWSUM): elements 0 and 2 are rows l/4 and l/4 + 8
+#endif
 int g_b, g_h, g_q0, g_rows, g_sg, g_lane_r, g_lane_c, g_mrow, g_nfull, g_npart, g_tiles_per_kvb, g_koff, g_voff;
 bool g_allrows;                 // every row of this subgroup is inside the query range
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
@@ -711,8 +752,8 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                 [[unroll]] for (int e = 0; e < 8; ++e) {
                     float s = acc[rb][c][e];
 #if !VKF_RAW_MAX
-                    s = SCORE_MOD(s * p.scale, g_q0 + rbase + g_lane_r + 8 * EL_HI(e), k0 + c * 16 + g_lane_c + EL_COL(e),
-                                  g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e))) * LOG2E;
+                    s = SCORE_L2(s, g_q0 + rbase + g_lane_r + 8 * EL_HI(e), k0 + c * 16 + g_lane_c + EL_COL(e),
+                                 g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e)));
                     acc[rb][c][e] = s;
 #endif
                     if (EL_HI(e) == 0) mx0 = max(mx0, s); else mx1 = max(mx1, s);
@@ -739,7 +780,7 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                     // become selects: no branch per element.
                     float s = acc[rb][c][e];
 #if !VKF_RAW_MAX
-                    s = SCORE_MOD(s * p.scale, g_q0 + r, k0 + j, g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e))) * LOG2E;
+                    s = SCORE_L2(s, g_q0 + r, k0 + j, g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e)));
 #endif
                     bool keep = r < g_rows && j < kn;
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
@@ -755,7 +796,7 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                     if (r < g_rows && j < kn) {
                         s = acc[rb][c][e];
 #if !VKF_RAW_MAX
-                        s = SCORE_MOD(s * p.scale, g_q0 + r, k0 + j, g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e))) * LOG2E;
+                        s = SCORE_L2(s, g_q0 + r, k0 + j, g_fq[rb] + float(8 * EL_HI(e)), fk0 + float(c * 16 + EL_COL(e)));
 #endif
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                         if (pass == 1 && !mask_mod_rc(g_b, g_h, g_q0 + r, k0 + j, g_mrv[rb][EL_HI(e)], mc[c][(e & 1) + 2 * ((e >> 1) & 1)])) s = NEG_INF;
@@ -803,7 +844,12 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                     [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= al[rb][EL_HI(e)];
             // l too, here: alpha then ends with the branch instead of living on with its two
             // versions (H200, D=128: causal 191.2 -> 194.7, full 191.5 -> 198.1 TFLOP/s).
+#if VKF_MMA_ROWSUM
+            [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+                [[unroll]] for (int e = 0; e < 4; ++e) lsum[rb][e] *= al[rb][e >> 1];
+#else
             [[unroll]] for (int rb = 0; rb < RPW; ++rb) { fl[rb][0] *= al[rb][0]; fl[rb][1] *= al[rb][1]; }
+#endif
         }
 #endif
     }
@@ -811,6 +857,10 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
     [[unroll]] for (int rb = 0; rb < RPW; ++rb)
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd)
             [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= al[rb][EL_HI(e)];
+#if VKF_MMA_ROWSUM
+    [[unroll]] for (int rb = 0; rb < RPW; ++rb)
+        [[unroll]] for (int e = 0; e < 4; ++e) lsum[rb][e] *= al[rb][e >> 1];
+#endif
 #endif
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const float m0 = fm[rb][0], m1 = fm[rb][1];
@@ -826,8 +876,10 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #endif
                 const f16vec2 ph = exp2(f16vec2(x));
                 pf[rb][c][e] = ph.x; pf[rb][c][e + 1] = ph.y;
+#if !VKF_MMA_ROWSUM
                 const vec2 pj = vec2(ph);
                 if (EL_HI(e) == 0) s0 += pj.x + pj.y; else s1 += pj.x + pj.y;
+#endif
             }
 #else
             [[unroll]] for (int e = 0; e < 8; ++e) {
@@ -838,12 +890,17 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
                 const float pj = exp2(acc[rb][c][e] - m);
 #endif
                 acc[rb][c][e] = pj;
+#if !VKF_MMA_ROWSUM
                 if (EL_HI(e) == 0) s0 += pj; else s1 += pj;
+#endif
             }
             pf[rb][c] = FRAG16(acc[rb][c]);
 #endif
         }
-#if !VKF_ALWAYS_RESCALE
+#if VKF_MMA_ROWSUM
+        const FRAG16N ones = FRAG16N(1.0);
+        [[unroll]] for (int c = 0; c < BKV / 16; ++c) lsum[rb] = coopMatMulAddNV(pf[rb][c], ones, lsum[rb]);
+#elif !VKF_ALWAYS_RESCALE
         fl[rb][0] += s0; fl[rb][1] += s1;   // scaled by alpha with O, above
 #else
         fl[rb][0] = fl[rb][0] * al[rb][0] + s0; fl[rb][1] = fl[rb][1] * al[rb][1] + s1;
@@ -910,6 +967,9 @@ void main() {
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) g_fq[rb] = float(q0 + row_base(rb) + g_lane_r);
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         fm[rb][0] = -1e30; fm[rb][1] = -1e30; fl[rb][0] = 0.0; fl[rb][1] = 0.0;
+#if VKF_MMA_ROWSUM
+        lsum[rb] = FRAG32N(0.0);
+#endif
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) of[rb][dd] = FRAG32(0.0);
     }
 
@@ -1036,10 +1096,14 @@ void main() {
     // this subgroup's part of the shared area, written with the output's strides; then the LSE.
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
+#if VKF_MMA_ROWSUM
+        fl[rb][0] = lsum[rb][0]; fl[rb][1] = lsum[rb][2];   // whole rows already
+#else
         [[unroll]] for (int i = 0; i < 2; ++i) {
             fl[rb][i] += subgroupShuffleXor(fl[rb][i], 1);
             fl[rb][i] += subgroupShuffleXor(fl[rb][i], 2);
         }
+#endif
         const float inv0 = fl[rb][0] > 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] > 0.0 ? 1.0 / fl[rb][1] : 0.0;
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
@@ -1109,6 +1173,8 @@ void main() {
 #version 450
 // Evaluates the spliced mods over an index grid [B, H, Q, KV] (row-major): score_mod on given
 // scores, its derivative, and mask_mod. Used to check generated code against the CPU interpreter.
+// form 1 and 2 give score_mod times log2(e) instead, through score_mod_l2 (2: score_mod_l2f, with
+// float indices) where the splice has it: the form the attention kernels take.
 #extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x = 64) in;
@@ -1116,7 +1182,7 @@ layout(std430, set = 0, binding = 0) readonly buffer Scores { float scores[]; };
 layout(std430, set = 0, binding = 1) writeonly buffer OutScore { float out_score[]; };
 layout(std430, set = 0, binding = 2) writeonly buffer OutGrad { float out_grad[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer OutMask { int out_mask[]; };
-layout(push_constant) uniform Push { int B; int H; int Q; int KV; } pc;
+layout(push_constant) uniform Push { int B; int H; int Q; int KV; int form; } pc;
 
 // Splice point: score_mod, score_mod_grad, mask_mod; error buffer at binding 4, captures from 5.
 #include "flex_mods.glsl"
@@ -1129,7 +1195,15 @@ void main() {
     int q = int((i / uint(pc.KV)) % uint(pc.Q));
     int h = int((i / (uint(pc.KV) * uint(pc.Q))) % uint(pc.H));
     int b = int(i / (uint(pc.KV) * uint(pc.Q) * uint(pc.H)));
-    out_score[i] = score_mod(scores[i], b, h, q, kv);
+    const float s = scores[i], log2e = 1.4426950408889634;
+    float r = score_mod(s, b, h, q, kv) * (pc.form != 0 ? log2e : 1.0);
+#ifdef VKF_HAS_SCORE_MOD_L2
+    if (pc.form == 1) r = score_mod_l2(s, s * log2e, b, h, q, kv);
+#endif
+#ifdef VKF_HAS_SCORE_MOD_L2F
+    if (pc.form == 2) r = score_mod_l2f(s, s * log2e, b, h, q, kv, float(q), float(kv));
+#endif
+    out_score[i] = r;
     out_grad[i] = score_mod_grad(scores[i], b, h, q, kv);
     out_mask[i] = mask_mod(b, h, q, kv) ? 1 : 0;
 }

@@ -60,8 +60,10 @@ final class GLSLTests: XCTestCase {
         #ifdef VKF_HOIST_BH
         #define VKF_HAS_PROLOGUE 1
         float vkf_bh0;
+        float vkf_bh1;
         void vkf_prologue(int b, int h) {
             vkf_bh0 = vkf_load0(h);
+            vkf_bh1 = (vkf_bh0 * 1.442695);
         }
         float score_mod(float score, int b, int h, int q_idx, int kv_idx) {
             int t0 = (kv_idx - q_idx);
@@ -196,6 +198,47 @@ final class GLSLTests: XCTestCase {
         let big = try GLSLEmitter.emit(scoreMod: ScoreMod { s, _, _, q, kv in s + (kv - q + 2_000_000) }.graph, maskMod: nil,
                                        firstBinding: 6, errorBinding: 5).source
         XCTAssertFalse(big.contains("score_mod_f"), big)
+    }
+
+    /// `score_mod_l2` folds log2(e) into literals and hoisted head factors where it distributes,
+    /// and is left out where it would only multiply at the end.
+    func testLog2FormFoldsTheFactorIntoConstants() throws {
+        func emit(_ m: ScoreMod) throws -> String {
+            try GLSLEmitter.emit(scoreMod: m.graph, maskMod: nil, firstBinding: 6, errorBinding: 5).source
+        }
+        let slopes = HostTensor(name: "slopes", float32: [0.5, 0.25], shape: [2])
+        let alibi = try emit(ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) })
+        XCTAssertTrue(alibi.contains("""
+        void vkf_prologue(int b, int h) {
+            vkf_bh0 = vkf_load0(h);
+            vkf_bh1 = (vkf_bh0 * 1.442695);
+        }
+        """), alibi)
+        XCTAssertTrue(alibi.contains("""
+        #define VKF_HAS_SCORE_MOD_L2F 1
+        float score_mod_l2f(float score, float score_l2, int b, int h, int q_idx, int kv_idx, float q_f, float kv_f) {
+            int t0 = (kv_idx - q_idx);
+            return (score_l2 + (vkf_bh1 * (kv_f - q_f)));
+        }
+        """), alibi)
+        // Without hoisting (templates that do not run one head per workgroup) the product is per call.
+        XCTAssertTrue(alibi.contains("""
+            float t0 = vkf_load0(h);
+            float t1 = (t0 * 1.442695);
+            int t2 = (kv_idx - q_idx);
+            return (score_l2 + (t1 * float(t2)));
+        """), alibi)
+        let softcap = try emit(ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) })
+        XCTAssertTrue(softcap.contains("    return (28.8539 * t1);"), softcap)
+        XCTAssertFalse(softcap.contains("score_mod_l2f"), softcap)   // no index to take as a float
+        let causal = try emit(ScoreMod { s, _, _, q, kv in select(q >= kv, s * 0.5, -Double.infinity) })
+        XCTAssertTrue(causal.contains("return (t0 ? (0.5 * score_l2) : (-uintBitsToFloat(0x7F800000u)));"), causal)
+        // Nothing to fold: a bias table times the score keeps score_mod * log2(e) in the kernel.
+        let table = HostTensor(name: "table", float32: [1, 2], shape: [2])
+        XCTAssertFalse(try emit(ScoreMod { s, _, _, q, _ in s * table[q] }).contains("score_mod_l2"))
+        // Integer arithmetic is not distributed over (wrap-around differs from float arithmetic).
+        let wrap = try emit(ScoreMod { s, _, _, q, kv in s + (q * 100000 * 100000 - kv) })
+        XCTAssertTrue(wrap.contains("return (score_l2 + (float(t2) * 1.442695));"), wrap)
     }
 
     func testLiteralsAreLocaleFreeAndHandleInfNan() {

@@ -87,6 +87,21 @@ final class ModGPUTests: FlexTestCase {
             }}}}
             XCTAssertEqual(bad, 0, "\(text)")
             XCTAssertEqual(badGrad, 0, "d/dscore \(text)")
+            // The log2 forms the attention kernels take (score_mod_l2, score_mod_l2f): score_mod
+            // times log2(e), with the factor folded into the mod's constants where it distributes.
+            for form in [ModEvaluator.ScoreForm.log2, .log2FloatIndices] {
+                let l2 = try ModEvaluator.evaluate(score: mod, mask: nil, B: B, H: H, Q: Q, KV: KV, scores: scores, form: form, device: device)
+                var i = 0, bad = 0
+                for b in 0..<B { for h in 0..<H { for q in 0..<Q { for kv in 0..<KV {
+                    let expected = cpu.float(score: Double(scores[i]), b: b, h: h, q: q, kv: kv) * 1.4426950408889634
+                    if !close(l2.scores[i], expected) {
+                        bad += 1
+                        if bad < 3 { XCTFail("\(text), \(form) at \(b),\(h),\(q),\(kv): GPU \(l2.scores[i]) CPU \(expected)") }
+                    }
+                    i += 1
+                }}}}
+                XCTAssertEqual(bad, 0, "\(text), \(form)")
+            }
         }
     }
 
