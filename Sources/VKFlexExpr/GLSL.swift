@@ -300,12 +300,26 @@ struct FunctionEmitter {
         let log2e = GLSLEmitter.floatLiteral(Self.log2e)
         func plain() throws -> (String, Bool) { ("(\(asFloat(try value(e))) * \(log2e))", false) }
         // A head-invariant factor times log2(e): folded for literals, else a hoisted product.
-        func factor(_ k: Expr) throws -> String {
-            switch k {
-            case .float(let x): return GLSLEmitter.floatLiteral(x * Self.log2e)
-            case .int(let x): return GLSLEmitter.floatLiteral(Double(x) * Self.log2e)
-            default: return asFloat(try value(.binary(.mul, k, .float(Self.log2e))))
+        func factor(_ k: Expr, _ f: Double = Self.log2e) throws -> String {
+            if let x = k.literalValue { return GLSLEmitter.floatLiteral(x * f) }
+            return asFloat(try value(.binary(.mul, k, .float(f))))
+        }
+        // k * tanh(a) * log2(e) as K - 2K / (exp2(2 log2(e) a) + 1) with K = k log2(e) (vkf_tanh's
+        // formula): the exp2 takes the factor, with the literal divisors and factors of a.
+        func tanh(_ k: Expr, _ a: Expr) throws -> String {
+            var (a, f) = (a, 2.0)
+            while true {
+                if case .binary(.div, let x, let c) = a, let d = c.literalValue, d != 0, d.isFinite { (a, f) = (x, f / d); continue }
+                if case .binary(.mul, let x, let y) = a {
+                    if let d = y.literalValue, d.isFinite { (a, f) = (x, f * d); continue }
+                    if let d = x.literalValue, d.isFinite { (a, f) = (y, f * d); continue }
+                }
+                break
             }
+            let l = try log2Value(a)
+            let argument = l.folded ? "(\(l.code) * \(GLSLEmitter.floatLiteral(f)))"
+                                    : "(\(asFloat(try value(a))) * \(GLSLEmitter.floatLiteral(f * Self.log2e)))"
+            return "(\(try factor(k)) - \(try factor(k, 2 * Self.log2e)) / (exp2(\(argument)) + 1.0))"
         }
         if case .arg(.score) = e { return ("score_l2", true) }
         if e.isHeadInvariant { return (try factor(e), true) }
@@ -321,8 +335,11 @@ struct FunctionEmitter {
             case .min, .max: return ("\(op == .min ? "min" : "max")(\(a.code), \(b.code))", true)
             default: return ("(\(a.code) \(op.rawValue) \(b.code))", true)
             }
+        case .call(.tanh, let args):
+            return (try tanh(.float(1), args[0]), true)
         case .binary(.mul, let x, let y) where x.isHeadInvariant || y.isHeadInvariant:
             let (k, v) = x.isHeadInvariant ? (x, y) : (y, x)
+            if case .call(.tanh, let args) = v { return (try tanh(k, args[0]), true) }
             if v.arguments.contains(.score) {
                 let l = try log2Value(v)
                 if l.folded { return ("(\(asFloat(try value(k))) * \(l.code))", true) }
@@ -565,6 +582,15 @@ extension Expr {
         case .call(_, let args): return args.allSatisfy(\.isHeadInvariant)
         case .select(let c, let x, let y): return c.isHeadInvariant && x.isHeadInvariant && y.isHeadInvariant
         case .load(_, let idx): return idx.allSatisfy(\.isHeadInvariant)
+        }
+    }
+
+    /// The value of an int or float literal.
+    var literalValue: Double? {
+        switch self {
+        case .int(let x): return Double(x)
+        case .float(let x): return x
+        default: return nil
         }
     }
 

@@ -229,7 +229,8 @@ final class GLSLTests: XCTestCase {
             return (score_l2 + (t1 * float(t2)));
         """), alibi)
         let softcap = try emit(ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) })
-        XCTAssertTrue(softcap.contains("    return (28.8539 * t1);"), softcap)
+        // k * tanh(a): log2(e) and k go into vkf_tanh's formula, the literal divisor into its exp2.
+        XCTAssertTrue(softcap.contains("    return (28.8539 - 57.7078 / (exp2((score_l2 * 0.1)) + 1.0));"), softcap)
         XCTAssertFalse(softcap.contains("score_mod_l2f"), softcap)   // no index to take as a float
         let causal = try emit(ScoreMod { s, _, _, q, kv in select(q >= kv, s * 0.5, -Double.infinity) })
         XCTAssertTrue(causal.contains("return (t0 ? (0.5 * score_l2) : (-uintBitsToFloat(0x7F800000u)));"), causal)
