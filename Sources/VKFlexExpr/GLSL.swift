@@ -97,12 +97,6 @@ public enum GLSLEmitter {
             text.append("#define VKF_PURE_MODS \(pure ? 1 : 0)")
             return text
         }
-        // Work that depends only on b and h (a per-head slope, a table lookup by head) is hoisted
-        // into vkf_prologue(b, h) for templates that run one (b, h) per workgroup: they define
-        // VKF_HOIST_BH before the splice and call vkf_prologue when VKF_HAS_PROLOGUE is defined.
-        // The mask's work that depends on the query row but not the key (doc[q_idx]), or on the
-        // key but not the row, goes into vkf_mrow / vkf_mcol (VKF_HAS_MASK_RC), which templates
-        // that walk fragments evaluate once per row and per key column.
         // score_mod times log2(e), for templates that take exp2 of it (VKF_HAS_SCORE_MOD_L2,
         // and ...L2F with the float indices): the factor goes into literals and hoisted
         // head-invariant factors, and the template passes score * log2(e) as score_l2, so an
@@ -126,6 +120,12 @@ public enum GLSLEmitter {
             }
             return text
         }
+        // Work that depends only on b and h (a per-head slope, a table lookup by head) is hoisted
+        // into vkf_prologue(b, h) for templates that run one (b, h) per workgroup: they define
+        // VKF_HOIST_BH before the splice and call vkf_prologue when VKF_HAS_PROLOGUE is defined.
+        // The mask's work that depends on the query row but not the key (doc[q_idx]), or on the
+        // key but not the row, goes into vkf_mrow / vkf_mcol (VKF_HAS_MASK_RC), which templates
+        // that walk fragments evaluate once per row and per key column.
         let prologue = Prologue(captures: caps)
         let rowColumn = RowColumn(captures: caps, prologue: prologue)
         var hoisted = try functions(prologue: prologue, rowColumn: rowColumn)
@@ -310,7 +310,8 @@ struct FunctionEmitter {
             var (a, f) = (a, 2.0)
             while true {
                 if case .binary(.div, let x, let c) = a, let d = c.literalValue, d != 0, d.isFinite { (a, f) = (x, f / d); continue }
-                if case .binary(.mul, let x, let y) = a {
+                // Only a float product: an integer one wraps around where its float form would not.
+                if case .binary(.mul, let x, let y) = a, (try? a.type()) == .float {
                     if let d = y.literalValue, d.isFinite { (a, f) = (x, f * d); continue }
                     if let d = x.literalValue, d.isFinite { (a, f) = (y, f * d); continue }
                 }
