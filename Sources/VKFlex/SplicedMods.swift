@@ -85,7 +85,15 @@ public enum ModEvaluator {
 
     struct Key: Hashable, Sendable { let source: String }
 
-    /// Evaluates `score` (on the given `scores`) and `mask` over the grid.
+    /// Evaluates `score` (on the given `scores`) and `mask` over the grid; `form` picks the form of
+    /// the score-mod that fills `Result.scores`.
+    ///
+    /// ```swift
+    /// let alibi = try ScoreMod(parsing: "score + slope[h] * (kv_idx - q_idx)", captures: ["slope": slope])
+    /// let r = try ModEvaluator.evaluate(score: alibi, mask: nil, B: 1, H: 2, Q: 4, KV: 4,
+    ///                                   scores: [Float](repeating: 0.5, count: 32), form: .log2, device: device)
+    /// // r.scores: score_mod times log2(e), as the attention kernels compute it
+    /// ```
     public static func evaluate(score: ScoreMod?, mask: MaskMod?, B: Int, H: Int, Q: Int, KV: Int,
                                 scores: [Float], form: ScoreForm = .plain, device: Device) throws -> Result {
         let n = B * H * Q * KV
