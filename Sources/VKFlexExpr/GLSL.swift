@@ -202,8 +202,10 @@ public enum GLSLEmitter {
     float vkf_tanh(float x) {
         // One exp2 and one reciprocal, where a driver's tanh costs more (soft-capping evaluates it
         // per score); ±1 at overflow, never NaN. Accurate to ~1e-7 absolute, like the built-in,
-        // whose precision Vulkan also derives from an exp formula.
-        return 1.0 - 2.0 / (exp2(x * 2.8853900817779268) + 1.0);
+        // whose precision Vulkan also derives from an exp formula. The clamp (tanh(±16) is ±1 in
+        // float) keeps a compiler from folding a huge literal factor of x into 2 log2(e): 0 times
+        // the overflowed constant would be NaN where tanh(0) is 0.
+        return 1.0 - 2.0 / (exp2(clamp(x, -16.0, 16.0) * 2.8853900817779268) + 1.0);
     }
     float vkf_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
     """
@@ -305,15 +307,23 @@ struct FunctionEmitter {
             return asFloat(try value(.binary(.mul, k, .float(f))))
         }
         // k * tanh(a) * log2(e) as K - 2K / (exp2(2 log2(e) a) + 1) with K = k log2(e) (vkf_tanh's
-        // formula): the exp2 takes the factor, with the literal divisors and factors of a.
-        func tanh(_ k: Expr, _ a: Expr) throws -> String {
+        // formula): the exp2 takes the factor, with the literal divisors and factors of a. Not
+        // where a folded literal would overflow float (a 0 times it would be NaN, not tanh(0)).
+        func tanh(_ k: Expr, _ a: Expr) throws -> String? {
+            func fits(_ x: Double) -> Bool { abs(x * 2 * Self.log2e) <= 1e30 }
+            if let x = k.literalValue, !fits(x) { return nil }
             var (a, f) = (a, 2.0)
             while true {
-                if case .binary(.div, let x, let c) = a, let d = c.literalValue, d != 0, d.isFinite { (a, f) = (x, f / d); continue }
+                if case .binary(.div, let x, let c) = a, let d = c.literalValue, d != 0 {
+                    guard fits(f / d) else { return nil }
+                    (a, f) = (x, f / d); continue
+                }
                 // Only a float product: an integer one wraps around where its float form would not.
                 if case .binary(.mul, let x, let y) = a, (try? a.type()) == .float {
-                    if let d = y.literalValue, d.isFinite { (a, f) = (x, f * d); continue }
-                    if let d = x.literalValue, d.isFinite { (a, f) = (y, f * d); continue }
+                    if let d = y.literalValue ?? x.literalValue {
+                        guard fits(f * d) else { return nil }
+                        (a, f) = (y.literalValue != nil ? x : y, f * d); continue
+                    }
                 }
                 break
             }
@@ -337,10 +347,11 @@ struct FunctionEmitter {
             default: return ("(\(a.code) \(op.rawValue) \(b.code))", true)
             }
         case .call(.tanh, let args):
-            return (try tanh(.float(1), args[0]), true)
+            if let t = try tanh(.float(1), args[0]) { return (t, true) }
+            return try plain()
         case .binary(.mul, let x, let y) where x.isHeadInvariant || y.isHeadInvariant:
             let (k, v) = x.isHeadInvariant ? (x, y) : (y, x)
-            if case .call(.tanh, let args) = v { return (try tanh(k, args[0]), true) }
+            if case .call(.tanh, let args) = v, let t = try tanh(k, args[0]) { return (t, true) }
             if v.arguments.contains(.score) {
                 let l = try log2Value(v)
                 if l.folded { return ("(\(asFloat(try value(k))) * \(l.code))", true) }

@@ -46,6 +46,7 @@ final class ModGPUTests: FlexTestCase {
         "-2 ** 2 + score % 0.75 + score // 0.5", "exp(score - 3) + q_idx // 3 * 1.5", "(q_idx - kv_idx) * 1e-3 + score * 2.5e1",
         "score * score * slope[h % 3]", "(-score) ** 3 + maximum(score, score * score)", "q_idx - kv_idx",
         "tanh(score * 4) + tanh(q_idx * 1e4 - score) + tanh(score * -1e30)", "2 * tanh(q_idx * 100000 * 100000 * 1e-9) + score",
+        "tanh(q_idx * 2e38) + score",
     ]
 
     func testGeneratedCodeMatchesTheInterpreter() throws {
