@@ -384,7 +384,9 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #endif
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         const float m0 = fm[rb][0], m1 = fm[rb][1];
-        float s0 = 0.0, s1 = 0.0;
+#if !VKF_MMA_ROWSUM
+        float s0 = 0.0, s1 = 0.0;   // this lane's share of the tile's row sums
+#endif
         [[unroll]] for (int c = 0; c < BKV / 16; ++c) {
 #if VKF_EXP16
             [[unroll]] for (int e = 0; e < 8; e += 2) {
