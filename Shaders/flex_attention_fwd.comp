@@ -53,9 +53,45 @@ layout(local_size_x = WG) in;
 #define TPR 1
 #endif
 
+// VKF_BLOCKED: register tiles of 4 rows. Q·Kᵀ: each invocation scores QK_CT keys against 4
+// consecutive rows, read as one vec4 from Q stored dimension-major (one shared-memory read feeds 4
+// or 8 products instead of one); P·V: each invocation accumulates 4 rows × 4 value dims per step
+// from one vec4 of P (stored key-major) and one of V. Where the tile shapes do not divide (small
+// head dims, small workgroups) the scalar layout below is used.
+#define QK_CT ((BQ * BKV) / (4 * WG))
+#define PV_RPT ((BQ * DV) / (4 * WG))
+#define VKF_BLOCKED 0
+#if (BQ % 4 == 0) && (QK_CT > 0) && (PV_RPT > 0) && (DV % 4 == 0)
+#if ((BQ * BKV) % (4 * WG) == 0) && (BKV % QK_CT == 0) && ((4 * WG) % DV == 0) && (PV_RPT % 4 == 0)
+#undef VKF_BLOCKED
+#define VKF_BLOCKED 1
+#endif
+#endif
+
+#if VKF_BLOCKED
+// Q: element (r, d) at d * BQ + r. K: (j, d) at d * KST + j (odd stride: the dimension-major
+// stores of a row hit distinct banks). V: (j, d) at j * DV + d. Scores: (r, j) at j * SQ + r.
+#define KST (BKV + 1)
+#define SQ (BQ + 4)
+#define KVN ((D * KST > BKV * DV ? D * KST : BKV * DV) + 3) / 4
+#define NRG ((4 * WG) / DV)
+shared vec4 Qs4[D * BQ / 4];
+shared vec4 KV4[KVN];
+shared vec4 S4[BKV * SQ / 4];
+#define Q_SET(r, d, x) Qs4[((d) * BQ + (r)) >> 2][(r) & 3] = (x)
+#define K_SET(j, d, x) { const int i_ = (d) * KST + (j); KV4[i_ >> 2][i_ & 3] = (x); }
+#define K_AT(j, d) KV4[((d) * KST + (j)) >> 2][((d) * KST + (j)) & 3]
+#define V_SET(j, d, x) { const int i_ = (j) * DV + (d); KV4[i_ >> 2][i_ & 3] = (x); }
+#define S_AT(r, j) S4[((j) * SQ + (r)) >> 2][(r) & 3]
+#else
 shared float Qs[BQ * D];
 shared float KVs[BKV * KVD];
 shared float Ss[BQ * SST];
+#define Q_SET(r, d, x) Qs[(r) * D + (d)] = (x)
+#define K_SET(j, d, x) KVs[(j) * KVD + (d)] = (x)
+#define V_SET(j, d, x) KVs[(j) * KVD + (d)] = (x)
+#define S_AT(r, j) Ss[(r) * SST + (j)]
+#endif
 shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 #if TPR > 1
 shared float l_parts[WG];
@@ -70,11 +106,18 @@ void main() {
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
     for (int e = lid; e < BQ * D; e += WG) {
         int r = e / D, d = e - (e / D) * D;
-        Qs[e] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
+        Q_SET(r, d, r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0);
     }
     if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
+#if VKF_BLOCKED
+    const int kq = lid % (BKV / QK_CT), rq = lid / (BKV / QK_CT);   // Q·Kᵀ: keys kq + c * (BKV / QK_CT), rows 4 rq..4 rq + 3
+    const int dq = lid % (DV / 4), rg = lid / (DV / 4);             // P·V: dims 4 dq.., rows 4 (rg + g * NRG)..
+    vec4 acc4[PV_RPT];
+    for (int a = 0; a < PV_RPT; ++a) acc4[a] = vec4(0.0);
+#else
     float acc[ACC];
     for (int a = 0; a < ACC; ++a) acc[a] = 0.0;
+#endif
     const int sr = lid / TPR, part = lid - (lid / TPR) * TPR;   // softmax row and share
     float l_part = 0.0;
     barrier();
@@ -84,7 +127,14 @@ void main() {
     const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
-#if (WG % BKV == 0) && ((BQ * BKV) % WG == 0) && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+#if VKF_BLOCKED && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+    // The mask's per-row values of the rows this invocation scores (the same in every tile).
+    vkf_mrow_t mrv[4];
+    if (n_part > 0) {
+        for (int i = 0; i < 4; ++i)
+            if (4 * rq + i < rows) mrv[i] = vkf_mrow(b, h, q0 + 4 * rq + i);
+    }
+#elif (WG % BKV == 0) && ((BQ * BKV) % WG == 0) && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
     // The mask's per-row values of the rows this invocation scores (the same in every tile).
     vkf_mrow_t mrv[BQ * BKV / WG];
     if (n_part > 0) {
@@ -104,10 +154,52 @@ void main() {
                 int kn = min(BKV, k_stop - k0);
                 for (int e = lid; e < BKV * D; e += WG) {
                     int j = e / D, d = e - (e / D) * D;
-                    KVs[j * KVD + d] = j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0;
+                    K_SET(j, d, j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0);
                 }
                 barrier();
-#if (WG % BKV == 0) && ((BQ * BKV) % WG == 0)
+#if VKF_BLOCKED
+                {
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+                    vkf_mcol_t mc[QK_CT];
+                    if (pass == 1)
+                        for (int c = 0; c < QK_CT; ++c)
+                            if (kq + c * (BKV / QK_CT) < kn) mc[c] = vkf_mcol(b, h, k0 + kq + c * (BKV / QK_CT));
+#endif
+                    // Keys past kn were staged as zeros: their products are finite and masked below.
+                    vec4 dots[QK_CT];
+                    for (int c = 0; c < QK_CT; ++c) dots[c] = vec4(0.0);
+                    for (int d = 0; d < D; ++d) {
+                        const vec4 qv = Qs4[(d * BQ) / 4 + rq];
+                        for (int c = 0; c < QK_CT; ++c) dots[c] += qv * K_AT(kq + c * (BKV / QK_CT), d);
+                    }
+                    for (int c = 0; c < QK_CT; ++c) {
+                        const int j = kq + c * (BKV / QK_CT);
+                        vec4 sv;
+                        for (int i = 0; i < 4; ++i) {
+                            const int r = 4 * rq + i;
+                            float s = NEG_INF;
+                            if (r < rows && j < kn) {
+                                s = dots[c][i] * p.scale;
+                                const int qi = q0 + r, ki = k0 + j;
+#if VKF_HAS_SCORE_MOD
+#if SCORE_IN_L2
+                                s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#else
+                                s = score_mod(s, b, h, qi, ki);
+#endif
+#endif
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+                                if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[i], mc[c])) s = NEG_INF;
+#elif VKF_HAS_MASK_MOD
+                                if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
+#endif
+                            }
+                            sv[i] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
+                        }
+                        S4[(j * SQ) / 4 + rq] = sv;
+                    }
+                }
+#elif (WG % BKV == 0) && ((BQ * BKV) % WG == 0)
                 // Register blocking: each invocation scores one key against BQ*BKV/WG rows, so
                 // every K element read from shared memory feeds several products.
                 {
@@ -144,7 +236,7 @@ void main() {
                             if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                         }
-                        Ss[r * SST + j] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
+                        S_AT(r, j) = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                     }
                 }
 #else
@@ -167,22 +259,27 @@ void main() {
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                     }
-                    Ss[r * SST + j] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
+                    S_AT(r, j) = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                 }
 #endif
                 barrier();
+                // K is dead: V goes into its place while the softmax runs (one barrier less).
+                for (int e = lid; e < BKV * DV; e += WG) {
+                    int j = e / DV, d = e - (e / DV) * DV;
+                    V_SET(j, d, j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0);
+                }
 #if TPR > 1
                 {
                     // Every invocation of row sr finds the row max (the same value), then
                     // exponentiates its keys part, part + TPR, ...
                     const float m_old = row_m[sr];
                     float mx = m_old;
-                    for (int j = 0; j < kn; ++j) mx = max(mx, Ss[sr * SST + j]);
+                    for (int j = 0; j < kn; ++j) mx = max(mx, S_AT(sr, j));
                     barrier();   // every invocation has read its row's scores and row_m
                     float sum = 0.0;
                     for (int j = part; j < BKV; j += TPR) {
-                        const float pj = j < kn ? exp2(Ss[sr * SST + j] - mx) : 0.0;
-                        Ss[sr * SST + j] = pj;
+                        const float pj = j < kn ? exp2(S_AT(sr, j) - mx) : 0.0;
+                        S_AT(sr, j) = pj;
                         sum += pj;
                     }
                     const float alpha = exp2(m_old - mx);
@@ -192,11 +289,11 @@ void main() {
 #else
                 if (lid < BQ) {
                     float m_old = row_m[lid], mx = m_old;
-                    for (int j = 0; j < kn; ++j) mx = max(mx, Ss[lid * SST + j]);
+                    for (int j = 0; j < kn; ++j) mx = max(mx, S_AT(lid, j));
                     float sum = 0.0;
                     for (int j = 0; j < BKV; ++j) {
-                        float pj = j < kn ? exp2(Ss[lid * SST + j] - mx) : 0.0;
-                        Ss[lid * SST + j] = pj;
+                        float pj = j < kn ? exp2(S_AT(lid, j) - mx) : 0.0;
+                        S_AT(lid, j) = pj;
                         sum += pj;
                     }
                     float alpha = exp2(m_old - mx);
@@ -206,12 +303,19 @@ void main() {
                 }
 #endif
                 barrier();
-                for (int e = lid; e < BKV * DV; e += WG) {
-                    int j = e / DV, d = e - (e / DV) * DV;
-                    KVs[j * KVD + d] = j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0;
+#if VKF_BLOCKED
+                {
+                    for (int g = 0; g < PV_RPT / 4; ++g)
+                        for (int i = 0; i < 4; ++i) acc4[4 * g + i] *= row_alpha[4 * (rg + g * NRG) + i];
+                    for (int j = 0; j < kn; ++j) {
+                        const vec4 vv = KV4[(j * DV) / 4 + dq];
+                        for (int g = 0; g < PV_RPT / 4; ++g) {
+                            const vec4 pv = S4[(j * SQ) / 4 + rg + g * NRG];
+                            for (int i = 0; i < 4; ++i) acc4[4 * g + i] += pv[i] * vv;
+                        }
+                    }
                 }
-                barrier();
-#if (WG % DV == 0) && ((BQ * DV) % WG == 0)
+#elif (WG % DV == 0) && ((BQ * DV) % WG == 0)
                 // Register blocking: each V element read from shared memory feeds ACC outputs.
                 {
                     const int d = lid % DV, r0 = lid / DV;
@@ -249,6 +353,17 @@ void main() {
     barrier();
 #endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
+#if VKF_BLOCKED
+    for (int g = 0; g < PV_RPT / 4; ++g)
+        for (int i = 0; i < 4; ++i) {
+            const int r = 4 * (rg + g * NRG) + i;
+            if (r < rows) {
+                const float l = row_l[r];
+                for (int c = 0; c < 4; ++c)
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l > 0.0 ? acc4[4 * g + i][c] / l : 0.0);
+            }
+        }
+#else
     for (int a = 0; a < ACC; ++a) {
         int e = lid + a * WG;
         if (e < BQ * DV) {
@@ -259,6 +374,7 @@ void main() {
             }
         }
     }
+#endif
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
         lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;

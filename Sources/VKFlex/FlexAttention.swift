@@ -87,8 +87,8 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
         self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch; self.split = split
     }
     /// `queryBlock`: the BlockMask's query block size, when there is one (see below).
-    init?(D: Int, device: Device, queryBlock: Int? = nil) {
-        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, queryBlock: queryBlock)
+    init?(D: Int, device: Device, queryBlock: Int? = nil, dense: Bool = false) {
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, queryBlock: queryBlock, dense: dense)
     }
 
     /// Query rows per workgroup (16 per row block per subgroup).
@@ -100,7 +100,12 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     /// than the preferred tile's 128 would leave subgroups idle: with 64-row blocks the tiles
     /// switch to one row block per subgroup (64 rows; causal on the H200 at S = 8192: D=64 77.7 →
     /// 119.0 TFLOP/s, D=128 82.3 → 124.7), with 32-row blocks also to two subgroups.
-    init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil,
+    ///
+    /// `dense`: no BlockMask, so query tiles need not stay inside 128-row blocks. At D <= 64 the
+    /// workgroup then takes 256 rows (eight subgroups of two row blocks): each staged K/V tile
+    /// serves twice the rows (H200, full D=64: 219.2 / 217.9 → 225.4 / 225.4 TFLOP/s; the driver
+    /// fits one such workgroup per SM instead of two of four subgroups).
+    init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil, dense: Bool = false,
           forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
         // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
         // per subgroup (each K/V fragment read from shared memory feeds two products), 64 keys
@@ -118,6 +123,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
                .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
             // Above 128 one row block per subgroup: O alone is then 128 registers per lane.
             : [.init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1, prefetch: false)]
+        if dense && D <= 64 { options.insert(.init(BKV: 32, NSG: 8, RPW: 2, NBUF: 1, split: 2), at: 0) }
         options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
         if let rows = queryBlock, rows % 128 != 0 {
             // Fewer query rows per workgroup where that leaves fewer of them idle: 64 (four
@@ -229,8 +235,8 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// ```
 ///
 /// The kernel depends on the head dims, the dtype, the mods (the shapes of the tensors they
-/// capture included), the sign of the scale, the device and, for BlockMask query blocks that are
-/// not a multiple of 128 rows, the block size — not on the batch, the number of heads or the
+/// capture included), the sign of the scale, the device, whether there is a BlockMask and, for
+/// BlockMask query blocks that are not a multiple of 128 rows, the block size — not on the batch, the number of heads or the
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 @discardableResult
@@ -345,19 +351,49 @@ enum ForwardKernel {
                             defines: defines, optimization: .full)
     }
 
-    /// Tile sizes that fit the device's shared memory.
-    static func tiles(D: Int, Dv: Int, device: Device) -> (BQ: Int, BKV: Int, WG: Int) {
-        let budget = device.capabilities.maxSharedMemory - 256
-        let kvd = max(D, Dv) | 1
+    /// Tile sizes of the portable kernel that fit the device's shared memory. First 64 query rows
+    /// on 256 invocations where that is the register-tiled path and the BlockMask's query blocks
+    /// (`queryBlock`, nil without one) are not smaller (H200, `vkflex bench --b 4 --h 16 --s 4096
+    /// --d 64`: full 6.1 → 8.5 TFLOP/s, causal 8.0 → 8.9 against 32 rows on 128), then 32 rows
+    /// and fewer on 128.
+    static func tiles(D: Int, Dv: Int, device: Device, queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
+        tiles(D: D, Dv: Dv, sharedMemory: device.capabilities.maxSharedMemory,
+              maxInvocations: device.capabilities.maxWorkgroupInvocations, queryBlock: queryBlock)
+    }
+
+    static func tiles(D: Int, Dv: Int, sharedMemory: Int, maxInvocations: Int, queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
+        let budget = sharedMemory - 256
+        let wg = min(128, maxInvocations)
+        if maxInvocations >= 256, portableBlocked(Dv: Dv, BQ: 64, BKV: 32, WG: 256),
+           queryBlock.map({ $0 % 64 == 0 || $0 > 128 }) ?? true,
+           portableSharedBytes(D: D, Dv: Dv, BQ: 64, BKV: 32, WG: 256) <= budget {
+            return (64, 32, 256)
+        }
         for (bq, bkv) in [(32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
-            let wg = min(128, device.capabilities.maxWorkgroupInvocations)
-            // Mirrors flex_attention_fwd.comp: Q, K/V, scores (odd row stride), row statistics,
-            // the softmax's row-sum shares.
-            if 4 * (bq * D + bkv * kvd + bq * (bkv | 1) + 3 * bq + wg) <= budget {
+            if portableSharedBytes(D: D, Dv: Dv, BQ: bq, BKV: bkv, WG: wg) <= budget {
                 return (bq, bkv, wg)
             }
         }
         return (1, 1, 64)
+    }
+
+    /// Whether flex_attention_fwd.comp takes its register-tiled path (`VKF_BLOCKED`) for these
+    /// tiles: 4 rows per invocation in both products, which the shapes must divide.
+    static func portableBlocked(Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int) -> Bool {
+        let ct = bq * bkv / (4 * wg), rpt = bq * Dv / (4 * wg)
+        return bq % 4 == 0 && ct > 0 && rpt > 0 && Dv % 4 == 0 && (bq * bkv) % (4 * wg) == 0 && bkv % ct == 0
+            && (4 * wg) % Dv == 0 && rpt % 4 == 0
+    }
+
+    /// Shared memory of flex_attention_fwd.comp, mirrored: Q, K/V, scores, row statistics, the
+    /// softmax's row-sum shares.
+    static func portableSharedBytes(D: Int, Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int) -> Int {
+        let stats = 3 * bq + wg
+        if portableBlocked(Dv: Dv, BQ: bq, BKV: bkv, WG: wg) {
+            let kv = (max(D * (bkv + 1), bkv * Dv) + 3) / 4 * 4
+            return 4 * (bq * D + kv + bkv * (bq + 4) + stats)
+        }
+        return 4 * (bq * D + bkv * (max(D, Dv) | 1) + bq * (bkv | 1) + stats)
     }
 
     /// A kernel built for a call: the pipeline, the mods it splices and its tiles.
@@ -399,14 +435,24 @@ enum ForwardKernel {
         var source: ShaderSource
         switch kernel {
         case .portable:
-            (BQ, BKV, WG) = tiles(D: s.D, Dv: s.Dv, device: device)
+            var t = tiles(D: s.D, Dv: s.Dv, device: device, queryBlock: blockMask?.blockSize.q)
+            if let forced = ProcessInfo.processInfo.environment["VKFLEX_PORTABLE_TILES"], !forced.isEmpty {
+                // For tuning: BQxBKVxWG.
+                let v = forced.split(separator: "x").compactMap { Int($0) }
+                guard v.count == 3, v.allSatisfy({ $0 > 0 }), v[2] <= caps.maxWorkgroupInvocations,
+                      portableSharedBytes(D: s.D, Dv: s.Dv, BQ: v[0], BKV: v[1], WG: v[2]) <= caps.maxSharedMemory - 256 else {
+                    throw FlexError("VKFLEX_PORTABLE_TILES=\(forced): use BQxBKVxWG that fits \(caps.maxSharedMemory) bytes of shared memory at head dims \(s.D)/\(s.Dv) (e.g. 32x32x128)")
+                }
+                t = (v[0], v[1], v[2])
+            }
+            (BQ, BKV, WG) = t
             source = ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"), defines: [
                 .init("D", "\(s.D)"), .init("DV", "\(s.Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
                 .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 ? "1" : "0"),
             ])
         case .coopmat:
             let identity = scoreMod.map { $0.isIdentity } ?? true
-            guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q) else {
+            guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil) else {
                 throw FlexError("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
             }
             (BQ, BKV, WG) = (t.BQ, t.BKV, 32 * t.NSG)

@@ -248,6 +248,7 @@ extension AttentionTests {
             var choices = [CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: nil),
                            CoopmatTiles(D: D, sharedMemory: 16 << 10, forced: nil)]
             if D == 64 { choices += ["64x1x8x1", "16x2x4x1"].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, forced: $0) } }
+            if D <= 64 { choices.append(CoopmatTiles(D: D, sharedMemory: 48 << 10, dense: true, forced: nil)) }   // 256 rows
             if D == 64 || D == 128 || D == 192 || D == 256 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
@@ -267,7 +268,7 @@ extension AttentionTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 186)
+        XCTAssertEqual(compiled, 210)
     }
 }
 
@@ -378,6 +379,27 @@ extension AttentionTests {
         XCTAssertEqual(FlexKernel.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
     }
 
+    func testPortableTileChoices() {
+        func tiles(_ D: Int, _ shared: Int, _ inv: Int = 1024, _ qb: Int? = nil) -> String {
+            let t = ForwardKernel.tiles(D: D, Dv: D, sharedMemory: shared << 10, maxInvocations: inv, queryBlock: qb)
+            return "\(t.BQ)x\(t.BKV)x\(t.WG)"
+        }
+        XCTAssertEqual(tiles(64, 48), "64x32x256", "64 rows on 256 invocations where 35 KiB fit")
+        XCTAssertEqual(tiles(64, 32), "32x32x128", "lavapipe's 32 KiB")
+        XCTAssertEqual(tiles(64, 48, 128), "32x32x128", "workgroups of at most 128")
+        XCTAssertEqual(tiles(64, 48, 1024, 32), "32x32x128", "32-row BlockMask blocks")
+        XCTAssertEqual(tiles(64, 48, 1024, 192), "64x32x256")
+        XCTAssertEqual(tiles(32, 48), "32x32x128", "D=32 does not divide into the register tiles of 64 rows")
+        XCTAssertEqual(tiles(128, 48), "32x32x128")
+        XCTAssertEqual(tiles(128, 32), "16x32x128")
+        XCTAssertTrue(ForwardKernel.portableBlocked(Dv: 64, BQ: 32, BKV: 32, WG: 128))
+        XCTAssertTrue(ForwardKernel.portableBlocked(Dv: 128, BQ: 16, BKV: 32, WG: 128))
+        XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 32, BQ: 32, BKV: 32, WG: 128), "2 rows per invocation in P·V")
+        XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 66, BQ: 32, BKV: 32, WG: 128))
+        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128), 22144, "the driver's figure on the H200")
+        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256), 35328, "the driver's figure on the H200")
+    }
+
     func testCooperativeMatrixTileChoices() {
         let d64 = CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d64?.description, "32x2x4x1x1x2")
@@ -385,6 +407,13 @@ extension AttentionTests {
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, forced: nil)?.description, "32x1x4x1x1", "64 staged keys need 18 KiB")
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: "32x2x4x2")?.description, "32x2x4x2x1")
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: "16x2x4x1x0x4")?.description, "16x2x4x1x0x4")
+        // Without a BlockMask the query tiles need not stay in 128-row blocks: 256 rows at D <= 64.
+        let dense64 = CoopmatTiles(D: 64, sharedMemory: 48 << 10, dense: true, forced: nil)
+        XCTAssertEqual(dense64?.description, "32x2x8x1x1x2")
+        XCTAssertEqual(dense64?.BQ, 256)
+        XCTAssertEqual(dense64?.sharedBytes(D: 64), 18 << 10, "the K/V stage as at 128 rows; Q staged 16 rows per subgroup")
+        XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, dense: true, forced: nil)?.description, "16x2x4x1x0x2")
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, dense: true, forced: nil)?.description, "32x1x4x1x1")
         let d128 = CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d128?.description, "16x2x4x1x0x2")
         XCTAssertEqual(d128?.sharedBytes(D: 128), 17408, "32 staged keys of K and V, rows padded to 17 units of 16 bytes")
