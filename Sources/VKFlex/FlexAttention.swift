@@ -101,10 +101,11 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     /// switch to one row block per subgroup (64 rows; causal on the H200 at S = 8192: D=64 77.7 →
     /// 119.0 TFLOP/s, D=128 82.3 → 124.7), with 32-row blocks also to two subgroups.
     ///
-    /// `dense`: no BlockMask, so query tiles need not stay inside 128-row blocks. At D <= 64 the
+    /// `dense`: no BlockMask, so query tiles need not stay inside 128-row blocks. At D = 64 the
     /// workgroup then takes 256 rows (eight subgroups of two row blocks): each staged K/V tile
     /// serves twice the rows (H200, full D=64: 219.2 / 217.9 → 225.4 / 225.4 TFLOP/s; the driver
-    /// fits one such workgroup per SM instead of two of four subgroups).
+    /// fits one such workgroup per SM instead of two of four subgroups). Not at D = 16, 32 or 48,
+    /// where it was 3-9% slower (full D=32: 183.8 against 201.5).
     init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil, dense: Bool = false,
           forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
         // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
@@ -123,7 +124,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
                .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
             // Above 128 one row block per subgroup: O alone is then 128 registers per lane.
             : [.init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1, prefetch: false)]
-        if dense && D <= 64 { options.insert(.init(BKV: 32, NSG: 8, RPW: 2, NBUF: 1, split: 2), at: 0) }
+        if dense && D == 64 { options.insert(.init(BKV: 32, NSG: 8, RPW: 2, NBUF: 1, split: 2), at: 0) }
         options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
         if let rows = queryBlock, rows % 128 != 0 {
             // Fewer query rows per workgroup where that leaves fewer of them idle: 64 (four
