@@ -243,6 +243,32 @@ layout(local_size_x = WG) in;
 
 #include "flex_attention_common.glsl"
 
+// K and V seen UNIT elements at a time (16 bytes), for rows that are contiguous and start at a
+// multiple of 8 elements (p.vec_ok): one load per UNIT elements instead of one per element.
+#if IN_F16
+layout(std430, set = 0, binding = 1) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = 2) readonly buffer VBufU { uvec4 v_units[]; };
+#define UNIT 8
+#else
+layout(std430, set = 0, binding = 1) readonly buffer KBufU { vec4 k_units[]; };
+layout(std430, set = 0, binding = 2) readonly buffer VBufU { vec4 v_units[]; };
+#define UNIT 4
+#endif
+// The UNIT elements of a unit as floats.
+void unit_floats(
+#if IN_F16
+    uvec4 w,
+#else
+    vec4 w,
+#endif
+    out float f[UNIT]) {
+#if IN_F16
+    for (int i = 0; i < 4; ++i) { const vec2 h = vec2(unpackFloat2x16(w[i])); f[2 * i] = h.x; f[2 * i + 1] = h.y; }
+#else
+    for (int i = 0; i < 4; ++i) f[i] = w[i];
+#endif
+}
+
 // Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
 // the same dimension hit different banks.
 // With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
@@ -364,9 +390,20 @@ void main() {
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
             for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
                 int kn = min(BKV, k_stop - k0);
-                for (int e = lid; e < BKV * D; e += WG) {
-                    int j = e / D, d = e - (e / D) * D;
-                    K_SET(j, d, j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0);
+                if (p.vec_ok != 0) {
+                    // D is a multiple of 8 here (the host checks), so rows split into whole units.
+                    for (int e = lid; e < BKV * (D / UNIT); e += WG) {
+                        const int j = e / (D / UNIT), u = e - j * (D / UNIT);
+                        float f[UNIT];
+                        if (j < kn) unit_floats(k_units[(koff + (k0 + j) * p.k_sl) / UNIT + u], f);
+                        else for (int i = 0; i < UNIT; ++i) f[i] = 0.0;
+                        for (int i = 0; i < UNIT; ++i) K_SET(j, u * UNIT + i, f[i]);
+                    }
+                } else {
+                    for (int e = lid; e < BKV * D; e += WG) {
+                        int j = e / D, d = e - (e / D) * D;
+                        K_SET(j, d, j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0);
+                    }
                 }
                 barrier();
 #if VKF_BLOCKED
@@ -476,9 +513,19 @@ void main() {
 #endif
                 barrier();
                 // K is dead: V goes into its place while the softmax runs (one barrier less).
-                for (int e = lid; e < BKV * DV; e += WG) {
-                    int j = e / DV, d = e - (e / DV) * DV;
-                    V_SET(j, d, j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0);
+                if (p.vec_ok != 0) {
+                    for (int e = lid; e < BKV * (DV / UNIT); e += WG) {
+                        const int j = e / (DV / UNIT), u = e - j * (DV / UNIT);
+                        float f[UNIT];
+                        if (j < kn) unit_floats(v_units[(voff + (k0 + j) * p.v_sl) / UNIT + u], f);
+                        else for (int i = 0; i < UNIT; ++i) f[i] = 0.0;
+                        for (int i = 0; i < UNIT; ++i) V_SET(j, u * UNIT + i, f[i]);
+                    }
+                } else {
+                    for (int e = lid; e < BKV * DV; e += WG) {
+                        int j = e / DV, d = e - (e / DV) * DV;
+                        V_SET(j, d, j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0);
+                    }
                 }
 #if TPR > 1
                 {
