@@ -386,13 +386,14 @@ enum ForwardKernel {
             && (4 * wg) % Dv == 0 && rpt % 4 == 0
     }
 
-    /// Shared memory of flex_attention_fwd.comp, mirrored: Q, K/V, scores, row statistics, the
-    /// softmax's row-sum shares.
+    /// Shared memory of flex_attention_fwd.comp, mirrored: Q, K/V, scores (and, register-tiled,
+    /// the rows' tile maxima in parts), row statistics, the softmax's row-sum shares.
     static func portableSharedBytes(D: Int, Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int) -> Int {
         let stats = 3 * bq + wg
         if portableBlocked(Dv: Dv, BQ: bq, BKV: bkv, WG: wg) {
             let kv = (max(D * (bkv + 1), bkv * Dv) + 3) / 4 * 4
-            return 4 * (bq * D + kv + bkv * (bq + 4) + stats)
+            let parts = bq * (bkv / (bq * bkv / (4 * wg)) + 1)   // the rows' tile maxima in parts
+            return 4 * (bq * D + kv + bkv * (bq + 4) + parts + stats)
         }
         return 4 * (bq * D + bkv * (max(D, Dv) | 1) + bq * (bkv | 1) + stats)
     }

@@ -316,6 +316,11 @@ void unit_floats(
 shared vec4 Qs4[D * BQ / 4];
 shared vec4 KV4[KVN];
 shared vec4 S4[BKV * SQ / 4];
+// Each row's tile maximum in NKQ parts, one per invocation that scores the row (written in
+// Q·Kᵀ), so the softmax reads NKQ values instead of BKV scores and needs no barrier between
+// reading the scores and overwriting them with P.
+#define NKQ (BKV / QK_CT)
+shared float pmax[BQ * (NKQ + 1)];
 #define Q_SET(r, d, x) Qs4[((d) * BQ + (r)) >> 2][(r) & 3] = (x)
 #define K_SET(j, d, x) { const int i_ = (d) * KST + (j); KV4[i_ >> 2][i_ & 3] = (x); }
 #define K_AT(j, d) KV4[((d) * KST + (j)) >> 2][((d) * KST + (j)) & 3]
@@ -358,6 +363,7 @@ void main() {
 #endif
     const int sr = lid / TPR, part = lid - (lid / TPR) * TPR;   // softmax row and share
     float l_part = 0.0;
+    float m_run = -1e30;   // VKF_BLOCKED: row sr's running max
     barrier();
 
     const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
@@ -421,6 +427,7 @@ void main() {
                         const vec4 qv = Qs4[(d * BQ) / 4 + rq];
                         for (int c = 0; c < QK_CT; ++c) dots[c] += qv * K_AT(kq + c * (BKV / QK_CT), d);
                     }
+                    vec4 pm = vec4(NEG_INF);
                     for (int c = 0; c < QK_CT; ++c) {
                         const int j = kq + c * (BKV / QK_CT);
                         vec4 sv;
@@ -446,7 +453,9 @@ void main() {
                             sv[i] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
                         }
                         S4[(j * SQ) / 4 + rq] = sv;
+                        pm = max(pm, sv);
                     }
+                    for (int i = 0; i < 4; ++i) pmax[(4 * rq + i) * (NKQ + 1) + kq] = pm[i];
                 }
 #elif (WG % BKV == 0) && ((BQ * BKV) % WG == 0)
                 // Register blocking: each invocation scores one key against BQ*BKV/WG rows, so
@@ -531,10 +540,20 @@ void main() {
                 {
                     // Every invocation of row sr finds the row max (the same value), then
                     // exponentiates its keys part, part + TPR, ...
+#if VKF_BLOCKED
+                    // The running max in a register of every invocation of the row (they all
+                    // compute the same value), the tile's from the parts Q·Kᵀ left: no scores are
+                    // read before they are overwritten, so no barrier here.
+                    const float m_old = m_run;
+                    float mx = m_old;
+                    for (int t = 0; t < NKQ; ++t) mx = max(mx, pmax[sr * (NKQ + 1) + t]);
+                    m_run = mx;
+#else
                     const float m_old = row_m[sr];
                     float mx = m_old;
                     for (int j = 0; j < kn; ++j) mx = max(mx, S_AT(sr, j));
                     barrier();   // every invocation has read its row's scores and row_m
+#endif
                     float sum = 0.0;
                     for (int j = part; j < BKV; j += TPR) {
                         const float pj = j < kn ? exp2(S_AT(sr, j) - mx) : 0.0;
@@ -543,7 +562,11 @@ void main() {
                     }
                     const float alpha = exp2(m_old - mx);
                     l_part = l_part * alpha + sum;
+#if VKF_BLOCKED
+                    if (part == 0) row_alpha[sr] = alpha;
+#else
                     if (part == 0) { row_m[sr] = mx; row_alpha[sr] = alpha; }
+#endif
                 }
 #else
                 if (lid < BQ) {
@@ -602,6 +625,9 @@ void main() {
 
 #if TPR > 1
     // The row sums: each row's TPR shares added up.
+#if VKF_BLOCKED
+    if (part == 0) row_m[sr] = m_run;
+#endif
     l_parts[lid] = l_part;
     barrier();
     if (part == 0) {
