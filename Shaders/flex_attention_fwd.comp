@@ -94,7 +94,31 @@ void unit_floats(
 #endif
 #endif
 
-#if VKF_BLOCKED
+// VKF_HALF (float16 inputs, register-tiled, D even): Q, K and V kept in shared memory as the fp16
+// they are, packed two to a word (no precision lost): half the room, so more workgroups fit an SM.
+#define VKF_HALF 0
+#if VKF_BLOCKED && IN_F16 && (D % 2 == 0)
+#undef VKF_HALF
+#define VKF_HALF 1
+#endif
+
+#if VKF_HALF
+// Q: rows 4 rq..4 rq + 3 of dim d at d * BQ / 4 + rq (two packed pairs). K: dims 2 dp, 2 dp + 1 of
+// key j in word dp * KST + j (odd stride). V: dims 4 q..4 q + 3 of key j at j * DV / 4 + q.
+#define KST (BKV + 1)
+#define SQ (BQ + 4)
+#define KVW ((D / 2) * KST > BKV * DV / 2 ? (D / 2) * KST : BKV * DV / 2)
+#define NRG ((4 * WG) / DV)
+shared uvec2 Qh[D * BQ / 4];
+shared uvec2 KVh[(KVW + 1) / 2];
+shared vec4 S4[BKV * SQ / 4];
+#define NKQ (BKV / QK_CT)
+shared float pmax[BQ * (NKQ + 1)];
+#define K_WORD_SET(i, w) { const int i_ = (i); KVh[i_ >> 1][i_ & 1] = (w); }
+#define K_PAIR(j, dp) unpackHalf2x16(KVh[((dp) * KST + (j)) >> 1][((dp) * KST + (j)) & 1])
+#define S_AT(r, j) S4[((j) * SQ + (r)) >> 2][(r) & 3]
+vec4 unpack4(uvec2 w) { return vec4(unpackHalf2x16(w.x), unpackHalf2x16(w.y)); }
+#elif VKF_BLOCKED
 // Q: element (r, d) at d * BQ + r. K: (j, d) at d * KST + j (odd stride: the dimension-major
 // stores of a row hit distinct banks). V: (j, d) at j * DV + d. Scores: (r, j) at j * SQ + r.
 #define KST (BKV + 1)
@@ -135,10 +159,22 @@ void main() {
     const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
 
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
+#if VKF_HALF
+    for (int e = lid; e < (BQ / 4) * D; e += WG) {
+        const int g = e / D, d = e - g * D;
+        float x[4];
+        for (int i = 0; i < 4; ++i) {
+            const int r = 4 * g + i;
+            x[i] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
+        }
+        Qh[d * (BQ / 4) + g] = uvec2(packHalf2x16(vec2(x[0], x[1])), packHalf2x16(vec2(x[2], x[3])));
+    }
+#else
     for (int e = lid; e < BQ * D; e += WG) {
         int r = e / D, d = e - (e / D) * D;
         Q_SET(r, d, r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0);
     }
+#endif
     if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
 #if VKF_BLOCKED
     const int kq = lid % (BKV / QK_CT), rq = lid / (BKV / QK_CT);   // Q·Kᵀ: keys kq + c * (BKV / QK_CT), rows 4 rq..4 rq + 3
@@ -184,6 +220,26 @@ void main() {
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
             for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
                 int kn = min(BKV, k_stop - k0);
+#if VKF_HALF
+                if (p.vec_ok != 0) {
+                    // The unit's words are the packed pairs K stores.
+                    for (int e = lid; e < BKV * (D / 8); e += WG) {
+                        const int j = e / (D / 8), u = e - j * (D / 8);
+                        const uvec4 w = j < kn ? k_units[(koff + (k0 + j) * p.k_sl) / 8 + u] : uvec4(0);
+                        for (int i = 0; i < 4; ++i) K_WORD_SET((4 * u + i) * KST + j, w[i]);
+                    }
+                } else {
+                    for (int e = lid; e < BKV * (D / 2); e += WG) {
+                        const int j = e / (D / 2), dp = e - j * (D / 2);
+                        vec2 x = vec2(0.0);
+                        if (j < kn) {
+                            const int at = koff + (k0 + j) * p.k_sl + 2 * dp * p.k_sd;
+                            x = vec2(float(k_data[at]), float(k_data[at + p.k_sd]));
+                        }
+                        K_WORD_SET(dp * KST + j, packHalf2x16(x));
+                    }
+                }
+#else
                 if (p.vec_ok != 0) {
                     // D is a multiple of 8 here (the host checks), so rows split into whole units.
                     for (int e = lid; e < BKV * (D / UNIT); e += WG) {
@@ -199,6 +255,7 @@ void main() {
                         K_SET(j, d, j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0);
                     }
                 }
+#endif
                 barrier();
 #if VKF_BLOCKED
                 {
@@ -211,10 +268,20 @@ void main() {
                     // Keys past kn were staged as zeros: their products are finite and masked below.
                     vec4 dots[QK_CT];
                     for (int c = 0; c < QK_CT; ++c) dots[c] = vec4(0.0);
+#if VKF_HALF
+                    for (int dp = 0; dp < D / 2; ++dp) {
+                        const vec4 qa = unpack4(Qh[(2 * dp) * (BQ / 4) + rq]), qb = unpack4(Qh[(2 * dp + 1) * (BQ / 4) + rq]);
+                        for (int c = 0; c < QK_CT; ++c) {
+                            const vec2 kf = K_PAIR(kq + c * (BKV / QK_CT), dp);
+                            dots[c] += qa * kf.x + qb * kf.y;
+                        }
+                    }
+#else
                     for (int d = 0; d < D; ++d) {
                         const vec4 qv = Qs4[(d * BQ) / 4 + rq];
                         for (int c = 0; c < QK_CT; ++c) dots[c] += qv * K_AT(kq + c * (BKV / QK_CT), d);
                     }
+#endif
                     vec4 pm = vec4(NEG_INF);
                     for (int c = 0; c < QK_CT; ++c) {
                         const int j = kq + c * (BKV / QK_CT);
@@ -310,6 +377,26 @@ void main() {
 #endif
                 barrier();
                 // K is dead: V goes into its place while the softmax runs (one barrier less).
+#if VKF_HALF
+                if (p.vec_ok != 0) {
+                    for (int e = lid; e < BKV * (DV / 8); e += WG) {
+                        const int j = e / (DV / 8), u = e - j * (DV / 8);
+                        const uvec4 w = j < kn ? v_units[(voff + (k0 + j) * p.v_sl) / 8 + u] : uvec4(0);
+                        KVh[(j * DV) / 4 + 2 * u] = w.xy;
+                        KVh[(j * DV) / 4 + 2 * u + 1] = w.zw;
+                    }
+                } else {
+                    for (int e = lid; e < BKV * (DV / 4); e += WG) {
+                        const int j = e / (DV / 4), q = e - j * (DV / 4);
+                        vec4 x = vec4(0.0);
+                        if (j < kn) {
+                            const int at = voff + (k0 + j) * p.v_sl + 4 * q * p.v_sd;
+                            x = vec4(float(v_data[at]), float(v_data[at + p.v_sd]), float(v_data[at + 2 * p.v_sd]), float(v_data[at + 3 * p.v_sd]));
+                        }
+                        KVh[(j * DV) / 4 + q] = uvec2(packHalf2x16(x.xy), packHalf2x16(x.zw));
+                    }
+                }
+#else
                 if (p.vec_ok != 0) {
                     for (int e = lid; e < BKV * (DV / UNIT); e += WG) {
                         const int j = e / (DV / UNIT), u = e - j * (DV / UNIT);
@@ -324,6 +411,7 @@ void main() {
                         V_SET(j, d, j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0);
                     }
                 }
+#endif
 #if TPR > 1
                 {
                     // Every invocation of row sr finds the row max (the same value), then
@@ -378,7 +466,11 @@ void main() {
                     for (int g = 0; g < PV_RPT / 4; ++g)
                         for (int i = 0; i < 4; ++i) acc4[4 * g + i] *= row_alpha[4 * (rg + g * NRG) + i];
                     for (int j = 0; j < kn; ++j) {
+#if VKF_HALF
+                        const vec4 vv = unpack4(KVh[(j * DV) / 4 + dq]);
+#else
                         const vec4 vv = KV4[(j * DV) / 4 + dq];
+#endif
                         for (int g = 0; g < PV_RPT / 4; ++g) {
                             const vec4 pv = S4[(j * SQ) / 4 + rg + g * NRG];
                             for (int i = 0; i < 4; ++i) acc4[4 * g + i] += pv[i] * vv;

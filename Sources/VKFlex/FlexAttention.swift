@@ -352,26 +352,30 @@ enum ForwardKernel {
                             defines: defines, optimization: .full)
     }
 
-    /// Tile sizes of the portable kernel that fit the device's shared memory. First 64 query rows
-    /// on 256 invocations where that is the register-tiled path and the BlockMask's query blocks
-    /// (`queryBlock`, nil without one) are not smaller (H200, `vkflex bench --b 4 --h 16 --s 4096
-    /// --d 64`: full 6.1 → 8.5 TFLOP/s, causal 8.0 → 8.9 against 32 rows on 128), then 32 rows
-    /// and fewer on 128.
-    static func tiles(D: Int, Dv: Int, device: Device, queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
+    /// Tile sizes of the portable kernel that fit the device's shared memory. With fp32 in shared
+    /// memory (float32 inputs) first 64 query rows on 256 invocations where that is the
+    /// register-tiled path and the BlockMask's query blocks (`queryBlock`, nil without one) are
+    /// not smaller (H200, `vkflex bench --b 4 --h 16 --s 4096 --d 64`: full 6.1 → 8.5 TFLOP/s,
+    /// causal 8.0 → 8.9 against 32 rows on 128); then, and with fp16 (`half`), 32 rows and fewer
+    /// on 128. Shared memory decides how many workgroups share an SM on the H200, and fp16 halves
+    /// it: 32 rows on 128 take 16 KiB there, and beat 64 on 256 (27 KiB; full D=64 15.3 against
+    /// 12.3 TFLOP/s).
+    static func tiles(D: Int, Dv: Int, device: Device, half: Bool = false, queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
         tiles(D: D, Dv: Dv, sharedMemory: device.capabilities.maxSharedMemory,
-              maxInvocations: device.capabilities.maxWorkgroupInvocations, queryBlock: queryBlock)
+              maxInvocations: device.capabilities.maxWorkgroupInvocations, half: half, queryBlock: queryBlock)
     }
 
-    static func tiles(D: Int, Dv: Int, sharedMemory: Int, maxInvocations: Int, queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
+    static func tiles(D: Int, Dv: Int, sharedMemory: Int, maxInvocations: Int, half: Bool = false,
+                      queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
         let budget = sharedMemory - 256
         let wg = min(128, maxInvocations)
-        if maxInvocations >= 256, portableBlocked(Dv: Dv, BQ: 64, BKV: 32, WG: 256),
+        if !half, maxInvocations >= 256, portableBlocked(Dv: Dv, BQ: 64, BKV: 32, WG: 256),
            queryBlock.map({ $0 % 64 == 0 || $0 > 128 }) ?? true,
-           portableSharedBytes(D: D, Dv: Dv, BQ: 64, BKV: 32, WG: 256) <= budget {
+           portableSharedBytes(D: D, Dv: Dv, BQ: 64, BKV: 32, WG: 256, half: half) <= budget {
             return (64, 32, 256)
         }
         for (bq, bkv) in [(32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
-            if portableSharedBytes(D: D, Dv: Dv, BQ: bq, BKV: bkv, WG: wg) <= budget {
+            if portableSharedBytes(D: D, Dv: Dv, BQ: bq, BKV: bkv, WG: wg, half: half) <= budget {
                 return (bq, bkv, wg)
             }
         }
@@ -388,11 +392,20 @@ enum ForwardKernel {
 
     /// Shared memory of flex_attention_fwd.comp, mirrored: Q, K/V, scores (and, register-tiled,
     /// the rows' tile maxima in parts), row statistics, the softmax's row-sum shares.
-    static func portableSharedBytes(D: Int, Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int) -> Int {
+    ///
+    /// `half`: float16 inputs, which the register-tiled path keeps as fp16 in shared memory
+    /// (`VKF_HALF`, for even D).
+    static func portableSharedBytes(D: Int, Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int, half: Bool = false) -> Int {
         let stats = 3 * bq + wg
         if portableBlocked(Dv: Dv, BQ: bq, BKV: bkv, WG: wg) {
-            let kv = (max(D * (bkv + 1), bkv * Dv) + 3) / 4 * 4
             let parts = bq * (bkv / (bq * bkv / (4 * wg)) + 1)   // the rows' tile maxima in parts
+            if half && D % 2 == 0 {
+                // Words: Q two per dim and 4 rows, K one per key and pair of dims (odd stride), V
+                // one per pair of dims; the K/V area in whole pairs of words.
+                let kv = (max((D / 2) * (bkv + 1), bkv * Dv / 2) + 1) / 2 * 2
+                return 4 * (bq * D / 2 + kv + bkv * (bq + 4) + parts + stats)
+            }
+            let kv = (max(D * (bkv + 1), bkv * Dv) + 3) / 4 * 4
             return 4 * (bq * D + kv + bkv * (bq + 4) + parts + stats)
         }
         return 4 * (bq * D + bkv * (max(D, Dv) | 1) + bq * (bkv | 1) + stats)
@@ -437,12 +450,12 @@ enum ForwardKernel {
         var source: ShaderSource
         switch kernel {
         case .portable:
-            var t = tiles(D: s.D, Dv: s.Dv, device: device, queryBlock: blockMask?.blockSize.q)
+            var t = tiles(D: s.D, Dv: s.Dv, device: device, half: f16, queryBlock: blockMask?.blockSize.q)
             if let forced = ProcessInfo.processInfo.environment["VKFLEX_PORTABLE_TILES"], !forced.isEmpty {
                 // For tuning: BQxBKVxWG.
                 let v = forced.split(separator: "x").compactMap { Int($0) }
                 guard v.count == 3, v.allSatisfy({ $0 > 0 }), v[2] <= caps.maxWorkgroupInvocations,
-                      portableSharedBytes(D: s.D, Dv: s.Dv, BQ: v[0], BKV: v[1], WG: v[2]) <= caps.maxSharedMemory - 256 else {
+                      portableSharedBytes(D: s.D, Dv: s.Dv, BQ: v[0], BKV: v[1], WG: v[2], half: f16) <= caps.maxSharedMemory - 256 else {
                     throw FlexError("VKFLEX_PORTABLE_TILES=\(forced): use BQxBKVxWG that fits \(caps.maxSharedMemory) bytes of shared memory at head dims \(s.D)/\(s.Dv) (e.g. 32x32x128)")
                 }
                 t = (v[0], v[1], v[2])

@@ -380,10 +380,16 @@ extension AttentionTests {
     }
 
     func testPortableTileChoices() {
-        func tiles(_ D: Int, _ shared: Int, _ inv: Int = 1024, _ qb: Int? = nil) -> String {
-            let t = ForwardKernel.tiles(D: D, Dv: D, sharedMemory: shared << 10, maxInvocations: inv, queryBlock: qb)
+        func tiles(_ D: Int, _ shared: Int, _ inv: Int = 1024, _ qb: Int? = nil, half: Bool = false) -> String {
+            let t = ForwardKernel.tiles(D: D, Dv: D, sharedMemory: shared << 10, maxInvocations: inv, half: half, queryBlock: qb)
             return "\(t.BQ)x\(t.BKV)x\(t.WG)"
         }
+        // float16 inputs keep fp16 in shared memory: 32 rows on 128 invocations (16 KiB at D=64).
+        XCTAssertEqual(tiles(64, 48, half: true), "32x32x128")
+        XCTAssertEqual(tiles(128, 32, half: true), "32x32x128", "24 KiB at D=128 fit lavapipe's 32")
+        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128, half: true), 16000, "the driver's figure on the H200")
+        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 128, Dv: 128, BQ: 32, BKV: 32, WG: 128, half: true), 24320, "the driver's figure on the H200")
+        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256, half: true), 27264, "the driver's figure on the H200")
         XCTAssertEqual(tiles(64, 48), "64x32x256", "64 rows on 256 invocations where 35 KiB fit")
         XCTAssertEqual(tiles(64, 32), "32x32x128", "lavapipe's 32 KiB")
         XCTAssertEqual(tiles(64, 48, 128), "32x32x128", "workgroups of at most 128")
@@ -397,7 +403,7 @@ extension AttentionTests {
         XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 32, BQ: 32, BKV: 32, WG: 128), "2 rows per invocation in P·V")
         XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 66, BQ: 32, BKV: 32, WG: 128))
         XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128), 24320)
-        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256), 39680)
+        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256), 39680, "the driver's figure on the H200")
     }
 
     func testCooperativeMatrixTileChoices() {
