@@ -314,42 +314,38 @@ void unit_floats(
 #define VKF_HALF 1
 #endif
 
-#if VKF_HALF
-// Q: rows 4 rq..4 rq + 3 of dim d at d * BQ / 4 + rq (two packed pairs). K: dims 2 dp, 2 dp + 1 of
-// key j in word dp * KST + j (odd stride). V: dims 4 q..4 q + 3 of key j at j * DV / 4 + q.
+#if VKF_BLOCKED
+// Scores: (r, j) at j * SQ + r. K rows are stored dimension-major with an odd stride KST, so that
+// the stores of a row hit distinct banks.
 #define KST (BKV + 1)
 #define SQ (BQ + 4)
-#define KVW ((D / 2) * KST > BKV * DV / 2 ? (D / 2) * KST : BKV * DV / 2)
 #define NRG ((4 * WG) / DV)
-shared uvec2 Qh[D * BQ / 4];
-shared uvec2 KVh[(KVW + 1) / 2];
 shared vec4 S4[BKV * SQ / 4];
-#define NKQ (BKV / QK_CT)
-shared float pmax[BQ * (NKQ + 1)];
-#define K_WORD_SET(i, w) { const int i_ = (i); KVh[i_ >> 1][i_ & 1] = (w); }
-#define K_PAIR(j, dp) unpackHalf2x16(KVh[((dp) * KST + (j)) >> 1][((dp) * KST + (j)) & 1])
 #define S_AT(r, j) S4[((j) * SQ + (r)) >> 2][(r) & 3]
-vec4 unpack4(uvec2 w) { return vec4(unpackHalf2x16(w.x), unpackHalf2x16(w.y)); }
-#elif VKF_BLOCKED
-// Q: element (r, d) at d * BQ + r. K: (j, d) at d * KST + j (odd stride: the dimension-major
-// stores of a row hit distinct banks). V: (j, d) at j * DV + d. Scores: (r, j) at j * SQ + r.
-#define KST (BKV + 1)
-#define SQ (BQ + 4)
-#define KVN ((D * KST > BKV * DV ? D * KST : BKV * DV) + 3) / 4
-#define NRG ((4 * WG) / DV)
-shared vec4 Qs4[D * BQ / 4];
-shared vec4 KV4[KVN];
-shared vec4 S4[BKV * SQ / 4];
 // Each row's tile maximum in NKQ parts, one per invocation that scores the row (written in
 // Q·Kᵀ), so the softmax reads NKQ values instead of BKV scores and needs no barrier between
 // reading the scores and overwriting them with P.
 #define NKQ (BKV / QK_CT)
 shared float pmax[BQ * (NKQ + 1)];
+#if VKF_HALF
+// Q: rows 4 rq..4 rq + 3 of dim d at d * BQ / 4 + rq (two packed pairs). K: dims 2 dp, 2 dp + 1 of
+// key j in word dp * KST + j. V: dims 4 q..4 q + 3 of key j at j * DV / 4 + q.
+#define KVW ((D / 2) * KST > BKV * DV / 2 ? (D / 2) * KST : BKV * DV / 2)
+shared uvec2 Qh[D * BQ / 4];
+shared uvec2 KVh[(KVW + 1) / 2];
+#define K_WORD_SET(i, w) { const int i_ = (i); KVh[i_ >> 1][i_ & 1] = (w); }
+#define K_PAIR(j, dp) unpackHalf2x16(KVh[((dp) * KST + (j)) >> 1][((dp) * KST + (j)) & 1])
+vec4 unpack4(uvec2 w) { return vec4(unpackHalf2x16(w.x), unpackHalf2x16(w.y)); }
+#else
+// Q: element (r, d) at d * BQ + r. K: (j, d) at d * KST + j. V: (j, d) at j * DV + d.
+#define KVN ((D * KST > BKV * DV ? D * KST : BKV * DV) + 3) / 4
+shared vec4 Qs4[D * BQ / 4];
+shared vec4 KV4[KVN];
 #define Q_SET(r, d, x) Qs4[((d) * BQ + (r)) >> 2][(r) & 3] = (x)
 #define K_SET(j, d, x) { const int i_ = (d) * KST + (j); KV4[i_ >> 2][i_ & 3] = (x); }
 #define K_AT(j, d) KV4[((d) * KST + (j)) >> 2][((d) * KST + (j)) & 3]
 #define V_SET(j, d, x) { const int i_ = (j) * DV + (d); KV4[i_ >> 2][i_ & 3] = (x); }
-#define S_AT(r, j) S4[((j) * SQ + (r)) >> 2][(r) & 3]
+#endif
 #else
 shared float Qs[BQ * D];
 shared float KVs[BKV * KVD];
