@@ -356,6 +356,27 @@ shared float Ss[BQ * SST];
 #define S_AT(r, j) Ss[(r) * SST + (j)]
 #endif
 shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
+
+#if !VKF_HALF
+// Stages the rows k0.. of K or V (WIDTH elements each; the kn valid ones, zeros after) from UNITS
+// (where p.vec_ok: whole units — WIDTH is then a multiple of 8, the host checks) or DATA, at
+// element offset OFF with row stride SL and element stride SD, through SET(j, d, x).
+#define STAGE_ROWS(SET, UNITS, DATA, OFF, SL, SD, WIDTH) \
+    if (p.vec_ok != 0) { \
+        for (int e = lid; e < BKV * ((WIDTH) / UNIT); e += WG) { \
+            const int j = e / ((WIDTH) / UNIT), u = e - j * ((WIDTH) / UNIT); \
+            float f[UNIT]; \
+            if (j < kn) unit_floats(UNITS[((OFF) + (k0 + j) * (SL)) / UNIT + u], f); \
+            else for (int i = 0; i < UNIT; ++i) f[i] = 0.0; \
+            for (int i = 0; i < UNIT; ++i) SET(j, u * UNIT + i, f[i]); \
+        } \
+    } else { \
+        for (int e = lid; e < BKV * (WIDTH); e += WG) { \
+            const int j = e / (WIDTH), d = e - j * (WIDTH); \
+            SET(j, d, j < kn ? float(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
+        } \
+    }
+#endif
 #if TPR > 1
 shared float l_parts[WG];
 #endif
@@ -448,21 +469,7 @@ void main() {
                     }
                 }
 #else
-                if (p.vec_ok != 0) {
-                    // D is a multiple of 8 here (the host checks), so rows split into whole units.
-                    for (int e = lid; e < BKV * (D / UNIT); e += WG) {
-                        const int j = e / (D / UNIT), u = e - j * (D / UNIT);
-                        float f[UNIT];
-                        if (j < kn) unit_floats(k_units[(koff + (k0 + j) * p.k_sl) / UNIT + u], f);
-                        else for (int i = 0; i < UNIT; ++i) f[i] = 0.0;
-                        for (int i = 0; i < UNIT; ++i) K_SET(j, u * UNIT + i, f[i]);
-                    }
-                } else {
-                    for (int e = lid; e < BKV * D; e += WG) {
-                        int j = e / D, d = e - (e / D) * D;
-                        K_SET(j, d, j < kn ? float(k_data[koff + (k0 + j) * p.k_sl + d * p.k_sd]) : 0.0);
-                    }
-                }
+                STAGE_ROWS(K_SET, k_units, k_data, koff, p.k_sl, p.k_sd, D)
 #endif
                 barrier();
 #if VKF_BLOCKED
@@ -605,20 +612,7 @@ void main() {
                     }
                 }
 #else
-                if (p.vec_ok != 0) {
-                    for (int e = lid; e < BKV * (DV / UNIT); e += WG) {
-                        const int j = e / (DV / UNIT), u = e - j * (DV / UNIT);
-                        float f[UNIT];
-                        if (j < kn) unit_floats(v_units[(voff + (k0 + j) * p.v_sl) / UNIT + u], f);
-                        else for (int i = 0; i < UNIT; ++i) f[i] = 0.0;
-                        for (int i = 0; i < UNIT; ++i) V_SET(j, u * UNIT + i, f[i]);
-                    }
-                } else {
-                    for (int e = lid; e < BKV * DV; e += WG) {
-                        int j = e / DV, d = e - (e / DV) * DV;
-                        V_SET(j, d, j < kn ? float(v_data[voff + (k0 + j) * p.v_sl + d * p.v_sd]) : 0.0);
-                    }
-                }
+                STAGE_ROWS(V_SET, v_units, v_data, voff, p.v_sl, p.v_sd, DV)
 #endif
 #if TPR > 1
                 {
