@@ -452,11 +452,12 @@ enum ForwardKernel {
         case .portable:
             var t = tiles(D: s.D, Dv: s.Dv, device: device, half: f16, queryBlock: blockMask?.blockSize.q)
             if let forced = ProcessInfo.processInfo.environment["VKFLEX_PORTABLE_TILES"], !forced.isEmpty {
-                // For tuning: BQxBKVxWG.
-                let v = forced.split(separator: "x").compactMap { Int($0) }
-                guard v.count == 3, v.allSatisfy({ $0 > 0 }), v[2] <= caps.maxWorkgroupInvocations,
+                // For tuning: BQxBKVxWG (at least one invocation per query row: the row statistics
+                // and the LSE are per invocation).
+                let v = forced.split(separator: "x", omittingEmptySubsequences: false).map { Int($0) ?? 0 }
+                guard v.count == 3, v.allSatisfy({ $0 > 0 }), v[2] >= v[0], v[2] <= caps.maxWorkgroupInvocations,
                       portableSharedBytes(D: s.D, Dv: s.Dv, BQ: v[0], BKV: v[1], WG: v[2], half: f16) <= caps.maxSharedMemory - 256 else {
-                    throw FlexError("VKFLEX_PORTABLE_TILES=\(forced): use BQxBKVxWG that fits \(caps.maxSharedMemory) bytes of shared memory at head dims \(s.D)/\(s.Dv) (e.g. 32x32x128)")
+                    throw FlexError("VKFLEX_PORTABLE_TILES=\(forced): use BQxBKVxWG with WG >= BQ that fits \(caps.maxSharedMemory) bytes of shared memory at head dims \(s.D)/\(s.Dv) (e.g. 32x32x128)")
                 }
                 t = (v[0], v[1], v[2])
             }

@@ -379,6 +379,20 @@ extension AttentionTests {
         XCTAssertEqual(FlexKernel.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
     }
 
+    func testPortableTilesFromTheEnvironment() throws {
+        defer { unsetenv("VKFLEX_PORTABLE_TILES") }
+        let q = try device.tensor(randn(2 * 40 * 64), shape: [1, 2, 40, 64])
+        let reference = try flexAttentionReference(q, q, q)
+        for tiles in ["16x16x64", "8x32x128", "32x32x128"] {
+            setenv("VKFLEX_PORTABLE_TILES", tiles, 1)
+            XCTAssertLessThan(relativeL2Error(try flexAttention(q, q, q).output.toArray(), reference.output), 1e-5, tiles)
+        }
+        for bad in ["32x32", "32x32x16", "0x32x128", "axbxc", "4096x4096x128"] {
+            setenv("VKFLEX_PORTABLE_TILES", bad, 1)
+            XCTAssertThrowsError(try flexAttention(q, q, q), bad) { XCTAssertTrue("\($0)".contains("VKFLEX_PORTABLE_TILES=\(bad)"), "\($0)") }
+        }
+    }
+
     func testPortableTileChoices() {
         func tiles(_ D: Int, _ shared: Int, _ inv: Int = 1024, _ qb: Int? = nil, half: Bool = false) -> String {
             let t = ForwardKernel.tiles(D: D, Dv: D, sharedMemory: shared << 10, maxInvocations: inv, half: half, queryBlock: qb)
