@@ -81,17 +81,33 @@ void unit_floats(
 
 // VKF_BLOCKED: register tiles of 4 rows. Q·Kᵀ: each invocation scores QK_CT keys against 4
 // consecutive rows, read as one vec4 from Q stored dimension-major (one shared-memory read feeds 4
-// or 8 products instead of one); P·V: each invocation accumulates 4 rows × 4 value dims per step
-// from one vec4 of P (stored key-major) and one of V. Where the tile shapes do not divide (small
-// head dims, small workgroups) the scalar layout below is used.
+// or 8 products instead of one); P·V: the output is cut into PV_T tasks of 4 rows × 4 value dims,
+// PV_NT per invocation, each fed per key by one vec4 of P (stored key-major) and one of V. Where
+// the tile shapes do not divide (rows or value dims not multiples of 4, small workgroups) the
+// scalar layout below is used.
 #define QK_CT ((BQ * BKV) / (4 * WG))
-#define PV_RPT ((BQ * DV) / (4 * WG))
 #define VKF_BLOCKED 0
-#if (BQ % 4 == 0) && (QK_CT > 0) && (PV_RPT > 0) && (DV % 4 == 0)
-#if ((BQ * BKV) % (4 * WG) == 0) && (BKV % QK_CT == 0) && ((4 * WG) % DV == 0) && (PV_RPT % 4 == 0)
+#if (BQ % 4 == 0) && (QK_CT > 0) && (DV % 4 == 0)
+#if ((BQ * BKV) % (4 * WG) == 0) && (BKV % QK_CT == 0)
 #undef VKF_BLOCKED
 #define VKF_BLOCKED 1
 #endif
+#endif
+#define PV_T ((BQ / 4) * (DV / 4))
+#define PV_NT ((PV_T + WG - 1) / WG)
+// Task t covers rows 4 (t / (DV / 4)).. and dims 4 (t % (DV / 4)).. Where DV / 4 divides WG, an
+// invocation's tasks share their dims (one V read per key serves them all), and where WG divides
+// PV_T every invocation has PV_NT tasks.
+#if (4 * WG) % DV == 0
+#define PV_SAME_DIMS 1
+#else
+#define PV_SAME_DIMS 0
+#endif
+#define PV_TASK(n) (lid + (n) * WG)
+#if PV_T % WG == 0
+#define PV_HAS(n) true
+#else
+#define PV_HAS(n) (PV_TASK(n) < PV_T)
 #endif
 
 // VKF_HALF (float16 inputs, register-tiled, D even): Q, K and V kept in shared memory as the fp16
@@ -107,7 +123,6 @@ void unit_floats(
 // the stores of a row hit distinct banks.
 #define KST (BKV + 1)
 #define SQ (BQ + 4)
-#define NRG ((4 * WG) / DV)
 shared vec4 S4[BKV * SQ / 4];
 #define S_AT(r, j) S4[((j) * SQ + (r)) >> 2][(r) & 3]
 // Each row's tile maximum in NKQ parts, one per invocation that scores the row (written in
@@ -195,9 +210,8 @@ void main() {
     if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
 #if VKF_BLOCKED
     const int kq = lid % (BKV / QK_CT), rq = lid / (BKV / QK_CT);   // Q·Kᵀ: keys kq + c * (BKV / QK_CT), rows 4 rq..4 rq + 3
-    const int dq = lid % (DV / 4), rg = lid / (DV / 4);             // P·V: dims 4 dq.., rows 4 (rg + g * NRG)..
-    vec4 acc4[PV_RPT];
-    for (int a = 0; a < PV_RPT; ++a) acc4[a] = vec4(0.0);
+    vec4 acc4[4 * PV_NT];   // P·V: row i of task n in acc4[4 n + i]
+    for (int a = 0; a < 4 * PV_NT; ++a) acc4[a] = vec4(0.0);
 #else
     float acc[ACC];
     for (int a = 0; a < ACC; ++a) acc[a] = 0.0;
@@ -453,18 +467,28 @@ void main() {
                 barrier();
 #if VKF_BLOCKED
                 {
-                    for (int g = 0; g < PV_RPT / 4; ++g)
-                        for (int i = 0; i < 4; ++i) acc4[4 * g + i] *= row_alpha[4 * (rg + g * NRG) + i];
+                    for (int n = 0; n < PV_NT; ++n)
+                        if (PV_HAS(n))
+                            for (int i = 0; i < 4; ++i) acc4[4 * n + i] *= row_alpha[4 * (PV_TASK(n) / (DV / 4)) + i];
                     for (int j = 0; j < kn; ++j) {
 #if VKF_HALF
-                        const vec4 vv = unpack4(KVh[(j * DV) / 4 + dq]);
+#define V_VEC4(q) unpack4(KVh[(j * DV) / 4 + (q)])
 #else
-                        const vec4 vv = KV4[(j * DV) / 4 + dq];
+#define V_VEC4(q) KV4[(j * DV) / 4 + (q)]
 #endif
-                        for (int g = 0; g < PV_RPT / 4; ++g) {
-                            const vec4 pv = S4[(j * SQ) / 4 + rg + g * NRG];
-                            for (int i = 0; i < 4; ++i) acc4[4 * g + i] += pv[i] * vv;
+#if PV_SAME_DIMS
+                        const vec4 vv = V_VEC4(lid % (DV / 4));
+#endif
+                        for (int n = 0; n < PV_NT; ++n) {
+                            if (PV_HAS(n)) {
+#if !PV_SAME_DIMS
+                                const vec4 vv = V_VEC4(PV_TASK(n) % (DV / 4));
+#endif
+                                const vec4 pv = S4[(j * SQ) / 4 + PV_TASK(n) / (DV / 4)];
+                                for (int i = 0; i < 4; ++i) acc4[4 * n + i] += pv[i] * vv;
+                            }
                         }
+#undef V_VEC4
                     }
                 }
 #elif (WG % DV == 0) && ((BQ * DV) % WG == 0)
@@ -509,15 +533,18 @@ void main() {
 #endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
 #if VKF_BLOCKED
-    for (int g = 0; g < PV_RPT / 4; ++g)
+    for (int n = 0; n < PV_NT; ++n) {
+        if (!PV_HAS(n)) continue;
+        const int rg = PV_TASK(n) / (DV / 4), dq = PV_TASK(n) % (DV / 4);
         for (int i = 0; i < 4; ++i) {
-            const int r = 4 * (rg + g * NRG) + i;
+            const int r = 4 * rg + i;
             if (r < rows) {
                 const float l = row_l[r];
                 for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l > 0.0 ? acc4[4 * g + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l > 0.0 ? acc4[4 * n + i][c] / l : 0.0);
             }
         }
+    }
 #else
     for (int a = 0; a < ACC; ++a) {
         int e = lid + a * WG;

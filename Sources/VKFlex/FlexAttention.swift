@@ -383,11 +383,10 @@ enum ForwardKernel {
     }
 
     /// Whether flex_attention_fwd.comp takes its register-tiled path (`VKF_BLOCKED`) for these
-    /// tiles: 4 rows per invocation in both products, which the shapes must divide.
+    /// tiles: 4 rows and 4 value dims per task, which the shapes must divide.
     static func portableBlocked(Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int) -> Bool {
-        let ct = bq * bkv / (4 * wg), rpt = bq * Dv / (4 * wg)
-        return bq % 4 == 0 && ct > 0 && rpt > 0 && Dv % 4 == 0 && (bq * bkv) % (4 * wg) == 0 && bkv % ct == 0
-            && (4 * wg) % Dv == 0 && rpt % 4 == 0
+        let ct = bq * bkv / (4 * wg)
+        return bq % 4 == 0 && ct > 0 && Dv % 4 == 0 && (bq * bkv) % (4 * wg) == 0 && bkv % ct == 0
     }
 
     /// Shared memory of flex_attention_fwd.comp, mirrored: Q, K/V, scores (and, register-tiled,
