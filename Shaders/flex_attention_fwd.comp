@@ -66,6 +66,18 @@ void unit_floats(
 #else
 #define SCORE_IN_L2 0
 #endif
+// A score in log2 units from its dot product: scale, then the score-mod.
+float modded_l2(float dot, int b, int h, int qi, int ki) {
+    float s = dot * p.scale;
+#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
+    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#elif VKF_HAS_SCORE_MOD
+    return score_mod(s, b, h, qi, ki) * LOG2E;
+#else
+    return s * LOG2E;
+#endif
+}
+
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
 // Row stride of the score tile: odd, so that rows read at the same key hit different banks.
@@ -307,22 +319,15 @@ void main() {
                             const int r = 4 * rq + i;
                             float s = NEG_INF;
                             if (r < rows && j < kn) {
-                                s = dots[c][i] * p.scale;
                                 const int qi = q0 + r, ki = k0 + j;
-#if VKF_HAS_SCORE_MOD
-#if SCORE_IN_L2
-                                s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#else
-                                s = score_mod(s, b, h, qi, ki);
-#endif
-#endif
+                                s = modded_l2(dots[c][i], b, h, qi, ki);
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                                 if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[i], mc[c])) s = NEG_INF;
 #elif VKF_HAS_MASK_MOD
                                 if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                             }
-                            sv[i] = SCORE_IN_L2 != 0 ? s : s * LOG2E;
+                            sv[i] = s;
                         }
                         S4[(j * SQ) / 4 + rq] = sv;
                         pm = max(pm, sv);
@@ -351,22 +356,15 @@ void main() {
                         int r = r0 + a * (WG / BKV);
                         float s = NEG_INF;
                         if (r < rows && j < kn) {
-                            s = dots[a] * p.scale;
-                            int qi = q0 + r, ki = k0 + j;
-#if VKF_HAS_SCORE_MOD
-#if SCORE_IN_L2
-                            s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#else
-                            s = score_mod(s, b, h, qi, ki);
-#endif
-#endif
+                            const int qi = q0 + r, ki = k0 + j;
+                            s = modded_l2(dots[a], b, h, qi, ki);
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                             if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[a], mc)) s = NEG_INF;
 #elif VKF_HAS_MASK_MOD
                             if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                         }
-                        S_AT(r, j) = SCORE_IN_L2 != 0 ? s : s * LOG2E;
+                        S_AT(r, j) = s;
                     }
                 }
 #else
@@ -376,20 +374,13 @@ void main() {
                     if (r < rows && j < kn) {
                         float dot = 0.0;
                         for (int d = 0; d < D; ++d) dot += Qs[r * D + d] * KVs[j * KVD + d];
-                        s = dot * p.scale;
-                        int qi = q0 + r, ki = k0 + j;
-#if VKF_HAS_SCORE_MOD
-#if SCORE_IN_L2
-                        s = score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#else
-                        s = score_mod(s, b, h, qi, ki);
-#endif
-#endif
+                        const int qi = q0 + r, ki = k0 + j;
+                        s = modded_l2(dot, b, h, qi, ki);
 #if VKF_HAS_MASK_MOD
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;
 #endif
                     }
-                    S_AT(r, j) = SCORE_IN_L2 != 0 ? s : s * LOG2E;
+                    S_AT(r, j) = s;
                 }
 #endif
                 barrier();
