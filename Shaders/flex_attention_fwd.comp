@@ -57,8 +57,6 @@ void unit_floats(
 #endif
 }
 
-// Row stride of the K/V tile in shared memory: odd, so that threads reading different keys at
-// the same dimension hit different banks.
 // With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
 // its constants), and the score is not multiplied by log2(e) afterwards.
 #if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
@@ -78,6 +76,8 @@ float modded_l2(float dot, int b, int h, int qi, int ki) {
 #endif
 }
 
+// Row stride of the K/V tile in shared memory (scalar layout): odd, so that threads reading
+// different keys at the same dimension hit different banks.
 #define KVD ((D > DV ? D : DV) | 1)
 #define ACC ((BQ * DV + WG - 1) / WG)
 // Row stride of the score tile: odd, so that rows read at the same key hit different banks.
