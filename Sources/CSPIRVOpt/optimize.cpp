@@ -1,6 +1,8 @@
 #include "CSPIRVOpt.h"
 
 #include <spirv-tools/optimizer.hpp>
+#define SPV_ENABLE_UTILITY_CODE
+#include <spirv/unified1/spirv.hpp>
 
 #include <cstdlib>
 #include <cstring>
@@ -50,3 +52,10 @@ extern "C" int vkflex_spirv_optimize(const uint32_t *words, size_t count, const 
 }
 
 extern "C" void vkflex_spirv_free(uint32_t *words) { std::free(words); }
+
+extern "C" void vkflex_spirv_has_result(uint32_t opcode, int *has_result, int *has_result_type) {
+    bool result = false, type = false;
+    spv::HasResultAndType(static_cast<spv::Op>(opcode), &result, &type);
+    *has_result = result ? 1 : 0;
+    *has_result_type = type ? 1 : 0;
+}

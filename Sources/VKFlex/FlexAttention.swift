@@ -19,7 +19,8 @@ public struct FlexResult {
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
-    /// `VK_NV_cooperative_matrix` (NVIDIA): float16, head dim = value dim, a multiple of 16 up to 256,
+    /// Cooperative matrices (NVIDIA; `VK_KHR_cooperative_matrix`, else `VK_NV_cooperative_matrix`,
+    /// see ``CooperativeMatrixAPI``): float16, head dim = value dim, a multiple of 16 up to 256,
     /// on a device whose fragment element order is NVIDIA's (``CooperativeMatrixLayout/nvidiaMMA``,
     /// measured once per device).
     case coopmat
@@ -27,8 +28,8 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     /// Why `coopmat` cannot run this call, or nil when it can.
     static func coopmatProblem(_ s: AttentionShape, device: Device) -> String? {
         let caps = device.capabilities
-        if !device.enabledFeatures.cooperativeMatrixNV { return "\(caps.name) has no VK_NV_cooperative_matrix" }
-        if !caps.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == "float16" && $0.result == "float32" }) {
+        if device.cooperativeMatrixAPI == nil { return "\(caps.name) has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix" }
+        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == "float16" && $0.result == "float32" }) {
             return "\(caps.name) offers no 16x16x16 float16 -> float32 cooperative matrix"
         }
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
@@ -88,7 +89,8 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     }
     /// `queryBlock`: the BlockMask's query block size, when there is one (see below).
     init?(D: Int, device: Device, queryBlock: Int? = nil, dense: Bool = false) {
-        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, queryBlock: queryBlock, dense: dense)
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, queryBlock: queryBlock, dense: dense,
+                  typedOperands: device.cooperativeMatrixAPI == .khr)
     }
 
     /// Query rows per workgroup (16 per row block per subgroup).
@@ -106,7 +108,12 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
     /// serves twice the rows (H200, full D=64: 219.2 / 217.9 → 225.4 / 225.4 TFLOP/s; the driver
     /// fits one such workgroup per SM instead of two of four subgroups). Not at D = 16, 32 or 48,
     /// where it was 3-9% slower (full D=32: 183.8 against 201.5).
-    init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil, dense: Bool = false,
+    ///
+    /// `typedOperands`: the kernel runs through `VK_KHR_cooperative_matrix`, whose B operands need
+    /// no transposes (``CooperativeMatrixKHRRewriter``). The registers that frees let 64 < D ≤ 128
+    /// compute 32 keys at a time without spilling (H200, D=128: full 260.4 → 271.3, causal 245.1
+    /// → 254.1 TFLOP/s against 16-key steps; through the NV extension 32-key steps spilled).
+    init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil, dense: Bool = false, typedOperands: Bool = false,
           forced: String? = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"]) {
         // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
         // per subgroup (each K/V fragment read from shared memory feeds two products), 64 keys
@@ -125,6 +132,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
             // Above 128 one row block per subgroup: O alone is then 128 registers per lane.
             : [.init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1, prefetch: false)]
         if dense && D == 64 { options.insert(.init(BKV: 32, NSG: 8, RPW: 2, NBUF: 1, split: 2), at: 0) }
+        if typedOperands && D > 64 && D <= 128 { options.insert(.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false), at: 0) }
         options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
         if let rows = queryBlock, rows % 128 != 0 {
             // Fewer query rows per workgroup where that leaves fewer of them idle: 64 (four

@@ -78,10 +78,15 @@ public struct DeviceCapabilities: Sendable, Codable {
     public var subgroupSizeControl: Bool
     /// Whether `VK_NV_cooperative_matrix` is available with its feature enabled.
     public var cooperativeMatrixNV: Bool
+    /// Whether `VK_KHR_cooperative_matrix` is available with its feature enabled.
+    public var cooperativeMatrixKHR: Bool = false
     /// The Vulkan memory model with device scope (what GL_KHR_memory_scope_semantics, used with
     /// cooperative matrices, needs once enabled: the kernels' atomics use device scope).
     public var vulkanMemoryModel: Bool
+    /// The shapes `VK_NV_cooperative_matrix` offers.
     public var cooperativeMatrixShapes: [CooperativeMatrixShape]
+    /// The subgroup-scope shapes `VK_KHR_cooperative_matrix` offers.
+    public var cooperativeMatrixKHRShapes: [CooperativeMatrixShape] = []
     public var timestampPeriodNs: Double
     public var timestamps: Bool
     public var extensions: [String]
@@ -164,6 +169,25 @@ extension DeviceCapabilities {
             }
         }
 
+        var khrShapes: [CooperativeMatrixShape] = []
+        if features.cooperativeMatrixKHR,
+           let raw = vkGetInstanceProcAddr(instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR") {
+            let fn = unsafeBitCast(raw, to: PFN_vkflexGetPhysicalDeviceCooperativeMatrixPropertiesKHR.self)
+            var count: UInt32 = 0
+            if fn(pd, &count, nil) == VK_SUCCESS, count > 0 {
+                var template = VkflexCooperativeMatrixPropertiesKHR()
+                template.sType = VkStructureType(rawValue: 1000506001)
+                var list = [VkflexCooperativeMatrixPropertiesKHR](repeating: template, count: Int(count))
+                if fn(pd, &count, &list) == VK_SUCCESS {
+                    khrShapes = list.prefix(Int(count)).filter { $0.scope == 3 /* VK_SCOPE_SUBGROUP_KHR */ }.map {
+                        CooperativeMatrixShape(m: Int($0.MSize), n: Int($0.NSize), k: Int($0.KSize),
+                                               a: componentName(VkComponentTypeNV($0.AType)), b: componentName(VkComponentTypeNV($0.BType)),
+                                               c: componentName(VkComponentTypeNV($0.CType)), result: componentName(VkComponentTypeNV($0.ResultType)))
+                    }
+                }
+            }
+        }
+
         let limits = props.limits
         let maxAlloc = Int(v11.maxMemoryAllocationSize)
         return DeviceCapabilities(
@@ -196,8 +220,10 @@ extension DeviceCapabilities {
             floatAtomicAdd: features.floatAtomicAdd,
             subgroupSizeControl: features.subgroupSizeControl,
             cooperativeMatrixNV: features.cooperativeMatrixNV,
+            cooperativeMatrixKHR: features.cooperativeMatrixKHR,
             vulkanMemoryModel: features.vulkanMemoryModel && features.vulkanMemoryModelDeviceScope,
             cooperativeMatrixShapes: shapes,
+            cooperativeMatrixKHRShapes: khrShapes,
             timestampPeriodNs: Double(limits.timestampPeriod),
             timestamps: limits.timestampComputeAndGraphics != 0,
             extensions: extensions.sorted())
@@ -239,6 +265,7 @@ struct DeviceFeatures {
     var floatAtomicAdd = false
     var subgroupSizeControl = false
     var cooperativeMatrixNV = false
+    var cooperativeMatrixKHR = false
     var vulkanMemoryModel = false
     var vulkanMemoryModelDeviceScope = false
 
@@ -251,6 +278,8 @@ struct DeviceFeatures {
         atomics.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_ATOMIC_FLOAT_FEATURES_EXT
         var coop = VkPhysicalDeviceCooperativeMatrixFeaturesNV()
         coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
+        var coopKHR = VkflexCooperativeMatrixFeaturesKHR()
+        coopKHR.sType = VkStructureType(rawValue: 1000506000)
         var sizeControl = VkPhysicalDeviceSubgroupSizeControlFeatures()
         sizeControl.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_SIZE_CONTROL_FEATURES
         var base = VkPhysicalDeviceFeatures2()
@@ -260,14 +289,16 @@ struct DeviceFeatures {
         withUnsafeMutablePointer(to: &atomics) { pa in
         withUnsafeMutablePointer(to: &coop) { pc in
         withUnsafeMutablePointer(to: &sizeControl) { ps in
+        withUnsafeMutablePointer(to: &coopKHR) { pk in
             var chain: [UnsafeMutableRawPointer] = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
             if extensions.contains("VK_EXT_shader_atomic_float") { chain.append(UnsafeMutableRawPointer(pa)) }
             if extensions.contains("VK_NV_cooperative_matrix") { chain.append(UnsafeMutableRawPointer(pc)) }
             if extensions.contains("VK_EXT_subgroup_size_control") { chain.append(UnsafeMutableRawPointer(ps)) }
+            if extensions.contains("VK_KHR_cooperative_matrix") { chain.append(UnsafeMutableRawPointer(pk)) }
             linkChain(chain)
             base.pNext = chain[0]
             vkGetPhysicalDeviceFeatures2(pd, &base)
-        }}}}}
+        }}}}}}
         var f = DeviceFeatures()
         f.shaderFloat16 = v12.shaderFloat16 != 0
         f.storageBuffer16Bit = v11.storageBuffer16BitAccess != 0
@@ -278,6 +309,7 @@ struct DeviceFeatures {
         f.floatAtomicAdd = extensions.contains("VK_EXT_shader_atomic_float") && atomics.shaderBufferFloat32AtomicAdd != 0
         f.subgroupSizeControl = extensions.contains("VK_EXT_subgroup_size_control") && sizeControl.subgroupSizeControl != 0
         f.cooperativeMatrixNV = extensions.contains("VK_NV_cooperative_matrix") && coop.cooperativeMatrix != 0
+        f.cooperativeMatrixKHR = extensions.contains("VK_KHR_cooperative_matrix") && coopKHR.cooperativeMatrix != 0
         return f
     }
 }

@@ -1,7 +1,9 @@
 import Foundation
 
-/// Which (row, column) of a 16×16 `VK_NV_cooperative_matrix` fragment each invocation of a
-/// subgroup holds, as measured on a device by loading a matrix of known values.
+/// Which (row, column) of a 16×16 cooperative-matrix fragment each invocation of a subgroup
+/// holds, as measured on a device by loading a matrix of known values (through the extension the
+/// device uses: on a `VK_KHR_cooperative_matrix` device the fp32 fragments are accumulators and
+/// the fp16 ones A operands, the uses the attention kernel relies on).
 ///
 /// The extension leaves this layout to the implementation. vkflex's cooperative-matrix kernel
 /// keeps scores and probabilities in registers, so it needs each element's row and column; the
@@ -70,7 +72,7 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     }
 
     /// The layout of `device`, measured on first use and remembered; nil when it has no
-    /// `VK_NV_cooperative_matrix` (or the measurement failed).
+    /// cooperative-matrix extension (or the measurement failed).
     public static func of(_ device: Device) -> CooperativeMatrixLayout? {
         if let known = device.lock.withLock({ device.measuredLayout }) { return known }
         let layout = try? measure(on: device)
@@ -78,11 +80,11 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         return layout
     }
 
-    /// Measures the layout on `device`; nil when it has no `VK_NV_cooperative_matrix` or a
+    /// Measures the layout on `device`; nil when it has no cooperative-matrix extension or a
     /// subgroup size other than 32.
     public static func measure(on device: Device) throws -> CooperativeMatrixLayout? {
-        guard device.enabledFeatures.cooperativeMatrixNV, device.capabilities.subgroupSize == 32 else { return nil }
-        let narrow = device.capabilities.cooperativeMatrixShapes.contains {
+        guard device.cooperativeMatrixAPI != nil, device.capabilities.subgroupSize == 32 else { return nil }
+        let narrow = device.cooperativeMatrixShapes.contains {
             $0.m == 16 && $0.n == 8 && $0.k == 16 && $0.a == "float16" && $0.result == "float32"
         }
         let pipeline = try device.pipeline(for: "vkflex.coopmat_layout.\(narrow)") {

@@ -75,14 +75,19 @@ public final class Device: @unchecked Sendable {
         public var storageBuffer16Bit = false
         public var bufferDeviceAddress = false
         public var cooperativeMatrixNV = false
+        /// `VK_KHR_cooperative_matrix`: vkflex's cooperative-matrix shaders (written against the NV
+        /// extension) are rewritten to it when they are built (``CooperativeMatrixKHRRewriter``).
+        public var cooperativeMatrixKHR = false
         public var subgroupSizeControl = false
         public var vulkanMemoryModel = false
         public init(shaderFloat16: Bool = false, storageBuffer16Bit: Bool = false, bufferDeviceAddress: Bool = false,
-                    cooperativeMatrixNV: Bool = false, subgroupSizeControl: Bool = false, vulkanMemoryModel: Bool = false) {
+                    cooperativeMatrixNV: Bool = false, cooperativeMatrixKHR: Bool = false, subgroupSizeControl: Bool = false,
+                    vulkanMemoryModel: Bool = false) {
             self.shaderFloat16 = shaderFloat16
             self.storageBuffer16Bit = storageBuffer16Bit
             self.bufferDeviceAddress = bufferDeviceAddress
             self.cooperativeMatrixNV = cooperativeMatrixNV
+            self.cooperativeMatrixKHR = cooperativeMatrixKHR
             self.subgroupSizeControl = subgroupSizeControl
             self.vulkanMemoryModel = vulkanMemoryModel
         }
@@ -153,10 +158,15 @@ public final class Device: @unchecked Sendable {
         enabled.storageBuffer16Bit = caps.storageBuffer16Bit
         enabled.bufferDeviceAddress = caps.bufferDeviceAddress
         // Cooperative-matrix shaders declare the Vulkan memory model (GL_KHR_memory_scope_semantics).
-        enabled.cooperativeMatrixNV = caps.cooperativeMatrixNV && caps.vulkanMemoryModel
-        enabled.vulkanMemoryModel = enabled.cooperativeMatrixNV
+        switch try CooperativeMatrixAPI.choice(caps, validationLayer: instance.loadedValidationLayerVersion()) {
+        case .khr?: enabled.cooperativeMatrixKHR = true
+        case .nv?: enabled.cooperativeMatrixNV = true
+        case nil: break
+        }
+        enabled.vulkanMemoryModel = enabled.cooperativeMatrixNV || enabled.cooperativeMatrixKHR
         var extensions: [String] = []
         if enabled.cooperativeMatrixNV { extensions.append("VK_NV_cooperative_matrix") }
+        if enabled.cooperativeMatrixKHR { extensions.append("VK_KHR_cooperative_matrix") }
         if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
         // VKFLEX_PIPELINE_STATS=1: the driver's statistics of every pipeline built (registers,
         // spills, ...) go to standard error, for tuning kernels.
@@ -182,6 +192,9 @@ public final class Device: @unchecked Sendable {
         var coop = VkPhysicalDeviceCooperativeMatrixFeaturesNV()
         coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
         coop.cooperativeMatrix = VkBool32(1)
+        var coopKHR = VkflexCooperativeMatrixFeaturesKHR()
+        coopKHR.sType = VkStructureType(rawValue: 1000506000)
+        coopKHR.cooperativeMatrix = VkBool32(1)
 
         var device: VkDevice?
         var priority: Float = 1
@@ -189,10 +202,12 @@ public final class Device: @unchecked Sendable {
             withUnsafeMutablePointer(to: &v11) { p11 in
             withUnsafeMutablePointer(to: &v12) { p12 in
             withUnsafeMutablePointer(to: &coop) { pc in
+            withUnsafeMutablePointer(to: &coopKHR) { pk in
             withUnsafeMutablePointer(to: &exec) { pe in
             withUnsafePointer(to: &priority) { prio in
                 var chain = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
                 if enabled.cooperativeMatrixNV { chain.append(UnsafeMutableRawPointer(pc)) }
+                if enabled.cooperativeMatrixKHR { chain.append(UnsafeMutableRawPointer(pk)) }
                 if stats { chain.append(UnsafeMutableRawPointer(pe)) }
                 linkChain(chain)
                 var queueInfo = VkDeviceQueueCreateInfo()
@@ -210,7 +225,7 @@ public final class Device: @unchecked Sendable {
                     info.ppEnabledExtensionNames = extPtrs.baseAddress
                     return vkCreateDevice(physicalDevice, &info, nil, &device)
                 }
-            }}}}}
+            }}}}}}
         }
         try check(result, "vkCreateDevice")
         guard let device else { throw VulkanError.call("vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
@@ -247,6 +262,7 @@ public final class Device: @unchecked Sendable {
         self.physicalDevice = physicalDevice
         var caps = DeviceCapabilities.query(physicalDevice, index: 0, instance: instance)
         caps.cooperativeMatrixNV = caps.cooperativeMatrixNV && enabledFeatures.cooperativeMatrixNV
+        caps.cooperativeMatrixKHR = caps.cooperativeMatrixKHR && enabledFeatures.cooperativeMatrixKHR
         self.capabilities = caps
         self.handle = device
         self.queue = queue
@@ -318,5 +334,65 @@ public final class Device: @unchecked Sendable {
         let types = withUnsafeBytes(of: memoryProperties.memoryTypes) { Array($0.bindMemory(to: VkMemoryType.self)) }
         let heaps = withUnsafeBytes(of: memoryProperties.memoryHeaps) { Array($0.bindMemory(to: VkMemoryHeap.self)) }
         return Int(heaps[Int(types[Int(index)].heapIndex)].size)
+    }
+}
+
+/// Which cooperative-matrix extension a device's kernels go through.
+///
+/// vkflex's cooperative-matrix shaders are written against `GL_NV_cooperative_matrix` (what
+/// Debian 12's glslang compiles); on a device with `VK_KHR_cooperative_matrix` they are rewritten
+/// to it when built, so that each matrix carries its use (A, B or accumulator) and NVIDIA's
+/// compiler loads B operands in their own layout instead of transposing them at every product.
+/// `VKFLEX_COOPMAT_API=nv|khr` forces one (for comparisons); the default is `khr` where the
+/// device has it.
+///
+/// ```swift
+/// let device = try Device.default()
+/// print(device.cooperativeMatrixAPI ?? "none")   // khr on an H200 with driver 580
+/// ```
+public enum CooperativeMatrixAPI: String, Sendable, CustomStringConvertible {
+    case nv, khr
+    public var description: String { rawValue }
+
+    /// The extension to enable on a device with `caps`: `VKFLEX_COOPMAT_API` when set, else KHR,
+    /// else NV; nil when it has neither (or no Vulkan memory model, which both need).
+    ///
+    /// Under a Khronos validation layer older than 1.3.255 (Debian 12 ships 1.3.239), which
+    /// predates `VK_KHR_cooperative_matrix` and would report its structures and SPIR-V as
+    /// errors, the default is NV where the device has it.
+    static func choice(_ caps: DeviceCapabilities, validationLayer: UInt32? = nil) throws -> CooperativeMatrixAPI? {
+        guard caps.vulkanMemoryModel else { return nil }
+        let env = (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_API"] ?? "").lowercased()
+        switch env {
+        case "", "auto":
+            let layerKnowsKHR = validationLayer.map { $0 >= firstLayerWithKHR } ?? true
+            if caps.cooperativeMatrixKHR && (layerKnowsKHR || !caps.cooperativeMatrixNV) { return .khr }
+            return caps.cooperativeMatrixNV ? .nv : nil
+        case "nv", "khr":
+            let api = CooperativeMatrixAPI(rawValue: env)!
+            // A device without the forced extension has no cooperative matrices at all.
+            return (api == .nv ? caps.cooperativeMatrixNV : caps.cooperativeMatrixKHR) ? api : nil
+        default:
+            throw VulkanError.unsupported("VKFLEX_COOPMAT_API=\(env): use nv, khr or auto")
+        }
+    }
+
+    /// Vulkan 1.3.255, the first version with `VK_KHR_cooperative_matrix`.
+    static let firstLayerWithKHR: UInt32 = (1 << 22) | (3 << 12) | 255
+}
+
+extension Device {
+    /// The cooperative-matrix extension enabled on this device, or nil.
+    public var cooperativeMatrixAPI: CooperativeMatrixAPI? {
+        enabledFeatures.cooperativeMatrixKHR ? .khr : enabledFeatures.cooperativeMatrixNV ? .nv : nil
+    }
+
+    /// The cooperative-matrix shapes of the extension in use (empty without one).
+    public var cooperativeMatrixShapes: [CooperativeMatrixShape] {
+        switch cooperativeMatrixAPI {
+        case .khr?: capabilities.cooperativeMatrixKHRShapes
+        case .nv?: capabilities.cooperativeMatrixShapes
+        case nil: []
+        }
     }
 }

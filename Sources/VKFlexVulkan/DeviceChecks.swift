@@ -85,7 +85,7 @@ public enum DeviceChecks {
         },
         DeviceCheck(name: "cooperative-matrix element layout") { device in
             guard let layout = try CooperativeMatrixLayout.measure(on: device) else {
-                return "no VK_NV_cooperative_matrix with subgroup size 32 (skipped)"
+                return "no cooperative-matrix extension with subgroup size 32 (skipped)"
             }
             let known = layout.matches(CooperativeMatrixLayout.nvidiaMMA)
             return (known ? "NVIDIA tensor-core order (the cooperative-matrix kernel applies): " : "another order (attention uses the portable kernel): ") + layout.summary

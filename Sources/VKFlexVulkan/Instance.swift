@@ -157,6 +157,18 @@ final class Instance: @unchecked Sendable {
         return Set(props.prefix(Int(count)).map { fixedString($0.layerName) })
     }
 
+    /// The spec version of the Khronos validation layer, when this process loads it (through
+    /// vkflex's validation option or `VK_INSTANCE_LAYERS`); nil otherwise.
+    func loadedValidationLayerVersion() -> UInt32? {
+        let preloaded = ProcessInfo.processInfo.environment["VK_INSTANCE_LAYERS"]?.contains("VK_LAYER_KHRONOS_validation") ?? false
+        guard validation || preloaded else { return nil }
+        var count: UInt32 = 0
+        guard vkEnumerateInstanceLayerProperties(&count, nil) == VK_SUCCESS, count > 0 else { return nil }
+        var props = [VkLayerProperties](repeating: VkLayerProperties(), count: Int(count))
+        guard vkEnumerateInstanceLayerProperties(&count, &props) == VK_SUCCESS else { return nil }
+        return props.prefix(Int(count)).first { fixedString($0.layerName) == "VK_LAYER_KHRONOS_validation" }?.specVersion
+    }
+
     static func availableExtensions() -> Set<String> {
         var count: UInt32 = 0
         guard vkEnumerateInstanceExtensionProperties(nil, &count, nil) == VK_SUCCESS, count > 0 else { return [] }

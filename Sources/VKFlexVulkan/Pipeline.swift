@@ -202,7 +202,14 @@ extension Device {
         let t0 = DispatchTime.now().uptimeNanoseconds
         var library = ShaderLibrary.standard
         library.files.merge(d.includes) { _, generated in generated }
-        let spirv = try ShaderCompiler.shared.compile(d.source, library: library)
+        var spirv = try ShaderCompiler.shared.compile(d.source, library: library)
+        if cooperativeMatrixAPI == .khr, CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(spirv) {
+            do {
+                spirv = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: capabilities.subgroupSize)
+            } catch {
+                throw VulkanError.unsupported("\(d.source.name): cannot move its cooperative matrices to VK_KHR_cooperative_matrix (\(error)); VKFLEX_COOPMAT_API=nv uses the NV extension")
+            }
+        }
         let t1 = DispatchTime.now().uptimeNanoseconds
         guard d.pushConstantSize <= capabilities.maxPushConstantsSize else {
             throw VulkanError.limitExceeded("\(d.source.name) needs \(d.pushConstantSize) bytes of push constants; the device allows \(capabilities.maxPushConstantsSize)")

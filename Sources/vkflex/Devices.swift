@@ -34,6 +34,7 @@ struct Devices: ParsableCommand {
                     ("buffer device address", yesNo(d.bufferDeviceAddress)),
                     ("float atomic add", yesNo(d.floatAtomicAdd)),
                     ("cooperative matrix (NV)", d.cooperativeMatrixNV ? d.cooperativeMatrixShapes.map(\.description).joined(separator: ", ") : "no"),
+                    ("cooperative matrix (KHR)", d.cooperativeMatrixKHR ? d.cooperativeMatrixKHRShapes.map(\.description).joined(separator: ", ") : "no"),
                     ("timestamps", d.timestamps ? String(format: "yes (%.3g ns/tick)", d.timestampPeriodNs) : "no"),
                 ]
                 for (k, v) in rows { print("      \(k.padding(toLength: 24, withPad: " ", startingAt: 0)) \(v)") }

@@ -14,7 +14,7 @@ struct SelfTest: ParsableCommand {
         try reportingErrors {
             let device = try deviceOptions.open()
             let caps = device.capabilities
-            print("vkflex \(vkflexVersion) selftest on [\(caps.index)] \(caps.name) (\(caps.driverName), subgroup \(caps.subgroupSize))")
+            print("vkflex \(vkflexVersion) selftest on [\(caps.index)] \(caps.name) (\(caps.driverName), subgroup \(caps.subgroupSize)\(device.cooperativeMatrixAPI.map { ", cooperative matrices: VK_\($0.rawValue.uppercased())_cooperative_matrix" } ?? ""))")
             let validationBefore = ValidationLog.shared.count
             var rows: [(String, Bool, Double, String)] = []
             for check in DeviceChecks.all {

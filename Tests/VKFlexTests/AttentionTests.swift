@@ -237,7 +237,8 @@ extension AttentionTests {
 
     /// The cooperative-matrix kernel cannot run on lavapipe, but it must compile — optimized, since
     /// spirv-opt crashes on some NV cooperative-matrix code and a crash would take the process down:
-    /// every head dim and tile choice, with and without mods, goes through shaderc here.
+    /// every head dim and tile choice, with and without mods, goes through shaderc here, and
+    /// through the rewrite to `VK_KHR_cooperative_matrix`.
     func testCooperativeMatrixVariantsCompileWithTheOptimizer() throws {
         let docs = try device.tensor([0, 0, 1, 1], shape: [4], name: "docs")
         let modSets: [(ScoreMod?, MaskMod?)] = [
@@ -265,6 +266,9 @@ extension AttentionTests {
                                                               push: narrowK)
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
+                        // What a VK_KHR_cooperative_matrix device builds (checked by the rewriter's verify).
+                        let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)
+                        XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
                         compiled += 1
                     }
                 }
@@ -444,6 +448,17 @@ extension AttentionTests {
         XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 16 << 10, dense: true, forced: nil)?.description, "32x1x4x1x1")
         let d128 = CoopmatTiles(D: 128, sharedMemory: 48 << 10, forced: nil)
         XCTAssertEqual(d128?.description, "16x2x4x1x0x2")
+        // Through VK_KHR_cooperative_matrix (typed B operands, no transposes) 32-key steps fit
+        // the registers at 64 < D <= 128; D = 64 and D > 128 keep their tiles.
+        for D in [80, 96, 128] {
+            let t = CoopmatTiles(D: D, sharedMemory: 48 << 10, typedOperands: true, forced: nil)
+            XCTAssertEqual(t?.description, "32x2x4x1x0", "D=\(D)")
+            XCTAssertLessThanOrEqual(t?.sharedBytes(D: D) ?? .max, 24 << 10, "under the H200's shared-memory cliff")
+        }
+        XCTAssertEqual(CoopmatTiles(D: 64, sharedMemory: 48 << 10, typedOperands: true, forced: nil)?.description, "32x2x4x1x1x2")
+        XCTAssertEqual(CoopmatTiles(D: 192, sharedMemory: 48 << 10, typedOperands: true, forced: nil)?.description,
+                       CoopmatTiles(D: 192, sharedMemory: 48 << 10, forced: nil)?.description)
+        XCTAssertEqual(CoopmatTiles(D: 128, sharedMemory: 48 << 10, typedOperands: true, forced: "16x2x4x1x0x2")?.description, "16x2x4x1x0x2")
         XCTAssertEqual(d128?.sharedBytes(D: 128), 17408, "32 staged keys of K and V, rows padded to 17 units of 16 bytes")
         // BlockMask query blocks that 128-row tiles would leave partly idle.
         func tiles(_ D: Int, _ rows: Int) -> String? { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: rows, forced: nil)?.description }

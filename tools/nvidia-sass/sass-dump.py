@@ -66,7 +66,7 @@ CLASSES = [("HMMA", r"\bHMMA\b"), ("LDSM", r"\bLDSM\b"), ("LDS", r"\bLDS\b"), ("
            ("SHFL", r"\bSHFL\b"), ("VOTE", r"\bVOTE\b"), ("LDL/STL", r"\b(LDL|STL)\b"),
            ("FFMA", r"\bFFMA\b"), ("FMUL", r"\bFMUL\b"), ("FADD", r"\bFADD\b"), ("FMNMX", r"\bFMNMX\b"),
            ("F2FP", r"\bF2FP\b"), ("IMAD", r"\bIMAD\b"), ("ISETP", r"\bISETP\b"), ("BRA", r"\bBRA\b"),
-           ("MOV", r"\bMOV\b"), ("PRMT", r"\bPRMT\b")]
+           ("MOV", r"\bMOV\b"), ("MOVM", r"\bMOVM\b"), ("PRMT", r"\bPRMT\b")]
 
 
 def main():

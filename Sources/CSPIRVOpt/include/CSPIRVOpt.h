@@ -16,6 +16,10 @@ int vkflex_spirv_optimize(const uint32_t *words, size_t count, const char *const
                           uint32_t **out, size_t *out_count, char *error, size_t error_length);
 void vkflex_spirv_free(uint32_t *words);
 
+/// Whether instructions of `opcode` have a result id and a result type (from the SPIR-V headers'
+/// grammar). Unknown opcodes report neither.
+void vkflex_spirv_has_result(uint32_t opcode, int *has_result, int *has_result_type);
+
 #ifdef __cplusplus
 }
 #endif

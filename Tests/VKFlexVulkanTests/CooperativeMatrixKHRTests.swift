@@ -1,0 +1,149 @@
+import Foundation
+import VKFlexTestSupport
+import XCTest
+@testable import VKFlexVulkan
+
+/// The NV → KHR cooperative-matrix rewrite. lavapipe has neither extension, so these tests check
+/// the SPIR-V the rewrite produces; the H200 runs it (docs/performance.md).
+final class CooperativeMatrixKHRTests: VulkanTestCase {
+    struct Parsed {
+        var instructions: [(op: UInt32, w: [UInt32])] = []
+        var uses: [UInt32: UInt32] = [:]        // KHR matrix type -> use
+        var typeOf: [UInt32: UInt32] = [:]
+        func count(_ op: UInt32) -> Int { instructions.filter { $0.op == op }.count }
+    }
+
+    func parse(_ words: [UInt32]) throws -> Parsed {
+        var p = Parsed()
+        var constants: [UInt32: UInt32] = [:]
+        for ins in try CooperativeMatrixKHRRewriter.parse(words) {
+            p.instructions.append((ins.op, ins.w))
+            if ins.op == 43, ins.w.count == 3 { constants[ins.w[1]] = ins.w[2] }
+            if ins.op == 4456 { p.uses[ins.w[0]] = constants[ins.w[5]] }
+            if CooperativeMatrixKHRRewriter.resultLayout(ins.op).type, ins.w.count >= 2 { p.typeOf[ins.w[1]] = ins.w[0] }
+        }
+        return p
+    }
+
+    func compile(_ name: String, _ body: String) throws -> [UInt32] {
+        let text = """
+        #version 450
+        #extension GL_NV_cooperative_matrix : require
+        #extension GL_KHR_memory_scope_semantics : require
+        #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+        layout(local_size_x = 32) in;
+        layout(std430, binding = 0) buffer B { float16_t h[]; };
+        layout(std430, binding = 1) buffer F { float f[]; };
+        void main() {
+        \(body)
+        }
+        """
+        return try ShaderCompiler.shared.compile(ShaderSource(name: name, text: text, optimization: .full))
+    }
+
+    /// Q·Kᵀ then P·V, as the attention kernel does: K and V load as B operands, Q and P as A,
+    /// S and O are accumulators, and P (an accumulator rounded to fp16) is converted element by
+    /// element at the same indices.
+    func testProductsGetTheirUsesAndAccumulatorToOperandIsLowered() throws {
+        let nv = try compile("khr_attention_like", """
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> q, k, v;
+            coopMatLoadNV(q, h, 0, 16, false);
+            coopMatLoadNV(k, h, 256, 16, true);
+            coopMatLoadNV(v, h, 512, 16, false);
+            fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> s = fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>(0.0);
+            s = coopMatMulAddNV(q, k, s);
+            for (int e = 0; e < s.length(); ++e) s[e] = exp(s[e]);
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> p = fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>(s);
+            fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> o = fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>(0.0);
+            o = coopMatMulAddNV(p, v, o);
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> oh = fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>(o);
+            coopMatStoreNV(oh, h, 768, 16, false);
+            coopMatStoreNV(o, f, 0, 16, false);
+        """)
+        XCTAssertTrue(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(nv))
+        let khr = try CooperativeMatrixKHRRewriter.rewrite(nv, subgroupSize: 32)
+        XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+        let p = try parse(khr)
+        XCTAssertEqual(p.count(4459), 2, "two products")
+        XCTAssertEqual(p.count(5361) + p.count(5359) + p.count(5358), 0, "no NV instruction left")
+        XCTAssertTrue(p.instructions.contains { $0.op == 17 && $0.w == [6022] }, "CooperativeMatrixKHR capability")
+        for mul in p.instructions where mul.op == 4459 {
+            XCTAssertEqual(mul.w.dropFirst(2).map { p.uses[p.typeOf[$0]!]! }, [0, 1, 2], "A, B, accumulator")
+        }
+        // Loads: Q row-major as A; K column-major and V row-major as B.
+        let loads = p.instructions.filter { $0.op == 4457 }.map { p.uses[$0.w[0]]! }
+        XCTAssertEqual(loads.sorted(), [0, 1, 1])
+        // One conversion between uses (S -> P): 8 elements per invocation on a 32-wide subgroup,
+        // each extracted, converted and inserted at the index it came from; O -> fp16 stays a
+        // conversion within the accumulator use.
+        let inserts = p.instructions.filter { $0.op == 82 && p.uses[$0.w[0]] != nil }
+        XCTAssertEqual(inserts.map { $0.w[4] }, Array(0..<8))
+        let extracts = p.instructions.filter { $0.op == 81 && p.typeOf[$0.w[2]].flatMap { p.uses[$0] } == 2 }
+        XCTAssertTrue(extracts.map { $0.w[3] }.starts(with: Array(0..<8)), "\(extracts.map { $0.w })")
+        let matrixConversions = p.instructions.filter { $0.op == 115 && p.uses[$0.w[0]] != nil }
+        XCTAssertEqual(matrixConversions.map { p.uses[$0.w[0]]! }, [2], "O rounded to fp16 keeps its use")
+        // The same for another subgroup size: 256 / 64 = 4 elements.
+        let khr64 = try parse(CooperativeMatrixKHRRewriter.rewrite(nv, subgroupSize: 64))
+        XCTAssertEqual(khr64.instructions.filter { $0.op == 82 && khr64.uses[$0.w[0]] != nil }.count, 4)
+    }
+
+    func testAMatrixInTwoRolesIsRefused() throws {
+        let nv = try compile("khr_two_roles", """
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> x;
+            coopMatLoadNV(x, h, 0, 16, false);
+            fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> c = fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>(0.0);
+            c = coopMatMulAddNV(x, x, c);
+            coopMatStoreNV(c, f, 0, 16, false);
+        """)
+        XCTAssertThrowsError(try CooperativeMatrixKHRRewriter.rewrite(nv, subgroupSize: 32)) { error in
+            XCTAssertTrue("\(error)".contains("both as A and as B"), "\(error)")
+        }
+        XCTAssertThrowsError(try CooperativeMatrixKHRRewriter.rewrite([1, 2, 3], subgroupSize: 32))
+        // A module without cooperative matrices comes back unchanged.
+        let plain = try ShaderCompiler.shared.compile(ShaderSource(name: "khr_plain", text: "#version 450\nlayout(local_size_x = 1) in;\nlayout(std430, binding = 0) buffer B { float x[]; };\nvoid main() { x[0] = 1.0; }\n"))
+        XCTAssertEqual(try CooperativeMatrixKHRRewriter.rewrite(plain, subgroupSize: 32), plain)
+    }
+
+    /// The layout probe's matrices take no part in a product: fp32 ones become accumulators and
+    /// fp16 ones A operands — the two layouts the kernel relies on (and the element-wise
+    /// conversion between them needs to agree).
+    func testUnconstrainedMatricesTakeTheKernelsUses() throws {
+        let source = ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"), defines: [.init("NARROW", "1")])
+        let p = try parse(CooperativeMatrixKHRRewriter.rewrite(try ShaderCompiler.shared.compile(source), subgroupSize: 32))
+        let loads = p.instructions.filter { $0.op == 4457 }
+        XCTAssertEqual(loads.count, 3)
+        var byComponent: [UInt32: Set<UInt32>] = [:]
+        for ins in p.instructions where ins.op == 4456 { byComponent[ins.w[1], default: []].insert(p.uses[ins.w[0]]!) }
+        let widths = Dictionary(uniqueKeysWithValues: p.instructions.filter { $0.op == 22 }.map { ($0.w[0], $0.w[1]) })
+        for (component, uses) in byComponent { XCTAssertEqual(uses, widths[component] == 32 ? [2] : [0]) }
+    }
+
+    func testTheExtensionChoiceFollowsTheDeviceTheEnvironmentAndTheValidationLayer() throws {
+        var caps = device.capabilities
+        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "lavapipe has neither extension")
+        XCTAssertNil(device.cooperativeMatrixAPI)
+        XCTAssertTrue(device.cooperativeMatrixShapes.isEmpty)
+        caps.vulkanMemoryModel = true
+        caps.cooperativeMatrixNV = true
+        caps.cooperativeMatrixKHR = true
+        let old = (1 << 22) | (3 << 12) | 239 as UInt32, new = (1 << 22) | (4 << 12) | 309 as UInt32
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps), .khr)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: new), .khr)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .nv, "Debian 12's layer predates the KHR extension")
+        caps.cooperativeMatrixNV = false
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .khr, "no NV to fall back to")
+        caps.cooperativeMatrixNV = true
+        defer { unsetenv("VKFLEX_COOPMAT_API") }
+        setenv("VKFLEX_COOPMAT_API", "nv", 1)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps), .nv)
+        setenv("VKFLEX_COOPMAT_API", "KHR", 1)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .khr, "forced")
+        caps.cooperativeMatrixKHR = false
+        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "forced but absent: no cooperative matrices")
+        setenv("VKFLEX_COOPMAT_API", "amx", 1)
+        XCTAssertThrowsError(try CooperativeMatrixAPI.choice(caps)) { XCTAssertTrue("\($0)".contains("use nv, khr or auto"), "\($0)") }
+        caps.vulkanMemoryModel = false
+        setenv("VKFLEX_COOPMAT_API", "auto", 1)
+        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "both extensions need the Vulkan memory model")
+    }
+}
