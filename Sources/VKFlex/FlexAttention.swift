@@ -332,8 +332,15 @@ enum ForwardKernel {
     ///
     /// `floatIndices`: the score-mod may take its index sums from float indices (`VKF_FLOAT_INDICES`;
     /// exact for lengths up to 2^22).
+    ///
+    /// `typedOperands`: the kernel runs through `VK_KHR_cooperative_matrix`. Up to D = 64 O is then
+    /// rescaled only on the steps where a row's maximum moves (`VKF_ALWAYS_RESCALE=0`): H200 suite,
+    /// TFLOP/s, full 275.7 → 285.9-286.1, causal 255.7 → 268.4-268.9, sliding window 212.0-213.8 →
+    /// 223.8-224.0, prefix-LM 257.7-258.0 → 269.4-269.5, document 208.6-208.9 → 214.4-214.8,
+    /// soft-cap 177.2-177.4 → 182.0-182.2, ALiBi 217.8 → 210.8-211.1 (the one loss). Through the
+    /// NV extension it did not pay.
     static func coopmatSource(D: Int, tiles t: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false,
-                              floatIndices: Bool = true) throws -> ShaderSource {
+                              floatIndices: Bool = true, typedOperands: Bool = false) throws -> ShaderSource {
         var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                               .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
                                               .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0"),
@@ -341,8 +348,8 @@ enum ForwardKernel {
         // Up to D = 64 (two steps per staged tile), every step is computed and O rescaled at each:
         // no second version of O to merge (H200: causal D=64 +4%, ALiBi +7%; at D = 128 the
         // driver spilled).
-        let straight = D <= 64 && t.split > 1 ? "1" : "0"
-        defines += [.init("VKF_ALWAYS_HALVES", straight), .init("VKF_ALWAYS_RESCALE", straight)]
+        let straight = D <= 64 && t.split > 1
+        defines += [.init("VKF_ALWAYS_HALVES", straight ? "1" : "0"), .init("VKF_ALWAYS_RESCALE", straight && !typedOperands ? "1" : "0")]
         if D > 128 { defines.append(.init("QC", "\(CoopmatTiles.stagingColumns(D: D))")) }
         // For tuning: VKFLEX_COOPMAT_DEFINES="TAU=0,VKF_NO_CLEAN=1" adds defines the template reads.
         for item in (ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_DEFINES"] ?? "").split(separator: ",") {
@@ -482,7 +489,7 @@ enum ForwardKernel {
             let rawMax = identity && scale > 0
             let narrowK = CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false
             source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity, narrowK: narrowK,
-                                       floatIndices: max(s.Lq, s.Lkv) <= 1 << 22)
+                                       floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr)
         }
         let push = pushesParams(device)
         source = withParams(source, push: push)

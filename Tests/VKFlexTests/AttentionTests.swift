@@ -262,7 +262,7 @@ extension AttentionTests {
                     // than lavapipe's 128 bytes, so only the H200 runs that form).
                     for narrowK in [false, true] {
                         let source = ForwardKernel.withParams(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil,
-                                                                                              narrowK: narrowK, floatIndices: narrowK),
+                                                                                              narrowK: narrowK, floatIndices: narrowK, typedOperands: narrowK),
                                                               push: narrowK)
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
@@ -370,6 +370,9 @@ extension AttentionTests {
         let defines = source.defines.map { "\($0.name)=\($0.value)" }
         XCTAssertEqual(defines.filter { $0.hasPrefix("VKF_EXP16=") }, ["VKF_EXP16=1"])
         XCTAssertTrue(defines.contains("TAU=4") && defines.contains("VKF_FLAG=1") && defines.contains("D=64"), "\(defines)")
+        XCTAssertTrue(defines.contains("VKF_ALWAYS_RESCALE=1"), "NV path at D=64: O rescaled at every step")
+        let khr = try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false, typedOperands: true).defines.map { "\($0.name)=\($0.value)" }
+        XCTAssertTrue(khr.contains("VKF_ALWAYS_RESCALE=0") && khr.contains("VKF_ALWAYS_HALVES=1"), "KHR path: only when a row's max moves; \(khr)")
         setenv("VKFLEX_COOPMAT_DEFINES", "1BAD=2", 1)
         XCTAssertThrowsError(try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false)) {
             XCTAssertTrue("\($0)".contains("is not NAME or NAME=value"), "\($0)")
