@@ -357,7 +357,8 @@ public enum CooperativeMatrixKHRRewriter {
             default:
                 var operands = w
                 let layout = resultLayout(ins.op)
-                if inFunction, layout.type, w.count >= 2, isCarrier(w[0]) {
+                // A matrix value (or a variable holding matrices, global ones included) takes its use's type.
+                if layout.type, w.count >= 2, isCarrier(w[0]), !constants.contains(w[1]) {
                     let u = useOf(w[1])
                     operands[0] = retype(w[0], u)
                     for k in 2..<operands.count where constants.contains(operands[k]) { operands[k] = operand(operands[k], u) }

@@ -25,7 +25,7 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         return p
     }
 
-    func compile(_ name: String, _ body: String) throws -> [UInt32] {
+    func compile(_ name: String, globals: String = "", optimization: SPIRVOptimization = .full, _ body: String) throws -> [UInt32] {
         let text = """
         #version 450
         #extension GL_NV_cooperative_matrix : require
@@ -34,11 +34,12 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         layout(local_size_x = 32) in;
         layout(std430, binding = 0) buffer B { float16_t h[]; };
         layout(std430, binding = 1) buffer F { float f[]; };
+        \(globals)
         void main() {
         \(body)
         }
         """
-        return try ShaderCompiler.shared.compile(ShaderSource(name: name, text: text, optimization: .full))
+        return try ShaderCompiler.shared.compile(ShaderSource(name: name, text: text, optimization: optimization))
     }
 
     /// Q·Kᵀ then P·V, as the attention kernel does: K and V load as B operands, Q and P as A,
@@ -85,6 +86,28 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         // The same for another subgroup size: 256 / 64 = 4 elements.
         let khr64 = try parse(CooperativeMatrixKHRRewriter.rewrite(nv, subgroupSize: 64))
         XCTAssertEqual(khr64.instructions.filter { $0.op == 82 && khr64.uses[$0.w[0]] != nil }.count, 4)
+    }
+
+    /// A matrix in a global (Private) variable takes the use of its products too (unoptimized
+    /// SPIR-V, where the globals, function-local variables and the loop stay as written).
+    func testGlobalMatrixVariables() throws {
+        let nv = try compile("khr_global", globals: "fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> gk;\nfcoopmatNV<32, gl_ScopeSubgroup, 16, 16> gc;",
+                             optimization: .none, """
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> q;
+            coopMatLoadNV(q, h, 0, 16, false);
+            coopMatLoadNV(gk, h, 256, 16, true);
+            gc = fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>(1.0);
+            for (int i = 0; i < int(f[0]); ++i) gc = coopMatMulAddNV(q, gk, gc);
+            coopMatStoreNV(gc, f, 0, 16, false);
+        """)
+        let p = try parse(try CooperativeMatrixKHRRewriter.rewrite(nv, subgroupSize: 32))
+        XCTAssertEqual(p.count(4459), 1)
+        // OpVariable ... Private (storage class 6) of matrix type: one per global.
+        let globals = p.instructions.filter { $0.op == 59 && $0.w[2] == 6 }
+        XCTAssertEqual(globals.count, 2, "the globals survive unoptimized")
+        for mul in p.instructions where mul.op == 4459 {
+            XCTAssertEqual(mul.w.dropFirst(2).map { p.uses[p.typeOf[$0]!]! }, [0, 1, 2])
+        }
     }
 
     func testAMatrixInTwoRolesIsRefused() throws {
