@@ -150,41 +150,27 @@ extension DeviceCapabilities {
             }
         }
 
+        func shape(_ m: UInt32, _ n: UInt32, _ k: UInt32, _ a: UInt32, _ b: UInt32, _ c: UInt32, _ r: UInt32) -> CooperativeMatrixShape {
+            CooperativeMatrixShape(m: Int(m), n: Int(n), k: Int(k), a: componentName(a), b: componentName(b), c: componentName(c), result: componentName(r))
+        }
         var shapes: [CooperativeMatrixShape] = []
         if features.cooperativeMatrixNV,
            let raw = vkGetInstanceProcAddr(instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV") {
             let fn = unsafeBitCast(raw, to: PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesNV.self)
-            var count: UInt32 = 0
-            if fn(pd, &count, nil) == VK_SUCCESS, count > 0 {
-                var template = VkCooperativeMatrixPropertiesNV()
-                template.sType = VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV
-                var list = [VkCooperativeMatrixPropertiesNV](repeating: template, count: Int(count))
-                if fn(pd, &count, &list) == VK_SUCCESS {
-                    shapes = list.prefix(Int(count)).map {
-                        CooperativeMatrixShape(m: Int($0.MSize), n: Int($0.NSize), k: Int($0.KSize),
-                                               a: componentName($0.AType), b: componentName($0.BType),
-                                               c: componentName($0.CType), result: componentName($0.DType))
-                    }
-                }
+            var template = VkCooperativeMatrixPropertiesNV()
+            template.sType = VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV
+            shapes = enumerated(template) { fn(pd, $0, $1) }.map {
+                shape($0.MSize, $0.NSize, $0.KSize, $0.AType.rawValue, $0.BType.rawValue, $0.CType.rawValue, $0.DType.rawValue)
             }
         }
-
         var khrShapes: [CooperativeMatrixShape] = []
         if features.cooperativeMatrixKHR,
            let raw = vkGetInstanceProcAddr(instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesKHR") {
             let fn = unsafeBitCast(raw, to: PFN_vkflexGetPhysicalDeviceCooperativeMatrixPropertiesKHR.self)
-            var count: UInt32 = 0
-            if fn(pd, &count, nil) == VK_SUCCESS, count > 0 {
-                var template = VkflexCooperativeMatrixPropertiesKHR()
-                template.sType = VkStructureType(rawValue: 1000506001)
-                var list = [VkflexCooperativeMatrixPropertiesKHR](repeating: template, count: Int(count))
-                if fn(pd, &count, &list) == VK_SUCCESS {
-                    khrShapes = list.prefix(Int(count)).filter { $0.scope == 3 /* VK_SCOPE_SUBGROUP_KHR */ }.map {
-                        CooperativeMatrixShape(m: Int($0.MSize), n: Int($0.NSize), k: Int($0.KSize),
-                                               a: componentName(VkComponentTypeNV($0.AType)), b: componentName(VkComponentTypeNV($0.BType)),
-                                               c: componentName(VkComponentTypeNV($0.CType)), result: componentName(VkComponentTypeNV($0.ResultType)))
-                    }
-                }
+            var template = VkflexCooperativeMatrixPropertiesKHR()
+            template.sType = VkStructureType(rawValue: 1000506001)
+            khrShapes = enumerated(template) { fn(pd, $0, $1) }.filter { $0.scope == 3 /* VK_SCOPE_SUBGROUP_KHR */ }.map {
+                shape($0.MSize, $0.NSize, $0.KSize, $0.AType, $0.BType, $0.CType, $0.ResultType)
             }
         }
 
@@ -231,15 +217,21 @@ extension DeviceCapabilities {
 }
 
 func deviceExtensions(_ pd: VkPhysicalDevice) -> Set<String> {
-    var count: UInt32 = 0
-    guard vkEnumerateDeviceExtensionProperties(pd, nil, &count, nil) == VK_SUCCESS, count > 0 else { return [] }
-    var props = [VkExtensionProperties](repeating: VkExtensionProperties(), count: Int(count))
-    guard vkEnumerateDeviceExtensionProperties(pd, nil, &count, &props) == VK_SUCCESS else { return [] }
-    return Set(props.prefix(Int(count)).map { fixedString($0.extensionName) })
+    Set(enumerated(VkExtensionProperties()) { vkEnumerateDeviceExtensionProperties(pd, nil, $0, $1) }.map { fixedString($0.extensionName) })
 }
 
-private func componentName(_ t: VkComponentTypeNV) -> String {
-    switch t.rawValue {
+/// Vulkan's two-call enumeration: the count, then that many copies of `template` filled in.
+func enumerated<T>(_ template: T, _ call: (UnsafeMutablePointer<UInt32>, UnsafeMutablePointer<T>?) -> VkResult) -> [T] {
+    var count: UInt32 = 0
+    guard call(&count, nil) == VK_SUCCESS, count > 0 else { return [] }
+    var list = [T](repeating: template, count: Int(count))
+    guard list.withUnsafeMutableBufferPointer({ call(&count, $0.baseAddress) }) == VK_SUCCESS else { return [] }
+    return Array(list.prefix(Int(count)))
+}
+
+/// `VkComponentTypeNV` / `VkComponentTypeKHR` (the same values) by name.
+private func componentName(_ t: UInt32) -> String {
+    switch t {
     case 0: "float16"
     case 1: "float32"
     case 2: "float64"
@@ -252,7 +244,7 @@ private func componentName(_ t: VkComponentTypeNV) -> String {
     case 9: "uint32"
     case 10: "uint64"
     case 1000141000: "bfloat16"
-    default: "type\(t.rawValue)"
+    default: "type\(t)"
     }
 }
 

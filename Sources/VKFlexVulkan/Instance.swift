@@ -149,12 +149,12 @@ final class Instance: @unchecked Sendable {
         return info
     }
 
+    static func layers() -> [VkLayerProperties] {
+        enumerated(VkLayerProperties()) { vkEnumerateInstanceLayerProperties($0, $1) }
+    }
+
     static func availableLayers() -> Set<String> {
-        var count: UInt32 = 0
-        guard vkEnumerateInstanceLayerProperties(&count, nil) == VK_SUCCESS, count > 0 else { return [] }
-        var props = [VkLayerProperties](repeating: VkLayerProperties(), count: Int(count))
-        guard vkEnumerateInstanceLayerProperties(&count, &props) == VK_SUCCESS else { return [] }
-        return Set(props.prefix(Int(count)).map { fixedString($0.layerName) })
+        Set(layers().map { fixedString($0.layerName) })
     }
 
     /// The spec version of the Khronos validation layer, when this process loads it (through
@@ -162,19 +162,11 @@ final class Instance: @unchecked Sendable {
     func loadedValidationLayerVersion() -> UInt32? {
         let preloaded = ProcessInfo.processInfo.environment["VK_INSTANCE_LAYERS"]?.contains("VK_LAYER_KHRONOS_validation") ?? false
         guard validation || preloaded else { return nil }
-        var count: UInt32 = 0
-        guard vkEnumerateInstanceLayerProperties(&count, nil) == VK_SUCCESS, count > 0 else { return nil }
-        var props = [VkLayerProperties](repeating: VkLayerProperties(), count: Int(count))
-        guard vkEnumerateInstanceLayerProperties(&count, &props) == VK_SUCCESS else { return nil }
-        return props.prefix(Int(count)).first { fixedString($0.layerName) == "VK_LAYER_KHRONOS_validation" }?.specVersion
+        return Instance.layers().first { fixedString($0.layerName) == "VK_LAYER_KHRONOS_validation" }?.specVersion
     }
 
     static func availableExtensions() -> Set<String> {
-        var count: UInt32 = 0
-        guard vkEnumerateInstanceExtensionProperties(nil, &count, nil) == VK_SUCCESS, count > 0 else { return [] }
-        var props = [VkExtensionProperties](repeating: VkExtensionProperties(), count: Int(count))
-        guard vkEnumerateInstanceExtensionProperties(nil, &count, &props) == VK_SUCCESS else { return [] }
-        return Set(props.prefix(Int(count)).map { fixedString($0.extensionName) })
+        Set(enumerated(VkExtensionProperties()) { vkEnumerateInstanceExtensionProperties(nil, $0, $1) }.map { fixedString($0.extensionName) })
     }
 
     func physicalDevices() throws -> [VkPhysicalDevice] {
