@@ -206,6 +206,9 @@ extension Device {
         if cooperativeMatrixAPI == .khr, CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(spirv) {
             do {
                 spirv = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: capabilities.subgroupSize)
+                if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
+                    CooperativeMatrixKHRRewriter.dump(spirv, name: d.source.name, to: dir)
+                }
             } catch {
                 throw VulkanError.unsupported("\(d.source.name): cannot move its cooperative matrices to VK_KHR_cooperative_matrix (\(error)); VKFLEX_COOPMAT_API=nv uses the NV extension")
             }

@@ -1,4 +1,5 @@
 import CSPIRVOpt
+import Foundation
 
 /// The role of a `VK_KHR_cooperative_matrix` type in `D = A·B + C` (SPIR-V's `Cooperative Matrix
 /// Use`).
@@ -369,6 +370,20 @@ public enum CooperativeMatrixKHRRewriter {
         out[3] = bound
         try verify(out)
         return out
+    }
+
+    /// Writes a rewritten module to `dir/<name>-<hash>.khr.spv` and returns its path
+    /// (`VKFLEX_DUMP_SHADERS=dir`: the GLSL there is the NV source, this is what the driver gets;
+    /// Debian 12's `spirv-dis` predates the KHR opcodes, SPIRV-Tools 2023.6 and later read them).
+    @discardableResult
+    public static func dump(_ words: [UInt32], name: String, to dir: String) -> String? {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for w in words { h = (h ^ UInt64(w)) &* 0x0000_0100_0000_01b3 }
+        let safe = String(name.map { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "-" ? $0 : "_" })
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let path = (dir as NSString).appendingPathComponent("\(safe)-\(String(format: "%08llx", h >> 32)).khr.spv")
+        let data = words.withUnsafeBytes { Data($0) }
+        return FileManager.default.createFile(atPath: path, contents: data) ? path : nil
     }
 
     /// Checks what the rewrite promises, since the SPIRV-Tools of Debian 12 (2023.1) cannot

@@ -164,7 +164,9 @@ public final class ShaderCompiler: @unchecked Sendable {
     /// Compiles `source` (with `#include` resolved from `library`) to SPIR-V words.
     ///
     /// `VKFLEX_DUMP_SHADERS=dir` first writes the source, its includes inlined, to
-    /// `dir/<name>-<hash>.comp` (one file per variant; it compiles on its own with `glslc`).
+    /// `dir/<name>-<hash>.comp` (one file per variant; it compiles on its own with `glslc`); a
+    /// device that rewrites cooperative-matrix modules to the KHR extension also writes what it
+    /// gives the driver there (``CooperativeMatrixKHRRewriter/dump(_:name:to:)``).
     ///
     /// The SPIR-V is also kept on disk (next to the pipeline cache, see ``SPIRVCache``) under a
     /// hash of everything that decides it, so a second process skips shaderc for shaders it has

@@ -110,6 +110,18 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         }
     }
 
+    /// `VKFLEX_DUMP_SHADERS` also gets the module the driver is given.
+    func testRewrittenModulesCanBeDumped() throws {
+        let source = ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"), defines: [.init("NARROW", "0")])
+        let khr = try CooperativeMatrixKHRRewriter.rewrite(try ShaderCompiler.shared.compile(source), subgroupSize: 32)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vkflex-khr-dump-\(UUID())").path
+        let path = try XCTUnwrap(CooperativeMatrixKHRRewriter.dump(khr, name: "coopmat layout", to: dir))
+        XCTAssertTrue(path.hasSuffix(".khr.spv") && path.contains("/coopmat_layout-"), path)
+        let back = try Data(contentsOf: URL(fileURLWithPath: path)).withUnsafeBytes { Array($0.bindMemory(to: UInt32.self)) }
+        XCTAssertEqual(back, khr)
+        XCTAssertEqual(CooperativeMatrixKHRRewriter.dump(khr, name: "coopmat layout", to: dir), path, "same module, same file")
+    }
+
     func testAMatrixInTwoRolesIsRefused() throws {
         let nv = try compile("khr_two_roles", """
             fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> x;
