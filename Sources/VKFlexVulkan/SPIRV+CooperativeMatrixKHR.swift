@@ -38,6 +38,9 @@ public enum CooperativeMatrixUse: UInt32, Sendable, CaseIterable, CustomStringCo
 /// let khr = try CooperativeMatrixKHRRewriter.rewrite(nvWords, subgroupSize: 32)
 /// ```
 public enum CooperativeMatrixKHRRewriter {
+    /// What the rewrite cannot do with a module (or, from ``verify(_:)``, what is wrong with one),
+    /// in words; the device then cannot build that shader through the KHR extension
+    /// (`VKFLEX_COOPMAT_API=nv` takes the NV one).
     public struct Unsupported: Error, CustomStringConvertible {
         public var description: String
     }
