@@ -47,12 +47,12 @@ public enum CooperativeMatrixKHRRewriter {
 
     // Opcodes (SPIR-V 1.6 unified, SPV_NV_cooperative_matrix, SPV_KHR_cooperative_matrix).
     enum Op {
-        static let undef: UInt32 = 1, `extension`: UInt32 = 10, capability: UInt32 = 17, typeInt: UInt32 = 21
+        static let undef: UInt32 = 1, `extension`: UInt32 = 10, capability: UInt32 = 17
         static let typeArray: UInt32 = 28, typeRuntimeArray: UInt32 = 29, typeStruct: UInt32 = 30
         static let typePointer: UInt32 = 32, typeFunction: UInt32 = 33
         static let constantTrue: UInt32 = 41, constantFalse: UInt32 = 42, constant: UInt32 = 43
         static let constantComposite: UInt32 = 44, constantNull: UInt32 = 46
-        static let function: UInt32 = 54, functionParameter: UInt32 = 55, functionEnd: UInt32 = 56, functionCall: UInt32 = 57
+        static let function: UInt32 = 54, functionEnd: UInt32 = 56
         static let variable: UInt32 = 59, load: UInt32 = 61, store: UInt32 = 62
         static let accessChain: UInt32 = 65, inBoundsAccessChain: UInt32 = 66
         static let compositeConstruct: UInt32 = 80, compositeExtract: UInt32 = 81, compositeInsert: UInt32 = 82
@@ -295,11 +295,8 @@ public enum CooperativeMatrixKHRRewriter {
         var out: [UInt32] = Array(words[0..<5])
         func emit(_ op: UInt32, _ operands: [UInt32]) { out.append(UInt32(operands.count + 1) << 16 | op); out += operands }
         var declaredUseConstants = false
-        inFunction = false
         for ins in list {
             let w = ins.w
-            if ins.op == Op.function { inFunction = true }
-            if ins.op == Op.functionEnd { inFunction = false }
             switch ins.op {
             case Op.capability where w[0] == Op.capabilityNV:
                 emit(Op.capability, [Op.capabilityKHR])
@@ -356,7 +353,7 @@ public enum CooperativeMatrixKHRRewriter {
                         current = next
                     }
                 }
-            case Op.store where inFunction && constants.contains(w[1]):
+            case Op.store where constants.contains(w[1]):
                 emit(Op.store, [w[0], operand(w[1], useOf(w[0]))] + w.dropFirst(2))
             default:
                 var operands = w
