@@ -25,9 +25,11 @@ let package = Package(
         .target(name: "CShaderc", linkerSettings: shadercLibraries),
         // SPIRV-Tools' optimizer with an explicit pass list (C++ API behind a C function).
         .target(name: "CSPIRVOpt", linkerSettings: ["SPIRV-Tools-opt", "SPIRV-Tools", "stdc++"].map { .linkedLibrary($0) }),
-        .target(name: "VKFlexExpr"),
-        .target(name: "VKFlexVulkan", dependencies: ["CVulkan", "CShaderc", "CSPIRVOpt"]),
-        .target(name: "VKFlex", dependencies: ["CVulkan", "VKFlexExpr", "VKFlexVulkan"]),
+        // The one public error type (FlexError) and what its cases carry.
+        .target(name: "VKFlexCore"),
+        .target(name: "VKFlexExpr", dependencies: ["VKFlexCore"]),
+        .target(name: "VKFlexVulkan", dependencies: ["VKFlexCore", "CVulkan", "CShaderc", "CSPIRVOpt"]),
+        .target(name: "VKFlex", dependencies: ["CVulkan", "VKFlexCore", "VKFlexExpr", "VKFlexVulkan"]),
         .executableTarget(name: "vkflex", dependencies: [
             "VKFlex", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -27,6 +27,8 @@ public enum MaskBackend: Sendable {
 /// The GPU build is enqueued and returns at once. If the mask reads a captured tensor out of
 /// range (or divides an int by zero), reading the mask (`sparsity()`, its tensors) or the output
 /// of an attention call that uses it throws the kernel's report.
+///
+/// - Throws: ``FlexError/invalidArgument(_:)`` for non-positive lengths or block sizes or a mask_mod that does not type-check (``FlexError/expression(_:)``); ``FlexError/modFailed(_:)`` when the mask_mod reads a capture out of range; device errors (``FlexError/vulkan(call:result:)``, ``FlexError/limitExceeded(_:)``).
 public func createBlockMask(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, device: Device,
                             blockSize: BlockSize = 128, backend: MaskBackend = .gpu) throws -> BlockMask {
     try maskMod.check()
@@ -133,6 +135,8 @@ func buildOnGPU(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, qB: I
 
 /// PyTorch's `create_mask`: the element-level mask `[B, H, qLen, kvLen]`, row-major, evaluated on
 /// the GPU. For tests and small cases: memory grows with `qLen × kvLen`.
+///
+/// - Throws: ``FlexError/invalidArgument(_:)`` for bad lengths, ``FlexError/expression(_:)`` for a mask_mod that does not type-check, ``FlexError/modFailed(_:)`` when it reads a capture out of range.
 public func createMask(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen: Int, device: Device) throws -> [Bool] {
     try ModEvaluator.evaluate(score: nil, mask: maskMod, B: B, H: H, Q: qLen, KV: kvLen,
                               scores: [Float](repeating: 0, count: B * H * qLen * kvLen), device: device).mask

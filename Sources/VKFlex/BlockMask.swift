@@ -52,6 +52,8 @@ public final class BlockMask: @unchecked Sendable, CustomStringConvertible {
     /// ```swift
     /// let m = try BlockMask(kvNumBlocks: num, kvIndices: idx, blockSize: 128, maskMod: causal)
     /// ```
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public convenience init(kvNumBlocks: Tensor, kvIndices: Tensor, fullKVNumBlocks: Tensor? = nil, fullKVIndices: Tensor? = nil,
                             blockSize: BlockSize = 128, qLen: Int? = nil, kvLen: Int? = nil, maskMod: MaskMod? = nil) throws {
         try blockSize.validate()
@@ -138,6 +140,8 @@ public final class BlockMask: @unchecked Sendable, CustomStringConvertible {
     }
 
     /// The class of every block, `[B, H, qBlocks, kvBlocks]`: 0 skipped, 1 partial, 2 full.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func blockClasses() throws -> [UInt8] {
         if let c = lock.withLock({ cachedClasses }) { return c }
         let qB = qBlocks, kvB = kvBlocks
@@ -154,12 +158,16 @@ public final class BlockMask: @unchecked Sendable, CustomStringConvertible {
 
     /// The block-level dense mask `[B, H, qBlocks, kvBlocks]` (1 where a block is kept, partial
     /// or full), as PyTorch's `to_dense()`.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func toDense() throws -> Tensor {
         try device.tensor(try blockClasses().map { $0 == 0 ? 0 : 1 }, shape: [B, H, qBlocks, kvBlocks], name: "dense_block_mask")
     }
 
     /// Percent of the score matrix skipped: `100 × (1 − kept / total)`, where `kept` counts the
     /// in-range elements of every kept block and `total = B·H·qLen·kvLen`. Never negative.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func sparsity() throws -> Double {
         let classes = try blockClasses()
         let qB = qBlocks, kvB = kvBlocks
@@ -178,6 +186,8 @@ public final class BlockMask: @unchecked Sendable, CustomStringConvertible {
     }
 
     /// The fraction of blocks kept (what the FLOP convention of the benchmarks calls density).
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func blockDensity() throws -> Double {
         let c = try blockClasses()
         return c.isEmpty ? 0 : Double(c.filter { $0 != 0 }.count) / Double(c.count)

@@ -17,6 +17,8 @@ public struct BlockSize: Hashable, Sendable, ExpressibleByIntegerLiteral, Custom
     public init(integerLiteral value: Int) { self.init(q: value, kv: value) }
 
     /// Parses `128` or `64x128` (ASCII x, query size first). Sizes must be positive.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public init(parsing text: String) throws {
         let parts = text.lowercased().split(separator: "x", omittingEmptySubsequences: false)
         guard (1...2).contains(parts.count), let q = Int(parts[0]), let kv = Int(parts.last!) else {

@@ -1,2 +1,3 @@
 @_exported import VKFlexExpr
 @_exported import VKFlexVulkan
+@_exported import VKFlexCore

@@ -205,6 +205,8 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
 ///
 /// The call enqueues the work and returns at once; reading the output waits for it. A captured
 /// index out of range (or an integer division by zero) in a mod makes reading the output throw.
+///
+/// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                           scale: Double? = nil, enableGQA: Bool = false, returnLSE: Bool = false,
                           out: Tensor? = nil) throws -> FlexResult {
@@ -248,6 +250,8 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// BlockMask query blocks that are not a multiple of 128 rows, the block size — not on the batch, the number of heads or the
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
+///
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false) throws -> FlexKernel {
@@ -296,7 +300,7 @@ struct AttentionShape {
         }
         guard Hkv > 0 || Hq == 0 else { throw FlexError("key/value have no heads") }
         if q.dtype == .float16 && !q.device.enabledFeatures.storageBuffer16Bit {
-            throw VulkanError.unsupported("\(q.device.capabilities.name) cannot read float16 buffers (no 16-bit storage); use float32")
+            throw FlexError.unsupported("\(q.device.capabilities.name) cannot read float16 buffers (no 16-bit storage); use float32")
         }
         if let m = blockMask {
             guard m.qLen == Lq, m.kvLen == Lkv else {
@@ -521,7 +525,7 @@ enum ForwardKernel {
         let tilesPerBlock = (qBS + BQ - 1) / BQ
         let groupsX = qBlocks * tilesPerBlock
         guard groupsX <= caps.maxWorkgroupCount[0], s.Hq <= caps.maxWorkgroupCount[1] else {
-            throw VulkanError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
+            throw FlexError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
         }
         let lseTensor = lse
         let lseScratch = lse == nil ? try dummyFloatBuffer(device) : nil
@@ -639,7 +643,7 @@ enum ForwardKernel {
             var h0 = 0
             while h0 < s.Hq {
                 guard fits(b..<(b + 1), h0..<(h0 + 1)) else {
-                    throw VulkanError.limitExceeded("one head of one batch spans more than \(formatBytes(caps.maxStorageBufferRange)), what \(caps.name) binds per buffer; split the sequence")
+                    throw FlexError.limitExceeded("one head of one batch spans more than \(formatBytes(caps.maxStorageBufferRange)), what \(caps.name) binds per buffer; split the sequence")
                 }
                 var nh = 1
                 while h0 + nh < s.Hq && fits(b..<(b + 1), h0..<(h0 + nh + 1)) { nh += 1 }

@@ -38,32 +38,35 @@ public struct NPYArray: Sendable {
     }
 
     /// Reads an `.npy` file; every problem is a ``FlexError`` naming the file.
+    ///
+    /// - Throws: ``FlexError/file(_:)`` when the file cannot be read or written or is not a float32, float16 or int32 `.npy` file.
     public init(contentsOf url: URL) throws {
         let name = url.lastPathComponent
         let data: Data
         do { data = try Data(contentsOf: url) } catch {
-            throw FlexError("cannot read \(url.path): \(FileManager.default.fileExists(atPath: url.path) ? "permission denied or not a file" : "no such file")")
+            throw FlexError.file("cannot read \(url.path): \(FileManager.default.fileExists(atPath: url.path) ? "permission denied or not a file" : "no such file")")
         }
         try self.init(data: data, name: name)
     }
 
+    /// - Throws: ``FlexError/file(_:)`` when the file cannot be read or written or is not a float32, float16 or int32 `.npy` file.
     public init(data: Data, name: String = "array") throws {
         let bytes = [UInt8](data)
         guard bytes.count >= 10, bytes[0] == 0x93, Array(bytes[1...5]) == Array("NUMPY".utf8) else {
-            throw FlexError("\(name) is not a NumPy .npy file (bad magic)")
+            throw FlexError.file("\(name) is not a NumPy .npy file (bad magic)")
         }
         let major = bytes[6]
         let headerLen: Int, start: Int
         switch major {
         case 1: headerLen = Int(bytes[8]) | Int(bytes[9]) << 8; start = 10
         case 2, 3:
-            guard bytes.count >= 12 else { throw FlexError("\(name) is truncated (header)") }
+            guard bytes.count >= 12 else { throw FlexError.file("\(name) is truncated (header)") }
             headerLen = Int(bytes[8]) | Int(bytes[9]) << 8 | Int(bytes[10]) << 16 | Int(bytes[11]) << 24; start = 12
-        default: throw FlexError("\(name): unsupported .npy version \(major)")
+        default: throw FlexError.file("\(name): unsupported .npy version \(major)")
         }
-        guard bytes.count >= start + headerLen else { throw FlexError("\(name) is truncated (header)") }
+        guard bytes.count >= start + headerLen else { throw FlexError.file("\(name) is truncated (header)") }
         guard let header = String(bytes: bytes[start..<(start + headerLen)], encoding: .utf8) else {
-            throw FlexError("\(name): the .npy header is not text")
+            throw FlexError.file("\(name): the .npy header is not text")
         }
         func field(_ key: String) -> String? {
             guard let r = header.range(of: "'\(key)':") else { return nil }
@@ -71,25 +74,25 @@ public struct NPYArray: Sendable {
         }
         guard let descrField = field("descr"), let q1 = descrField.firstIndex(of: "'"),
               let q2 = descrField[descrField.index(after: q1)...].firstIndex(of: "'") else {
-            throw FlexError("\(name): the .npy header has no dtype")
+            throw FlexError.file("\(name): the .npy header has no dtype")
         }
         let descr = String(descrField[descrField.index(after: q1)..<q2])
         if let fo = field("fortran_order"), fo.hasPrefix("True") {
-            throw FlexError("\(name) is in Fortran order; save it in C order (np.ascontiguousarray)")
+            throw FlexError.file("\(name) is in Fortran order; save it in C order (np.ascontiguousarray)")
         }
         guard let shapeField = field("shape"), let open = shapeField.firstIndex(of: "("), let close = shapeField.firstIndex(of: ")") else {
-            throw FlexError("\(name): the .npy header has no shape")
+            throw FlexError.file("\(name): the .npy header has no shape")
         }
         let dims = shapeField[shapeField.index(after: open)..<close].split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         var shape: [Int] = []
         for d in dims {
-            guard let n = Int(d), n >= 0 else { throw FlexError("\(name): bad dimension '\(d)' in the .npy shape") }
+            guard let n = Int(d), n >= 0 else { throw FlexError.file("\(name): bad dimension '\(d)' in the .npy shape") }
             shape.append(n)
         }
         let (count, overflow) = shape.reduce((1, false)) { acc, n in
             let (v, o) = acc.0.multipliedReportingOverflow(by: n); return (v, acc.1 || o)
         }
-        guard !overflow, count < 1 << 34 else { throw FlexError("\(name): shape \(shape) is too large") }
+        guard !overflow, count < 1 << 34 else { throw FlexError.file("\(name): shape \(shape) is too large") }
         let body = start + headerLen
         let size: Int
         switch descr {
@@ -98,10 +101,10 @@ public struct NPYArray: Sendable {
         case "<i4", "=i4", "|i4": size = 4
         default:
             let friendly = ["<f8": "float64", "<i8": "int64", ">f4": "big-endian float32", "|b1": "bool", "|u1": "uint8", "|i1": "int8"][descr] ?? descr
-            throw FlexError("\(name) has dtype \(friendly) ('\(descr)'); vkflex reads float32, float16 or int32 .npy files")
+            throw FlexError.file("\(name) has dtype \(friendly) ('\(descr)'); vkflex reads float32, float16 or int32 .npy files")
         }
         guard bytes.count >= body + count * size else {
-            throw FlexError("\(name) is truncated: shape \(shape) needs \(count * size) bytes of data, the file has \(bytes.count - body)")
+            throw FlexError.file("\(name) is truncated: shape \(shape) needs \(count * size) bytes of data, the file has \(bytes.count - body)")
         }
         self.shape = shape
         let raw = Data(bytes[body..<(body + count * size)])
@@ -133,13 +136,16 @@ public struct NPYArray: Sendable {
         return out
     }
 
+    /// - Throws: ``FlexError/file(_:)`` when the file cannot be read or written or is not a float32, float16 or int32 `.npy` file.
     public func write(to url: URL) throws {
-        do { try data().write(to: url) } catch { throw FlexError("cannot write \(url.path): \(error.localizedDescription)") }
+        do { try data().write(to: url) } catch { throw FlexError.file("cannot write \(url.path): \(error.localizedDescription)") }
     }
 }
 
 extension Device {
     /// A device tensor with the array's values and shape.
+    ///
+    /// - Throws: ``FlexError/file(_:)`` when the file cannot be read or written or is not a float32, float16 or int32 `.npy` file.
     public func tensor(_ array: NPYArray, name: String? = nil) throws -> Tensor {
         switch array.storage {
         case .float32(let v): return try tensor(v, shape: array.shape, dtype: .float32, name: name)

@@ -16,6 +16,8 @@ public struct ReferenceResult {
 }
 
 /// Computes attention in float64 from the tensors' values (read back from the device).
+///
+/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
 public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                    scale: Double? = nil, enableGQA: Bool = false) throws -> ReferenceResult {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
@@ -92,6 +94,8 @@ public func relativeL2Error(_ a: [Float], _ b: [Double]) -> Double {
 /// The float64 reference for some query rows of one (batch 0, head 0) slice: `q` holds the rows'
 /// query vectors (`rows.count × D`), `k`/`v` the whole key/value head. Returns `rows.count × Dv`.
 /// What `vkflex bench` checks a slice of a large output with.
+///
+/// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
 public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Float], Lkv: Int, D: Int, Dv: Int,
                                    scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double? = nil) throws -> [Double] {
     let score = try scoreMod.map { try Interpreter($0.graph) }

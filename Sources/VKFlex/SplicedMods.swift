@@ -53,11 +53,11 @@ struct SplicedMods {
         case .noError: return
         case .indexOutOfRange:
             let cap = captures.indices.contains(Int(e[1])) ? captures[Int(e[1])] : CaptureInfo(id: -1, name: "a captured tensor", dtype: .int32, shape: [])
-            throw EvaluationError.indexOutOfRange(cap, index: e[2], dim: Int(e[3]))
-        case .divisionByZero: throw EvaluationError.divisionByZero
-        case .negativePower: throw EvaluationError.negativePower
+            throw FlexError.indexOutOfRange(name: cap.name, shape: cap.shape, index: e[2], dim: Int(e[3]))
+        case .divisionByZero: throw FlexError.divisionByZero
+        case .negativePower: throw FlexError.negativePower
         case nil:
-            throw FlexError("the kernel reported error code \(e[0])")
+            throw FlexError.modFailed("the kernel reported error code \(e[0])")
         }
     }
 }
@@ -94,6 +94,8 @@ public enum ModEvaluator {
     ///                                   scores: [Float](repeating: 0.5, count: 32), form: .log2, device: device)
     /// // r.scores: score_mod times log2(e), as the attention kernels compute it
     /// ```
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public static func evaluate(score: ScoreMod?, mask: MaskMod?, B: Int, H: Int, Q: Int, KV: Int,
                                 scores: [Float], form: ScoreForm = .plain, device: Device) throws -> Result {
         let n = B * H * Q * KV

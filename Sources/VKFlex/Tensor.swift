@@ -11,13 +11,6 @@ public enum DType: String, Sendable, CaseIterable, Codable {
     public var size: Int { self == .float16 ? 2 : 4 }
 }
 
-/// Errors about tensors, shapes and arguments, worded for the caller.
-public struct FlexError: Error, Sendable, CustomStringConvertible, Equatable {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
-
 /// An n-dimensional array in a device buffer: a shape, strides (in elements) and a dtype.
 ///
 /// ```swift
@@ -84,6 +77,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     public var description: String { "Tensor(\(name), shape: \(shape), dtype: \(dtype.rawValue)\(isContiguous ? "" : ", strides: \(strides)"))" }
 
     /// A view with dimensions reordered: `permuted(0, 2, 1, 3)` turns `[B, S, H, D]` into `[B, H, S, D]`.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func permuted(_ order: Int...) throws -> Tensor {
         guard order.sorted() == Array(0..<rank) else {
             throw FlexError("permuted\(order) is not a permutation of the \(rank) dimensions of \(name)")
@@ -94,6 +89,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
 
     /// A view of the same buffer with any shape, strides (elements) and offset (PyTorch's
     /// `as_strided`); it must stay inside the buffer.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func asStrided(shape: [Int], strides: [Int], byteOffset: Int? = nil) throws -> Tensor {
         guard shape.count == strides.count else { throw FlexError("asStrided: \(shape.count) sizes but \(strides.count) strides") }
         let t = Tensor(device: device, buffer: buffer, byteOffset: byteOffset ?? self.byteOffset, shape: shape, strides: strides, dtype: dtype, name: name)
@@ -104,6 +101,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     }
 
     /// A view of the same elements with another shape (the tensor must be contiguous).
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func reshaped(_ newShape: [Int]) throws -> Tensor {
         guard isContiguous else { throw FlexError("reshaped: \(name) is not contiguous") }
         guard newShape.reduce(1, *) == count, newShape.allSatisfy({ $0 >= 0 }) else {
@@ -116,6 +115,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     // MARK: Reading
 
     /// The elements in row-major order of the shape, as Float; waits for the work that writes the tensor.
+    ///
+    /// - Throws: ``FlexError/modFailed(_:)`` when a kernel that wrote the tensor reported a mod failure (a captured index out of range, an integer division by zero); ``FlexError/vulkan(call:result:)`` when the device fails.
     public func toArray() throws -> [Float] {
         switch dtype {
         case .float32: return try gather(Float.self) { $0 }
@@ -125,6 +126,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     }
 
     /// The elements of an int32 tensor.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func toInt32Array() throws -> [Int32] {
         guard dtype == .int32 else { throw FlexError("\(name) is \(dtype.rawValue), not int32") }
         return try gather(Int32.self) { $0 }
@@ -134,6 +137,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
 
     /// Throws what the kernels that wrote this tensor reported (an out-of-range captured index,
     /// an integer division by zero); waits for them.
+    ///
+    /// - Throws: ``FlexError/modFailed(_:)`` with what a kernel reported.
     public func checkErrors() throws {
         let pending = checkLock.withLock { checks }
         for c in pending { try c.run() }
@@ -171,6 +176,7 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         CaptureInfo(id: id, name: name, dtype: dtype == .int32 ? .int32 : .float32, shape: shape, storage: CaptureStorage(self))
     }
 
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func captureValues() throws -> CaptureValues {
         dtype == .int32 ? .int32(try toInt32Array()) : .float32(try toArray())
     }
@@ -178,6 +184,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
 
 extension Device {
     /// A new tensor holding `values` (row-major), converted to `dtype` (`.float32`, `.float16` or `.int32`).
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func tensor(_ values: [Float], shape: [Int], dtype: DType = .float32, name: String? = nil) throws -> Tensor {
         try checkShape(shape, count: values.count)
         let t = try empty(shape: shape, dtype: dtype, name: name)
@@ -194,6 +202,8 @@ extension Device {
     }
 
     /// A new int32 tensor (document ids, offsets...).
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func tensor(_ values: [Int32], shape: [Int], name: String? = nil) throws -> Tensor {
         try checkShape(shape, count: values.count)
         let t = try empty(shape: shape, dtype: .int32, name: name)
@@ -202,6 +212,8 @@ extension Device {
     }
 
     /// A new tensor with unspecified contents.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func empty(shape: [Int], dtype: DType, name: String? = nil) throws -> Tensor {
         guard shape.allSatisfy({ $0 >= 0 }) else { throw FlexError("shape \(shape) has a negative dimension") }
         let (bytes, overflow) = shape.reduce(dtype.size) { $0 * $1 }.multipliedReportingOverflow(by: 1)
@@ -212,6 +224,8 @@ extension Device {
 
     /// Wraps an engine's `VkBuffer` as a tensor (interop): `byteOffset` to element 0, strides in
     /// elements (row-major when `nil`). vkflex never frees the buffer.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public func tensor(wrapping vkBuffer: VkBuffer, bufferSize: Int, byteOffset: Int = 0, shape: [Int],
                        strides: [Int]? = nil, dtype: DType, name: String? = nil) throws -> Tensor {
         let s = strides ?? Tensor.contiguousStrides(shape)

@@ -191,13 +191,6 @@ extension Capturable {
 
 // MARK: - Mods
 
-/// A problem with a mod, found when it was built.
-public struct ModError: Error, Sendable, CustomStringConvertible {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
-
 /// PyTorch's `score_mod`: rewrites each attention score.
 ///
 /// ```swift
@@ -226,11 +219,13 @@ public struct ScoreMod: Sendable, CustomStringConvertible {
 
     /// Throws the type error the closure made, if any. A score-mod must give a number; an int
     /// result is promoted to float, as PyTorch does when it adds to the float score.
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public func check() throws {
         do {
             let t = try graph.type()
-            guard t.isNumber else { throw ModError("a score_mod must return a number, not a bool (use where(cond, score, -inf) to mask)") }
-        } catch let e as ExprTypeError { throw ModError("score_mod: \(e.message)") }
+            guard t.isNumber else { throw FlexError.expression(ExpressionError("a score_mod must return a number, not a bool (use where(cond, score, -inf) to mask)", role: "score_mod")) }
+        } catch FlexError.expression(var e) { e.role = "score_mod"; throw FlexError.expression(e) }
     }
 
     public var description: String { graph.text }
@@ -253,11 +248,13 @@ public struct MaskMod: Sendable, CustomStringConvertible {
     public init(graph: Expr) { self.graph = graph }
 
     /// Throws the type error the closure made, if any.
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public func check() throws {
         do {
-            guard try graph.type() == .bool else { throw ModError("a mask_mod must return a bool (a comparison), not a number") }
-        } catch let e as ExprTypeError { throw ModError("mask_mod: \(e.message)") }
-        if graph.uses(.score) { throw ModError("mask_mod: score is not available in a mask_mod (use a score_mod)") }
+            guard try graph.type() == .bool else { throw FlexError.expression(ExpressionError("a mask_mod must return a bool (a comparison), not a number", role: "mask_mod")) }
+        } catch FlexError.expression(var e) { e.role = "mask_mod"; throw FlexError.expression(e) }
+        if graph.uses(.score) { throw FlexError.expression(ExpressionError("score is not available in a mask_mod (use a score_mod)", role: "mask_mod")) }
     }
 
     /// Whether every pair is kept.

@@ -1,4 +1,5 @@
 import Foundation
+@_exported import VKFlexCore
 
 /// The scalar type of an expression node: PyTorch's int32, float and bool.
 public enum ScalarType: String, Sendable, Hashable {
@@ -100,22 +101,23 @@ public indirect enum Expr: Sendable, Hashable {
     case invalid(String)
 }
 
-/// A type error in a mod expression.
-public struct ExprTypeError: Error, Sendable, CustomStringConvertible {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
+/// A type error in a mod expression, as the one public error type.
+func typeError(_ message: String) -> FlexError { .expression(ExpressionError(message)) }
+
+/// A problem with a mod found when it was built or used.
+func modError(_ message: String) -> FlexError { .expression(ExpressionError(message)) }
 
 extension Expr {
     /// The type of the node; throws the first type error found in the graph.
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public func type() throws -> ScalarType {
         switch self {
         case .arg(let a): return a == .score ? .float : .int
         case .int: return .int
         case .float: return .float
         case .bool: return .bool
-        case .invalid(let m): throw ExprTypeError(m)
+        case .invalid(let m): throw typeError(m)
         case .unary(let op, let x): return try Expr.unaryType(op, try x.type())
         case .binary(let op, let a, let b): return try Expr.binaryType(op, try a.type(), try b.type())
         case .call(let f, let args): return try Expr.callType(f, try args.map { try $0.type() })
@@ -129,16 +131,16 @@ extension Expr {
     static func unaryType(_ op: UnaryOp, _ t: ScalarType) throws -> ScalarType {
         switch op {
         case .neg:
-            guard t.isNumber else { throw ExprTypeError("unary - needs a number, got a bool (use ~ or ! to negate a condition)") }
+            guard t.isNumber else { throw typeError("unary - needs a number, got a bool (use ~ or ! to negate a condition)") }
             return t
         case .not:
-            guard t == .bool else { throw ExprTypeError("! needs a bool, got \(t.rawValue) (use ~ for bitwise not of an int)") }
+            guard t == .bool else { throw typeError("! needs a bool, got \(t.rawValue) (use ~ for bitwise not of an int)") }
             return .bool
         case .bitNot:
             switch t {
             case .bool: return .bool
             case .int: return .int
-            case .float: throw ExprTypeError("~ needs a bool or an int, got a float")
+            case .float: throw typeError("~ needs a bool or an int, got a float")
             }
         }
     }
@@ -149,18 +151,18 @@ extension Expr {
         case .and, .or, .xor:
             if a == .bool && b == .bool { return .bool }
             if a == .int && b == .int { return .int }
-            if a == .float || b == .float { throw ExprTypeError("\(sym) needs two bools (logical) or two ints (bitwise), got a float") }
-            throw ExprTypeError("\(sym) mixes a bool with an int: compare the int first (e.g. (x != 0))")
+            if a == .float || b == .float { throw typeError("\(sym) needs two bools (logical) or two ints (bitwise), got a float") }
+            throw typeError("\(sym) mixes a bool with an int: compare the int first (e.g. (x != 0))")
         case .eq, .ne:
             if a == .bool && b == .bool { return .bool }
             fallthrough
         case .lt, .le, .gt, .ge:
-            guard a.isNumber && b.isNumber else { throw ExprTypeError("comparison \(sym) needs two numbers, got \(a.rawValue) and \(b.rawValue)") }
+            guard a.isNumber && b.isNumber else { throw typeError("comparison \(sym) needs two numbers, got \(a.rawValue) and \(b.rawValue)") }
             return .bool
         default:
             guard a.isNumber && b.isNumber else {
                 let name = op == .min || op == .max ? op.rawValue : sym
-                throw ExprTypeError("\(name) needs numbers, got a bool (use where(cond, a, b) to turn a condition into a number)")
+                throw typeError("\(name) needs numbers, got a bool (use where(cond, a, b) to turn a condition into a number)")
             }
             if op == .div { return .float }
             return a == .int && b == .int ? .int : .float
@@ -169,28 +171,28 @@ extension Expr {
 
     static func callType(_ f: Function, _ args: [ScalarType]) throws -> ScalarType {
         guard args.count == f.arity else {
-            throw ExprTypeError("\(f.rawValue) takes \(f.arity) argument\(f.arity == 1 ? "" : "s"), got \(args.count)")
+            throw typeError("\(f.rawValue) takes \(f.arity) argument\(f.arity == 1 ? "" : "s"), got \(args.count)")
         }
         guard args.allSatisfy(\.isNumber) else {
-            throw ExprTypeError("\(f.rawValue) needs a number, got a bool")
+            throw typeError("\(f.rawValue) needs a number, got a bool")
         }
         if f.promotesToFloat { return .float }
         return args.allSatisfy { $0 == .int } ? .int : .float
     }
 
     static func selectType(_ c: ScalarType, _ a: ScalarType, _ b: ScalarType) throws -> ScalarType {
-        guard c == .bool else { throw ExprTypeError("the condition of where(...) must be a bool, got \(c.rawValue) (compare it, e.g. (x != 0))") }
+        guard c == .bool else { throw typeError("the condition of where(...) must be a bool, got \(c.rawValue) (compare it, e.g. (x != 0))") }
         if a == .bool && b == .bool { return .bool }
-        guard a.isNumber && b.isNumber else { throw ExprTypeError("where(...) mixes a bool and a number in its branches") }
+        guard a.isNumber && b.isNumber else { throw typeError("where(...) mixes a bool and a number in its branches") }
         return a == .int && b == .int ? .int : .float
     }
 
     static func checkLoad(_ cap: CaptureInfo, _ idx: [ScalarType]) throws {
         guard idx.count == cap.shape.count else {
-            throw ExprTypeError("\(cap.name) has \(cap.shape.count) dimension\(cap.shape.count == 1 ? "" : "s") (shape \(cap.shape)) but is indexed with \(idx.count)")
+            throw typeError("\(cap.name) has \(cap.shape.count) dimension\(cap.shape.count == 1 ? "" : "s") (shape \(cap.shape)) but is indexed with \(idx.count)")
         }
         for t in idx where t != .int {
-            throw ExprTypeError("\(cap.name) is indexed with a \(t.rawValue); indices must be ints (use floorDiv / // for integer division)")
+            throw typeError("\(cap.name) is indexed with a \(t.rawValue); indices must be ints (use floorDiv / // for integer division)")
         }
     }
 }
@@ -199,6 +201,8 @@ extension Expr {
 
 extension Expr {
     /// Negation, folding literals (so `-1024` and `-inf` are constants in both forms).
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func makeUnary(_ op: UnaryOp, _ x: Expr) throws -> Expr {
         _ = try unaryType(op, try x.type())
         switch (op, x) {
@@ -211,24 +215,28 @@ extension Expr {
         }
     }
 
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func makeBinary(_ op: BinaryOp, _ a: Expr, _ b: Expr) throws -> Expr {
         _ = try binaryType(op, try a.type(), try b.type())
         if op == .pow, try a.type() == .int, try b.type() == .int, case .int(let e) = b, e < 0 {
-            throw ExprTypeError("integers to negative integer powers are not allowed (write the base as a float, e.g. 2.0 ** \(e))")
+            throw typeError("integers to negative integer powers are not allowed (write the base as a float, e.g. 2.0 ** \(e))")
         }
         return .binary(op, a, b)
     }
 
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func makeCall(_ f: Function, _ args: [Expr]) throws -> Expr {
         _ = try callType(f, try args.map { try $0.type() })
         return .call(f, args)
     }
 
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func makeSelect(_ c: Expr, _ a: Expr, _ b: Expr) throws -> Expr {
         _ = try selectType(try c.type(), try a.type(), try b.type())
         return .select(c, a, b)
     }
 
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func makeLoad(_ cap: CaptureInfo, _ idx: [Expr]) throws -> Expr {
         try checkLoad(cap, try idx.map { try $0.type() })
         return .load(cap, idx)

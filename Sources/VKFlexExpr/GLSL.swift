@@ -28,9 +28,10 @@ public struct GLSLMods: Sendable, Hashable {
 /// print(glsl.source)
 /// ```
 public enum GLSLEmitter {
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func emit(scoreMod: Expr?, maskMod: Expr?, firstBinding: Int, errorBinding: Int) throws -> GLSLMods {
-        if let s = scoreMod { guard try s.type().isNumber else { throw ModError("score_mod must be a number") } }
-        if let m = maskMod { guard try m.type() == .bool else { throw ModError("mask_mod must be a bool") } }
+        if let s = scoreMod { guard try s.type().isNumber else { throw modError("score_mod must be a number") } }
+        if let m = maskMod { guard try m.type() == .bool else { throw modError("mask_mod must be a bool") } }
         var caps: [CaptureInfo] = []
         for g in [scoreMod, maskMod].compactMap({ $0 }) {
             for c in g.captures where !caps.contains(c) { caps.append(c) }
@@ -388,7 +389,7 @@ struct FunctionEmitter {
             return Value(code: GLSLEmitter.intLiteral(x), type: .int, floatCode: GLSLEmitter.floatLiteral(Double(x)), terms: abs(Int(x)) <= 1 << 20 ? 1 : 0)
         case .float(let x): return Value(code: GLSLEmitter.floatLiteral(x), type: .float)
         case .bool(let x): return Value(code: x ? "true" : "false", type: .bool)
-        case .invalid(let m): throw ExprTypeError(m)
+        case .invalid(let m): throw typeError(m)
         case .unary(let op, let x):
             let a = try value(x)
             let t = try Expr.unaryType(op, a.type)

@@ -48,20 +48,6 @@ final class HostValues: CaptureValuesProvider, @unchecked Sendable {
     func captureValues() throws -> CaptureValues { values }
 }
 
-/// A failure met while evaluating (the CPU twin of the kernel's error flag).
-public struct EvaluationError: Error, Sendable, CustomStringConvertible, Equatable {
-    public var message: String
-    public var description: String { message }
-
-    /// The message for an out-of-range captured index, shared by CPU and GPU reports.
-    public static func indexOutOfRange(_ cap: CaptureInfo, index: Int32, dim: Int) -> EvaluationError {
-        let size = cap.shape.indices.contains(dim) ? cap.shape[dim] : 0
-        let where_ = cap.shape.count > 1 ? "dimension \(dim) of " : ""
-        return EvaluationError(message: "index \(index) is out of range for \(where_)\(cap.name) (size \(size)), even after wrapping negative indices once")
-    }
-    public static let divisionByZero = EvaluationError(message: "integer division or modulo by zero in a mod")
-    public static let negativePower = EvaluationError(message: "an integer raised to a negative integer power in a mod")
-}
 
 /// Evaluates a mod graph on the CPU with PyTorch's semantics: exact int32 arithmetic (wrapping),
 /// Python's floor division and modulo, and float64 math — or float32, rounding after every float
@@ -87,10 +73,12 @@ public final class Interpreter: @unchecked Sendable {
     public let precision: Precision
     private var root: Compiled!
     /// The first error met (out-of-range index, division by zero), if any.
-    public private(set) var error: EvaluationError?
+    public private(set) var error: FlexError?
 
     /// - Parameter captures: values of each captured tensor by capture id; `HostTensor`s in the
     ///   graph supply their own.
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public init(_ graph: Expr, captures: [Int: CaptureValues] = [:], precision: Precision = .float64) throws {
         self.graph = graph
         self.precision = precision
@@ -103,7 +91,7 @@ public final class Interpreter: @unchecked Sendable {
     static func collectHostValues(_ e: Expr, into values: inout [Int: CaptureValues]) throws {
         for c in e.captures where values[c.id] == nil {
             guard let provider = c.storage.object as? CaptureValuesProvider else {
-                throw ModError("no values for the captured tensor \(c.name) (pass them in captures:)")
+                throw modError("no values for the captured tensor \(c.name) (pass them in captures:)")
             }
             values[c.id] = try provider.captureValues()
         }
@@ -147,7 +135,7 @@ public final class Interpreter: @unchecked Sendable {
         }
     }
 
-    private func record(_ e: EvaluationError) { if error == nil { error = e } }
+    private func record(_ e: FlexError) { if error == nil { error = e } }
 
     private func compile(_ e: Expr, _ caps: [Int: CaptureValues]) throws -> Compiled {
         let f32 = precision == .float32
@@ -171,7 +159,7 @@ public final class Interpreter: @unchecked Sendable {
         case .int(let v): return .int { _ in v }
         case .float(let v): let x = r(v); return .float { _ in x }
         case .bool(let v): return .bool { _ in v }
-        case .invalid(let m): throw ExprTypeError(m)
+        case .invalid(let m): throw typeError(m)
         case .unary(let op, let x):
             let c = try compile(x, caps)
             switch (op, c) {
@@ -179,7 +167,7 @@ public final class Interpreter: @unchecked Sendable {
             case (.neg, .float(let f)): return .float { -f($0) }
             case (.not, .bool(let f)), (.bitNot, .bool(let f)): return .bool { !f($0) }
             case (.bitNot, .int(let f)): return .int { ~f($0) }
-            default: throw ExprTypeError("bad operand for \(op.rawValue)")
+            default: throw typeError("bad operand for \(op.rawValue)")
             }
         case .binary(let op, let x, let y):
             let a = try compile(x, caps), b = try compile(y, caps)
@@ -232,7 +220,7 @@ public final class Interpreter: @unchecked Sendable {
                 case .or: return .bool { fa($0) || fb($0) }
                 case .xor, .ne: return .bool { fa($0) != fb($0) }
                 case .eq: return .bool { fa($0) == fb($0) }
-                default: throw ExprTypeError("bad operands for \(op.rawValue)")
+                default: throw typeError("bad operands for \(op.rawValue)")
                 }
             }
             let fa = asFloat(a), fb = asFloat(b)
@@ -252,7 +240,7 @@ public final class Interpreter: @unchecked Sendable {
             case .ne: return .bool { fa($0) != fb($0) }
             case .min: return .float { let p = fa($0), q = fb($0); return p.isNaN || q.isNaN ? .nan : Swift.min(p, q) }
             case .max: return .float { let p = fa($0), q = fb($0); return p.isNaN || q.isNaN ? .nan : Swift.max(p, q) }
-            case .and, .or, .xor: throw ExprTypeError("\(op.rawValue) on floats")
+            case .and, .or, .xor: throw typeError("\(op.rawValue) on floats")
             }
         case .call(let f, let args):
             let cs = try args.map { try compile($0, caps) }
@@ -280,7 +268,7 @@ public final class Interpreter: @unchecked Sendable {
                 return .float { Swift.min(Swift.max(g($0), lo($0)), hi($0)) }
             }
         case .select(let c, let x, let y):
-            guard case .bool(let fc) = try compile(c, caps) else { throw ExprTypeError("where needs a bool condition") }
+            guard case .bool(let fc) = try compile(c, caps) else { throw typeError("where needs a bool condition") }
             let a = try compile(x, caps), b = try compile(y, caps)
             switch (a, b) {
             case (.int(let fa), .int(let fb)): return .int { let p = fa($0), q = fb($0); return fc($0) ? p : q }
@@ -290,12 +278,12 @@ public final class Interpreter: @unchecked Sendable {
                 return .float { let p = fa($0), q = fb($0); return fc($0) ? p : q }
             }
         case .load(let cap, let idx):
-            guard let values = caps[cap.id] else { throw ModError("no values for the captured tensor \(cap.name)") }
+            guard let values = caps[cap.id] else { throw modError("no values for the captured tensor \(cap.name)") }
             guard values.count == cap.shape.reduce(1, *) else {
-                throw ModError("\(cap.name) has \(values.count) values but shape \(cap.shape)")
+                throw modError("\(cap.name) has \(values.count) values but shape \(cap.shape)")
             }
             let fs: [(Env) -> Int32] = try idx.map {
-                guard case .int(let f) = try compile($0, caps) else { throw ExprTypeError("indices must be ints") }
+                guard case .int(let f) = try compile($0, caps) else { throw typeError("indices must be ints") }
                 return f
             }
             let shape = cap.shape.map { Int32($0) }
@@ -307,7 +295,7 @@ public final class Interpreter: @unchecked Sendable {
                     let raw = fs[d](env)
                     var i = raw
                     if i < 0 { i = i &+ shape[d] }
-                    if i < 0 || i >= shape[d] { self.record(.indexOutOfRange(cap, index: raw, dim: d)); return nil }
+                    if i < 0 || i >= shape[d] { self.record(.indexOutOfRange(name: cap.name, shape: cap.shape, index: raw, dim: d)); return nil }
                     flat += Int(i) * strides[d]
                 }
                 return flat

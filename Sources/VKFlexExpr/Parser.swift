@@ -1,24 +1,5 @@
 import Foundation
 
-/// A mod expression that does not parse or type-check, with the position of the problem.
-///
-/// ```
-/// mask_mod: 0 <= q_idx - kv_idx <= 4
-///                                ^ chained comparisons are not supported: write (0 <= d) & (d <= 4)
-/// ```
-public struct ParseError: Error, Sendable, CustomStringConvertible {
-    public var message: String
-    /// Character offset into `text`.
-    public var position: Int
-    public var text: String
-    public var role: String
-
-    public var description: String {
-        let caretLine = String(repeating: " ", count: role.count + 2 + position) + "^ " + message
-        return "\(role): \(text)\n\(caretLine)"
-    }
-}
-
 extension ScoreMod {
     /// Parses the text form of a score-mod (Python syntax and precedence, as in PyTorch):
     ///
@@ -28,12 +9,14 @@ extension ScoreMod {
     /// ```
     /// Names: `score`, `b`, `h`, `q_idx`, `kv_idx` (aliases `q`, `kv`), `inf`, `nan`, `True`,
     /// `False`, the captures, and the functions of the expression language.
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public init(parsing text: String, captures: [String: any Capturable] = [:]) throws {
         var parser = ModParser(text: text, role: "score_mod", allowScore: true, captures: captures)
         let expr = try parser.parse()
         guard let t = try? expr.type(), t.isNumber else {
-            throw ParseError(message: "a score_mod must give a number, not a condition (use where(cond, score, -inf) to mask)",
-                             position: 0, text: text, role: "score_mod")
+            throw FlexError.expression(ExpressionError("a score_mod must give a number, not a condition (use where(cond, score, -inf) to mask)",
+                                                       role: "score_mod", text: text, position: 0))
         }
         self.init(graph: expr)
     }
@@ -41,12 +24,14 @@ extension ScoreMod {
 
 extension MaskMod {
     /// Parses the text form of a mask-mod, e.g. `"(q_idx >= kv_idx) & (doc[q_idx] == doc[kv_idx])"`.
+    ///
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public init(parsing text: String, captures: [String: any Capturable] = [:]) throws {
         var parser = ModParser(text: text, role: "mask_mod", allowScore: false, captures: captures)
         let expr = try parser.parse()
         guard (try? expr.type()) == .bool else {
-            throw ParseError(message: "a mask_mod must give a condition (a comparison), not a number",
-                             position: 0, text: text, role: "mask_mod")
+            throw FlexError.expression(ExpressionError("a mask_mod must give a condition (a comparison), not a number",
+                                                       role: "mask_mod", text: text, position: 0))
         }
         self.init(graph: expr)
     }
@@ -78,8 +63,8 @@ struct ModParser {
         self.captures = captures.mapValues(\.captureInfo)
     }
 
-    func fail(_ message: String, at pos: Int) -> ParseError {
-        ParseError(message: message, position: pos, text: text, role: role)
+    func fail(_ message: String, at pos: Int) -> FlexError {
+        .expression(ExpressionError(message, role: role, text: text, position: pos))
     }
 
     static let functions: Set<String> = ["where", "minimum", "maximum", "min", "max", "abs", "floor", "exp", "exp2",
@@ -183,7 +168,7 @@ struct ModParser {
     }
 
     func build(_ pos: Int, _ make: () throws -> Expr) throws -> Expr {
-        do { return try make() } catch let e as ExprTypeError { throw fail(e.message, at: pos) }
+        do { return try make() } catch FlexError.expression(let e) { throw fail(e.message, at: pos) }
     }
 
     static let comparisons: [String: BinaryOp] = ["<": .lt, "<=": .le, ">": .gt, ">=": .ge, "==": .eq, "!=": .ne]

@@ -56,14 +56,18 @@ public final class Buffer: @unchecked Sendable {
 
     /// Copies `values` into the buffer at `byteOffset`. Waits for GPU work still using the buffer
     /// when writing through a mapping; otherwise the copy is ordered after that work on the queue.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func upload<T>(_ values: [T], byteOffset: Int = 0) throws {
         try values.withUnsafeBytes { try upload(bytes: $0, byteOffset: byteOffset) }
     }
 
     /// Copies raw bytes into the buffer at `byteOffset`.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func upload(bytes: UnsafeRawBufferPointer, byteOffset: Int = 0) throws {
         guard byteOffset >= 0, byteOffset + bytes.count <= size else {
-            throw VulkanError.invalidArgument("upload of \(bytes.count) bytes at offset \(byteOffset) overruns a buffer of \(size) bytes")
+            throw FlexError.invalidArgument("upload of \(bytes.count) bytes at offset \(byteOffset) overruns a buffer of \(size) bytes")
         }
         guard bytes.count > 0, let base = bytes.baseAddress else { return }
         if let mapped {
@@ -79,10 +83,12 @@ public final class Buffer: @unchecked Sendable {
     }
 
     /// Reads `count` values of `T` starting at `byteOffset`, after the work that writes the buffer completes.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func download<T>(count: Int, as type: T.Type = T.self, byteOffset: Int = 0) throws -> [T] {
         let bytes = count * MemoryLayout<T>.stride
         guard byteOffset >= 0, byteOffset + bytes <= size else {
-            throw VulkanError.invalidArgument("download of \(bytes) bytes at offset \(byteOffset) overruns a buffer of \(size) bytes")
+            throw FlexError.invalidArgument("download of \(bytes) bytes at offset \(byteOffset) overruns a buffer of \(size) bytes")
         }
         var result = [T]()
         result.reserveCapacity(count)
@@ -94,6 +100,8 @@ public final class Buffer: @unchecked Sendable {
     }
 
     /// Reads raw bytes starting at `byteOffset` into `destination`.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func download(into destination: UnsafeMutableRawBufferPointer, byteOffset: Int = 0) throws {
         guard destination.count > 0, let dst = destination.baseAddress else { return }
         if let mapped {
@@ -111,6 +119,8 @@ public final class Buffer: @unchecked Sendable {
     }
 
     /// Fills `bytes` bytes from `byteOffset` with a repeated 32-bit pattern, on the GPU queue.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func fill(pattern: UInt32, byteOffset: Int = 0, bytes: Int? = nil) throws {
         let count = bytes ?? (size - byteOffset)
         try device.record { rec in rec.fill(self, pattern: pattern, offset: byteOffset, bytes: count) }
@@ -120,10 +130,12 @@ public final class Buffer: @unchecked Sendable {
 extension Device {
     /// Allocates a storage buffer of `bytes` bytes (at least 4).
     ///
-    /// Throws ``VulkanError/limitExceeded(_:)`` before calling the driver when the size is over the
+    /// Throws ``FlexError/limitExceeded(_:)`` before calling the driver when the size is over the
     /// device's largest allocation or memory heap.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func makeBuffer(bytes: Int, hostVisible: Bool = false) throws -> Buffer {
-        guard bytes >= 0 else { throw VulkanError.invalidArgument("buffer size \(bytes) is negative") }
+        guard bytes >= 0 else { throw FlexError.invalidArgument("buffer size \(bytes) is negative") }
         // Small buffers (parameters, error flags, masks) come from a pool of freed ones: an
         // allocation costs far more than the work on some drivers.
         if bytes <= BufferPool.maxPooledBytes {
@@ -148,7 +160,7 @@ extension Device {
         let size = max(bytes, 4).roundedUp(to: 4)
         let caps = capabilities
         if size > caps.maxMemoryAllocation {
-            throw VulkanError.limitExceeded("cannot allocate \(formatBytes(size)): \(caps.name) allows at most \(formatBytes(caps.maxMemoryAllocation)) in one allocation")
+            throw FlexError.limitExceeded("cannot allocate \(formatBytes(size)): \(caps.name) allows at most \(formatBytes(caps.maxMemoryAllocation)) in one allocation")
         }
         var info = VkBufferCreateInfo()
         info.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO
@@ -159,7 +171,7 @@ extension Device {
         info.sharingMode = VK_SHARING_MODE_EXCLUSIVE
         var buffer: VkBuffer?
         try check(vkCreateBuffer(handle, &info, nil, &buffer), "vkCreateBuffer")
-        guard let buffer else { throw VulkanError.call("vkCreateBuffer", result: VK_ERROR_UNKNOWN.rawValue) }
+        guard let buffer else { throw FlexError.vulkan(call: "vkCreateBuffer", result: VK_ERROR_UNKNOWN.rawValue) }
         var requirements = VkMemoryRequirements()
         vkGetBufferMemoryRequirements(handle, buffer, &requirements)
 
@@ -172,12 +184,12 @@ extension Device {
             : memoryTypeIndex(bits: requirements.memoryTypeBits, required: local)
         guard let choice else {
             vkDestroyBuffer(handle, buffer, nil)
-            throw VulkanError.unsupported("no memory type fits a storage buffer on \(caps.name)")
+            throw FlexError.unsupported("no memory type fits a storage buffer on \(caps.name)")
         }
         let heap = heapSize(ofType: choice.index)
         if Int(requirements.size) > heap {
             vkDestroyBuffer(handle, buffer, nil)
-            throw VulkanError.limitExceeded("cannot allocate \(formatBytes(size)): the memory heap of \(caps.name) holds \(formatBytes(heap))")
+            throw FlexError.limitExceeded("cannot allocate \(formatBytes(size)): the memory heap of \(caps.name) holds \(formatBytes(heap))")
         }
         var flagsInfo = VkMemoryAllocateFlagsInfo()
         flagsInfo.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_FLAGS_INFO
@@ -193,13 +205,13 @@ extension Device {
         }
         guard allocResult == VK_SUCCESS, let memory else {
             vkDestroyBuffer(handle, buffer, nil)
-            throw VulkanError.call("vkAllocateMemory(\(formatBytes(size)))", result: allocResult.rawValue)
+            throw FlexError.vulkan(call: "vkAllocateMemory(\(formatBytes(size)))", result: allocResult.rawValue)
         }
         let bindResult = vkBindBufferMemory(handle, buffer, memory, 0)
         guard bindResult == VK_SUCCESS else {
             vkDestroyBuffer(handle, buffer, nil)
             vkFreeMemory(handle, memory, nil)
-            throw VulkanError.call("vkBindBufferMemory", result: bindResult.rawValue)
+            throw FlexError.vulkan(call: "vkBindBufferMemory", result: bindResult.rawValue)
         }
         var mapped: UnsafeMutableRawPointer?
         if choice.flags & hostFlags == hostFlags {
@@ -207,7 +219,7 @@ extension Device {
             if mapResult != VK_SUCCESS {
                 vkDestroyBuffer(handle, buffer, nil)
                 vkFreeMemory(handle, memory, nil)
-                throw VulkanError.call("vkMapMemory", result: mapResult.rawValue)
+                throw FlexError.vulkan(call: "vkMapMemory", result: mapResult.rawValue)
             }
         }
         var address: UInt64?

@@ -82,6 +82,8 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
 
     /// Measures the layout on `device`; nil when it has no cooperative-matrix extension or a
     /// subgroup size other than 32.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func measure(on device: Device) throws -> CooperativeMatrixLayout? {
         guard device.cooperativeMatrixAPI != nil, device.capabilities.subgroupSize == 32 else { return nil }
         let narrow = device.cooperativeMatrixShapes.contains {

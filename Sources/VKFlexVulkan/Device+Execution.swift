@@ -84,33 +84,35 @@ public struct CommandRecorder {
     }
 
     /// Records a dispatch of `pipeline` over `groups` workgroups.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func dispatch(_ pipeline: ComputePipeline, bindings: [BufferBinding], pushConstants: [UInt8] = [],
                          groups: (x: Int, y: Int, z: Int)) throws {
         guard bindings.count == pipeline.bindingCount else {
-            throw VulkanError.invalidArgument("pipeline \(pipeline.name) takes \(pipeline.bindingCount) buffers, got \(bindings.count)")
+            throw FlexError.invalidArgument("pipeline \(pipeline.name) takes \(pipeline.bindingCount) buffers, got \(bindings.count)")
         }
         guard pushConstants.count == pipeline.pushConstantSize else {
-            throw VulkanError.invalidArgument("pipeline \(pipeline.name) takes \(pipeline.pushConstantSize) bytes of push constants, got \(pushConstants.count)")
+            throw FlexError.invalidArgument("pipeline \(pipeline.name) takes \(pipeline.pushConstantSize) bytes of push constants, got \(pushConstants.count)")
         }
         let caps = device.capabilities
         for (i, b) in bindings.enumerated() {
             guard b.buffer.device === device else {
-                throw VulkanError.invalidArgument("binding \(i) of \(pipeline.name) is a buffer of another device")
+                throw FlexError.invalidArgument("binding \(i) of \(pipeline.name) is a buffer of another device")
             }
             guard b.offset >= 0, b.size > 0, b.offset + b.size <= b.buffer.size else {
-                throw VulkanError.invalidArgument("binding \(i) of \(pipeline.name): range \(b.offset)..<\(b.offset + b.size) is outside a buffer of \(b.buffer.size) bytes")
+                throw FlexError.invalidArgument("binding \(i) of \(pipeline.name): range \(b.offset)..<\(b.offset + b.size) is outside a buffer of \(b.buffer.size) bytes")
             }
             guard b.offset % caps.minStorageBufferOffsetAlignment == 0 else {
-                throw VulkanError.invalidArgument("binding \(i) of \(pipeline.name): offset \(b.offset) is not a multiple of the device's storage-buffer alignment \(caps.minStorageBufferOffsetAlignment)")
+                throw FlexError.invalidArgument("binding \(i) of \(pipeline.name): offset \(b.offset) is not a multiple of the device's storage-buffer alignment \(caps.minStorageBufferOffsetAlignment)")
             }
             guard b.size <= caps.maxStorageBufferRange else {
-                throw VulkanError.limitExceeded("binding \(i) of \(pipeline.name) spans \(formatBytes(b.size)); \(caps.name) binds at most \(formatBytes(caps.maxStorageBufferRange)) per storage buffer")
+                throw FlexError.limitExceeded("binding \(i) of \(pipeline.name) spans \(formatBytes(b.size)); \(caps.name) binds at most \(formatBytes(caps.maxStorageBufferRange)) per storage buffer")
             }
         }
         let maxGroups = caps.maxWorkgroupCount
         guard groups.x >= 1, groups.y >= 1, groups.z >= 1,
               groups.x <= maxGroups[0], groups.y <= maxGroups[1], groups.z <= maxGroups[2] else {
-            throw VulkanError.limitExceeded("dispatch of \(pipeline.name) over \(groups.x)x\(groups.y)x\(groups.z) workgroups is outside the device's limit \(maxGroups.map(String.init).joined(separator: "x"))")
+            throw FlexError.limitExceeded("dispatch of \(pipeline.name) over \(groups.x)x\(groups.y)x\(groups.z) workgroups is outside the device's limit \(maxGroups.map(String.init).joined(separator: "x"))")
         }
         let set = try device.allocateDescriptorSet(pipeline.setLayout, in: batch, bindings: bindings.count)
         if !bindings.isEmpty {
@@ -167,8 +169,10 @@ public struct CommandRecorder {
     }
 
     /// Records a GPU timestamp after all previous commands of the batch.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func timestamp() throws -> GPUTimestamp {
-        guard device.capabilities.timestamps else { throw VulkanError.unsupported("\(device.capabilities.name) has no compute timestamps") }
+        guard device.capabilities.timestamps else { throw FlexError.unsupported("\(device.capabilities.name) has no compute timestamps") }
         if batch.queryPool == nil {
             var info = VkQueryPoolCreateInfo()
             info.sType = VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO
@@ -179,7 +183,7 @@ public struct CommandRecorder {
             batch.queryPool = pool
             vkCmdResetQueryPool(batch.commandBuffer, pool, 0, 256)
         }
-        guard batch.queryCount < 256 else { throw VulkanError.limitExceeded("more than 256 timestamps in one batch") }
+        guard batch.queryCount < 256 else { throw FlexError.limitExceeded("more than 256 timestamps in one batch") }
         let index = batch.queryCount
         batch.queryCount += 1
         vkCmdWriteTimestamp(batch.commandBuffer, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, batch.queryPool, UInt32(index))
@@ -193,6 +197,8 @@ extension Device {
     /// Records commands into the current batch (creating one if needed) and returns what `body`
     /// returns. The batch is submitted by ``flush()``, by a read that needs its results, by
     /// ``synchronize()``, or once it holds `maxCommandsPerBatch` commands.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     @discardableResult
     public func record<R>(_ body: (CommandRecorder) throws -> R) throws -> R {
         lock.lock()
@@ -208,6 +214,8 @@ extension Device {
     public var hasUnsubmittedWork: Bool { lock.withLock { recording != nil } }
 
     /// Submits the batch being recorded, if any. Returns at once.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func flush() throws {
         try lock.withLock {
             if let batch = recording { try submitLocked(batch) }
@@ -215,6 +223,8 @@ extension Device {
     }
 
     /// Waits until all work recorded so far has completed.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func synchronize() throws {
         let pending: [Batch] = try lock.withLock {
             if let batch = recording { try submitLocked(batch) }
@@ -224,10 +234,12 @@ extension Device {
     }
 
     /// The elapsed device time between two timestamps, in seconds; waits for their batches.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func seconds(from start: GPUTimestamp, to end: GPUTimestamp) throws -> Double {
         for ts in [start, end] { if let b = ts.batch { try wait(for: b) } }
         guard let s = start.nanoseconds, let e = end.nanoseconds else {
-            throw VulkanError.invalidArgument("timestamp results are not available")
+            throw FlexError.invalidArgument("timestamp results are not available")
         }
         return (e - s) * 1e-9
     }

@@ -96,6 +96,8 @@ public final class Device: @unchecked Sendable {
     // MARK: - Choosing a device
 
     /// The capabilities of every Vulkan device present, in enumeration order (their `index`).
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func availableDevices(validation: Bool? = nil) throws -> [DeviceCapabilities] {
         let instance = try Instance.shared(validation: Options(validation: validation).validationEnabled)
         return try instance.physicalDevices().enumerated().map {
@@ -105,17 +107,21 @@ public final class Device: @unchecked Sendable {
 
     /// Opens the preferred device: `VKFLEX_DEVICE` (an index or a case-insensitive name substring)
     /// when set, else the first discrete GPU, then integrated, virtual, CPU (lavapipe).
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func `default`(options: Options = Options()) throws -> Device {
         try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"], options: options)
     }
 
     /// Opens the device that `selector` names: an index into ``availableDevices(validation:)`` or a
     /// case-insensitive substring of its name; `nil` or empty picks by type preference.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public convenience init(selector: String?, options: Options = Options()) throws {
         let instance = try Instance.shared(validation: options.validationEnabled)
         let physical = try instance.physicalDevices()
         guard !physical.isEmpty else {
-            throw VulkanError.noDevice("no Vulkan device found (install mesa-vulkan-drivers for the lavapipe CPU device)")
+            throw FlexError.noDevice("no Vulkan device found (install mesa-vulkan-drivers for the lavapipe CPU device)")
         }
         let caps = physical.enumerated().map { DeviceCapabilities.query($0.element, index: $0.offset, instance: instance.handle) }
         let chosen = try Device.choose(caps, selector: selector)
@@ -123,18 +129,20 @@ public final class Device: @unchecked Sendable {
     }
 
     /// The index `selector` picks among `caps` (see ``init(selector:options:)``).
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func choose(_ caps: [DeviceCapabilities], selector: String?) throws -> Int {
         if let selector = selector?.trimmingCharacters(in: .whitespaces), !selector.isEmpty {
             if let index = Int(selector) {
                 guard caps.indices.contains(index) else {
-                    throw VulkanError.noDevice("VKFLEX_DEVICE=\(selector): no device with that index; devices: \(Device.listing(caps))")
+                    throw FlexError.noDevice("device \"\(selector)\": no device with that index; devices: \(Device.listing(caps))")
                 }
                 return index
             }
             if let match = caps.first(where: { $0.name.lowercased().contains(selector.lowercased()) }) {
                 return match.index
             }
-            throw VulkanError.noDevice("VKFLEX_DEVICE=\(selector): no device name contains it; devices: \(Device.listing(caps))")
+            throw FlexError.noDevice("device \"\(selector)\": no device name contains it; devices: \(Device.listing(caps))")
         }
         return caps.min { ($0.type, $0.index) < ($1.type, $1.index) }!.index
     }
@@ -228,7 +236,7 @@ public final class Device: @unchecked Sendable {
             }}}}}}
         }
         try check(result, "vkCreateDevice")
-        guard let device else { throw VulkanError.call("vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
+        guard let device else { throw FlexError.vulkan(call: "vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
         var queue: VkQueue?
         vkGetDeviceQueue(device, family, 0, &queue)
         self.handle = device
@@ -255,6 +263,8 @@ public final class Device: @unchecked Sendable {
     ///                         queue: myQueue, queueFamilyIndex: family,
     ///                         enabledFeatures: .init(shaderFloat16: true, storageBuffer16Bit: true))
     /// ```
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public init(wrapping instance: VkInstance, physicalDevice: VkPhysicalDevice, device: VkDevice,
                 queue: VkQueue, queueFamilyIndex: UInt32, enabledFeatures: EnabledFeatures,
                 options: Options = Options()) throws {
@@ -310,7 +320,7 @@ public final class Device: @unchecked Sendable {
         vkGetPhysicalDeviceQueueFamilyProperties(pd, &count, &families)
         let compute = VkQueueFlags(VK_QUEUE_COMPUTE_BIT.rawValue)
         let candidates = families.enumerated().filter { $0.element.queueFlags & compute != 0 }
-        guard !candidates.isEmpty else { throw VulkanError.unsupported("the device has no compute queue") }
+        guard !candidates.isEmpty else { throw FlexError.unsupported("the device has no compute queue") }
         // Prefer a family with timestamps; among those, the first.
         let best = candidates.first { $0.element.timestampValidBits > 0 } ?? candidates[0]
         return UInt32(best.offset)
@@ -373,7 +383,7 @@ public enum CooperativeMatrixAPI: String, Sendable, CustomStringConvertible {
             // A device without the forced extension has no cooperative matrices at all.
             return (api == .nv ? caps.cooperativeMatrixNV : caps.cooperativeMatrixKHR) ? api : nil
         default:
-            throw VulkanError.unsupported("VKFLEX_COOPMAT_API=\(env): use nv, khr or auto")
+            throw FlexError.unsupported("VKFLEX_COOPMAT_API=\(env): use nv, khr or auto")
         }
     }
 

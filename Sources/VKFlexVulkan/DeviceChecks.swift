@@ -52,7 +52,7 @@ public enum DeviceChecks {
             do {
                 _ = try ShaderCompiler.shared.compile(ShaderSource(name: "broken", text: broken))
                 throw CheckFailure("a broken shader compiled")
-            } catch let error as ShaderCompileError {
+            } catch FlexError.shaderCompile(let error) {
                 guard error.line == 4, error.excerpt.contains(">     4 |   float x = undefined_name;") else {
                     throw CheckFailure("error does not point at line 4: \(error)")
                 }
@@ -78,7 +78,7 @@ public enum DeviceChecks {
             do {
                 _ = try device.makeBuffer(bytes: tooBig)
                 throw CheckFailure("allocating \(formatBytes(tooBig)) succeeded")
-            } catch let error as VulkanError {
+            } catch let error as FlexError {
                 guard case .limitExceeded = error else { throw CheckFailure("wrong error: \(error)") }
                 return "\(formatBytes(tooBig)) refused"
             }
@@ -108,6 +108,8 @@ public enum DeviceChecks {
     ]
 
     /// The description of the subgroup-sum device check shader for this device.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func subgroupSumDescription(_ device: Device) throws -> PipelineDescription {
         let lib = ShaderLibrary.standard
         let size = min(256, device.capabilities.maxWorkgroupInvocations, device.capabilities.minSubgroupSize * 64)
@@ -116,9 +118,11 @@ public enum DeviceChecks {
     }
 
     /// Runs the subgroup-sum shader over `count` random values; returns (GPU sums, float64 sums).
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func runSubgroupSum(_ device: Device, count: Int, perGroup: Int) throws -> ([Float], [Float]) {
         guard device.capabilities.subgroupArithmetic else {
-            throw VulkanError.unsupported("\(device.capabilities.name) lacks subgroup arithmetic in compute shaders")
+            throw FlexError.unsupported("\(device.capabilities.name) lacks subgroup arithmetic in compute shaders")
         }
         let pipeline = try device.pipeline(for: "vkflex.subgroup_sum") { try subgroupSumDescription(device) }
         var rng = SystemRandomNumberGenerator()

@@ -71,7 +71,7 @@ final class Instance: @unchecked Sendable {
     private init(validation: Bool) throws {
         if validation {
             guard Instance.availableLayers().contains("VK_LAYER_KHRONOS_validation") else {
-                throw VulkanError.unsupported(
+                throw FlexError.unsupported(
                     "the Khronos validation layer is not installed (apt-get install vulkan-validationlayers)")
             }
         }
@@ -115,7 +115,7 @@ final class Instance: @unchecked Sendable {
             }
         }
         try check(result, "vkCreateInstance")
-        guard let instance else { throw VulkanError.call("vkCreateInstance", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
+        guard let instance else { throw FlexError.vulkan(call: "vkCreateInstance", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
         self.handle = instance
         self.owned = true
         self.validation = validation

@@ -179,6 +179,8 @@ extension Device {
     ///     PipelineDescription(source: ShaderSource(name: "k", text: glsl), bindingCount: 2)
     /// }
     /// ```
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func pipeline<K: Hashable & Sendable>(for key: K, make: () throws -> PipelineDescription) throws -> ComputePipeline {
         try pipelines.pipeline(key: AnyHashable(key), device: self, make: make)
     }
@@ -194,6 +196,8 @@ extension Device {
     public var pipelineCacheFile: URL? { pipelines.cacheFile }
 
     /// Compiles and creates a pipeline without caching it by key.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func buildPipeline(_ d: PipelineDescription) throws -> ComputePipeline {
         try buildPipeline(d, cache: pipelines.vkCache)
     }
@@ -210,12 +214,12 @@ extension Device {
                     CooperativeMatrixKHRRewriter.dump(spirv, name: d.source.name, to: dir)
                 }
             } catch {
-                throw VulkanError.unsupported("\(d.source.name): cannot move its cooperative matrices to VK_KHR_cooperative_matrix (\(error)); VKFLEX_COOPMAT_API=nv uses the NV extension")
+                throw FlexError.unsupported("\(d.source.name): cannot move its cooperative matrices to VK_KHR_cooperative_matrix (\(error)); VKFLEX_COOPMAT_API=nv uses the NV extension")
             }
         }
         let t1 = DispatchTime.now().uptimeNanoseconds
         guard d.pushConstantSize <= capabilities.maxPushConstantsSize else {
-            throw VulkanError.limitExceeded("\(d.source.name) needs \(d.pushConstantSize) bytes of push constants; the device allows \(capabilities.maxPushConstantsSize)")
+            throw FlexError.limitExceeded("\(d.source.name) needs \(d.pushConstantSize) bytes of push constants; the device allows \(capabilities.maxPushConstantsSize)")
         }
 
         var module: VkShaderModule?
@@ -261,7 +265,7 @@ extension Device {
         }
         guard layoutResult == VK_SUCCESS else {
             vkDestroyDescriptorSetLayout(handle, setLayout, nil)
-            throw VulkanError.call("vkCreatePipelineLayout", result: layoutResult.rawValue)
+            throw FlexError.vulkan(call: "vkCreatePipelineLayout", result: layoutResult.rawValue)
         }
 
         var entries = d.specialization.indices.map {
@@ -300,7 +304,7 @@ extension Device {
         guard result == VK_SUCCESS, let pipeline else {
             vkDestroyPipelineLayout(handle, layout, nil)
             vkDestroyDescriptorSetLayout(handle, setLayout, nil)
-            throw VulkanError.call("vkCreateComputePipelines(\(d.source.name))", result: result.rawValue)
+            throw FlexError.vulkan(call: "vkCreateComputePipelines(\(d.source.name))", result: result.rawValue)
         }
         if reportsPipelineStatistics {
             let defines = d.source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: " ")

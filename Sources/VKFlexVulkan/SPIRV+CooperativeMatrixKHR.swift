@@ -39,11 +39,9 @@ public enum CooperativeMatrixUse: UInt32, Sendable, CaseIterable, CustomStringCo
 /// ```
 public enum CooperativeMatrixKHRRewriter {
     /// What the rewrite cannot do with a module (or, from ``verify(_:)``, what is wrong with one),
-    /// in words; the device then cannot build that shader through the KHR extension
-    /// (`VKFLEX_COOPMAT_API=nv` takes the NV one).
-    public struct Unsupported: Error, CustomStringConvertible {
-        public var description: String
-    }
+    /// in words, as ``FlexError/unsupported(_:)``; the device then cannot build that shader
+    /// through the KHR extension (`VKFLEX_COOPMAT_API=nv` takes the NV one).
+    static func Unsupported(description: String) -> FlexError { .unsupported(description) }
 
     // Opcodes (SPIR-V 1.6 unified, SPV_NV_cooperative_matrix, SPV_KHR_cooperative_matrix).
     enum Op {
@@ -109,6 +107,8 @@ public enum CooperativeMatrixKHRRewriter {
 
     /// The rewritten module. `subgroupSize` sets how many elements each invocation holds where a
     /// conversion between uses is lowered (rows · columns / subgroupSize).
+    ///
+    /// - Throws: ``FlexError/unsupported(_:)`` naming what the module holds that the rewrite cannot take (or, from `verify`, what is wrong).
     public static func rewrite(_ words: [UInt32], subgroupSize: Int) throws -> [UInt32] {
         let list = try parse(words)
         var bound = words[3]
@@ -391,12 +391,14 @@ public enum CooperativeMatrixKHRRewriter {
     /// type is declared once; every product takes an A, a B and an accumulator of matching
     /// dimensions; loads and stores name a constant layout; conversions, loads, stores and
     /// inserts keep one use on both sides. Throws ``Unsupported`` naming the first problem.
+    ///
+    /// - Throws: ``FlexError/unsupported(_:)`` naming what the module holds that the rewrite cannot take (or, from `verify`, what is wrong).
     public static func verify(_ words: [UInt32]) throws {
         let list = try parse(words)
         struct KHRType: Hashable { var component: UInt32, scope: UInt32, rows: UInt32, columns: UInt32, use: UInt32 }
         var types: [UInt32: KHRType] = [:], pointee: [UInt32: UInt32] = [:], typeOf: [UInt32: UInt32] = [:]
         var constants: [UInt32: UInt32] = [:], defined = Set<UInt32>()
-        func fail(_ why: String) -> Unsupported { Unsupported(description: "rewritten module: \(why)") }
+        func fail(_ why: String) -> FlexError { Unsupported(description: "rewritten module: \(why)") }
         for ins in list {
             let layout = resultLayout(ins.op)
             if layout.result {

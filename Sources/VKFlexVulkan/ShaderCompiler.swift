@@ -29,13 +29,15 @@ public enum SPIRVOptimization: String, Sendable, CaseIterable {
 
     /// The recipe `VKFLEX_SPIRV_OPT` forces on every shader (`0` or a case name), or nil when it is
     /// unset (or `1`): each shader's own. Any other value is an error.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public static func forced() throws -> SPIRVOptimization? {
         switch ProcessInfo.processInfo.environment["VKFLEX_SPIRV_OPT"] {
         case nil, ""?, "1"?: return nil
         case "0"?: return SPIRVOptimization.none
         case let value?:
             guard let mode = SPIRVOptimization(rawValue: value) else {
-                throw VulkanError.invalidArgument("VKFLEX_SPIRV_OPT=\(value) is not one of 0, 1, \(allCases.map(\.rawValue).joined(separator: ", "))")
+                throw FlexError.invalidArgument("VKFLEX_SPIRV_OPT=\(value) is not one of 0, 1, \(allCases.map(\.rawValue).joined(separator: ", "))")
             }
             return mode
         }
@@ -89,31 +91,6 @@ public struct ShaderSource: Sendable, Hashable {
     }
 }
 
-/// A shader that failed to compile: shaderc's message and the numbered source around the line.
-///
-/// ```swift
-/// catch let error as ShaderCompileError { print(error) }
-/// // flex_attention_fwd.comp:42: error: 'scroe' : undeclared identifier
-/// //    41 |   float s = score_mod(...);
-/// // >  42 |   s = scroe * 2.0;
-/// ```
-public struct ShaderCompileError: Error, CustomStringConvertible, Sendable {
-    public var shaderName: String
-    /// shaderc's message, as it printed it.
-    public var message: String
-    /// The file (shader or include) and line of the first error, when shaderc named one.
-    public var file: String?
-    public var line: Int?
-    /// Numbered source lines around `line` (the failing one marked with `>`).
-    public var excerpt: String
-
-    public var description: String {
-        var text = "shader \(shaderName) failed to compile:\n\(message.trimmingCharacters(in: .whitespacesAndNewlines))"
-        if !excerpt.isEmpty { text += "\n\(excerpt)" }
-        return text
-    }
-}
-
 /// The shader templates and includes: embedded in the binary from `Shaders/`, or read from the
 /// folder `VKFLEX_SHADER_DIR` names (for working on shaders without rebuilding).
 public struct ShaderLibrary: Sendable {
@@ -138,9 +115,11 @@ public struct ShaderLibrary: Sendable {
     }
 
     /// The text of a template or include.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func text(_ name: String) throws -> String {
         guard let text = files[name] else {
-            throw VulkanError.invalidArgument("no shader named \(name) in the shader library (have: \(files.keys.sorted().joined(separator: ", ")))")
+            throw FlexError.invalidArgument("no shader named \(name) in the shader library (have: \(files.keys.sorted().joined(separator: ", ")))")
         }
         return text
     }
@@ -171,6 +150,8 @@ public final class ShaderCompiler: @unchecked Sendable {
     /// The SPIR-V is also kept on disk (next to the pipeline cache, see ``SPIRVCache``) under a
     /// hash of everything that decides it, so a second process skips shaderc for shaders it has
     /// seen — glslang and spirv-opt cost tens to hundreds of milliseconds on large kernels.
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func compile(_ source: ShaderSource, library: ShaderLibrary = .standard) throws -> [UInt32] {
         let mode = try SPIRVOptimization.forced() ?? source.optimization
         let text = source.expandedText
@@ -221,7 +202,7 @@ public final class ShaderCompiler: @unchecked Sendable {
         }
         guard status == 0, let out else {
             let text = message.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-            throw VulkanError.unsupported("spirv-opt failed on \(name): \(text)")
+            throw FlexError.unsupported("spirv-opt failed on \(name): \(text)")
         }
         defer { vkflex_spirv_free(out) }
         return Array(UnsafeBufferPointer(start: out, count: count))
@@ -230,9 +211,9 @@ public final class ShaderCompiler: @unchecked Sendable {
     private func compileWithShaderc(_ source: ShaderSource, text: String, library: ShaderLibrary, performance: Bool) throws -> [UInt32] {
         try lock.withLock {
             if compiler == nil { compiler = shaderc_compiler_initialize() }
-            guard let compiler else { throw VulkanError.unsupported("shaderc_compiler_initialize failed") }
+            guard let compiler else { throw FlexError.unsupported("shaderc_compiler_initialize failed") }
             guard let options = shaderc_compile_options_initialize() else {
-                throw VulkanError.unsupported("shaderc_compile_options_initialize failed")
+                throw FlexError.unsupported("shaderc_compile_options_initialize failed")
             }
             defer { shaderc_compile_options_release(options) }
             shaderc_compile_options_set_target_env(options, shaderc_target_env_vulkan, UInt32((1 << 22) | (2 << 12)))
@@ -256,12 +237,12 @@ public final class ShaderCompiler: @unchecked Sendable {
             let status = shaderc_result_get_compilation_status(result)
             guard status == shaderc_compilation_status_success else {
                 let message = shaderc_result_get_error_message(result).map { String(cString: $0) } ?? "compilation failed (status \(status.rawValue))"
-                throw ShaderCompileError.make(shaderName: source.name, fileName: fileName, message: message,
-                                              text: source.text, library: library)
+                throw FlexError.shaderCompile(ShaderCompileError.make(shaderName: source.name, fileName: fileName, message: message,
+                                              text: source.text, library: library))
             }
             let length = shaderc_result_get_length(result)
             guard length % 4 == 0, length > 0, let bytes = shaderc_result_get_bytes(result) else {
-                throw VulkanError.unsupported("shaderc returned \(length) bytes of SPIR-V for \(source.name)")
+                throw FlexError.unsupported("shaderc returned \(length) bytes of SPIR-V for \(source.name)")
             }
             return Array(UnsafeRawBufferPointer(start: bytes, count: length).bindMemory(to: UInt32.self))
         }

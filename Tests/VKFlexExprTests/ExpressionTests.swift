@@ -45,11 +45,11 @@ final class ExpressionTests: XCTestCase {
     }
 
     func testParseErrorsPointAtTheProblem() {
-        func error(_ text: String, mask: Bool = false, _ captures: [String: HostTensor] = [:]) -> ParseError? {
+        func error(_ text: String, mask: Bool = false, _ captures: [String: HostTensor] = [:]) -> ExpressionError? {
             do {
                 if mask { _ = try MaskMod(parsing: text, captures: captures) } else { _ = try ScoreMod(parsing: text, captures: captures) }
                 return nil
-            } catch { return error as? ParseError }
+            } catch FlexError.expression(let e) { return e } catch { XCTFail("\(text): \(error) is not FlexError.expression"); return nil }
         }
         let doc = HostTensor(name: "doc", int32: [0, 1], shape: [2])
         let cases: [(String, Bool, Int, String)] = [

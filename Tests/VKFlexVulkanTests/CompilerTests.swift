@@ -15,7 +15,7 @@ final class CompilerTests: VulkanTestCase {
         }
         """
         XCTAssertThrowsError(try ShaderCompiler.shared.compile(ShaderSource(name: "broken_test", text: text, defines: [.init("A", "1")]))) { error in
-            guard let e = error as? ShaderCompileError else { return XCTFail("\(error)") }
+            guard case FlexError.shaderCompile(let e) = error else { return XCTFail("\(error)") }
             XCTAssertEqual(e.line, 6, "line numbers stay the template's even with defines injected: \(e)")
             XCTAssertTrue(e.message.contains("missing_function"), e.message)
             XCTAssertTrue(e.excerpt.contains(">     6 |     x[1] = missing_function(2.0);"), e.excerpt)

@@ -48,7 +48,7 @@ final class DeviceTests: VulkanTestCase {
     func testOverLimitAllocationIsACleanError() throws {
         let limit = device.capabilities.maxMemoryAllocation
         XCTAssertThrowsError(try device.makeBuffer(bytes: limit + 1)) { error in
-            guard case VulkanError.limitExceeded(let message) = error else { return XCTFail("\(error)") }
+            guard case FlexError.limitExceeded(let message) = error else { return XCTFail("\(error)") }
             XCTAssertTrue(message.contains("at most"), message)
         }
         XCTAssertThrowsError(try device.makeBuffer(bytes: -1))
@@ -62,13 +62,13 @@ final class DeviceTests: VulkanTestCase {
             try rec.dispatch(pipeline, bindings: [BufferBinding(big), BufferBinding(small, writes: true)],
                              pushConstants: pushBytes(1, 1), groups: (1, 1, 1))
         }) { error in
-            guard case VulkanError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
+            guard case FlexError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
             XCTAssertTrue(m.contains("binds at most 128 MiB"), m)
         }
     }
 
     func testVulkanErrorNamesCallAndResult() {
-        let e = VulkanError.call("vkCreateInstance", result: -9)
+        let e = FlexError.vulkan(call: "vkCreateInstance", result: -9)
         XCTAssertEqual(e.description, "vkCreateInstance failed: VK_ERROR_INCOMPATIBLE_DRIVER (-9)")
         XCTAssertEqual(vkResultName(-2), "VK_ERROR_OUT_OF_DEVICE_MEMORY")
     }
