@@ -171,17 +171,28 @@ public enum GLSLEmitter {
     void vkf_report(int code, int a, int b, int c) {
         if (atomicCompSwap(vkf_err[0], 0, code) == 0) { vkf_err[1] = a; vkf_err[2] = b; vkf_err[3] = c; }
     }
+    // Python's (NumPy's) int32 floor division and modulo on every driver. GLSL leaves % of a
+    // negative operand undefined and drivers differ (NVIDIA gave wrong answers), so both work on
+    // magnitudes as uint, where / and % are exact; INT_MIN // -1 wraps to INT_MIN as in NumPy.
+    uint vkf_mag(int a) { return a < 0 ? 0u - uint(a) : uint(a); }
+    int vkf_fdiv_u(int a, int b) {
+        const uint ua = vkf_mag(a), ub = vkf_mag(b), q = ua / ub;
+        if ((a < 0) == (b < 0)) return int(q);
+        return int(0u - (q + (ua - q * ub != 0u ? 1u : 0u)));
+    }
+    int vkf_fmod_u(int a, int b) {
+        const uint ub = vkf_mag(b), r = vkf_mag(a) % ub;
+        if (r == 0u) return 0;
+        if (b > 0) return int(a < 0 ? ub - r : r);
+        return -int(a < 0 ? r : ub - r);
+    }
     int vkf_floordiv(int a, int b) {
         if (b == 0) { vkf_report(2, a, 0, 0); return 0; }
-        int q = a / b;
-        if ((a % b != 0) && ((a < 0) != (b < 0))) q -= 1;
-        return q;
+        return vkf_fdiv_u(a, b);
     }
     int vkf_mod(int a, int b) {
         if (b == 0) { vkf_report(2, a, 0, 1); return 0; }
-        int r = a % b;
-        if (r != 0 && ((r < 0) != (b < 0))) r += b;
-        return r;
+        return vkf_fmod_u(a, b);
     }
     float vkf_fmod(float a, float b) { return a - b * floor(a / b); }
     int vkf_ipow(int a, int e) {
@@ -410,8 +421,13 @@ struct FunctionEmitter {
                 v = Value(code: bothInt ? "(\(a.code) \(op.rawValue) \(b.code))" : "(\(fa) \(op.rawValue) \(fb))", type: t)
                 if bothInt, op != .mul, let (code, terms) = indexSum(a, op, b) { v.floatCode = code; v.terms = terms }
             case .div: v = Value(code: "(\(fa) / \(fb))", type: .float)
-            case .floorDiv: v = Value(code: bothInt ? "vkf_floordiv(\(a.code), \(b.code))" : "floor(\(fa) / \(fb))", type: t)
-            case .mod: v = Value(code: bothInt ? "vkf_mod(\(a.code), \(b.code))" : "vkf_fmod(\(fa), \(fb))", type: t)
+            // A non-zero constant divisor cannot fail: no report, so the mod stays pure.
+            case .floorDiv:
+                let safe = { if case .int(let c) = y, c != 0 { return true } else { return false } }()
+                v = Value(code: bothInt ? "\(safe ? "vkf_fdiv_u" : "vkf_floordiv")(\(a.code), \(b.code))" : "floor(\(fa) / \(fb))", type: t)
+            case .mod:
+                let safe = { if case .int(let c) = y, c != 0 { return true } else { return false } }()
+                v = Value(code: bothInt ? "\(safe ? "vkf_fmod_u" : "vkf_mod")(\(a.code), \(b.code))" : "vkf_fmod(\(fa), \(fb))", type: t)
             case .pow: v = Value(code: bothInt ? "vkf_ipow(\(a.code), \(b.code))" : "vkf_pow(\(fa), \(fb))", type: t)
             case .and, .or, .xor:
                 if t == .bool {

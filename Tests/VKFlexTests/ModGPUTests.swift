@@ -33,6 +33,10 @@ final class ModGPUTests: FlexTestCase {
         "(q_idx * 100000 * 100000) % 7 == kv_idx % 7", "(~q_idx & 7) == (kv_idx & 7)", "((q_idx ^ kv_idx) < 4) ^ (b == 1)",
         "~(q_idx >= kv_idx) | (kv_idx == 0)", "where(h > 0, q_idx >= kv_idx, q_idx <= kv_idx)", "2 ** (q_idx % 4) > kv_idx",
         "minimum(q_idx, kv_idx) * 2 == maximum(q_idx - 3, 0) + (b | h)",
+        // Python's floor division and modulo for every sign, constant and computed divisors.
+        "(q_idx - kv_idx) // 7 == (kv_idx - q_idx) % 5 - 2", "(q_idx - 6) // (kv_idx - 19) == (q_idx - 6) % (kv_idx - 19) + 1",
+        "((q_idx - 6) * 3) % -4 == (kv_idx - 5) // -3", "((-2147483647 - 1 + q_idx * 0) // (kv_idx * 0 - 1)) < q_idx - 1000",
+        "((-2147483647 - 1 + q_idx) % (kv_idx - 12)) == (kv_idx % 3) - 2", "(-2147483647 - 1 + kv_idx) // (q_idx + 1) < -100000",
     ]
 
     static let scores = [
@@ -48,6 +52,25 @@ final class ModGPUTests: FlexTestCase {
         "tanh(score * 4) + tanh(q_idx * 1e4 - score) + tanh(score * -1e30)", "2 * tanh(q_idx * 100000 * 100000 * 1e-9) + score",
         "tanh(q_idx * 2e38) + score",
     ]
+
+    /// GLSL leaves `%` of negative ints undefined (and NVIDIA's driver differs from lavapipe), so
+    /// the generated code must never divide or take a remainder of signed ints: the SPIR-V of a
+    /// mod full of `//` and `%` holds no OpSDiv, OpSRem or OpSMod.
+    func testIntegerDivisionNeverUsesSignedOperations() throws {
+        let mask = try MaskMod(parsing: "((q_idx - kv_idx) // 7 == (kv_idx - q_idx) % 5) | ((q_idx - 3) // (kv_idx - 4) == q_idx % (kv_idx - 9))")
+        let score = try ScoreMod(parsing: "score + ((q_idx - kv_idx) // 7) * 0.01 + ((q_idx - kv_idx) % 5) * 0.1")
+        let mods = try SplicedMods(score: score, mask: mask, firstBinding: 5, errorBinding: 4, device: device)
+        var library = ShaderLibrary.standard
+        library.files.merge(mods.includes) { _, new in new }
+        let words = try ShaderCompiler.shared.compile(ShaderSource(name: "mod_eval", text: try library.text("mod_eval.comp")), library: library)
+        var opcodes = Set<UInt32>()
+        var i = 5
+        while i < words.count { opcodes.insert(words[i] & 0xFFFF); i += max(1, Int(words[i] >> 16)) }
+        XCTAssertTrue(opcodes.contains(134) || opcodes.contains(137), "the helpers divide magnitudes as uint (OpUDiv/OpUMod)")
+        for (op, name) in [(135, "OpSDiv"), (138, "OpSRem"), (139, "OpSMod")] {
+            XCTAssertFalse(opcodes.contains(UInt32(op)), "\(name) in the generated SPIR-V: its result for negative operands is up to the driver")
+        }
+    }
 
     func testGeneratedCodeMatchesTheInterpreter() throws {
         let caps = try captures()
