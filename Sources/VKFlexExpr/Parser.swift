@@ -7,7 +7,8 @@ extension ScoreMod {
     /// let mod = try ScoreMod(parsing: "where(q_idx >= kv_idx, score + slope[h] * (kv_idx - q_idx), -inf)",
     ///                        captures: ["slope": slopes])
     /// ```
-    /// Names: `score`, `b`, `h`, `q_idx`, `kv_idx` (aliases `q`, `kv`), `inf`, `nan`, `True`,
+    /// Names: `score`, `b`, `h`, `q_idx`, `kv_idx` (aliases `q`, `kv`, `batch`, `head`, `token_q`,
+    /// `token_kv`, `k_idx`, which a capture of the same name shadows), `inf`, `nan`, `True`,
     /// `False`, the captures, and the functions of the expression language.
     ///
     /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
@@ -133,7 +134,18 @@ struct ModParser {
         guard accept(op) else { throw fail("expected '\(op)' \(context)", at: peek.pos) }
     }
 
+    /// Names a capture cannot take: the mod's own arguments (in Python a parameter hides a global
+    /// of the same name, so PyTorch could not read such a capture either) and the language's words.
+    static let reservedNames: Set<String> = ["score", "b", "h", "q_idx", "kv_idx", "inf", "nan", "True", "False", "torch", "math",
+                                             "and", "or", "not", "if", "else"]
+
     mutating func parse() throws -> Expr {
+        for name in captures.keys.sorted() where ModParser.reservedNames.contains(name) || ModParser.functions.contains(name) {
+            let what = ["score", "b", "h", "q_idx", "kv_idx"].contains(name) ? "the \(role)'s argument \(name)"
+                : ModParser.functions.contains(name) ? "the function \(name)" : "a word of the expression language"
+            throw FlexError.expression(ExpressionError("a captured tensor cannot be named '\(name)': that is \(what); rename the capture",
+                                                       role: role, text: text, position: 0))
+        }
         try tokenize()
         if peek.tok == .end { throw fail("empty expression", at: 0) }
         let (v, pos) = try parseComparison()
@@ -330,6 +342,8 @@ struct ModParser {
                     return (.expr(.float(v)), t.pos)
                 }
             }
+            // A capture shadows the aliases (batch, head, q, kv, ...), as any Python name would.
+            if let cap = captures[name] { return (.tensor(cap, []), t.pos) }
             switch name {
             case "score":
                 guard allowScore else { throw fail("score is not available in a mask_mod (use a score_mod)", at: t.pos) }

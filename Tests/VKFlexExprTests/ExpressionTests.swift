@@ -83,6 +83,22 @@ final class ExpressionTests: XCTestCase {
         }
     }
 
+    func testCapturesShadowAliasesAndArgumentNamesAreRefused() throws {
+        let head = HostTensor(name: "head", float32: [0.5, 0.25], shape: [2])
+        let batch = HostTensor(name: "batch", float32: [1, 2], shape: [2])
+        let tok = HostTensor(name: "q", float32: [3, 4, 5], shape: [3])
+        let mod = try ScoreMod(parsing: "score + q[q_idx] + batch[b] + head[h]", captures: ["head": head, "batch": batch, "q": tok])
+        let eval = try Interpreter(mod.graph)
+        XCTAssertEqual(eval.float(score: 1, b: 1, h: 0, q: 2, kv: 0), 1 + 5 + 2 + 0.5)
+        // Without the capture, the alias still means the argument.
+        XCTAssertEqual(try ScoreMod(parsing: "score + head").graph, try ScoreMod(parsing: "score + h").graph)
+        for name in ["h", "q_idx", "score", "inf", "exp"] {
+            XCTAssertThrowsError(try ScoreMod(parsing: "score", captures: [name: head])) { error in
+                XCTAssertTrue("\(error)".contains("cannot be named '\(name)'"), "\(error)")
+            }
+        }
+    }
+
     func testSwiftTypeErrorsSurfaceAtCheck() {
         let doc = HostTensor(name: "doc", int32: [0, 1], shape: [2])
         let badIndex = MaskMod { _, _, q, _ in doc[q / 2] == 0 }

@@ -36,8 +36,8 @@ final class GLSLTests: XCTestCase {
             int t1 = vkf_load0(kv_idx);
             bool t2 = (t0 == t1);
             int t3 = (q_idx - kv_idx);
-            int t4 = vkf_floordiv(t3, 2);
-            int t5 = vkf_mod(t0, 3);
+            int t4 = vkf_fdiv_u(t3, 2);
+            int t5 = vkf_fmod_u(t0, 3);
             bool t6 = (t4 != t5);
             bool t7 = (t2 && t6);
             return t7;
@@ -104,7 +104,7 @@ final class GLSLTests: XCTestCase {
         vkf_mrow_t vkf_mrow(int b, int h, int q_idx) {
             vkf_mrow_t R;
             R.r0 = vkf_load0(q_idx);
-            R.r1 = vkf_floordiv(q_idx, 4);
+            R.r1 = vkf_fdiv_u(q_idx, 4);
             R.r2 = (R.r1 >= 1);
             return R;
         }
