@@ -6,7 +6,9 @@
 // (mask_mod applied), BKV keys at a time: scores into shared memory, in PyTorch's order
 // s = scale * q.k; s = score_mod(s); on partial blocks s = -inf where mask_mod is false; then an
 // online softmax in base 2 with fp32 statistics (running max starts at -1e30, finite), and
-// O += P V. A row with every score masked gives O = 0 and LSE = -inf.
+// O += P V. A row with every score masked gives O = 0 and LSE = -inf. Only -inf masks: a NaN
+// score (from the inputs or a score-mod) makes its row's sum NaN, so the guards below test the
+// sum against 0 exactly (l > 0 would take a NaN row for an empty one).
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
 // IN_F16, OUT_F16 (0/1). Splice point: flex_mods.glsl (error buffer at binding 10, captures from 11).
@@ -539,7 +541,7 @@ void main() {
             if (PV_HAS(n) && r < rows) {
                 const float l = row_l[r];
                 [[unroll]] for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l > 0.0 ? acc4[4 * n + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
             }
         }
     }
@@ -550,13 +552,13 @@ void main() {
             int r = e / DV, d = e - (e / DV) * DV;
             if (r < rows) {
                 float l = row_l[r];
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l > 0.0 ? acc[a] / l : 0.0);
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l != 0.0 ? acc[a] / l : 0.0);
             }
         }
     }
 #endif
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
 }

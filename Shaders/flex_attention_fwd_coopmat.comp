@@ -634,7 +634,8 @@ void main() {
             fl[rb][i] += subgroupShuffleXor(fl[rb][i], 2);
         }
 #endif
-        const float inv0 = fl[rb][0] > 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] > 0.0 ? 1.0 / fl[rb][1] : 0.0;
+        // An exact 0 is an empty row; a NaN sum (a NaN score) stays NaN, as in PyTorch.
+        const float inv0 = fl[rb][0] != 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] != 0.0 ? 1.0 / fl[rb][1] : 0.0;
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
             [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
@@ -693,7 +694,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        fl[rb][i] > 0.0 ? (fm[rb][i] + log2(fl[rb][i])) * LN2 : NEG_INF;
+                        fl[rb][i] != 0.0 ? (fm[rb][i] + log2(fl[rb][i])) * LN2 : NEG_INF;
             }
         }
     }

@@ -225,6 +225,13 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
     let kernel = try FlexKernel.choose(shape, device: device)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, kernel: kernel) }
+    // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
+    // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
+    var (k, v) = (k, v)
+    if shape.Lkv == 0 {
+        k = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.D], dtype: k.dtype, name: "no_keys")
+        v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
+    }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
                             output: output, lse: lse, kernel: kernel)
     return FlexResult(output: output, lse: lse, kernel: kernel)

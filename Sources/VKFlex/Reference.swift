@@ -41,6 +41,7 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
             for i in 0..<Lq {
                 let qrow = ((b * Hq + h) * Lq + i) * D
                 var m = -Double.infinity
+                var rowNaN = false
                 for j in 0..<Lkv {
                     var keep = true, partial = false
                     if let (bm, classes) = blockMask {
@@ -57,9 +58,15 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
                     if let score { x = score.float(score: x, b: b, h: h, q: i, kv: j) }
                     if partial, let mask, !mask.bool(b: b, h: h, q: i, kv: j) { x = -.infinity }
                     s[j] = x
-                    m = max(m, x)
+                    if x.isNaN { rowNaN = true } else { m = max(m, x) }
                 }
                 let orow = ((b * Hq + h) * Lq + i) * Dv
+                // Only -inf masks: a NaN score on a kept pair makes the row and its LSE NaN (PyTorch).
+                if rowNaN {
+                    for d in 0..<Dv { out[orow + d] = .nan }
+                    lse[(b * Hq + h) * Lq + i] = .nan
+                    continue
+                }
                 guard m > -.infinity else { continue }
                 var l = 0.0
                 for j in 0..<Lkv {

@@ -23,6 +23,9 @@ public enum AttentionSelfTest {
         var blockSize: BlockSize = 64
         /// Q, K, V as permuted views of [B, L, H, D] buffers (the layout models keep).
         var strided = false
+        /// A NaN written into this query row (of every batch and head): that row must come out NaN
+        /// with a NaN LSE, never as a fully masked row.
+        var nanQueryRow: Int? = nil
     }
 
     static var specs: [Spec] {
@@ -87,6 +90,9 @@ public enum AttentionSelfTest {
             let doc = try d.tensor(ids, shape: [S], name: "doc")
             return MaskMod { _, _, q, kv in (doc[q] == doc[kv]) & (q >= kv) }
         }, blockSize: 128))
+        all.append(Spec(name: "NaN query row stays NaN", Lq: 200, Lkv: 200, mask: causal, nanQueryRow: 77))
+        all.append(Spec(name: "float16 NaN query row", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal, blockSize: 128,
+                        nanQueryRow: 130))
         return all
     }
 
@@ -118,6 +124,11 @@ public enum AttentionSelfTest {
             }
         }
         func input(_ H: Int, _ L: Int, _ D: Int, _ name: String) throws -> Tensor {
+            if name == "q", let row = s.nanQueryRow {
+                var values = randn(s.B * H * L * D)
+                for bh in 0..<(s.B * H) { values[(bh * L + row) * D + D / 2] = .nan }
+                return try device.tensor(values, shape: [s.B, H, L, D], dtype: s.dtype, name: name)
+            }
             if s.strided {
                 return try device.tensor(randn(s.B * L * H * D), shape: [s.B, L, H, D], dtype: s.dtype, name: name).permuted(0, 2, 1, 3)
             }
@@ -132,10 +143,21 @@ public enum AttentionSelfTest {
         let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, returnLSE: true, out: out)
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv)
-        let err = relativeL2Error(o, ref.output)
+        // Rows the reference makes NaN (a NaN score) must be NaN with a NaN LSE; the rest compare.
+        var nanOK = true
+        var kept: [Float] = [], keptRef: [Double] = []
+        for (i, b) in ref.lse.enumerated() {
+            let row = o[(i * s.Dv)..<((i + 1) * s.Dv)]
+            if b.isNaN {
+                if !(l[i].isNaN && row.allSatisfy { $0.isNaN }) { nanOK = false }
+            } else {
+                kept += row; keptRef += ref.output[(i * s.Dv)..<((i + 1) * s.Dv)]
+            }
+        }
+        let err = relativeL2Error(kept, keptRef)
         var lseErr = 0.0
         var maskedOK = true
-        for (i, (a, b)) in zip(l, ref.lse).enumerated() {
+        for (i, (a, b)) in zip(l, ref.lse).enumerated() where !b.isNaN {
             if b == -.infinity {
                 if a != -.infinity || o[(i * s.Dv)..<((i + 1) * s.Dv)].contains(where: { $0 != 0 }) { maskedOK = false }
             } else {
@@ -144,7 +166,9 @@ public enum AttentionSelfTest {
         }
         let tol = s.dtype == .float32 ? 1e-4 : 2e-3, lseTol = s.dtype == .float32 ? 1e-3 : 2e-2
         var problems: [String] = []
-        if o.contains(where: { $0.isNaN }) { problems.append("NaN in the output") }
+        if kept.contains(where: { $0.isNaN }) { problems.append("NaN in the output") }
+        if !nanOK { problems.append("a row with a NaN score is not NaN with a NaN LSE") }
+        if s.nanQueryRow != nil && !ref.lse.contains(where: { $0.isNaN }) { problems.append("the reference has no NaN row") }
         if !(err <= tol) { problems.append(String(format: "relative error %.2e > %.0e", err, tol)) }
         if !(lseErr <= lseTol) { problems.append(String(format: "LSE error %.2e > %.0e", lseErr, lseTol)) }
         if !maskedOK { problems.append("a fully masked row is not 0 / -inf") }

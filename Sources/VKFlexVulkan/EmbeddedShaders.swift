@@ -218,7 +218,9 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
 // (mask_mod applied), BKV keys at a time: scores into shared memory, in PyTorch's order
 // s = scale * q.k; s = score_mod(s); on partial blocks s = -inf where mask_mod is false; then an
 // online softmax in base 2 with fp32 statistics (running max starts at -1e30, finite), and
-// O += P V. A row with every score masked gives O = 0 and LSE = -inf.
+// O += P V. A row with every score masked gives O = 0 and LSE = -inf. Only -inf masks: a NaN
+// score (from the inputs or a score-mod) makes its row's sum NaN, so the guards below test the
+// sum against 0 exactly (l > 0 would take a NaN row for an empty one).
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
 // IN_F16, OUT_F16 (0/1). Splice point: flex_mods.glsl (error buffer at binding 10, captures from 11).
@@ -751,7 +753,7 @@ void main() {
             if (PV_HAS(n) && r < rows) {
                 const float l = row_l[r];
                 [[unroll]] for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l > 0.0 ? acc4[4 * n + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
             }
         }
     }
@@ -762,14 +764,14 @@ void main() {
             int r = e / DV, d = e - (e / DV) * DV;
             if (r < rows) {
                 float l = row_l[r];
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l > 0.0 ? acc[a] / l : 0.0);
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l != 0.0 ? acc[a] / l : 0.0);
             }
         }
     }
 #endif
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l > 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
 }
 """#,
@@ -1410,7 +1412,8 @@ void main() {
             fl[rb][i] += subgroupShuffleXor(fl[rb][i], 2);
         }
 #endif
-        const float inv0 = fl[rb][0] > 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] > 0.0 ? 1.0 / fl[rb][1] : 0.0;
+        // An exact 0 is an empty row; a NaN sum (a NaN score) stays NaN, as in PyTorch.
+        const float inv0 = fl[rb][0] != 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] != 0.0 ? 1.0 / fl[rb][1] : 0.0;
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
             [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
@@ -1469,7 +1472,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        fl[rb][i] > 0.0 ? (fm[rb][i] + log2(fl[rb][i])) * LN2 : NEG_INF;
+                        fl[rb][i] != 0.0 ? (fm[rb][i] + log2(fl[rb][i])) * LN2 : NEG_INF;
             }
         }
     }

@@ -559,3 +559,70 @@ extension AttentionTests {
         XCTAssertEqual(device.pipelineBuilds, builds)
     }
 }
+
+/// PyTorch's rule for non-finite values: only `-inf` means masked. A NaN score on an unmasked pair
+/// makes its row (and LSE) NaN; a non-finite value row makes the rows that attend it non-finite in
+/// those dims; no row becomes "fully masked" by a NaN.
+extension AttentionTests {
+    func runNaNCase(dtype: DType, D: Int, mask: MaskMod?, score: ScoreMod?, poisonQ: (Int, Int)? = nil, poisonV: (Int, Int, Float)? = nil,
+                    expectNaNRows: Set<Int>, expectBadDims: [Int: Int] = [:], unspecified: Set<Int> = [], line: UInt = #line) throws {
+        let L = 40
+        var qv = randn(L * D), vv = randn(L * D)
+        if let (r, d) = poisonQ { qv[r * D + d] = .nan }
+        if let (j, d, x) = poisonV { vv[j * D + d] = x }
+        let q = try device.tensor(qv, shape: [1, 1, L, D], dtype: dtype)
+        let k = try device.tensor(randn(L * D), shape: [1, 1, L, D], dtype: dtype)
+        let v = try device.tensor(vv, shape: [1, 1, L, D], dtype: dtype)
+        let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: L, kvLen: L, device: device, blockSize: 16) }
+        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: bm, returnLSE: true)
+        let o = try r.output.toArray(), l = try r.lse!.toArray()
+        let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: bm)
+        for i in 0..<L where !unspecified.contains(i) {
+            let row = o[(i * D)..<((i + 1) * D)]
+            if expectNaNRows.contains(i) {
+                XCTAssertTrue(row.allSatisfy { $0.isNaN }, "row \(i) should be NaN: \(Array(row.prefix(4)))", line: line)
+                XCTAssertTrue(l[i].isNaN, "LSE of row \(i) should be NaN, got \(l[i])", line: line)
+                XCTAssertTrue(ref.lse[i].isNaN && ref.output[i * D].isNaN, "the reference agrees on row \(i)", line: line)
+            } else if let d = expectBadDims[i] {
+                XCTAssertFalse(row[i * D + d].isFinite, "row \(i) dim \(d) attends a non-finite value", line: line)
+                XCTAssertTrue(l[i].isFinite, "row \(i): LSE \(l[i])", line: line)
+            } else {
+                XCTAssertTrue(row.allSatisfy { $0.isFinite } && l[i].isFinite, "row \(i) should be finite", line: line)
+                let err = relativeL2Error(Array(row), Array(ref.output[(i * D)..<((i + 1) * D)]))
+                XCTAssertLessThan(err, dtype == .float32 ? 1e-4 : 3e-3, "row \(i)", line: line)
+            }
+        }
+    }
+
+    func testNaNInputsAndScoresPropagateInsteadOfMasking() throws {
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        let nanAt = try ScoreMod(parsing: "where((q_idx == 9) & (kv_idx == 4), nan, score)")
+        for (dtype, D) in [(DType.float32, 16), (.float16, 64), (.float32, 37)] {
+            // A NaN in query row 5: row 5 only.
+            try runNaNCase(dtype: dtype, D: D, mask: nil, score: nil, poisonQ: (5, 3), expectNaNRows: [5])
+            try runNaNCase(dtype: dtype, D: D, mask: causal, score: nil, poisonQ: (5, 3), expectNaNRows: [5])
+            // A score-mod NaN on an unmasked pair; the same pair masked leaves the row finite.
+            try runNaNCase(dtype: dtype, D: D, mask: causal, score: nanAt, expectNaNRows: [9])
+            let maskedAway = MaskMod { _, _, q, kv in (q >= kv) & ((q != 9) | (kv != 4)) }
+            try runNaNCase(dtype: dtype, D: D, mask: maskedAway, score: nanAt, expectNaNRows: [])
+            // An inf in value row 30: the rows that attend key 30 (causal: rows >= 30) are non-finite in
+            // that dim; rows 16-29 visit its block with the key masked (0 · inf, unspecified, as in PyTorch).
+            let bad = Dictionary(uniqueKeysWithValues: (30..<40).map { ($0, 2) })
+            try runNaNCase(dtype: dtype, D: D, mask: causal, score: nil, poisonV: (30, 2, .infinity), expectNaNRows: [], expectBadDims: bad,
+                           unspecified: Set(16..<30))
+        }
+    }
+
+    func testNoKeysGivesFullyMaskedRows() throws {
+        for dtype in [DType.float32, .float16] {
+            let q = try device.tensor(randn(2 * 3 * 5 * 8), shape: [2, 3, 5, 8], dtype: dtype)
+            let k = try device.empty(shape: [2, 3, 0, 8], dtype: dtype), v = try device.empty(shape: [2, 3, 0, 4], dtype: dtype)
+            let r = try flexAttention(q, k, v, returnLSE: true)
+            XCTAssertEqual(r.output.shape, [2, 3, 5, 4])
+            XCTAssertEqual(try r.output.toArray(), [Float](repeating: 0, count: 2 * 3 * 5 * 4))
+            XCTAssertEqual(try r.lse!.toArray(), [Float](repeating: -.infinity, count: 2 * 3 * 5))
+            let ref = try flexAttentionReference(q, k, v)
+            XCTAssertTrue(ref.lse.allSatisfy { $0 == -.infinity } && ref.output.allSatisfy { $0 == 0 })
+        }
+    }
+}
