@@ -36,6 +36,11 @@ public func createBlockMask(_ maskMod: MaskMod, B: Int, H: Int, qLen: Int, kvLen
     guard B >= 1, H >= 1 else { throw FlexError("createBlockMask: B and H must be at least 1, got B=\(B), H=\(H)") }
     guard qLen >= 1, kvLen >= 1 else { throw FlexError("createBlockMask: lengths must be at least 1, got qLen=\(qLen), kvLen=\(kvLen)") }
     let qB = (qLen + blockSize.q - 1) / blockSize.q, kvB = (kvLen + blockSize.kv - 1) / blockSize.kv
+    // Its index tensors hold an int32 per block: refuse, in the caller's terms, what no buffer binds.
+    let entries = B * H * qB * kvB, caps = device.capabilities
+    if entries * 4 > caps.maxStorageBufferRange {
+        throw FlexError.limitExceeded("a BlockMask of B=\(B), H=\(H) with \(qB) x \(kvB) blocks of \(blockSize) keeps \(formatBytes(entries * 4)) of block indices; \(caps.name) binds at most \(formatBytes(caps.maxStorageBufferRange)) per buffer: use a larger block size, or B=1 / H=1 when the mask does not depend on b / h")
+    }
     switch backend {
     case .cpu(let precision):
         let classes = try classifyOnCPU(maskMod, B: B, H: H, qLen: qLen, kvLen: kvLen, blockSize: blockSize, precision: precision)

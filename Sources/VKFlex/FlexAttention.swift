@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)`` returns.
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)`` returns.
 public struct FlexResult {
     /// `[B, Hq, Lq, Dv]`, in the query's dtype.
     public var output: Tensor
@@ -14,16 +14,32 @@ public struct FlexResult {
 
 /// Which kernel runs an attention call.
 ///
-/// `VKFLEX_KERNEL=portable|coopmat` forces one (a forced `coopmat` the inputs or device cannot
-/// use is an error); by default vkflex takes the cooperative-matrix kernel where it applies.
+/// `VKFLEX_KERNEL=portable|coopmat-nv` (or ``FlexOptions/kernel`` per call) forces one; a forced
+/// kernel the inputs or device cannot use is an error. By default vkflex takes the
+/// cooperative-matrix kernel where it applies.
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
-    /// Cooperative matrices (NVIDIA; `VK_KHR_cooperative_matrix`, else `VK_NV_cooperative_matrix`,
-    /// see ``CooperativeMatrixAPI``): float16, head dim = value dim, a multiple of 16 up to 256,
-    /// on a device whose fragment element order is NVIDIA's (``CooperativeMatrixLayout/nvidiaMMA``,
-    /// measured once per device).
-    case coopmat
+    /// Cooperative matrices in NVIDIA's fragment order (through `VK_KHR_cooperative_matrix`, else
+    /// `VK_NV_cooperative_matrix`, see ``CooperativeMatrixAPI``): float16, head dim = value dim, a
+    /// multiple of 16 up to 256, on a device whose fragment element order is NVIDIA's
+    /// (``CooperativeMatrixLayout/nvidiaMMA``, measured once per device).
+    case coopmatNV = "coopmat-nv"
+
+    /// The kernel a name picks: `portable`, `coopmat-nv` (`coopmat` is kept as its old name).
+    public init?(name: String) {
+        switch name.lowercased() {
+        case "portable": self = .portable
+        case "coopmat-nv", "coopmat": self = .coopmatNV
+        default: return nil
+        }
+    }
+
+    /// Why this kernel cannot run a call with these inputs on `device`, or nil when it can.
+    public func problem(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask? = nil, enableGQA: Bool = false) -> String? {
+        guard let shape = try? AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA) else { return "the inputs are rejected" }
+        return self == .portable ? nil : FlexKernel.coopmatProblem(shape, device: q.device)
+    }
 
     /// Why `coopmat` cannot run this call, or nil when it can.
     static func coopmatProblem(_ s: AttentionShape, device: Device) -> String? {
@@ -56,21 +72,38 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         return nil
     }
 
-    /// The kernel for a call: `VKFLEX_KERNEL` when set, else coopmat where it applies.
-    static func choose(_ s: AttentionShape, device: Device) throws -> FlexKernel {
+    /// The kernel for a call: the call's option, else `VKFLEX_KERNEL` when set, else coopmat-nv
+    /// where it applies.
+    static func choose(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil) throws -> FlexKernel {
         if let forced = ProcessInfo.processInfo.environment["VKFLEX_COOPMAT_TILES"], CoopmatTiles.parse(forced) == nil {
             throw FlexError("VKFLEX_COOPMAT_TILES=\(forced): use BKVxRPWxNSGxNBUF[xP[xS]] with BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1, S 1-4 and S·BKV at most 128 (e.g. 32x2x4x1x1x2)")
         }
-        let env = ProcessInfo.processInfo.environment["VKFLEX_KERNEL"]?.lowercased() ?? ""
-        switch env {
-        case "", "auto": return coopmatProblem(s, device: device) == nil ? .coopmat : .portable
-        case "portable": return .portable
-        case "coopmat":
-            if let problem = coopmatProblem(s, device: device) { throw FlexError("VKFLEX_KERNEL=coopmat: \(problem)") }
-            return .coopmat
-        default: throw FlexError("VKFLEX_KERNEL=\(env): use portable or coopmat")
+        let env = ProcessInfo.processInfo.environment["VKFLEX_KERNEL"] ?? ""
+        let kernel: FlexKernel?
+        let source: String
+        if let forced {
+            kernel = forced; source = "kernel: .\(forced == .portable ? "portable" : "coopmatNV")"
+        } else if env.isEmpty || env.lowercased() == "auto" {
+            return coopmatProblem(s, device: device) == nil ? .coopmatNV : .portable
+        } else {
+            guard let k = FlexKernel(name: env) else { throw FlexError("VKFLEX_KERNEL=\(env): use portable, coopmat-nv or auto") }
+            kernel = k; source = "VKFLEX_KERNEL=\(env)"
         }
+        if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device) { throw FlexError.unsupported("\(source): \(problem)") }
+        return kernel!
     }
+}
+
+/// Per-call choices (PyTorch's `kernel_options`): they override the `VKFLEX_*` variables for
+/// one call.
+///
+/// ```swift
+/// let r = try flexAttention(q, k, v, blockMask: mask, options: FlexOptions(kernel: .portable))
+/// ```
+public struct FlexOptions: Sendable, Hashable {
+    /// Forces a kernel (nil: `VKFLEX_KERNEL`, else the fastest that applies).
+    public var kernel: FlexKernel?
+    public init(kernel: FlexKernel? = nil) { self.kernel = kernel }
 }
 
 /// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory: BKV keys per
@@ -202,6 +235,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
 /// - scale: default `1/sqrt(D)`.
 /// - enableGQA: allow `Hq` a multiple of `Hkv`; query head `h` reads key/value head `h / (Hq/Hkv)`.
 /// - out: a caller's tensor to write (shape `[B, Hq, Lq, Dv]`, the query's dtype).
+/// - options: per-call choices, such as forcing a kernel (``FlexOptions``).
 ///
 /// The call enqueues the work and returns at once; reading the output waits for it. A captured
 /// index out of range (or an integer division by zero) in a mod makes reading the output throw.
@@ -209,7 +243,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                           scale: Double? = nil, enableGQA: Bool = false, returnLSE: Bool = false,
-                          out: Tensor? = nil) throws -> FlexResult {
+                          out: Tensor? = nil, options: FlexOptions = FlexOptions()) throws -> FlexResult {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let device = q.device
     if let out {
@@ -223,7 +257,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
-    let kernel = try FlexKernel.choose(shape, device: device)
+    let kernel = try FlexKernel.choose(shape, device: device, forced: options.kernel)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
@@ -237,7 +271,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     return FlexResult(output: output, lse: lse, kernel: kernel)
 }
 
-/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)``
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)``
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
@@ -258,14 +292,14 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 ///
-/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:)`` throws for the same arguments.
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                                 scale: Double? = nil, enableGQA: Bool = false) throws -> FlexKernel {
+                                 scale: Double? = nil, enableGQA: Bool = false, options: FlexOptions = FlexOptions()) throws -> FlexKernel {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
-    let kernel = try FlexKernel.choose(shape, device: q.device)
+    let kernel = try FlexKernel.choose(shape, device: q.device, forced: options.kernel)
     _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: q.device)
     return kernel
 }
@@ -491,7 +525,7 @@ enum ForwardKernel {
                 .init("D", "\(s.D)"), .init("DV", "\(s.Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
                 .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 ? "1" : "0"),
             ])
-        case .coopmat:
+        case .coopmatNV:
             let identity = scoreMod.map { $0.isIdentity } ?? true
             guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil) else {
                 throw FlexError("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")

@@ -7,6 +7,10 @@ import VKFlexVulkan
 public enum AttentionSelfTest {
     public struct Outcome: Sendable {
         public var name: String
+        /// The kernel the case ran through (or was meant for, when skipped).
+        public var kernel: FlexKernel? = nil
+        /// The case does not apply to that kernel (`detail` says why); neither passed nor failed.
+        public var skipped = false
         public var passed: Bool
         public var seconds: Double
         public var relativeError: Double
@@ -99,23 +103,32 @@ public enum AttentionSelfTest {
     /// The case names, in order.
     public static var names: [String] { specs.map(\.name) }
 
-    /// Runs every case; `progress` sees each outcome as it completes.
-    public static func run(on device: Device, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
-        specs.map { spec in
-            let t0 = Date()
-            var outcome = Outcome(name: spec.name, passed: false, seconds: 0, relativeError: .nan, lseError: .nan, detail: "")
-            do {
-                outcome = try run(spec, device: device)
-            } catch {
-                outcome.detail = "\(error)"
+    /// Runs every case through each of `kernels` (nil: the kernel each call would choose);
+    /// `progress` sees each outcome as it completes. A case a kernel cannot take is reported
+    /// skipped, with the reason.
+    public static func run(on device: Device, kernels: [FlexKernel]? = nil, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
+        var outcomes: [Outcome] = []
+        for spec in specs {
+            for kernel in kernels.map({ $0.map { Optional($0) } }) ?? [nil] {
+                let t0 = Date()
+                var outcome = Outcome(name: spec.name, kernel: kernel, passed: false, seconds: 0, relativeError: .nan, lseError: .nan, detail: "")
+                do {
+                    outcome = try run(spec, device: device, kernel: kernel)
+                } catch let FlexError.unsupported(reason) where kernel != nil {
+                    outcome.skipped = true
+                    outcome.detail = reason
+                } catch {
+                    outcome.detail = "\(error)"
+                }
+                outcome.seconds = Date().timeIntervalSince(t0)
+                progress(outcome)
+                outcomes.append(outcome)
             }
-            outcome.seconds = Date().timeIntervalSince(t0)
-            progress(outcome)
-            return outcome
         }
+        return outcomes
     }
 
-    static func run(_ s: Spec, device: Device) throws -> Outcome {
+    static func run(_ s: Spec, device: Device, kernel: FlexKernel?) throws -> Outcome {
         var rng = SystemRandomNumberGenerator()
         func randn(_ n: Int) -> [Float] {
             (0..<n).map { _ in
@@ -138,9 +151,11 @@ public enum AttentionSelfTest {
         let maskMod = try s.mask(device, s.Lq, s.Lkv)
         let score = try s.score(device)
         let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: s.Lq, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
+        if let kernel, let why = kernel.problem(q, k, v, blockMask: blockMask, enableGQA: s.Hq != s.Hkv) { throw FlexError.unsupported(why) }
         // Poison the output so that an unwritten element shows as NaN.
         let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)
-        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, returnLSE: true, out: out)
+        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, returnLSE: true, out: out,
+                                  options: FlexOptions(kernel: kernel))
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv)
         // Rows the reference makes NaN (a NaN score) must be NaN with a NaN LSE; the rest compare.
@@ -174,7 +189,7 @@ public enum AttentionSelfTest {
         if !maskedOK { problems.append("a fully masked row is not 0 / -inf") }
         let sparsity = try blockMask?.sparsity()
         let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue), \(r.kernel.rawValue)" + (sparsity.map { String(format: ", sparsity %.1f%%", $0) } ?? "")
-        return Outcome(name: s.name, passed: problems.isEmpty, seconds: 0, relativeError: err, lseError: lseErr,
+        return Outcome(name: s.name, kernel: r.kernel, passed: problems.isEmpty, seconds: 0, relativeError: err, lseError: lseErr,
                        detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
     }
 }

@@ -56,6 +56,17 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     /// Whether the 16×8 fp32 fragments were measured and follow ``nvidiaMMANarrow``.
     public var narrowMatchesNVIDIA: Bool { float32Narrow == CooperativeMatrixLayout.nvidiaMMANarrow }
 
+    /// Whether every fragment measured covers each of its elements exactly once (16×16, and 16×8
+    /// for the narrow one): a measurement that fails this is broken, whatever the order.
+    public var isConsistent: Bool {
+        func covers(_ m: [[Coordinate]], columns: Int) -> Bool {
+            let all = m.flatMap { $0 }
+            return all.count == 16 * columns && Set(all).count == all.count
+                && all.allSatisfy { (0..<16).contains($0.row) && (0..<columns).contains($0.column) }
+        }
+        return covers(float32, columns: 16) && covers(float16, columns: 16) && (float32Narrow.map { covers($0, columns: 8) } ?? true)
+    }
+
     /// Whether both the fp32 and fp16 fragments follow `expected`.
     public func matches(_ expected: [[Coordinate]]) -> Bool {
         float32 == expected && float16 == expected

@@ -11,6 +11,12 @@ public struct DeviceCheck: Sendable {
     }
 }
 
+/// A check that does not apply to the device (`vkflex selftest` prints SKIP with the reason).
+public struct CheckSkipped: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ reason: String) { self.description = reason }
+}
+
 /// A failed check, with what was expected.
 public struct CheckFailure: Error, CustomStringConvertible {
     public var description: String
@@ -85,13 +91,20 @@ public enum DeviceChecks {
         },
         DeviceCheck(name: "cooperative-matrix element layout") { device in
             guard let layout = try CooperativeMatrixLayout.measure(on: device) else {
-                return "no cooperative-matrix extension with subgroup size 32 (skipped)"
+                throw CheckSkipped("no cooperative-matrix extension with subgroup size 32")
+            }
+            guard layout.isConsistent else {
+                throw CheckFailure("the measured fragments do not cover each element exactly once: \(layout.summary)")
             }
             let known = layout.matches(CooperativeMatrixLayout.nvidiaMMA)
-            return (known ? "NVIDIA tensor-core order (the cooperative-matrix kernel applies): " : "another order (attention uses the portable kernel): ") + layout.summary
+            // On NVIDIA the fast kernel is written for this order: another one means it silently is not used.
+            if device.capabilities.vendorID == 0x10DE && !known {
+                throw CheckFailure("an NVIDIA GPU whose fragments are not in tensor-core order (the coopmat-nv kernel would not run): \(layout.summary)")
+            }
+            return (known ? "NVIDIA tensor-core order (the coopmat-nv kernel applies): " : "another order (attention uses the portable kernel): ") + layout.summary
         },
         DeviceCheck(name: "GPU timestamps") { device in
-            guard device.capabilities.timestamps else { return "device has no timestamps (skipped)" }
+            guard device.capabilities.timestamps else { throw CheckSkipped("the device has no timestamps") }
             let pipeline = try device.pipeline(for: "vkflex.subgroup_sum") { try subgroupSumDescription(device) }
             let data = try device.makeBuffer(bytes: 4 * 100_000)
             let out = try device.makeBuffer(bytes: 4 * 100)

@@ -74,18 +74,21 @@ struct Attend: ParsableCommand {
             let caps = try captures.load(on: device)
             let score = try scoreMod.map { try ScoreMod(parsing: $0, captures: caps) }
             let maskExpr = try maskMod.map { try MaskMod(parsing: $0, captures: caps) }
-            var dtypes = Set(arrays.map(\.dtype))
-            if dtypes.count > 1 { dtypes = [.float32] } // mixed inputs run in float32
-            let dtype = dtypes.first!
-            let tensors = try zip(arrays, ["q", "k", "v"]).map { a, name -> Tensor in
-                a.dtype == dtype ? try device.tensor(a, name: name) : try device.tensor(a.floats, shape: a.shape, dtype: dtype, name: name)
+            // The library's rule: one dtype for q, k and v (no silent conversion).
+            guard arrays[1].dtype == arrays[0].dtype, arrays[2].dtype == arrays[0].dtype else {
+                throw CLIError("--q is \(arrays[0].dtype.rawValue), --k \(arrays[1].dtype.rawValue) and --v \(arrays[2].dtype.rawValue): they must share a dtype (save them all as float32 or all as float16)")
             }
+            let dtype = arrays[0].dtype
             let (B, Hq, Lq) = (arrays[0].shape[0], arrays[0].shape[1], arrays[0].shape[2])
-            let Lkv = arrays[1].shape[2]
+            let (Hkv, Lkv) = (arrays[1].shape[1], arrays[1].shape[2])
+            if Hq != Hkv && !gqa && Hkv > 0 && Hq % Hkv == 0 {
+                throw CLIError("--q has \(Hq) heads and --k \(Hkv): pass --gqa for grouped-query attention (query head h reads key/value head h / \(Hq / Hkv))")
+            }
+            let tensors = try zip(arrays, ["q", "k", "v"]).map { a, name in try device.tensor(a, name: name) }
             var blockMask: BlockMask?
-            if let m = maskExpr {
+            // With no queries or no keys there is nothing to mask: every row is empty (output 0, LSE -inf).
+            if let m = maskExpr, Lq > 0, Lkv > 0 {
                 let perB = m.graph.uses(.b), perH = m.graph.uses(.h)
-                guard Lq > 0, Lkv > 0 else { throw CLIError("a mask needs non-empty sequences") }
                 blockMask = try createBlockMask(m, B: perB ? B : 1, H: perH ? Hq : 1, qLen: Lq, kvLen: Lkv, device: device, blockSize: bs)
             }
             let t0 = Date()

@@ -82,6 +82,7 @@ struct Bench: ParsableCommand {
                 list = [BenchCase(name: "custom", B: batch, H: heads, S: seq, D: dim, dtype: dt, mask: maskMod, score: scoreMod)]
                 custom = true
             }
+            for c in list { _ = try Bench.checkSize(c, device: device) }
             let caps = device.capabilities
             print("vkflex bench on \(caps.name) (\(caps.driverName) \(caps.driverInfo)), \(`repeat`) timed runs per case")
             print("case                  B   H      S    D  density   fw ms  fw TFLOP/s  mask ms  rel_err  kernel")
@@ -101,9 +102,32 @@ struct Bench: ParsableCommand {
         }
     }
 
+    /// Refuses a case whose tensors cannot be held, before anything is allocated: the host keeps
+    /// three float32 arrays of the inputs, the device four tensors (q, k, v, out).
+    static func checkSize(_ c: BenchCase, device: Device) throws -> Int {
+        let (n1, o1) = c.B.multipliedReportingOverflow(by: c.H)
+        let (n2, o2) = n1.multipliedReportingOverflow(by: c.S)
+        let (n, o3) = n2.multipliedReportingOverflow(by: c.D)
+        let caps = device.capabilities
+        let flags = "--b \(c.B) --h \(c.H) --s \(c.S) --d \(c.D)"
+        guard !(o1 || o2 || o3), n < 1 << 40 else { throw CLIError("\(flags): B·H·S·D does not fit in 64 bits; choose smaller sizes") }
+        let hostBytes = 3 * n * 4, tensorBytes = n * c.dtype.size
+        let hostLimit = Int(ProcessInfo.processInfo.physicalMemory) * 3 / 4
+        if hostBytes > hostLimit {
+            throw CLIError("\(flags): the inputs need \(formatBytes(hostBytes)) of host memory; this machine has \(formatBytes(Int(ProcessInfo.processInfo.physicalMemory))) (choose smaller sizes)")
+        }
+        if tensorBytes > caps.maxMemoryAllocation {
+            throw CLIError("\(flags): each of q, k, v and the output is \(formatBytes(tensorBytes)) (\(c.dtype.rawValue)); \(caps.name) allocates at most \(formatBytes(caps.maxMemoryAllocation)) at once (choose smaller sizes)")
+        }
+        if caps.deviceLocalMemory > 0 && 4 * tensorBytes > caps.deviceLocalMemory {
+            throw CLIError("\(flags): q, k, v and the output need \(formatBytes(4 * tensorBytes)); \(caps.name) has \(formatBytes(caps.deviceLocalMemory)) (choose smaller sizes)")
+        }
+        return n
+    }
+
     func runCase(_ c: BenchCase, device: Device, blockSize: BlockSize, custom: Bool) throws -> String {
+        let n = try Bench.checkSize(c, device: device)
         var rng = FastRandom(seed: UInt64(c.S * 31 + c.D))
-        let n = c.B * c.H * c.S * c.D
         let qv = rng.normals(n), kv = rng.normals(n), vv = rng.normals(n)
         let q = try device.tensor(qv, shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "q")
         let k = try device.tensor(kv, shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "k")

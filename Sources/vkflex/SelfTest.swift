@@ -7,46 +7,64 @@ struct SelfTest: ParsableCommand {
         commandName: "selftest",
         abstract: "Check the chosen device: device layer, then attention cases against a float64 reference.")
 
+    @Option(name: .long, help: "Which kernels run the attention cases: portable, coopmat-nv, or all (every kernel that applies; the default).")
+    var kernel: String = "all"
+
     @OptionGroup var deviceOptions: DeviceOptions
 
     func run() throws {
         var failures = 0
         try reportingErrors {
+            let kernels: [FlexKernel]
+            if kernel.lowercased() == "all" { kernels = FlexKernel.allCases }
+            else if let k = FlexKernel(name: kernel) { kernels = [k] }
+            else { throw CLIError("--kernel \(kernel): use portable, coopmat-nv or all") }
             let device = try deviceOptions.open()
             let caps = device.capabilities
             print("vkflex \(vkflexVersion) selftest on [\(caps.index)] \(caps.name) (\(caps.driverName), subgroup \(caps.subgroupSize)\(device.cooperativeMatrixAPI.map { ", cooperative matrices: VK_\($0.rawValue.uppercased())_cooperative_matrix" } ?? ""))")
             let validationBefore = ValidationLog.shared.count
-            var rows: [(String, Bool, Double, String)] = []
+            var rows: [(String, String, Double)] = []   // name, PASS/FAIL/SKIP, ms
             for check in DeviceChecks.all {
                 let t0 = Date()
-                var ok = true
+                var verdict = "PASS"
                 var detail: String
-                do { detail = try check.run(device) } catch { ok = false; detail = "\(error)" }
+                do { detail = try check.run(device) } catch let skip as CheckSkipped { verdict = "SKIP"; detail = skip.description } catch { verdict = "FAIL"; detail = "\(error)" }
                 try? device.synchronize()
                 let ms = Date().timeIntervalSince(t0) * 1e3
-                print("\(ok ? "PASS" : "FAIL")  \(check.name) (\(String(format: "%.1f", ms)) ms): \(detail)")
-                rows.append((check.name, ok, ms, detail))
-                if !ok { failures += 1 }
+                print("\(verdict)  \(check.name) (\(String(format: "%.1f", ms)) ms): \(detail)")
+                rows.append((check.name, verdict, ms))
+                if verdict == "FAIL" { failures += 1 }
             }
-            print("attention cases against the float64 reference:")
-            let outcomes = AttentionSelfTest.run(on: device) { o in
-                print("\(o.passed ? "PASS" : "FAIL")  \(pad(o.name, 26)) \(String(format: "%8.1f ms  err %.1e  lse %.1e", o.seconds * 1e3, o.relativeError, o.lseError))  \(o.detail)")
+            print("attention cases against the float64 reference, through \(kernels.map(\.rawValue).joined(separator: " and ")):")
+            let outcomes = AttentionSelfTest.run(on: device, kernels: kernels) { o in
+                let verdict = o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL"
+                let name = pad(o.name, 28) + " " + pad(o.kernel?.rawValue ?? "", 10)
+                if o.skipped { print("\(verdict)  \(name) \(o.detail)"); return }
+                print("\(verdict)  \(name) \(String(format: "%8.1f ms  err %.1e  lse %.1e", o.seconds * 1e3, o.relativeError, o.lseError))  \(o.detail)")
             }
             for o in outcomes {
-                rows.append((o.name, o.passed, o.seconds * 1e3, o.detail))
-                if !o.passed { failures += 1 }
+                rows.append(("\(o.name) [\(o.kernel?.rawValue ?? "auto")]", o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
+                if !o.skipped && !o.passed { failures += 1 }
+            }
+            // A kernel the device has but that ran no case is a failure: the check could not fail otherwise.
+            for k in kernels where !outcomes.contains(where: { $0.kernel == k && !$0.skipped }) {
+                if kernels.count == 1 || k == .portable {
+                    print("FAIL  no attention case ran through \(k.rawValue)")
+                    failures += 1
+                }
             }
             print("\nsummary")
-            print("  \(pad("check", 52)) result        ms")
+            print("  \(pad("check", 58)) result        ms")
             for r in rows {
-                print("  \(pad(r.0, 52)) \(r.1 ? "PASS" : "FAIL")  \(String(format: "%10.1f", r.2))")
+                print("  \(pad(r.0, 58)) \(r.1)  \(String(format: "%10.1f", r.2))")
             }
             let messages = ValidationLog.shared.count - validationBefore
             if messages > 0 {
                 print("FAIL  validation layer reported \(messages) message(s)")
                 failures += 1
             }
-            print("\(rows.count - rows.filter { !$0.1 }.count) passed, \(failures) failed")
+            let skipped = rows.filter { $0.1 == "SKIP" }.count
+            print("\(rows.filter { $0.1 == "PASS" }.count) passed, \(failures) failed, \(skipped) skipped")
         }
         if failures > 0 { throw ExitCode(1) }
     }

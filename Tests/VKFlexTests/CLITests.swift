@@ -146,6 +146,7 @@ final class CLITests: XCTestCase {
         np.save(f'{d}/kd.npy', np.ones((1, 4, 8, 8), np.float32))
         np.save(f'{d}/f64.npy', np.ones((1, 4, 8, 16), np.float64))
         np.save(f'{d}/r3.npy', np.ones((4, 8, 16), np.float32))
+        np.save(f'{d}/k16.npy', np.ones((1, 4, 8, 16), np.float16))
         np.save(f'{d}/cap5.npy', np.ones((1, 1, 1, 1, 2), np.int32))
         open(f'{d}/trunc.npy', 'wb').write(open(f'{d}/q.npy', 'rb').read()[:200])
         open(f'{d}/text.npy', 'w').write('hello')
@@ -159,7 +160,12 @@ final class CLITests: XCTestCase {
             (["attend", "--q", "\(d)/f64.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "dtype float64"),
             (["attend", "--q", "\(d)/r3.npy", "--k", "\(d)/k.npy", "--v", "\(d)/k.npy"], "expected (B, H, L, D)"),
             (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/kd.npy", "--v", "\(d)/kd.npy"], "head dim 16 differs"),
-            (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k2.npy", "--v", "\(d)/k2.npy"], "enableGQA"),
+            (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k2.npy", "--v", "\(d)/k2.npy"], "pass --gqa"),
+            (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k16.npy", "--v", "\(d)/k16.npy"], "--q is float32, --k float16 and --v float16: they must share a dtype"),
+            (["bench", "--b", "64", "--h", "64", "--s", "65536", "--d", "128"], "of host memory"),
+            (["bench", "--b", "1", "--h", "64", "--s", "65536", "--d", "256", "--dtype", "float32"], "allocates at most"),
+            (["mask", "--mask-mod", "q_idx >= kv_idx", "--q-len", "1000000", "--kv-len", "1000000", "--block-size", "16"], "use a larger block size"),
+            (["selftest", "--kernel", "fastest"], "--kernel fastest: use portable, coopmat-nv or all"),
             (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k3.npy", "--v", "\(d)/k3.npy", "--gqa"], "multiple of the key/value heads"),
             (base + ["--score-mod", "score + foo"], "unknown name 'foo'"),
             (base + ["--mask-mod", "q_idx >="], "ends too early"),
@@ -178,13 +184,45 @@ final class CLITests: XCTestCase {
             XCTAssertFalse(output.contains("Fatal error"), output)
         }
         // Malformed tuning variables are errors, not silently ignored.
-        for (env, fragment) in [(["VKFLEX_COOPMAT_TILES": "32x2"], "use BKVxRPWxNSGxNBUF"), (["VKFLEX_KERNEL": "fast"], "use portable or coopmat"),
+        for (env, fragment) in [(["VKFLEX_COOPMAT_TILES": "32x2"], "use BKVxRPWxNSGxNBUF"), (["VKFLEX_KERNEL": "fast"], "use portable, coopmat-nv or auto"),
                                 (["VKFLEX_KERNEL": "coopmat"], "has no VK_NV_cooperative_matrix"),
                                 (["VKFLEX_SPIRV_OPT": "turbo"], "VKFLEX_SPIRV_OPT=turbo is not one of 0, 1")] {
             let (status, output) = try run(base, extraEnvironment: env)
             XCTAssertTrue(status > 0 && status < 128, "\(env): status \(status)")
             XCTAssertTrue(output.contains(fragment), "\(env): \(output)")
         }
+    }
+
+    /// A check that does not apply says SKIP, never PASS; a kernel the device lacks fails when asked for alone.
+    func testSelftestReportsSkipsAndKernels() throws {
+        let (status, output) = try run(["selftest", "--kernel", "portable"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("SKIP  cooperative-matrix element layout"), output)
+        XCTAssertTrue(output.contains("PASS  causal                       portable"), output)
+        XCTAssertTrue(output.contains(" failed, 1 skipped"), output)
+        let (cs, coop) = try run(["selftest", "--kernel", "coopmat-nv"])
+        XCTAssertEqual(cs, 1, coop)
+        XCTAssertTrue(coop.contains("FAIL  no attention case ran through coopmat-nv"), coop)
+    }
+
+    func testAttendWithNoKeysGivesEmptyRows() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        np.save(f'{d}/q.npy', np.random.randn(1, 2, 5, 8).astype(np.float32))
+        np.save(f'{d}/k0.npy', np.zeros((1, 2, 0, 8), np.float32))
+        """)
+        let d = dir.path
+        let (status, output) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k0.npy", "--v", "\(d)/k0.npy", "--mask-mod", "q_idx >= kv_idx",
+                                        "--out", "\(d)/o.npy", "--lse", "\(d)/l.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        o, l = np.load(f'{d}/o.npy'), np.load(f'{d}/l.npy')
+        print(o.shape, bool((o == 0).all()), bool(np.isneginf(l).all()))
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "(1, 2, 5, 8) True True")
     }
 
     func testMaskCommandPrintsThePicture() throws {
