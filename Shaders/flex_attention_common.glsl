@@ -10,7 +10,7 @@ layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by ForwardKernel.run in this order (172 bytes). Push constants where the device
+// scale; filled by ForwardKernel.run in this order (180 bytes). Push constants where the device
 // takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
 // buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
 #define VKF_PARAMS_MEMBERS \
@@ -24,7 +24,8 @@ layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx
     float scale; \
     int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
     int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
-    int hk_start; /* first key/value head bound by this dispatch */
+    int hk_start; /* first key/value head bound by this dispatch */ \
+    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
 #else

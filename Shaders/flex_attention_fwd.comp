@@ -269,12 +269,20 @@ void main() {
     }
 #endif
 
-    for (int pass = 0; pass < 2; ++pass) {
+    // walked: every loop of the walk reached its bound. Mesa's lavapipe ends all of a shader's
+    // loops once their iterations add up to 65535; the host splits long key ranges across
+    // dispatches to stay below that, and this reports (never silently truncates) if it did not.
+    bool walked = true;
+    int pass = 0;
+    for (; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
-        for (int i = 0; i < n; ++i) {
+        int i = 0;
+        for (; i < n; ++i) {
             int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+            if (kb < p.kv_block_lo || kb >= p.kv_block_hi) continue;   // another dispatch's keys
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
-            for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
+            int k0 = k_start;
+            for (; k0 < k_stop; k0 += BKV) {
                 int kn = min(BKV, k_stop - k0);
 #if VKF_HALF
                 if (p.vec_ok != 0) {
@@ -515,8 +523,12 @@ void main() {
 #endif
                 barrier();
             }
+            if (k0 < k_stop) walked = false;
         }
+        if (i < n) walked = false;
     }
+    if (pass < 2) walked = false;
+    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
 #if TPR > 1
     // The row sums: each row's TPR shares added up.

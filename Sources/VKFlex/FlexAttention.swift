@@ -480,9 +480,9 @@ enum ForwardKernel {
     }
 
     /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
-    static let paramBytes = 43 * 4
+    static let paramBytes = 45 * 4
 
-    /// Whether the parameter block goes as push constants: where the device takes 172 bytes of
+    /// Whether the parameter block goes as push constants: where the device takes 180 bytes of
     /// them (NVIDIA and most desktop drivers take 256; lavapipe takes Vulkan's minimum, 128). On
     /// the H200 a storage-buffer block was reloaded, bounds-checked, on every tile (causal D=64
     /// 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0` turns it off.
@@ -499,8 +499,9 @@ enum ForwardKernel {
 
     /// Builds (or finds in the caches) the pipeline for a call's head dims, dtype, mods and
     /// kernel; batch and heads do not enter it, nor lengths below 2^22 (see `floatIndices`).
+    /// `partialOutput`: O written as float32 whatever the inputs (the partials of a key split).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
-                        device: Device) throws -> Prepared {
+                        device: Device, partialOutput: Bool = false) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: 11, errorBinding: 10, device: device)
@@ -523,7 +524,7 @@ enum ForwardKernel {
             (BQ, BKV, WG) = t
             source = ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"), defines: [
                 .init("D", "\(s.D)"), .init("DV", "\(s.Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
-                .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 ? "1" : "0"),
+                .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 && !partialOutput ? "1" : "0"),
             ])
         case .coopmatNV:
             let identity = scoreMod.map { $0.isIdentity } ?? true
@@ -568,7 +569,6 @@ enum ForwardKernel {
         guard groupsX <= caps.maxWorkgroupCount[0], s.Hq <= caps.maxWorkgroupCount[1] else {
             throw FlexError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
         }
-        let lseTensor = lse
         let lseScratch = lse == nil ? try dummyFloatBuffer(device) : nil
 
         // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
@@ -576,34 +576,39 @@ enum ForwardKernel {
         let group = s.Hq / max(1, s.Hkv)
         let errors = try mods.makeErrorBuffer(device)
         let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
-        for chunk in chunks {
+        // Where the driver caps a shader's loop iterations, the key blocks are walked a share per
+        // dispatch into float32 partials, which a merge pass combines by their LSEs.
+        let kvSplit = kernel == .portable
+            ? kvBlocksPerDispatch(shape: s, tiles: (BQ, BKV, prepared.WG), kvBlockSize: kvBS, kvBlocks: kvBlocks, device: device) : nil
+        let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
+        let partial = splits > 1
+            ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device, partialOutput: true) : nil
+
+        func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, kvRange: Range<Int>) throws {
             let (b0, nb, h0, nh) = (chunk.b.lowerBound, chunk.b.count, chunk.h.lowerBound, chunk.h.count)
             let kvHeads = (h0 / group)..<((h0 + nh - 1) / group + 1)
             var bindings: [BufferBinding] = []
             var bases: [Int] = []
-            for (t, heads, writes) in [(q, chunk.h, false), (k, kvHeads, false), (v, kvHeads, false), (output, chunk.h, true)] {
-                let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: writes, device: device)
+            for (t, heads) in [(q, chunk.h), (k, kvHeads), (v, kvHeads)] {
+                let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: false, device: device)
                 bindings.append(binding); bases.append(base)
             }
-            if let l = lseTensor {
-                let (binding, base) = try bind(l, batches: chunk.b, heads: chunk.h, writes: true, device: device)
-                bindings.append(binding); bases.append(base)
-            } else {
-                bindings.append(BufferBinding(lseScratch!, writes: true)); bases.append(0)
-            }
+            bindings.append(out.binding); bases.append(out.base)
+            bindings.append(lseTarget?.binding ?? BufferBinding(lseScratch!, writes: true)); bases.append(lseTarget?.base ?? 0)
             bindings += maskBuffers.map { BufferBinding($0.buffer, offset: $0.byteOffset, size: max(4, $0.count * 4)) }
+            let strides = [q.strides, k.strides, v.strides, out.strides]
             var ints: [Int32] = [s.B, s.Hq, s.Hkv, s.Lq, s.Lkv, b0].map { Int32($0) }
-            for (i, t) in [q, k, v, output].enumerated() { ints += ([bases[i]] + t.strides).map { Int32($0) } }
-            let ls = lse?.strides ?? [0, 0, 0]
+            for i in 0..<4 { ints += ([bases[i]] + strides[i]).map { Int32($0) } }
+            let ls = lseTarget?.strides ?? [0, 0, 0]
             ints += [bases[4], ls[0], ls[1], ls[2]].map { Int32($0) }
-            ints += [maskB, maskH, qBS, kvBS, qBlocks, kvBlocks, blockMask == nil ? 1 : 0, tilesPerBlock, lse == nil ? 0 : 1].map { Int32($0) }
+            ints += [maskB, maskH, qBS, kvBS, qBlocks, kvBlocks, blockMask == nil ? 1 : 0, tilesPerBlock, lseTarget == nil ? 0 : 1].map { Int32($0) }
             var params = ints.withUnsafeBytes { Array($0) }
             params += withUnsafeBytes(of: Float(scale)) { Array($0) }
             // Rows readable 8 halves at a time: unit inner stride, 8-aligned row offsets.
-            let vecOK = [q, k, v, output].enumerated().allSatisfy { i, t in
-                t.strides[3] == 1 && bases[i] % 8 == 0 && t.strides[0] % 8 == 0 && t.strides[1] % 8 == 0 && t.strides[2] % 8 == 0
+            let vecOK = (0..<4).allSatisfy { i in
+                strides[i][3] == 1 && bases[i] % 8 == 0 && strides[i][0] % 8 == 0 && strides[i][1] % 8 == 0 && strides[i][2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
-            params += [Int32(vecOK ? 1 : 0), Int32(h0), Int32(kvHeads.lowerBound)].withUnsafeBytes { Array($0) }
+            params += [vecOK ? 1 : 0, h0, kvHeads.lowerBound, kvRange.lowerBound, kvRange.upperBound].map { Int32($0) }.withUnsafeBytes { Array($0) }
             precondition(params.count == paramBytes)
             if let unusedParams {
                 bindings.append(BufferBinding(unusedParams))
@@ -618,8 +623,37 @@ enum ForwardKernel {
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb))
             }
         }
+
+        for chunk in chunks {
+            let (outBinding, outBase) = try bind(output, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+            let outTarget = WriteTarget(binding: outBinding, base: outBase, strides: output.strides)
+            let lseTarget = try lse.map { l -> WriteTarget in
+                let (binding, base) = try bind(l, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+                return WriteTarget(binding: binding, base: base, strides: l.strides)
+            }
+            guard let partial, let perSplit = kvSplit else {
+                try dispatch(pipeline, chunk: chunk, out: outTarget, lse: lseTarget, kvRange: 0..<kvBlocks)
+                continue
+            }
+            // Partials: O [split, b, h, i, d] and LSE [split, b, h, i], float32, contiguous.
+            let (nb, nh) = (chunk.b.count, chunk.h.count)
+            let rows = nb * nh * s.Lq
+            let partBytes = splits * rows * s.Dv * 4
+            guard partBytes <= caps.maxStorageBufferRange else {
+                throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after 65535 iterations, so \(s.Lkv) keys are walked in \(splits) passes whose partial outputs (\(formatBytes(partBytes))) exceed what it binds per buffer (\(formatBytes(caps.maxStorageBufferRange))); pass fewer query rows or heads per call")
+            }
+            let partO = try device.makeBuffer(bytes: max(16, partBytes)), partL = try device.makeBuffer(bytes: max(16, splits * rows * 4))
+            for split in 0..<splits {
+                let range = (split * perSplit)..<min(kvBlocks, (split + 1) * perSplit)
+                try dispatch(partial.pipeline, chunk: chunk,
+                             out: WriteTarget(binding: BufferBinding(partO, writes: true), base: split * rows * s.Dv, strides: [nh * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
+                             lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]),
+                             kvRange: range)
+            }
+            try merge(splits: splits, partO: partO, partL: partL, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget, outF16: output.dtype == .float16, device: device)
+        }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
-        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) {
+        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil {
             checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
         }
         for check in checks {

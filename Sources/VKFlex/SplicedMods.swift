@@ -56,6 +56,8 @@ struct SplicedMods {
             throw FlexError.indexOutOfRange(name: cap.name, shape: cap.shape, index: e[2], dim: Int(e[3]))
         case .divisionByZero: throw FlexError.divisionByZero
         case .negativePower: throw FlexError.negativePower
+        case .walkIncomplete:
+            throw FlexError.limitExceeded("the device stopped the attention kernel's loops before it had read every key (Mesa's lavapipe ends a shader's loops after 65535 iterations), so the output would be wrong; vkflex splits long key ranges to avoid this, and missed here: please report the shapes and the device")
         case nil:
             throw FlexError.modFailed("the kernel reported error code \(e[0])")
         }

@@ -18,6 +18,8 @@ public struct GLSLMods: Sendable, Hashable {
     /// Error codes written to `vkf_err[0]` by the kernels.
     public enum ErrorCode: Int32, Sendable {
         case noError = 0, indexOutOfRange = 1, divisionByZero = 2, negativePower = 3
+        /// The kernel's walk over the keys stopped before its end (a driver's cap on loop iterations).
+        case walkIncomplete = 4
     }
 }
 

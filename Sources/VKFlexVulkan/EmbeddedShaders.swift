@@ -147,7 +147,7 @@ layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by ForwardKernel.run in this order (172 bytes). Push constants where the device
+// scale; filled by ForwardKernel.run in this order (180 bytes). Push constants where the device
 // takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
 // buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
 #define VKF_PARAMS_MEMBERS \
@@ -161,7 +161,8 @@ layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx
     float scale; \
     int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
     int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
-    int hk_start; /* first key/value head bound by this dispatch */
+    int hk_start; /* first key/value head bound by this dispatch */ \
+    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
 #else
@@ -481,12 +482,20 @@ void main() {
     }
 #endif
 
-    for (int pass = 0; pass < 2; ++pass) {
+    // walked: every loop of the walk reached its bound. Mesa's lavapipe ends all of a shader's
+    // loops once their iterations add up to 65535; the host splits long key ranges across
+    // dispatches to stay below that, and this reports (never silently truncates) if it did not.
+    bool walked = true;
+    int pass = 0;
+    for (; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
-        for (int i = 0; i < n; ++i) {
+        int i = 0;
+        for (; i < n; ++i) {
             int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+            if (kb < p.kv_block_lo || kb >= p.kv_block_hi) continue;   // another dispatch's keys
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
-            for (int k0 = k_start; k0 < k_stop; k0 += BKV) {
+            int k0 = k_start;
+            for (; k0 < k_stop; k0 += BKV) {
                 int kn = min(BKV, k_stop - k0);
 #if VKF_HALF
                 if (p.vec_ok != 0) {
@@ -727,8 +736,12 @@ void main() {
 #endif
                 barrier();
             }
+            if (k0 < k_stop) walked = false;
         }
+        if (i < n) walked = false;
     }
+    if (pass < 2) walked = false;
+    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
 #if TPR > 1
     // The row sums: each row's TPR shares added up.
@@ -1476,6 +1489,67 @@ void main() {
             }
         }
     }
+}
+"""#,
+        "flex_attention_merge.comp": #"""
+#version 450
+// Merges the partial results of attention over disjoint key ranges (one per split): each split
+// wrote its normalized output O_s (float32) and its LSE l_s over its keys; over all keys
+//   LSE = log Σ_s exp(l_s),  O = Σ_s exp(l_s − LSE) · O_s.
+// A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
+// with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
+//
+// Defines: OUT_F16 (0/1, the output's element type). Bindings: 0 partial O [S, rows, Dv], 1
+// partial LSE [S, rows], 2 output, 3 LSE (written when write_lse). Push constants below.
+#extension GL_EXT_shader_16bit_storage : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+
+layout(local_size_x = 64) in;
+
+#if OUT_F16
+#define OUT_T float16_t
+#else
+#define OUT_T float
+#endif
+layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
+layout(std430, set = 0, binding = 1) readonly buffer PartL { float part_l[]; };
+layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer LBuf { float lse_data[]; };
+// Rows are (b, h, i) of a [nb, nh, Lq] block; the output and LSE are addressed by their strides.
+layout(push_constant) uniform Params {
+    int splits, nb, nh, Lq, Dv;
+    int o_base, o_sb, o_sh, o_sl, o_sd;
+    int lse_base, lse_sb, lse_sh, lse_sl, write_lse;
+} p;
+
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+
+void main() {
+    const int rows = p.nb * p.nh * p.Lq;
+    const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
+    if (e >= rows * p.Dv) return;
+    const int row = e / p.Dv, d = e - row * p.Dv;
+    float m = NEG_INF;
+    bool nan_row = false;
+    for (int s = 0; s < p.splits; ++s) {
+        const float l = part_l[s * rows + row];
+        if (isnan(l)) nan_row = true; else m = max(m, l);
+    }
+    float o = 0.0, sum = 0.0;
+    if (m > NEG_INF) {
+        for (int s = 0; s < p.splits; ++s) {
+            const float w = exp(part_l[s * rows + row] - m);   // 0 for a split that saw no key
+            if (w != 0.0) o += w * part_o[(s * rows + row) * p.Dv + d];
+            sum += w;
+        }
+        o /= sum;
+    }
+    const float nan = uintBitsToFloat(0x7FC00000u);
+    if (nan_row) o = nan;
+    const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
+    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_T(o);
+    if (p.write_lse != 0 && d == 0)
+        lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
 }
 """#,
         "mod_eval.comp": #"""

@@ -626,3 +626,31 @@ extension AttentionTests {
         }
     }
 }
+
+/// Long key ranges: lavapipe stops a shader's loops after 65535 iterations in all, which cut the
+/// walk short past ~17k keys (relative error 0.4, silently); the planner splits the keys across
+/// dispatches and merges the partials.
+extension AttentionTests {
+    func testLongKeyRangesMatchTheReference() throws {
+        let cases: [(String, Case)] = [
+            ("dense fp32 D=32", Case(B: 1, Hq: 1, Hkv: 1, Lq: 5, Lkv: 140_000, D: 32, Dv: 32)),
+            ("masked GQA fp32 ALiBi-like", Case(B: 1, Hq: 2, Hkv: 1, Lq: 6, Lkv: 131_075, D: 16, Dv: 24,
+                                               score: try ScoreMod(parsing: "score + (q_idx - kv_idx) * 1e-5"),
+                                               mask: try MaskMod(parsing: "(kv_idx % 7 != 3) | (q_idx == 0)"), blockSize: 1024)),
+            ("dense fp16 D=48", Case(B: 1, Hq: 1, Hkv: 1, Lq: 4, Lkv: 131_072, D: 48, Dv: 48, dtype: .float16)),
+        ]
+        for (name, c) in cases { try check(c, name) }
+    }
+
+    func testATruncatedWalkIsReportedNotReturned() throws {
+        ForwardKernel.ignoreLoopLimitForTesting = true
+        defer { ForwardKernel.ignoreLoopLimitForTesting = false }
+        let q = try device.tensor(randn(4 * 16), shape: [1, 1, 4, 16])
+        let k = try device.tensor(randn(60_000 * 16), shape: [1, 1, 60_000, 16])
+        let r = try flexAttention(q, k, k)
+        XCTAssertThrowsError(try r.output.toArray()) { error in
+            guard case FlexError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
+            XCTAssertTrue(m.contains("before it had read every key"), m)
+        }
+    }
+}

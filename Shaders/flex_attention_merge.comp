@@ -1,0 +1,59 @@
+#version 450
+// Merges the partial results of attention over disjoint key ranges (one per split): each split
+// wrote its normalized output O_s (float32) and its LSE l_s over its keys; over all keys
+//   LSE = log Σ_s exp(l_s),  O = Σ_s exp(l_s − LSE) · O_s.
+// A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
+// with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
+//
+// Defines: OUT_F16 (0/1, the output's element type). Bindings: 0 partial O [S, rows, Dv], 1
+// partial LSE [S, rows], 2 output, 3 LSE (written when write_lse). Push constants below.
+#extension GL_EXT_shader_16bit_storage : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+
+layout(local_size_x = 64) in;
+
+#if OUT_F16
+#define OUT_T float16_t
+#else
+#define OUT_T float
+#endif
+layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
+layout(std430, set = 0, binding = 1) readonly buffer PartL { float part_l[]; };
+layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
+layout(std430, set = 0, binding = 3) writeonly buffer LBuf { float lse_data[]; };
+// Rows are (b, h, i) of a [nb, nh, Lq] block; the output and LSE are addressed by their strides.
+layout(push_constant) uniform Params {
+    int splits, nb, nh, Lq, Dv;
+    int o_base, o_sb, o_sh, o_sl, o_sd;
+    int lse_base, lse_sb, lse_sh, lse_sl, write_lse;
+} p;
+
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+
+void main() {
+    const int rows = p.nb * p.nh * p.Lq;
+    const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
+    if (e >= rows * p.Dv) return;
+    const int row = e / p.Dv, d = e - row * p.Dv;
+    float m = NEG_INF;
+    bool nan_row = false;
+    for (int s = 0; s < p.splits; ++s) {
+        const float l = part_l[s * rows + row];
+        if (isnan(l)) nan_row = true; else m = max(m, l);
+    }
+    float o = 0.0, sum = 0.0;
+    if (m > NEG_INF) {
+        for (int s = 0; s < p.splits; ++s) {
+            const float w = exp(part_l[s * rows + row] - m);   // 0 for a split that saw no key
+            if (w != 0.0) o += w * part_o[(s * rows + row) * p.Dv + d];
+            sum += w;
+        }
+        o /= sum;
+    }
+    const float nan = uintBitsToFloat(0x7FC00000u);
+    if (nan_row) o = nan;
+    const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
+    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_T(o);
+    if (p.write_lse != 0 && d == 0)
+        lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
+}

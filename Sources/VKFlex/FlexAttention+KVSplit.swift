@@ -1,0 +1,86 @@
+import Foundation
+import VKFlexVulkan
+
+/// Key splits for drivers that cap a shader's loop iterations.
+///
+/// Mesa's llvmpipe (lavapipe) ends every loop of a shader once the iterations of all its loops add
+/// up to 65535 (gallivm's `LP_MAX_TGSI_LOOP_ITERATIONS`, "shared between every loop"): measured
+/// here on 2026-12-05, the portable kernel returned the attention over the first ~17,300 keys of
+/// 20,000 at D = 64 (relative error 0.40, exit 0) and over the first ~3,350 with 4-key tiles. The
+/// planner therefore walks long key ranges a share per dispatch on such a driver, into float32
+/// partials (O over the share, its LSE) that `flex_attention_merge.comp` combines; the kernel
+/// reports an error, never a silent truncation, if its walk stops early all the same.
+extension ForwardKernel {
+    /// Tests turn the splitting off to check that the kernel reports a truncated walk.
+    nonisolated(unsafe) static var ignoreLoopLimitForTesting = false
+
+    /// The loop iterations a shader invocation may run on `device`, or nil where they are not capped.
+    static func loopIterationLimit(_ device: Device) -> Int? {
+        let caps = device.capabilities
+        return (caps.driverName.lowercased().contains("llvmpipe") || caps.name.lowercased().contains("llvmpipe")) ? 65535 : nil
+    }
+
+    /// An upper bound of the loop iterations the portable kernel runs per staged key tile, counting
+    /// every loop of flex_attention_fwd.comp as if the compiler unrolled none (measured 121 per
+    /// 32-key tile at D = 64 against 483 from this bound: splits are small, never too long).
+    static func portableIterationsPerTile(D: Int, Dv: Int, BQ: Int, BKV: Int, WG: Int, half: Bool) -> Int {
+        let unit = half ? 8 : 4
+        func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
+        let stage = ceilDiv(BKV * max(D, Dv), unit * WG) * (1 + unit) + ceilDiv(BKV * max(D, Dv), 2 * WG) * 3
+        let tpr = WG % BQ == 0 ? WG / BQ : 1
+        var perTile = 1 + 2 * stage + BKV + ceilDiv(BKV, tpr) + 8
+        if portableBlocked(Dv: Dv, BQ: BQ, BKV: BKV, WG: WG) {
+            let ct = BQ * BKV / (4 * WG), pvTasks = ceilDiv((BQ / 4) * (Dv / 4), WG)
+            perTile += D * (1 + ct) + ct * 5 + 4 + 4 * pvTasks + BKV * (1 + pvTasks * 5)
+        } else {
+            let perInvocation = ceilDiv(BQ * BKV, WG), acc = ceilDiv(BQ * Dv, WG)
+            perTile += perInvocation * (2 + D) + acc * (1 + BKV) + BKV * 3
+        }
+        return perTile
+    }
+
+    /// KV blocks each dispatch walks so that the portable kernel stays inside the device's loop
+    /// cap, or nil when one dispatch walks them all.
+    static func kvBlocksPerDispatch(shape s: AttentionShape, tiles: (BQ: Int, BKV: Int, WG: Int), kvBlockSize: Int, kvBlocks: Int,
+                                    device: Device) -> Int? {
+        guard let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting else { return nil }
+        let (BQ, BKV, WG) = tiles
+        let half = s.dtype == .float16 && s.D % 2 == 0 && portableBlocked(Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG)
+        let perTile = portableIterationsPerTile(D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, half: half)
+        // Outside the key tiles: staging Q, the mask's per-row values, the output, the walk over
+        // the block lists (one iteration per listed block, walked or not).
+        let fixed = 2 * (BQ * max(s.D, s.Dv) / WG + 1) * 9 + 2 * kvBlocks + 512
+        let budget = limit * 3 / 4 - fixed
+        let tilesPerBlock = (kvBlockSize + BKV - 1) / BKV
+        let blocks = max(1, budget / (perTile * tilesPerBlock))
+        return blocks >= kvBlocks ? nil : blocks
+    }
+
+    struct MergeKey: Hashable, Sendable { let outF16: Bool }
+
+    /// Where a dispatch writes O or the LSE: a tensor's part for a chunk, or a partial's.
+    struct WriteTarget { var binding: BufferBinding; var base: Int; var strides: [Int] }
+
+    /// Combines `splits` partial results (O [split, rows, Dv] and LSE [split, rows], float32) of
+    /// a chunk of `nb` batches and `nh` heads into the output (and the LSE, when wanted).
+    static func merge(splits: Int, partO: Buffer, partL: Buffer, nb: Int, nh: Int, shape s: AttentionShape,
+                      out: WriteTarget, lse: WriteTarget?,
+                      outF16: Bool, device: Device) throws {
+        let pipeline = try device.pipeline(for: MergeKey(outF16: outF16)) {
+            PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
+                                                     defines: [.init("OUT_F16", outF16 ? "1" : "0")]),
+                                bindingCount: 4, pushConstantSize: 15 * 4)
+        }
+        let elements = nb * nh * s.Lq * s.Dv
+        let groups = (elements + 63) / 64
+        let gx = min(groups, device.capabilities.maxWorkgroupCount[0]), gy = (groups + gx - 1) / gx
+        let ls = lse?.strides ?? [0, 0, 0]
+        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [lse?.base ?? 0] + ls + [lse == nil ? 0 : 1]
+        let unusedLSE = lse == nil ? try device.makeBuffer(bytes: 16) : nil
+        try device.record { rec in
+            try rec.dispatch(pipeline, bindings: [BufferBinding(partO), BufferBinding(partL), out.binding,
+                                                  lse?.binding ?? BufferBinding(unusedLSE!, writes: true)],
+                             pushConstants: params.map { Int32($0) }.withUnsafeBytes { Array($0) }, groups: (gx, gy, 1))
+        }
+    }
+}
