@@ -38,6 +38,8 @@ let package = Package(
         .target(name: "VKFlexTestSupport", dependencies: ["VKFlexVulkan"], path: "Tests/VKFlexTestSupport"),
         .testTarget(name: "VKFlexVulkanTests", dependencies: ["VKFlexVulkan", "VKFlexTestSupport"]),
         .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan", "VKFlexTestSupport"]),
+        // Every ```swift example of the README, docs/ and the doc comments, compiled (tools/doc-snippets.py).
+        .testTarget(name: "VKFlexDocTests", dependencies: ["VKFlex", "VKFlexTestSupport"]),
     ],
     swiftLanguageModes: [.v6],
     cxxLanguageStandard: .cxx17

@@ -9,7 +9,7 @@ import VKFlexVulkan
 /// ```swift
 /// let mask = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: 2048, kvLen: 2048, device: device)
 /// print(mask)               // the block picture: ██ full, ░░ partial, blank skipped
-/// print(mask.sparsity())    // 46.875
+/// print(try mask.sparsity())    // 46.875
 /// ```
 ///
 /// The index tensors live on the device (int32): `kvNumBlocks [B,H,qBlocks]`,
@@ -50,6 +50,8 @@ public final class BlockMask: @unchecked Sendable, CustomStringConvertible {
     /// Lengths default to blocks × block size. Indices must lie in `0..<kvBlocks`.
     ///
     /// ```swift
+    /// let num = try device.tensor([1, 2], shape: [1, 1, 2], name: "kv_num_blocks")          // [B, H, qBlocks]
+    /// let idx = try device.tensor([0, 0, 0, 1], shape: [1, 1, 2, 2], name: "kv_indices")   // [B, H, qBlocks, kvBlocks]
     /// let m = try BlockMask(kvNumBlocks: num, kvIndices: idx, blockSize: 128, maskMod: causal)
     /// ```
     ///

@@ -16,7 +16,7 @@ public enum DType: String, Sendable, CaseIterable, Codable {
 /// ```swift
 /// let q = try device.tensor(values, shape: [1, 8, 1024, 64], dtype: .float16)
 /// let bshd = try device.tensor(values, shape: [B, S, H, D])          // the layout models keep
-/// let bhsd = bshd.permuted(0, 2, 1, 3)                               // a view: no copy
+/// let bhsd = try bshd.permuted(0, 2, 1, 3)                           // a view: no copy
 /// let out: [Float] = try q.toArray()
 /// ```
 ///
@@ -207,6 +207,30 @@ extension Device {
     public func tensor(_ values: [Int32], shape: [Int], name: String? = nil) throws -> Tensor {
         try checkShape(shape, count: values.count)
         let t = try empty(shape: shape, dtype: .int32, name: name)
+        try t.buffer.upload(values)
+        return t
+    }
+
+    /// A new int32 tensor from Swift `Int`s (document ids, offsets...): each must fit in int32.
+    ///
+    /// ```swift
+    /// let docs = try device.tensor([0, 0, 0, 1, 1, 2] as [Int], shape: [6], name: "doc")
+    /// ```
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` naming the first value outside int32, or for a shape that does not hold the values.
+    public func tensor(_ values: [Int], shape: [Int], name: String? = nil) throws -> Tensor {
+        if let i = values.firstIndex(where: { Int32(exactly: $0) == nil }) {
+            throw FlexError("int32 tensor \(name ?? ""): value \(values[i]) at index \(i) does not fit in int32")
+        }
+        return try tensor(values.map { Int32($0) }, shape: shape, name: name)
+    }
+
+    /// A new float16 tensor from `Float16` values (stored as they are).
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for a shape that does not hold the values; device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
+    public func tensor(_ values: [Float16], shape: [Int], name: String? = nil) throws -> Tensor {
+        try checkShape(shape, count: values.count)
+        let t = try empty(shape: shape, dtype: .float16, name: name)
         try t.buffer.upload(values)
         return t
     }

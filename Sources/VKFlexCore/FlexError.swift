@@ -100,6 +100,7 @@ public struct ExpressionError: Sendable, Equatable, CustomStringConvertible {
 /// A shader that failed to compile: shaderc's message and the numbered source around the line.
 ///
 /// ```swift
+/// do { _ = try ShaderCompiler.shared.compile(ShaderSource(name: "broken", text: glsl)) }
 /// catch FlexError.shaderCompile(let e) { print(e) }
 /// // flex_attention_fwd.comp:42: error: 'scroe' : undeclared identifier
 /// //    41 |   float s = score_mod(...);

@@ -194,7 +194,7 @@ extension Capturable {
 /// PyTorch's `score_mod`: rewrites each attention score.
 ///
 /// ```swift
-/// let causalBias = ScoreMod { score, b, h, q, kv in select(q >= kv, score, -Float.infinity) }
+/// let causalBias = ScoreMod { score, b, h, q, kv in select(q >= kv, score, Num(-Float.infinity)) }
 /// let alibi = try ScoreMod(parsing: "score + slope[h] * (kv_idx - q_idx)", captures: ["slope": slopes])
 /// ```
 /// The closure runs once, at construction, on symbolic arguments; what it builds is the graph.

@@ -12,7 +12,7 @@ import Foundation
 /// ```swift
 /// if let layout = try CooperativeMatrixLayout.measure(on: device) {
 ///     print(layout.summary)            // lane 0: (0,0) (0,1) (8,0) (8,1) ...
-///     print(layout.matches(.nvidiaMMA)) // true on NVIDIA GPUs
+///     print(layout.matches(CooperativeMatrixLayout.nvidiaMMA)) // true on NVIDIA GPUs
 /// }
 /// ```
 public struct CooperativeMatrixLayout: Sendable, Hashable {

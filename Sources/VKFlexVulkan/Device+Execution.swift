@@ -29,7 +29,9 @@ final class Batch: @unchecked Sendable {
 ///
 /// ```swift
 /// let (start, end) = try device.record { rec -> (GPUTimestamp, GPUTimestamp) in
-///     let s = try rec.timestamp(); try rec.dispatch(...); return (s, try rec.timestamp())
+///     let s = try rec.timestamp()
+///     try rec.dispatch(pipeline, bindings: bindings, groups: (64, 1, 1))   // the work to time
+///     return (s, try rec.timestamp())
 /// }
 /// let seconds = try device.seconds(from: start, to: end)
 /// ```

@@ -259,6 +259,7 @@ public final class Device: @unchecked Sendable {
     /// submit to `queue` concurrently with vkflex.
     ///
     /// ```swift
+    /// // snippet: skip (needs an engine's Vulkan handles)
     /// let device = try Device(wrapping: myInstance, physicalDevice: myGPU, device: myDevice,
     ///                         queue: myQueue, queueFamilyIndex: family,
     ///                         enabledFeatures: .init(shaderFloat16: true, storageBuffer16Bit: true))

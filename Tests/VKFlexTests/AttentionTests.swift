@@ -199,20 +199,31 @@ extension AttentionTests {
         defer { unsetenv("VKFLEX_KERNEL") }
         XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("VK_NV_cooperative_matrix"), "\($0)") }
         setenv("VKFLEX_KERNEL", "fast", 1)
-        XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("use portable or coopmat"), "\($0)") }
+        XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("use portable, coopmat-nv or auto"), "\($0)") }
         setenv("VKFLEX_KERNEL", "portable", 1)
         XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable)
+        // The per-call option wins over the variable, and says so when it cannot be honoured.
+        setenv("VKFLEX_KERNEL", "coopmat-nv", 1)
+        XCTAssertEqual(try flexAttention(q, q, q, options: FlexOptions(kernel: .portable)).kernel, .portable)
+        unsetenv("VKFLEX_KERNEL")
+        XCTAssertThrowsError(try flexAttention(q, q, q, options: FlexOptions(kernel: .coopmatNV))) { error in
+            guard case FlexError.unsupported(let m) = error else { return XCTFail("\(error)") }
+            XCTAssertTrue(m.hasPrefix("kernel: .coopmatNV: "), m)
+        }
+        XCTAssertEqual(FlexKernel(name: "coopmat-nv"), .coopmatNV)
+        XCTAssertEqual(FlexKernel(name: "coopmat"), .coopmatNV)
+        XCTAssertEqual(FlexKernel.coopmatNV.rawValue, "coopmat-nv")
     }
 }
 
 extension AttentionTests {
-    /// The kernels' parameter block goes as push constants where the device takes 172 bytes of
+    /// The kernels' parameter block goes as push constants where the device takes 180 bytes of
     /// them (the H200: 256), else as a storage buffer (lavapipe: 128). Lavapipe runs the buffer
     /// form; the push-constant form must at least compile, and the host's block must match the
     /// shader's.
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
-        XCTAssertEqual(ForwardKernel.paramBytes, 172)
-        XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 172)
+        XCTAssertEqual(ForwardKernel.paramBytes, 180)
+        XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 180)
         let text = try ShaderLibrary.standard.text("flex_attention_common.glsl")
         let members = text.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1].components(separatedBy: "#if VKF_PARAMS_PUSH")[0]
         let declared = members.replacingOccurrences(of: "/\\*[^*]*\\*/", with: "", options: .regularExpression)
@@ -652,5 +663,30 @@ extension AttentionTests {
             guard case FlexError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
             XCTAssertTrue(m.contains("before it had read every key"), m)
         }
+    }
+}
+
+extension AttentionTests {
+    /// NATTEN on a non-square image (16 rows x 32 columns, 7 x 7 kernel), as docs/guide.md writes
+    /// it: every query sees exactly its clamped 7 x 7 neighbourhood, and attention through it
+    /// matches the float64 reference.
+    func testNATTENOnANonSquareImage() throws {
+        let H = 16, W = 32, KH = 7, KW = 7
+        let natten = MaskMod { _, _, q, kv in
+            let row = clamp(floorDiv(q, W), KH / 2, (H - 1) - KH / 2)
+            let col = clamp(q % W, KW / 2, (W - 1) - KW / 2)
+            return (abs(row - floorDiv(kv, W)) <= KH / 2) & (abs(col - kv % W) <= KW / 2)
+        }
+        let eval = try Interpreter(natten.graph)
+        for q in 0..<(H * W) {
+            let (r, c) = (q / W, q % W)
+            let r0 = min(max(r - KH / 2, 0), H - KH), c0 = min(max(c - KW / 2, 0), W - KW)
+            for kv in 0..<(H * W) {
+                let inside = (r0..<(r0 + KH)).contains(kv / W) && (c0..<(c0 + KW)).contains(kv % W)
+                XCTAssertEqual(eval.bool(b: 0, h: 0, q: q, kv: kv), inside, "query (\(r), \(c)), key (\(kv / W), \(kv % W))")
+                if eval.bool(b: 0, h: 0, q: q, kv: kv) != inside { return }
+            }
+        }
+        try check(Case(B: 1, Hq: 2, Hkv: 2, Lq: H * W, Lkv: H * W, D: 16, Dv: 16, mask: natten, blockSize: 64), "NATTEN 16x32 k7")
     }
 }
