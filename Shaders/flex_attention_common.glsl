@@ -9,8 +9,11 @@ layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
 layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
+// Each row's maximum score (natural log units, after scale, score-mod and mask), where the call
+// asks for it (VKF_MAX_SCORES); addressed like the LSE (same shape and strides).
+layout(std430, set = 0, binding = 11) writeonly buffer MaxBuf { float max_data[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by ForwardKernel.run in this order (180 bytes). Push constants where the device
+// scale; filled by ForwardKernel.run in this order (184 bytes). Push constants where the device
 // takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
 // buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
 #define VKF_PARAMS_MEMBERS \
@@ -25,19 +28,23 @@ layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx
     int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
     int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
     int hk_start; /* first key/value head bound by this dispatch */ \
-    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */
+    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */ \
+    int write_max; /* write each row's maximum score to binding 11 (VKF_MAX_SCORES) */
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
 #else
 layout(std430, set = 0, binding = 9) readonly buffer Params { VKF_PARAMS_MEMBERS } p;
 #endif
 
-// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
+// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 12). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
 // vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
 #define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
+#ifndef VKF_MAX_SCORES
+#define VKF_MAX_SCORES 0
+#endif
 #ifndef VKF_REVERSE_TILES
 #define VKF_REVERSE_TILES 0
 #endif

@@ -11,7 +11,8 @@
 // sum against 0 exactly (l > 0 would take a NaN row for an empty one).
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
-// IN_F16, OUT_F16 (0/1). Splice point: flex_mods.glsl (error buffer at binding 10, captures from 11).
+// IN_F16, OUT_F16 (0/1), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
+// flex_mods.glsl (error buffer at binding 10, captures from 12).
 #extension GL_GOOGLE_include_directive : require
 #if IN_F16 || OUT_F16
 #extension GL_EXT_shader_16bit_storage : require
@@ -573,4 +574,12 @@ void main() {
         float l = row_l[lid];
         lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
+#if VKF_MAX_SCORES
+    // The running max is exact here (never raised lazily); in log2 units, so times ln 2.
+    if (p.write_max != 0 && lid < rows) {
+        const float l = row_l[lid];
+        max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
+            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
+    }
+#endif
 }

@@ -190,6 +190,9 @@ FRAG16 qf[RPW][D / 16];
 FRAG32 of[RPW][DV / 16];
 FRAG16 pf[RPW][BKV / 16];      // P of the current tile, as fp16 operands
 float fm[RPW][2], fl[RPW][2];   // running max (log2 domain) and this lane's share of the row sum
+#if VKF_MAX_SCORES
+float fx[RPW][2];               // this lane's share of each row's exact maximum (fm moves lazily, by TAU)
+#endif
 #if VKF_MMA_ROWSUM
 FRAG32N lsum[RPW];              // the row sums (VKF_MMA_ROWSUM): elements 0 and 2 are rows l/4 and l/4 + 8
 #endif
@@ -339,6 +342,9 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #endif
         mx[rb][0] = mx0; mx[rb][1] = mx1;
         al[rb][0] = 1.0; al[rb][1] = 1.0;
+#if VKF_MAX_SCORES
+        fx[rb][0] = max(fx[rb][0], mx0); fx[rb][1] = max(fx[rb][1], mx1);
+#endif
     }
     // The running max is raised only by more than TAU. Where no lane holds a score above its row's
     // max + TAU (most tiles once a row has seen a few), one vote skips the row reductions.
@@ -497,6 +503,9 @@ void main() {
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) g_fq[rb] = float(q0 + row_base(rb) + g_lane_r);
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         fm[rb][0] = -1e30; fm[rb][1] = -1e30; fl[rb][0] = 0.0; fl[rb][1] = 0.0;
+#if VKF_MAX_SCORES
+        fx[rb][0] = -1e30; fx[rb][1] = -1e30;
+#endif
 #if VKF_MMA_ROWSUM
         lsum[rb] = FRAG32N(0.0);
 #endif
@@ -687,6 +696,21 @@ void main() {
                 }
             }
             subgroupBarrier();
+        }
+#endif
+#if VKF_MAX_SCORES
+        // The exact maxima over the four lanes of each row, in log2 units, so times ln 2.
+        [[unroll]] for (int i = 0; i < 2; ++i) {
+            fx[rb][i] = max(fx[rb][i], subgroupShuffleXor(fx[rb][i], 1));
+            fx[rb][i] = max(fx[rb][i], subgroupShuffleXor(fx[rb][i], 2));
+        }
+        if (p.write_max != 0 && lane % 4 == 0) {
+            [[unroll]] for (int i = 0; i < 2; ++i) {
+                const int r = first + g_lane_r + 8 * i;
+                if (r < rows)
+                    max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
+                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fl[rb][i] != 0.0 ? fx[rb][i] * LN2 : NEG_INF;
+            }
         }
 #endif
         if (p.write_lse != 0 && lane % 4 == 0) {

@@ -6,7 +6,8 @@
 // with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
 //
 // Defines: OUT_F16 (0/1, the output's element type). Bindings: 0 partial O [S, rows, Dv], 1
-// partial LSE [S, rows], 2 output, 3 LSE (written when write_lse). Push constants below.
+// partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
+// [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
 #extension GL_EXT_shader_16bit_storage : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 
@@ -21,11 +22,13 @@ layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
 layout(std430, set = 0, binding = 1) readonly buffer PartL { float part_l[]; };
 layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, set = 0, binding = 4) readonly buffer PartM { float part_max[]; };
+layout(std430, set = 0, binding = 5) writeonly buffer MBuf { float max_data[]; };
 // Rows are (b, h, i) of a [nb, nh, Lq] block; the output and LSE are addressed by their strides.
 layout(push_constant) uniform Params {
     int splits, nb, nh, Lq, Dv;
     int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl, write_lse;
+    int lse_base, lse_sb, lse_sh, lse_sl, write_lse, write_max;
 } p;
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
@@ -56,4 +59,9 @@ void main() {
     o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_T(o);
     if (p.write_lse != 0 && d == 0)
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
+    if (p.write_max != 0 && d == 0) {
+        float mx = NEG_INF;
+        for (int s = 0; s < p.splits; ++s) mx = max(mx, part_max[s * rows + row]);
+        max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
+    }
 }

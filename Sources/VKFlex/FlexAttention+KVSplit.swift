@@ -63,23 +63,25 @@ extension ForwardKernel {
 
     /// Combines `splits` partial results (O [split, rows, Dv] and LSE [split, rows], float32) of
     /// a chunk of `nb` batches and `nh` heads into the output (and the LSE, when wanted).
-    static func merge(splits: Int, partO: Buffer, partL: Buffer, nb: Int, nh: Int, shape s: AttentionShape,
-                      out: WriteTarget, lse: WriteTarget?,
-                      outF16: Bool, device: Device) throws {
+    static func merge(splits: Int, partO: Buffer, partL: Buffer, partMax: Buffer?, nb: Int, nh: Int, shape s: AttentionShape,
+                      out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, outF16: Bool, device: Device) throws {
         let pipeline = try device.pipeline(for: MergeKey(outF16: outF16)) {
             PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
                                                      defines: [.init("OUT_F16", outF16 ? "1" : "0")]),
-                                bindingCount: 4, pushConstantSize: 15 * 4)
+                                bindingCount: 6, pushConstantSize: 16 * 4)
         }
         let elements = nb * nh * s.Lq * s.Dv
         let groups = (elements + 63) / 64
         let gx = min(groups, device.capabilities.maxWorkgroupCount[0]), gy = (groups + gx - 1) / gx
-        let ls = lse?.strides ?? [0, 0, 0]
-        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [lse?.base ?? 0] + ls + [lse == nil ? 0 : 1]
-        let unusedLSE = lse == nil ? try device.makeBuffer(bytes: 16) : nil
+        let rows = lse ?? max   // the LSE and the maximum scores share their addressing
+        let ls = rows?.strides ?? [0, 0, 0]
+        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [rows?.base ?? 0] + ls + [lse == nil ? 0 : 1, max == nil ? 0 : 1]
+        let unused = try device.makeBuffer(bytes: 16)
         try device.record { rec in
             try rec.dispatch(pipeline, bindings: [BufferBinding(partO), BufferBinding(partL), out.binding,
-                                                  lse?.binding ?? BufferBinding(unusedLSE!, writes: true)],
+                                                  lse?.binding ?? BufferBinding(unused, writes: true),
+                                                  partMax.map { BufferBinding($0) } ?? BufferBinding(unused),
+                                                  max?.binding ?? BufferBinding(unused, writes: true)],
                              pushConstants: params.map { Int32($0) }.withUnsafeBytes { Array($0) }, groups: (gx, gy, 1))
         }
     }

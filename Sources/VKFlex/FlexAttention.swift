@@ -2,12 +2,16 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)`` returns.
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)`` returns.
 public struct FlexResult {
     /// `[B, Hq, Lq, Dv]`, in the query's dtype.
     public var output: Tensor
     /// `[B, Hq, Lq]` float32, natural log; `-inf` on rows where every score is masked. Only with `returnLSE: true`.
     public var lse: Tensor?
+    /// `[B, Hq, Lq]` float32: each row's largest score after scale, score-mod and mask (natural
+    /// units, PyTorch's `max_scores`); `-inf` on rows with no key, NaN on NaN rows. Only with
+    /// `returnMaxScores: true`; no gradient flows through it.
+    public var maxScores: Tensor?
     /// The kernel that ran.
     public var kernel: FlexKernel = .portable
 }
@@ -242,7 +246,7 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                          scale: Double? = nil, enableGQA: Bool = false, returnLSE: Bool = false,
+                          scale: Double? = nil, enableGQA: Bool = false, returnLSE: Bool = false, returnMaxScores: Bool = false,
                           out: Tensor? = nil, options: FlexOptions = FlexOptions()) throws -> FlexResult {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let device = q.device
@@ -257,8 +261,9 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
+    let maxScores = returnMaxScores ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "max_scores") : nil
     let kernel = try FlexKernel.choose(shape, device: device, forced: options.kernel)
-    if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, kernel: kernel) }
+    if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
     var (k, v) = (k, v)
@@ -267,11 +272,11 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
         v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                            output: output, lse: lse, kernel: kernel)
-    return FlexResult(output: output, lse: lse, kernel: kernel)
+                            output: output, lse: lse, maxScores: maxScores, kernel: kernel)
+    return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel)
 }
 
-/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)``
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)``
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
@@ -292,15 +297,17 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 ///
-/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)`` throws for the same arguments.
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                                 scale: Double? = nil, enableGQA: Bool = false, options: FlexOptions = FlexOptions()) throws -> FlexKernel {
+                                 scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,
+                                 options: FlexOptions = FlexOptions()) throws -> FlexKernel {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let kernel = try FlexKernel.choose(shape, device: q.device, forced: options.kernel)
-    _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: q.device)
+    _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
+                                  device: q.device, maxScores: returnMaxScores)
     return kernel
 }
 
@@ -480,9 +487,9 @@ enum ForwardKernel {
     }
 
     /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
-    static let paramBytes = 45 * 4
+    static let paramBytes = 46 * 4
 
-    /// Whether the parameter block goes as push constants: where the device takes 180 bytes of
+    /// Whether the parameter block goes as push constants: where the device takes 184 bytes of
     /// them (NVIDIA and most desktop drivers take 256; lavapipe takes Vulkan's minimum, 128). On
     /// the H200 a storage-buffer block was reloaded, bounds-checked, on every tile (causal D=64
     /// 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0` turns it off.
@@ -500,11 +507,12 @@ enum ForwardKernel {
     /// Builds (or finds in the caches) the pipeline for a call's head dims, dtype, mods and
     /// kernel; batch and heads do not enter it, nor lengths below 2^22 (see `floatIndices`).
     /// `partialOutput`: O written as float32 whatever the inputs (the partials of a key split).
+    /// `maxScores`: the kernel also writes each row's maximum score (binding 11).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
-                        device: Device, partialOutput: Bool = false) throws -> Prepared {
+                        device: Device, partialOutput: Bool = false, maxScores: Bool = false) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
-                                   firstBinding: 11, errorBinding: 10, device: device)
+                                   firstBinding: 12, errorBinding: 10, device: device)
         let f16 = s.dtype == .float16
         let BQ: Int, BKV: Int, WG: Int
         var source: ShaderSource
@@ -537,20 +545,22 @@ enum ForwardKernel {
             source = try coopmatSource(D: s.D, tiles: t, rawMax: rawMax, exp16: !identity, narrowK: narrowK,
                                        floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr)
         }
+        if maxScores { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
         let push = pushesParams(device)
         source = withParams(source, push: push)
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, defines: source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: ","))
         let pipeline = try device.pipeline(for: key) {
-            PipelineDescription(source: source, bindingCount: 11 + mods.tensors.count, pushConstantSize: push ? paramBytes : 0, includes: mods.includes)
+            PipelineDescription(source: source, bindingCount: 12 + mods.tensors.count, pushConstantSize: push ? paramBytes : 0, includes: mods.includes)
         }
         return Prepared(pipeline: pipeline, mods: mods, BQ: BQ, BKV: BKV, WG: WG, pushParams: push)
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
-                    scale: Double, output: Tensor, lse: Tensor?, kernel: FlexKernel) throws {
+                    scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kernel: FlexKernel) throws {
         let device = q.device
         let caps = device.capabilities
-        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device)
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
+                                   maxScores: maxScores != nil)
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.
@@ -570,6 +580,7 @@ enum ForwardKernel {
             throw FlexError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
         }
         let lseScratch = lse == nil ? try dummyFloatBuffer(device) : nil
+        let unusedMax = maxScores == nil ? try dummyFloatBuffer(device) : nil   // binding 11 without max scores
 
         // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
         let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
@@ -582,9 +593,14 @@ enum ForwardKernel {
             ? kvBlocksPerDispatch(shape: s, tiles: (BQ, BKV, prepared.WG), kvBlockSize: kvBS, kvBlocks: kvBlocks, device: device) : nil
         let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
         let partial = splits > 1
-            ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device, partialOutput: true) : nil
+            ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
+                          partialOutput: true, maxScores: maxScores != nil) : nil
 
-        func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, kvRange: Range<Int>) throws {
+        func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
+                      kvRange: Range<Int>) throws {
+            // The maximum scores are addressed like the LSE (both [B, Hq, Lq], contiguous, made here).
+            precondition(lseTarget == nil || maxTarget == nil || (lseTarget!.base == maxTarget!.base && lseTarget!.strides == maxTarget!.strides))
+            let rowTarget = lseTarget ?? maxTarget
             let (b0, nb, h0, nh) = (chunk.b.lowerBound, chunk.b.count, chunk.h.lowerBound, chunk.h.count)
             let kvHeads = (h0 / group)..<((h0 + nh - 1) / group + 1)
             var bindings: [BufferBinding] = []
@@ -599,8 +615,8 @@ enum ForwardKernel {
             let strides = [q.strides, k.strides, v.strides, out.strides]
             var ints: [Int32] = [s.B, s.Hq, s.Hkv, s.Lq, s.Lkv, b0].map { Int32($0) }
             for i in 0..<4 { ints += ([bases[i]] + strides[i]).map { Int32($0) } }
-            let ls = lseTarget?.strides ?? [0, 0, 0]
-            ints += [bases[4], ls[0], ls[1], ls[2]].map { Int32($0) }
+            let ls = rowTarget?.strides ?? [0, 0, 0]
+            ints += [rowTarget?.base ?? 0, ls[0], ls[1], ls[2]].map { Int32($0) }
             ints += [maskB, maskH, qBS, kvBS, qBlocks, kvBlocks, blockMask == nil ? 1 : 0, tilesPerBlock, lseTarget == nil ? 0 : 1].map { Int32($0) }
             var params = ints.withUnsafeBytes { Array($0) }
             params += withUnsafeBytes(of: Float(scale)) { Array($0) }
@@ -608,7 +624,8 @@ enum ForwardKernel {
             let vecOK = (0..<4).allSatisfy { i in
                 strides[i][3] == 1 && bases[i] % 8 == 0 && strides[i][0] % 8 == 0 && strides[i][1] % 8 == 0 && strides[i][2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
-            params += [vecOK ? 1 : 0, h0, kvHeads.lowerBound, kvRange.lowerBound, kvRange.upperBound].map { Int32($0) }.withUnsafeBytes { Array($0) }
+            params += [vecOK ? 1 : 0, h0, kvHeads.lowerBound, kvRange.lowerBound, kvRange.upperBound, maxTarget == nil ? 0 : 1]
+                .map { Int32($0) }.withUnsafeBytes { Array($0) }
             precondition(params.count == paramBytes)
             if let unusedParams {
                 bindings.append(BufferBinding(unusedParams))
@@ -618,6 +635,7 @@ enum ForwardKernel {
                 bindings.append(BufferBinding(paramBuffer))
             }
             bindings.append(BufferBinding(errors, writes: true))
+            bindings.append(maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true))
             bindings += mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb))
@@ -631,8 +649,12 @@ enum ForwardKernel {
                 let (binding, base) = try bind(l, batches: chunk.b, heads: chunk.h, writes: true, device: device)
                 return WriteTarget(binding: binding, base: base, strides: l.strides)
             }
+            let maxTarget = try maxScores.map { m -> WriteTarget in
+                let (binding, base) = try bind(m, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+                return WriteTarget(binding: binding, base: base, strides: m.strides)
+            }
             guard let partial, let perSplit = kvSplit else {
-                try dispatch(pipeline, chunk: chunk, out: outTarget, lse: lseTarget, kvRange: 0..<kvBlocks)
+                try dispatch(pipeline, chunk: chunk, out: outTarget, lse: lseTarget, max: maxTarget, kvRange: 0..<kvBlocks)
                 continue
             }
             // Partials: O [split, b, h, i, d] and LSE [split, b, h, i], float32, contiguous.
@@ -643,14 +665,17 @@ enum ForwardKernel {
                 throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after 65535 iterations, so \(s.Lkv) keys are walked in \(splits) passes whose partial outputs (\(formatBytes(partBytes))) exceed what it binds per buffer (\(formatBytes(caps.maxStorageBufferRange))); pass fewer query rows or heads per call")
             }
             let partO = try device.makeBuffer(bytes: max(16, partBytes)), partL = try device.makeBuffer(bytes: max(16, splits * rows * 4))
+            let partM = maxScores == nil ? nil : try device.makeBuffer(bytes: max(16, splits * rows * 4))
             for split in 0..<splits {
                 let range = (split * perSplit)..<min(kvBlocks, (split + 1) * perSplit)
                 try dispatch(partial.pipeline, chunk: chunk,
                              out: WriteTarget(binding: BufferBinding(partO, writes: true), base: split * rows * s.Dv, strides: [nh * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
                              lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]),
+                             max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]) },
                              kvRange: range)
             }
-            try merge(splits: splits, partO: partO, partL: partL, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget, outF16: output.dtype == .float16, device: device)
+            try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget,
+                      max: maxTarget, outF16: output.dtype == .float16, device: device)
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
         if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil {
@@ -659,6 +684,7 @@ enum ForwardKernel {
         for check in checks {
             output.addCheck(check)
             lse?.addCheck(check)
+            maxScores?.addCheck(check)
         }
     }
 

@@ -13,11 +13,14 @@ public struct ReferenceResult {
     public var output: [Double]
     /// `[B, Hq, Lq]`, natural log, `-inf` for fully masked rows.
     public var lse: [Double]
+    /// `[B, Hq, Lq]`: each row's largest score after scale, score-mod and mask; `-inf` for fully
+    /// masked rows, NaN for rows with a NaN score.
+    public var maxScores: [Double] = []
 }
 
 /// Computes attention in float64 from the tensors' values (read back from the device).
 ///
-/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
+/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
 public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                    scale: Double? = nil, enableGQA: Bool = false) throws -> ReferenceResult {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
@@ -33,6 +36,7 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
     let mask = try blockMask?.0.maskMod.map { try Interpreter($0.graph) }
     var out = [Double](repeating: 0, count: B * Hq * Lq * Dv)
     var lse = [Double](repeating: -.infinity, count: B * Hq * Lq)
+    var maxScores = [Double](repeating: -.infinity, count: B * Hq * Lq)
     var s = [Double](repeating: 0, count: Lkv)
     let group = Hkv == 0 ? 1 : Hq / Hkv
     for b in 0..<B {
@@ -65,8 +69,10 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
                 if rowNaN {
                     for d in 0..<Dv { out[orow + d] = .nan }
                     lse[(b * Hq + h) * Lq + i] = .nan
+                    maxScores[(b * Hq + h) * Lq + i] = .nan
                     continue
                 }
+                maxScores[(b * Hq + h) * Lq + i] = m
                 guard m > -.infinity else { continue }
                 var l = 0.0
                 for j in 0..<Lkv {
@@ -82,7 +88,7 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
         }
     }
     if let e = score?.error ?? mask?.error { throw e }
-    return ReferenceResult(output: out, lse: lse)
+    return ReferenceResult(output: out, lse: lse, maxScores: maxScores)
 }
 
 /// `‖a − b‖ / ‖b‖` (∞ when `a` has a NaN, or `b` is all zeros and `a` is not).

@@ -228,7 +228,9 @@ extension Device {
     /// A new float16 tensor from `Float16` values (stored as they are).
     ///
     /// - Throws: ``FlexError/invalidArgument(_:)`` for a shape that does not hold the values; device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
-    public func tensor(_ values: [Float16], shape: [Int], name: String? = nil) throws -> Tensor {
+    /// (Generic, so that a literal array of decimals still makes a float32 tensor.)
+    public func tensor<C: Collection<Float16>>(_ values: C, shape: [Int], name: String? = nil) throws -> Tensor {
+        let values = Array(values)
         try checkShape(shape, count: values.count)
         let t = try empty(shape: shape, dtype: .float16, name: name)
         try t.buffer.upload(values)

@@ -146,8 +146,11 @@ layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
 layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
 layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
 layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
+// Each row's maximum score (natural log units, after scale, score-mod and mask), where the call
+// asks for it (VKF_MAX_SCORES); addressed like the LSE (same shape and strides).
+layout(std430, set = 0, binding = 11) writeonly buffer MaxBuf { float max_data[]; };
 // Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by ForwardKernel.run in this order (180 bytes). Push constants where the device
+// scale; filled by ForwardKernel.run in this order (184 bytes). Push constants where the device
 // takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
 // buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
 #define VKF_PARAMS_MEMBERS \
@@ -162,19 +165,23 @@ layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx
     int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
     int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
     int hk_start; /* first key/value head bound by this dispatch */ \
-    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */
+    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */ \
+    int write_max; /* write each row's maximum score to binding 11 (VKF_MAX_SCORES) */
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
 #else
 layout(std430, set = 0, binding = 9) readonly buffer Params { VKF_PARAMS_MEMBERS } p;
 #endif
 
-// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 11). These
+// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 12). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
 // vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
 #define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
+#ifndef VKF_MAX_SCORES
+#define VKF_MAX_SCORES 0
+#endif
 #ifndef VKF_REVERSE_TILES
 #define VKF_REVERSE_TILES 0
 #endif
@@ -224,7 +231,8 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
 // sum against 0 exactly (l > 0 would take a NaN row for an empty one).
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
-// IN_F16, OUT_F16 (0/1). Splice point: flex_mods.glsl (error buffer at binding 10, captures from 11).
+// IN_F16, OUT_F16 (0/1), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
+// flex_mods.glsl (error buffer at binding 10, captures from 12).
 #extension GL_GOOGLE_include_directive : require
 #if IN_F16 || OUT_F16
 #extension GL_EXT_shader_16bit_storage : require
@@ -786,6 +794,14 @@ void main() {
         float l = row_l[lid];
         lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
+#if VKF_MAX_SCORES
+    // The running max is exact here (never raised lazily); in log2 units, so times ln 2.
+    if (p.write_max != 0 && lid < rows) {
+        const float l = row_l[lid];
+        max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
+            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
+    }
+#endif
 }
 """#,
         "flex_attention_fwd_coopmat.comp": #"""
@@ -981,6 +997,9 @@ FRAG16 qf[RPW][D / 16];
 FRAG32 of[RPW][DV / 16];
 FRAG16 pf[RPW][BKV / 16];      // P of the current tile, as fp16 operands
 float fm[RPW][2], fl[RPW][2];   // running max (log2 domain) and this lane's share of the row sum
+#if VKF_MAX_SCORES
+float fx[RPW][2];               // this lane's share of each row's exact maximum (fm moves lazily, by TAU)
+#endif
 #if VKF_MMA_ROWSUM
 FRAG32N lsum[RPW];              // the row sums (VKF_MMA_ROWSUM): elements 0 and 2 are rows l/4 and l/4 + 8
 #endif
@@ -1130,6 +1149,9 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #endif
         mx[rb][0] = mx0; mx[rb][1] = mx1;
         al[rb][0] = 1.0; al[rb][1] = 1.0;
+#if VKF_MAX_SCORES
+        fx[rb][0] = max(fx[rb][0], mx0); fx[rb][1] = max(fx[rb][1], mx1);
+#endif
     }
     // The running max is raised only by more than TAU. Where no lane holds a score above its row's
     // max + TAU (most tiles once a row has seen a few), one vote skips the row reductions.
@@ -1288,6 +1310,9 @@ void main() {
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) g_fq[rb] = float(q0 + row_base(rb) + g_lane_r);
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
         fm[rb][0] = -1e30; fm[rb][1] = -1e30; fl[rb][0] = 0.0; fl[rb][1] = 0.0;
+#if VKF_MAX_SCORES
+        fx[rb][0] = -1e30; fx[rb][1] = -1e30;
+#endif
 #if VKF_MMA_ROWSUM
         lsum[rb] = FRAG32N(0.0);
 #endif
@@ -1480,6 +1505,21 @@ void main() {
             subgroupBarrier();
         }
 #endif
+#if VKF_MAX_SCORES
+        // The exact maxima over the four lanes of each row, in log2 units, so times ln 2.
+        [[unroll]] for (int i = 0; i < 2; ++i) {
+            fx[rb][i] = max(fx[rb][i], subgroupShuffleXor(fx[rb][i], 1));
+            fx[rb][i] = max(fx[rb][i], subgroupShuffleXor(fx[rb][i], 2));
+        }
+        if (p.write_max != 0 && lane % 4 == 0) {
+            [[unroll]] for (int i = 0; i < 2; ++i) {
+                const int r = first + g_lane_r + 8 * i;
+                if (r < rows)
+                    max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
+                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fl[rb][i] != 0.0 ? fx[rb][i] * LN2 : NEG_INF;
+            }
+        }
+#endif
         if (p.write_lse != 0 && lane % 4 == 0) {
             [[unroll]] for (int i = 0; i < 2; ++i) {
                 const int r = first + g_lane_r + 8 * i;
@@ -1500,7 +1540,8 @@ void main() {
 // with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
 //
 // Defines: OUT_F16 (0/1, the output's element type). Bindings: 0 partial O [S, rows, Dv], 1
-// partial LSE [S, rows], 2 output, 3 LSE (written when write_lse). Push constants below.
+// partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
+// [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
 #extension GL_EXT_shader_16bit_storage : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 
@@ -1515,11 +1556,13 @@ layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
 layout(std430, set = 0, binding = 1) readonly buffer PartL { float part_l[]; };
 layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, set = 0, binding = 4) readonly buffer PartM { float part_max[]; };
+layout(std430, set = 0, binding = 5) writeonly buffer MBuf { float max_data[]; };
 // Rows are (b, h, i) of a [nb, nh, Lq] block; the output and LSE are addressed by their strides.
 layout(push_constant) uniform Params {
     int splits, nb, nh, Lq, Dv;
     int o_base, o_sb, o_sh, o_sl, o_sd;
-    int lse_base, lse_sb, lse_sh, lse_sl, write_lse;
+    int lse_base, lse_sb, lse_sh, lse_sl, write_lse, write_max;
 } p;
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
@@ -1550,6 +1593,11 @@ void main() {
     o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_T(o);
     if (p.write_lse != 0 && d == 0)
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
+    if (p.write_max != 0 && d == 0) {
+        float mx = NEG_INF;
+        for (int s = 0; s < p.splits; ++s) mx = max(mx, part_max[s * rows + row]);
+        max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
+    }
 }
 """#,
         "mod_eval.comp": #"""

@@ -58,6 +58,8 @@ struct Attend: ParsableCommand {
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
     @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
+    @Option(name: .long, help: "Write each row's maximum score here (after scale, score-mod and mask; float32 .npy, -inf on rows with no key).")
+    var maxScores: String?
     @OptionGroup var deviceOptions: DeviceOptions
 
     func run() throws {
@@ -93,12 +95,15 @@ struct Attend: ParsableCommand {
             }
             let t0 = Date()
             let result = try flexAttention(tensors[0], tensors[1], tensors[2], scoreMod: score, blockMask: blockMask,
-                                           scale: scale, enableGQA: gqa, returnLSE: true)
+                                           scale: scale, enableGQA: gqa, returnLSE: true, returnMaxScores: maxScores != nil)
             let output = try result.output.toArray()
             let lseValues = try result.lse!.toArray()
             let ms = Date().timeIntervalSince(t0) * 1e3
             if let out { try NPYArray(float32: output, shape: result.output.shape).write(to: URL(fileURLWithPath: out)) }
             if let lse { try NPYArray(float32: lseValues, shape: result.lse!.shape).write(to: URL(fileURLWithPath: lse)) }
+            if let maxScores, let m = result.maxScores {
+                try NPYArray(float32: try m.toArray(), shape: m.shape).write(to: URL(fileURLWithPath: maxScores))
+            }
             let masked = lseValues.filter { $0 == -.infinity }.count
             print("output \(result.output.shape) \(dtype.rawValue) on \(device.capabilities.name) in \(String(format: "%.1f", ms)) ms"
                   + (blockMask.map { m in ", sparsity \(String(format: "%.2f", (try? m.sparsity()) ?? 0))%" } ?? "")

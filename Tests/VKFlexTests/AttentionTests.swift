@@ -690,3 +690,36 @@ extension AttentionTests {
         try check(Case(B: 1, Hq: 2, Hkv: 2, Lq: H * W, Lkv: H * W, D: 16, Dv: 16, mask: natten, blockSize: 64), "NATTEN 16x32 k7")
     }
 }
+
+extension AttentionTests {
+    /// PyTorch's `max_scores`: each row's largest score after scale, score-mod and mask, exact
+    /// (not the kernels' running maximum), -inf on rows with no key.
+    func testMaxScoresMatchTheReference() throws {
+        let softcap = ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }
+        let late = MaskMod { _, _, q, kv in (kv <= q - 30) | (q >= 60) }   // rows 0-29 have no key
+        let cases: [(String, Case)] = [
+            ("dense fp32", Case(Lq: 70, Lkv: 90)),
+            ("masked fp16 soft-cap", Case(Hq: 4, Hkv: 2, Lq: 100, Lkv: 100, D: 64, Dv: 64, dtype: .float16, score: softcap, mask: late, blockSize: 32)),
+            ("scale < 0", Case(Lq: 40, Lkv: 50, D: 8, Dv: 8, scale: -0.5)),
+            ("long keys, split on lavapipe", Case(Lq: 3, Lkv: 70_000, D: 8, Dv: 8, mask: try MaskMod(parsing: "kv_idx % 5 != 1"), blockSize: 512)),
+        ]
+        for (name, c) in cases {
+            let q = try device.tensor(randn(c.B * c.Hq * c.Lq * c.D, scale: 2), shape: [c.B, c.Hq, c.Lq, c.D], dtype: c.dtype)
+            let k = try device.tensor(randn(c.B * c.Hkv * c.Lkv * c.D), shape: [c.B, c.Hkv, c.Lkv, c.D], dtype: c.dtype)
+            let v = try device.tensor(randn(c.B * c.Hkv * c.Lkv * c.Dv), shape: [c.B, c.Hkv, c.Lkv, c.Dv], dtype: c.dtype)
+            let mask = try c.mask.map { try createBlockMask($0, B: 1, H: 1, qLen: c.Lq, kvLen: c.Lkv, device: device, blockSize: c.blockSize) }
+            let r = try flexAttention(q, k, v, scoreMod: c.score, blockMask: mask, scale: c.scale, enableGQA: c.Hq != c.Hkv, returnMaxScores: true)
+            XCTAssertNil(r.lse)
+            let got = try r.maxScores!.toArray()
+            let ref = try flexAttentionReference(q, k, v, scoreMod: c.score, blockMask: mask, scale: c.scale, enableGQA: c.Hq != c.Hkv)
+            XCTAssertEqual(got.count, ref.maxScores.count)
+            var worst = 0.0
+            for (a, b) in zip(got, ref.maxScores) {
+                if b == -.infinity { XCTAssertEqual(a, -.infinity, name); continue }
+                worst = max(worst, abs(Double(a) - b) / (1 + abs(b)))
+            }
+            XCTAssertLessThan(worst, c.dtype == .float32 ? 1e-5 : 1e-3, name)
+            if name.hasPrefix("masked") { XCTAssertTrue(got.prefix(30).allSatisfy { $0 == -.infinity }, name) }
+        }
+    }
+}
