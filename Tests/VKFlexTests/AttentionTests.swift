@@ -217,13 +217,13 @@ extension AttentionTests {
 }
 
 extension AttentionTests {
-    /// The kernels' parameter block goes as push constants where the device takes 180 bytes of
+    /// The kernels' parameter block goes as push constants where the device takes 184 bytes of
     /// them (the H200: 256), else as a storage buffer (lavapipe: 128). Lavapipe runs the buffer
     /// form; the push-constant form must at least compile, and the host's block must match the
     /// shader's.
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
-        XCTAssertEqual(ForwardKernel.paramBytes, 180)
-        XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 180)
+        XCTAssertEqual(ForwardKernel.paramBytes, 184)
+        XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 184)
         let text = try ShaderLibrary.standard.text("flex_attention_common.glsl")
         let members = text.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1].components(separatedBy: "#if VKF_PARAMS_PUSH")[0]
         let declared = members.replacingOccurrences(of: "/\\*[^*]*\\*/", with: "", options: .regularExpression)
@@ -235,7 +235,7 @@ extension AttentionTests {
             let source = ForwardKernel.withParams(ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"),
                                                                defines: [.init("D", "64"), .init("DV", "64"), .init("BQ", "16"), .init("BKV", "32"), .init("WG", "128"),
                                                                          .init("IN_F16", "1"), .init("OUT_F16", "1")]), push: push)
-            let mods = try SplicedMods(score: nil, mask: nil, firstBinding: 11, errorBinding: 10, device: device)
+            let mods = try SplicedMods(score: nil, mask: nil, firstBinding: 12, errorBinding: 10, device: device)
             var library = ShaderLibrary.standard
             library.files.merge(mods.includes) { _, new in new }
             XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: library).first, 0x0723_0203)
@@ -266,15 +266,17 @@ extension AttentionTests {
             if D == 64 || D == 128 || D == 192 || D == 256 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
-                    let mods = try SplicedMods(score: score, mask: mask, firstBinding: 11, errorBinding: 10, device: device)
+                    let mods = try SplicedMods(score: score, mask: mask, firstBinding: 12, errorBinding: 10, device: device)
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
                     // Both forms of the products and of the parameter block (push constants need more room
                     // than lavapipe's 128 bytes, so only the H200 runs that form).
                     for narrowK in [false, true] {
-                        let source = ForwardKernel.withParams(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil,
+                        var source = ForwardKernel.withParams(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil,
                                                                                               narrowK: narrowK, floatIndices: narrowK, typedOperands: narrowK),
                                                               push: narrowK)
+                        // The exact maximum scores (returnMaxScores) on one of the two forms.
+                        if narrowK { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
                         // What a VK_KHR_cooperative_matrix device builds (checked by the rewriter's verify).
@@ -321,7 +323,7 @@ extension AttentionTests {
         let bias = try device.tensor([2.0, -1.0], shape: [2], name: "bias")
         // slope[h] and bias[b] * exp2(-(h + 1)) depend on b and h alone; kv_idx - q_idx does not.
         let mod = ScoreMod { s, b, h, q, kv in s + slope[h] * (kv - q) / 8 + bias[b] * exp2(-(h + 1)) }
-        let glsl = try GLSLEmitter.emit(scoreMod: mod.graph, maskMod: nil, firstBinding: 11, errorBinding: 10)
+        let glsl = try GLSLEmitter.emit(scoreMod: mod.graph, maskMod: nil, firstBinding: 12, errorBinding: 10)
         XCTAssertTrue(glsl.source.contains("void vkf_prologue(int b, int h)"), glsl.source)
         let q = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "q")
         let k = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "k")
