@@ -1,42 +1,31 @@
 // Bindings and parameters shared by the forward attention kernels (flex_attention_fwd*.comp).
 // Before including, define IN_T and OUT_T (the element types of Q/K/V and of O).
-layout(std430, set = 0, binding = 0) readonly buffer QBuf { IN_T q_data[]; };
-layout(std430, set = 0, binding = 1) readonly buffer KBuf { IN_T k_data[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBuf { IN_T v_data[]; };
-layout(std430, set = 0, binding = 3) writeonly buffer OBuf { OUT_T o_data[]; };
-layout(std430, set = 0, binding = 4) writeonly buffer LBuf { float lse_data[]; };
-layout(std430, set = 0, binding = 5) readonly buffer KvNum { int kv_num[]; };
-layout(std430, set = 0, binding = 6) readonly buffer KvIdx { int kv_idx[]; };
-layout(std430, set = 0, binding = 7) readonly buffer FullKvNum { int full_kv_num[]; };
-layout(std430, set = 0, binding = 8) readonly buffer FullKvIdx { int full_kv_idx[]; };
+// The binding numbers (VKF_BINDING_*) and the parameter block's members (VKF_PARAMS_MEMBERS) are
+// generated from their one declaration on the host (AttentionParams.swift).
+#include "flex_params.glsl"
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBuf { IN_T q_data[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBuf { IN_T k_data[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBuf { IN_T v_data[]; };
+layout(std430, set = 0, binding = VKF_BINDING_O) writeonly buffer OBuf { OUT_T o_data[]; };
+layout(std430, set = 0, binding = VKF_BINDING_LSE) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, set = 0, binding = VKF_BINDING_KV_NUM) readonly buffer KvNum { int kv_num[]; };
+layout(std430, set = 0, binding = VKF_BINDING_KV_IDX) readonly buffer KvIdx { int kv_idx[]; };
+layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_NUM) readonly buffer FullKvNum { int full_kv_num[]; };
+layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_IDX) readonly buffer FullKvIdx { int full_kv_idx[]; };
 // Each row's maximum score (natural log units, after scale, score-mod and mask), where the call
 // asks for it (VKF_MAX_SCORES); addressed like the LSE (same shape and strides).
-layout(std430, set = 0, binding = 11) writeonly buffer MaxBuf { float max_data[]; };
-// Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor, the BlockMask's geometry, the
-// scale; filled by ForwardKernel.run in this order (184 bytes). Push constants where the device
-// takes that many (VKF_PARAMS_PUSH): the compiler then reads them as constants — from a storage
-// buffer NVIDIA's compiler reloads them, bounds-checked, on every tile. Else binding 9.
-#define VKF_PARAMS_MEMBERS \
-    int B, Hq, Hkv, Lq, Lkv, b_start; \
-    int q_base, q_sb, q_sh, q_sl, q_sd; \
-    int k_base, k_sb, k_sh, k_sl, k_sd; \
-    int v_base, v_sb, v_sh, v_sl, v_sd; \
-    int o_base, o_sb, o_sh, o_sl, o_sd; \
-    int lse_base, lse_sb, lse_sh, lse_sl; \
-    int mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense, tiles_per_block, write_lse; \
-    float scale; \
-    int vec_ok;   /* 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements */ \
-    int h_start;  /* first query head of this dispatch (workgroup y counts from it) */ \
-    int hk_start; /* first key/value head bound by this dispatch */ \
-    int kv_block_lo, kv_block_hi; /* the KV blocks this dispatch walks (all: 0, kv_blocks); the host splits long key ranges where a driver caps a shader's loop iterations */ \
-    int write_max; /* write each row's maximum score to binding 11 (VKF_MAX_SCORES) */
+layout(std430, set = 0, binding = VKF_BINDING_MAX) writeonly buffer MaxBuf { float max_data[]; };
+// The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
+// the compiler then reads them as constants — from a storage buffer NVIDIA's compiler reloads
+// them, bounds-checked, on every tile.
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { VKF_PARAMS_MEMBERS } p;
 #else
-layout(std430, set = 0, binding = 9) readonly buffer Params { VKF_PARAMS_MEMBERS } p;
+layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { VKF_PARAMS_MEMBERS } p;
 #endif
 
-// Splice point: score_mod, mask_mod (error buffer at binding 10, captures from binding 12). These
+// Splice point: score_mod, mask_mod (error buffer at VKF_BINDING_ERRORS, captures from
+// VKF_BINDING_FIRST_CAPTURE). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
 // vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
 #define VKF_HOIST_BH 1

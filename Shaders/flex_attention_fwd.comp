@@ -12,7 +12,7 @@
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
 // IN_F16, OUT_F16 (0/1), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
-// flex_mods.glsl (error buffer at binding 10, captures from 12).
+// flex_mods.glsl (error buffer and captures at the bindings AttentionParams.swift declares).
 #extension GL_GOOGLE_include_directive : require
 #if IN_F16 || OUT_F16
 #extension GL_EXT_shader_16bit_storage : require
@@ -38,12 +38,12 @@ layout(local_size_x = WG) in;
 // K and V seen UNIT elements at a time (16 bytes), for rows that are contiguous and start at a
 // multiple of 8 elements (p.vec_ok): one load per UNIT elements instead of one per element.
 #if IN_F16
-layout(std430, set = 0, binding = 1) readonly buffer KBufU { uvec4 k_units[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBufU { uvec4 v_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 #define UNIT 8
 #else
-layout(std430, set = 0, binding = 1) readonly buffer KBufU { vec4 k_units[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBufU { vec4 v_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { vec4 k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { vec4 v_units[]; };
 #define UNIT 4
 #endif
 // The UNIT elements of a unit as floats.

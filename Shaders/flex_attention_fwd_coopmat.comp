@@ -152,10 +152,10 @@ layout(local_size_x = 32 * NSG) in;
 #endif
 
 // The same buffers seen 8 halves at a time, for the vector path.
-layout(std430, set = 0, binding = 0) readonly buffer QBuf4 { uvec4 q4[]; };
-layout(std430, set = 0, binding = 1) readonly buffer KBuf4 { uvec4 k4[]; };
-layout(std430, set = 0, binding = 2) readonly buffer VBuf4 { uvec4 v4[]; };
-layout(std430, set = 0, binding = 3) writeonly buffer OBuf4 { uvec4 o4[]; };
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBuf4 { uvec4 q4[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBuf4 { uvec4 k4[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBuf4 { uvec4 v4[]; };
+layout(std430, set = 0, binding = VKF_BINDING_O) writeonly buffer OBuf4 { uvec4 o4[]; };
 
 // Shared memory in units of 8 halves. Rows of K and V are KS4 units apart: one unit of
 // padding keeps the eight rows of a fragment load on distinct banks.

@@ -487,7 +487,7 @@ enum ForwardKernel {
     }
 
     /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
-    static let paramBytes = 46 * 4
+    static let paramBytes = AttentionParams.byteCount
 
     /// Whether the parameter block goes as push constants: where the device takes 184 bytes of
     /// them (NVIDIA and most desktop drivers take 256; lavapipe takes Vulkan's minimum, 128). On
@@ -512,7 +512,7 @@ enum ForwardKernel {
                         device: Device, partialOutput: Bool = false, maxScores: Bool = false) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
-                                   firstBinding: 12, errorBinding: 10, device: device)
+                                   firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         let f16 = s.dtype == .float16
         let BQ: Int, BKV: Int, WG: Int
         var source: ShaderSource
@@ -550,7 +550,7 @@ enum ForwardKernel {
         source = withParams(source, push: push)
         let key = Key(kernel: kernel.rawValue, mods: mods.glsl.source, defines: source.defines.map { "\($0.name)=\($0.value)" }.joined(separator: ","))
         let pipeline = try device.pipeline(for: key) {
-            PipelineDescription(source: source, bindingCount: 12 + mods.tensors.count, pushConstantSize: push ? paramBytes : 0, includes: mods.includes)
+            PipelineDescription(source: source, bindingCount: AttentionBinding.firstCapture + mods.tensors.count, pushConstantSize: push ? paramBytes : 0, includes: mods.includes)
         }
         return Prepared(pipeline: pipeline, mods: mods, BQ: BQ, BKV: BKV, WG: WG, pushParams: push)
     }
@@ -603,40 +603,46 @@ enum ForwardKernel {
             let rowTarget = lseTarget ?? maxTarget
             let (b0, nb, h0, nh) = (chunk.b.lowerBound, chunk.b.count, chunk.h.lowerBound, chunk.h.count)
             let kvHeads = (h0 / group)..<((h0 + nh - 1) / group + 1)
-            var bindings: [BufferBinding] = []
-            var bases: [Int] = []
-            for (t, heads) in [(q, chunk.h), (k, kvHeads), (v, kvHeads)] {
+            var slots: [AttentionBinding: BufferBinding] = [:]
+            var p = AttentionParams()
+            for (slot, t, heads, prefix) in [(AttentionBinding.q, q, chunk.h, "q"), (.k, k, kvHeads, "k"), (.v, v, kvHeads, "v")] {
                 let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: false, device: device)
-                bindings.append(binding); bases.append(base)
+                slots[slot] = binding
+                let f = AttentionParams.Field.self
+                p.set([f.init(rawValue: prefix + "_base")!: base, f.init(rawValue: prefix + "_sb")!: t.strides[0], f.init(rawValue: prefix + "_sh")!: t.strides[1],
+                       f.init(rawValue: prefix + "_sl")!: t.strides[2], f.init(rawValue: prefix + "_sd")!: t.strides[3]])
             }
-            bindings.append(out.binding); bases.append(out.base)
-            bindings.append(lseTarget?.binding ?? BufferBinding(lseScratch!, writes: true)); bases.append(lseTarget?.base ?? 0)
-            bindings += maskBuffers.map { BufferBinding($0.buffer, offset: $0.byteOffset, size: max(4, $0.count * 4)) }
-            let strides = [q.strides, k.strides, v.strides, out.strides]
-            var ints: [Int32] = [s.B, s.Hq, s.Hkv, s.Lq, s.Lkv, b0].map { Int32($0) }
-            for i in 0..<4 { ints += ([bases[i]] + strides[i]).map { Int32($0) } }
+            slots[.output] = out.binding
+            p.set([.o_base: out.base, .o_sb: out.strides[0], .o_sh: out.strides[1], .o_sl: out.strides[2], .o_sd: out.strides[3]])
+            slots[.lse] = lseTarget?.binding ?? BufferBinding(lseScratch!, writes: true)
             let ls = rowTarget?.strides ?? [0, 0, 0]
-            ints += [rowTarget?.base ?? 0, ls[0], ls[1], ls[2]].map { Int32($0) }
-            ints += [maskB, maskH, qBS, kvBS, qBlocks, kvBlocks, blockMask == nil ? 1 : 0, tilesPerBlock, lseTarget == nil ? 0 : 1].map { Int32($0) }
-            var params = ints.withUnsafeBytes { Array($0) }
-            params += withUnsafeBytes(of: Float(scale)) { Array($0) }
+            p.set([.lse_base: rowTarget?.base ?? 0, .lse_sb: ls[0], .lse_sh: ls[1], .lse_sl: ls[2]])
+            for (slot, t) in zip([AttentionBinding.kvNum, .kvIndices, .fullKVNum, .fullKVIndices], maskBuffers) {
+                slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
+            }
+            p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .b_start: b0,
+                   .mask_b: maskB, .mask_h: maskH, .q_bs: qBS, .kv_bs: kvBS, .q_blocks: qBlocks, .kv_blocks: kvBlocks,
+                   .dense: blockMask == nil ? 1 : 0, .tiles_per_block: tilesPerBlock, .write_lse: lseTarget == nil ? 0 : 1])
+            p.set(.scale, float: Float(scale))
             // Rows readable 8 halves at a time: unit inner stride, 8-aligned row offsets.
+            let strides = [q.strides, k.strides, v.strides, out.strides]
+            let bases = [AttentionParams.Field.q_base, .k_base, .v_base, .o_base].map { p.int($0) }
             let vecOK = (0..<4).allSatisfy { i in
                 strides[i][3] == 1 && bases[i] % 8 == 0 && strides[i][0] % 8 == 0 && strides[i][1] % 8 == 0 && strides[i][2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
-            params += [vecOK ? 1 : 0, h0, kvHeads.lowerBound, kvRange.lowerBound, kvRange.upperBound, maxTarget == nil ? 0 : 1]
-                .map { Int32($0) }.withUnsafeBytes { Array($0) }
-            precondition(params.count == paramBytes)
+            p.set([.vec_ok: vecOK ? 1 : 0, .h_start: h0, .hk_start: kvHeads.lowerBound, .kv_block_lo: kvRange.lowerBound,
+                   .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1])
+            let params = p.bytes()
             if let unusedParams {
-                bindings.append(BufferBinding(unusedParams))
+                slots[.params] = BufferBinding(unusedParams)
             } else {
                 let paramBuffer = try device.makeBuffer(bytes: params.count)
                 try paramBuffer.upload(params)
-                bindings.append(BufferBinding(paramBuffer))
+                slots[.params] = BufferBinding(paramBuffer)
             }
-            bindings.append(BufferBinding(errors, writes: true))
-            bindings.append(maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true))
-            bindings += mods.captureBindings()
+            slots[.errors] = BufferBinding(errors, writes: true)
+            slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
+            let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb))
             }

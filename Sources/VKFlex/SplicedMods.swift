@@ -29,7 +29,8 @@ struct SplicedMods {
         }
     }
 
-    var includes: [String: String] { [SplicedMods.includeName: glsl.source] }
+    /// The generated includes: the mods, and the attention kernels' bindings and parameter block.
+    var includes: [String: String] { [SplicedMods.includeName: glsl.source, AttentionParams.includeName: AttentionParams.glsl] }
 
     func captureBindings() -> [BufferBinding] {
         tensors.map { BufferBinding($0.buffer, offset: $0.byteOffset, size: $0.count * 4) }

@@ -224,18 +224,16 @@ extension AttentionTests {
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
         XCTAssertEqual(ForwardKernel.paramBytes, 184)
         XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 184)
-        let text = try ShaderLibrary.standard.text("flex_attention_common.glsl")
-        let members = text.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1].components(separatedBy: "#if VKF_PARAMS_PUSH")[0]
-        let declared = members.replacingOccurrences(of: "/\\*[^*]*\\*/", with: "", options: .regularExpression)
-            .split(separator: ";").map { $0.replacingOccurrences(of: "\\", with: "").trimmingCharacters(in: .whitespacesAndNewlines) }
-            .filter { $0.hasPrefix("int ") || $0.hasPrefix("float ") }
-            .reduce(0) { $0 + $1.split(separator: ",").count }
-        XCTAssertEqual(declared * 4, ForwardKernel.paramBytes)
+        // One declaration: the GLSL members are generated from the same fields the host packs.
+        let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
+        XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, ForwardKernel.paramBytes)
+        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_FIRST_CAPTURE 12"), AttentionParams.glsl)
+        XCTAssertFalse(try ShaderLibrary.standard.text("flex_attention_common.glsl").contains("binding = 1"), "bindings come from AttentionBinding")
         for push in [false, true] {
             let source = ForwardKernel.withParams(ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"),
                                                                defines: [.init("D", "64"), .init("DV", "64"), .init("BQ", "16"), .init("BKV", "32"), .init("WG", "128"),
                                                                          .init("IN_F16", "1"), .init("OUT_F16", "1")]), push: push)
-            let mods = try SplicedMods(score: nil, mask: nil, firstBinding: 12, errorBinding: 10, device: device)
+            let mods = try SplicedMods(score: nil, mask: nil, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
             var library = ShaderLibrary.standard
             library.files.merge(mods.includes) { _, new in new }
             XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: library).first, 0x0723_0203)
@@ -266,7 +264,7 @@ extension AttentionTests {
             if D == 64 || D == 128 || D == 192 || D == 256 { choices += [64, 32].map { CoopmatTiles(D: D, sharedMemory: 48 << 10, queryBlock: $0, forced: nil) } }
             for tiles in choices.compactMap({ $0 }) {
                 for (score, mask) in modSets {
-                    let mods = try SplicedMods(score: score, mask: mask, firstBinding: 12, errorBinding: 10, device: device)
+                    let mods = try SplicedMods(score: score, mask: mask, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
                     var library = ShaderLibrary.standard
                     library.files.merge(mods.includes) { _, new in new }
                     // Both forms of the products and of the parameter block (push constants need more room
@@ -323,7 +321,7 @@ extension AttentionTests {
         let bias = try device.tensor([2.0, -1.0], shape: [2], name: "bias")
         // slope[h] and bias[b] * exp2(-(h + 1)) depend on b and h alone; kv_idx - q_idx does not.
         let mod = ScoreMod { s, b, h, q, kv in s + slope[h] * (kv - q) / 8 + bias[b] * exp2(-(h + 1)) }
-        let glsl = try GLSLEmitter.emit(scoreMod: mod.graph, maskMod: nil, firstBinding: 12, errorBinding: 10)
+        let glsl = try GLSLEmitter.emit(scoreMod: mod.graph, maskMod: nil, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue)
         XCTAssertTrue(glsl.source.contains("void vkf_prologue(int b, int h)"), glsl.source)
         let q = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "q")
         let k = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], name: "k")
