@@ -29,7 +29,7 @@ extension ForwardKernel {
         let stage = ceilDiv(BKV * max(D, Dv), unit * WG) * (1 + unit) + ceilDiv(BKV * max(D, Dv), 2 * WG) * 3
         let tpr = WG % BQ == 0 ? WG / BQ : 1
         var perTile = 1 + 2 * stage + BKV + ceilDiv(BKV, tpr) + 8
-        if portableBlocked(Dv: Dv, BQ: BQ, BKV: BKV, WG: WG) {
+        if AttentionPlanner.portableBlocked(Dv: Dv, BQ: BQ, BKV: BKV, WG: WG) {
             let ct = BQ * BKV / (4 * WG), pvTasks = ceilDiv((BQ / 4) * (Dv / 4), WG)
             perTile += D * (1 + ct) + ct * 5 + 4 + 4 * pvTasks + BKV * (1 + pvTasks * 5)
         } else {
@@ -45,7 +45,7 @@ extension ForwardKernel {
                                     device: Device) -> Int? {
         guard let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting else { return nil }
         let (BQ, BKV, WG) = tiles
-        let half = s.dtype == .float16 && s.D % 2 == 0 && portableBlocked(Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG)
+        let half = s.dtype == .float16 && s.D % 2 == 0 && AttentionPlanner.portableBlocked(Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG)
         let perTile = portableIterationsPerTile(D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, half: half)
         // Outside the key tiles: staging Q, the mask's per-row values, the output, the walk over
         // the block lists (one iteration per listed block, walked or not).

@@ -62,6 +62,23 @@ public final class Device: @unchecked Sendable {
     let pipelines: PipelineCache
     let bufferPool = BufferPool()
     var measuredLayout: CooperativeMatrixLayout??
+    /// The `VKFLEX_*` environment variables as they were when the device opened: tuning is read
+    /// from here, once, never from the environment on a call's path.
+    public let environment: [String: String] = ProcessInfo.processInfo.environment.filter { $0.key.hasPrefix("VKFLEX_") }
+    private var memos: [String: any Sendable] = [:]
+    /// A value computed once per device for `key` (the layers above keep their parsed settings
+    /// and measurements here); `make` runs under the device's lock the first time only.
+    ///
+    /// - Throws: what `make` throws (nothing is remembered then).
+    public func memoized<T: Sendable>(_ key: String, _ make: () throws -> T) throws -> T {
+        try lock.withLock {
+            if let known = memos[key] as? T { return known }
+            let value = try make()
+            memos[key] = value
+            return value
+        }
+    }
+
     /// Whether pipelines are built with statistics, printed as they are built (`VKFLEX_PIPELINE_STATS=1`).
     let reportsPipelineStatistics: Bool
     /// Where the driver's internal representations of every pipeline built are written

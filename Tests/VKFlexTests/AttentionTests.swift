@@ -192,20 +192,29 @@ extension AttentionTests {
 }
 
 extension AttentionTests {
+    /// A lavapipe device opened with `env` set (tuning is read when a device opens).
+    func device(with env: [String: String]) throws -> Device {
+        for (k, v) in env { setenv(k, v, 1) }
+        defer { for k in env.keys { unsetenv(k) } }
+        return try Device(selector: "llvmpipe", options: .init(validation: true))
+    }
+
     func testKernelChoiceAndForcing() throws {
-        let q = try device.tensor(randn(64 * 16), shape: [1, 1, 64, 16], dtype: .float16)
+        let values = randn(64 * 16)
+        let q = try device.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
         XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable, "lavapipe has no cooperative matrices")
-        setenv("VKFLEX_KERNEL", "coopmat", 1)
-        defer { unsetenv("VKFLEX_KERNEL") }
-        XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("VK_NV_cooperative_matrix"), "\($0)") }
-        setenv("VKFLEX_KERNEL", "fast", 1)
-        XCTAssertThrowsError(try flexAttention(q, q, q)) { XCTAssertTrue("\($0)".contains("use portable, coopmat-nv or auto"), "\($0)") }
-        setenv("VKFLEX_KERNEL", "portable", 1)
-        XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable)
-        // The per-call option wins over the variable, and says so when it cannot be honoured.
-        setenv("VKFLEX_KERNEL", "coopmat-nv", 1)
-        XCTAssertEqual(try flexAttention(q, q, q, options: FlexOptions(kernel: .portable)).kernel, .portable)
-        unsetenv("VKFLEX_KERNEL")
+        for (env, fragment) in [("coopmat", "VK_NV_cooperative_matrix"), ("coopmat-nv", "VK_NV_cooperative_matrix"), ("fast", "use portable, coopmat-nv or auto")] {
+            let d = try device(with: ["VKFLEX_KERNEL": env])
+            let qd = try d.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
+            XCTAssertThrowsError(try flexAttention(qd, qd, qd)) { XCTAssertTrue("\($0)".contains(fragment), "\(env): \($0)") }
+            if env == "coopmat-nv" {
+                // The per-call option wins over the variable.
+                XCTAssertEqual(try flexAttention(qd, qd, qd, options: FlexOptions(kernel: .portable)).kernel, .portable)
+            }
+        }
+        let portable = try device(with: ["VKFLEX_KERNEL": "portable"])
+        let qp = try portable.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
+        XCTAssertEqual(try flexAttention(qp, qp, qp).kernel, .portable)
         XCTAssertThrowsError(try flexAttention(q, q, q, options: FlexOptions(kernel: .coopmatNV))) { error in
             guard case FlexError.unsupported(let m) = error else { return XCTFail("\(error)") }
             XCTAssertTrue(m.hasPrefix("kernel: .coopmatNV: "), m)
@@ -223,25 +232,21 @@ extension AttentionTests {
     /// shader's.
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
         XCTAssertEqual(ForwardKernel.paramBytes, 184)
-        XCTAssertEqual(ForwardKernel.pushesParams(device), device.capabilities.maxPushConstantsSize >= 184)
+        XCTAssertEqual(AttentionPlanner.pushesParams(device, tuning: AttentionTuning()), device.capabilities.maxPushConstantsSize >= 184)
         // One declaration: the GLSL members are generated from the same fields the host packs.
         let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
         XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, ForwardKernel.paramBytes)
         XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_FIRST_CAPTURE 12"), AttentionParams.glsl)
         XCTAssertFalse(try ShaderLibrary.standard.text("flex_attention_common.glsl").contains("binding = 1"), "bindings come from AttentionBinding")
         for push in [false, true] {
-            let source = ForwardKernel.withParams(ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"),
-                                                               defines: [.init("D", "64"), .init("DV", "64"), .init("BQ", "16"), .init("BKV", "32"), .init("WG", "128"),
-                                                                         .init("IN_F16", "1"), .init("OUT_F16", "1")]), push: push)
+            let source = try AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push).source()
             let mods = try SplicedMods(score: nil, mask: nil, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
             var library = ShaderLibrary.standard
             library.files.merge(mods.includes) { _, new in new }
             XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: library).first, 0x0723_0203)
         }
         // VKFLEX_PUSH_PARAMS=0 turns push constants off everywhere.
-        setenv("VKFLEX_PUSH_PARAMS", "0", 1)
-        defer { unsetenv("VKFLEX_PUSH_PARAMS") }
-        XCTAssertFalse(ForwardKernel.pushesParams(device))
+        XCTAssertFalse(AttentionPlanner.pushesParams(device, tuning: try AttentionTuning.parse(["VKFLEX_PUSH_PARAMS": "0"])))
     }
 
     /// The cooperative-matrix kernel cannot run on lavapipe, but it must compile — optimized, since
@@ -270,11 +275,9 @@ extension AttentionTests {
                     // Both forms of the products and of the parameter block (push constants need more room
                     // than lavapipe's 128 bytes, so only the H200 runs that form).
                     for narrowK in [false, true] {
-                        var source = ForwardKernel.withParams(try ForwardKernel.coopmatSource(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil,
-                                                                                              narrowK: narrowK, floatIndices: narrowK, typedOperands: narrowK),
-                                                              push: narrowK)
                         // The exact maximum scores (returnMaxScores) on one of the two forms.
-                        if narrowK { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
+                        let source = try AttentionPlan.coopmat(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil, narrowK: narrowK,
+                                                               floatIndices: narrowK, typedOperands: narrowK, maxScores: narrowK, pushParams: narrowK).source()
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
                         // What a VK_KHR_cooperative_matrix device builds (checked by the rewriter's verify).
@@ -371,59 +374,75 @@ extension AttentionTests {
         }
     }
 
-    /// `VKFLEX_COOPMAT_DEFINES` (for tuning) adds defines to the cooperative-matrix kernel and
-    /// overrides the ones vkflex sets, rather than redefining a macro the compile would reject.
-    func testCooperativeMatrixDefinesFromTheEnvironment() throws {
-        defer { unsetenv("VKFLEX_COOPMAT_DEFINES") }
+    /// The plan alone makes the cooperative-matrix defines; the tuning variables are read once per
+    /// device, checked there, and `VKFLEX_COOPMAT_DEFINES` is gone.
+    func testCooperativeMatrixDefinesComeFromThePlan() throws {
         let tiles = try XCTUnwrap(CoopmatTiles(D: 64, sharedMemory: 48 << 10, forced: nil))
-        setenv("VKFLEX_COOPMAT_DEFINES", "VKF_EXP16=1,TAU=4,VKF_FLAG", 1)
-        let source = try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false)
-        let defines = source.defines.map { "\($0.name)=\($0.value)" }
-        XCTAssertEqual(defines.filter { $0.hasPrefix("VKF_EXP16=") }, ["VKF_EXP16=1"])
-        XCTAssertTrue(defines.contains("TAU=4") && defines.contains("VKF_FLAG=1") && defines.contains("D=64"), "\(defines)")
+        let defines = try AttentionPlan.coopmat(D: 64, tiles: tiles, rawMax: true, exp16: false).source().defines.map { "\($0.name)=\($0.value)" }
+        XCTAssertTrue(defines.contains("VKF_EXP16=0") && defines.contains("D=64"), "\(defines)")
         XCTAssertTrue(defines.contains("VKF_ALWAYS_RESCALE=1"), "NV path at D=64: O rescaled at every step")
-        let khr = try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false, typedOperands: true).defines.map { "\($0.name)=\($0.value)" }
+        let khr = try AttentionPlan.coopmat(D: 64, tiles: tiles, rawMax: true, exp16: false, typedOperands: true).source().defines.map { "\($0.name)=\($0.value)" }
         XCTAssertTrue(khr.contains("VKF_ALWAYS_RESCALE=0") && khr.contains("VKF_ALWAYS_HALVES=1"), "KHR path: only when a row's max moves; \(khr)")
-        setenv("VKFLEX_COOPMAT_DEFINES", "1BAD=2", 1)
-        XCTAssertThrowsError(try ForwardKernel.coopmatSource(D: 64, tiles: tiles, rawMax: true, exp16: false)) {
-            XCTAssertTrue("\($0)".contains("is not NAME or NAME=value"), "\($0)")
+        for (env, fragment) in [(["VKFLEX_COOPMAT_DEFINES": "TAU=4"], "VKFLEX_COOPMAT_DEFINES is gone"), (["VKFLEX_KERNEL": "fastest"], "use portable, coopmat-nv or auto"),
+                                (["VKFLEX_COOPMAT_TILES": "33x1x1x1"], "VKFLEX_COOPMAT_TILES=33x1x1x1"), (["VKFLEX_PORTABLE_TILES": "axb"], "VKFLEX_PORTABLE_TILES=axb"),
+                                (["VKFLEX_PUSH_PARAMS": "yes"], "VKFLEX_PUSH_PARAMS=yes")] {
+            XCTAssertThrowsError(try AttentionTuning.parse(env), "\(env)") { XCTAssertTrue("\($0)".contains(fragment), "\($0)") }
         }
+        let t = try AttentionTuning.parse(["VKFLEX_KERNEL": "coopmat-nv", "VKFLEX_PORTABLE_TILES": "16x16x64", "VKFLEX_PUSH_PARAMS": "0"])
+        XCTAssertEqual(t.kernel, .coopmatNV)
+        XCTAssertEqual(t.portableTiles?.WG, 64)
+        XCTAssertFalse(t.pushParams)
+    }
+
+    /// A device reads the variables when it opens; a call never reads the environment.
+    func testTuningIsReadWhenADeviceOpens() throws {
+        setenv("VKFLEX_KERNEL", "portable", 1)
+        let opened = try Device(selector: "llvmpipe", options: .init(validation: true))
+        unsetenv("VKFLEX_KERNEL")
+        XCTAssertEqual(opened.environment["VKFLEX_KERNEL"], "portable")
+        XCTAssertEqual(try AttentionTuning.of(opened).kernel, .portable)
+        setenv("VKFLEX_KERNEL", "nonsense", 1)
+        defer { unsetenv("VKFLEX_KERNEL") }
+        let q = try opened.tensor(randn(64 * 16), shape: [1, 1, 64, 16])
+        XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable, "the variable as it was when the device opened")
     }
 
     func testCooperativeMatrixHeadDims() {
-        for D in [16, 48, 64, 80, 128, 144, 192, 240, 256] { XCTAssertNil(FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: D), "\(D)") }
+        for D in [16, 48, 64, 80, 128, 144, 192, 240, 256] { XCTAssertNil(AttentionPlanner.shapeProblem(dtype: .float16, D: D, Dv: D), "\(D)") }
         for (D, Dv) in [(72, 72), (136, 136), (272, 272), (64, 32)] {
-            let problem = FlexKernel.shapeProblem(dtype: .float16, D: D, Dv: Dv)
+            let problem = AttentionPlanner.shapeProblem(dtype: .float16, D: D, Dv: Dv)
             XCTAssertEqual(problem, "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))")
         }
-        XCTAssertEqual(FlexKernel.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
+        XCTAssertEqual(AttentionPlanner.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
     }
 
     func testPortableTilesFromTheEnvironment() throws {
-        defer { unsetenv("VKFLEX_PORTABLE_TILES") }
-        let q = try device.tensor(randn(2 * 40 * 64), shape: [1, 2, 40, 64])
+        let values = randn(2 * 40 * 64)
+        let q = try device.tensor(values, shape: [1, 2, 40, 64])
         let reference = try flexAttentionReference(q, q, q)
         for tiles in ["16x16x64", "8x32x128", "32x32x128"] {
-            setenv("VKFLEX_PORTABLE_TILES", tiles, 1)
-            XCTAssertLessThan(relativeL2Error(try flexAttention(q, q, q).output.toArray(), reference.output), 1e-5, tiles)
+            let d = try device(with: ["VKFLEX_PORTABLE_TILES": tiles])
+            let qd = try d.tensor(values, shape: [1, 2, 40, 64])
+            XCTAssertLessThan(relativeL2Error(try flexAttention(qd, qd, qd).output.toArray(), reference.output), 1e-5, tiles)
         }
         for bad in ["32x32", "32x32x16", "0x32x128", "axbxc", "4096x4096x128"] {
-            setenv("VKFLEX_PORTABLE_TILES", bad, 1)
-            XCTAssertThrowsError(try flexAttention(q, q, q), bad) { XCTAssertTrue("\($0)".contains("VKFLEX_PORTABLE_TILES=\(bad)"), "\($0)") }
+            let d = try device(with: ["VKFLEX_PORTABLE_TILES": bad])
+            let qd = try d.tensor(values, shape: [1, 2, 40, 64])
+            XCTAssertThrowsError(try flexAttention(qd, qd, qd), bad) { XCTAssertTrue("\($0)".contains("VKFLEX_PORTABLE_TILES=\(bad)"), "\($0)") }
         }
     }
 
     func testPortableTileChoices() {
         func tiles(_ D: Int, _ shared: Int, _ inv: Int = 1024, _ qb: Int? = nil, half: Bool = false) -> String {
-            let t = ForwardKernel.tiles(D: D, Dv: D, sharedMemory: shared << 10, maxInvocations: inv, half: half, queryBlock: qb)
+            let t = AttentionPlanner.portableTiles(D: D, Dv: D, sharedMemory: shared << 10, maxInvocations: inv, half: half, queryBlock: qb)
             return "\(t.BQ)x\(t.BKV)x\(t.WG)"
         }
         // float16 inputs keep fp16 in shared memory: 32 rows on 128 invocations (16 KiB at D=64).
         XCTAssertEqual(tiles(64, 48, half: true), "32x32x128")
         XCTAssertEqual(tiles(128, 32, half: true), "32x32x128", "24 KiB at D=128 fit lavapipe's 32")
-        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128, half: true), 16000, "the driver's figure on the H200")
-        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 128, Dv: 128, BQ: 32, BKV: 32, WG: 128, half: true), 24320, "the driver's figure on the H200")
-        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256, half: true), 27264, "the driver's figure on the H200")
+        XCTAssertEqual(AttentionPlanner.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128, half: true), 16000, "the driver's figure on the H200")
+        XCTAssertEqual(AttentionPlanner.portableSharedBytes(D: 128, Dv: 128, BQ: 32, BKV: 32, WG: 128, half: true), 24320, "the driver's figure on the H200")
+        XCTAssertEqual(AttentionPlanner.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256, half: true), 27264, "the driver's figure on the H200")
         XCTAssertEqual(tiles(64, 48), "64x32x256", "64 rows on 256 invocations where 35 KiB fit")
         XCTAssertEqual(tiles(64, 32), "32x32x128", "lavapipe's 32 KiB")
         XCTAssertEqual(tiles(64, 48, 128), "32x32x128", "workgroups of at most 128")
@@ -434,15 +453,15 @@ extension AttentionTests {
         XCTAssertEqual(tiles(96, 48, half: true), "32x32x128")
         XCTAssertEqual(tiles(128, 48), "32x32x128")
         XCTAssertEqual(tiles(128, 32), "16x32x128")
-        XCTAssertTrue(ForwardKernel.portableBlocked(Dv: 64, BQ: 32, BKV: 32, WG: 128))
-        XCTAssertTrue(ForwardKernel.portableBlocked(Dv: 128, BQ: 16, BKV: 32, WG: 128))
-        XCTAssertTrue(ForwardKernel.portableBlocked(Dv: 32, BQ: 32, BKV: 32, WG: 128), "64 tasks of 4x4 for 128 invocations")
-        XCTAssertTrue(ForwardKernel.portableBlocked(Dv: 96, BQ: 32, BKV: 32, WG: 128), "192 tasks: two for some invocations")
-        XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 66, BQ: 32, BKV: 32, WG: 128), "value dims not a multiple of 4")
-        XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 64, BQ: 30, BKV: 32, WG: 128), "rows not a multiple of 4")
-        XCTAssertFalse(ForwardKernel.portableBlocked(Dv: 64, BQ: 8, BKV: 8, WG: 128), "fewer scores than 4 per invocation")
-        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128), 24320)
-        XCTAssertEqual(ForwardKernel.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256), 39680, "the driver's figure on the H200")
+        XCTAssertTrue(AttentionPlanner.portableBlocked(Dv: 64, BQ: 32, BKV: 32, WG: 128))
+        XCTAssertTrue(AttentionPlanner.portableBlocked(Dv: 128, BQ: 16, BKV: 32, WG: 128))
+        XCTAssertTrue(AttentionPlanner.portableBlocked(Dv: 32, BQ: 32, BKV: 32, WG: 128), "64 tasks of 4x4 for 128 invocations")
+        XCTAssertTrue(AttentionPlanner.portableBlocked(Dv: 96, BQ: 32, BKV: 32, WG: 128), "192 tasks: two for some invocations")
+        XCTAssertFalse(AttentionPlanner.portableBlocked(Dv: 66, BQ: 32, BKV: 32, WG: 128), "value dims not a multiple of 4")
+        XCTAssertFalse(AttentionPlanner.portableBlocked(Dv: 64, BQ: 30, BKV: 32, WG: 128), "rows not a multiple of 4")
+        XCTAssertFalse(AttentionPlanner.portableBlocked(Dv: 64, BQ: 8, BKV: 8, WG: 128), "fewer scores than 4 per invocation")
+        XCTAssertEqual(AttentionPlanner.portableSharedBytes(D: 64, Dv: 64, BQ: 32, BKV: 32, WG: 128), 24320)
+        XCTAssertEqual(AttentionPlanner.portableSharedBytes(D: 64, Dv: 64, BQ: 64, BKV: 32, WG: 256), 39680, "the driver's figure on the H200")
     }
 
     func testCooperativeMatrixTileChoices() {

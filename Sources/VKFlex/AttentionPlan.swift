@@ -1,0 +1,439 @@
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+// The kernel plan: which kernel and tiles a call gets, decided in one place with the reasons beside
+// each choice, and the one value (`AttentionPlan`) that names a pipeline and makes its defines.
+
+/// The `VKFLEX_*` tuning variables, read once per device (from ``Device/environment``, the
+/// snapshot taken when it opened) and checked then: a malformed value is an error naming the
+/// variable, never silently ignored.
+struct AttentionTuning: Sendable {
+    /// `VKFLEX_KERNEL=portable|coopmat-nv|auto` (nil: auto).
+    var kernel: FlexKernel?
+    /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP[xS]]`, checked by ``CoopmatTiles/parse(_:)``.
+    var coopmatTiles: String?
+    /// `VKFLEX_PORTABLE_TILES=BQxBKVxWG` (whether they fit is checked per call, with the head dims).
+    var portableTiles: (BQ: Int, BKV: Int, WG: Int)?
+    /// `VKFLEX_PUSH_PARAMS=0` passes the parameter block in a buffer even where push constants fit.
+    var pushParams = true
+
+    /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
+    static func parse(_ env: [String: String]) throws -> AttentionTuning {
+        var t = AttentionTuning()
+        if let k = env["VKFLEX_KERNEL"], !k.isEmpty, k.lowercased() != "auto" {
+            guard let kernel = FlexKernel(name: k) else { throw FlexError("VKFLEX_KERNEL=\(k): use portable, coopmat-nv or auto") }
+            t.kernel = kernel
+        }
+        if let c = env["VKFLEX_COOPMAT_TILES"], !c.isEmpty {
+            guard CoopmatTiles.parse(c) != nil else {
+                throw FlexError("VKFLEX_COOPMAT_TILES=\(c): use BKVxRPWxNSGxNBUF[xP[xS]] with BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2, P 0-1, S 1-4 and S·BKV at most 128 (e.g. 32x2x4x1x1x2)")
+            }
+            t.coopmatTiles = c
+        }
+        if let p = env["VKFLEX_PORTABLE_TILES"], !p.isEmpty {
+            // At least one invocation per query row: the row statistics and the LSE are per invocation.
+            let v = p.split(separator: "x", omittingEmptySubsequences: false).map { Int($0) ?? 0 }
+            guard v.count == 3, v.allSatisfy({ $0 > 0 }), v[2] >= v[0] else {
+                throw FlexError("VKFLEX_PORTABLE_TILES=\(p): use BQxBKVxWG with WG >= BQ that fits the device's shared memory (e.g. 32x32x128)")
+            }
+            t.portableTiles = (v[0], v[1], v[2])
+        }
+        if let push = env["VKFLEX_PUSH_PARAMS"] {
+            guard ["0", "1", ""].contains(push) else { throw FlexError("VKFLEX_PUSH_PARAMS=\(push): use 0 (a buffer) or 1 (push constants where they fit)") }
+            t.pushParams = push != "0"
+        }
+        if env["VKFLEX_COOPMAT_DEFINES"] != nil {
+            throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
+        }
+        return t
+    }
+
+    /// The device's tuning, parsed the first time it is asked for.
+    static func of(_ device: Device) throws -> AttentionTuning {
+        try device.memoized("vkflex.attention.tuning") { try parse(device.environment) }
+    }
+}
+
+/// Everything that selects and parameterizes an attention pipeline: the pipeline-cache key, and the
+/// only input the shader defines are made from (``source()``).
+struct AttentionPlan: Hashable, Sendable {
+    enum Pass: String, Hashable, Sendable {
+        /// O (in the query's dtype) and the row statistics.
+        case forward
+        /// O as float32 over a share of the keys, merged afterwards (key splits).
+        case forwardPartial
+    }
+    enum Tiles: Hashable, Sendable {
+        case portable(BQ: Int, BKV: Int, WG: Int)
+        case coopmat(CoopmatTiles)
+    }
+
+    var pass: Pass
+    var kernel: FlexKernel
+    var dtype: DType
+    var D: Int, Dv: Int
+    var tiles: Tiles
+    /// Cooperative-matrix kernel: the softmax maximum over raw scores (no score-mod, scale > 0).
+    var rawMax = false
+    /// Cooperative-matrix kernel: P evaluated in fp16 (with a score-mod).
+    var exp16 = false
+    /// Cooperative-matrix kernel: Q·Kᵀ as 16×8×16 products (the 16×8 layout was measured).
+    var narrowK = false
+    /// Cooperative-matrix kernel: index sums of the score-mod from float indices (lengths ≤ 2^22).
+    var floatIndices = false
+    /// Cooperative-matrix kernel: built for `VK_KHR_cooperative_matrix` (typed B operands).
+    var typedOperands = false
+    /// The kernel also writes each row's maximum score.
+    var maxScores = false
+    /// The parameter block as push constants (else a buffer).
+    var pushParams: Bool
+    /// The mods' identity: their generated GLSL.
+    var mods: String
+
+    var BQ: Int { switch tiles { case .portable(let bq, _, _): return bq; case .coopmat(let t): return t.BQ } }
+    var BKV: Int { switch tiles { case .portable(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV } }
+    var WG: Int { switch tiles { case .portable(_, _, let wg): return wg; case .coopmat(let t): return 32 * t.NSG } }
+
+    /// The template and its defines, from this plan alone.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` when the template is missing from `VKFLEX_SHADER_DIR`.
+    func source() throws -> ShaderSource {
+        var source: ShaderSource
+        switch tiles {
+        case .portable(let BQ, let BKV, let WG):
+            let f16 = dtype == .float16
+            source = ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"), defines: [
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
+                .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 && pass != .forwardPartial ? "1" : "0"),
+            ])
+        case .coopmat(let t):
+            var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
+                                                  .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
+                                                  .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0"),
+                                                  .init("VKF_K8", narrowK ? "1" : "0"), .init("VKF_FLOAT_INDICES", floatIndices ? "1" : "0")]
+            // Up to D = 64 (two steps per staged tile), every step is computed and O rescaled at each:
+            // no second version of O to merge (H200: causal D=64 +4%, ALiBi +7%; at D = 128 the
+            // driver spilled).
+            let straight = D <= 64 && t.split > 1
+            defines += [.init("VKF_ALWAYS_HALVES", straight ? "1" : "0"), .init("VKF_ALWAYS_RESCALE", straight && !typedOperands ? "1" : "0")]
+            if D > 128 { defines.append(.init("QC", "\(CoopmatTiles.stagingColumns(D: D))")) }
+            source = ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
+                                  defines: defines, optimization: .full)
+        }
+        if maxScores { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
+        if pushParams { source.defines.append(.init("VKF_PARAMS_PUSH", "1")) }
+        return source
+    }
+}
+
+/// Turns (device capabilities, shapes, dtypes, mask, mods, options) into a plan — ggml-vulkan's
+/// `get_fa_tuning_params` in spirit: every device quirk and tile table, with its measurement,
+/// lives here.
+enum AttentionPlanner {
+    /// The forward plan of a call.
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` for tuning variables that do not fit the call;
+    ///   ``FlexError/unsupported(_:)`` when no cooperative-matrix tiles fit.
+    static func forward(shape s: AttentionShape, mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double,
+                        kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false) throws -> AttentionPlan {
+        let caps = device.capabilities
+        let tuning = try AttentionTuning.of(device)
+        let push = pushesParams(device, tuning: tuning)
+        switch kernel {
+        case .portable:
+            let f16 = s.dtype == .float16
+            var t = portableTiles(D: s.D, Dv: s.Dv, device: device, half: f16, queryBlock: blockMask?.blockSize.q)
+            if let forced = tuning.portableTiles {
+                guard forced.WG <= caps.maxWorkgroupInvocations,
+                      portableSharedBytes(D: s.D, Dv: s.Dv, BQ: forced.BQ, BKV: forced.BKV, WG: forced.WG, half: f16) <= caps.maxSharedMemory - 256 else {
+                    throw FlexError("VKFLEX_PORTABLE_TILES=\(device.environment["VKFLEX_PORTABLE_TILES"] ?? ""): use BQxBKVxWG with WG >= BQ that fits \(caps.maxSharedMemory) bytes of shared memory at head dims \(s.D)/\(s.Dv) (e.g. 32x32x128)")
+                }
+                t = forced
+            }
+            return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .portable(BQ: t.BQ, BKV: t.BKV, WG: t.WG),
+                                 maxScores: maxScores, pushParams: push, mods: mods.glsl.source)
+        case .coopmatNV:
+            let identity = scoreMod.map { $0.isIdentity } ?? true
+            guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil, forced: tuning.coopmatTiles) else {
+                throw FlexError.unsupported("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
+            }
+            return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .coopmat(t),
+                                 rawMax: identity && scale > 0, exp16: !identity,
+                                 narrowK: CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false,
+                                 floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr,
+                                 maxScores: maxScores, pushParams: push, mods: mods.glsl.source)
+        }
+    }
+
+    /// Why `coopmat` cannot run this call, or nil when it can.
+    static func coopmatProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
+        let caps = device.capabilities
+        if device.cooperativeMatrixAPI == nil { return "\(caps.name) has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix" }
+        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == "float16" && $0.result == "float32" }) {
+            return "\(caps.name) offers no 16x16x16 float16 -> float32 cooperative matrix"
+        }
+        if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
+        if let problem = shapeProblem(dtype: s.dtype, D: s.D, Dv: s.Dv) { return problem }
+        if CoopmatTiles(D: s.D, device: device, forced: tuning.coopmatTiles) == nil {
+            if let forced = tuning.coopmatTiles {
+                return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
+            }
+            return "not enough shared memory for the cooperative-matrix tiles"
+        }
+        guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
+        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) {
+            return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
+        }
+        return nil
+    }
+
+    /// Why `coopmat` cannot take inputs of this dtype and these head dims, or nil when it can.
+    static func shapeProblem(dtype: DType, D: Int, Dv: Int) -> String? {
+        if dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
+        if D != Dv || D % 16 != 0 || D > 256 {
+            return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))"
+        }
+        return nil
+    }
+
+    /// The kernel for a call: the call's option, else `VKFLEX_KERNEL` when set, else coopmat-nv
+    /// where it applies.
+    ///
+    /// - Throws: ``FlexError/unsupported(_:)`` when a forced kernel cannot run the call; a malformed `VKFLEX_*` tuning variable.
+    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil) throws -> FlexKernel {
+        let tuning = try AttentionTuning.of(device)
+        let kernel: FlexKernel
+        let source: String
+        if let forced {
+            kernel = forced; source = "kernel: .\(forced == .portable ? "portable" : "coopmatNV")"
+        } else if let env = tuning.kernel {
+            kernel = env; source = "VKFLEX_KERNEL=\(device.environment["VKFLEX_KERNEL"] ?? env.rawValue)"
+        } else {
+            // The cooperative-matrix kernel wherever it applies: 10-20x the portable one on the H200.
+            return coopmatProblem(s, device: device, tuning: tuning) == nil ? .coopmatNV : .portable
+        }
+        if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
+        return kernel
+    }
+
+    // The cooperative-matrix flags of a plan, and why. `rawMax`: no score-mod and a
+    // positive scale, so the softmax maximum can be taken over raw scores. `exp16`: P evaluated
+    // in fp16 — with a score-mod, whose own special functions (tanh) compete with exp2 for the
+    // same units (on the H200 soft-cap 107.8 → 114.7 TFLOP/s, ALiBi 130.8 → 134.8; without a
+    // score-mod it costs 6%, so it is off there). spirv-opt (SPIRV-Tools
+    // v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
+    // compiles every variant optimized, so a crash would show there, not in a user's process.
+    //
+    // `narrowK`: Q·Kᵀ as 16×8×16 products (`VKF_K8`), where the device has the shape and its
+    // 16×8 layout was measured to be ``CooperativeMatrixLayout/nvidiaMMANarrow`` (H200: causal
+    // D=64 +2%, document +3%).
+    //
+    // `floatIndices`: the score-mod may take its index sums from float indices (`VKF_FLOAT_INDICES`;
+    // exact for lengths up to 2^22).
+    //
+    // `typedOperands`: the kernel runs through `VK_KHR_cooperative_matrix`. Up to D = 64 O is then
+    // rescaled only on the steps where a row's maximum moves (`VKF_ALWAYS_RESCALE=0`): H200 suite,
+    // TFLOP/s, full 275.7 → 285.9-286.1, causal 255.7 → 268.4-268.9, sliding window 212.0-213.8 →
+    // 223.8-224.0, prefix-LM 257.7-258.0 → 269.4-269.5, document 208.6-208.9 → 214.4-214.8,
+    // soft-cap 177.2-177.4 → 182.0-182.2, ALiBi 217.8 → 210.8-211.1 (the one loss). Through the
+    // NV extension it did not pay.
+    /// Tile sizes of the portable kernel that fit the device's shared memory. With fp32 in shared
+    /// memory (float32 inputs) first 64 query rows on 256 invocations where that is the
+    /// register-tiled path and the BlockMask's query blocks (`queryBlock`, nil without one) are
+    /// not smaller (H200, `vkflex bench --b 4 --h 16 --s 4096 --d 64`: full 6.1 → 8.5 TFLOP/s,
+    /// causal 8.0 → 8.9 against 32 rows on 128); then, and with fp16 (`half`), 32 rows and fewer
+    /// on 128. Shared memory decides how many workgroups share an SM on the H200, and fp16 halves
+    /// it: 32 rows on 128 take 16 KiB there, and beat 64 on 256 (27 KiB; full D=64 15.3 against
+    /// 12.3 TFLOP/s).
+    static func portableTiles(D: Int, Dv: Int, device: Device, half: Bool = false, queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
+        portableTiles(D: D, Dv: Dv, sharedMemory: device.capabilities.maxSharedMemory,
+              maxInvocations: device.capabilities.maxWorkgroupInvocations, half: half, queryBlock: queryBlock)
+    }
+
+    static func portableTiles(D: Int, Dv: Int, sharedMemory: Int, maxInvocations: Int, half: Bool = false,
+                      queryBlock: Int? = nil) -> (BQ: Int, BKV: Int, WG: Int) {
+        let budget = sharedMemory - 256
+        let wg = min(128, maxInvocations)
+        if !half, maxInvocations >= 256, portableBlocked(Dv: Dv, BQ: 64, BKV: 32, WG: 256),
+           queryBlock.map({ $0 % 64 == 0 || $0 > 128 }) ?? true,
+           portableSharedBytes(D: D, Dv: Dv, BQ: 64, BKV: 32, WG: 256, half: half) <= budget {
+            return (64, 32, 256)
+        }
+        for (bq, bkv) in [(32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (1, 4)] {
+            if portableSharedBytes(D: D, Dv: Dv, BQ: bq, BKV: bkv, WG: wg, half: half) <= budget {
+                return (bq, bkv, wg)
+            }
+        }
+        return (1, 1, 64)
+    }
+
+    /// Whether flex_attention_fwd.comp takes its register-tiled path (`VKF_BLOCKED`) for these
+    /// tiles: 4 rows and 4 value dims per task, which the shapes must divide.
+    static func portableBlocked(Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int) -> Bool {
+        let ct = bq * bkv / (4 * wg)
+        return bq % 4 == 0 && ct > 0 && Dv % 4 == 0 && (bq * bkv) % (4 * wg) == 0 && bkv % ct == 0
+    }
+
+    /// Shared memory of flex_attention_fwd.comp, mirrored: Q, K/V, scores (and, register-tiled,
+    /// the rows' tile maxima in parts), row statistics, the softmax's row-sum shares.
+    ///
+    /// `half`: float16 inputs, which the register-tiled path keeps as fp16 in shared memory
+    /// (`VKF_HALF`, for even D).
+    static func portableSharedBytes(D: Int, Dv: Int, BQ bq: Int, BKV bkv: Int, WG wg: Int, half: Bool = false) -> Int {
+        let stats = 3 * bq + wg
+        if portableBlocked(Dv: Dv, BQ: bq, BKV: bkv, WG: wg) {
+            let parts = bq * (bkv / (bq * bkv / (4 * wg)) + 1)   // the rows' tile maxima in parts
+            if half && D % 2 == 0 {
+                // Words: Q two per dim and 4 rows, K one per key and pair of dims (odd stride), V
+                // one per pair of dims; the K/V area in whole pairs of words.
+                let kv = (max((D / 2) * (bkv + 1), bkv * Dv / 2) + 1) / 2 * 2
+                return 4 * (bq * D / 2 + kv + bkv * (bq + 4) + parts + stats)
+            }
+            let kv = (max(D * (bkv + 1), bkv * Dv) + 3) / 4 * 4
+            return 4 * (bq * D + kv + bkv * (bq + 4) + parts + stats)
+        }
+        return 4 * (bq * D + bkv * (max(D, Dv) | 1) + bq * (bkv | 1) + stats)
+    }
+
+    /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
+    static let paramBytes = AttentionParams.byteCount
+
+    /// Whether the parameter block goes as push constants: where the device takes 184 bytes of
+    /// them (NVIDIA and most desktop drivers take 256; lavapipe takes Vulkan's minimum, 128). On
+    /// the H200 a storage-buffer block was reloaded, bounds-checked, on every tile (causal D=64
+    /// 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0` turns it off.
+    static func pushesParams(_ device: Device, tuning: AttentionTuning) -> Bool {
+        device.capabilities.maxPushConstantsSize >= paramBytes && tuning.pushParams
+    }
+
+}
+
+/// Tile sizes of the cooperative-matrix kernel that fit the device's shared memory: BKV keys per
+/// computed step, NSG subgroups, RPW 16-row blocks per subgroup (two amortize each K/V fragment
+/// load), NBUF K/V buffers (two: one barrier per staged tile), `split` computed steps per staged tile.
+struct CoopmatTiles: Hashable, CustomStringConvertible {
+    let BKV: Int, NSG: Int, RPW: Int, NBUF: Int
+    /// Whether the next K/V tile's global loads are issued a tile ahead (costs registers).
+    let prefetch: Bool
+    /// K/V tiles are staged `split * BKV` keys at a time (one or two barriers per staged tile)
+    /// and computed `BKV` keys at a time.
+    let split: Int
+
+    init(BKV: Int, NSG: Int, RPW: Int, NBUF: Int, prefetch: Bool = true, split: Int = 1) {
+        self.BKV = BKV; self.NSG = NSG; self.RPW = RPW; self.NBUF = NBUF; self.prefetch = prefetch; self.split = split
+    }
+    /// `queryBlock`: the BlockMask's query block size, when there is one (see below).
+    init?(D: Int, device: Device, queryBlock: Int? = nil, dense: Bool = false, forced: String?) {
+        self.init(D: D, sharedMemory: device.capabilities.maxSharedMemory, queryBlock: queryBlock, dense: dense,
+                  typedOperands: device.cooperativeMatrixAPI == .khr, forced: forced)
+    }
+
+    /// Query rows per workgroup (16 per row block per subgroup).
+    var BQ: Int { 16 * NSG * RPW }
+    /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP[xS]]` (e.g. `64x1x8x1`, `32x2x4x1x0` without
+    /// prefetch, `32x2x4x1x1x2` staging 64 keys per step) forces a choice, for tuning.
+    ///
+    /// A workgroup's query tile never spans two BlockMask query blocks, so blocks of fewer rows
+    /// than the preferred tile's 128 would leave subgroups idle: with 64-row blocks the tiles
+    /// switch to one row block per subgroup (64 rows; causal on the H200 at S = 8192: D=64 77.7 →
+    /// 119.0 TFLOP/s, D=128 82.3 → 124.7), with 32-row blocks also to two subgroups.
+    ///
+    /// `dense`: no BlockMask, so query tiles need not stay inside 128-row blocks. At D = 64 the
+    /// workgroup then takes 256 rows (eight subgroups of two row blocks): each staged K/V tile
+    /// serves twice the rows (H200, full D=64: 219.2 / 217.9 → 225.4 / 225.4 TFLOP/s; the driver
+    /// fits one such workgroup per SM instead of two of four subgroups). Not at D = 16, 32 or 48,
+    /// where it was 3-9% slower (full D=32: 183.8 against 201.5).
+    ///
+    /// `typedOperands`: the kernel runs through `VK_KHR_cooperative_matrix`, whose B operands need
+    /// no transposes (``CooperativeMatrixKHRRewriter``). The registers that frees let 64 < D ≤ 128
+    /// compute 32 keys at a time without spilling (H200, D=128: full 260.4 → 271.3, causal 245.1
+    /// → 254.1 TFLOP/s against 16-key steps; through the NV extension 32-key steps spilled).
+    init?(D: Int, sharedMemory budget: Int, queryBlock: Int? = nil, dense: Bool = false, typedOperands: Bool = false,
+          forced: String? = nil) {
+        // Preferred first, from the H200 sweeps in docs/performance.md: at D <= 64 two row blocks
+        // per subgroup (each K/V fragment read from shared memory feeds two products), 64 keys
+        // staged per step in one buffer and computed 32 at a time; above 64 two row blocks
+        // without the register prefetch, 32 keys staged and computed 16 at a time (at D = 128
+        // the score fragments of 32 keys made the driver spill: 160.6 against 174.1 TFLOP/s
+        // causal). Some neighbours collapse: 64 keys computed at once at
+        // D = 64 (44 TFLOP/s against 145: the driver caps registers at 128 and spills), and
+        // anything whose shared memory passes ~24 KiB (two K/V buffers of 64 keys: 104.9 against
+        // 149.1) — the driver then fits fewer workgroups on an SM.
+        var options: [CoopmatTiles] = D <= 64
+            ? [.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 2), .init(BKV: 32, NSG: 8, RPW: 1, NBUF: 2)]
+            : D <= 128
+            ? [.init(BKV: 16, NSG: 4, RPW: 2, NBUF: 1, prefetch: false, split: 2), .init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false),
+               .init(BKV: 64, NSG: 8, RPW: 1, NBUF: 1)]
+            // Above 128 one row block per subgroup: O alone is then 128 registers per lane.
+            : [.init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1, prefetch: false)]
+        if dense && D == 64 { options.insert(.init(BKV: 32, NSG: 8, RPW: 2, NBUF: 1, split: 2), at: 0) }
+        if typedOperands && D > 64 && D <= 128 { options.insert(.init(BKV: 32, NSG: 4, RPW: 2, NBUF: 1, prefetch: false), at: 0) }
+        options += [.init(BKV: 32, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 4, RPW: 1, NBUF: 1), .init(BKV: 16, NSG: 2, RPW: 1, NBUF: 1)]
+        if let rows = queryBlock, rows % 128 != 0 {
+            // Fewer query rows per workgroup where that leaves fewer of them idle: 64 (four
+            // subgroups of one row block), or 32 (two subgroups) for blocks of at most 32 rows.
+            let bkv = D <= 64 ? 32 : 16, big = D > 128   // above 128: no prefetch, no second step (registers, shared memory)
+            let rows64 = CoopmatTiles(BKV: bkv, NSG: 4, RPW: 1, NBUF: 1, prefetch: !big, split: big ? 1 : 2)
+            let rows32 = CoopmatTiles(BKV: bkv, NSG: 2, RPW: 1, NBUF: 1, prefetch: !big, split: big ? 1 : 2)
+            func busy(_ bq: Int) -> Double { Double(rows) / Double((rows + bq - 1) / bq * bq) }
+            if rows <= 32 {
+                options = [rows32, rows64] + options
+            } else if busy(64) > busy(128) {
+                options = [rows64] + options
+            }
+        }
+        if let forced {
+            guard let t = CoopmatTiles.parse(forced) else { return nil }
+            options = [t]
+        }
+        guard let fit = options.first(where: { $0.sharedBytes(D: D) <= budget }) else { return nil }
+        self = fit
+    }
+
+    /// `BKVxRPWxNSGxNBUF[xP[xS]]`: BKV a multiple of 16 up to 128, RPW 1-2, NSG 1-8, NBUF 1-2,
+    /// P 0-1, S 1-4 with S·BKV at most 128; nil for anything else.
+    static func parse(_ text: String) -> CoopmatTiles? {
+        let parts = text.split(separator: "x", omittingEmptySubsequences: false).map { Int($0) }
+        guard (4...6).contains(parts.count), parts.allSatisfy({ $0 != nil }) else { return nil }
+        let v = parts.map { $0! }
+        let prefetch = v.count < 5 || v[4] == 1, split = v.count < 6 ? 1 : v[5]
+        guard v[0] > 0, v[0] % 16 == 0, v[0] <= 128, (1...2).contains(v[1]), (1...8).contains(v[2]), (1...2).contains(v[3]),
+              v.count < 5 || (0...1).contains(v[4]), (1...4).contains(split), v[0] * split <= 128 else { return nil }
+        return CoopmatTiles(BKV: v[0], NSG: v[2], RPW: v[1], NBUF: v[3], prefetch: prefetch, split: split)
+    }
+
+    /// Columns of Q and O staged at a time through shared memory (`QC`): all of D up to 128; above,
+    /// the largest multiple of 16 up to 128 that divides D.
+    static func stagingColumns(D: Int) -> Int {
+        if D <= 128 { return D }
+        return 16 * (1...8).reversed().first { (D / 16) % $0 == 0 }!
+    }
+
+    /// Mirrors the shared array of flex_attention_fwd_coopmat.comp (units of 8 halves): the K/V
+    /// tiles, or each subgroup's Q/O staging rows (at most 128 columns at a time).
+    func sharedBytes(D: Int) -> Int {
+        let ks4 = D / 8 + 1, qs4 = CoopmatTiles.stagingColumns(D: D) / 8 + 1
+        return max(2 * NBUF * BKV * split * ks4, 16 * NSG * qs4) * 16
+    }
+
+    var description: String { "\(BKV)x\(RPW)x\(NSG)x\(NBUF)x\(prefetch ? 1 : 0)" + (split == 1 ? "" : "x\(split)") }
+}
+
+
+extension AttentionPlan {
+    /// A cooperative-matrix plan from its parts, without a device (the tests compile every variant
+    /// on lavapipe, which cannot run them).
+    static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, floatIndices: Bool = true,
+                        typedOperands: Bool = false, maxScores: Bool = false, pushParams: Bool = false) -> AttentionPlan {
+        AttentionPlan(pass: .forward, kernel: .coopmatNV, dtype: .float16, D: D, Dv: D, tiles: .coopmat(tiles), rawMax: rawMax, exp16: exp16,
+                      narrowK: narrowK, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
+                      pushParams: pushParams, mods: "")
+    }
+
+    /// A portable plan from its parts, without a device.
+    static func portable(D: Int, Dv: Int, BQ: Int, BKV: Int, WG: Int, dtype: DType, maxScores: Bool = false, pushParams: Bool = false) -> AttentionPlan {
+        AttentionPlan(pass: .forward, kernel: .portable, dtype: dtype, D: D, Dv: Dv, tiles: .portable(BQ: BQ, BKV: BKV, WG: WG),
+                      maxScores: maxScores, pushParams: pushParams, mods: "")
+    }
+}

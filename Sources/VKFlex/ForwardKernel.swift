@@ -1,0 +1,312 @@
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+/// The sizes of an attention call, validated.
+struct AttentionShape {
+    let B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int
+    let dtype: DType
+
+    init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool) throws {
+        for (name, t) in [("query", q), ("key", k), ("value", v)] {
+            guard t.rank == 4 else { throw FlexError("\(name) must be 4-D [B, H, L, D], got shape \(t.shape)") }
+            guard t.dtype == .float32 || t.dtype == .float16 else {
+                throw FlexError("\(name) is \(t.dtype.rawValue); attention inputs must be float32 or float16")
+            }
+            guard t.device === q.device else { throw FlexError("\(name) is on another device than the query") }
+        }
+        guard q.dtype == k.dtype, q.dtype == v.dtype else {
+            throw FlexError("query, key and value must share a dtype, got \(q.dtype.rawValue), \(k.dtype.rawValue), \(v.dtype.rawValue)")
+        }
+        B = q.shape[0]; Hq = q.shape[1]; Lq = q.shape[2]; D = q.shape[3]
+        Hkv = k.shape[1]; Lkv = k.shape[2]; Dv = v.shape[3]
+        dtype = q.dtype
+        guard k.shape[0] == B, v.shape[0] == B else {
+            throw FlexError("batch sizes differ: query \(B), key \(k.shape[0]), value \(v.shape[0])")
+        }
+        guard v.shape[1] == Hkv else { throw FlexError("key has \(Hkv) heads but value has \(v.shape[1])") }
+        guard v.shape[2] == Lkv else { throw FlexError("key has length \(Lkv) but value has \(v.shape[2])") }
+        guard k.shape[3] == D else { throw FlexError("query head dim \(D) differs from key head dim \(k.shape[3])") }
+        guard (1...256).contains(D) else { throw FlexError("head dim \(D) is outside 1...256") }
+        guard (1...256).contains(Dv) else { throw FlexError("value head dim \(Dv) is outside 1...256") }
+        if Hq != Hkv {
+            guard enableGQA else {
+                throw FlexError("query has \(Hq) heads and key/value \(Hkv): pass enableGQA: true for grouped-query attention")
+            }
+            guard Hkv > 0, Hq % Hkv == 0 else {
+                throw FlexError("enableGQA needs the query heads (\(Hq)) to be a multiple of the key/value heads (\(Hkv))")
+            }
+        }
+        guard Hkv > 0 || Hq == 0 else { throw FlexError("key/value have no heads") }
+        if q.dtype == .float16 && !q.device.enabledFeatures.storageBuffer16Bit {
+            throw FlexError.unsupported("\(q.device.capabilities.name) cannot read float16 buffers (no 16-bit storage); use float32")
+        }
+        if let m = blockMask {
+            guard m.qLen == Lq, m.kvLen == Lkv else {
+                throw FlexError("the BlockMask was built for qLen=\(m.qLen), kvLen=\(m.kvLen) but the inputs have qLen=\(Lq), kvLen=\(Lkv): build it for these lengths")
+            }
+            guard m.B == 1 || m.B == B else { throw FlexError("the BlockMask has B=\(m.B); it must be 1 (broadcast) or the batch size \(B)") }
+            guard m.H == 1 || m.H == Hq else { throw FlexError("the BlockMask has H=\(m.H); it must be 1 (broadcast) or the number of query heads \(Hq)") }
+            guard m.device === q.device else { throw FlexError("the BlockMask belongs to another device") }
+        }
+    }
+}
+
+/// The forward kernels (portable and cooperative-matrix): tile sizes, pipelines and dispatch.
+/// Runs the forward pass: plans the call, builds (or finds) its pipeline, binds and dispatches.
+enum ForwardKernel {
+    /// A kernel built for a call: the pipeline, the mods it splices and its plan.
+    struct Prepared {
+        let pipeline: ComputePipeline
+        let mods: SplicedMods
+        let plan: AttentionPlan
+        var BQ: Int { plan.BQ }
+        var BKV: Int { plan.BKV }
+        var WG: Int { plan.WG }
+        /// The parameter block goes as push constants (else as a buffer at `AttentionBinding.params`).
+        var pushParams: Bool { plan.pushParams }
+    }
+
+    /// Bytes of the kernels' parameter block.
+    static let paramBytes = AttentionParams.byteCount
+
+    /// Plans a call and builds (or finds in the caches) its pipeline. The plan is the cache key: the
+    /// shader source is made only on a miss. Batch and heads do not enter it, nor lengths below
+    /// 2^22 (see `AttentionPlan.floatIndices`).
+    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
+                        device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false) throws -> Prepared {
+        let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
+                                   firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
+        let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
+                                                device: device, pass: pass, maxScores: maxScores)
+        let pipeline = try device.pipeline(for: plan) {
+            PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
+                                pushConstantSize: plan.pushParams ? paramBytes : 0, includes: mods.includes)
+        }
+        return Prepared(pipeline: pipeline, mods: mods, plan: plan)
+    }
+
+    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
+                    scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kernel: FlexKernel) throws {
+        let device = q.device
+        let caps = device.capabilities
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
+                                   maxScores: maxScores != nil)
+        let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
+
+        // Block structure: the mask's, or a dense walk.
+        let qBS: Int, kvBS: Int, qBlocks: Int, kvBlocks: Int, maskB: Int, maskH: Int
+        let maskBuffers: [Tensor]
+        if let m = blockMask {
+            qBS = m.blockSize.q; kvBS = m.blockSize.kv; qBlocks = m.qBlocks; kvBlocks = m.kvBlocks; maskB = m.B; maskH = m.H
+            maskBuffers = [m.kvNumBlocks, m.kvIndices, m.fullKVNumBlocks, m.fullKVIndices]
+        } else {
+            qBS = BQ; kvBS = BKV * 8; qBlocks = (s.Lq + BQ - 1) / BQ; kvBlocks = (s.Lkv + kvBS - 1) / kvBS; maskB = 1; maskH = 1
+            let dummy = try dummyIndexBuffer(device)
+            maskBuffers = [dummy, dummy, dummy, dummy]
+        }
+        let tilesPerBlock = (qBS + BQ - 1) / BQ
+        let groupsX = qBlocks * tilesPerBlock
+        guard groupsX <= caps.maxWorkgroupCount[0], s.Hq <= caps.maxWorkgroupCount[1] else {
+            throw FlexError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
+        }
+        let lseScratch = lse == nil ? try dummyFloatBuffer(device) : nil
+        let unusedMax = maxScores == nil ? try dummyFloatBuffer(device) : nil   // binding 11 without max scores
+
+        // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
+        let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
+        let group = s.Hq / max(1, s.Hkv)
+        let errors = try mods.makeErrorBuffer(device)
+        let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
+        // Where the driver caps a shader's loop iterations, the key blocks are walked a share per
+        // dispatch into float32 partials, which a merge pass combines by their LSEs.
+        let kvSplit = kernel == .portable
+            ? kvBlocksPerDispatch(shape: s, tiles: (BQ, BKV, prepared.WG), kvBlockSize: kvBS, kvBlocks: kvBlocks, device: device) : nil
+        let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
+        let partial = splits > 1
+            ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
+                          pass: .forwardPartial, maxScores: maxScores != nil) : nil
+
+        func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
+                      kvRange: Range<Int>) throws {
+            // The maximum scores are addressed like the LSE (both [B, Hq, Lq], contiguous, made here).
+            precondition(lseTarget == nil || maxTarget == nil || (lseTarget!.base == maxTarget!.base && lseTarget!.strides == maxTarget!.strides))
+            let rowTarget = lseTarget ?? maxTarget
+            let (b0, nb, h0, nh) = (chunk.b.lowerBound, chunk.b.count, chunk.h.lowerBound, chunk.h.count)
+            let kvHeads = (h0 / group)..<((h0 + nh - 1) / group + 1)
+            var slots: [AttentionBinding: BufferBinding] = [:]
+            var p = AttentionParams()
+            for (slot, t, heads, prefix) in [(AttentionBinding.q, q, chunk.h, "q"), (.k, k, kvHeads, "k"), (.v, v, kvHeads, "v")] {
+                let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: false, device: device)
+                slots[slot] = binding
+                let f = AttentionParams.Field.self
+                p.set([f.init(rawValue: prefix + "_base")!: base, f.init(rawValue: prefix + "_sb")!: t.strides[0], f.init(rawValue: prefix + "_sh")!: t.strides[1],
+                       f.init(rawValue: prefix + "_sl")!: t.strides[2], f.init(rawValue: prefix + "_sd")!: t.strides[3]])
+            }
+            slots[.output] = out.binding
+            p.set([.o_base: out.base, .o_sb: out.strides[0], .o_sh: out.strides[1], .o_sl: out.strides[2], .o_sd: out.strides[3]])
+            slots[.lse] = lseTarget?.binding ?? BufferBinding(lseScratch!, writes: true)
+            let ls = rowTarget?.strides ?? [0, 0, 0]
+            p.set([.lse_base: rowTarget?.base ?? 0, .lse_sb: ls[0], .lse_sh: ls[1], .lse_sl: ls[2]])
+            for (slot, t) in zip([AttentionBinding.kvNum, .kvIndices, .fullKVNum, .fullKVIndices], maskBuffers) {
+                slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
+            }
+            p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .b_start: b0,
+                   .mask_b: maskB, .mask_h: maskH, .q_bs: qBS, .kv_bs: kvBS, .q_blocks: qBlocks, .kv_blocks: kvBlocks,
+                   .dense: blockMask == nil ? 1 : 0, .tiles_per_block: tilesPerBlock, .write_lse: lseTarget == nil ? 0 : 1])
+            p.set(.scale, float: Float(scale))
+            // Rows readable 8 halves at a time: unit inner stride, 8-aligned row offsets.
+            let strides = [q.strides, k.strides, v.strides, out.strides]
+            let bases = [AttentionParams.Field.q_base, .k_base, .v_base, .o_base].map { p.int($0) }
+            let vecOK = (0..<4).allSatisfy { i in
+                strides[i][3] == 1 && bases[i] % 8 == 0 && strides[i][0] % 8 == 0 && strides[i][1] % 8 == 0 && strides[i][2] % 8 == 0
+            } && s.D % 8 == 0 && s.Dv % 8 == 0
+            p.set([.vec_ok: vecOK ? 1 : 0, .h_start: h0, .hk_start: kvHeads.lowerBound, .kv_block_lo: kvRange.lowerBound,
+                   .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1])
+            let params = p.bytes()
+            if let unusedParams {
+                slots[.params] = BufferBinding(unusedParams)
+            } else {
+                let paramBuffer = try device.makeBuffer(bytes: params.count)
+                try paramBuffer.upload(params)
+                slots[.params] = BufferBinding(paramBuffer)
+            }
+            slots[.errors] = BufferBinding(errors, writes: true)
+            slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
+            let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
+            try device.record { rec in
+                try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb))
+            }
+        }
+
+        for chunk in chunks {
+            let (outBinding, outBase) = try bind(output, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+            let outTarget = WriteTarget(binding: outBinding, base: outBase, strides: output.strides)
+            let lseTarget = try lse.map { l -> WriteTarget in
+                let (binding, base) = try bind(l, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+                return WriteTarget(binding: binding, base: base, strides: l.strides)
+            }
+            let maxTarget = try maxScores.map { m -> WriteTarget in
+                let (binding, base) = try bind(m, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+                return WriteTarget(binding: binding, base: base, strides: m.strides)
+            }
+            guard let partial, let perSplit = kvSplit else {
+                try dispatch(pipeline, chunk: chunk, out: outTarget, lse: lseTarget, max: maxTarget, kvRange: 0..<kvBlocks)
+                continue
+            }
+            // Partials: O [split, b, h, i, d] and LSE [split, b, h, i], float32, contiguous.
+            let (nb, nh) = (chunk.b.count, chunk.h.count)
+            let rows = nb * nh * s.Lq
+            let partBytes = splits * rows * s.Dv * 4
+            guard partBytes <= caps.maxStorageBufferRange else {
+                throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after 65535 iterations, so \(s.Lkv) keys are walked in \(splits) passes whose partial outputs (\(formatBytes(partBytes))) exceed what it binds per buffer (\(formatBytes(caps.maxStorageBufferRange))); pass fewer query rows or heads per call")
+            }
+            let partO = try device.makeBuffer(bytes: max(16, partBytes)), partL = try device.makeBuffer(bytes: max(16, splits * rows * 4))
+            let partM = maxScores == nil ? nil : try device.makeBuffer(bytes: max(16, splits * rows * 4))
+            for split in 0..<splits {
+                let range = (split * perSplit)..<min(kvBlocks, (split + 1) * perSplit)
+                try dispatch(partial.pipeline, chunk: chunk,
+                             out: WriteTarget(binding: BufferBinding(partO, writes: true), base: split * rows * s.Dv, strides: [nh * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
+                             lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]),
+                             max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]) },
+                             kvRange: range)
+            }
+            try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget,
+                      max: maxTarget, outF16: output.dtype == .float16, device: device)
+        }
+        var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
+        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil {
+            checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
+        }
+        for check in checks {
+            output.addCheck(check)
+            lse?.addCheck(check)
+            maxScores?.addCheck(check)
+        }
+    }
+
+    /// The bytes of `t` that batches `batches` and heads `heads` cover (all of L and D).
+    static func span(_ t: Tensor, batches: Range<Int>, heads: Range<Int>) -> (first: Int, lower: Int, upper: Int) {
+        let size = t.dtype.size
+        let first = t.byteOffset + (batches.lowerBound * t.strides[0] + heads.lowerBound * t.strides[1]) * size
+        var lo = first, hi = first + size
+        for (d, (n, st)) in zip(t.shape, t.strides).enumerated() {
+            let extent = d == 0 ? batches.count : d == 1 ? heads.count : n
+            guard extent > 0 else { continue }
+            if st >= 0 { hi += (extent - 1) * st * size } else { lo += (extent - 1) * st * size }
+        }
+        return (first, lo, hi)
+    }
+
+    /// Binds the part of `t` that `batches` and `heads` use; returns the binding and the element
+    /// offset of element (batches.first, heads.first, 0, 0) inside it.
+    static func bind(_ t: Tensor, batches: Range<Int>, heads: Range<Int>, writes: Bool, device: Device) throws -> (BufferBinding, Int) {
+        let size = t.dtype.size
+        let align = device.capabilities.minStorageBufferOffsetAlignment
+        let (first, lo, hi) = span(t, batches: batches, heads: heads)
+        let start = lo / align * align
+        guard (first - start) % size == 0 else { throw FlexError("\(t.name) is not aligned to its element size") }
+        return (BufferBinding(t.buffer, offset: start, size: hi - start, writes: writes), (first - start) / size)
+    }
+
+    struct Chunk { let b: Range<Int>; let h: Range<Int> }
+
+    /// Dispatches such that every binding fits the device's storage-buffer range: all at once,
+    /// else by groups of batches, else one batch and a group of heads at a time.
+    static func planChunks(_ s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor?, device: Device) throws -> [Chunk] {
+        let caps = device.capabilities
+        let limit = caps.maxStorageBufferRange - caps.minStorageBufferOffsetAlignment
+        let group = s.Hq / max(1, s.Hkv)
+        func fits(_ b: Range<Int>, _ h: Range<Int>) -> Bool {
+            let kvh = (h.lowerBound / group)..<((h.upperBound - 1) / group + 1)
+            let parts: [(Tensor, Range<Int>)] = [(q, h), (k, kvh), (v, kvh), (output, h)] + (lse.map { [($0, h)] } ?? [])
+            return parts.allSatisfy { t, heads in
+                let sp = span(t, batches: b, heads: heads)
+                return sp.upper - sp.lower <= limit
+            }
+        }
+        if fits(0..<s.B, 0..<s.Hq) { return [Chunk(b: 0..<s.B, h: 0..<s.Hq)] }
+        var chunks: [Chunk] = []
+        if fits(0..<1, 0..<s.Hq) {
+            var b0 = 0
+            while b0 < s.B {
+                var nb = 1
+                while b0 + nb < s.B && fits(b0..<(b0 + nb + 1), 0..<s.Hq) { nb += 1 }
+                chunks.append(Chunk(b: b0..<(b0 + nb), h: 0..<s.Hq))
+                b0 += nb
+            }
+            return chunks
+        }
+        for b in 0..<s.B {
+            var h0 = 0
+            while h0 < s.Hq {
+                guard fits(b..<(b + 1), h0..<(h0 + 1)) else {
+                    throw FlexError.limitExceeded("one head of one batch spans more than \(formatBytes(caps.maxStorageBufferRange)), what \(caps.name) binds per buffer; split the sequence")
+                }
+                var nh = 1
+                while h0 + nh < s.Hq && fits(b..<(b + 1), h0..<(h0 + nh + 1)) { nh += 1 }
+                chunks.append(Chunk(b: b..<(b + 1), h: h0..<(h0 + nh)))
+                h0 += nh
+            }
+        }
+        return chunks
+    }
+
+    static func dummyIndexBuffer(_ device: Device) throws -> Tensor {
+        try device.tensor([Int32(0)], shape: [1], name: "no_block_mask")
+    }
+
+    static func dummyFloatBuffer(_ device: Device) throws -> Buffer {
+        try device.makeBuffer(bytes: 16)
+    }
+}
+
+/// Reads a kernel's error buffer when its output is read.
+final class ErrorCheck: @unchecked Sendable {
+    let errors: Buffer
+    let captures: [CaptureInfo]
+    init(errors: Buffer, captures: [CaptureInfo]) { self.errors = errors; self.captures = captures }
+    func run() throws {
+        try SplicedMods.decode(try errors.download(count: 4, as: Int32.self), captures: captures)
+    }
+}
