@@ -28,7 +28,9 @@ let package = Package(
         // The one public error type (FlexError) and what its cases carry.
         .target(name: "VKFlexCore"),
         .target(name: "VKFlexExpr", dependencies: ["VKFlexCore"]),
-        .target(name: "VKFlexVulkan", dependencies: ["VKFlexCore", "CVulkan", "CShaderc", "CSPIRVOpt"]),
+        // SPIR-V passes (the NV -> KHR cooperative-matrix rewrite): compiler code, no device.
+        .target(name: "VKFlexSPIRV", dependencies: ["VKFlexCore", "CSPIRVOpt"]),
+        .target(name: "VKFlexVulkan", dependencies: ["VKFlexCore", "VKFlexSPIRV", "CVulkan", "CShaderc", "CSPIRVOpt"]),
         .target(name: "VKFlex", dependencies: ["CVulkan", "VKFlexCore", "VKFlexExpr", "VKFlexVulkan"]),
         .executableTarget(name: "vkflex", dependencies: [
             "VKFlex", .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -37,9 +39,10 @@ let package = Package(
         // The shared base class of the Vulkan tests (a validating lavapipe device per process).
         .target(name: "VKFlexTestSupport", dependencies: ["VKFlexVulkan"], path: "Tests/VKFlexTestSupport"),
         .testTarget(name: "VKFlexVulkanTests", dependencies: ["VKFlexVulkan", "VKFlexTestSupport"]),
-        .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan", "VKFlexTestSupport"]),
+        .testTarget(name: "VKFlexSPIRVTests", dependencies: ["VKFlexSPIRV", "VKFlexVulkan", "VKFlexTestSupport"]),
+        .testTarget(name: "VKFlexTests", dependencies: ["VKFlex", "VKFlexExpr", "VKFlexVulkan", "VKFlexSPIRV", "VKFlexTestSupport"]),
         // Every ```swift example of the README, docs/ and the doc comments, compiled (tools/doc-snippets.py).
-        .testTarget(name: "VKFlexDocTests", dependencies: ["VKFlex", "VKFlexTestSupport"]),
+        .testTarget(name: "VKFlexDocTests", dependencies: ["VKFlex", "VKFlexSPIRV", "VKFlexTestSupport"]),
     ],
     swiftLanguageModes: [.v6],
     cxxLanguageStandard: .cxx17

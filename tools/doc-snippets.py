@@ -85,6 +85,7 @@ def generate():
            "// swiftlint:disable all",
            "import Foundation",
            "import VKFlex",
+           "import VKFlexSPIRV",
            "",
            "// The names the examples use without declaring them.",
            f"typealias SnippetPrelude = ({params})",

@@ -82,7 +82,8 @@ struct AttentionPlan: Hashable, Sendable {
     var narrowK = false
     /// Cooperative-matrix kernel: index sums of the score-mod from float indices (lengths ≤ 2^22).
     var floatIndices = false
-    /// Cooperative-matrix kernel: built for `VK_KHR_cooperative_matrix` (typed B operands).
+    /// Cooperative-matrix kernel: built for `VK_KHR_cooperative_matrix` (typed B operands): the
+    /// NV SPIR-V is rewritten for that extension when the pipeline is built.
     var typedOperands = false
     /// The kernel also writes each row's maximum score.
     var maxScores = false

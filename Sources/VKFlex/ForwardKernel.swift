@@ -81,7 +81,8 @@ enum ForwardKernel {
                                                 device: device, pass: pass, maxScores: maxScores)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
-                                pushConstantSize: plan.pushParams ? paramBytes : 0, includes: mods.includes)
+                                pushConstantSize: plan.pushParams ? paramBytes : 0, includes: mods.includes,
+                                cooperativeMatrixKHR: plan.typedOperands)
         }
         return Prepared(pipeline: pipeline, mods: mods, plan: plan)
     }

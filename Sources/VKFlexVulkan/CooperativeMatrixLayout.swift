@@ -103,7 +103,7 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         let pipeline = try device.pipeline(for: "vkflex.coopmat_layout.\(narrow)") {
             PipelineDescription(source: ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"),
                                                      defines: [.init("NARROW", narrow ? "1" : "0")]),
-                                bindingCount: 1, specialization: [32])
+                                bindingCount: 1, specialization: [32], cooperativeMatrixKHR: device.cooperativeMatrixAPI == .khr)
         }
         let out = try device.makeBuffer(bytes: 32 * 3 * 16 * 4)
         try device.record { rec in

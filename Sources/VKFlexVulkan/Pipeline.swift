@@ -1,3 +1,4 @@
+import VKFlexSPIRV
 import CVulkan
 import Foundation
 
@@ -11,14 +12,19 @@ public struct PipelineDescription: Sendable {
     public var specialization: [UInt32]
     /// Generated include files (e.g. the spliced mods), added to the shader library for this compile.
     public var includes: [String: String]
+    /// The shader's `VK_NV_cooperative_matrix` code goes to the driver rewritten for
+    /// `VK_KHR_cooperative_matrix` (`CooperativeMatrixKHRRewriter`): the caller's plan decides,
+    /// and the device must have the KHR extension enabled.
+    public var cooperativeMatrixKHR: Bool
 
     public init(source: ShaderSource, bindingCount: Int, pushConstantSize: Int = 0, specialization: [UInt32] = [],
-                includes: [String: String] = [:]) {
+                includes: [String: String] = [:], cooperativeMatrixKHR: Bool = false) {
         self.source = source
         self.bindingCount = bindingCount
         self.pushConstantSize = pushConstantSize
         self.specialization = specialization
         self.includes = includes
+        self.cooperativeMatrixKHR = cooperativeMatrixKHR
     }
 }
 
@@ -207,7 +213,10 @@ extension Device {
         var library = ShaderLibrary.standard
         library.files.merge(d.includes) { _, generated in generated }
         var spirv = try ShaderCompiler.shared.compile(d.source, library: library)
-        if cooperativeMatrixAPI == .khr, CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(spirv) {
+        if d.cooperativeMatrixKHR {
+            guard cooperativeMatrixAPI == .khr else {
+                throw FlexError.unsupported("\(d.source.name) is planned for VK_KHR_cooperative_matrix, which \(capabilities.name) does not have enabled")
+            }
             do {
                 spirv = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: capabilities.subgroupSize)
                 if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {

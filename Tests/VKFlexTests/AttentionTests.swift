@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import VKFlex
+import VKFlexSPIRV
 
 final class AttentionTests: FlexTestCase {
     struct Case {

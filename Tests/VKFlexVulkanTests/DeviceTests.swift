@@ -120,4 +120,34 @@ final class DeviceTests: VulkanTestCase {
         XCTAssertEqual(try view.download(count: 16, as: Float.self), (0..<16).map(Float.init))
         try wrapped.synchronize()
     }
+
+    /// Which cooperative-matrix extension a device uses (the rewrite itself is tested in VKFlexSPIRVTests).
+    func testTheExtensionChoiceFollowsTheDeviceTheEnvironmentAndTheValidationLayer() throws {
+        var caps = device.capabilities
+        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "lavapipe has neither extension")
+        XCTAssertNil(device.cooperativeMatrixAPI)
+        XCTAssertTrue(device.cooperativeMatrixShapes.isEmpty)
+        caps.vulkanMemoryModel = true
+        caps.cooperativeMatrixNV = true
+        caps.cooperativeMatrixKHR = true
+        let old = (1 << 22) | (3 << 12) | 239 as UInt32, new = (1 << 22) | (4 << 12) | 309 as UInt32
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps), .khr)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: new), .khr)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .nv, "Debian 12's layer predates the KHR extension")
+        caps.cooperativeMatrixNV = false
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .khr, "no NV to fall back to")
+        caps.cooperativeMatrixNV = true
+        defer { unsetenv("VKFLEX_COOPMAT_API") }
+        setenv("VKFLEX_COOPMAT_API", "nv", 1)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps), .nv)
+        setenv("VKFLEX_COOPMAT_API", "KHR", 1)
+        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .khr, "forced")
+        caps.cooperativeMatrixKHR = false
+        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "forced but absent: no cooperative matrices")
+        setenv("VKFLEX_COOPMAT_API", "amx", 1)
+        XCTAssertThrowsError(try CooperativeMatrixAPI.choice(caps)) { XCTAssertTrue("\($0)".contains("use nv, khr or auto"), "\($0)") }
+        caps.vulkanMemoryModel = false
+        setenv("VKFLEX_COOPMAT_API", "auto", 1)
+        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "both extensions need the Vulkan memory model")
+    }
 }

@@ -1,4 +1,5 @@
 import CSPIRVOpt
+@_exported import VKFlexCore
 import Foundation
 
 /// The role of a `VK_KHR_cooperative_matrix` type in `D = A·B + C` (SPIR-V's `Cooperative Matrix

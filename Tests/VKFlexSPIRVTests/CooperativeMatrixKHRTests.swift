@@ -1,7 +1,8 @@
 import Foundation
 import VKFlexTestSupport
 import XCTest
-@testable import VKFlexVulkan
+import VKFlexVulkan
+@testable import VKFlexSPIRV
 
 /// The NV → KHR cooperative-matrix rewrite. lavapipe has neither extension, so these tests check
 /// the SPIR-V the rewrite produces; the H200 runs it (docs/performance.md).
@@ -153,32 +154,4 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         for (component, uses) in byComponent { XCTAssertEqual(uses, widths[component] == 32 ? [2] : [0]) }
     }
 
-    func testTheExtensionChoiceFollowsTheDeviceTheEnvironmentAndTheValidationLayer() throws {
-        var caps = device.capabilities
-        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "lavapipe has neither extension")
-        XCTAssertNil(device.cooperativeMatrixAPI)
-        XCTAssertTrue(device.cooperativeMatrixShapes.isEmpty)
-        caps.vulkanMemoryModel = true
-        caps.cooperativeMatrixNV = true
-        caps.cooperativeMatrixKHR = true
-        let old = (1 << 22) | (3 << 12) | 239 as UInt32, new = (1 << 22) | (4 << 12) | 309 as UInt32
-        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps), .khr)
-        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: new), .khr)
-        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .nv, "Debian 12's layer predates the KHR extension")
-        caps.cooperativeMatrixNV = false
-        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .khr, "no NV to fall back to")
-        caps.cooperativeMatrixNV = true
-        defer { unsetenv("VKFLEX_COOPMAT_API") }
-        setenv("VKFLEX_COOPMAT_API", "nv", 1)
-        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps), .nv)
-        setenv("VKFLEX_COOPMAT_API", "KHR", 1)
-        XCTAssertEqual(try CooperativeMatrixAPI.choice(caps, validationLayer: old), .khr, "forced")
-        caps.cooperativeMatrixKHR = false
-        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "forced but absent: no cooperative matrices")
-        setenv("VKFLEX_COOPMAT_API", "amx", 1)
-        XCTAssertThrowsError(try CooperativeMatrixAPI.choice(caps)) { XCTAssertTrue("\($0)".contains("use nv, khr or auto"), "\($0)") }
-        caps.vulkanMemoryModel = false
-        setenv("VKFLEX_COOPMAT_API", "auto", 1)
-        XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "both extensions need the Vulkan memory model")
-    }
 }
