@@ -48,9 +48,8 @@
 #ifndef VKF_RAW_MAX
 #define VKF_RAW_MAX 0
 #endif
-#ifndef TAU
+// The lazy maximum's margin, in log2 units (see the header).
 #define TAU 8.0
-#endif
 // VKF_NO_PREFETCH: K/V loaded from global memory right before they are stashed, not a tile ahead
 // (fewer registers; faster at D = 128 with two row blocks per subgroup).
 #ifndef VKF_NO_PREFETCH
@@ -87,22 +86,10 @@
 // (H200, seed suite, two runs each: full D=64 218.8 / 218.7 -> 221.1 / 220.9 TFLOP/s, ALiBi
 // 180.9 / 180.3 -> 183.7 / 186.3, causal D=128 190.4 / 193.3 -> 192.9 / 194.5, soft-cap
 // 161.6 / 160.5 -> 159.9 / 159.9.)
-#ifndef VKF_MMA_ROWSUM
-#define VKF_MMA_ROWSUM 1
-#endif
-#if !VKF_K8
-#undef VKF_MMA_ROWSUM
-#define VKF_MMA_ROWSUM 0
-#endif
-// VKF_SPEC_MAX: the row reductions of the tile maximum only where a lane's own scores need them
-// (H200, causal: D=64 175.8 -> 179.3 TFLOP/s, D=128 154.3 -> 158.6 with VKF_REVERSE_TILES).
-#ifndef VKF_SPEC_MAX
-#define VKF_SPEC_MAX 1
-#endif
-// VKF_REVERSE_TILES (flex_attention_common.glsl): last query tiles first (causal D=64 179.2).
-#ifndef VKF_REVERSE_TILES
+#define VKF_MMA_ROWSUM VKF_K8
+// Last query tiles first (flex_attention_common.glsl): under causal-like masks they have the most
+// keys (H200, causal D=64 175.8 -> 179.2 TFLOP/s).
 #define VKF_REVERSE_TILES 1
-#endif
 // SPLIT: K/V tiles are staged SPLIT * BKV keys at a time (the barriers and the loads' loop are
 // paid per staged tile) and computed BKV keys at a time (the score fragments stay small).
 #ifndef SPLIT
@@ -124,14 +111,11 @@ layout(local_size_x = 32 * NSG) in;
 #define VKF_FLOAT_INDICES 0
 #endif
 // SCORE_L2: the score-mod of the raw product s (before the scale), in log2 units. Where the splice
-// offers score_mod_l2 (VKF_LOG2_MODS, default on), log2(e) is folded into the mod's constants
+// offers score_mod_l2, log2(e) is folded into the mod's constants
 // and the scaled score (score_l2 = s * scale * log2(e)), not multiplied per score afterwards.
-#ifndef VKF_LOG2_MODS
-#define VKF_LOG2_MODS 1
-#endif
-#if VKF_LOG2_MODS && defined(VKF_HAS_SCORE_MOD_L2F) && VKF_FLOAT_INDICES
+#if defined(VKF_HAS_SCORE_MOD_L2F) && VKF_FLOAT_INDICES
 #define SCORE_L2(s, q, kv, qf, kvf) score_mod_l2f((s) * p.scale, (s) * g_c, g_b, g_h, q, kv, qf, kvf)
-#elif VKF_LOG2_MODS && defined(VKF_HAS_SCORE_MOD_L2)
+#elif defined(VKF_HAS_SCORE_MOD_L2)
 #define SCORE_L2(s, q, kv, qf, kvf) score_mod_l2((s) * p.scale, (s) * g_c, g_b, g_h, q, kv)
 #elif defined(VKF_HAS_SCORE_MOD_F) && VKF_FLOAT_INDICES
 #define SCORE_L2(s, q, kv, qf, kvf) (score_mod_f((s) * p.scale, g_b, g_h, q, kv, qf, kvf) * LOG2E)
@@ -141,15 +125,9 @@ layout(local_size_x = 32 * NSG) in;
 
 // VKF_SELECT_CHECKS: on tiles that need range and mask checks, evaluate the mods on every element
 // and select, where the mods allow it (VKF_PURE_MODS, from the splice: no loads, no reports).
-// Branching per element (set to 0 to compare) was slower where partial tiles are common (H200,
-// sliding window 158.7 -> 180.8 TFLOP/s, causal D=128 185.8 -> 191.6).
-#ifndef VKF_SELECT_CHECKS
-#define VKF_SELECT_CHECKS 1
-#endif
-#if !VKF_PURE_MODS
-#undef VKF_SELECT_CHECKS
-#define VKF_SELECT_CHECKS 0
-#endif
+// Branching per element was slower where partial tiles are common (H200, sliding window 158.7 ->
+// 180.8 TFLOP/s, causal D=128 185.8 -> 191.6).
+#define VKF_SELECT_CHECKS VKF_PURE_MODS
 
 // The same buffers seen 8 halves at a time, for the vector path.
 layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBuf4 { uvec4 q4[]; };
@@ -186,8 +164,8 @@ shared uvec4 kvs[KV4 > STAGE4 ? KV4 : STAGE4];
 #define EL_COL(e) (((e) & 1) + 8 * (((e) >> 1) & 1))
 
 // Per-invocation state shared by main() and the tile functions.
-FRAG16 qf[RPW][D / 16];
-FRAG32 of[RPW][DV / 16];
+FRAG16 qf[RPW][D / 16];        // this subgroup's Q rows, as A operands
+FRAG32 of[RPW][DV / 16];       // O, unnormalized (fp32 accumulators)
 FRAG16 pf[RPW][BKV / 16];      // P of the current tile, as fp16 operands
 float fm[RPW][2], fl[RPW][2];   // running max (log2 domain) and this lane's share of the row sum
 #if VKF_MAX_SCORES
@@ -347,12 +325,11 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 #endif
     }
     // The running max is raised only by more than TAU. Where no lane holds a score above its row's
-    // max + TAU (most tiles once a row has seen a few), one vote skips the row reductions.
-#if VKF_SPEC_MAX
+    // max + TAU (most tiles once a row has seen a few), one vote skips the row reductions (H200,
+    // causal: D=64 175.8 -> 179.3 TFLOP/s, D=128 154.3 -> 158.6).
     bool over = false;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) over = over || mx[rb][0] > fm[rb][0] + TAU || mx[rb][1] > fm[rb][1] + TAU;
     if (subgroupAny(over))
-#endif
     {
         bool rescale = false;
         [[unroll]] for (int rb = 0; rb < RPW; ++rb) {
