@@ -11,55 +11,20 @@
 // sum against 0 exactly (l > 0 would take a NaN row for an empty one).
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
-// IN_F16, OUT_F16 (0/1), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
+// IN_F16 / IN_BF16, OUT_F16 / OUT_BF16 (0/1: flex_dtype.glsl), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
 // flex_mods.glsl (error buffer and captures at the bindings AttentionParams.swift declares).
 #extension GL_GOOGLE_include_directive : require
-#if IN_F16 || OUT_F16
-#extension GL_EXT_shader_16bit_storage : require
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
-#endif
 #extension GL_EXT_control_flow_attributes : require
 
 layout(local_size_x = WG) in;
 
-#if IN_F16
-#define IN_T float16_t
-#else
-#define IN_T float
-#endif
-#if OUT_F16
-#define OUT_T float16_t
-#else
-#define OUT_T float
-#endif
-
+#include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
 
 // K and V seen UNIT elements at a time (16 bytes), for rows that are contiguous and start at a
 // multiple of 8 elements (p.vec_ok): one load per UNIT elements instead of one per element.
-#if IN_F16
-layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
-#define UNIT 8
-#else
-layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { vec4 k_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { vec4 v_units[]; };
-#define UNIT 4
-#endif
-// The UNIT elements of a unit as floats.
-void unit_floats(
-#if IN_F16
-    uvec4 w,
-#else
-    vec4 w,
-#endif
-    out float f[UNIT]) {
-#if IN_F16
-    for (int i = 0; i < 4; ++i) { const vec2 h = vec2(unpackFloat2x16(w[i])); f[2 * i] = h.x; f[2 * i + 1] = h.y; }
-#else
-    for (int i = 0; i < 4; ++i) f[i] = w[i];
-#endif
-}
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { UNIT_T k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T v_units[]; };
 
 // With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
 // its constants), and the score is not multiplied by log2(e) afterwards.
@@ -197,7 +162,7 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
     } else { \
         for (int e = lid; e < BKV * (WIDTH); e += WG) { \
             const int j = e / (WIDTH), d = e - j * (WIDTH); \
-            SET(j, d, j < kn ? float(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
+            SET(j, d, j < kn ? IN_FLOAT(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
         } \
     }
 #endif
@@ -218,14 +183,14 @@ void main() {
         float x[4];
         for (int i = 0; i < 4; ++i) {
             const int r = 4 * g + i;
-            x[i] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
+            x[i] = r < rows ? IN_FLOAT(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
         }
         Qh[d * (BQ / 4) + g] = uvec2(packHalf2x16(vec2(x[0], x[1])), packHalf2x16(vec2(x[2], x[3])));
     }
 #else
     for (int e = lid; e < BQ * D; e += WG) {
         int r = e / D, d = e - (e / D) * D;
-        Q_SET(r, d, r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0);
+        Q_SET(r, d, r < rows ? IN_FLOAT(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0);
     }
 #endif
     if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
@@ -554,7 +519,7 @@ void main() {
             if (PV_HAS(n) && r < rows) {
                 const float l = row_l[r];
                 [[unroll]] for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_VALUE(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
             }
         }
     }
@@ -565,7 +530,7 @@ void main() {
             int r = e / DV, d = e - (e / DV) * DV;
             if (r < rows) {
                 float l = row_l[r];
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l != 0.0 ? acc[a] / l : 0.0);
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(l != 0.0 ? acc[a] / l : 0.0);
             }
         }
     }

@@ -5,19 +5,14 @@
 // A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
 // with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
 //
-// Defines: OUT_F16 (0/1, the output's element type). Bindings: 0 partial O [S, rows, Dv], 1
+// Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl). Bindings: 0 partial O [S, rows, Dv], 1
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
 // [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
-#extension GL_EXT_shader_16bit_storage : require
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x = 64) in;
 
-#if OUT_F16
-#define OUT_T float16_t
-#else
-#define OUT_T float
-#endif
+#include "flex_dtype.glsl"
 layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
 layout(std430, set = 0, binding = 1) readonly buffer PartL { float part_l[]; };
 layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
@@ -56,7 +51,7 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
     if (nan_row) o = nan;
     const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
-    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_T(o);
+    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_VALUE(o);
     if (p.write_lse != 0 && d == 0)
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
     if (p.write_max != 0 && d == 0) {

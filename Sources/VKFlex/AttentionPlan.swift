@@ -103,11 +103,13 @@ struct AttentionPlan: Hashable, Sendable {
         var source: ShaderSource
         switch tiles {
         case .portable(let BQ, let BKV, let WG):
-            let f16 = dtype == .float16
+            let f16 = dtype == .float16, partial = pass == .forwardPartial
             source = ShaderSource(name: "flex_attention_fwd", text: try ShaderLibrary.standard.text("flex_attention_fwd.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("BQ", "\(BQ)"), .init("BKV", "\(BKV)"),
-                .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 && pass != .forwardPartial ? "1" : "0"),
+                .init("WG", "\(WG)"), .init("IN_F16", f16 ? "1" : "0"), .init("OUT_F16", f16 && !partial ? "1" : "0"),
             ])
+            // bfloat16 is stored as 16 bits and computed in float32 (never narrowed to float16).
+            if dtype == .bfloat16 { source.defines += [.init("IN_BF16", "1"), .init("OUT_BF16", partial ? "0" : "1")] }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                                   .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),

@@ -56,7 +56,7 @@ extension ForwardKernel {
         return blocks >= kvBlocks ? nil : blocks
     }
 
-    struct MergeKey: Hashable, Sendable { let outF16: Bool }
+    struct MergeKey: Hashable, Sendable { let out: DType }
 
     /// Where a dispatch writes O or the LSE: a tensor's part for a chunk, or a partial's.
     struct WriteTarget { var binding: BufferBinding; var base: Int; var strides: [Int] }
@@ -64,10 +64,11 @@ extension ForwardKernel {
     /// Combines `splits` partial results (O [split, rows, Dv] and LSE [split, rows], float32) of
     /// a chunk of `nb` batches and `nh` heads into the output (and the LSE, when wanted).
     static func merge(splits: Int, partO: Buffer, partL: Buffer, partMax: Buffer?, nb: Int, nh: Int, shape s: AttentionShape,
-                      out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, outF16: Bool, device: Device) throws {
-        let pipeline = try device.pipeline(for: MergeKey(outF16: outF16)) {
+                      out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, outDType: DType, device: Device) throws {
+        let pipeline = try device.pipeline(for: MergeKey(out: outDType)) {
             PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
-                                                     defines: [.init("OUT_F16", outF16 ? "1" : "0")]),
+                                                     defines: [.init("OUT_F16", outDType == .float16 ? "1" : "0"),
+                                                               .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0")]),
                                 bindingCount: 6, pushConstantSize: 16 * 4)
         }
         let elements = nb * nh * s.Lq * s.Dv

@@ -10,8 +10,8 @@ struct AttentionShape {
     init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool) throws {
         for (name, t) in [("query", q), ("key", k), ("value", v)] {
             guard t.rank == 4 else { throw FlexError("\(name) must be 4-D [B, H, L, D], got shape \(t.shape)") }
-            guard t.dtype == .float32 || t.dtype == .float16 else {
-                throw FlexError("\(name) is \(t.dtype.rawValue); attention inputs must be float32 or float16")
+            guard t.dtype.isFloat else {
+                throw FlexError("\(name) is \(t.dtype.rawValue); attention inputs must be float32, float16 or bfloat16")
             }
             guard t.device === q.device else { throw FlexError("\(name) is on another device than the query") }
         }
@@ -38,8 +38,8 @@ struct AttentionShape {
             }
         }
         guard Hkv > 0 || Hq == 0 else { throw FlexError("key/value have no heads") }
-        if q.dtype == .float16 && !q.device.enabledFeatures.storageBuffer16Bit {
-            throw FlexError.unsupported("\(q.device.capabilities.name) cannot read float16 buffers (no 16-bit storage); use float32")
+        if q.dtype.size == 2 && !q.device.enabledFeatures.storageBuffer16Bit {
+            throw FlexError.unsupported("\(q.device.capabilities.name) cannot read \(q.dtype.rawValue) buffers (no 16-bit storage); use float32")
         }
         if let m = blockMask {
             guard m.qLen == Lq, m.kvLen == Lkv else {
@@ -213,7 +213,7 @@ enum ForwardKernel {
                              kvRange: range)
             }
             try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget,
-                      max: maxTarget, outF16: output.dtype == .float16, device: device)
+                      max: maxTarget, outDType: output.dtype, device: device)
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
         if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil {

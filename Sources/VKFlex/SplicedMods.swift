@@ -19,7 +19,10 @@ struct SplicedMods {
                 throw FlexError("\(cap.name) is a host tensor; captures used on the GPU must be device tensors (device.tensor(...))")
             }
             guard t.device === device else { throw FlexError("captured tensor \(t.name) belongs to another device") }
-            guard t.dtype != .float16 else { throw FlexError("captured tensor \(t.name) is float16; captures must be int32 or float32") }
+            // 16-bit float captures are read through a float32 copy (the mods compute in float32).
+            if t.dtype == .float16 || t.dtype == .bfloat16 {
+                return try device.tensor(try t.toArray(), shape: t.shape, dtype: .float32, name: t.name)
+            }
             guard t.isContiguous else { throw FlexError("captured tensor \(t.name) is a strided view; captures must be contiguous") }
             guard t.count > 0 else { throw FlexError("captured tensor \(t.name) is empty") }
             guard t.byteOffset % device.capabilities.minStorageBufferOffsetAlignment == 0 else {

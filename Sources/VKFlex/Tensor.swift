@@ -5,10 +5,13 @@ import VKFlexVulkan
 
 /// Element types of tensors.
 public enum DType: String, Sendable, CaseIterable, Codable {
-    case float32, float16, int32
+    case float32, float16, bfloat16, int32
 
     /// Bytes per element.
-    public var size: Int { self == .float16 ? 2 : 4 }
+    public var size: Int { self == .float16 || self == .bfloat16 ? 2 : 4 }
+
+    /// Whether the elements are floating point.
+    public var isFloat: Bool { self != .int32 }
 }
 
 /// An n-dimensional array in a device buffer: a shape, strides (in elements) and a dtype.
@@ -121,6 +124,7 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         switch dtype {
         case .float32: return try gather(Float.self) { $0 }
         case .float16: return try gather(Float16.self) { Float($0) }
+        case .bfloat16: return try gather(UInt16.self) { Float(bfloat16Bits: $0) }
         case .int32: return try gather(Int32.self) { Float($0) }
         }
     }
@@ -192,6 +196,7 @@ extension Device {
         switch dtype {
         case .float32: try t.buffer.upload(values)
         case .float16: try t.buffer.upload(values.map { Float16($0) })
+        case .bfloat16: try t.buffer.upload(values.map(\.bfloat16Bits))
         case .int32:
             guard values.allSatisfy({ $0 == $0.rounded() && abs($0) < 2_147_483_648 }) else {
                 throw FlexError("int32 tensor \(name ?? ""): values must be integers in int32 range")
@@ -271,4 +276,26 @@ extension Device {
             throw FlexError("shape \(shape) holds \(shape.reduce(1, *)) elements but \(count) values were given")
         }
     }
+}
+
+extension Float {
+    /// The bfloat16 nearest this value, as its 16 bits: round to nearest even, as PyTorch's
+    /// `Tensor.to(torch.bfloat16)` does; a NaN stays NaN (quiet, sign kept), and values past the
+    /// largest bfloat16 round to ±inf.
+    ///
+    /// ```swift
+    /// Float(1.00390625).bfloat16Bits           // 0x3F80: a tie, to the even 1.0
+    /// Float(bfloat16Bits: 0x4049)              // 3.140625
+    /// ```
+    public var bfloat16Bits: UInt16 {
+        let u = bitPattern
+        if isNaN { return UInt16(truncatingIfNeeded: (u >> 16) | 0x40) }
+        return UInt16(truncatingIfNeeded: (u &+ 0x7FFF &+ ((u >> 16) & 1)) >> 16)
+    }
+
+    /// The float a bfloat16's 16 bits hold (exact: a bfloat16 is the high half of a float).
+    public init(bfloat16Bits bits: UInt16) { self.init(bitPattern: UInt32(bits) << 16) }
+
+    /// This value rounded to bfloat16 and back.
+    public var roundedToBFloat16: Float { Float(bfloat16Bits: bfloat16Bits) }
 }

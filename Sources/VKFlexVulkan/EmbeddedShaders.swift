@@ -220,55 +220,20 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
 // sum against 0 exactly (l > 0 would take a NaN row for an empty one).
 //
 // Defines (ShaderSource.defines): D, DV (head dims), BQ, BKV (tile sizes), WG (workgroup size),
-// IN_F16, OUT_F16 (0/1), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
+// IN_F16 / IN_BF16, OUT_F16 / OUT_BF16 (0/1: flex_dtype.glsl), VKF_MAX_SCORES (0/1: write each row's maximum score). Splice point:
 // flex_mods.glsl (error buffer and captures at the bindings AttentionParams.swift declares).
 #extension GL_GOOGLE_include_directive : require
-#if IN_F16 || OUT_F16
-#extension GL_EXT_shader_16bit_storage : require
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
-#endif
 #extension GL_EXT_control_flow_attributes : require
 
 layout(local_size_x = WG) in;
 
-#if IN_F16
-#define IN_T float16_t
-#else
-#define IN_T float
-#endif
-#if OUT_F16
-#define OUT_T float16_t
-#else
-#define OUT_T float
-#endif
-
+#include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
 
 // K and V seen UNIT elements at a time (16 bytes), for rows that are contiguous and start at a
 // multiple of 8 elements (p.vec_ok): one load per UNIT elements instead of one per element.
-#if IN_F16
-layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
-#define UNIT 8
-#else
-layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { vec4 k_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { vec4 v_units[]; };
-#define UNIT 4
-#endif
-// The UNIT elements of a unit as floats.
-void unit_floats(
-#if IN_F16
-    uvec4 w,
-#else
-    vec4 w,
-#endif
-    out float f[UNIT]) {
-#if IN_F16
-    for (int i = 0; i < 4; ++i) { const vec2 h = vec2(unpackFloat2x16(w[i])); f[2 * i] = h.x; f[2 * i + 1] = h.y; }
-#else
-    for (int i = 0; i < 4; ++i) f[i] = w[i];
-#endif
-}
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { UNIT_T k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T v_units[]; };
 
 // With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
 // its constants), and the score is not multiplied by log2(e) afterwards.
@@ -406,7 +371,7 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
     } else { \
         for (int e = lid; e < BKV * (WIDTH); e += WG) { \
             const int j = e / (WIDTH), d = e - j * (WIDTH); \
-            SET(j, d, j < kn ? float(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
+            SET(j, d, j < kn ? IN_FLOAT(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
         } \
     }
 #endif
@@ -427,14 +392,14 @@ void main() {
         float x[4];
         for (int i = 0; i < 4; ++i) {
             const int r = 4 * g + i;
-            x[i] = r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
+            x[i] = r < rows ? IN_FLOAT(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0;
         }
         Qh[d * (BQ / 4) + g] = uvec2(packHalf2x16(vec2(x[0], x[1])), packHalf2x16(vec2(x[2], x[3])));
     }
 #else
     for (int e = lid; e < BQ * D; e += WG) {
         int r = e / D, d = e - (e / D) * D;
-        Q_SET(r, d, r < rows ? float(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0);
+        Q_SET(r, d, r < rows ? IN_FLOAT(q_data[qoff + (q0 + r) * p.q_sl + d * p.q_sd]) : 0.0);
     }
 #endif
     if (lid < BQ) { row_m[lid] = -1e30; row_l[lid] = 0.0; row_alpha[lid] = 1.0; }
@@ -763,7 +728,7 @@ void main() {
             if (PV_HAS(n) && r < rows) {
                 const float l = row_l[r];
                 [[unroll]] for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_T(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_VALUE(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
             }
         }
     }
@@ -774,7 +739,7 @@ void main() {
             int r = e / DV, d = e - (e / DV) * DV;
             if (r < rows) {
                 float l = row_l[r];
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_T(l != 0.0 ? acc[a] / l : 0.0);
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(l != 0.0 ? acc[a] / l : 0.0);
             }
         }
     }
@@ -1505,19 +1470,14 @@ void main() {
 // A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
 // with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
 //
-// Defines: OUT_F16 (0/1, the output's element type). Bindings: 0 partial O [S, rows, Dv], 1
+// Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl). Bindings: 0 partial O [S, rows, Dv], 1
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
 // [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
-#extension GL_EXT_shader_16bit_storage : require
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_GOOGLE_include_directive : require
 
 layout(local_size_x = 64) in;
 
-#if OUT_F16
-#define OUT_T float16_t
-#else
-#define OUT_T float
-#endif
+#include "flex_dtype.glsl"
 layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
 layout(std430, set = 0, binding = 1) readonly buffer PartL { float part_l[]; };
 layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
@@ -1556,7 +1516,7 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
     if (nan_row) o = nan;
     const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
-    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_T(o);
+    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_VALUE(o);
     if (p.write_lse != 0 && d == 0)
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
     if (p.write_max != 0 && d == 0) {
@@ -1564,6 +1524,80 @@ void main() {
         for (int s = 0; s < p.splits; ++s) mx = max(mx, part_max[s * rows + row]);
         max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
     }
+}
+"""#,
+        "flex_dtype.glsl": #"""
+// Element types of the attention inputs and outputs, and their conversions to and from float —
+// the one place a kernel learns a dtype. Define IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16 (0/1;
+// neither: float32) before including; it defines IN_T, OUT_T, IN_FLOAT(x), OUT_VALUE(x), and
+// for 16-byte loads UNIT (elements per uvec4/vec4) with unit_floats(w, f).
+//
+// bfloat16 is the high half of a float32: widening is a shift (exact); narrowing rounds to nearest
+// even as PyTorch's `.to(torch.bfloat16)` does (NaN stays a quiet NaN, overflow gives ±inf). It
+// needs 16-bit storage only, no 16-bit arithmetic.
+#ifndef IN_F16
+#define IN_F16 0
+#endif
+#ifndef IN_BF16
+#define IN_BF16 0
+#endif
+#ifndef OUT_F16
+#define OUT_F16 0
+#endif
+#ifndef OUT_BF16
+#define OUT_BF16 0
+#endif
+#if IN_F16 || OUT_F16 || IN_BF16 || OUT_BF16
+#extension GL_EXT_shader_16bit_storage : require
+#endif
+#if IN_F16 || OUT_F16
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#endif
+
+#if IN_F16
+#define IN_T float16_t
+#define IN_FLOAT(x) float(x)
+#elif IN_BF16
+#define IN_T uint16_t
+#define IN_FLOAT(x) uintBitsToFloat(uint(x) << 16)
+#else
+#define IN_T float
+#define IN_FLOAT(x) float(x)
+#endif
+
+#if OUT_F16
+#define OUT_T float16_t
+#define OUT_VALUE(x) OUT_T(x)
+#elif OUT_BF16
+#define OUT_T uint16_t
+// The bits of the nearest bfloat16 (ties to even); a NaN keeps its sign and becomes quiet. The
+// narrowing to 16 bits happens in the store (a 16-bit value anywhere else needs Int16 arithmetic).
+uint vkf_bf16_bits(float x) {
+    const uint u = floatBitsToUint(x);
+    return isnan(x) ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+#define OUT_VALUE(x) uint16_t(vkf_bf16_bits(x))
+#else
+#define OUT_T float
+#define OUT_VALUE(x) OUT_T(x)
+#endif
+
+// 16-byte loads: UNIT elements per word group, unit_floats widens them.
+#if IN_F16 || IN_BF16
+#define UNIT 8
+#define UNIT_T uvec4
+#else
+#define UNIT 4
+#define UNIT_T vec4
+#endif
+void unit_floats(UNIT_T w, out float f[UNIT]) {
+#if IN_F16
+    for (int i = 0; i < 4; ++i) { const vec2 h = vec2(unpackFloat2x16(w[i])); f[2 * i] = h.x; f[2 * i + 1] = h.y; }
+#elif IN_BF16
+    for (int i = 0; i < 4; ++i) { f[2 * i] = uintBitsToFloat(w[i] << 16); f[2 * i + 1] = uintBitsToFloat(w[i] & 0xFFFF0000u); }
+#else
+    for (int i = 0; i < 4; ++i) f[i] = w[i];
+#endif
 }
 """#,
         "mod_eval.comp": #"""

@@ -1,0 +1,72 @@
+// Element types of the attention inputs and outputs, and their conversions to and from float —
+// the one place a kernel learns a dtype. Define IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16 (0/1;
+// neither: float32) before including; it defines IN_T, OUT_T, IN_FLOAT(x), OUT_VALUE(x), and
+// for 16-byte loads UNIT (elements per uvec4/vec4) with unit_floats(w, f).
+//
+// bfloat16 is the high half of a float32: widening is a shift (exact); narrowing rounds to nearest
+// even as PyTorch's `.to(torch.bfloat16)` does (NaN stays a quiet NaN, overflow gives ±inf). It
+// needs 16-bit storage only, no 16-bit arithmetic.
+#ifndef IN_F16
+#define IN_F16 0
+#endif
+#ifndef IN_BF16
+#define IN_BF16 0
+#endif
+#ifndef OUT_F16
+#define OUT_F16 0
+#endif
+#ifndef OUT_BF16
+#define OUT_BF16 0
+#endif
+#if IN_F16 || OUT_F16 || IN_BF16 || OUT_BF16
+#extension GL_EXT_shader_16bit_storage : require
+#endif
+#if IN_F16 || OUT_F16
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#endif
+
+#if IN_F16
+#define IN_T float16_t
+#define IN_FLOAT(x) float(x)
+#elif IN_BF16
+#define IN_T uint16_t
+#define IN_FLOAT(x) uintBitsToFloat(uint(x) << 16)
+#else
+#define IN_T float
+#define IN_FLOAT(x) float(x)
+#endif
+
+#if OUT_F16
+#define OUT_T float16_t
+#define OUT_VALUE(x) OUT_T(x)
+#elif OUT_BF16
+#define OUT_T uint16_t
+// The bits of the nearest bfloat16 (ties to even); a NaN keeps its sign and becomes quiet. The
+// narrowing to 16 bits happens in the store (a 16-bit value anywhere else needs Int16 arithmetic).
+uint vkf_bf16_bits(float x) {
+    const uint u = floatBitsToUint(x);
+    return isnan(x) ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+#define OUT_VALUE(x) uint16_t(vkf_bf16_bits(x))
+#else
+#define OUT_T float
+#define OUT_VALUE(x) OUT_T(x)
+#endif
+
+// 16-byte loads: UNIT elements per word group, unit_floats widens them.
+#if IN_F16 || IN_BF16
+#define UNIT 8
+#define UNIT_T uvec4
+#else
+#define UNIT 4
+#define UNIT_T vec4
+#endif
+void unit_floats(UNIT_T w, out float f[UNIT]) {
+#if IN_F16
+    for (int i = 0; i < 4; ++i) { const vec2 h = vec2(unpackFloat2x16(w[i])); f[2 * i] = h.x; f[2 * i + 1] = h.y; }
+#elif IN_BF16
+    for (int i = 0; i < 4; ++i) { f[2 * i] = uintBitsToFloat(w[i] << 16); f[2 * i + 1] = uintBitsToFloat(w[i] & 0xFFFF0000u); }
+#else
+    for (int i = 0; i < 4; ++i) f[i] = w[i];
+#endif
+}
