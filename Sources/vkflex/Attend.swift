@@ -4,7 +4,7 @@ import VKFlex
 
 /// `NAME=FILE.npy` captures shared by attend, mask and bench.
 struct CaptureOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("A tensor the mods index, as NAME=FILE.npy (float32 or int32, rank 1-4).", valueName: "NAME=FILE.npy"))
+    @Option(name: .long, help: ArgumentHelp("A tensor the mods index, as NAME=FILE.npy (float32, float16 or int32, rank 1-4).", valueName: "NAME=FILE.npy"))
     var capture: [String] = []
 
     func load(on device: Device) throws -> [String: Tensor] {
@@ -23,7 +23,6 @@ struct CaptureOptions: ParsableArguments {
             guard (1...4).contains(array.shape.count) else {
                 throw CLIError("--capture \(name): \(parts[1]) has rank \(array.shape.count); captures have rank 1 to 4")
             }
-            guard array.dtype != .float16 else { throw CLIError("--capture \(name): \(parts[1]) is float16; captures are float32 or int32") }
             guard array.shape.reduce(1, *) > 0 else { throw CLIError("--capture \(name): \(parts[1]) is empty") }
             out[name] = try device.tensor(array, name: name)
         }
@@ -54,6 +53,8 @@ struct Attend: ParsableCommand {
     @Option(name: .long, help: "mask_mod expression, e.g. \"q_idx >= kv_idx\".") var maskMod: String?
     @OptionGroup var captures: CaptureOptions
     @Option(name: .long, help: "Softmax scale (default 1/sqrt(D)).") var scale: Double?
+    @Option(name: .long, help: "Compute in this dtype: float32, float16 or bfloat16 (default: the files'). The inputs are rounded to it on upload; .npy has no bfloat16, so bfloat16 outputs are written as float32 holding bfloat16 values.")
+    var dtype: String?
     @Flag(name: .long, help: "Allow fewer key/value heads than query heads (grouped-query attention).") var gqa = false
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
@@ -69,7 +70,7 @@ struct Attend: ParsableCommand {
             let arrays = try [("--q", q), ("--k", k), ("--v", v)].map { flag, path -> NPYArray in
                 let a = try NPYArray(contentsOf: URL(fileURLWithPath: path))
                 guard a.shape.count == 4 else { throw CLIError("\(flag) \(path) has shape \(a.shape); expected (B, H, L, D)") }
-                guard a.dtype != .int32 else { throw CLIError("\(flag) \(path) is int32; attention inputs are float32 or float16") }
+                guard a.dtype != .int32 else { throw CLIError("\(flag) \(path) is int32; attention inputs are float32 or float16 (or --dtype bfloat16 from float32 files)") }
                 return a
             }
             let device = try deviceOptions.open()
@@ -80,13 +81,19 @@ struct Attend: ParsableCommand {
             guard arrays[1].dtype == arrays[0].dtype, arrays[2].dtype == arrays[0].dtype else {
                 throw CLIError("--q is \(arrays[0].dtype.rawValue), --k \(arrays[1].dtype.rawValue) and --v \(arrays[2].dtype.rawValue): they must share a dtype (save them all as float32 or all as float16)")
             }
-            let dtype = arrays[0].dtype
+            var dtype = arrays[0].dtype
+            if let name = self.dtype {
+                guard let d = DType(rawValue: name), d.isFloat else { throw CLIError("--dtype \(name): use float32, float16 or bfloat16") }
+                dtype = d
+            }
             let (B, Hq, Lq) = (arrays[0].shape[0], arrays[0].shape[1], arrays[0].shape[2])
             let (Hkv, Lkv) = (arrays[1].shape[1], arrays[1].shape[2])
             if Hq != Hkv && !gqa && Hkv > 0 && Hq % Hkv == 0 {
                 throw CLIError("--q has \(Hq) heads and --k \(Hkv): pass --gqa for grouped-query attention (query head h reads key/value head h / \(Hq / Hkv))")
             }
-            let tensors = try zip(arrays, ["q", "k", "v"]).map { a, name in try device.tensor(a, name: name) }
+            let tensors = try zip(arrays, ["q", "k", "v"]).map { a, name in
+                a.dtype == dtype ? try device.tensor(a, name: name) : try device.tensor(a.floats, shape: a.shape, dtype: dtype, name: name)
+            }
             var blockMask: BlockMask?
             // With no queries or no keys there is nothing to mask: every row is empty (output 0, LSE -inf).
             if let m = maskExpr, Lq > 0, Lkv > 0 {

@@ -25,7 +25,7 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("h"), help: "Custom case: heads.") var heads: Int = 8
     @Option(name: .customLong("s"), help: "Custom case: sequence length.") var seq: Int = 2048
     @Option(name: .customLong("d"), help: "Custom case: head dim.") var dim: Int = 64
-    @Option(name: .long, help: "Custom case: float16 or float32.") var dtype: String = "float16"
+    @Option(name: .long, help: "float16 (default), bfloat16 or float32, for the suite's cases and a custom one.") var dtype: String?
     @Option(name: .long, help: "Custom case: mask_mod expression.") var maskMod: String?
     @Option(name: .long, help: "Custom case: score_mod expression.") var scoreMod: String?
     @OptionGroup var captures: CaptureOptions
@@ -72,12 +72,13 @@ struct Bench: ParsableCommand {
                     }
                     list = list.filter { wanted.contains($0.name) }
                 }
+                if let dt = try benchDType() { list = list.map { var c = $0; c.dtype = dt; return c } }
                 if small || (device.capabilities.type == .cpu && !fullSize) {
                     list = list.map { var c = $0; c.B = 1; c.H = 2; c.S = 512; return c }
                     print("(small sizes: B=1, H=2, S=512\(device.capabilities.type == .cpu ? " on a CPU device; --full-size for the suite's" : ""))")
                 }
             } else {
-                guard let dt = DType(rawValue: dtype), dt != .int32 else { throw CLIError("--dtype must be float16 or float32") }
+                let dt = try benchDType() ?? .float16
                 guard batch > 0, heads > 0, seq > 0, (1...256).contains(dim) else { throw CLIError("--b, --h, --s must be positive and --d in 1...256") }
                 list = [BenchCase(name: "custom", B: batch, H: heads, S: seq, D: dim, dtype: dt, mask: maskMod, score: scoreMod)]
                 custom = true
@@ -123,6 +124,13 @@ struct Bench: ParsableCommand {
             throw CLIError("\(flags): q, k, v and the output need \(formatBytes(4 * tensorBytes)); \(caps.name) has \(formatBytes(caps.deviceLocalMemory)) (choose smaller sizes)")
         }
         return n
+    }
+
+    /// `--dtype`, checked.
+    func benchDType() throws -> DType? {
+        guard let dtype else { return nil }
+        guard let d = DType(rawValue: dtype), d.isFloat else { throw CLIError("--dtype \(dtype): use float16, bfloat16 or float32") }
+        return d
     }
 
     func runCase(_ c: BenchCase, device: Device, blockSize: BlockSize, custom: Bool) throws -> String {
@@ -251,7 +259,13 @@ struct Bench: ParsableCommand {
     /// Relative L2 error of 64 query rows of batch 0, head 0 against a float64 reference.
     func checkSlice(_ c: BenchCase, qv: [Float], kv: [Float], vv: [Float], out: Tensor, score: ScoreMod?, mask: BlockMask?) throws -> Double {
         let rows = Array(Set((0..<64).map { $0 * c.S / 64 + ($0 * 37) % max(1, c.S / 64) })).sorted().filter { $0 < c.S }
-        func host(_ a: [Float]) -> [Float] { c.dtype == .float16 ? a.map { Float(Float16($0)) } : a }
+        func host(_ a: [Float]) -> [Float] {
+            switch c.dtype {
+            case .float16: return a.map { Float(Float16($0)) }
+            case .bfloat16: return a.map(\.roundedToBFloat16)
+            default: return a
+            }
+        }
         let headQ = host(Array(qv[0..<(c.S * c.D)])), headK = host(Array(kv[0..<(c.S * c.D)])), headV = host(Array(vv[0..<(c.S * c.D)]))
         let q = rows.flatMap { headQ[($0 * c.D)..<(($0 + 1) * c.D)] }
         let all = try out.toArray()

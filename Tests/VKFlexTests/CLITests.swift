@@ -205,6 +205,40 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(coop.contains("FAIL  no attention case ran through coopmat-nv"), coop)
     }
 
+    /// `--dtype bfloat16` rounds float32 files to bfloat16, computes, and writes bfloat16-exact
+    /// float32 files, matching NumPy on the rounded inputs.
+    func testAttendInBFloat16() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(1)
+        for n in 'qkv': np.save(f'{d}/{n}.npy', (rng.standard_normal((1, 2, 70, 32)) * (3e5 if n == 'v' else 1)).astype(np.float32))
+        """)
+        let d = dir.path
+        let (status, output) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--dtype", "bfloat16",
+                                        "--mask-mod", "q_idx >= kv_idx", "--out", "\(d)/o.npy", "--lse", "\(d)/l.npy"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("bfloat16"), output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        def bf16(x):
+            u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+            return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+        q, k, v = [bf16(np.load(f'{d}/{n}.npy')).astype(np.float64) for n in 'qkv']
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(32)
+        s = np.where(np.tril(np.ones((70, 70), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True)); ref = p @ v / p.sum(-1, keepdims=True)
+        o = np.load(f'{d}/o.npy')
+        exact = bool((o.view(np.uint32) & 0xFFFF == 0).all())
+        print(exact, float(np.linalg.norm(o - ref) / np.linalg.norm(ref)) < 1e-2, bool(np.isfinite(o).all()))
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True True True", "bf16-exact, accurate, finite beyond float16's range")
+        let (bad, message) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--dtype", "int32"])
+        XCTAssertEqual(bad, 1)
+        XCTAssertTrue(message.contains("--dtype int32: use float32, float16 or bfloat16"), message)
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
