@@ -31,6 +31,14 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #define VKF_HOIST_BH 1
 #include "flex_mods.glsl"
 
+// VKF_KV_SPLIT: the keys are split across workgroups (workgroup z = batch * splits + split), each
+// writing float32 partials that flex_attention_merge.comp combines.
+#ifndef VKF_KV_SPLIT
+#define VKF_KV_SPLIT 0
+#endif
+#if VKF_KV_SPLIT
+int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
+#endif
 #ifndef VKF_MAX_SCORES
 #define VKF_MAX_SCORES 0
 #endif
@@ -55,7 +63,11 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
     const int tile = int(gl_WorkGroupID.x);
 #endif
     t.hl = int(gl_WorkGroupID.y);
+#if VKF_KV_SPLIT
+    t.bl = int(gl_WorkGroupID.z) / p.splits;   // z = batch * splits + split
+#else
     t.bl = int(gl_WorkGroupID.z);
+#endif
     t.h = p.h_start + t.hl;
     t.b = p.b_start + t.bl;
     t.hk = t.h / (p.Hq / p.Hkv);

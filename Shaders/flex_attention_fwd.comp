@@ -170,6 +170,20 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 shared float l_parts[WG];
 #endif
 
+// The KV blocks this workgroup walks and where its split's partials go (VKF_KV_SPLIT: a share of
+// [kv_block_lo, kv_block_hi) per split, partials kv_split stride apart).
+#if VKF_KV_SPLIT
+#define KV_LO (p.kv_block_lo + workgroup_split() * p.kv_split_blocks)
+#define KV_HI min(p.kv_block_hi, KV_LO + p.kv_split_blocks)
+#define SPLIT_O + workgroup_split() * p.o_split_stride
+#define SPLIT_LSE + workgroup_split() * p.lse_split_stride
+#else
+#define KV_LO p.kv_block_lo
+#define KV_HI p.kv_block_hi
+#define SPLIT_O
+#define SPLIT_LSE
+#endif
+
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     WorkgroupTile wt;
@@ -245,7 +259,7 @@ void main() {
         int i = 0;
         for (; i < n; ++i) {
             int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
-            if (kb < p.kv_block_lo || kb >= p.kv_block_hi) continue;   // another dispatch's keys
+            if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
             int k0 = k_start;
             for (; k0 < k_stop; k0 += BKV) {
@@ -510,7 +524,7 @@ void main() {
     }
     barrier();
 #endif
-    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh;
+    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
 #if VKF_BLOCKED
     [[unroll]] for (int n = 0; n < PV_NT; ++n) {
         const int rg = PV_TASK(n) / (DV / 4), dq = PV_TASK(n) % (DV / 4);
@@ -537,13 +551,13 @@ void main() {
 #endif
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
 #if VKF_MAX_SCORES
     // The running max is exact here (never raised lazily); in log2 units, so times ln 2.
     if (p.write_max != 0 && lid < rows) {
         const float l = row_l[lid];
-        max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
+        max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
             isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
     }
 #endif

@@ -76,6 +76,9 @@ struct AttentionParams {
         case kv_block_lo, kv_block_hi
         /// Write each row's maximum score (with `VKF_MAX_SCORES`).
         case write_max
+        /// Key splits in this dispatch (with `VKF_KV_SPLIT`: workgroup z = batch × splits + split),
+        /// the KV blocks each walks, and how far apart the splits' partial O and LSE rows are.
+        case splits, kv_split_blocks, o_split_stride, lse_split_stride
 
         var isFloat: Bool { self == .scale }
     }

@@ -110,6 +110,7 @@ struct AttentionPlan: Hashable, Sendable {
             ])
             // bfloat16 is stored as 16 bits and computed in float32 (never narrowed to float16).
             if dtype == .bfloat16 { source.defines += [.init("IN_BF16", "1"), .init("OUT_BF16", partial ? "0" : "1")] }
+            if partial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                                   .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
@@ -302,7 +303,7 @@ enum AttentionPlanner {
     /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
     static let paramBytes = AttentionParams.byteCount
 
-    /// Whether the parameter block goes as push constants: where the device takes 184 bytes of
+    /// Whether the parameter block goes as push constants: where the device takes 200 bytes of
     /// them (NVIDIA and most desktop drivers take 256; lavapipe takes Vulkan's minimum, 128). On
     /// the H200 a storage-buffer block was reloaded, bounds-checked, on every tile (causal D=64
     /// 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0` turns it off.

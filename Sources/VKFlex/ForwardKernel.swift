@@ -128,8 +128,9 @@ enum ForwardKernel {
             ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
                           pass: .forwardPartial, maxScores: maxScores != nil) : nil
 
+        /// `split`: (splits, KV blocks per split, partial O stride, partial LSE stride) of a split dispatch.
         func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
-                      kvRange: Range<Int>) throws {
+                      kvRange: Range<Int>, split: (count: Int, blocks: Int, oStride: Int, lseStride: Int) = (1, 0, 0, 0)) throws {
             // The maximum scores are addressed like the LSE (both [B, Hq, Lq], contiguous, made here).
             precondition(lseTarget == nil || maxTarget == nil || (lseTarget!.base == maxTarget!.base && lseTarget!.strides == maxTarget!.strides))
             let rowTarget = lseTarget ?? maxTarget
@@ -163,7 +164,8 @@ enum ForwardKernel {
                 strides[i][3] == 1 && bases[i] % 8 == 0 && strides[i][0] % 8 == 0 && strides[i][1] % 8 == 0 && strides[i][2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
             p.set([.vec_ok: vecOK ? 1 : 0, .h_start: h0, .hk_start: kvHeads.lowerBound, .kv_block_lo: kvRange.lowerBound,
-                   .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1])
+                   .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1,
+                   .splits: split.count, .kv_split_blocks: split.blocks, .o_split_stride: split.oStride, .lse_split_stride: split.lseStride])
             let params = p.bytes()
             if let unusedParams {
                 slots[.params] = BufferBinding(unusedParams)
@@ -176,7 +178,7 @@ enum ForwardKernel {
             slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
-                try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb))
+                try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))
             }
         }
 
@@ -204,14 +206,15 @@ enum ForwardKernel {
             }
             let partO = try device.makeBuffer(bytes: max(16, partBytes)), partL = try device.makeBuffer(bytes: max(16, splits * rows * 4))
             let partM = maxScores == nil ? nil : try device.makeBuffer(bytes: max(16, splits * rows * 4))
-            for split in 0..<splits {
-                let range = (split * perSplit)..<min(kvBlocks, (split + 1) * perSplit)
-                try dispatch(partial.pipeline, chunk: chunk,
-                             out: WriteTarget(binding: BufferBinding(partO, writes: true), base: split * rows * s.Dv, strides: [nh * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
-                             lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]),
-                             max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: split * rows, strides: [nh * s.Lq, s.Lq, 1]) },
-                             kvRange: range)
+            // One dispatch: the splits run side by side (workgroup z = batch × splits + split).
+            guard nb * splits <= caps.maxWorkgroupCount[2] else {
+                throw FlexError.limitExceeded("\(nb) batches x \(splits) key splits exceed the device's dispatch limit (\(caps.maxWorkgroupCount[2])); pass fewer batches per call")
             }
+            try dispatch(partial.pipeline, chunk: chunk,
+                         out: WriteTarget(binding: BufferBinding(partO, writes: true), base: 0, strides: [nh * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
+                         lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: 0, strides: [nh * s.Lq, s.Lq, 1]),
+                         max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: 0, strides: [nh * s.Lq, s.Lq, 1]) },
+                         kvRange: 0..<kvBlocks, split: (splits, perSplit, rows * s.Dv, rows))
             try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget,
                       max: maxTarget, outDType: output.dtype, device: device)
         }
