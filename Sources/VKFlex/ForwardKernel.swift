@@ -117,7 +117,9 @@ enum ForwardKernel {
         // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
         let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
         let group = s.Hq / max(1, s.Hkv)
-        let errors = try mods.makeErrorBuffer(device)
+        // An error flag of its own only where one will be read; else the kernel never writes it.
+        let checksErrors = (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil
+        let errors = checksErrors ? try mods.makeErrorBuffer(device) : try dummyFloatBuffer(device)
         let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
         // Where the driver caps a shader's loop iterations, the key blocks are walked a share per
         // dispatch into float32 partials, which a merge pass combines by their LSEs.
@@ -219,7 +221,7 @@ enum ForwardKernel {
                       max: maxTarget, outDType: output.dtype, device: device)
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
-        if (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil {
+        if checksErrors {
             checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
         }
         for check in checks {
@@ -296,12 +298,14 @@ enum ForwardKernel {
         return chunks
     }
 
+    /// Stand-ins for bindings a call does not use (no BlockMask, no LSE, no max scores, parameters
+    /// as push constants), one per device: the kernels never read or write them then.
     static func dummyIndexBuffer(_ device: Device) throws -> Tensor {
-        try device.tensor([Int32(0)], shape: [1], name: "no_block_mask")
+        try device.memoized("vkflex.attention.unused-indices") { try device.tensor([Int32(0)], shape: [1], name: "no_block_mask") }
     }
 
     static func dummyFloatBuffer(_ device: Device) throws -> Buffer {
-        try device.makeBuffer(bytes: 16)
+        try device.memoized("vkflex.attention.unused-buffer") { try device.makeBuffer(bytes: 16) }
     }
 }
 

@@ -66,14 +66,16 @@ public final class Device: @unchecked Sendable {
     /// from here, once, never from the environment on a call's path.
     public let environment: [String: String] = ProcessInfo.processInfo.environment.filter { $0.key.hasPrefix("VKFLEX_") }
     private var memos: [String: any Sendable] = [:]
-    /// A value computed once per device for `key` (the layers above keep their parsed settings
-    /// and measurements here); `make` runs under the device's lock the first time only.
+    /// A value computed once per device for `key` (the layers above keep their parsed settings,
+    /// measurements and shared scratch buffers here). `make` runs outside the device's lock (it
+    /// may use the device); when two threads race, the first value stored wins.
     ///
     /// - Throws: what `make` throws (nothing is remembered then).
     public func memoized<T: Sendable>(_ key: String, _ make: () throws -> T) throws -> T {
-        try lock.withLock {
-            if let known = memos[key] as? T { return known }
-            let value = try make()
+        if let known = lock.withLock({ memos[key] as? T }) { return known }
+        let value = try make()
+        return lock.withLock {
+            if let first = memos[key] as? T { return first }
             memos[key] = value
             return value
         }
