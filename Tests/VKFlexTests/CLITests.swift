@@ -239,6 +239,32 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(message.contains("--dtype int32: use float32, float16 or bfloat16"), message)
     }
 
+    /// `--max-scores`: each row's largest score after scale, score-mod and mask, -inf where a row
+    /// has no key, against NumPy.
+    func testAttendWritesMaxScores() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(2)
+        for n in 'qkv': np.save(f'{d}/{n}.npy', rng.standard_normal((2, 2, 50, 16)).astype(np.float32))
+        """)
+        let d = dir.path
+        let (status, output) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--mask-mod", "kv_idx <= q_idx - 10",
+                                        "--score-mod", "20 * tanh(score / 20)", "--max-scores", "\(d)/m.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        q, k = np.load(f'{d}/q.npy').astype(np.float64), np.load(f'{d}/k.npy').astype(np.float64)
+        s = 20 * np.tanh(q @ k.transpose(0, 1, 3, 2) / 4 / 20)
+        i, j = np.arange(50)[:, None], np.arange(50)[None, :]
+        ref = np.where(j <= i - 10, s, -np.inf).max(-1)
+        m = np.load(f'{d}/m.npy')
+        print(m.shape, bool(np.isneginf(m[..., :10]).all()), float(np.abs(m[..., 10:] - ref[..., 10:]).max()) < 1e-4)
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "(2, 2, 50) True True")
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
