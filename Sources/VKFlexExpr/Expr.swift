@@ -264,6 +264,20 @@ extension Expr {
         return children.contains { $0.contains(where: predicate) }
     }
 
+    /// The same graph with its captures' storage dropped (their id, name, dtype and shape kept):
+    /// a key for caches that must not keep captured tensors alive.
+    public var withoutCaptureStorage: Expr {
+        switch self {
+        case .arg, .int, .float, .bool, .invalid: return self
+        case .unary(let op, let x): return .unary(op, x.withoutCaptureStorage)
+        case .binary(let op, let a, let b): return .binary(op, a.withoutCaptureStorage, b.withoutCaptureStorage)
+        case .call(let f, let args): return .call(f, args.map(\.withoutCaptureStorage))
+        case .select(let c, let a, let b): return .select(c.withoutCaptureStorage, a.withoutCaptureStorage, b.withoutCaptureStorage)
+        case .load(let cap, let idx):
+            return .load(CaptureInfo(id: cap.id, name: cap.name, dtype: cap.dtype, shape: cap.shape), idx.map(\.withoutCaptureStorage))
+        }
+    }
+
     /// The captures the graph reads, in order of first appearance (depth-first, left to right).
     public var captures: [CaptureInfo] {
         var seen: [CaptureInfo] = []

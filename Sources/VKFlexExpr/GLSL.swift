@@ -15,6 +15,10 @@ public struct GLSLMods: Sendable, Hashable {
     /// The binding of the error buffer (`int vkf_err[4]`).
     public var errorBinding: Int
 
+    public init(source: String, captures: [CaptureInfo], errorBinding: Int) {
+        self.source = source; self.captures = captures; self.errorBinding = errorBinding
+    }
+
     /// Error codes written to `vkf_err[0]` by the kernels.
     public enum ErrorCode: Int32, Sendable {
         case noError = 0, indexOutOfRange = 1, divisionByZero = 2, negativePower = 3

@@ -171,3 +171,26 @@ final class ModGPUTests: FlexTestCase {
         XCTAssertThrowsError(try ModEvaluator.evaluate(score: nil, mask: hm, B: 1, H: 1, Q: 1, KV: 1, scores: [0], device: device))
     }
 }
+
+extension ModGPUTests {
+    /// The per-device cache of the mods' GLSL keeps no captured tensor alive, and a second call
+    /// with the same mods (another capture of the same shape) reads its own tensor.
+    func testTheModsCacheHoldsNoTensorAndReadsEachCallsCaptures() throws {
+        let q = try device.tensor(randn(1 * 2 * 16 * 8), shape: [1, 2, 16, 8])
+        weak var dropped: Tensor?
+        do {
+            let bias = try device.tensor([Float](repeating: 0.5, count: 2), shape: [2], name: "bias")
+            dropped = bias
+            _ = try flexAttention(q, q, q, scoreMod: ScoreMod { s, _, h, _, _ in s + bias[h] }).output.toArray()
+            try device.synchronize()
+        }
+        XCTAssertNil(dropped, "nothing keeps the captured tensor alive once the work is done")
+        for value: Float in [0, 3] {
+            let bias = try device.tensor([value, -value], shape: [2], name: "bias")
+            let mod = ScoreMod { s, _, h, _, _ in s + bias[h] }
+            let got = try flexAttention(q, q, q, scoreMod: mod).output.toArray()
+            let ref = try flexAttentionReference(q, q, q, scoreMod: mod)
+            XCTAssertLessThan(relativeL2Error(got, ref.output), 1e-5, "bias \(value)")
+        }
+    }
+}
