@@ -15,6 +15,8 @@ layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_IDX) readonly buffer FullK
 // Each row's maximum score (natural log units, after scale, score-mod and mask), where the call
 // asks for it (VKF_MAX_SCORES); addressed like the LSE (same shape and strides).
 layout(std430, set = 0, binding = VKF_BINDING_MAX) writeonly buffer MaxBuf { float max_data[]; };
+// Per-batch key lengths (VKF_KV_LENGTHS): keys at or past kv_lens[b] do not exist for batch b.
+layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
 // the compiler then reads them as constants — from a storage buffer NVIDIA's compiler reloads
 // them, bounds-checked, on every tile.
@@ -38,6 +40,15 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #endif
 #if VKF_KV_SPLIT
 int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
+#endif
+#ifndef VKF_KV_LENGTHS
+#define VKF_KV_LENGTHS 0
+#endif
+// The keys of batch b: all of them, or its own length (checked by the host to lie in [0, Lkv]).
+#if VKF_KV_LENGTHS
+#define KV_LEN(b) kv_lens[b]
+#else
+#define KV_LEN(b) p.Lkv
 #endif
 #ifndef VKF_MAX_SCORES
 #define VKF_MAX_SCORES 0

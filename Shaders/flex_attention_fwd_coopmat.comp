@@ -182,6 +182,14 @@ vkf_mrow_t g_mrv[RPW][2];       // the mask's per-row values of this lane's rows
 float g_c;                      // scale * log2(e)
 float g_fq[RPW];                // this lane's first query row of each row block, as a float (SCORE_MOD)
 
+// This batch's keys (VKF_KV_LENGTHS: its own length; tiles past it hold no key and add nothing).
+#if VKF_KV_LENGTHS
+int g_lkv;
+#define G_LKV g_lkv
+#else
+#define G_LKV p.Lkv
+#endif
+
 // Tiles are walked by a cursor (blk, sub): sub-tile sub of the blk-th block of this row of
 // blocks, full blocks first, then partial ones. Stepping it needs no division.
 ivec2 next_tile(ivec2 c) { return c.y + 1 == g_tiles_per_kvb ? ivec2(c.x + 1, 0) : ivec2(c.x, c.y + 1); }
@@ -197,7 +205,7 @@ int tile_block(ivec2 c) {
 // Key range of the tile at cursor c, whose block is kb.
 void tile_range_kb(ivec2 c, int kb, out int k0, out int kn, out int pass) {
     pass = c.x < g_nfull ? 0 : 1;
-    int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
+    int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, G_LKV);
     k0 = k_start + c.y * STG;
     kn = min(STG, k_stop - k0);
 }
@@ -475,6 +483,9 @@ void main() {
 
     g_sg = sg; g_lane_r = lane / 4; g_lane_c = 2 * (lane % 4);
     g_b = b; g_h = h; g_q0 = q0; g_rows = rows;
+#if VKF_KV_LENGTHS
+    g_lkv = KV_LEN(b);
+#endif
     g_allrows = row_base(RPW - 1) + 16 <= rows;
     g_c = p.scale * LOG2E;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) g_fq[rb] = float(q0 + row_base(rb) + g_lane_r);

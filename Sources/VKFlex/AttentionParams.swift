@@ -11,6 +11,8 @@ enum AttentionBinding: Int, CaseIterable {
     case errors
     /// Each row's maximum score (`returnMaxScores`), addressed like the LSE.
     case maxScores
+    /// Per-batch key lengths (`kvLengths:`, int32 [B]).
+    case kvLengths
 
     /// Captured tensors take the bindings from here on, in the order of the mods' captures.
     static let firstCapture = AttentionBinding.allCases.count
@@ -30,6 +32,7 @@ enum AttentionBinding: Int, CaseIterable {
         case .params: name = "PARAMS"
         case .errors: name = "ERRORS"
         case .maxScores: name = "MAX"
+        case .kvLengths: name = "KV_LENS"
         }
         return "VKF_BINDING_" + name
     }

@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)`` returns.
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)`` returns.
 public struct FlexResult {
     /// `[B, Hq, Lq, Dv]`, in the query's dtype.
     public var output: Tensor
@@ -76,6 +76,10 @@ public struct FlexOptions: Sendable, Hashable {
 ///   must be the inputs' and its B/H 1 or the inputs'. nil means dense (every pair).
 /// - scale: default `1/sqrt(D)`.
 /// - enableGQA: allow `Hq` a multiple of `Hkv`; query head `h` reads key/value head `h / (Hq/Hkv)`.
+/// - kvLengths: int32 `[B]`: batch `b` has only its first `kvLengths[b]` keys (a contiguous cache
+///   filled up to a different length per sequence); keys at or past it are never loaded nor given
+///   to a mod, full blocks included, and a row left with no key gives 0 / LSE `-inf`. The values
+///   are read back and checked to lie in `0...Lkv` (the call waits for the tensor's writer).
 /// - out: a caller's tensor to write (shape `[B, Hq, Lq, Dv]`, the query's dtype).
 /// - options: per-call choices, such as forcing a kernel (``FlexOptions``).
 ///
@@ -84,8 +88,8 @@ public struct FlexOptions: Sendable, Hashable {
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                          scale: Double? = nil, enableGQA: Bool = false, returnLSE: Bool = false, returnMaxScores: Bool = false,
-                          out: Tensor? = nil, options: FlexOptions = FlexOptions()) throws -> FlexResult {
+                          scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, returnLSE: Bool = false,
+                          returnMaxScores: Bool = false, out: Tensor? = nil, options: FlexOptions = FlexOptions()) throws -> FlexResult {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let device = q.device
     if let out {
@@ -94,6 +98,15 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
             throw FlexError("out: shape \(out.shape) should be \([shape.B, shape.Hq, shape.Lq, shape.Dv])")
         }
         guard out.dtype == q.dtype else { throw FlexError("out: dtype \(out.dtype.rawValue) should be the query's, \(q.dtype.rawValue)") }
+    }
+    if let kvLengths {
+        guard kvLengths.device === device else { throw FlexError("kvLengths: the tensor belongs to another device") }
+        guard kvLengths.dtype == .int32, kvLengths.shape == [shape.B] else {
+            throw FlexError("kvLengths must be int32 [B] = [\(shape.B)], got \(kvLengths.dtype.rawValue) \(kvLengths.shape)")
+        }
+        if let (b, n) = try kvLengths.toInt32Array().enumerated().first(where: { $0.element < 0 || Int($0.element) > shape.Lkv }) {
+            throw FlexError("kvLengths[\(b)] = \(n) is outside 0...\(shape.Lkv) (the key length)")
+        }
     }
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
@@ -110,11 +123,11 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
         v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                            output: output, lse: lse, maxScores: maxScores, kernel: kernel)
+                            output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, kernel: kernel)
     return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel)
 }
 
-/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)``
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)``
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
@@ -135,7 +148,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 ///
-/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,

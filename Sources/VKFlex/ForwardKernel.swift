@@ -74,11 +74,11 @@ enum ForwardKernel {
     /// shader source is made only on a miss. Batch and heads do not enter it, nor lengths below
     /// 2^22 (see `AttentionPlan.floatIndices`).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
-                        device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false) throws -> Prepared {
+                        device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false, kvLengths: Bool = false) throws -> Prepared {
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
-                                                device: device, pass: pass, maxScores: maxScores)
+                                                device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
                                 pushConstantSize: plan.pushParams ? paramBytes : 0, includes: mods.includes,
@@ -88,11 +88,11 @@ enum ForwardKernel {
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
-                    scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kernel: FlexKernel) throws {
+                    scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kvLengths: Tensor? = nil, kernel: FlexKernel) throws {
         let device = q.device
         let caps = device.capabilities
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                                   maxScores: maxScores != nil)
+                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil)
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.
@@ -128,7 +128,7 @@ enum ForwardKernel {
         let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
         let partial = splits > 1
             ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                          pass: .forwardPartial, maxScores: maxScores != nil) : nil
+                          pass: .forwardPartial, maxScores: maxScores != nil, kvLengths: kvLengths != nil) : nil
 
         /// `split`: (splits, KV blocks per split, partial O stride, partial LSE stride) of a split dispatch.
         func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
@@ -178,6 +178,8 @@ enum ForwardKernel {
             }
             slots[.errors] = BufferBinding(errors, writes: true)
             slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
+            let lengths = try kvLengths ?? dummyIndexBuffer(device)
+            slots[.kvLengths] = BufferBinding(lengths.buffer, offset: lengths.byteOffset, size: max(4, lengths.count * 4))
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))

@@ -20,18 +20,19 @@ public struct ReferenceResult {
 
 /// Computes attention in float64 from the tensors' values (read back from the device).
 ///
-/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
+/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
 public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                                   scale: Double? = nil, enableGQA: Bool = false) throws -> ReferenceResult {
+                                   scale: Double? = nil, enableGQA: Bool = false, kvLengths: [Int]? = nil) throws -> ReferenceResult {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let classes = try blockMask?.blockClasses()
     return try referenceAttention(q: try q.toArray(), k: try k.toArray(), v: try v.toArray(),
                                   B: s.B, Hq: s.Hq, Hkv: s.Hkv, Lq: s.Lq, Lkv: s.Lkv, D: s.D, Dv: s.Dv,
-                                  scoreMod: scoreMod, blockMask: blockMask.map { ($0, classes!) }, scale: scale ?? 1 / Double(s.D).squareRoot())
+                                  scoreMod: scoreMod, blockMask: blockMask.map { ($0, classes!) }, scale: scale ?? 1 / Double(s.D).squareRoot(),
+                                  kvLengths: kvLengths)
 }
 
 func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int,
-                        scoreMod: ScoreMod?, blockMask: (BlockMask, [UInt8])?, scale: Double) throws -> ReferenceResult {
+                        scoreMod: ScoreMod?, blockMask: (BlockMask, [UInt8])?, scale: Double, kvLengths: [Int]? = nil) throws -> ReferenceResult {
     let score = try scoreMod.map { try Interpreter($0.graph) }
     let mask = try blockMask?.0.maskMod.map { try Interpreter($0.graph) }
     var out = [Double](repeating: 0, count: B * Hq * Lq * Dv)
@@ -47,6 +48,7 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
                 var m = -Double.infinity
                 var rowNaN = false
                 for j in 0..<Lkv {
+                    if let kvLengths, j >= kvLengths[b] { s[j] = -.infinity; continue }   // no such key
                     var keep = true, partial = false
                     if let (bm, classes) = blockMask {
                         let mb = bm.B == 1 ? 0 : b, mh = bm.H == 1 ? 0 : h

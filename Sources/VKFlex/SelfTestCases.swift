@@ -30,6 +30,8 @@ public enum AttentionSelfTest {
         /// A NaN written into this query row (of every batch and head): that row must come out NaN
         /// with a NaN LSE, never as a fully masked row.
         var nanQueryRow: Int? = nil
+        /// Per-batch key lengths (`kvLengths:`), one per batch.
+        var kvLengths: [Int32]? = nil
     }
 
     static var specs: [Spec] {
@@ -99,6 +101,8 @@ public enum AttentionSelfTest {
             let slopes = try d.tensor((0..<8).map { Float(exp2(-Double($0 + 1))) }, shape: [8], name: "alibi_slopes")
             return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
         }, mask: causal, blockSize: 128))
+        all.append(Spec(name: "float16 per-batch key lengths", B: 3, Hq: 4, Hkv: 2, Lq: 64, Lkv: 300, D: 64, Dv: 64, dtype: .float16,
+                        mask: causal, blockSize: 128, kvLengths: [300, 0, 129]))
         all.append(Spec(name: "NaN query row stays NaN", Lq: 200, Lkv: 200, mask: causal, nanQueryRow: 77))
         all.append(Spec(name: "float16 NaN query row", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal, blockSize: 128,
                         nanQueryRow: 130))
@@ -159,10 +163,12 @@ public enum AttentionSelfTest {
         if let kernel, let why = kernel.problem(q, k, v, blockMask: blockMask, enableGQA: s.Hq != s.Hkv) { throw FlexError.unsupported(why) }
         // Poison the output so that an unwritten element shows as NaN.
         let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)
-        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, returnLSE: true, out: out,
-                                  options: FlexOptions(kernel: kernel))
+        let lengths = try s.kvLengths.map { try device.tensor($0, shape: [$0.count], name: "kv_lens") }
+        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, returnLSE: true,
+                                  out: out, options: FlexOptions(kernel: kernel))
         let o = try r.output.toArray(), l = try r.lse!.toArray()
-        let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv)
+        let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv,
+                                             kvLengths: s.kvLengths?.map(Int.init))
         // Rows the reference makes NaN (a NaN score) must be NaN with a NaN LSE; the rest compare.
         var nanOK = true
         var kept: [Float] = [], keptRef: [Double] = []

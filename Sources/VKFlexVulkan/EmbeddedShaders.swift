@@ -152,6 +152,8 @@ layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_IDX) readonly buffer FullK
 // Each row's maximum score (natural log units, after scale, score-mod and mask), where the call
 // asks for it (VKF_MAX_SCORES); addressed like the LSE (same shape and strides).
 layout(std430, set = 0, binding = VKF_BINDING_MAX) writeonly buffer MaxBuf { float max_data[]; };
+// Per-batch key lengths (VKF_KV_LENGTHS): keys at or past kv_lens[b] do not exist for batch b.
+layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
 // the compiler then reads them as constants — from a storage buffer NVIDIA's compiler reloads
 // them, bounds-checked, on every tile.
@@ -175,6 +177,15 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #endif
 #if VKF_KV_SPLIT
 int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
+#endif
+#ifndef VKF_KV_LENGTHS
+#define VKF_KV_LENGTHS 0
+#endif
+// The keys of batch b: all of them, or its own length (checked by the host to lie in [0, Lkv]).
+#if VKF_KV_LENGTHS
+#define KV_LEN(b) kv_lens[b]
+#else
+#define KV_LEN(b) p.Lkv
 #endif
 #ifndef VKF_MAX_SCORES
 #define VKF_MAX_SCORES 0
@@ -450,6 +461,7 @@ void main() {
     const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
     const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
     const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int lkv = KV_LEN(b);   // keys past it are never loaded nor given to a mod
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
 #if VKF_BLOCKED && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
@@ -481,7 +493,7 @@ void main() {
         for (; i < n; ++i) {
             int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
             if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
-            int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
+            int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, lkv);
             int k0 = k_start;
             for (; k0 < k_stop; k0 += BKV) {
                 int kn = min(BKV, k_stop - k0);
@@ -969,6 +981,14 @@ vkf_mrow_t g_mrv[RPW][2];       // the mask's per-row values of this lane's rows
 float g_c;                      // scale * log2(e)
 float g_fq[RPW];                // this lane's first query row of each row block, as a float (SCORE_MOD)
 
+// This batch's keys (VKF_KV_LENGTHS: its own length; tiles past it hold no key and add nothing).
+#if VKF_KV_LENGTHS
+int g_lkv;
+#define G_LKV g_lkv
+#else
+#define G_LKV p.Lkv
+#endif
+
 // Tiles are walked by a cursor (blk, sub): sub-tile sub of the blk-th block of this row of
 // blocks, full blocks first, then partial ones. Stepping it needs no division.
 ivec2 next_tile(ivec2 c) { return c.y + 1 == g_tiles_per_kvb ? ivec2(c.x + 1, 0) : ivec2(c.x, c.y + 1); }
@@ -984,7 +1004,7 @@ int tile_block(ivec2 c) {
 // Key range of the tile at cursor c, whose block is kb.
 void tile_range_kb(ivec2 c, int kb, out int k0, out int kn, out int pass) {
     pass = c.x < g_nfull ? 0 : 1;
-    int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, p.Lkv);
+    int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, G_LKV);
     k0 = k_start + c.y * STG;
     kn = min(STG, k_stop - k0);
 }
@@ -1262,6 +1282,9 @@ void main() {
 
     g_sg = sg; g_lane_r = lane / 4; g_lane_c = 2 * (lane % 4);
     g_b = b; g_h = h; g_q0 = q0; g_rows = rows;
+#if VKF_KV_LENGTHS
+    g_lkv = KV_LEN(b);
+#endif
     g_allrows = row_base(RPW - 1) + 16 <= rows;
     g_c = p.scale * LOG2E;
     [[unroll]] for (int rb = 0; rb < RPW; ++rb) g_fq[rb] = float(q0 + row_base(rb) + g_lane_r);

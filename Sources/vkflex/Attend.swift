@@ -56,6 +56,8 @@ struct Attend: ParsableCommand {
     @Option(name: .long, help: "Compute in this dtype: float32, float16 or bfloat16 (default: the files'). The inputs are rounded to it on upload; .npy has no bfloat16, so bfloat16 outputs are written as float32 holding bfloat16 values.")
     var dtype: String?
     @Flag(name: .long, help: "Allow fewer key/value heads than query heads (grouped-query attention).") var gqa = false
+    @Option(name: .long, help: "Per-batch key lengths: an int32 .npy of shape (B,); keys at or past a batch's length do not exist.")
+    var kvLens: String?
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
     @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
@@ -100,9 +102,20 @@ struct Attend: ParsableCommand {
                 let perB = m.graph.uses(.b), perH = m.graph.uses(.h)
                 blockMask = try createBlockMask(m, B: perB ? B : 1, H: perH ? Hq : 1, qLen: Lq, kvLen: Lkv, device: device, blockSize: bs)
             }
+            var lengths: Tensor?
+            if let kvLens {
+                let a = try NPYArray(contentsOf: URL(fileURLWithPath: kvLens))
+                guard a.dtype == .int32, a.shape == [B] else {
+                    throw CLIError("--kv-lens \(kvLens) is \(a.dtype.rawValue) \(a.shape); it must be int32 of shape (\(B),), one length per batch")
+                }
+                if let (b, n) = a.floats.enumerated().first(where: { $0.element < 0 || Int($0.element) > Lkv }) {
+                    throw CLIError("--kv-lens: batch \(b) has length \(Int(n)), outside 0...\(Lkv) (the keys in --k)")
+                }
+                lengths = try device.tensor(a, name: "kv_lens")
+            }
             let t0 = Date()
             let result = try flexAttention(tensors[0], tensors[1], tensors[2], scoreMod: score, blockMask: blockMask,
-                                           scale: scale, enableGQA: gqa, returnLSE: true, returnMaxScores: maxScores != nil)
+                                           scale: scale, enableGQA: gqa, kvLengths: lengths, returnLSE: true, returnMaxScores: maxScores != nil)
             let output = try result.output.toArray()
             let lseValues = try result.lse!.toArray()
             let ms = Date().timeIntervalSince(t0) * 1e3

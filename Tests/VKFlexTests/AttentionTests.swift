@@ -278,7 +278,8 @@ extension AttentionTests {
                     for narrowK in [false, true] {
                         // The exact maximum scores (returnMaxScores) on one of the two forms.
                         let source = try AttentionPlan.coopmat(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil, narrowK: narrowK,
-                                                               floatIndices: narrowK, typedOperands: narrowK, maxScores: narrowK, pushParams: narrowK).source()
+                                                               floatIndices: narrowK, typedOperands: narrowK, maxScores: narrowK, kvLengths: narrowK,
+                                                               pushParams: narrowK).source()
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
                         // What a VK_KHR_cooperative_matrix device builds (checked by the rewriter's verify).
@@ -740,6 +741,44 @@ extension AttentionTests {
             }
             XCTAssertLessThan(worst, c.dtype == .float32 ? 1e-5 : 1e-3, name)
             if name.hasPrefix("masked") { XCTAssertTrue(got.prefix(30).allSatisfy { $0 == -.infinity }, name) }
+        }
+    }
+}
+
+extension AttentionTests {
+    /// Per-batch key lengths of a contiguous cache: keys at or past `kvLengths[b]` do not exist
+    /// (a row left with none gives 0 / -inf), with masks, score-mods, GQA, every dtype, and long
+    /// keys through lavapipe's key splits.
+    func testPerBatchKeyLengths() throws {
+        let alibi = ScoreMod { s, _, h, q, kv in s + (kv - q) * exp2(-(h + 1) * 1.0) }
+        let cases: [(String, Int, Int, Int, Int, Int, DType, [Int32], MaskMod?)] = [
+            ("fp32 dense", 4, 2, 2, 37, 100, .float32, [100, 0, 57, 1], nil),
+            ("fp16 causal GQA", 3, 4, 2, 90, 90, .float16, [90, 33, 64], MaskMod { _, _, q, kv in q >= kv }),
+            ("bf16 window", 2, 2, 2, 70, 120, .bfloat16, [5, 119], MaskMod { _, _, q, kv in kv <= q + 40 }),
+            ("long keys, split on lavapipe", 2, 1, 1, 3, 40_000, .float32, [39_999, 21_000], nil),
+        ]
+        for (name, B, Hq, Hkv, Lq, Lkv, dtype, lens, mask) in cases {
+            let D = 16
+            let q = try device.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: dtype)
+            let k = try device.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: dtype)
+            let v = try device.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: dtype)
+            let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device, blockSize: 32) }
+            let lengths = try device.tensor(lens, shape: [B], name: "kv_lens")
+            // (Over 40k keys ALiBi's biases reach 2e4, where float32 scores carry 2e-3 of error.)
+            let score = Lkv < 1000 ? alibi : nil
+            let r = try flexAttention(q, k, v, scoreMod: score, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lengths, returnLSE: true)
+            let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens.map(Int.init))
+            let o = try r.output.toArray(), l = try r.lse!.toArray()
+            XCTAssertLessThan(relativeL2Error(o, ref.output), dtype == .float32 ? 1e-4 : 1e-2, name)
+            for (a, b) in zip(l, ref.lse) {
+                if b == -.infinity { XCTAssertEqual(a, -.infinity, name) } else { XCTAssertLessThan(abs(Double(a) - b), 5e-2, name) }
+            }
+            if lens.contains(0) { XCTAssertTrue(ref.lse.contains(-.infinity), "\(name): a batch without keys") }
+        }
+        let q = try device.tensor(randn(2 * 4 * 8), shape: [2, 1, 4, 8])
+        for (bad, fragment) in [([3, 9] as [Int32], "kvLengths[1] = 9 is outside 0...4"), ([-1, 2], "kvLengths[0] = -1"), ([1], "must be int32 [B] = [2]")] {
+            let t = try device.tensor(bad, shape: [bad.count])
+            XCTAssertThrowsError(try flexAttention(q, q, q, kvLengths: t), fragment) { XCTAssertTrue("\($0)".contains(fragment), "\($0)") }
         }
     }
 }

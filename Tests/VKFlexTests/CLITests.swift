@@ -265,6 +265,35 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "(2, 2, 50) True True")
     }
 
+    /// `--kv-lens`: per-batch key lengths, against NumPy; bad lengths exit 1 in the CLI's terms.
+    func testAttendWithPerBatchKeyLengths() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(3)
+        for n in 'qkv': np.save(f'{d}/{n}.npy', rng.standard_normal((2, 2, 20, 8)).astype(np.float32))
+        np.save(f'{d}/lens.npy', np.array([7, 0], np.int32))
+        np.save(f'{d}/bad.npy', np.array([7, 21], np.int32))
+        """)
+        let d = dir.path
+        let base = ["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy"]
+        let (status, output) = try run(base + ["--kv-lens", "\(d)/lens.npy", "--out", "\(d)/o.npy", "--lse", "\(d)/l.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        q, k, v = [np.load(f'{d}/{n}.npy').astype(np.float64) for n in 'qkv']
+        s = q[0] @ k[0, :, :7].transpose(0, 2, 1) / np.sqrt(8)
+        p = np.exp(s - s.max(-1, keepdims=True)); ref = p @ v[0, :, :7] / p.sum(-1, keepdims=True)
+        o, l = np.load(f'{d}/o.npy'), np.load(f'{d}/l.npy')
+        print(float(np.abs(o[0] - ref).max()) < 1e-5, bool((o[1] == 0).all()), bool(np.isneginf(l[1]).all()))
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True True True")
+        let (bad, message) = try run(base + ["--kv-lens", "\(d)/bad.npy"])
+        XCTAssertEqual(bad, 1)
+        XCTAssertTrue(message.contains("--kv-lens: batch 1 has length 21, outside 0...20"), message)
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
