@@ -17,6 +17,8 @@ layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_IDX) readonly buffer FullK
 layout(std430, set = 0, binding = VKF_BINDING_MAX) writeonly buffer MaxBuf { float max_data[]; };
 // Per-batch key lengths (VKF_KV_LENGTHS): keys at or past kv_lens[b] do not exist for batch b.
 layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
+// Per-head sink logits (VKF_SINKS): a logit with no value row in every softmax denominator.
+layout(std430, set = 0, binding = VKF_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
 // the compiler then reads them as constants — from a storage buffer NVIDIA's compiler reloads
 // them, bounds-checked, on every tile.
@@ -40,6 +42,9 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #endif
 #if VKF_KV_SPLIT
 int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
+#endif
+#ifndef VKF_SINKS
+#define VKF_SINKS 0
 #endif
 #ifndef VKF_KV_LENGTHS
 #define VKF_KV_LENGTHS 0

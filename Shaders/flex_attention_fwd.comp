@@ -525,6 +525,29 @@ void main() {
     }
     barrier();
 #endif
+#if VKF_MAX_SCORES
+    // The running max is exact here (never raised lazily); in log2 units, so times ln 2. (Before
+    // the sink joins: the maximum is over the scores.)
+    if (p.write_max != 0 && lid < rows) {
+        const float l = row_l[lid];
+        max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
+            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
+    }
+#endif
+#if VKF_SINKS
+    // The head's sink joins each row's denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M);
+    // O is scaled by 2^(m - M) / l' and the LSE is (M + log2 l') ln 2 (the sink's own, no key).
+    if (lid < BQ) {
+        const float s2 = sinks[h] * LOG2E, m = row_m[lid], M = max(m, s2), f = exp2(m - M);
+        row_l[lid] = row_l[lid] * f + exp2(s2 - M);
+        row_alpha[lid] = f;
+        row_m[lid] = M;
+    }
+    barrier();
+#define SINK_F(r) * row_alpha[r]
+#else
+#define SINK_F(r)
+#endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
 #if VKF_BLOCKED
     [[unroll]] for (int n = 0; n < PV_NT; ++n) {
@@ -534,7 +557,7 @@ void main() {
             if (PV_HAS(n) && r < rows) {
                 const float l = row_l[r];
                 [[unroll]] for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_VALUE(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_VALUE(l != 0.0 ? acc4[4 * n + i][c] SINK_F(r) / l : 0.0);
             }
         }
     }
@@ -545,7 +568,7 @@ void main() {
             int r = e / DV, d = e - (e / DV) * DV;
             if (r < rows) {
                 float l = row_l[r];
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(l != 0.0 ? acc[a] / l : 0.0);
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(l != 0.0 ? acc[a] SINK_F(r) / l : 0.0);
             }
         }
     }
@@ -554,12 +577,4 @@ void main() {
         float l = row_l[lid];
         lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
-#if VKF_MAX_SCORES
-    // The running max is exact here (never raised lazily); in log2 units, so times ln 2.
-    if (p.write_max != 0 && lid < rows) {
-        const float l = row_l[lid];
-        max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
-            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
-    }
-#endif
 }

@@ -632,7 +632,20 @@ void main() {
         }
 #endif
         // An exact 0 is an empty row; a NaN sum (a NaN score) stays NaN, as in PyTorch.
+#if VKF_SINKS
+        // The head's sink joins each row's denominator: M = max(m, sink), l' = l 2^(m - M) +
+        // 2^(sink - M); O is scaled by 2^(m - M) / l' and the LSE is (M + log2 l') ln 2.
+        float sink_f[2];
+        [[unroll]] for (int i = 0; i < 2; ++i) {
+            const float s2 = sinks[g_h] * LOG2E, M = max(fm[rb][i], s2);
+            sink_f[i] = exp2(fm[rb][i] - M);
+            fl[rb][i] = fl[rb][i] * sink_f[i] + exp2(s2 - M);
+            fm[rb][i] = M;
+        }
+        const float inv0 = fl[rb][0] != 0.0 ? sink_f[0] / fl[rb][0] : 0.0, inv1 = fl[rb][1] != 0.0 ? sink_f[1] / fl[rb][1] : 0.0;
+#else
         const float inv0 = fl[rb][0] != 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] != 0.0 ? 1.0 / fl[rb][1] : 0.0;
+#endif
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
             [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
@@ -697,7 +710,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fl[rb][i] != 0.0 ? fx[rb][i] * LN2 : NEG_INF;
+                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fx[rb][i] > -1e30 ? fx[rb][i] * LN2 : NEG_INF;
             }
         }
 #endif

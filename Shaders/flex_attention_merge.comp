@@ -3,7 +3,8 @@
 // wrote its normalized output O_s (float32) and its LSE l_s over its keys; over all keys
 //   LSE = log Σ_s exp(l_s),  O = Σ_s exp(l_s − LSE) · O_s.
 // A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
-// with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
+// with a NaN score) stays NaN. A head's sink (sinks) joins the denominator once, here. One
+// invocation per output element; the LSE by the d = 0 ones.
 //
 // Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl). Bindings: 0 partial O [S, rows, Dv], 1
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
@@ -19,11 +20,14 @@ layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer LBuf { float lse_data[]; };
 layout(std430, set = 0, binding = 4) readonly buffer PartM { float part_max[]; };
 layout(std430, set = 0, binding = 5) writeonly buffer MBuf { float max_data[]; };
+// Per-head sink logits (sinks != 0): joined once, here, not in the partials.
+layout(std430, set = 0, binding = 6) readonly buffer Sinks { float sinks[]; };
 // Rows are (b, h, i) of a [nb, nh, Lq] block; the output and LSE are addressed by their strides.
 layout(push_constant) uniform Params {
     int splits, nb, nh, Lq, Dv;
     int o_base, o_sb, o_sh, o_sl, o_sd;
     int lse_base, lse_sb, lse_sh, lse_sl, write_lse, write_max;
+    int has_sinks, h_start;   // the heads of these rows are h_start + h
 } p;
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
@@ -33,7 +37,9 @@ void main() {
     const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
     if (e >= rows * p.Dv) return;
     const int row = e / p.Dv, d = e - row * p.Dv;
-    float m = NEG_INF;
+    const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
+    const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
+    float m = sink;
     bool nan_row = false;
     for (int s = 0; s < p.splits; ++s) {
         const float l = part_l[s * rows + row];
@@ -46,11 +52,11 @@ void main() {
             if (w != 0.0) o += w * part_o[(s * rows + row) * p.Dv + d];
             sum += w;
         }
+        sum += exp(sink - m);   // the sink: a logit with no value row (0 without one)
         o /= sum;
     }
     const float nan = uintBitsToFloat(0x7FC00000u);
     if (nan_row) o = nan;
-    const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
     o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_VALUE(o);
     if (p.write_lse != 0 && d == 0)
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;

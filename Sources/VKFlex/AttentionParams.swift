@@ -13,6 +13,8 @@ enum AttentionBinding: Int, CaseIterable {
     case maxScores
     /// Per-batch key lengths (`kvLengths:`, int32 [B]).
     case kvLengths
+    /// Per-head sink logits (`sinks:`, float32 [Hq]).
+    case sinks
 
     /// Captured tensors take the bindings from here on, in the order of the mods' captures.
     static let firstCapture = AttentionBinding.allCases.count
@@ -33,6 +35,7 @@ enum AttentionBinding: Int, CaseIterable {
         case .errors: name = "ERRORS"
         case .maxScores: name = "MAX"
         case .kvLengths: name = "KV_LENS"
+        case .sinks: name = "SINKS"
         }
         return "VKF_BINDING_" + name
     }

@@ -89,6 +89,8 @@ struct AttentionPlan: Hashable, Sendable {
     var maxScores = false
     /// Per-batch key lengths are read from a tensor (`kvLengths:`).
     var kvLengths = false
+    /// Each head's sink logit joins the softmax denominator (`sinks:`; a key split's merge adds it).
+    var sinks = false
     /// The parameter block as push constants (else a buffer).
     var pushParams: Bool
     /// The mods' identity: their generated GLSL.
@@ -129,6 +131,7 @@ struct AttentionPlan: Hashable, Sendable {
         }
         if maxScores { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
         if kvLengths { source.defines.append(.init("VKF_KV_LENGTHS", "1")) }
+        if sinks && pass == .forward { source.defines.append(.init("VKF_SINKS", "1")) }
         if pushParams { source.defines.append(.init("VKF_PARAMS_PUSH", "1")) }
         return source
     }
@@ -144,7 +147,7 @@ enum AttentionPlanner {
     ///   ``FlexError/unsupported(_:)`` when no cooperative-matrix tiles fit.
     static func forward(shape s: AttentionShape, mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double,
                         kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false,
-                        kvLengths: Bool = false) throws -> AttentionPlan {
+                        kvLengths: Bool = false, sinks: Bool = false) throws -> AttentionPlan {
         let caps = device.capabilities
         let tuning = try AttentionTuning.of(device)
         let push = pushesParams(device, tuning: tuning)
@@ -160,7 +163,7 @@ enum AttentionPlanner {
                 t = forced
             }
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .portable(BQ: t.BQ, BKV: t.BKV, WG: t.WG),
-                                 maxScores: maxScores, kvLengths: kvLengths, pushParams: push, mods: mods.glsl.source)
+                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
         case .coopmatNV:
             let identity = scoreMod.map { $0.isIdentity } ?? true
             guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil, forced: tuning.coopmatTiles) else {
@@ -170,7 +173,7 @@ enum AttentionPlanner {
                                  rawMax: identity && scale > 0, exp16: !identity,
                                  narrowK: CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false,
                                  floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr,
-                                 maxScores: maxScores, kvLengths: kvLengths, pushParams: push, mods: mods.glsl.source)
+                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
         }
     }
 
@@ -433,10 +436,11 @@ extension AttentionPlan {
     /// A cooperative-matrix plan from its parts, without a device (the tests compile every variant
     /// on lavapipe, which cannot run them).
     static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, floatIndices: Bool = true,
-                        typedOperands: Bool = false, maxScores: Bool = false, kvLengths: Bool = false, pushParams: Bool = false) -> AttentionPlan {
+                        typedOperands: Bool = false, maxScores: Bool = false, kvLengths: Bool = false, sinks: Bool = false,
+                        pushParams: Bool = false) -> AttentionPlan {
         AttentionPlan(pass: .forward, kernel: .coopmatNV, dtype: .float16, D: D, Dv: D, tiles: .coopmat(tiles), rawMax: rawMax, exp16: exp16,
                       narrowK: narrowK, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
-                      kvLengths: kvLengths, pushParams: pushParams, mods: "")
+                      kvLengths: kvLengths, sinks: sinks, pushParams: pushParams, mods: "")
     }
 
     /// A portable plan from its parts, without a device.

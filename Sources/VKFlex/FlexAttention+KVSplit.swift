@@ -64,26 +64,33 @@ extension ForwardKernel {
     /// Combines `splits` partial results (O [split, rows, Dv] and LSE [split, rows], float32) of
     /// a chunk of `nb` batches and `nh` heads into the output (and the LSE, when wanted).
     static func merge(splits: Int, partO: Buffer, partL: Buffer, partMax: Buffer?, nb: Int, nh: Int, shape s: AttentionShape,
-                      out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, outDType: DType, device: Device) throws {
+                      out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, sinks: Tensor? = nil, headStart: Int = 0,
+                      outDType: DType, device: Device) throws {
         let pipeline = try device.pipeline(for: MergeKey(out: outDType)) {
             PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
                                                      defines: [.init("OUT_F16", outDType == .float16 ? "1" : "0"),
                                                                .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0")]),
-                                bindingCount: 6, pushConstantSize: 16 * 4)
+                                bindingCount: 7, pushConstantSize: 18 * 4)
         }
         let elements = nb * nh * s.Lq * s.Dv
         let groups = (elements + 63) / 64
         let gx = min(groups, device.capabilities.maxWorkgroupCount[0]), gy = (groups + gx - 1) / gx
         let rows = lse ?? max   // the LSE and the maximum scores share their addressing
         let ls = rows?.strides ?? [0, 0, 0]
-        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [rows?.base ?? 0] + ls + [lse == nil ? 0 : 1, max == nil ? 0 : 1]
+        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [rows?.base ?? 0] + ls + [lse == nil ? 0 : 1, max == nil ? 0 : 1, sinks == nil ? 0 : 1, headStart]
         let unused = try device.makeBuffer(bytes: 16)
+        var bindings = [BufferBinding(partO), BufferBinding(partL), out.binding]
+        bindings.append(lse?.binding ?? BufferBinding(unused, writes: true))
+        bindings.append(partMax.map { BufferBinding($0) } ?? BufferBinding(unused))
+        bindings.append(max?.binding ?? BufferBinding(unused, writes: true))
+        if let sinks {
+            bindings.append(BufferBinding(sinks.buffer, offset: sinks.byteOffset, size: Swift.max(4, sinks.count * 4)))
+        } else {
+            bindings.append(BufferBinding(unused))
+        }
+        let push: [Int32] = params.map { Int32($0) }
         try device.record { rec in
-            try rec.dispatch(pipeline, bindings: [BufferBinding(partO), BufferBinding(partL), out.binding,
-                                                  lse?.binding ?? BufferBinding(unused, writes: true),
-                                                  partMax.map { BufferBinding($0) } ?? BufferBinding(unused),
-                                                  max?.binding ?? BufferBinding(unused, writes: true)],
-                             pushConstants: params.map { Int32($0) }.withUnsafeBytes { Array($0) }, groups: (gx, gy, 1))
+            try rec.dispatch(pipeline, bindings: bindings, pushConstants: push.withUnsafeBytes { Array($0) }, groups: (gx, gy, 1))
         }
     }
 }

@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)`` returns.
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)`` returns.
 public struct FlexResult {
     /// `[B, Hq, Lq, Dv]`, in the query's dtype.
     public var output: Tensor
@@ -80,6 +80,11 @@ public struct FlexOptions: Sendable, Hashable {
 ///   filled up to a different length per sequence); keys at or past it are never loaded nor given
 ///   to a mod, full blocks included, and a row left with no key gives 0 / LSE `-inf`. The values
 ///   are read back and checked to lie in `0...Lkv` (the call waits for the tensor's writer).
+/// - sinks: float32 `[Hq]`: each head's sink logit (gpt-oss, StreamingLLM) joins every softmax
+///   denominator with no value row: `out_i = Σ_j exp(s_ij − m) v_j / (exp(sink_h − m) + Σ_j exp(s_ij − m))`.
+///   Not scaled, through neither mod; the LSE includes it, and a row with no key gives 0 and LSE
+///   `sink_h`. (Merging two partial attentions by their LSEs then counts the sink twice: merge
+///   attentions computed without it and add it once.)
 /// - out: a caller's tensor to write (shape `[B, Hq, Lq, Dv]`, the query's dtype).
 /// - options: per-call choices, such as forcing a kernel (``FlexOptions``).
 ///
@@ -88,8 +93,9 @@ public struct FlexOptions: Sendable, Hashable {
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                          scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, returnLSE: Bool = false,
-                          returnMaxScores: Bool = false, out: Tensor? = nil, options: FlexOptions = FlexOptions()) throws -> FlexResult {
+                          scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, sinks: Tensor? = nil,
+                          returnLSE: Bool = false, returnMaxScores: Bool = false, out: Tensor? = nil,
+                          options: FlexOptions = FlexOptions()) throws -> FlexResult {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let device = q.device
     if let out {
@@ -98,6 +104,12 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
             throw FlexError("out: shape \(out.shape) should be \([shape.B, shape.Hq, shape.Lq, shape.Dv])")
         }
         guard out.dtype == q.dtype else { throw FlexError("out: dtype \(out.dtype.rawValue) should be the query's, \(q.dtype.rawValue)") }
+    }
+    if let sinks {
+        guard sinks.device === device else { throw FlexError("sinks: the tensor belongs to another device") }
+        guard sinks.dtype == .float32, sinks.shape == [shape.Hq] else {
+            throw FlexError("sinks must be float32 [Hq] = [\(shape.Hq)], one per query head, got \(sinks.dtype.rawValue) \(sinks.shape)")
+        }
     }
     if let kvLengths {
         guard kvLengths.device === device else { throw FlexError("kvLengths: the tensor belongs to another device") }
@@ -123,11 +135,11 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
         v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                            output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, kernel: kernel)
+                            output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, kernel: kernel)
     return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel)
 }
 
-/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)``
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
@@ -148,7 +160,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 ///
-/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,

@@ -74,11 +74,12 @@ enum ForwardKernel {
     /// shader source is made only on a miss. Batch and heads do not enter it, nor lengths below
     /// 2^22 (see `AttentionPlan.floatIndices`).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
-                        device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false, kvLengths: Bool = false) throws -> Prepared {
+                        device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false, kvLengths: Bool = false,
+                        sinks: Bool = false) throws -> Prepared {
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
-                                                device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths)
+                                                device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
                                 pushConstantSize: plan.pushParams ? paramBytes : 0, includes: mods.includes,
@@ -88,11 +89,12 @@ enum ForwardKernel {
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
-                    scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kvLengths: Tensor? = nil, kernel: FlexKernel) throws {
+                    scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kvLengths: Tensor? = nil, sinks: Tensor? = nil,
+                    kernel: FlexKernel) throws {
         let device = q.device
         let caps = device.capabilities
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil)
+                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil)
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.
@@ -180,6 +182,8 @@ enum ForwardKernel {
             slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
             let lengths = try kvLengths ?? dummyIndexBuffer(device)
             slots[.kvLengths] = BufferBinding(lengths.buffer, offset: lengths.byteOffset, size: max(4, lengths.count * 4))
+            let sinkValues = try sinks ?? dummyIndexBuffer(device)
+            slots[.sinks] = BufferBinding(sinkValues.buffer, offset: sinkValues.byteOffset, size: max(4, sinkValues.count * 4))
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))
@@ -220,7 +224,7 @@ enum ForwardKernel {
                          max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: 0, strides: [nh * s.Lq, s.Lq, 1]) },
                          kvRange: 0..<kvBlocks, split: (splits, perSplit, rows * s.Dv, rows))
             try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget,
-                      max: maxTarget, outDType: output.dtype, device: device)
+                      max: maxTarget, sinks: sinks, headStart: chunk.h.lowerBound, outDType: output.dtype, device: device)
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
         if checksErrors {

@@ -20,19 +20,21 @@ public struct ReferenceResult {
 
 /// Computes attention in float64 from the tensors' values (read back from the device).
 ///
-/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
+/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
 public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                                   scale: Double? = nil, enableGQA: Bool = false, kvLengths: [Int]? = nil) throws -> ReferenceResult {
+                                   scale: Double? = nil, enableGQA: Bool = false, kvLengths: [Int]? = nil,
+                                   sinks: [Float]? = nil) throws -> ReferenceResult {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let classes = try blockMask?.blockClasses()
     return try referenceAttention(q: try q.toArray(), k: try k.toArray(), v: try v.toArray(),
                                   B: s.B, Hq: s.Hq, Hkv: s.Hkv, Lq: s.Lq, Lkv: s.Lkv, D: s.D, Dv: s.Dv,
                                   scoreMod: scoreMod, blockMask: blockMask.map { ($0, classes!) }, scale: scale ?? 1 / Double(s.D).squareRoot(),
-                                  kvLengths: kvLengths)
+                                  kvLengths: kvLengths, sinks: sinks.map { $0.map(Double.init) })
 }
 
 func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int,
-                        scoreMod: ScoreMod?, blockMask: (BlockMask, [UInt8])?, scale: Double, kvLengths: [Int]? = nil) throws -> ReferenceResult {
+                        scoreMod: ScoreMod?, blockMask: (BlockMask, [UInt8])?, scale: Double, kvLengths: [Int]? = nil,
+                        sinks: [Double]? = nil) throws -> ReferenceResult {
     let score = try scoreMod.map { try Interpreter($0.graph) }
     let mask = try blockMask?.0.maskMod.map { try Interpreter($0.graph) }
     var out = [Double](repeating: 0, count: B * Hq * Lq * Dv)
@@ -75,17 +77,20 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
                     continue
                 }
                 maxScores[(b * Hq + h) * Lq + i] = m
-                guard m > -.infinity else { continue }
-                var l = 0.0
+                // A sink joins the denominator with no value row (and sets the max it is taken from).
+                let sink = sinks?[h] ?? -.infinity
+                let mAll = max(m, sink)
+                guard mAll > -.infinity else { continue }
+                var l = sink > -.infinity ? Foundation.exp(sink - mAll) : 0
                 for j in 0..<Lkv {
-                    let p = s[j] == -.infinity ? 0 : Foundation.exp(s[j] - m)
+                    let p = s[j] == -.infinity ? 0 : Foundation.exp(s[j] - mAll)
                     guard p != 0 else { continue }
                     l += p
                     let vrow = ((b * Hkv + hk) * Lkv + j) * Dv
                     for d in 0..<Dv { out[orow + d] += p * Double(v[vrow + d]) }
                 }
                 for d in 0..<Dv { out[orow + d] /= l }
-                lse[(b * Hq + h) * Lq + i] = m + Foundation.log(l)
+                lse[(b * Hq + h) * Lq + i] = mAll + Foundation.log(l)
             }
         }
     }

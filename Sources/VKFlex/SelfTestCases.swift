@@ -32,6 +32,8 @@ public enum AttentionSelfTest {
         var nanQueryRow: Int? = nil
         /// Per-batch key lengths (`kvLengths:`), one per batch.
         var kvLengths: [Int32]? = nil
+        /// Per-head sink logits (`sinks:`), one per query head.
+        var sinks: [Float]? = nil
     }
 
     static var specs: [Spec] {
@@ -103,6 +105,8 @@ public enum AttentionSelfTest {
         }, mask: causal, blockSize: 128))
         all.append(Spec(name: "float16 per-batch key lengths", B: 3, Hq: 4, Hkv: 2, Lq: 64, Lkv: 300, D: 64, Dv: 64, dtype: .float16,
                         mask: causal, blockSize: 128, kvLengths: [300, 0, 129]))
+        all.append(Spec(name: "float16 sinks, empty rows", Hq: 4, Hkv: 2, Lq: 200, Lkv: 200, D: 64, Dv: 64, dtype: .float16,
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in kv <= q - 30 } }, blockSize: 128, sinks: [1.5, -2, 30, -.infinity]))
         all.append(Spec(name: "NaN query row stays NaN", Lq: 200, Lkv: 200, mask: causal, nanQueryRow: 77))
         all.append(Spec(name: "float16 NaN query row", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal, blockSize: 128,
                         nanQueryRow: 130))
@@ -164,11 +168,12 @@ public enum AttentionSelfTest {
         // Poison the output so that an unwritten element shows as NaN.
         let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)
         let lengths = try s.kvLengths.map { try device.tensor($0, shape: [$0.count], name: "kv_lens") }
-        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, returnLSE: true,
-                                  out: out, options: FlexOptions(kernel: kernel))
+        let sinks = try s.sinks.map { try device.tensor($0, shape: [$0.count], name: "sinks") }
+        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, sinks: sinks,
+                                  returnLSE: true, out: out, options: FlexOptions(kernel: kernel))
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv,
-                                             kvLengths: s.kvLengths?.map(Int.init))
+                                             kvLengths: s.kvLengths?.map(Int.init), sinks: s.sinks)
         // Rows the reference makes NaN (a NaN score) must be NaN with a NaN LSE; the rest compare.
         var nanOK = true
         var kept: [Float] = [], keptRef: [Double] = []

@@ -154,6 +154,8 @@ layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_IDX) readonly buffer FullK
 layout(std430, set = 0, binding = VKF_BINDING_MAX) writeonly buffer MaxBuf { float max_data[]; };
 // Per-batch key lengths (VKF_KV_LENGTHS): keys at or past kv_lens[b] do not exist for batch b.
 layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
+// Per-head sink logits (VKF_SINKS): a logit with no value row in every softmax denominator.
+layout(std430, set = 0, binding = VKF_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
 // the compiler then reads them as constants — from a storage buffer NVIDIA's compiler reloads
 // them, bounds-checked, on every tile.
@@ -177,6 +179,9 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #endif
 #if VKF_KV_SPLIT
 int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
+#endif
+#ifndef VKF_SINKS
+#define VKF_SINKS 0
 #endif
 #ifndef VKF_KV_LENGTHS
 #define VKF_KV_LENGTHS 0
@@ -757,6 +762,29 @@ void main() {
     }
     barrier();
 #endif
+#if VKF_MAX_SCORES
+    // The running max is exact here (never raised lazily); in log2 units, so times ln 2. (Before
+    // the sink joins: the maximum is over the scores.)
+    if (p.write_max != 0 && lid < rows) {
+        const float l = row_l[lid];
+        max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
+            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
+    }
+#endif
+#if VKF_SINKS
+    // The head's sink joins each row's denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M);
+    // O is scaled by 2^(m - M) / l' and the LSE is (M + log2 l') ln 2 (the sink's own, no key).
+    if (lid < BQ) {
+        const float s2 = sinks[h] * LOG2E, m = row_m[lid], M = max(m, s2), f = exp2(m - M);
+        row_l[lid] = row_l[lid] * f + exp2(s2 - M);
+        row_alpha[lid] = f;
+        row_m[lid] = M;
+    }
+    barrier();
+#define SINK_F(r) * row_alpha[r]
+#else
+#define SINK_F(r)
+#endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
 #if VKF_BLOCKED
     [[unroll]] for (int n = 0; n < PV_NT; ++n) {
@@ -766,7 +794,7 @@ void main() {
             if (PV_HAS(n) && r < rows) {
                 const float l = row_l[r];
                 [[unroll]] for (int c = 0; c < 4; ++c)
-                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_VALUE(l != 0.0 ? acc4[4 * n + i][c] / l : 0.0);
+                    o_data[ooff + (q0 + r) * p.o_sl + (4 * dq + c) * p.o_sd] = OUT_VALUE(l != 0.0 ? acc4[4 * n + i][c] SINK_F(r) / l : 0.0);
             }
         }
     }
@@ -777,7 +805,7 @@ void main() {
             int r = e / DV, d = e - (e / DV) * DV;
             if (r < rows) {
                 float l = row_l[r];
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(l != 0.0 ? acc[a] / l : 0.0);
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(l != 0.0 ? acc[a] SINK_F(r) / l : 0.0);
             }
         }
     }
@@ -786,14 +814,6 @@ void main() {
         float l = row_l[lid];
         lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
     }
-#if VKF_MAX_SCORES
-    // The running max is exact here (never raised lazily); in log2 units, so times ln 2.
-    if (p.write_max != 0 && lid < rows) {
-        const float l = row_l[lid];
-        max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
-            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
-    }
-#endif
 }
 """#,
         "flex_attention_fwd_coopmat.comp": #"""
@@ -1431,7 +1451,20 @@ void main() {
         }
 #endif
         // An exact 0 is an empty row; a NaN sum (a NaN score) stays NaN, as in PyTorch.
+#if VKF_SINKS
+        // The head's sink joins each row's denominator: M = max(m, sink), l' = l 2^(m - M) +
+        // 2^(sink - M); O is scaled by 2^(m - M) / l' and the LSE is (M + log2 l') ln 2.
+        float sink_f[2];
+        [[unroll]] for (int i = 0; i < 2; ++i) {
+            const float s2 = sinks[g_h] * LOG2E, M = max(fm[rb][i], s2);
+            sink_f[i] = exp2(fm[rb][i] - M);
+            fl[rb][i] = fl[rb][i] * sink_f[i] + exp2(s2 - M);
+            fm[rb][i] = M;
+        }
+        const float inv0 = fl[rb][0] != 0.0 ? sink_f[0] / fl[rb][0] : 0.0, inv1 = fl[rb][1] != 0.0 ? sink_f[1] / fl[rb][1] : 0.0;
+#else
         const float inv0 = fl[rb][0] != 0.0 ? 1.0 / fl[rb][0] : 0.0, inv1 = fl[rb][1] != 0.0 ? 1.0 / fl[rb][1] : 0.0;
+#endif
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
             [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
@@ -1496,7 +1529,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fl[rb][i] != 0.0 ? fx[rb][i] * LN2 : NEG_INF;
+                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fx[rb][i] > -1e30 ? fx[rb][i] * LN2 : NEG_INF;
             }
         }
 #endif
@@ -1517,7 +1550,8 @@ void main() {
 // wrote its normalized output O_s (float32) and its LSE l_s over its keys; over all keys
 //   LSE = log Σ_s exp(l_s),  O = Σ_s exp(l_s − LSE) · O_s.
 // A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
-// with a NaN score) stays NaN. One invocation per output element; the LSE by the d = 0 ones.
+// with a NaN score) stays NaN. A head's sink (sinks) joins the denominator once, here. One
+// invocation per output element; the LSE by the d = 0 ones.
 //
 // Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl). Bindings: 0 partial O [S, rows, Dv], 1
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
@@ -1533,11 +1567,14 @@ layout(std430, set = 0, binding = 2) writeonly buffer OBuf { OUT_T o_data[]; };
 layout(std430, set = 0, binding = 3) writeonly buffer LBuf { float lse_data[]; };
 layout(std430, set = 0, binding = 4) readonly buffer PartM { float part_max[]; };
 layout(std430, set = 0, binding = 5) writeonly buffer MBuf { float max_data[]; };
+// Per-head sink logits (sinks != 0): joined once, here, not in the partials.
+layout(std430, set = 0, binding = 6) readonly buffer Sinks { float sinks[]; };
 // Rows are (b, h, i) of a [nb, nh, Lq] block; the output and LSE are addressed by their strides.
 layout(push_constant) uniform Params {
     int splits, nb, nh, Lq, Dv;
     int o_base, o_sb, o_sh, o_sl, o_sd;
     int lse_base, lse_sb, lse_sh, lse_sl, write_lse, write_max;
+    int has_sinks, h_start;   // the heads of these rows are h_start + h
 } p;
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
@@ -1547,7 +1584,9 @@ void main() {
     const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
     if (e >= rows * p.Dv) return;
     const int row = e / p.Dv, d = e - row * p.Dv;
-    float m = NEG_INF;
+    const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
+    const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
+    float m = sink;
     bool nan_row = false;
     for (int s = 0; s < p.splits; ++s) {
         const float l = part_l[s * rows + row];
@@ -1560,11 +1599,11 @@ void main() {
             if (w != 0.0) o += w * part_o[(s * rows + row) * p.Dv + d];
             sum += w;
         }
+        sum += exp(sink - m);   // the sink: a logit with no value row (0 without one)
         o /= sum;
     }
     const float nan = uintBitsToFloat(0x7FC00000u);
     if (nan_row) o = nan;
-    const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
     o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_VALUE(o);
     if (p.write_lse != 0 && d == 0)
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;

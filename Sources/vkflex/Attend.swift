@@ -58,6 +58,8 @@ struct Attend: ParsableCommand {
     @Flag(name: .long, help: "Allow fewer key/value heads than query heads (grouped-query attention).") var gqa = false
     @Option(name: .long, help: "Per-batch key lengths: an int32 .npy of shape (B,); keys at or past a batch's length do not exist.")
     var kvLens: String?
+    @Option(name: .long, help: "Attention sinks: a float32 .npy of shape (Hq,), one logit per query head that joins every softmax denominator.")
+    var sinks: String?
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
     @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
@@ -113,9 +115,17 @@ struct Attend: ParsableCommand {
                 }
                 lengths = try device.tensor(a, name: "kv_lens")
             }
+            var sinkTensor: Tensor?
+            if let sinks {
+                let a = try NPYArray(contentsOf: URL(fileURLWithPath: sinks))
+                guard a.dtype == .float32, a.shape == [Hq] else {
+                    throw CLIError("--sinks \(sinks) is \(a.dtype.rawValue) \(a.shape); it must be float32 of shape (\(Hq),), one logit per query head")
+                }
+                sinkTensor = try device.tensor(a, name: "sinks")
+            }
             let t0 = Date()
             let result = try flexAttention(tensors[0], tensors[1], tensors[2], scoreMod: score, blockMask: blockMask,
-                                           scale: scale, enableGQA: gqa, kvLengths: lengths, returnLSE: true, returnMaxScores: maxScores != nil)
+                                           scale: scale, enableGQA: gqa, kvLengths: lengths, sinks: sinkTensor, returnLSE: true, returnMaxScores: maxScores != nil)
             let output = try result.output.toArray()
             let lseValues = try result.lse!.toArray()
             let ms = Date().timeIntervalSince(t0) * 1e3

@@ -237,7 +237,7 @@ extension AttentionTests {
         // One declaration: the GLSL members are generated from the same fields the host packs.
         let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
         XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, ForwardKernel.paramBytes)
-        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_FIRST_CAPTURE 12"), AttentionParams.glsl)
+        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_KV_LENS 12\n#define VKF_BINDING_SINKS 13\n#define VKF_BINDING_FIRST_CAPTURE 14"), AttentionParams.glsl)
         XCTAssertFalse(try ShaderLibrary.standard.text("flex_attention_common.glsl").contains("binding = 1"), "bindings come from AttentionBinding")
         for push in [false, true] {
             let source = try AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push).source()
@@ -279,7 +279,7 @@ extension AttentionTests {
                         // The exact maximum scores (returnMaxScores) on one of the two forms.
                         let source = try AttentionPlan.coopmat(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil, narrowK: narrowK,
                                                                floatIndices: narrowK, typedOperands: narrowK, maxScores: narrowK, kvLengths: narrowK,
-                                                               pushParams: narrowK).source()
+                                                               sinks: narrowK, pushParams: narrowK).source()
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
                         // What a VK_KHR_cooperative_matrix device builds (checked by the rewriter's verify).
@@ -780,5 +780,49 @@ extension AttentionTests {
             let t = try device.tensor(bad, shape: [bad.count])
             XCTAssertThrowsError(try flexAttention(q, q, q, kvLengths: t), fragment) { XCTAssertTrue("\($0)".contains(fragment), "\($0)") }
         }
+    }
+}
+
+extension AttentionTests {
+    /// Attention sinks: a per-head logit with no value row joins every softmax denominator; the
+    /// LSE includes it and a row with no key gives 0 / LSE = sink. Every dtype, GQA, masks with
+    /// empty rows, max scores beside it, and long keys (the merge adds the sink once).
+    func testSinksJoinEveryDenominator() throws {
+        let late = MaskMod { _, _, q, kv in kv <= q - 20 }   // rows 0-19 have no key
+        let cases: [(String, Int, Int, Int, Int, DType, MaskMod?)] = [
+            ("fp32 dense", 2, 2, 40, 50, .float32, nil),
+            ("fp16 GQA, empty rows", 4, 2, 64, 64, .float16, late),
+            ("bf16", 2, 1, 30, 45, .bfloat16, late),
+            ("long keys through the merge", 2, 2, 3, 30_000, .float32, nil),
+        ]
+        for (name, Hq, Hkv, Lq, Lkv, dtype, mask) in cases {
+            let D = 16
+            let q = try device.tensor(randn(Hq * Lq * D), shape: [1, Hq, Lq, D], dtype: dtype)
+            let k = try device.tensor(randn(Hkv * Lkv * D), shape: [1, Hkv, Lkv, D], dtype: dtype)
+            let v = try device.tensor(randn(Hkv * Lkv * D), shape: [1, Hkv, Lkv, D], dtype: dtype)
+            let sinkValues: [Float] = (0..<Hq).map { [2.5, -1, 40, -.infinity][$0 % 4] }   // 40 dwarfs every score; -inf: no sink
+            let sinks = try device.tensor(sinkValues, shape: [Hq], name: "sinks")
+            let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device, blockSize: 16) }
+            let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, sinks: sinks, returnLSE: true, returnMaxScores: true)
+            let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, sinks: sinkValues)
+            let o = try r.output.toArray(), l = try r.lse!.toArray(), mx = try r.maxScores!.toArray()
+            XCTAssertFalse(o.contains { !$0.isFinite }, name)
+            XCTAssertLessThan(relativeL2Error(o, ref.output), dtype == .float32 ? 1e-4 : 1e-2, name)
+            for (row, (a, b)) in zip(l, ref.lse).enumerated() {
+                if b == -.infinity { XCTAssertEqual(a, -.infinity, "\(name) row \(row)"); continue }
+                XCTAssertLessThan(abs(Double(a) - b), 5e-3 * max(1, abs(b)), "\(name) row \(row)")
+            }
+            for (a, b) in zip(mx, ref.maxScores) {
+                if b == -.infinity { XCTAssertEqual(a, -.infinity, name) } else { XCTAssertLessThan(abs(Double(a) - b), 1e-2 * max(1, abs(b)), "\(name): max scores exclude the sink") }
+            }
+            if mask != nil {
+                // Row 0 of head 0 has no key: output 0 and LSE = the sink.
+                XCTAssertEqual(Array(o[0..<D]), [Float](repeating: 0, count: D), name)
+                XCTAssertEqual(l[0], sinkValues[0], accuracy: 1e-5, name)
+            }
+        }
+        let q = try device.tensor(randn(2 * 4 * 8), shape: [1, 2, 4, 8])
+        let bad = try device.tensor([1, 2, 3], shape: [3])
+        XCTAssertThrowsError(try flexAttention(q, q, q, sinks: bad)) { XCTAssertTrue("\($0)".contains("sinks must be float32 [Hq] = [2]"), "\($0)") }
     }
 }

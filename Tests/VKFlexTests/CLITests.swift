@@ -292,6 +292,23 @@ final class CLITests: XCTestCase {
         let (bad, message) = try run(base + ["--kv-lens", "\(d)/bad.npy"])
         XCTAssertEqual(bad, 1)
         XCTAssertTrue(message.contains("--kv-lens: batch 1 has length 21, outside 0...20"), message)
+        // Sinks: the LSE of a batch without keys is each head's sink.
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        np.save(f'{d}/sinks.npy', np.array([0.75, -3.0], np.float32))
+        np.save(f'{d}/sinks3.npy', np.zeros(3, np.float32))
+        """)
+        let (ss, so) = try run(base + ["--kv-lens", "\(d)/lens.npy", "--sinks", "\(d)/sinks.npy", "--lse", "\(d)/ls.npy"])
+        XCTAssertEqual(ss, 0, so)
+        let lse = try python("""
+        import numpy as np, sys
+        print(np.round(np.load(sys.argv[1] + '/ls.npy')[1, :, 0], 4).tolist())
+        """)
+        XCTAssertEqual(lse.trimmingCharacters(in: .whitespacesAndNewlines), "[0.75, -3.0]")
+        let (bs, bo) = try run(base + ["--sinks", "\(d)/sinks3.npy"])
+        XCTAssertEqual(bs, 1)
+        XCTAssertTrue(bo.contains("it must be float32 of shape (2,)"), bo)
     }
 
     func testAttendWithNoKeysGivesEmptyRows() throws {
