@@ -41,10 +41,14 @@ enum AttentionBinding: Int, CaseIterable {
     }
 }
 
-/// The attention kernels' parameter block, declared once: the order of ``Field`` is both the
-/// GLSL declaration (`VKF_PARAMS_MEMBERS` in the generated `flex_params.glsl`) and the layout of
-/// the bytes the host passes, as push constants where the device takes them (else a buffer at
-/// ``AttentionBinding/params``).
+/// A parameter field of a kernel: its name (also its GLSL name) and whether it is a float.
+protocol KernelParamField: CaseIterable, Hashable, RawRepresentable where RawValue == String, AllCases == [Self] {
+    var isFloat: Bool { get }
+}
+
+/// A kernel's parameter block, declared once: the order of the `Field` enum is both the GLSL
+/// declaration (generated `..._MEMBERS` macros) and the layout of the bytes the host passes, as
+/// push constants where the device takes them (else a buffer).
 ///
 /// ```swift
 /// // snippet: skip (an internal type)
@@ -53,88 +57,96 @@ enum AttentionBinding: Int, CaseIterable {
 /// p.set(.scale, float: 0.125)
 /// let bytes = p.bytes()               // traps if a field was not set
 /// ```
-struct AttentionParams {
-    /// Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every
-    /// tensor, the BlockMask's geometry, the scale, and what this dispatch covers.
-    enum Field: String, CaseIterable {
-        case B, Hq, Hkv, Lq, Lkv
-        /// First batch of this dispatch (workgroup z counts from it).
-        case b_start
-        case q_base, q_sb, q_sh, q_sl, q_sd
-        case k_base, k_sb, k_sh, k_sl, k_sd
-        case v_base, v_sb, v_sh, v_sl, v_sd
-        case o_base, o_sb, o_sh, o_sl, o_sd
-        /// The LSE's (and the maximum scores', which share its addressing).
-        case lse_base, lse_sb, lse_sh, lse_sl
-        case mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks
-        /// 1: no BlockMask, every key block is walked as full.
-        case dense
-        case tiles_per_block, write_lse
-        case scale
-        /// 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements.
-        case vec_ok
-        /// First query head of this dispatch (workgroup y counts from it).
-        case h_start
-        /// First key/value head bound by this dispatch.
-        case hk_start
-        /// The KV blocks this dispatch walks (all: 0, kv_blocks): the host splits long key ranges
-        /// where a driver caps a shader's loop iterations.
-        case kv_block_lo, kv_block_hi
-        /// Write each row's maximum score (with `VKF_MAX_SCORES`).
-        case write_max
-        /// Key splits in this dispatch (with `VKF_KV_SPLIT`: workgroup z = batch × splits + split),
-        /// the KV blocks each walks, and how far apart the splits' partial O and LSE rows are.
-        case splits, kv_split_blocks, o_split_stride, lse_split_stride
-
-        var isFloat: Bool { self == .scale }
-    }
-
+struct ParamBlock<Field: KernelParamField> {
     /// Bytes of the block.
-    static let byteCount = Field.allCases.count * 4
+    static var byteCount: Int { Field.allCases.count * 4 }
 
+    private static var indices: [Field: Int] { Dictionary(uniqueKeysWithValues: Field.allCases.enumerated().map { ($1, $0) }) }
+    private let index: [Field: Int] = ParamBlock.indices
     private var slots = [UInt32](repeating: 0, count: Field.allCases.count)
     private var set = [Bool](repeating: false, count: Field.allCases.count)
+
+    init() {}
 
     /// Sets int fields.
     mutating func set(_ values: KeyValuePairs<Field, Int>) {
         for (field, value) in values {
             precondition(!field.isFloat && Int32(exactly: value) != nil, "\(field.rawValue) = \(value) is not an int32 field value")
-            slots[field.index] = UInt32(bitPattern: Int32(value))
-            set[field.index] = true
+            slots[index[field]!] = UInt32(bitPattern: Int32(value))
+            set[index[field]!] = true
         }
     }
 
     /// Sets a float field.
     mutating func set(_ field: Field, float value: Float) {
         precondition(field.isFloat, "\(field.rawValue) is an int field")
-        slots[field.index] = value.bitPattern
-        set[field.index] = true
+        slots[index[field]!] = value.bitPattern
+        set[index[field]!] = true
     }
 
     /// An int field's value.
-    func int(_ field: Field) -> Int { Int(Int32(bitPattern: slots[field.index])) }
+    func int(_ field: Field) -> Int { Int(Int32(bitPattern: slots[index[field]!])) }
 
     /// The block as bytes, in declaration order; every field must have been set.
     func bytes() -> [UInt8] {
-        if let missing = Field.allCases.first(where: { !set[$0.index] }) {
+        if let missing = Field.allCases.first(where: { !set[index[$0]!] }) {
             preconditionFailure("the kernel parameter \(missing.rawValue) was not set")
         }
         return slots.withUnsafeBytes { Array($0) }
     }
 
-    /// The generated include both attention kernels read (`#include "flex_params.glsl"`).
-    static let includeName = "flex_params.glsl"
-    static let glsl: String = {
-        var lines = ["// Generated from AttentionBinding and AttentionParams.Field (Sources/VKFlex/AttentionParams.swift)."]
-        for b in AttentionBinding.allCases { lines.append("#define \(b.macro) \(b.rawValue)") }
-        lines.append("#define VKF_BINDING_FIRST_CAPTURE \(AttentionBinding.firstCapture)")
-        let members = Field.allCases.map { "\($0.isFloat ? "float" : "int") \($0.rawValue);" }.joined(separator: " ")
-        lines.append("#define VKF_PARAMS_MEMBERS \(members)")
-        return lines.joined(separator: "\n") + "\n"
-    }()
+    /// `#define NAME int a; float b; ...`: the members, for a GLSL block.
+    static func membersMacro(_ name: String) -> String {
+        "#define \(name) " + Field.allCases.map { "\($0.isFloat ? "float" : "int") \($0.rawValue);" }.joined(separator: " ")
+    }
 }
 
-extension AttentionParams.Field {
-    private static let indices = Dictionary(uniqueKeysWithValues: allCases.enumerated().map { ($1, $0) })
-    var index: Int { Self.indices[self]! }
+/// The forward kernels' parameter block (``AttentionField``).
+typealias AttentionParams = ParamBlock<AttentionField>
+
+/// Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor,
+/// the BlockMask's geometry, the scale, and what this dispatch covers.
+enum AttentionField: String, KernelParamField {
+    case B, Hq, Hkv, Lq, Lkv
+    /// First batch of this dispatch (workgroup z counts from it).
+    case b_start
+    case q_base, q_sb, q_sh, q_sl, q_sd
+    case k_base, k_sb, k_sh, k_sl, k_sd
+    case v_base, v_sb, v_sh, v_sl, v_sd
+    case o_base, o_sb, o_sh, o_sl, o_sd
+    /// The LSE's (and the maximum scores', which share its addressing).
+    case lse_base, lse_sb, lse_sh, lse_sl
+    case mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks
+    /// 1: no BlockMask, every key block is walked as full.
+    case dense
+    case tiles_per_block, write_lse
+    case scale
+    /// 1: Q, K, V, O rows are contiguous and every row offset is a multiple of 8 elements.
+    case vec_ok
+    /// First query head of this dispatch (workgroup y counts from it).
+    case h_start
+    /// First key/value head bound by this dispatch.
+    case hk_start
+    /// The KV blocks this dispatch walks (all: 0, kv_blocks): the host splits long key ranges
+    /// where a driver caps a shader's loop iterations.
+    case kv_block_lo, kv_block_hi
+    /// Write each row's maximum score (with `VKF_MAX_SCORES`).
+    case write_max
+    /// Key splits in this dispatch (with `VKF_KV_SPLIT`: workgroup z = batch × splits + split),
+    /// the KV blocks each walks, and how far apart the splits' partial O and LSE rows are.
+    case splits, kv_split_blocks, o_split_stride, lse_split_stride
+
+    var isFloat: Bool { self == .scale }
+}
+
+extension ParamBlock where Field == AttentionField {
+    /// The generated include both attention kernels read (`#include "flex_params.glsl"`).
+    static var includeName: String { "flex_params.glsl" }
+    static var glsl: String {
+        var lines = ["// Generated from AttentionBinding and AttentionField (Sources/VKFlex/AttentionParams.swift)."]
+        for b in AttentionBinding.allCases { lines.append("#define \(b.macro) \(b.rawValue)") }
+        lines.append("#define VKF_BINDING_FIRST_CAPTURE \(AttentionBinding.firstCapture)")
+        lines.append(membersMacro("VKF_PARAMS_MEMBERS"))
+        return lines.joined(separator: "\n") + "\n"
+    }
 }

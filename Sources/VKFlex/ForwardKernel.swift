@@ -145,7 +145,7 @@ enum ForwardKernel {
             for (slot, t, heads, prefix) in [(AttentionBinding.q, q, chunk.h, "q"), (.k, k, kvHeads, "k"), (.v, v, kvHeads, "v")] {
                 let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: false, device: device)
                 slots[slot] = binding
-                let f = AttentionParams.Field.self
+                let f = AttentionField.self
                 p.set([f.init(rawValue: prefix + "_base")!: base, f.init(rawValue: prefix + "_sb")!: t.strides[0], f.init(rawValue: prefix + "_sh")!: t.strides[1],
                        f.init(rawValue: prefix + "_sl")!: t.strides[2], f.init(rawValue: prefix + "_sd")!: t.strides[3]])
             }
@@ -163,7 +163,7 @@ enum ForwardKernel {
             p.set(.scale, float: Float(scale))
             // Rows readable 8 halves at a time: unit inner stride, 8-aligned row offsets.
             let strides = [q.strides, k.strides, v.strides, out.strides]
-            let bases = [AttentionParams.Field.q_base, .k_base, .v_base, .o_base].map { p.int($0) }
+            let bases = [AttentionField.q_base, .k_base, .v_base, .o_base].map { p.int($0) }
             let vecOK = (0..<4).allSatisfy { i in
                 strides[i][3] == 1 && bases[i] % 8 == 0 && strides[i][0] % 8 == 0 && strides[i][1] % 8 == 0 && strides[i][2] % 8 == 0
             } && s.D % 8 == 0 && s.Dv % 8 == 0
