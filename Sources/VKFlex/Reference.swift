@@ -152,3 +152,66 @@ public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Floa
     }
     return out
 }
+
+/// The gradients ``flexAttentionBackwardReference(_:_:_:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
+/// computes, row-major, in float64.
+public struct ReferenceGradients {
+    public var dq: [Double], dk: [Double], dv: [Double]
+}
+
+/// The backward pass in float64 on the CPU, from the tensors' values: the forward (P, LSE, O)
+/// recomputed in float64, then `Δ = rowsum(dO ⊙ O) − dLSE`, `dS = P ⊙ (dO·Vᵀ − Δ) · ∂mod/∂score`
+/// over the pairs the mask keeps, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`.
+///
+/// - Throws: what ``flexAttentionReference(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)`` throws.
+public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, gradOutput: Tensor, gradLSE: Tensor? = nil,
+                                           scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil, scale: Double? = nil,
+                                           enableGQA: Bool = false) throws -> ReferenceGradients {
+    let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let scale = scale ?? 1 / Double(s.D).squareRoot()
+    let fwd = try flexAttentionReference(q, k, v, scoreMod: scoreMod, blockMask: blockMask, scale: scale, enableGQA: enableGQA)
+    let qv = try q.toArray(), kv = try k.toArray(), vv = try v.toArray(), dO = try gradOutput.toArray()
+    let dlse = try gradLSE?.toArray()
+    let classes = try blockMask?.blockClasses()
+    let score = try scoreMod.map { try Interpreter($0.graph) }
+    let grad = try scoreMod.map { try Interpreter($0.graph.derivative()) }
+    let mask = try blockMask?.maskMod.map { try Interpreter($0.graph) }
+    var dq = [Double](repeating: 0, count: qv.count), dk = [Double](repeating: 0, count: kv.count), dv = [Double](repeating: 0, count: vv.count)
+    let group = s.Hq / max(1, s.Hkv)
+    for b in 0..<s.B {
+        for h in 0..<s.Hq {
+            let hk = h / group
+            for i in 0..<s.Lq {
+                let row = (b * s.Hq + h) * s.Lq + i
+                let lse = fwd.lse[row]
+                guard lse > -.infinity else { continue }
+                var delta = 0.0
+                for d in 0..<s.Dv { delta += Double(dO[row * s.Dv + d]) * fwd.output[row * s.Dv + d] }
+                if let dlse { delta -= Double(dlse[row]) }
+                for j in 0..<s.Lkv {
+                    if let bm = blockMask, let classes {
+                        let mb = bm.B == 1 ? 0 : b, mh = bm.H == 1 ? 0 : h
+                        let c = classes[((mb * bm.H + mh) * bm.qBlocks + i / bm.blockSize.q) * bm.kvBlocks + j / bm.blockSize.kv]
+                        if c == 0 { continue }
+                        if c == 1, let mask, !mask.bool(b: b, h: h, q: i, kv: j) { continue }
+                    }
+                    let krow = ((b * s.Hkv + hk) * s.Lkv + j)
+                    var dot = 0.0, dp = 0.0
+                    for d in 0..<s.D { dot += Double(qv[row * s.D + d]) * Double(kv[krow * s.D + d]) }
+                    for d in 0..<s.Dv { dp += Double(dO[row * s.Dv + d]) * Double(vv[krow * s.Dv + d]) }
+                    let raw = dot * scale
+                    let modded = score.map { $0.float(score: raw, b: b, h: h, q: i, kv: j) } ?? raw
+                    let p = Foundation.exp(modded - lse)
+                    let ds = p * (dp - delta) * (grad.map { $0.float(score: raw, b: b, h: h, q: i, kv: j) } ?? 1)
+                    for d in 0..<s.D {
+                        dq[row * s.D + d] += scale * ds * Double(kv[krow * s.D + d])
+                        dk[krow * s.D + d] += scale * ds * Double(qv[row * s.D + d])
+                    }
+                    for d in 0..<s.Dv { dv[krow * s.Dv + d] += p * Double(dO[row * s.Dv + d]) }
+                }
+            }
+        }
+    }
+    if let e = score?.error ?? grad?.error ?? mask?.error { throw e }
+    return ReferenceGradients(dq: dq, dk: dk, dv: dv)
+}

@@ -60,6 +60,12 @@ struct Attend: ParsableCommand {
     var kvLens: String?
     @Option(name: .long, help: "Attention sinks: a float32 .npy of shape (Hq,), one logit per query head that joins every softmax denominator.")
     var sinks: String?
+    @Option(name: .long, help: "Backward: dLoss/dOutput, an .npy of the output's shape (B, Hq, Lq, Dv) in q's dtype; writes --dq/--dk/--dv.")
+    var gradOut: String?
+    @Option(name: .long, help: "Backward: dLoss/dLSE, a float32 .npy of shape (B, Hq, Lq).") var gradLse: String?
+    @Option(name: .long, help: "Backward: write dLoss/dq here (float32 .npy, q's shape).") var dq: String?
+    @Option(name: .long, help: "Backward: write dLoss/dk here (float32 .npy, k's shape).") var dk: String?
+    @Option(name: .long, help: "Backward: write dLoss/dv here (float32 .npy, v's shape).") var dv: String?
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
     @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
@@ -71,6 +77,9 @@ struct Attend: ParsableCommand {
         try reportingErrors {
             let bs = try parseBlockSize(blockSize)
             if let scale, !scale.isFinite { throw CLIError("--scale must be a finite number") }
+            if gradOut == nil, dq != nil || dk != nil || dv != nil || gradLse != nil {
+                throw CLIError("--dq, --dk, --dv and --grad-lse need --grad-out (dLoss/dOutput)")
+            }
             let arrays = try [("--q", q), ("--k", k), ("--v", v)].map { flag, path -> NPYArray in
                 let a = try NPYArray(contentsOf: URL(fileURLWithPath: path))
                 guard a.shape.count == 4 else { throw CLIError("\(flag) \(path) has shape \(a.shape); expected (B, H, L, D)") }
@@ -133,6 +142,31 @@ struct Attend: ParsableCommand {
             if let lse { try NPYArray(float32: lseValues, shape: result.lse!.shape).write(to: URL(fileURLWithPath: lse)) }
             if let maxScores, let m = result.maxScores {
                 try NPYArray(float32: try m.toArray(), shape: m.shape).write(to: URL(fileURLWithPath: maxScores))
+            }
+            if let gradOut {
+                guard lengths == nil, sinkTensor == nil else { throw CLIError("--grad-out: the backward does not take --kv-lens or --sinks yet") }
+                let g = try NPYArray(contentsOf: URL(fileURLWithPath: gradOut))
+                guard g.shape == result.output.shape else {
+                    throw CLIError("--grad-out \(gradOut) has shape \(g.shape); it must be the output's, \(result.output.shape)")
+                }
+                guard g.dtype == arrays[0].dtype else {
+                    throw CLIError("--grad-out \(gradOut) is \(g.dtype.rawValue); it must be --q's dtype, \(arrays[0].dtype.rawValue)")
+                }
+                let dO = try device.tensor(g.floats, shape: g.shape, dtype: dtype, name: "grad_out")
+                var dLSE: Tensor?
+                if let gradLse {
+                    let a = try NPYArray(contentsOf: URL(fileURLWithPath: gradLse))
+                    guard a.dtype == .float32, a.shape == result.lse!.shape else {
+                        throw CLIError("--grad-lse \(gradLse) is \(a.dtype.rawValue) \(a.shape); it must be float32 of shape \(result.lse!.shape)")
+                    }
+                    dLSE = try device.tensor(a, name: "grad_lse")
+                }
+                let grads = try flexAttentionBackward(tensors[0], tensors[1], tensors[2], output: result.output, lse: result.lse!,
+                                                      gradOutput: dO, gradLSE: dLSE, scoreMod: score, blockMask: blockMask,
+                                                      scale: scale, enableGQA: gqa)
+                for (path, t) in [(self.dq, grads.dq), (self.dk, grads.dk), (self.dv, grads.dv)] {
+                    if let path { try NPYArray(float32: try t.toArray(), shape: t.shape).write(to: URL(fileURLWithPath: path)) }
+                }
             }
             let masked = lseValues.filter { $0 == -.infinity }.count
             print("output \(result.output.shape) \(dtype.rawValue) on \(device.capabilities.name) in \(String(format: "%.1f", ms)) ms"

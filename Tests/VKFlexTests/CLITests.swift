@@ -311,6 +311,39 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(bo.contains("it must be float32 of shape (2,)"), bo)
     }
 
+    /// `--grad-out` runs the backward; dQ, dK, dV against NumPy in float64 (causal, GQA).
+    func testAttendBackward() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(4)
+        np.save(f'{d}/q.npy', rng.standard_normal((1, 4, 30, 8)).astype(np.float32))
+        for n in 'kv': np.save(f'{d}/{n}.npy', rng.standard_normal((1, 2, 30, 8)).astype(np.float32))
+        np.save(f'{d}/do.npy', rng.standard_normal((1, 4, 30, 8)).astype(np.float32))
+        """)
+        let d = dir.path
+        let (status, output) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--gqa", "--mask-mod", "q_idx >= kv_idx",
+                                        "--grad-out", "\(d)/do.npy", "--dq", "\(d)/dq.npy", "--dk", "\(d)/dk.npy", "--dv", "\(d)/dv.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        q = np.load(f'{d}/q.npy').astype(np.float64)[0]; k, v = [np.repeat(np.load(f'{d}/{n}.npy').astype(np.float64)[0], 2, axis=0) for n in 'kv']
+        dO = np.load(f'{d}/do.npy').astype(np.float64)[0]
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(8); s = np.where(np.tril(np.ones((30, 30), bool)), s, -np.inf)
+        P = np.exp(s - s.max(-1, keepdims=True)); P /= P.sum(-1, keepdims=True); O = P @ v
+        dP = dO @ v.transpose(0, 2, 1); dS = P * (dP - (dO * O).sum(-1, keepdims=True))
+        dq = dS @ k / np.sqrt(8); dk = (dS.transpose(0, 2, 1) @ q / np.sqrt(8)); dv = P.transpose(0, 2, 1) @ dO
+        dk = dk.reshape(2, 2, 30, 8).sum(1); dv = dv.reshape(2, 2, 30, 8).sum(1)
+        err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        print(all(e < 1e-4 for e in [err(np.load(f'{d}/dq.npy')[0], dq), err(np.load(f'{d}/dk.npy')[0], dk), err(np.load(f'{d}/dv.npy')[0], dv)]))
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True")
+        let (bad, message) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--gqa", "--dq", "\(d)/x.npy"])
+        XCTAssertEqual(bad, 1)
+        XCTAssertTrue(message.contains("need --grad-out"), message)
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys

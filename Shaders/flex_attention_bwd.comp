@@ -1,0 +1,206 @@
+#version 450
+// Block-sparse flash attention, backward, portable path (scalar math, any subgroup size), in three
+// passes chosen by BWD_PASS, with P recomputed from the saved LSE (PyTorch's semantics):
+//   0  delta_i = rowsum(dO_i * O_i) - dLSE_i                       one invocation per query row
+//   1  dQ_i = scale * sum_j dS_ij K_j                              one workgroup per query row
+//   2  dK_j = scale * sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i      one workgroup per key row (and
+//      key/value head: it sums over the query heads of its group, each walking its own blocks)
+// where P_ij = exp(s'_ij - LSE_i) (0 where masked or the row has no key), s' = score_mod(scale q.k),
+// dP_ij = dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i) * d score_mod / d score. Pass 1 walks the
+// forward block lists (full then partial), pass 2 their transposes; the mask applies on partial
+// blocks only. The invocations of a workgroup share its keys (or rows) and sum their gradients
+// with subgroup adds. Deterministic: no atomics.
+//
+// Defines: BWD_PASS, D, DV, WG, IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16 (the gradients take the
+// inputs' dtype). Bindings and parameters: flex_bwd_params.glsl (BackwardBinding, BackwardField).
+#extension GL_GOOGLE_include_directive : require
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_arithmetic : require
+
+layout(local_size_x = WG) in;
+
+#include "flex_dtype.glsl"
+#include "flex_bwd_params.glsl"
+
+layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBuf { IN_T q_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBuf { IN_T k_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBuf { IN_T v_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_O) readonly buffer OBuf { IN_T o_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBuf { IN_T do_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_LSE) readonly buffer LseBuf { float lse_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DLSE) readonly buffer DLseBuf { float dlse_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DELTA) buffer DeltaBuf { float delta_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DQ) writeonly buffer DQBuf { OUT_T dq_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DK) writeonly buffer DKBuf { OUT_T dk_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DV) writeonly buffer DVBuf { OUT_T dv_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_KV_NUM) readonly buffer KvNum { int kv_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_KV_IDX) readonly buffer KvIdx { int kv_idx[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_KV_NUM) readonly buffer FullKvNum { int full_kv_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_KV_IDX) readonly buffer FullKvIdx { int full_kv_idx[]; };
+layout(std430, set = 0, binding = BWD_BINDING_Q_NUM) readonly buffer QNum { int q_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_Q_IDX) readonly buffer QIdx { int q_idx_list[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_NUM) readonly buffer FullQNum { int full_q_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_IDX) readonly buffer FullQIdx { int full_q_idx_list[]; };
+#if VKF_PARAMS_PUSH
+layout(push_constant) uniform Params { BWD_PARAMS_MEMBERS } p;
+#else
+layout(std430, set = 0, binding = BWD_BINDING_PARAMS) readonly buffer Params { BWD_PARAMS_MEMBERS } p;
+#endif
+
+// Splice point: score_mod, score_mod_grad, mask_mod (errors at BWD_BINDING_ERRORS, captures after).
+#include "flex_mods.glsl"
+
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+
+int q_at(int b, int h, int i) { return p.q_base + b * p.q_sb + h * p.q_sh + i * p.q_sl; }
+int k_at(int b, int hk, int j) { return p.k_base + b * p.k_sb + hk * p.k_sh + j * p.k_sl; }
+int v_at(int b, int hk, int j) { return p.v_base + b * p.v_sb + hk * p.v_sh + j * p.v_sl; }
+int o_at(int b, int h, int i) { return p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl; }
+int do_at(int b, int h, int i) { return p.do_base + b * p.do_sb + h * p.do_sh + i * p.do_sl; }
+int lse_at(int b, int h, int i) { return p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl; }
+int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta and dQ: contiguous [B, Hq, Lq(, D)]
+
+// dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
+// dot_qk = q.k, dot_dov = dO.v.
+void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float lse_i, float delta_i, out float P, out float dS) {
+    const float sc = dot_qk * p.scale;
+    const float s = score_mod(sc, b, h, i, j);
+    P = exp(s - lse_i);
+    dS = P * (dot_dov - delta_i) * score_mod_grad(sc, b, h, i, j);
+}
+
+#if BWD_PASS == 0
+void main() {
+    const int r = int(gl_GlobalInvocationID.x);
+    if (r >= p.B * p.Hq * p.Lq) return;
+    const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
+    float acc = 0.0;
+    for (int d = 0; d < DV; ++d) acc += IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]) * IN_FLOAT(o_data[o_at(b, h, i) + d * p.o_sd]);
+    if (p.has_dlse != 0) acc -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
+    delta_data[r] = acc;
+}
+#else
+
+// Sums a per-invocation vector over the workgroup: red holds one row per subgroup.
+#define MAXSG (WG / 4)
+shared float red[MAXSG * (D > DV ? D : DV)];
+shared float row_a[D > DV ? D : DV], row_b[D > DV ? D : DV];   // the workgroup's own q/dO (pass 1) or k/v (pass 2) row
+
+#if BWD_PASS == 1
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int i = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z);
+    const int hk = h / (p.Hq / p.Hkv);
+    for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
+    for (int d = lid; d < DV; d += WG) row_b[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
+    barrier();
+    const float lse_i = lse_data[lse_at(b, h, i)], delta_i = delta_data[row_id(b, h, i)];
+    float dq[D];
+    for (int d = 0; d < D; ++d) dq[d] = 0.0;
+    bool walked = true;
+    if (lse_i != NEG_INF) {   // a row with no key has P = 0 everywhere
+        const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs;
+        int pass = 0;
+        for (; pass < 2; ++pass) {
+            const int n = p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]);
+            int blk = 0;
+            for (; blk < n; ++blk) {
+                const int kb = p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
+                const int k_stop = min(kb * p.kv_bs + p.kv_bs, p.Lkv);
+                int j = kb * p.kv_bs + lid;
+                for (; j < k_stop; j += WG) {
+                    if (pass == 1 && !mask_mod(b, h, i, j)) continue;
+                    float qk = 0.0, dov = 0.0;
+                    for (int d = 0; d < D; ++d) qk += row_a[d] * IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
+                    for (int d = 0; d < DV; ++d) dov += row_b[d] * IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
+                    float P, dS;
+                    pair_grads(b, h, i, j, qk, dov, lse_i, delta_i, P, dS);
+                    for (int d = 0; d < D; ++d) dq[d] += dS * IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
+                }
+                if (j < k_stop) walked = false;
+            }
+            if (blk < n) walked = false;
+        }
+        if (pass < 2) walked = false;
+    }
+    if (!walked) vkf_report(4, 0, 0, 0);
+    // The workgroup's sum, per dim.
+    const int sg = int(gl_SubgroupID);
+    for (int d = 0; d < D; ++d) {
+        const float s = subgroupAdd(dq[d]);
+        if (subgroupElect()) red[sg * D + d] = s;
+    }
+    barrier();
+    for (int d = lid; d < D; d += WG) {
+        float s = 0.0;
+        for (int g = 0; g < int(gl_NumSubgroups); ++g) s += red[g * D + d];
+        dq_data[row_id(b, h, i) * D + d] = OUT_VALUE(s * p.scale);
+    }
+}
+#else
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int j = int(gl_WorkGroupID.x), hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z);
+    const int group = p.Hq / p.Hkv;
+    for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
+    for (int d = lid; d < DV; d += WG) row_b[d] = IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
+    barrier();
+    float dk[D], dv[DV];
+    for (int d = 0; d < D; ++d) dk[d] = 0.0;
+    for (int d = 0; d < DV; ++d) dv[d] = 0.0;
+    bool walked = true;
+    for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        const int mcol = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.kv_blocks + j / p.kv_bs;
+        int pass = 0;
+        for (; pass < 2; ++pass) {
+            const int n = p.dense != 0 ? (pass == 0 ? p.q_blocks : 0) : (pass == 0 ? full_q_num[mcol] : q_num[mcol]);
+            int blk = 0;
+            for (; blk < n; ++blk) {
+                const int qb = p.dense != 0 ? blk : (pass == 0 ? full_q_idx_list[mcol * p.q_blocks + blk] : q_idx_list[mcol * p.q_blocks + blk]);
+                const int q_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
+                int i = qb * p.q_bs + lid;
+                for (; i < q_stop; i += WG) {
+                    const float lse_i = lse_data[lse_at(b, h, i)];
+                    if (lse_i == NEG_INF) continue;
+                    if (pass == 1 && !mask_mod(b, h, i, j)) continue;
+                    float qk = 0.0, dov = 0.0;
+                    for (int d = 0; d < D; ++d) qk += IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]) * row_a[d];
+                    for (int d = 0; d < DV; ++d) dov += IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]) * row_b[d];
+                    float P, dS;
+                    pair_grads(b, h, i, j, qk, dov, lse_i, delta_data[row_id(b, h, i)], P, dS);
+                    for (int d = 0; d < D; ++d) dk[d] += dS * IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
+                    for (int d = 0; d < DV; ++d) dv[d] += P * IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
+                }
+                if (i < q_stop) walked = false;
+            }
+            if (blk < n) walked = false;
+        }
+        if (pass < 2) walked = false;
+    }
+    if (!walked) vkf_report(4, 0, 0, 0);
+    const int sg = int(gl_SubgroupID);
+    const int rowk = (b * p.Hkv + hk) * p.Lkv + j;   // dK and dV: contiguous [B, Hkv, Lkv, D]
+    for (int d = 0; d < D; ++d) {
+        const float s = subgroupAdd(dk[d]);
+        if (subgroupElect()) red[sg * D + d] = s;
+    }
+    barrier();
+    for (int d = lid; d < D; d += WG) {
+        float s = 0.0;
+        for (int g = 0; g < int(gl_NumSubgroups); ++g) s += red[g * D + d];
+        dk_data[rowk * D + d] = OUT_VALUE(s * p.scale);
+    }
+    barrier();
+    for (int d = 0; d < DV; ++d) {
+        const float s = subgroupAdd(dv[d]);
+        if (subgroupElect()) red[sg * DV + d] = s;
+    }
+    barrier();
+    for (int d = lid; d < DV; d += WG) {
+        float s = 0.0;
+        for (int g = 0; g < int(gl_NumSubgroups); ++g) s += red[g * DV + d];
+        dv_data[rowk * DV + d] = OUT_VALUE(s);
+    }
+}
+#endif
+#endif

@@ -1,0 +1,221 @@
+import Foundation
+import VKFlexExpr
+import VKFlexVulkan
+
+/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
+/// returns: the gradients of the loss with respect to q, k and v, in their shapes and dtype.
+public struct FlexGradients {
+    /// `[B, Hq, Lq, D]`.
+    public var dq: Tensor
+    /// `[B, Hkv, Lkv, D]` (summed over each group of query heads under GQA).
+    public var dk: Tensor
+    /// `[B, Hkv, Lkv, Dv]`.
+    public var dv: Tensor
+}
+
+/// The backward pass of ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``,
+/// with PyTorch's semantics: P is recomputed from the saved LSE; `Δ = rowsum(dO ⊙ O) − dLSE`;
+/// `dV = Pᵀ·dO`; `dS = P ⊙ (dO·Vᵀ − Δ)`, through the mask (masked pairs give nothing) and the
+/// score-mod's symbolic derivative; `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, summed over each group
+/// of query heads under GQA. Rows with no key (LSE `-inf`) contribute nothing.
+///
+/// ```swift
+/// let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
+/// let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
+/// let forward = try flexAttention(q, k, v, scoreMod: softcap, blockMask: causal, returnLSE: true)
+/// let grads = try flexAttentionBackward(q, k, v, output: forward.output, lse: forward.lse!,
+///                                       gradOutput: dO, scoreMod: softcap, blockMask: causal)
+/// let dq = try grads.dq.toArray()
+/// ```
+///
+/// - output, lse: what the forward call returned for these inputs (`returnLSE: true`).
+/// - gradOutput: dLoss/dOutput, the output's shape and dtype.
+/// - gradLSE: dLoss/dLSE `[B, Hq, Lq]` float32, where the LSE is used downstream; nil means 0.
+///
+/// Runs the portable kernels on every device (a cooperative-matrix backward is to come), computing
+/// in float32 whatever the inputs' dtype. Not yet supported here: `kvLengths:` and `sinks:`.
+///
+/// - Throws: ``FlexError/invalidArgument(_:)`` for shapes or dtypes that do not match the forward
+///   call's; what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
+///   throws for the same inputs; ``FlexError/limitExceeded(_:)`` where a tensor exceeds what the device binds.
+public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor,
+                                  gradLSE: Tensor? = nil, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
+                                  scale: Double? = nil, enableGQA: Bool = false) throws -> FlexGradients {
+    let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let device = q.device
+    let outShape = [s.B, s.Hq, s.Lq, s.Dv], rowShape = [s.B, s.Hq, s.Lq]
+    for (name, t, shape, dtype) in [("output", output, outShape, q.dtype), ("gradOutput", gradOutput, outShape, q.dtype),
+                                    ("lse", lse, rowShape, DType.float32)] + (gradLSE.map { [("gradLSE", $0, rowShape, DType.float32)] } ?? []) {
+        guard t.device === device else { throw FlexError("\(name): the tensor belongs to another device") }
+        guard t.shape == shape else { throw FlexError("\(name) has shape \(t.shape); it must be \(shape)") }
+        guard t.dtype == dtype else { throw FlexError("\(name) is \(t.dtype.rawValue); it must be \(dtype.rawValue)") }
+    }
+    let scale = scale ?? 1 / Double(s.D).squareRoot()
+    guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
+    let dq = try device.empty(shape: [s.B, s.Hq, s.Lq, s.D], dtype: q.dtype, name: "dq")
+    let dk = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: q.dtype, name: "dk")
+    let dv = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: q.dtype, name: "dv")
+    if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 { return FlexGradients(dq: dq, dk: dk, dv: dv) }
+    try BackwardKernel.run(shape: s, q: q, k: k, v: v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
+                           scoreMod: scoreMod, blockMask: blockMask, scale: scale, dq: dq, dk: dk, dv: dv)
+    return FlexGradients(dq: dq, dk: dk, dv: dv)
+}
+
+/// The backward kernels' bindings, declared once (the generated `flex_bwd_params.glsl`).
+enum BackwardBinding: Int, CaseIterable {
+    case q = 0, k, v, o, gradOutput, lse, gradLSE, delta, dq, dk, dv
+    case kvNum, kvIndices, fullKVNum, fullKVIndices, qNum, qIndices, fullQNum, fullQIndices
+    case params, errors
+    static let firstCapture = BackwardBinding.allCases.count
+
+    var macro: String {
+        let names: [BackwardBinding: String] = [.q: "Q", .k: "K", .v: "V", .o: "O", .gradOutput: "DO", .lse: "LSE", .gradLSE: "DLSE", .delta: "DELTA",
+                                                .dq: "DQ", .dk: "DK", .dv: "DV", .kvNum: "KV_NUM", .kvIndices: "KV_IDX", .fullKVNum: "FULL_KV_NUM",
+                                                .fullKVIndices: "FULL_KV_IDX", .qNum: "Q_NUM", .qIndices: "Q_IDX", .fullQNum: "FULL_Q_NUM",
+                                                .fullQIndices: "FULL_Q_IDX", .params: "PARAMS", .errors: "ERRORS"]
+        return "BWD_BINDING_" + names[self]!
+    }
+}
+
+/// The backward kernels' parameters: sizes, element offsets and strides of the inputs, the
+/// BlockMask's geometry, the scale.
+enum BackwardField: String, KernelParamField {
+    case B, Hq, Hkv, Lq, Lkv
+    case q_base, q_sb, q_sh, q_sl, q_sd
+    case k_base, k_sb, k_sh, k_sl, k_sd
+    case v_base, v_sb, v_sh, v_sl, v_sd
+    case o_base, o_sb, o_sh, o_sl, o_sd
+    case do_base, do_sb, do_sh, do_sl, do_sd
+    case lse_base, lse_sb, lse_sh, lse_sl
+    case dlse_base, dlse_sb, dlse_sh, dlse_sl, has_dlse
+    case mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense
+    case scale
+    var isFloat: Bool { self == .scale }
+}
+
+typealias BackwardParams = ParamBlock<BackwardField>
+
+extension ParamBlock where Field == BackwardField {
+    static var includeName: String { "flex_bwd_params.glsl" }
+    static var glsl: String {
+        var lines = ["// Generated from BackwardBinding and BackwardField (Sources/VKFlex/FlexAttention+Backward.swift)."]
+        for b in BackwardBinding.allCases { lines.append("#define \(b.macro) \(b.rawValue)") }
+        lines.append(membersMacro("BWD_PARAMS_MEMBERS"))
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+/// The three backward passes (Δ, dQ, dK/dV) of flex_attention_bwd.comp.
+enum BackwardKernel {
+    /// What selects a backward pipeline: the pass, dtype, head dims, workgroup, parameters as push
+    /// constants, and the mods' identity.
+    struct Plan: Hashable, Sendable {
+        var pass: Int
+        var dtype: DType
+        var D: Int, Dv: Int, WG: Int
+        var pushParams: Bool
+        var mods: String
+
+        func source() throws -> ShaderSource {
+            var defines: [ShaderSource.Define] = [.init("BWD_PASS", "\(pass)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("WG", "\(WG)")]
+            switch dtype {
+            case .float16: defines += [.init("IN_F16", "1"), .init("OUT_F16", "1")]
+            case .bfloat16: defines += [.init("IN_BF16", "1"), .init("OUT_BF16", "1")]
+            default: break
+            }
+            if pushParams { defines.append(.init("VKF_PARAMS_PUSH", "1")) }
+            return ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
+        }
+    }
+
+    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
+                    scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, dq: Tensor, dk: Tensor, dv: Tensor) throws {
+        let device = q.device
+        let caps = device.capabilities
+        guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
+        let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
+                                   firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
+        let tuning = try AttentionTuning.of(device)
+        let push = caps.maxPushConstantsSize >= BackwardParams.byteCount && tuning.pushParams
+        // 64 invocations share a row's keys (or a key's rows); the subgroup sums need at most
+        // WG / 4 rows of shared memory (lavapipe's subgroups are 4 or 8 wide).
+        let WG = min(64, caps.maxWorkgroupInvocations)
+        guard (WG / 4) * max(s.D, s.Dv) * 4 + 2 * max(s.D, s.Dv) * 4 <= caps.maxSharedMemory else {
+            throw FlexError.limitExceeded("head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has for the backward kernels")
+        }
+        let maxGroups = caps.maxWorkgroupCount
+        guard s.Lq <= maxGroups[0], s.Lkv <= maxGroups[0], s.Hq <= maxGroups[1], s.B <= maxGroups[2] else {
+            throw FlexError.limitExceeded("the backward kernels run a workgroup per row: lengths \(s.Lq)/\(s.Lkv) exceed \(caps.name)'s dispatch limit \(maxGroups[0])")
+        }
+        var includes = mods.includes
+        includes[BackwardParams.includeName] = BackwardParams.glsl
+        func pipeline(_ pass: Int) throws -> ComputePipeline {
+            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: pass == 0 ? 64 : WG, pushParams: push, mods: mods.glsl.source)
+            return try device.pipeline(for: plan) {
+                PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
+                                    pushConstantSize: push ? BackwardParams.byteCount : 0, includes: includes)
+            }
+        }
+        let (p0, p1, p2) = (try pipeline(0), try pipeline(1), try pipeline(2))
+
+        var slots: [BackwardBinding: BufferBinding] = [:]
+        var p = BackwardParams()
+        let all = 0..<s.B
+        for (slot, t, heads, name) in [(BackwardBinding.q, q, 0..<s.Hq, "q"), (.k, k, 0..<s.Hkv, "k"), (.v, v, 0..<s.Hkv, "v"),
+                                       (.o, output, 0..<s.Hq, "o"), (.gradOutput, gradOutput, 0..<s.Hq, "do")] {
+            let (binding, base) = try ForwardKernel.bind(t, batches: all, heads: heads, writes: false, device: device)
+            slots[slot] = binding
+            let f = BackwardField.self
+            p.set([f.init(rawValue: name + "_base")!: base, f.init(rawValue: name + "_sb")!: t.strides[0], f.init(rawValue: name + "_sh")!: t.strides[1],
+                   f.init(rawValue: name + "_sl")!: t.strides[2], f.init(rawValue: name + "_sd")!: t.strides[3]])
+        }
+        let (lseBinding, lseBase) = try ForwardKernel.bind(lse, batches: all, heads: 0..<s.Hq, writes: false, device: device)
+        slots[.lse] = lseBinding
+        p.set([.lse_base: lseBase, .lse_sb: lse.strides[0], .lse_sh: lse.strides[1], .lse_sl: lse.strides[2]])
+        if let gradLSE {
+            let (b, base) = try ForwardKernel.bind(gradLSE, batches: all, heads: 0..<s.Hq, writes: false, device: device)
+            slots[.gradLSE] = b
+            p.set([.dlse_base: base, .dlse_sb: gradLSE.strides[0], .dlse_sh: gradLSE.strides[1], .dlse_sl: gradLSE.strides[2], .has_dlse: 1])
+        } else {
+            slots[.gradLSE] = BufferBinding(try ForwardKernel.dummyFloatBuffer(device))
+            p.set([.dlse_base: 0, .dlse_sb: 0, .dlse_sh: 0, .dlse_sl: 0, .has_dlse: 0])
+        }
+        let delta = try device.makeBuffer(bytes: max(16, s.B * s.Hq * s.Lq * 4))
+        slots[.delta] = BufferBinding(delta, writes: true)
+        slots[.dq] = dq.binding(writes: true); slots[.dk] = dk.binding(writes: true); slots[.dv] = dv.binding(writes: true)
+        let dummy = try ForwardKernel.dummyIndexBuffer(device)
+        let lists: [(BackwardBinding, Tensor?)] = [(.kvNum, blockMask?.kvNumBlocks), (.kvIndices, blockMask?.kvIndices), (.fullKVNum, blockMask?.fullKVNumBlocks),
+                                                   (.fullKVIndices, blockMask?.fullKVIndices), (.qNum, blockMask?.qNumBlocks), (.qIndices, blockMask?.qIndices),
+                                                   (.fullQNum, blockMask?.fullQNumBlocks), (.fullQIndices, blockMask?.fullQIndices)]
+        for (slot, t) in lists {
+            let t = t ?? dummy
+            slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
+        }
+        // Without a BlockMask every key block of every query block is walked, as full.
+        let qBS = blockMask?.blockSize.q ?? 64, kvBS = blockMask?.blockSize.kv ?? 64
+        p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .mask_b: blockMask?.B ?? 1, .mask_h: blockMask?.H ?? 1,
+               .q_bs: qBS, .kv_bs: kvBS, .q_blocks: blockMask?.qBlocks ?? (s.Lq + qBS - 1) / qBS,
+               .kv_blocks: blockMask?.kvBlocks ?? (s.Lkv + kvBS - 1) / kvBS, .dense: blockMask == nil ? 1 : 0])
+        p.set(.scale, float: Float(scale))
+        let params = p.bytes()
+        if push {
+            slots[.params] = BufferBinding(try ForwardKernel.dummyFloatBuffer(device))
+        } else {
+            let buffer = try device.makeBuffer(bytes: params.count)
+            try buffer.upload(params)
+            slots[.params] = BufferBinding(buffer)
+        }
+        let errors = try mods.makeErrorBuffer(device)
+        slots[.errors] = BufferBinding(errors, writes: true)
+        let bindings = BackwardBinding.allCases.map { slots[$0]! } + mods.captureBindings()
+        let pc = push ? params : []
+        try device.record { rec in
+            try rec.dispatch(p0, bindings: bindings, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
+            try rec.dispatch(p1, bindings: bindings, pushConstants: pc, groups: (s.Lq, s.Hq, s.B))
+            try rec.dispatch(p2, bindings: bindings, pushConstants: pc, groups: (s.Lkv, s.Hkv, s.B))
+        }
+        var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
+        checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
+        for check in checks { dq.addCheck(check); dk.addCheck(check); dv.addCheck(check) }
+    }
+}
