@@ -14,6 +14,37 @@ public struct FlexResult {
     public var maxScores: Tensor?
     /// The kernel that ran.
     public var kernel: FlexKernel = .portable
+    /// What the backward needs of the call (``backward(gradOutput:gradLSE:)``).
+    var saved: SavedForBackward?
+}
+
+/// The inputs and mods of a forward call, kept for its backward.
+struct SavedForBackward {
+    let q: Tensor, k: Tensor, v: Tensor
+    let scoreMod: ScoreMod?, blockMask: BlockMask?
+    let scale: Double, enableGQA: Bool
+    let unsupported: String?   // an option the backward does not take yet
+}
+
+extension FlexResult {
+    /// The gradients of this call: what
+    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
+    /// returns for its inputs, mods and outputs, so a training loop need not pass them again.
+    ///
+    /// ```swift
+    /// let forward = try flexAttention(q, k, v, scoreMod: softcap, blockMask: mask, returnLSE: true)
+    /// let grads = try forward.backward(gradOutput: dO)
+    /// ```
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` when the forward ran without `returnLSE: true`
+    ///   or with an option the backward does not take yet; what the backward throws.
+    public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil) throws -> FlexGradients {
+        guard let saved else { throw FlexError("this result has no forward call to differentiate") }
+        if let why = saved.unsupported { throw FlexError("backward: \(why)") }
+        guard let lse else { throw FlexError("backward needs the LSE: call flexAttention with returnLSE: true") }
+        return try flexAttentionBackward(saved.q, saved.k, saved.v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
+                                         scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA)
+    }
 }
 
 /// Which kernel runs an attention call.
@@ -129,6 +160,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
+    let (originalK, originalV) = (k, v)
     var (k, v) = (k, v)
     if shape.Lkv == 0 {
         k = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.D], dtype: k.dtype, name: "no_keys")
@@ -136,7 +168,10 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
                             output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, kernel: kernel)
-    return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel)
+    let unsupported = kvLengths != nil ? "kvLengths is not supported by the backward yet" : sinks != nil ? "sinks are not supported by the backward yet" : nil
+    return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel,
+                      saved: SavedForBackward(q: q, k: originalK, v: originalV, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
+                                              enableGQA: enableGQA, unsupported: unsupported))
 }
 
 /// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``

@@ -141,6 +141,56 @@ public enum AttentionSelfTest {
         return outcomes
     }
 
+    /// The cases whose backward the selftest checks (the portable kernels run it on every device).
+    static let backwardCases = ["causal", "document", "ALiBi captured", "tanh soft-cap 20", "GQA 8 query / 2 kv heads",
+                                "odd head dims 47 / 23", "float16", "bfloat16 causal"]
+
+    /// Runs the backward of the ``backwardCases`` against the float64 reference; `progress` sees
+    /// each outcome as it completes.
+    public static func runBackward(on device: Device, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
+        specs.filter { backwardCases.contains($0.name) }.map { spec in
+            let t0 = Date()
+            var outcome = Outcome(name: "backward: " + spec.name, kernel: .portable, passed: false, seconds: 0, relativeError: .nan, lseError: .nan, detail: "")
+            do { outcome = try runBackward(spec, device: device) } catch { outcome.detail = "\(error)" }
+            outcome.seconds = Date().timeIntervalSince(t0)
+            progress(outcome)
+            return outcome
+        }
+    }
+
+    static func runBackward(_ s: Spec, device: Device) throws -> Outcome {
+        var rng = SystemRandomNumberGenerator()
+        func randn(_ n: Int) -> [Float] {
+            (0..<n).map { _ in
+                let u1 = Float.random(in: Float.ulpOfOne..<1, using: &rng), u2 = Float.random(in: 0..<1, using: &rng)
+                return (-2 * Foundation.log(u1)).squareRoot() * Foundation.cos(2 * .pi * u2)
+            }
+        }
+        let q = try device.tensor(randn(s.B * s.Hq * s.Lq * s.D), shape: [s.B, s.Hq, s.Lq, s.D], dtype: s.dtype, name: "q")
+        let k = try device.tensor(randn(s.B * s.Hkv * s.Lkv * s.D), shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: s.dtype, name: "k")
+        let v = try device.tensor(randn(s.B * s.Hkv * s.Lkv * s.Dv), shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: s.dtype, name: "v")
+        let dO = try device.tensor(randn(s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype, name: "grad_out")
+        let maskMod = try s.mask(device, s.Lq, s.Lkv)
+        let score = try s.score(device)
+        let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: s.Lq, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
+        let gqa = s.Hq != s.Hkv
+        let forward = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: gqa, returnLSE: true)
+        let grads = try forward.backward(gradOutput: dO)
+        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, scoreMod: score, blockMask: blockMask, enableGQA: gqa)
+        var worst = 0.0
+        var problems: [String] = []
+        for (name, t, r) in [("dq", grads.dq, ref.dq), ("dk", grads.dk, ref.dk), ("dv", grads.dv, ref.dv)] {
+            let got = try t.toArray()
+            if got.contains(where: { !$0.isFinite }) { problems.append("\(name) is not finite") }
+            worst = max(worst, relativeL2Error(got, r))
+        }
+        let tol = s.dtype == .float32 ? 1e-4 : s.dtype == .float16 ? 5e-3 : 2e-2
+        if !(worst <= tol) { problems.append(String(format: "relative error %.2e > %.0e", worst, tol)) }
+        let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue), forward \(forward.kernel.rawValue), backward portable"
+        return Outcome(name: "backward: " + s.name, kernel: .portable, passed: problems.isEmpty, seconds: 0, relativeError: worst, lseError: 0,
+                       detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
+    }
+
     static func run(_ s: Spec, device: Device, kernel: FlexKernel?) throws -> Outcome {
         var rng = SystemRandomNumberGenerator()
         func randn(_ n: Int) -> [Float] {

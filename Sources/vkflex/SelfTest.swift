@@ -46,6 +46,15 @@ struct SelfTest: ParsableCommand {
                 rows.append(("\(o.name) [\(o.kernel?.rawValue ?? "auto")]", o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
                 if !o.skipped && !o.passed { failures += 1 }
             }
+            if kernels.contains(.portable) {
+                print("backward cases (dQ, dK, dV) against the float64 reference:")
+                for o in AttentionSelfTest.runBackward(on: device, progress: { o in
+                    print("\(o.passed ? "PASS" : "FAIL")  \(pad(o.name, 39)) \(String(format: "%8.1f ms  err %.1e", o.seconds * 1e3, o.relativeError))  \(o.detail)")
+                }) {
+                    rows.append(("\(o.name) [portable]", o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
+                    if !o.passed { failures += 1 }
+                }
+            }
             // A kernel the device has but that ran no case is a failure: the check could not fail otherwise.
             for k in kernels where !outcomes.contains(where: { $0.kernel == k && !$0.skipped }) {
                 if kernels.count == 1 || k == .portable {

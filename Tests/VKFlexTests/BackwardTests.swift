@@ -79,3 +79,23 @@ extension BackwardTests {
         XCTAssertThrowsError(try g.dq.toArray()) { XCTAssertTrue("\($0)".contains("before it had read every key"), "\($0)") }
     }
 }
+
+extension BackwardTests {
+    /// A forward result differentiates itself: the same gradients as the functional call.
+    func testAResultDifferentiatesItself() throws {
+        let q = try device.tensor(randn(2 * 30 * 16), shape: [1, 2, 30, 16])
+        let dO = try device.tensor(randn(2 * 30 * 16), shape: [1, 2, 30, 16])
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: 30, kvLen: 30, device: device, blockSize: 16)
+        let softcap = ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }
+        let forward = try flexAttention(q, q, q, scoreMod: softcap, blockMask: causal, returnLSE: true)
+        let a = try forward.backward(gradOutput: dO)
+        let b = try flexAttentionBackward(q, q, q, output: forward.output, lse: forward.lse!, gradOutput: dO, scoreMod: softcap, blockMask: causal)
+        XCTAssertEqual(try a.dq.toArray(), try b.dq.toArray())
+        XCTAssertEqual(try a.dv.toArray(), try b.dv.toArray())
+        XCTAssertThrowsError(try flexAttention(q, q, q).backward(gradOutput: dO)) { XCTAssertTrue("\($0)".contains("returnLSE: true"), "\($0)") }
+        let lens = try device.tensor([20] as [Int32], shape: [1])
+        XCTAssertThrowsError(try flexAttention(q, q, q, kvLengths: lens, returnLSE: true).backward(gradOutput: dO)) {
+            XCTAssertTrue("\($0)".contains("kvLengths is not supported by the backward yet"), "\($0)")
+        }
+    }
+}
