@@ -31,6 +31,8 @@ struct Bench: ParsableCommand {
     @OptionGroup var captures: CaptureOptions
     @Option(name: .long, help: "Block size for the masks (default 128).") var blockSize: String?
     @Flag(name: .long, help: "Skip the float64 check of a slice of the output.") var noCheck = false
+    @Flag(name: .long, help: "Also time the backward pass (bw_ms: every backward dispatch, no forward; bw_tflops at 2.5x the forward FLOPs).")
+    var backward = false
     @OptionGroup var deviceOptions: DeviceOptions
 
     struct BenchCase {
@@ -231,6 +233,28 @@ struct Bench: ParsableCommand {
         let flops = density * Double(c.B * c.H * c.D) * Double(c.S) * Double(c.S)
         let tflops = 4 * flops / (ms * 1e-3) / 1e12
 
+        // Backward: every dispatch of the backward (no forward), device timestamps, median after two
+        // warm-up calls; dO random, the LSE from one forward call.
+        var bwMs: Double?
+        if backward {
+            let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
+            let dO = try device.tensor(rng.normals(n), shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "grad_out")
+            for _ in 0..<2 {
+                _ = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, scoreMod: score, blockMask: blockMask)
+            }
+            try device.synchronize()
+            var times: [(GPUTimestamp, GPUTimestamp)] = []
+            var last: FlexGradients?
+            for _ in 0..<max(3, `repeat` / 2) {
+                let a = try device.record { try $0.timestamp() }
+                last = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, scoreMod: score, blockMask: blockMask)
+                let b = try device.record { try $0.timestamp() }
+                times.append((a, b))
+            }
+            try device.synchronize()
+            try last?.dq.checkErrors()
+            bwMs = median(try times.map { try device.seconds(from: $0.0, to: $0.1) * 1e3 })
+        }
         var relErr: Double?
         if !noCheck {
             relErr = try checkSlice(c, qv: qv, kv: kv, vv: vv, out: out, score: score, mask: blockMask)
@@ -244,6 +268,12 @@ struct Bench: ParsableCommand {
                                   "host_us": (median(hostUs) * 10).rounded() / 10]
         if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
         if let maskGPUMs { obj["mask_gpu_ms"] = (maskGPUMs * 1e3).rounded() / 1e3 }
+        if let bwMs {
+            let bwTflops: Double = 10 * flops / (bwMs * 1e-3) / 1e12
+            obj["bw_ms"] = (bwMs * 1e3).rounded() / 1e3
+            obj["bw_tflops"] = (bwTflops * 10).rounded() / 10
+            print("\(pad(c.name, 20)) backward " + String(format: "%.2f ms, %.2f TFLOP/s", bwMs, bwTflops))
+        }
         if compiled {
             obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100
             if let p = firstPipeline {
