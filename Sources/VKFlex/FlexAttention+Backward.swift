@@ -11,6 +11,9 @@ public struct FlexGradients {
     public var dk: Tensor
     /// `[B, Hkv, Lkv, Dv]`.
     public var dv: Tensor
+    /// `[Hq]` float32, the sinks' gradient `dsink_h = −Σ_{b,i} exp(sink_h − LSE_bhi)·Δ_bhi`, when
+    /// the call had `sinks:`.
+    public var dsinks: Tensor? = nil
 }
 
 /// The backward pass of ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``,
@@ -33,15 +36,19 @@ public struct FlexGradients {
 /// - gradLSE: dLoss/dLSE `[B, Hq, Lq]` float32, where the LSE is used downstream; nil means 0.
 ///
 /// Runs the portable kernels on every device (a cooperative-matrix backward is to come), computing
-/// in float32 whatever the inputs' dtype. Not yet supported here: `kvLengths:` and `sinks:`.
+/// in float32 whatever the inputs' dtype. `kvLengths:` and `sinks:` are the forward call's (with
+/// sinks, `lse` includes them and ``FlexGradients/dsinks`` is their gradient).
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes or dtypes that do not match the forward
 ///   call's; what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
 ///   throws for the same inputs; ``FlexError/limitExceeded(_:)`` where a tensor exceeds what the device binds.
 public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor,
                                   gradLSE: Tensor? = nil, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                                  scale: Double? = nil, enableGQA: Bool = false) throws -> FlexGradients {
+                                  scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil,
+                                  sinks: Tensor? = nil) throws -> FlexGradients {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    try checkKVLengths(kvLengths, shape: s, device: q.device)
+    try checkSinks(sinks, shape: s, device: q.device)
     let device = q.device
     let outShape = [s.B, s.Hq, s.Lq, s.Dv], rowShape = [s.B, s.Hq, s.Lq]
     for (name, t, shape, dtype) in [("output", output, outShape, q.dtype), ("gradOutput", gradOutput, outShape, q.dtype),
@@ -55,16 +62,22 @@ public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output:
     let dq = try device.empty(shape: [s.B, s.Hq, s.Lq, s.D], dtype: q.dtype, name: "dq")
     let dk = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: q.dtype, name: "dk")
     let dv = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: q.dtype, name: "dv")
-    if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 { return FlexGradients(dq: dq, dk: dk, dv: dv) }
+    let dsinks = sinks == nil ? nil : try device.tensor([Float](repeating: 0, count: s.Hq), shape: [s.Hq], name: "dsinks")
+    if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 {
+        for t in [dq, dk, dv] { try t.buffer.fill(pattern: 0) }
+        return FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks)
+    }
     try BackwardKernel.run(shape: s, q: q, k: k, v: v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
-                           scoreMod: scoreMod, blockMask: blockMask, scale: scale, dq: dq, dk: dk, dv: dv)
-    return FlexGradients(dq: dq, dk: dk, dv: dv)
+                           scoreMod: scoreMod, blockMask: blockMask, scale: scale, kvLengths: kvLengths, sinks: sinks,
+                           dq: dq, dk: dk, dv: dv, dsinks: dsinks)
+    return FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks)
 }
 
 /// The backward kernels' bindings, declared once (the generated `flex_bwd_params.glsl`).
 enum BackwardBinding: Int, CaseIterable {
     case q = 0, k, v, o, gradOutput, lse, gradLSE, delta, dq, dk, dv
     case kvNum, kvIndices, fullKVNum, fullKVIndices, qNum, qIndices, fullQNum, fullQIndices
+    case kvLengths, sinks, dsinks
     case params, errors
     static let firstCapture = BackwardBinding.allCases.count
 
@@ -72,7 +85,8 @@ enum BackwardBinding: Int, CaseIterable {
         let names: [BackwardBinding: String] = [.q: "Q", .k: "K", .v: "V", .o: "O", .gradOutput: "DO", .lse: "LSE", .gradLSE: "DLSE", .delta: "DELTA",
                                                 .dq: "DQ", .dk: "DK", .dv: "DV", .kvNum: "KV_NUM", .kvIndices: "KV_IDX", .fullKVNum: "FULL_KV_NUM",
                                                 .fullKVIndices: "FULL_KV_IDX", .qNum: "Q_NUM", .qIndices: "Q_IDX", .fullQNum: "FULL_Q_NUM",
-                                                .fullQIndices: "FULL_Q_IDX", .params: "PARAMS", .errors: "ERRORS"]
+                                                .fullQIndices: "FULL_Q_IDX", .kvLengths: "KV_LENS", .sinks: "SINKS", .dsinks: "DSINKS",
+                                                .params: "PARAMS", .errors: "ERRORS"]
         return "BWD_BINDING_" + names[self]!
     }
 }
@@ -89,6 +103,7 @@ enum BackwardField: String, KernelParamField {
     case lse_base, lse_sb, lse_sh, lse_sl
     case dlse_base, dlse_sb, dlse_sh, dlse_sl, has_dlse
     case mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense
+    case has_kv_lens, has_sinks
     case scale
     var isFloat: Bool { self == .scale }
 }
@@ -129,7 +144,8 @@ enum BackwardKernel {
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
-                    scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, dq: Tensor, dk: Tensor, dv: Tensor) throws {
+                    scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kvLengths: Tensor?, sinks: Tensor?,
+                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?) throws {
         let device = q.device
         let caps = device.capabilities
         guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
@@ -150,13 +166,14 @@ enum BackwardKernel {
         var includes = mods.includes
         includes[BackwardParams.includeName] = BackwardParams.glsl
         func pipeline(_ pass: Int) throws -> ComputePipeline {
-            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: pass == 0 ? 64 : WG, pushParams: push, mods: mods.glsl.source)
+            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: pass == 0 || pass == 3 ? 64 : WG, pushParams: push, mods: mods.glsl.source)
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
                                     pushConstantSize: push ? BackwardParams.byteCount : 0, includes: includes)
             }
         }
         let (p0, p1, p2) = (try pipeline(0), try pipeline(1), try pipeline(2))
+        let p3 = sinks == nil ? nil : try pipeline(3)
 
         var slots: [BackwardBinding: BufferBinding] = [:]
         var p = BackwardParams()
@@ -184,6 +201,12 @@ enum BackwardKernel {
         slots[.delta] = BufferBinding(delta, writes: true)
         slots[.dq] = dq.binding(writes: true); slots[.dk] = dk.binding(writes: true); slots[.dv] = dv.binding(writes: true)
         let dummy = try ForwardKernel.dummyIndexBuffer(device)
+        for (slot, t) in [(BackwardBinding.kvLengths, kvLengths), (.sinks, sinks)] {
+            let t = t ?? dummy
+            slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
+        }
+        let unusedDSinks = try ForwardKernel.dummyFloatBuffer(device)
+        slots[.dsinks] = dsinks.map { $0.binding(writes: true) } ?? BufferBinding(unusedDSinks, writes: true)
         let lists: [(BackwardBinding, Tensor?)] = [(.kvNum, blockMask?.kvNumBlocks), (.kvIndices, blockMask?.kvIndices), (.fullKVNum, blockMask?.fullKVNumBlocks),
                                                    (.fullKVIndices, blockMask?.fullKVIndices), (.qNum, blockMask?.qNumBlocks), (.qIndices, blockMask?.qIndices),
                                                    (.fullQNum, blockMask?.fullQNumBlocks), (.fullQIndices, blockMask?.fullQIndices)]
@@ -195,7 +218,8 @@ enum BackwardKernel {
         let qBS = blockMask?.blockSize.q ?? 64, kvBS = blockMask?.blockSize.kv ?? 64
         p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .mask_b: blockMask?.B ?? 1, .mask_h: blockMask?.H ?? 1,
                .q_bs: qBS, .kv_bs: kvBS, .q_blocks: blockMask?.qBlocks ?? (s.Lq + qBS - 1) / qBS,
-               .kv_blocks: blockMask?.kvBlocks ?? (s.Lkv + kvBS - 1) / kvBS, .dense: blockMask == nil ? 1 : 0])
+               .kv_blocks: blockMask?.kvBlocks ?? (s.Lkv + kvBS - 1) / kvBS, .dense: blockMask == nil ? 1 : 0,
+               .has_kv_lens: kvLengths == nil ? 0 : 1, .has_sinks: sinks == nil ? 0 : 1])
         p.set(.scale, float: Float(scale))
         let params = p.bytes()
         if push {
@@ -213,9 +237,10 @@ enum BackwardKernel {
             try rec.dispatch(p0, bindings: bindings, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
             try rec.dispatch(p1, bindings: bindings, pushConstants: pc, groups: (s.Lq, s.Hq, s.B))
             try rec.dispatch(p2, bindings: bindings, pushConstants: pc, groups: (s.Lkv, s.Hkv, s.B))
+            if let p3 { try rec.dispatch(p3, bindings: bindings, pushConstants: pc, groups: (s.Hq, 1, 1)) }
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
         checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
-        for check in checks { dq.addCheck(check); dk.addCheck(check); dv.addCheck(check) }
+        for check in checks { dq.addCheck(check); dk.addCheck(check); dv.addCheck(check); dsinks?.addCheck(check) }
     }
 }

@@ -23,7 +23,7 @@ struct SavedForBackward {
     let q: Tensor, k: Tensor, v: Tensor
     let scoreMod: ScoreMod?, blockMask: BlockMask?
     let scale: Double, enableGQA: Bool
-    let unsupported: String?   // an option the backward does not take yet
+    let kvLengths: Tensor?, sinks: Tensor?
 }
 
 extension FlexResult {
@@ -36,14 +36,14 @@ extension FlexResult {
     /// let grads = try forward.backward(gradOutput: dO)
     /// ```
     ///
-    /// - Throws: ``FlexError/invalidArgument(_:)`` when the forward ran without `returnLSE: true`
-    ///   or with an option the backward does not take yet; what the backward throws.
+    /// - Throws: ``FlexError/invalidArgument(_:)`` when the forward ran without `returnLSE: true`;
+    ///   what the backward throws.
     public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil) throws -> FlexGradients {
         guard let saved else { throw FlexError("this result has no forward call to differentiate") }
-        if let why = saved.unsupported { throw FlexError("backward: \(why)") }
         guard let lse else { throw FlexError("backward needs the LSE: call flexAttention with returnLSE: true") }
         return try flexAttentionBackward(saved.q, saved.k, saved.v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
-                                         scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA)
+                                         scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA,
+                                         kvLengths: saved.kvLengths, sinks: saved.sinks)
     }
 }
 
@@ -136,21 +136,8 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
         }
         guard out.dtype == q.dtype else { throw FlexError("out: dtype \(out.dtype.rawValue) should be the query's, \(q.dtype.rawValue)") }
     }
-    if let sinks {
-        guard sinks.device === device else { throw FlexError("sinks: the tensor belongs to another device") }
-        guard sinks.dtype == .float32, sinks.shape == [shape.Hq] else {
-            throw FlexError("sinks must be float32 [Hq] = [\(shape.Hq)], one per query head, got \(sinks.dtype.rawValue) \(sinks.shape)")
-        }
-    }
-    if let kvLengths {
-        guard kvLengths.device === device else { throw FlexError("kvLengths: the tensor belongs to another device") }
-        guard kvLengths.dtype == .int32, kvLengths.shape == [shape.B] else {
-            throw FlexError("kvLengths must be int32 [B] = [\(shape.B)], got \(kvLengths.dtype.rawValue) \(kvLengths.shape)")
-        }
-        if let (b, n) = try kvLengths.toInt32Array().enumerated().first(where: { $0.element < 0 || Int($0.element) > shape.Lkv }) {
-            throw FlexError("kvLengths[\(b)] = \(n) is outside 0...\(shape.Lkv) (the key length)")
-        }
-    }
+    try checkSinks(sinks, shape: shape, device: device)
+    try checkKVLengths(kvLengths, shape: shape, device: device)
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
@@ -168,10 +155,9 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
                             output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, kernel: kernel)
-    let unsupported = kvLengths != nil ? "kvLengths is not supported by the backward yet" : sinks != nil ? "sinks are not supported by the backward yet" : nil
     return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel,
                       saved: SavedForBackward(q: q, k: originalK, v: originalV, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                                              enableGQA: enableGQA, unsupported: unsupported))
+                                              enableGQA: enableGQA, kvLengths: kvLengths, sinks: sinks))
 }
 
 /// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
@@ -209,3 +195,24 @@ public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod
     return kernel
 }
 
+
+/// `sinks:` must be float32 `[Hq]` on the call's device.
+func checkSinks(_ sinks: Tensor?, shape: AttentionShape, device: Device) throws {
+    guard let sinks else { return }
+    guard sinks.device === device else { throw FlexError("sinks: the tensor belongs to another device") }
+    guard sinks.dtype == .float32, sinks.shape == [shape.Hq] else {
+        throw FlexError("sinks must be float32 [Hq] = [\(shape.Hq)], one per query head, got \(sinks.dtype.rawValue) \(sinks.shape)")
+    }
+}
+
+/// `kvLengths:` must be int32 `[B]` with values in `0...Lkv` (read back to check them).
+func checkKVLengths(_ kvLengths: Tensor?, shape: AttentionShape, device: Device) throws {
+    guard let kvLengths else { return }
+    guard kvLengths.device === device else { throw FlexError("kvLengths: the tensor belongs to another device") }
+    guard kvLengths.dtype == .int32, kvLengths.shape == [shape.B] else {
+        throw FlexError("kvLengths must be int32 [B] = [\(shape.B)], got \(kvLengths.dtype.rawValue) \(kvLengths.shape)")
+    }
+    if let (b, n) = try kvLengths.toInt32Array().enumerated().first(where: { $0.element < 0 || Int($0.element) > shape.Lkv }) {
+        throw FlexError("kvLengths[\(b)] = \(n) is outside 0...\(shape.Lkv) (the key length)")
+    }
+}

@@ -157,6 +157,8 @@ public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Floa
 /// computes, row-major, in float64.
 public struct ReferenceGradients {
     public var dq: [Double], dk: [Double], dv: [Double]
+    /// `[Hq]`, with sinks: `−Σ_{b,i} exp(sink_h − LSE_bhi)·Δ_bhi`.
+    public var dsinks: [Double] = []
 }
 
 /// The backward pass in float64 on the CPU, from the tensors' values: the forward (P, LSE, O)
@@ -166,10 +168,12 @@ public struct ReferenceGradients {
 /// - Throws: what ``flexAttentionReference(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)`` throws.
 public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, gradOutput: Tensor, gradLSE: Tensor? = nil,
                                            scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil, scale: Double? = nil,
-                                           enableGQA: Bool = false) throws -> ReferenceGradients {
+                                           enableGQA: Bool = false, kvLengths: [Int]? = nil, sinks: [Float]? = nil) throws -> ReferenceGradients {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let scale = scale ?? 1 / Double(s.D).squareRoot()
-    let fwd = try flexAttentionReference(q, k, v, scoreMod: scoreMod, blockMask: blockMask, scale: scale, enableGQA: enableGQA)
+    let fwd = try flexAttentionReference(q, k, v, scoreMod: scoreMod, blockMask: blockMask, scale: scale, enableGQA: enableGQA,
+                                         kvLengths: kvLengths, sinks: sinks)
+    var dsinks = [Double](repeating: 0, count: sinks == nil ? 0 : s.Hq)
     let qv = try q.toArray(), kv = try k.toArray(), vv = try v.toArray(), dO = try gradOutput.toArray()
     let dlse = try gradLSE?.toArray()
     let classes = try blockMask?.blockClasses()
@@ -188,7 +192,8 @@ public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor
                 var delta = 0.0
                 for d in 0..<s.Dv { delta += Double(dO[row * s.Dv + d]) * fwd.output[row * s.Dv + d] }
                 if let dlse { delta -= Double(dlse[row]) }
-                for j in 0..<s.Lkv {
+                if let sinks { dsinks[h] -= Foundation.exp(Double(sinks[h]) - lse) * delta }
+                for j in 0..<(kvLengths?[b] ?? s.Lkv) {
                     if let bm = blockMask, let classes {
                         let mb = bm.B == 1 ? 0 : b, mh = bm.H == 1 ? 0 : h
                         let c = classes[((mb * bm.H + mh) * bm.qBlocks + i / bm.blockSize.q) * bm.kvBlocks + j / bm.blockSize.kv]
@@ -213,5 +218,5 @@ public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor
         }
     }
     if let e = score?.error ?? grad?.error ?? mask?.error { throw e }
-    return ReferenceGradients(dq: dq, dk: dk, dv: dv)
+    return ReferenceGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks)
 }

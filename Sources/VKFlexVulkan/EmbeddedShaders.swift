@@ -142,6 +142,7 @@ void main() {
 //   1  dQ_i = scale * sum_j dS_ij K_j                              one workgroup per query row
 //   2  dK_j = scale * sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i      one workgroup per key row (and
 //      key/value head: it sums over the query heads of its group, each walking its own blocks)
+//   3  dsink_h = -sum_{b,i} exp(sink_h - LSE_bhi) delta_bhi   one workgroup per head (with sinks)
 // where P_ij = exp(s'_ij - LSE_i) (0 where masked or the row has no key), s' = score_mod(scale q.k),
 // dP_ij = dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i) * d score_mod / d score. Pass 1 walks the
 // forward block lists (full then partial), pass 2 their transposes; the mask applies on partial
@@ -178,6 +179,10 @@ layout(std430, set = 0, binding = BWD_BINDING_Q_NUM) readonly buffer QNum { int 
 layout(std430, set = 0, binding = BWD_BINDING_Q_IDX) readonly buffer QIdx { int q_idx_list[]; };
 layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_NUM) readonly buffer FullQNum { int full_q_num[]; };
 layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_IDX) readonly buffer FullQIdx { int full_q_idx_list[]; };
+// Per-batch key lengths (p.has_kv_lens) and per-head sinks with their gradient (p.has_sinks).
+layout(std430, set = 0, binding = BWD_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
+layout(std430, set = 0, binding = BWD_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DSINKS) writeonly buffer DSinks { float dsinks[]; };
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { BWD_PARAMS_MEMBERS } p;
 #else
@@ -196,6 +201,9 @@ int o_at(int b, int h, int i) { return p.o_base + b * p.o_sb + h * p.o_sh + i * 
 int do_at(int b, int h, int i) { return p.do_base + b * p.do_sb + h * p.do_sh + i * p.do_sl; }
 int lse_at(int b, int h, int i) { return p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl; }
 int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta and dQ: contiguous [B, Hq, Lq(, D)]
+// Batch b's keys: all of them, or its own length (kvLengths). With a sink the LSE includes it,
+// so P = exp(s' - LSE) and every formula below hold as they are.
+int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
 
 // dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
 // dot_qk = q.k, dot_dov = dO.v.
@@ -206,7 +214,28 @@ void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float l
     dS = P * (dot_dov - delta_i) * score_mod_grad(sc, b, h, i, j);
 }
 
-#if BWD_PASS == 0
+#if BWD_PASS == 3
+// dsink_h = -sum over rows of exp(sink_h - LSE) * delta (the sink's P times dP - delta, dP = 0:
+// it has no value row). Rows with no key at all have LSE = sink and count too.
+shared float part[WG];
+void main() {
+    const int lid = int(gl_LocalInvocationIndex), h = int(gl_WorkGroupID.x);
+    const float sink = sinks[h];
+    float acc = 0.0;
+    for (int r = lid; r < p.B * p.Lq; r += WG) {
+        const int b = r / p.Lq, i = r - b * p.Lq;
+        const float lse = lse_data[lse_at(b, h, i)];
+        if (lse != NEG_INF) acc -= exp(sink - lse) * delta_data[row_id(b, h, i)];
+    }
+    part[lid] = acc;
+    barrier();
+    if (lid == 0) {
+        float s = 0.0;
+        for (int t = 0; t < WG; ++t) s += part[t];
+        dsinks[h] = s;
+    }
+}
+#elif BWD_PASS == 0
 void main() {
     const int r = int(gl_GlobalInvocationID.x);
     if (r >= p.B * p.Hq * p.Lq) return;
@@ -243,7 +272,7 @@ void main() {
             int blk = 0;
             for (; blk < n; ++blk) {
                 const int kb = p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
-                const int k_stop = min(kb * p.kv_bs + p.kv_bs, p.Lkv);
+                const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
                 int j = kb * p.kv_bs + lid;
                 for (; j < k_stop; j += WG) {
                     if (pass == 1 && !mask_mod(b, h, i, j)) continue;
@@ -279,6 +308,7 @@ void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int j = int(gl_WorkGroupID.x), hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z);
     const int group = p.Hq / p.Hkv;
+    const bool exists = j < kv_len(b);   // a key past its batch's length gets zero gradients
     for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
     for (int d = lid; d < DV; d += WG) row_b[d] = IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
     barrier();
@@ -286,7 +316,7 @@ void main() {
     for (int d = 0; d < D; ++d) dk[d] = 0.0;
     for (int d = 0; d < DV; ++d) dv[d] = 0.0;
     bool walked = true;
-    for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int h = hk * group; exists && h < (hk + 1) * group; ++h) {
         const int mcol = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.kv_blocks + j / p.kv_bs;
         int pass = 0;
         for (; pass < 2; ++pass) {

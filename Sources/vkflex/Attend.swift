@@ -66,6 +66,7 @@ struct Attend: ParsableCommand {
     @Option(name: .long, help: "Backward: write dLoss/dq here (float32 .npy, q's shape).") var dq: String?
     @Option(name: .long, help: "Backward: write dLoss/dk here (float32 .npy, k's shape).") var dk: String?
     @Option(name: .long, help: "Backward: write dLoss/dv here (float32 .npy, v's shape).") var dv: String?
+    @Option(name: .long, help: "Backward: write dLoss/dsinks here (float32 .npy, shape (Hq,); with --sinks).") var gradSinks: String?
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
     @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
@@ -77,9 +78,10 @@ struct Attend: ParsableCommand {
         try reportingErrors {
             let bs = try parseBlockSize(blockSize)
             if let scale, !scale.isFinite { throw CLIError("--scale must be a finite number") }
-            if gradOut == nil, dq != nil || dk != nil || dv != nil || gradLse != nil {
-                throw CLIError("--dq, --dk, --dv and --grad-lse need --grad-out (dLoss/dOutput)")
+            if gradOut == nil, dq != nil || dk != nil || dv != nil || gradLse != nil || gradSinks != nil {
+                throw CLIError("--dq, --dk, --dv, --grad-lse and --grad-sinks need --grad-out (dLoss/dOutput)")
             }
+            if gradSinks != nil && sinks == nil { throw CLIError("--grad-sinks needs --sinks") }
             let arrays = try [("--q", q), ("--k", k), ("--v", v)].map { flag, path -> NPYArray in
                 let a = try NPYArray(contentsOf: URL(fileURLWithPath: path))
                 guard a.shape.count == 4 else { throw CLIError("\(flag) \(path) has shape \(a.shape); expected (B, H, L, D)") }
@@ -144,7 +146,6 @@ struct Attend: ParsableCommand {
                 try NPYArray(float32: try m.toArray(), shape: m.shape).write(to: URL(fileURLWithPath: maxScores))
             }
             if let gradOut {
-                guard lengths == nil, sinkTensor == nil else { throw CLIError("--grad-out: the backward does not take --kv-lens or --sinks yet") }
                 let g = try NPYArray(contentsOf: URL(fileURLWithPath: gradOut))
                 guard g.shape == result.output.shape else {
                     throw CLIError("--grad-out \(gradOut) has shape \(g.shape); it must be the output's, \(result.output.shape)")
@@ -161,10 +162,8 @@ struct Attend: ParsableCommand {
                     }
                     dLSE = try device.tensor(a, name: "grad_lse")
                 }
-                let grads = try flexAttentionBackward(tensors[0], tensors[1], tensors[2], output: result.output, lse: result.lse!,
-                                                      gradOutput: dO, gradLSE: dLSE, scoreMod: score, blockMask: blockMask,
-                                                      scale: scale, enableGQA: gqa)
-                for (path, t) in [(self.dq, grads.dq), (self.dk, grads.dk), (self.dv, grads.dv)] {
+                let grads = try result.backward(gradOutput: dO, gradLSE: dLSE)
+                for (path, t) in [(self.dq, grads.dq), (self.dk, grads.dk), (self.dv, grads.dv)] + (grads.dsinks.map { [(gradSinks, $0)] } ?? []) {
                     if let path { try NPYArray(float32: try t.toArray(), shape: t.shape).write(to: URL(fileURLWithPath: path)) }
                 }
             }

@@ -93,9 +93,46 @@ extension BackwardTests {
         XCTAssertEqual(try a.dq.toArray(), try b.dq.toArray())
         XCTAssertEqual(try a.dv.toArray(), try b.dv.toArray())
         XCTAssertThrowsError(try flexAttention(q, q, q).backward(gradOutput: dO)) { XCTAssertTrue("\($0)".contains("returnLSE: true"), "\($0)") }
-        let lens = try device.tensor([20] as [Int32], shape: [1])
-        XCTAssertThrowsError(try flexAttention(q, q, q, kvLengths: lens, returnLSE: true).backward(gradOutput: dO)) {
-            XCTAssertTrue("\($0)".contains("kvLengths is not supported by the backward yet"), "\($0)")
+    }
+}
+
+extension BackwardTests {
+    /// The backward with per-batch key lengths and sinks: dQ, dK, dV and the sinks' gradient
+    /// against the float64 reference, whose dsink is itself checked by central differences of the
+    /// float64 forward (loss = Σ O·dO + Σ LSE·dLSE).
+    func testKeyLengthsAndSinks() throws {
+        let (B, Hq, Hkv, L, D) = (2, 4, 2, 30, 8)
+        let q = try device.tensor(randn(B * Hq * L * D), shape: [B, Hq, L, D])
+        let k = try device.tensor(randn(B * Hkv * L * D), shape: [B, Hkv, L, D])
+        let v = try device.tensor(randn(B * Hkv * L * D), shape: [B, Hkv, L, D])
+        let dO = try device.tensor(randn(B * Hq * L * D), shape: [B, Hq, L, D])
+        let dLSE = try device.tensor(randn(B * Hq * L), shape: [B, Hq, L])
+        let sinkValues: [Float] = [0.3, -1.2, 1.7, 0.0]
+        let sinks = try device.tensor(sinkValues, shape: [Hq], name: "sinks")
+        let lens: [Int32] = [30, 11]
+        let lengths = try device.tensor(lens, shape: [B])
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv - 3 }, B: 1, H: 1, qLen: L, kvLen: L, device: device, blockSize: 8)
+        let fwd = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, kvLengths: lengths, sinks: sinks, returnLSE: true)
+        let g = try fwd.backward(gradOutput: dO, gradLSE: dLSE)
+        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, gradLSE: dLSE, blockMask: causal, enableGQA: true,
+                                                     kvLengths: lens.map(Int.init), sinks: sinkValues)
+        for (name, t, r) in [("dq", g.dq, ref.dq), ("dk", g.dk, ref.dk), ("dv", g.dv, ref.dv), ("dsinks", g.dsinks!, ref.dsinks)] {
+            XCTAssertLessThan(relativeL2Error(try t.toArray(), r), 1e-4, name)
+        }
+        // Keys past a batch's length get no gradient.
+        let dk = try g.dk.toArray()
+        XCTAssertTrue((0..<Hkv).allSatisfy { h in ((11 * D)..<(L * D)).allSatisfy { dk[((1 * Hkv + h) * L) * D + $0] == 0 } })
+        // dsink by central differences of the float64 forward.
+        let dOv = try dO.toArray().map(Double.init), dLv = try dLSE.toArray().map(Double.init)
+        func loss(_ s: [Float]) throws -> Double {
+            let f = try flexAttentionReference(q, k, v, blockMask: causal, enableGQA: true, kvLengths: lens.map(Int.init), sinks: s)
+            return zip(f.output, dOv).reduce(0) { $0 + $1.0 * $1.1 } + zip(f.lse, dLv).reduce(0) { $0 + $1.0 * $1.1 }
+        }
+        for h in 0..<Hq {
+            var up = sinkValues, down = sinkValues
+            up[h] += 1e-3; down[h] -= 1e-3
+            let numeric = (try loss(up) - loss(down)) / (Double(up[h]) - Double(down[h]))
+            XCTAssertEqual(ref.dsinks[h], numeric, accuracy: 1e-3 * max(1, abs(numeric)), "head \(h)")
         }
     }
 }

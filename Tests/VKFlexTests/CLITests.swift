@@ -306,6 +306,15 @@ final class CLITests: XCTestCase {
         print(np.round(np.load(sys.argv[1] + '/ls.npy')[1, :, 0], 4).tolist())
         """)
         XCTAssertEqual(lse.trimmingCharacters(in: .whitespacesAndNewlines), "[0.75, -3.0]")
+        // The sinks' gradient through --grad-out / --grad-sinks.
+        let (gs, go) = try run(base + ["--kv-lens", "\(d)/lens.npy", "--sinks", "\(d)/sinks.npy", "--grad-out", "\(d)/q.npy",
+                                       "--grad-sinks", "\(d)/gs.npy", "--dq", "\(d)/gq.npy"])
+        XCTAssertEqual(gs, 0, go)
+        let gshape = try python("""
+        import numpy as np, sys
+        g = np.load(sys.argv[1] + '/gs.npy'); print(g.shape, bool(np.isfinite(g).all()))
+        """)
+        XCTAssertEqual(gshape.trimmingCharacters(in: .whitespacesAndNewlines), "(2,) True")
         let (bs, bo) = try run(base + ["--sinks", "\(d)/sinks3.npy"])
         XCTAssertEqual(bs, 1)
         XCTAssertTrue(bo.contains("it must be float32 of shape (2,)"), bo)
