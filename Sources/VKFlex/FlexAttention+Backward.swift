@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
+/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)``
 /// returns: the gradients of the loss with respect to q, k and v, in their shapes and dtype.
 public struct FlexGradients {
     /// `[B, Hq, Lq, D]`.
@@ -143,12 +143,16 @@ enum BackwardKernel {
         }
     }
 
-    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
-                    scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kvLengths: Tensor?, sinks: Tensor?,
-                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?) throws {
-        let device = q.device
+    /// The backward's pipelines (Δ, dQ, dK/dV, and the sinks' gradient with `sinks`), built or
+    /// found in the cache, with the mods they splice.
+    struct Prepared {
+        let pipelines: [ComputePipeline]
+        let mods: SplicedMods
+        let pushParams: Bool
+    }
+
+    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool, device: Device) throws -> Prepared {
         let caps = device.capabilities
-        guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
         let tuning = try AttentionTuning.of(device)
@@ -172,8 +176,18 @@ enum BackwardKernel {
                                     pushConstantSize: push ? BackwardParams.byteCount : 0, includes: includes)
             }
         }
-        let (p0, p1, p2) = (try pipeline(0), try pipeline(1), try pipeline(2))
-        let p3 = sinks == nil ? nil : try pipeline(3)
+        return Prepared(pipelines: try (0..<(sinks ? 4 : 3)).map(pipeline), mods: mods, pushParams: push)
+    }
+
+    static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
+                    scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kvLengths: Tensor?, sinks: Tensor?,
+                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?) throws {
+        let device = q.device
+        let caps = device.capabilities
+        guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, device: device)
+        let mods = prepared.mods, push = prepared.pushParams
+        let (p0, p1, p2, p3) = (prepared.pipelines[0], prepared.pipelines[1], prepared.pipelines[2], prepared.pipelines.count > 3 ? prepared.pipelines[3] : nil)
 
         var slots: [BackwardBinding: BufferBinding] = [:]
         var p = BackwardParams()

@@ -28,7 +28,7 @@ struct SavedForBackward {
 
 extension FlexResult {
     /// The gradients of this call: what
-    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
+    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)``
     /// returns for its inputs, mods and outputs, so a training loop need not pass them again.
     ///
     /// ```swift
@@ -164,7 +164,9 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
-/// docs/performance.md, "First call"). Nothing is dispatched and the tensors' contents are not
+/// docs/performance.md, "First call"); with `backward: true` the backward's pipelines too (for
+/// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)``
+/// without sinks). Nothing is dispatched and the tensors' contents are not
 /// read, so it can run while they are being filled, and from another thread: a kernel is built
 /// once however many threads ask for it.
 ///
@@ -185,13 +187,16 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,
-                                 options: FlexOptions = FlexOptions()) throws -> FlexKernel {
+                                 backward: Bool = false, options: FlexOptions = FlexOptions()) throws -> FlexKernel {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let kernel = try AttentionPlanner.kernel(shape, device: q.device, forced: options.kernel)
     _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
                                   device: q.device, maxScores: returnMaxScores)
+    if backward {
+        _ = try BackwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, sinks: false, device: q.device)
+    }
     return kernel
 }
 

@@ -460,8 +460,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// Sources/VKFlex/FlexAttention.swift:172
-@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_172(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// Sources/VKFlex/FlexAttention.swift:174
+@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_174(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
         let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
@@ -775,7 +775,7 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlex_FlexAttention_swift_35",
     "snippet_Sources_VKFlex_FlexAttention_swift_85",
     "snippet_Sources_VKFlex_FlexAttention_swift_97",
-    "snippet_Sources_VKFlex_FlexAttention_swift_172",
+    "snippet_Sources_VKFlex_FlexAttention_swift_174",
     "snippet_Sources_VKFlex_NPY_swift_7",
     "snippet_Sources_VKFlex_Reference_swift_8",
     "snippet_Sources_VKFlex_SplicedMods_swift_116",

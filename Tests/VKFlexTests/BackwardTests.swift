@@ -136,3 +136,17 @@ extension BackwardTests {
         }
     }
 }
+
+extension BackwardTests {
+    /// `prepareFlexAttention(..., backward: true)` builds the backward's pipelines: the call after
+    /// it compiles nothing.
+    func testPrepareBuildsTheBackwardAheadOfTime() throws {
+        let q = try device.tensor(randn(2 * 24 * 12), shape: [1, 2, 24, 12])
+        let mod = ScoreMod { s, _, _, q, kv in s * 0.5 + (q - kv) * 0.01 }   // a mod no other test builds
+        try prepareFlexAttention(q, q, q, scoreMod: mod, backward: true)
+        let before = ShaderCompiler.shared.compilations
+        let fwd = try flexAttention(q, q, q, scoreMod: mod, returnLSE: true)
+        _ = try fwd.backward(gradOutput: q).dq.toArray()
+        XCTAssertEqual(ShaderCompiler.shared.compilations, before, "no compile after prepare")
+    }
+}
