@@ -250,6 +250,21 @@ void main() {
 // Sums a per-invocation vector over the workgroup: red holds one row per subgroup.
 #define MAXSG (WG / 4)
 shared float red[MAXSG * (D > DV ? D : DV)];
+// The workgroup's sum of VEC[0..N), each sum s stored by STORE(d, s); ends with the workgroup
+// synchronized, so red can be reused.
+#define WG_SUM(VEC, N, STORE) { \
+    for (int d_ = 0; d_ < (N); ++d_) { \
+        const float s_ = subgroupAdd(VEC[d_]); \
+        if (subgroupElect()) red[int(gl_SubgroupID) * (N) + d_] = s_; \
+    } \
+    barrier(); \
+    for (int d_ = int(gl_LocalInvocationIndex); d_ < (N); d_ += WG) { \
+        float s_ = 0.0; \
+        for (int g_ = 0; g_ < int(gl_NumSubgroups); ++g_) s_ += red[g_ * (N) + d_]; \
+        STORE(d_, s_); \
+    } \
+    barrier(); \
+}
 shared float row_a[D > DV ? D : DV], row_b[D > DV ? D : DV];   // the workgroup's own q/dO (pass 1) or k/v (pass 2) row
 
 #if BWD_PASS == 1
@@ -291,17 +306,8 @@ void main() {
     }
     if (!walked) vkf_report(4, 0, 0, 0);
     // The workgroup's sum, per dim.
-    const int sg = int(gl_SubgroupID);
-    for (int d = 0; d < D; ++d) {
-        const float s = subgroupAdd(dq[d]);
-        if (subgroupElect()) red[sg * D + d] = s;
-    }
-    barrier();
-    for (int d = lid; d < D; d += WG) {
-        float s = 0.0;
-        for (int g = 0; g < int(gl_NumSubgroups); ++g) s += red[g * D + d];
-        dq_data[row_id(b, h, i) * D + d] = OUT_VALUE(s * p.scale);
-    }
+#define STORE_DQ(d, s) dq_data[row_id(b, h, i) * D + (d)] = OUT_VALUE((s) * p.scale)
+    WG_SUM(dq, D, STORE_DQ)
 }
 #else
 void main() {
@@ -345,29 +351,11 @@ void main() {
         if (pass < 2) walked = false;
     }
     if (!walked) vkf_report(4, 0, 0, 0);
-    const int sg = int(gl_SubgroupID);
     const int rowk = (b * p.Hkv + hk) * p.Lkv + j;   // dK and dV: contiguous [B, Hkv, Lkv, D]
-    for (int d = 0; d < D; ++d) {
-        const float s = subgroupAdd(dk[d]);
-        if (subgroupElect()) red[sg * D + d] = s;
-    }
-    barrier();
-    for (int d = lid; d < D; d += WG) {
-        float s = 0.0;
-        for (int g = 0; g < int(gl_NumSubgroups); ++g) s += red[g * D + d];
-        dk_data[rowk * D + d] = OUT_VALUE(s * p.scale);
-    }
-    barrier();
-    for (int d = 0; d < DV; ++d) {
-        const float s = subgroupAdd(dv[d]);
-        if (subgroupElect()) red[sg * DV + d] = s;
-    }
-    barrier();
-    for (int d = lid; d < DV; d += WG) {
-        float s = 0.0;
-        for (int g = 0; g < int(gl_NumSubgroups); ++g) s += red[g * DV + d];
-        dv_data[rowk * DV + d] = OUT_VALUE(s);
-    }
+#define STORE_DK(d, s) dk_data[rowk * D + (d)] = OUT_VALUE((s) * p.scale)
+#define STORE_DV(d, s) dv_data[rowk * DV + (d)] = OUT_VALUE(s)
+    WG_SUM(dk, D, STORE_DK)
+    WG_SUM(dv, DV, STORE_DV)
 }
 #endif
 #endif
