@@ -78,6 +78,7 @@ enum BackwardBinding: Int, CaseIterable {
     case q = 0, k, v, o, gradOutput, lse, gradLSE, delta, dq, dk, dv
     case kvNum, kvIndices, fullKVNum, fullKVIndices, qNum, qIndices, fullQNum, fullQIndices
     case kvLengths, sinks, dsinks
+    case partDQ, partDK, partDV
     case params, errors
     static let firstCapture = BackwardBinding.allCases.count
 
@@ -86,6 +87,7 @@ enum BackwardBinding: Int, CaseIterable {
                                                 .dq: "DQ", .dk: "DK", .dv: "DV", .kvNum: "KV_NUM", .kvIndices: "KV_IDX", .fullKVNum: "FULL_KV_NUM",
                                                 .fullKVIndices: "FULL_KV_IDX", .qNum: "Q_NUM", .qIndices: "Q_IDX", .fullQNum: "FULL_Q_NUM",
                                                 .fullQIndices: "FULL_Q_IDX", .kvLengths: "KV_LENS", .sinks: "SINKS", .dsinks: "DSINKS",
+                                                .partDQ: "PART_DQ", .partDK: "PART_DK", .partDV: "PART_DV",
                                                 .params: "PARAMS", .errors: "ERRORS"]
         return "BWD_BINDING_" + names[self]!
     }
@@ -104,6 +106,9 @@ enum BackwardField: String, KernelParamField {
     case dlse_base, dlse_sb, dlse_sh, dlse_sl, has_dlse
     case mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense
     case has_kv_lens, has_sinks
+    /// Key splits of the dQ pass and the KV blocks each walks; query splits of the dK/dV pass and
+    /// the query blocks each walks (1: no split); the sum pass's element count, splits and target.
+    case dq_splits, dq_split_blocks, dk_splits, dk_split_blocks, sum_n, sum_splits, sum_target
     case scale
     var isFloat: Bool { self == .scale }
 }
@@ -146,9 +151,11 @@ enum BackwardKernel {
     /// The backward's pipelines (Δ, dQ, dK/dV, and the sinks' gradient with `sinks`), built or
     /// found in the cache, with the mods they splice.
     struct Prepared {
-        let pipelines: [ComputePipeline]
+        let pipelines: [Int: ComputePipeline]
         let mods: SplicedMods
         let pushParams: Bool
+        /// Invocations per workgroup of the dQ and dK/dV passes.
+        let WG: Int
     }
 
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool, device: Device) throws -> Prepared {
@@ -170,13 +177,16 @@ enum BackwardKernel {
         var includes = mods.includes
         includes[BackwardParams.includeName] = BackwardParams.glsl
         func pipeline(_ pass: Int) throws -> ComputePipeline {
-            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: pass == 0 || pass == 3 ? 64 : WG, pushParams: push, mods: mods.glsl.source)
+            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: [0, 3, 4].contains(pass) ? 64 : WG, pushParams: push, mods: mods.glsl.source)
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
                                     pushConstantSize: push ? BackwardParams.byteCount : 0, includes: includes)
             }
         }
-        return Prepared(pipelines: try (0..<(sinks ? 4 : 3)).map(pipeline), mods: mods, pushParams: push)
+        // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe).
+        let passes = [0, 1, 2] + (sinks ? [3] : []) + (ForwardKernel.loopIterationLimit(device) != nil ? [4] : [])
+        return Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
+                        WG: WG)
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
@@ -187,7 +197,7 @@ enum BackwardKernel {
         guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, device: device)
         let mods = prepared.mods, push = prepared.pushParams
-        let (p0, p1, p2, p3) = (prepared.pipelines[0], prepared.pipelines[1], prepared.pipelines[2], prepared.pipelines.count > 3 ? prepared.pipelines[3] : nil)
+        let (p0, p1, p2, p3) = (prepared.pipelines[0]!, prepared.pipelines[1]!, prepared.pipelines[2]!, prepared.pipelines[3])
 
         var slots: [BackwardBinding: BufferBinding] = [:]
         var p = BackwardParams()
@@ -235,23 +245,67 @@ enum BackwardKernel {
                .kv_blocks: blockMask?.kvBlocks ?? (s.Lkv + kvBS - 1) / kvBS, .dense: blockMask == nil ? 1 : 0,
                .has_kv_lens: kvLengths == nil ? 0 : 1, .has_sinks: sinks == nil ? 0 : 1])
         p.set(.scale, float: Float(scale))
-        let params = p.bytes()
-        if push {
-            slots[.params] = BufferBinding(try ForwardKernel.dummyFloatBuffer(device))
-        } else {
-            let buffer = try device.makeBuffer(bytes: params.count)
-            try buffer.upload(params)
-            slots[.params] = BufferBinding(buffer)
+        // Where the device caps a shader's loop iterations (lavapipe), the dQ pass splits each
+        // row's key blocks and the dK/dV pass each key's query blocks into shares sized to stay
+        // under the cap (an upper bound of the loops per walked block), summed by pass 4.
+        let kvBlocks = p.int(.kv_blocks), qBlocks = p.int(.q_blocks), WG = prepared.WG, group = s.Hq / s.Hkv
+        var dqSplit = (count: 1, blocks: kvBlocks), dkSplit = (count: 1, blocks: qBlocks)
+        if let limit = ForwardKernel.loopIterationLimit(device) {
+            let budget = max(1, limit * 3 / 4 - 4 * (s.D + s.Dv) - 2 * (kvBlocks + qBlocks) - 1024)
+            let perKVBlock = (kvBS + WG - 1) / WG * (2 * s.D + s.Dv + 16)
+            let perQBlock = group * (qBS + WG - 1) / WG * (2 * s.D + 2 * s.Dv + 16)
+            let dqBlocks = max(1, budget / perKVBlock), dkBlocks = max(1, budget / perQBlock)
+            if dqBlocks < kvBlocks { dqSplit = ((kvBlocks + dqBlocks - 1) / dqBlocks, dqBlocks) }
+            if dkBlocks < qBlocks { dkSplit = ((qBlocks + dkBlocks - 1) / dkBlocks, dkBlocks) }
+        }
+        let nDQ = s.B * s.Hq * s.Lq * s.D, nDK = s.B * s.Hkv * s.Lkv * s.D, nDV = s.B * s.Hkv * s.Lkv * s.Dv
+        func scratch(_ splits: Int, _ n: Int) throws -> Buffer {
+            guard splits > 1 else { return try ForwardKernel.dummyFloatBuffer(device) }
+            guard splits * n * 4 <= caps.maxStorageBufferRange else {
+                throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after 65535 iterations, so the backward splits its work into \(splits) parts whose partial gradients (\(formatBytes(splits * n * 4))) exceed what it binds per buffer; pass fewer rows or heads per call")
+            }
+            return try device.makeBuffer(bytes: splits * n * 4)
+        }
+        let (partDQ, partDK, partDV) = (try scratch(dqSplit.count, nDQ), try scratch(dkSplit.count, nDK), try scratch(dkSplit.count, nDV))
+        slots[.partDQ] = BufferBinding(partDQ, writes: true); slots[.partDK] = BufferBinding(partDK, writes: true)
+        slots[.partDV] = BufferBinding(partDV, writes: true)
+        p.set([.dq_splits: dqSplit.count, .dq_split_blocks: dqSplit.blocks, .dk_splits: dkSplit.count, .dk_split_blocks: dkSplit.blocks,
+               .sum_n: 0, .sum_splits: 1, .sum_target: 0])
+        guard s.B * max(dqSplit.count, dkSplit.count) <= caps.maxWorkgroupCount[2] else {
+            throw FlexError.limitExceeded("\(s.B) batches x \(max(dqSplit.count, dkSplit.count)) splits exceed \(caps.name)'s dispatch limit")
         }
         let errors = try mods.makeErrorBuffer(device)
         slots[.errors] = BufferBinding(errors, writes: true)
-        let bindings = BackwardBinding.allCases.map { slots[$0]! } + mods.captureBindings()
-        let pc = push ? params : []
+        // The parameters of one dispatch (the sum passes differ by their element count and target).
+        func bindings(_ params: [UInt8]) throws -> [BufferBinding] {
+            var all = slots
+            if push {
+                all[.params] = BufferBinding(try ForwardKernel.dummyFloatBuffer(device))
+            } else {
+                let buffer = try device.makeBuffer(bytes: params.count)
+                try buffer.upload(params)
+                all[.params] = BufferBinding(buffer)
+            }
+            return BackwardBinding.allCases.map { all[$0]! } + mods.captureBindings()
+        }
+        let params = p.bytes()
+        let main = try bindings(params), pc = push ? params : []
+        var sums: [([BufferBinding], [UInt8], Int)] = []
+        for (target, splits, n) in [(0, dqSplit.count, nDQ), (1, dkSplit.count, nDK), (2, dkSplit.count, nDV)] where splits > 1 {
+            var sp = p
+            sp.set([.sum_n: n, .sum_splits: splits, .sum_target: target])
+            let bytes = sp.bytes()
+            sums.append((try bindings(bytes), push ? bytes : [], n))
+        }
         try device.record { rec in
-            try rec.dispatch(p0, bindings: bindings, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
-            try rec.dispatch(p1, bindings: bindings, pushConstants: pc, groups: (s.Lq, s.Hq, s.B))
-            try rec.dispatch(p2, bindings: bindings, pushConstants: pc, groups: (s.Lkv, s.Hkv, s.B))
-            if let p3 { try rec.dispatch(p3, bindings: bindings, pushConstants: pc, groups: (s.Hq, 1, 1)) }
+            try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
+            try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (s.Lq, s.Hq, s.B * dqSplit.count))
+            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (s.Lkv, s.Hkv, s.B * dkSplit.count))
+            if let p3 { try rec.dispatch(p3, bindings: main, pushConstants: pc, groups: (s.Hq, 1, 1)) }
+            for (b, pcs, n) in sums {
+                let groups = (n + 63) / 64, gx = min(groups, caps.maxWorkgroupCount[0])
+                try rec.dispatch(prepared.pipelines[4]!, bindings: b, pushConstants: pcs, groups: (gx, (groups + gx - 1) / gx, 1))
+            }
         }
         var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
         checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))

@@ -183,6 +183,11 @@ layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_IDX) readonly buffer FullQI
 layout(std430, set = 0, binding = BWD_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
 layout(std430, set = 0, binding = BWD_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
 layout(std430, set = 0, binding = BWD_BINDING_DSINKS) writeonly buffer DSinks { float dsinks[]; };
+// Partial sums of key (pass 1) or query (pass 2) splits, where a driver caps a shader's loop
+// iterations (lavapipe): [split, element], float32, summed by pass 4.
+layout(std430, set = 0, binding = BWD_BINDING_PART_DQ) buffer PartDQ { float part_dq[]; };
+layout(std430, set = 0, binding = BWD_BINDING_PART_DK) buffer PartDK { float part_dk[]; };
+layout(std430, set = 0, binding = BWD_BINDING_PART_DV) buffer PartDV { float part_dv[]; };
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { BWD_PARAMS_MEMBERS } p;
 #else
@@ -214,7 +219,17 @@ void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float l
     dS = P * (dot_dov - delta_i) * score_mod_grad(sc, b, h, i, j);
 }
 
-#if BWD_PASS == 3
+#if BWD_PASS == 4
+// The splits' partial gradients summed into dq (sum_target 0), dk (1) or dv (2).
+void main() {
+    const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
+    if (e >= p.sum_n) return;
+    float s = 0.0;
+    for (int t = 0; t < p.sum_splits; ++t)
+        s += p.sum_target == 0 ? part_dq[t * p.sum_n + e] : p.sum_target == 1 ? part_dk[t * p.sum_n + e] : part_dv[t * p.sum_n + e];
+    if (p.sum_target == 0) dq_data[e] = OUT_VALUE(s); else if (p.sum_target == 1) dk_data[e] = OUT_VALUE(s); else dv_data[e] = OUT_VALUE(s);
+}
+#elif BWD_PASS == 3
 // dsink_h = -sum over rows of exp(sink_h - LSE) * delta (the sink's P times dP - delta, dP = 0:
 // it has no value row). Rows with no key at all have LSE = sink and count too.
 shared float part[WG];
@@ -270,7 +285,10 @@ shared float row_a[D > DV ? D : DV], row_b[D > DV ? D : DV];   // the workgroup'
 #if BWD_PASS == 1
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int i = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z);
+    // z = batch * splits + split: each split walks a share of the key blocks (1 split: all).
+    const int i = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits;
+    const int split = int(gl_WorkGroupID.z) % p.dq_splits;
+    const int kb_lo = split * p.dq_split_blocks, kb_hi = p.dq_splits > 1 ? kb_lo + p.dq_split_blocks : 2147483647;
     const int hk = h / (p.Hq / p.Hkv);
     for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
     for (int d = lid; d < DV; d += WG) row_b[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
@@ -287,6 +305,7 @@ void main() {
             int blk = 0;
             for (; blk < n; ++blk) {
                 const int kb = p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
+                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
                 const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
                 int j = kb * p.kv_bs + lid;
                 for (; j < k_stop; j += WG) {
@@ -306,13 +325,17 @@ void main() {
     }
     if (!walked) vkf_report(4, 0, 0, 0);
     // The workgroup's sum, per dim.
-#define STORE_DQ(d, s) dq_data[row_id(b, h, i) * D + (d)] = OUT_VALUE((s) * p.scale)
+#define STORE_DQ(d, s) { if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row_id(b, h, i)) * D + (d)] = (s) * p.scale; \
+                        else dq_data[row_id(b, h, i) * D + (d)] = OUT_VALUE((s) * p.scale); }
     WG_SUM(dq, D, STORE_DQ)
 }
 #else
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int j = int(gl_WorkGroupID.x), hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z);
+    // z = batch * splits + split: each split walks a share of the query blocks (1 split: all).
+    const int j = int(gl_WorkGroupID.x), hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dk_splits;
+    const int split = int(gl_WorkGroupID.z) % p.dk_splits;
+    const int qb_lo = split * p.dk_split_blocks, qb_hi = p.dk_splits > 1 ? qb_lo + p.dk_split_blocks : 2147483647;
     const int group = p.Hq / p.Hkv;
     const bool exists = j < kv_len(b);   // a key past its batch's length gets zero gradients
     for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
@@ -330,6 +353,7 @@ void main() {
             int blk = 0;
             for (; blk < n; ++blk) {
                 const int qb = p.dense != 0 ? blk : (pass == 0 ? full_q_idx_list[mcol * p.q_blocks + blk] : q_idx_list[mcol * p.q_blocks + blk]);
+                if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
                 const int q_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
                 int i = qb * p.q_bs + lid;
                 for (; i < q_stop; i += WG) {
@@ -352,8 +376,11 @@ void main() {
     }
     if (!walked) vkf_report(4, 0, 0, 0);
     const int rowk = (b * p.Hkv + hk) * p.Lkv + j;   // dK and dV: contiguous [B, Hkv, Lkv, D]
-#define STORE_DK(d, s) dk_data[rowk * D + (d)] = OUT_VALUE((s) * p.scale)
-#define STORE_DV(d, s) dv_data[rowk * DV + (d)] = OUT_VALUE(s)
+    const int rows_k = p.B * p.Hkv * p.Lkv;
+#define STORE_DK(d, s) { if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + (d)] = (s) * p.scale; \
+                        else dk_data[rowk * D + (d)] = OUT_VALUE((s) * p.scale); }
+#define STORE_DV(d, s) { if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * DV + (d)] = (s); \
+                        else dv_data[rowk * DV + (d)] = OUT_VALUE(s); }
     WG_SUM(dk, D, STORE_DK)
     WG_SUM(dv, DV, STORE_DV)
 }
