@@ -157,3 +157,24 @@ extension BackwardTests {
         XCTAssertEqual(ShaderCompiler.shared.compilations, before, "no compile after prepare")
     }
 }
+
+extension BackwardTests {
+    /// Strided inputs (permuted views of [B, L, H, D] buffers) and a per-head BlockMask under GQA
+    /// (each query head of a group walks its own transposed block lists).
+    func testStridedInputsAndPerHeadMasksUnderGQA() throws {
+        let (B, Hq, Hkv, L, D) = (2, 4, 2, 48, 8)
+        func view(_ H: Int) throws -> Tensor {
+            try device.tensor(randn(B * L * H * D), shape: [B, L, H, D]).permuted(0, 2, 1, 3)
+        }
+        let q = try view(Hq), k = try view(Hkv), v = try view(Hkv), dO = try view(Hq)
+        // Head h keeps keys within a window of 4 + 8h: a different block structure per head.
+        let window = MaskMod { _, h, q, kv in (q >= kv) & (q - kv <= h * 8 + 4) }
+        let mask = try createBlockMask(window, B: 1, H: Hq, qLen: L, kvLen: L, device: device, blockSize: 8)
+        let fwd = try flexAttention(q, k, v, blockMask: mask, enableGQA: true, returnLSE: true)
+        let g = try fwd.backward(gradOutput: dO)
+        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, blockMask: mask, enableGQA: true)
+        for (name, t, r) in [("dq", g.dq, ref.dq), ("dk", g.dk, ref.dk), ("dv", g.dv, ref.dv)] {
+            XCTAssertLessThan(relativeL2Error(try t.toArray(), r), 1e-4, name)
+        }
+    }
+}
