@@ -70,10 +70,23 @@ struct ParamBlock<Field: KernelParamField> {
 
     /// Sets int fields.
     mutating func set(_ values: KeyValuePairs<Field, Int>) {
-        for (field, value) in values {
-            precondition(!field.isFloat && Int32(exactly: value) != nil, "\(field.rawValue) = \(value) is not an int32 field value")
-            slots[index[field]!] = UInt32(bitPattern: Int32(value))
-            set[index[field]!] = true
+        for (field, value) in values { set(field, int: value) }
+    }
+
+    /// Sets an int field.
+    mutating func set(_ field: Field, int value: Int) {
+        precondition(!field.isFloat && Int32(exactly: value) != nil, "\(field.rawValue) = \(value) is not an int32 field value")
+        slots[index[field]!] = UInt32(bitPattern: Int32(value))
+        set[index[field]!] = true
+    }
+
+    /// Sets where a tensor's elements lie: `<prefix>_base` and the strides `<prefix>_sb`, `_sh`,
+    /// `_sl`, `_sd` (as many as `strides` has), in elements.
+    mutating func setLayout(_ prefix: String, base: Int, strides: [Int]) {
+        precondition(strides.count <= 4, "\(prefix): at most 4 strides")
+        for (suffix, value) in zip(["_base", "_sb", "_sh", "_sl", "_sd"], [base] + strides) {
+            guard let field = Field(rawValue: prefix + suffix) else { preconditionFailure("no kernel parameter \(prefix + suffix)") }
+            set(field, int: value)
         }
     }
 

@@ -307,15 +307,13 @@ enum AttentionPlanner {
         return 4 * (bq * D + bkv * (max(D, Dv) | 1) + bq * (bkv | 1) + stats)
     }
 
-    /// Bytes of the kernels' parameter block (`Params` in flex_attention_common.glsl).
-    static let paramBytes = AttentionParams.byteCount
-
-    /// Whether the parameter block goes as push constants: where the device takes 200 bytes of
-    /// them (NVIDIA and most desktop drivers take 256; lavapipe takes Vulkan's minimum, 128). On
-    /// the H200 a storage-buffer block was reloaded, bounds-checked, on every tile (causal D=64
-    /// 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0` turns it off.
-    static func pushesParams(_ device: Device, tuning: AttentionTuning) -> Bool {
-        device.capabilities.maxPushConstantsSize >= paramBytes && tuning.pushParams
+    /// Whether a parameter block of `bytes` goes as push constants: where the device takes that
+    /// many (the forward's 200 bytes: NVIDIA and most desktop drivers take 256; lavapipe takes
+    /// Vulkan's minimum, 128). On the H200 a storage-buffer block was reloaded, bounds-checked, on
+    /// every tile (causal D=64 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0`
+    /// turns it off.
+    static func pushesParams(_ device: Device, tuning: AttentionTuning, bytes: Int = AttentionParams.byteCount) -> Bool {
+        device.capabilities.maxPushConstantsSize >= bytes && tuning.pushParams
     }
 
 }

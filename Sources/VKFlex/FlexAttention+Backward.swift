@@ -163,7 +163,7 @@ enum BackwardKernel {
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
         let tuning = try AttentionTuning.of(device)
-        let push = caps.maxPushConstantsSize >= BackwardParams.byteCount && tuning.pushParams
+        let push = AttentionPlanner.pushesParams(device, tuning: tuning, bytes: BackwardParams.byteCount)
         // 64 invocations share a row's keys (or a key's rows); the subgroup sums need at most
         // WG / 4 rows of shared memory (lavapipe's subgroups are 4 or 8 wide).
         let WG = min(64, caps.maxWorkgroupInvocations)
@@ -206,38 +206,31 @@ enum BackwardKernel {
                                        (.o, output, 0..<s.Hq, "o"), (.gradOutput, gradOutput, 0..<s.Hq, "do")] {
             let (binding, base) = try ForwardKernel.bind(t, batches: all, heads: heads, writes: false, device: device)
             slots[slot] = binding
-            let f = BackwardField.self
-            p.set([f.init(rawValue: name + "_base")!: base, f.init(rawValue: name + "_sb")!: t.strides[0], f.init(rawValue: name + "_sh")!: t.strides[1],
-                   f.init(rawValue: name + "_sl")!: t.strides[2], f.init(rawValue: name + "_sd")!: t.strides[3]])
+            p.setLayout(name, base: base, strides: t.strides)
         }
         let (lseBinding, lseBase) = try ForwardKernel.bind(lse, batches: all, heads: 0..<s.Hq, writes: false, device: device)
         slots[.lse] = lseBinding
-        p.set([.lse_base: lseBase, .lse_sb: lse.strides[0], .lse_sh: lse.strides[1], .lse_sl: lse.strides[2]])
+        p.setLayout("lse", base: lseBase, strides: lse.strides)
         if let gradLSE {
             let (b, base) = try ForwardKernel.bind(gradLSE, batches: all, heads: 0..<s.Hq, writes: false, device: device)
             slots[.gradLSE] = b
-            p.set([.dlse_base: base, .dlse_sb: gradLSE.strides[0], .dlse_sh: gradLSE.strides[1], .dlse_sl: gradLSE.strides[2], .has_dlse: 1])
+            p.setLayout("dlse", base: base, strides: gradLSE.strides)
         } else {
             slots[.gradLSE] = BufferBinding(try ForwardKernel.dummyFloatBuffer(device))
-            p.set([.dlse_base: 0, .dlse_sb: 0, .dlse_sh: 0, .dlse_sl: 0, .has_dlse: 0])
+            p.setLayout("dlse", base: 0, strides: [0, 0, 0])
         }
+        p.set(.has_dlse, int: gradLSE == nil ? 0 : 1)
         let delta = try device.makeBuffer(bytes: max(16, s.B * s.Hq * s.Lq * 4))
         slots[.delta] = BufferBinding(delta, writes: true)
         slots[.dq] = dq.binding(writes: true); slots[.dk] = dk.binding(writes: true); slots[.dv] = dv.binding(writes: true)
+        slots[.dsinks] = try dsinks?.binding(writes: true) ?? BufferBinding(ForwardKernel.dummyFloatBuffer(device), writes: true)
+        // Inputs a call may lack (no BlockMask, key lengths or sinks) bind a stand-in the kernels then never read.
         let dummy = try ForwardKernel.dummyIndexBuffer(device)
-        for (slot, t) in [(BackwardBinding.kvLengths, kvLengths), (.sinks, sinks)] {
-            let t = t ?? dummy
-            slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
-        }
-        let unusedDSinks = try ForwardKernel.dummyFloatBuffer(device)
-        slots[.dsinks] = dsinks.map { $0.binding(writes: true) } ?? BufferBinding(unusedDSinks, writes: true)
-        let lists: [(BackwardBinding, Tensor?)] = [(.kvNum, blockMask?.kvNumBlocks), (.kvIndices, blockMask?.kvIndices), (.fullKVNum, blockMask?.fullKVNumBlocks),
-                                                   (.fullKVIndices, blockMask?.fullKVIndices), (.qNum, blockMask?.qNumBlocks), (.qIndices, blockMask?.qIndices),
-                                                   (.fullQNum, blockMask?.fullQNumBlocks), (.fullQIndices, blockMask?.fullQIndices)]
-        for (slot, t) in lists {
-            let t = t ?? dummy
-            slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
-        }
+        let optional: [(BackwardBinding, Tensor?)] = [(.kvLengths, kvLengths), (.sinks, sinks),
+                                                      (.kvNum, blockMask?.kvNumBlocks), (.kvIndices, blockMask?.kvIndices), (.fullKVNum, blockMask?.fullKVNumBlocks),
+                                                      (.fullKVIndices, blockMask?.fullKVIndices), (.qNum, blockMask?.qNumBlocks), (.qIndices, blockMask?.qIndices),
+                                                      (.fullQNum, blockMask?.fullQNumBlocks), (.fullQIndices, blockMask?.fullQIndices)]
+        for (slot, t) in optional { slots[slot] = (t ?? dummy).binding() }
         // Without a BlockMask every key block of every query block is walked, as full.
         let qBS = blockMask?.blockSize.q ?? 64, kvBS = blockMask?.blockSize.kv ?? 64
         p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .mask_b: blockMask?.B ?? 1, .mask_h: blockMask?.H ?? 1,
@@ -274,7 +267,7 @@ enum BackwardKernel {
         guard s.B * max(dqSplit.count, dkSplit.count) <= caps.maxWorkgroupCount[2] else {
             throw FlexError.limitExceeded("\(s.B) batches x \(max(dqSplit.count, dkSplit.count)) splits exceed \(caps.name)'s dispatch limit")
         }
-        let errors = try mods.makeErrorBuffer(device)
+        let (errors, errorCheck) = try ForwardKernel.errorFlag(mods: mods, scoreMod: scoreMod, blockMask: blockMask, device: device)
         slots[.errors] = BufferBinding(errors, writes: true)
         // The parameters of one dispatch (the sum passes differ by their element count and target).
         func bindings(_ params: [UInt8]) throws -> [BufferBinding] {
@@ -307,8 +300,6 @@ enum BackwardKernel {
                 try rec.dispatch(prepared.pipelines[4]!, bindings: b, pushConstants: pcs, groups: (gx, (groups + gx - 1) / gx, 1))
             }
         }
-        var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
-        checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
-        for check in checks { dq.addCheck(check); dk.addCheck(check); dv.addCheck(check); dsinks?.addCheck(check) }
+        ForwardKernel.addChecks(errorCheck, blockMask: blockMask, to: [dq, dk, dv, dsinks])
     }
 }

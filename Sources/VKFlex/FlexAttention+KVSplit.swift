@@ -78,16 +78,12 @@ extension ForwardKernel {
         let rows = lse ?? max   // the LSE and the maximum scores share their addressing
         let ls = rows?.strides ?? [0, 0, 0]
         let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [rows?.base ?? 0] + ls + [lse == nil ? 0 : 1, max == nil ? 0 : 1, sinks == nil ? 0 : 1, headStart]
-        let unused = try device.makeBuffer(bytes: 16)
+        let unused = try dummyFloatBuffer(device)
         var bindings = [BufferBinding(partO), BufferBinding(partL), out.binding]
         bindings.append(lse?.binding ?? BufferBinding(unused, writes: true))
         bindings.append(partMax.map { BufferBinding($0) } ?? BufferBinding(unused))
         bindings.append(max?.binding ?? BufferBinding(unused, writes: true))
-        if let sinks {
-            bindings.append(BufferBinding(sinks.buffer, offset: sinks.byteOffset, size: Swift.max(4, sinks.count * 4)))
-        } else {
-            bindings.append(BufferBinding(unused))
-        }
+        bindings.append(sinks?.binding() ?? BufferBinding(unused))
         let push: [Int32] = params.map { Int32($0) }
         try device.record { rec in
             try rec.dispatch(pipeline, bindings: bindings, pushConstants: push.withUnsafeBytes { Array($0) }, groups: (gx, gy, 1))

@@ -67,9 +67,6 @@ enum ForwardKernel {
         var pushParams: Bool { plan.pushParams }
     }
 
-    /// Bytes of the kernels' parameter block.
-    static let paramBytes = AttentionParams.byteCount
-
     /// Plans a call and builds (or finds in the caches) its pipeline. The plan is the cache key: the
     /// shader source is made only on a miss. Batch and heads do not enter it, nor lengths below
     /// 2^22 (see `AttentionPlan.floatIndices`).
@@ -82,7 +79,7 @@ enum ForwardKernel {
                                                 device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
-                                pushConstantSize: plan.pushParams ? paramBytes : 0, includes: mods.includes,
+                                pushConstantSize: plan.pushParams ? AttentionParams.byteCount : 0, includes: mods.includes,
                                 cooperativeMatrixKHR: plan.typedOperands)
         }
         return Prepared(pipeline: pipeline, mods: mods, plan: plan)
@@ -119,9 +116,7 @@ enum ForwardKernel {
         // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
         let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
         let group = s.Hq / max(1, s.Hkv)
-        // An error flag of its own only where one will be read; else the kernel never writes it.
-        let checksErrors = (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil
-        let errors = checksErrors ? try mods.makeErrorBuffer(device) : try dummyFloatBuffer(device)
+        let (errors, errorCheck) = try errorFlag(mods: mods, scoreMod: scoreMod, blockMask: blockMask, device: device)
         let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
         // Where the driver caps a shader's loop iterations, the key blocks are walked a share per
         // dispatch into float32 partials, which a merge pass combines by their LSEs.
@@ -145,17 +140,14 @@ enum ForwardKernel {
             for (slot, t, heads, prefix) in [(AttentionBinding.q, q, chunk.h, "q"), (.k, k, kvHeads, "k"), (.v, v, kvHeads, "v")] {
                 let (binding, base) = try bind(t, batches: chunk.b, heads: heads, writes: false, device: device)
                 slots[slot] = binding
-                let f = AttentionField.self
-                p.set([f.init(rawValue: prefix + "_base")!: base, f.init(rawValue: prefix + "_sb")!: t.strides[0], f.init(rawValue: prefix + "_sh")!: t.strides[1],
-                       f.init(rawValue: prefix + "_sl")!: t.strides[2], f.init(rawValue: prefix + "_sd")!: t.strides[3]])
+                p.setLayout(prefix, base: base, strides: t.strides)
             }
             slots[.output] = out.binding
-            p.set([.o_base: out.base, .o_sb: out.strides[0], .o_sh: out.strides[1], .o_sl: out.strides[2], .o_sd: out.strides[3]])
+            p.setLayout("o", base: out.base, strides: out.strides)
             slots[.lse] = lseTarget?.binding ?? BufferBinding(lseScratch!, writes: true)
-            let ls = rowTarget?.strides ?? [0, 0, 0]
-            p.set([.lse_base: rowTarget?.base ?? 0, .lse_sb: ls[0], .lse_sh: ls[1], .lse_sl: ls[2]])
+            p.setLayout("lse", base: rowTarget?.base ?? 0, strides: rowTarget?.strides ?? [0, 0, 0])
             for (slot, t) in zip([AttentionBinding.kvNum, .kvIndices, .fullKVNum, .fullKVIndices], maskBuffers) {
-                slots[slot] = BufferBinding(t.buffer, offset: t.byteOffset, size: max(4, t.count * 4))
+                slots[slot] = t.binding()
             }
             p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .b_start: b0,
                    .mask_b: maskB, .mask_h: maskH, .q_bs: qBS, .kv_bs: kvBS, .q_blocks: qBlocks, .kv_blocks: kvBlocks,
@@ -180,10 +172,8 @@ enum ForwardKernel {
             }
             slots[.errors] = BufferBinding(errors, writes: true)
             slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
-            let lengths = try kvLengths ?? dummyIndexBuffer(device)
-            slots[.kvLengths] = BufferBinding(lengths.buffer, offset: lengths.byteOffset, size: max(4, lengths.count * 4))
-            let sinkValues = try sinks ?? dummyIndexBuffer(device)
-            slots[.sinks] = BufferBinding(sinkValues.buffer, offset: sinkValues.byteOffset, size: max(4, sinkValues.count * 4))
+            slots[.kvLengths] = try (kvLengths ?? dummyIndexBuffer(device)).binding()
+            slots[.sinks] = try (sinks ?? dummyIndexBuffer(device)).binding()
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))
@@ -191,16 +181,11 @@ enum ForwardKernel {
         }
 
         for chunk in chunks {
-            let (outBinding, outBase) = try bind(output, batches: chunk.b, heads: chunk.h, writes: true, device: device)
-            let outTarget = WriteTarget(binding: outBinding, base: outBase, strides: output.strides)
-            let lseTarget = try lse.map { l -> WriteTarget in
-                let (binding, base) = try bind(l, batches: chunk.b, heads: chunk.h, writes: true, device: device)
-                return WriteTarget(binding: binding, base: base, strides: l.strides)
+            func target(_ t: Tensor) throws -> WriteTarget {
+                let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+                return WriteTarget(binding: binding, base: base, strides: t.strides)
             }
-            let maxTarget = try maxScores.map { m -> WriteTarget in
-                let (binding, base) = try bind(m, batches: chunk.b, heads: chunk.h, writes: true, device: device)
-                return WriteTarget(binding: binding, base: base, strides: m.strides)
-            }
+            let outTarget = try target(output), lseTarget = try lse.map(target), maxTarget = try maxScores.map(target)
             guard let partial, let perSplit = kvSplit else {
                 try dispatch(pipeline, chunk: chunk, out: outTarget, lse: lseTarget, max: maxTarget, kvRange: 0..<kvBlocks)
                 continue
@@ -226,14 +211,23 @@ enum ForwardKernel {
             try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: nh, shape: s, out: outTarget, lse: lseTarget,
                       max: maxTarget, sinks: sinks, headStart: chunk.h.lowerBound, outDType: output.dtype, device: device)
         }
-        var checks: [ErrorCheck] = blockMask?.errorCheck.map { [$0] } ?? []
-        if checksErrors {
-            checks.append(ErrorCheck(errors: errors, captures: mods.glsl.captures))
-        }
-        for check in checks {
-            output.addCheck(check)
-            lse?.addCheck(check)
-            maxScores?.addCheck(check)
+        addChecks(errorCheck, blockMask: blockMask, to: [output, lse, maxScores])
+    }
+
+    /// A call's error flag: a zeroed one of its own where it will be read (a mod that can fail, or
+    /// a driver that caps loops, where a walk may stop early), else the shared stand-in, which the
+    /// kernel then never writes.
+    static func errorFlag(mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, device: Device) throws -> (Buffer, ErrorCheck?) {
+        let read = (scoreMod?.graph.canFail ?? false) || (blockMask?.maskMod?.graph.canFail ?? false) || loopIterationLimit(device) != nil
+        guard read else { return (try dummyFloatBuffer(device), nil) }
+        let errors = try mods.makeErrorBuffer(device)
+        return (errors, ErrorCheck(errors: errors, captures: mods.glsl.captures))
+    }
+
+    /// Makes reading any of `outputs` throw what the BlockMask's build or the kernel reported.
+    static func addChecks(_ check: ErrorCheck?, blockMask: BlockMask?, to outputs: [Tensor?]) {
+        for check in [blockMask?.errorCheck, check].compactMap({ $0 }) {
+            for t in outputs { t?.addCheck(check) }
         }
     }
 

@@ -156,6 +156,7 @@ public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Floa
 /// The gradients ``flexAttentionBackwardReference(_:_:_:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
 /// computes, row-major, in float64.
 public struct ReferenceGradients {
+    /// In the shapes of q, k and v.
     public var dq: [Double], dk: [Double], dv: [Double]
     /// `[Hq]`, with sinks: `−Σ_{b,i} exp(sink_h − LSE_bhi)·Δ_bhi`.
     public var dsinks: [Double] = []

@@ -77,6 +77,7 @@ public enum FlexError: Error, Sendable, Equatable, CustomStringConvertible, Loca
 ///                                ^ chained comparisons are not supported: write (0 <= d) & (d <= 4)
 /// ```
 public struct ExpressionError: Sendable, Equatable, CustomStringConvertible {
+    /// What is wrong, in the mod's terms.
     public var message: String
     /// `score_mod` or `mask_mod`, when known.
     public var role: String?
@@ -107,11 +108,13 @@ public struct ExpressionError: Sendable, Equatable, CustomStringConvertible {
 /// // >  42 |   s = scroe * 2.0;
 /// ```
 public struct ShaderCompileError: Sendable, Equatable, CustomStringConvertible {
+    /// The shader's name (``ShaderSource``'s `name` in VKFlexVulkan).
     public var shaderName: String
     /// shaderc's message, as it printed it.
     public var message: String
     /// The file (shader or include) and line of the first error, when shaderc named one.
     public var file: String?
+    /// The 1-based line in `file`.
     public var line: Int?
     /// Numbered source lines around `line` (the failing one marked with `>`).
     public var excerpt: String

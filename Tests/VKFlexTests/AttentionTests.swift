@@ -232,11 +232,11 @@ extension AttentionTests {
     /// form; the push-constant form must at least compile, and the host's block must match the
     /// shader's.
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
-        XCTAssertEqual(ForwardKernel.paramBytes, 200)
+        XCTAssertEqual(AttentionParams.byteCount, 200)
         XCTAssertEqual(AttentionPlanner.pushesParams(device, tuning: AttentionTuning()), device.capabilities.maxPushConstantsSize >= 200)
         // One declaration: the GLSL members are generated from the same fields the host packs.
         let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
-        XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, ForwardKernel.paramBytes)
+        XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, AttentionParams.byteCount)
         XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_KV_LENS 12\n#define VKF_BINDING_SINKS 13\n#define VKF_BINDING_FIRST_CAPTURE 14"), AttentionParams.glsl)
         XCTAssertFalse(try ShaderLibrary.standard.text("flex_attention_common.glsl").contains("binding = 1"), "bindings come from AttentionBinding")
         for push in [false, true] {

@@ -44,6 +44,12 @@ final class ErrorTests: FlexTestCase {
         let table = try device.tensor([0, 1], shape: [2], name: "short_table")
         let r = try flexAttention(q, q, q, scoreMod: ScoreMod { s, _, _, qi, _ in s + table[qi] })
         expect("modFailed", "short_table") { _ = try r.output.toArray() }
+        // The backward splices the same mod (and its derivative): reading any gradient reports it.
+        let dO = try device.tensor(randn(1 * 2 * 8 * 4), shape: [1, 2, 8, 4])
+        let lse = try flexAttention(q, q, q, returnLSE: true).lse!
+        let g = try flexAttentionBackward(q, q, q, output: r.output, lse: lse, gradOutput: dO,
+                                          scoreMod: ScoreMod { s, _, _, qi, _ in s + table[qi] })
+        for t in [g.dq, g.dk, g.dv] { expect("modFailed", "short_table") { _ = try t.toArray() } }
         expect("file", "no such file") { _ = try NPYArray(contentsOf: URL(fileURLWithPath: "/nonexistent/x.npy")) }
         expect("noDevice") { _ = try Device(selector: "no-such-gpu-anywhere", options: .init(validation: false)) }
         expect("invalidArgument", "block size") { _ = try BlockSize(parsing: "axb") }
