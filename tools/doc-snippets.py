@@ -31,7 +31,7 @@ PRELUDE = [
     ("imageOfKey", "[Int]"), ("documentIDs", "[Int]"), ("sequenceOfToken", "[Int]"), ("flatIntervals", "[Int]"),
     ("q8heads", "Tensor"), ("k2heads", "Tensor"), ("v2heads", "Tensor"),
     ("blockMask", "BlockMask"), ("scoreMod", "ScoreMod"), ("maskMod", "MaskMod"), ("causalMask", "BlockMask"),
-    ("pipeline", "ComputePipeline"), ("bindings", "[BufferBinding]"), ("glsl", "String"), ("total", "Int"),
+    ("grads", "FlexGradients"), ("pipeline", "ComputePipeline"), ("bindings", "[BufferBinding]"), ("glsl", "String"), ("total", "Int"),
 ]
 
 def markdown_blocks(path):

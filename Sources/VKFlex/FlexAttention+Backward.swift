@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)``
+/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:)``
 /// returns: the gradients of the loss with respect to q, k and v, in their shapes and dtype.
 public struct FlexGradients {
     /// `[B, Hq, Lq, D]`.
@@ -14,6 +14,24 @@ public struct FlexGradients {
     /// `[Hq]` float32, the sinks' gradient `dsink_h = −Σ_{b,i} exp(sink_h − LSE_bhi)·Δ_bhi`, when
     /// the call had `sinks:`.
     public var dsinks: Tensor? = nil
+    /// The gradients of the captured tensors the call named in `gradCaptures:`, in that order:
+    /// float32, each in its capture's shape.
+    public var captures: [Tensor] = []
+
+    /// The gradient of one of the tensors named in `gradCaptures:` (nil for any other tensor).
+    ///
+    /// ```swift
+    /// let relativeBias = ScoreMod { score, _, _, q, kv in score + table[q - kv + (S - 1)] }
+    /// let forward = try flexAttention(q, k, v, scoreMod: relativeBias, returnLSE: true)
+    /// let grads = try forward.backward(gradOutput: dO, gradCaptures: [table])
+    /// let dTable = try grads.gradient(of: table)!.toArray()
+    /// ```
+    public func gradient(of capture: Tensor) -> Tensor? {
+        zip(requested, captures).first { $0.0 == capture.id }?.1
+    }
+
+    /// The ids of the tensors the call named in `gradCaptures:`.
+    var requested: [Int] = []
 }
 
 /// The backward pass of ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``,
@@ -34,19 +52,28 @@ public struct FlexGradients {
 /// - output, lse: what the forward call returned for these inputs (`returnLSE: true`).
 /// - gradOutput: dLoss/dOutput, the output's shape and dtype.
 /// - gradLSE: dLoss/dLSE `[B, Hq, Lq]` float32, where the LSE is used downstream; nil means 0.
+/// - gradCaptures: float tensors the score-mod captures (a learnable bias table, ALiBi slopes,
+///   per-head temperatures) whose gradients to return in ``FlexGradients/captures``: the sum over
+///   every pair the mask keeps of dLoss/d(score-mod output) times the derivative of the score-mod
+///   by each place it reads the tensor, added to the element it read (a tensor read twice, or at a
+///   computed index such as `rb[q_idx - kv_idx + S]`, works). float32 whatever the tensor's dtype.
+///   Added with float atomics where the device has them (lavapipe and NVIDIA do), else through
+///   per-workgroup partial sums.
 ///
 /// Runs the portable kernels on every device (a cooperative-matrix backward is to come), computing
 /// in float32 whatever the inputs' dtype. `kvLengths:` and `sinks:` are the forward call's (with
 /// sinks, `lse` includes them and ``FlexGradients/dsinks`` is their gradient).
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes or dtypes that do not match the forward
-///   call's; what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
+///   call's, and for a `gradCaptures:` tensor that is an int tensor, is not read by the score-mod
+///   (or only by the mask-mod), or is listed twice; what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
 ///   throws for the same inputs; ``FlexError/limitExceeded(_:)`` where a tensor exceeds what the device binds.
 public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor,
                                   gradLSE: Tensor? = nil, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                   scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil,
-                                  sinks: Tensor? = nil) throws -> FlexGradients {
+                                  sinks: Tensor? = nil, gradCaptures: [Tensor] = []) throws -> FlexGradients {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let wanted = try captureGradientTargets(gradCaptures, scoreMod: scoreMod, blockMask: blockMask)
     try checkKVLengths(kvLengths, shape: s, device: q.device)
     try checkSinks(sinks, shape: s, device: q.device)
     let device = q.device
@@ -63,14 +90,35 @@ public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output:
     let dk = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: q.dtype, name: "dk")
     let dv = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: q.dtype, name: "dv")
     let dsinks = sinks == nil ? nil : try device.tensor([Float](repeating: 0, count: s.Hq), shape: [s.Hq], name: "dsinks")
+    let dcaps = try gradCaptures.map { try device.empty(shape: $0.shape, dtype: .float32, name: "d" + $0.name) }
+    let grads = FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks, captures: dcaps, requested: gradCaptures.map(\.id))
     if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 {
-        for t in [dq, dk, dv] { try t.buffer.fill(pattern: 0) }
-        return FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks)
+        for t in [dq, dk, dv] + dcaps { try t.buffer.fill(pattern: 0) }
+        return grads
     }
     try BackwardKernel.run(shape: s, q: q, k: k, v: v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                            scoreMod: scoreMod, blockMask: blockMask, scale: scale, kvLengths: kvLengths, sinks: sinks,
-                           dq: dq, dk: dk, dv: dv, dsinks: dsinks)
-    return FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks)
+                           dq: dq, dk: dk, dv: dv, dsinks: dsinks, gradCaptures: wanted, dcaps: dcaps)
+    return grads
+}
+
+/// The captures of `gradCaptures:` as the score-mod sees them, checked: float, read by the
+/// score-mod, each once.
+func captureGradientTargets(_ tensors: [Tensor], scoreMod: ScoreMod?, blockMask: BlockMask?) throws -> [CaptureInfo] {
+    let read = scoreMod?.graph.captures ?? []
+    let masked = blockMask?.maskMod?.graph.captures ?? []
+    var seen: Set<Int> = []
+    return try tensors.map { t in
+        guard seen.insert(t.id).inserted else { throw FlexError("gradCaptures lists \(t.name) twice") }
+        guard t.dtype != .int32 else { throw FlexError("gradCaptures: \(t.name) is an int32 tensor; only float captures have gradients") }
+        guard let info = read.first(where: { $0.id == t.id }) else {
+            if masked.contains(where: { $0.id == t.id }) {
+                throw FlexError("gradCaptures: \(t.name) is read only by the mask-mod, which has no gradient (a mask keeps or drops a pair); capture it in the score-mod to learn it")
+            }
+            throw FlexError("gradCaptures: the score-mod does not read \(t.name)\(scoreMod == nil ? " (the call has no score-mod)" : "")")
+        }
+        return info
+    }
 }
 
 /// The backward kernels' bindings, declared once (the generated `flex_bwd_params.glsl`).
@@ -79,6 +127,7 @@ enum BackwardBinding: Int, CaseIterable {
     case kvNum, kvIndices, fullKVNum, fullKVIndices, qNum, qIndices, fullQNum, fullQIndices
     case kvLengths, sinks, dsinks
     case partDQ, partDK, partDV
+    case dcaps, partCaps
     case params, errors
     static let firstCapture = BackwardBinding.allCases.count
 
@@ -87,7 +136,7 @@ enum BackwardBinding: Int, CaseIterable {
                                                 .dq: "DQ", .dk: "DK", .dv: "DV", .kvNum: "KV_NUM", .kvIndices: "KV_IDX", .fullKVNum: "FULL_KV_NUM",
                                                 .fullKVIndices: "FULL_KV_IDX", .qNum: "Q_NUM", .qIndices: "Q_IDX", .fullQNum: "FULL_Q_NUM",
                                                 .fullQIndices: "FULL_Q_IDX", .kvLengths: "KV_LENS", .sinks: "SINKS", .dsinks: "DSINKS",
-                                                .partDQ: "PART_DQ", .partDK: "PART_DK", .partDV: "PART_DV",
+                                                .partDQ: "PART_DQ", .partDK: "PART_DK", .partDV: "PART_DV", .dcaps: "DCAPS", .partCaps: "PART_CAPS",
                                                 .params: "PARAMS", .errors: "ERRORS"]
         return "BWD_BINDING_" + names[self]!
     }
@@ -109,6 +158,9 @@ enum BackwardField: String, KernelParamField {
     /// Key splits of the dQ pass and the KV blocks each walks; query splits of the dK/dV pass and
     /// the query blocks each walks (1: no split); the sum pass's element count, splits and target.
     case dq_splits, dq_split_blocks, dk_splits, dk_split_blocks, sum_n, sum_splits, sum_target
+    /// The captures' gradients (pass 5): their element count, the query rows (units) each
+    /// workgroup walks, and its key splits with the KV blocks each walks.
+    case cg_total, cg_units, cg_splits, cg_split_blocks
     case scale
     var isFloat: Bool { self == .scale }
 }
@@ -135,6 +187,8 @@ enum BackwardKernel {
         var D: Int, Dv: Int, WG: Int
         var pushParams: Bool
         var mods: String
+        /// Pass 5 adds the captures' gradients with float atomics (else into per-workgroup slices).
+        var capAtomic = false
 
         func source() throws -> ShaderSource {
             var defines: [ShaderSource.Define] = [.init("BWD_PASS", "\(pass)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("WG", "\(WG)")]
@@ -144,6 +198,7 @@ enum BackwardKernel {
             default: break
             }
             if pushParams { defines.append(.init("VKF_PARAMS_PUSH", "1")) }
+            if pass == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
             return ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
         }
     }
@@ -156,9 +211,13 @@ enum BackwardKernel {
         let pushParams: Bool
         /// Invocations per workgroup of the dQ and dK/dV passes.
         let WG: Int
+        /// With captures' gradients: the terms pass 5 adds per pair, and whether it uses float atomics.
+        var capTerms = 0
+        var capAtomic = false
     }
 
-    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool, device: Device) throws -> Prepared {
+    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool,
+                        gradCaptures: [CaptureInfo] = [], device: Device) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
@@ -176,26 +235,42 @@ enum BackwardKernel {
         }
         var includes = mods.includes
         includes[BackwardParams.includeName] = BackwardParams.glsl
+        // Pass 5 splices the mods with score_mod_cap_grads (its own text, so passes 0-4 stay the
+        // pipelines of a backward without captures' gradients).
+        let capMods = gradCaptures.isEmpty ? nil : try SplicedMods(score: scoreMod, mask: blockMask?.maskMod, firstBinding: BackwardBinding.firstCapture,
+                                                                   errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures, device: device)
+        let capAtomic = device.enabledFeatures.floatAtomicAdd
         func pipeline(_ pass: Int) throws -> ComputePipeline {
-            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: [0, 3, 4].contains(pass) ? 64 : WG, pushParams: push, mods: mods.glsl.source)
+            let spliced = pass == 5 ? capMods! : mods
+            var passIncludes = includes
+            passIncludes[SplicedMods.includeName] = spliced.glsl.source
+            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: [0, 3, 4, 5].contains(pass) ? 64 : WG, pushParams: push,
+                            mods: spliced.glsl.source, capAtomic: pass == 5 && capAtomic)
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
-                                    pushConstantSize: push ? BackwardParams.byteCount : 0, includes: includes)
+                                    pushConstantSize: push ? BackwardParams.byteCount : 0, includes: passIncludes)
             }
         }
-        // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe).
-        let passes = [0, 1, 2] + (sinks ? [3] : []) + (ForwardKernel.loopIterationLimit(device) != nil ? [4] : [])
-        return Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
-                        WG: WG)
+        // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe), and
+        // the workgroups' slices of the captures' gradients without float atomics.
+        let sums = ForwardKernel.loopIterationLimit(device) != nil || (capMods != nil && !capAtomic)
+        let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : [])
+        var prepared = Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
+                                WG: WG)
+        if let capMods {
+            prepared.capTerms = capMods.glsl.captureGradientTerms
+            prepared.capAtomic = capAtomic
+        }
+        return prepared
     }
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
                     scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kvLengths: Tensor?, sinks: Tensor?,
-                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?) throws {
+                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?, gradCaptures: [CaptureInfo] = [], dcaps: [Tensor] = []) throws {
         let device = q.device
         let caps = device.capabilities
         guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
-        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, device: device)
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, gradCaptures: gradCaptures, device: device)
         let mods = prepared.mods, push = prepared.pushParams
         let (p0, p1, p2, p3) = (prepared.pipelines[0]!, prepared.pipelines[1]!, prepared.pipelines[2]!, prepared.pipelines[3])
 
@@ -243,8 +318,9 @@ enum BackwardKernel {
         // under the cap (an upper bound of the loops per walked block), summed by pass 4.
         let kvBlocks = p.int(.kv_blocks), qBlocks = p.int(.q_blocks), WG = prepared.WG, group = s.Hq / s.Hkv
         var dqSplit = (count: 1, blocks: kvBlocks), dkSplit = (count: 1, blocks: qBlocks)
-        if let limit = ForwardKernel.loopIterationLimit(device) {
-            let budget = max(1, limit * 3 / 4 - 4 * (s.D + s.Dv) - 2 * (kvBlocks + qBlocks) - 1024)
+        let limit = ForwardKernel.loopIterationLimit(device)
+        let budget = max(1, (limit ?? 0) * 3 / 4 - 4 * (s.D + s.Dv) - 2 * (kvBlocks + qBlocks) - 1024)
+        if limit != nil {
             let perKVBlock = (kvBS + WG - 1) / WG * (2 * s.D + s.Dv + 16)
             let perQBlock = group * (qBS + WG - 1) / WG * (2 * s.D + 2 * s.Dv + 16)
             let dqBlocks = max(1, budget / perKVBlock), dkBlocks = max(1, budget / perQBlock)
@@ -267,6 +343,40 @@ enum BackwardKernel {
         guard s.B * max(dqSplit.count, dkSplit.count) <= caps.maxWorkgroupCount[2] else {
             throw FlexError.limitExceeded("\(s.B) batches x \(max(dqSplit.count, dkSplit.count)) splits exceed \(caps.name)'s dispatch limit")
         }
+        // The captures' gradients (pass 5): units are query rows times key splits. With float
+        // atomics a workgroup walks one unit and adds into `dcapsBuffer`; without, a workgroup walks
+        // cg_units units into its own slice of `partCaps` (at most 1024 slices, within 256 MiB),
+        // which pass 4 sums. Under a loop cap the key splits and the units per workgroup keep each
+        // invocation's loop iterations under it (the adds without atomics scan terms x 64 staged
+        // values per chunk of keys).
+        let capTotal = dcaps.reduce(0) { $0 + $1.count }
+        var capWorkgroups = 0, capUnits = 1, capSplit = (count: 1, blocks: kvBlocks)
+        var dcapsBuffer = try ForwardKernel.dummyFloatBuffer(device), partCaps = dcapsBuffer
+        if !gradCaptures.isEmpty {
+            let terms = max(1, prepared.capTerms), atomic = prepared.capAtomic
+            let perKVBlock = (kvBS + 63) / 64 * (s.D + s.Dv + 16 + (atomic ? 2 * terms : terms * 66))
+            if limit != nil {
+                let blocks = max(1, budget / perKVBlock)
+                if blocks < kvBlocks { capSplit = ((kvBlocks + blocks - 1) / blocks, blocks) }
+            }
+            let units = s.B * s.Hq * s.Lq * capSplit.count
+            if atomic {
+                capWorkgroups = units
+            } else {
+                let slices = min(units, max(1, min(caps.maxStorageBufferRange, 256 << 20) / (capTotal * 4)), 1024)
+                capUnits = (units + slices - 1) / slices
+                if limit != nil { capUnits = min(capUnits, max(1, budget / (capSplit.blocks * perKVBlock + s.D + s.Dv + 64))) }
+                capWorkgroups = (units + capUnits - 1) / capUnits
+                guard capWorkgroups * capTotal * 4 <= caps.maxStorageBufferRange else {
+                    throw FlexError.limitExceeded("\(caps.name) has no float atomics, so the captures' gradients (\(capTotal) elements) are summed from \(capWorkgroups) partial copies, which exceed what it binds per buffer (\(formatBytes(caps.maxStorageBufferRange))); pass fewer rows or heads per call, or smaller captures")
+                }
+                partCaps = try device.makeBuffer(bytes: capWorkgroups * capTotal * 4)
+            }
+            dcapsBuffer = try device.makeBuffer(bytes: capTotal * 4)
+        }
+        slots[.dcaps] = BufferBinding(dcapsBuffer, writes: true)
+        slots[.partCaps] = BufferBinding(partCaps, writes: true)
+        p.set([.cg_total: capTotal, .cg_units: capUnits, .cg_splits: capSplit.count, .cg_split_blocks: capSplit.blocks])
         let (errors, errorCheck) = try ForwardKernel.errorFlag(mods: mods, scoreMod: scoreMod, blockMask: blockMask, device: device)
         slots[.errors] = BufferBinding(errors, writes: true)
         // The parameters of one dispatch (the sum passes differ by their element count and target).
@@ -284,7 +394,8 @@ enum BackwardKernel {
         let params = p.bytes()
         let main = try bindings(params), pc = push ? params : []
         var sums: [([BufferBinding], [UInt8], Int)] = []
-        for (target, splits, n) in [(0, dqSplit.count, nDQ), (1, dkSplit.count, nDK), (2, dkSplit.count, nDV)] where splits > 1 {
+        let capSlices = gradCaptures.isEmpty || prepared.capAtomic ? 1 : capWorkgroups
+        for (target, splits, n) in [(0, dqSplit.count, nDQ), (1, dkSplit.count, nDK), (2, dkSplit.count, nDV), (3, capSlices, capTotal)] where splits > 1 {
             var sp = p
             sp.set([.sum_n: n, .sum_splits: splits, .sum_target: target])
             let bytes = sp.bytes()
@@ -295,11 +406,21 @@ enum BackwardKernel {
             try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (s.Lq, s.Hq, s.B * dqSplit.count))
             try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (s.Lkv, s.Hkv, s.B * dkSplit.count))
             if let p3 { try rec.dispatch(p3, bindings: main, pushConstants: pc, groups: (s.Hq, 1, 1)) }
+            if let p5 = prepared.pipelines[5] {
+                rec.fill(prepared.capAtomic ? dcapsBuffer : partCaps, pattern: 0, bytes: prepared.capAtomic ? capTotal * 4 : partCaps.size)
+                let gx = min(capWorkgroups, caps.maxWorkgroupCount[0])
+                try rec.dispatch(p5, bindings: main, pushConstants: pc, groups: (gx, (capWorkgroups + gx - 1) / gx, 1))
+            }
             for (b, pcs, n) in sums {
                 let groups = (n + 63) / 64, gx = min(groups, caps.maxWorkgroupCount[0])
                 try rec.dispatch(prepared.pipelines[4]!, bindings: b, pushConstants: pcs, groups: (gx, (groups + gx - 1) / gx, 1))
             }
+            var offset = 0
+            for t in dcaps {
+                rec.copy(from: dcapsBuffer, to: t.buffer, bytes: t.count * 4, sourceOffset: offset * 4, destinationOffset: t.byteOffset)
+                offset += t.count
+            }
         }
-        ForwardKernel.addChecks(errorCheck, blockMask: blockMask, to: [dq, dk, dv, dsinks])
+        ForwardKernel.addChecks(errorCheck, blockMask: blockMask, to: [dq, dk, dv, dsinks] + dcaps)
     }
 }

@@ -153,24 +153,34 @@ public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Floa
     return out
 }
 
-/// The gradients ``flexAttentionBackwardReference(_:_:_:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:)``
+/// The gradients ``flexAttentionBackwardReference(_:_:_:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:)``
 /// computes, row-major, in float64.
 public struct ReferenceGradients {
     /// In the shapes of q, k and v.
     public var dq: [Double], dk: [Double], dv: [Double]
     /// `[Hq]`, with sinks: `−Σ_{b,i} exp(sink_h − LSE_bhi)·Δ_bhi`.
     public var dsinks: [Double] = []
+    /// The gradients of the `gradCaptures:` tensors, in that order, each in its capture's shape:
+    /// by reverse-mode differentiation of the score-mod at every kept pair (``ReverseMode``), not
+    /// by the symbolic derivative the kernels splice.
+    public var captures: [[Double]] = []
 }
 
 /// The backward pass in float64 on the CPU, from the tensors' values: the forward (P, LSE, O)
 /// recomputed in float64, then `Δ = rowsum(dO ⊙ O) − dLSE`, `dS = P ⊙ (dO·Vᵀ − Δ) · ∂mod/∂score`
-/// over the pairs the mask keeps, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`.
+/// over the pairs the mask keeps, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`; with
+/// `gradCaptures:`, `dc[e] = Σ P ⊙ (dO·Vᵀ − Δ) · ∂mod/∂c[e]` over the same pairs.
 ///
 /// - Throws: what ``flexAttentionReference(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)`` throws.
 public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, gradOutput: Tensor, gradLSE: Tensor? = nil,
                                            scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil, scale: Double? = nil,
-                                           enableGQA: Bool = false, kvLengths: [Int]? = nil, sinks: [Float]? = nil) throws -> ReferenceGradients {
+                                           enableGQA: Bool = false, kvLengths: [Int]? = nil, sinks: [Float]? = nil,
+                                           gradCaptures: [Tensor] = []) throws -> ReferenceGradients {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    _ = try captureGradientTargets(gradCaptures, scoreMod: scoreMod, blockMask: blockMask)
+    let reverse = try gradCaptures.isEmpty ? nil : scoreMod.map { try ReverseMode($0.graph) }
+    var dcaps = gradCaptures.map { [Double](repeating: 0, count: $0.count) }
+    let capIndex = Dictionary(uniqueKeysWithValues: gradCaptures.enumerated().map { ($1.id, $0) })
     let scale = scale ?? 1 / Double(s.D).squareRoot()
     let fwd = try flexAttentionReference(q, k, v, scoreMod: scoreMod, blockMask: blockMask, scale: scale, enableGQA: enableGQA,
                                          kvLengths: kvLengths, sinks: sinks)
@@ -214,10 +224,16 @@ public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor
                         dk[krow * s.D + d] += scale * ds * Double(qv[row * s.D + d])
                     }
                     for d in 0..<s.Dv { dv[krow * s.Dv + d] += p * Double(dO[row * s.Dv + d]) }
+                    if let reverse {
+                        for (id, elements) in reverse.evaluate(score: raw, b: b, h: h, q: i, kv: j).captures {
+                            guard let c = capIndex[id] else { continue }
+                            for (e, partial) in elements { dcaps[c][e] += p * (dp - delta) * partial }
+                        }
+                    }
                 }
             }
         }
     }
     if let e = score?.error ?? grad?.error ?? mask?.error { throw e }
-    return ReferenceGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks)
+    return ReferenceGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks, captures: dcaps)
 }

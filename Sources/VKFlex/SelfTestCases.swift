@@ -59,6 +59,10 @@ public enum AttentionSelfTest {
                 let slopes = try d.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 2)) }, shape: [4], name: "alibi_slopes")
                 return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
             }, mask: causal))
+        all.append(Spec(name: "relative bias table captured", score: { d in
+                let table = try d.tensor((0..<511).map { Float(sin(Double($0) / 40)) }, shape: [511], name: "rel_bias")
+                return ScoreMod { s, _, _, q, kv in s + table[q - kv + 255] }
+            }, mask: causal))
         all.append(Spec(name: "ALiBi functional", score: { _ in ScoreMod { s, _, h, q, kv in s + (kv - q) * exp2(-((h + 1) * 8.0 / 4)) } }, mask: causal))
         all.append(Spec(name: "tanh soft-cap 20", score: { _ in ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) } }, mask: causal))
         all.append(Spec(name: "jagged offsets", mask: { d, S, _ in
@@ -142,8 +146,10 @@ public enum AttentionSelfTest {
     }
 
     /// The cases whose backward the selftest checks (the portable kernels run it on every device).
-    static let backwardCases = ["causal", "document", "ALiBi captured", "tanh soft-cap 20", "GQA 8 query / 2 kv heads",
-                                "odd head dims 47 / 23", "float16", "bfloat16 causal"]
+    /// Where the score-mod captures float tensors (ALiBi slopes, a relative bias table), their
+    /// gradients (`gradCaptures:`) are checked too.
+    static let backwardCases = ["causal", "document", "ALiBi captured", "relative bias table captured", "tanh soft-cap 20",
+                                "GQA 8 query / 2 kv heads", "odd head dims 47 / 23", "float16", "bfloat16 causal"]
 
     /// Runs the backward of the ``backwardCases`` against the float64 reference; `progress` sees
     /// each outcome as it completes.
@@ -175,11 +181,14 @@ public enum AttentionSelfTest {
         let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: s.Lq, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
         let gqa = s.Hq != s.Hkv
         let forward = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: gqa, returnLSE: true)
-        let grads = try forward.backward(gradOutput: dO)
-        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, scoreMod: score, blockMask: blockMask, enableGQA: gqa)
+        let learnt = (score?.graph.captures ?? []).compactMap { $0.storage.object as? Tensor }.filter { $0.dtype != .int32 }
+        let grads = try forward.backward(gradOutput: dO, gradCaptures: learnt)
+        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, scoreMod: score, blockMask: blockMask, enableGQA: gqa,
+                                                     gradCaptures: learnt)
         var worst = 0.0
         var problems: [String] = []
-        for (name, t, r) in [("dq", grads.dq, ref.dq), ("dk", grads.dk, ref.dk), ("dv", grads.dv, ref.dv)] {
+        let captureGrads = zip(learnt, zip(grads.captures, ref.captures)).map { ("d" + $0.name, $1.0, $1.1) }
+        for (name, t, r) in [("dq", grads.dq, ref.dq), ("dk", grads.dk, ref.dk), ("dv", grads.dv, ref.dv)] + captureGrads {
             let got = try t.toArray()
             if got.contains(where: { !$0.isFinite }) { problems.append("\(name) is not finite") }
             worst = max(worst, relativeL2Error(got, r))
@@ -187,6 +196,7 @@ public enum AttentionSelfTest {
         let tol = s.dtype == .float32 ? 1e-4 : s.dtype == .float16 ? 5e-3 : 2e-2
         if !(worst <= tol) { problems.append(String(format: "relative error %.2e > %.0e", worst, tol)) }
         let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue), forward \(forward.kernel.rawValue), backward portable"
+            + (learnt.isEmpty ? "" : ", gradients of " + learnt.map(\.name).joined(separator: ", ")) + (learnt.isEmpty ? "" : device.enabledFeatures.floatAtomicAdd ? " (atomics)" : " (slices)")
         return Outcome(name: "backward: " + s.name, kernel: .portable, passed: problems.isEmpty, seconds: 0, relativeError: worst, lseError: 0,
                        detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
     }

@@ -10,23 +10,26 @@ struct SplicedMods {
     /// The name of the generated include every template pulls in.
     static let includeName = "flex_mods.glsl"
 
-    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, device: Device) throws {
+    /// - Parameter gradCaptures: float captures of the score-mod whose gradients the kernel
+    ///   scatters (``GLSLEmitter/emit(scoreMod:maskMod:firstBinding:errorBinding:gradCaptures:)``).
+    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, gradCaptures: [CaptureInfo] = [], device: Device) throws {
         try score?.check()
         try mask?.check()
         // The emitted GLSL depends on the graphs and bindings alone: emitted once per device, cached
         // without the captures' storage so that the cache keeps no tensor alive (a call's host cost
         // with a mask and a score-mod: 190 -> 31 µs; docs/performance.md, "Host cost per call").
         let key = ModsCacheKey(score: score?.graph.withoutCaptureStorage, mask: mask?.graph.withoutCaptureStorage,
-                               firstBinding: firstBinding, errorBinding: errorBinding)
+                               firstBinding: firstBinding, errorBinding: errorBinding, gradCaptures: gradCaptures.map(\.id))
         let cache = try device.memoized("vkflex.mods-glsl") { ModsCache() }
         var emitted: GLSLMods
         if let known = cache.get(key) {
             emitted = known
         } else {
-            emitted = try GLSLEmitter.emit(scoreMod: score?.graph, maskMod: mask?.graph, firstBinding: firstBinding, errorBinding: errorBinding)
-            cache.put(key, GLSLMods(source: emitted.source, captures: emitted.captures.map {
-                CaptureInfo(id: $0.id, name: $0.name, dtype: $0.dtype, shape: $0.shape)
-            }, errorBinding: emitted.errorBinding))
+            emitted = try GLSLEmitter.emit(scoreMod: score?.graph, maskMod: mask?.graph, firstBinding: firstBinding, errorBinding: errorBinding,
+                                           gradCaptures: gradCaptures)
+            var stored = emitted
+            stored.captures = emitted.captures.map { CaptureInfo(id: $0.id, name: $0.name, dtype: $0.dtype, shape: $0.shape) }
+            cache.put(key, stored)
         }
         // The captures with their tensors, from this call's graphs (same ids, same order).
         let live = Dictionary(((score?.graph.captures ?? []) + (mask?.graph.captures ?? [])).map { ($0.id, $0) }) { a, _ in a }
@@ -151,6 +154,7 @@ struct ModsCacheKey: Hashable, Sendable {
     let mask: Expr?
     let firstBinding: Int
     let errorBinding: Int
+    var gradCaptures: [Int] = []
 }
 
 /// The GLSL emitted per pair of mods on a device, bounded (cleared past 256 entries).

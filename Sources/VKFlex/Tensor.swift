@@ -129,6 +129,34 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         }
     }
 
+    /// Overwrites the tensor's values in place (row-major, converted to its dtype as
+    /// ``Device/tensor(_:shape:dtype:name:)`` converts them), ordered after the work already
+    /// enqueued that uses it: PyTorch's `copy_`. What a training loop does to a learnable capture
+    /// after a step; the mods that capture it need no rebuilding.
+    ///
+    /// ```swift
+    /// var w = try table.toArray()
+    /// for (e, g) in try grads.gradient(of: table)!.toArray().enumerated() { w[e] -= 0.1 * g }
+    /// try table.copy(from: w)
+    /// ```
+    ///
+    /// - Throws: ``FlexError/invalidArgument(_:)`` when `values` has not one value per element, the
+    ///   tensor is a strided view, or an int32 tensor gets a non-integer.
+    public func copy(from values: [Float]) throws {
+        guard values.count == count else { throw FlexError("\(name) has \(count) elements; copy(from:) got \(values.count) values") }
+        guard isContiguous else { throw FlexError("\(name) is a strided view; copy(from:) writes contiguous tensors") }
+        switch dtype {
+        case .float32: try buffer.upload(values, byteOffset: byteOffset)
+        case .float16: try buffer.upload(values.map { Float16($0) }, byteOffset: byteOffset)
+        case .bfloat16: try buffer.upload(values.map(\.bfloat16Bits), byteOffset: byteOffset)
+        case .int32:
+            guard values.allSatisfy({ $0 == $0.rounded() && abs($0) < 2_147_483_648 }) else {
+                throw FlexError("\(name) is int32: copy(from:) takes integers in int32 range")
+            }
+            try buffer.upload(values.map { Int32($0) }, byteOffset: byteOffset)
+        }
+    }
+
     /// The elements of an int32 tensor.
     ///
     /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.

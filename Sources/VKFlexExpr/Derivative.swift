@@ -11,14 +11,40 @@ extension Expr {
     /// print(softcap.graph.derivative().text)   // (1.0 - (tanh((score / 20)) * tanh((score / 20))))
     /// ```
     public func derivative(_ wrt: Argument = .score) -> Expr {
-        d(wrt).simplified()
+        d(.arg(wrt)).simplified()
     }
 
-    private func d(_ x: Argument) -> Expr {
-        guard uses(x), (try? type()) == .float || self == .arg(x) else { return .float(0) }
+    /// The derivative of this graph with respect to one of its nodes, taken as an independent
+    /// variable: a float load of a captured tensor (what the gradient of a learnable bias
+    /// scatters, by the load's index), or an argument. A node read in several places (the same
+    /// load twice) gets the sum of its paths.
+    ///
+    /// ```swift
+    /// let rb = try device.tensor([Float](repeating: 0, count: 2 * S - 1), shape: [2 * S - 1], name: "rb")
+    /// let rel = try ScoreMod(parsing: "score + rb[q_idx - kv_idx + \(S - 1)]", captures: ["rb": rb])
+    /// for load in rel.graph.floatLoads { print(rel.graph.derivative(withRespectTo: load).text) }   // 1.0
+    /// ```
+    public func derivative(withRespectTo node: Expr) -> Expr {
+        d(node).simplified()
+    }
+
+    /// The distinct loads of float captures the graph reads, in order of first appearance
+    /// (depth-first, left to right): the variables of the captures' gradients.
+    public var floatLoads: [Expr] {
+        var seen: [Expr] = []
+        func walk(_ e: Expr) {
+            for c in e.children { walk(c) }
+            if case .load(let cap, _) = e, cap.dtype == .float32, !seen.contains(e) { seen.append(e) }
+        }
+        walk(self)
+        return seen
+    }
+
+    private func d(_ x: Expr) -> Expr {
+        if self == x { return .float(1) }
+        guard contains(where: { $0 == x }), (try? type()) == .float else { return .float(0) }
         switch self {
-        case .arg(let a): return .float(a == x ? 1 : 0)
-        case .int, .float, .bool, .invalid, .load: return .float(0)
+        case .arg, .int, .float, .bool, .invalid, .load: return .float(0)
         case .unary(let op, let a):
             return op == .neg ? .unary(.neg, a.d(x)) : .float(0)
         case .binary(let op, let a, let b):
@@ -28,13 +54,13 @@ extension Expr {
             case .sub: return .binary(.sub, da, db)
             case .mul: return .binary(.add, .binary(.mul, da, b), .binary(.mul, a, db))
             case .div:
-                if !b.uses(x) { return .binary(.div, da, b) }
+                if !b.contains(where: { $0 == x }) { return .binary(.div, da, b) }
                 return .binary(.div, .binary(.sub, .binary(.mul, da, b), .binary(.mul, a, db)), .binary(.mul, b, b))
             case .floorDiv: return .float(0)
             case .mod: // a - b * floor(a / b)
                 return .binary(.sub, da, .binary(.mul, db, .call(.floor, [.binary(.div, a, b)])))
             case .pow:
-                if !b.uses(x) {
+                if !b.contains(where: { $0 == x }) {
                     return .binary(.mul, .binary(.mul, b, .binary(.pow, a, .binary(.sub, b, .int(1)))), da)
                 }
                 return .binary(.mul, .binary(.pow, a, b),

@@ -14,6 +14,8 @@ public struct GLSLMods: Sendable, Hashable {
     public var captures: [CaptureInfo]
     /// The binding of the error buffer (`int vkf_err[4]`).
     public var errorBinding: Int
+    /// The terms `score_mod_cap_grads` hands over per pair (`VKF_CAP_GRAD_TERMS`; 0 without gradCaptures).
+    public var captureGradientTerms = 0
 
     public init(source: String, captures: [CaptureInfo], errorBinding: Int) {
         self.source = source; self.captures = captures; self.errorBinding = errorBinding
@@ -35,7 +37,15 @@ public struct GLSLMods: Sendable, Hashable {
 /// ```
 public enum GLSLEmitter {
     /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
-    public static func emit(scoreMod: Expr?, maskMod: Expr?, firstBinding: Int, errorBinding: Int) throws -> GLSLMods {
+    /// - Parameter gradCaptures: float captures of the score-mod whose gradients the template
+    ///   scatters: emits `score_mod_cap_grads(score, b, h, q_idx, kv_idx, g)`, which passes
+    ///   `g` times the derivative of the score-mod by each load of them to the template's
+    ///   `VKF_CAP_GRAD_ADD(term, flat, offset, value)` (`VKF_CAP_GRAD_TERMS` terms; `flat` is the
+    ///   element, −1 out of range; `offset` the capture's first element in the gradients' buffer,
+    ///   the captures laid end to end in this order).
+    /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
+    public static func emit(scoreMod: Expr?, maskMod: Expr?, firstBinding: Int, errorBinding: Int,
+                            gradCaptures: [CaptureInfo] = []) throws -> GLSLMods {
         if let s = scoreMod { guard try s.type().isNumber else { throw modError("score_mod must be a number") } }
         if let m = maskMod { guard try m.type() == .bool else { throw modError("mask_mod must be a bool") } }
         var caps: [CaptureInfo] = []
@@ -160,10 +170,18 @@ public enum GLSLEmitter {
             out.append(contentsOf: try functions(prologue: nil))
             out.append("#endif")
         }
+        var terms = 0
+        if !gradCaptures.isEmpty {
+            let lines = try captureGradients(score, gradCaptures, caps)
+            terms = lines.filter { $0.contains("VKF_CAP_GRAD_ADD(") }.count
+            out.append(contentsOf: lines)
+        }
         out.append("#define VKF_HAS_SCORE_MOD \(scoreMod.map { $0 == .arg(.score) ? 0 : 1 } ?? 0)")
         out.append("#define VKF_HAS_MASK_MOD \(maskMod.map { $0 == .bool(true) ? 0 : 1 } ?? 0)")
         out.append("// ---- end of generated code ----")
-        return GLSLMods(source: out.joined(separator: "\n") + "\n", captures: caps, errorBinding: errorBinding)
+        var mods = GLSLMods(source: out.joined(separator: "\n") + "\n", captures: caps, errorBinding: errorBinding)
+        mods.captureGradientTerms = terms
+        return mods
     }
 
     /// Whether a function body loads nothing and can report nothing (no captured tensor, no
@@ -227,6 +245,52 @@ public enum GLSLEmitter {
     }
     float vkf_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
     """
+
+    /// `score_mod_cap_grads`: the derivative of the score-mod by each distinct load of the wanted
+    /// captures (a load read twice counts once, with the sum of its paths), scaled by `g` and
+    /// handed to the template with the load's element. Loads whose derivative is 0 (an index,
+    /// a comparison) hand nothing.
+    static func captureGradients(_ graph: Expr, _ wanted: [CaptureInfo], _ caps: [CaptureInfo]) throws -> [String] {
+        var offsets: [Int: Int] = [:], total = 0
+        for c in wanted where offsets[c.id] == nil {
+            offsets[c.id] = total
+            total += c.shape.reduce(1, *)
+        }
+        var body = FunctionEmitter(captures: caps)
+        var adds: [String] = [], flat: Set<Int> = []
+        for load in graph.floatLoads {
+            guard case .load(let cap, let idx) = load, let offset = offsets[cap.id] else { continue }
+            let partial = graph.derivative(withRespectTo: load)
+            if partial.isZero { continue }
+            let i = caps.firstIndex(of: cap)!
+            flat.insert(i)
+            let index = try idx.map { try body.value($0).code }.joined(separator: ", ")
+            let value = body.asFloat(try body.value(partial))
+            adds.append("    VKF_CAP_GRAD_ADD(\(adds.count), vkf_flat\(i)(\(index)), \(offset), g * \(value));")
+        }
+        var lines = ["#ifdef VKF_CAP_GRAD_ADD", "#define VKF_CAP_GRAD_TERMS \(adds.count)"]
+        lines += flat.sorted().map { flatFunction($0, caps[$0]) }
+        lines.append("void score_mod_cap_grads(float score, int b, int h, int q_idx, int kv_idx, float g) {")
+        lines += body.lines + adds
+        lines += ["}", "#endif"]
+        return lines
+    }
+
+    /// The row-major element of a capture at an index (negative indices wrap once, as in
+    /// PyTorch), or −1 where it is out of range (the score-mod's load reports that).
+    static func flatFunction(_ i: Int, _ c: CaptureInfo) -> String {
+        let params = c.shape.indices.map { "int i\($0)" }.joined(separator: ", ")
+        var lines = ["int vkf_flat\(i)(\(params)) {"]
+        var flat = "0"
+        for (d, size) in c.shape.enumerated() {
+            lines.append("    int w\(d) = i\(d) < 0 ? i\(d) + \(size) : i\(d);")
+            lines.append("    if (w\(d) < 0 || w\(d) >= \(size)) return -1;")
+            flat = d == 0 ? "w0" : "(\(flat)) * \(size) + w\(d)"
+        }
+        lines.append("    return \(flat);")
+        lines.append("}")
+        return lines.joined(separator: "\n")
+    }
 
     static func loadFunction(_ i: Int, _ c: CaptureInfo) -> String {
         let t = c.dtype == .int32 ? "int" : "float"

@@ -24,11 +24,17 @@ public final class Device: @unchecked Sendable {
         public var pipelineCacheDirectory: URL?
         /// Submit the current batch once it holds this many commands.
         public var maxCommandsPerBatch: Int
+        /// Turn on float atomic adds where the device has them (`VK_EXT_shader_atomic_float`);
+        /// false, or `VKFLEX_FLOAT_ATOMICS=0`, makes the kernels take their path without them (the
+        /// captures' gradients then go through per-workgroup partial sums), as on devices that lack them.
+        public var floatAtomics: Bool
 
-        public init(validation: Bool? = nil, pipelineCacheDirectory: URL? = nil, maxCommandsPerBatch: Int = 256) {
+        public init(validation: Bool? = nil, pipelineCacheDirectory: URL? = nil, maxCommandsPerBatch: Int = 256,
+                    floatAtomics: Bool = true) {
             self.validation = validation
             self.pipelineCacheDirectory = pipelineCacheDirectory
             self.maxCommandsPerBatch = maxCommandsPerBatch
+            self.floatAtomics = floatAtomics
         }
 
         var validationEnabled: Bool {
@@ -99,9 +105,12 @@ public final class Device: @unchecked Sendable {
         public var cooperativeMatrixKHR = false
         public var subgroupSizeControl = false
         public var vulkanMemoryModel = false
+        /// `VK_EXT_shader_atomic_float`'s `shaderBufferFloat32AtomicAdd`: the backward scatters the
+        /// gradients of captured tensors with float atomic adds where it is enabled.
+        public var floatAtomicAdd = false
         public init(shaderFloat16: Bool = false, storageBuffer16Bit: Bool = false, bufferDeviceAddress: Bool = false,
                     cooperativeMatrixNV: Bool = false, cooperativeMatrixKHR: Bool = false, subgroupSizeControl: Bool = false,
-                    vulkanMemoryModel: Bool = false) {
+                    vulkanMemoryModel: Bool = false, floatAtomicAdd: Bool = false) {
             self.shaderFloat16 = shaderFloat16
             self.storageBuffer16Bit = storageBuffer16Bit
             self.bufferDeviceAddress = bufferDeviceAddress
@@ -109,6 +118,7 @@ public final class Device: @unchecked Sendable {
             self.cooperativeMatrixKHR = cooperativeMatrixKHR
             self.subgroupSizeControl = subgroupSizeControl
             self.vulkanMemoryModel = vulkanMemoryModel
+            self.floatAtomicAdd = floatAtomicAdd
         }
     }
 
@@ -184,6 +194,7 @@ public final class Device: @unchecked Sendable {
         enabled.shaderFloat16 = caps.shaderFloat16
         enabled.storageBuffer16Bit = caps.storageBuffer16Bit
         enabled.bufferDeviceAddress = caps.bufferDeviceAddress
+        enabled.floatAtomicAdd = caps.floatAtomicAdd && options.floatAtomics && ProcessInfo.processInfo.environment["VKFLEX_FLOAT_ATOMICS"] != "0"
         // Cooperative-matrix shaders declare the Vulkan memory model (GL_KHR_memory_scope_semantics).
         switch try CooperativeMatrixAPI.choice(caps, validationLayer: instance.loadedValidationLayerVersion()) {
         case .khr?: enabled.cooperativeMatrixKHR = true
@@ -194,6 +205,7 @@ public final class Device: @unchecked Sendable {
         var extensions: [String] = []
         if enabled.cooperativeMatrixNV { extensions.append("VK_NV_cooperative_matrix") }
         if enabled.cooperativeMatrixKHR { extensions.append("VK_KHR_cooperative_matrix") }
+        if enabled.floatAtomicAdd { extensions.append("VK_EXT_shader_atomic_float") }
         if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
         // VKFLEX_PIPELINE_STATS=1: the driver's statistics of every pipeline built (registers,
         // spills, ...) go to standard error, for tuning kernels.
@@ -219,6 +231,9 @@ public final class Device: @unchecked Sendable {
         var coop = VkPhysicalDeviceCooperativeMatrixFeaturesNV()
         coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
         coop.cooperativeMatrix = VkBool32(1)
+        var atomics = VkPhysicalDeviceShaderAtomicFloatFeaturesEXT()
+        atomics.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_ATOMIC_FLOAT_FEATURES_EXT
+        atomics.shaderBufferFloat32AtomicAdd = VkBool32(1)
         var coopKHR = VkflexCooperativeMatrixFeaturesKHR()
         coopKHR.sType = VkStructureType(rawValue: 1000506000)
         coopKHR.cooperativeMatrix = VkBool32(1)
@@ -231,11 +246,13 @@ public final class Device: @unchecked Sendable {
             withUnsafeMutablePointer(to: &coop) { pc in
             withUnsafeMutablePointer(to: &coopKHR) { pk in
             withUnsafeMutablePointer(to: &exec) { pe in
+            withUnsafeMutablePointer(to: &atomics) { pa in
             withUnsafePointer(to: &priority) { prio in
                 var chain = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
                 if enabled.cooperativeMatrixNV { chain.append(UnsafeMutableRawPointer(pc)) }
                 if enabled.cooperativeMatrixKHR { chain.append(UnsafeMutableRawPointer(pk)) }
                 if stats { chain.append(UnsafeMutableRawPointer(pe)) }
+                if enabled.floatAtomicAdd { chain.append(UnsafeMutableRawPointer(pa)) }
                 linkChain(chain)
                 var queueInfo = VkDeviceQueueCreateInfo()
                 queueInfo.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO
@@ -252,7 +269,7 @@ public final class Device: @unchecked Sendable {
                     info.ppEnabledExtensionNames = extPtrs.baseAddress
                     return vkCreateDevice(physicalDevice, &info, nil, &device)
                 }
-            }}}}}}
+            }}}}}}}
         }
         try check(result, "vkCreateDevice")
         guard let device else { throw FlexError.vulkan(call: "vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
@@ -293,6 +310,7 @@ public final class Device: @unchecked Sendable {
         var caps = DeviceCapabilities.query(physicalDevice, index: 0, instance: instance)
         caps.cooperativeMatrixNV = caps.cooperativeMatrixNV && enabledFeatures.cooperativeMatrixNV
         caps.cooperativeMatrixKHR = caps.cooperativeMatrixKHR && enabledFeatures.cooperativeMatrixKHR
+        caps.floatAtomicAdd = caps.floatAtomicAdd && enabledFeatures.floatAtomicAdd
         self.capabilities = caps
         self.handle = device
         self.queue = queue

@@ -143,6 +143,11 @@ void main() {
 //   2  dK_j = scale * sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i      one workgroup per key row (and
 //      key/value head: it sums over the query heads of its group, each walking its own blocks)
 //   3  dsink_h = -sum_{b,i} exp(sink_h - LSE_bhi) delta_bhi   one workgroup per head (with sinks)
+//   4  the sum of the partial gradients of key, query or workgroup splits (where needed)
+//   5  the gradients of captured tensors: dS'_ij = P_ij (dP_ij - delta_i), the gradient of the
+//      score-mod's output, times d score_mod / d load, added to the element each load read:
+//      with float atomics (VKF_CAP_ATOMIC), else into a private slice per workgroup that pass
+//      4 sums (deterministic). Workgroups walk query rows as pass 1 does, cg_units rows each.
 // where P_ij = exp(s'_ij - LSE_i) (0 where masked or the row has no key), s' = score_mod(scale q.k),
 // dP_ij = dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i) * d score_mod / d score. Pass 1 walks the
 // forward block lists (full then partial), pass 2 their transposes; the mask applies on partial
@@ -154,6 +159,12 @@ void main() {
 #extension GL_GOOGLE_include_directive : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
+#if BWD_PASS == 5
+#extension GL_KHR_shader_subgroup_vote : require
+#if VKF_CAP_ATOMIC
+#extension GL_EXT_shader_atomic_float : require
+#endif
+#endif
 
 layout(local_size_x = WG) in;
 
@@ -188,13 +199,25 @@ layout(std430, set = 0, binding = BWD_BINDING_DSINKS) writeonly buffer DSinks { 
 layout(std430, set = 0, binding = BWD_BINDING_PART_DQ) buffer PartDQ { float part_dq[]; };
 layout(std430, set = 0, binding = BWD_BINDING_PART_DK) buffer PartDK { float part_dk[]; };
 layout(std430, set = 0, binding = BWD_BINDING_PART_DV) buffer PartDV { float part_dv[]; };
+// The captures' gradients laid end to end (pass 5 adds into them; float32), and the per-workgroup
+// slices of the path without atomics: [workgroup, element].
+layout(std430, set = 0, binding = BWD_BINDING_DCAPS) buffer DCaps { float dcaps[]; };
+layout(std430, set = 0, binding = BWD_BINDING_PART_CAPS) buffer PartCaps { float part_caps[]; };
 #if VKF_PARAMS_PUSH
 layout(push_constant) uniform Params { BWD_PARAMS_MEMBERS } p;
 #else
 layout(std430, set = 0, binding = BWD_BINDING_PARAMS) readonly buffer Params { BWD_PARAMS_MEMBERS } p;
 #endif
 
-// Splice point: score_mod, score_mod_grad, mask_mod (errors at BWD_BINDING_ERRORS, captures after).
+#if BWD_PASS == 5
+// score_mod_cap_grads hands over, per term, the element of the gradients' buffer (-1: none) and
+// the value to add; the pass then adds them with every invocation of the workgroup present.
+void vkf_cg_add(int m, int e, float value);
+#define VKF_CAP_GRAD_ADD(m, flat, offset, value) vkf_cg_add(m, (flat) < 0 ? -1 : (offset) + (flat), value)
+#endif
+
+// Splice point: score_mod, score_mod_grad, mask_mod (errors at BWD_BINDING_ERRORS, captures after),
+// and in pass 5 score_mod_cap_grads.
 #include "flex_mods.glsl"
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
@@ -226,8 +249,94 @@ void main() {
     if (e >= p.sum_n) return;
     float s = 0.0;
     for (int t = 0; t < p.sum_splits; ++t)
-        s += p.sum_target == 0 ? part_dq[t * p.sum_n + e] : p.sum_target == 1 ? part_dk[t * p.sum_n + e] : part_dv[t * p.sum_n + e];
-    if (p.sum_target == 0) dq_data[e] = OUT_VALUE(s); else if (p.sum_target == 1) dk_data[e] = OUT_VALUE(s); else dv_data[e] = OUT_VALUE(s);
+        s += p.sum_target == 0 ? part_dq[t * p.sum_n + e] : p.sum_target == 1 ? part_dk[t * p.sum_n + e]
+           : p.sum_target == 2 ? part_dv[t * p.sum_n + e] : part_caps[t * p.sum_n + e];
+    if (p.sum_target == 0) dq_data[e] = OUT_VALUE(s); else if (p.sum_target == 1) dk_data[e] = OUT_VALUE(s);
+    else if (p.sum_target == 2) dv_data[e] = OUT_VALUE(s); else dcaps[e] = s;
+}
+#elif BWD_PASS == 5
+#if VKF_CAP_GRAD_TERMS > 0
+#define VKF_CG_TERMS VKF_CAP_GRAD_TERMS
+#else
+#define VKF_CG_TERMS 1
+#endif
+int cg_idx[VKF_CG_TERMS];
+float cg_val[VKF_CG_TERMS];
+void vkf_cg_add(int m, int e, float value) { cg_idx[m] = e; cg_val[m] = value; }
+shared float row_q[D], row_do[DV];
+#if !VKF_CAP_ATOMIC
+shared int st_idx[VKF_CG_TERMS * WG];
+shared float st_val[VKF_CG_TERMS * WG];
+#endif
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int wg = int(gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x);
+    const int units = p.B * p.Hq * p.Lq * p.cg_splits;
+    bool walked = true;
+    // Unit u: query row (b, h, i) and its key split; workgroup wg walks units [wg * cg_units, +cg_units).
+    for (int u = wg * p.cg_units; u < min(units, (wg + 1) * p.cg_units); ++u) {
+        const int split = u % p.cg_splits, r = u / p.cg_splits;
+        const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
+        const int kb_lo = split * p.cg_split_blocks, kb_hi = p.cg_splits > 1 ? kb_lo + p.cg_split_blocks : 2147483647;
+        const int hk = h / (p.Hq / p.Hkv);
+        const float lse_i = lse_data[lse_at(b, h, i)], delta_i = delta_data[row_id(b, h, i)];
+        if (lse_i == NEG_INF) continue;   // a row with no key has P = 0 everywhere (uniform: the workgroup skips it)
+        barrier();   // the previous row's values are read
+        for (int d = lid; d < D; d += WG) row_q[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
+        for (int d = lid; d < DV; d += WG) row_do[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
+        barrier();
+        const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs;
+        int pass = 0;
+        for (; pass < 2; ++pass) {
+            const int n = p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]);
+            int blk = 0;
+            for (; blk < n; ++blk) {
+                const int kb = p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
+                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
+                const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
+                // Chunks of WG keys, every invocation present (the adds below need the whole workgroup).
+                int j0 = kb * p.kv_bs;
+                for (; j0 < k_stop; j0 += WG) {
+                    const int j = j0 + lid;
+                    for (int m = 0; m < VKF_CG_TERMS; ++m) cg_idx[m] = -1;
+                    if (j < k_stop && (pass == 0 || mask_mod(b, h, i, j))) {
+                        float qk = 0.0, dov = 0.0;
+                        for (int d = 0; d < D; ++d) qk += row_q[d] * IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
+                        for (int d = 0; d < DV; ++d) dov += row_do[d] * IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
+                        const float sc = qk * p.scale;
+                        const float P = exp(score_mod(sc, b, h, i, j) - lse_i);
+                        score_mod_cap_grads(sc, b, h, i, j, P * (dov - delta_i));
+                    }
+#if VKF_CAP_ATOMIC
+                    // One atomic per subgroup where its invocations add to one element (a bias by head).
+                    for (int m = 0; m < VKF_CG_TERMS; ++m) {
+                        const int e = cg_idx[m];
+                        if (subgroupAllEqual(e)) {
+                            const float s = subgroupAdd(cg_val[m]);
+                            if (subgroupElect() && e >= 0) atomicAdd(dcaps[e], s);
+                        } else if (e >= 0) {
+                            atomicAdd(dcaps[e], cg_val[m]);
+                        }
+                    }
+#else
+                    // Without atomics: staged in shared memory, then invocation t adds the elements
+                    // e with e % WG == t to the workgroup's own slice, in a fixed order.
+                    for (int m = 0; m < VKF_CG_TERMS; ++m) { st_idx[m * WG + lid] = cg_idx[m]; st_val[m * WG + lid] = cg_val[m]; }
+                    barrier();
+                    for (int t = 0; t < VKF_CG_TERMS * WG; ++t) {
+                        const int e = st_idx[t];
+                        if (e >= 0 && e % WG == lid) part_caps[wg * p.cg_total + e] += st_val[t];
+                    }
+                    barrier();
+#endif
+                }
+                if (j0 < k_stop) walked = false;
+            }
+            if (blk < n) walked = false;
+        }
+        if (pass < 2) walked = false;
+    }
+    if (!walked) vkf_report(4, 0, 0, 0);
 }
 #elif BWD_PASS == 3
 // dsink_h = -sum over rows of exp(sink_h - LSE) * delta (the sink's P times dP - delta, dP = 0:

@@ -67,6 +67,8 @@ struct Attend: ParsableCommand {
     @Option(name: .long, help: "Backward: write dLoss/dk here (float32 .npy, k's shape).") var dk: String?
     @Option(name: .long, help: "Backward: write dLoss/dv here (float32 .npy, v's shape).") var dv: String?
     @Option(name: .long, help: "Backward: write dLoss/dsinks here (float32 .npy, shape (Hq,); with --sinks).") var gradSinks: String?
+    @Option(name: .long, help: ArgumentHelp("Backward: write the gradient of a float capture the score-mod reads (a learnable bias) here, as NAME=FILE.npy (float32, the capture's shape). Repeat for several.", valueName: "NAME=FILE.npy"))
+    var gradCapture: [String] = []
     @Option(name: .long, help: "BlockMask block size: N or QxKV (default 128).") var blockSize: String?
     @Option(name: .long, help: "Write the output here (float32 .npy).") var out: String?
     @Option(name: .long, help: "Write the log-sum-exp here (float32 .npy).") var lse: String?
@@ -78,8 +80,8 @@ struct Attend: ParsableCommand {
         try reportingErrors {
             let bs = try parseBlockSize(blockSize)
             if let scale, !scale.isFinite { throw CLIError("--scale must be a finite number") }
-            if gradOut == nil, dq != nil || dk != nil || dv != nil || gradLse != nil || gradSinks != nil {
-                throw CLIError("--dq, --dk, --dv, --grad-lse and --grad-sinks need --grad-out (dLoss/dOutput)")
+            if gradOut == nil, dq != nil || dk != nil || dv != nil || gradLse != nil || gradSinks != nil || !gradCapture.isEmpty {
+                throw CLIError("--dq, --dk, --dv, --grad-lse, --grad-sinks and --grad-capture need --grad-out (dLoss/dOutput)")
             }
             if gradSinks != nil && sinks == nil { throw CLIError("--grad-sinks needs --sinks") }
             let arrays = try [("--q", q), ("--k", k), ("--v", v)].map { flag, path -> NPYArray in
@@ -92,6 +94,7 @@ struct Attend: ParsableCommand {
             let caps = try captures.load(on: device)
             let score = try scoreMod.map { try ScoreMod(parsing: $0, captures: caps) }
             let maskExpr = try maskMod.map { try MaskMod(parsing: $0, captures: caps) }
+            let gradTargets = try captureGradientTargets(caps, score: score, mask: maskExpr)
             // The library's rule: one dtype for q, k and v (no silent conversion).
             guard arrays[1].dtype == arrays[0].dtype, arrays[2].dtype == arrays[0].dtype else {
                 throw CLIError("--q is \(arrays[0].dtype.rawValue), --k \(arrays[1].dtype.rawValue) and --v \(arrays[2].dtype.rawValue): they must share a dtype (save them all as float32 or all as float16)")
@@ -162,8 +165,10 @@ struct Attend: ParsableCommand {
                     }
                     dLSE = try device.tensor(a, name: "grad_lse")
                 }
-                let grads = try result.backward(gradOutput: dO, gradLSE: dLSE)
-                for (path, t) in [(self.dq, grads.dq), (self.dk, grads.dk), (self.dv, grads.dv)] + (grads.dsinks.map { [(gradSinks, $0)] } ?? []) {
+                let grads = try result.backward(gradOutput: dO, gradLSE: dLSE, gradCaptures: gradTargets.map(\.tensor))
+                var writes = [(self.dq, grads.dq), (self.dk, grads.dk), (self.dv, grads.dv)] + (grads.dsinks.map { [(gradSinks, $0)] } ?? [])
+                writes += zip(gradTargets, grads.captures).map { (Optional($0.0.path), $0.1) }
+                for (path, t) in writes {
                     if let path { try NPYArray(float32: try t.toArray(), shape: t.shape).write(to: URL(fileURLWithPath: path)) }
                 }
             }
@@ -171,6 +176,28 @@ struct Attend: ParsableCommand {
             print("output \(result.output.shape) \(dtype.rawValue) on \(device.capabilities.name) in \(String(format: "%.1f", ms)) ms"
                   + (blockMask.map { m in ", sparsity \(String(format: "%.2f", (try? m.sparsity()) ?? 0))%" } ?? "")
                   + (masked > 0 ? ", \(masked) fully masked rows" : ""))
+        }
+    }
+}
+
+extension Attend {
+    /// `--grad-capture NAME=FILE.npy`, checked in the flags' terms: a `--capture` the score-mod reads, float.
+    func captureGradientTargets(_ caps: [String: Tensor], score: ScoreMod?, mask: MaskMod?) throws -> [(tensor: Tensor, path: String)] {
+        var seen: Set<String> = []
+        return try gradCapture.map { item in
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else { throw CLIError("--grad-capture \(item): write NAME=FILE.npy") }
+            let name = parts[0]
+            guard seen.insert(name).inserted else { throw CLIError("--grad-capture: \(name) is given twice") }
+            guard let t = caps[name] else { throw CLIError("--grad-capture \(name): there is no --capture \(name)=FILE.npy") }
+            guard t.dtype != .int32 else { throw CLIError("--grad-capture \(name): the capture is int32; only float captures have gradients") }
+            guard score?.graph.captures.contains(where: { $0.id == t.captureInfo.id }) == true else {
+                if mask?.graph.captures.contains(where: { $0.id == t.captureInfo.id }) == true {
+                    throw CLIError("--grad-capture \(name): only --mask-mod reads \(name), and a mask has no gradient; read it in --score-mod to learn it")
+                }
+                throw CLIError("--grad-capture \(name): --score-mod does not read \(name)")
+            }
+            return (t, parts[1])
         }
     }
 }

@@ -353,6 +353,55 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(message.contains("need --grad-out"), message)
     }
 
+    /// `--grad-capture`: a relative-position table and ALiBi slopes learnt through the score-mod,
+    /// against NumPy in float64; bad requests exit 1 in the flags' terms.
+    func testAttendWritesCaptureGradients() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(7)
+        for n in ['q', 'k', 'v', 'do']: np.save(f'{d}/{n}.npy', rng.standard_normal((1, 2, 24, 8)).astype(np.float32))
+        np.save(f'{d}/rb.npy', (0.5 * rng.standard_normal(47)).astype(np.float32))
+        np.save(f'{d}/slope.npy', np.array([0.5, 0.25], np.float32))
+        np.save(f'{d}/doc.npy', (np.arange(24) // 10).astype(np.int32))
+        """)
+        let d = dir.path
+        let base = ["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--capture", "rb=\(d)/rb.npy",
+                    "--capture", "slope=\(d)/slope.npy", "--capture", "doc=\(d)/doc.npy", "--mask-mod", "(q_idx >= kv_idx) & (doc[q_idx] == doc[kv_idx])",
+                    "--score-mod", "score + rb[q_idx - kv_idx + 23] + slope[h] * (kv_idx - q_idx)", "--grad-out", "\(d)/do.npy"]
+        let (status, output) = try run(base + ["--grad-capture", "rb=\(d)/drb.npy", "--grad-capture", "slope=\(d)/dslope.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        q, k, v, dO = [np.load(f'{d}/{n}.npy').astype(np.float64)[0] for n in ['q', 'k', 'v', 'do']]
+        rb = np.load(f'{d}/rb.npy').astype(np.float64); slope = np.load(f'{d}/slope.npy').astype(np.float64); doc = np.load(f'{d}/doc.npy')
+        i, j = np.meshgrid(np.arange(24), np.arange(24), indexing='ij')
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(8) + rb[i - j + 23] + slope[:, None, None] * (j - i)
+        s = np.where((i >= j) & (doc[i] == doc[j]), s, -np.inf)
+        P = np.exp(s - s.max(-1, keepdims=True)); P /= P.sum(-1, keepdims=True); O = P @ v
+        G = P * (dO @ v.transpose(0, 2, 1) - (dO * O).sum(-1, keepdims=True))
+        drb = np.zeros(47); np.add.at(drb, np.broadcast_to(i - j + 23, G.shape).ravel(), G.ravel())
+        dslope = (G * (j - i)).sum((1, 2))
+        err = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        got_rb, got_slope = np.load(f'{d}/drb.npy'), np.load(f'{d}/dslope.npy')
+        print(got_rb.dtype == np.float32 and got_rb.shape == (47,) and err(got_rb, drb) < 1e-4 and err(got_slope, dslope) < 1e-4)
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True")
+        for (args, message) in [(["--grad-capture", "doc=\(d)/x.npy"], "the capture is int32"),
+                                (["--grad-capture", "nope=\(d)/x.npy"], "there is no --capture nope"),
+                                (["--grad-capture", "rb"], "write NAME=FILE.npy")] {
+            let (bad, text) = try run(base + args)
+            XCTAssertEqual(bad, 1, text)
+            XCTAssertTrue(text.contains(message), text)
+        }
+        var maskOnly = base
+        maskOnly[maskOnly.firstIndex(of: "--score-mod")! + 1] = "score * 2"
+        let (bad, text) = try run(maskOnly + ["--capture", "w=\(d)/slope.npy", "--grad-capture", "slope=\(d)/x.npy", "--grad-capture", "w=\(d)/y.npy"])
+        XCTAssertEqual(bad, 1, text)
+        XCTAssertTrue(text.contains("--score-mod does not read slope"), text)
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
