@@ -189,6 +189,7 @@ void main() {
     WorkgroupTile wt;
     if (!workgroup_tile(BQ, wt)) return;
     const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
+    const int p0 = wt.p0;   // the first row's position: what the mods see as q_idx (q0 + its query offset)
 
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
 #if VKF_HALF
@@ -237,7 +238,7 @@ void main() {
     vkf_mrow_t mrv[4];
     if (n_part > 0) {
         for (int i = 0; i < 4; ++i)
-            if (4 * rq + i < rows) mrv[i] = vkf_mrow(b, h, q0 + 4 * rq + i);
+            if (4 * rq + i < rows) mrv[i] = vkf_mrow(b, h, p0 + 4 * rq + i);
     }
 #elif (WG % BKV == 0) && ((BQ * BKV) % WG == 0) && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
     // The mask's per-row values of the rows this invocation scores (the same in every tile).
@@ -245,7 +246,7 @@ void main() {
     if (n_part > 0) {
         for (int a = 0; a < BQ * BKV / WG; ++a) {
             const int r = lid / BKV + a * (WG / BKV);
-            if (r < rows) mrv[a] = vkf_mrow(b, h, q0 + r);
+            if (r < rows) mrv[a] = vkf_mrow(b, h, p0 + r);
         }
     }
 #endif
@@ -321,7 +322,7 @@ void main() {
                             const int r = 4 * rq + i;
                             float s = NEG_INF;
                             if (r < rows && j < kn) {
-                                const int qi = q0 + r, ki = k0 + j;
+                                const int qi = p0 + r, ki = k0 + j;
                                 s = modded_l2(dots[c][i], b, h, qi, ki);
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                                 if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[i], mc[c])) s = NEG_INF;
@@ -358,7 +359,7 @@ void main() {
                         int r = r0 + a * (WG / BKV);
                         float s = NEG_INF;
                         if (r < rows && j < kn) {
-                            const int qi = q0 + r, ki = k0 + j;
+                            const int qi = p0 + r, ki = k0 + j;
                             s = modded_l2(dots[a], b, h, qi, ki);
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                             if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[a], mc)) s = NEG_INF;
@@ -376,7 +377,7 @@ void main() {
                     if (r < rows && j < kn) {
                         float dot = 0.0;
                         for (int d = 0; d < D; ++d) dot += Qs[r * D + d] * KVs[j * KVD + d];
-                        const int qi = q0 + r, ki = k0 + j;
+                        const int qi = p0 + r, ki = k0 + j;
                         s = modded_l2(dot, b, h, qi, ki);
 #if VKF_HAS_MASK_MOD
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;

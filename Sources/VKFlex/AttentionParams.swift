@@ -15,6 +15,8 @@ enum AttentionBinding: Int, CaseIterable {
     case kvLengths
     /// Per-head sink logits (`sinks:`, float32 [Hq]).
     case sinks
+    /// Per-batch query offsets (`qOffset:`, int32 [B]).
+    case qOffsets
 
     /// Captured tensors take the bindings from here on, in the order of the mods' captures.
     static let firstCapture = AttentionBinding.allCases.count
@@ -36,6 +38,7 @@ enum AttentionBinding: Int, CaseIterable {
         case .maxScores: name = "MAX"
         case .kvLengths: name = "KV_LENS"
         case .sinks: name = "SINKS"
+        case .qOffsets: name = "Q_OFFSETS"
         }
         return "VKF_BINDING_" + name
     }

@@ -91,6 +91,8 @@ struct AttentionPlan: Hashable, Sendable {
     var kvLengths = false
     /// Each head's sink logit joins the softmax denominator (`sinks:`; a key split's merge adds it).
     var sinks = false
+    /// Query rows sit at per-batch offsets (`qOffset:`; portable kernel).
+    var qOffsets = false
     /// The parameter block as push constants (else a buffer).
     var pushParams: Bool
     /// The mods' identity: their generated GLSL.
@@ -131,6 +133,7 @@ struct AttentionPlan: Hashable, Sendable {
         }
         if maxScores { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
         if kvLengths { source.defines.append(.init("VKF_KV_LENGTHS", "1")) }
+        if qOffsets { source.defines.append(.init("VKF_Q_OFFSETS", "1")) }
         if sinks && pass == .forward { source.defines.append(.init("VKF_SINKS", "1")) }
         if pushParams { source.defines.append(.init("VKF_PARAMS_PUSH", "1")) }
         return source
@@ -147,7 +150,7 @@ enum AttentionPlanner {
     ///   ``FlexError/unsupported(_:)`` when no cooperative-matrix tiles fit.
     static func forward(shape s: AttentionShape, mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double,
                         kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false,
-                        kvLengths: Bool = false, sinks: Bool = false) throws -> AttentionPlan {
+                        kvLengths: Bool = false, sinks: Bool = false, qOffsets: Bool = false) throws -> AttentionPlan {
         let caps = device.capabilities
         let tuning = try AttentionTuning.of(device)
         let push = pushesParams(device, tuning: tuning)
@@ -163,8 +166,9 @@ enum AttentionPlanner {
                 t = forced
             }
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .portable(BQ: t.BQ, BKV: t.BKV, WG: t.WG),
-                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
+                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, pushParams: push, mods: mods.glsl.source)
         case .coopmatNV:
+            if qOffsets { throw FlexError.unsupported("the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
             let identity = scoreMod.map { $0.isIdentity } ?? true
             guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil, forced: tuning.coopmatTiles) else {
                 throw FlexError.unsupported("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
@@ -212,7 +216,9 @@ enum AttentionPlanner {
     /// where it applies.
     ///
     /// - Throws: ``FlexError/unsupported(_:)`` when a forced kernel cannot run the call; a malformed `VKFLEX_*` tuning variable.
-    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil) throws -> FlexKernel {
+    /// `queryOffsets`: the call has `qOffset:`, which the portable kernel alone takes (decoding:
+    /// few rows, where the cooperative-matrix kernel's 16-row tiles would run mostly empty).
+    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, queryOffsets: Bool = false) throws -> FlexKernel {
         let tuning = try AttentionTuning.of(device)
         let kernel: FlexKernel
         let source: String
@@ -220,10 +226,13 @@ enum AttentionPlanner {
             kernel = forced; source = "kernel: .\(forced == .portable ? "portable" : "coopmatNV")"
         } else if let env = tuning.kernel {
             kernel = env; source = "VKFLEX_KERNEL=\(device.environment["VKFLEX_KERNEL"] ?? env.rawValue)"
+            if queryOffsets { return .portable }
         } else {
+            if queryOffsets { return .portable }
             // The cooperative-matrix kernel wherever it applies: 10-20x the portable one on the H200.
             return coopmatProblem(s, device: device, tuning: tuning) == nil ? .coopmatNV : .portable
         }
+        if kernel == .coopmatNV, queryOffsets { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
         if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
         return kernel
     }

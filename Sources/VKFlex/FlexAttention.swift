@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)`` returns.
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)`` returns.
 public struct FlexResult {
     /// `[B, Hq, Lq, Dv]`, in the query's dtype.
     public var output: Tensor
@@ -24,6 +24,8 @@ struct SavedForBackward {
     let scoreMod: ScoreMod?, blockMask: BlockMask?
     let scale: Double, enableGQA: Bool
     let kvLengths: Tensor?, sinks: Tensor?
+    /// The call had non-zero query offsets (decoding), which the backward does not take.
+    var qOffsets = false
 }
 
 extension FlexResult {
@@ -44,6 +46,7 @@ extension FlexResult {
     public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil, gradCaptures: [Tensor] = []) throws -> FlexGradients {
         guard let saved else { throw FlexError("this result has no forward call to differentiate") }
         guard let lse else { throw FlexError("backward needs the LSE: call flexAttention with returnLSE: true") }
+        guard !saved.qOffsets else { throw FlexError.unsupported("the backward does not take qOffset: (a decoding call); differentiate the call over the whole sequence") }
         return try flexAttentionBackward(saved.q, saved.k, saved.v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                                          scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA,
                                          kvLengths: saved.kvLengths, sinks: saved.sinks, gradCaptures: gradCaptures)
@@ -114,6 +117,10 @@ public struct FlexOptions: Sendable, Hashable {
 ///   filled up to a different length per sequence); keys at or past it are never loaded nor given
 ///   to a mod, full blocks included, and a row left with no key gives 0 / LSE `-inf`. The values
 ///   are read back and checked to lie in `0...Lkv` (the call waits for the tensor's writer).
+/// - qOffset: where the query rows sit in their sequence (``QueryOffset``: an Int for every batch,
+///   or an int32 `[B]` tensor): row `i` of batch `b` is position `i + offset[b]`, which the mods
+///   see as `q_idx` and the BlockMask is walked at; the BlockMask then covers the whole sequence
+///   (`qLen` at least the last position + 1). Default 0. Runs the portable kernel.
 /// - sinks: float32 `[Hq]`: each head's sink logit (gpt-oss, StreamingLLM) joins every softmax
 ///   denominator with no value row: `out_i = Σ_j exp(s_ij − m) v_j / (exp(sink_h − m) + Σ_j exp(s_ij − m))`.
 ///   Not scaled, through neither mod; the LSE includes it, and a row with no key gives 0 and LSE
@@ -127,11 +134,15 @@ public struct FlexOptions: Sendable, Hashable {
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                          scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, sinks: Tensor? = nil,
-                          returnLSE: Bool = false, returnMaxScores: Bool = false, out: Tensor? = nil,
+                          scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, qOffset: QueryOffset? = nil,
+                          sinks: Tensor? = nil, returnLSE: Bool = false, returnMaxScores: Bool = false, out: Tensor? = nil,
                           options: FlexOptions = FlexOptions()) throws -> FlexResult {
-    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA, queryOffsets: qOffset != nil)
     let device = q.device
+    let offsets = try qOffset?.resolve(shape: shape, blockMask: blockMask, device: device)
+    if qOffset != nil, offsets == nil, let m = blockMask, m.qLen != shape.Lq {
+        throw FlexError("the BlockMask was built for qLen=\(m.qLen) but the inputs have qLen=\(shape.Lq) and every qOffset is 0: build it for these lengths")
+    }
     if let out {
         guard out.device === device else { throw FlexError("out: the tensor belongs to another device") }
         guard out.shape == [shape.B, shape.Hq, shape.Lq, shape.Dv] else {
@@ -146,7 +157,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
     let maxScores = returnMaxScores ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "max_scores") : nil
-    let kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel)
+    let kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, queryOffsets: offsets != nil)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
@@ -157,13 +168,13 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
         v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                            output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, kernel: kernel)
+                            output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: offsets, kernel: kernel)
     return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel,
                       saved: SavedForBackward(q: q, k: originalK, v: originalV, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                                              enableGQA: enableGQA, kvLengths: kvLengths, sinks: sinks))
+                                              enableGQA: enableGQA, kvLengths: kvLengths, sinks: sinks, qOffsets: offsets != nil))
 }
 
-/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)``
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)``
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
@@ -186,7 +197,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 ///
-/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,

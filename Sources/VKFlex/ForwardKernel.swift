@@ -7,7 +7,9 @@ struct AttentionShape {
     let B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int
     let dtype: DType
 
-    init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool) throws {
+    /// `queryOffsets`: the call places its query rows at offsets (`qOffset:`), so the BlockMask may
+    /// cover more query positions than `Lq` (each offset's range is checked with its values).
+    init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool, queryOffsets: Bool = false) throws {
         for (name, t) in [("query", q), ("key", k), ("value", v)] {
             guard t.rank == 4 else { throw FlexError("\(name) must be 4-D [B, H, L, D], got shape \(t.shape)") }
             guard t.dtype.isFloat else {
@@ -42,7 +44,10 @@ struct AttentionShape {
             throw FlexError.unsupported("\(q.device.capabilities.name) cannot read \(q.dtype.rawValue) buffers (no 16-bit storage); use float32")
         }
         if let m = blockMask {
-            guard m.qLen == Lq, m.kvLen == Lkv else {
+            guard queryOffsets ? m.qLen >= Lq : m.qLen == Lq, m.kvLen == Lkv else {
+                if queryOffsets {
+                    throw FlexError("the BlockMask was built for qLen=\(m.qLen), kvLen=\(m.kvLen) but the inputs have \(Lq) query rows and kvLen=\(Lkv): with qOffset: build it for the whole sequence (qLen at least the last position + 1) and these keys")
+                }
                 throw FlexError("the BlockMask was built for qLen=\(m.qLen), kvLen=\(m.kvLen) but the inputs have qLen=\(Lq), kvLen=\(Lkv): build it for these lengths")
             }
             guard m.B == 1 || m.B == B else { throw FlexError("the BlockMask has B=\(m.B); it must be 1 (broadcast) or the batch size \(B)") }
@@ -72,11 +77,12 @@ enum ForwardKernel {
     /// 2^22 (see `AttentionPlan.floatIndices`).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
                         device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false, kvLengths: Bool = false,
-                        sinks: Bool = false) throws -> Prepared {
+                        sinks: Bool = false, qOffsets: Bool = false) throws -> Prepared {
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
-                                                device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks)
+                                                device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks,
+                                                qOffsets: qOffsets)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
                                 pushConstantSize: plan.pushParams ? AttentionParams.byteCount : 0, includes: mods.includes,
@@ -87,11 +93,11 @@ enum ForwardKernel {
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
                     scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kvLengths: Tensor? = nil, sinks: Tensor? = nil,
-                    kernel: FlexKernel) throws {
+                    qOffsets: ResolvedQueryOffsets? = nil, kernel: FlexKernel) throws {
         let device = q.device
         let caps = device.capabilities
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil)
+                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil, qOffsets: qOffsets != nil)
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.
@@ -106,7 +112,9 @@ enum ForwardKernel {
             maskBuffers = [dummy, dummy, dummy, dummy]
         }
         let tilesPerBlock = (qBS + BQ - 1) / BQ
-        let groupsX = qBlocks * tilesPerBlock
+        // With query offsets the tiles of each batch start at the block of its first position: the
+        // grid covers the batch whose rows span the most blocks.
+        let groupsX = (qOffsets?.values.map { ($0 + s.Lq - 1) / qBS - $0 / qBS + 1 }.max() ?? qBlocks) * tilesPerBlock
         guard groupsX <= caps.maxWorkgroupCount[0], s.Hq <= caps.maxWorkgroupCount[1] else {
             throw FlexError.limitExceeded("\(groupsX) query tiles x \(s.Hq) heads exceed the device's dispatch limits")
         }
@@ -125,7 +133,7 @@ enum ForwardKernel {
         let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
         let partial = splits > 1
             ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                          pass: .forwardPartial, maxScores: maxScores != nil, kvLengths: kvLengths != nil) : nil
+                          pass: .forwardPartial, maxScores: maxScores != nil, kvLengths: kvLengths != nil, qOffsets: qOffsets != nil) : nil
 
         /// `split`: (splits, KV blocks per split, partial O stride, partial LSE stride) of a split dispatch.
         func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
@@ -174,6 +182,7 @@ enum ForwardKernel {
             slots[.maxScores] = maxTarget?.binding ?? BufferBinding(unusedMax!, writes: true)
             slots[.kvLengths] = try (kvLengths ?? dummyIndexBuffer(device)).binding()
             slots[.sinks] = try (sinks ?? dummyIndexBuffer(device)).binding()
+            slots[.qOffsets] = try (qOffsets?.tensor ?? dummyIndexBuffer(device)).binding()
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))

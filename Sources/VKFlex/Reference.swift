@@ -20,21 +20,21 @@ public struct ReferenceResult {
 
 /// Computes attention in float64 from the tensors' values (read back from the device).
 ///
-/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
+/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
 public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                    scale: Double? = nil, enableGQA: Bool = false, kvLengths: [Int]? = nil,
-                                   sinks: [Float]? = nil) throws -> ReferenceResult {
-    let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+                                   sinks: [Float]? = nil, qOffsets: [Int]? = nil) throws -> ReferenceResult {
+    let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA, queryOffsets: qOffsets != nil)
     let classes = try blockMask?.blockClasses()
     return try referenceAttention(q: try q.toArray(), k: try k.toArray(), v: try v.toArray(),
                                   B: s.B, Hq: s.Hq, Hkv: s.Hkv, Lq: s.Lq, Lkv: s.Lkv, D: s.D, Dv: s.Dv,
                                   scoreMod: scoreMod, blockMask: blockMask.map { ($0, classes!) }, scale: scale ?? 1 / Double(s.D).squareRoot(),
-                                  kvLengths: kvLengths, sinks: sinks.map { $0.map(Double.init) })
+                                  kvLengths: kvLengths, sinks: sinks.map { $0.map(Double.init) }, qOffsets: qOffsets)
 }
 
 func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, Dv: Int,
                         scoreMod: ScoreMod?, blockMask: (BlockMask, [UInt8])?, scale: Double, kvLengths: [Int]? = nil,
-                        sinks: [Double]? = nil) throws -> ReferenceResult {
+                        sinks: [Double]? = nil, qOffsets: [Int]? = nil) throws -> ReferenceResult {
     let score = try scoreMod.map { try Interpreter($0.graph) }
     let mask = try blockMask?.0.maskMod.map { try Interpreter($0.graph) }
     var out = [Double](repeating: 0, count: B * Hq * Lq * Dv)
@@ -47,6 +47,7 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
             let hk = h / group
             for i in 0..<Lq {
                 let qrow = ((b * Hq + h) * Lq + i) * D
+                let pos = i + (qOffsets?[b] ?? 0)   // the row's position: what the mods and the BlockMask see
                 var m = -Double.infinity
                 var rowNaN = false
                 for j in 0..<Lkv {
@@ -54,7 +55,7 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
                     var keep = true, partial = false
                     if let (bm, classes) = blockMask {
                         let mb = bm.B == 1 ? 0 : b, mh = bm.H == 1 ? 0 : h
-                        let c = classes[((mb * bm.H + mh) * bm.qBlocks + i / bm.blockSize.q) * bm.kvBlocks + j / bm.blockSize.kv]
+                        let c = classes[((mb * bm.H + mh) * bm.qBlocks + pos / bm.blockSize.q) * bm.kvBlocks + j / bm.blockSize.kv]
                         keep = c != 0
                         partial = c == 1
                     }
@@ -63,8 +64,8 @@ func referenceAttention(q: [Float], k: [Float], v: [Float], B: Int, Hq: Int, Hkv
                     var dot = 0.0
                     for d in 0..<D { dot += Double(q[qrow + d]) * Double(k[krow + d]) }
                     var x = dot * scale
-                    if let score { x = score.float(score: x, b: b, h: h, q: i, kv: j) }
-                    if partial, let mask, !mask.bool(b: b, h: h, q: i, kv: j) { x = -.infinity }
+                    if let score { x = score.float(score: x, b: b, h: h, q: pos, kv: j) }
+                    if partial, let mask, !mask.bool(b: b, h: h, q: pos, kv: j) { x = -.infinity }
                     s[j] = x
                     if x.isNaN { rowNaN = true } else { m = max(m, x) }
                 }
@@ -171,7 +172,7 @@ public struct ReferenceGradients {
 /// over the pairs the mask keeps, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`; with
 /// `gradCaptures:`, `dc[e] = Σ P ⊙ (dO·Vᵀ − Δ) · ∂mod/∂c[e]` over the same pairs.
 ///
-/// - Throws: what ``flexAttentionReference(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:)`` throws.
+/// - Throws: what ``flexAttentionReference(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:qOffsets:)`` throws.
 public func flexAttentionBackwardReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, gradOutput: Tensor, gradLSE: Tensor? = nil,
                                            scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil, scale: Double? = nil,
                                            enableGQA: Bool = false, kvLengths: [Int]? = nil, sinks: [Float]? = nil,

@@ -34,6 +34,9 @@ public enum AttentionSelfTest {
         var kvLengths: [Int32]? = nil
         /// Per-head sink logits (`sinks:`), one per query head.
         var sinks: [Float]? = nil
+        /// Query offsets (`qOffset:`), one per batch: decode rows at positions of a sequence of
+        /// `Lkv` keys, the BlockMask built for all of it.
+        var qOffsets: [Int]? = nil
     }
 
     static var specs: [Spec] {
@@ -111,6 +114,12 @@ public enum AttentionSelfTest {
                         mask: causal, blockSize: 128, kvLengths: [300, 0, 129]))
         all.append(Spec(name: "float16 sinks, empty rows", Hq: 4, Hkv: 2, Lq: 200, Lkv: 200, D: 64, Dv: 64, dtype: .float16,
                         mask: { _, _, _ in MaskMod { _, _, q, kv in kv <= q - 30 } }, blockSize: 128, sinks: [1.5, -2, 30, -.infinity]))
+        all.append(Spec(name: "decode: float16 GQA 8/2, 1 row at the end", B: 2, Hq: 8, Hkv: 2, Lq: 1, Lkv: 1000, D: 64, Dv: 64, dtype: .float16,
+                        mask: causal, blockSize: 128, qOffsets: [999, 500]))
+        all.append(Spec(name: "decode: 4 rows, sliding window, ALiBi", B: 2, Hq: 4, Hkv: 1, Lq: 4, Lkv: 600, score: { d in
+                let slopes = try d.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 2)) }, shape: [4], name: "alibi_slopes")
+                return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
+            }, mask: { _, _, _ in MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 200) } }, blockSize: 64, qOffsets: [596, 301]))
         all.append(Spec(name: "NaN query row stays NaN", Lq: 200, Lkv: 200, mask: causal, nanQueryRow: 77))
         all.append(Spec(name: "float16 NaN query row", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal, blockSize: 128,
                         nanQueryRow: 130))
@@ -223,17 +232,21 @@ public enum AttentionSelfTest {
         let q = try input(s.Hq, s.Lq, s.D, "q"), k = try input(s.Hkv, s.Lkv, s.D, "k"), v = try input(s.Hkv, s.Lkv, s.Dv, "v")
         let maskMod = try s.mask(device, s.Lq, s.Lkv)
         let score = try s.score(device)
-        let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: s.Lq, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
-        if let kernel, let why = kernel.problem(q, k, v, blockMask: blockMask, enableGQA: s.Hq != s.Hkv) { throw FlexError.unsupported(why) }
+        // With query offsets the mask covers every position up to the last row's.
+        let maskLength = (s.qOffsets?.max() ?? 0) + s.Lq
+        let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: maskLength, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
+        if let kernel, s.qOffsets != nil, kernel != .portable { throw FlexError.unsupported("qOffset: runs the portable kernel") }
+        if let kernel, let why = kernel.problem(q, k, v, blockMask: s.qOffsets == nil ? blockMask : nil, enableGQA: s.Hq != s.Hkv) { throw FlexError.unsupported(why) }
         // Poison the output so that an unwritten element shows as NaN.
         let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)
         let lengths = try s.kvLengths.map { try device.tensor($0, shape: [$0.count], name: "kv_lens") }
         let sinks = try s.sinks.map { try device.tensor($0, shape: [$0.count], name: "sinks") }
-        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, sinks: sinks,
-                                  returnLSE: true, out: out, options: FlexOptions(kernel: kernel))
+        let offsets = try s.qOffsets.map { QueryOffset.perBatch(try device.tensor($0, shape: [$0.count], name: "q_offsets")) }
+        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, qOffset: offsets,
+                                  sinks: sinks, returnLSE: true, out: out, options: FlexOptions(kernel: kernel))
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv,
-                                             kvLengths: s.kvLengths?.map(Int.init), sinks: s.sinks)
+                                             kvLengths: s.kvLengths?.map(Int.init), sinks: s.sinks, qOffsets: s.qOffsets)
         // Rows the reference makes NaN (a NaN score) must be NaN with a NaN LSE; the rest compare.
         var nanOK = true
         var kept: [Float] = [], keptRef: [Double] = []

@@ -516,6 +516,9 @@ layout(std430, set = 0, binding = VKF_BINDING_FULL_KV_IDX) readonly buffer FullK
 layout(std430, set = 0, binding = VKF_BINDING_MAX) writeonly buffer MaxBuf { float max_data[]; };
 // Per-batch key lengths (VKF_KV_LENGTHS): keys at or past kv_lens[b] do not exist for batch b.
 layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
+// Per-batch query offsets (VKF_Q_OFFSETS): query row i of batch b is position i + q_offsets[b],
+// which the mods see as q_idx and the BlockMask is walked at (decoding against a mask built once).
+layout(std430, set = 0, binding = VKF_BINDING_Q_OFFSETS) readonly buffer QOffsets { int q_offsets[]; };
 // Per-head sink logits (VKF_SINKS): a logit with no value row in every softmax denominator.
 layout(std430, set = 0, binding = VKF_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
@@ -554,6 +557,9 @@ int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
 #else
 #define KV_LEN(b) p.Lkv
 #endif
+#ifndef VKF_Q_OFFSETS
+#define VKF_Q_OFFSETS 0
+#endif
 #ifndef VKF_MAX_SCORES
 #define VKF_MAX_SCORES 0
 #endif
@@ -568,7 +574,11 @@ const float LN2 = 0.6931471805599453;
 // within this dispatch's bindings), its key/value head hk, batch b (bl within the bindings).
 // False when the tile starts past the end of its block or of the queries. Runs the mods' (b, h)
 // prologue.
-struct WorkgroupTile { int b, bl, h, hl, hk, qb, q0, rows; };
+// The workgroup's query tile: batch and head (and their place in the dispatch's chunk), the
+// BlockMask's query block, the first row (q0) and its position (p0: q0 plus the query offset),
+// and the number of rows. A tile never crosses a block of the BlockMask: with query offsets the
+// tiles of a block start at its first row the call has.
+struct WorkgroupTile { int b, bl, h, hl, hk, qb, q0, p0, rows; };
 bool workgroup_tile(int bq, out WorkgroupTile t) {
 #if VKF_REVERSE_TILES
     // Last query tiles first: under causal-like masks they have the most keys, so the light ones
@@ -586,9 +596,20 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
     t.h = p.h_start + t.hl;
     t.b = p.b_start + t.bl;
     t.hk = t.h / (p.Hq / p.Hkv);
+#if VKF_Q_OFFSETS
+    // Tiles enumerate the blocks from the one holding the batch's first position; the grid is
+    // sized for the batch that spans the most blocks, others' extra tiles have no rows.
+    const int off = q_offsets[t.b];
+    t.qb = off / p.q_bs + tile / p.tiles_per_block;
+    t.p0 = max(t.qb * p.q_bs, off) + (tile - (tile / p.tiles_per_block) * p.tiles_per_block) * bq;
+    t.rows = min(min(t.p0 + bq, (t.qb + 1) * p.q_bs), off + p.Lq) - t.p0;
+    t.q0 = t.p0 - off;
+#else
     t.qb = tile / p.tiles_per_block;
     t.q0 = t.qb * p.q_bs + (tile - t.qb * p.tiles_per_block) * bq;
     t.rows = min(min(t.q0 + bq, (t.qb + 1) * p.q_bs), p.Lq) - t.q0;
+    t.p0 = t.q0;
+#endif
     if (t.rows <= 0) return false;
 #ifdef VKF_HAS_PROLOGUE
     vkf_prologue(t.b, t.h);
@@ -788,6 +809,7 @@ void main() {
     WorkgroupTile wt;
     if (!workgroup_tile(BQ, wt)) return;
     const int b = wt.b, bl = wt.bl, h = wt.h, hl = wt.hl, hk = wt.hk, qb = wt.qb, q0 = wt.q0, rows = wt.rows;
+    const int p0 = wt.p0;   // the first row's position: what the mods see as q_idx (q0 + its query offset)
 
     const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
 #if VKF_HALF
@@ -836,7 +858,7 @@ void main() {
     vkf_mrow_t mrv[4];
     if (n_part > 0) {
         for (int i = 0; i < 4; ++i)
-            if (4 * rq + i < rows) mrv[i] = vkf_mrow(b, h, q0 + 4 * rq + i);
+            if (4 * rq + i < rows) mrv[i] = vkf_mrow(b, h, p0 + 4 * rq + i);
     }
 #elif (WG % BKV == 0) && ((BQ * BKV) % WG == 0) && VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
     // The mask's per-row values of the rows this invocation scores (the same in every tile).
@@ -844,7 +866,7 @@ void main() {
     if (n_part > 0) {
         for (int a = 0; a < BQ * BKV / WG; ++a) {
             const int r = lid / BKV + a * (WG / BKV);
-            if (r < rows) mrv[a] = vkf_mrow(b, h, q0 + r);
+            if (r < rows) mrv[a] = vkf_mrow(b, h, p0 + r);
         }
     }
 #endif
@@ -920,7 +942,7 @@ void main() {
                             const int r = 4 * rq + i;
                             float s = NEG_INF;
                             if (r < rows && j < kn) {
-                                const int qi = q0 + r, ki = k0 + j;
+                                const int qi = p0 + r, ki = k0 + j;
                                 s = modded_l2(dots[c][i], b, h, qi, ki);
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                                 if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[i], mc[c])) s = NEG_INF;
@@ -957,7 +979,7 @@ void main() {
                         int r = r0 + a * (WG / BKV);
                         float s = NEG_INF;
                         if (r < rows && j < kn) {
-                            const int qi = q0 + r, ki = k0 + j;
+                            const int qi = p0 + r, ki = k0 + j;
                             s = modded_l2(dots[a], b, h, qi, ki);
 #if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
                             if (pass == 1 && !mask_mod_rc(b, h, qi, ki, mrv[a], mc)) s = NEG_INF;
@@ -975,7 +997,7 @@ void main() {
                     if (r < rows && j < kn) {
                         float dot = 0.0;
                         for (int d = 0; d < D; ++d) dot += Qs[r * D + d] * KVs[j * KVD + d];
-                        const int qi = q0 + r, ki = k0 + j;
+                        const int qi = p0 + r, ki = k0 + j;
                         s = modded_l2(dot, b, h, qi, ki);
 #if VKF_HAS_MASK_MOD
                         if (pass == 1 && !mask_mod(b, h, qi, ki)) s = NEG_INF;

@@ -58,6 +58,8 @@ struct Attend: ParsableCommand {
     @Flag(name: .long, help: "Allow fewer key/value heads than query heads (grouped-query attention).") var gqa = false
     @Option(name: .long, help: "Per-batch key lengths: an int32 .npy of shape (B,); keys at or past a batch's length do not exist.")
     var kvLens: String?
+    @Option(name: .long, help: ArgumentHelp("Query offsets (decoding): N, or an int32 .npy of shape (B,). Query row i of batch b is position i + offset[b]: the mods see it as q_idx, and the --mask-mod's BlockMask is built for positions up to the last one.", valueName: "N|FILE.npy"))
+    var qOffset: String?
     @Option(name: .long, help: "Attention sinks: a float32 .npy of shape (Hq,), one logit per query head that joins every softmax denominator.")
     var sinks: String?
     @Option(name: .long, help: "Backward: dLoss/dOutput, an .npy of the output's shape (B, Hq, Lq, Dv) in q's dtype; writes --dq/--dk/--dv.")
@@ -112,12 +114,33 @@ struct Attend: ParsableCommand {
             let tensors = try zip(arrays, ["q", "k", "v"]).map { a, name in
                 a.dtype == dtype ? try device.tensor(a, name: name) : try device.tensor(a.floats, shape: a.shape, dtype: dtype, name: name)
             }
+            var offsets: [Int]?
+            if let qOffset {
+                if let n = Int(qOffset) {
+                    offsets = [Int](repeating: n, count: B)
+                } else {
+                    let a = try NPYArray(contentsOf: URL(fileURLWithPath: qOffset))
+                    guard a.dtype == .int32, a.shape == [B] else {
+                        throw CLIError("--q-offset \(qOffset) is \(a.dtype.rawValue) \(a.shape); it must be a number or an int32 .npy of shape (\(B),), one offset per batch")
+                    }
+                    offsets = a.floats.map { Int($0) }
+                }
+                if let (b, o) = offsets!.enumerated().first(where: { $0.element < 0 || $0.element > Int(Int32.max) - Lq }) {
+                    throw CLIError("--q-offset: batch \(b) has offset \(o); offsets are positions from 0 (and the last row's must fit int32)")
+                }
+            }
             var blockMask: BlockMask?
             // With no queries or no keys there is nothing to mask: every row is empty (output 0, LSE -inf).
             if let m = maskExpr, Lq > 0, Lkv > 0 {
                 let perB = m.graph.uses(.b), perH = m.graph.uses(.h)
-                blockMask = try createBlockMask(m, B: perB ? B : 1, H: perH ? Hq : 1, qLen: Lq, kvLen: Lkv, device: device, blockSize: bs)
+                // With offsets the mask covers every position up to the last row's.
+                let qLen = (offsets?.max() ?? 0) + Lq
+                blockMask = try createBlockMask(m, B: perB ? B : 1, H: perH ? Hq : 1, qLen: qLen, kvLen: Lkv, device: device, blockSize: bs)
             }
+            let queryOffset: QueryOffset? = try offsets.map { o in
+                o.allSatisfy({ $0 == o[0] }) ? .uniform(o[0]) : .perBatch(try device.tensor(o, shape: [B], name: "q_offsets"))
+            }
+            if queryOffset != nil, gradOut != nil { throw CLIError("--grad-out: the backward does not take --q-offset (a decoding call)") }
             var lengths: Tensor?
             if let kvLens {
                 let a = try NPYArray(contentsOf: URL(fileURLWithPath: kvLens))
@@ -139,7 +162,8 @@ struct Attend: ParsableCommand {
             }
             let t0 = Date()
             let result = try flexAttention(tensors[0], tensors[1], tensors[2], scoreMod: score, blockMask: blockMask,
-                                           scale: scale, enableGQA: gqa, kvLengths: lengths, sinks: sinkTensor, returnLSE: true, returnMaxScores: maxScores != nil)
+                                           scale: scale, enableGQA: gqa, kvLengths: lengths, qOffset: queryOffset, sinks: sinkTensor, returnLSE: true,
+                                           returnMaxScores: maxScores != nil)
             let output = try result.output.toArray()
             let lseValues = try result.lse!.toArray()
             let ms = Date().timeIntervalSince(t0) * 1e3

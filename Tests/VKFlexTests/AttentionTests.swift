@@ -237,7 +237,7 @@ extension AttentionTests {
         // One declaration: the GLSL members are generated from the same fields the host packs.
         let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
         XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, AttentionParams.byteCount)
-        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_KV_LENS 12\n#define VKF_BINDING_SINKS 13\n#define VKF_BINDING_FIRST_CAPTURE 14"), AttentionParams.glsl)
+        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_KV_LENS 12\n#define VKF_BINDING_SINKS 13\n#define VKF_BINDING_Q_OFFSETS 14\n#define VKF_BINDING_FIRST_CAPTURE 15"), AttentionParams.glsl)
         XCTAssertFalse(try ShaderLibrary.standard.text("flex_attention_common.glsl").contains("binding = 1"), "bindings come from AttentionBinding")
         for push in [false, true] {
             let source = try AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push).source()

@@ -402,6 +402,50 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(text.contains("--score-mod does not read slope"), text)
     }
 
+    /// `--q-offset`: decode rows at positions of a longer sequence, as a number or per batch from a
+    /// file, against NumPy in float64; bad offsets exit 1.
+    func testAttendWithQueryOffsets() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(11)
+        np.save(f'{d}/q.npy', rng.standard_normal((2, 2, 3, 8)).astype(np.float32))
+        for n in 'kv': np.save(f'{d}/{n}.npy', rng.standard_normal((2, 2, 48, 8)).astype(np.float32))
+        np.save(f'{d}/off.npy', np.array([5, 40], np.int32))
+        np.save(f'{d}/badoff.npy', np.array([5, -2], np.int32))
+        """)
+        let d = dir.path
+        let base = ["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--mask-mod", "(q_idx >= kv_idx) & (q_idx - kv_idx < 20)",
+                    "--score-mod", "score - 0.05 * (q_idx - kv_idx)", "--block-size", "16"]
+        for (offset, offsets) in [("\(d)/off.npy", "[5, 40]"), ("30", "[30, 30]")] {
+            let (status, output) = try run(base + ["--q-offset", offset, "--out", "\(d)/o.npy", "--lse", "\(d)/l.npy"])
+            XCTAssertEqual(status, 0, output)
+            let check = try python("""
+            import numpy as np, sys
+            d = sys.argv[1]
+            q, k, v = [np.load(f'{d}/{n}.npy').astype(np.float64) for n in 'qkv']
+            off = np.array(\(offsets))
+            ok = True
+            for b in range(2):
+                i = np.arange(3)[:, None] + off[b]; j = np.arange(48)[None, :]
+                s = q[b] @ k[b].transpose(0, 2, 1) / np.sqrt(8) - 0.05 * (i - j)
+                s = np.where((i >= j) & (i - j < 20), s, -np.inf)
+                m = s.max(-1, keepdims=True); p = np.exp(s - m); l = p.sum(-1, keepdims=True)
+                o = p @ v[b] / l; lse = (m + np.log(l))[..., 0]
+                ok &= np.linalg.norm(np.load(f'{d}/o.npy')[b] - o) / np.linalg.norm(o) < 1e-5
+                ok &= np.abs(np.load(f'{d}/l.npy')[b] - lse).max() < 1e-4
+            print(bool(ok))
+            """)
+            XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True", offset)
+        }
+        for (offset, message) in [("\(d)/badoff.npy", "batch 1 has offset -2"), ("-1", "batch 0 has offset -1"),
+                                  ("\(d)/q.npy", "it must be a number or an int32 .npy of shape (2,)")] {
+            let (bad, text) = try run(base + ["--q-offset=\(offset)"])
+            XCTAssertEqual(bad, 1, text)
+            XCTAssertTrue(text.contains(message), text)
+        }
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
