@@ -20,6 +20,9 @@ layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { 
 // Per-batch query offsets (VKF_Q_OFFSETS): query row i of batch b is position i + q_offsets[b],
 // which the mods see as q_idx and the BlockMask is walked at (decoding against a mask built once).
 layout(std430, set = 0, binding = VKF_BINDING_Q_OFFSETS) readonly buffer QOffsets { int q_offsets[]; };
+// Paged K/V (VKF_PAGED): logical key j of batch b is row page_table[b, j / page_size] * page_size
+// + j % page_size of the physical cache (whose batch stride the host sets to 0).
+layout(std430, set = 0, binding = VKF_BINDING_PAGE_TABLE) readonly buffer PageTable { int page_table[]; };
 // Per-head sink logits (VKF_SINKS): a logit with no value row in every softmax denominator.
 layout(std430, set = 0, binding = VKF_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
@@ -35,7 +38,9 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 // VKF_BINDING_FIRST_CAPTURE). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
 // vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
+#ifndef VKF_NO_HOIST
 #define VKF_HOIST_BH 1
+#endif
 #include "flex_mods.glsl"
 
 // VKF_KV_SPLIT: the keys are split across workgroups (workgroup z = batch * splits + split), each
@@ -57,6 +62,15 @@ int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
 #define KV_LEN(b) kv_lens[b]
 #else
 #define KV_LEN(b) p.Lkv
+#endif
+#ifndef VKF_PAGED
+#define VKF_PAGED 0
+#endif
+// The row of the K/V buffers that holds logical key j of batch b (the KV addressing function).
+#if VKF_PAGED
+int kv_row(int b, int j) { return page_table[b * p.max_pages + j / p.page_size] * p.page_size + j % p.page_size; }
+#else
+#define kv_row(b, j) (j)
 #endif
 #ifndef VKF_Q_OFFSETS
 #define VKF_Q_OFFSETS 0

@@ -155,14 +155,14 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
         for (int e = lid; e < BKV * ((WIDTH) / UNIT); e += WG) { \
             const int j = e / ((WIDTH) / UNIT), u = e - j * ((WIDTH) / UNIT); \
             float f[UNIT]; \
-            if (j < kn) unit_floats(UNITS[((OFF) + (k0 + j) * (SL)) / UNIT + u], f); \
+            if (j < kn) unit_floats(UNITS[((OFF) + kv_row(b, k0 + j) * (SL)) / UNIT + u], f); \
             else for (int i = 0; i < UNIT; ++i) f[i] = 0.0; \
             for (int i = 0; i < UNIT; ++i) SET(j, u * UNIT + i, f[i]); \
         } \
     } else { \
         for (int e = lid; e < BKV * (WIDTH); e += WG) { \
             const int j = e / (WIDTH), d = e - j * (WIDTH); \
-            SET(j, d, j < kn ? IN_FLOAT(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
+            SET(j, d, j < kn ? IN_FLOAT(DATA[(OFF) + kv_row(b, k0 + j) * (SL) + d * (SD)]) : 0.0); \
         } \
     }
 #endif
@@ -271,7 +271,7 @@ void main() {
                     // The unit's words are the packed pairs K stores.
                     for (int e = lid; e < BKV * (D / 8); e += WG) {
                         const int j = e / (D / 8), u = e - j * (D / 8);
-                        const uvec4 w = j < kn ? k_units[(koff + (k0 + j) * p.k_sl) / 8 + u] : uvec4(0);
+                        const uvec4 w = j < kn ? k_units[(koff + kv_row(b, k0 + j) * p.k_sl) / 8 + u] : uvec4(0);
                         for (int i = 0; i < 4; ++i) K_WORD_SET((4 * u + i) * KST + j, w[i]);
                     }
                 } else {
@@ -279,7 +279,7 @@ void main() {
                         const int j = e / (D / 2), dp = e - j * (D / 2);
                         vec2 x = vec2(0.0);
                         if (j < kn) {
-                            const int at = koff + (k0 + j) * p.k_sl + 2 * dp * p.k_sd;
+                            const int at = koff + kv_row(b, k0 + j) * p.k_sl + 2 * dp * p.k_sd;
                             x = vec2(float(k_data[at]), float(k_data[at + p.k_sd]));
                         }
                         K_WORD_SET(dp * KST + j, packHalf2x16(x));
@@ -392,7 +392,7 @@ void main() {
                 if (p.vec_ok != 0) {
                     for (int e = lid; e < BKV * (DV / 8); e += WG) {
                         const int j = e / (DV / 8), u = e - j * (DV / 8);
-                        const uvec4 w = j < kn ? v_units[(voff + (k0 + j) * p.v_sl) / 8 + u] : uvec4(0);
+                        const uvec4 w = j < kn ? v_units[(voff + kv_row(b, k0 + j) * p.v_sl) / 8 + u] : uvec4(0);
                         KVh[(j * DV) / 4 + 2 * u] = w.xy;
                         KVh[(j * DV) / 4 + 2 * u + 1] = w.zw;
                     }
@@ -401,7 +401,7 @@ void main() {
                         const int j = e / (DV / 4), q = e - j * (DV / 4);
                         vec4 x = vec4(0.0);
                         if (j < kn) {
-                            const int at = voff + (k0 + j) * p.v_sl + 4 * q * p.v_sd;
+                            const int at = voff + kv_row(b, k0 + j) * p.v_sl + 4 * q * p.v_sd;
                             x = vec4(float(v_data[at]), float(v_data[at + p.v_sd]), float(v_data[at + 2 * p.v_sd]), float(v_data[at + 3 * p.v_sd]));
                         }
                         KVh[(j * DV) / 4 + q] = uvec2(packHalf2x16(x.xy), packHalf2x16(x.zw));

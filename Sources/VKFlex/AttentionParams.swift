@@ -17,6 +17,8 @@ enum AttentionBinding: Int, CaseIterable {
     case sinks
     /// Per-batch query offsets (`qOffset:`, int32 [B]).
     case qOffsets
+    /// The page table of paged K/V (`pageTable:`, int32 [B, maxPages]).
+    case pageTable
 
     /// Captured tensors take the bindings from here on, in the order of the mods' captures.
     static let firstCapture = AttentionBinding.allCases.count
@@ -39,6 +41,7 @@ enum AttentionBinding: Int, CaseIterable {
         case .kvLengths: name = "KV_LENS"
         case .sinks: name = "SINKS"
         case .qOffsets: name = "Q_OFFSETS"
+        case .pageTable: name = "PAGE_TABLE"
         }
         return "VKF_BINDING_" + name
     }
@@ -151,6 +154,8 @@ enum AttentionField: String, KernelParamField {
     /// Key splits in this dispatch (with `VKF_KV_SPLIT`: workgroup z = batch × splits + split),
     /// the KV blocks each walks, and how far apart the splits' partial O and LSE rows are.
     case splits, kv_split_blocks, o_split_stride, lse_split_stride
+    /// Paged K/V (with `VKF_PAGED`): keys per page and the page table's row length.
+    case page_size, max_pages
 
     var isFloat: Bool { self == .scale }
 }

@@ -93,6 +93,8 @@ struct AttentionPlan: Hashable, Sendable {
     var sinks = false
     /// Query rows sit at per-batch offsets (`qOffset:`; portable kernel).
     var qOffsets = false
+    /// K and V are read through a page table (`pageTable:`; portable kernel).
+    var paged = false
     /// The parameter block as push constants (else a buffer).
     var pushParams: Bool
     /// The mods' identity: their generated GLSL.
@@ -134,6 +136,7 @@ struct AttentionPlan: Hashable, Sendable {
         if maxScores { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
         if kvLengths { source.defines.append(.init("VKF_KV_LENGTHS", "1")) }
         if qOffsets { source.defines.append(.init("VKF_Q_OFFSETS", "1")) }
+        if paged { source.defines.append(.init("VKF_PAGED", "1")) }
         if sinks && pass == .forward { source.defines.append(.init("VKF_SINKS", "1")) }
         if pushParams { source.defines.append(.init("VKF_PARAMS_PUSH", "1")) }
         return source
@@ -150,7 +153,7 @@ enum AttentionPlanner {
     ///   ``FlexError/unsupported(_:)`` when no cooperative-matrix tiles fit.
     static func forward(shape s: AttentionShape, mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double,
                         kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false,
-                        kvLengths: Bool = false, sinks: Bool = false, qOffsets: Bool = false) throws -> AttentionPlan {
+                        kvLengths: Bool = false, sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false) throws -> AttentionPlan {
         let caps = device.capabilities
         let tuning = try AttentionTuning.of(device)
         let push = pushesParams(device, tuning: tuning)
@@ -166,9 +169,11 @@ enum AttentionPlanner {
                 t = forced
             }
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .portable(BQ: t.BQ, BKV: t.BKV, WG: t.WG),
-                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, pushParams: push, mods: mods.glsl.source)
+                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
+                                 mods: mods.glsl.source)
         case .coopmatNV:
             if qOffsets { throw FlexError.unsupported("the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
+            if paged { throw FlexError.unsupported("the cooperative-matrix kernel does not read paged K/V (the portable kernel does)") }
             let identity = scoreMod.map { $0.isIdentity } ?? true
             guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil, forced: tuning.coopmatTiles) else {
                 throw FlexError.unsupported("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
@@ -216,9 +221,10 @@ enum AttentionPlanner {
     /// where it applies.
     ///
     /// - Throws: ``FlexError/unsupported(_:)`` when a forced kernel cannot run the call; a malformed `VKFLEX_*` tuning variable.
-    /// `queryOffsets`: the call has `qOffset:`, which the portable kernel alone takes (decoding:
-    /// few rows, where the cooperative-matrix kernel's 16-row tiles would run mostly empty).
-    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, queryOffsets: Bool = false) throws -> FlexKernel {
+    /// `portableOnly`: what the call asks only the portable kernel takes (`qOffset:` for decoding,
+    /// where the cooperative-matrix kernel's 16-row tiles would run mostly empty; `pageTable:`).
+    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, portableOnly: String? = nil) throws -> FlexKernel {
+        let queryOffsets = portableOnly != nil
         let tuning = try AttentionTuning.of(device)
         let kernel: FlexKernel
         let source: String
@@ -232,7 +238,7 @@ enum AttentionPlanner {
             // The cooperative-matrix kernel wherever it applies: 10-20x the portable one on the H200.
             return coopmatProblem(s, device: device, tuning: tuning) == nil ? .coopmatNV : .portable
         }
-        if kernel == .coopmatNV, queryOffsets { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
+        if kernel == .coopmatNV, let what = portableOnly { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take \(what) (the portable kernel does)") }
         if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
         return kernel
     }
@@ -317,7 +323,7 @@ enum AttentionPlanner {
     }
 
     /// Whether a parameter block of `bytes` goes as push constants: where the device takes that
-    /// many (the forward's 200 bytes: NVIDIA and most desktop drivers take 256; lavapipe takes
+    /// many (the forward's 208 bytes: NVIDIA and most desktop drivers take 256; lavapipe takes
     /// Vulkan's minimum, 128). On the H200 a storage-buffer block was reloaded, bounds-checked, on
     /// every tile (causal D=64 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0`
     /// turns it off.

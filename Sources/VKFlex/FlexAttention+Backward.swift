@@ -34,7 +34,7 @@ public struct FlexGradients {
     var requested: [Int] = []
 }
 
-/// The backward pass of ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)``,
+/// The backward pass of ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)``,
 /// with PyTorch's semantics: P is recomputed from the saved LSE; `Δ = rowsum(dO ⊙ O) − dLSE`;
 /// `dV = Pᵀ·dO`; `dS = P ⊙ (dO·Vᵀ − Δ)`, through the mask (masked pairs give nothing) and the
 /// score-mod's symbolic derivative; `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, summed over each group
@@ -66,7 +66,7 @@ public struct FlexGradients {
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes or dtypes that do not match the forward
 ///   call's, and for a `gradCaptures:` tensor that is an int tensor, is not read by the score-mod
-///   (or only by the mask-mod), or is listed twice; what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)``
+///   (or only by the mask-mod), or is listed twice; what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)``
 ///   throws for the same inputs; ``FlexError/limitExceeded(_:)`` where a tensor exceeds what the device binds.
 public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor,
                                   gradLSE: Tensor? = nil, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,

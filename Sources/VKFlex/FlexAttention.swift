@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)`` returns.
+/// What ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)`` returns.
 public struct FlexResult {
     /// `[B, Hq, Lq, Dv]`, in the query's dtype.
     public var output: Tensor
@@ -24,8 +24,8 @@ struct SavedForBackward {
     let scoreMod: ScoreMod?, blockMask: BlockMask?
     let scale: Double, enableGQA: Bool
     let kvLengths: Tensor?, sinks: Tensor?
-    /// The call had non-zero query offsets (decoding), which the backward does not take.
-    var qOffsets = false
+    /// What the call had that the backward does not take (query offsets, a page table), if anything.
+    var notDifferentiable: String? = nil
 }
 
 extension FlexResult {
@@ -46,7 +46,9 @@ extension FlexResult {
     public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil, gradCaptures: [Tensor] = []) throws -> FlexGradients {
         guard let saved else { throw FlexError("this result has no forward call to differentiate") }
         guard let lse else { throw FlexError("backward needs the LSE: call flexAttention with returnLSE: true") }
-        guard !saved.qOffsets else { throw FlexError.unsupported("the backward does not take qOffset: (a decoding call); differentiate the call over the whole sequence") }
+        if let what = saved.notDifferentiable {
+            throw FlexError.unsupported("the backward does not take \(what) (a serving call); differentiate the call over the whole sequence with contiguous K and V")
+        }
         return try flexAttentionBackward(saved.q, saved.k, saved.v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                                          scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA,
                                          kvLengths: saved.kvLengths, sinks: saved.sinks, gradCaptures: gradCaptures)
@@ -121,6 +123,10 @@ public struct FlexOptions: Sendable, Hashable {
 ///   or an int32 `[B]` tensor): row `i` of batch `b` is position `i + offset[b]`, which the mods
 ///   see as `q_idx` and the BlockMask is walked at; the BlockMask then covers the whole sequence
 ///   (`qLen` at least the last position + 1). Default 0. Runs the portable kernel.
+/// - pageTable: read K and V as paged caches (``PageTable``; ``PagedKVCache`` manages one): `k`
+///   and `v` are then physical `[1, Hkv, pages·pageSize, D]`, the mods see logical key indices,
+///   each batch has the table's length (instead of `kvLengths:`), and a BlockMask's `kvLen` is
+///   `maxPages·pageSize`. Runs the portable kernel.
 /// - sinks: float32 `[Hq]`: each head's sink logit (gpt-oss, StreamingLLM) joins every softmax
 ///   denominator with no value row: `out_i = Σ_j exp(s_ij − m) v_j / (exp(sink_h − m) + Σ_j exp(s_ij − m))`.
 ///   Not scaled, through neither mod; the LSE includes it, and a row with no key gives 0 and LSE
@@ -135,10 +141,13 @@ public struct FlexOptions: Sendable, Hashable {
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes, dtypes, a BlockMask built for other lengths or heads, GQA without `enableGQA`, a bad `out`; ``FlexError/expression(_:)`` for a mod that does not type-check; ``FlexError/limitExceeded(_:)`` when a tensor exceeds what the device binds; ``FlexError/vulkan(call:result:)`` and ``FlexError/shaderCompile(_:)`` from the device. A mod that fails while it runs (``FlexError/modFailed(_:)``) is thrown when the output is read.
 public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                           scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, qOffset: QueryOffset? = nil,
-                          sinks: Tensor? = nil, returnLSE: Bool = false, returnMaxScores: Bool = false, out: Tensor? = nil,
-                          options: FlexOptions = FlexOptions()) throws -> FlexResult {
-    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA, queryOffsets: qOffset != nil)
+                          pageTable: PageTable? = nil, sinks: Tensor? = nil, returnLSE: Bool = false, returnMaxScores: Bool = false,
+                          out: Tensor? = nil, options: FlexOptions = FlexOptions()) throws -> FlexResult {
+    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA, queryOffsets: qOffset != nil,
+                                   pagedKeys: pageTable?.logicalKeys)
     let device = q.device
+    if pageTable != nil, kvLengths != nil { throw FlexError("kvLengths: with pageTable: the lengths are the page table's (pageTable.lengths)") }
+    let paging = try pageTable?.resolve(batches: shape.B, physicalKeys: k.shape[2], device: device)
     let offsets = try qOffset?.resolve(shape: shape, blockMask: blockMask, device: device)
     if qOffset != nil, offsets == nil, let m = blockMask, m.qLen != shape.Lq {
         throw FlexError("the BlockMask was built for qLen=\(m.qLen) but the inputs have qLen=\(shape.Lq) and every qOffset is 0: build it for these lengths")
@@ -152,29 +161,37 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     }
     try checkSinks(sinks, shape: shape, device: device)
     try checkKVLengths(kvLengths, shape: shape, device: device)
+    let keyLengths = paging?.lengths ?? kvLengths
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
     let maxScores = returnMaxScores ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "max_scores") : nil
-    let kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, queryOffsets: offsets != nil)
+    let portableOnly = offsets != nil ? "qOffset:" : paging != nil ? "pageTable:" : nil
+    let kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, portableOnly: portableOnly)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
     let (originalK, originalV) = (k, v)
     var (k, v) = (k, v)
+    if paging != nil, shape.Lkv > 0 {
+        // The physical caches as [B, ...] views with batch stride 0: every batch binds the same pages.
+        k = try k.asStrided(shape: [shape.B] + k.shape.dropFirst(), strides: [0] + k.strides.dropFirst())
+        v = try v.asStrided(shape: [shape.B] + v.shape.dropFirst(), strides: [0] + v.strides.dropFirst())
+    }
     if shape.Lkv == 0 {
         k = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.D], dtype: k.dtype, name: "no_keys")
         v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
     }
     try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                            output: output, lse: lse, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: offsets, kernel: kernel)
+                            output: output, lse: lse, maxScores: maxScores, kvLengths: keyLengths, sinks: sinks, qOffsets: offsets,
+                            paging: paging, kernel: kernel)
     return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel,
                       saved: SavedForBackward(q: q, k: originalK, v: originalV, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
-                                              enableGQA: enableGQA, kvLengths: kvLengths, sinks: sinks, qOffsets: offsets != nil))
+                                              enableGQA: enableGQA, kvLengths: kvLengths, sinks: sinks, notDifferentiable: offsets != nil ? "qOffset:" : paging != nil ? "pageTable:" : nil))
 }
 
-/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)``
+/// Builds, ahead of time, the kernel that ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)``
 /// with the same arguments will run: the GLSL → SPIR-V compile and the pipeline creation that
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
@@ -197,7 +214,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared.
 ///
-/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
+/// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,

@@ -9,7 +9,10 @@ struct AttentionShape {
 
     /// `queryOffsets`: the call places its query rows at offsets (`qOffset:`), so the BlockMask may
     /// cover more query positions than `Lq` (each offset's range is checked with its values).
-    init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool, queryOffsets: Bool = false) throws {
+    /// `pagedKeys`: K and V are physical paged caches `[1, Hkv, pages·pageSize, D]` read through a
+    /// page table whose rows span this many logical keys (`Lkv`).
+    init(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask?, enableGQA: Bool, queryOffsets: Bool = false,
+         pagedKeys: Int? = nil) throws {
         for (name, t) in [("query", q), ("key", k), ("value", v)] {
             guard t.rank == 4 else { throw FlexError("\(name) must be 4-D [B, H, L, D], got shape \(t.shape)") }
             guard t.dtype.isFloat else {
@@ -21,13 +24,19 @@ struct AttentionShape {
             throw FlexError("query, key and value must share a dtype, got \(q.dtype.rawValue), \(k.dtype.rawValue), \(v.dtype.rawValue)")
         }
         B = q.shape[0]; Hq = q.shape[1]; Lq = q.shape[2]; D = q.shape[3]
-        Hkv = k.shape[1]; Lkv = k.shape[2]; Dv = v.shape[3]
+        Hkv = k.shape[1]; Lkv = pagedKeys ?? k.shape[2]; Dv = v.shape[3]
         dtype = q.dtype
-        guard k.shape[0] == B, v.shape[0] == B else {
-            throw FlexError("batch sizes differ: query \(B), key \(k.shape[0]), value \(v.shape[0])")
+        if pagedKeys != nil {
+            guard k.shape[0] == 1, v.shape[0] == 1 else {
+                throw FlexError("paged K and V are physical caches [1, Hkv, pages·pageSize, D]; got key \(k.shape) and value \(v.shape)")
+            }
+        } else {
+            guard k.shape[0] == B, v.shape[0] == B else {
+                throw FlexError("batch sizes differ: query \(B), key \(k.shape[0]), value \(v.shape[0])")
+            }
         }
         guard v.shape[1] == Hkv else { throw FlexError("key has \(Hkv) heads but value has \(v.shape[1])") }
-        guard v.shape[2] == Lkv else { throw FlexError("key has length \(Lkv) but value has \(v.shape[2])") }
+        guard v.shape[2] == k.shape[2] else { throw FlexError("key has length \(k.shape[2]) but value has \(v.shape[2])") }
         guard k.shape[3] == D else { throw FlexError("query head dim \(D) differs from key head dim \(k.shape[3])") }
         guard (1...256).contains(D) else { throw FlexError("head dim \(D) is outside 1...256") }
         guard (1...256).contains(Dv) else { throw FlexError("value head dim \(Dv) is outside 1...256") }
@@ -77,12 +86,12 @@ enum ForwardKernel {
     /// 2^22 (see `AttentionPlan.floatIndices`).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
                         device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false, kvLengths: Bool = false,
-                        sinks: Bool = false, qOffsets: Bool = false) throws -> Prepared {
+                        sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false) throws -> Prepared {
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
                                                 device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks,
-                                                qOffsets: qOffsets)
+                                                qOffsets: qOffsets, paged: paged)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
                                 pushConstantSize: plan.pushParams ? AttentionParams.byteCount : 0, includes: mods.includes,
@@ -93,11 +102,12 @@ enum ForwardKernel {
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
                     scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kvLengths: Tensor? = nil, sinks: Tensor? = nil,
-                    qOffsets: ResolvedQueryOffsets? = nil, kernel: FlexKernel) throws {
+                    qOffsets: ResolvedQueryOffsets? = nil, paging: ResolvedPaging? = nil, kernel: FlexKernel) throws {
         let device = q.device
         let caps = device.capabilities
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil, qOffsets: qOffsets != nil)
+                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil, qOffsets: qOffsets != nil,
+                                   paged: paging != nil)
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.
@@ -133,7 +143,8 @@ enum ForwardKernel {
         let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
         let partial = splits > 1
             ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                          pass: .forwardPartial, maxScores: maxScores != nil, kvLengths: kvLengths != nil, qOffsets: qOffsets != nil) : nil
+                          pass: .forwardPartial, maxScores: maxScores != nil, kvLengths: kvLengths != nil, qOffsets: qOffsets != nil,
+                          paged: paging != nil) : nil
 
         /// `split`: (splits, KV blocks per split, partial O stride, partial LSE stride) of a split dispatch.
         func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
@@ -169,7 +180,8 @@ enum ForwardKernel {
             } && s.D % 8 == 0 && s.Dv % 8 == 0
             p.set([.vec_ok: vecOK ? 1 : 0, .h_start: h0, .hk_start: kvHeads.lowerBound, .kv_block_lo: kvRange.lowerBound,
                    .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1,
-                   .splits: split.count, .kv_split_blocks: split.blocks, .o_split_stride: split.oStride, .lse_split_stride: split.lseStride])
+                   .splits: split.count, .kv_split_blocks: split.blocks, .o_split_stride: split.oStride, .lse_split_stride: split.lseStride,
+                   .page_size: paging?.pageSize ?? 0, .max_pages: paging?.maxPages ?? 0])
             let params = p.bytes()
             if let unusedParams {
                 slots[.params] = BufferBinding(unusedParams)
@@ -183,6 +195,7 @@ enum ForwardKernel {
             slots[.kvLengths] = try (kvLengths ?? dummyIndexBuffer(device)).binding()
             slots[.sinks] = try (sinks ?? dummyIndexBuffer(device)).binding()
             slots[.qOffsets] = try (qOffsets?.tensor ?? dummyIndexBuffer(device)).binding()
+            slots[.pageTable] = try (paging?.table ?? dummyIndexBuffer(device)).binding()
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
                 try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))

@@ -2,7 +2,7 @@ import Foundation
 import VKFlexVulkan
 
 /// Where a call's query rows sit in their sequence (`qOffset:` of
-/// ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)``):
+/// ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)``):
 /// query row `i` of batch `b` is position `i + offset[b]`. Both mods see that position as `q_idx`,
 /// and a BlockMask built once for the whole sequence (`qLen` = its full length) is walked at the
 /// block row of the position — so a decode step's causal or sliding-window mask needs no rebuilding.

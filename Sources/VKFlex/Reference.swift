@@ -20,7 +20,7 @@ public struct ReferenceResult {
 
 /// Computes attention in float64 from the tensors' values (read back from the device).
 ///
-/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:sinks:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
+/// - Throws: ``FlexError/invalidArgument(_:)`` for the shapes ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)`` rejects; ``FlexError/modFailed(_:)`` when a mod fails on the CPU.
 public func flexAttentionReference(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                    scale: Double? = nil, enableGQA: Bool = false, kvLengths: [Int]? = nil,
                                    sinks: [Float]? = nil, qOffsets: [Int]? = nil) throws -> ReferenceResult {

@@ -37,6 +37,9 @@ public enum AttentionSelfTest {
         /// Query offsets (`qOffset:`), one per batch: decode rows at positions of a sequence of
         /// `Lkv` keys, the BlockMask built for all of it.
         var qOffsets: [Int]? = nil
+        /// Read K and V through a page table with pages of this many keys (randomly permuted, unused
+        /// pages NaN), each batch's length from `kvLengths`.
+        var pageSize: Int? = nil
     }
 
     static var specs: [Spec] {
@@ -120,6 +123,10 @@ public enum AttentionSelfTest {
                 let slopes = try d.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 2)) }, shape: [4], name: "alibi_slopes")
                 return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
             }, mask: { _, _, _ in MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 200) } }, blockSize: 64, qOffsets: [596, 301]))
+        all.append(Spec(name: "paged decode: float16 GQA, pages of 64", B: 3, Hq: 8, Hkv: 2, Lq: 1, Lkv: 640, D: 64, Dv: 64, dtype: .float16,
+                        mask: causal, blockSize: BlockSize(q: 128, kv: 64), kvLengths: [640, 1, 333], qOffsets: [639, 0, 332], pageSize: 64))
+        all.append(Spec(name: "paged prefill: sliding window, pages of 16", B: 2, Lq: 96, Lkv: 96,
+                        mask: { _, _, _ in MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 40) } }, blockSize: 16, kvLengths: [96, 50], pageSize: 16))
         all.append(Spec(name: "NaN query row stays NaN", Lq: 200, Lkv: 200, mask: causal, nanQueryRow: 77))
         all.append(Spec(name: "float16 NaN query row", Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16, mask: causal, blockSize: 128,
                         nanQueryRow: 130))
@@ -210,6 +217,29 @@ public enum AttentionSelfTest {
                        detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
     }
 
+    /// `k` and `v` ([B, H, L, D]) copied into physical caches of randomly permuted pages of
+    /// `pageSize` keys, one spare page, unused rows NaN; with the page table (−1 past each length).
+    static func pagedCopies(_ k: Tensor, _ v: Tensor, lengths: [Int], pageSize P: Int, device: Device) throws -> (Tensor, Tensor, PageTable) {
+        let (B, H, L) = (k.shape[0], k.shape[1], k.shape[2])
+        let maxPages = (L + P - 1) / P
+        let pages = lengths.map { ($0 + P - 1) / P }.reduce(0, +) + 1
+        var order = Array(0..<pages).shuffled()
+        var table = [Int32](repeating: -1, count: B * maxPages)
+        for b in 0..<B { for page in 0..<((lengths[b] + P - 1) / P) { table[b * maxPages + page] = Int32(order.removeLast()) } }
+        func cache(_ t: Tensor) throws -> Tensor {
+            let D = t.shape[3], x = try t.toArray()
+            var out = [Float](repeating: .nan, count: H * pages * P * D)
+            for b in 0..<B { for j in 0..<lengths[b] { for h in 0..<H {
+                let row = Int(table[b * maxPages + j / P]) * P + j % P
+                for d in 0..<D { out[((h * pages * P) + row) * D + d] = x[((b * H + h) * L + j) * D + d] }
+            } } }
+            return try device.tensor(out, shape: [1, H, pages * P, D], dtype: t.dtype, name: t.name + "_pages")
+        }
+        let pageTable = PageTable(table: try device.tensor(table, shape: [B, maxPages], name: "page_table"),
+                                  lengths: try device.tensor(lengths, shape: [B], name: "seq_lens"), pageSize: P)
+        return (try cache(k), try cache(v), pageTable)
+    }
+
     static func run(_ s: Spec, device: Device, kernel: FlexKernel?) throws -> Outcome {
         var rng = SystemRandomNumberGenerator()
         func randn(_ n: Int) -> [Float] {
@@ -235,15 +265,20 @@ public enum AttentionSelfTest {
         // With query offsets the mask covers every position up to the last row's.
         let maskLength = (s.qOffsets?.max() ?? 0) + s.Lq
         let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: maskLength, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
-        if let kernel, s.qOffsets != nil, kernel != .portable { throw FlexError.unsupported("qOffset: runs the portable kernel") }
+        if let kernel, s.qOffsets != nil || s.pageSize != nil, kernel != .portable { throw FlexError.unsupported("qOffset: and pageTable: run the portable kernel") }
         if let kernel, let why = kernel.problem(q, k, v, blockMask: s.qOffsets == nil ? blockMask : nil, enableGQA: s.Hq != s.Hkv) { throw FlexError.unsupported(why) }
         // Poison the output so that an unwritten element shows as NaN.
         let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)
-        let lengths = try s.kvLengths.map { try device.tensor($0, shape: [$0.count], name: "kv_lens") }
+        var lengths = try s.kvLengths.map { try device.tensor($0, shape: [$0.count], name: "kv_lens") }
+        var (kIn, vIn, pageTable): (Tensor, Tensor, PageTable?) = (k, v, nil)
+        if let P = s.pageSize, let lens = s.kvLengths {
+            (kIn, vIn, pageTable) = try pagedCopies(k, v, lengths: lens.map(Int.init), pageSize: P, device: device)
+            lengths = nil
+        }
         let sinks = try s.sinks.map { try device.tensor($0, shape: [$0.count], name: "sinks") }
         let offsets = try s.qOffsets.map { QueryOffset.perBatch(try device.tensor($0, shape: [$0.count], name: "q_offsets")) }
-        let r = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, qOffset: offsets,
-                                  sinks: sinks, returnLSE: true, out: out, options: FlexOptions(kernel: kernel))
+        let r = try flexAttention(q, kIn, vIn, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv, kvLengths: lengths, qOffset: offsets,
+                                  pageTable: pageTable, sinks: sinks, returnLSE: true, out: out, options: FlexOptions(kernel: kernel))
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: s.Hq != s.Hkv,
                                              kvLengths: s.kvLengths?.map(Int.init), sinks: s.sinks, qOffsets: s.qOffsets)

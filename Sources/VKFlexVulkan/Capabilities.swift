@@ -87,6 +87,10 @@ public struct DeviceCapabilities: Sendable, Codable {
     public var cooperativeMatrixShapes: [CooperativeMatrixShape]
     /// The subgroup-scope shapes `VK_KHR_cooperative_matrix` offers.
     public var cooperativeMatrixKHRShapes: [CooperativeMatrixShape] = []
+    /// Streaming multiprocessors or compute units, where the driver says (NVIDIA's
+    /// `VK_NV_shader_sm_builtins`, AMD's `VK_AMD_shader_core_properties`; a CPU device: its cores):
+    /// what split-KV decoding sizes its splits by.
+    public var computeUnits: Int? = nil
     public var timestampPeriodNs: Double
     public var timestamps: Bool
     public var extensions: [String]
@@ -107,21 +111,39 @@ extension DeviceCapabilities {
         v12.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_PROPERTIES
         var sizeControl = VkPhysicalDeviceSubgroupSizeControlProperties()
         sizeControl.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_SIZE_CONTROL_PROPERTIES
+        var sm = VkPhysicalDeviceShaderSMBuiltinsPropertiesNV()
+        sm.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_SM_BUILTINS_PROPERTIES_NV
+        var amd = VkPhysicalDeviceShaderCorePropertiesAMD()
+        amd.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_CORE_PROPERTIES_AMD
         let apiMinor = (props.apiVersion >> 12) & 0x3ff
         withUnsafeMutablePointer(to: &v12) { v12p in
             withUnsafeMutablePointer(to: &sizeControl) { scp in
+            withUnsafeMutablePointer(to: &sm) { smp in
+            withUnsafeMutablePointer(to: &amd) { amdp in
                 v11.pNext = UnsafeMutableRawPointer(v12p)
-                if apiMinor >= 3 || extensions.contains("VK_EXT_subgroup_size_control") {
-                    v12p.pointee.pNext = UnsafeMutableRawPointer(scp)
+                var tail = UnsafeMutableRawPointer(v12p)
+                func link(_ next: UnsafeMutableRawPointer) {
+                    tail.assumingMemoryBound(to: VkBaseOutStructure.self).pointee.pNext = next.assumingMemoryBound(to: VkBaseOutStructure.self)
+                    tail = next
                 }
+                if apiMinor >= 3 || extensions.contains("VK_EXT_subgroup_size_control") { link(UnsafeMutableRawPointer(scp)) }
+                if extensions.contains("VK_NV_shader_sm_builtins") { link(UnsafeMutableRawPointer(smp)) }
+                if extensions.contains("VK_AMD_shader_core_properties") { link(UnsafeMutableRawPointer(amdp)) }
                 withUnsafeMutablePointer(to: &v11) { v11p in
                     var p2 = VkPhysicalDeviceProperties2()
                     p2.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2
                     p2.pNext = UnsafeMutableRawPointer(v11p)
                     vkGetPhysicalDeviceProperties2(pd, &p2)
                 }
+            }}
             }
         }
+        var computeUnits: Int?
+        if extensions.contains("VK_NV_shader_sm_builtins"), sm.shaderSMCount > 0 { computeUnits = Int(sm.shaderSMCount) }
+        if extensions.contains("VK_AMD_shader_core_properties"), amd.computeUnitsPerShaderArray > 0 {
+            computeUnits = Int(amd.shaderEngineCount * amd.shaderArraysPerEngineCount * amd.computeUnitsPerShaderArray)
+        }
+        if DeviceType(props.deviceType) == .cpu { computeUnits = ProcessInfo.processInfo.activeProcessorCount }
 
         let features = DeviceFeatures.query(pd, extensions: extensions)
 
@@ -176,7 +198,7 @@ extension DeviceCapabilities {
 
         let limits = props.limits
         let maxAlloc = Int(v11.maxMemoryAllocationSize)
-        return DeviceCapabilities(
+        var caps = DeviceCapabilities(
             index: index,
             name: fixedString(props.deviceName),
             type: type,
@@ -213,6 +235,8 @@ extension DeviceCapabilities {
             timestampPeriodNs: Double(limits.timestampPeriod),
             timestamps: limits.timestampComputeAndGraphics != 0,
             extensions: extensions.sorted())
+        caps.computeUnits = computeUnits
+        return caps
     }
 }
 

@@ -59,6 +59,14 @@ public struct BufferBinding {
     }
 }
 
+/// One region of a buffer-to-buffer copy, in bytes.
+public struct BufferCopyRegion: Sendable, Hashable {
+    public var sourceOffset: Int, destinationOffset: Int, bytes: Int
+    public init(sourceOffset: Int, destinationOffset: Int, bytes: Int) {
+        self.sourceOffset = sourceOffset; self.destinationOffset = destinationOffset; self.bytes = bytes
+    }
+}
+
 /// Records commands into the device's current batch. Obtained from ``Device/record(_:)``; valid
 /// only inside that closure. A barrier separates consecutive commands, so each sees the
 /// previous one's writes.
@@ -159,6 +167,16 @@ public struct CommandRecorder {
         barrier()
         var region = VkBufferCopy(srcOffset: VkDeviceSize(sourceOffset), dstOffset: VkDeviceSize(destinationOffset), size: VkDeviceSize(bytes))
         vkCmdCopyBuffer(batch.commandBuffer, source.handle, destination.handle, 1, &region)
+        use(source, writes: false)
+        use(destination, writes: true)
+    }
+
+    /// Records one copy of many regions between two buffers (none: nothing is recorded).
+    public func copy(from source: Buffer, to destination: Buffer, regions: [BufferCopyRegion]) {
+        guard !regions.isEmpty else { return }
+        barrier()
+        var vk = regions.map { VkBufferCopy(srcOffset: VkDeviceSize($0.sourceOffset), dstOffset: VkDeviceSize($0.destinationOffset), size: VkDeviceSize($0.bytes)) }
+        vkCmdCopyBuffer(batch.commandBuffer, source.handle, destination.handle, UInt32(vk.count), &vk)
         use(source, writes: false)
         use(destination, writes: true)
     }

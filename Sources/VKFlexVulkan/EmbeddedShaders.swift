@@ -519,6 +519,9 @@ layout(std430, set = 0, binding = VKF_BINDING_KV_LENS) readonly buffer KvLens { 
 // Per-batch query offsets (VKF_Q_OFFSETS): query row i of batch b is position i + q_offsets[b],
 // which the mods see as q_idx and the BlockMask is walked at (decoding against a mask built once).
 layout(std430, set = 0, binding = VKF_BINDING_Q_OFFSETS) readonly buffer QOffsets { int q_offsets[]; };
+// Paged K/V (VKF_PAGED): logical key j of batch b is row page_table[b, j / page_size] * page_size
+// + j % page_size of the physical cache (whose batch stride the host sets to 0).
+layout(std430, set = 0, binding = VKF_BINDING_PAGE_TABLE) readonly buffer PageTable { int page_table[]; };
 // Per-head sink logits (VKF_SINKS): a logit with no value row in every softmax denominator.
 layout(std430, set = 0, binding = VKF_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
 // The parameter block: push constants where the device takes that many bytes (VKF_PARAMS_PUSH):
@@ -534,7 +537,9 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 // VKF_BINDING_FIRST_CAPTURE). These
 // kernels run one (b, h) per workgroup, so the mods' work that depends only on b and h goes into
 // vkf_prologue(b, h), which workgroup_tile below calls once (when VKF_HAS_PROLOGUE is defined).
+#ifndef VKF_NO_HOIST
 #define VKF_HOIST_BH 1
+#endif
 #include "flex_mods.glsl"
 
 // VKF_KV_SPLIT: the keys are split across workgroups (workgroup z = batch * splits + split), each
@@ -556,6 +561,15 @@ int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
 #define KV_LEN(b) kv_lens[b]
 #else
 #define KV_LEN(b) p.Lkv
+#endif
+#ifndef VKF_PAGED
+#define VKF_PAGED 0
+#endif
+// The row of the K/V buffers that holds logical key j of batch b (the KV addressing function).
+#if VKF_PAGED
+int kv_row(int b, int j) { return page_table[b * p.max_pages + j / p.page_size] * p.page_size + j % p.page_size; }
+#else
+#define kv_row(b, j) (j)
 #endif
 #ifndef VKF_Q_OFFSETS
 #define VKF_Q_OFFSETS 0
@@ -775,14 +789,14 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
         for (int e = lid; e < BKV * ((WIDTH) / UNIT); e += WG) { \
             const int j = e / ((WIDTH) / UNIT), u = e - j * ((WIDTH) / UNIT); \
             float f[UNIT]; \
-            if (j < kn) unit_floats(UNITS[((OFF) + (k0 + j) * (SL)) / UNIT + u], f); \
+            if (j < kn) unit_floats(UNITS[((OFF) + kv_row(b, k0 + j) * (SL)) / UNIT + u], f); \
             else for (int i = 0; i < UNIT; ++i) f[i] = 0.0; \
             for (int i = 0; i < UNIT; ++i) SET(j, u * UNIT + i, f[i]); \
         } \
     } else { \
         for (int e = lid; e < BKV * (WIDTH); e += WG) { \
             const int j = e / (WIDTH), d = e - j * (WIDTH); \
-            SET(j, d, j < kn ? IN_FLOAT(DATA[(OFF) + (k0 + j) * (SL) + d * (SD)]) : 0.0); \
+            SET(j, d, j < kn ? IN_FLOAT(DATA[(OFF) + kv_row(b, k0 + j) * (SL) + d * (SD)]) : 0.0); \
         } \
     }
 #endif
@@ -891,7 +905,7 @@ void main() {
                     // The unit's words are the packed pairs K stores.
                     for (int e = lid; e < BKV * (D / 8); e += WG) {
                         const int j = e / (D / 8), u = e - j * (D / 8);
-                        const uvec4 w = j < kn ? k_units[(koff + (k0 + j) * p.k_sl) / 8 + u] : uvec4(0);
+                        const uvec4 w = j < kn ? k_units[(koff + kv_row(b, k0 + j) * p.k_sl) / 8 + u] : uvec4(0);
                         for (int i = 0; i < 4; ++i) K_WORD_SET((4 * u + i) * KST + j, w[i]);
                     }
                 } else {
@@ -899,7 +913,7 @@ void main() {
                         const int j = e / (D / 2), dp = e - j * (D / 2);
                         vec2 x = vec2(0.0);
                         if (j < kn) {
-                            const int at = koff + (k0 + j) * p.k_sl + 2 * dp * p.k_sd;
+                            const int at = koff + kv_row(b, k0 + j) * p.k_sl + 2 * dp * p.k_sd;
                             x = vec2(float(k_data[at]), float(k_data[at + p.k_sd]));
                         }
                         K_WORD_SET(dp * KST + j, packHalf2x16(x));
@@ -1012,7 +1026,7 @@ void main() {
                 if (p.vec_ok != 0) {
                     for (int e = lid; e < BKV * (DV / 8); e += WG) {
                         const int j = e / (DV / 8), u = e - j * (DV / 8);
-                        const uvec4 w = j < kn ? v_units[(voff + (k0 + j) * p.v_sl) / 8 + u] : uvec4(0);
+                        const uvec4 w = j < kn ? v_units[(voff + kv_row(b, k0 + j) * p.v_sl) / 8 + u] : uvec4(0);
                         KVh[(j * DV) / 4 + 2 * u] = w.xy;
                         KVh[(j * DV) / 4 + 2 * u + 1] = w.zw;
                     }
@@ -1021,7 +1035,7 @@ void main() {
                         const int j = e / (DV / 4), q = e - j * (DV / 4);
                         vec4 x = vec4(0.0);
                         if (j < kn) {
-                            const int at = voff + (k0 + j) * p.v_sl + 4 * q * p.v_sd;
+                            const int at = voff + kv_row(b, k0 + j) * p.v_sl + 4 * q * p.v_sd;
                             x = vec4(float(v_data[at]), float(v_data[at + p.v_sd]), float(v_data[at + 2 * p.v_sd]), float(v_data[at + 3 * p.v_sd]));
                         }
                         KVh[(j * DV) / 4 + q] = uvec2(packHalf2x16(x.xy), packHalf2x16(x.zw));

@@ -60,6 +60,10 @@ struct Attend: ParsableCommand {
     var kvLens: String?
     @Option(name: .long, help: ArgumentHelp("Query offsets (decoding): N, or an int32 .npy of shape (B,). Query row i of batch b is position i + offset[b]: the mods see it as q_idx, and the --mask-mod's BlockMask is built for positions up to the last one.", valueName: "N|FILE.npy"))
     var qOffset: String?
+    @Option(name: .long, help: "Paged K/V: an int32 .npy (B, maxPages) mapping each batch's logical pages to physical pages of --k/--v, which are then physical caches (1, Hkv, pages * page size, D); -1 pads pages past a batch's length. Needs --seq-lens and --page-size.")
+    var pageTable: String?
+    @Option(name: .long, help: "Paged K/V: each batch's number of keys, an int32 .npy of shape (B,).") var seqLens: String?
+    @Option(name: .long, help: "Paged K/V: keys per page.") var pageSize: Int?
     @Option(name: .long, help: "Attention sinks: a float32 .npy of shape (Hq,), one logit per query head that joins every softmax denominator.")
     var sinks: String?
     @Option(name: .long, help: "Backward: dLoss/dOutput, an .npy of the output's shape (B, Hq, Lq, Dv) in q's dtype; writes --dq/--dk/--dv.")
@@ -107,7 +111,10 @@ struct Attend: ParsableCommand {
                 dtype = d
             }
             let (B, Hq, Lq) = (arrays[0].shape[0], arrays[0].shape[1], arrays[0].shape[2])
-            let (Hkv, Lkv) = (arrays[1].shape[1], arrays[1].shape[2])
+            let Hkv = arrays[1].shape[1]
+            let paging = try loadPageTable(B: B, physicalKeys: arrays[1].shape[2], device: device)
+            // Paged: the keys are logical, maxPages * page size per batch.
+            let Lkv = paging.map { $0.table.shape[1] * $0.pageSize } ?? arrays[1].shape[2]
             if Hq != Hkv && !gqa && Hkv > 0 && Hq % Hkv == 0 {
                 throw CLIError("--q has \(Hq) heads and --k \(Hkv): pass --gqa for grouped-query attention (query head h reads key/value head h / \(Hq / Hkv))")
             }
@@ -141,7 +148,9 @@ struct Attend: ParsableCommand {
                 o.allSatisfy({ $0 == o[0] }) ? .uniform(o[0]) : .perBatch(try device.tensor(o, shape: [B], name: "q_offsets"))
             }
             if queryOffset != nil, gradOut != nil { throw CLIError("--grad-out: the backward does not take --q-offset (a decoding call)") }
+            if paging != nil, gradOut != nil { throw CLIError("--grad-out: the backward does not take --page-table (a serving call)") }
             var lengths: Tensor?
+            if kvLens != nil, paging != nil { throw CLIError("--kv-lens: with --page-table the lengths are --seq-lens") }
             if let kvLens {
                 let a = try NPYArray(contentsOf: URL(fileURLWithPath: kvLens))
                 guard a.dtype == .int32, a.shape == [B] else {
@@ -162,7 +171,7 @@ struct Attend: ParsableCommand {
             }
             let t0 = Date()
             let result = try flexAttention(tensors[0], tensors[1], tensors[2], scoreMod: score, blockMask: blockMask,
-                                           scale: scale, enableGQA: gqa, kvLengths: lengths, qOffset: queryOffset, sinks: sinkTensor, returnLSE: true,
+                                           scale: scale, enableGQA: gqa, kvLengths: lengths, qOffset: queryOffset, pageTable: paging, sinks: sinkTensor, returnLSE: true,
                                            returnMaxScores: maxScores != nil)
             let output = try result.output.toArray()
             let lseValues = try result.lse!.toArray()
@@ -205,6 +214,31 @@ struct Attend: ParsableCommand {
 }
 
 extension Attend {
+    /// `--page-table`, `--seq-lens`, `--page-size`, checked in the flags' terms.
+    func loadPageTable(B: Int, physicalKeys: Int, device: Device) throws -> PageTable? {
+        guard let pageTable else {
+            if seqLens != nil || pageSize != nil { throw CLIError("--seq-lens and --page-size go with --page-table") }
+            return nil
+        }
+        guard let seqLens, let pageSize else { throw CLIError("--page-table needs --seq-lens and --page-size") }
+        guard pageSize >= 1 else { throw CLIError("--page-size must be at least 1") }
+        guard physicalKeys % pageSize == 0 else {
+            throw CLIError("--page-size \(pageSize) does not divide the \(physicalKeys) rows of --k/--v (physical caches hold whole pages)")
+        }
+        let t = try NPYArray(contentsOf: URL(fileURLWithPath: pageTable)), l = try NPYArray(contentsOf: URL(fileURLWithPath: seqLens))
+        guard t.dtype == .int32, t.shape.count == 2, t.shape[0] == B else {
+            throw CLIError("--page-table \(pageTable) is \(t.dtype.rawValue) \(t.shape); it must be int32 of shape (\(B), maxPages)")
+        }
+        guard l.dtype == .int32, l.shape == [B] else {
+            throw CLIError("--seq-lens \(seqLens) is \(l.dtype.rawValue) \(l.shape); it must be int32 of shape (\(B),)")
+        }
+        if let problem = PageTable.problem(table: t.floats.map { Int32($0) }, maxPages: t.shape[1], lengths: l.floats.map { Int($0) },
+                                           pageSize: pageSize, pages: physicalKeys / pageSize) {
+            throw CLIError("--page-table/--seq-lens: " + problem)
+        }
+        return PageTable(table: try device.tensor(t, name: "page_table"), lengths: try device.tensor(l, name: "seq_lens"), pageSize: pageSize)
+    }
+
     /// `--grad-capture NAME=FILE.npy`, checked in the flags' terms: a `--capture` the score-mod reads, float.
     func captureGradientTargets(_ caps: [String: Tensor], score: ScoreMod?, mask: MaskMod?) throws -> [(tensor: Tensor, path: String)] {
         var seen: Set<String> = []

@@ -11,11 +11,12 @@ struct Bench: ParsableCommand {
         Examples:
           vkflex bench --suite seed --json results.jsonl
           vkflex bench --suite seed --cases causal,alibi_causal --repeat 20
+          vkflex bench --suite decode --json decode.jsonl        # contiguous and paged rows, GB/s
           vkflex bench --b 2 --h 8 --s 4096 --d 64 --mask-mod "q_idx >= kv_idx" --score-mod "score * 0.5"
         On a CPU device (lavapipe) the suite runs at small sizes unless --full-size is given.
         """)
 
-    @Option(name: .long, help: "Run a named suite (seed).") var suite: String?
+    @Option(name: .long, help: "Run a named suite: seed (prefill) or decode (few rows against a long KV cache, contiguous and paged).") var suite: String?
     @Option(name: .long, help: "Comma-separated case names of the suite.") var cases: String?
     @Option(name: .long, help: "Append one JSON object per case to this file.") var json: String?
     @Option(name: .long, help: "Timed runs per case (after warm-up).") var `repeat`: Int = 10
@@ -64,8 +65,13 @@ struct Bench: ParsableCommand {
             let bs = try parseBlockSize(blockSize)
             var list: [BenchCase]
             var custom = false
+            if suite == "decode" {
+                if backward { throw CLIError("--backward: the decode suite has no backward") }
+                for row in try runDecodeSuite(device: device) { try append(row) }
+                return
+            }
             if let suite {
-                guard suite == "seed" else { throw CLIError("unknown suite '\(suite)' (known: seed)") }
+                guard suite == "seed" else { throw CLIError("unknown suite '\(suite)' (known: seed, decode)") }
                 list = Bench.seed
                 if let cases {
                     let wanted = cases.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
@@ -93,16 +99,20 @@ struct Bench: ParsableCommand {
             for c in list {
                 let row = try runCase(c, device: device, blockSize: bs, custom: custom)
                 rows.append(row)
-                if let json {
-                    let url = URL(fileURLWithPath: json)
-                    if !FileManager.default.fileExists(atPath: json) { _ = FileManager.default.createFile(atPath: json, contents: nil) }
-                    let handle = try FileHandle(forWritingTo: url)
-                    handle.seekToEndOfFile()
-                    handle.write(Data((row + "\n").utf8))
-                    try handle.close()
-                }
+                try append(row)
             }
         }
+    }
+
+    /// Appends a JSON row to `--json`, if given.
+    func append(_ row: String) throws {
+        guard let json else { return }
+        let url = URL(fileURLWithPath: json)
+        if !FileManager.default.fileExists(atPath: json) { _ = FileManager.default.createFile(atPath: json, contents: nil) }
+        let handle = try FileHandle(forWritingTo: url)
+        handle.seekToEndOfFile()
+        handle.write(Data((row + "\n").utf8))
+        try handle.close()
     }
 
     /// Refuses a case whose tensors cannot be held, before anything is allocated: the host keeps

@@ -33,6 +33,7 @@ struct Devices: ParsableCommand {
                     ("16-bit storage", yesNo(d.storageBuffer16Bit)),
                     ("buffer device address", yesNo(d.bufferDeviceAddress)),
                     ("float atomic add", yesNo(d.floatAtomicAdd)),
+                    ("compute units", d.computeUnits.map(String.init) ?? "not reported"),
                     ("cooperative matrix (NV)", d.cooperativeMatrixNV ? d.cooperativeMatrixShapes.map(\.description).joined(separator: ", ") : "no"),
                     ("cooperative matrix (KHR)", d.cooperativeMatrixKHR ? d.cooperativeMatrixKHRShapes.map(\.description).joined(separator: ", ") : "no"),
                     ("timestamps", d.timestamps ? String(format: "yes (%.3g ns/tick)", d.timestampPeriodNs) : "no"),

@@ -364,8 +364,32 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:377
-@discardableResult func snippet_docs_guide_md_377(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:374
+@discardableResult func snippet_docs_guide_md_374(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        let cache = try PagedKVCache(device: device, kvHeads: 8, headDim: 64, pageSize: 128, pages: 256,
+                                     entries: 4, maxLength: 8192, dtype: .float16)
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1,
+                                         qLen: cache.logicalLength, kvLen: cache.logicalLength, device: device,
+                                         blockSize: BlockSize(q: 128, kv: 128))
+        let active = [0, 2]                                        // the sequences being served
+        for _ in 0..<16 {
+            // ... this step's q [2, 32, 1, 64] and new k, v [2, 8, 1, 64] from the model ...
+            let qStep = try device.empty(shape: [2, 32, 1, 64], dtype: .float16)
+            let kNew = try device.empty(shape: [2, 8, 1, 64], dtype: .float16), vNew = try device.empty(shape: [2, 8, 1, 64], dtype: .float16)
+            try cache.append(keys: kNew, values: vNew, entries: active)
+            let positions = try device.tensor(active.map { cache.length(of: $0) - 1 }, shape: [2])
+            let out = try flexAttention(qStep, cache: cache, entries: active, blockMask: causal, enableGQA: true,
+                                        qOffset: .perBatch(positions)).output   // [2, 32, 1, 64]
+            _ = out
+        }
+        cache.erase(entry: 2)                                      // sequence 2 ended: its pages are free
+    }
+    return nil
+}
+
+// docs/guide.md:420
+@discardableResult func snippet_docs_guide_md_420(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let (H, L, D) = (2, 32, 16)
         func random(_ n: Int) -> [Float] { (0..<n).map { _ in Float.random(in: -1...1) } }
@@ -394,8 +418,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:436
-@discardableResult func snippet_docs_guide_md_436(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:479
+@discardableResult func snippet_docs_guide_md_479(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
         let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
@@ -407,8 +431,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:456
-@discardableResult func snippet_docs_guide_md_456(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:499
+@discardableResult func snippet_docs_guide_md_499(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         do {
             let out = try flexAttention(q, k, v, blockMask: mask).output.toArray()
@@ -500,16 +524,16 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// Sources/VKFlex/FlexAttention.swift:91
-@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_91(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// Sources/VKFlex/FlexAttention.swift:93
+@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_93(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let r = try flexAttention(q, k, v, blockMask: mask, options: FlexOptions(kernel: .portable))
     }
     return nil
 }
 
-// Sources/VKFlex/FlexAttention.swift:103
-@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_103(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// Sources/VKFlex/FlexAttention.swift:105
+@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_105(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
         let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
@@ -519,8 +543,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// Sources/VKFlex/FlexAttention.swift:188
-@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_188(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// Sources/VKFlex/FlexAttention.swift:205
+@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_205(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
         let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
@@ -535,6 +559,40 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     do {
         let q = try NPYArray(contentsOf: URL(fileURLWithPath: "q.npy"))
         try NPYArray(float32: values, shape: [1, 8, 128, 64]).write(to: URL(fileURLWithPath: "out.npy"))
+    }
+    return nil
+}
+
+// Sources/VKFlex/PagedKVCache.swift:12
+@discardableResult func snippet_Sources_VKFlex_PagedKVCache_swift_12(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        // Two sequences of 300 and 40 keys in a cache of 8 pages of 128 keys; -1 pads unused pages.
+        let table = try device.tensor([5, 2, 7, -1, 0, -1, -1, -1] as [Int], shape: [2, 4], name: "page_table")
+        let lengths = try device.tensor([300, 40] as [Int], shape: [2], name: "seq_lens")
+        let paged = PageTable(table: table, lengths: lengths, pageSize: 128)
+        let out = try flexAttention(q, k, v, pageTable: paged).output   // k, v: [1, Hkv, 1024, D]
+    }
+    return nil
+}
+
+// Sources/VKFlex/PagedKVCache.swift:103
+@discardableResult func snippet_Sources_VKFlex_PagedKVCache_swift_103(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        let cache = try PagedKVCache(device: device, kvHeads: 8, headDim: 64, pageSize: 128, pages: 64,
+                                     entries: 4, maxLength: 2048, dtype: .float16)
+        try cache.append(keys: k, values: v, entries: [0, 1])      // k, v: [2, 8, T, 64]: T tokens each
+        let positions = try device.tensor([cache.length(of: 0) - 1, cache.length(of: 1) - 1], shape: [2])
+        let step = try flexAttention(q, cache: cache, entries: [0, 1], blockMask: mask, qOffset: .perBatch(positions))
+        cache.erase(entry: 1)
+    }
+    return nil
+}
+
+// Sources/VKFlex/PagedKVCache.swift:270
+@discardableResult func snippet_Sources_VKFlex_PagedKVCache_swift_270(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        let cache = try PagedKVCache(device: device, kvHeads: 8, headDim: 64, pageSize: 128, pages: 64, entries: 4, maxLength: 2048)
+        let out = try flexAttention(q, cache: cache, entries: [2], blockMask: mask, qOffset: .uniform(cache.length(of: 2) - 1))
     }
     return nil
 }
@@ -831,7 +889,7 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-/// Every example, by its place in the sources (78 of them).
+/// Every example, by its place in the sources (82 of them).
 let snippetNames: [String] = [
     "snippet_README_md_15",
     "snippet_docs_expressions_md_9",
@@ -868,9 +926,10 @@ let snippetNames: [String] = [
     "snippet_docs_guide_md_315",
     "snippet_docs_guide_md_325",
     "snippet_docs_guide_md_338",
-    "snippet_docs_guide_md_377",
-    "snippet_docs_guide_md_436",
-    "snippet_docs_guide_md_456",
+    "snippet_docs_guide_md_374",
+    "snippet_docs_guide_md_420",
+    "snippet_docs_guide_md_479",
+    "snippet_docs_guide_md_499",
     "snippet_Sources_VKFlex_BlockMask_Create_swift_18",
     "snippet_Sources_VKFlex_BlockMask_swift_10",
     "snippet_Sources_VKFlex_BlockMask_swift_53",
@@ -878,10 +937,13 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlex_FlexAttention_Backward_swift_24",
     "snippet_Sources_VKFlex_FlexAttention_Backward_swift_44",
     "snippet_Sources_VKFlex_FlexAttention_swift_37",
-    "snippet_Sources_VKFlex_FlexAttention_swift_91",
-    "snippet_Sources_VKFlex_FlexAttention_swift_103",
-    "snippet_Sources_VKFlex_FlexAttention_swift_188",
+    "snippet_Sources_VKFlex_FlexAttention_swift_93",
+    "snippet_Sources_VKFlex_FlexAttention_swift_105",
+    "snippet_Sources_VKFlex_FlexAttention_swift_205",
     "snippet_Sources_VKFlex_NPY_swift_7",
+    "snippet_Sources_VKFlex_PagedKVCache_swift_12",
+    "snippet_Sources_VKFlex_PagedKVCache_swift_103",
+    "snippet_Sources_VKFlex_PagedKVCache_swift_270",
     "snippet_Sources_VKFlex_QueryOffset_swift_11",
     "snippet_Sources_VKFlex_Reference_swift_8",
     "snippet_Sources_VKFlex_SplicedMods_swift_119",

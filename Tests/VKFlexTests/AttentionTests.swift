@@ -227,17 +227,17 @@ extension AttentionTests {
 }
 
 extension AttentionTests {
-    /// The kernels' parameter block goes as push constants where the device takes 200 bytes of
+    /// The kernels' parameter block goes as push constants where the device takes 208 bytes of
     /// them (the H200: 256), else as a storage buffer (lavapipe: 128). Lavapipe runs the buffer
     /// form; the push-constant form must at least compile, and the host's block must match the
     /// shader's.
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
-        XCTAssertEqual(AttentionParams.byteCount, 200)
-        XCTAssertEqual(AttentionPlanner.pushesParams(device, tuning: AttentionTuning()), device.capabilities.maxPushConstantsSize >= 200)
+        XCTAssertEqual(AttentionParams.byteCount, 208)
+        XCTAssertEqual(AttentionPlanner.pushesParams(device, tuning: AttentionTuning()), device.capabilities.maxPushConstantsSize >= 208)
         // One declaration: the GLSL members are generated from the same fields the host packs.
         let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
         XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, AttentionParams.byteCount)
-        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_KV_LENS 12\n#define VKF_BINDING_SINKS 13\n#define VKF_BINDING_Q_OFFSETS 14\n#define VKF_BINDING_FIRST_CAPTURE 15"), AttentionParams.glsl)
+        XCTAssertTrue(AttentionParams.glsl.contains("#define VKF_BINDING_PARAMS 9\n#define VKF_BINDING_ERRORS 10\n#define VKF_BINDING_MAX 11\n#define VKF_BINDING_KV_LENS 12\n#define VKF_BINDING_SINKS 13\n#define VKF_BINDING_Q_OFFSETS 14\n#define VKF_BINDING_PAGE_TABLE 15\n#define VKF_BINDING_FIRST_CAPTURE 16"), AttentionParams.glsl)
         XCTAssertFalse(try ShaderLibrary.standard.text("flex_attention_common.glsl").contains("binding = 1"), "bindings come from AttentionBinding")
         for push in [false, true] {
             let source = try AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push).source()

@@ -446,6 +446,57 @@ final class CLITests: XCTestCase {
         }
     }
 
+    /// `--page-table`: physical caches read through a page table (permuted pages, NaN in unused
+    /// ones, -1 padding) against NumPy on the contiguous keys; bad tables exit 1 in the flags' terms.
+    func testAttendWithPagedCaches() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(5)
+        B, H, L, D, P = 2, 2, 64, 8, 16
+        lens = np.array([64, 21], np.int32)
+        k, v = rng.standard_normal((2, B, H, L, D)).astype(np.float32)
+        pages = 10; order = rng.permutation(pages)
+        kc = np.full((1, H, pages * P, D), np.nan, np.float32); vc = kc.copy()
+        table = np.full((B, L // P), -1, np.int32); n = 0
+        for b in range(B):
+            for pg in range((lens[b] + P - 1) // P):
+                table[b, pg] = order[n]; n += 1
+                rows = slice(table[b, pg] * P, table[b, pg] * P + P)
+                kc[0, :, rows] = k[b, :, pg * P:pg * P + P]; vc[0, :, rows] = v[b, :, pg * P:pg * P + P]
+        np.save(f'{d}/kc.npy', kc); np.save(f'{d}/vc.npy', vc); np.save(f'{d}/table.npy', table); np.save(f'{d}/lens.npy', lens)
+        np.save(f'{d}/kfull.npy', k); np.save(f'{d}/vfull.npy', v)
+        np.save(f'{d}/q.npy', rng.standard_normal((B, H, 1, D)).astype(np.float32))
+        bad = table.copy(); bad[1, 1] = 10; np.save(f'{d}/badtable.npy', bad)
+        """)
+        let d = dir.path
+        let base = ["attend", "--q", "\(d)/q.npy", "--k", "\(d)/kc.npy", "--v", "\(d)/vc.npy", "--seq-lens", "\(d)/lens.npy", "--page-size", "16",
+                    "--score-mod", "score - 0.02 * kv_idx"]
+        let (status, output) = try run(base + ["--page-table", "\(d)/table.npy", "--out", "\(d)/o.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        q, k, v = [np.load(f'{d}/{n}.npy').astype(np.float64) for n in ['q', 'kfull', 'vfull']]
+        lens = np.load(f'{d}/lens.npy'); o = np.load(f'{d}/o.npy'); ok = not np.isnan(o).any()
+        for b in range(2):
+            n = lens[b]; s = q[b] @ k[b][:, :n].transpose(0, 2, 1) / np.sqrt(8) - 0.02 * np.arange(n)
+            p = np.exp(s - s.max(-1, keepdims=True)); ref = p @ v[b][:, :n] / p.sum(-1, keepdims=True)
+            ok &= np.linalg.norm(o[b] - ref) / np.linalg.norm(ref) < 1e-5
+        print(bool(ok))
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True")
+        for (args, message) in [(["--page-table", "\(d)/badtable.npy"], "--page-table/--seq-lens: batch 1's page 1 holds keys but maps to physical page 10, outside 0..<10"),
+                                (["--page-table", "\(d)/table.npy", "--page-size", "7"], "--page-size 7 does not divide the 160 rows of --k/--v"),
+                                (["--page-table", "\(d)/lens.npy"], "it must be int32 of shape (2, maxPages)")] {
+            var args2 = base
+            if args.contains("--page-size") { args2.removeSubrange(args2.firstIndex(of: "--page-size")!...(args2.firstIndex(of: "--page-size")! + 1)) }
+            let (bad, text) = try run(args2 + args)
+            XCTAssertEqual(bad, 1, text)
+            XCTAssertTrue(text.contains(message), text)
+        }
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
@@ -488,6 +539,30 @@ final class CLITests: XCTestCase {
 
     /// `vkflex bench` writes the fields of ../shared/bench/SUITE.md (plus where a first call's time
     /// went) and checks its results against the float64 reference: a suite case and a custom one.
+    /// `bench --suite decode`: contiguous and paged rows with the suite's fields, checked against float64.
+    func testBenchRunsTheDecodeSuite() throws {
+        let json = dir.appendingPathComponent("decode.jsonl").path
+        let (status, output) = try run(["bench", "--suite", "decode", "--cases", "decode_sliding_4k_of_32k,specdec_4_of_8k", "--small",
+                                        "--repeat", "1", "--json", json])
+        XCTAssertEqual(status, 0, output)
+        let rows = try String(contentsOfFile: json, encoding: .utf8).split(separator: "\n").map {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
+        }
+        XCTAssertEqual(rows.map { $0["case"] as? String }, ["decode_sliding_4k_of_32k", "decode_sliding_4k_of_32k", "specdec_4_of_8k", "specdec_4_of_8k"])
+        XCTAssertEqual(rows.map { $0["paged"] as? Bool }, [false, true, false, true])
+        for row in rows {
+            for field in ["B", "H", "Hkv", "Lq", "S", "D", "dtype", "density", "fw_ms", "kv_gb", "gbps", "host_us", "rel_err", "device", "kernel"] {
+                XCTAssertNotNil(row[field], "\(field) missing in \(row)")
+            }
+            XCTAssertLessThan(row["rel_err"] as? Double ?? 1, 2e-3, "\(row)")
+        }
+        // The sliding window reads an eighth of the cache.
+        XCTAssertEqual(rows[0]["density"] as? Double ?? 0, 0.1875, accuracy: 1e-4)
+        let (bad, text) = try run(["bench", "--suite", "decode", "--cases", "nope"])
+        XCTAssertEqual(bad, 1, text)
+        XCTAssertTrue(text.contains("unknown case 'nope' (known: decode_dense_4k"), text)
+    }
+
     func testBenchWritesTheSuiteFields() throws {
         let json = dir.appendingPathComponent("bench.jsonl").path
         let (status, output) = try run(["bench", "--suite", "seed", "--cases", "causal,softcap20_causal", "--small", "--repeat", "2", "--json", json])
