@@ -9,7 +9,7 @@ import VKFlexVulkan
 /// snapshot taken when it opened) and checked then: a malformed value is an error naming the
 /// variable, never silently ignored.
 struct AttentionTuning: Sendable {
-    /// `VKFLEX_KERNEL=portable|coopmat-nv|auto` (nil: auto).
+    /// `VKFLEX_KERNEL=portable|coopmat-nv|split-kv|auto` (nil: auto).
     var kernel: FlexKernel?
     /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP[xS]]`, checked by ``CoopmatTiles/parse(_:)``.
     var coopmatTiles: String?
@@ -22,7 +22,7 @@ struct AttentionTuning: Sendable {
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
         var t = AttentionTuning()
         if let k = env["VKFLEX_KERNEL"], !k.isEmpty, k.lowercased() != "auto" {
-            guard let kernel = FlexKernel(name: k) else { throw FlexError("VKFLEX_KERNEL=\(k): use portable, coopmat-nv or auto") }
+            guard let kernel = FlexKernel(name: k) else { throw FlexError("VKFLEX_KERNEL=\(k): use portable, coopmat-nv, split-kv or auto") }
             t.kernel = kernel
         }
         if let c = env["VKFLEX_COOPMAT_TILES"], !c.isEmpty {
@@ -67,6 +67,8 @@ struct AttentionPlan: Hashable, Sendable {
     enum Tiles: Hashable, Sendable {
         case portable(BQ: Int, BKV: Int, WG: Int)
         case coopmat(CoopmatTiles)
+        /// Split-KV decoding: rows per workgroup, keys per staged tile, invocations.
+        case decode(rows: Int, BKV: Int, WG: Int)
     }
 
     var pass: Pass
@@ -100,9 +102,9 @@ struct AttentionPlan: Hashable, Sendable {
     /// The mods' identity: their generated GLSL.
     var mods: String
 
-    var BQ: Int { switch tiles { case .portable(let bq, _, _): return bq; case .coopmat(let t): return t.BQ } }
-    var BKV: Int { switch tiles { case .portable(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV } }
-    var WG: Int { switch tiles { case .portable(_, _, let wg): return wg; case .coopmat(let t): return 32 * t.NSG } }
+    var BQ: Int { switch tiles { case .portable(let bq, _, _), .decode(let bq, _, _): return bq; case .coopmat(let t): return t.BQ } }
+    var BKV: Int { switch tiles { case .portable(_, let bkv, _), .decode(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV } }
+    var WG: Int { switch tiles { case .portable(_, _, let wg), .decode(_, _, let wg): return wg; case .coopmat(let t): return 32 * t.NSG } }
 
     /// The template and its defines, from this plan alone.
     ///
@@ -119,6 +121,12 @@ struct AttentionPlan: Hashable, Sendable {
             // bfloat16 is stored as 16 bits and computed in float32 (never narrowed to float16).
             if dtype == .bfloat16 { source.defines += [.init("IN_BF16", "1"), .init("OUT_BF16", partial ? "0" : "1")] }
             if partial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
+        case .decode(let rows, let BKV, let WG):
+            source = ShaderSource(name: "flex_attention_decode", text: try ShaderLibrary.standard.text("flex_attention_decode.comp"), defines: [
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("BKV", "\(BKV)"), .init("WG", "\(WG)"),
+                .init("IN_F16", dtype == .float16 ? "1" : "0"),
+            ])
+            if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                                   .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
@@ -137,7 +145,7 @@ struct AttentionPlan: Hashable, Sendable {
         if kvLengths { source.defines.append(.init("VKF_KV_LENGTHS", "1")) }
         if qOffsets { source.defines.append(.init("VKF_Q_OFFSETS", "1")) }
         if paged { source.defines.append(.init("VKF_PAGED", "1")) }
-        if sinks && pass == .forward { source.defines.append(.init("VKF_SINKS", "1")) }
+        if sinks && pass == .forward && kernel != .splitKV { source.defines.append(.init("VKF_SINKS", "1")) }
         if pushParams { source.defines.append(.init("VKF_PARAMS_PUSH", "1")) }
         return source
     }
@@ -171,6 +179,12 @@ enum AttentionPlanner {
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .portable(BQ: t.BQ, BKV: t.BKV, WG: t.WG),
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
                                  mods: mods.glsl.source)
+        case .splitKV:
+            guard let t = decodeTiles(D: s.D, Dv: s.Dv, device: device) else {
+                throw FlexError.unsupported("split-kv: head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has")
+            }
+            return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .decode(rows: t.rows, BKV: t.BKV, WG: t.WG),
+                                 kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatNV:
             if qOffsets { throw FlexError.unsupported("the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
             if paged { throw FlexError.unsupported("the cooperative-matrix kernel does not read paged K/V (the portable kernel does)") }
@@ -184,6 +198,28 @@ enum AttentionPlanner {
                                  floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr,
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
         }
+    }
+
+    /// The split-KV decode kernel's rows per workgroup (query heads of a group × query rows).
+    static let decodeRows = 16
+
+    /// Why the split-KV decode kernel cannot run this call, or nil when it can.
+    static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
+        if s.Lq > decodeRows { return "split-kv takes at most \(decodeRows) query rows (decoding); this call has \(s.Lq)" }
+        if maxScores { return "split-kv does not return the maximum scores" }
+        if decodeTiles(D: s.D, Dv: s.Dv, device: device) == nil { return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has" }
+        return nil
+    }
+
+    /// The decode kernel's tiles: 16 rows, the largest key tile (32, 16 or 8) whose Q rows, K or V
+    /// tile and scores fit the shared memory, 128 invocations (or the device's most).
+    static func decodeTiles(D: Int, Dv: Int, device: Device) -> (rows: Int, BKV: Int, WG: Int)? {
+        let caps = device.capabilities, rows = decodeRows
+        for bkv in [32, 16, 8] {
+            let bytes = 4 * (rows * D + bkv * (max(D, Dv) | 1) + rows * (bkv | 1) + 7 * rows)
+            if bytes <= caps.maxSharedMemory - 256 { return (rows, bkv, min(128, caps.maxWorkgroupInvocations)) }
+        }
+        return nil
     }
 
     /// Why `coopmat` cannot run this call, or nil when it can.
@@ -223,8 +259,10 @@ enum AttentionPlanner {
     /// - Throws: ``FlexError/unsupported(_:)`` when a forced kernel cannot run the call; a malformed `VKFLEX_*` tuning variable.
     /// `portableOnly`: what the call asks only the portable kernel takes (`qOffset:` for decoding,
     /// where the cooperative-matrix kernel's 16-row tiles would run mostly empty; `pageTable:`).
-    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, portableOnly: String? = nil) throws -> FlexKernel {
+    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, portableOnly: String? = nil,
+                       maxScores: Bool = false) throws -> FlexKernel {
         let queryOffsets = portableOnly != nil
+        let decode = decodeProblem(s, device: device, maxScores: maxScores)
         let tuning = try AttentionTuning.of(device)
         let kernel: FlexKernel
         let source: String
@@ -232,12 +270,17 @@ enum AttentionPlanner {
             kernel = forced; source = "kernel: .\(forced == .portable ? "portable" : "coopmatNV")"
         } else if let env = tuning.kernel {
             kernel = env; source = "VKFLEX_KERNEL=\(device.environment["VKFLEX_KERNEL"] ?? env.rawValue)"
-            if queryOffsets { return .portable }
+            if env == .splitKV, decode != nil { return .portable }
+            if queryOffsets, env != .splitKV { return .portable }
         } else {
+            // Few query rows (decoding): split-KV, which reads each KV head once per GQA group and
+            // spreads the keys over the device (unmeasured on a GPU so far: docs/performance.md).
+            if decode == nil { return .splitKV }
             if queryOffsets { return .portable }
             // The cooperative-matrix kernel wherever it applies: 10-20x the portable one on the H200.
             return coopmatProblem(s, device: device, tuning: tuning) == nil ? .coopmatNV : .portable
         }
+        if kernel == .splitKV, let decode { throw FlexError.unsupported("\(source): \(decode)") }
         if kernel == .coopmatNV, let what = portableOnly { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take \(what) (the portable kernel does)") }
         if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
         return kernel
@@ -323,7 +366,7 @@ enum AttentionPlanner {
     }
 
     /// Whether a parameter block of `bytes` goes as push constants: where the device takes that
-    /// many (the forward's 208 bytes: NVIDIA and most desktop drivers take 256; lavapipe takes
+    /// many (the forward's 220 bytes: NVIDIA and most desktop drivers take 256; lavapipe takes
     /// Vulkan's minimum, 128). On the H200 a storage-buffer block was reloaded, bounds-checked, on
     /// every tile (causal D=64 180.9 → 192.1 TFLOP/s as push constants). `VKFLEX_PUSH_PARAMS=0`
     /// turns it off.

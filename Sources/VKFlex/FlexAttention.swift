@@ -57,9 +57,10 @@ extension FlexResult {
 
 /// Which kernel runs an attention call.
 ///
-/// `VKFLEX_KERNEL=portable|coopmat-nv` (or ``FlexOptions/kernel`` per call) forces one; a forced
-/// kernel the inputs or device cannot use is an error. By default vkflex takes the
-/// cooperative-matrix kernel where it applies.
+/// `VKFLEX_KERNEL=portable|coopmat-nv|split-kv` (or ``FlexOptions/kernel`` per call) forces one;
+/// a forced kernel the inputs or device cannot use is an error. By default vkflex takes split-KV
+/// for up to 16 query rows (decoding), else the cooperative-matrix kernel where it applies, else
+/// the portable one.
 public enum FlexKernel: String, Sendable, CaseIterable {
     /// Scalar math, any Vulkan device, any head dim, float32 or float16.
     case portable
@@ -68,12 +69,17 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     /// multiple of 16 up to 256, on a device whose fragment element order is NVIDIA's
     /// (``CooperativeMatrixLayout/nvidiaMMA``, measured once per device).
     case coopmatNV = "coopmat-nv"
+    /// Split-KV decoding, any Vulkan device: for up to 16 query rows, each KV head's keys are
+    /// split across workgroups that hold the query heads sharing it (read once per group), and a
+    /// second pass merges the splits. What the planner picks for decode steps.
+    case splitKV = "split-kv"
 
-    /// The kernel a name picks: `portable`, `coopmat-nv` (`coopmat` is kept as its old name).
+    /// The kernel a name picks: `portable`, `coopmat-nv` (`coopmat` is kept as its old name), `split-kv`.
     public init?(name: String) {
         switch name.lowercased() {
         case "portable": self = .portable
         case "coopmat-nv", "coopmat": self = .coopmatNV
+        case "split-kv": self = .splitKV
         default: return nil
         }
     }
@@ -81,7 +87,11 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     /// Why this kernel cannot run a call with these inputs on `device`, or nil when it can.
     public func problem(_ q: Tensor, _ k: Tensor, _ v: Tensor, blockMask: BlockMask? = nil, enableGQA: Bool = false) -> String? {
         guard let shape = try? AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA) else { return "the inputs are rejected" }
-        return self == .portable ? nil : AttentionPlanner.coopmatProblem(shape, device: q.device, tuning: (try? AttentionTuning.of(q.device)) ?? AttentionTuning())
+        switch self {
+        case .portable: return nil
+        case .coopmatNV: return AttentionPlanner.coopmatProblem(shape, device: q.device, tuning: (try? AttentionTuning.of(q.device)) ?? AttentionTuning())
+        case .splitKV: return AttentionPlanner.decodeProblem(shape, device: q.device)
+        }
     }
 
 }
@@ -168,7 +178,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
     let maxScores = returnMaxScores ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "max_scores") : nil
     let portableOnly = offsets != nil ? "qOffset:" : paging != nil ? "pageTable:" : nil
-    let kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, portableOnly: portableOnly)
+    var kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, portableOnly: portableOnly, maxScores: returnMaxScores)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
@@ -183,7 +193,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
         k = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.D], dtype: k.dtype, name: "no_keys")
         v = try device.empty(shape: [shape.B, shape.Hkv, 1, shape.Dv], dtype: v.dtype, name: "no_values")
     }
-    try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
+    kernel = try ForwardKernel.run(shape: shape, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale,
                             output: output, lse: lse, maxScores: maxScores, kvLengths: keyLengths, sinks: sinks, qOffsets: offsets,
                             paging: paging, kernel: kernel)
     return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel,

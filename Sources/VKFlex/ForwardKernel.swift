@@ -102,7 +102,7 @@ enum ForwardKernel {
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, scoreMod: ScoreMod?, blockMask: BlockMask?,
                     scale: Double, output: Tensor, lse: Tensor?, maxScores: Tensor? = nil, kvLengths: Tensor? = nil, sinks: Tensor? = nil,
-                    qOffsets: ResolvedQueryOffsets? = nil, paging: ResolvedPaging? = nil, kernel: FlexKernel) throws {
+                    qOffsets: ResolvedQueryOffsets? = nil, paging: ResolvedPaging? = nil, kernel: FlexKernel) throws -> FlexKernel {
         let device = q.device
         let caps = device.capabilities
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
@@ -133,6 +133,11 @@ enum ForwardKernel {
 
         // Split over batches, then heads, when a tensor spans more than one storage-buffer binding.
         let chunks = try planChunks(s, q: q, k: k, v: v, output: output, lse: lse, device: device)
+        if kernel == .splitKV, !chunks.allSatisfy({ $0.h == 0..<s.Hq }) {
+            // The decode kernel packs every head of a KV head's group: chunks split by batch only.
+            return try run(shape: s, q: q, k: k, v: v, scoreMod: scoreMod, blockMask: blockMask, scale: scale, output: output, lse: lse,
+                           maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paging: paging, kernel: .portable)
+        }
         let group = s.Hq / max(1, s.Hkv)
         let (errors, errorCheck) = try errorFlag(mods: mods, scoreMod: scoreMod, blockMask: blockMask, device: device)
         let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
@@ -147,8 +152,10 @@ enum ForwardKernel {
                           paged: paging != nil) : nil
 
         /// `split`: (splits, KV blocks per split, partial O stride, partial LSE stride) of a split dispatch.
+        /// `groups`: the grid, where not the prefill kernels'; `decode`: the decode kernel's packing.
         func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
-                      kvRange: Range<Int>, split: (count: Int, blocks: Int, oStride: Int, lseStride: Int) = (1, 0, 0, 0)) throws {
+                      kvRange: Range<Int>, split: (count: Int, blocks: Int, oStride: Int, lseStride: Int) = (1, 0, 0, 0),
+                      groups: (x: Int, y: Int, z: Int)? = nil, decode: (heads: Int, chunks: Int, segs: Int) = (1, 1, 1)) throws {
             // The maximum scores are addressed like the LSE (both [B, Hq, Lq], contiguous, made here).
             precondition(lseTarget == nil || maxTarget == nil || (lseTarget!.base == maxTarget!.base && lseTarget!.strides == maxTarget!.strides))
             let rowTarget = lseTarget ?? maxTarget
@@ -181,7 +188,8 @@ enum ForwardKernel {
             p.set([.vec_ok: vecOK ? 1 : 0, .h_start: h0, .hk_start: kvHeads.lowerBound, .kv_block_lo: kvRange.lowerBound,
                    .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1,
                    .splits: split.count, .kv_split_blocks: split.blocks, .o_split_stride: split.oStride, .lse_split_stride: split.lseStride,
-                   .page_size: paging?.pageSize ?? 0, .max_pages: paging?.maxPages ?? 0])
+                   .page_size: paging?.pageSize ?? 0, .max_pages: paging?.maxPages ?? 0,
+                   .dec_heads: decode.heads, .dec_chunks: decode.chunks, .dec_segs: decode.segs])
             let params = p.bytes()
             if let unusedParams {
                 slots[.params] = BufferBinding(unusedParams)
@@ -198,10 +206,50 @@ enum ForwardKernel {
             slots[.pageTable] = try (paging?.table ?? dummyIndexBuffer(device)).binding()
             let bindings = AttentionBinding.allCases.map { slots[$0]! } + mods.captureBindings()
             try device.record { rec in
-                try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: (groupsX, nh, nb * split.count))
+                try rec.dispatch(pipeline, bindings: bindings, pushConstants: prepared.pushParams ? params : [], groups: groups ?? (groupsX, nh, nb * split.count))
             }
         }
 
+        if kernel == .splitKV {
+            // Split-KV decoding: each workgroup holds the rows of `heads` query heads of one KV head
+            // (one head under a per-head mask) whose positions lie in one query block of the mask
+            // (`segs` of them at most), and walks one split's share of that block row's kept blocks.
+            let perHead = (blockMask?.H ?? 1) > 1
+            let heads = perHead ? 1 : max(1, min(group, AttentionPlanner.decodeRows / s.Lq))
+            let headChunks = (group + heads - 1) / heads
+            let segs = (qOffsets?.values ?? [0]).map { ($0 + s.Lq - 1) / qBS - $0 / qBS + 1 }.max()!
+            for chunk in chunks {
+                let nb = chunk.b.count, workgroups = nb * s.Hkv * headChunks * segs
+                // About two workgroups per compute unit, no more splits than key blocks; under a loop
+                // cap (lavapipe), enough splits that each stays under it.
+                var splits = max(1, min(kvBlocks, (2 * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
+                if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
+                    let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, tiles: (BQ, BKV, prepared.WG))
+                    let budget = limit * 3 / 4 - (BQ * s.D / prepared.WG + BQ + 2 * kvBlocks + 512)
+                    let blocksPerSplit = max(1, budget / perBlock)
+                    splits = max(splits, (kvBlocks + blocksPerSplit - 1) / blocksPerSplit)
+                }
+                let rows = nb * s.Hq * s.Lq, partBytes = splits * rows * s.Dv * 4
+                guard partBytes <= caps.maxStorageBufferRange, splits <= caps.maxWorkgroupCount[0],
+                      s.Hkv * headChunks * segs <= caps.maxWorkgroupCount[1], nb <= caps.maxWorkgroupCount[2] else {
+                    throw FlexError.limitExceeded("split-kv: \(splits) key splits of \(rows) rows exceed \(caps.name)'s limits; pass fewer batches per call")
+                }
+                let partO = try device.makeBuffer(bytes: max(16, partBytes)), partL = try device.makeBuffer(bytes: max(16, splits * rows * 4))
+                try dispatch(pipeline, chunk: chunk,
+                             out: WriteTarget(binding: BufferBinding(partO, writes: true), base: 0, strides: [s.Hq * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
+                             lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: 0, strides: [s.Hq * s.Lq, s.Lq, 1]),
+                             max: nil, kvRange: 0..<kvBlocks, split: (splits, 0, rows * s.Dv, rows),
+                             groups: (splits, s.Hkv * headChunks * segs, nb), decode: (heads, headChunks, segs))
+                func target(_ t: Tensor) throws -> WriteTarget {
+                    let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+                    return WriteTarget(binding: binding, base: base, strides: t.strides)
+                }
+                try merge(splits: splits, partO: partO, partL: partL, partMax: nil, nb: nb, nh: s.Hq, shape: s, out: try target(output),
+                          lse: try lse.map(target), max: nil, sinks: sinks, headStart: 0, outDType: output.dtype, device: device)
+            }
+            addChecks(errorCheck, blockMask: blockMask, to: [output, lse, maxScores])
+            return .splitKV
+        }
         for chunk in chunks {
             func target(_ t: Tensor) throws -> WriteTarget {
                 let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
@@ -234,6 +282,17 @@ enum ForwardKernel {
                       max: maxTarget, sinks: sinks, headStart: chunk.h.lowerBound, outDType: output.dtype, device: device)
         }
         addChecks(errorCheck, blockMask: blockMask, to: [output, lse, maxScores])
+        return kernel
+    }
+
+    /// An upper bound of the decode kernel's loop iterations per KV block (every loop of
+    /// flex_attention_decode.comp counted as if none were unrolled).
+    static func decodeIterationsPerBlock(D: Int, Dv: Int, kvBlockSize: Int, tiles: (rows: Int, BKV: Int, WG: Int)) -> Int {
+        let (R, BKV, WG) = tiles
+        func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
+        let acc = ceilDiv(R * Dv, WG)
+        let perTile = ceilDiv(BKV * D, WG) + ceilDiv(R * BKV, WG) * (D + 4) + 2 * BKV + ceilDiv(BKV * Dv, WG) + acc * (BKV + 2) + 16
+        return ceilDiv(kvBlockSize, BKV) * perTile + 4
     }
 
     /// A call's error flag: a zeroed one of its own where it will be read (a mod that can fail, or

@@ -265,7 +265,7 @@ public enum AttentionSelfTest {
         // With query offsets the mask covers every position up to the last row's.
         let maskLength = (s.qOffsets?.max() ?? 0) + s.Lq
         let blockMask = try maskMod.map { try createBlockMask($0, B: 1, H: 1, qLen: maskLength, kvLen: s.Lkv, device: device, blockSize: s.blockSize) }
-        if let kernel, s.qOffsets != nil || s.pageSize != nil, kernel != .portable { throw FlexError.unsupported("qOffset: and pageTable: run the portable kernel") }
+        if kernel == .coopmatNV, s.qOffsets != nil || s.pageSize != nil { throw FlexError.unsupported("qOffset: and pageTable: run the portable and split-kv kernels") }
         if let kernel, let why = kernel.problem(q, k, v, blockMask: s.qOffsets == nil ? blockMask : nil, enableGQA: s.Hq != s.Hkv) { throw FlexError.unsupported(why) }
         // Poison the output so that an unwritten element shows as NaN.
         let out = try device.tensor([Float](repeating: .nan, count: s.B * s.Hq * s.Lq * s.Dv), shape: [s.B, s.Hq, s.Lq, s.Dv], dtype: s.dtype)

@@ -204,7 +204,7 @@ extension AttentionTests {
         let values = randn(64 * 16)
         let q = try device.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
         XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable, "lavapipe has no cooperative matrices")
-        for (env, fragment) in [("coopmat", "VK_NV_cooperative_matrix"), ("coopmat-nv", "VK_NV_cooperative_matrix"), ("fast", "use portable, coopmat-nv or auto")] {
+        for (env, fragment) in [("coopmat", "VK_NV_cooperative_matrix"), ("coopmat-nv", "VK_NV_cooperative_matrix"), ("fast", "use portable, coopmat-nv, split-kv or auto")] {
             let d = try device(with: ["VKFLEX_KERNEL": env])
             let qd = try d.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
             XCTAssertThrowsError(try flexAttention(qd, qd, qd)) { XCTAssertTrue("\($0)".contains(fragment), "\(env): \($0)") }
@@ -227,13 +227,13 @@ extension AttentionTests {
 }
 
 extension AttentionTests {
-    /// The kernels' parameter block goes as push constants where the device takes 208 bytes of
+    /// The kernels' parameter block goes as push constants where the device takes 220 bytes of
     /// them (the H200: 256), else as a storage buffer (lavapipe: 128). Lavapipe runs the buffer
     /// form; the push-constant form must at least compile, and the host's block must match the
     /// shader's.
     func testParameterBlockAsPushConstantsWhereTheDeviceHasRoom() throws {
-        XCTAssertEqual(AttentionParams.byteCount, 208)
-        XCTAssertEqual(AttentionPlanner.pushesParams(device, tuning: AttentionTuning()), device.capabilities.maxPushConstantsSize >= 208)
+        XCTAssertEqual(AttentionParams.byteCount, 220)
+        XCTAssertEqual(AttentionPlanner.pushesParams(device, tuning: AttentionTuning()), device.capabilities.maxPushConstantsSize >= 220)
         // One declaration: the GLSL members are generated from the same fields the host packs.
         let members = AttentionParams.glsl.components(separatedBy: "#define VKF_PARAMS_MEMBERS")[1]
         XCTAssertEqual(members.split(separator: ";").filter { !$0.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty }.count * 4, AttentionParams.byteCount)
@@ -308,8 +308,10 @@ extension AttentionTests {
         let dq = try device.tensor(values, shape: [1, 4, 5, 4])
         let dkv = try device.tensor(Array(values[0..<40]), shape: [1, 2, 5, 4])
         let causal = try createBlockMask(MaskMod { _, h, q, kv in q + h >= kv }, B: 1, H: 4, qLen: 5, kvLen: 5, device: device, blockSize: 2)
+        // Split-KV packs every head of a group, so a call chunked by heads falls back to the portable kernel.
         let a = try flexAttention(q, kv, kv, blockMask: causal, enableGQA: true, returnLSE: true)
-        let b = try flexAttention(dq, dkv, dkv, blockMask: causal, enableGQA: true, returnLSE: true)
+        XCTAssertEqual(a.kernel, .portable)
+        let b = try flexAttention(dq, dkv, dkv, blockMask: causal, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .portable))
         XCTAssertEqual(try a.output.toArray(), try b.output.toArray())
         XCTAssertEqual(try a.lse!.toArray(), try b.lse!.toArray())
         let ref = try flexAttentionReference(dq, dkv, dkv, blockMask: causal, enableGQA: true)
@@ -385,7 +387,7 @@ extension AttentionTests {
         XCTAssertTrue(defines.contains("VKF_ALWAYS_RESCALE=1"), "NV path at D=64: O rescaled at every step")
         let khr = try AttentionPlan.coopmat(D: 64, tiles: tiles, rawMax: true, exp16: false, typedOperands: true).source().defines.map { "\($0.name)=\($0.value)" }
         XCTAssertTrue(khr.contains("VKF_ALWAYS_RESCALE=0") && khr.contains("VKF_ALWAYS_HALVES=1"), "KHR path: only when a row's max moves; \(khr)")
-        for (env, fragment) in [(["VKFLEX_COOPMAT_DEFINES": "TAU=4"], "VKFLEX_COOPMAT_DEFINES is gone"), (["VKFLEX_KERNEL": "fastest"], "use portable, coopmat-nv or auto"),
+        for (env, fragment) in [(["VKFLEX_COOPMAT_DEFINES": "TAU=4"], "VKFLEX_COOPMAT_DEFINES is gone"), (["VKFLEX_KERNEL": "fastest"], "use portable, coopmat-nv, split-kv or auto"),
                                 (["VKFLEX_COOPMAT_TILES": "33x1x1x1"], "VKFLEX_COOPMAT_TILES=33x1x1x1"), (["VKFLEX_PORTABLE_TILES": "axb"], "VKFLEX_PORTABLE_TILES=axb"),
                                 (["VKFLEX_PUSH_PARAMS": "yes"], "VKFLEX_PUSH_PARAMS=yes")] {
             XCTAssertThrowsError(try AttentionTuning.parse(env), "\(env)") { XCTAssertTrue("\($0)".contains(fragment), "\($0)") }
@@ -679,11 +681,19 @@ extension AttentionTests {
         defer { ForwardKernel.ignoreLoopLimitForTesting = false }
         let q = try device.tensor(randn(4 * 16), shape: [1, 1, 4, 16])
         let k = try device.tensor(randn(60_000 * 16), shape: [1, 1, 60_000, 16])
-        let r = try flexAttention(q, k, k)
+        let r = try flexAttention(q, k, k, options: FlexOptions(kernel: .portable))
         XCTAssertThrowsError(try r.output.toArray()) { error in
             guard case FlexError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
             XCTAssertTrue(m.contains("before it had read every key"), m)
         }
+        // The split-KV kernel, splits for the cap off too: 4 KV heads fill lavapipe's 2 × 2 compute
+        // units, so each walks its 100,000 keys in one split. Its loops are short (a block's tiles,
+        // a tile's keys), and it reads them all (measured 2026-12-05: relative error 4.5e-6).
+        let q4 = try device.tensor(randn(4 * 4 * 16), shape: [1, 4, 4, 16])
+        let long = try device.tensor(randn(4 * 100_000 * 16), shape: [1, 4, 100_000, 16])
+        let d = try flexAttention(q4, long, long, options: FlexOptions(kernel: .splitKV))
+        let ref = try flexAttentionReference(q4, long, long)
+        XCTAssertLessThan(relativeL2Error(try d.output.toArray(), ref.output), 1e-5)
     }
 }
 

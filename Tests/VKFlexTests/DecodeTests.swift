@@ -1,0 +1,100 @@
+import Foundation
+import XCTest
+@testable import VKFlex
+
+/// The split-KV decode kernel against the prefill kernel and the float64 reference: GQA packing,
+/// per-head masks, offsets, key lengths, empty splits, fully masked rows, NaN, sinks.
+final class DecodeTests: FlexTestCase {
+    struct Case {
+        var name: String
+        var B = 2, Hq = 8, Hkv = 2, Lq = 1, Lkv = 700, D = 64
+        var dtype: DType = .float32
+        var score: ScoreMod? = nil
+        var mask: MaskMod? = nil
+        var perHeadMask = false
+        var offsets: [Int]? = nil
+        var kvLengths: [Int]? = nil
+        var sinks: [Float]? = nil
+        var nanKeyRow: Int? = nil
+    }
+
+    func check(_ c: Case, line: UInt = #line) throws {
+        let qv = randn(c.B * c.Hq * c.Lq * c.D)
+        var kv = randn(c.B * c.Hkv * c.Lkv * c.D)
+        if let j = c.nanKeyRow { kv[j * c.D] = .nan }   // batch 0, KV head 0, key j
+        let q = try device.tensor(qv, shape: [c.B, c.Hq, c.Lq, c.D], dtype: c.dtype)
+        let k = try device.tensor(kv, shape: [c.B, c.Hkv, c.Lkv, c.D], dtype: c.dtype)
+        let v = try device.tensor(randn(c.B * c.Hkv * c.Lkv * c.D), shape: [c.B, c.Hkv, c.Lkv, c.D], dtype: c.dtype)
+        let qLen = (c.offsets?.max() ?? 0) + c.Lq
+        let bm = try c.mask.map { try createBlockMask($0, B: 1, H: c.perHeadMask ? c.Hq : 1, qLen: qLen, kvLen: c.Lkv, device: device, blockSize: 64) }
+        let offset = try c.offsets.map { QueryOffset.perBatch(try device.tensor($0, shape: [c.B])) }
+        let lengths = try c.kvLengths.map { try device.tensor($0, shape: [c.B]) }
+        let sinks = try c.sinks.map { try device.tensor($0, shape: [c.Hq]) }
+        func run(_ kernel: FlexKernel) throws -> FlexResult {
+            try flexAttention(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: c.Hq != c.Hkv, kvLengths: lengths, qOffset: offset,
+                              sinks: sinks, returnLSE: true, options: FlexOptions(kernel: kernel))
+        }
+        let decode = try run(.splitKV), prefill = try run(.portable)
+        XCTAssertEqual(decode.kernel, .splitKV, line: line)
+        let ref = try flexAttentionReference(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: c.Hq != c.Hkv, kvLengths: c.kvLengths,
+                                             sinks: c.sinks, qOffsets: c.offsets)
+        let o = try decode.output.toArray(), l = try decode.lse!.toArray(), po = try prefill.output.toArray()
+        var kept: [Float] = [], keptRef: [Double] = [], keptPrefill: [Float] = []
+        for (row, e) in ref.lse.enumerated() {
+            let range = (row * c.D)..<((row + 1) * c.D)
+            if e.isNaN {
+                XCTAssertTrue(l[row].isNaN && o[range].allSatisfy(\.isNaN), "\(c.name): row \(row) must be NaN", line: line)
+            } else if e == -.infinity {
+                XCTAssertEqual(l[row], -.infinity, "\(c.name): row \(row) has no key", line: line)
+                XCTAssertTrue(o[range].allSatisfy { $0 == 0 }, "\(c.name): row \(row) has no key", line: line)
+            } else {
+                kept += o[range]; keptRef += ref.output[range]; keptPrefill += po[range]
+                XCTAssertEqual(Double(l[row]), e, accuracy: 1e-4 * max(1, abs(e)), "\(c.name): LSE of row \(row)", line: line)
+            }
+        }
+        let tol = c.dtype == .float32 ? 1e-5 : 2e-3
+        XCTAssertLessThanOrEqual(relativeL2Error(kept, keptRef), tol, "\(c.name) against the reference", line: line)
+        XCTAssertLessThanOrEqual(relativeL2Error(kept, keptPrefill.map(Double.init)), 2 * tol, "\(c.name) against the prefill kernel", line: line)
+    }
+
+    func testDecodeMatchesPrefillAndReference() throws {
+        let L = 700
+        let slopes = try device.tensor((0..<8).map { Float(exp2(-Double($0 + 1))) }, shape: [8], name: "slopes")
+        let cases = [
+            Case(name: "GQA 8/2, one row at the end", offsets: [L - 1, 300]),
+            Case(name: "MQA 16/1, float16, D 128", B: 1, Hq: 16, Hkv: 1, D: 128, dtype: .float16),
+            Case(name: "8/8, 4 rows, causal with offsets", Hq: 4, Hkv: 4, Lq: 4, mask: MaskMod { _, _, q, kv in q >= kv }, offsets: [L - 4, 61]),
+            Case(name: "16 rows of one head: head chunks", B: 1, Hq: 4, Hkv: 1, Lq: 16, mask: MaskMod { _, _, q, kv in q >= kv }, offsets: [L - 16]),
+            Case(name: "sliding window: most splits empty", Lq: 2, score: ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) },
+                 mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 50) }, offsets: [L - 2, 500]),
+            Case(name: "per-head mask: no packing", Hq: 4, Hkv: 2, Lq: 3, mask: MaskMod { _, h, q, kv in (kv % 4 != h) & (q >= kv) }, perHeadMask: true,
+                 offsets: [L - 3, 100]),
+            Case(name: "key lengths, an empty batch, sinks", B: 3, Lq: 2, kvLengths: [L, 0, 33], sinks: [0.5, -1, 2, 0, 0, 1, -2, 3]),
+            Case(name: "fully masked rows", Lq: 3, mask: MaskMod { _, _, q, kv in kv < q - 1 }),
+            Case(name: "NaN key: its rows are NaN", B: 1, Hq: 4, Hkv: 1, nanKeyRow: 123),
+            Case(name: "bfloat16 rows straddling a block", B: 1, Hq: 2, Hkv: 1, Lq: 5, dtype: .bfloat16, mask: MaskMod { _, _, q, kv in q >= kv },
+                 offsets: [62]),
+        ]
+        for c in cases { try check(c) }
+    }
+
+    /// The planner picks split-KV for few rows; forcing it on many rows is a clear error.
+    func testThePlannerPicksSplitKVForFewRows() throws {
+        let q1 = try device.tensor(randn(2 * 8 * 16), shape: [1, 2, 8, 16]), q2 = try device.tensor(randn(2 * 40 * 16), shape: [1, 2, 40, 16])
+        let k = try device.tensor(randn(2 * 100 * 16), shape: [1, 2, 100, 16])
+        XCTAssertEqual(try flexAttention(q1, k, k).kernel, .splitKV)
+        XCTAssertEqual(try flexAttention(q2, k, k).kernel, .portable)
+        XCTAssertEqual(try flexAttention(q1, k, k, returnMaxScores: true).kernel, .portable)
+        XCTAssertThrowsError(try flexAttention(q2, k, k, options: FlexOptions(kernel: .splitKV))) {
+            XCTAssertTrue("\($0)".contains("split-kv takes at most 16 query rows"), "\($0)")
+        }
+        XCTAssertEqual(FlexKernel(name: "split-kv"), .splitKV)
+        XCTAssertNotNil(FlexKernel.splitKV.problem(q2, k, k))
+    }
+
+    /// Long caches on lavapipe: the splits keep each workgroup under the loop cap.
+    func testLongCache() throws {
+        try check(Case(name: "40,000 keys", B: 1, Hq: 4, Hkv: 1, Lq: 1, Lkv: 40_000, D: 64,
+                       mask: MaskMod { _, _, q, kv in q >= kv }, offsets: [39_999]))
+    }
+}
