@@ -58,6 +58,16 @@ extension ForwardKernel {
 
     struct MergeKey: Hashable, Sendable { let out: DType }
 
+    /// The merge pass for outputs of `outDType`, built once per device.
+    static func mergePipeline(outDType: DType, device: Device) throws -> ComputePipeline {
+        try device.pipeline(for: MergeKey(out: outDType)) {
+            PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
+                                                     defines: [.init("OUT_F16", outDType == .float16 ? "1" : "0"),
+                                                               .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0")]),
+                                bindingCount: 7, pushConstantSize: 18 * 4)
+        }
+    }
+
     /// Where a dispatch writes O or the LSE: a tensor's part for a chunk, or a partial's.
     struct WriteTarget { var binding: BufferBinding; var base: Int; var strides: [Int] }
 
@@ -66,12 +76,7 @@ extension ForwardKernel {
     static func merge(splits: Int, partO: Buffer, partL: Buffer, partMax: Buffer?, nb: Int, nh: Int, shape s: AttentionShape,
                       out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, sinks: Tensor? = nil, headStart: Int = 0,
                       outDType: DType, device: Device) throws {
-        let pipeline = try device.pipeline(for: MergeKey(out: outDType)) {
-            PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
-                                                     defines: [.init("OUT_F16", outDType == .float16 ? "1" : "0"),
-                                                               .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0")]),
-                                bindingCount: 7, pushConstantSize: 18 * 4)
-        }
+        let pipeline = try mergePipeline(outDType: outDType, device: device)
         let elements = nb * nh * s.Lq * s.Dv
         let groups = (elements + 63) / 64
         let gx = min(groups, device.capabilities.maxWorkgroupCount[0]), gy = (groups + gx - 1) / gx

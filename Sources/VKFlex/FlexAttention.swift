@@ -222,19 +222,32 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// capture included), the sign of the scale, the device, whether there is a BlockMask and, for
 /// BlockMask query blocks that are not a multiple of 128 rows, the block size — not on the batch, the number of heads or the
 /// lengths — so one call prepares every shape that shares those. Arguments are
-/// checked as `flexAttention` checks them. Returns the kernel that was prepared.
+/// checked as `flexAttention` checks them. Returns the kernel that was prepared. For decode steps
+/// pass what the steps pass (`qOffset:`, `pageTable:`, `kvLengths:`: their values are not read,
+/// only their presence selects the kernel's variant); a split-KV kernel's merge pass is built too.
+///
+/// ```swift
+/// // A serving loop's first step compiles nothing (qStep: [B, H, 1, D]).
+/// let cache = try PagedKVCache(device: device, kvHeads: 8, headDim: 64, pageSize: 128, pages: 64, entries: 4, maxLength: 2048)
+/// try prepareFlexAttention(q, cache.k, cache.v, blockMask: mask, qOffset: .uniform(1), pageTable: try cache.pageTable())
+/// ```
 ///
 /// - Throws: what ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)`` throws for the same arguments.
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
-                                 scale: Double? = nil, enableGQA: Bool = false, returnMaxScores: Bool = false,
+                                 scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, qOffset: QueryOffset? = nil,
+                                 pageTable: PageTable? = nil, returnMaxScores: Bool = false,
                                  backward: Bool = false, options: FlexOptions = FlexOptions()) throws -> FlexKernel {
-    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
+    let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA, queryOffsets: qOffset != nil,
+                                   pagedKeys: pageTable?.logicalKeys)
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
-    let kernel = try AttentionPlanner.kernel(shape, device: q.device, forced: options.kernel)
+    let portableOnly = qOffset != nil ? "qOffset:" : pageTable != nil ? "pageTable:" : nil
+    let kernel = try AttentionPlanner.kernel(shape, device: q.device, forced: options.kernel, portableOnly: portableOnly, maxScores: returnMaxScores)
     _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
-                                  device: q.device, maxScores: returnMaxScores)
+                                  device: q.device, maxScores: returnMaxScores, kvLengths: kvLengths != nil || pageTable != nil,
+                                  qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil)
+    if kernel == .splitKV { _ = try ForwardKernel.mergePipeline(outDType: q.dtype, device: q.device) }
     if backward {
         _ = try BackwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, sinks: false, device: q.device)
     }

@@ -13,12 +13,17 @@ import VKFlexVulkan
 /// let step = try flexAttention(q, k, v, blockMask: causal, qOffset: .uniform(S - 1))   // q: [B, H, 1, D]
 /// let perSequence = try device.tensor([100, 250] as [Int], shape: [2], name: "positions")
 /// let steps = try flexAttention(q, k, v, blockMask: causal, qOffset: .perBatch(perSequence))   // B = 2
+/// let same = try flexAttention(q, k, v, blockMask: causal, qOffset: .values([100, 250]))       // no read-back
 /// ```
 public enum QueryOffset: ExpressibleByIntegerLiteral {
     /// The same offset for every batch.
     case uniform(Int)
-    /// An int32 tensor `[B]`, one offset per batch (read back to check it, as `kvLengths:` is).
+    /// An int32 tensor `[B]`, one offset per batch (read back to check it, as `kvLengths:` is: the
+    /// call waits for the tensor's writer).
     case perBatch(Tensor)
+    /// One offset per batch from the host: what a serving loop knows, uploaded with the call and
+    /// never read back (no wait).
+    case values([Int])
 
     public init(integerLiteral value: Int) { self = .uniform(value) }
 }
@@ -39,6 +44,9 @@ extension QueryOffset {
         let values: [Int]
         switch self {
         case .uniform(let o): values = [Int](repeating: o, count: s.B)
+        case .values(let v):
+            guard v.count == s.B else { throw FlexError("qOffset: .values has \(v.count) offsets; the call has B = \(s.B) batches") }
+            values = v
         case .perBatch(let t):
             guard t.device === device else { throw FlexError("qOffset: the tensor belongs to another device") }
             guard t.dtype == .int32, t.shape == [s.B] else {

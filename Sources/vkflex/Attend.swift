@@ -145,7 +145,7 @@ struct Attend: ParsableCommand {
                 blockMask = try createBlockMask(m, B: perB ? B : 1, H: perH ? Hq : 1, qLen: qLen, kvLen: Lkv, device: device, blockSize: bs)
             }
             let queryOffset: QueryOffset? = try offsets.map { o in
-                o.allSatisfy({ $0 == o[0] }) ? .uniform(o[0]) : .perBatch(try device.tensor(o, shape: [B], name: "q_offsets"))
+                o.allSatisfy({ $0 == o[0] }) ? .uniform(o[0]) : .values(o)
             }
             if queryOffset != nil, gradOut != nil { throw CLIError("--grad-out: the backward does not take --q-offset (a decoding call)") }
             if paging != nil, gradOut != nil { throw CLIError("--grad-out: the backward does not take --page-table (a serving call)") }

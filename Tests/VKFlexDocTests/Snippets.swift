@@ -364,8 +364,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:379
-@discardableResult func snippet_docs_guide_md_379(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:380
+@discardableResult func snippet_docs_guide_md_380(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let cache = try PagedKVCache(device: device, kvHeads: 8, headDim: 64, pageSize: 128, pages: 256,
                                      entries: 4, maxLength: 8192, dtype: .float16)
@@ -378,9 +378,9 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
             let qStep = try device.empty(shape: [2, 32, 1, 64], dtype: .float16)
             let kNew = try device.empty(shape: [2, 8, 1, 64], dtype: .float16), vNew = try device.empty(shape: [2, 8, 1, 64], dtype: .float16)
             try cache.append(keys: kNew, values: vNew, entries: active)
-            let positions = try device.tensor(active.map { cache.length(of: $0) - 1 }, shape: [2])
+            let positions = active.map { cache.length(of: $0) - 1 }
             let out = try flexAttention(qStep, cache: cache, entries: active, blockMask: causal, enableGQA: true,
-                                        qOffset: .perBatch(positions)).output   // [2, 32, 1, 64]
+                                        qOffset: .values(positions)).output   // [2, 32, 1, 64]
             _ = out
         }
         cache.erase(entry: 2)                                      // sequence 2 ended: its pages are free
@@ -388,8 +388,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:425
-@discardableResult func snippet_docs_guide_md_425(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:426
+@discardableResult func snippet_docs_guide_md_426(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let (H, L, D) = (2, 32, 16)
         func random(_ n: Int) -> [Float] { (0..<n).map { _ in Float.random(in: -1...1) } }
@@ -418,8 +418,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:484
-@discardableResult func snippet_docs_guide_md_484(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:485
+@discardableResult func snippet_docs_guide_md_485(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
         let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
@@ -431,8 +431,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:504
-@discardableResult func snippet_docs_guide_md_504(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:508
+@discardableResult func snippet_docs_guide_md_508(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         do {
             let out = try flexAttention(q, k, v, blockMask: mask).output.toArray()
@@ -554,6 +554,16 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
+// Sources/VKFlex/FlexAttention.swift:230
+@discardableResult func snippet_Sources_VKFlex_FlexAttention_swift_230(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        // A serving loop's first step compiles nothing (qStep: [B, H, 1, D]).
+        let cache = try PagedKVCache(device: device, kvHeads: 8, headDim: 64, pageSize: 128, pages: 64, entries: 4, maxLength: 2048)
+        try prepareFlexAttention(q, cache.k, cache.v, blockMask: mask, qOffset: .uniform(1), pageTable: try cache.pageTable())
+    }
+    return nil
+}
+
 // Sources/VKFlex/NPY.swift:7
 @discardableResult func snippet_Sources_VKFlex_NPY_swift_7(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
@@ -605,6 +615,7 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
         let step = try flexAttention(q, k, v, blockMask: causal, qOffset: .uniform(S - 1))   // q: [B, H, 1, D]
         let perSequence = try device.tensor([100, 250] as [Int], shape: [2], name: "positions")
         let steps = try flexAttention(q, k, v, blockMask: causal, qOffset: .perBatch(perSequence))   // B = 2
+        let same = try flexAttention(q, k, v, blockMask: causal, qOffset: .values([100, 250]))       // no read-back
     }
     return nil
 }
@@ -889,7 +900,7 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-/// Every example, by its place in the sources (82 of them).
+/// Every example, by its place in the sources (83 of them).
 let snippetNames: [String] = [
     "snippet_README_md_15",
     "snippet_docs_expressions_md_9",
@@ -926,10 +937,10 @@ let snippetNames: [String] = [
     "snippet_docs_guide_md_315",
     "snippet_docs_guide_md_325",
     "snippet_docs_guide_md_338",
-    "snippet_docs_guide_md_379",
-    "snippet_docs_guide_md_425",
-    "snippet_docs_guide_md_484",
-    "snippet_docs_guide_md_504",
+    "snippet_docs_guide_md_380",
+    "snippet_docs_guide_md_426",
+    "snippet_docs_guide_md_485",
+    "snippet_docs_guide_md_508",
     "snippet_Sources_VKFlex_BlockMask_Create_swift_18",
     "snippet_Sources_VKFlex_BlockMask_swift_10",
     "snippet_Sources_VKFlex_BlockMask_swift_53",
@@ -940,6 +951,7 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlex_FlexAttention_swift_103",
     "snippet_Sources_VKFlex_FlexAttention_swift_115",
     "snippet_Sources_VKFlex_FlexAttention_swift_215",
+    "snippet_Sources_VKFlex_FlexAttention_swift_230",
     "snippet_Sources_VKFlex_NPY_swift_7",
     "snippet_Sources_VKFlex_PagedKVCache_swift_12",
     "snippet_Sources_VKFlex_PagedKVCache_swift_103",

@@ -92,6 +92,24 @@ final class DecodeTests: FlexTestCase {
         XCTAssertNotNil(FlexKernel.splitKV.problem(q2, k, k))
     }
 
+    /// `prepareFlexAttention` with what a decode step passes builds the split-KV kernel and its
+    /// merge: the steps compile nothing.
+    func testPrepareBuildsTheDecodeKernels() throws {
+        let cache = try PagedKVCache(device: device, kvHeads: 2, headDim: 32, pageSize: 16, pages: 16, entries: 2, maxLength: 128, dtype: .float16)
+        let q = try device.tensor(randn(2 * 8 * 32), shape: [2, 8, 1, 32], dtype: .float16)
+        // A score-mod of its own, so that no earlier test built these variants.
+        let bias = ScoreMod { s, _, h, q, kv in s + 0.0123 * (h + 1) * (kv - q) }
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: 128, kvLen: 128, device: device, blockSize: 16)
+        XCTAssertEqual(try prepareFlexAttention(q, cache.k, cache.v, scoreMod: bias, blockMask: causal, enableGQA: true, qOffset: .uniform(1),
+                                                pageTable: try cache.pageTable()), .splitKV)
+        try cache.append(keys: try device.tensor(randn(2 * 2 * 5 * 32), shape: [2, 2, 5, 32], dtype: .float16),
+                         values: try device.tensor(randn(2 * 2 * 5 * 32), shape: [2, 2, 5, 32], dtype: .float16))
+        let before = ShaderCompiler.shared.compilations
+        let r = try flexAttention(q, cache: cache, scoreMod: bias, blockMask: causal, enableGQA: true, qOffset: .perBatch(try device.tensor([4, 4] as [Int], shape: [2])))
+        XCTAssertFalse(try r.output.toArray().contains { $0.isNaN })
+        XCTAssertEqual(ShaderCompiler.shared.compilations, before, "the step compiled a shader")
+    }
+
     /// Long caches on lavapipe: the splits keep each workgroup under the loop cap.
     func testLongCache() throws {
         try check(Case(name: "40,000 keys", B: 1, Hq: 4, Hkv: 1, Lq: 1, Lkv: 40_000, D: 64,

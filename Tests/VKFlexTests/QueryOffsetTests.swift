@@ -15,7 +15,8 @@ final class QueryOffsetTests: FlexTestCase {
                offsets: [Int], perBatch: Bool, score: ScoreMod? = nil, mask: MaskMod?, blockSize: BlockSize = 32, line: UInt = #line) throws {
         let (q, k, v) = try tensors(B: B, Hq: Hq, Hkv: Hkv, Lq: Lq, Lkv: S, D: D, dtype: dtype)
         let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: S, kvLen: S, device: device, blockSize: blockSize) }
-        let offset: QueryOffset = perBatch ? .perBatch(try device.tensor(offsets, shape: [B], name: "offsets")) : .uniform(offsets[0])
+        // Per batch alternately from a device tensor and from host values.
+        let offset: QueryOffset = !perBatch ? .uniform(offsets[0]) : B % 2 == 1 ? .perBatch(try device.tensor(offsets, shape: [B], name: "offsets")) : .values(offsets)
         let r = try flexAttention(q, k, v, scoreMod: score, blockMask: bm, enableGQA: Hq != Hkv, qOffset: offset, returnLSE: true)
         XCTAssertEqual(r.kernel, Lq <= 16 ? .splitKV : .portable, line: line)
         let ref = try flexAttentionReference(q, k, v, scoreMod: score, blockMask: bm, enableGQA: Hq != Hkv, qOffsets: offsets)
@@ -76,6 +77,8 @@ final class QueryOffsetTests: FlexTestCase {
             (.uniform(61), "reach position 64, but the BlockMask covers query positions 0..<64"),
             (.perBatch(try device.tensor([0, 1, 2] as [Int], shape: [3])), "qOffset must be int32 [B] = [2]"),
             (.perBatch(try device.tensor([1.0, 2.0], shape: [2])), "qOffset must be int32 [B] = [2]"),
+            (.values([1, 2, 3]), ".values has 3 offsets; the call has B = 2 batches"),
+            (.values([1, -4]), "batch 1 has offset -4"),
         ]
         for (offset, message) in cases {
             XCTAssertThrowsError(try flexAttention(q, k, v, blockMask: causal, qOffset: offset)) { XCTAssertTrue("\($0)".contains(message), "\($0)") }
