@@ -85,6 +85,25 @@ int kv_row(int b, int j) { return page_table[b * p.max_pages + j / p.page_size] 
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
 
+// With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
+// its constants), and the score is not multiplied by log2(e) afterwards.
+#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
+#define SCORE_IN_L2 1
+#else
+#define SCORE_IN_L2 0
+#endif
+// A score in log2 units from its dot product: scale, then the score-mod.
+float modded_l2(float dot, int b, int h, int qi, int ki) {
+    float s = dot * p.scale;
+#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
+    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#elif VKF_HAS_SCORE_MOD
+    return score_mod(s, b, h, qi, ki) * LOG2E;
+#else
+    return s * LOG2E;
+#endif
+}
+
 // This workgroup's query tile: rows [q0, q0 + rows) inside query block qb, query head h (hl
 // within this dispatch's bindings), its key/value head hk, batch b (bl within the bindings).
 // False when the tile starts past the end of its block or of the queries. Runs the mods' (b, h)

@@ -26,22 +26,6 @@ layout(local_size_x = WG) in;
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
 
-#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
-#define SCORE_IN_L2 1
-#else
-#define SCORE_IN_L2 0
-#endif
-float modded_l2(float dot, int b, int h, int qi, int ki) {
-    float s = dot * p.scale;
-#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
-    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#elif VKF_HAS_SCORE_MOD
-    return score_mod(s, b, h, qi, ki) * LOG2E;
-#else
-    return s * LOG2E;
-#endif
-}
-
 #define KVW (D > DV ? D : DV)
 #define KVS (KVW | 1)          // odd row stride: keys read at one dim hit different banks
 #define SST (BKV | 1)

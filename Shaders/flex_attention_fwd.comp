@@ -26,25 +26,6 @@ layout(local_size_x = WG) in;
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { UNIT_T k_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T v_units[]; };
 
-// With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
-// its constants), and the score is not multiplied by log2(e) afterwards.
-#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
-#define SCORE_IN_L2 1
-#else
-#define SCORE_IN_L2 0
-#endif
-// A score in log2 units from its dot product: scale, then the score-mod.
-float modded_l2(float dot, int b, int h, int qi, int ki) {
-    float s = dot * p.scale;
-#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
-    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#elif VKF_HAS_SCORE_MOD
-    return score_mod(s, b, h, qi, ki) * LOG2E;
-#else
-    return s * LOG2E;
-#endif
-}
-
 // Row stride of the K/V tile in shared memory (scalar layout): odd, so that threads reading
 // different keys at the same dimension hit different banks.
 #define KVD ((D > DV ? D : DV) | 1)

@@ -584,6 +584,25 @@ int kv_row(int b, int j) { return page_table[b * p.max_pages + j / p.page_size] 
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
 
+// With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
+// its constants), and the score is not multiplied by log2(e) afterwards.
+#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
+#define SCORE_IN_L2 1
+#else
+#define SCORE_IN_L2 0
+#endif
+// A score in log2 units from its dot product: scale, then the score-mod.
+float modded_l2(float dot, int b, int h, int qi, int ki) {
+    float s = dot * p.scale;
+#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
+    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
+#elif VKF_HAS_SCORE_MOD
+    return score_mod(s, b, h, qi, ki) * LOG2E;
+#else
+    return s * LOG2E;
+#endif
+}
+
 // This workgroup's query tile: rows [q0, q0 + rows) inside query block qb, query head h (hl
 // within this dispatch's bindings), its key/value head hk, batch b (bl within the bindings).
 // False when the tile starts past the end of its block or of the queries. Runs the mods' (b, h)
@@ -659,22 +678,6 @@ layout(local_size_x = WG) in;
 #define VKF_NO_HOIST 1
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
-
-#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
-#define SCORE_IN_L2 1
-#else
-#define SCORE_IN_L2 0
-#endif
-float modded_l2(float dot, int b, int h, int qi, int ki) {
-    float s = dot * p.scale;
-#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
-    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#elif VKF_HAS_SCORE_MOD
-    return score_mod(s, b, h, qi, ki) * LOG2E;
-#else
-    return s * LOG2E;
-#endif
-}
 
 #define KVW (D > DV ? D : DV)
 #define KVS (KVW | 1)          // odd row stride: keys read at one dim hit different banks
@@ -841,25 +844,6 @@ layout(local_size_x = WG) in;
 // multiple of 8 elements (p.vec_ok): one load per UNIT elements instead of one per element.
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { UNIT_T k_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T v_units[]; };
-
-// With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
-// its constants), and the score is not multiplied by log2(e) afterwards.
-#if VKF_HAS_SCORE_MOD && defined(VKF_HAS_SCORE_MOD_L2)
-#define SCORE_IN_L2 1
-#else
-#define SCORE_IN_L2 0
-#endif
-// A score in log2 units from its dot product: scale, then the score-mod.
-float modded_l2(float dot, int b, int h, int qi, int ki) {
-    float s = dot * p.scale;
-#if VKF_HAS_SCORE_MOD && SCORE_IN_L2
-    return score_mod_l2(s, s * LOG2E, b, h, qi, ki);
-#elif VKF_HAS_SCORE_MOD
-    return score_mod(s, b, h, qi, ki) * LOG2E;
-#else
-    return s * LOG2E;
-#endif
-}
 
 // Row stride of the K/V tile in shared memory (scalar layout): odd, so that threads reading
 // different keys at the same dimension hit different banks.

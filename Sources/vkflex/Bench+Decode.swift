@@ -102,19 +102,9 @@ extension Bench {
             for _ in 0..<8 { kernel = try call().kernel; warmCalls += 1 }
             try device.synchronize()
         }
-        var stamps: [(GPUTimestamp, GPUTimestamp)] = []
-        var hostUs: [Double] = []
-        for _ in 0..<`repeat` {
-            let start = try device.record { try $0.timestamp() }
-            let h0 = DispatchTime.now().uptimeNanoseconds
-            _ = try call()
-            hostUs.append(Double(DispatchTime.now().uptimeNanoseconds - h0) * 1e-3)
-            let end = try device.record { try $0.timestamp() }
-            stamps.append((start, end))
-        }
-        try device.synchronize()
+        let (seconds, hostUs) = try Bench.time(`repeat`, device: device) { _ = try call() }
         try out.checkErrors()
-        let us = median(try stamps.map { try device.seconds(from: $0.0, to: $0.1) * 1e6 })
+        let us = median(seconds) * 1e6
         let kvGB = density * Double(c.B * c.Hkv * c.Lkv * c.D) * 2 * 2 / 1e9
         let gbps = kvGB / (us * 1e-6)
         // Check batch 0, head 0 (KV head 0) against float64, its keys gathered through the table.

@@ -226,20 +226,10 @@ struct Bench: ParsableCommand {
             }
             try device.synchronize()
         }
-        var stamps: [(GPUTimestamp, GPUTimestamp)] = []
-        var hostUs: [Double] = []   // what a call costs the caller: checks, plan, pipeline lookup, recording
-        for _ in 0..<`repeat` {
-            let start = try device.record { try $0.timestamp() }
-            let h0 = DispatchTime.now().uptimeNanoseconds
-            _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out)
-            hostUs.append(Double(DispatchTime.now().uptimeNanoseconds - h0) * 1e-3)
-            let end = try device.record { try $0.timestamp() }
-            stamps.append((start, end))
-        }
-        try device.synchronize()
+        let (seconds, hostUs) = try Bench.time(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
         // A kernel that reported an error (and so did no work) must not pass for a fast one.
         try out.checkErrors()
-        let ms = median(try stamps.map { try device.seconds(from: $0.0, to: $0.1) * 1e3 })
+        let ms = median(seconds) * 1e3
         let flops = density * Double(c.B * c.H * c.D) * Double(c.S) * Double(c.S)
         let tflops = 4 * flops / (ms * 1e-3) / 1e12
 
@@ -318,6 +308,24 @@ struct Bench: ParsableCommand {
         let ref = try attentionReferenceRows(q: q, rows: rows, k: headK, v: headV, Lkv: c.S, D: c.D, Dv: c.D,
                                              scoreMod: score, blockMask: mask)
         return relativeL2Error(got, ref)
+    }
+}
+
+extension Bench {
+    /// Runs `call` `n` times between device timestamps: each call's device seconds, and what it
+    /// cost the calling thread in µs (checks, plan, pipeline lookup, recording; no waiting).
+    static func time(_ n: Int, device: Device, _ call: () throws -> Void) throws -> (seconds: [Double], hostUs: [Double]) {
+        var stamps: [(GPUTimestamp, GPUTimestamp)] = []
+        var hostUs: [Double] = []
+        for _ in 0..<n {
+            let start = try device.record { try $0.timestamp() }
+            let h0 = DispatchTime.now().uptimeNanoseconds
+            try call()
+            hostUs.append(Double(DispatchTime.now().uptimeNanoseconds - h0) * 1e-3)
+            stamps.append((start, try device.record { try $0.timestamp() }))
+        }
+        try device.synchronize()
+        return (try stamps.map { try device.seconds(from: $0.0, to: $0.1) }, hostUs)
     }
 }
 
