@@ -96,6 +96,14 @@ int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta
 // so P = exp(s' - LSE) and every formula below hold as they are.
 int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
 
+// The forward walk of query row i of (b, h) (passes 1 and 5): its BlockMask row, and the KV blocks
+// the walk visits, full ones (pass 0) then partial ones (pass 1); without a mask every block, as full.
+int mask_row(int b, int h, int i) { return ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs; }
+int walk_count(int pass, int mrow) { return p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]); }
+int walk_block(int pass, int mrow, int blk) {
+    return p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
+}
+
 // dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
 // dot_qk = q.k, dot_dov = dO.v.
 void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float lse_i, float delta_i, out float P, out float dS) {
@@ -148,13 +156,13 @@ void main() {
         for (int d = lid; d < D; d += WG) row_q[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
         for (int d = lid; d < DV; d += WG) row_do[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
         barrier();
-        const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs;
+        const int mrow = mask_row(b, h, i);
         int pass = 0;
         for (; pass < 2; ++pass) {
-            const int n = p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]);
+            const int n = walk_count(pass, mrow);
             int blk = 0;
             for (; blk < n; ++blk) {
-                const int kb = p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
+                const int kb = walk_block(pass, mrow, blk);
                 if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
                 const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
                 // Chunks of WG keys, every invocation present (the adds below need the whole workgroup).
@@ -270,13 +278,13 @@ void main() {
     for (int d = 0; d < D; ++d) dq[d] = 0.0;
     bool walked = true;
     if (lse_i != NEG_INF) {   // a row with no key has P = 0 everywhere
-        const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs;
+        const int mrow = mask_row(b, h, i);
         int pass = 0;
         for (; pass < 2; ++pass) {
-            const int n = p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]);
+            const int n = walk_count(pass, mrow);
             int blk = 0;
             for (; blk < n; ++blk) {
-                const int kb = p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
+                const int kb = walk_block(pass, mrow, blk);
                 if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
                 const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
                 int j = kb * p.kv_bs + lid;
