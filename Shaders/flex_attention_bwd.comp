@@ -96,13 +96,9 @@ int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta
 // so P = exp(s' - LSE) and every formula below hold as they are.
 int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
 
-// The forward walk of query row i of (b, h) (passes 1 and 5): its BlockMask row, and the KV blocks
-// the walk visits, full ones (pass 0) then partial ones (pass 1); without a mask every block, as full.
-int mask_row(int b, int h, int i) { return ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs; }
-int walk_count(int pass, int mrow) { return p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]); }
-int walk_block(int pass, int mrow, int blk) {
-    return p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
-}
+// The block walks (flex_walk.glsl): forward for dQ and the captures' gradients, transposed for dK/dV.
+#define VKF_WALK_TRANSPOSED 1
+#include "flex_walk.glsl"
 
 // dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
 // dot_qk = q.k, dot_dov = dO.v.
@@ -156,7 +152,7 @@ void main() {
         for (int d = lid; d < D; d += WG) row_q[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
         for (int d = lid; d < DV; d += WG) row_do[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
         barrier();
-        const int mrow = mask_row(b, h, i);
+        const int mrow = walk_row(b, h, i / p.q_bs);
         int pass = 0;
         for (; pass < 2; ++pass) {
             const int n = walk_count(pass, mrow);
@@ -278,7 +274,7 @@ void main() {
     for (int d = 0; d < D; ++d) dq[d] = 0.0;
     bool walked = true;
     if (lse_i != NEG_INF) {   // a row with no key has P = 0 everywhere
-        const int mrow = mask_row(b, h, i);
+        const int mrow = walk_row(b, h, i / p.q_bs);
         int pass = 0;
         for (; pass < 2; ++pass) {
             const int n = walk_count(pass, mrow);
@@ -326,13 +322,13 @@ void main() {
     for (int d = 0; d < DV; ++d) dv[d] = 0.0;
     bool walked = true;
     for (int h = hk * group; exists && h < (hk + 1) * group; ++h) {
-        const int mcol = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.kv_blocks + j / p.kv_bs;
+        const int mcol = walk_col(b, h, j / p.kv_bs);
         int pass = 0;
         for (; pass < 2; ++pass) {
-            const int n = p.dense != 0 ? (pass == 0 ? p.q_blocks : 0) : (pass == 0 ? full_q_num[mcol] : q_num[mcol]);
+            const int n = walk_count_t(pass, mcol);
             int blk = 0;
             for (; blk < n; ++blk) {
-                const int qb = p.dense != 0 ? blk : (pass == 0 ? full_q_idx_list[mcol * p.q_blocks + blk] : q_idx_list[mcol * p.q_blocks + blk]);
+                const int qb = walk_query_block(pass, mcol, blk);
                 if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
                 const int q_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
                 int i = qb * p.q_bs + lid;

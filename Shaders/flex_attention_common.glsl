@@ -42,6 +42,7 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #define VKF_HOIST_BH 1
 #endif
 #include "flex_mods.glsl"
+#include "flex_walk.glsl"
 
 // VKF_KV_SPLIT: the keys are split across workgroups (workgroup z = batch * splits + split), each
 // writing float32 partials that flex_attention_merge.comp combines.

@@ -69,10 +69,8 @@ void main() {
     float acc[ACC];
     for (int a = 0; a < ACC; ++a) acc[a] = 0.0;
     // The mask row (shared by every row here) and this split's share of its walked blocks.
-    const int hm = p.mask_h == 1 ? 0 : h0;   // a per-head mask packs one head (h0) per workgroup
-    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + hm) * p.q_blocks + qb;
-    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
-    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int mrow = walk_row(b, h0, qb);   // a per-head mask packs one head (h0) per workgroup
+    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
     const int n_all = n_full + n_part, per = (n_all + p.splits - 1) / p.splits;
     const int lkv = KV_LEN(b);
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
@@ -82,7 +80,7 @@ void main() {
     int t = split * per;
     for (; t < min(n_all, (split + 1) * per); ++t) {
         const bool partial = t >= n_full;
-        const int kb = p.dense != 0 ? t : partial ? kv_idx[mrow * p.kv_blocks + t - n_full] : full_kv_idx[mrow * p.kv_blocks + t];
+        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
         const int k_stop = min(kb * p.kv_bs + p.kv_bs, lkv);
         int k0 = kb * p.kv_bs;
         for (; k0 < k_stop; k0 += BKV) {

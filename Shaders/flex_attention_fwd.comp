@@ -208,9 +208,8 @@ void main() {
     float m_run = -1e30;   // VKF_BLOCKED: row sr's running max
     barrier();
 
-    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
-    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
-    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int mrow = walk_row(b, h, qb);
+    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
     const int lkv = KV_LEN(b);   // keys past it are never loaded nor given to a mod
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
@@ -241,7 +240,7 @@ void main() {
         const int n = pass == 0 ? n_full : n_part;
         int i = 0;
         for (; i < n; ++i) {
-            int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+            int kb = walk_block(pass, mrow, i);
             if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, lkv);
             int k0 = k_start;

@@ -233,13 +233,9 @@ int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta
 // so P = exp(s' - LSE) and every formula below hold as they are.
 int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
 
-// The forward walk of query row i of (b, h) (passes 1 and 5): its BlockMask row, and the KV blocks
-// the walk visits, full ones (pass 0) then partial ones (pass 1); without a mask every block, as full.
-int mask_row(int b, int h, int i) { return ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + i / p.q_bs; }
-int walk_count(int pass, int mrow) { return p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]); }
-int walk_block(int pass, int mrow, int blk) {
-    return p.dense != 0 ? blk : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + blk] : kv_idx[mrow * p.kv_blocks + blk]);
-}
+// The block walks (flex_walk.glsl): forward for dQ and the captures' gradients, transposed for dK/dV.
+#define VKF_WALK_TRANSPOSED 1
+#include "flex_walk.glsl"
 
 // dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
 // dot_qk = q.k, dot_dov = dO.v.
@@ -293,7 +289,7 @@ void main() {
         for (int d = lid; d < D; d += WG) row_q[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
         for (int d = lid; d < DV; d += WG) row_do[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
         barrier();
-        const int mrow = mask_row(b, h, i);
+        const int mrow = walk_row(b, h, i / p.q_bs);
         int pass = 0;
         for (; pass < 2; ++pass) {
             const int n = walk_count(pass, mrow);
@@ -415,7 +411,7 @@ void main() {
     for (int d = 0; d < D; ++d) dq[d] = 0.0;
     bool walked = true;
     if (lse_i != NEG_INF) {   // a row with no key has P = 0 everywhere
-        const int mrow = mask_row(b, h, i);
+        const int mrow = walk_row(b, h, i / p.q_bs);
         int pass = 0;
         for (; pass < 2; ++pass) {
             const int n = walk_count(pass, mrow);
@@ -463,13 +459,13 @@ void main() {
     for (int d = 0; d < DV; ++d) dv[d] = 0.0;
     bool walked = true;
     for (int h = hk * group; exists && h < (hk + 1) * group; ++h) {
-        const int mcol = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.kv_blocks + j / p.kv_bs;
+        const int mcol = walk_col(b, h, j / p.kv_bs);
         int pass = 0;
         for (; pass < 2; ++pass) {
-            const int n = p.dense != 0 ? (pass == 0 ? p.q_blocks : 0) : (pass == 0 ? full_q_num[mcol] : q_num[mcol]);
+            const int n = walk_count_t(pass, mcol);
             int blk = 0;
             for (; blk < n; ++blk) {
-                const int qb = p.dense != 0 ? blk : (pass == 0 ? full_q_idx_list[mcol * p.q_blocks + blk] : q_idx_list[mcol * p.q_blocks + blk]);
+                const int qb = walk_query_block(pass, mcol, blk);
                 if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
                 const int q_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
                 int i = qb * p.q_bs + lid;
@@ -549,6 +545,7 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #define VKF_HOIST_BH 1
 #endif
 #include "flex_mods.glsl"
+#include "flex_walk.glsl"
 
 // VKF_KV_SPLIT: the keys are split across workgroups (workgroup z = batch * splits + split), each
 // writing float32 partials that flex_attention_merge.comp combines.
@@ -730,10 +727,8 @@ void main() {
     float acc[ACC];
     for (int a = 0; a < ACC; ++a) acc[a] = 0.0;
     // The mask row (shared by every row here) and this split's share of its walked blocks.
-    const int hm = p.mask_h == 1 ? 0 : h0;   // a per-head mask packs one head (h0) per workgroup
-    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + hm) * p.q_blocks + qb;
-    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
-    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int mrow = walk_row(b, h0, qb);   // a per-head mask packs one head (h0) per workgroup
+    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
     const int n_all = n_full + n_part, per = (n_all + p.splits - 1) / p.splits;
     const int lkv = KV_LEN(b);
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
@@ -743,7 +738,7 @@ void main() {
     int t = split * per;
     for (; t < min(n_all, (split + 1) * per); ++t) {
         const bool partial = t >= n_full;
-        const int kb = p.dense != 0 ? t : partial ? kv_idx[mrow * p.kv_blocks + t - n_full] : full_kv_idx[mrow * p.kv_blocks + t];
+        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
         const int k_stop = min(kb * p.kv_bs + p.kv_bs, lkv);
         int k0 = kb * p.kv_bs;
         for (; k0 < k_stop; k0 += BKV) {
@@ -1035,9 +1030,8 @@ void main() {
     float m_run = -1e30;   // VKF_BLOCKED: row sr's running max
     barrier();
 
-    const int mrow = ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb;
-    const int n_full = p.dense != 0 ? p.kv_blocks : full_kv_num[mrow];
-    const int n_part = p.dense != 0 ? 0 : kv_num[mrow];
+    const int mrow = walk_row(b, h, qb);
+    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
     const int lkv = KV_LEN(b);   // keys past it are never loaded nor given to a mod
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
@@ -1068,7 +1062,7 @@ void main() {
         const int n = pass == 0 ? n_full : n_part;
         int i = 0;
         for (; i < n; ++i) {
-            int kb = p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+            int kb = walk_block(pass, mrow, i);
             if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
             int k_start = kb * p.kv_bs, k_stop = min(k_start + p.kv_bs, lkv);
             int k0 = k_start;
@@ -2259,6 +2253,27 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
     for (int i = 0; i < 4; ++i) f[i] = w[i];
 #endif
 }
+"""#,
+        "flex_walk.glsl": #"""
+// The block walk the attention kernels share (forward, split-KV decoding, backward): the BlockMask
+// row of (batch b, head h, query block qb), and the KV blocks a walk over it visits — the full
+// ones first (pass 0), then the partial ones (pass 1), whose pairs go through mask_mod; without a
+// BlockMask (p.dense) every KV block, as full. A BlockMask of B or H 1 is broadcast.
+// Needs p.mask_b, p.mask_h, p.q_blocks, p.kv_blocks, p.dense and the buffers kv_num, kv_idx,
+// full_kv_num, full_kv_idx. With VKF_WALK_TRANSPOSED also the transpose (the backward's dK/dV
+// pass): the query blocks of KV block kb, from q_num, q_idx_list, full_q_num, full_q_idx_list.
+int walk_row(int b, int h, int qb) { return ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.q_blocks + qb; }
+int walk_count(int pass, int mrow) { return p.dense != 0 ? (pass == 0 ? p.kv_blocks : 0) : (pass == 0 ? full_kv_num[mrow] : kv_num[mrow]); }
+int walk_block(int pass, int mrow, int i) {
+    return p.dense != 0 ? i : (pass == 0 ? full_kv_idx[mrow * p.kv_blocks + i] : kv_idx[mrow * p.kv_blocks + i]);
+}
+#ifdef VKF_WALK_TRANSPOSED
+int walk_col(int b, int h, int kb) { return ((p.mask_b == 1 ? 0 : b) * p.mask_h + (p.mask_h == 1 ? 0 : h)) * p.kv_blocks + kb; }
+int walk_count_t(int pass, int mcol) { return p.dense != 0 ? (pass == 0 ? p.q_blocks : 0) : (pass == 0 ? full_q_num[mcol] : q_num[mcol]); }
+int walk_query_block(int pass, int mcol, int i) {
+    return p.dense != 0 ? i : (pass == 0 ? full_q_idx_list[mcol * p.q_blocks + i] : q_idx_list[mcol * p.q_blocks + i]);
+}
+#endif
 """#,
         "mod_eval.comp": #"""
 #version 450
