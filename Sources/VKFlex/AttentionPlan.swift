@@ -58,17 +58,22 @@ struct AttentionTuning: Sendable {
 /// Everything that selects and parameterizes an attention pipeline: the pipeline-cache key, and the
 /// only input the shader defines are made from (``source()``).
 struct AttentionPlan: Hashable, Sendable {
-    enum Pass: String, Hashable, Sendable {
+    enum Pass: Hashable, Sendable {
         /// O (in the query's dtype) and the row statistics.
         case forward
         /// O as float32 over a share of the keys, merged afterwards (key splits).
         case forwardPartial
+        /// One pass of the backward (flex_attention_bwd.comp's `BWD_PASS`): 0 Δ, 1 dQ, 2 dK/dV,
+        /// 3 the sinks' gradient, 4 the sum of splits' partials, 5 the captures' gradients.
+        case backward(Int)
     }
     enum Tiles: Hashable, Sendable {
         case portable(BQ: Int, BKV: Int, WG: Int)
         case coopmat(CoopmatTiles)
         /// Split-KV decoding: rows per workgroup, keys per staged tile, invocations.
         case decode(rows: Int, BKV: Int, WG: Int)
+        /// The backward's scalar passes: invocations per workgroup.
+        case backward(WG: Int)
     }
 
     var pass: Pass
@@ -93,6 +98,8 @@ struct AttentionPlan: Hashable, Sendable {
     var kvLengths = false
     /// Each head's sink logit joins the softmax denominator (`sinks:`; a key split's merge adds it).
     var sinks = false
+    /// Backward pass 5: the captures' gradients added with float atomics (else per-workgroup slices).
+    var capAtomic = false
     /// Query rows sit at per-batch offsets (`qOffset:`; portable kernel).
     var qOffsets = false
     /// K and V are read through a page table (`pageTable:`; portable kernel).
@@ -102,9 +109,14 @@ struct AttentionPlan: Hashable, Sendable {
     /// The mods' identity: their generated GLSL.
     var mods: String
 
-    var BQ: Int { switch tiles { case .portable(let bq, _, _), .decode(let bq, _, _): return bq; case .coopmat(let t): return t.BQ } }
-    var BKV: Int { switch tiles { case .portable(_, let bkv, _), .decode(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV } }
-    var WG: Int { switch tiles { case .portable(_, _, let wg), .decode(_, _, let wg): return wg; case .coopmat(let t): return 32 * t.NSG } }
+    var BQ: Int { switch tiles { case .portable(let bq, _, _), .decode(let bq, _, _): return bq; case .coopmat(let t): return t.BQ; case .backward: return 1 } }
+    var BKV: Int { switch tiles { case .portable(_, let bkv, _), .decode(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV; case .backward: return 1 } }
+    var WG: Int {
+        switch tiles {
+        case .portable(_, _, let wg), .decode(_, _, let wg), .backward(let wg): return wg
+        case .coopmat(let t): return 32 * t.NSG
+        }
+    }
 
     /// The template and its defines, from this plan alone.
     ///
@@ -121,6 +133,16 @@ struct AttentionPlan: Hashable, Sendable {
             // bfloat16 is stored as 16 bits and computed in float32 (never narrowed to float16).
             if dtype == .bfloat16 { source.defines += [.init("IN_BF16", "1"), .init("OUT_BF16", partial ? "0" : "1")] }
             if partial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
+        case .backward(let WG):
+            guard case .backward(let n) = pass else { preconditionFailure("backward tiles without a backward pass") }
+            var defines: [ShaderSource.Define] = [.init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("WG", "\(WG)")]
+            switch dtype {
+            case .float16: defines += [.init("IN_F16", "1"), .init("OUT_F16", "1")]
+            case .bfloat16: defines += [.init("IN_BF16", "1"), .init("OUT_BF16", "1")]
+            default: break
+            }
+            if n == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
+            source = ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
         case .decode(let rows, let BKV, let WG):
             source = ShaderSource(name: "flex_attention_decode", text: try ShaderLibrary.standard.text("flex_attention_decode.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("BKV", "\(BKV)"), .init("WG", "\(WG)"),
@@ -220,6 +242,14 @@ enum AttentionPlanner {
             if bytes <= caps.maxSharedMemory - 256 { return (rows, bkv, min(128, caps.maxWorkgroupInvocations)) }
         }
         return nil
+    }
+
+    /// A backward pass's plan: the portable scalar passes of flex_attention_bwd.comp, `WG`
+    /// invocations (64: the dQ pass shares a row's keys, the dK/dV pass a key's rows, among them;
+    /// the device's most where that is less), the parameter block as push constants where it fits.
+    static func backward(shape s: AttentionShape, pass: Int, WG: Int, pushParams: Bool, mods: SplicedMods, capAtomic: Bool) -> AttentionPlan {
+        AttentionPlan(pass: .backward(pass), kernel: .portable, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .backward(WG: WG), capAtomic: capAtomic,
+                      pushParams: pushParams, mods: mods.glsl.source)
     }
 
     /// Why `coopmat` cannot run this call, or nil when it can.

@@ -179,30 +179,6 @@ extension ParamBlock where Field == BackwardField {
 
 /// The three backward passes (Δ, dQ, dK/dV) of flex_attention_bwd.comp.
 enum BackwardKernel {
-    /// What selects a backward pipeline: the pass, dtype, head dims, workgroup, parameters as push
-    /// constants, and the mods' identity.
-    struct Plan: Hashable, Sendable {
-        var pass: Int
-        var dtype: DType
-        var D: Int, Dv: Int, WG: Int
-        var pushParams: Bool
-        var mods: String
-        /// Pass 5 adds the captures' gradients with float atomics (else into per-workgroup slices).
-        var capAtomic = false
-
-        func source() throws -> ShaderSource {
-            var defines: [ShaderSource.Define] = [.init("BWD_PASS", "\(pass)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("WG", "\(WG)")]
-            switch dtype {
-            case .float16: defines += [.init("IN_F16", "1"), .init("OUT_F16", "1")]
-            case .bfloat16: defines += [.init("IN_BF16", "1"), .init("OUT_BF16", "1")]
-            default: break
-            }
-            if pushParams { defines.append(.init("VKF_PARAMS_PUSH", "1")) }
-            if pass == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
-            return ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
-        }
-    }
-
     /// The backward's pipelines (Δ, dQ, dK/dV, and the sinks' gradient with `sinks`), built or
     /// found in the cache, with the mods they splice.
     struct Prepared {
@@ -244,8 +220,8 @@ enum BackwardKernel {
             let spliced = pass == 5 ? capMods! : mods
             var passIncludes = includes
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
-            let plan = Plan(pass: pass, dtype: s.dtype, D: s.D, Dv: s.Dv, WG: [0, 3, 4, 5].contains(pass) ? 64 : WG, pushParams: push,
-                            mods: spliced.glsl.source, capAtomic: pass == 5 && capAtomic)
+            let plan = AttentionPlanner.backward(shape: s, pass: pass, WG: [0, 3, 4, 5].contains(pass) ? 64 : WG, pushParams: push,
+                                                 mods: spliced, capAtomic: pass == 5 && capAtomic)
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
                                     pushConstantSize: push ? BackwardParams.byteCount : 0, includes: passIncludes)

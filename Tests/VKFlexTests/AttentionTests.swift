@@ -246,6 +246,29 @@ extension AttentionTests {
             library.files.merge(mods.includes) { _, new in new }
             XCTAssertEqual(try ShaderCompiler.shared.compile(source, library: library).first, 0x0723_0203)
         }
+        // The backward's passes in both forms too (lavapipe runs the buffer form), the captures'
+        // gradients with and without atomics, and the split-KV kernel.
+        let shape = try AttentionShape(try device.empty(shape: [1, 2, 8, 64], dtype: .float16), try device.empty(shape: [1, 2, 8, 64], dtype: .float16),
+                                       try device.empty(shape: [1, 2, 8, 64], dtype: .float16), blockMask: nil, enableGQA: false)
+        let rb = try device.tensor([Float](repeating: 0, count: 15), shape: [15], name: "rb")
+        let rel = ScoreMod { s, _, _, q, kv in s + rb[q - kv + 7] }
+        for push in [false, true] {
+            for (pass, atomic) in [(0, false), (1, false), (2, false), (3, false), (4, false), (5, false), (5, true)] {
+                let mods = try SplicedMods(score: rel, mask: nil, firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue,
+                                           gradCaptures: pass == 5 ? [rb.captureInfo] : [], device: device)
+                let plan = AttentionPlanner.backward(shape: shape, pass: pass, WG: 64, pushParams: push, mods: mods, capAtomic: atomic)
+                var library = ShaderLibrary.standard
+                library.files.merge(mods.includes) { _, new in new }
+                library.files[BackwardParams.includeName] = BackwardParams.glsl
+                XCTAssertEqual(try ShaderCompiler.shared.compile(try plan.source(), library: library).first, 0x0723_0203, "backward pass \(pass)")
+            }
+            let mods = try SplicedMods(score: rel, mask: nil, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
+            var plan = AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push)
+            (plan.pass, plan.kernel, plan.tiles, plan.qOffsets, plan.paged) = (.forwardPartial, .splitKV, .decode(rows: 16, BKV: 32, WG: 128), true, true)
+            var library = ShaderLibrary.standard
+            library.files.merge(mods.includes) { _, new in new }
+            XCTAssertEqual(try ShaderCompiler.shared.compile(try plan.source(), library: library).first, 0x0723_0203, "split-kv")
+        }
         // VKFLEX_PUSH_PARAMS=0 turns push constants off everywhere.
         XCTAssertFalse(AttentionPlanner.pushesParams(device, tuning: try AttentionTuning.parse(["VKFLEX_PUSH_PARAMS": "0"])))
     }
