@@ -1,28 +1,29 @@
 #version 450
-// Block-sparse flash attention, backward, portable path (scalar math, any subgroup size), in three
+// Block-sparse flash attention, backward, portable path (scalar math, any subgroup size), in
 // passes chosen by BWD_PASS, with P recomputed from the saved LSE (PyTorch's semantics):
 //   0  delta_i = rowsum(dO_i * O_i) - dLSE_i                       one invocation per query row
-//   1  dQ_i = scale * sum_j dS_ij K_j                              one workgroup per query row
-//   2  dK_j = scale * sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i      one workgroup per key row (and
-//      key/value head: it sums over the query heads of its group, each walking its own blocks)
+//   1  dQ_i = scale * sum_j dS_ij K_j                              a workgroup per tile of BQ rows
+//   2  dK_j = scale * sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i      a workgroup per tile of BKV keys
+//      (and key/value head: it sums over the query heads of its group, each walking its own blocks)
 //   3  dsink_h = -sum_{b,i} exp(sink_h - LSE_bhi) delta_bhi   one workgroup per head (with sinks)
 //   4  the sum of the partial gradients of key, query or workgroup splits (where needed)
 //   5  the gradients of captured tensors: dS'_ij = P_ij (dP_ij - delta_i), the gradient of the
 //      score-mod's output, times d score_mod / d load, added to the element each load read:
 //      with float atomics (VKF_CAP_ATOMIC), else into a private slice per workgroup that pass
-//      4 sums (deterministic). Workgroups walk query rows as pass 1 does, cg_units rows each.
+//      4 sums (deterministic). Workgroups walk query rows, cg_units rows each.
 // where P_ij = exp(s'_ij - LSE_i) (0 where masked or the row has no key), s' = score_mod(scale q.k),
-// dP_ij = dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i) * d score_mod / d score. Pass 1 walks the
-// forward block lists (full then partial), pass 2 their transposes; the mask applies on partial
-// blocks only. The invocations of a workgroup share its keys (or rows) and sum their gradients
-// with subgroup adds. Deterministic: no atomics.
+// dP_ij = dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i) * d score_mod / d score. Passes 1 and 5
+// walk the forward block lists (full then partial), pass 2 their transposes (flex_walk.glsl); the
+// mask applies on partial blocks only. Passes 1 and 2 stage their tiles in shared memory (see
+// below). dQ, dK and dV are deterministic: no atomics.
 //
-// Defines: BWD_PASS, D, DV, WG, IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16 (the gradients take the
-// inputs' dtype). Bindings and parameters: flex_bwd_params.glsl (BackwardBinding, BackwardField).
+// Defines: BWD_PASS, D, DV, WG, BQ and BKV (passes 1, 2), IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16
+// (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5). Bindings and parameters:
+// flex_bwd_params.glsl (BackwardBinding, BackwardField).
 #extension GL_GOOGLE_include_directive : require
+#if BWD_PASS == 5
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
-#if BWD_PASS == 5
 #extension GL_KHR_shader_subgroup_vote : require
 #if VKF_CAP_ATOMIC
 #extension GL_EXT_shader_atomic_float : require
@@ -237,92 +238,139 @@ void main() {
     delta_data[r] = acc;
 }
 #else
+// Passes 1 and 2, tiled: a workgroup stages BQ query rows (q, dO, LSE, delta) and BKV keys (k, v)
+// in shared memory and computes the BQ x BKV pairs' P and dS there, so each row and key is read
+// from memory once per tile instead of once per pair. A tile of rows lies in one query block of
+// the BlockMask and a tile of keys in one KV block, so a pair's class (full, partial) is the
+// tile's. Pass 1: a workgroup per query tile (and key split), dQ for its rows over the walked key
+// blocks; pass 2: a workgroup per key tile (and query split), dK and dV for its keys over the
+// transposed walk of every query head of its group.
+#define SST (BKV | 1)
+shared float Qs[BQ * D], DOs[BQ * DV], Ks[BKV * D], Vs[BKV * DV];
+shared float dSs[BQ * SST], Ps[BQ * SST];
+shared float t_lse[BQ], t_delta[BQ];
 
-// Sums a per-invocation vector over the workgroup: red holds one row per subgroup.
-#define MAXSG (WG / 4)
-shared float red[MAXSG * (D > DV ? D : DV)];
-// The workgroup's sum of VEC[0..N), each sum s stored by STORE(d, s); ends with the workgroup
-// synchronized, so red can be reused.
-#define WG_SUM(VEC, N, STORE) { \
-    for (int d_ = 0; d_ < (N); ++d_) { \
-        const float s_ = subgroupAdd(VEC[d_]); \
-        if (subgroupElect()) red[int(gl_SubgroupID) * (N) + d_] = s_; \
-    } \
-    barrier(); \
-    for (int d_ = int(gl_LocalInvocationIndex); d_ < (N); d_ += WG) { \
-        float s_ = 0.0; \
-        for (int g_ = 0; g_ < int(gl_NumSubgroups); ++g_) s_ += red[g_ * (N) + d_]; \
-        STORE(d_, s_); \
-    } \
-    barrier(); \
+// Stages query rows q0.. (n of them; zeros after) of (b, h): q, dO, LSE and delta.
+void stage_rows(int b, int h, int q0, int n) {
+    const int lid = int(gl_LocalInvocationIndex);
+    for (int e = lid; e < BQ * D; e += WG) { const int r = e / D, d = e - r * D; Qs[e] = r < n ? IN_FLOAT(q_data[q_at(b, h, q0 + r) + d * p.q_sd]) : 0.0; }
+    for (int e = lid; e < BQ * DV; e += WG) { const int r = e / DV, d = e - r * DV; DOs[e] = r < n ? IN_FLOAT(do_data[do_at(b, h, q0 + r) + d * p.do_sd]) : 0.0; }
+    if (lid < BQ) {
+        t_lse[lid] = lid < n ? lse_data[lse_at(b, h, q0 + lid)] : NEG_INF;
+        t_delta[lid] = lid < n ? delta_data[row_id(b, h, q0 + lid)] : 0.0;
+    }
 }
-shared float row_a[D > DV ? D : DV], row_b[D > DV ? D : DV];   // the workgroup's own q/dO (pass 1) or k/v (pass 2) row
+
+// Stages keys k0.. (n of them; zeros after) of (b, hk): k and v.
+void stage_keys(int b, int hk, int k0, int n) {
+    const int lid = int(gl_LocalInvocationIndex);
+    for (int e = lid; e < BKV * D; e += WG) { const int j = e / D, d = e - j * D; Ks[e] = j < n ? IN_FLOAT(k_data[k_at(b, hk, k0 + j) + d * p.k_sd]) : 0.0; }
+    for (int e = lid; e < BKV * DV; e += WG) { const int j = e / DV, d = e - j * DV; Vs[e] = j < n ? IN_FLOAT(v_data[v_at(b, hk, k0 + j) + d * p.v_sd]) : 0.0; }
+}
+
+// P and dS of every pair of the staged tiles (rows < nq, keys < nk; 0 elsewhere and where masked
+// or the row has no key), into Ps and dSs.
+void tile_pairs(int b, int h, int q0, int nq, int k0, int nk, bool partial) {
+    for (int e = int(gl_LocalInvocationIndex); e < BQ * BKV; e += WG) {
+        const int r = e / BKV, j = e - r * BKV;
+        float P = 0.0, dS = 0.0;
+        if (r < nq && j < nk && t_lse[r] != NEG_INF && (!partial || mask_mod(b, h, q0 + r, k0 + j))) {
+            float qk = 0.0, dov = 0.0;
+            for (int d = 0; d < D; ++d) qk += Qs[r * D + d] * Ks[j * D + d];
+            for (int d = 0; d < DV; ++d) dov += DOs[r * DV + d] * Vs[j * DV + d];
+            pair_grads(b, h, q0 + r, k0 + j, qk, dov, t_lse[r], t_delta[r], P, dS);
+        }
+        Ps[r * SST + j] = P;
+        dSs[r * SST + j] = dS;
+    }
+}
+
+#define ACC_Q ((BQ * D + WG - 1) / WG)
+#define ACC_K ((BKV * D + WG - 1) / WG)
+#define ACC_V ((BKV * DV + WG - 1) / WG)
 
 #if BWD_PASS == 1
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    // z = batch * splits + split: each split walks a share of the key blocks (1 split: all).
-    const int i = int(gl_WorkGroupID.x), h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits;
+    // x = query tile (tiles_q per query block), y = head, z = batch * splits + split.
+    const int tiles_q = (p.q_bs + BQ - 1) / BQ;
+    const int qb = int(gl_WorkGroupID.x) / tiles_q, h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits;
     const int split = int(gl_WorkGroupID.z) % p.dq_splits;
+    const int q0 = qb * p.q_bs + (int(gl_WorkGroupID.x) - qb * tiles_q) * BQ;
+    const int nq = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
+    if (nq <= 0) return;
     const int kb_lo = split * p.dq_split_blocks, kb_hi = p.dq_splits > 1 ? kb_lo + p.dq_split_blocks : 2147483647;
     const int hk = h / (p.Hq / p.Hkv);
-    for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
-    for (int d = lid; d < DV; d += WG) row_b[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
+    stage_rows(b, h, q0, nq);
+    float acc[ACC_Q];
+    for (int a = 0; a < ACC_Q; ++a) acc[a] = 0.0;
     barrier();
-    const float lse_i = lse_data[lse_at(b, h, i)], delta_i = delta_data[row_id(b, h, i)];
-    float dq[D];
-    for (int d = 0; d < D; ++d) dq[d] = 0.0;
     bool walked = true;
-    if (lse_i != NEG_INF) {   // a row with no key has P = 0 everywhere
-        const int mrow = walk_row(b, h, i / p.q_bs);
-        int pass = 0;
-        for (; pass < 2; ++pass) {
-            const int n = walk_count(pass, mrow);
-            int blk = 0;
-            for (; blk < n; ++blk) {
-                const int kb = walk_block(pass, mrow, blk);
-                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
-                const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
-                int j = kb * p.kv_bs + lid;
-                for (; j < k_stop; j += WG) {
-                    if (pass == 1 && !mask_mod(b, h, i, j)) continue;
-                    float qk = 0.0, dov = 0.0;
-                    for (int d = 0; d < D; ++d) qk += row_a[d] * IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
-                    for (int d = 0; d < DV; ++d) dov += row_b[d] * IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
-                    float P, dS;
-                    pair_grads(b, h, i, j, qk, dov, lse_i, delta_i, P, dS);
-                    for (int d = 0; d < D; ++d) dq[d] += dS * IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
+    const int mrow = walk_row(b, h, qb);
+    int pass = 0;
+    for (; pass < 2; ++pass) {
+        const int n = walk_count(pass, mrow);
+        int blk = 0;
+        for (; blk < n; ++blk) {
+            const int kb = walk_block(pass, mrow, blk);
+            if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
+            const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
+            int k0 = kb * p.kv_bs;
+            for (; k0 < k_stop; k0 += BKV) {
+                const int nk = min(BKV, k_stop - k0);
+                stage_keys(b, hk, k0, nk);
+                barrier();
+                tile_pairs(b, h, q0, nq, k0, nk, pass == 1);
+                barrier();
+                for (int a = 0; a < ACC_Q; ++a) {
+                    const int e = lid + a * WG;
+                    if (e < BQ * D) {
+                        const int r = e / D, d = e - r * D;
+                        float s = acc[a];
+                        for (int j = 0; j < nk; ++j) s += dSs[r * SST + j] * Ks[j * D + d];
+                        acc[a] = s;
+                    }
                 }
-                if (j < k_stop) walked = false;
+                barrier();
             }
-            if (blk < n) walked = false;
+            if (k0 < k_stop) walked = false;
         }
-        if (pass < 2) walked = false;
+        if (blk < n) walked = false;
     }
+    if (pass < 2) walked = false;
     if (!walked) vkf_report(4, 0, 0, 0);
-    // The workgroup's sum, per dim.
-#define STORE_DQ(d, s) { if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row_id(b, h, i)) * D + (d)] = (s) * p.scale; \
-                        else dq_data[row_id(b, h, i) * D + (d)] = OUT_VALUE((s) * p.scale); }
-    WG_SUM(dq, D, STORE_DQ)
+    for (int a = 0; a < ACC_Q; ++a) {
+        const int e = lid + a * WG;
+        if (e < BQ * D) {
+            const int r = e / D, d = e - r * D;
+            if (r < nq) {
+                const int row = row_id(b, h, q0 + r);
+                if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row) * D + d] = acc[a] * p.scale;
+                else dq_data[row * D + d] = OUT_VALUE(acc[a] * p.scale);
+            }
+        }
+    }
 }
 #else
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    // z = batch * splits + split: each split walks a share of the query blocks (1 split: all).
-    const int j = int(gl_WorkGroupID.x), hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dk_splits;
+    // x = key tile (tiles_k per KV block), y = KV head, z = batch * splits + split.
+    const int tiles_k = (p.kv_bs + BKV - 1) / BKV;
+    const int kb = int(gl_WorkGroupID.x) / tiles_k, hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dk_splits;
     const int split = int(gl_WorkGroupID.z) % p.dk_splits;
+    const int k0 = kb * p.kv_bs + (int(gl_WorkGroupID.x) - kb * tiles_k) * BKV;
+    const int k_end = min(min(k0 + BKV, (kb + 1) * p.kv_bs), p.Lkv);
+    if (k_end <= k0) return;
+    const int nk = max(0, min(k_end, kv_len(b)) - k0);   // keys past the batch's length get zero gradients
     const int qb_lo = split * p.dk_split_blocks, qb_hi = p.dk_splits > 1 ? qb_lo + p.dk_split_blocks : 2147483647;
     const int group = p.Hq / p.Hkv;
-    const bool exists = j < kv_len(b);   // a key past its batch's length gets zero gradients
-    for (int d = lid; d < D; d += WG) row_a[d] = IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
-    for (int d = lid; d < DV; d += WG) row_b[d] = IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
-    barrier();
-    float dk[D], dv[DV];
-    for (int d = 0; d < D; ++d) dk[d] = 0.0;
-    for (int d = 0; d < DV; ++d) dv[d] = 0.0;
+    stage_keys(b, hk, k0, nk);
+    float dk[ACC_K], dv[ACC_V];
+    for (int a = 0; a < ACC_K; ++a) dk[a] = 0.0;
+    for (int a = 0; a < ACC_V; ++a) dv[a] = 0.0;
     bool walked = true;
-    for (int h = hk * group; exists && h < (hk + 1) * group; ++h) {
-        const int mcol = walk_col(b, h, j / p.kv_bs);
+    for (int h = hk * group; nk > 0 && h < (hk + 1) * group; ++h) {
+        const int mcol = walk_col(b, h, kb);
         int pass = 0;
         for (; pass < 2; ++pass) {
             const int n = walk_count_t(pass, mcol);
@@ -331,34 +379,63 @@ void main() {
                 const int qb = walk_query_block(pass, mcol, blk);
                 if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
                 const int q_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
-                int i = qb * p.q_bs + lid;
-                for (; i < q_stop; i += WG) {
-                    const float lse_i = lse_data[lse_at(b, h, i)];
-                    if (lse_i == NEG_INF) continue;
-                    if (pass == 1 && !mask_mod(b, h, i, j)) continue;
-                    float qk = 0.0, dov = 0.0;
-                    for (int d = 0; d < D; ++d) qk += IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]) * row_a[d];
-                    for (int d = 0; d < DV; ++d) dov += IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]) * row_b[d];
-                    float P, dS;
-                    pair_grads(b, h, i, j, qk, dov, lse_i, delta_data[row_id(b, h, i)], P, dS);
-                    for (int d = 0; d < D; ++d) dk[d] += dS * IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
-                    for (int d = 0; d < DV; ++d) dv[d] += P * IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
+                int q0 = qb * p.q_bs;
+                for (; q0 < q_stop; q0 += BQ) {
+                    const int nq = min(BQ, q_stop - q0);
+                    barrier();   // the previous tile's rows are read
+                    stage_rows(b, h, q0, nq);
+                    barrier();
+                    tile_pairs(b, h, q0, nq, k0, nk, pass == 1);
+                    barrier();
+                    for (int a = 0; a < ACC_K; ++a) {
+                        const int e = lid + a * WG;
+                        if (e < BKV * D) {
+                            const int j = e / D, d = e - j * D;
+                            float s = dk[a];
+                            for (int r = 0; r < nq; ++r) s += dSs[r * SST + j] * Qs[r * D + d];
+                            dk[a] = s;
+                        }
+                    }
+                    for (int a = 0; a < ACC_V; ++a) {
+                        const int e = lid + a * WG;
+                        if (e < BKV * DV) {
+                            const int j = e / DV, d = e - j * DV;
+                            float s = dv[a];
+                            for (int r = 0; r < nq; ++r) s += Ps[r * SST + j] * DOs[r * DV + d];
+                            dv[a] = s;
+                        }
+                    }
                 }
-                if (i < q_stop) walked = false;
+                if (q0 < q_stop) walked = false;
             }
             if (blk < n) walked = false;
         }
         if (pass < 2) walked = false;
     }
     if (!walked) vkf_report(4, 0, 0, 0);
-    const int rowk = (b * p.Hkv + hk) * p.Lkv + j;   // dK and dV: contiguous [B, Hkv, Lkv, D]
     const int rows_k = p.B * p.Hkv * p.Lkv;
-#define STORE_DK(d, s) { if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + (d)] = (s) * p.scale; \
-                        else dk_data[rowk * D + (d)] = OUT_VALUE((s) * p.scale); }
-#define STORE_DV(d, s) { if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * DV + (d)] = (s); \
-                        else dv_data[rowk * DV + (d)] = OUT_VALUE(s); }
-    WG_SUM(dk, D, STORE_DK)
-    WG_SUM(dv, DV, STORE_DV)
+    for (int a = 0; a < ACC_K; ++a) {
+        const int e = lid + a * WG;
+        if (e < BKV * D) {
+            const int j = e / D, d = e - j * D;
+            if (k0 + j < k_end) {
+                const int rowk = (b * p.Hkv + hk) * p.Lkv + k0 + j;   // dK and dV: contiguous [B, Hkv, Lkv, D]
+                if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + d] = dk[a] * p.scale;
+                else dk_data[rowk * D + d] = OUT_VALUE(dk[a] * p.scale);
+            }
+        }
+    }
+    for (int a = 0; a < ACC_V; ++a) {
+        const int e = lid + a * WG;
+        if (e < BKV * DV) {
+            const int j = e / DV, d = e - j * DV;
+            if (k0 + j < k_end) {
+                const int rowk = (b * p.Hkv + hk) * p.Lkv + k0 + j;
+                if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * DV + d] = dv[a];
+                else dv_data[rowk * DV + d] = OUT_VALUE(dv[a]);
+            }
+        }
+    }
 }
 #endif
 #endif

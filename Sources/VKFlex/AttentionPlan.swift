@@ -72,8 +72,9 @@ struct AttentionPlan: Hashable, Sendable {
         case coopmat(CoopmatTiles)
         /// Split-KV decoding: rows per workgroup, keys per staged tile, invocations.
         case decode(rows: Int, BKV: Int, WG: Int)
-        /// The backward's scalar passes: invocations per workgroup.
-        case backward(WG: Int)
+        /// The backward's passes: the dQ and dK/dV passes' tiles (query rows, keys; 0 for the
+        /// other passes) and invocations per workgroup.
+        case backward(BQ: Int, BKV: Int, WG: Int)
     }
 
     var pass: Pass
@@ -109,11 +110,11 @@ struct AttentionPlan: Hashable, Sendable {
     /// The mods' identity: their generated GLSL.
     var mods: String
 
-    var BQ: Int { switch tiles { case .portable(let bq, _, _), .decode(let bq, _, _): return bq; case .coopmat(let t): return t.BQ; case .backward: return 1 } }
-    var BKV: Int { switch tiles { case .portable(_, let bkv, _), .decode(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV; case .backward: return 1 } }
+    var BQ: Int { switch tiles { case .portable(let bq, _, _), .decode(let bq, _, _), .backward(let bq, _, _): return bq; case .coopmat(let t): return t.BQ } }
+    var BKV: Int { switch tiles { case .portable(_, let bkv, _), .decode(_, let bkv, _), .backward(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV } }
     var WG: Int {
         switch tiles {
-        case .portable(_, _, let wg), .decode(_, _, let wg), .backward(let wg): return wg
+        case .portable(_, _, let wg), .decode(_, _, let wg), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
         }
     }
@@ -133,9 +134,10 @@ struct AttentionPlan: Hashable, Sendable {
             // bfloat16 is stored as 16 bits and computed in float32 (never narrowed to float16).
             if dtype == .bfloat16 { source.defines += [.init("IN_BF16", "1"), .init("OUT_BF16", partial ? "0" : "1")] }
             if partial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
-        case .backward(let WG):
+        case .backward(let BQ, let BKV, let WG):
             guard case .backward(let n) = pass else { preconditionFailure("backward tiles without a backward pass") }
             var defines: [ShaderSource.Define] = [.init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("WG", "\(WG)")]
+            if BQ > 0 { defines += [.init("BQ", "\(BQ)"), .init("BKV", "\(BKV)")] }
             switch dtype {
             case .float16: defines += [.init("IN_F16", "1"), .init("OUT_F16", "1")]
             case .bfloat16: defines += [.init("IN_BF16", "1"), .init("OUT_BF16", "1")]
@@ -244,12 +246,25 @@ enum AttentionPlanner {
         return nil
     }
 
-    /// A backward pass's plan: the portable scalar passes of flex_attention_bwd.comp, `WG`
-    /// invocations (64: the dQ pass shares a row's keys, the dK/dV pass a key's rows, among them;
-    /// the device's most where that is less), the parameter block as push constants where it fits.
-    static func backward(shape s: AttentionShape, pass: Int, WG: Int, pushParams: Bool, mods: SplicedMods, capAtomic: Bool) -> AttentionPlan {
-        AttentionPlan(pass: .backward(pass), kernel: .portable, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .backward(WG: WG), capAtomic: capAtomic,
-                      pushParams: pushParams, mods: mods.glsl.source)
+    /// A backward pass's plan: the portable passes of flex_attention_bwd.comp with their tiles
+    /// (``backwardTiles(D:Dv:device:)`` for the dQ and dK/dV passes), the parameter block as push
+    /// constants where it fits.
+    static func backward(shape s: AttentionShape, pass: Int, tiles t: (BQ: Int, BKV: Int, WG: Int), pushParams: Bool, mods: SplicedMods,
+                         capAtomic: Bool) -> AttentionPlan {
+        AttentionPlan(pass: .backward(pass), kernel: .portable, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .backward(BQ: t.BQ, BKV: t.BKV, WG: t.WG),
+                      capAtomic: capAtomic, pushParams: pushParams, mods: mods.glsl.source)
+    }
+
+    /// The dQ and dK/dV passes' tiles: query rows and keys staged in shared memory with their
+    /// pairs' P and dS, the largest of 16×32, 16×16, 8×16, 8×8, 4×8, 4×4 that fits; 128 invocations
+    /// (or the device's most).
+    static func backwardTiles(D: Int, Dv: Int, device: Device) -> (BQ: Int, BKV: Int, WG: Int)? {
+        let caps = device.capabilities
+        for (bq, bkv) in [(16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4)] {
+            let bytes = 4 * (bq * (D + Dv) + bkv * (D + Dv) + 2 * bq * (bkv | 1) + 2 * bq)
+            if bytes <= caps.maxSharedMemory - 256 { return (bq, bkv, min(128, caps.maxWorkgroupInvocations)) }
+        }
+        return nil
     }
 
     /// Why `coopmat` cannot run this call, or nil when it can.

@@ -185,8 +185,9 @@ enum BackwardKernel {
         let pipelines: [Int: ComputePipeline]
         let mods: SplicedMods
         let pushParams: Bool
-        /// Invocations per workgroup of the dQ and dK/dV passes.
+        /// Invocations per workgroup of the dQ and dK/dV passes, and their tiles: query rows and keys.
         let WG: Int
+        var BQ = 16, BKV = 32
         /// With captures' gradients: the terms pass 5 adds per pair, and whether it uses float atomics.
         var capTerms = 0
         var capAtomic = false
@@ -199,15 +200,14 @@ enum BackwardKernel {
                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
         let tuning = try AttentionTuning.of(device)
         let push = AttentionPlanner.pushesParams(device, tuning: tuning, bytes: BackwardParams.byteCount)
-        // 64 invocations share a row's keys (or a key's rows); the subgroup sums need at most
-        // WG / 4 rows of shared memory (lavapipe's subgroups are 4 or 8 wide).
-        let WG = min(64, caps.maxWorkgroupInvocations)
-        guard (WG / 4) * max(s.D, s.Dv) * 4 + 2 * max(s.D, s.Dv) * 4 <= caps.maxSharedMemory else {
+        // The dQ and dK/dV passes: tiles of query rows and keys in shared memory, the largest that fit.
+        guard let tiles = AttentionPlanner.backwardTiles(D: s.D, Dv: s.Dv, device: device) else {
             throw FlexError.limitExceeded("head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has for the backward kernels")
         }
+        let WG = tiles.WG
         let maxGroups = caps.maxWorkgroupCount
         guard s.Lq <= maxGroups[0], s.Lkv <= maxGroups[0], s.Hq <= maxGroups[1], s.B <= maxGroups[2] else {
-            throw FlexError.limitExceeded("the backward kernels run a workgroup per row: lengths \(s.Lq)/\(s.Lkv) exceed \(caps.name)'s dispatch limit \(maxGroups[0])")
+            throw FlexError.limitExceeded("the backward kernels run a workgroup per row tile: lengths \(s.Lq)/\(s.Lkv) exceed \(caps.name)'s dispatch limit \(maxGroups[0])")
         }
         var includes = mods.includes
         includes[BackwardParams.includeName] = BackwardParams.glsl
@@ -220,7 +220,7 @@ enum BackwardKernel {
             let spliced = pass == 5 ? capMods! : mods
             var passIncludes = includes
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
-            let plan = AttentionPlanner.backward(shape: s, pass: pass, WG: [0, 3, 4, 5].contains(pass) ? 64 : WG, pushParams: push,
+            let plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
@@ -232,7 +232,7 @@ enum BackwardKernel {
         let sums = ForwardKernel.loopIterationLimit(device) != nil || (capMods != nil && !capAtomic)
         let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : [])
         var prepared = Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
-                                WG: WG)
+                                WG: WG, BQ: tiles.BQ, BKV: tiles.BKV)
         if let capMods {
             prepared.capTerms = capMods.glsl.captureGradientTerms
             prepared.capAtomic = capAtomic
@@ -245,7 +245,9 @@ enum BackwardKernel {
                     dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?, gradCaptures: [CaptureInfo] = [], dcaps: [Tensor] = []) throws {
         let device = q.device
         let caps = device.capabilities
-        guard caps.subgroupArithmetic else { throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the backward kernels use") }
+        guard caps.subgroupArithmetic || gradCaptures.isEmpty else {
+            throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the gradients of captured tensors use")
+        }
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, gradCaptures: gradCaptures, device: device)
         let mods = prepared.mods, push = prepared.pushParams
         let (p0, p1, p2, p3) = (prepared.pipelines[0]!, prepared.pipelines[1]!, prepared.pipelines[2]!, prepared.pipelines[3])
@@ -293,12 +295,21 @@ enum BackwardKernel {
         // row's key blocks and the dK/dV pass each key's query blocks into shares sized to stay
         // under the cap (an upper bound of the loops per walked block), summed by pass 4.
         let kvBlocks = p.int(.kv_blocks), qBlocks = p.int(.q_blocks), WG = prepared.WG, group = s.Hq / s.Hkv
+        let (BQ, BKV) = (prepared.BQ, prepared.BKV)
+        let tilesQ = (qBS + BQ - 1) / BQ, tilesK = (kvBS + BKV - 1) / BKV
+        guard qBlocks * tilesQ <= caps.maxWorkgroupCount[0], kvBlocks * tilesK <= caps.maxWorkgroupCount[0] else {
+            throw FlexError.limitExceeded("the backward's \(qBlocks * tilesQ) query tiles or \(kvBlocks * tilesK) key tiles exceed \(caps.name)'s dispatch limit \(caps.maxWorkgroupCount[0])")
+        }
         var dqSplit = (count: 1, blocks: kvBlocks), dkSplit = (count: 1, blocks: qBlocks)
         let limit = ForwardKernel.loopIterationLimit(device)
         let budget = max(1, (limit ?? 0) * 3 / 4 - 4 * (s.D + s.Dv) - 2 * (kvBlocks + qBlocks) - 1024)
         if limit != nil {
-            let perKVBlock = (kvBS + WG - 1) / WG * (2 * s.D + s.Dv + 16)
-            let perQBlock = group * (qBS + WG - 1) / WG * (2 * s.D + 2 * s.Dv + 16)
+            // Per staged tile: its staging loops, the pairs' dot products, the accumulation.
+            func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
+            let pairs = ceilDiv(BQ * BKV, WG) * (s.D + s.Dv + 8)
+            let perKVBlock = tilesK * (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG) + pairs + ceilDiv(BQ * s.D, WG) * (BKV + 1) + 8)
+            let perQBlock = group * tilesQ * (ceilDiv(BQ * s.D, WG) + ceilDiv(BQ * s.Dv, WG) + 1 + pairs
+                                              + (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG)) * (BQ + 1) + 8)
             let dqBlocks = max(1, budget / perKVBlock), dkBlocks = max(1, budget / perQBlock)
             if dqBlocks < kvBlocks { dqSplit = ((kvBlocks + dqBlocks - 1) / dqBlocks, dqBlocks) }
             if dkBlocks < qBlocks { dkSplit = ((qBlocks + dkBlocks - 1) / dkBlocks, dkBlocks) }
@@ -379,8 +390,8 @@ enum BackwardKernel {
         }
         try device.record { rec in
             try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
-            try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (s.Lq, s.Hq, s.B * dqSplit.count))
-            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (s.Lkv, s.Hkv, s.B * dkSplit.count))
+            try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (qBlocks * tilesQ, s.Hq, s.B * dqSplit.count))
+            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK, s.Hkv, s.B * dkSplit.count))
             if let p3 { try rec.dispatch(p3, bindings: main, pushConstants: pc, groups: (s.Hq, 1, 1)) }
             if let p5 = prepared.pipelines[5] {
                 rec.fill(prepared.capAtomic ? dcapsBuffer : partCaps, pattern: 0, bytes: prepared.capAtomic ? capTotal * 4 : partCaps.size)
