@@ -497,6 +497,47 @@ final class CLITests: XCTestCase {
         }
     }
 
+    /// A decode step as a serving model takes it, from files: GQA 32 → 8, float16, D = 128, ALiBi
+    /// and a causal mask written in positions, `--q-offset` per batch, `--kv-lens`, sinks; the
+    /// split-KV kernel against NumPy in float64.
+    func testAttendDecodeStepLikeAServingModel() throws {
+        _ = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        rng = np.random.default_rng(9)
+        B, Hq, Hkv, Lq, L, D = 2, 32, 8, 2, 300, 128
+        np.save(f'{d}/q.npy', rng.standard_normal((B, Hq, Lq, D)).astype(np.float16))
+        for n in 'kv': np.save(f'{d}/{n}.npy', rng.standard_normal((B, Hkv, L, D)).astype(np.float16))
+        np.save(f'{d}/slope.npy', np.exp2(-(np.arange(Hq) + 1) * 8 / Hq).astype(np.float32))
+        np.save(f'{d}/off.npy', np.array([240, 57], np.int32)); np.save(f'{d}/lens.npy', np.array([242, 59], np.int32))
+        np.save(f'{d}/sinks.npy', rng.standard_normal(Hq).astype(np.float32))
+        """)
+        let d = dir.path
+        let (status, output) = try run(["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k.npy", "--v", "\(d)/v.npy", "--gqa", "--capture", "slope=\(d)/slope.npy",
+                                        "--score-mod", "score + slope[h] * (kv_idx - q_idx)", "--mask-mod", "q_idx >= kv_idx",
+                                        "--q-offset", "\(d)/off.npy", "--kv-lens", "\(d)/lens.npy", "--sinks", "\(d)/sinks.npy",
+                                        "--out", "\(d)/o.npy", "--lse", "\(d)/l.npy"])
+        XCTAssertEqual(status, 0, output)
+        let check = try python("""
+        import numpy as np, sys
+        d = sys.argv[1]
+        q, k, v = [np.load(f'{d}/{n}.npy').astype(np.float64) for n in 'qkv']
+        slope, off, lens, sinks = [np.load(f'{d}/{n}.npy').astype(np.float64) for n in ['slope', 'off', 'lens', 'sinks']]
+        o, l = np.load(f'{d}/o.npy'), np.load(f'{d}/l.npy'); ok = True
+        for b in range(2):
+            kk, vv = np.repeat(k[b], 4, axis=0)[:, :int(lens[b])], np.repeat(v[b], 4, axis=0)[:, :int(lens[b])]
+            i = np.arange(2)[:, None] + off[b]; j = np.arange(int(lens[b]))[None, :]
+            s = q[b] @ kk.transpose(0, 2, 1) / np.sqrt(128) + slope[:, None, None] * (j - i)
+            s = np.where(i >= j, s, -np.inf)
+            m = np.maximum(s.max(-1, keepdims=True), sinks[:, None, None]); p = np.exp(s - m)
+            den = p.sum(-1, keepdims=True) + np.exp(sinks[:, None, None] - m)
+            ref = p @ vv / den; lse = (m + np.log(den))[..., 0]
+            ok &= np.linalg.norm(o[b] - ref) / np.linalg.norm(ref) < 2e-3 and np.abs(l[b] - lse).max() < 2e-2
+        print(bool(ok))
+        """)
+        XCTAssertEqual(check.trimmingCharacters(in: .whitespacesAndNewlines), "True")
+    }
+
     func testAttendWithNoKeysGivesEmptyRows() throws {
         _ = try python("""
         import numpy as np, sys
