@@ -128,7 +128,8 @@ public struct FlexOptions: Sendable, Hashable {
 /// - kvLengths: int32 `[B]`: batch `b` has only its first `kvLengths[b]` keys (a contiguous cache
 ///   filled up to a different length per sequence); keys at or past it are never loaded nor given
 ///   to a mod, full blocks included, and a row left with no key gives 0 / LSE `-inf`. The values
-///   are read back and checked to lie in `0...Lkv` (the call waits for the tensor's writer).
+///   are checked to lie in `0...Lkv`: from the host's copy for a tensor made from host values
+///   (`device.tensor([...])`, `copy(from:)`), else read back (the call then waits for the tensor's writer).
 /// - qOffset: where the query rows sit in their sequence (``QueryOffset``: an Int for every batch,
 ///   or an int32 `[B]` tensor): row `i` of batch `b` is position `i + offset[b]`, which the mods
 ///   see as `q_idx` and the BlockMask is walked at; the BlockMask then covers the whole sequence
@@ -271,7 +272,7 @@ func checkKVLengths(_ kvLengths: Tensor?, shape: AttentionShape, device: Device)
     guard kvLengths.dtype == .int32, kvLengths.shape == [shape.B] else {
         throw FlexError("kvLengths must be int32 [B] = [\(shape.B)], got \(kvLengths.dtype.rawValue) \(kvLengths.shape)")
     }
-    if let (b, n) = try kvLengths.toInt32Array().enumerated().first(where: { $0.element < 0 || Int($0.element) > shape.Lkv }) {
+    if let (b, n) = try kvLengths.int32Values().enumerated().first(where: { $0.element < 0 || Int($0.element) > shape.Lkv }) {
         throw FlexError("kvLengths[\(b)] = \(n) is outside 0...\(shape.Lkv) (the key length)")
     }
 }

@@ -68,7 +68,7 @@ extension PageTable {
             throw FlexError("pageTable: the lengths must be int32 [B] = [\(B)], got \(lengths.dtype.rawValue) \(lengths.shape)")
         }
         let maxPages = table.shape[1]
-        let (entries, lens) = try known ?? (table.toInt32Array(), lengths.toInt32Array().map(Int.init))
+        let (entries, lens) = try known ?? (table.int32Values(), lengths.int32Values().map(Int.init))
         if let problem = PageTable.problem(table: entries, maxPages: maxPages, lengths: lens, pageSize: pageSize, pages: physicalKeys / pageSize) {
             throw FlexError("pageTable: " + problem)
         }

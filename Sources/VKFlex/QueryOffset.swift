@@ -18,8 +18,8 @@ import VKFlexVulkan
 public enum QueryOffset: ExpressibleByIntegerLiteral {
     /// The same offset for every batch.
     case uniform(Int)
-    /// An int32 tensor `[B]`, one offset per batch (read back to check it, as `kvLengths:` is: the
-    /// call waits for the tensor's writer).
+    /// An int32 tensor `[B]`, one offset per batch, checked as `kvLengths:` is (from the host's copy
+    /// of a tensor made from host values, else read back: the call then waits for its writer).
     case perBatch(Tensor)
     /// One offset per batch from the host: what a serving loop knows, uploaded with the call and
     /// never read back (no wait).
@@ -52,7 +52,7 @@ extension QueryOffset {
             guard t.dtype == .int32, t.shape == [s.B] else {
                 throw FlexError("qOffset must be int32 [B] = [\(s.B)], one offset per batch, got \(t.dtype.rawValue) \(t.shape)")
             }
-            values = try t.toInt32Array().map(Int.init)
+            values = try t.int32Values().map(Int.init)
         }
         let limit = blockMask?.qLen ?? Int(Int32.max)
         for (b, o) in values.enumerated() {

@@ -53,7 +53,21 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
 
     /// A binding of the bytes this (contiguous) tensor covers.
     func binding(writes: Bool = false) -> BufferBinding {
-        BufferBinding(buffer, offset: byteOffset, size: max(4, count * dtype.size), writes: writes)
+        if writes { checkLock.withLock { hostInt32 = nil } }
+        return BufferBinding(buffer, offset: byteOffset, size: max(4, count * dtype.size), writes: writes)
+    }
+
+    /// The values of an int32 tensor the host gave it (``Device/tensor(_:shape:name:)``,
+    /// ``copy(from:)``), until a kernel writes it: key lengths, offsets and page tables are then
+    /// checked without a read-back (a wait). A write into its `buffer` by other means is not seen.
+    private var hostInt32: [Int32]?
+
+    func rememberHostValues(_ values: [Int32]) { checkLock.withLock { hostInt32 = values } }
+
+    /// The int32 values, from the host's copy where there is one, else read back.
+    func int32Values() throws -> [Int32] {
+        if let known = checkLock.withLock({ hostInt32 }) { return known }
+        return try toInt32Array()
     }
 
     /// Row-major strides for `shape`.
@@ -153,7 +167,9 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
             guard values.allSatisfy({ $0 == $0.rounded() && abs($0) < 2_147_483_648 }) else {
                 throw FlexError("\(name) is int32: copy(from:) takes integers in int32 range")
             }
-            try buffer.upload(values.map { Int32($0) }, byteOffset: byteOffset)
+            let ints = values.map { Int32($0) }
+            try buffer.upload(ints, byteOffset: byteOffset)
+            rememberHostValues(ints)
         }
     }
 
@@ -229,7 +245,9 @@ extension Device {
             guard values.allSatisfy({ $0 == $0.rounded() && abs($0) < 2_147_483_648 }) else {
                 throw FlexError("int32 tensor \(name ?? ""): values must be integers in int32 range")
             }
-            try t.buffer.upload(values.map { Int32($0) })
+            let ints = values.map { Int32($0) }
+            try t.buffer.upload(ints)
+            t.rememberHostValues(ints)
         }
         return t
     }
@@ -241,6 +259,7 @@ extension Device {
         try checkShape(shape, count: values.count)
         let t = try empty(shape: shape, dtype: .int32, name: name)
         try t.buffer.upload(values)
+        t.rememberHostValues(values)
         return t
     }
 

@@ -124,6 +124,23 @@ final class PagedKVTests: FlexTestCase {
         }
     }
 
+    /// Key lengths, offsets and tables made from host values are checked from the host's copy (no
+    /// read-back, no wait); a kernel's write drops the copy.
+    func testHostValuesAreCheckedWithoutAReadBack() throws {
+        let t = try device.tensor([5, 7] as [Int], shape: [2])
+        // A write the tensor does not see: the host's copy is what the checks read.
+        try t.buffer.upload([Int32(40), 41])
+        XCTAssertEqual(try t.int32Values(), [5, 7])
+        try t.copy(from: [1, 2])
+        XCTAssertEqual(try t.int32Values(), [1, 2])
+        _ = t.binding(writes: true)   // what a kernel writing it binds
+        try t.buffer.upload([Int32(3), 4])
+        XCTAssertEqual(try t.int32Values(), [3, 4], "read back once a kernel may have written it")
+        let empty = try device.empty(shape: [2], dtype: .int32)
+        try empty.buffer.upload([Int32(8), 9])
+        XCTAssertEqual(try empty.int32Values(), [8, 9])
+    }
+
     func testBadTablesAreCleanErrors() throws {
         let (B, P, pages) = (2, 8, 4)
         let q = try device.tensor(randn(B * 16), shape: [B, 1, 1, 16])
