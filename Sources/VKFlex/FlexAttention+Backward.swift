@@ -220,7 +220,7 @@ enum BackwardKernel {
             let spliced = pass == 5 ? capMods! : mods
             var passIncludes = includes
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
-            let plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
+            let plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
@@ -330,29 +330,32 @@ enum BackwardKernel {
         guard s.B * max(dqSplit.count, dkSplit.count) <= caps.maxWorkgroupCount[2] else {
             throw FlexError.limitExceeded("\(s.B) batches x \(max(dqSplit.count, dkSplit.count)) splits exceed \(caps.name)'s dispatch limit")
         }
-        // The captures' gradients (pass 5): units are query rows times key splits. With float
+        // The captures' gradients (pass 5): units are query tiles times key splits. With float
         // atomics a workgroup walks one unit and adds into `dcapsBuffer`; without, a workgroup walks
         // cg_units units into its own slice of `partCaps` (at most 1024 slices, within 256 MiB),
         // which pass 4 sums. Under a loop cap the key splits and the units per workgroup keep each
-        // invocation's loop iterations under it (the adds without atomics scan terms x 64 staged
-        // values per chunk of keys).
+        // invocation's loop iterations under it (the adds without atomics scan terms x WG staged
+        // values per step of a tile's pairs).
         let capTotal = dcaps.reduce(0) { $0 + $1.count }
         var capWorkgroups = 0, capUnits = 1, capSplit = (count: 1, blocks: kvBlocks)
         var dcapsBuffer = try ForwardKernel.dummyFloatBuffer(device), partCaps = dcapsBuffer
         if !gradCaptures.isEmpty {
             let terms = max(1, prepared.capTerms), atomic = prepared.capAtomic
-            let perKVBlock = (kvBS + 63) / 64 * (s.D + s.Dv + 16 + (atomic ? 2 * terms : terms * 66))
+            // Per staged key tile: its staging, then each step of the tile's pairs (the dot
+            // products, the adds: without atomics a scan of terms × WG staged values).
+            let steps = (BQ * BKV + WG - 1) / WG
+            let perKVBlock = tilesK * ((BKV * (s.D + s.Dv) + WG - 1) / WG + steps * (s.D + s.Dv + 16 + (atomic ? 2 * terms : terms * (WG + 2))) + 8)
             if limit != nil {
                 let blocks = max(1, budget / perKVBlock)
                 if blocks < kvBlocks { capSplit = ((kvBlocks + blocks - 1) / blocks, blocks) }
             }
-            let units = s.B * s.Hq * s.Lq * capSplit.count
+            let units = s.B * s.Hq * qBlocks * tilesQ * capSplit.count   // query tiles × key splits, as pass 1
             if atomic {
                 capWorkgroups = units
             } else {
                 let slices = min(units, max(1, min(caps.maxStorageBufferRange, 256 << 20) / (capTotal * 4)), 1024)
                 capUnits = (units + slices - 1) / slices
-                if limit != nil { capUnits = min(capUnits, max(1, budget / (capSplit.blocks * perKVBlock + s.D + s.Dv + 64))) }
+                if limit != nil { capUnits = min(capUnits, max(1, budget / (capSplit.blocks * perKVBlock + (BQ * (s.D + s.Dv) + WG - 1) / WG + 64))) }
                 capWorkgroups = (units + capUnits - 1) / capUnits
                 guard capWorkgroups * capTotal * 4 <= caps.maxStorageBufferRange else {
                     throw FlexError.limitExceeded("\(caps.name) has no float atomics, so the captures' gradients (\(capTotal) elements) are summed from \(capWorkgroups) partial copies, which exceed what it binds per buffer (\(formatBytes(caps.maxStorageBufferRange))); pass fewer rows or heads per call, or smaller captures")

@@ -147,7 +147,7 @@ void main() {
 //   5  the gradients of captured tensors: dS'_ij = P_ij (dP_ij - delta_i), the gradient of the
 //      score-mod's output, times d score_mod / d load, added to the element each load read:
 //      with float atomics (VKF_CAP_ATOMIC), else into a private slice per workgroup that pass
-//      4 sums (deterministic). Workgroups walk query rows, cg_units rows each.
+//      4 sums (deterministic). Workgroups walk tiles of query rows as pass 1 does, cg_units tiles each.
 // where P_ij = exp(s'_ij - LSE_i) (0 where masked or the row has no key), s' = score_mod(scale q.k),
 // dP_ij = dO_i . V_j and dS_ij = P_ij (dP_ij - delta_i) * d score_mod / d score. Passes 1 and 5
 // walk the forward block lists (full then partial), pass 2 their transposes (flex_walk.glsl); the
@@ -247,6 +247,39 @@ void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float l
     dS = P * (dot_dov - delta_i) * score_mod_grad(sc, b, h, i, j);
 }
 
+#if BWD_PASS == 1 || BWD_PASS == 2 || BWD_PASS == 5
+// Passes 1, 2 and 5, tiled: a workgroup stages BQ query rows (q, dO, LSE, delta) and BKV keys (k, v)
+// in shared memory and computes the BQ x BKV pairs' P and dS there, so each row and key is read
+// from memory once per tile instead of once per pair. A tile of rows lies in one query block of
+// the BlockMask and a tile of keys in one KV block, so a pair's class (full, partial) is the
+// tile's. Pass 1: a workgroup per query tile (and key split), dQ for its rows over the walked key
+// blocks; pass 2: a workgroup per key tile (and query split), dK and dV for its keys over the
+// transposed walk of every query head of its group.
+#define SST (BKV | 1)
+shared float Qs[BQ * D], DOs[BQ * DV], Ks[BKV * D], Vs[BKV * DV];
+shared float dSs[BQ * SST], Ps[BQ * SST];
+shared float t_lse[BQ], t_delta[BQ];
+
+// Stages query rows q0.. (n of them; zeros after) of (b, h): q, dO, LSE and delta.
+void stage_rows(int b, int h, int q0, int n) {
+    const int lid = int(gl_LocalInvocationIndex);
+    for (int e = lid; e < BQ * D; e += WG) { const int r = e / D, d = e - r * D; Qs[e] = r < n ? IN_FLOAT(q_data[q_at(b, h, q0 + r) + d * p.q_sd]) : 0.0; }
+    for (int e = lid; e < BQ * DV; e += WG) { const int r = e / DV, d = e - r * DV; DOs[e] = r < n ? IN_FLOAT(do_data[do_at(b, h, q0 + r) + d * p.do_sd]) : 0.0; }
+    if (lid < BQ) {
+        t_lse[lid] = lid < n ? lse_data[lse_at(b, h, q0 + lid)] : NEG_INF;
+        t_delta[lid] = lid < n ? delta_data[row_id(b, h, q0 + lid)] : 0.0;
+    }
+}
+
+// Stages keys k0.. (n of them; zeros after) of (b, hk): k and v.
+void stage_keys(int b, int hk, int k0, int n) {
+    const int lid = int(gl_LocalInvocationIndex);
+    for (int e = lid; e < BKV * D; e += WG) { const int j = e / D, d = e - j * D; Ks[e] = j < n ? IN_FLOAT(k_data[k_at(b, hk, k0 + j) + d * p.k_sd]) : 0.0; }
+    for (int e = lid; e < BKV * DV; e += WG) { const int j = e / DV, d = e - j * DV; Vs[e] = j < n ? IN_FLOAT(v_data[v_at(b, hk, k0 + j) + d * p.v_sd]) : 0.0; }
+}
+
+#endif
+
 #if BWD_PASS == 4
 // The splits' partial gradients summed into dq (sum_target 0), dk (1) or dv (2).
 void main() {
@@ -268,7 +301,6 @@ void main() {
 int cg_idx[VKF_CG_TERMS];
 float cg_val[VKF_CG_TERMS];
 void vkf_cg_add(int m, int e, float value) { cg_idx[m] = e; cg_val[m] = value; }
-shared float row_q[D], row_do[DV];
 #if !VKF_CAP_ATOMIC
 shared int st_idx[VKF_CG_TERMS * WG];
 shared float st_val[VKF_CG_TERMS * WG];
@@ -276,21 +308,22 @@ shared float st_val[VKF_CG_TERMS * WG];
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int wg = int(gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x);
-    const int units = p.B * p.Hq * p.Lq * p.cg_splits;
+    const int tiles_q = (p.q_bs + BQ - 1) / BQ, q_tiles = p.q_blocks * tiles_q;
+    const int units = p.B * p.Hq * q_tiles * p.cg_splits;
     bool walked = true;
-    // Unit u: query row (b, h, i) and its key split; workgroup wg walks units [wg * cg_units, +cg_units).
+    // Unit u: a tile of BQ query rows of (b, h) and its key split, as in pass 1; workgroup wg walks
+    // units [wg * cg_units, +cg_units).
     for (int u = wg * p.cg_units; u < min(units, (wg + 1) * p.cg_units); ++u) {
         const int split = u % p.cg_splits, r = u / p.cg_splits;
-        const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
+        const int tile = r % q_tiles, h = (r / q_tiles) % p.Hq, b = r / (q_tiles * p.Hq);
+        const int qb = tile / tiles_q, q0 = qb * p.q_bs + (tile - qb * tiles_q) * BQ;
+        const int nq = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
+        if (nq <= 0) continue;   // uniform: the workgroup skips a tile past its block's rows
         const int kb_lo = split * p.cg_split_blocks, kb_hi = p.cg_splits > 1 ? kb_lo + p.cg_split_blocks : 2147483647;
         const int hk = h / (p.Hq / p.Hkv);
-        const float lse_i = lse_data[lse_at(b, h, i)], delta_i = delta_data[row_id(b, h, i)];
-        if (lse_i == NEG_INF) continue;   // a row with no key has P = 0 everywhere (uniform: the workgroup skips it)
-        barrier();   // the previous row's values are read
-        for (int d = lid; d < D; d += WG) row_q[d] = IN_FLOAT(q_data[q_at(b, h, i) + d * p.q_sd]);
-        for (int d = lid; d < DV; d += WG) row_do[d] = IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]);
-        barrier();
-        const int mrow = walk_row(b, h, i / p.q_bs);
+        barrier();   // the previous unit's rows are read
+        stage_rows(b, h, q0, nq);
+        const int mrow = walk_row(b, h, qb);
         int pass = 0;
         for (; pass < 2; ++pass) {
             const int n = walk_count(pass, mrow);
@@ -299,43 +332,49 @@ void main() {
                 const int kb = walk_block(pass, mrow, blk);
                 if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
                 const int k_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
-                // Chunks of WG keys, every invocation present (the adds below need the whole workgroup).
-                int j0 = kb * p.kv_bs;
-                for (; j0 < k_stop; j0 += WG) {
-                    const int j = j0 + lid;
-                    for (int m = 0; m < VKF_CG_TERMS; ++m) cg_idx[m] = -1;
-                    if (j < k_stop && (pass == 0 || mask_mod(b, h, i, j))) {
-                        float qk = 0.0, dov = 0.0;
-                        for (int d = 0; d < D; ++d) qk += row_q[d] * IN_FLOAT(k_data[k_at(b, hk, j) + d * p.k_sd]);
-                        for (int d = 0; d < DV; ++d) dov += row_do[d] * IN_FLOAT(v_data[v_at(b, hk, j) + d * p.v_sd]);
-                        const float sc = qk * p.scale;
-                        const float P = exp(score_mod(sc, b, h, i, j) - lse_i);
-                        score_mod_cap_grads(sc, b, h, i, j, P * (dov - delta_i));
-                    }
-#if VKF_CAP_ATOMIC
-                    // One atomic per subgroup where its invocations add to one element (a bias by head).
-                    for (int m = 0; m < VKF_CG_TERMS; ++m) {
-                        const int e = cg_idx[m];
-                        if (subgroupAllEqual(e)) {
-                            const float s = subgroupAdd(cg_val[m]);
-                            if (subgroupElect() && e >= 0) atomicAdd(dcaps[e], s);
-                        } else if (e >= 0) {
-                            atomicAdd(dcaps[e], cg_val[m]);
+                int k0 = kb * p.kv_bs;
+                for (; k0 < k_stop; k0 += BKV) {
+                    const int nk = min(BKV, k_stop - k0);
+                    barrier();   // the previous tile's keys are read
+                    stage_keys(b, hk, k0, nk);
+                    barrier();
+                    // The tile's pairs, every invocation present at each step (the adds below need the whole workgroup).
+                    for (int it = 0; it < (BQ * BKV + WG - 1) / WG; ++it) {
+                        const int e = lid + it * WG, rr = e / BKV, j = e - rr * BKV;
+                        for (int m = 0; m < VKF_CG_TERMS; ++m) cg_idx[m] = -1;
+                        if (e < BQ * BKV && rr < nq && j < nk && t_lse[rr] != NEG_INF && (pass == 0 || mask_mod(b, h, q0 + rr, k0 + j))) {
+                            float qk = 0.0, dov = 0.0;
+                            for (int d = 0; d < D; ++d) qk += Qs[rr * D + d] * Ks[j * D + d];
+                            for (int d = 0; d < DV; ++d) dov += DOs[rr * DV + d] * Vs[j * DV + d];
+                            const float sc = qk * p.scale;
+                            const float P = exp(score_mod(sc, b, h, q0 + rr, k0 + j) - t_lse[rr]);
+                            score_mod_cap_grads(sc, b, h, q0 + rr, k0 + j, P * (dov - t_delta[rr]));
                         }
-                    }
+#if VKF_CAP_ATOMIC
+                        // One atomic per subgroup where its invocations add to one element (a bias by head).
+                        for (int m = 0; m < VKF_CG_TERMS; ++m) {
+                            const int ce = cg_idx[m];
+                            if (subgroupAllEqual(ce)) {
+                                const float sum = subgroupAdd(cg_val[m]);
+                                if (subgroupElect() && ce >= 0) atomicAdd(dcaps[ce], sum);
+                            } else if (ce >= 0) {
+                                atomicAdd(dcaps[ce], cg_val[m]);
+                            }
+                        }
 #else
-                    // Without atomics: staged in shared memory, then invocation t adds the elements
-                    // e with e % WG == t to the workgroup's own slice, in a fixed order.
-                    for (int m = 0; m < VKF_CG_TERMS; ++m) { st_idx[m * WG + lid] = cg_idx[m]; st_val[m * WG + lid] = cg_val[m]; }
-                    barrier();
-                    for (int t = 0; t < VKF_CG_TERMS * WG; ++t) {
-                        const int e = st_idx[t];
-                        if (e >= 0 && e % WG == lid) part_caps[wg * p.cg_total + e] += st_val[t];
-                    }
-                    barrier();
+                        // Without atomics: staged in shared memory, then invocation t adds the elements
+                        // ce with ce % WG == t to the workgroup's own slice, in a fixed order.
+                        for (int m = 0; m < VKF_CG_TERMS; ++m) { st_idx[m * WG + lid] = cg_idx[m]; st_val[m * WG + lid] = cg_val[m]; }
+                        barrier();
+                        for (int t = 0; t < VKF_CG_TERMS * WG; ++t) {
+                            const int ce = st_idx[t];
+                            if (ce >= 0 && ce % WG == lid) part_caps[wg * p.cg_total + ce] += st_val[t];
+                        }
+                        barrier();
 #endif
+                    }
                 }
-                if (j0 < k_stop) walked = false;
+                if (k0 < k_stop) walked = false;
             }
             if (blk < n) walked = false;
         }
@@ -375,36 +414,6 @@ void main() {
     delta_data[r] = acc;
 }
 #else
-// Passes 1 and 2, tiled: a workgroup stages BQ query rows (q, dO, LSE, delta) and BKV keys (k, v)
-// in shared memory and computes the BQ x BKV pairs' P and dS there, so each row and key is read
-// from memory once per tile instead of once per pair. A tile of rows lies in one query block of
-// the BlockMask and a tile of keys in one KV block, so a pair's class (full, partial) is the
-// tile's. Pass 1: a workgroup per query tile (and key split), dQ for its rows over the walked key
-// blocks; pass 2: a workgroup per key tile (and query split), dK and dV for its keys over the
-// transposed walk of every query head of its group.
-#define SST (BKV | 1)
-shared float Qs[BQ * D], DOs[BQ * DV], Ks[BKV * D], Vs[BKV * DV];
-shared float dSs[BQ * SST], Ps[BQ * SST];
-shared float t_lse[BQ], t_delta[BQ];
-
-// Stages query rows q0.. (n of them; zeros after) of (b, h): q, dO, LSE and delta.
-void stage_rows(int b, int h, int q0, int n) {
-    const int lid = int(gl_LocalInvocationIndex);
-    for (int e = lid; e < BQ * D; e += WG) { const int r = e / D, d = e - r * D; Qs[e] = r < n ? IN_FLOAT(q_data[q_at(b, h, q0 + r) + d * p.q_sd]) : 0.0; }
-    for (int e = lid; e < BQ * DV; e += WG) { const int r = e / DV, d = e - r * DV; DOs[e] = r < n ? IN_FLOAT(do_data[do_at(b, h, q0 + r) + d * p.do_sd]) : 0.0; }
-    if (lid < BQ) {
-        t_lse[lid] = lid < n ? lse_data[lse_at(b, h, q0 + lid)] : NEG_INF;
-        t_delta[lid] = lid < n ? delta_data[row_id(b, h, q0 + lid)] : 0.0;
-    }
-}
-
-// Stages keys k0.. (n of them; zeros after) of (b, hk): k and v.
-void stage_keys(int b, int hk, int k0, int n) {
-    const int lid = int(gl_LocalInvocationIndex);
-    for (int e = lid; e < BKV * D; e += WG) { const int j = e / D, d = e - j * D; Ks[e] = j < n ? IN_FLOAT(k_data[k_at(b, hk, k0 + j) + d * p.k_sd]) : 0.0; }
-    for (int e = lid; e < BKV * DV; e += WG) { const int j = e / DV, d = e - j * DV; Vs[e] = j < n ? IN_FLOAT(v_data[v_at(b, hk, k0 + j) + d * p.v_sd]) : 0.0; }
-}
-
 // P and dS of every pair of the staged tiles (rows < nq, keys < nk; 0 elsewhere and where masked
 // or the row has no key), into Ps and dSs.
 void tile_pairs(int b, int h, int q0, int nq, int k0, int nk, bool partial) {

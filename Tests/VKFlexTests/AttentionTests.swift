@@ -256,7 +256,7 @@ extension AttentionTests {
             for (pass, atomic) in [(0, false), (1, false), (2, false), (3, false), (4, false), (5, false), (5, true)] {
                 let mods = try SplicedMods(score: rel, mask: nil, firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue,
                                            gradCaptures: pass == 5 ? [rb.captureInfo] : [], device: device)
-                let plan = AttentionPlanner.backward(shape: shape, pass: pass, tiles: [1, 2].contains(pass) ? (16, 32, 128) : (0, 0, 64),
+                let plan = AttentionPlanner.backward(shape: shape, pass: pass, tiles: [1, 2, 5].contains(pass) ? (16, 32, 128) : (0, 0, 64),
                                                      pushParams: push, mods: mods, capAtomic: atomic)
                 var library = ShaderLibrary.standard
                 library.files.merge(mods.includes) { _, new in new }

@@ -90,8 +90,9 @@ final class CaptureGradientTests: FlexTestCase {
         XCTAssertFalse(plain.enabledFeatures.floatAtomicAdd)
         try cases(on: plain)
         // GQA with rows of 30,000 keys: lavapipe's loop cap splits each row's keys across
-        // workgroups; 2,400 rows: more rows than slices (1,024), so a workgroup walks several.
-        for (B, Lq, Lkv) in [(1, 5, 30_000), (2, 600, 20)] {
+        // workgroups; 2 × 2 × 4,200 rows: more tiles of 16 rows (1,056) than slices (1,024), so a
+        // workgroup walks several.
+        for (B, Lq, Lkv) in [(1, 5, 30_000), (2, 4200, 20)] {
             let x = try inputs(B: B, Hq: 2, Hkv: 1, Lq: Lq, Lkv: Lkv, on: plain)
             let bias = try plain.tensor(randn(Lkv, scale: 0.5), shape: [Lkv], name: "kv_bias")
             try check("\(Lq)x\(Lkv)", x, score: ScoreMod { s, _, _, _, kv in s + bias[kv] }, captures: [bias])
