@@ -206,7 +206,7 @@ struct Attend: ParsableCommand {
                 }
             }
             let masked = lseValues.filter { $0 == -.infinity }.count
-            print("output \(result.output.shape) \(dtype.rawValue) on \(device.capabilities.name) in \(String(format: "%.1f", ms)) ms"
+            print("output \(result.output.shape) \(dtype.rawValue) on \(device.capabilities.name) in \(String(format: "%.1f", ms)) ms, \(result.kernel.rawValue) kernel"
                   + (blockMask.map { m in ", sparsity \(String(format: "%.2f", (try? m.sparsity()) ?? 0))%" } ?? "")
                   + (masked > 0 ? ", \(masked) fully masked rows" : ""))
         }

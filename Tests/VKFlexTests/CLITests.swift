@@ -518,6 +518,7 @@ final class CLITests: XCTestCase {
                                         "--q-offset", "\(d)/off.npy", "--kv-lens", "\(d)/lens.npy", "--sinks", "\(d)/sinks.npy",
                                         "--out", "\(d)/o.npy", "--lse", "\(d)/l.npy"])
         XCTAssertEqual(status, 0, output)
+        XCTAssertTrue(output.contains("split-kv kernel"), output)
         let check = try python("""
         import numpy as np, sys
         d = sys.argv[1]
