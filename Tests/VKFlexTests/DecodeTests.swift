@@ -110,6 +110,25 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(ShaderCompiler.shared.compilations, before, "the step compiled a shader")
     }
 
+    /// Strided views (the [B, L, H, D] layout models keep) for q, k, v and a caller's output.
+    func testStridedViewsAndACallersOutput() throws {
+        let (B, Hq, Hkv, Lq, L, D) = (2, 4, 2, 3, 150, 32)
+        let qv = randn(B * Lq * Hq * D), kv = randn(B * L * Hkv * D), vv = randn(B * L * Hkv * D)
+        let q = try device.tensor(qv, shape: [B, Lq, Hq, D]).permuted(0, 2, 1, 3)
+        let k = try device.tensor(kv, shape: [B, L, Hkv, D]).permuted(0, 2, 1, 3)
+        let v = try device.tensor(vv, shape: [B, L, Hkv, D]).permuted(0, 2, 1, 3)
+        let outBSHD = try device.empty(shape: [B, Lq, Hq, D], dtype: .float32)
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: L, kvLen: L, device: device, blockSize: 32)
+        let r = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, qOffset: .values([L - Lq, 70]), returnLSE: true,
+                                  out: try outBSHD.permuted(0, 2, 1, 3))
+        XCTAssertEqual(r.kernel, .splitKV)
+        // The same through contiguous copies and the reference.
+        func contiguous(_ t: Tensor) throws -> Tensor { try device.tensor(try t.toArray(), shape: t.shape) }
+        let ref = try flexAttentionReference(try contiguous(q), try contiguous(k), try contiguous(v), blockMask: causal, enableGQA: true,
+                                             qOffsets: [L - Lq, 70])
+        XCTAssertLessThanOrEqual(relativeL2Error(try r.output.toArray(), ref.output), 1e-5)
+    }
+
     /// Long caches on lavapipe: the splits keep each workgroup under the loop cap.
     func testLongCache() throws {
         try check(Case(name: "40,000 keys", B: 1, Hq: 4, Hkv: 1, Lq: 1, Lkv: 40_000, D: 64,
