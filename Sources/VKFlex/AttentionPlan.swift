@@ -208,7 +208,7 @@ enum AttentionPlanner {
                 throw FlexError.unsupported("split-kv: head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has")
             }
             return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .decode(rows: t.rows, BKV: t.BKV, WG: t.WG),
-                                 kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
+                                 maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatNV:
             if qOffsets { throw FlexError.unsupported("the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
             if paged { throw FlexError.unsupported("the cooperative-matrix kernel does not read paged K/V (the portable kernel does)") }
@@ -230,7 +230,6 @@ enum AttentionPlanner {
     /// Why the split-KV decode kernel cannot run this call, or nil when it can.
     static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
         if s.Lq > decodeRows { return "split-kv takes at most \(decodeRows) query rows (decoding); this call has \(s.Lq)" }
-        if maxScores { return "split-kv does not return the maximum scores" }
         if decodeTiles(D: s.D, Dv: s.Dv, device: device) == nil { return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has" }
         return nil
     }

@@ -235,17 +235,20 @@ enum ForwardKernel {
                     throw FlexError.limitExceeded("split-kv: \(splits) key splits of \(rows) rows exceed \(caps.name)'s limits; pass fewer batches per call")
                 }
                 let partO = try device.makeBuffer(bytes: max(16, partBytes)), partL = try device.makeBuffer(bytes: max(16, splits * rows * 4))
+                let partM = maxScores == nil ? nil : try device.makeBuffer(bytes: max(16, splits * rows * 4))
+                let rowStrides = [s.Hq * s.Lq, s.Lq, 1]
                 try dispatch(pipeline, chunk: chunk,
                              out: WriteTarget(binding: BufferBinding(partO, writes: true), base: 0, strides: [s.Hq * s.Lq * s.Dv, s.Lq * s.Dv, s.Dv, 1]),
-                             lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: 0, strides: [s.Hq * s.Lq, s.Lq, 1]),
-                             max: nil, kvRange: 0..<kvBlocks, split: (splits, 0, rows * s.Dv, rows),
+                             lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: 0, strides: rowStrides),
+                             max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: 0, strides: rowStrides) },
+                             kvRange: 0..<kvBlocks, split: (splits, 0, rows * s.Dv, rows),
                              groups: (splits, s.Hkv * headChunks * segs, nb), decode: (heads, headChunks, segs))
                 func target(_ t: Tensor) throws -> WriteTarget {
                     let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
                     return WriteTarget(binding: binding, base: base, strides: t.strides)
                 }
-                try merge(splits: splits, partO: partO, partL: partL, partMax: nil, nb: nb, nh: s.Hq, shape: s, out: try target(output),
-                          lse: try lse.map(target), max: nil, sinks: sinks, headStart: 0, outDType: output.dtype, device: device)
+                try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: s.Hq, shape: s, out: try target(output),
+                          lse: try lse.map(target), max: try maxScores.map(target), sinks: sinks, headStart: 0, outDType: output.dtype, device: device)
             }
             addChecks(errorCheck, blockMask: blockMask, to: [output, lse, maxScores])
             return .splitKV

@@ -898,8 +898,13 @@ void main() {
                 const int prow = (bl * p.Hq + h) * p.Lq + row_i[r];
                 const float l = row_l[r];
                 o_data[p.o_base + split * p.o_split_stride + prow * DV + d] = row_nan[r] != 0 ? nan : l != 0.0 ? acc[a] / l : 0.0;
-                if (d == 0)
+                if (d == 0) {
                     lse_data[p.lse_base + split * p.lse_split_stride + prow] = row_nan[r] != 0 ? nan : l != 0.0 ? (row_m[r] + log2(l)) * LN2 : NEG_INF;
+#if VKF_MAX_SCORES
+                    // The split's largest score (natural units): the running maximum, where it saw a key.
+                    max_data[p.lse_base + split * p.lse_split_stride + prow] = row_nan[r] != 0 ? nan : l != 0.0 ? row_m[r] * LN2 : NEG_INF;
+#endif
+                }
             }
         }
     }

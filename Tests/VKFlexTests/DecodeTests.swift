@@ -32,13 +32,19 @@ final class DecodeTests: FlexTestCase {
         let sinks = try c.sinks.map { try device.tensor($0, shape: [c.Hq]) }
         func run(_ kernel: FlexKernel) throws -> FlexResult {
             try flexAttention(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: c.Hq != c.Hkv, kvLengths: lengths, qOffset: offset,
-                              sinks: sinks, returnLSE: true, options: FlexOptions(kernel: kernel))
+                              sinks: sinks, returnLSE: true, returnMaxScores: true, options: FlexOptions(kernel: kernel))
         }
         let decode = try run(.splitKV), prefill = try run(.portable)
         XCTAssertEqual(decode.kernel, .splitKV, line: line)
         let ref = try flexAttentionReference(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: c.Hq != c.Hkv, kvLengths: c.kvLengths,
                                              sinks: c.sinks, qOffsets: c.offsets)
         let o = try decode.output.toArray(), l = try decode.lse!.toArray(), po = try prefill.output.toArray()
+        // Each row's largest score: the reference's (NaN rows NaN, rows with no key -inf).
+        for (row, (got, want)) in zip(try decode.maxScores!.toArray(), ref.maxScores).enumerated() {
+            if want.isNaN { XCTAssertTrue(got.isNaN, "\(c.name): max score of row \(row)", line: line) }
+            else if want == -.infinity { XCTAssertEqual(got, -.infinity, "\(c.name): max score of row \(row)", line: line) }
+            else { XCTAssertEqual(Double(got), want, accuracy: 1e-3 * max(1, abs(want)), "\(c.name): max score of row \(row)", line: line) }
+        }
         var kept: [Float] = [], keptRef: [Double] = [], keptPrefill: [Float] = []
         for (row, e) in ref.lse.enumerated() {
             let range = (row * c.D)..<((row + 1) * c.D)
@@ -84,7 +90,7 @@ final class DecodeTests: FlexTestCase {
         let k = try device.tensor(randn(2 * 100 * 16), shape: [1, 2, 100, 16])
         XCTAssertEqual(try flexAttention(q1, k, k).kernel, .splitKV)
         XCTAssertEqual(try flexAttention(q2, k, k).kernel, .portable)
-        XCTAssertEqual(try flexAttention(q1, k, k, returnMaxScores: true).kernel, .portable)
+        XCTAssertEqual(try flexAttention(q1, k, k, returnMaxScores: true).kernel, .splitKV)
         XCTAssertThrowsError(try flexAttention(q2, k, k, options: FlexOptions(kernel: .splitKV))) {
             XCTAssertTrue("\($0)".contains("split-kv takes at most 16 query rows"), "\($0)")
         }
