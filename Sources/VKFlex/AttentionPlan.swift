@@ -301,31 +301,31 @@ enum AttentionPlanner {
     /// where it applies.
     ///
     /// - Throws: ``FlexError/unsupported(_:)`` when a forced kernel cannot run the call; a malformed `VKFLEX_*` tuning variable.
-    /// `portableOnly`: what the call asks only the portable kernel takes (`qOffset:` for decoding,
-    /// where the cooperative-matrix kernel's 16-row tiles would run mostly empty; `pageTable:`).
-    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, portableOnly: String? = nil,
+    /// `notForCoopmat`: what the call asks that the cooperative-matrix kernel does not take
+    /// (`qOffset:` — decoding, where its 16-row tiles would run mostly empty — or `pageTable:`);
+    /// the portable and split-KV kernels take both.
+    static func kernel(_ s: AttentionShape, device: Device, forced: FlexKernel? = nil, notForCoopmat: String? = nil,
                        maxScores: Bool = false) throws -> FlexKernel {
-        let queryOffsets = portableOnly != nil
         let decode = decodeProblem(s, device: device, maxScores: maxScores)
         let tuning = try AttentionTuning.of(device)
         let kernel: FlexKernel
         let source: String
         if let forced {
-            kernel = forced; source = "kernel: .\(forced == .portable ? "portable" : "coopmatNV")"
+            kernel = forced; source = "kernel: .\(forced)"
         } else if let env = tuning.kernel {
             kernel = env; source = "VKFLEX_KERNEL=\(device.environment["VKFLEX_KERNEL"] ?? env.rawValue)"
             if env == .splitKV, decode != nil { return .portable }
-            if queryOffsets, env != .splitKV { return .portable }
+            if notForCoopmat != nil, env == .coopmatNV { return .portable }
         } else {
             // Few query rows (decoding): split-KV, which reads each KV head once per GQA group and
             // spreads the keys over the device (unmeasured on a GPU so far: docs/performance.md).
             if decode == nil { return .splitKV }
-            if queryOffsets { return .portable }
+            if notForCoopmat != nil { return .portable }
             // The cooperative-matrix kernel wherever it applies: 10-20x the portable one on the H200.
             return coopmatProblem(s, device: device, tuning: tuning) == nil ? .coopmatNV : .portable
         }
         if kernel == .splitKV, let decode { throw FlexError.unsupported("\(source): \(decode)") }
-        if kernel == .coopmatNV, let what = portableOnly { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take \(what) (the portable kernel does)") }
+        if kernel == .coopmatNV, let what = notForCoopmat { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take \(what) (the portable kernel does)") }
         if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
         return kernel
     }

@@ -214,7 +214,8 @@ enum BackwardKernel {
         // Pass 5 splices the mods with score_mod_cap_grads (its own text, so passes 0-4 stay the
         // pipelines of a backward without captures' gradients).
         let capMods = gradCaptures.isEmpty ? nil : try SplicedMods(score: scoreMod, mask: blockMask?.maskMod, firstBinding: BackwardBinding.firstCapture,
-                                                                   errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures, device: device)
+                                                                   errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures,
+                                                                   bindsCaptures: false, device: device)
         let capAtomic = device.enabledFeatures.floatAtomicAdd
         func pipeline(_ pass: Int) throws -> ComputePipeline {
             let spliced = pass == 5 ? capMods! : mods

@@ -178,8 +178,8 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
     let output = try out ?? device.empty(shape: [shape.B, shape.Hq, shape.Lq, shape.Dv], dtype: q.dtype, name: "output")
     let lse = returnLSE ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "lse") : nil
     let maxScores = returnMaxScores ? try device.empty(shape: [shape.B, shape.Hq, shape.Lq], dtype: .float32, name: "max_scores") : nil
-    let portableOnly = offsets != nil ? "qOffset:" : paging != nil ? "pageTable:" : nil
-    var kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, portableOnly: portableOnly, maxScores: returnMaxScores)
+    let notForCoopmat = offsets != nil ? "qOffset:" : paging != nil ? "pageTable:" : nil
+    var kernel = try AttentionPlanner.kernel(shape, device: device, forced: options.kernel, notForCoopmat: notForCoopmat, maxScores: returnMaxScores)
     if shape.B == 0 || shape.Hq == 0 || shape.Lq == 0 || shape.Dv == 0 { return FlexResult(output: output, lse: lse, maxScores: maxScores, kernel: kernel) }
     // No keys: every row is fully masked (output 0, LSE -inf), which the kernels give for a key
     // range of length 0; they only need K and V buffers to bind, so one-row stand-ins take their place.
@@ -243,8 +243,8 @@ public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod
                                    pagedKeys: pageTable?.logicalKeys)
     let scale = scale ?? 1 / Double(shape.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
-    let portableOnly = qOffset != nil ? "qOffset:" : pageTable != nil ? "pageTable:" : nil
-    let kernel = try AttentionPlanner.kernel(shape, device: q.device, forced: options.kernel, portableOnly: portableOnly, maxScores: returnMaxScores)
+    let notForCoopmat = qOffset != nil ? "qOffset:" : pageTable != nil ? "pageTable:" : nil
+    let kernel = try AttentionPlanner.kernel(shape, device: q.device, forced: options.kernel, notForCoopmat: notForCoopmat, maxScores: returnMaxScores)
     _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
                                   device: q.device, maxScores: returnMaxScores, kvLengths: kvLengths != nil || pageTable != nil,
                                   qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil)

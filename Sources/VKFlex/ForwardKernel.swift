@@ -210,6 +210,11 @@ enum ForwardKernel {
             }
         }
 
+        /// The part of an output tensor (O, LSE, max scores) a chunk writes.
+        func writeTarget(_ t: Tensor, _ chunk: Chunk) throws -> WriteTarget {
+            let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
+            return WriteTarget(binding: binding, base: base, strides: t.strides)
+        }
         if kernel == .splitKV {
             // Split-KV decoding: each workgroup holds the rows of `heads` query heads of one KV head
             // (one head under a per-head mask) whose positions lie in one query block of the mask
@@ -243,10 +248,7 @@ enum ForwardKernel {
                              max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: 0, strides: rowStrides) },
                              kvRange: 0..<kvBlocks, split: (splits, 0, rows * s.Dv, rows),
                              groups: (splits, s.Hkv * headChunks * segs, nb), decode: (heads, headChunks, segs))
-                func target(_ t: Tensor) throws -> WriteTarget {
-                    let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
-                    return WriteTarget(binding: binding, base: base, strides: t.strides)
-                }
+                func target(_ t: Tensor) throws -> WriteTarget { try writeTarget(t, chunk) }
                 try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: s.Hq, shape: s, out: try target(output),
                           lse: try lse.map(target), max: try maxScores.map(target), sinks: sinks, headStart: 0, outDType: output.dtype, device: device)
             }
@@ -254,10 +256,7 @@ enum ForwardKernel {
             return .splitKV
         }
         for chunk in chunks {
-            func target(_ t: Tensor) throws -> WriteTarget {
-                let (binding, base) = try bind(t, batches: chunk.b, heads: chunk.h, writes: true, device: device)
-                return WriteTarget(binding: binding, base: base, strides: t.strides)
-            }
+            func target(_ t: Tensor) throws -> WriteTarget { try writeTarget(t, chunk) }
             let outTarget = try target(output), lseTarget = try lse.map(target), maxTarget = try maxScores.map(target)
             guard let partial, let perSplit = kvSplit else {
                 try dispatch(pipeline, chunk: chunk, out: outTarget, lse: lseTarget, max: maxTarget, kvRange: 0..<kvBlocks)

@@ -111,9 +111,11 @@ extension PageTable {
 /// A BlockMask for it is logical: `kvLen` = ``logicalLength`` (`maxLength` rounded up to whole
 /// pages). Not thread-safe: one thread manages a cache (attention calls may run from any).
 public final class PagedKVCache {
+    /// The device the pages live on.
     public let device: Device
     /// Physical key and value pages, `[1, Hkv, pages·pageSize, D]` and `[1, Hkv, pages·pageSize, Dv]`.
     public let k: Tensor, v: Tensor
+    /// Keys per page, physical pages, and entries (sequences) the cache serves.
     public let pageSize: Int, pages: Int, entries: Int
     /// Pages per entry: `maxLength` rounded up to whole pages.
     public let maxPages: Int

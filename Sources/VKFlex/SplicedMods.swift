@@ -12,7 +12,10 @@ struct SplicedMods {
 
     /// - Parameter gradCaptures: float captures of the score-mod whose gradients the kernel
     ///   scatters (``GLSLEmitter/emit(scoreMod:maskMod:firstBinding:errorBinding:gradCaptures:)``).
-    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, gradCaptures: [CaptureInfo] = [], device: Device) throws {
+    /// - Parameter bindsCaptures: false for a second splice of the same mods whose pipelines bind
+    ///   the first one's capture buffers: `tensors` stays empty (no 16-bit capture widened twice).
+    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, gradCaptures: [CaptureInfo] = [], bindsCaptures: Bool = true,
+         device: Device) throws {
         try score?.check()
         try mask?.check()
         // The emitted GLSL depends on the graphs and bindings alone: emitted once per device, cached
@@ -35,7 +38,7 @@ struct SplicedMods {
         let live = Dictionary(((score?.graph.captures ?? []) + (mask?.graph.captures ?? [])).map { ($0.id, $0) }) { a, _ in a }
         emitted.captures = emitted.captures.map { live[$0.id] ?? $0 }
         glsl = emitted
-        tensors = try glsl.captures.map { cap in
+        tensors = !bindsCaptures ? [] : try glsl.captures.map { cap in
             guard let t = cap.storage.object as? Tensor else {
                 throw FlexError("\(cap.name) is a host tensor; captures used on the GPU must be device tensors (device.tensor(...))")
             }

@@ -172,9 +172,9 @@ public enum GLSLEmitter {
         }
         var terms = 0
         if !gradCaptures.isEmpty {
-            let lines = try captureGradients(score, gradCaptures, caps)
-            terms = lines.filter { $0.contains("VKF_CAP_GRAD_ADD(") }.count
-            out.append(contentsOf: lines)
+            let emitted = try captureGradients(score, gradCaptures, caps)
+            terms = emitted.terms
+            out.append(contentsOf: emitted.lines)
         }
         out.append("#define VKF_HAS_SCORE_MOD \(scoreMod.map { $0 == .arg(.score) ? 0 : 1 } ?? 0)")
         out.append("#define VKF_HAS_MASK_MOD \(maskMod.map { $0 == .bool(true) ? 0 : 1 } ?? 0)")
@@ -250,7 +250,7 @@ public enum GLSLEmitter {
     /// captures (a load read twice counts once, with the sum of its paths), scaled by `g` and
     /// handed to the template with the load's element. Loads whose derivative is 0 (an index,
     /// a comparison) hand nothing.
-    static func captureGradients(_ graph: Expr, _ wanted: [CaptureInfo], _ caps: [CaptureInfo]) throws -> [String] {
+    static func captureGradients(_ graph: Expr, _ wanted: [CaptureInfo], _ caps: [CaptureInfo]) throws -> (lines: [String], terms: Int) {
         var offsets: [Int: Int] = [:], total = 0
         for c in wanted where offsets[c.id] == nil {
             offsets[c.id] = total
@@ -273,7 +273,7 @@ public enum GLSLEmitter {
         lines.append("void score_mod_cap_grads(float score, int b, int h, int q_idx, int kv_idx, float g) {")
         lines += body.lines + adds
         lines += ["}", "#endif"]
-        return lines
+        return (lines, adds.count)
     }
 
     /// The row-major element of a capture at an index (negative indices wrap once, as in

@@ -15,13 +15,17 @@ import Foundation
 /// // point.captures[slope.captureInfo.id]?[1]: d alibi / d slope[1] = kv - q = -3
 /// ```
 public final class ReverseMode: @unchecked Sendable {
+    /// The graph at one point: its value and its derivatives.
     public struct Point {
+        /// The score-mod's value.
         public var value: Double
+        /// Its derivative by `score`.
         public var dScore: Double
         /// Capture id → (element → derivative), for the elements the point read.
         public var captures: [Int: [Int: Double]]
     }
 
+    /// The score-mod differentiated.
     public let graph: Expr
     private let values: [Int: CaptureValues]
     private var interpreters: [Expr: Interpreter] = [:]

@@ -261,6 +261,15 @@ shared float dSs[BQ * SST], Ps[BQ * SST];
 shared float t_lse[BQ], t_delta[BQ];
 
 // Stages query rows q0.. (n of them; zeros after) of (b, h): q, dO, LSE and delta.
+// Query tile `tile` (counted over the BlockMask's query blocks, ceil(q_bs / BQ) each): its block
+// qb, first row q0, and its number of rows (none past its block's or the queries' end: 0 or less).
+int query_tile(int tile, out int qb, out int q0) {
+    const int tiles_q = (p.q_bs + BQ - 1) / BQ;
+    qb = tile / tiles_q;
+    q0 = qb * p.q_bs + (tile - qb * tiles_q) * BQ;
+    return min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
+}
+
 void stage_rows(int b, int h, int q0, int n) {
     const int lid = int(gl_LocalInvocationIndex);
     for (int e = lid; e < BQ * D; e += WG) { const int r = e / D, d = e - r * D; Qs[e] = r < n ? IN_FLOAT(q_data[q_at(b, h, q0 + r) + d * p.q_sd]) : 0.0; }
@@ -308,7 +317,7 @@ shared float st_val[VKF_CG_TERMS * WG];
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int wg = int(gl_WorkGroupID.x + gl_WorkGroupID.y * gl_NumWorkGroups.x);
-    const int tiles_q = (p.q_bs + BQ - 1) / BQ, q_tiles = p.q_blocks * tiles_q;
+    const int q_tiles = p.q_blocks * ((p.q_bs + BQ - 1) / BQ);
     const int units = p.B * p.Hq * q_tiles * p.cg_splits;
     bool walked = true;
     // Unit u: a tile of BQ query rows of (b, h) and its key split, as in pass 1; workgroup wg walks
@@ -316,8 +325,8 @@ void main() {
     for (int u = wg * p.cg_units; u < min(units, (wg + 1) * p.cg_units); ++u) {
         const int split = u % p.cg_splits, r = u / p.cg_splits;
         const int tile = r % q_tiles, h = (r / q_tiles) % p.Hq, b = r / (q_tiles * p.Hq);
-        const int qb = tile / tiles_q, q0 = qb * p.q_bs + (tile - qb * tiles_q) * BQ;
-        const int nq = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
+        int qb, q0;
+        const int nq = query_tile(tile, qb, q0);
         if (nq <= 0) continue;   // uniform: the workgroup skips a tile past its block's rows
         const int kb_lo = split * p.cg_split_blocks, kb_hi = p.cg_splits > 1 ? kb_lo + p.cg_split_blocks : 2147483647;
         const int hk = h / (p.Hq / p.Hkv);
@@ -438,12 +447,10 @@ void tile_pairs(int b, int h, int q0, int nq, int k0, int nk, bool partial) {
 #if BWD_PASS == 1
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    // x = query tile (tiles_q per query block), y = head, z = batch * splits + split.
-    const int tiles_q = (p.q_bs + BQ - 1) / BQ;
-    const int qb = int(gl_WorkGroupID.x) / tiles_q, h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits;
-    const int split = int(gl_WorkGroupID.z) % p.dq_splits;
-    const int q0 = qb * p.q_bs + (int(gl_WorkGroupID.x) - qb * tiles_q) * BQ;
-    const int nq = min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
+    // x = query tile, y = head, z = batch * splits + split.
+    const int h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits, split = int(gl_WorkGroupID.z) % p.dq_splits;
+    int qb, q0;
+    const int nq = query_tile(int(gl_WorkGroupID.x), qb, q0);
     if (nq <= 0) return;
     const int kb_lo = split * p.dq_split_blocks, kb_hi = p.dq_splits > 1 ? kb_lo + p.dq_split_blocks : 2147483647;
     const int hk = h / (p.Hq / p.Hkv);
