@@ -52,6 +52,19 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #if VKF_KV_SPLIT
 int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
 #endif
+// The KV blocks this workgroup walks and where its split's partials go (VKF_KV_SPLIT: a share of
+// [kv_block_lo, kv_block_hi) per split, partials kv_split stride apart).
+#if VKF_KV_SPLIT
+#define KV_LO (p.kv_block_lo + workgroup_split() * p.kv_split_blocks)
+#define KV_HI min(p.kv_block_hi, KV_LO + p.kv_split_blocks)
+#define SPLIT_O + workgroup_split() * p.o_split_stride
+#define SPLIT_LSE + workgroup_split() * p.lse_split_stride
+#else
+#define KV_LO p.kv_block_lo
+#define KV_HI p.kv_block_hi
+#define SPLIT_O
+#define SPLIT_LSE
+#endif
 #ifndef VKF_SINKS
 #define VKF_SINKS 0
 #endif

@@ -151,19 +151,6 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 shared float l_parts[WG];
 #endif
 
-// The KV blocks this workgroup walks and where its split's partials go (VKF_KV_SPLIT: a share of
-// [kv_block_lo, kv_block_hi) per split, partials kv_split stride apart).
-#if VKF_KV_SPLIT
-#define KV_LO (p.kv_block_lo + workgroup_split() * p.kv_split_blocks)
-#define KV_HI min(p.kv_block_hi, KV_LO + p.kv_split_blocks)
-#define SPLIT_O + workgroup_split() * p.o_split_stride
-#define SPLIT_LSE + workgroup_split() * p.lse_split_stride
-#else
-#define KV_LO p.kv_block_lo
-#define KV_HI p.kv_block_hi
-#define SPLIT_O
-#define SPLIT_LSE
-#endif
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);

@@ -9,7 +9,7 @@ import VKFlexVulkan
 /// snapshot taken when it opened) and checked then: a malformed value is an error naming the
 /// variable, never silently ignored.
 struct AttentionTuning: Sendable {
-    /// `VKFLEX_KERNEL=portable|coopmat-nv|split-kv|auto` (nil: auto).
+    /// `VKFLEX_KERNEL=portable|coopmat-nv|coopmat-generic|split-kv|auto` (nil: auto).
     var kernel: FlexKernel?
     /// `VKFLEX_COOPMAT_TILES=BKVxRPWxNSGxNBUF[xP[xS]]`, checked by ``CoopmatTiles/parse(_:)``.
     var coopmatTiles: String?
@@ -17,12 +17,15 @@ struct AttentionTuning: Sendable {
     var portableTiles: (BQ: Int, BKV: Int, WG: Int)?
     /// `VKFLEX_PUSH_PARAMS=0` passes the parameter block in a buffer even where push constants fit.
     var pushParams = true
+    /// `VKFLEX_COOPMAT_SHAPE=MxNxK`: the matrix shape coopmat-generic computes in (one the device
+    /// lists), to run each of them.
+    var coopmatShape: (m: Int, n: Int, k: Int)?
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
         var t = AttentionTuning()
         if let k = env["VKFLEX_KERNEL"], !k.isEmpty, k.lowercased() != "auto" {
-            guard let kernel = FlexKernel(name: k) else { throw FlexError("VKFLEX_KERNEL=\(k): use portable, coopmat-nv, split-kv or auto") }
+            guard let kernel = FlexKernel(name: k) else { throw FlexError("VKFLEX_KERNEL=\(k): use portable, coopmat-nv, coopmat-generic, split-kv or auto") }
             t.kernel = kernel
         }
         if let c = env["VKFLEX_COOPMAT_TILES"], !c.isEmpty {
@@ -42,6 +45,13 @@ struct AttentionTuning: Sendable {
         if let push = env["VKFLEX_PUSH_PARAMS"] {
             guard ["0", "1", ""].contains(push) else { throw FlexError("VKFLEX_PUSH_PARAMS=\(push): use 0 (a buffer) or 1 (push constants where they fit)") }
             t.pushParams = push != "0"
+        }
+        if let c = env["VKFLEX_COOPMAT_SHAPE"], !c.isEmpty {
+            let v = c.lowercased().split(separator: "x", omittingEmptySubsequences: false).map { Int($0) ?? 0 }
+            guard v.count == 3, v.allSatisfy({ $0 > 0 }) else {
+                throw FlexError("VKFLEX_COOPMAT_SHAPE=\(c): use MxNxK, a float16 shape the device lists (`vkflex devices`), e.g. 16x16x16")
+            }
+            t.coopmatShape = (v[0], v[1], v[2])
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
@@ -75,6 +85,8 @@ struct AttentionPlan: Hashable, Sendable {
         /// The backward's passes: the dQ and dK/dV passes' tiles (query rows, keys; 0 for the
         /// other passes) and invocations per workgroup.
         case backward(BQ: Int, BKV: Int, WG: Int)
+        /// coopmat-generic: matrix shape, subgroup size, subgroups, keys per step.
+        case generic(GenericTiles)
     }
 
     var pass: Pass
@@ -110,12 +122,25 @@ struct AttentionPlan: Hashable, Sendable {
     /// The mods' identity: their generated GLSL.
     var mods: String
 
-    var BQ: Int { switch tiles { case .portable(let bq, _, _), .decode(let bq, _, _), .backward(let bq, _, _): return bq; case .coopmat(let t): return t.BQ } }
-    var BKV: Int { switch tiles { case .portable(_, let bkv, _), .decode(_, let bkv, _), .backward(_, let bkv, _): return bkv; case .coopmat(let t): return t.BKV } }
+    var BQ: Int {
+        switch tiles {
+        case .portable(let bq, _, _), .decode(let bq, _, _), .backward(let bq, _, _): return bq
+        case .coopmat(let t): return t.BQ
+        case .generic(let t): return t.BQ
+        }
+    }
+    var BKV: Int {
+        switch tiles {
+        case .portable(_, let bkv, _), .decode(_, let bkv, _), .backward(_, let bkv, _): return bkv
+        case .coopmat(let t): return t.BKV
+        case .generic(let t): return t.BKV
+        }
+    }
     var WG: Int {
         switch tiles {
         case .portable(_, _, let wg), .decode(_, _, let wg), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
+        case .generic(let t): return t.WG
         }
     }
 
@@ -151,6 +176,13 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
+        case .generic(let t):
+            source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
+                .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
+                .init("IN_F16", "1"), .init("OUT_F16", pass == .forwardPartial ? "0" : "1"),
+            ])
+            if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                                   .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
@@ -209,6 +241,14 @@ enum AttentionPlanner {
             }
             return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .decode(rows: t.rows, BKV: t.BKV, WG: t.WG),
                                  maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
+        case .coopmatGeneric:
+            guard let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) else {
+                throw FlexError.unsupported("coopmat-generic: " + (genericProblem(s, device: device, tuning: tuning) ?? "no tiles fit"))
+            }
+            return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .generic(t),
+                                 typedOperands: !t.emulated && device.cooperativeMatrixAPI == .khr,
+                                 maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
+                                 mods: mods.glsl.source)
         case .coopmatNV:
             if qOffsets { throw FlexError.unsupported("the cooperative-matrix kernel does not take qOffset: (the portable kernel does)") }
             if paged { throw FlexError.unsupported("the cooperative-matrix kernel does not read paged K/V (the portable kernel does)") }
@@ -322,11 +362,19 @@ enum AttentionPlanner {
             if decode == nil { return .splitKV }
             if notForCoopmat != nil { return .portable }
             // The cooperative-matrix kernel wherever it applies: 10-20x the portable one on the H200.
-            return coopmatProblem(s, device: device, tuning: tuning) == nil ? .coopmatNV : .portable
+            if coopmatProblem(s, device: device, tuning: tuning) == nil { return .coopmatNV }
+            // Any other device with cooperative matrices (AMD, Intel, Mesa): the generic kernel,
+            // once it has matched the portable kernel there at these head dims (GenericKernelCheck).
+            if device.cooperativeMatrixAPI != nil, genericProblem(s, device: device, tuning: tuning) == nil,
+               GenericKernelCheck.passes(D: s.D, Dv: s.Dv, device: device) {
+                return .coopmatGeneric
+            }
+            return .portable
         }
         if kernel == .splitKV, let decode { throw FlexError.unsupported("\(source): \(decode)") }
         if kernel == .coopmatNV, let what = notForCoopmat { throw FlexError.unsupported("\(source): the cooperative-matrix kernel does not take \(what) (the portable kernel does)") }
         if kernel == .coopmatNV, let problem = coopmatProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
+        if kernel == .coopmatGeneric, let problem = genericProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
         return kernel
     }
 

@@ -39,14 +39,31 @@ extension ForwardKernel {
         return perTile
     }
 
-    /// KV blocks each dispatch walks so that the portable kernel stays inside the device's loop
-    /// cap, or nil when one dispatch walks them all.
-    static func kvBlocksPerDispatch(shape s: AttentionShape, tiles: (BQ: Int, BKV: Int, WG: Int), kvBlockSize: Int, kvBlocks: Int,
+    /// The same bound for flex_attention_fwd_generic.comp: staging, the two products (scalar loops
+    /// where emulated, the only form a capped driver runs), the softmax and O's updates.
+    static func genericIterationsPerTile(D: Int, Dv: Int, tiles t: GenericTiles) -> Int {
+        func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
+        let tpr = max(1, t.SG / t.M), rpl = t.M / (t.SG / tpr)
+        let stage = ceilDiv(t.BKV * D, t.WG) + ceilDiv(t.BKV * Dv, t.WG)
+        let products = t.emulated
+            ? ceilDiv(t.M * t.BKV, t.SG) * (1 + D) + ceilDiv(t.M * Dv, t.SG) * (1 + t.BKV)
+            : (t.BKV / t.N) * (1 + D / t.K) + t.BKV / t.K + (Dv / t.N) * (1 + t.BKV / t.K)
+        return stage + products + rpl * (1 + 2 * (t.BKV / tpr) + 2 * (Dv / tpr)) + 16
+    }
+
+    /// KV blocks each dispatch walks so that the portable (or generic) kernel stays inside the
+    /// device's loop cap, or nil when one dispatch walks them all.
+    static func kvBlocksPerDispatch(shape s: AttentionShape, plan: AttentionPlan, kvBlockSize: Int, kvBlocks: Int,
                                     device: Device) -> Int? {
         guard let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting else { return nil }
-        let (BQ, BKV, WG) = tiles
-        let half = s.dtype == .float16 && s.D % 2 == 0 && AttentionPlanner.portableBlocked(Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG)
-        let perTile = portableIterationsPerTile(D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, half: half)
+        let (BQ, BKV, WG) = (plan.BQ, plan.BKV, plan.WG)
+        let perTile: Int
+        if case .generic(let t) = plan.tiles {
+            perTile = genericIterationsPerTile(D: s.D, Dv: s.Dv, tiles: t)
+        } else {
+            let half = s.dtype == .float16 && s.D % 2 == 0 && AttentionPlanner.portableBlocked(Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG)
+            perTile = portableIterationsPerTile(D: s.D, Dv: s.Dv, BQ: BQ, BKV: BKV, WG: WG, half: half)
+        }
         // Outside the key tiles: staging Q, the mask's per-row values, the output, the walk over
         // the block lists (one iteration per listed block, walked or not).
         let fixed = 2 * (BQ * max(s.D, s.Dv) / WG + 1) * 9 + 2 * kvBlocks + 512

@@ -73,13 +73,21 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     /// split across workgroups that hold the query heads sharing it (read once per group), and a
     /// second pass merges the splits. What the planner picks for decode steps.
     case splitKV = "split-kv"
+    /// Cooperative matrices through `VK_KHR_cooperative_matrix` with no assumption about a
+    /// vendor's element order or subgroup size (scores and P pass through shared memory): float16,
+    /// head dims that the device's matrix shapes divide. What AMD, Intel and other devices with the
+    /// extension get, once a first call matched the portable kernel there. Forced on a device
+    /// without cooperative matrices it runs its products as scalar loops (slowly: for testing).
+    case coopmatGeneric = "coopmat-generic"
 
-    /// The kernel a name picks: `portable`, `coopmat-nv` (`coopmat` is kept as its old name), `split-kv`.
+    /// The kernel a name picks: `portable`, `coopmat-nv` (`coopmat` is kept as its old name),
+    /// `coopmat-generic`, `split-kv`.
     public init?(name: String) {
         switch name.lowercased() {
         case "portable": self = .portable
         case "coopmat-nv", "coopmat": self = .coopmatNV
         case "split-kv": self = .splitKV
+        case "coopmat-generic": self = .coopmatGeneric
         default: return nil
         }
     }
@@ -91,6 +99,7 @@ public enum FlexKernel: String, Sendable, CaseIterable {
         case .portable: return nil
         case .coopmatNV: return AttentionPlanner.coopmatProblem(shape, device: q.device, tuning: (try? AttentionTuning.of(q.device)) ?? AttentionTuning())
         case .splitKV: return AttentionPlanner.decodeProblem(shape, device: q.device)
+        case .coopmatGeneric: return AttentionPlanner.genericProblem(shape, device: q.device, tuning: (try? AttentionTuning.of(q.device)) ?? AttentionTuning())
         }
     }
 

@@ -143,8 +143,8 @@ enum ForwardKernel {
         let unusedParams = prepared.pushParams ? try dummyFloatBuffer(device) : nil   // binding 9 with push constants
         // Where the driver caps a shader's loop iterations, the key blocks are walked a share per
         // dispatch into float32 partials, which a merge pass combines by their LSEs.
-        let kvSplit = kernel == .portable
-            ? kvBlocksPerDispatch(shape: s, tiles: (BQ, BKV, prepared.WG), kvBlockSize: kvBS, kvBlocks: kvBlocks, device: device) : nil
+        let kvSplit = kernel == .portable || kernel == .coopmatGeneric
+            ? kvBlocksPerDispatch(shape: s, plan: prepared.plan, kvBlockSize: kvBS, kvBlocks: kvBlocks, device: device) : nil
         let splits = kvSplit.map { (kvBlocks + $0 - 1) / $0 } ?? 1
         let partial = splits > 1
             ? try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,

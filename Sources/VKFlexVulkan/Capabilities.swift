@@ -35,6 +35,10 @@ public struct CooperativeMatrixShape: Sendable, Hashable, Codable, CustomStringC
     public var a: String, b: String, c: String, result: String
 
     public var description: String { "\(m)x\(n)x\(k) \(a)*\(b)+\(c)->\(result)" }
+
+    public init(m: Int, n: Int, k: Int, a: String, b: String, c: String, result: String) {
+        self.m = m; self.n = n; self.k = k; self.a = a; self.b = b; self.c = c; self.result = result
+    }
 }
 
 /// What vkflex knows about a physical device: identity, limits and the features its kernels use.

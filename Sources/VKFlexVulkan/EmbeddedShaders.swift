@@ -648,6 +648,19 @@ layout(std430, set = 0, binding = VKF_BINDING_PARAMS) readonly buffer Params { V
 #if VKF_KV_SPLIT
 int workgroup_split() { return int(gl_WorkGroupID.z) % p.splits; }
 #endif
+// The KV blocks this workgroup walks and where its split's partials go (VKF_KV_SPLIT: a share of
+// [kv_block_lo, kv_block_hi) per split, partials kv_split stride apart).
+#if VKF_KV_SPLIT
+#define KV_LO (p.kv_block_lo + workgroup_split() * p.kv_split_blocks)
+#define KV_HI min(p.kv_block_hi, KV_LO + p.kv_split_blocks)
+#define SPLIT_O + workgroup_split() * p.o_split_stride
+#define SPLIT_LSE + workgroup_split() * p.lse_split_stride
+#else
+#define KV_LO p.kv_block_lo
+#define KV_HI p.kv_block_hi
+#define SPLIT_O
+#define SPLIT_LSE
+#endif
 #ifndef VKF_SINKS
 #define VKF_SINKS 0
 #endif
@@ -1071,19 +1084,6 @@ shared float row_m[BQ], row_l[BQ], row_alpha[BQ];
 shared float l_parts[WG];
 #endif
 
-// The KV blocks this workgroup walks and where its split's partials go (VKF_KV_SPLIT: a share of
-// [kv_block_lo, kv_block_hi) per split, partials kv_split stride apart).
-#if VKF_KV_SPLIT
-#define KV_LO (p.kv_block_lo + workgroup_split() * p.kv_split_blocks)
-#define KV_HI min(p.kv_block_hi, KV_LO + p.kv_split_blocks)
-#define SPLIT_O + workgroup_split() * p.o_split_stride
-#define SPLIT_LSE + workgroup_split() * p.lse_split_stride
-#else
-#define KV_LO p.kv_block_lo
-#define KV_HI p.kv_block_hi
-#define SPLIT_O
-#define SPLIT_LSE
-#endif
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
@@ -2208,6 +2208,276 @@ void main() {
     }
 }
 """#,
+        "flex_attention_fwd_generic.comp": #"""
+#version 450
+// Block-sparse flash attention, forward, through cooperative matrices that assume nothing the
+// KHR specification does not guarantee: not a subgroup size, not which invocation holds which
+// element of a matrix. For AMD, Intel and any other device with VK_KHR_cooperative_matrix (the
+// host rewrites this NV-extension GLSL's SPIR-V to the KHR extension, CooperativeMatrixKHRRewriter;
+// no conversion between matrix uses happens here, so no layout enters).
+//
+// One workgroup of NSG subgroups per (query tile of MM * NSG rows inside one BlockMask query block,
+// head, batch); subgroup g owns rows g * MM.. and keeps their Q as A operands in registers. Per step
+// of BKV keys the workgroup stages K and V (fp16) in shared memory; each subgroup computes
+// S = Q Kᵀ (MM x MN x MK products, fp32 accumulators) and stores it to its rows of a shared score
+// tile; the online softmax (flex_softmax.glsl) reads the scores there, applies scale, score-mod and
+// mask, and writes P (fp16) to shared memory; P comes back as A operands, P V goes to the same
+// shared tile, and each lane adds its own elements of it into O, which it keeps in registers in
+// the softmax's row/column assignment (so each row's rescale factor is the lane's own).
+//
+// VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles (no cooperative
+// matrices): everything else — staging, walk, mods, softmax, O, output — is this kernel's own code,
+// and runs on lavapipe in CI at its subgroup size.
+//
+// Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16, and what
+// flex_attention_common.glsl takes (VKF_KV_SPLIT, VKF_SINKS, ...). fp16 in; out fp16 (partials fp32). Bindings as flex_attention_fwd.comp.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#extension GL_KHR_shader_subgroup_basic : require
+#ifndef VKF_MM_EMULATE
+#define VKF_MM_EMULATE 0
+#endif
+#if !VKF_MM_EMULATE
+#extension GL_NV_cooperative_matrix : require
+#extension GL_KHR_memory_scope_semantics : require
+#endif
+
+layout(local_size_x = SG * NSG) in;
+
+// IN_F16 1; OUT_F16 1, or 0 for a key split's float32 partials (VKF_KV_SPLIT).
+#include "flex_dtype.glsl"
+#include "flex_attention_common.glsl"
+
+#define BQ (MM * NSG)
+// K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
+// by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
+// so that rows start on different banks. Matrix loads take offsets and strides in units.
+#define KS4 (D / 8 + 1)
+#define VS4 (DV / 8 + 1)
+// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+#define PST (BKV + 8)
+#define SW (BKV > DV ? BKV : DV)
+#define SST (SW + 4)
+shared uvec4 Ks4[BKV * KS4];
+shared uvec4 Vs4[BKV * VS4];
+shared float Ss[BQ * SST];        // per subgroup's rows: scores, then P V
+shared float16_t Ps[BQ * PST];
+#if VKF_MM_EMULATE
+shared uvec4 Qs4[BQ * KS4];
+#endif
+// Element i (in halves) of a unit array.
+#define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
+
+// K and V: 16-byte loads of whole units where rows are contiguous and 8-aligned (the host's
+// p.vec_ok), else the unit's 8 halves one by one.
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
+#define UNIT_OF(UNITS, DATA, ROW_AT, SD, u) (p.vec_ok != 0 ? UNITS[(ROW_AT) / 8 + (u)] : gather_unit(DATA, ROW_AT, SD, u))
+#define GATHER(DATA) \
+    uvec4 gather_##DATA(int at, int sd, int u) { \
+        uvec4 w; \
+        [[unroll]] for (int i = 0; i < 4; ++i) \
+            w[i] = packFloat2x16(f16vec2(DATA[at + (8 * u + 2 * i) * sd], DATA[at + (8 * u + 2 * i + 1) * sd])); \
+        return w; \
+    }
+GATHER(q_data)
+GATHER(k_data)
+GATHER(v_data)
+#define gather_unit(DATA, at, sd, u) gather_##DATA(at, sd, u)
+
+#define SM_ROWS MM
+#define SM_COLS BKV
+// The softmax's view of the tile (set per step): this subgroup's first row, the step's keys, the
+// walk pass (1: partial block, the mask applies), and the workgroup's tile.
+int g_r0, g_k0, g_kn, g_pass, g_lane;
+WorkgroupTile g_t;
+float sm_score(int k, int t);
+void sm_put(int k, int t, float pv);
+#include "flex_softmax.glsl"
+
+float sm_score(int k, int t) {
+    const int r = g_r0 + sm_row(g_lane, k), j = sm_col0(g_lane) + t * SM_TPR;
+    if (r >= g_t.rows || j >= g_kn) return NEG_INF;
+    const int qi = g_t.p0 + r, ki = g_k0 + j;
+    float s = modded_l2(Ss[r * SST + j], g_t.b, g_t.h, qi, ki);
+#if VKF_HAS_MASK_MOD
+    if (g_pass == 1 && !mask_mod(g_t.b, g_t.h, qi, ki)) s = NEG_INF;
+#endif
+    return s;
+}
+void sm_put(int k, int t, float pv) {
+    Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = float16_t(pv);
+}
+
+#if !VKF_MM_EMULATE
+#define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
+#define FRAG_B fcoopmatNV<16, gl_ScopeSubgroup, MK, MN>
+#define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
+#endif
+
+void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
+
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    if (!workgroup_tile(BQ, g_t)) return;
+    const int b = g_t.b, bl = g_t.bl, h = g_t.h, hl = g_t.hl, hk = g_t.hk, q0 = g_t.q0, rows = g_t.rows;
+    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID);
+    g_lane = lane;
+    g_r0 = sg * MM;
+    // The host sized the workgroup for subgroups of SG lanes (the device's, fixed for SPIR-V 1.5
+    // without VK_EXT_subgroup_size_control's varying flag); if a driver differed, every output is
+    // NaN — a loud failure the first-call check catches — never a silently wrong one.
+    const bool sized = gl_SubgroupSize == uint(SG) && gl_NumSubgroups == uint(NSG);
+
+    // Q: rows of this tile, staged in shared memory BKV rows at a time (in the K tile's room), then
+    // each subgroup keeps its rows' fragments.
+    const int qoff = p.q_base + bl * p.q_sb + hl * p.q_sh;
+#if VKF_MM_EMULATE
+    for (int e = lid; e < BQ * (D / 8); e += SG * NSG) {
+        const int r = e / (D / 8), u = e - r * (D / 8);
+        Qs4[r * KS4 + u] = r < rows ? UNIT_OF(q_units, q_data, qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
+    }
+#else
+    FRAG_A qf[D / MK];
+    for (int c = 0; c < BQ; c += BKV) {
+        for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
+            const int j = e / (D / 8), u = e - j * (D / 8), r = c + j;
+            Ks4[j * KS4 + u] = r < rows ? UNIT_OF(q_units, q_data, qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
+        }
+        barrier();
+        if (g_r0 >= c && g_r0 < c + BKV) {
+            [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[kk], Ks4, uint((g_r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
+        }
+        barrier();
+    }
+#endif
+
+    float m[SM_RPL], l[SM_RPL], alpha[SM_RPL];
+    float o[SM_RPL][DV / SM_TPR];
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        m[k] = -1e30; l[k] = 0.0;
+        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
+    }
+
+    const int mrow = walk_row(b, h, g_t.qb);
+    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
+    const int lkv = KV_LEN(b);
+    const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
+    const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
+    bool walked = true;   // every loop reached its bound (lavapipe's loop cap: flex_attention_fwd.comp)
+    int pass = 0;
+    for (; pass < 2; ++pass) {
+        const int n = pass == 0 ? n_full : n_part;
+        int i = 0;
+        for (; i < n; ++i) {
+            const int kb = walk_block(pass, mrow, i);
+            if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
+            const int k_stop = min(kb * p.kv_bs + p.kv_bs, lkv);
+            int k0 = kb * p.kv_bs;
+            for (; k0 < k_stop; k0 += BKV) {
+                const int kn = min(BKV, k_stop - k0);
+                // K and V rows past kn as zeros: their scores are finite (and masked), their P 0.
+                for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
+                    const int j = e / (D / 8), u = e - j * (D / 8);
+                    Ks4[j * KS4 + u] = j < kn ? UNIT_OF(k_units, k_data, koff + kv_row(b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
+                }
+                for (int e = lid; e < BKV * (DV / 8); e += SG * NSG) {
+                    const int j = e / (DV / 8), u = e - j * (DV / 8);
+                    Vs4[j * VS4 + u] = j < kn ? UNIT_OF(v_units, v_data, voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
+                }
+                barrier();
+                // S = Q Kᵀ into this subgroup's rows of the score tile.
+#if VKF_MM_EMULATE
+                for (int e = lane; e < MM * BKV; e += SG) {
+                    const int r = g_r0 + e / BKV, j = e - (e / BKV) * BKV;
+                    float dot = 0.0;
+                    for (int d = 0; d < D; ++d) dot += HALF_AT(Qs4, r * KS4 * 8 + d) * HALF_AT(Ks4, j * KS4 * 8 + d);
+                    Ss[r * SST + j] = dot;
+                }
+#else
+                [[unroll]] for (int nn = 0; nn < BKV / MN; ++nn) {
+                    FRAG_C acc = FRAG_C(0.0);
+                    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
+                        FRAG_B kt;   // Kᵀ: element (d, key) of the K tile, read column-major
+                        coopMatLoadNV(kt, Ks4, uint(nn * MN * KS4 + kk * MK / 8), uint(KS4), true);
+                        acc = coopMatMulAddNV(qf[kk], kt, acc);
+                    }
+                    coopMatStoreNV(acc, Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+                }
+#endif
+                subgroup_sync();
+                g_k0 = k0; g_kn = kn; g_pass = pass;
+                sm_tile(m, l, alpha);
+                [[unroll]] for (int k = 0; k < SM_RPL; ++k)
+                    [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] *= alpha[k];
+                subgroup_sync();   // P written; the scores read (P V overwrites them)
+#if VKF_MM_EMULATE
+                for (int e = lane; e < MM * DV; e += SG) {
+                    const int r = g_r0 + e / DV, d = e - (e / DV) * DV;
+                    float acc = 0.0;
+                    for (int j = 0; j < BKV; ++j) acc += float(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
+                    Ss[r * SST + d] = acc;
+                }
+#else
+                {
+                    FRAG_A pf[BKV / MK];
+                    [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) coopMatLoadNV(pf[kk], Ps, uint(g_r0 * PST + kk * MK), uint(PST), false);
+                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+                        FRAG_C acc = FRAG_C(0.0);
+                        [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) {
+                            FRAG_B vf;
+                            coopMatLoadNV(vf, Vs4, uint(kk * MK * VS4 + nn * MN / 8), uint(VS4), false);
+                            acc = coopMatMulAddNV(pf[kk], vf, acc);
+                        }
+                        coopMatStoreNV(acc, Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+                    }
+                }
+#endif
+                subgroup_sync();
+                [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+                    const int r = g_r0 + sm_row(lane, k);
+                    [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] += Ss[r * SST + sm_col0(lane) + t * SM_TPR];
+                }
+                barrier();   // every subgroup is done with this K/V tile
+            }
+            if (k0 < k_stop) walked = false;
+        }
+        if (i < n) walked = false;
+    }
+    if (pass < 2) walked = false;
+    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
+
+    // Each lane's rows: their sums, the sink, the outputs.
+    const float nan = uintBitsToFloat(0x7FC00000u);
+    const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        const int r = g_r0 + sm_row(lane, k);
+        float lk = sm_row_sum(l[k]);
+        if (!sized) lk = nan;
+        float mk = m[k], f = 1.0;
+#if VKF_MAX_SCORES
+        // Before the sink joins: the maximum is over the scores (exact, never raised lazily).
+        if (p.write_max != 0 && r < rows && sm_col0(lane) == 0)
+            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk) ? nan : lk != 0.0 ? mk * LN2 : NEG_INF;
+#endif
+#if VKF_SINKS
+        // The head's sink joins the denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M).
+        const float s2 = sinks[h] * LOG2E, M = max(mk, s2);
+        f = exp2(mk - M);
+        lk = lk * f + exp2(s2 - M);
+        mk = M;
+#endif
+        if (r < rows) {
+            [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t)
+                o_data[ooff + (q0 + r) * p.o_sl + (sm_col0(lane) + t * SM_TPR) * p.o_sd] = OUT_VALUE(lk != 0.0 ? o[k][t] * f / lk : 0.0);
+            if (p.write_lse != 0 && sm_col0(lane) == 0)
+                lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk != 0.0 ? (mk + log2(lk)) * LN2 : NEG_INF;
+        }
+    }
+}
+"""#,
         "flex_attention_merge.comp": #"""
 #version 450
 // Merges the partial results of attention over disjoint key ranges (one per split): each split
@@ -2351,6 +2621,67 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
     for (int i = 0; i < 4; ++i) f[i] = w[i];
 #endif
 }
+"""#,
+        "flex_softmax.glsl": #"""
+// The online softmax over a tile of scores in shared memory, a subgroup's rows at a time, with no
+// assumption about which invocation a cooperative matrix gave which element: the scores were
+// stored to shared memory (coopMatStore, or a scalar loop), and each lane takes fixed rows and
+// columns of its own choosing. For flex_attention_fwd_generic.comp, on every subgroup size.
+//
+// A subgroup of SG lanes owns SM_ROWS rows. SM_TPR lanes share a row (SG / SM_ROWS where the
+// subgroup is wider than its rows, else 1); lane l takes rows l / SM_TPR + k * SM_LR (k <
+// SM_RPL) and, in each, columns l % SM_TPR + t * SM_TPR. Row maxima reduce over the SM_TPR lanes of
+// a row with a clustered subgroup max (clusters are consecutive invocation ids: the spec's
+// grouping, not a layout); the row sums stay per lane until the end (sm_row_sum).
+//
+// Before including, define SG (subgroup size), SM_ROWS (rows per subgroup), and SM_COLS (columns
+// of a score tile); the includer supplies sm_score(k, t) (the lane's k-th row, t-th column: the
+// score in log2 units after scale, mods and mask, -inf where masked or out of range) and
+// sm_put(k, t, p) (writes P).
+#if SG >= SM_ROWS
+#define SM_TPR (SG / SM_ROWS)
+#else
+#define SM_TPR 1
+#endif
+#define SM_LR (SG / SM_TPR)           // rows the subgroup covers at a time
+#define SM_RPL (SM_ROWS / SM_LR)      // rows per lane
+#define SM_CPL (SM_COLS / SM_TPR)     // columns per lane and row
+#if SM_TPR > 1
+#extension GL_KHR_shader_subgroup_clustered : require
+#define SM_ROW_MAX(x) subgroupClusteredMax(x, SM_TPR)
+#define SM_ROW_ADD(x) subgroupClusteredAdd(x, SM_TPR)
+#else
+#define SM_ROW_MAX(x) (x)
+#define SM_ROW_ADD(x) (x)
+#endif
+
+// The lane's k-th row (within the subgroup's rows) and its first column.
+int sm_row(int lane, int k) { return lane / SM_TPR + k * SM_LR; }
+int sm_col0(int lane) { return lane - (lane / SM_TPR) * SM_TPR; }
+
+// One tile: m (running maxima, log2 units, starting at a finite -1e30), l (this lane's shares of
+// the row sums) and alpha (each row's rescale factor for O) per lane row. Every lane runs it
+// (the reductions are subgroup operations).
+void sm_tile(inout float m[SM_RPL], inout float l[SM_RPL], out float alpha[SM_RPL]) {
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        float s[SM_CPL];
+        float mx = m[k];
+        [[unroll]] for (int t = 0; t < SM_CPL; ++t) { s[t] = sm_score(k, t); mx = max(mx, s[t]); }
+        mx = SM_ROW_MAX(mx);
+        float sum = 0.0;
+        [[unroll]] for (int t = 0; t < SM_CPL; ++t) {
+            const float pt = exp2(s[t] - mx);
+            sm_put(k, t, pt);
+            sum += pt;
+        }
+        alpha[k] = exp2(m[k] - mx);
+        m[k] = mx;
+        l[k] = l[k] * alpha[k] + sum;
+    }
+}
+
+// A row's sum from the lanes' shares (every lane of the row gets it).
+float sm_row_sum(float l) { return SM_ROW_ADD(l); }
 """#,
         "flex_walk.glsl": #"""
 // The block walk the attention kernels share (forward, split-KV decoding, backward): the BlockMask

@@ -94,7 +94,7 @@ struct Bench: ParsableCommand {
             for c in list { _ = try Bench.checkSize(c, device: device) }
             let caps = device.capabilities
             print("vkflex bench on \(caps.name) (\(caps.driverName) \(caps.driverInfo)), \(`repeat`) timed runs per case")
-            print("case                  B   H      S    D  density   fw ms  fw TFLOP/s  mask ms  rel_err  kernel     host µs")
+            print("case                  B   H      S    D  density   fw ms  fw TFLOP/s  mask ms  rel_err  kernel          host µs")
             var rows: [String] = []
             for c in list {
                 let row = try runCase(c, device: device, blockSize: bs, custom: custom)
@@ -261,7 +261,7 @@ struct Bench: ParsableCommand {
         }
         let printedMask = maskMs.map { String(format: "%8.2f", $0) } ?? "       -"
         let printedErr = relErr.map { String(format: "%.1e", $0) } ?? "-"
-        print("\(pad(c.name, 20)) \(String(format: "%2d %3d %6d %4d  %7.4f %7.2f %11.1f", c.B, c.H, c.S, c.D, density, ms, tflops)) \(printedMask)  \(printedErr)  \(pad(kernel.rawValue, 10)) \(String(format: "%7.1f", median(hostUs)))")
+        print("\(pad(c.name, 20)) \(String(format: "%2d %3d %6d %4d  %7.4f %7.2f %11.1f", c.B, c.H, c.S, c.D, density, ms, tflops)) \(printedMask)  \(printedErr)  \(pad(kernel.rawValue, 15)) \(String(format: "%7.1f", median(hostUs)))")
         var obj: [String: Any] = ["case": c.name, "B": c.B, "H": c.H, "S": c.S, "D": c.D, "dtype": c.dtype.rawValue,
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
                                   "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue,

@@ -7,7 +7,7 @@ struct SelfTest: ParsableCommand {
         commandName: "selftest",
         abstract: "Check the chosen device: device layer, then attention cases against a float64 reference.")
 
-    @Option(name: .long, help: "Which kernels run the attention cases: portable, coopmat-nv, split-kv, or all (every kernel that applies; the default).")
+    @Option(name: .long, help: "Which kernels run the attention cases: portable, coopmat-nv, coopmat-generic, split-kv, or all (every kernel that applies; the default). coopmat-generic runs everywhere: without cooperative matrices its products are scalar loops.")
     var kernel: String = "all"
 
     @OptionGroup var deviceOptions: DeviceOptions
@@ -18,7 +18,7 @@ struct SelfTest: ParsableCommand {
             let kernels: [FlexKernel]
             if kernel.lowercased() == "all" { kernels = FlexKernel.allCases }
             else if let k = FlexKernel(name: kernel) { kernels = [k] }
-            else { throw CLIError("--kernel \(kernel): use portable, coopmat-nv, split-kv or all") }
+            else { throw CLIError("--kernel \(kernel): use portable, coopmat-nv, coopmat-generic, split-kv or all") }
             let device = try deviceOptions.open()
             let caps = device.capabilities
             print("vkflex \(vkflexVersion) selftest on [\(caps.index)] \(caps.name) (\(caps.driverName), subgroup \(caps.subgroupSize)\(device.cooperativeMatrixAPI.map { ", cooperative matrices: VK_\($0.rawValue.uppercased())_cooperative_matrix" } ?? ""))")
@@ -38,7 +38,7 @@ struct SelfTest: ParsableCommand {
             print("attention cases against the float64 reference, through \(kernels.map(\.rawValue).joined(separator: " and ")):")
             let outcomes = AttentionSelfTest.run(on: device, kernels: kernels) { o in
                 let verdict = o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL"
-                let name = pad(o.name, 28) + " " + pad(o.kernel?.rawValue ?? "", 10)
+                let name = pad(o.name, 28) + " " + pad(o.kernel?.rawValue ?? "", 15)
                 if o.skipped { print("\(verdict)  \(name) \(o.detail)"); return }
                 print("\(verdict)  \(name) \(String(format: "%8.1f ms  err %.1e  lse %.1e", o.seconds * 1e3, o.relativeError, o.lseError))  \(o.detail)")
             }

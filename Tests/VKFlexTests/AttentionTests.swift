@@ -12,6 +12,8 @@ final class AttentionTests: FlexTestCase {
         var maskB = 1, maskH = 1
         var blockSize: BlockSize = 32
         var scale: Double? = nil
+        /// Forces a kernel (nil: the planner's choice).
+        var kernel: FlexKernel? = nil
     }
 
     /// Runs a case on the device and against the float64 reference; checks output, LSE and that
@@ -23,7 +25,9 @@ final class AttentionTests: FlexTestCase {
         let v = try device.tensor(randn(c.B * c.Hkv * c.Lkv * c.Dv), shape: [c.B, c.Hkv, c.Lkv, c.Dv], dtype: c.dtype, name: "v")
         let mask = try c.mask.map { try createBlockMask($0, B: c.maskB, H: c.maskH, qLen: c.Lq, kvLen: c.Lkv, device: device, blockSize: c.blockSize) }
         let out = try device.tensor([Float](repeating: .nan, count: c.B * c.Hq * c.Lq * c.Dv), shape: [c.B, c.Hq, c.Lq, c.Dv], dtype: c.dtype)
-        let r = try flexAttention(q, k, v, scoreMod: c.score, blockMask: mask, scale: c.scale, enableGQA: c.Hq != c.Hkv, returnLSE: true, out: out)
+        let r = try flexAttention(q, k, v, scoreMod: c.score, blockMask: mask, scale: c.scale, enableGQA: c.Hq != c.Hkv, returnLSE: true, out: out,
+                                options: FlexOptions(kernel: c.kernel))
+        if let forced = c.kernel { XCTAssertEqual(r.kernel, forced, name, file: file, line: line) }
         let ref = try flexAttentionReference(q, k, v, scoreMod: c.score, blockMask: mask, scale: c.scale, enableGQA: c.Hq != c.Hkv)
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         XCTAssertFalse(o.contains { $0.isNaN }, "\(name): NaN in the output (unwritten or computed)", file: file, line: line)
@@ -204,7 +208,7 @@ extension AttentionTests {
         let values = randn(64 * 16)
         let q = try device.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
         XCTAssertEqual(try flexAttention(q, q, q).kernel, .portable, "lavapipe has no cooperative matrices")
-        for (env, fragment) in [("coopmat", "VK_NV_cooperative_matrix"), ("coopmat-nv", "VK_NV_cooperative_matrix"), ("fast", "use portable, coopmat-nv, split-kv or auto")] {
+        for (env, fragment) in [("coopmat", "VK_NV_cooperative_matrix"), ("coopmat-nv", "VK_NV_cooperative_matrix"), ("fast", "use portable, coopmat-nv, coopmat-generic, split-kv or auto")] {
             let d = try device(with: ["VKFLEX_KERNEL": env])
             let qd = try d.tensor(values, shape: [1, 1, 64, 16], dtype: .float16)
             XCTAssertThrowsError(try flexAttention(qd, qd, qd)) { XCTAssertTrue("\($0)".contains(fragment), "\(env): \($0)") }
@@ -411,7 +415,7 @@ extension AttentionTests {
         XCTAssertTrue(defines.contains("VKF_ALWAYS_RESCALE=1"), "NV path at D=64: O rescaled at every step")
         let khr = try AttentionPlan.coopmat(D: 64, tiles: tiles, rawMax: true, exp16: false, typedOperands: true).source().defines.map { "\($0.name)=\($0.value)" }
         XCTAssertTrue(khr.contains("VKF_ALWAYS_RESCALE=0") && khr.contains("VKF_ALWAYS_HALVES=1"), "KHR path: only when a row's max moves; \(khr)")
-        for (env, fragment) in [(["VKFLEX_COOPMAT_DEFINES": "TAU=4"], "VKFLEX_COOPMAT_DEFINES is gone"), (["VKFLEX_KERNEL": "fastest"], "use portable, coopmat-nv, split-kv or auto"),
+        for (env, fragment) in [(["VKFLEX_COOPMAT_DEFINES": "TAU=4"], "VKFLEX_COOPMAT_DEFINES is gone"), (["VKFLEX_KERNEL": "fastest"], "use portable, coopmat-nv, coopmat-generic, split-kv or auto"),
                                 (["VKFLEX_COOPMAT_TILES": "33x1x1x1"], "VKFLEX_COOPMAT_TILES=33x1x1x1"), (["VKFLEX_PORTABLE_TILES": "axb"], "VKFLEX_PORTABLE_TILES=axb"),
                                 (["VKFLEX_PUSH_PARAMS": "yes"], "VKFLEX_PUSH_PARAMS=yes")] {
             XCTAssertThrowsError(try AttentionTuning.parse(env), "\(env)") { XCTAssertTrue("\($0)".contains(fragment), "\($0)") }

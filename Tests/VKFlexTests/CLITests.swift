@@ -165,7 +165,7 @@ final class CLITests: XCTestCase {
             (["bench", "--b", "64", "--h", "64", "--s", "65536", "--d", "128"], "of host memory"),
             (["bench", "--b", "1", "--h", "64", "--s", "65536", "--d", "256", "--dtype", "float32"], "allocates at most"),
             (["mask", "--mask-mod", "q_idx >= kv_idx", "--q-len", "1000000", "--kv-len", "1000000", "--block-size", "16"], "use a larger block size"),
-            (["selftest", "--kernel", "fastest"], "--kernel fastest: use portable, coopmat-nv, split-kv or all"),
+            (["selftest", "--kernel", "fastest"], "--kernel fastest: use portable, coopmat-nv, coopmat-generic, split-kv or all"),
             (["attend", "--q", "\(d)/q.npy", "--k", "\(d)/k3.npy", "--v", "\(d)/k3.npy", "--gqa"], "multiple of the key/value heads"),
             (base + ["--score-mod", "score + foo"], "unknown name 'foo'"),
             (base + ["--mask-mod", "q_idx >="], "ends too early"),
@@ -184,7 +184,7 @@ final class CLITests: XCTestCase {
             XCTAssertFalse(output.contains("Fatal error"), output)
         }
         // Malformed tuning variables are errors, not silently ignored.
-        for (env, fragment) in [(["VKFLEX_COOPMAT_TILES": "32x2"], "use BKVxRPWxNSGxNBUF"), (["VKFLEX_KERNEL": "fast"], "use portable, coopmat-nv, split-kv or auto"),
+        for (env, fragment) in [(["VKFLEX_COOPMAT_TILES": "32x2"], "use BKVxRPWxNSGxNBUF"), (["VKFLEX_KERNEL": "fast"], "use portable, coopmat-nv, coopmat-generic, split-kv or auto"),
                                 (["VKFLEX_KERNEL": "coopmat"], "has no VK_NV_cooperative_matrix"),
                                 (["VKFLEX_SPIRV_OPT": "turbo"], "VKFLEX_SPIRV_OPT=turbo is not one of 0, 1")] {
             let (status, output) = try run(base, extraEnvironment: env)

@@ -1,0 +1,107 @@
+import Foundation
+import VKFlexVulkan
+
+// The coopmat-generic kernel's part of the plan: its tiles, from the device's enumerated matrix
+// shapes, subgroup size and shared memory alone, and why it cannot run a call.
+
+/// Tiles of flex_attention_fwd_generic.comp: the matrix shape (M×N×K, fp16 × fp16 + fp32), the
+/// subgroup size it is built for, subgroups per workgroup (each owns M query rows) and keys per
+/// step.
+struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
+    var M: Int, N: Int, K: Int
+    var SG: Int, NSG: Int, BKV: Int
+    /// The products as scalar loops (no cooperative matrices on the device): the kernel's own code
+    /// runs as on a GPU with them, slowly.
+    var emulated: Bool
+
+    var BQ: Int { M * NSG }
+    var WG: Int { SG * NSG }
+
+    /// Mirrors the shared arrays of flex_attention_fwd_generic.comp: K and V tiles and P (fp16,
+    /// rows padded by 8), the score / P·V tile (fp32, rows of max(BKV, Dv) + 4), and in emulation Q.
+    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool) -> Int {
+        let bq = M * NSG
+        let halves = BKV * (D + 8) + BKV * (Dv + 8) + bq * (BKV + 8) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
+        return 2 * halves + 4 * bq * (max(BKV, Dv) + 4)
+    }
+
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") }
+}
+
+extension AttentionPlanner {
+    /// The shape a scalar emulation of the generic kernel computes in (any will do; this one is the
+    /// shape AMD and NVIDIA list).
+    static let emulatedShape = CooperativeMatrixShape(m: 16, n: 16, k: 16, a: "float16", b: "float16", c: "float32", result: "float32")
+
+    /// The coopmat-generic kernel's tiles for head dims D/Dv on a device described by its subgroup
+    /// size, its fp16 matrix shapes (`VkCooperativeMatrixPropertiesKHR`), shared memory and
+    /// invocations; nil when none fits.
+    ///
+    /// Shapes: those of fp16 A and B with fp32 C and result whose K divides D and whose N divides
+    /// Dv, the larger M·N·K first (16×16×16 on AMD and NVIDIA; Intel lists 8×16×16 on Xe2 and
+    /// 8×8×16 on Arc), `forcedShape` alone when given. Then four subgroups where they fit (each
+    /// owns M query rows), else two, else one (eight where M = 8, to keep 32+ rows a workgroup),
+    /// and 32 keys a step, else 16 (rounded up to what M, N and K divide). Unmeasured beyond the
+    /// H200 (docs/performance.md): a first choice, not a tuned one.
+    static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
+                             maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false) -> GenericTiles? {
+        guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
+        let budget = sharedMemory - 256
+        let usable = (emulated ? [emulatedShape] : shapes).filter { s in
+            s.a == "float16" && s.b == "float16" && s.c == "float32" && s.result == "float32"
+                && s.m > 0 && s.m & (s.m - 1) == 0 && s.k % 8 == 0 && s.n % 8 == 0 && D % s.k == 0 && Dv % s.n == 0
+                && (forcedShape.map { f in f.m == s.m && f.n == s.n && f.k == s.k } ?? true)
+        }.sorted { ($0.m * $0.n * $0.k, $0.m) > ($1.m * $1.n * $1.k, $1.m) }
+        for shape in usable {
+            // Each row's columns split evenly over the lanes that share it.
+            let tpr = max(1, sg / shape.m)
+            guard Dv % tpr == 0 else { continue }
+            let step = lcm(lcm(shape.m, shape.n), shape.k)
+            let groups = shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1]
+            for nsg in groups where nsg * sg <= maxInvocations {
+                for want in [32, 16] {
+                    let bkv = (want + step - 1) / step * step
+                    guard bkv % tpr == 0 else { continue }
+                    if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated) <= budget {
+                        return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated)
+                    }
+                }
+            }
+        }
+        return nil
+    }
+
+    /// The generic kernel's tiles on `device` (emulated where it has no cooperative matrices), with
+    /// `VKFLEX_COOPMAT_SHAPE` applied.
+    static func genericTiles(D: Int, Dv: Int, device: Device, tuning: AttentionTuning) -> GenericTiles? {
+        let caps = device.capabilities
+        return genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
+                            sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
+                            forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil)
+    }
+
+    /// Why coopmat-generic cannot run this call on `device`, or nil when it can.
+    static func genericProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
+        let caps = device.capabilities
+        if s.dtype != .float16 { return "coopmat-generic takes float16 inputs (got \(s.dtype.rawValue))" }
+        if !device.enabledFeatures.shaderFloat16 { return "\(caps.name) has no float16 arithmetic (shaderFloat16)" }
+        if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
+        if genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) == nil {
+            if let f = tuning.coopmatShape, device.cooperativeMatrixAPI != nil,
+               !device.cooperativeMatrixShapes.contains(where: { $0.m == f.m && $0.n == f.n && $0.k == f.k && $0.a == "float16" && $0.result == "float32" }) {
+                return "VKFLEX_COOPMAT_SHAPE=\(f.m)x\(f.n)x\(f.k) is not a float16 -> float32 shape \(caps.name) lists (\(device.cooperativeMatrixShapes.map(\.description).joined(separator: ", ")))"
+            }
+            return "no float16 -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with tiles that fit \(caps.maxSharedMemory) bytes of shared memory"
+        }
+        if let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning), t.SG > t.M, !caps.subgroupOperations.contains("clustered") {
+            return "\(caps.name) has no clustered subgroup operations, which coopmat-generic's row reductions use"
+        }
+        return nil
+    }
+
+    private static func lcm(_ a: Int, _ b: Int) -> Int {
+        var (x, y) = (a, b)
+        while y != 0 { (x, y) = (y, x % y) }
+        return a / x * b
+    }
+}

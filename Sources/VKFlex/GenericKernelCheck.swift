@@ -1,0 +1,72 @@
+import Foundation
+import VKFlexVulkan
+
+/// The first-call check of the coopmat-generic kernel on a device the project could not test.
+///
+/// The generic kernel assumes only what the KHR cooperative-matrix specification guarantees, but
+/// it has run on NVIDIA only. Before the planner picks it by itself on a device (AMD, Intel, a Mesa
+/// driver), it runs it once per head dims on a small input — two query heads on one key/value head,
+/// lengths that leave every tile and key step partly empty, no mask, then a causal one — against
+/// the portable kernel. A mismatch (or a failure) keeps that device on the portable kernel for the
+/// process, with one line on standard error naming the device and how to report it. A kernel forced
+/// by `VKFLEX_KERNEL` or ``FlexOptions/kernel`` is not checked: that is how to reproduce a report.
+enum GenericKernelCheck {
+    /// Whether coopmat-generic matched the portable kernel on `device` at head dims D/Dv (checked
+    /// the first time it is asked, then remembered for the device's lifetime).
+    static func passes(D: Int, Dv: Int, device: Device) -> Bool {
+        (try? device.memoized("vkflex.coopmat-generic.check.\(D)x\(Dv)") { () -> Bool in
+            let problem: String?
+            do { problem = try compare(D: D, Dv: Dv, device: device) } catch { problem = "it failed: \(error)" }
+            guard let problem else { return true }
+            let caps = device.capabilities
+            let line = "vkflex: the coopmat-generic kernel disagreed with the portable kernel on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
+                + "at head dims \(D)/\(Dv): \(problem); using the portable kernel. Please report it with the output of "
+                + "`vkflex devices --json` and `VKFLEX_KERNEL=coopmat-generic vkflex selftest`.\n"
+            FileHandle.standardError.write(Data(line.utf8))
+            return false
+        }) ?? false
+    }
+
+    /// What differs between coopmat-generic and the portable kernel on a small input, or nil.
+    static func compare(D: Int, Dv: Int, device: Device) throws -> String? {
+        var rng = CheckInputs(seed: 0x5EED_0F_0C0E)
+        func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
+        let (Lq, Lkv) = (77, 93)
+        let q = try device.tensor(values(2 * Lq * D), shape: [1, 2, Lq, D], dtype: .float16, name: "check_q")
+        let k = try device.tensor(values(Lkv * D), shape: [1, 1, Lkv, D], dtype: .float16, name: "check_k")
+        let v = try device.tensor(values(Lkv * Dv), shape: [1, 1, Lkv, Dv], dtype: .float16, name: "check_v")
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q + (Lkv - Lq) >= kv }, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device,
+                                         blockSize: 32, backend: .cpu())
+        for mask in [nil, causal] {
+            let run = { (kernel: FlexKernel) in
+                try flexAttention(q, k, v, blockMask: mask, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: kernel))
+            }
+            let generic = try run(.coopmatGeneric), portable = try run(.portable)
+            let (go, po) = (try generic.output.toArray(), try portable.output.toArray())
+            let (gl, pl) = (try generic.lse!.toArray(), try portable.lse!.toArray())
+            var outErr: Float = 0, lseErr: Float = 0
+            for (a, b) in zip(go, po) { outErr = a.isNaN ? .infinity : max(outErr, abs(a - b)) }
+            for (a, b) in zip(gl, pl) { lseErr = a.isNaN ? .infinity : max(lseErr, abs(a - b)) }
+            // fp16 outputs of magnitude below 1 round at 2^-11; both kernels sum in fp32.
+            if outErr > 1e-2 || lseErr > 1e-2 {
+                return String(format: "largest difference %.3g in the output, %.3g in the LSE (%@)", outErr, lseErr, mask == nil ? "no mask" : "causal")
+            }
+        }
+        return nil
+    }
+}
+
+/// A small seeded generator (SplitMix64): the check's inputs are the same on every run.
+private struct CheckInputs {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    mutating func nextUnit() -> Double { Double(next() >> 11) / Double(1 << 53) }
+}

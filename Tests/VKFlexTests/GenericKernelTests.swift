@@ -1,0 +1,140 @@
+import Foundation
+import XCTest
+@testable import VKFlex
+import VKFlexSPIRV
+
+/// coopmat-generic: the kernel that assumes no vendor's matrix layout nor subgroup size. Lavapipe
+/// has no cooperative matrices, so forced there it runs with its two products as scalar loops over
+/// the same shared tiles: the staging, the walk, the mods, the shared-memory softmax
+/// (flex_softmax.glsl, at lavapipe's subgroup size), O and the outputs are the GPU's code. The
+/// cooperative-matrix form is compiled (and rewritten for the KHR extension) for the shapes AMD,
+/// Intel and NVIDIA list; it runs on the H200 (`vkflex selftest --kernel all`).
+extension AttentionTests {
+    func testGenericKernelMatchesTheReference() throws {
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        let softcap = ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }
+        let cases: [(String, Case)] = [
+            ("dense D=64", Case(B: 2, Hq: 2, Hkv: 2, Lq: 70, Lkv: 70, D: 64, Dv: 64, dtype: .float16)),
+            ("causal soft-cap, odd lengths", Case(B: 1, Hq: 2, Hkv: 2, Lq: 45, Lkv: 45, D: 32, Dv: 32, dtype: .float16, score: softcap, mask: causal)),
+            ("GQA, Lq != Lkv, D != Dv", Case(B: 1, Hq: 4, Hkv: 2, Lq: 19, Lkv: 83, D: 16, Dv: 48, dtype: .float16)),
+            ("sliding window, 16-row blocks", Case(B: 1, Hq: 1, Hkv: 1, Lq: 100, Lkv: 100, D: 32, Dv: 32, dtype: .float16,
+                                                  mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv < 20) }, blockSize: 16)),
+        ]
+        for (name, var c) in cases {
+            c.kernel = .coopmatGeneric
+            try check(c, "coopmat-generic " + name)
+        }
+    }
+
+    func testGenericKernelOptionsAndRules() throws {
+        let (B, H, L, D) = (2, 2, 37, 32)
+        let q = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], dtype: .float16)
+        let k = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], dtype: .float16)
+        let v = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D], dtype: .float16)
+        let lens = try device.tensor([Int32(30), 5], shape: [B])
+        let sinks = try device.tensor([Float(0.5), -1], shape: [H])
+        let generic = FlexOptions(kernel: .coopmatGeneric)
+        let r = try flexAttention(q, k, v, kvLengths: lens, sinks: sinks, returnLSE: true, returnMaxScores: true, options: generic)
+        let ref = try flexAttentionReference(q, k, v, kvLengths: [30, 5], sinks: [0.5, -1])
+        XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3)
+        XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { abs(Double($0) - $1) }.max()!, 2e-2)
+        XCTAssertLessThan(zip(try r.maxScores!.toArray(), ref.maxScores).map { abs(Double($0) - $1) }.max()!, 2e-2)
+        // Strided views (no 16-byte loads: each unit gathered half by half) and an offset view.
+        let qs = try device.tensor(randn(B * L * H * D), shape: [B, L, H, D], dtype: .float16).permuted(0, 2, 1, 3)
+        let ks = try device.tensor(randn(B * L * H * D), shape: [B, L, H, D], dtype: .float16).permuted(0, 2, 1, 3)
+        let s = try flexAttention(qs, ks, v, scoreMod: ScoreMod { s, _, _, q, kv in s - 0.01 * abs(q - kv) }, options: generic)
+        let sref = try flexAttentionReference(qs, ks, v, scoreMod: ScoreMod { s, _, _, q, kv in s - 0.01 * abs(q - kv) })
+        XCTAssertLessThan(relativeL2Error(try s.output.toArray(), sref.output), 2e-3, "strided")
+        // A NaN score on an unmasked pair makes its row NaN (and its LSE), and no other.
+        let nanAt = try ScoreMod(parsing: "where((q_idx == 9) & (kv_idx == 4), nan, score)")
+        let n = try flexAttention(q, k, v, scoreMod: nanAt, returnLSE: true, options: generic)
+        let o = try n.output.toArray(), l = try n.lse!.toArray()
+        for bh in 0..<(B * H) {
+            for row in 0..<L {
+                let isNaN = o[((bh * L) + row) * D..<((bh * L) + row + 1) * D].contains { $0.isNaN }
+                XCTAssertEqual(isNaN, row == 9, "batch-head \(bh) row \(row)")
+                XCTAssertEqual(l[bh * L + row].isNaN, row == 9)
+            }
+        }
+        // float32 inputs are not narrowed: a clear error.
+        let q32 = try device.tensor(randn(L * D), shape: [1, 1, L, D])
+        XCTAssertThrowsError(try flexAttention(q32, q32, q32, options: generic)) { error in
+            XCTAssertTrue("\(error)".contains("coopmat-generic takes float16 inputs"), "\(error)")
+        }
+        XCTAssertEqual(FlexKernel(name: "coopmat-generic"), .coopmatGeneric)
+        for bad in ["16x16", "axbxc", "0x16x16"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_COOPMAT_SHAPE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_COOPMAT_SHAPE"), "\($0)") }
+        }
+    }
+
+    /// Long key ranges through the emulated kernel: its scalar products count against lavapipe's
+    /// loop cap, so the planner splits its keys too (and merges the partials).
+    func testGenericKernelOnLongKeyRanges() throws {
+        var c = Case(B: 1, Hq: 1, Hkv: 1, Lq: 9, Lkv: 20_000, D: 32, Dv: 32, dtype: .float16, mask: MaskMod { _, _, _, kv in kv % 5 != 2 },
+                     blockSize: 512)
+        c.kernel = .coopmatGeneric
+        try check(c, "coopmat-generic, 20,000 keys")
+    }
+
+    /// The planner for the subgroup sizes and matrix shapes other vendors list (from their documents:
+    /// docs/performance.md): the tiles exist, divide what they must, and fit the shared memory.
+    func testGenericTilesForOtherVendors() throws {
+        func shape(_ m: Int, _ n: Int, _ k: Int) -> CooperativeMatrixShape {
+            CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
+        }
+        let devices: [(String, Int, [CooperativeMatrixShape], Int)] = [
+            ("NVIDIA", 32, [shape(16, 16, 16), shape(16, 8, 16), shape(16, 8, 8)], 48 << 10),
+            ("AMD RDNA3 wave32", 32, [shape(16, 16, 16)], 64 << 10),
+            ("AMD RDNA3 wave64", 64, [shape(16, 16, 16)], 64 << 10),
+            ("Intel Xe2", 16, [shape(8, 16, 16)], 64 << 10),
+            ("Intel Arc", 8, [shape(8, 8, 16)], 64 << 10),
+            ("a 16-lane 16x16x16 device", 16, [shape(16, 16, 16)], 32 << 10),
+        ]
+        for (name, sg, shapes, shared) in devices {
+            for (D, Dv) in [(64, 64), (128, 128), (32, 64), (256, 256)] {
+                guard let t = AttentionPlanner.genericTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: shapes, sharedMemory: shared, maxInvocations: 1024) else {
+                    XCTAssertEqual(D, 256, "\(name) D=\(D)/\(Dv): no tiles"); continue
+                }
+                XCTAssertEqual(t.SG, sg)
+                XCTAssertTrue(shapes.contains { $0.m == t.M && $0.n == t.N && $0.k == t.K }, "\(name): \(t)")
+                XCTAssertEqual(D % t.K, 0); XCTAssertEqual(Dv % t.N, 0)
+                XCTAssertEqual(t.BKV % t.M, 0); XCTAssertEqual(t.BKV % t.N, 0); XCTAssertEqual(t.BKV % t.K, 0)
+                XCTAssertEqual(t.BKV % max(1, sg / t.M), 0); XCTAssertEqual(Dv % max(1, sg / t.M), 0)
+                XCTAssertGreaterThanOrEqual(t.BQ, 16, "\(name): \(t)")
+                XCTAssertLessThanOrEqual(GenericTiles.sharedBytes(D: D, Dv: Dv, M: t.M, NSG: t.NSG, BKV: t.BKV, emulated: false), shared - 256)
+            }
+        }
+        // A forced shape the device does not list, a subgroup size that is not a power of two: none.
+        XCTAssertNil(AttentionPlanner.genericTiles(D: 64, Dv: 64, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 48 << 10,
+                                                   maxInvocations: 1024, forcedShape: (16, 8, 16)))
+        XCTAssertNil(AttentionPlanner.genericTiles(D: 64, Dv: 64, subgroupSize: 24, shapes: [shape(16, 16, 16)], sharedMemory: 48 << 10, maxInvocations: 1024))
+    }
+
+    /// The cooperative-matrix form compiles, and rewrites for VK_KHR_cooperative_matrix, for every
+    /// shape and subgroup size above (lavapipe cannot run it).
+    func testGenericKernelCompilesForEveryShape() throws {
+        let mods = try SplicedMods(score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: MaskMod { _, _, q, kv in q >= kv },
+                                   firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
+        var library = ShaderLibrary.standard
+        library.files.merge(mods.includes) { _, new in new }
+        var compiled = 0
+        for (m, n, k, sg) in [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8), (16, 8, 16, 32)] {
+            let shape = CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
+            for (D, Dv) in [(64, 64), (128, 128), (32, 96)] {
+                guard let t = AttentionPlanner.genericTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10, maxInvocations: 1024) else {
+                    return XCTFail("\(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv): no tiles")
+                }
+                for pass in [AttentionPlan.Pass.forward, .forwardPartial] {
+                    let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(t),
+                                             maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward, pushParams: pass == .forward,
+                                             mods: mods.glsl.source)
+                    let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
+                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
+                    XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+                    compiled += 1
+                }
+            }
+        }
+        XCTAssertEqual(compiled, 30)
+    }
+}
