@@ -37,12 +37,20 @@ int sm_col0(int lane) { return lane - (lane / SM_TPR) * SM_TPR; }
 // One tile: m (running maxima, log2 units, starting at a finite -1e30), l (this lane's shares of
 // the row sums) and alpha (each row's rescale factor for O) per lane row. Every lane runs it
 // (the reductions are subgroup operations).
+//
+// With SM_TAU defined, the running maximum is raised only when a tile's maximum passes it by more
+// than SM_TAU (log2 units): P then stays below 2^SM_TAU (fine in fp16), alpha is exactly 1 on
+// most tiles, and the final division by l makes the result exact all the same — so O needs
+// rescaling only on the rare tiles where alpha is not 1.
 void sm_tile(inout float m[SM_RPL], inout float l[SM_RPL], out float alpha[SM_RPL]) {
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         float s[SM_CPL];
         float mx = m[k];
         [[unroll]] for (int t = 0; t < SM_CPL; ++t) { s[t] = sm_score(k, t); mx = max(mx, s[t]); }
         mx = SM_ROW_MAX(mx);
+#ifdef SM_TAU
+        mx = mx > m[k] + SM_TAU ? mx : m[k];
+#endif
         float sum = 0.0;
         [[unroll]] for (int t = 0; t < SM_CPL; ++t) {
             const float pt = exp2(s[t] - mx);

@@ -2221,13 +2221,16 @@ void main() {
 // of BKV keys the workgroup stages K and V (fp16) in shared memory; each subgroup computes
 // S = Q Kᵀ (MM x MN x MK products, fp32 accumulators) and stores it to its rows of a shared score
 // tile; the online softmax (flex_softmax.glsl) reads the scores there, applies scale, score-mod and
-// mask, and writes P (fp16) to shared memory; P comes back as A operands, P V goes to the same
-// shared tile, and each lane adds its own elements of it into O, which it keeps in registers in
-// the softmax's row/column assignment (so each row's rescale factor is the lane's own).
+// mask, and writes P (fp16) to shared memory; P comes back as A operands, and O (fp32 accumulators)
+// accumulates P V. Element order is never assumed: where a row's running maximum moves (rarely:
+// it is raised lazily, by more than SM_TAU at a time), the subgroup stores O to its shared tile,
+// each lane rescales the rows it owns in the softmax, and O is loaded back; at the end O goes
+// through the same tile to the lanes that write it.
 //
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles (no cooperative
-// matrices): everything else — staging, walk, mods, softmax, O, output — is this kernel's own code,
-// and runs on lavapipe in CI at its subgroup size.
+// matrices), O in registers in the softmax's row/column assignment (no round trip):
+// everything else — staging, walk, mods, softmax, output — is this kernel's own code, and runs on
+// lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
 // (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16, and what
@@ -2241,6 +2244,7 @@ void main() {
 #if !VKF_MM_EMULATE
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
+#extension GL_KHR_shader_subgroup_vote : require
 #endif
 
 layout(local_size_x = SG * NSG) in;
@@ -2289,6 +2293,10 @@ GATHER(v_data)
 
 #define SM_ROWS MM
 #define SM_COLS BKV
+// The running maximum moves lazily (flex_softmax.glsl): O, which stays in accumulators, makes a
+// round trip through shared memory to be rescaled only on the tiles where it moved. (Emulated, O
+// is in registers and rescaled by the same factors.)
+#define SM_TAU 8.0
 // The softmax's view of the tile (set per step): this subgroup's first row, the step's keys, the
 // walk pass (1: partial block, the mask applies), and the workgroup's tile.
 int g_r0, g_k0, g_kn, g_pass, g_lane;
@@ -2355,11 +2363,15 @@ void main() {
 #endif
 
     float m[SM_RPL], l[SM_RPL], alpha[SM_RPL];
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
+#if VKF_MM_EMULATE
     float o[SM_RPL][DV / SM_TPR];
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-        m[k] = -1e30; l[k] = 0.0;
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k)
         [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
-    }
+#else
+    FRAG_C of[DV / MN];
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) of[nn] = FRAG_C(0.0);
+#endif
 
     const int mrow = walk_row(b, h, g_t.qb);
     const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
@@ -2410,8 +2422,26 @@ void main() {
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
                 sm_tile(m, l, alpha);
+#if VKF_MM_EMULATE
                 [[unroll]] for (int k = 0; k < SM_RPL; ++k)
                     [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] *= alpha[k];
+#else
+                bool moved = false;
+                [[unroll]] for (int k = 0; k < SM_RPL; ++k) moved = moved || alpha[k] != 1.0;
+                if (subgroupAny(moved)) {
+                    // O's round trip: out to this subgroup's tile (its scores are read), each lane
+                    // scales its own rows, back into the accumulators.
+                    subgroup_sync();
+                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+                    subgroup_sync();
+                    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+                        const int r = g_r0 + sm_row(lane, k);
+                        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) Ss[r * SST + sm_col0(lane) + t * SM_TPR] *= alpha[k];
+                    }
+                    subgroup_sync();
+                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatLoadNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+                }
+#endif
                 subgroup_sync();   // P written; the scores read (P V overwrites them)
 #if VKF_MM_EMULATE
                 for (int e = lane; e < MM * DV; e += SG) {
@@ -2420,27 +2450,25 @@ void main() {
                     for (int j = 0; j < BKV; ++j) acc += float(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
                     Ss[r * SST + d] = acc;
                 }
-#else
-                {
-                    FRAG_A pf[BKV / MK];
-                    [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) coopMatLoadNV(pf[kk], Ps, uint(g_r0 * PST + kk * MK), uint(PST), false);
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
-                        FRAG_C acc = FRAG_C(0.0);
-                        [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) {
-                            FRAG_B vf;
-                            coopMatLoadNV(vf, Vs4, uint(kk * MK * VS4 + nn * MN / 8), uint(VS4), false);
-                            acc = coopMatMulAddNV(pf[kk], vf, acc);
-                        }
-                        coopMatStoreNV(acc, Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                    }
-                }
-#endif
                 subgroup_sync();
                 [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
                     const int r = g_r0 + sm_row(lane, k);
                     [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] += Ss[r * SST + sm_col0(lane) + t * SM_TPR];
                 }
-                barrier();   // every subgroup is done with this K/V tile
+#else
+                {
+                    FRAG_A pf[BKV / MK];
+                    [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) coopMatLoadNV(pf[kk], Ps, uint(g_r0 * PST + kk * MK), uint(PST), false);
+                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+                        [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) {
+                            FRAG_B vf;
+                            coopMatLoadNV(vf, Vs4, uint(kk * MK * VS4 + nn * MN / 8), uint(VS4), false);
+                            of[nn] = coopMatMulAddNV(pf[kk], vf, of[nn]);
+                        }
+                    }
+                }
+#endif
+                barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
         }
@@ -2451,6 +2479,11 @@ void main() {
 
     // Each lane's rows: their sums, the sink, the outputs.
     const float nan = uintBitsToFloat(0x7FC00000u);
+#if !VKF_MM_EMULATE
+    // O to the lanes that own its rows.
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+    subgroup_sync();
+#endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
@@ -2470,8 +2503,15 @@ void main() {
         mk = M;
 #endif
         if (r < rows) {
-            [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t)
-                o_data[ooff + (q0 + r) * p.o_sl + (sm_col0(lane) + t * SM_TPR) * p.o_sd] = OUT_VALUE(lk != 0.0 ? o[k][t] * f / lk : 0.0);
+            [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) {
+                const int d = sm_col0(lane) + t * SM_TPR;
+#if VKF_MM_EMULATE
+                const float ov = o[k][t];
+#else
+                const float ov = Ss[r * SST + d];
+#endif
+                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(lk != 0.0 ? ov * f / lk : 0.0);
+            }
             if (p.write_lse != 0 && sm_col0(lane) == 0)
                 lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk != 0.0 ? (mk + log2(lk)) * LN2 : NEG_INF;
         }
@@ -2662,12 +2702,20 @@ int sm_col0(int lane) { return lane - (lane / SM_TPR) * SM_TPR; }
 // One tile: m (running maxima, log2 units, starting at a finite -1e30), l (this lane's shares of
 // the row sums) and alpha (each row's rescale factor for O) per lane row. Every lane runs it
 // (the reductions are subgroup operations).
+//
+// With SM_TAU defined, the running maximum is raised only when a tile's maximum passes it by more
+// than SM_TAU (log2 units): P then stays below 2^SM_TAU (fine in fp16), alpha is exactly 1 on
+// most tiles, and the final division by l makes the result exact all the same — so O needs
+// rescaling only on the rare tiles where alpha is not 1.
 void sm_tile(inout float m[SM_RPL], inout float l[SM_RPL], out float alpha[SM_RPL]) {
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         float s[SM_CPL];
         float mx = m[k];
         [[unroll]] for (int t = 0; t < SM_CPL; ++t) { s[t] = sm_score(k, t); mx = max(mx, s[t]); }
         mx = SM_ROW_MAX(mx);
+#ifdef SM_TAU
+        mx = mx > m[k] + SM_TAU ? mx : m[k];
+#endif
         float sum = 0.0;
         [[unroll]] for (int t = 0; t < SM_CPL; ++t) {
             const float pt = exp2(s[t] - mx);

@@ -19,6 +19,12 @@ extension AttentionTests {
             ("GQA, Lq != Lkv, D != Dv", Case(B: 1, Hq: 4, Hkv: 2, Lq: 19, Lkv: 83, D: 16, Dv: 48, dtype: .float16)),
             ("sliding window, 16-row blocks", Case(B: 1, Hq: 1, Hkv: 1, Lq: 100, Lkv: 100, D: 32, Dv: 32, dtype: .float16,
                                                   mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv < 20) }, blockSize: 16)),
+            // Scores that rise along the keys: the running maximum is raised lazily (by more than 8
+            // log2 units at a time), slowly (P grows towards 2^8 between raises) and at every tile.
+            ("rising scores, slowly", Case(B: 1, Hq: 1, Hkv: 1, Lq: 40, Lkv: 200, D: 32, Dv: 32, dtype: .float16,
+                                           score: ScoreMod { s, _, _, _, kv in s + 0.05 * kv })),
+            ("rising scores, fast", Case(B: 1, Hq: 1, Hkv: 1, Lq: 40, Lkv: 200, D: 32, Dv: 32, dtype: .float16,
+                                         score: ScoreMod { s, _, _, _, kv in s + 0.5 * kv })),
         ]
         for (name, var c) in cases {
             c.kernel = .coopmatGeneric

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The checks a session that changed kernels runs on the GPU machine, in order of priority, each
+# under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [selftest|bench|decode|all]
+set -u
+out=${OUT:-/tmp}
+what=${1:-all}
+step() {  # step NAME SECONDS COMMAND...: runs, keeps stdout+stderr in $out/NAME.txt, prints the verdict lines
+  local name=$1 secs=$2; shift 2
+  echo "== $name ($(date -u +%H:%M:%S))"
+  timeout "$secs" "$@" > "$out/$name.txt" 2>&1
+  echo "   exit $?"
+  grep -E '^(FAIL|SKIP  .*coopmat)|passed, |validation|error' "$out/$name.txt" | head -40
+}
+vkflex devices > "$out/devices.txt" 2>&1; grep -iE 'name|subgroup|cooperative|shared' "$out/devices.txt" | head -20
+if [ "$what" = all ] || [ "$what" = selftest ]; then
+  VKFLEX_VALIDATE=1 step selftest-validated 240 vkflex selftest --kernel all
+  step selftest-generic-khr 90 vkflex selftest --kernel coopmat-generic
+  for shape in 16x8x16 16x8x8; do
+    VKFLEX_COOPMAT_SHAPE=$shape step "selftest-generic-$shape" 90 vkflex selftest --kernel coopmat-generic
+  done
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  VKFLEX_KERNEL=coopmat-generic step bench-generic 150 vkflex bench --suite seed --json "$out/generic.jsonl"
+  tail -12 "$out/bench-generic.txt"
+  VKFLEX_KERNEL=coopmat-nv step bench-nv 120 vkflex bench --suite seed --json "$out/nv.jsonl"
+  tail -12 "$out/bench-nv.txt"
+fi
+if [ "$what" = all ] || [ "$what" = decode ]; then
+  step decode 150 bash .device/on-device.sh compare --suite decode
+  tail -25 "$out/decode.txt"
+fi
+date -u
