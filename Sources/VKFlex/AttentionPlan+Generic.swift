@@ -99,6 +99,91 @@ extension AttentionPlanner {
         return nil
     }
 
+    // MARK: The backward's matrix passes (flex_attention_bwd_mm.comp)
+
+    /// Shared memory of flex_attention_bwd_mm.comp: the staged side's two operands (and in
+    /// emulation the owned side's), the S / gradient tile (at least D and Dv wide), dP, the fp16
+    /// dS and P tiles, the staged rows' LSE and Δ (and in emulation the gradients).
+    static func backwardMMSharedBytes(D: Int, Dv: Int, T: Int, emulated: Bool) -> Int {
+        let units = T * (D / 8 + 1) + T * (Dv / 8 + 1)
+        return 16 * units * (emulated ? 2 : 1) + 4 * T * (max(T, D, Dv) + 4) + 4 * T * (T + 4) + 2 * 2 * T * (T + 8) + 8 * T
+            + (emulated ? 4 * T * (D + Dv) : 0)
+    }
+
+    /// The backward matrix passes' tiles: T = M·NSG rows owned per workgroup and staged per step
+    /// (query rows and keys alike, so both passes share the portable passes' tile bookkeeping),
+    /// four subgroups where they fit, else two, else one; the shapes as for the forward.
+    static func backwardMMTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
+                                maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false) -> GenericTiles? {
+        guard sg > 0, sg & (sg - 1) == 0 else { return nil }
+        let budget = sharedMemory - 256
+        let usable = (emulated ? [emulatedShape] : shapes).filter { s in
+            s.a == "float16" && s.b == "float16" && s.c == "float32" && s.result == "float32"
+                && s.m > 0 && s.k % 8 == 0 && s.n % 8 == 0 && D % s.k == 0 && Dv % s.n == 0 && D % s.n == 0 && Dv % s.k == 0
+                && (forcedShape.map { f in f.m == s.m && f.n == s.n && f.k == s.k } ?? true)
+        }.sorted { ($0.m * $0.n * $0.k, $0.m) > ($1.m * $1.n * $1.k, $1.m) }
+        for shape in usable {
+            for nsg in (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1]) where nsg * sg <= maxInvocations {
+                let t = shape.m * nsg
+                // Each lane takes whole elements of the MM×T pair tile and of the MM×D, MM×Dv gradients.
+                guard t % shape.n == 0, t % shape.k == 0, (shape.m * t) % sg == 0, (shape.m * D) % sg == 0, (shape.m * Dv) % sg == 0 else { continue }
+                if backwardMMSharedBytes(D: D, Dv: Dv, T: t, emulated: emulated) <= budget {
+                    return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: t, emulated: emulated)
+                }
+            }
+        }
+        return nil
+    }
+
+    static func backwardMMTiles(D: Int, Dv: Int, device: Device, tuning: AttentionTuning) -> GenericTiles? {
+        let caps = device.capabilities
+        return backwardMMTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
+                               sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
+                               forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil)
+    }
+
+    /// Why the backward's matrix passes cannot run this call, or nil.
+    static func backwardMMProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
+        let caps = device.capabilities
+        if s.dtype != .float16 { return "the backward's coopmat-generic passes take float16 inputs (got \(s.dtype.rawValue))" }
+        if !device.enabledFeatures.shaderFloat16 { return "\(caps.name) has no float16 arithmetic (shaderFloat16)" }
+        if backwardMMTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) == nil {
+            return "no float16 -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with backward tiles that fit \(caps.maxSharedMemory) bytes of shared memory"
+        }
+        return nil
+    }
+
+    /// The kernel of the backward's dQ and dK/dV passes: the call's option, else `VKFLEX_KERNEL`
+    /// where it names `portable` or `coopmat-generic`, else the matrix passes on a device with
+    /// cooperative matrices once they matched the portable ones there (``GenericKernelCheck``).
+    ///
+    /// - Throws: ``FlexError/unsupported(_:)`` for a forced kernel the backward has not or that
+    ///   cannot run the call.
+    static func backwardKernel(_ s: AttentionShape, device: Device, forced: FlexKernel?) throws -> FlexKernel {
+        let tuning = try AttentionTuning.of(device)
+        let source: String
+        let chosen: FlexKernel
+        if let forced {
+            chosen = forced; source = "kernel: .\(forced)"
+        } else if let env = tuning.kernel, env == .portable || env == .coopmatGeneric {
+            chosen = env; source = "VKFLEX_KERNEL=\(env.rawValue)"
+        } else {
+            if device.cooperativeMatrixAPI != nil, backwardMMProblem(s, device: device, tuning: tuning) == nil,
+               GenericKernelCheck.backwardPasses(D: s.D, Dv: s.Dv, device: device) {
+                return .coopmatGeneric
+            }
+            return .portable
+        }
+        switch chosen {
+        case .portable: return .portable
+        case .coopmatGeneric:
+            if let problem = backwardMMProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
+            return .coopmatGeneric
+        default:
+            throw FlexError.unsupported("\(source): the backward runs the portable or coopmat-generic kernel")
+        }
+    }
+
     private static func lcm(_ a: Int, _ b: Int) -> Int {
         var (x, y) = (a, b)
         while y != 0 { (x, y) = (y, x % y) }

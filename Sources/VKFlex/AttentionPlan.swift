@@ -177,6 +177,15 @@ struct AttentionPlan: Hashable, Sendable {
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
         case .generic(let t):
+            if case .backward(let n) = pass {
+                // The backward's dQ (1) and dK/dV (2) passes through matrices: T rows owned and T staged.
+                source = ShaderSource(name: "flex_attention_bwd_mm", text: try ShaderLibrary.standard.text("flex_attention_bwd_mm.comp"), defines: [
+                    .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"),
+                    .init("MK", "\(t.K)"), .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BQ", "\(t.BQ)"), .init("BKV", "\(t.BQ)"),
+                    .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"), .init("IN_F16", "1"), .init("OUT_F16", "1"),
+                ])
+                break
+            }
             source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),

@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:)``
+/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:options:)``
 /// returns: the gradients of the loss with respect to q, k and v, in their shapes and dtype.
 public struct FlexGradients {
     /// `[B, Hq, Lq, D]`.
@@ -17,6 +17,9 @@ public struct FlexGradients {
     /// The gradients of the captured tensors the call named in `gradCaptures:`, in that order:
     /// float32, each in its capture's shape.
     public var captures: [Tensor] = []
+    /// The kernel of the dQ and dK/dV passes: `.portable` or `.coopmatGeneric` (cooperative
+    /// matrices; the other passes are the portable kernel's).
+    public var kernel: FlexKernel = .portable
 
     /// The gradient of one of the tensors named in `gradCaptures:` (nil for any other tensor).
     ///
@@ -60,8 +63,13 @@ public struct FlexGradients {
 ///   Added with float atomics where the device has them (lavapipe and NVIDIA do), else through
 ///   per-workgroup partial sums.
 ///
-/// Runs the portable kernels on every device (a cooperative-matrix backward is to come), computing
-/// in float32 whatever the inputs' dtype. `kvLengths:` and `sinks:` are the forward call's (with
+/// The dQ and dK/dV passes run through cooperative matrices (`coopmat-generic`,
+/// flex_attention_bwd_mm.comp: float16 inputs, on a device with cooperative matrices, once they
+/// matched the portable passes there on a small input), else the portable kernels, which run on
+/// every device; both sum in float32 whatever the inputs' dtype. `options:` forces the dQ and
+/// dK/dV passes' kernel (`FlexOptions(kernel: .portable)` or `.coopmatGeneric`, which forced on a
+/// device without cooperative matrices runs its products as scalar loops); so does
+/// `VKFLEX_KERNEL` where it names one of them. ``FlexGradients/kernel`` says which ran. `kvLengths:` and `sinks:` are the forward call's (with
 /// sinks, `lse` includes them and ``FlexGradients/dsinks`` is their gradient).
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes or dtypes that do not match the forward
@@ -71,7 +79,7 @@ public struct FlexGradients {
 public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor,
                                   gradLSE: Tensor? = nil, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                   scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil,
-                                  sinks: Tensor? = nil, gradCaptures: [Tensor] = []) throws -> FlexGradients {
+                                  sinks: Tensor? = nil, gradCaptures: [Tensor] = [], options: FlexOptions = FlexOptions()) throws -> FlexGradients {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let wanted = try captureGradientTargets(gradCaptures, scoreMod: scoreMod, blockMask: blockMask)
     try checkKVLengths(kvLengths, shape: s, device: q.device)
@@ -91,14 +99,15 @@ public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output:
     let dv = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: q.dtype, name: "dv")
     let dsinks = sinks == nil ? nil : try device.tensor([Float](repeating: 0, count: s.Hq), shape: [s.Hq], name: "dsinks")
     let dcaps = try gradCaptures.map { try device.empty(shape: $0.shape, dtype: .float32, name: "d" + $0.name) }
-    let grads = FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks, captures: dcaps, requested: gradCaptures.map(\.id))
+    var grads = FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks, captures: dcaps, requested: gradCaptures.map(\.id))
+    grads.kernel = try AttentionPlanner.backwardKernel(s, device: device, forced: options.kernel)
     if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 {
         for t in [dq, dk, dv] + dcaps { try t.buffer.fill(pattern: 0) }
         return grads
     }
     try BackwardKernel.run(shape: s, q: q, k: k, v: v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                            scoreMod: scoreMod, blockMask: blockMask, scale: scale, kvLengths: kvLengths, sinks: sinks,
-                           dq: dq, dk: dk, dv: dv, dsinks: dsinks, gradCaptures: wanted, dcaps: dcaps)
+                           dq: dq, dk: dk, dv: dv, dsinks: dsinks, gradCaptures: wanted, dcaps: dcaps, kernel: grads.kernel)
     return grads
 }
 
@@ -155,6 +164,8 @@ enum BackwardField: String, KernelParamField {
     case dlse_base, dlse_sb, dlse_sh, dlse_sl, has_dlse
     case mask_b, mask_h, q_bs, kv_bs, q_blocks, kv_blocks, dense
     case has_kv_lens, has_sinks
+    /// Q, K, V and dO rows are contiguous and 8-aligned: the matrix passes load them 16 bytes at a time.
+    case vec_ok
     /// Key splits of the dQ pass and the KV blocks each walks; query splits of the dK/dV pass and
     /// the query blocks each walks (1: no split); the sum pass's element count, splits and target.
     case dq_splits, dq_split_blocks, dk_splits, dk_split_blocks, sum_n, sum_splits, sum_target
@@ -191,10 +202,24 @@ enum BackwardKernel {
         /// With captures' gradients: the terms pass 5 adds per pair, and whether it uses float atomics.
         var capTerms = 0
         var capAtomic = false
+        /// The dQ and dK/dV passes through cooperative matrices (flex_attention_bwd_mm.comp): their
+        /// tiles (T = BQ rows owned and staged); nil: the portable passes with BQ, BKV, WG above.
+        var mm: GenericTiles? = nil
+    }
+
+    /// An upper bound of the loop iterations of one staged step of flex_attention_bwd_mm.comp's
+    /// passes (as emulated: the only form a driver with a loop cap runs).
+    static func mmIterationsPerStep(D: Int, Dv: Int, tiles t: GenericTiles) -> Int {
+        func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
+        let T = t.BQ
+        let stage = (ceilDiv(T * D / 8, t.WG) + ceilDiv(T * Dv / 8, t.WG)) * 5 + 1
+        let products = ceilDiv(t.M * T, t.SG) * (2 + D + Dv)
+        let grads = (t.M * D / t.SG) * (1 + T) + (t.M * Dv / t.SG) * (1 + T)
+        return stage + products + 2 * (t.M * T / t.SG) + grads + 16
     }
 
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool,
-                        gradCaptures: [CaptureInfo] = [], device: Device) throws -> Prepared {
+                        gradCaptures: [CaptureInfo] = [], kernel: FlexKernel = .portable, device: Device) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
@@ -217,15 +242,25 @@ enum BackwardKernel {
                                                                    errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures,
                                                                    bindsCaptures: false, device: device)
         let capAtomic = device.enabledFeatures.floatAtomicAdd
+        let mm = kernel == .coopmatGeneric ? AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) : nil
+        if kernel == .coopmatGeneric, mm == nil {
+            throw FlexError.unsupported(AttentionPlanner.backwardMMProblem(s, device: device, tuning: tuning) ?? "no backward tiles fit")
+        }
         func pipeline(_ pass: Int) throws -> ComputePipeline {
             let spliced = pass == 5 ? capMods! : mods
             var passIncludes = includes
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
-            let plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
+            var plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
+            if let mm, pass == 1 || pass == 2 {
+                plan.kernel = .coopmatGeneric
+                plan.tiles = .generic(mm)
+                plan.typedOperands = !mm.emulated && device.cooperativeMatrixAPI == .khr
+            }
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
-                                    pushConstantSize: push ? BackwardParams.byteCount : 0, includes: passIncludes)
+                                    pushConstantSize: push ? BackwardParams.byteCount : 0, includes: passIncludes,
+                                    cooperativeMatrixKHR: plan.typedOperands)
             }
         }
         // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe), and
@@ -234,6 +269,7 @@ enum BackwardKernel {
         let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : [])
         var prepared = Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
                                 WG: WG, BQ: tiles.BQ, BKV: tiles.BKV)
+        prepared.mm = mm
         if let capMods {
             prepared.capTerms = capMods.glsl.captureGradientTerms
             prepared.capAtomic = capAtomic
@@ -243,13 +279,15 @@ enum BackwardKernel {
 
     static func run(shape s: AttentionShape, q: Tensor, k: Tensor, v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor, gradLSE: Tensor?,
                     scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kvLengths: Tensor?, sinks: Tensor?,
-                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?, gradCaptures: [CaptureInfo] = [], dcaps: [Tensor] = []) throws {
+                    dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?, gradCaptures: [CaptureInfo] = [], dcaps: [Tensor] = [],
+                    kernel: FlexKernel = .portable) throws {
         let device = q.device
         let caps = device.capabilities
         guard caps.subgroupArithmetic || gradCaptures.isEmpty else {
             throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the gradients of captured tensors use")
         }
-        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, gradCaptures: gradCaptures, device: device)
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, gradCaptures: gradCaptures,
+                                   kernel: kernel, device: device)
         let mods = prepared.mods, push = prepared.pushParams
         let (p0, p1, p2, p3) = (prepared.pipelines[0]!, prepared.pipelines[1]!, prepared.pipelines[2]!, prepared.pipelines[3])
 
@@ -292,13 +330,20 @@ enum BackwardKernel {
                .kv_blocks: blockMask?.kvBlocks ?? (s.Lkv + kvBS - 1) / kvBS, .dense: blockMask == nil ? 1 : 0,
                .has_kv_lens: kvLengths == nil ? 0 : 1, .has_sinks: sinks == nil ? 0 : 1])
         p.set(.scale, float: Float(scale))
+        // Rows readable 8 halves at a time by the matrix passes: unit inner stride, 8-aligned offsets.
+        let vecOK = zip([q, k, v, gradOutput], [BackwardField.q_base, .k_base, .v_base, .do_base]).allSatisfy { t, base in
+            t.strides[3] == 1 && p.int(base) % 8 == 0 && t.strides[0] % 8 == 0 && t.strides[1] % 8 == 0 && t.strides[2] % 8 == 0
+        } && s.D % 8 == 0 && s.Dv % 8 == 0
+        p.set(.vec_ok, int: vecOK ? 1 : 0)
         // Where the device caps a shader's loop iterations (lavapipe), the dQ pass splits each
         // row's key blocks and the dK/dV pass each key's query blocks into shares sized to stay
         // under the cap (an upper bound of the loops per walked block), summed by pass 4.
         let kvBlocks = p.int(.kv_blocks), qBlocks = p.int(.q_blocks), WG = prepared.WG, group = s.Hq / s.Hkv
         let (BQ, BKV) = (prepared.BQ, prepared.BKV)
         let tilesQ = (qBS + BQ - 1) / BQ, tilesK = (kvBS + BKV - 1) / BKV
-        guard qBlocks * tilesQ <= caps.maxWorkgroupCount[0], kvBlocks * tilesK <= caps.maxWorkgroupCount[0] else {
+        // The dQ and dK/dV passes' tiles: the matrix passes own and stage T rows at a time.
+        let (tilesQ12, tilesK12) = prepared.mm.map { ((qBS + $0.BQ - 1) / $0.BQ, (kvBS + $0.BQ - 1) / $0.BQ) } ?? (tilesQ, tilesK)
+        guard qBlocks * max(tilesQ, tilesQ12) <= caps.maxWorkgroupCount[0], kvBlocks * max(tilesK, tilesK12) <= caps.maxWorkgroupCount[0] else {
             throw FlexError.limitExceeded("the backward's \(qBlocks * tilesQ) query tiles or \(kvBlocks * tilesK) key tiles exceed \(caps.name)'s dispatch limit \(caps.maxWorkgroupCount[0])")
         }
         var dqSplit = (count: 1, blocks: kvBlocks), dkSplit = (count: 1, blocks: qBlocks)
@@ -308,9 +353,13 @@ enum BackwardKernel {
             // Per staged tile: its staging loops, the pairs' dot products, the accumulation.
             func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
             let pairs = ceilDiv(BQ * BKV, WG) * (s.D + s.Dv + 8)
-            let perKVBlock = tilesK * (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG) + pairs + ceilDiv(BQ * s.D, WG) * (BKV + 1) + 8)
-            let perQBlock = group * tilesQ * (ceilDiv(BQ * s.D, WG) + ceilDiv(BQ * s.Dv, WG) + 1 + pairs
+            var perKVBlock = tilesK * (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG) + pairs + ceilDiv(BQ * s.D, WG) * (BKV + 1) + 8)
+            var perQBlock = group * tilesQ * (ceilDiv(BQ * s.D, WG) + ceilDiv(BQ * s.Dv, WG) + 1 + pairs
                                               + (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG)) * (BQ + 1) + 8)
+            if let mm = prepared.mm {
+                let step = mmIterationsPerStep(D: s.D, Dv: s.Dv, tiles: mm)
+                (perKVBlock, perQBlock) = (tilesK12 * step, group * tilesQ12 * step)
+            }
             let dqBlocks = max(1, budget / perKVBlock), dkBlocks = max(1, budget / perQBlock)
             if dqBlocks < kvBlocks { dqSplit = ((kvBlocks + dqBlocks - 1) / dqBlocks, dqBlocks) }
             if dkBlocks < qBlocks { dkSplit = ((qBlocks + dkBlocks - 1) / dkBlocks, dkBlocks) }
@@ -394,8 +443,8 @@ enum BackwardKernel {
         }
         try device.record { rec in
             try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
-            try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (qBlocks * tilesQ, s.Hq, s.B * dqSplit.count))
-            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK, s.Hkv, s.B * dkSplit.count))
+            try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (qBlocks * tilesQ12, s.Hq, s.B * dqSplit.count))
+            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count))
             if let p3 { try rec.dispatch(p3, bindings: main, pushConstants: pc, groups: (s.Hq, 1, 1)) }
             if let p5 = prepared.pipelines[5] {
                 rec.fill(prepared.capAtomic ? dcapsBuffer : partCaps, pattern: 0, bytes: prepared.capAtomic ? capTotal * 4 : partCaps.size)

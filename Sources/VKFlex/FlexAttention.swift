@@ -14,7 +14,7 @@ public struct FlexResult {
     public var maxScores: Tensor?
     /// The kernel that ran.
     public var kernel: FlexKernel = .portable
-    /// What the backward needs of the call (``backward(gradOutput:gradLSE:gradCaptures:)``).
+    /// What the backward needs of the call (``backward(gradOutput:gradLSE:gradCaptures:options:)``).
     var saved: SavedForBackward?
 }
 
@@ -30,7 +30,7 @@ struct SavedForBackward {
 
 extension FlexResult {
     /// The gradients of this call: what
-    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:)``
+    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:options:)``
     /// returns for its inputs, mods and outputs, so a training loop need not pass them again.
     ///
     /// ```swift
@@ -40,10 +40,13 @@ extension FlexResult {
     ///
     /// - gradCaptures: float tensors the score-mod captures whose gradients to return (a learnable
     ///   bias): ``FlexGradients/gradient(of:)``.
+    /// - options: the dQ and dK/dV passes' kernel (`.portable` or `.coopmatGeneric`; default: the
+    ///   planner's, ``FlexGradients/kernel`` says which ran).
     ///
     /// - Throws: ``FlexError/invalidArgument(_:)`` when the forward ran without `returnLSE: true`;
     ///   what the backward throws.
-    public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil, gradCaptures: [Tensor] = []) throws -> FlexGradients {
+    public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil, gradCaptures: [Tensor] = [],
+                         options: FlexOptions = FlexOptions()) throws -> FlexGradients {
         guard let saved else { throw FlexError("this result has no forward call to differentiate") }
         guard let lse else { throw FlexError("backward needs the LSE: call flexAttention with returnLSE: true") }
         if let what = saved.notDifferentiable {
@@ -51,7 +54,7 @@ extension FlexResult {
         }
         return try flexAttentionBackward(saved.q, saved.k, saved.v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                                          scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA,
-                                         kvLengths: saved.kvLengths, sinks: saved.sinks, gradCaptures: gradCaptures)
+                                         kvLengths: saved.kvLengths, sinks: saved.sinks, gradCaptures: gradCaptures, options: options)
     }
 }
 
@@ -216,7 +219,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
 /// docs/performance.md, "First call"); with `backward: true` the backward's pipelines too (for
-/// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:)``
+/// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:options:)``
 /// without sinks). Nothing is dispatched and the tensors' contents are not
 /// read, so it can run while they are being filled, and from another thread: a kernel is built
 /// once however many threads ask for it.

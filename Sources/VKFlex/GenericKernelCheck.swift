@@ -27,6 +27,50 @@ enum GenericKernelCheck {
         }) ?? false
     }
 
+    /// Whether the backward's matrix passes matched the portable ones on `device` at head dims
+    /// D/Dv (checked once, as ``passes(D:Dv:device:)``).
+    static func backwardPasses(D: Int, Dv: Int, device: Device) -> Bool {
+        (try? device.memoized("vkflex.coopmat-generic.backward-check.\(D)x\(Dv)") { () -> Bool in
+            let problem: String?
+            do { problem = try compareBackward(D: D, Dv: Dv, device: device) } catch { problem = "it failed: \(error)" }
+            guard let problem else { return true }
+            let caps = device.capabilities
+            let line = "vkflex: the coopmat-generic backward disagreed with the portable backward on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
+                + "at head dims \(D)/\(Dv): \(problem); using the portable backward. Please report it with the output of "
+                + "`vkflex devices --json` and `VKFLEX_KERNEL=coopmat-generic vkflex selftest`.\n"
+            FileHandle.standardError.write(Data(line.utf8))
+            return false
+        }) ?? false
+    }
+
+    /// What differs between the backward's matrix passes and the portable ones on a small input
+    /// (GQA, partial tiles, a causal mask), or nil.
+    static func compareBackward(D: Int, Dv: Int, device: Device) throws -> String? {
+        var rng = CheckInputs(seed: 0xBAC4_0F_0C0E)
+        func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
+        let (Lq, Lkv) = (77, 93)
+        let q = try device.tensor(values(2 * Lq * D), shape: [1, 2, Lq, D], dtype: .float16, name: "check_q")
+        let k = try device.tensor(values(Lkv * D), shape: [1, 1, Lkv, D], dtype: .float16, name: "check_k")
+        let v = try device.tensor(values(Lkv * Dv), shape: [1, 1, Lkv, Dv], dtype: .float16, name: "check_v")
+        let dO = try device.tensor(values(2 * Lq * Dv), shape: [1, 2, Lq, Dv], dtype: .float16, name: "check_do")
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q + (Lkv - Lq) >= kv }, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device,
+                                         blockSize: 32, backend: .cpu())
+        let forward = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .portable))
+        let run = { (kernel: FlexKernel) in
+            try flexAttentionBackward(q, k, v, output: forward.output, lse: forward.lse!, gradOutput: dO, blockMask: causal, enableGQA: true,
+                                      options: FlexOptions(kernel: kernel))
+        }
+        let mm = try run(.coopmatGeneric), portable = try run(.portable)
+        for (name, a, b) in [("dq", mm.dq, portable.dq), ("dk", mm.dk, portable.dk), ("dv", mm.dv, portable.dv)] {
+            let (x, y) = (try a.toArray(), try b.toArray())
+            var err: Float = 0, scale: Float = 1e-6
+            for (u, w) in zip(x, y) { err = u.isNaN ? .infinity : max(err, abs(u - w)); scale = max(scale, abs(w)) }
+            // dS is rounded to fp16 for its product (both sum in fp32): a few fp16 ulps of the largest gradient.
+            if err > 1e-2 * scale { return String(format: "largest difference %.3g in %@ (largest element %.3g)", err, name, scale) }
+        }
+        return nil
+    }
+
     /// What differs between coopmat-generic and the portable kernel on a small input, or nil.
     static func compare(D: Int, Dv: Int, device: Device) throws -> String? {
         var rng = CheckInputs(seed: 0x5EED_0F_0C0E)

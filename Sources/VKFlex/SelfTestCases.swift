@@ -168,19 +168,25 @@ public enum AttentionSelfTest {
                                 "GQA 8 query / 2 kv heads", "odd head dims 47 / 23", "float16", "bfloat16 causal"]
 
     /// Runs the backward of the ``backwardCases`` against the float64 reference; `progress` sees
-    /// each outcome as it completes.
-    public static func runBackward(on device: Device, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
+    /// each outcome as it completes. `kernel`: the dQ and dK/dV passes' (`.portable` or
+    /// `.coopmatGeneric`; nil: the planner's); a case the forced kernel does not take is skipped.
+    public static func runBackward(on device: Device, kernel: FlexKernel? = nil, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
         specs.filter { backwardCases.contains($0.name) }.map { spec in
             let t0 = Date()
-            var outcome = Outcome(name: "backward: " + spec.name, kernel: .portable, passed: false, seconds: 0, relativeError: .nan, lseError: .nan, detail: "")
-            do { outcome = try runBackward(spec, device: device) } catch { outcome.detail = "\(error)" }
+            var outcome = Outcome(name: "backward: " + spec.name, kernel: kernel ?? .portable, passed: false, seconds: 0, relativeError: .nan,
+                                  lseError: .nan, detail: "")
+            do {
+                outcome = try runBackward(spec, kernel: kernel, device: device)
+            } catch FlexError.unsupported(let why) where kernel != nil {
+                outcome.skipped = true; outcome.detail = why
+            } catch { outcome.detail = "\(error)" }
             outcome.seconds = Date().timeIntervalSince(t0)
             progress(outcome)
             return outcome
         }
     }
 
-    static func runBackward(_ s: Spec, device: Device) throws -> Outcome {
+    static func runBackward(_ s: Spec, kernel: FlexKernel? = nil, device: Device) throws -> Outcome {
         var rng = SystemRandomNumberGenerator()
         func randn(_ n: Int) -> [Float] {
             (0..<n).map { _ in
@@ -198,7 +204,7 @@ public enum AttentionSelfTest {
         let gqa = s.Hq != s.Hkv
         let forward = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, enableGQA: gqa, returnLSE: true)
         let learnt = (score?.graph.captures ?? []).compactMap { $0.storage.object as? Tensor }.filter { $0.dtype != .int32 }
-        let grads = try forward.backward(gradOutput: dO, gradCaptures: learnt)
+        let grads = try forward.backward(gradOutput: dO, gradCaptures: learnt, options: FlexOptions(kernel: kernel))
         let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, scoreMod: score, blockMask: blockMask, enableGQA: gqa,
                                                      gradCaptures: learnt)
         var worst = 0.0
@@ -211,9 +217,9 @@ public enum AttentionSelfTest {
         }
         let tol = s.dtype == .float32 ? 1e-4 : s.dtype == .float16 ? 5e-3 : 2e-2
         if !(worst <= tol) { problems.append(String(format: "relative error %.2e > %.0e", worst, tol)) }
-        let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue), forward \(forward.kernel.rawValue), backward portable"
+        let shape = "B\(s.B) H\(s.Hq)/\(s.Hkv) L\(s.Lq)x\(s.Lkv) D\(s.D)/\(s.Dv) \(s.dtype.rawValue), forward \(forward.kernel.rawValue), backward \(grads.kernel.rawValue)"
             + (learnt.isEmpty ? "" : ", gradients of " + learnt.map(\.name).joined(separator: ", ")) + (learnt.isEmpty ? "" : device.enabledFeatures.floatAtomicAdd ? " (atomics)" : " (slices)")
-        return Outcome(name: "backward: " + s.name, kernel: .portable, passed: problems.isEmpty, seconds: 0, relativeError: worst, lseError: 0,
+        return Outcome(name: "backward: " + s.name, kernel: grads.kernel, passed: problems.isEmpty, seconds: 0, relativeError: worst, lseError: 0,
                        detail: problems.isEmpty ? shape : problems.joined(separator: "; ") + " (\(shape))")
     }
 

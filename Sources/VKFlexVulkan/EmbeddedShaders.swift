@@ -169,83 +169,7 @@ void main() {
 
 layout(local_size_x = WG) in;
 
-#include "flex_dtype.glsl"
-#include "flex_bwd_params.glsl"
-
-layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBuf { IN_T q_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBuf { IN_T k_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBuf { IN_T v_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_O) readonly buffer OBuf { IN_T o_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBuf { IN_T do_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_LSE) readonly buffer LseBuf { float lse_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DLSE) readonly buffer DLseBuf { float dlse_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DELTA) buffer DeltaBuf { float delta_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DQ) writeonly buffer DQBuf { OUT_T dq_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DK) writeonly buffer DKBuf { OUT_T dk_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DV) writeonly buffer DVBuf { OUT_T dv_data[]; };
-layout(std430, set = 0, binding = BWD_BINDING_KV_NUM) readonly buffer KvNum { int kv_num[]; };
-layout(std430, set = 0, binding = BWD_BINDING_KV_IDX) readonly buffer KvIdx { int kv_idx[]; };
-layout(std430, set = 0, binding = BWD_BINDING_FULL_KV_NUM) readonly buffer FullKvNum { int full_kv_num[]; };
-layout(std430, set = 0, binding = BWD_BINDING_FULL_KV_IDX) readonly buffer FullKvIdx { int full_kv_idx[]; };
-layout(std430, set = 0, binding = BWD_BINDING_Q_NUM) readonly buffer QNum { int q_num[]; };
-layout(std430, set = 0, binding = BWD_BINDING_Q_IDX) readonly buffer QIdx { int q_idx_list[]; };
-layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_NUM) readonly buffer FullQNum { int full_q_num[]; };
-layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_IDX) readonly buffer FullQIdx { int full_q_idx_list[]; };
-// Per-batch key lengths (p.has_kv_lens) and per-head sinks with their gradient (p.has_sinks).
-layout(std430, set = 0, binding = BWD_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
-layout(std430, set = 0, binding = BWD_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DSINKS) writeonly buffer DSinks { float dsinks[]; };
-// Partial sums of key (pass 1) or query (pass 2) splits, where a driver caps a shader's loop
-// iterations (lavapipe): [split, element], float32, summed by pass 4.
-layout(std430, set = 0, binding = BWD_BINDING_PART_DQ) buffer PartDQ { float part_dq[]; };
-layout(std430, set = 0, binding = BWD_BINDING_PART_DK) buffer PartDK { float part_dk[]; };
-layout(std430, set = 0, binding = BWD_BINDING_PART_DV) buffer PartDV { float part_dv[]; };
-// The captures' gradients laid end to end (pass 5 adds into them; float32), and the per-workgroup
-// slices of the path without atomics: [workgroup, element].
-layout(std430, set = 0, binding = BWD_BINDING_DCAPS) buffer DCaps { float dcaps[]; };
-layout(std430, set = 0, binding = BWD_BINDING_PART_CAPS) buffer PartCaps { float part_caps[]; };
-#if VKF_PARAMS_PUSH
-layout(push_constant) uniform Params { BWD_PARAMS_MEMBERS } p;
-#else
-layout(std430, set = 0, binding = BWD_BINDING_PARAMS) readonly buffer Params { BWD_PARAMS_MEMBERS } p;
-#endif
-
-#if BWD_PASS == 5
-// score_mod_cap_grads hands over, per term, the element of the gradients' buffer (-1: none) and
-// the value to add; the pass then adds them with every invocation of the workgroup present.
-void vkf_cg_add(int m, int e, float value);
-#define VKF_CAP_GRAD_ADD(m, flat, offset, value) vkf_cg_add(m, (flat) < 0 ? -1 : (offset) + (flat), value)
-#endif
-
-// Splice point: score_mod, score_mod_grad, mask_mod (errors at BWD_BINDING_ERRORS, captures after),
-// and in pass 5 score_mod_cap_grads.
-#include "flex_mods.glsl"
-
-#define NEG_INF (-uintBitsToFloat(0x7F800000u))
-
-int q_at(int b, int h, int i) { return p.q_base + b * p.q_sb + h * p.q_sh + i * p.q_sl; }
-int k_at(int b, int hk, int j) { return p.k_base + b * p.k_sb + hk * p.k_sh + j * p.k_sl; }
-int v_at(int b, int hk, int j) { return p.v_base + b * p.v_sb + hk * p.v_sh + j * p.v_sl; }
-int o_at(int b, int h, int i) { return p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl; }
-int do_at(int b, int h, int i) { return p.do_base + b * p.do_sb + h * p.do_sh + i * p.do_sl; }
-int lse_at(int b, int h, int i) { return p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl; }
-int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta and dQ: contiguous [B, Hq, Lq(, D)]
-// Batch b's keys: all of them, or its own length (kvLengths). With a sink the LSE includes it,
-// so P = exp(s' - LSE) and every formula below hold as they are.
-int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
-
-// The block walks (flex_walk.glsl): forward for dQ and the captures' gradients, transposed for dK/dV.
-#define VKF_WALK_TRANSPOSED 1
-#include "flex_walk.glsl"
-
-// dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
-// dot_qk = q.k, dot_dov = dO.v.
-void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float lse_i, float delta_i, out float P, out float dS) {
-    const float sc = dot_qk * p.scale;
-    const float s = score_mod(sc, b, h, i, j);
-    P = exp(s - lse_i);
-    dS = P * (dot_dov - delta_i) * score_mod_grad(sc, b, h, i, j);
-}
+#include "flex_bwd_common.glsl"
 
 #if BWD_PASS == 1 || BWD_PASS == 2 || BWD_PASS == 5
 // Passes 1, 2 and 5, tiled: a workgroup stages BQ query rows (q, dO, LSE, delta) and BKV keys (k, v)
@@ -261,14 +185,6 @@ shared float dSs[BQ * SST], Ps[BQ * SST];
 shared float t_lse[BQ], t_delta[BQ];
 
 // Stages query rows q0.. (n of them; zeros after) of (b, h): q, dO, LSE and delta.
-// Query tile `tile` (counted over the BlockMask's query blocks, ceil(q_bs / BQ) each): its block
-// qb, first row q0, and its number of rows (none past its block's or the queries' end: 0 or less).
-int query_tile(int tile, out int qb, out int q0) {
-    const int tiles_q = (p.q_bs + BQ - 1) / BQ;
-    qb = tile / tiles_q;
-    q0 = qb * p.q_bs + (tile - qb * tiles_q) * BQ;
-    return min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
-}
 
 void stage_rows(int b, int h, int q0, int n) {
     const int lid = int(gl_LocalInvocationIndex);
@@ -592,6 +508,393 @@ void main() {
 }
 #endif
 #endif
+"""#,
+        "flex_attention_bwd_mm.comp": #"""
+#version 450
+// Block-sparse flash attention, backward, passes 1 (dQ) and 2 (dK, dV) through cooperative
+// matrices, assuming neither an element order nor a subgroup size (as flex_attention_fwd_generic.comp):
+// the products go from accumulators to shared memory (coopMatStore), P and dS are made there per
+// element by lanes of the kernel's own choosing, and come back as A operands (coopMatLoad).
+// The backward needs no rescaling, so dQ, dK and dV stay in accumulators until the end.
+//
+// A workgroup of NSG subgroups owns T = MM * NSG rows of its output — query rows (pass 1) or keys
+// (pass 2) — each subgroup MM of them, whose Q and dO (pass 1) or K and V (pass 2) it keeps as A
+// operands in registers; it walks the other side T at a time (keys along the forward walk in pass
+// 1; query rows along the transposed walk of every query head of its group in pass 2), staged in
+// shared memory as fp16. Per step, with S = q.k and dP = dO.v for its MM x T pairs:
+//   pass 1:  dS -> shared (fp16);           dQ += dS K
+//   pass 2:  Pᵀ, dSᵀ -> shared (fp16);      dV += Pᵀ dO,  dK += dSᵀ Q
+// with P = exp(s' - LSE) and dS = P (dP - delta) d score_mod / d score (flex_bwd_common.glsl's
+// pair_grads), 0 where masked or the row has no key. dS is rounded to fp16 for its product (as
+// FlashAttention rounds it to the inputs' dtype); everything is summed in fp32. Key splits (pass 1)
+// and query splits (pass 2) write float32 partials that pass 4 of flex_attention_bwd.comp sums.
+//
+// VKF_MM_EMULATE: the products as scalar loops over the same shared tiles, the gradients in shared
+// memory (lavapipe, which has no cooperative matrices, runs the rest of this kernel in CI).
+//
+// Defines: BWD_PASS (1, 2), D, DV (multiples of MK and MN, and of 8), MM, MN, MK, SG, NSG, BQ = BKV = T
+// (= MM * NSG, a multiple of MN and MK), VKF_MM_EMULATE, IN_F16 = OUT_F16 = 1.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#extension GL_KHR_shader_subgroup_basic : require
+#ifndef VKF_MM_EMULATE
+#define VKF_MM_EMULATE 0
+#endif
+#if !VKF_MM_EMULATE
+#extension GL_NV_cooperative_matrix : require
+#extension GL_KHR_memory_scope_semantics : require
+#endif
+
+#define WG (SG * NSG)
+#define T (MM * NSG)
+layout(local_size_x = WG) in;
+
+#include "flex_bwd_common.glsl"
+
+// 16-byte units of 8 halves: the staged side's two operands (X: D wide, Y: DV wide), rows padded
+// by one unit; the owned side's in emulation. Float tiles per subgroup's rows: S (then the final
+// gradients, so at least D and DV wide) and dP; fp16 tiles: dS (and in pass 2 P).
+#define XS4 (D / 8 + 1)
+#define YS4 (DV / 8 + 1)
+#define FW (T > D ? (T > DV ? T : DV) : (D > DV ? D : DV))
+#define SST (FW + 4)
+#define PST (T + 4)
+#define HST (T + 8)
+shared uvec4 Xs4[T * XS4];
+shared uvec4 Ys4[T * YS4];
+shared float Ss[T * SST];
+shared float DPs[T * PST];
+shared float16_t dSh[T * HST];
+#if BWD_PASS == 2
+shared float16_t Ph[T * HST];
+#endif
+// The LSE and delta of the query rows of the pair tile: pass 1's owned rows, pass 2's staged ones.
+shared float t_lse[T], t_delta[T];
+#if VKF_MM_EMULATE
+shared uvec4 Xo4[T * XS4];
+shared uvec4 Yo4[T * YS4];
+// The gradients of the owned rows (emulation keeps them here: per-lane arrays of them, indexed in
+// loops, sent lavapipe's compiler into minutes).
+shared float Gx[T * D];
+#if BWD_PASS == 2
+shared float Gy[T * DV];
+#endif
+#endif
+#define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
+
+layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
+layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBufU { uvec4 do_units[]; };
+// A unit of 8 halves of a row starting at element `at` with element stride `sd`: one 16-byte load
+// where the host found every row contiguous and 8-aligned (p.vec_ok), else eight.
+#define GATHER(DATA, UNITS) \
+    uvec4 unit_##DATA(int at, int sd, int u) { \
+        if (p.vec_ok != 0) return UNITS[at / 8 + u]; \
+        uvec4 w; \
+        [[unroll]] for (int i = 0; i < 4; ++i) \
+            w[i] = packFloat2x16(f16vec2(DATA[at + (8 * u + 2 * i) * sd], DATA[at + (8 * u + 2 * i + 1) * sd])); \
+        return w; \
+    }
+GATHER(q_data, q_units)
+GATHER(k_data, k_units)
+GATHER(v_data, v_units)
+GATHER(do_data, do_units)
+
+#if !VKF_MM_EMULATE
+#define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
+#define FRAG_B fcoopmatNV<16, gl_ScopeSubgroup, MK, MN>
+#define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
+#endif
+
+void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
+
+#if BWD_PASS == 1
+// Owned rows: query rows (X = Q, Y = dO); staged: keys (X = K, Y = V).
+#define OWN_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
+#define OWN_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
+#define STEP_X(b, h, j, u) unit_k_data(k_at(b, h, j), p.k_sd, u)
+#define STEP_Y(b, h, j, u) unit_v_data(v_at(b, h, j), p.v_sd, u)
+#else
+// Owned rows: keys (X = K, Y = V); staged: query rows (X = Q, Y = dO).
+#define OWN_X(b, h, j, u) unit_k_data(k_at(b, h, j), p.k_sd, u)
+#define OWN_Y(b, h, j, u) unit_v_data(v_at(b, h, j), p.v_sd, u)
+#define STEP_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
+#define STEP_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
+#endif
+
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * MM;
+    // Sized for subgroups of SG lanes (see flex_attention_fwd_generic.comp): otherwise NaN gradients.
+    const bool sized = gl_SubgroupSize == uint(SG) && gl_NumSubgroups == uint(NSG);
+#if BWD_PASS == 1
+    // x = query tile, y = head, z = batch * splits + split.
+    const int h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits, split = int(gl_WorkGroupID.z) % p.dq_splits;
+    int qb, q0;
+    const int n_own = query_tile(int(gl_WorkGroupID.x), qb, q0);
+    if (n_own <= 0) return;
+    const int o0 = q0, hk = h / (p.Hq / p.Hkv);
+    const int kb_lo = split * p.dq_split_blocks, kb_hi = p.dq_splits > 1 ? kb_lo + p.dq_split_blocks : 2147483647;
+    const int own_h = h;
+#else
+    // x = key tile (ceil(kv_bs / T) per KV block), y = KV head, z = batch * splits + split.
+    const int tiles_k = (p.kv_bs + T - 1) / T;
+    const int kb = int(gl_WorkGroupID.x) / tiles_k, hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dk_splits;
+    const int split = int(gl_WorkGroupID.z) % p.dk_splits;
+    const int o0 = kb * p.kv_bs + (int(gl_WorkGroupID.x) - kb * tiles_k) * T;
+    const int k_end = min(min(o0 + T, (kb + 1) * p.kv_bs), p.Lkv);
+    if (k_end <= o0) return;
+    const int n_own = max(0, min(k_end, kv_len(b)) - o0);   // keys past the batch's length get zero gradients
+    const int qb_lo = split * p.dk_split_blocks, qb_hi = p.dk_splits > 1 ? qb_lo + p.dk_split_blocks : 2147483647;
+    const int own_h = hk;
+#endif
+
+    // The owned rows' operands: staged (in the step area), then kept as A operands.
+#if VKF_MM_EMULATE
+    for (int e = lid; e < T * (D / 8); e += WG) {
+        const int r = e / (D / 8), u = e - r * (D / 8);
+        Xo4[r * XS4 + u] = r < n_own ? OWN_X(b, own_h, o0 + r, u) : uvec4(0);
+    }
+    for (int e = lid; e < T * (DV / 8); e += WG) {
+        const int r = e / (DV / 8), u = e - r * (DV / 8);
+        Yo4[r * YS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
+    }
+    for (int e = lid; e < T * D; e += WG) Gx[e] = 0.0;
+#if BWD_PASS == 2
+    for (int e = lid; e < T * DV; e += WG) Gy[e] = 0.0;
+#endif
+#else
+    for (int e = lid; e < T * (D / 8); e += WG) {
+        const int r = e / (D / 8), u = e - r * (D / 8);
+        Xs4[r * XS4 + u] = r < n_own ? OWN_X(b, own_h, o0 + r, u) : uvec4(0);
+    }
+    for (int e = lid; e < T * (DV / 8); e += WG) {
+        const int r = e / (DV / 8), u = e - r * (DV / 8);
+        Ys4[r * YS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
+    }
+    barrier();
+    FRAG_A xf[D / MK], yf[DV / MK];
+    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * MK / 8), uint(XS4), false);
+    [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * YS4 + kk * MK / 8), uint(YS4), false);
+    // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
+    FRAG_C gX[D / MN];
+    [[unroll]] for (int nn = 0; nn < D / MN; ++nn) gX[nn] = FRAG_C(0.0);
+#if BWD_PASS == 2
+    FRAG_C gY[DV / MN];
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) gY[nn] = FRAG_C(0.0);
+#endif
+#endif
+#if BWD_PASS == 1
+    for (int r = lid; r < T; r += WG) {   // WG < T where subgroups are narrower than MM
+        t_lse[r] = r < n_own ? lse_data[lse_at(b, h, q0 + r)] : NEG_INF;
+        t_delta[r] = r < n_own ? delta_data[row_id(b, h, q0 + r)] : 0.0;
+    }
+#endif
+
+    bool walked = true;
+#if BWD_PASS == 1
+    {
+        const int mrow = walk_row(b, h, qb);
+#else
+    for (int h = hk * (p.Hq / p.Hkv); n_own > 0 && h < (hk + 1) * (p.Hq / p.Hkv); ++h) {
+        const int mcol = walk_col(b, h, kb);
+#endif
+        int pass = 0;
+        for (; pass < 2; ++pass) {
+#if BWD_PASS == 1
+            const int n = walk_count(pass, mrow);
+#else
+            const int n = walk_count_t(pass, mcol);
+#endif
+            int blk = 0;
+            for (; blk < n; ++blk) {
+#if BWD_PASS == 1
+                const int kb = walk_block(pass, mrow, blk);
+                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
+                const int t_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
+                int t0 = kb * p.kv_bs;
+#else
+                const int qb = walk_query_block(pass, mcol, blk);
+                if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
+                const int t_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
+                int t0 = qb * p.q_bs;
+#endif
+                for (; t0 < t_stop; t0 += T) {
+                    const int nt = min(T, t_stop - t0);
+                    barrier();   // the previous step's tiles are read
+                    for (int e = lid; e < T * (D / 8); e += WG) {
+                        const int j = e / (D / 8), u = e - j * (D / 8);
+                        Xs4[j * XS4 + u] = j < nt ? STEP_X(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
+                    }
+                    for (int e = lid; e < T * (DV / 8); e += WG) {
+                        const int j = e / (DV / 8), u = e - j * (DV / 8);
+                        Ys4[j * YS4 + u] = j < nt ? STEP_Y(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
+                    }
+#if BWD_PASS == 2
+                    for (int r = lid; r < T; r += WG) {
+                        t_lse[r] = r < nt ? lse_data[lse_at(b, h, t0 + r)] : NEG_INF;
+                        t_delta[r] = r < nt ? delta_data[row_id(b, h, t0 + r)] : 0.0;
+                    }
+#endif
+                    barrier();
+                    // S and dP of this subgroup's MM owned rows against the T staged ones.
+#if VKF_MM_EMULATE
+                    for (int e = lane; e < MM * T; e += SG) {
+                        const int r = r0 + e / T, j = e - (e / T) * T;
+                        float s = 0.0, dp = 0.0;
+                        for (int d = 0; d < D; ++d) s += HALF_AT(Xo4, r * XS4 * 8 + d) * HALF_AT(Xs4, j * XS4 * 8 + d);
+                        for (int d = 0; d < DV; ++d) dp += HALF_AT(Yo4, r * YS4 * 8 + d) * HALF_AT(Ys4, j * YS4 * 8 + d);
+                        Ss[r * SST + j] = s;
+                        DPs[r * PST + j] = dp;
+                    }
+#else
+                    [[unroll]] for (int nn = 0; nn < T / MN; ++nn) {
+                        FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
+                        [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
+                            FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
+                            coopMatLoadNV(xt, Xs4, uint(nn * MN * XS4 + kk * MK / 8), uint(XS4), true);
+                            s = coopMatMulAddNV(xf[kk], xt, s);
+                        }
+                        [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) {
+                            FRAG_B yt;
+                            coopMatLoadNV(yt, Ys4, uint(nn * MN * YS4 + kk * MK / 8), uint(YS4), true);
+                            dp = coopMatMulAddNV(yf[kk], yt, dp);
+                        }
+                        coopMatStoreNV(s, Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+                        coopMatStoreNV(dp, DPs, uint(r0 * PST + nn * MN), uint(PST), false);
+                    }
+#endif
+                    subgroup_sync();
+                    // P and dS per pair, lane by lane (element e = lane + i SG of the MM x T tile). Not
+                    // unrolled: the mods and their derivative are inlined in the body.
+                    for (int i = 0; i < MM * T / SG; ++i) {
+                        const int e = lane + i * SG, r = r0 + e / T, j = e - (e / T) * T;
+#if BWD_PASS == 1
+                        const int qi = q0 + r, ki = t0 + j;
+                        const float lse_i = t_lse[r], delta_i = t_delta[r];
+                        const bool ok = r < n_own && j < nt;
+#else
+                        const int qi = t0 + j, ki = o0 + r;
+                        const float lse_i = t_lse[j], delta_i = t_delta[j];
+                        const bool ok = r < n_own && j < nt;
+#endif
+                        float P = 0.0, dS = 0.0;
+                        if (ok && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
+                            pair_grads(b, h, qi, ki, Ss[r * SST + j], DPs[r * PST + j], lse_i, delta_i, P, dS);
+                        dSh[r * HST + j] = float16_t(dS);
+#if BWD_PASS == 2
+                        Ph[r * HST + j] = float16_t(P);
+#endif
+                    }
+                    subgroup_sync();
+                    // The gradients: pass 1 dQ += dS K; pass 2 dK += dSᵀ Q, dV += Pᵀ dO (the staged
+                    // side's X and Y, read row-major as B operands).
+#if VKF_MM_EMULATE
+                    for (int i = 0; i < MM * D / SG; ++i) {
+                        const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
+                        float s = 0.0;
+                        for (int j = 0; j < T; ++j) s += float(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
+                        Gx[r * D + d] += s;
+                    }
+#if BWD_PASS == 2
+                    for (int i = 0; i < MM * DV / SG; ++i) {
+                        const int e = lane + i * SG, r = r0 + e / DV, d = e - (e / DV) * DV;
+                        float s = 0.0;
+                        for (int j = 0; j < T; ++j) s += float(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
+                        Gy[r * DV + d] += s;
+                    }
+#endif
+#else
+                    {
+                        FRAG_A af[T / MK];
+                        [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
+                        [[unroll]] for (int nn = 0; nn < D / MN; ++nn)
+                            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+                                FRAG_B xb;
+                                coopMatLoadNV(xb, Xs4, uint(kk * MK * XS4 + nn * MN / 8), uint(XS4), false);
+                                gX[nn] = coopMatMulAddNV(af[kk], xb, gX[nn]);
+                            }
+#if BWD_PASS == 2
+                        [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
+                        [[unroll]] for (int nn = 0; nn < DV / MN; ++nn)
+                            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+                                FRAG_B yb;
+                                coopMatLoadNV(yb, Ys4, uint(kk * MK * YS4 + nn * MN / 8), uint(YS4), false);
+                                gY[nn] = coopMatMulAddNV(af[kk], yb, gY[nn]);
+                            }
+#endif
+                    }
+#endif
+                }
+                if (t0 < t_stop) walked = false;
+            }
+            if (blk < n) walked = false;
+        }
+        if (pass < 2) walked = false;
+    }
+    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
+
+    // Out: each lane its elements e = lane + i SG of its subgroup's rows (through shared memory
+    // from the accumulators).
+    const float nan = uintBitsToFloat(0x7FC00000u);
+#if !VKF_MM_EMULATE
+    subgroup_sync();
+    [[unroll]] for (int nn = 0; nn < D / MN; ++nn) coopMatStoreNV(gX[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+    subgroup_sync();
+#endif
+#if BWD_PASS == 1
+    for (int i = 0; i < MM * D / SG; ++i) {
+        const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
+#if VKF_MM_EMULATE
+        float g = Gx[r * D + d];
+#else
+        float g = Ss[r * SST + d];
+#endif
+        g = sized ? g * p.scale : nan;
+        if (r < n_own) {
+            const int row = row_id(b, h, q0 + r);
+            if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row) * D + d] = g;
+            else dq_data[row * D + d] = OUT_VALUE(g);
+        }
+    }
+#else
+    const int rows_k = p.B * p.Hkv * p.Lkv;
+    for (int i = 0; i < MM * D / SG; ++i) {
+        const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
+#if VKF_MM_EMULATE
+        float g = Gx[r * D + d];
+#else
+        float g = Ss[r * SST + d];
+#endif
+        g = sized ? g * p.scale : nan;
+        if (o0 + r < k_end) {
+            const int rowk = (b * p.Hkv + hk) * p.Lkv + o0 + r;   // dK and dV: contiguous [B, Hkv, Lkv, D]
+            if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + d] = g;
+            else dk_data[rowk * D + d] = OUT_VALUE(g);
+        }
+    }
+#if !VKF_MM_EMULATE
+    subgroup_sync();
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(gY[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+    subgroup_sync();
+#endif
+    for (int i = 0; i < MM * DV / SG; ++i) {
+        const int e = lane + i * SG, r = r0 + e / DV, d = e - (e / DV) * DV;
+#if VKF_MM_EMULATE
+        float g = Gy[r * DV + d];
+#else
+        float g = Ss[r * SST + d];
+#endif
+        g = sized ? g : nan;
+        if (o0 + r < k_end) {
+            const int rowk = (b * p.Hkv + hk) * p.Lkv + o0 + r;
+            if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * DV + d] = g;
+            else dv_data[rowk * DV + d] = OUT_VALUE(g);
+        }
+    }
+#endif
+}
 """#,
         "flex_attention_common.glsl": #"""
 // Bindings and parameters shared by the forward attention kernels (flex_attention_fwd*.comp).
@@ -2587,6 +2890,101 @@ void main() {
         max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
     }
 }
+"""#,
+        "flex_bwd_common.glsl": #"""
+// What the backward kernels share (flex_attention_bwd.comp's passes, flex_attention_bwd_mm.comp):
+// dtypes, bindings and parameters (flex_bwd_params.glsl, generated from BackwardBinding and
+// BackwardField), the spliced mods, addressing, the block walks and a pair's P and dS.
+// Before including, define BWD_PASS and what flex_dtype.glsl takes.
+#include "flex_dtype.glsl"
+#include "flex_bwd_params.glsl"
+
+layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBuf { IN_T q_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBuf { IN_T k_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBuf { IN_T v_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_O) readonly buffer OBuf { IN_T o_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBuf { IN_T do_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_LSE) readonly buffer LseBuf { float lse_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DLSE) readonly buffer DLseBuf { float dlse_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DELTA) buffer DeltaBuf { float delta_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DQ) writeonly buffer DQBuf { OUT_T dq_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DK) writeonly buffer DKBuf { OUT_T dk_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DV) writeonly buffer DVBuf { OUT_T dv_data[]; };
+layout(std430, set = 0, binding = BWD_BINDING_KV_NUM) readonly buffer KvNum { int kv_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_KV_IDX) readonly buffer KvIdx { int kv_idx[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_KV_NUM) readonly buffer FullKvNum { int full_kv_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_KV_IDX) readonly buffer FullKvIdx { int full_kv_idx[]; };
+layout(std430, set = 0, binding = BWD_BINDING_Q_NUM) readonly buffer QNum { int q_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_Q_IDX) readonly buffer QIdx { int q_idx_list[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_NUM) readonly buffer FullQNum { int full_q_num[]; };
+layout(std430, set = 0, binding = BWD_BINDING_FULL_Q_IDX) readonly buffer FullQIdx { int full_q_idx_list[]; };
+// Per-batch key lengths (p.has_kv_lens) and per-head sinks with their gradient (p.has_sinks).
+layout(std430, set = 0, binding = BWD_BINDING_KV_LENS) readonly buffer KvLens { int kv_lens[]; };
+layout(std430, set = 0, binding = BWD_BINDING_SINKS) readonly buffer Sinks { float sinks[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DSINKS) writeonly buffer DSinks { float dsinks[]; };
+// Partial sums of key (pass 1) or query (pass 2) splits, where a driver caps a shader's loop
+// iterations (lavapipe): [split, element], float32, summed by pass 4.
+layout(std430, set = 0, binding = BWD_BINDING_PART_DQ) buffer PartDQ { float part_dq[]; };
+layout(std430, set = 0, binding = BWD_BINDING_PART_DK) buffer PartDK { float part_dk[]; };
+layout(std430, set = 0, binding = BWD_BINDING_PART_DV) buffer PartDV { float part_dv[]; };
+// The captures' gradients laid end to end (pass 5 adds into them; float32), and the per-workgroup
+// slices of the path without atomics: [workgroup, element].
+layout(std430, set = 0, binding = BWD_BINDING_DCAPS) buffer DCaps { float dcaps[]; };
+layout(std430, set = 0, binding = BWD_BINDING_PART_CAPS) buffer PartCaps { float part_caps[]; };
+#if VKF_PARAMS_PUSH
+layout(push_constant) uniform Params { BWD_PARAMS_MEMBERS } p;
+#else
+layout(std430, set = 0, binding = BWD_BINDING_PARAMS) readonly buffer Params { BWD_PARAMS_MEMBERS } p;
+#endif
+
+#if BWD_PASS == 5
+// score_mod_cap_grads hands over, per term, the element of the gradients' buffer (-1: none) and
+// the value to add; the pass then adds them with every invocation of the workgroup present.
+void vkf_cg_add(int m, int e, float value);
+#define VKF_CAP_GRAD_ADD(m, flat, offset, value) vkf_cg_add(m, (flat) < 0 ? -1 : (offset) + (flat), value)
+#endif
+
+// Splice point: score_mod, score_mod_grad, mask_mod (errors at BWD_BINDING_ERRORS, captures after),
+// and in pass 5 score_mod_cap_grads.
+#include "flex_mods.glsl"
+
+#define NEG_INF (-uintBitsToFloat(0x7F800000u))
+
+int q_at(int b, int h, int i) { return p.q_base + b * p.q_sb + h * p.q_sh + i * p.q_sl; }
+int k_at(int b, int hk, int j) { return p.k_base + b * p.k_sb + hk * p.k_sh + j * p.k_sl; }
+int v_at(int b, int hk, int j) { return p.v_base + b * p.v_sb + hk * p.v_sh + j * p.v_sl; }
+int o_at(int b, int h, int i) { return p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl; }
+int do_at(int b, int h, int i) { return p.do_base + b * p.do_sb + h * p.do_sh + i * p.do_sl; }
+int lse_at(int b, int h, int i) { return p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl; }
+int row_id(int b, int h, int i) { return (b * p.Hq + h) * p.Lq + i; }   // delta and dQ: contiguous [B, Hq, Lq(, D)]
+// Batch b's keys: all of them, or its own length (kvLengths). With a sink the LSE includes it,
+// so P = exp(s' - LSE) and every formula below hold as they are.
+int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
+
+// The block walks (flex_walk.glsl): forward for dQ and the captures' gradients, transposed for dK/dV.
+#define VKF_WALK_TRANSPOSED 1
+#include "flex_walk.glsl"
+
+// dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
+// dot_qk = q.k, dot_dov = dO.v.
+void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float lse_i, float delta_i, out float P, out float dS) {
+    const float sc = dot_qk * p.scale;
+    const float s = score_mod(sc, b, h, i, j);
+    P = exp(s - lse_i);
+    dS = P * (dot_dov - delta_i) * score_mod_grad(sc, b, h, i, j);
+}
+
+
+#ifdef BQ
+// Query tile `tile` (counted over the BlockMask's query blocks, ceil(q_bs / BQ) each): its block
+// qb, first row q0, and its number of rows (none past its block's or the queries' end: 0 or less).
+int query_tile(int tile, out int qb, out int q0) {
+    const int tiles_q = (p.q_bs + BQ - 1) / BQ;
+    qb = tile / tiles_q;
+    q0 = qb * p.q_bs + (tile - qb * tiles_q) * BQ;
+    return min(min(q0 + BQ, (qb + 1) * p.q_bs), p.Lq) - q0;
+}
+#endif
 """#,
         "flex_dtype.glsl": #"""
 // Element types of the attention inputs and outputs, and their conversions to and from float —

@@ -46,13 +46,16 @@ struct SelfTest: ParsableCommand {
                 rows.append(("\(o.name) [\(o.kernel?.rawValue ?? "auto")]", o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
                 if !o.skipped && !o.passed { failures += 1 }
             }
-            if kernels.contains(.portable) {
-                print("backward cases (dQ, dK, dV) against the float64 reference:")
-                for o in AttentionSelfTest.runBackward(on: device, progress: { o in
-                    print("\(o.passed ? "PASS" : "FAIL")  \(pad(o.name, 39)) \(String(format: "%8.1f ms  err %.1e", o.seconds * 1e3, o.relativeError))  \(o.detail)")
+            // The backward's dQ and dK/dV passes: portable, and through matrices (coopmat-generic).
+            for bk in kernels where bk == .portable || bk == .coopmatGeneric {
+                print("backward cases (dQ, dK, dV) against the float64 reference, through \(bk.rawValue):")
+                for o in AttentionSelfTest.runBackward(on: device, kernel: bk, progress: { o in
+                    let verdict = o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL"
+                    if o.skipped { print("\(verdict)  \(pad(o.name, 39)) \(o.detail)"); return }
+                    print("\(verdict)  \(pad(o.name, 39)) \(String(format: "%8.1f ms  err %.1e", o.seconds * 1e3, o.relativeError))  \(o.detail)")
                 }) {
-                    rows.append(("\(o.name) [portable]", o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
-                    if !o.passed { failures += 1 }
+                    rows.append(("\(o.name) [\(bk.rawValue)]", o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
+                    if !o.skipped && !o.passed { failures += 1 }
                 }
             }
             // A kernel the device has but that ran no case is a failure: the check could not fail otherwise.

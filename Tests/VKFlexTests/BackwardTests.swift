@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import VKFlex
+import VKFlexSPIRV
 
 /// The backward pass against the float64 reference: score-mods (through their symbolic
 /// derivative), masks with partial and empty blocks, GQA, odd sizes, dLSE, every dtype.
@@ -13,6 +14,8 @@ final class BackwardTests: FlexTestCase {
         var mask: MaskMod? = nil
         var blockSize: BlockSize = 16
         var gradLSE = false
+        /// The dQ and dK/dV passes' kernel (nil: the planner's).
+        var kernel: FlexKernel? = nil
     }
 
     func check(_ c: Case, line: UInt = #line) throws {
@@ -25,7 +28,8 @@ final class BackwardTests: FlexTestCase {
         let gqa = c.Hq != c.Hkv
         let fwd = try flexAttention(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: gqa, returnLSE: true, options: FlexOptions(kernel: .portable))
         let g = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, gradLSE: dLSE,
-                                          scoreMod: c.score, blockMask: bm, enableGQA: gqa)
+                                          scoreMod: c.score, blockMask: bm, enableGQA: gqa, options: FlexOptions(kernel: c.kernel))
+        if let forced = c.kernel { XCTAssertEqual(g.kernel, forced, c.name, line: line) }
         let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, gradLSE: dLSE, scoreMod: c.score, blockMask: bm, enableGQA: gqa)
         let tol = c.dtype == .float32 ? 1e-4 : c.dtype == .float16 ? 5e-3 : 2e-2
         for (name, t, r) in [("dq", g.dq, ref.dq), ("dk", g.dk, ref.dk), ("dv", g.dv, ref.dv)] {
@@ -176,5 +180,85 @@ extension BackwardTests {
         for (name, t, r) in [("dq", g.dq, ref.dq), ("dk", g.dk, ref.dk), ("dv", g.dv, ref.dv)] {
             XCTAssertLessThan(relativeL2Error(try t.toArray(), r), 1e-4, name)
         }
+    }
+}
+
+/// The dQ and dK/dV passes through cooperative matrices (flex_attention_bwd_mm.comp), with no
+/// assumption about element order or subgroup size. Lavapipe has no cooperative matrices: forced
+/// there, the passes run their products as scalar loops over the same shared tiles, and the rest
+/// of the kernel (staging, walks, P and dS, the gradients' bookkeeping and splits) as on a GPU.
+extension BackwardTests {
+    func testMatrixPassesMatchTheReference() throws {
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        let cases = [
+            Case(name: "mm dense D=32", Lq: 45, Lkv: 45, D: 32, Dv: 32, dtype: .float16),
+            Case(name: "mm causal soft-cap GQA", Hq: 4, Hkv: 2, Lq: 70, Lkv: 70, D: 16, Dv: 16, dtype: .float16,
+                 score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: causal, blockSize: 32),
+            Case(name: "mm Lq != Lkv, D != Dv, empty rows, dLSE", B: 2, Lq: 33, Lkv: 50, D: 16, Dv: 32, dtype: .float16,
+                 mask: MaskMod { _, _, q, kv in kv <= q - 5 }, gradLSE: true),
+            Case(name: "mm D=64 sliding window", Hq: 1, Hkv: 1, Lq: 80, Lkv: 80, D: 64, Dv: 64, dtype: .float16,
+                 mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv < 24) }, blockSize: 16),
+        ]
+        for var c in cases {
+            c.kernel = .coopmatGeneric
+            try check(c)
+        }
+    }
+
+    func testMatrixPassesOnLongRowsAndTheirRules() throws {
+        // Long rows: the emulated passes' loops count against lavapipe's cap, so they split too.
+        let (Lq, Lkv, D) = (3, 6_000, 32)
+        let q = try device.tensor(randn(Lq * D), shape: [1, 1, Lq, D], dtype: .float16)
+        let k = try device.tensor(randn(Lkv * D), shape: [1, 1, Lkv, D], dtype: .float16)
+        let v = try device.tensor(randn(Lkv * D), shape: [1, 1, Lkv, D], dtype: .float16)
+        let dO = try device.tensor(randn(Lq * D), shape: [1, 1, Lq, D], dtype: .float16)
+        let fwd = try flexAttention(q, k, v, returnLSE: true, options: FlexOptions(kernel: .portable))
+        let g = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, options: FlexOptions(kernel: .coopmatGeneric))
+        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO)
+        for (name, t, r) in [("dq", g.dq, ref.dq), ("dk", g.dk, ref.dk), ("dv", g.dv, ref.dv)] {
+            XCTAssertLessThanOrEqual(relativeL2Error(try t.toArray(), r), 5e-3, name)
+        }
+        // float32 is never narrowed; forward-only kernels are named.
+        let q32 = try device.tensor(randn(8 * 16), shape: [1, 1, 8, 16])
+        let f32 = try flexAttention(q32, q32, q32, returnLSE: true)
+        XCTAssertThrowsError(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32,
+                                                       options: FlexOptions(kernel: .coopmatGeneric))) {
+            XCTAssertTrue("\($0)".contains("take float16 inputs"), "\($0)")
+        }
+        XCTAssertThrowsError(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32,
+                                                       options: FlexOptions(kernel: .splitKV))) {
+            XCTAssertTrue("\($0)".contains("the backward runs the portable or coopmat-generic kernel"), "\($0)")
+        }
+        XCTAssertEqual(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32).kernel, .portable,
+                       "lavapipe: no cooperative matrices, the portable passes")
+    }
+
+    /// The matrix passes' cooperative-matrix form compiles and rewrites for the KHR extension for
+    /// the shapes and subgroup sizes other vendors list (lavapipe cannot run it).
+    func testMatrixPassesCompileForEveryShape() throws {
+        let mods = try SplicedMods(score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: MaskMod { _, _, q, kv in q >= kv },
+                                   firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
+        var library = ShaderLibrary.standard
+        library.files.merge(mods.includes) { _, new in new }
+        library.files[BackwardParams.includeName] = BackwardParams.glsl
+        var compiled = 0
+        for (m, n, k, sg) in [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8)] {
+            let shape = CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
+            for (D, Dv) in [(64, 64), (128, 128), (32, 64)] {
+                guard let t = AttentionPlanner.backwardMMTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10,
+                                                              maxInvocations: 1024) else {
+                    return XCTFail("\(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv): no backward tiles")
+                }
+                for pass in [1, 2] {
+                    let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(t),
+                                             pushParams: pass == 1, mods: mods.glsl.source)
+                    let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
+                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
+                    XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+                    compiled += 1
+                }
+            }
+        }
+        XCTAssertEqual(compiled, 24)
     }
 }
