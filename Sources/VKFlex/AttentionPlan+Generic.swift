@@ -93,8 +93,13 @@ extension AttentionPlanner {
             }
             return "no float16 -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with tiles that fit \(caps.maxSharedMemory) bytes of shared memory"
         }
-        if let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning), t.SG > t.M, !caps.subgroupOperations.contains("clustered") {
-            return "\(caps.name) has no clustered subgroup operations, which coopmat-generic's row reductions use"
+        if let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) {
+            if t.SG > t.M, !caps.subgroupOperations.contains("clustered") {
+                return "\(caps.name) has no clustered subgroup operations, which coopmat-generic's row reductions use"
+            }
+            if !t.emulated, !caps.subgroupOperations.contains("vote") {
+                return "\(caps.name) has no subgroup vote operations, which coopmat-generic's lazy rescaling uses"
+            }
         }
         return nil
     }
