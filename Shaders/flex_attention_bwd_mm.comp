@@ -24,13 +24,8 @@
 // (= MM * NSG, a multiple of MN and MK), VKF_MM_EMULATE, IN_F16 = OUT_F16 = 1.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
-#extension GL_KHR_shader_subgroup_basic : require
 #ifndef VKF_MM_EMULATE
 #define VKF_MM_EMULATE 0
-#endif
-#if !VKF_MM_EMULATE
-#extension GL_NV_cooperative_matrix : require
-#extension GL_KHR_memory_scope_semantics : require
 #endif
 
 #define WG (SG * NSG)
@@ -68,34 +63,16 @@ shared float Gx[T * D];
 shared float Gy[T * DV];
 #endif
 #endif
-#define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
-
 layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBufU { uvec4 do_units[]; };
-// A unit of 8 halves of a row starting at element `at` with element stride `sd`: one 16-byte load
-// where the host found every row contiguous and 8-aligned (p.vec_ok), else eight.
-#define GATHER(DATA, UNITS) \
-    uvec4 unit_##DATA(int at, int sd, int u) { \
-        if (p.vec_ok != 0) return UNITS[at / 8 + u]; \
-        uvec4 w; \
-        [[unroll]] for (int i = 0; i < 4; ++i) \
-            w[i] = packFloat2x16(f16vec2(DATA[at + (8 * u + 2 * i) * sd], DATA[at + (8 * u + 2 * i + 1) * sd])); \
-        return w; \
-    }
+#include "flex_mm.glsl"
 GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
 GATHER(do_data, do_units)
 
-#if !VKF_MM_EMULATE
-#define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
-#define FRAG_B fcoopmatNV<16, gl_ScopeSubgroup, MK, MN>
-#define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
-#endif
-
-void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
 
 #if BWD_PASS == 1
 // Owned rows: query rows (X = Q, Y = dO); staged: keys (X = K, Y = V).

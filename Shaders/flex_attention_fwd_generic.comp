@@ -26,13 +26,10 @@
 // flex_attention_common.glsl takes (VKF_KV_SPLIT, VKF_SINKS, ...). fp16 in; out fp16 (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
-#extension GL_KHR_shader_subgroup_basic : require
 #ifndef VKF_MM_EMULATE
 #define VKF_MM_EMULATE 0
 #endif
 #if !VKF_MM_EMULATE
-#extension GL_NV_cooperative_matrix : require
-#extension GL_KHR_memory_scope_semantics : require
 #extension GL_KHR_shader_subgroup_vote : require
 #endif
 
@@ -59,26 +56,14 @@ shared float16_t Ps[BQ * PST];
 #if VKF_MM_EMULATE
 shared uvec4 Qs4[BQ * KS4];
 #endif
-// Element i (in halves) of a unit array.
-#define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
-
-// K and V: 16-byte loads of whole units where rows are contiguous and 8-aligned (the host's
-// p.vec_ok), else the unit's 8 halves one by one.
+// K, V and Q seen as 16-byte units (flex_mm.glsl's loads).
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
-#define UNIT_OF(UNITS, DATA, ROW_AT, SD, u) (p.vec_ok != 0 ? UNITS[(ROW_AT) / 8 + (u)] : gather_unit(DATA, ROW_AT, SD, u))
-#define GATHER(DATA) \
-    uvec4 gather_##DATA(int at, int sd, int u) { \
-        uvec4 w; \
-        [[unroll]] for (int i = 0; i < 4; ++i) \
-            w[i] = packFloat2x16(f16vec2(DATA[at + (8 * u + 2 * i) * sd], DATA[at + (8 * u + 2 * i + 1) * sd])); \
-        return w; \
-    }
-GATHER(q_data)
-GATHER(k_data)
-GATHER(v_data)
-#define gather_unit(DATA, at, sd, u) gather_##DATA(at, sd, u)
+#include "flex_mm.glsl"
+GATHER(q_data, q_units)
+GATHER(k_data, k_units)
+GATHER(v_data, v_units)
 
 #define SM_ROWS MM
 #define SM_COLS BKV
@@ -108,13 +93,6 @@ void sm_put(int k, int t, float pv) {
     Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = float16_t(pv);
 }
 
-#if !VKF_MM_EMULATE
-#define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
-#define FRAG_B fcoopmatNV<16, gl_ScopeSubgroup, MK, MN>
-#define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
-#endif
-
-void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
@@ -134,14 +112,14 @@ void main() {
 #if VKF_MM_EMULATE
     for (int e = lid; e < BQ * (D / 8); e += SG * NSG) {
         const int r = e / (D / 8), u = e - r * (D / 8);
-        Qs4[r * KS4 + u] = r < rows ? UNIT_OF(q_units, q_data, qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
+        Qs4[r * KS4 + u] = r < rows ? unit_q_data(qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
     }
 #else
     FRAG_A qf[D / MK];
     for (int c = 0; c < BQ; c += BKV) {
         for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
             const int j = e / (D / 8), u = e - j * (D / 8), r = c + j;
-            Ks4[j * KS4 + u] = r < rows ? UNIT_OF(q_units, q_data, qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
+            Ks4[j * KS4 + u] = r < rows ? unit_q_data(qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
         }
         barrier();
         if (g_r0 >= c && g_r0 < c + BKV) {
@@ -182,11 +160,11 @@ void main() {
                 // K and V rows past kn as zeros: their scores are finite (and masked), their P 0.
                 for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
                     const int j = e / (D / 8), u = e - j * (D / 8);
-                    Ks4[j * KS4 + u] = j < kn ? UNIT_OF(k_units, k_data, koff + kv_row(b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
+                    Ks4[j * KS4 + u] = j < kn ? unit_k_data(koff + kv_row(b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
                 }
                 for (int e = lid; e < BKV * (DV / 8); e += SG * NSG) {
                     const int j = e / (DV / 8), u = e - j * (DV / 8);
-                    Vs4[j * VS4 + u] = j < kn ? UNIT_OF(v_units, v_data, voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
+                    Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
                 }
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile.

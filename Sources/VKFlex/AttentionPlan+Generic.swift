@@ -47,12 +47,7 @@ extension AttentionPlanner {
                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
-        let usable = (emulated ? [emulatedShape] : shapes).filter { s in
-            s.a == "float16" && s.b == "float16" && s.c == "float32" && s.result == "float32"
-                && s.m > 0 && s.m & (s.m - 1) == 0 && s.k % 8 == 0 && s.n % 8 == 0 && D % s.k == 0 && Dv % s.n == 0
-                && (forcedShape.map { f in f.m == s.m && f.n == s.n && f.k == s.k } ?? true)
-        }.sorted { ($0.m * $0.n * $0.k, $0.m) > ($1.m * $1.n * $1.k, $1.m) }
-        for shape in usable {
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
             // Each row's columns split evenly over the lanes that share it.
             let tpr = max(1, sg / shape.m)
             guard Dv % tpr == 0 else { continue }
@@ -71,6 +66,18 @@ extension AttentionPlanner {
         return nil
     }
 
+    /// The shapes the generic kernels compute in, best first: fp16 A and B, fp32 C and result, M a
+    /// power of two, N and K whole 16-byte units, `fits` (the head dims they divide), `forced`
+    /// alone when given; the largest M·N·K first.
+    private static func usableShapes(_ shapes: [CooperativeMatrixShape], emulated: Bool, forced: (m: Int, n: Int, k: Int)?,
+                                     where fits: (CooperativeMatrixShape) -> Bool) -> [CooperativeMatrixShape] {
+        (emulated ? [emulatedShape] : shapes).filter { s in
+            s.a == "float16" && s.b == "float16" && s.c == "float32" && s.result == "float32"
+                && s.m > 0 && s.m & (s.m - 1) == 0 && s.k % 8 == 0 && s.n % 8 == 0 && fits(s)
+                && (forced.map { f in f.m == s.m && f.n == s.n && f.k == s.k } ?? true)
+        }.sorted { ($0.m * $0.n * $0.k, $0.m) > ($1.m * $1.n * $1.k, $1.m) }
+    }
+
     /// The generic kernel's tiles on `device` (emulated where it has no cooperative matrices), with
     /// `VKFLEX_COOPMAT_SHAPE` applied.
     static func genericTiles(D: Int, Dv: Int, device: Device, tuning: AttentionTuning) -> GenericTiles? {
@@ -86,20 +93,18 @@ extension AttentionPlanner {
         if s.dtype != .float16 { return "coopmat-generic takes float16 inputs (got \(s.dtype.rawValue))" }
         if !device.enabledFeatures.shaderFloat16 { return "\(caps.name) has no float16 arithmetic (shaderFloat16)" }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
-        if genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) == nil {
+        guard let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) else {
             if let f = tuning.coopmatShape, device.cooperativeMatrixAPI != nil,
                !device.cooperativeMatrixShapes.contains(where: { $0.m == f.m && $0.n == f.n && $0.k == f.k && $0.a == "float16" && $0.result == "float32" }) {
                 return "VKFLEX_COOPMAT_SHAPE=\(f.m)x\(f.n)x\(f.k) is not a float16 -> float32 shape \(caps.name) lists (\(device.cooperativeMatrixShapes.map(\.description).joined(separator: ", ")))"
             }
             return "no float16 -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with tiles that fit \(caps.maxSharedMemory) bytes of shared memory"
         }
-        if let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) {
-            if t.SG > t.M, !caps.subgroupOperations.contains("clustered") {
-                return "\(caps.name) has no clustered subgroup operations, which coopmat-generic's row reductions use"
-            }
-            if !t.emulated, !caps.subgroupOperations.contains("vote") {
-                return "\(caps.name) has no subgroup vote operations, which coopmat-generic's lazy rescaling uses"
-            }
+        if t.SG > t.M, !caps.subgroupOperations.contains("clustered") {
+            return "\(caps.name) has no clustered subgroup operations, which coopmat-generic's row reductions use"
+        }
+        if !t.emulated, !caps.subgroupOperations.contains("vote") {
+            return "\(caps.name) has no subgroup vote operations, which coopmat-generic's lazy rescaling uses"
         }
         return nil
     }
@@ -122,12 +127,9 @@ extension AttentionPlanner {
                                 maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }
         let budget = sharedMemory - 256
-        let usable = (emulated ? [emulatedShape] : shapes).filter { s in
-            s.a == "float16" && s.b == "float16" && s.c == "float32" && s.result == "float32"
-                && s.m > 0 && s.k % 8 == 0 && s.n % 8 == 0 && D % s.k == 0 && Dv % s.n == 0 && D % s.n == 0 && Dv % s.k == 0
-                && (forcedShape.map { f in f.m == s.m && f.n == s.n && f.k == s.k } ?? true)
-        }.sorted { ($0.m * $0.n * $0.k, $0.m) > ($1.m * $1.n * $1.k, $1.m) }
-        for shape in usable {
+        // D and Dv are both reduced over (K) and produced (N): dP = dO·Vᵀ, dQ = dS·K, dV = Pᵀ·dO.
+        let divides = { (s: CooperativeMatrixShape) in D % s.k == 0 && Dv % s.n == 0 && D % s.n == 0 && Dv % s.k == 0 }
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, where: divides) {
             for nsg in (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1]) where nsg * sg <= maxInvocations {
                 let t = shape.m * nsg
                 // Each lane takes whole elements of the MM×T pair tile and of the MM×D, MM×Dv gradients.

@@ -262,7 +262,10 @@ public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod
                                   qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil)
     if kernel == .splitKV { _ = try ForwardKernel.mergePipeline(outDType: q.dtype, device: q.device) }
     if backward {
-        _ = try BackwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, sinks: false, device: q.device)
+        // The backward's dQ and dK/dV passes as the backward will choose them (its kernels: portable, coopmat-generic).
+        let forced = options.kernel.flatMap { $0 == .portable || $0 == .coopmatGeneric ? $0 : nil }
+        let backwardKernel = try AttentionPlanner.backwardKernel(shape, device: q.device, forced: forced)
+        _ = try BackwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, sinks: false, kernel: backwardKernel, device: q.device)
     }
     return kernel
 }

@@ -14,39 +14,41 @@ enum GenericKernelCheck {
     /// Whether coopmat-generic matched the portable kernel on `device` at head dims D/Dv (checked
     /// the first time it is asked, then remembered for the device's lifetime).
     static func passes(D: Int, Dv: Int, device: Device) -> Bool {
-        (try? device.memoized("vkflex.coopmat-generic.check.\(D)x\(Dv)") { () -> Bool in
-            let problem: String?
-            do { problem = try compare(D: D, Dv: Dv, device: device) } catch { problem = "it failed: \(error)" }
-            guard let problem else { return true }
-            let caps = device.capabilities
-            let line = "vkflex: the coopmat-generic kernel disagreed with the portable kernel on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
-                + "at head dims \(D)/\(Dv): \(problem); using the portable kernel. Please report it with the output of "
-                + "`vkflex devices --json` and `VKFLEX_KERNEL=coopmat-generic vkflex selftest`.\n"
-            FileHandle.standardError.write(Data(line.utf8))
-            return false
-        }) ?? false
+        verdict("coopmat-generic kernel", against: "portable kernel", key: "forward.\(D)x\(Dv)", D: D, Dv: Dv, device: device) {
+            try compare(D: D, Dv: Dv, device: device)
+        }
     }
 
     /// Whether the backward's matrix passes matched the portable ones on `device` at head dims
     /// D/Dv (checked once, as ``passes(D:Dv:device:)``).
     static func backwardPasses(D: Int, Dv: Int, device: Device) -> Bool {
-        (try? device.memoized("vkflex.coopmat-generic.backward-check.\(D)x\(Dv)") { () -> Bool in
+        verdict("coopmat-generic backward", against: "portable backward", key: "backward.\(D)x\(Dv)", D: D, Dv: Dv, device: device) {
+            try compareBackward(D: D, Dv: Dv, device: device)
+        }
+    }
+
+    /// Runs `compare` the first time `key` is asked on `device` and remembers whether it found
+    /// nothing; a difference (or a failure) prints one line saying what to send.
+    private static func verdict(_ what: String, against other: String, key: String, D: Int, Dv: Int, device: Device,
+                                compare: () throws -> String?) -> Bool {
+        (try? device.memoized("vkflex.coopmat-generic.check.\(key)") { () -> Bool in
             let problem: String?
-            do { problem = try compareBackward(D: D, Dv: Dv, device: device) } catch { problem = "it failed: \(error)" }
+            do { problem = try compare() } catch { problem = "it failed: \(error)" }
             guard let problem else { return true }
             let caps = device.capabilities
-            let line = "vkflex: the coopmat-generic backward disagreed with the portable backward on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
-                + "at head dims \(D)/\(Dv): \(problem); using the portable backward. Please report it with the output of "
+            let line = "vkflex: the \(what) disagreed with the \(other) on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
+                + "at head dims \(D)/\(Dv): \(problem); using the \(other). Please report it with the output of "
                 + "`vkflex devices --json` and `VKFLEX_KERNEL=coopmat-generic vkflex selftest`.\n"
             FileHandle.standardError.write(Data(line.utf8))
             return false
         }) ?? false
     }
 
-    /// What differs between the backward's matrix passes and the portable ones on a small input
-    /// (GQA, partial tiles, a causal mask), or nil.
-    static func compareBackward(D: Int, Dv: Int, device: Device) throws -> String? {
-        var rng = CheckInputs(seed: 0xBAC4_0F_0C0E)
+    /// The checks' input: two query heads on one key/value head, float16, uniform in [-1, 1) from a
+    /// fixed seed, with lengths (77 rows, 93 keys) that leave every tile and step partly empty, dO,
+    /// and a causal mask aligned to the last key.
+    private static func inputs(D: Int, Dv: Int, device: Device) throws -> (q: Tensor, k: Tensor, v: Tensor, dO: Tensor, causal: BlockMask) {
+        var rng = CheckInputs(seed: 0x5EED_0F_0C0E)
         func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
         let (Lq, Lkv) = (77, 93)
         let q = try device.tensor(values(2 * Lq * D), shape: [1, 2, Lq, D], dtype: .float16, name: "check_q")
@@ -55,6 +57,13 @@ enum GenericKernelCheck {
         let dO = try device.tensor(values(2 * Lq * Dv), shape: [1, 2, Lq, Dv], dtype: .float16, name: "check_do")
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q + (Lkv - Lq) >= kv }, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device,
                                          blockSize: 32, backend: .cpu())
+        return (q, k, v, dO, causal)
+    }
+
+    /// What differs between the backward's matrix passes and the portable ones on a small input
+    /// (GQA, partial tiles, a causal mask), or nil.
+    static func compareBackward(D: Int, Dv: Int, device: Device) throws -> String? {
+        let (q, k, v, dO, causal) = try inputs(D: D, Dv: Dv, device: device)
         let forward = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .portable))
         let run = { (kernel: FlexKernel) in
             try flexAttentionBackward(q, k, v, output: forward.output, lse: forward.lse!, gradOutput: dO, blockMask: causal, enableGQA: true,
@@ -73,14 +82,7 @@ enum GenericKernelCheck {
 
     /// What differs between coopmat-generic and the portable kernel on a small input, or nil.
     static func compare(D: Int, Dv: Int, device: Device) throws -> String? {
-        var rng = CheckInputs(seed: 0x5EED_0F_0C0E)
-        func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
-        let (Lq, Lkv) = (77, 93)
-        let q = try device.tensor(values(2 * Lq * D), shape: [1, 2, Lq, D], dtype: .float16, name: "check_q")
-        let k = try device.tensor(values(Lkv * D), shape: [1, 1, Lkv, D], dtype: .float16, name: "check_k")
-        let v = try device.tensor(values(Lkv * Dv), shape: [1, 1, Lkv, Dv], dtype: .float16, name: "check_v")
-        let causal = try createBlockMask(MaskMod { _, _, q, kv in q + (Lkv - Lq) >= kv }, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device,
-                                         blockSize: 32, backend: .cpu())
+        let (q, k, v, _, causal) = try inputs(D: D, Dv: Dv, device: device)
         for mask in [nil, causal] {
             let run = { (kernel: FlexKernel) in
                 try flexAttention(q, k, v, blockMask: mask, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: kernel))

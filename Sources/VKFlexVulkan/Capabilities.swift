@@ -36,6 +36,11 @@ public struct CooperativeMatrixShape: Sendable, Hashable, Codable, CustomStringC
 
     public var description: String { "\(m)x\(n)x\(k) \(a)*\(b)+\(c)->\(result)" }
 
+    /// A shape from its sizes and component types, e.g. a vendor's listed shape to plan for:
+    ///
+    /// ```swift
+    /// let wmma = CooperativeMatrixShape(m: 16, n: 16, k: 16, a: "float16", b: "float16", c: "float32", result: "float32")
+    /// ```
     public init(m: Int, n: Int, k: Int, a: String, b: String, c: String, result: String) {
         self.m = m; self.n = n; self.k = k; self.a = a; self.b = b; self.c = c; self.result = result
     }

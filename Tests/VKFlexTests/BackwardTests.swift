@@ -159,6 +159,15 @@ extension BackwardTests {
         let fwd = try flexAttention(q, q, q, scoreMod: mod, returnLSE: true)
         _ = try fwd.backward(gradOutput: q).dq.toArray()
         XCTAssertEqual(ShaderCompiler.shared.compilations, before, "no compile after prepare")
+        // The matrix passes, forced the same way in both calls.
+        let h = try device.tensor(randn(2 * 24 * 16), shape: [1, 2, 24, 16], dtype: .float16)
+        let generic = FlexOptions(kernel: .coopmatGeneric)
+        try prepareFlexAttention(h, h, h, scoreMod: mod, backward: true, options: generic)
+        let afterPrepare = ShaderCompiler.shared.compilations
+        let g = try flexAttention(h, h, h, scoreMod: mod, returnLSE: true, options: generic).backward(gradOutput: h, options: generic)
+        _ = try g.dq.toArray()
+        XCTAssertEqual(g.kernel, .coopmatGeneric)
+        XCTAssertEqual(ShaderCompiler.shared.compilations, afterPrepare, "no compile after prepare (matrix passes)")
     }
 }
 
