@@ -21,7 +21,8 @@
 // memory (lavapipe, which has no cooperative matrices, runs the rest of this kernel in CI).
 //
 // Defines: BWD_PASS (1, 2), D, DV (multiples of MK and MN, and of 8), MM, MN, MK, SG, NSG, BQ = BKV = T
-// (= MM * NSG, a multiple of MN and MK), VKF_MM_EMULATE, IN_F16 = OUT_F16 = 1.
+// (= MM * NSG, a multiple of MN and MK), VKF_MM_EMULATE, IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
+// (bfloat16: flex_mm.glsl; the host retypes the 16-bit operands, dS and P rounded to bfloat16).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifndef VKF_MM_EMULATE
@@ -33,6 +34,7 @@
 layout(local_size_x = WG) in;
 
 #include "flex_bwd_common.glsl"
+#include "flex_mm.glsl"
 
 // 16-byte units of 8 halves: the staged side's two operands (X: D wide, Y: DV wide), rows padded
 // by one unit; the owned side's in emulation. Float tiles per subgroup's rows: S (then the final
@@ -47,9 +49,9 @@ shared uvec4 Xs4[T * XS4];
 shared uvec4 Ys4[T * YS4];
 shared float Ss[T * SST];
 shared float DPs[T * PST];
-shared float16_t dSh[T * HST];
+shared HALF_T dSh[T * HST];
 #if BWD_PASS == 2
-shared float16_t Ph[T * HST];
+shared HALF_T Ph[T * HST];
 #endif
 // The LSE and delta of the query rows of the pair tile: pass 1's owned rows, pass 2's staged ones.
 shared float t_lse[T], t_delta[T];
@@ -67,7 +69,6 @@ layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBufU { uvec4 q
 layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBufU { uvec4 do_units[]; };
-#include "flex_mm.glsl"
 GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
@@ -247,9 +248,9 @@ void main() {
                         float P = 0.0, dS = 0.0;
                         if (ok && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
                             pair_grads(b, h, qi, ki, Ss[r * SST + j], DPs[r * PST + j], lse_i, delta_i, P, dS);
-                        dSh[r * HST + j] = float16_t(dS);
+                        dSh[r * HST + j] = TO_HALF(dS);
 #if BWD_PASS == 2
-                        Ph[r * HST + j] = float16_t(P);
+                        Ph[r * HST + j] = TO_HALF(P);
 #endif
                     }
                     subgroup_sync();
@@ -259,14 +260,14 @@ void main() {
                     for (int i = 0; i < MM * D / SG; ++i) {
                         const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
                         float s = 0.0;
-                        for (int j = 0; j < T; ++j) s += float(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
+                        for (int j = 0; j < T; ++j) s += HALF_FLOAT(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
                         Gx[r * D + d] += s;
                     }
 #if BWD_PASS == 2
                     for (int i = 0; i < MM * DV / SG; ++i) {
                         const int e = lane + i * SG, r = r0 + e / DV, d = e - (e / DV) * DV;
                         float s = 0.0;
-                        for (int j = 0; j < T; ++j) s += float(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
+                        for (int j = 0; j < T; ++j) s += HALF_FLOAT(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
                         Gy[r * DV + d] += s;
                     }
 #endif

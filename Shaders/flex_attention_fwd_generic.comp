@@ -22,8 +22,9 @@
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16, and what
-// flex_attention_common.glsl takes (VKF_KV_SPLIT, VKF_SINKS, ...). fp16 in; out fp16 (partials fp32). Bindings as flex_attention_fwd.comp.
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
+// VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifndef VKF_MM_EMULATE
@@ -35,9 +36,10 @@
 
 layout(local_size_x = SG * NSG) in;
 
-// IN_F16 1; OUT_F16 1, or 0 for a key split's float32 partials (VKF_KV_SPLIT).
+// IN_F16 (or IN_BF16) 1; OUT_F16 (OUT_BF16) 1, or 0 for a key split's float32 partials (VKF_KV_SPLIT).
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
+#include "flex_mm.glsl"
 
 #define BQ (MM * NSG)
 // K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
@@ -52,7 +54,7 @@ layout(local_size_x = SG * NSG) in;
 shared uvec4 Ks4[BKV * KS4];
 shared uvec4 Vs4[BKV * VS4];
 shared float Ss[BQ * SST];        // per subgroup's rows: scores, then P V
-shared float16_t Ps[BQ * PST];
+shared HALF_T Ps[BQ * PST];
 #if VKF_MM_EMULATE
 shared uvec4 Qs4[BQ * KS4];
 #endif
@@ -60,7 +62,6 @@ shared uvec4 Qs4[BQ * KS4];
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
-#include "flex_mm.glsl"
 GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
@@ -90,7 +91,7 @@ float sm_score(int k, int t) {
     return s;
 }
 void sm_put(int k, int t, float pv) {
-    Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = float16_t(pv);
+    Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
 
 
@@ -214,7 +215,7 @@ void main() {
                 for (int e = lane; e < MM * DV; e += SG) {
                     const int r = g_r0 + e / DV, d = e - (e / DV) * DV;
                     float acc = 0.0;
-                    for (int j = 0; j < BKV; ++j) acc += float(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
+                    for (int j = 0; j < BKV; ++j) acc += HALF_FLOAT(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
                     Ss[r * SST + d] = acc;
                 }
                 subgroup_sync();

@@ -36,17 +36,20 @@
 #define IN_FLOAT(x) float(x)
 #endif
 
+#if IN_BF16 || OUT_BF16
+// The bits of the nearest bfloat16 (ties to even); a NaN keeps its sign and becomes quiet.
+uint vkf_bf16_bits(float x) {
+    const uint u = floatBitsToUint(x);
+    return isnan(x) ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+#endif
+
 #if OUT_F16
 #define OUT_T float16_t
 #define OUT_VALUE(x) OUT_T(x)
 #elif OUT_BF16
 #define OUT_T uint16_t
-// The bits of the nearest bfloat16 (ties to even); a NaN keeps its sign and becomes quiet. The
-// narrowing to 16 bits happens in the store (a 16-bit value anywhere else needs Int16 arithmetic).
-uint vkf_bf16_bits(float x) {
-    const uint u = floatBitsToUint(x);
-    return isnan(x) ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
+// The narrowing to 16 bits happens in the store (a 16-bit value anywhere else needs Int16 arithmetic).
 #define OUT_VALUE(x) uint16_t(vkf_bf16_bits(x))
 #else
 #define OUT_T float

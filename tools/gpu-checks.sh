@@ -4,13 +4,23 @@
 #   bash .device/on-device.sh bash tools/gpu-checks.sh [all|shapes|decode]
 # all: selftest under the validation layer (every kernel), coopmat-generic's selftest through the
 # KHR extension, the seed suite through coopmat-generic and coopmat-nv, the backward both ways;
-# shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch.
+# shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch;
+# bf16: the seed suite in bfloat16 (bf16 cooperative matrices) against vkflex's fp16 and PyTorch bf16.
 set -u
 out=${OUT:-/tmp}
 what=${1:-all}
 step() {  # step NAME SECONDS COMMAND...: runs, keeps stdout+stderr in $out/NAME.txt, prints the verdict lines
   local name=$1 secs=$2; shift 2
-  echo "== $name ($(date -u +%H:%M:%S))"
+  echo "== $name ($(if [ "$what" = bf16 ]; then
+  step selftest-bf16 120 vkflex selftest --kernel coopmat-generic
+  step bench-bf16 150 bash .device/on-device.sh compare --dtype bfloat16
+  tail -14 "$out/bench-bf16.txt"
+  step bench-fp16 100 vkflex bench --suite seed --json "$out/fp16.jsonl"
+  tail -12 "$out/bench-fp16.txt"
+  VKFLEX_KERNEL=coopmat-generic step bench-backward-bf16 90 vkflex bench --suite seed --backward --dtype bfloat16 --cases causal,sliding_window_1024
+  tail -6 "$out/bench-backward-bf16.txt"
+fi
+date -u +%H:%M:%S))"
   timeout "$secs" "$@" > "$out/$name.txt" 2>&1
   echo "   exit $?"
   grep -E '^(FAIL|SKIP  .*coopmat)|passed, |validation|error' "$out/$name.txt" | head -40
@@ -36,5 +46,14 @@ fi
 if [ "$what" = decode ]; then
   step decode 150 bash .device/on-device.sh compare --suite decode
   tail -25 "$out/decode.txt"
+fi
+if [ "$what" = bf16 ]; then
+  step selftest-bf16 120 vkflex selftest --kernel coopmat-generic
+  step bench-bf16 150 bash .device/on-device.sh compare --dtype bfloat16
+  tail -14 "$out/bench-bf16.txt"
+  step bench-fp16 100 vkflex bench --suite seed --json "$out/fp16.jsonl"
+  tail -12 "$out/bench-fp16.txt"
+  VKFLEX_KERNEL=coopmat-generic step bench-backward-bf16 90 vkflex bench --suite seed --backward --dtype bfloat16 --cases causal,sliding_window_1024
+  tail -6 "$out/bench-backward-bf16.txt"
 fi
 date -u

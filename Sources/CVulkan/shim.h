@@ -25,4 +25,15 @@ typedef struct VkflexCooperativeMatrixPropertiesKHR {
 
 typedef VkResult (*PFN_vkflexGetPhysicalDeviceCooperativeMatrixPropertiesKHR)(
     VkPhysicalDevice physicalDevice, uint32_t *pPropertyCount, VkflexCooperativeMatrixPropertiesKHR *pProperties);
+
+// VK_KHR_shader_bfloat16 (Vulkan 1.4.311) is newer still: its feature structure, sType
+// VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_BFLOAT16_FEATURES_KHR = 1000141000; the component type
+// VK_COMPONENT_TYPE_BFLOAT16_KHR = 1000141000 in cooperative-matrix shapes.
+typedef struct VkflexShaderBfloat16FeaturesKHR {
+    VkStructureType sType;
+    void *pNext;
+    VkBool32 shaderBFloat16Type;
+    VkBool32 shaderBFloat16DotProduct;
+    VkBool32 shaderBFloat16CooperativeMatrix;
+} VkflexShaderBfloat16FeaturesKHR;
 #endif

@@ -18,11 +18,12 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var WG: Int { SG * NSG }
 
     /// Mirrors the shared arrays of flex_attention_fwd_generic.comp: K and V tiles and P (fp16,
-    /// rows padded by 8), the score / P·V tile (fp32, rows of max(BKV, Dv) + 4), and in emulation Q.
-    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool) -> Int {
+    /// rows padded by 8), the score / P·V tile (fp32, rows of max(BKV, Dv) + 4), and in emulation Q
+    /// (and, for bfloat16, P as float32: flex_mm.glsl's HALF_T).
+    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false) -> Int {
         let bq = M * NSG
-        let halves = BKV * (D + 8) + BKV * (Dv + 8) + bq * (BKV + 8) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
-        return 2 * halves + 4 * bq * (max(BKV, Dv) + 4)
+        let halves = BKV * (D + 8) + BKV * (Dv + 8) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
+        return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (max(BKV, Dv) + 4)
     }
 
     var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") }
@@ -34,20 +35,21 @@ extension AttentionPlanner {
     static let emulatedShape = CooperativeMatrixShape(m: 16, n: 16, k: 16, a: "float16", b: "float16", c: "float32", result: "float32")
 
     /// The coopmat-generic kernel's tiles for head dims D/Dv on a device described by its subgroup
-    /// size, its fp16 matrix shapes (`VkCooperativeMatrixPropertiesKHR`), shared memory and
-    /// invocations; nil when none fits.
+    /// size, its matrix shapes (`VkCooperativeMatrixPropertiesKHR`), shared memory and
+    /// invocations; nil when none fits. `bf16`: bfloat16 operands (shapes of bfloat16 A and B).
     ///
-    /// Shapes: those of fp16 A and B with fp32 C and result whose K divides D and whose N divides
+    /// Shapes: those of fp16 (bf16) A and B with fp32 C and result whose K divides D and whose N divides
     /// Dv, the larger M·N·K first (16×16×16 on AMD and NVIDIA; Intel lists 8×16×16 on Xe2 and
     /// 8×8×16 on Arc), `forcedShape` alone when given. Then four subgroups where they fit (each
     /// owns M query rows), else two, else one (eight where M = 8, to keep 32+ rows a workgroup),
     /// and 32 keys a step, else 16 (rounded up to what M, N and K divide). Unmeasured beyond the
     /// H200 (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
-                             maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false) -> GenericTiles? {
+                             maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
+                             bf16: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
-        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
             // Each row's columns split evenly over the lanes that share it.
             let tpr = max(1, sg / shape.m)
             guard Dv % tpr == 0 else { continue }
@@ -57,7 +59,7 @@ extension AttentionPlanner {
                 for want in [32, 16] {
                     let bkv = (want + step - 1) / step * step
                     guard bkv % tpr == 0 else { continue }
-                    if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated) <= budget {
+                    if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16) <= budget {
                         return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated)
                     }
                 }
@@ -66,13 +68,14 @@ extension AttentionPlanner {
         return nil
     }
 
-    /// The shapes the generic kernels compute in, best first: fp16 A and B, fp32 C and result, M a
-    /// power of two, N and K whole 16-byte units, `fits` (the head dims they divide), `forced`
-    /// alone when given; the largest M·N·K first.
-    private static func usableShapes(_ shapes: [CooperativeMatrixShape], emulated: Bool, forced: (m: Int, n: Int, k: Int)?,
+    /// The shapes the generic kernels compute in, best first: fp16 (`bf16`: bfloat16) A and B,
+    /// fp32 C and result, M a power of two, N and K whole 16-byte units, `fits` (the head dims
+    /// they divide), `forced` alone when given; the largest M·N·K first.
+    private static func usableShapes(_ shapes: [CooperativeMatrixShape], emulated: Bool, forced: (m: Int, n: Int, k: Int)?, bf16: Bool,
                                      where fits: (CooperativeMatrixShape) -> Bool) -> [CooperativeMatrixShape] {
-        (emulated ? [emulatedShape] : shapes).filter { s in
-            s.a == "float16" && s.b == "float16" && s.c == "float32" && s.result == "float32"
+        let operand = bf16 ? "bfloat16" : "float16"
+        return (emulated ? [emulatedShape] : shapes).filter { s in
+            (emulated || s.a == operand && s.b == operand) && s.c == "float32" && s.result == "float32"
                 && s.m > 0 && s.m & (s.m - 1) == 0 && s.k % 8 == 0 && s.n % 8 == 0 && fits(s)
                 && (forced.map { f in f.m == s.m && f.n == s.n && f.k == s.k } ?? true)
         }.sorted { ($0.m * $0.n * $0.k, $0.m) > ($1.m * $1.n * $1.k, $1.m) }
@@ -80,25 +83,49 @@ extension AttentionPlanner {
 
     /// The generic kernel's tiles on `device` (emulated where it has no cooperative matrices), with
     /// `VKFLEX_COOPMAT_SHAPE` applied.
-    static func genericTiles(D: Int, Dv: Int, device: Device, tuning: AttentionTuning) -> GenericTiles? {
+    static func genericTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
         return genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
                             sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                            forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil)
+                            forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16)
+    }
+
+    /// Why the generic kernels cannot take `dtype` on `device` (float16 needs fp16 arithmetic;
+    /// bfloat16 needs bfloat16 cooperative matrices, unless the products are emulated), or nil.
+    static func genericDTypeProblem(_ dtype: DType, device: Device, kernel: String) -> String? {
+        let caps = device.capabilities
+        switch dtype {
+        case .float16:
+            return device.enabledFeatures.shaderFloat16 ? nil : "\(caps.name) has no float16 arithmetic (shaderFloat16)"
+        case .bfloat16:
+            if device.cooperativeMatrixAPI == nil || device.enabledFeatures.bfloat16CooperativeMatrix { return nil }
+            if caps.bfloat16CooperativeMatrix {
+                return "bfloat16 cooperative matrices are off on \(caps.name) (VKFLEX_BF16_COOPMAT=0, or a validation layer older than 1.4.321 is loaded)"
+            }
+            return "\(caps.name) has no bfloat16 cooperative matrices (VK_KHR_shader_bfloat16 with KHR cooperative matrices)"
+        default:
+            return "\(kernel): float16 and bfloat16 inputs only (got \(dtype.rawValue))"
+        }
+    }
+
+    /// What `VKFLEX_COOPMAT_SHAPE` or the device's shapes lack for a call no tiles fit.
+    private static func noShapeProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning, what: String) -> String {
+        let caps = device.capabilities
+        let operand = s.dtype == .bfloat16 ? "bfloat16" : "float16"
+        if let f = tuning.coopmatShape, device.cooperativeMatrixAPI != nil,
+           !device.cooperativeMatrixShapes.contains(where: { $0.m == f.m && $0.n == f.n && $0.k == f.k && $0.a == operand && $0.result == "float32" }) {
+            return "VKFLEX_COOPMAT_SHAPE=\(f.m)x\(f.n)x\(f.k) is not a \(operand) -> float32 shape \(caps.name) lists (\(device.cooperativeMatrixShapes.map(\.description).joined(separator: ", ")))"
+        }
+        return "no \(operand) -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with \(what) that fit \(caps.maxSharedMemory) bytes of shared memory"
     }
 
     /// Why coopmat-generic cannot run this call on `device`, or nil when it can.
     static func genericProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         let caps = device.capabilities
-        if s.dtype != .float16 { return "coopmat-generic takes float16 inputs (got \(s.dtype.rawValue))" }
-        if !device.enabledFeatures.shaderFloat16 { return "\(caps.name) has no float16 arithmetic (shaderFloat16)" }
+        if let problem = genericDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
-        guard let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) else {
-            if let f = tuning.coopmatShape, device.cooperativeMatrixAPI != nil,
-               !device.cooperativeMatrixShapes.contains(where: { $0.m == f.m && $0.n == f.n && $0.k == f.k && $0.a == "float16" && $0.result == "float32" }) {
-                return "VKFLEX_COOPMAT_SHAPE=\(f.m)x\(f.n)x\(f.k) is not a float16 -> float32 shape \(caps.name) lists (\(device.cooperativeMatrixShapes.map(\.description).joined(separator: ", ")))"
-            }
-            return "no float16 -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with tiles that fit \(caps.maxSharedMemory) bytes of shared memory"
+        guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
+            return noShapeProblem(s, device: device, tuning: tuning, what: "tiles")
         }
         if t.SG > t.M, !caps.subgroupOperations.contains("clustered") {
             return "\(caps.name) has no clustered subgroup operations, which coopmat-generic's row reductions use"
@@ -113,10 +140,11 @@ extension AttentionPlanner {
 
     /// Shared memory of flex_attention_bwd_mm.comp: the staged side's two operands (and in
     /// emulation the owned side's), the S / gradient tile (at least D and Dv wide), dP, the fp16
-    /// dS and P tiles, the staged rows' LSE and Δ (and in emulation the gradients).
-    static func backwardMMSharedBytes(D: Int, Dv: Int, T: Int, emulated: Bool) -> Int {
+    /// dS and P tiles (float32 in a bfloat16 emulation), the staged rows' LSE and Δ (and in
+    /// emulation the gradients).
+    static func backwardMMSharedBytes(D: Int, Dv: Int, T: Int, emulated: Bool, bf16: Bool = false) -> Int {
         let units = T * (D / 8 + 1) + T * (Dv / 8 + 1)
-        return 16 * units * (emulated ? 2 : 1) + 4 * T * (max(T, D, Dv) + 4) + 4 * T * (T + 4) + 2 * 2 * T * (T + 8) + 8 * T
+        return 16 * units * (emulated ? 2 : 1) + 4 * T * (max(T, D, Dv) + 4) + 4 * T * (T + 4) + (emulated && bf16 ? 4 : 2) * 2 * T * (T + 8) + 8 * T
             + (emulated ? 4 * T * (D + Dv) : 0)
     }
 
@@ -124,17 +152,18 @@ extension AttentionPlanner {
     /// (query rows and keys alike, so both passes share the portable passes' tile bookkeeping),
     /// four subgroups where they fit, else two, else one; the shapes as for the forward.
     static func backwardMMTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
-                                maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false) -> GenericTiles? {
+                                maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
+                                bf16: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }
         let budget = sharedMemory - 256
         // D and Dv are both reduced over (K) and produced (N): dP = dO·Vᵀ, dQ = dS·K, dV = Pᵀ·dO.
         let divides = { (s: CooperativeMatrixShape) in D % s.k == 0 && Dv % s.n == 0 && D % s.n == 0 && Dv % s.k == 0 }
-        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, where: divides) {
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: divides) {
             for nsg in (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1]) where nsg * sg <= maxInvocations {
                 let t = shape.m * nsg
                 // Each lane takes whole elements of the MM×T pair tile and of the MM×D, MM×Dv gradients.
                 guard t % shape.n == 0, t % shape.k == 0, (shape.m * t) % sg == 0, (shape.m * D) % sg == 0, (shape.m * Dv) % sg == 0 else { continue }
-                if backwardMMSharedBytes(D: D, Dv: Dv, T: t, emulated: emulated) <= budget {
+                if backwardMMSharedBytes(D: D, Dv: Dv, T: t, emulated: emulated, bf16: bf16) <= budget {
                     return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: t, emulated: emulated)
                 }
             }
@@ -142,20 +171,18 @@ extension AttentionPlanner {
         return nil
     }
 
-    static func backwardMMTiles(D: Int, Dv: Int, device: Device, tuning: AttentionTuning) -> GenericTiles? {
+    static func backwardMMTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
         return backwardMMTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
                                sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                               forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil)
+                               forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16)
     }
 
     /// Why the backward's matrix passes cannot run this call, or nil.
     static func backwardMMProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
-        let caps = device.capabilities
-        if s.dtype != .float16 { return "the backward's coopmat-generic passes take float16 inputs (got \(s.dtype.rawValue))" }
-        if !device.enabledFeatures.shaderFloat16 { return "\(caps.name) has no float16 arithmetic (shaderFloat16)" }
-        if backwardMMTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) == nil {
-            return "no float16 -> float32 cooperative-matrix shape of \(caps.name) divides head dims \(s.D)/\(s.Dv) with backward tiles that fit \(caps.maxSharedMemory) bytes of shared memory"
+        if let problem = genericDTypeProblem(s.dtype, device: device, kernel: "the backward's coopmat-generic passes") { return problem }
+        if backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) == nil {
+            return noShapeProblem(s, device: device, tuning: tuning, what: "backward tiles")
         }
         return nil
     }
@@ -176,7 +203,7 @@ extension AttentionPlanner {
             chosen = env; source = "VKFLEX_KERNEL=\(env.rawValue)"
         } else {
             if device.cooperativeMatrixAPI != nil, backwardMMProblem(s, device: device, tuning: tuning) == nil,
-               GenericKernelCheck.backwardPasses(D: s.D, Dv: s.Dv, device: device) {
+               GenericKernelCheck.backwardPasses(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) {
                 return .coopmatGeneric
             }
             return .portable

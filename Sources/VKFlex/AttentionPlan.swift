@@ -119,6 +119,9 @@ struct AttentionPlan: Hashable, Sendable {
     var paged = false
     /// The parameter block as push constants (else a buffer).
     var pushParams: Bool
+    /// The kernel's 16-bit matrix operands are bfloat16: its SPIR-V's 16-bit floats are retyped
+    /// when the pipeline is built (`BFloat16Retyper`; generic kernels through the KHR extension).
+    var bfloat16Operands: Bool { typedOperands && dtype == .bfloat16 }
     /// The mods' identity: their generated GLSL.
     var mods: String
 
@@ -142,6 +145,12 @@ struct AttentionPlan: Hashable, Sendable {
         case .coopmat(let t): return 32 * t.NSG
         case .generic(let t): return t.WG
         }
+    }
+
+    /// The generic kernels' dtype defines: fp16 or bf16 in, the same out (float32 for a key split's partials).
+    private func genericDTypeDefines(partial: Bool) -> [ShaderSource.Define] {
+        let (input, output) = dtype == .bfloat16 ? ("IN_BF16", "OUT_BF16") : ("IN_F16", "OUT_F16")
+        return [.init(input, "1"), .init(output, partial ? "0" : "1")]
     }
 
     /// The template and its defines, from this plan alone.
@@ -182,15 +191,14 @@ struct AttentionPlan: Hashable, Sendable {
                 source = ShaderSource(name: "flex_attention_bwd_mm", text: try ShaderLibrary.standard.text("flex_attention_bwd_mm.comp"), defines: [
                     .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"),
                     .init("MK", "\(t.K)"), .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BQ", "\(t.BQ)"), .init("BKV", "\(t.BQ)"),
-                    .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"), .init("IN_F16", "1"), .init("OUT_F16", "1"),
-                ])
+                    .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
+                ] + genericDTypeDefines(partial: false))
                 break
             }
             source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
-                .init("IN_F16", "1"), .init("OUT_F16", pass == .forwardPartial ? "0" : "1"),
-            ])
+            ] + genericDTypeDefines(partial: pass == .forwardPartial))
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
@@ -251,7 +259,7 @@ enum AttentionPlanner {
             return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .decode(rows: t.rows, BKV: t.BKV, WG: t.WG),
                                  maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatGeneric:
-            guard let t = genericTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) else {
+            guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
                 throw FlexError.unsupported("coopmat-generic: " + (genericProblem(s, device: device, tuning: tuning) ?? "no tiles fit"))
             }
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .generic(t),
@@ -375,7 +383,7 @@ enum AttentionPlanner {
             // Any other device with cooperative matrices (AMD, Intel, Mesa): the generic kernel,
             // once it has matched the portable kernel there at these head dims (GenericKernelCheck).
             if device.cooperativeMatrixAPI != nil, genericProblem(s, device: device, tuning: tuning) == nil,
-               GenericKernelCheck.passes(D: s.D, Dv: s.Dv, device: device) {
+               GenericKernelCheck.passes(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) {
                 return .coopmatGeneric
             }
             return .portable

@@ -64,7 +64,8 @@ public struct FlexGradients {
 ///   per-workgroup partial sums.
 ///
 /// The dQ and dK/dV passes run through cooperative matrices (`coopmat-generic`,
-/// flex_attention_bwd_mm.comp: float16 inputs, on a device with cooperative matrices, once they
+/// flex_attention_bwd_mm.comp: float16 inputs on a device with cooperative matrices, bfloat16 ones
+/// on a device with bfloat16 cooperative matrices, once they
 /// matched the portable passes there on a small input), else the portable kernels, which run on
 /// every device; both sum in float32 whatever the inputs' dtype. `options:` forces the dQ and
 /// dK/dV passes' kernel (`FlexOptions(kernel: .portable)` or `.coopmatGeneric`, which forced on a
@@ -242,7 +243,7 @@ enum BackwardKernel {
                                                                    errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures,
                                                                    bindsCaptures: false, device: device)
         let capAtomic = device.enabledFeatures.floatAtomicAdd
-        let mm = kernel == .coopmatGeneric ? AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, device: device, tuning: tuning) : nil
+        let mm = kernel == .coopmatGeneric ? AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) : nil
         if kernel == .coopmatGeneric, mm == nil {
             throw FlexError.unsupported(AttentionPlanner.backwardMMProblem(s, device: device, tuning: tuning) ?? "no backward tiles fit")
         }
@@ -260,7 +261,7 @@ enum BackwardKernel {
             return try device.pipeline(for: plan) {
                 PipelineDescription(source: try plan.source(), bindingCount: BackwardBinding.firstCapture + mods.tensors.count,
                                     pushConstantSize: push ? BackwardParams.byteCount : 0, includes: passIncludes,
-                                    cooperativeMatrixKHR: plan.typedOperands)
+                                    cooperativeMatrixKHR: plan.typedOperands, bfloat16Operands: plan.bfloat16Operands)
             }
         }
         // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe), and

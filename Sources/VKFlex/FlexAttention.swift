@@ -78,8 +78,9 @@ public enum FlexKernel: String, Sendable, CaseIterable {
     case splitKV = "split-kv"
     /// Cooperative matrices through `VK_KHR_cooperative_matrix` with no assumption about a
     /// vendor's element order or subgroup size (scores and P pass through shared memory): float16,
-    /// head dims that the device's matrix shapes divide. What AMD, Intel and other devices with the
-    /// extension get, once a first call matched the portable kernel there. Forced on a device
+    /// or bfloat16 where the device has bfloat16 matrices; head dims that the device's matrix
+    /// shapes divide. What AMD, Intel and other devices with the extension get (and bfloat16 calls
+    /// on NVIDIA), once a first call matched the portable kernel there. Forced on a device
     /// without cooperative matrices it runs its products as scalar loops (slowly: for testing).
     case coopmatGeneric = "coopmat-generic"
 

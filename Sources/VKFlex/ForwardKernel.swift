@@ -95,7 +95,7 @@ enum ForwardKernel {
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
                                 pushConstantSize: plan.pushParams ? AttentionParams.byteCount : 0, includes: mods.includes,
-                                cooperativeMatrixKHR: plan.typedOperands)
+                                cooperativeMatrixKHR: plan.typedOperands, bfloat16Operands: plan.bfloat16Operands)
         }
         return Prepared(pipeline: pipeline, mods: mods, plan: plan)
     }

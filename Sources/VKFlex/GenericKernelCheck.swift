@@ -11,25 +11,25 @@ import VKFlexVulkan
 /// process, with one line on standard error naming the device and how to report it. A kernel forced
 /// by `VKFLEX_KERNEL` or ``FlexOptions/kernel`` is not checked: that is how to reproduce a report.
 enum GenericKernelCheck {
-    /// Whether coopmat-generic matched the portable kernel on `device` at head dims D/Dv (checked
-    /// the first time it is asked, then remembered for the device's lifetime).
-    static func passes(D: Int, Dv: Int, device: Device) -> Bool {
-        verdict("coopmat-generic kernel", against: "portable kernel", key: "forward.\(D)x\(Dv)", D: D, Dv: Dv, device: device) {
-            try compare(D: D, Dv: Dv, device: device)
+    /// Whether coopmat-generic matched the portable kernel on `device` at head dims D/Dv in
+    /// `dtype` (checked the first time it is asked, then remembered for the device's lifetime).
+    static func passes(D: Int, Dv: Int, dtype: DType = .float16, device: Device) -> Bool {
+        verdict("coopmat-generic kernel", against: "portable kernel", key: "forward.\(D)x\(Dv).\(dtype.rawValue)", D: D, Dv: Dv, dtype: dtype, device: device) {
+            try compare(D: D, Dv: Dv, dtype: dtype, device: device)
         }
     }
 
     /// Whether the backward's matrix passes matched the portable ones on `device` at head dims
     /// D/Dv (checked once, as ``passes(D:Dv:device:)``).
-    static func backwardPasses(D: Int, Dv: Int, device: Device) -> Bool {
-        verdict("coopmat-generic backward", against: "portable backward", key: "backward.\(D)x\(Dv)", D: D, Dv: Dv, device: device) {
-            try compareBackward(D: D, Dv: Dv, device: device)
+    static func backwardPasses(D: Int, Dv: Int, dtype: DType = .float16, device: Device) -> Bool {
+        verdict("coopmat-generic backward", against: "portable backward", key: "backward.\(D)x\(Dv).\(dtype.rawValue)", D: D, Dv: Dv, dtype: dtype, device: device) {
+            try compareBackward(D: D, Dv: Dv, dtype: dtype, device: device)
         }
     }
 
     /// Runs `compare` the first time `key` is asked on `device` and remembers whether it found
     /// nothing; a difference (or a failure) prints one line saying what to send.
-    private static func verdict(_ what: String, against other: String, key: String, D: Int, Dv: Int, device: Device,
+    private static func verdict(_ what: String, against other: String, key: String, D: Int, Dv: Int, dtype: DType, device: Device,
                                 compare: () throws -> String?) -> Bool {
         (try? device.memoized("vkflex.coopmat-generic.check.\(key)") { () -> Bool in
             let problem: String?
@@ -37,24 +37,24 @@ enum GenericKernelCheck {
             guard let problem else { return true }
             let caps = device.capabilities
             let line = "vkflex: the \(what) disagreed with the \(other) on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
-                + "at head dims \(D)/\(Dv): \(problem); using the \(other). Please report it with the output of "
+                + "at head dims \(D)/\(Dv) in \(dtype.rawValue): \(problem); using the \(other). Please report it with the output of "
                 + "`vkflex devices --json` and `VKFLEX_KERNEL=coopmat-generic vkflex selftest`.\n"
             FileHandle.standardError.write(Data(line.utf8))
             return false
         }) ?? false
     }
 
-    /// The checks' input: two query heads on one key/value head, float16, uniform in [-1, 1) from a
-    /// fixed seed, with lengths (77 rows, 93 keys) that leave every tile and step partly empty, dO,
-    /// and a causal mask aligned to the last key.
-    private static func inputs(D: Int, Dv: Int, device: Device) throws -> (q: Tensor, k: Tensor, v: Tensor, dO: Tensor, causal: BlockMask) {
+    /// The checks' input: two query heads on one key/value head, in `dtype`, uniform in [-1, 1)
+    /// from a fixed seed, with lengths (77 rows, 93 keys) that leave every tile and step partly
+    /// empty, dO, and a causal mask aligned to the last key.
+    private static func inputs(D: Int, Dv: Int, dtype: DType, device: Device) throws -> (q: Tensor, k: Tensor, v: Tensor, dO: Tensor, causal: BlockMask) {
         var rng = CheckInputs(seed: 0x5EED_0F_0C0E)
         func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
         let (Lq, Lkv) = (77, 93)
-        let q = try device.tensor(values(2 * Lq * D), shape: [1, 2, Lq, D], dtype: .float16, name: "check_q")
-        let k = try device.tensor(values(Lkv * D), shape: [1, 1, Lkv, D], dtype: .float16, name: "check_k")
-        let v = try device.tensor(values(Lkv * Dv), shape: [1, 1, Lkv, Dv], dtype: .float16, name: "check_v")
-        let dO = try device.tensor(values(2 * Lq * Dv), shape: [1, 2, Lq, Dv], dtype: .float16, name: "check_do")
+        let q = try device.tensor(values(2 * Lq * D), shape: [1, 2, Lq, D], dtype: dtype, name: "check_q")
+        let k = try device.tensor(values(Lkv * D), shape: [1, 1, Lkv, D], dtype: dtype, name: "check_k")
+        let v = try device.tensor(values(Lkv * Dv), shape: [1, 1, Lkv, Dv], dtype: dtype, name: "check_v")
+        let dO = try device.tensor(values(2 * Lq * Dv), shape: [1, 2, Lq, Dv], dtype: dtype, name: "check_do")
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q + (Lkv - Lq) >= kv }, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: device,
                                          blockSize: 32, backend: .cpu())
         return (q, k, v, dO, causal)
@@ -62,8 +62,8 @@ enum GenericKernelCheck {
 
     /// What differs between the backward's matrix passes and the portable ones on a small input
     /// (GQA, partial tiles, a causal mask), or nil.
-    static func compareBackward(D: Int, Dv: Int, device: Device) throws -> String? {
-        let (q, k, v, dO, causal) = try inputs(D: D, Dv: Dv, device: device)
+    static func compareBackward(D: Int, Dv: Int, dtype: DType = .float16, device: Device) throws -> String? {
+        let (q, k, v, dO, causal) = try inputs(D: D, Dv: Dv, dtype: dtype, device: device)
         let forward = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .portable))
         let run = { (kernel: FlexKernel) in
             try flexAttentionBackward(q, k, v, output: forward.output, lse: forward.lse!, gradOutput: dO, blockMask: causal, enableGQA: true,
@@ -74,15 +74,15 @@ enum GenericKernelCheck {
             let (x, y) = (try a.toArray(), try b.toArray())
             var err: Float = 0, scale: Float = 1e-6
             for (u, w) in zip(x, y) { err = u.isNaN ? .infinity : max(err, abs(u - w)); scale = max(scale, abs(w)) }
-            // dS is rounded to fp16 for its product (both sum in fp32): a few fp16 ulps of the largest gradient.
-            if err > 1e-2 * scale { return String(format: "largest difference %.3g in %@ (largest element %.3g)", err, name, scale) }
+            // dS is rounded to fp16 (bf16) for its product (both sum in fp32): a few ulps of the largest gradient.
+            if err > (dtype == .bfloat16 ? 4e-2 : 1e-2) * scale { return String(format: "largest difference %.3g in %@ (largest element %.3g)", err, name, scale) }
         }
         return nil
     }
 
     /// What differs between coopmat-generic and the portable kernel on a small input, or nil.
-    static func compare(D: Int, Dv: Int, device: Device) throws -> String? {
-        let (q, k, v, _, causal) = try inputs(D: D, Dv: Dv, device: device)
+    static func compare(D: Int, Dv: Int, dtype: DType = .float16, device: Device) throws -> String? {
+        let (q, k, v, _, causal) = try inputs(D: D, Dv: Dv, dtype: dtype, device: device)
         for mask in [nil, causal] {
             let run = { (kernel: FlexKernel) in
                 try flexAttention(q, k, v, blockMask: mask, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: kernel))
@@ -93,8 +93,9 @@ enum GenericKernelCheck {
             var outErr: Float = 0, lseErr: Float = 0
             for (a, b) in zip(go, po) { outErr = a.isNaN ? .infinity : max(outErr, abs(a - b)) }
             for (a, b) in zip(gl, pl) { lseErr = a.isNaN ? .infinity : max(lseErr, abs(a - b)) }
-            // fp16 outputs of magnitude below 1 round at 2^-11; both kernels sum in fp32.
-            if outErr > 1e-2 || lseErr > 1e-2 {
+            // fp16 outputs of magnitude below 1 round at 2^-11, bf16 ones at 2^-8 (and P at 2^-9);
+            // both kernels sum in fp32.
+            if outErr > (dtype == .bfloat16 ? 3e-2 : 1e-2) || lseErr > 1e-2 {
                 return String(format: "largest difference %.3g in the output, %.3g in the LSE (%@)", outErr, lseErr, mask == nil ? "no mask" : "causal")
             }
         }

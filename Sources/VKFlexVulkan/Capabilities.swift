@@ -89,6 +89,9 @@ public struct DeviceCapabilities: Sendable, Codable {
     public var cooperativeMatrixNV: Bool
     /// Whether `VK_KHR_cooperative_matrix` is available with its feature enabled.
     public var cooperativeMatrixKHR: Bool = false
+    /// Whether `VK_KHR_shader_bfloat16` is available with its `shaderBFloat16Type` and
+    /// `shaderBFloat16CooperativeMatrix` features (bfloat16 operands of KHR cooperative matrices).
+    public var bfloat16CooperativeMatrix: Bool = false
     /// The Vulkan memory model with device scope (what GL_KHR_memory_scope_semantics, used with
     /// cooperative matrices, needs once enabled: the kernels' atomics use device scope).
     public var vulkanMemoryModel: Bool
@@ -245,6 +248,7 @@ extension DeviceCapabilities {
             timestamps: limits.timestampComputeAndGraphics != 0,
             extensions: extensions.sorted())
         caps.computeUnits = computeUnits
+        caps.bfloat16CooperativeMatrix = features.bfloat16CooperativeMatrix && features.cooperativeMatrixKHR
         return caps
     }
 }
@@ -291,6 +295,7 @@ struct DeviceFeatures {
     var subgroupSizeControl = false
     var cooperativeMatrixNV = false
     var cooperativeMatrixKHR = false
+    var bfloat16CooperativeMatrix = false
     var vulkanMemoryModel = false
     var vulkanMemoryModelDeviceScope = false
 
@@ -305,6 +310,8 @@ struct DeviceFeatures {
         coop.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV
         var coopKHR = VkflexCooperativeMatrixFeaturesKHR()
         coopKHR.sType = VkStructureType(rawValue: 1000506000)
+        var bf16 = VkflexShaderBfloat16FeaturesKHR()
+        bf16.sType = VkStructureType(rawValue: 1000141000)
         var sizeControl = VkPhysicalDeviceSubgroupSizeControlFeatures()
         sizeControl.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_SIZE_CONTROL_FEATURES
         var base = VkPhysicalDeviceFeatures2()
@@ -315,15 +322,17 @@ struct DeviceFeatures {
         withUnsafeMutablePointer(to: &coop) { pc in
         withUnsafeMutablePointer(to: &sizeControl) { ps in
         withUnsafeMutablePointer(to: &coopKHR) { pk in
+        withUnsafeMutablePointer(to: &bf16) { pb in
             var chain: [UnsafeMutableRawPointer] = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
             if extensions.contains("VK_EXT_shader_atomic_float") { chain.append(UnsafeMutableRawPointer(pa)) }
             if extensions.contains("VK_NV_cooperative_matrix") { chain.append(UnsafeMutableRawPointer(pc)) }
             if extensions.contains("VK_EXT_subgroup_size_control") { chain.append(UnsafeMutableRawPointer(ps)) }
             if extensions.contains("VK_KHR_cooperative_matrix") { chain.append(UnsafeMutableRawPointer(pk)) }
+            if extensions.contains("VK_KHR_shader_bfloat16") { chain.append(UnsafeMutableRawPointer(pb)) }
             linkChain(chain)
             base.pNext = chain[0]
             vkGetPhysicalDeviceFeatures2(pd, &base)
-        }}}}}}
+        }}}}}}}
         var f = DeviceFeatures()
         f.shaderFloat16 = v12.shaderFloat16 != 0
         f.storageBuffer16Bit = v11.storageBuffer16BitAccess != 0
@@ -335,6 +344,8 @@ struct DeviceFeatures {
         f.subgroupSizeControl = extensions.contains("VK_EXT_subgroup_size_control") && sizeControl.subgroupSizeControl != 0
         f.cooperativeMatrixNV = extensions.contains("VK_NV_cooperative_matrix") && coop.cooperativeMatrix != 0
         f.cooperativeMatrixKHR = extensions.contains("VK_KHR_cooperative_matrix") && coopKHR.cooperativeMatrix != 0
+        f.bfloat16CooperativeMatrix = extensions.contains("VK_KHR_shader_bfloat16") && bf16.shaderBFloat16Type != 0
+            && bf16.shaderBFloat16CooperativeMatrix != 0
         return f
     }
 }

@@ -108,9 +108,12 @@ public final class Device: @unchecked Sendable {
         /// `VK_EXT_shader_atomic_float`'s `shaderBufferFloat32AtomicAdd`: the backward scatters the
         /// gradients of captured tensors with float atomic adds where it is enabled.
         public var floatAtomicAdd = false
+        /// `VK_KHR_shader_bfloat16` with bfloat16 cooperative matrices: bfloat16 inputs go through
+        /// the cooperative-matrix kernels with bfloat16 operands (``BFloat16Retyper``).
+        public var bfloat16CooperativeMatrix = false
         public init(shaderFloat16: Bool = false, storageBuffer16Bit: Bool = false, bufferDeviceAddress: Bool = false,
                     cooperativeMatrixNV: Bool = false, cooperativeMatrixKHR: Bool = false, subgroupSizeControl: Bool = false,
-                    vulkanMemoryModel: Bool = false, floatAtomicAdd: Bool = false) {
+                    vulkanMemoryModel: Bool = false, floatAtomicAdd: Bool = false, bfloat16CooperativeMatrix: Bool = false) {
             self.shaderFloat16 = shaderFloat16
             self.storageBuffer16Bit = storageBuffer16Bit
             self.bufferDeviceAddress = bufferDeviceAddress
@@ -119,6 +122,7 @@ public final class Device: @unchecked Sendable {
             self.subgroupSizeControl = subgroupSizeControl
             self.vulkanMemoryModel = vulkanMemoryModel
             self.floatAtomicAdd = floatAtomicAdd
+            self.bfloat16CooperativeMatrix = bfloat16CooperativeMatrix
         }
     }
 
@@ -202,9 +206,13 @@ public final class Device: @unchecked Sendable {
         case nil: break
         }
         enabled.vulkanMemoryModel = enabled.cooperativeMatrixNV || enabled.cooperativeMatrixKHR
+        enabled.bfloat16CooperativeMatrix = enabled.cooperativeMatrixKHR && caps.bfloat16CooperativeMatrix
+            && CooperativeMatrixAPI.layerKnowsBFloat16(instance.loadedValidationLayerVersion())
+            && ProcessInfo.processInfo.environment["VKFLEX_BF16_COOPMAT"] != "0"
         var extensions: [String] = []
         if enabled.cooperativeMatrixNV { extensions.append("VK_NV_cooperative_matrix") }
         if enabled.cooperativeMatrixKHR { extensions.append("VK_KHR_cooperative_matrix") }
+        if enabled.bfloat16CooperativeMatrix { extensions.append("VK_KHR_shader_bfloat16") }
         if enabled.floatAtomicAdd { extensions.append("VK_EXT_shader_atomic_float") }
         if caps.extensions.contains("VK_KHR_portability_subset") { extensions.append("VK_KHR_portability_subset") }
         // VKFLEX_PIPELINE_STATS=1: the driver's statistics of every pipeline built (registers,
@@ -237,6 +245,10 @@ public final class Device: @unchecked Sendable {
         var coopKHR = VkflexCooperativeMatrixFeaturesKHR()
         coopKHR.sType = VkStructureType(rawValue: 1000506000)
         coopKHR.cooperativeMatrix = VkBool32(1)
+        var bf16 = VkflexShaderBfloat16FeaturesKHR()
+        bf16.sType = VkStructureType(rawValue: 1000141000)
+        bf16.shaderBFloat16Type = VkBool32(1)
+        bf16.shaderBFloat16CooperativeMatrix = VkBool32(1)
 
         var device: VkDevice?
         var priority: Float = 1
@@ -247,12 +259,14 @@ public final class Device: @unchecked Sendable {
             withUnsafeMutablePointer(to: &coopKHR) { pk in
             withUnsafeMutablePointer(to: &exec) { pe in
             withUnsafeMutablePointer(to: &atomics) { pa in
+            withUnsafeMutablePointer(to: &bf16) { pb in
             withUnsafePointer(to: &priority) { prio in
                 var chain = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
                 if enabled.cooperativeMatrixNV { chain.append(UnsafeMutableRawPointer(pc)) }
                 if enabled.cooperativeMatrixKHR { chain.append(UnsafeMutableRawPointer(pk)) }
                 if stats { chain.append(UnsafeMutableRawPointer(pe)) }
                 if enabled.floatAtomicAdd { chain.append(UnsafeMutableRawPointer(pa)) }
+                if enabled.bfloat16CooperativeMatrix { chain.append(UnsafeMutableRawPointer(pb)) }
                 linkChain(chain)
                 var queueInfo = VkDeviceQueueCreateInfo()
                 queueInfo.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO
@@ -269,7 +283,7 @@ public final class Device: @unchecked Sendable {
                     info.ppEnabledExtensionNames = extPtrs.baseAddress
                     return vkCreateDevice(physicalDevice, &info, nil, &device)
                 }
-            }}}}}}}
+            }}}}}}}}
         }
         try check(result, "vkCreateDevice")
         guard let device else { throw FlexError.vulkan(call: "vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
@@ -311,6 +325,7 @@ public final class Device: @unchecked Sendable {
         caps.cooperativeMatrixNV = caps.cooperativeMatrixNV && enabledFeatures.cooperativeMatrixNV
         caps.cooperativeMatrixKHR = caps.cooperativeMatrixKHR && enabledFeatures.cooperativeMatrixKHR
         caps.floatAtomicAdd = caps.floatAtomicAdd && enabledFeatures.floatAtomicAdd
+        caps.bfloat16CooperativeMatrix = caps.bfloat16CooperativeMatrix && enabledFeatures.bfloat16CooperativeMatrix
         self.capabilities = caps
         self.handle = device
         self.queue = queue
@@ -427,6 +442,13 @@ public enum CooperativeMatrixAPI: String, Sendable, CustomStringConvertible {
 
     /// Vulkan 1.3.255, the first version with `VK_KHR_cooperative_matrix`.
     static let firstLayerWithKHR: UInt32 = (1 << 22) | (3 << 12) | 255
+
+    /// Whether a Khronos validation layer of this version (nil: none loaded) checks
+    /// `VK_KHR_shader_bfloat16`'s structures and SPIR-V. An older layer (Debian 12's 1.3.239)
+    /// would report them as errors, so bfloat16 cooperative matrices stay off under it and bf16
+    /// takes the kernels that compute in float32. 1.4.321: the first layer with the extension's
+    /// cooperative-matrix component types fixed (Vulkan-ValidationLayers #10308, June 2025).
+    static func layerKnowsBFloat16(_ layer: UInt32?) -> Bool { layer.map { $0 >= (1 << 22) | (4 << 12) | 321 } ?? true }
 }
 
 extension Device {

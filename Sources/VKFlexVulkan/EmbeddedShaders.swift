@@ -533,7 +533,8 @@ void main() {
 // memory (lavapipe, which has no cooperative matrices, runs the rest of this kernel in CI).
 //
 // Defines: BWD_PASS (1, 2), D, DV (multiples of MK and MN, and of 8), MM, MN, MK, SG, NSG, BQ = BKV = T
-// (= MM * NSG, a multiple of MN and MK), VKF_MM_EMULATE, IN_F16 = OUT_F16 = 1.
+// (= MM * NSG, a multiple of MN and MK), VKF_MM_EMULATE, IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
+// (bfloat16: flex_mm.glsl; the host retypes the 16-bit operands, dS and P rounded to bfloat16).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifndef VKF_MM_EMULATE
@@ -545,6 +546,7 @@ void main() {
 layout(local_size_x = WG) in;
 
 #include "flex_bwd_common.glsl"
+#include "flex_mm.glsl"
 
 // 16-byte units of 8 halves: the staged side's two operands (X: D wide, Y: DV wide), rows padded
 // by one unit; the owned side's in emulation. Float tiles per subgroup's rows: S (then the final
@@ -559,9 +561,9 @@ shared uvec4 Xs4[T * XS4];
 shared uvec4 Ys4[T * YS4];
 shared float Ss[T * SST];
 shared float DPs[T * PST];
-shared float16_t dSh[T * HST];
+shared HALF_T dSh[T * HST];
 #if BWD_PASS == 2
-shared float16_t Ph[T * HST];
+shared HALF_T Ph[T * HST];
 #endif
 // The LSE and delta of the query rows of the pair tile: pass 1's owned rows, pass 2's staged ones.
 shared float t_lse[T], t_delta[T];
@@ -579,7 +581,6 @@ layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBufU { uvec4 q
 layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBufU { uvec4 do_units[]; };
-#include "flex_mm.glsl"
 GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
@@ -759,9 +760,9 @@ void main() {
                         float P = 0.0, dS = 0.0;
                         if (ok && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
                             pair_grads(b, h, qi, ki, Ss[r * SST + j], DPs[r * PST + j], lse_i, delta_i, P, dS);
-                        dSh[r * HST + j] = float16_t(dS);
+                        dSh[r * HST + j] = TO_HALF(dS);
 #if BWD_PASS == 2
-                        Ph[r * HST + j] = float16_t(P);
+                        Ph[r * HST + j] = TO_HALF(P);
 #endif
                     }
                     subgroup_sync();
@@ -771,14 +772,14 @@ void main() {
                     for (int i = 0; i < MM * D / SG; ++i) {
                         const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
                         float s = 0.0;
-                        for (int j = 0; j < T; ++j) s += float(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
+                        for (int j = 0; j < T; ++j) s += HALF_FLOAT(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
                         Gx[r * D + d] += s;
                     }
 #if BWD_PASS == 2
                     for (int i = 0; i < MM * DV / SG; ++i) {
                         const int e = lane + i * SG, r = r0 + e / DV, d = e - (e / DV) * DV;
                         float s = 0.0;
-                        for (int j = 0; j < T; ++j) s += float(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
+                        for (int j = 0; j < T; ++j) s += HALF_FLOAT(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
                         Gy[r * DV + d] += s;
                     }
 #endif
@@ -2513,8 +2514,9 @@ void main() {
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16, and what
-// flex_attention_common.glsl takes (VKF_KV_SPLIT, VKF_SINKS, ...). fp16 in; out fp16 (partials fp32). Bindings as flex_attention_fwd.comp.
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
+// VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 #ifndef VKF_MM_EMULATE
@@ -2526,9 +2528,10 @@ void main() {
 
 layout(local_size_x = SG * NSG) in;
 
-// IN_F16 1; OUT_F16 1, or 0 for a key split's float32 partials (VKF_KV_SPLIT).
+// IN_F16 (or IN_BF16) 1; OUT_F16 (OUT_BF16) 1, or 0 for a key split's float32 partials (VKF_KV_SPLIT).
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
+#include "flex_mm.glsl"
 
 #define BQ (MM * NSG)
 // K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
@@ -2543,7 +2546,7 @@ layout(local_size_x = SG * NSG) in;
 shared uvec4 Ks4[BKV * KS4];
 shared uvec4 Vs4[BKV * VS4];
 shared float Ss[BQ * SST];        // per subgroup's rows: scores, then P V
-shared float16_t Ps[BQ * PST];
+shared HALF_T Ps[BQ * PST];
 #if VKF_MM_EMULATE
 shared uvec4 Qs4[BQ * KS4];
 #endif
@@ -2551,7 +2554,6 @@ shared uvec4 Qs4[BQ * KS4];
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
-#include "flex_mm.glsl"
 GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
@@ -2581,7 +2583,7 @@ float sm_score(int k, int t) {
     return s;
 }
 void sm_put(int k, int t, float pv) {
-    Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = float16_t(pv);
+    Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
 
 
@@ -2705,7 +2707,7 @@ void main() {
                 for (int e = lane; e < MM * DV; e += SG) {
                     const int r = g_r0 + e / DV, d = e - (e / DV) * DV;
                     float acc = 0.0;
-                    for (int j = 0; j < BKV; ++j) acc += float(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
+                    for (int j = 0; j < BKV; ++j) acc += HALF_FLOAT(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
                     Ss[r * SST + d] = acc;
                 }
                 subgroup_sync();
@@ -2980,17 +2982,20 @@ int query_tile(int tile, out int qb, out int q0) {
 #define IN_FLOAT(x) float(x)
 #endif
 
+#if IN_BF16 || OUT_BF16
+// The bits of the nearest bfloat16 (ties to even); a NaN keeps its sign and becomes quiet.
+uint vkf_bf16_bits(float x) {
+    const uint u = floatBitsToUint(x);
+    return isnan(x) ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+#endif
+
 #if OUT_F16
 #define OUT_T float16_t
 #define OUT_VALUE(x) OUT_T(x)
 #elif OUT_BF16
 #define OUT_T uint16_t
-// The bits of the nearest bfloat16 (ties to even); a NaN keeps its sign and becomes quiet. The
-// narrowing to 16 bits happens in the store (a 16-bit value anywhere else needs Int16 arithmetic).
-uint vkf_bf16_bits(float x) {
-    const uint u = floatBitsToUint(x);
-    return isnan(x) ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
+// The narrowing to 16 bits happens in the store (a 16-bit value anywhere else needs Int16 arithmetic).
 #define OUT_VALUE(x) uint16_t(vkf_bf16_bits(x))
 #else
 #define OUT_T float
@@ -3021,8 +3026,16 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 // of 8 halves in shared memory and their loads, and a subgroup's memory sync. Include after the
 // parameter block `p` (it reads p.vec_ok); define MM, MN, MK and VKF_MM_EMULATE (0/1: the
 // products as scalar loops, no cooperative matrices) before.
+//
+// bfloat16 (IN_BF16): the 16-bit operands are bfloat16 bits, moved from memory to matrix
+// unchanged and never computed with. The matrices and 16-bit tiles are still declared float16_t
+// here (Debian 12's glslang has no bfloat16 type); the host retypes the SPIR-V's 16-bit floats to
+// bfloat16 (BFloat16Retyper), so nothing may compute with a float16_t in that build: pairs are
+// packed as integers, and P and dS are converted from float32 only. Emulated, the 16-bit tiles
+// hold float32 values rounded to bfloat16 instead (the rounding the matrices see).
 #extension GL_KHR_shader_subgroup_basic : require
 #if !VKF_MM_EMULATE
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
@@ -3030,10 +3043,27 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 #define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
 #endif
 
-// Element i (in halves) of an array of 16-byte units.
+// HALF_T: the shared tiles of 16-bit operands computed here (P, dS); TO_HALF(x) rounds a float
+// into one, HALF_FLOAT(h) reads one back (emulation). HALF_AT(A, i): element i (in halves) of an
+// array of 16-byte units. PAIR(x, y): two 16-bit elements of an input buffer as one word.
+#if IN_BF16 && VKF_MM_EMULATE
+#define HALF_T float
+#define TO_HALF(x) uintBitsToFloat(vkf_bf16_bits(x) << 16)
+#define HALF_FLOAT(h) (h)
+#else
+#define HALF_T float16_t
+#define TO_HALF(x) float16_t(x)
+#define HALF_FLOAT(h) float(h)
+#endif
+#if IN_BF16
+#define HALF_AT(A, i) uintBitsToFloat((A[(i) >> 3][((i) >> 1) & 3] >> (16 * ((i) & 1))) << 16)
+#define PAIR(x, y) (uint(x) | (uint(y) << 16))
+#else
 #define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
+#define PAIR(x, y) packFloat2x16(f16vec2(x, y))
+#endif
 
-// unit_DATA(at, sd, u): unit u of the row at element `at` (element stride `sd`) of the fp16 buffer
+// unit_DATA(at, sd, u): unit u of the row at element `at` (element stride `sd`) of the 16-bit buffer
 // DATA, read as one 16-byte load from UNITS (the same buffer seen as uvec4) where the host found
 // every row contiguous and 8-aligned (p.vec_ok), else as eight 2-byte loads.
 #define GATHER(DATA, UNITS) \
@@ -3041,7 +3071,7 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
         if (p.vec_ok != 0) return UNITS[at / 8 + u]; \
         uvec4 w; \
         [[unroll]] for (int i = 0; i < 4; ++i) \
-            w[i] = packFloat2x16(f16vec2(DATA[at + (8 * u + 2 * i) * sd], DATA[at + (8 * u + 2 * i + 1) * sd])); \
+            w[i] = PAIR(DATA[at + (8 * u + 2 * i) * sd], DATA[at + (8 * u + 2 * i + 1) * sd]); \
         return w; \
     }
 

@@ -16,15 +16,20 @@ public struct PipelineDescription: Sendable {
     /// `VK_KHR_cooperative_matrix` (`CooperativeMatrixKHRRewriter`): the caller's plan decides,
     /// and the device must have the KHR extension enabled.
     public var cooperativeMatrixKHR: Bool
+    /// The shader's 16-bit floats go to the driver as bfloat16 (``BFloat16Retyper``, after the KHR
+    /// rewrite): the caller's plan decides, and the device must have bfloat16 cooperative matrices
+    /// enabled.
+    public var bfloat16Operands: Bool
 
     public init(source: ShaderSource, bindingCount: Int, pushConstantSize: Int = 0, specialization: [UInt32] = [],
-                includes: [String: String] = [:], cooperativeMatrixKHR: Bool = false) {
+                includes: [String: String] = [:], cooperativeMatrixKHR: Bool = false, bfloat16Operands: Bool = false) {
         self.source = source
         self.bindingCount = bindingCount
         self.pushConstantSize = pushConstantSize
         self.specialization = specialization
         self.includes = includes
         self.cooperativeMatrixKHR = cooperativeMatrixKHR
+        self.bfloat16Operands = bfloat16Operands
     }
 }
 
@@ -219,11 +224,17 @@ extension Device {
             }
             do {
                 spirv = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: capabilities.subgroupSize)
-                if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
-                    CooperativeMatrixKHRRewriter.dump(spirv, name: d.source.name, to: dir)
-                }
             } catch {
                 throw FlexError.unsupported("\(d.source.name): cannot move its cooperative matrices to VK_KHR_cooperative_matrix (\(error)); VKFLEX_COOPMAT_API=nv uses the NV extension")
+            }
+            if d.bfloat16Operands {
+                guard enabledFeatures.bfloat16CooperativeMatrix else {
+                    throw FlexError.unsupported("\(d.source.name) is planned with bfloat16 cooperative matrices, which \(capabilities.name) does not have enabled")
+                }
+                spirv = try BFloat16Retyper.retype(spirv)
+            }
+            if let dir = ProcessInfo.processInfo.environment["VKFLEX_DUMP_SHADERS"], !dir.isEmpty {
+                CooperativeMatrixKHRRewriter.dump(spirv, name: d.source.name, to: dir)
             }
         }
         let t1 = DispatchTime.now().uptimeNanoseconds

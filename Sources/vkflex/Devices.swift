@@ -36,6 +36,7 @@ struct Devices: ParsableCommand {
                     ("compute units", d.computeUnits.map(String.init) ?? "not reported"),
                     ("cooperative matrix (NV)", d.cooperativeMatrixNV ? d.cooperativeMatrixShapes.map(\.description).joined(separator: ", ") : "no"),
                     ("cooperative matrix (KHR)", d.cooperativeMatrixKHR ? d.cooperativeMatrixKHRShapes.map(\.description).joined(separator: ", ") : "no"),
+                    ("bfloat16 cooperative matrix", yesNo(d.bfloat16CooperativeMatrix)),
                     ("timestamps", d.timestamps ? String(format: "yes (%.3g ns/tick)", d.timestampPeriodNs) : "no"),
                 ]
                 for (k, v) in rows { print("      \(k.padding(toLength: 24, withPad: " ", startingAt: 0)) \(v)") }

@@ -154,4 +154,45 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         for (component, uses) in byComponent { XCTAssertEqual(uses, widths[component] == 32 ? [2] : [0]) }
     }
 
+
+    /// bfloat16 operands: the 16-bit float is declared BFloat16KHR, its constants re-encoded, the
+    /// capabilities swapped; a module that computes with a 16-bit float is refused, naming it.
+    func testBFloat16RetypeDeclaresAndRefusesArithmetic() throws {
+        let moves = try compile("bf16_moves", """
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> a = fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>(float16_t(1.5)), b;
+            coopMatLoadNV(b, h, 0, 16, true);
+            fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> c = fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>(0.0);
+            c = coopMatMulAddNV(a, b, c);
+            coopMatStoreNV(c, f, 0, 16, false);
+            h[0] = float16_t(f[1]);
+        """)
+        let bf16 = try BFloat16Retyper.retype(try CooperativeMatrixKHRRewriter.rewrite(moves, subgroupSize: 32))
+        let p = try parse(bf16)
+        let floats = p.instructions.filter { $0.op == 22 && $0.w[1] == 16 }
+        XCTAssertEqual(floats.map(\.w), [[floats[0].w[0], 16, 0]])
+        let halfConstants = p.instructions.filter { $0.op == 43 && $0.w[0] == floats[0].w[0] }.map { $0.w[2] }
+        XCTAssertEqual(halfConstants, [0x3FC0], "1.5 as a bfloat16")
+        let capabilities = Set(p.instructions.filter { $0.op == 17 }.map { $0.w[0] })
+        XCTAssertTrue(capabilities.isSuperset(of: [5116, 5118]) && !capabilities.contains(9), "\(capabilities)")
+        try CooperativeMatrixKHRRewriter.verify(bf16)
+
+        let arithmetic = try compile("bf16_arithmetic", """
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> a, b;
+            coopMatLoadNV(a, h, 0, 16, false);
+            coopMatLoadNV(b, h, 256, 16, true);
+            fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> c = fcoopmatNV<32, gl_ScopeSubgroup, 16, 16>(0.0);
+            c = coopMatMulAddNV(a, b, c);
+            coopMatStoreNV(c, f, 0, 16, false);
+            h[1] = h[2] * h[3];
+        """)
+        XCTAssertThrowsError(try BFloat16Retyper.retype(try CooperativeMatrixKHRRewriter.rewrite(arithmetic, subgroupSize: 32))) { error in
+            XCTAssertTrue("\(error)".contains("computes a 16-bit float"), "\(error)")
+        }
+        XCTAssertThrowsError(try BFloat16Retyper.retype(moves)) { error in
+            XCTAssertTrue("\(error)".contains("NV cooperative matrices"), "\(error)")
+        }
+        XCTAssertEqual(BFloat16Retyper.bfloat16Bits(1 + 0x1p-8), 0x3F80, "ties to even")
+        XCTAssertEqual(BFloat16Retyper.bfloat16Bits(1 + 0x1p-8 + 0x1p-9), 0x3F81)
+        XCTAssertEqual(BFloat16Retyper.bfloat16Bits(.greatestFiniteMagnitude), 0x7F80, "overflow to inf")
+    }
 }

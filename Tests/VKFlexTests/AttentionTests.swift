@@ -32,7 +32,8 @@ final class AttentionTests: FlexTestCase {
         let o = try r.output.toArray(), l = try r.lse!.toArray()
         XCTAssertFalse(o.contains { $0.isNaN }, "\(name): NaN in the output (unwritten or computed)", file: file, line: line)
         let err = relativeL2Error(o, ref.output)
-        let tol = c.dtype == .float32 ? 1e-4 : 2e-3
+        // bfloat16 through coopmat-generic: P is rounded to bfloat16 (2^-9) too, besides the output.
+        let tol = c.dtype == .float32 ? 1e-4 : c.dtype == .bfloat16 && r.kernel == .coopmatGeneric ? 6e-3 : 2e-3
         XCTAssertLessThanOrEqual(err, tol, "\(name): relative L2 error \(err)", file: file, line: line)
         var lseErr = 0.0
         for (a, b) in zip(l, ref.lse) {

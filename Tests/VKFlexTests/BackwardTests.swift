@@ -207,6 +207,9 @@ extension BackwardTests {
                  mask: MaskMod { _, _, q, kv in kv <= q - 5 }, gradLSE: true),
             Case(name: "mm D=64 sliding window", Hq: 1, Hkv: 1, Lq: 80, Lkv: 80, D: 64, Dv: 64, dtype: .float16,
                  mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv < 24) }, blockSize: 16),
+            // bfloat16 operands (P and dS rounded to bfloat16 in the emulation, as the matrices take them).
+            Case(name: "mm bfloat16 causal soft-cap GQA", Hq: 4, Hkv: 2, Lq: 50, Lkv: 61, D: 32, Dv: 16, dtype: .bfloat16,
+                 score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: causal),
         ]
         for var c in cases {
             c.kernel = .coopmatGeneric
@@ -232,7 +235,7 @@ extension BackwardTests {
         let f32 = try flexAttention(q32, q32, q32, returnLSE: true)
         XCTAssertThrowsError(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32,
                                                        options: FlexOptions(kernel: .coopmatGeneric))) {
-            XCTAssertTrue("\($0)".contains("take float16 inputs"), "\($0)")
+            XCTAssertTrue("\($0)".contains("float16 and bfloat16 inputs only (got float32)"), "\($0)")
         }
         XCTAssertThrowsError(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32,
                                                        options: FlexOptions(kernel: .splitKV))) {
@@ -258,16 +261,17 @@ extension BackwardTests {
                                                               maxInvocations: 1024) else {
                     return XCTFail("\(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv): no backward tiles")
                 }
-                for pass in [1, 2] {
-                    let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(t),
-                                             pushParams: pass == 1, mods: mods.glsl.source)
+                for (pass, dtype) in [(1, DType.float16), (2, .float16)] + (sg == 32 ? [(1, .bfloat16), (2, .bfloat16)] : []) {
+                    let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatGeneric, dtype: dtype, D: D, Dv: Dv, tiles: .generic(t),
+                                             typedOperands: true, pushParams: pass == 1, mods: mods.glsl.source)
                     let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
                     let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
                     XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "pass \(pass) D=\(D)/\(Dv)") }
                     compiled += 1
                 }
             }
         }
-        XCTAssertEqual(compiled, 24)
+        XCTAssertEqual(compiled, 30)
     }
 }

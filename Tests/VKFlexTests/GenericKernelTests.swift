@@ -25,6 +25,10 @@ extension AttentionTests {
                                            score: ScoreMod { s, _, _, _, kv in s + 0.05 * kv })),
             ("rising scores, fast", Case(B: 1, Hq: 1, Hkv: 1, Lq: 40, Lkv: 200, D: 32, Dv: 32, dtype: .float16,
                                          score: ScoreMod { s, _, _, _, kv in s + 0.5 * kv })),
+            // bfloat16 operands: P rounded to bfloat16 for P·V (emulated as the matrices see it).
+            ("bfloat16 causal soft-cap, GQA, odd lengths", Case(B: 1, Hq: 4, Hkv: 2, Lq: 45, Lkv: 61, D: 32, Dv: 32, dtype: .bfloat16,
+                                                                score: softcap, mask: causal)),
+            ("bfloat16 dense D=64 Dv=16", Case(B: 2, Hq: 2, Hkv: 2, Lq: 70, Lkv: 70, D: 64, Dv: 16, dtype: .bfloat16)),
         ]
         for (name, var c) in cases {
             c.kernel = .coopmatGeneric
@@ -65,7 +69,7 @@ extension AttentionTests {
         // float32 inputs are not narrowed: a clear error.
         let q32 = try device.tensor(randn(L * D), shape: [1, 1, L, D])
         XCTAssertThrowsError(try flexAttention(q32, q32, q32, options: generic)) { error in
-            XCTAssertTrue("\(error)".contains("coopmat-generic takes float16 inputs"), "\(error)")
+            XCTAssertTrue("\(error)".contains("coopmat-generic: float16 and bfloat16 inputs only (got float32)"), "\(error)")
         }
         XCTAssertEqual(FlexKernel(name: "coopmat-generic"), .coopmatGeneric)
         for bad in ["16x16", "axbxc", "0x16x16"] {
@@ -130,17 +134,57 @@ extension AttentionTests {
                 guard let t = AttentionPlanner.genericTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10, maxInvocations: 1024) else {
                     return XCTFail("\(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv): no tiles")
                 }
-                for pass in [AttentionPlan.Pass.forward, .forwardPartial] {
-                    let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(t),
-                                             maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward, pushParams: pass == .forward,
-                                             mods: mods.glsl.source)
+                // bfloat16 (its shapes are the fp16 ones on NVIDIA and AMD) on the first shape.
+                for (pass, dtype) in [(AttentionPlan.Pass.forward, DType.float16), (.forwardPartial, .float16)]
+                    + (sg == 32 && m == 16 && n == 16 ? [(.forward, .bfloat16), (.forwardPartial, .bfloat16)] : []) {
+                    let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: dtype, D: D, Dv: Dv, tiles: .generic(t),
+                                             typedOperands: true, maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward,
+                                             pushParams: pass == .forward, mods: mods.glsl.source)
                     let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
                     let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
                     XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "D=\(D)/\(Dv) \(pass)") }
                     compiled += 1
                 }
             }
         }
-        XCTAssertEqual(compiled, 30)
+        XCTAssertEqual(compiled, 36)
+    }
+}
+
+extension XCTestCase {
+    /// What a bfloat16 build of a generic kernel must hand the driver: one 16-bit float, encoded
+    /// BFloat16KHR; the bfloat16 capabilities and extension, no Float16; bfloat16 only in A and B
+    /// operands (accumulators stay float32); still a valid KHR module by the rewriter's checks.
+    func assertBFloat16Operands(_ words: [UInt32], _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        var capabilities = Set<UInt32>(), extensions: [String] = [], floats16: [[UInt32]] = [], constants: [UInt32: UInt32] = [:]
+        var matrices: [(component: UInt32, use: UInt32)] = []
+        var words16 = Set<UInt32>()
+        var i = 5
+        while i < words.count {
+            let count = Int(words[i] >> 16), op = words[i] & 0xffff, w = Array(words[(i + 1)..<(i + count)])
+            switch op {
+            case 17: capabilities.insert(w[0])
+            case 10:
+                var bytes: [UInt8] = []
+                for x in w { for shift: UInt32 in [0, 8, 16, 24] { bytes.append(UInt8(truncatingIfNeeded: x >> shift)) } }
+                extensions.append(String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self))
+            case 22 where w[1] == 16: floats16.append(w); words16.insert(w[0])
+            case 43 where w.count == 3: constants[w[1]] = w[2]
+            case 4456: matrices.append((w[1], constants[w[5]] ?? 99))
+            default: break
+            }
+            i += count
+        }
+        XCTAssertEqual(floats16.count, 1, "\(what): one 16-bit float type", file: file, line: line)
+        XCTAssertEqual(floats16.first?.count, 3, "\(what): the 16-bit float carries an encoding", file: file, line: line)
+        XCTAssertEqual(floats16.first?.last, 0, "\(what): encoded BFloat16KHR", file: file, line: line)
+        XCTAssertTrue(capabilities.isSuperset(of: [5116, 5118]), "\(what): \(capabilities)", file: file, line: line)
+        XCTAssertFalse(capabilities.contains(9), "\(what): Float16 dropped", file: file, line: line)
+        XCTAssertTrue(extensions.contains("SPV_KHR_bfloat16"), "\(what): \(extensions)", file: file, line: line)
+        let operands = matrices.filter { words16.contains($0.component) }
+        XCTAssertFalse(operands.isEmpty, "\(what): bfloat16 matrices", file: file, line: line)
+        XCTAssertTrue(operands.allSatisfy { $0.use <= 1 }, "\(what): bfloat16 only in A and B operands", file: file, line: line)
+        try CooperativeMatrixKHRRewriter.verify(words)
     }
 }
