@@ -1,6 +1,7 @@
 #version 450
 // Device check: which (row, column) of an NV cooperative matrix each invocation's element holds.
-// One subgroup loads a 16x16 matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
+// One subgroup loads a 16x16 matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16 (or,
+// retyped, bfloat16), and
 // (with NARROW, where the device has the 16x8x16 shape) its left 16x8 half as fp32, and writes
 // every invocation's elements out: out[(lane * 3 + kind) * 16 + e], -1 past length().
 #extension GL_NV_cooperative_matrix : require
@@ -16,7 +17,10 @@ shared float16_t m16[256];
 
 void main() {
     const uint lane = gl_LocalInvocationIndex;
-    for (uint e = lane; e < 256; e += gl_WorkGroupSize.x) { m32[e] = float(e); m16[e] = float16_t(e); }
+    // Through float32 only (float16_t(float), float(float16_t)): the 16-bit matrix may be retyped
+    // to bfloat16 (BFloat16Retyper), which allows conversions between floats and nothing else;
+    // 0..255 are exact in both.
+    for (uint e = lane; e < 256; e += gl_WorkGroupSize.x) { m32[e] = float(e); m16[e] = float16_t(float(e)); }
     barrier();
     fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> a;
     fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> b;
@@ -24,7 +28,7 @@ void main() {
     coopMatLoadNV(b, m16, 0, 16, false);
     for (int e = 0; e < 16; ++e) {
         result[(lane * 3) * 16 + e] = e < a.length() ? int(a[e]) : -1;
-        result[(lane * 3 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+        result[(lane * 3 + 1) * 16 + e] = e < b.length() ? int(float(b[e])) : -1;
         result[(lane * 3 + 2) * 16 + e] = -1;
     }
 #if NARROW

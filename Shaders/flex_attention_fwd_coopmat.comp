@@ -1,5 +1,6 @@
 #version 450
-// Block-sparse flash attention, forward, through VK_NV_cooperative_matrix (NVIDIA), fp16 in/out.
+// Block-sparse flash attention, forward, through VK_NV_cooperative_matrix (NVIDIA), fp16 in/out
+// (or bf16 in/out through VK_KHR_cooperative_matrix with bfloat16 operands: IN_BF16).
 // On a device with VK_KHR_cooperative_matrix the host rewrites the compiled SPIR-V to that
 // extension (CooperativeMatrixKHRRewriter): K and V then load as typed B operands, without the
 // MOVM transposes mentioned below (H200: +24-29%).
@@ -99,8 +100,9 @@
 #define BQ (16 * NSG * RPW)
 layout(local_size_x = 32 * NSG) in;
 
-#define IN_T float16_t
-#define OUT_T float16_t
+// IN_F16 = OUT_F16 = 1, or IN_BF16 = OUT_BF16 = 1: bfloat16 operands, which the host retypes in the
+// SPIR-V (BFloat16Retyper; as flex_mm.glsl says, nothing here computes with a float16_t then).
+#include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
 
 // VKF_FLOAT_INDICES (host: lengths up to 2^22): where the splice offers score_mod_f, the score-mod
@@ -428,11 +430,11 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 
 // Eight halves of a strided row, packed like a uvec4 load.
 uvec4 gather8(int base, int stride, bool k) {
-    f16vec2 h[4];
+    uvec4 w;
     [[unroll]] for (int i = 0; i < 4; ++i)
-        h[i] = k ? f16vec2(k_data[base + 2 * i * stride], k_data[base + (2 * i + 1) * stride])
-                 : f16vec2(v_data[base + 2 * i * stride], v_data[base + (2 * i + 1) * stride]);
-    return uvec4(packFloat2x16(h[0]), packFloat2x16(h[1]), packFloat2x16(h[2]), packFloat2x16(h[3]));
+        w[i] = k ? PAIR(k_data[base + 2 * i * stride], k_data[base + (2 * i + 1) * stride])
+                 : PAIR(v_data[base + 2 * i * stride], v_data[base + (2 * i + 1) * stride]);
+    return w;
 }
 
 // Each invocation moves PRE 8-half units of K and of V per tile: global -> registers (fetch,
@@ -517,10 +519,8 @@ void main() {
                 const int at = qoff + (q0 + first + r) * p.q_sl;
                 if (p.vec_ok != 0) w = q4[at / 8 + d8];
                 else {
-                    f16vec2 hh[4];
                     [[unroll]] for (int i = 0; i < 4; ++i)
-                        hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
-                    w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+                        w[i] = PAIR(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
                 }
             }
             kvs[mine + r * QS4 + d8] = w;
@@ -541,10 +541,8 @@ void main() {
                     const int at = qoff + (q0 + first + r) * p.q_sl;
                     if (p.vec_ok != 0) w = q4[at / 8 + d8];
                     else {
-                        f16vec2 hh[4];
                         [[unroll]] for (int i = 0; i < 4; ++i)
-                            hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
-                        w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+                            w[i] = PAIR(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
                     }
                 }
                 kvs[mine + r * QS4 + u] = w;
@@ -648,7 +646,7 @@ void main() {
 #endif
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
+            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] = OUT_ROUND(of[rb][dd][e] * (EL_HI(e) == 0 ? inv0 : inv1));
             FRAG16 oh = FRAG16(of[rb][dd]);
             coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(QS4), false);
         }
@@ -663,9 +661,8 @@ void main() {
                 if (p.vec_ok != 0) o4[at / 8 + d8] = w;
                 else {
                     [[unroll]] for (int i = 0; i < 4; ++i) {
-                        const f16vec2 hh = unpackFloat2x16(w[i]);
-                        o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
-                        o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+                        o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = OUT_LO(w[i]);
+                        o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = OUT_HI(w[i]);
                     }
                 }
             }
@@ -675,7 +672,7 @@ void main() {
         const int first = row_base(rb);
         [[unroll]] for (int c0 = 0; c0 < DV; c0 += QC) {
             [[unroll]] for (int dd = 0; dd < QC / 16; ++dd) {
-                [[unroll]] for (int e = 0; e < 8; ++e) of[rb][c0 / 16 + dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
+                [[unroll]] for (int e = 0; e < 8; ++e) of[rb][c0 / 16 + dd][e] = OUT_ROUND(of[rb][c0 / 16 + dd][e] * (EL_HI(e) == 0 ? inv0 : inv1));
                 FRAG16 oh = FRAG16(of[rb][c0 / 16 + dd]);
                 coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(QS4), false);
             }
@@ -689,9 +686,8 @@ void main() {
                     if (p.vec_ok != 0) o4[at / 8 + d8] = w;
                     else {
                         [[unroll]] for (int i = 0; i < 4; ++i) {
-                            const f16vec2 hh = unpackFloat2x16(w[i]);
-                            o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
-                            o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+                            o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = OUT_LO(w[i]);
+                            o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = OUT_HI(w[i]);
                         }
                     }
                 }

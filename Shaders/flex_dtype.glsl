@@ -56,6 +56,25 @@ uint vkf_bf16_bits(float x) {
 #define OUT_VALUE(x) OUT_T(x)
 #endif
 
+// PAIR(x, y): two 16-bit input elements as one word, x in the low half (a 16-byte unit's order);
+// OUT_LO(w) / OUT_HI(w): the two 16-bit output elements of a word; OUT_ROUND(x): x rounded to the
+// output's precision and still a float (bfloat16: exactly what OUT_VALUE would store, so that a
+// later conversion to bfloat16, whose rounding the driver picks, is exact).
+#if IN_BF16
+#define PAIR(x, y) (uint(x) | (uint(y) << 16))
+#elif IN_F16
+#define PAIR(x, y) packFloat2x16(f16vec2(x, y))
+#endif
+#if OUT_BF16
+#define OUT_LO(w) uint16_t((w) & 0xFFFFu)
+#define OUT_HI(w) uint16_t((w) >> 16)
+#define OUT_ROUND(x) uintBitsToFloat(vkf_bf16_bits(x) << 16)
+#elif OUT_F16
+#define OUT_LO(w) unpackFloat2x16(w).x
+#define OUT_HI(w) unpackFloat2x16(w).y
+#define OUT_ROUND(x) (x)
+#endif
+
 // 16-byte loads: UNIT elements per word group, unit_floats widens them.
 #if IN_F16 || IN_BF16
 #define UNIT 8

@@ -22,7 +22,7 @@
 
 // HALF_T: the shared tiles of 16-bit operands computed here (P, dS); TO_HALF(x) rounds a float
 // into one, HALF_FLOAT(h) reads one back (emulation). HALF_AT(A, i): element i (in halves) of an
-// array of 16-byte units. PAIR(x, y): two 16-bit elements of an input buffer as one word.
+// array of 16-byte units (PAIR, flex_dtype.glsl: two 16-bit elements of an input buffer as one word).
 #if IN_BF16 && VKF_MM_EMULATE
 #define HALF_T float
 #define TO_HALF(x) uintBitsToFloat(vkf_bf16_bits(x) << 16)
@@ -34,10 +34,8 @@
 #endif
 #if IN_BF16
 #define HALF_AT(A, i) uintBitsToFloat((A[(i) >> 3][((i) >> 1) & 3] >> (16 * ((i) & 1))) << 16)
-#define PAIR(x, y) (uint(x) | (uint(y) << 16))
 #else
 #define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
-#define PAIR(x, y) packFloat2x16(f16vec2(x, y))
 #endif
 
 // unit_DATA(at, sd, u): unit u of the row at element `at` (element stride `sd`) of the 16-bit buffer

@@ -147,8 +147,8 @@ struct AttentionPlan: Hashable, Sendable {
         }
     }
 
-    /// The generic kernels' dtype defines: fp16 or bf16 in, the same out (float32 for a key split's partials).
-    private func genericDTypeDefines(partial: Bool) -> [ShaderSource.Define] {
+    /// The cooperative-matrix kernels' dtype defines: fp16 or bf16 in, the same out (float32 for a key split's partials).
+    private func sixteenBitDefines(partial: Bool) -> [ShaderSource.Define] {
         let (input, output) = dtype == .bfloat16 ? ("IN_BF16", "OUT_BF16") : ("IN_F16", "OUT_F16")
         return [.init(input, "1"), .init(output, partial ? "0" : "1")]
     }
@@ -192,13 +192,13 @@ struct AttentionPlan: Hashable, Sendable {
                     .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"),
                     .init("MK", "\(t.K)"), .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BQ", "\(t.BQ)"), .init("BKV", "\(t.BQ)"),
                     .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
-                ] + genericDTypeDefines(partial: false))
+                ] + sixteenBitDefines(partial: false))
                 break
             }
             source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
-            ] + genericDTypeDefines(partial: pass == .forwardPartial))
+            ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
@@ -211,6 +211,7 @@ struct AttentionPlan: Hashable, Sendable {
             let straight = D <= 64 && t.split > 1
             defines += [.init("VKF_ALWAYS_HALVES", straight ? "1" : "0"), .init("VKF_ALWAYS_RESCALE", straight && !typedOperands ? "1" : "0")]
             if D > 128 { defines.append(.init("QC", "\(CoopmatTiles.stagingColumns(D: D))")) }
+            defines += sixteenBitDefines(partial: false)
             source = ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
                                   defines: defines, optimization: .full)
         }
@@ -273,9 +274,12 @@ enum AttentionPlanner {
             guard let t = CoopmatTiles(D: s.D, device: device, queryBlock: blockMask?.blockSize.q, dense: blockMask == nil, forced: tuning.coopmatTiles) else {
                 throw FlexError.unsupported("no cooperative-matrix tiles fit \(caps.name)'s shared memory at head dim \(s.D)")
             }
+            // bfloat16: no fp16 exp2 (bfloat16 has no arithmetic; P is converted from float32) and
+            // no 16x8 products (whose bfloat16 shape and layout are not measured).
+            let bf16 = s.dtype == .bfloat16
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .coopmat(t),
-                                 rawMax: identity && scale > 0, exp16: !identity,
-                                 narrowK: CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false,
+                                 rawMax: identity && scale > 0, exp16: !identity && !bf16,
+                                 narrowK: !bf16 && CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false,
                                  floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr,
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
         }
@@ -327,11 +331,13 @@ enum AttentionPlanner {
     static func coopmatProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         let caps = device.capabilities
         if device.cooperativeMatrixAPI == nil { return "\(caps.name) has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix" }
-        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == "float16" && $0.result == "float32" }) {
-            return "\(caps.name) offers no 16x16x16 float16 -> float32 cooperative matrix"
+        if let problem = shapeProblem(dtype: s.dtype, D: s.D, Dv: s.Dv) { return problem }
+        if let problem = genericDTypeProblem(s.dtype, device: device, kernel: "the cooperative-matrix kernel") { return problem }
+        let operand = s.dtype == .bfloat16 ? "bfloat16" : "float16"
+        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == operand && $0.result == "float32" }) {
+            return "\(caps.name) offers no 16x16x16 \(operand) -> float32 cooperative matrix"
         }
         if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
-        if let problem = shapeProblem(dtype: s.dtype, D: s.D, Dv: s.Dv) { return problem }
         if CoopmatTiles(D: s.D, device: device, forced: tuning.coopmatTiles) == nil {
             if let forced = tuning.coopmatTiles {
                 return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
@@ -339,7 +345,7 @@ enum AttentionPlanner {
             return "not enough shared memory for the cooperative-matrix tiles"
         }
         guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
-        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) {
+        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) || (s.dtype == .bfloat16 && layout.bfloat16 != CooperativeMatrixLayout.nvidiaMMA) {
             return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
         }
         return nil
@@ -347,7 +353,7 @@ enum AttentionPlanner {
 
     /// Why `coopmat` cannot take inputs of this dtype and these head dims, or nil when it can.
     static func shapeProblem(dtype: DType, D: Int, Dv: Int) -> String? {
-        if dtype != .float16 { return "the cooperative-matrix kernel takes float16 inputs" }
+        if dtype != .float16 && dtype != .bfloat16 { return "the cooperative-matrix kernel takes float16 and bfloat16 inputs" }
         if D != Dv || D % 16 != 0 || D > 256 {
             return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))"
         }
@@ -602,8 +608,8 @@ extension AttentionPlan {
     /// on lavapipe, which cannot run them).
     static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, floatIndices: Bool = true,
                         typedOperands: Bool = false, maxScores: Bool = false, kvLengths: Bool = false, sinks: Bool = false,
-                        pushParams: Bool = false) -> AttentionPlan {
-        AttentionPlan(pass: .forward, kernel: .coopmatNV, dtype: .float16, D: D, Dv: D, tiles: .coopmat(tiles), rawMax: rawMax, exp16: exp16,
+                        pushParams: Bool = false, dtype: DType = .float16) -> AttentionPlan {
+        AttentionPlan(pass: .forward, kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .coopmat(tiles), rawMax: rawMax, exp16: exp16,
                       narrowK: narrowK, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
                       kvLengths: kvLengths, sinks: sinks, pushParams: pushParams, mods: "")
     }

@@ -65,10 +65,11 @@ extension FlexResult {
 /// for up to 16 query rows (decoding), else the cooperative-matrix kernel where it applies, else
 /// the portable one.
 public enum FlexKernel: String, Sendable, CaseIterable {
-    /// Scalar math, any Vulkan device, any head dim, float32 or float16.
+    /// Scalar math, any Vulkan device, any head dim, float32, float16 or bfloat16 (computed in float32).
     case portable
     /// Cooperative matrices in NVIDIA's fragment order (through `VK_KHR_cooperative_matrix`, else
-    /// `VK_NV_cooperative_matrix`, see ``CooperativeMatrixAPI``): float16, head dim = value dim, a
+    /// `VK_NV_cooperative_matrix`, see ``CooperativeMatrixAPI``): float16, or bfloat16 where the
+    /// device has bfloat16 cooperative matrices (KHR only); head dim = value dim, a
     /// multiple of 16 up to 256, on a device whose fragment element order is NVIDIA's
     /// (``CooperativeMatrixLayout/nvidiaMMA``, measured once per device).
     case coopmatNV = "coopmat-nv"

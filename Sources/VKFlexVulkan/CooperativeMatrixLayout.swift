@@ -23,6 +23,9 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     /// The same for a 16×8 fp32 fragment (the accumulator of 16×8×16 products); nil where the
     /// device has no such shape.
     public var float32Narrow: [[Coordinate]]?
+    /// The same for a bfloat16 fragment (an A operand); nil where the device has no bfloat16
+    /// cooperative matrices enabled.
+    public var bfloat16: [[Coordinate]]?
 
     public struct Coordinate: Sendable, Hashable, CustomStringConvertible {
         public var row: Int
@@ -31,10 +34,11 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         public var description: String { "(\(row),\(column))" }
     }
 
-    public init(float32: [[Coordinate]], float16: [[Coordinate]], float32Narrow: [[Coordinate]]? = nil) {
+    public init(float32: [[Coordinate]], float16: [[Coordinate]], float32Narrow: [[Coordinate]]? = nil, bfloat16: [[Coordinate]]? = nil) {
         self.float32 = float32
         self.float16 = float16
         self.float32Narrow = float32Narrow
+        self.bfloat16 = bfloat16
     }
 
     /// The layout the cooperative-matrix kernel is written for, measured on an NVIDIA H200
@@ -65,6 +69,7 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
                 && all.allSatisfy { (0..<16).contains($0.row) && (0..<columns).contains($0.column) }
         }
         return covers(float32, columns: 16) && covers(float16, columns: 16) && (float32Narrow.map { covers($0, columns: 8) } ?? true)
+            && (bfloat16.map { covers($0, columns: 16) } ?? true)
     }
 
     /// Whether both the fp32 and fp16 fragments follow `expected`.
@@ -79,6 +84,7 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         }
         var text = "fp32 \(float32.first?.count ?? 0)/lane [\(lanes(float32))]; fp16 \(float16.first?.count ?? 0)/lane [\(lanes(float16))]"
         if let n = float32Narrow { text += "; fp32 16x8 \(n.first?.count ?? 0)/lane [\(lanes(n))]" }
+        if let h = bfloat16 { text += "; bf16 \(h.first?.count ?? 0)/lane [\(lanes(h))]" }
         return text
     }
 
@@ -105,19 +111,27 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
                                                      defines: [.init("NARROW", narrow ? "1" : "0")]),
                                 bindingCount: 1, specialization: [32], cooperativeMatrixKHR: device.cooperativeMatrixAPI == .khr)
         }
-        let out = try device.makeBuffer(bytes: 32 * 3 * 16 * 4)
+        // The same probe with bfloat16 operands (its 16-bit matrix retyped), where they are enabled.
+        let bf16 = device.enabledFeatures.bfloat16CooperativeMatrix ? try device.pipeline(for: "vkflex.coopmat_layout.bf16") {
+            PipelineDescription(source: ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"),
+                                                     defines: [.init("NARROW", "0")]),
+                                bindingCount: 1, specialization: [32], cooperativeMatrixKHR: true, bfloat16Operands: true)
+        } : nil
+        let out = try device.makeBuffer(bytes: 2 * 32 * 3 * 16 * 4)
         try device.record { rec in
             try rec.dispatch(pipeline, bindings: [BufferBinding(out, writes: true)], groups: (1, 1, 1))
+            if let bf16 { try rec.dispatch(bf16, bindings: [BufferBinding(out, offset: 32 * 3 * 16 * 4, writes: true)], groups: (1, 1, 1)) }
         }
-        let raw = try out.download(count: 32 * 3 * 16, as: Int32.self)
-        func decode(_ kind: Int) -> [[Coordinate]] {
+        let raw = try out.download(count: 2 * 32 * 3 * 16, as: Int32.self)
+        func decode(_ kind: Int, base: Int = 0) -> [[Coordinate]] {
             (0..<32).map { lane in
                 (0..<16).compactMap { e -> Coordinate? in
-                    let v = Int(raw[(lane * 3 + kind) * 16 + e])
+                    let v = Int(raw[base + (lane * 3 + kind) * 16 + e])
                     return v < 0 ? nil : Coordinate(row: v / 16, column: v % 16)
                 }
             }
         }
-        return CooperativeMatrixLayout(float32: decode(0), float16: decode(1), float32Narrow: narrow ? decode(2) : nil)
+        return CooperativeMatrixLayout(float32: decode(0), float16: decode(1), float32Narrow: narrow ? decode(2) : nil,
+                                       bfloat16: bf16 != nil ? decode(1, base: 32 * 3 * 16) : nil)
     }
 }

@@ -100,7 +100,8 @@ void main() {
         "coopmat_layout.comp": #"""
 #version 450
 // Device check: which (row, column) of an NV cooperative matrix each invocation's element holds.
-// One subgroup loads a 16x16 matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16, and
+// One subgroup loads a 16x16 matrix whose element (r, c) is r * 16 + c, as fp32 and as fp16 (or,
+// retyped, bfloat16), and
 // (with NARROW, where the device has the 16x8x16 shape) its left 16x8 half as fp32, and writes
 // every invocation's elements out: out[(lane * 3 + kind) * 16 + e], -1 past length().
 #extension GL_NV_cooperative_matrix : require
@@ -116,7 +117,10 @@ shared float16_t m16[256];
 
 void main() {
     const uint lane = gl_LocalInvocationIndex;
-    for (uint e = lane; e < 256; e += gl_WorkGroupSize.x) { m32[e] = float(e); m16[e] = float16_t(e); }
+    // Through float32 only (float16_t(float), float(float16_t)): the 16-bit matrix may be retyped
+    // to bfloat16 (BFloat16Retyper), which allows conversions between floats and nothing else;
+    // 0..255 are exact in both.
+    for (uint e = lane; e < 256; e += gl_WorkGroupSize.x) { m32[e] = float(e); m16[e] = float16_t(float(e)); }
     barrier();
     fcoopmatNV<32, gl_ScopeSubgroup, 16, 16> a;
     fcoopmatNV<16, gl_ScopeSubgroup, 16, 16> b;
@@ -124,7 +128,7 @@ void main() {
     coopMatLoadNV(b, m16, 0, 16, false);
     for (int e = 0; e < 16; ++e) {
         result[(lane * 3) * 16 + e] = e < a.length() ? int(a[e]) : -1;
-        result[(lane * 3 + 1) * 16 + e] = e < b.length() ? int(b[e]) : -1;
+        result[(lane * 3 + 1) * 16 + e] = e < b.length() ? int(float(b[e])) : -1;
         result[(lane * 3 + 2) * 16 + e] = -1;
     }
 #if NARROW
@@ -1763,7 +1767,8 @@ void main() {
 """#,
         "flex_attention_fwd_coopmat.comp": #"""
 #version 450
-// Block-sparse flash attention, forward, through VK_NV_cooperative_matrix (NVIDIA), fp16 in/out.
+// Block-sparse flash attention, forward, through VK_NV_cooperative_matrix (NVIDIA), fp16 in/out
+// (or bf16 in/out through VK_KHR_cooperative_matrix with bfloat16 operands: IN_BF16).
 // On a device with VK_KHR_cooperative_matrix the host rewrites the compiled SPIR-V to that
 // extension (CooperativeMatrixKHRRewriter): K and V then load as typed B operands, without the
 // MOVM transposes mentioned below (H200: +24-29%).
@@ -1863,8 +1868,9 @@ void main() {
 #define BQ (16 * NSG * RPW)
 layout(local_size_x = 32 * NSG) in;
 
-#define IN_T float16_t
-#define OUT_T float16_t
+// IN_F16 = OUT_F16 = 1, or IN_BF16 = OUT_BF16 = 1: bfloat16 operands, which the host retypes in the
+// SPIR-V (BFloat16Retyper; as flex_mm.glsl says, nothing here computes with a float16_t then).
+#include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
 
 // VKF_FLOAT_INDICES (host: lengths up to 2^22): where the splice offers score_mod_f, the score-mod
@@ -2192,11 +2198,11 @@ void process_tile(int kbase, int vbase, int k0, int kn, int pass) {
 
 // Eight halves of a strided row, packed like a uvec4 load.
 uvec4 gather8(int base, int stride, bool k) {
-    f16vec2 h[4];
+    uvec4 w;
     [[unroll]] for (int i = 0; i < 4; ++i)
-        h[i] = k ? f16vec2(k_data[base + 2 * i * stride], k_data[base + (2 * i + 1) * stride])
-                 : f16vec2(v_data[base + 2 * i * stride], v_data[base + (2 * i + 1) * stride]);
-    return uvec4(packFloat2x16(h[0]), packFloat2x16(h[1]), packFloat2x16(h[2]), packFloat2x16(h[3]));
+        w[i] = k ? PAIR(k_data[base + 2 * i * stride], k_data[base + (2 * i + 1) * stride])
+                 : PAIR(v_data[base + 2 * i * stride], v_data[base + (2 * i + 1) * stride]);
+    return w;
 }
 
 // Each invocation moves PRE 8-half units of K and of V per tile: global -> registers (fetch,
@@ -2281,10 +2287,8 @@ void main() {
                 const int at = qoff + (q0 + first + r) * p.q_sl;
                 if (p.vec_ok != 0) w = q4[at / 8 + d8];
                 else {
-                    f16vec2 hh[4];
                     [[unroll]] for (int i = 0; i < 4; ++i)
-                        hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
-                    w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+                        w[i] = PAIR(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
                 }
             }
             kvs[mine + r * QS4 + d8] = w;
@@ -2305,10 +2309,8 @@ void main() {
                     const int at = qoff + (q0 + first + r) * p.q_sl;
                     if (p.vec_ok != 0) w = q4[at / 8 + d8];
                     else {
-                        f16vec2 hh[4];
                         [[unroll]] for (int i = 0; i < 4; ++i)
-                            hh[i] = f16vec2(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
-                        w = uvec4(packFloat2x16(hh[0]), packFloat2x16(hh[1]), packFloat2x16(hh[2]), packFloat2x16(hh[3]));
+                            w[i] = PAIR(q_data[at + (d8 * 8 + 2 * i) * p.q_sd], q_data[at + (d8 * 8 + 2 * i + 1) * p.q_sd]);
                     }
                 }
                 kvs[mine + r * QS4 + u] = w;
@@ -2412,7 +2414,7 @@ void main() {
 #endif
 #if DV <= 128
         [[unroll]] for (int dd = 0; dd < DV / 16; ++dd) {
-            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
+            [[unroll]] for (int e = 0; e < 8; ++e) of[rb][dd][e] = OUT_ROUND(of[rb][dd][e] * (EL_HI(e) == 0 ? inv0 : inv1));
             FRAG16 oh = FRAG16(of[rb][dd]);
             coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(QS4), false);
         }
@@ -2427,9 +2429,8 @@ void main() {
                 if (p.vec_ok != 0) o4[at / 8 + d8] = w;
                 else {
                     [[unroll]] for (int i = 0; i < 4; ++i) {
-                        const f16vec2 hh = unpackFloat2x16(w[i]);
-                        o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
-                        o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+                        o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = OUT_LO(w[i]);
+                        o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = OUT_HI(w[i]);
                     }
                 }
             }
@@ -2439,7 +2440,7 @@ void main() {
         const int first = row_base(rb);
         [[unroll]] for (int c0 = 0; c0 < DV; c0 += QC) {
             [[unroll]] for (int dd = 0; dd < QC / 16; ++dd) {
-                [[unroll]] for (int e = 0; e < 8; ++e) of[rb][c0 / 16 + dd][e] *= EL_HI(e) == 0 ? inv0 : inv1;
+                [[unroll]] for (int e = 0; e < 8; ++e) of[rb][c0 / 16 + dd][e] = OUT_ROUND(of[rb][c0 / 16 + dd][e] * (EL_HI(e) == 0 ? inv0 : inv1));
                 FRAG16 oh = FRAG16(of[rb][c0 / 16 + dd]);
                 coopMatStoreNV(oh, kvs, uint(mine + dd * 2), uint(QS4), false);
             }
@@ -2453,9 +2454,8 @@ void main() {
                     if (p.vec_ok != 0) o4[at / 8 + d8] = w;
                     else {
                         [[unroll]] for (int i = 0; i < 4; ++i) {
-                            const f16vec2 hh = unpackFloat2x16(w[i]);
-                            o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = hh.x;
-                            o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = hh.y;
+                            o_data[at + (d8 * 8 + 2 * i) * p.o_sd] = OUT_LO(w[i]);
+                            o_data[at + (d8 * 8 + 2 * i + 1) * p.o_sd] = OUT_HI(w[i]);
                         }
                     }
                 }
@@ -3002,6 +3002,25 @@ uint vkf_bf16_bits(float x) {
 #define OUT_VALUE(x) OUT_T(x)
 #endif
 
+// PAIR(x, y): two 16-bit input elements as one word, x in the low half (a 16-byte unit's order);
+// OUT_LO(w) / OUT_HI(w): the two 16-bit output elements of a word; OUT_ROUND(x): x rounded to the
+// output's precision and still a float (bfloat16: exactly what OUT_VALUE would store, so that a
+// later conversion to bfloat16, whose rounding the driver picks, is exact).
+#if IN_BF16
+#define PAIR(x, y) (uint(x) | (uint(y) << 16))
+#elif IN_F16
+#define PAIR(x, y) packFloat2x16(f16vec2(x, y))
+#endif
+#if OUT_BF16
+#define OUT_LO(w) uint16_t((w) & 0xFFFFu)
+#define OUT_HI(w) uint16_t((w) >> 16)
+#define OUT_ROUND(x) uintBitsToFloat(vkf_bf16_bits(x) << 16)
+#elif OUT_F16
+#define OUT_LO(w) unpackFloat2x16(w).x
+#define OUT_HI(w) unpackFloat2x16(w).y
+#define OUT_ROUND(x) (x)
+#endif
+
 // 16-byte loads: UNIT elements per word group, unit_floats widens them.
 #if IN_F16 || IN_BF16
 #define UNIT 8
@@ -3045,7 +3064,7 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 
 // HALF_T: the shared tiles of 16-bit operands computed here (P, dS); TO_HALF(x) rounds a float
 // into one, HALF_FLOAT(h) reads one back (emulation). HALF_AT(A, i): element i (in halves) of an
-// array of 16-byte units. PAIR(x, y): two 16-bit elements of an input buffer as one word.
+// array of 16-byte units (PAIR, flex_dtype.glsl: two 16-bit elements of an input buffer as one word).
 #if IN_BF16 && VKF_MM_EMULATE
 #define HALF_T float
 #define TO_HALF(x) uintBitsToFloat(vkf_bf16_bits(x) << 16)
@@ -3057,10 +3076,8 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 #endif
 #if IN_BF16
 #define HALF_AT(A, i) uintBitsToFloat((A[(i) >> 3][((i) >> 1) & 3] >> (16 * ((i) & 1))) << 16)
-#define PAIR(x, y) (uint(x) | (uint(y) << 16))
 #else
 #define HALF_AT(A, i) float(unpackFloat2x16(A[(i) >> 3][((i) >> 1) & 3])[(i) & 1])
-#define PAIR(x, y) packFloat2x16(f16vec2(x, y))
 #endif
 
 // unit_DATA(at, sd, u): unit u of the row at element `at` (element stride `sd`) of the 16-bit buffer

@@ -152,6 +152,10 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         for ins in p.instructions where ins.op == 4456 { byComponent[ins.w[1], default: []].insert(p.uses[ins.w[0]]!) }
         let widths = Dictionary(uniqueKeysWithValues: p.instructions.filter { $0.op == 22 }.map { ($0.w[0], $0.w[1]) })
         for (component, uses) in byComponent { XCTAssertEqual(uses, widths[component] == 32 ? [2] : [0]) }
+        // The probe measures the bfloat16 A operand's layout too: retyped, as the device builds it.
+        let plain = ShaderSource(name: "coopmat_layout", text: source.text, defines: [.init("NARROW", "0")])
+        let bf16 = try parse(BFloat16Retyper.retype(CooperativeMatrixKHRRewriter.rewrite(try ShaderCompiler.shared.compile(plain), subgroupSize: 32)))
+        XCTAssertEqual(bf16.instructions.filter { $0.op == 22 && $0.w[1] == 16 }.map { $0.w.count }, [3], "one 16-bit float, encoded")
     }
 
 

@@ -320,6 +320,21 @@ extension AttentionTests {
             }
         }
         XCTAssertEqual(compiled, 192)
+        // bfloat16 operands (KHR only, no fp16 exp2, no 16x8 products): the retype must find no
+        // 16-bit arithmetic in any of them.
+        for D in [64, 128, 256] {
+            let tiles = try XCTUnwrap(CoopmatTiles(D: D, sharedMemory: 48 << 10, typedOperands: true, forced: nil))
+            for (score, mask) in modSets {
+                let mods = try SplicedMods(score: score, mask: mask, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
+                var library = ShaderLibrary.standard
+                library.files.merge(mods.includes) { _, new in new }
+                let plan = AttentionPlan.coopmat(D: D, tiles: tiles, rawMax: score == nil, exp16: false, typedOperands: true, maxScores: true,
+                                                 sinks: true, dtype: .bfloat16)
+                XCTAssertTrue(plan.bfloat16Operands)
+                let khr = try CooperativeMatrixKHRRewriter.rewrite(try ShaderCompiler.shared.compile(try plan.source(), library: library), subgroupSize: 32)
+                try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "coopmat-nv D=\(D)", operandsOnly: false)
+            }
+        }
     }
 }
 
@@ -446,7 +461,7 @@ extension AttentionTests {
             let problem = AttentionPlanner.shapeProblem(dtype: .float16, D: D, Dv: Dv)
             XCTAssertEqual(problem, "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))")
         }
-        XCTAssertEqual(AttentionPlanner.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 inputs")
+        XCTAssertEqual(AttentionPlanner.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 and bfloat16 inputs")
     }
 
     func testPortableTilesFromTheEnvironment() throws {

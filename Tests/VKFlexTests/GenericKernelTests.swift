@@ -156,7 +156,10 @@ extension XCTestCase {
     /// What a bfloat16 build of a generic kernel must hand the driver: one 16-bit float, encoded
     /// BFloat16KHR; the bfloat16 capabilities and extension, no Float16; bfloat16 only in A and B
     /// operands (accumulators stay float32); still a valid KHR module by the rewriter's checks.
-    func assertBFloat16Operands(_ words: [UInt32], _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
+    /// `operandsOnly: false`: a kernel that also converts an accumulator to a 16-bit matrix to
+    /// store it (coopmat-nv's output) has bfloat16 accumulators too.
+    func assertBFloat16Operands(_ words: [UInt32], _ what: String, operandsOnly: Bool = true,
+                                file: StaticString = #filePath, line: UInt = #line) throws {
         var capabilities = Set<UInt32>(), extensions: [String] = [], floats16: [[UInt32]] = [], constants: [UInt32: UInt32] = [:]
         var matrices: [(component: UInt32, use: UInt32)] = []
         var words16 = Set<UInt32>()
@@ -184,7 +187,8 @@ extension XCTestCase {
         XCTAssertTrue(extensions.contains("SPV_KHR_bfloat16"), "\(what): \(extensions)", file: file, line: line)
         let operands = matrices.filter { words16.contains($0.component) }
         XCTAssertFalse(operands.isEmpty, "\(what): bfloat16 matrices", file: file, line: line)
-        XCTAssertTrue(operands.allSatisfy { $0.use <= 1 }, "\(what): bfloat16 only in A and B operands", file: file, line: line)
+        XCTAssertTrue(operands.contains { $0.use == 0 } && operands.contains { $0.use == 1 }, "\(what): bfloat16 A and B operands", file: file, line: line)
+        if operandsOnly { XCTAssertTrue(operands.allSatisfy { $0.use <= 1 }, "\(what): bfloat16 only in A and B operands", file: file, line: line) }
         try CooperativeMatrixKHRRewriter.verify(words)
     }
 }
