@@ -5,13 +5,15 @@
 # all: selftest under the validation layer (every kernel), coopmat-generic's selftest through the
 # KHR extension, the seed suite through coopmat-generic and coopmat-nv, the backward both ways;
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch;
-# bf16: the seed suite in bfloat16 (bf16 cooperative matrices) against vkflex's fp16 and PyTorch bf16.
+# bf16: selftests without the validation layer (which predates bf16 matrices), the seed suite in
+# bfloat16 against PyTorch bf16 and against vkflex's own fp16, the backward in bf16.
 set -u
 out=${OUT:-/tmp}
 what=${1:-all}
 step() {  # step NAME SECONDS COMMAND...: runs, keeps stdout+stderr in $out/NAME.txt, prints the verdict lines
   local name=$1 secs=$2; shift 2
   echo "== $name ($(if [ "$what" = bf16 ]; then
+  step selftest-bf16-nv 120 vkflex selftest --kernel coopmat-nv
   step selftest-bf16 120 vkflex selftest --kernel coopmat-generic
   step bench-bf16 150 bash .device/on-device.sh compare --dtype bfloat16
   tail -14 "$out/bench-bf16.txt"
@@ -48,6 +50,7 @@ if [ "$what" = decode ]; then
   tail -25 "$out/decode.txt"
 fi
 if [ "$what" = bf16 ]; then
+  step selftest-bf16-nv 120 vkflex selftest --kernel coopmat-nv
   step selftest-bf16 120 vkflex selftest --kernel coopmat-generic
   step bench-bf16 150 bash .device/on-device.sh compare --dtype bfloat16
   tail -14 "$out/bench-bf16.txt"
