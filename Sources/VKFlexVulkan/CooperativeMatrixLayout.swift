@@ -111,8 +111,9 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
                                                      defines: [.init("NARROW", narrow ? "1" : "0")]),
                                 bindingCount: 1, specialization: [32], cooperativeMatrixKHR: device.cooperativeMatrixAPI == .khr)
         }
-        // The same probe with bfloat16 operands (its 16-bit matrix retyped), where they are enabled.
-        let bf16 = device.enabledFeatures.bfloat16CooperativeMatrix ? try device.pipeline(for: "vkflex.coopmat_layout.bf16") {
+        // The same probe with bfloat16 operands (its 16-bit matrix retyped), where they are enabled;
+        // if that pipeline cannot be built, only bfloat16 goes without (its layout stays unknown).
+        let bf16 = device.enabledFeatures.bfloat16CooperativeMatrix ? try? device.pipeline(for: "vkflex.coopmat_layout.bf16") {
             PipelineDescription(source: ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"),
                                                      defines: [.init("NARROW", "0")]),
                                 bindingCount: 1, specialization: [32], cooperativeMatrixKHR: true, bfloat16Operands: true)
