@@ -353,7 +353,7 @@ enum AttentionPlanner {
 
     /// Why `coopmat` cannot take inputs of this dtype and these head dims, or nil when it can.
     static func shapeProblem(dtype: DType, D: Int, Dv: Int) -> String? {
-        if dtype != .float16 && dtype != .bfloat16 { return "the cooperative-matrix kernel takes float16 and bfloat16 inputs" }
+        if dtype != .float16 && dtype != .bfloat16 { return "the cooperative-matrix kernel takes float16 and bfloat16 inputs (got \(dtype.rawValue))" }
         if D != Dv || D % 16 != 0 || D > 256 {
             return "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))"
         }

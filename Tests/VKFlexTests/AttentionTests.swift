@@ -461,7 +461,7 @@ extension AttentionTests {
             let problem = AttentionPlanner.shapeProblem(dtype: .float16, D: D, Dv: Dv)
             XCTAssertEqual(problem, "the cooperative-matrix kernel needs head dim = value dim, a multiple of 16 up to 256 (got \(D)/\(Dv))")
         }
-        XCTAssertEqual(AttentionPlanner.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 and bfloat16 inputs")
+        XCTAssertEqual(AttentionPlanner.shapeProblem(dtype: .float32, D: 64, Dv: 64), "the cooperative-matrix kernel takes float16 and bfloat16 inputs (got float32)")
     }
 
     func testPortableTilesFromTheEnvironment() throws {
