@@ -45,5 +45,10 @@ fi
 if [ "$what" = decode ]; then
   step decode 200 bash .device/on-device.sh compare --suite decode
   tail -25 "$out/decode.txt"
+  # The split count's target (workgroups per compute unit), vkflex alone.
+  for w in 8 32; do
+    VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 90 vkflex bench --suite decode --json "$out/decode-waves-$w.jsonl"
+    tail -16 "$out/decode-waves-$w.txt"
+  done
 fi
 date -u

@@ -20,6 +20,10 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_COOPMAT_SHAPE=MxNxK`: the matrix shape coopmat-generic computes in (one the device
     /// lists), to run each of them.
     var coopmatShape: (m: Int, n: Int, k: Int)?
+    /// `VKFLEX_DECODE_WAVES=n`: split-KV decoding sizes its key splits for about n workgroups per
+    /// compute unit (default 2; unmeasured on a GPU beyond the default: docs/performance.md), for
+    /// tuning.
+    var decodeWaves = 2
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -52,6 +56,12 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_COOPMAT_SHAPE=\(c): use MxNxK, a float16 shape the device lists (`vkflex devices`), e.g. 16x16x16")
             }
             t.coopmatShape = (v[0], v[1], v[2])
+        }
+        if let w = env["VKFLEX_DECODE_WAVES"], !w.isEmpty {
+            guard let n = Int(w), (1...64).contains(n) else {
+                throw FlexError("VKFLEX_DECODE_WAVES=\(w): use a whole number of workgroups per compute unit from 1 to 64 (default 2)")
+            }
+            t.decodeWaves = n
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")

@@ -96,6 +96,12 @@ final class DecodeTests: FlexTestCase {
         }
         XCTAssertEqual(FlexKernel(name: "split-kv"), .splitKV)
         XCTAssertNotNil(FlexKernel.splitKV.problem(q2, k, k))
+        // VKFLEX_DECODE_WAVES: workgroups per compute unit the key splits aim at (2 unless set).
+        XCTAssertEqual(try AttentionTuning.parse([:]).decodeWaves, 2)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": "8"]).decodeWaves, 8)
+        for bad in ["0", "x", "65", "-1"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_WAVES=\(bad)"), "\($0)") }
+        }
     }
 
     /// `prepareFlexAttention` with what a decode step passes builds the split-KV kernel and its
