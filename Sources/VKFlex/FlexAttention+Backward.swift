@@ -219,7 +219,7 @@ enum BackwardKernel {
         return stage + products + 2 * (t.M * T / t.SG) + grads + 16
     }
 
-    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool,
+    static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool, gradLSE: Bool = false,
                         gradCaptures: [CaptureInfo] = [], kernel: FlexKernel = .portable, device: Device) throws -> Prepared {
         let caps = device.capabilities
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
@@ -238,10 +238,11 @@ enum BackwardKernel {
         var includes = mods.includes
         includes[BackwardParams.includeName] = BackwardParams.glsl
         // Pass 5 splices the mods with score_mod_cap_grads (its own text, so passes 0-4 stay the
-        // pipelines of a backward without captures' gradients).
+        // pipelines of a backward without captures' gradients). Without dLSE and sinks a row's
+        // dS sums to 0, so per-row terms (a bias by head or query row) are left out: exactly 0.
         let capMods = gradCaptures.isEmpty ? nil : try SplicedMods(score: scoreMod, mask: blockMask?.maskMod, firstBinding: BackwardBinding.firstCapture,
                                                                    errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures,
-                                                                   bindsCaptures: false, device: device)
+                                                                   rowShiftInvariant: !sinks && !gradLSE, bindsCaptures: false, device: device)
         let capAtomic = device.enabledFeatures.floatAtomicAdd
         let mm = kernel == .coopmatGeneric ? AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) : nil
         if kernel == .coopmatGeneric, mm == nil {
@@ -287,8 +288,8 @@ enum BackwardKernel {
         guard caps.subgroupArithmetic || gradCaptures.isEmpty else {
             throw FlexError.unsupported("\(caps.name) lacks subgroup arithmetic, which the gradients of captured tensors use")
         }
-        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, gradCaptures: gradCaptures,
-                                   kernel: kernel, device: device)
+        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, sinks: sinks != nil, gradLSE: gradLSE != nil,
+                                   gradCaptures: gradCaptures, kernel: kernel, device: device)
         let mods = prepared.mods, push = prepared.pushParams
         let (p0, p1, p2, p3) = (prepared.pipelines[0]!, prepared.pipelines[1]!, prepared.pipelines[2]!, prepared.pipelines[3])
 

@@ -14,22 +14,25 @@ struct SplicedMods {
     ///   scatters (``GLSLEmitter/emit(scoreMod:maskMod:firstBinding:errorBinding:gradCaptures:)``).
     /// - Parameter bindsCaptures: false for a second splice of the same mods whose pipelines bind
     ///   the first one's capture buffers: `tensors` stays empty (no 16-bit capture widened twice).
-    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, gradCaptures: [CaptureInfo] = [], bindsCaptures: Bool = true,
-         device: Device) throws {
+    /// - Parameter rowShiftInvariant: no dLSE and no sinks (``GLSLEmitter``: per-row terms of the
+    ///   captures' gradients are exactly 0 and left out).
+    init(score: ScoreMod?, mask: MaskMod?, firstBinding: Int, errorBinding: Int, gradCaptures: [CaptureInfo] = [], rowShiftInvariant: Bool = false,
+         bindsCaptures: Bool = true, device: Device) throws {
         try score?.check()
         try mask?.check()
         // The emitted GLSL depends on the graphs and bindings alone: emitted once per device, cached
         // without the captures' storage so that the cache keeps no tensor alive (a call's host cost
         // with a mask and a score-mod: 190 -> 31 µs; docs/performance.md, "Host cost per call").
         let key = ModsCacheKey(score: score?.graph.withoutCaptureStorage, mask: mask?.graph.withoutCaptureStorage,
-                               firstBinding: firstBinding, errorBinding: errorBinding, gradCaptures: gradCaptures.map(\.id))
+                               firstBinding: firstBinding, errorBinding: errorBinding, gradCaptures: gradCaptures.map(\.id),
+                               rowShiftInvariant: rowShiftInvariant)
         let cache = try device.memoized("vkflex.mods-glsl") { ModsCache() }
         var emitted: GLSLMods
         if let known = cache.get(key) {
             emitted = known
         } else {
             emitted = try GLSLEmitter.emit(scoreMod: score?.graph, maskMod: mask?.graph, firstBinding: firstBinding, errorBinding: errorBinding,
-                                           gradCaptures: gradCaptures)
+                                           gradCaptures: gradCaptures, rowShiftInvariant: rowShiftInvariant)
             var stored = emitted
             stored.captures = emitted.captures.map { CaptureInfo(id: $0.id, name: $0.name, dtype: $0.dtype, shape: $0.shape) }
             cache.put(key, stored)
@@ -158,6 +161,7 @@ struct ModsCacheKey: Hashable, Sendable {
     let firstBinding: Int
     let errorBinding: Int
     var gradCaptures: [Int] = []
+    var rowShiftInvariant = false
 }
 
 /// The GLSL emitted per pair of mods on a device, bounded (cleared past 256 entries).

@@ -43,9 +43,13 @@ public enum GLSLEmitter {
     ///   `VKF_CAP_GRAD_ADD(term, flat, offset, value)` (`VKF_CAP_GRAD_TERMS` terms; `flat` is the
     ///   element, −1 out of range; `offset` the capture's first element in the gradients' buffer,
     ///   the captures laid end to end in this order).
+    /// - Parameter rowShiftInvariant: the loss does not see a shift of a row's scores (no dLSE, no
+    ///   sinks): a term whose element and derivative are the same for every key of a row (a bias
+    ///   indexed by `h` or `q_idx` alone) sums to exactly 0 over the row, so it is not emitted and
+    ///   that gradient is exactly 0 instead of rounding noise.
     /// - Throws: ``FlexError/expression(_:)`` for an expression that does not parse or type-check (with a caret where the text form was used).
     public static func emit(scoreMod: Expr?, maskMod: Expr?, firstBinding: Int, errorBinding: Int,
-                            gradCaptures: [CaptureInfo] = []) throws -> GLSLMods {
+                            gradCaptures: [CaptureInfo] = [], rowShiftInvariant: Bool = false) throws -> GLSLMods {
         if let s = scoreMod { guard try s.type().isNumber else { throw modError("score_mod must be a number") } }
         if let m = maskMod { guard try m.type() == .bool else { throw modError("mask_mod must be a bool") } }
         var caps: [CaptureInfo] = []
@@ -172,7 +176,7 @@ public enum GLSLEmitter {
         }
         var terms = 0
         if !gradCaptures.isEmpty {
-            let emitted = try captureGradients(score, gradCaptures, caps)
+            let emitted = try captureGradients(score, gradCaptures, caps, rowShiftInvariant: rowShiftInvariant)
             terms = emitted.terms
             out.append(contentsOf: emitted.lines)
         }
@@ -250,7 +254,8 @@ public enum GLSLEmitter {
     /// captures (a load read twice counts once, with the sum of its paths), scaled by `g` and
     /// handed to the template with the load's element. Loads whose derivative is 0 (an index,
     /// a comparison) hand nothing.
-    static func captureGradients(_ graph: Expr, _ wanted: [CaptureInfo], _ caps: [CaptureInfo]) throws -> (lines: [String], terms: Int) {
+    static func captureGradients(_ graph: Expr, _ wanted: [CaptureInfo], _ caps: [CaptureInfo],
+                                 rowShiftInvariant: Bool = false) throws -> (lines: [String], terms: Int) {
         var offsets: [Int: Int] = [:], total = 0
         for c in wanted where offsets[c.id] == nil {
             offsets[c.id] = total
@@ -262,6 +267,10 @@ public enum GLSLEmitter {
             guard case .load(let cap, let idx) = load, let offset = offsets[cap.id] else { continue }
             let partial = graph.derivative(withRespectTo: load)
             if partial.isZero { continue }
+            // The same element and factor for every key of a row: Σ_k dS = 0 there (softmax does
+            // not see a shift of a row), so the term adds nothing but rounding.
+            let perKey = { (e: Expr) in e.uses(.kv) || e.uses(.score) }
+            if rowShiftInvariant, !idx.contains(where: perKey), !perKey(partial) { continue }
             let i = caps.firstIndex(of: cap)!
             flat.insert(i)
             let index = try idx.map { try body.value($0).code }.joined(separator: ", ")

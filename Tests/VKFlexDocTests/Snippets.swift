@@ -418,8 +418,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:500
-@discardableResult func snippet_docs_guide_md_500(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:502
+@discardableResult func snippet_docs_guide_md_502(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device)
         let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
@@ -431,8 +431,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// docs/guide.md:523
-@discardableResult func snippet_docs_guide_md_523(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// docs/guide.md:525
+@discardableResult func snippet_docs_guide_md_525(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         do {
             let out = try flexAttention(q, k, v, blockMask: mask).output.toArray()
@@ -629,8 +629,8 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// Sources/VKFlex/SplicedMods.swift:122
-@discardableResult func snippet_Sources_VKFlex_SplicedMods_swift_122(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// Sources/VKFlex/SplicedMods.swift:125
+@discardableResult func snippet_Sources_VKFlex_SplicedMods_swift_125(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         let alibi = try ScoreMod(parsing: "score + slope[h] * (kv_idx - q_idx)", captures: ["slope": slope])
         let r = try ModEvaluator.evaluate(score: alibi, mask: nil, B: 1, H: 2, Q: 4, KV: 4,
@@ -956,8 +956,8 @@ let snippetNames: [String] = [
     "snippet_docs_guide_md_353",
     "snippet_docs_guide_md_395",
     "snippet_docs_guide_md_441",
-    "snippet_docs_guide_md_500",
-    "snippet_docs_guide_md_523",
+    "snippet_docs_guide_md_502",
+    "snippet_docs_guide_md_525",
     "snippet_Sources_VKFlex_BlockMask_Create_swift_18",
     "snippet_Sources_VKFlex_BlockMask_swift_10",
     "snippet_Sources_VKFlex_BlockMask_swift_53",
@@ -975,7 +975,7 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlex_PagedKVCache_swift_272",
     "snippet_Sources_VKFlex_QueryOffset_swift_11",
     "snippet_Sources_VKFlex_Reference_swift_8",
-    "snippet_Sources_VKFlex_SplicedMods_swift_122",
+    "snippet_Sources_VKFlex_SplicedMods_swift_125",
     "snippet_Sources_VKFlex_Tensor_swift_20",
     "snippet_Sources_VKFlex_Tensor_swift_152",
     "snippet_Sources_VKFlex_Tensor_swift_269",

@@ -33,7 +33,11 @@ final class CaptureGradientTests: FlexTestCase {
             XCTAssertEqual(got.shape, c.shape, line: line)
             XCTAssertEqual(got.dtype, .float32, line: line)
             let values = try got.toArray(), r = ref.captures[i]
-            if zero {
+            if zero && zeroTol == 0 {
+                // Exactly zero (the reference's float64 sums leave ~1e-15).
+                XCTAssertEqual(values.map(abs).max() ?? 0, 0, "\(name) \(c.name)", line: line)
+                XCTAssertLessThanOrEqual(r.map(abs).max() ?? 0, 1e-12, "\(name) \(c.name): the reference", line: line)
+            } else if zero {
                 XCTAssertLessThanOrEqual(zip(values, r).map { abs(Double($0) - $1) }.max() ?? 0, zeroTol, "\(name) \(c.name)", line: line)
             } else {
                 XCTAssertGreaterThan(r.map(abs).max() ?? 0, 1e-3, "\(name) \(c.name): the reference is all zeros", line: line)
@@ -66,12 +70,36 @@ final class CaptureGradientTests: FlexTestCase {
         try check("read twice, two captures", x, score: ScoreMod { s, _, h, q, kv in 10 * tanh((s + rel[q - kv + (L - 1)] * w[h]) / 10) + w[h] * w[h] * (kv - q) / 8 },
                   captures: [rel, w], tol: tol)
         // A bias by head or by query row alone shifts a whole softmax row: exactly zero gradient
-        // (Σ_j P(dP − Δ) = dO·O − Δ = 0). With 16-bit inputs Δ is taken from the stored output, as
-        // PyTorch takes it, so what is left is the output's rounding (measured 3e-3 here).
+        // (Σ_j P(dP − Δ) = dO·O − Δ = 0), and exactly 0 it is — those terms are left out, not
+        // summed to rounding noise (with 16-bit inputs that noise was the output's rounding,
+        // 3e-3 here, since Δ comes from the stored output).
         let head = try device.tensor(randn(H), shape: [H], name: "head_bias")
         let row = try device.tensor(randn(L), shape: [L], name: "row_bias")
-        try check("by head and row", x, score: ScoreMod { s, _, h, q, _ in s + head[h] + row[q] }, captures: [head, row], zero: true,
-                  zeroTol: fp16 ? 1e-2 : 1e-5)
+        try check("by head and row", x, score: ScoreMod { s, _, h, q, _ in s + head[h] + row[q] }, captures: [head, row], zero: true, zeroTol: 0)
+        // Beside a per-key term in the same mod, the per-row one still drops out, the other not.
+        try check("head bias beside a key bias", x, score: ScoreMod { s, _, h, _, kv in s + head[h] + perKey[kv] }, captures: [perKey], tol: tol)
+        try check("head bias beside a key bias (its own)", x, score: ScoreMod { s, _, h, _, kv in s + head[h] + perKey[kv] }, captures: [head],
+                  zero: true, zeroTol: 0)
+    }
+
+    /// With dLSE the loss sees a shift of a row (d LSE / d shift = 1): a head bias then has the
+    /// gradient Σ_rows dLSE, computed, not left out.
+    func testARowBiasWithGradLSE() throws {
+        let (H, L) = (2, 24)
+        let x = try inputs(Hq: H, Lq: L, Lkv: L, on: device)
+        let head = try device.tensor([0.3, -0.2], shape: [H], name: "head_bias")
+        let dLSE = randn(H * L)
+        let gl = try device.tensor(dLSE, shape: [1, H, L])
+        let score = ScoreMod { s, _, h, _, _ in s + head[h] }
+        let fwd = try flexAttention(x.q, x.k, x.v, scoreMod: score, returnLSE: true)
+        let g = try fwd.backward(gradOutput: x.dO, gradLSE: gl, gradCaptures: [head])
+        let got = try XCTUnwrap(g.gradient(of: head)).toArray()
+        let ref = try flexAttentionBackwardReference(x.q, x.k, x.v, gradOutput: x.dO, gradLSE: gl, scoreMod: score, gradCaptures: [head])
+        for h in 0..<H {
+            let rows = dLSE[(h * L)..<((h + 1) * L)].reduce(0, +)
+            XCTAssertEqual(ref.captures[0][h], Double(rows), accuracy: 1e-4)
+            XCTAssertEqual(Double(got[h]), Double(rows), accuracy: 1e-4)
+        }
     }
 
     func testGradientsOfCapturesMatchTheReference() throws {
