@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|shapes|decode]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
 # bf16: the seed suite in bfloat16 against PyTorch bf16 (compare) and the backward in bf16;
+# biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch.
 # Limits from the H200 run of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv, 90 s per 7 through coopmat-generic; a compare about 150 s.
@@ -36,6 +37,10 @@ if [ "$what" = bf16 ]; then
   tail -12 "$out/compare-bf16.txt"
   VKFLEX_KERNEL=coopmat-generic step bench-backward-bf16 90 vkflex bench --suite seed --backward --dtype bfloat16 --cases causal,sliding_window_1024
   tail -6 "$out/bench-backward-bf16.txt"
+fi
+if [ "$what" = biases ]; then
+  step biases 300 python3 tools/bias-grads-vs-torch.py --out "$out/biases.jsonl"
+  tail -12 "$out/biases.txt"
 fi
 if [ "$what" = shapes ]; then
   for shape in 16x8x16 16x8x8; do
