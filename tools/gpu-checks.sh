@@ -20,7 +20,8 @@ step() {  # step NAME SECONDS COMMAND...: runs, keeps stdout+stderr in $out/NAME
   echo "   exit $?"
   grep -E '^FAIL|passed, |validation layer reported|rror' "$out/$name.txt" | head -20
 }
-vkflex devices > "$out/devices.txt" 2>&1; grep -iE 'name|subgroup|cooperative|shared|bfloat16' "$out/devices.txt" | head -20
+# At most 8 files come back from a call ($OUT): the device listing goes to stdout only.
+vkflex devices 2>&1 | grep -iE 'name|subgroup|cooperative|shared|bfloat16' | head -20
 if [ "$what" = all ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step selftest-nv 90 vkflex selftest --kernel coopmat-nv
