@@ -90,9 +90,10 @@ extension AttentionPlanner {
                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16)
     }
 
-    /// Why the generic kernels cannot take `dtype` on `device` (float16 needs fp16 arithmetic;
-    /// bfloat16 needs bfloat16 cooperative matrices, unless the products are emulated), or nil.
-    static func genericDTypeProblem(_ dtype: DType, device: Device, kernel: String) -> String? {
+    /// Why a cooperative-matrix kernel (`kernel`, for the message) cannot take `dtype` on `device`
+    /// (float16 needs fp16 arithmetic; bfloat16 needs bfloat16 cooperative matrices, unless the
+    /// products are emulated), or nil.
+    static func matrixDTypeProblem(_ dtype: DType, device: Device, kernel: String) -> String? {
         let caps = device.capabilities
         switch dtype {
         case .float16:
@@ -122,7 +123,7 @@ extension AttentionPlanner {
     /// Why coopmat-generic cannot run this call on `device`, or nil when it can.
     static func genericProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         let caps = device.capabilities
-        if let problem = genericDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
+        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
         guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
             return noShapeProblem(s, device: device, tuning: tuning, what: "tiles")
@@ -180,7 +181,7 @@ extension AttentionPlanner {
 
     /// Why the backward's matrix passes cannot run this call, or nil.
     static func backwardMMProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
-        if let problem = genericDTypeProblem(s.dtype, device: device, kernel: "the backward's coopmat-generic passes") { return problem }
+        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the backward's coopmat-generic passes") { return problem }
         if backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) == nil {
             return noShapeProblem(s, device: device, tuning: tuning, what: "backward tiles")
         }

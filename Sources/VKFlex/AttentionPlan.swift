@@ -342,7 +342,7 @@ enum AttentionPlanner {
         let caps = device.capabilities
         if device.cooperativeMatrixAPI == nil { return "\(caps.name) has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix" }
         if let problem = shapeProblem(dtype: s.dtype, D: s.D, Dv: s.Dv) { return problem }
-        if let problem = genericDTypeProblem(s.dtype, device: device, kernel: "the cooperative-matrix kernel") { return problem }
+        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the cooperative-matrix kernel") { return problem }
         let operand = s.dtype == .bfloat16 ? "bfloat16" : "float16"
         if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == operand && $0.result == "float32" }) {
             return "\(caps.name) offers no 16x16x16 \(operand) -> float32 cooperative matrix"

@@ -13,7 +13,7 @@ import VKFlexVulkan
 enum GenericKernelCheck {
     /// Whether coopmat-generic matched the portable kernel on `device` at head dims D/Dv in
     /// `dtype` (checked the first time it is asked, then remembered for the device's lifetime).
-    static func passes(D: Int, Dv: Int, dtype: DType = .float16, device: Device) -> Bool {
+    static func passes(D: Int, Dv: Int, dtype: DType, device: Device) -> Bool {
         verdict("coopmat-generic kernel", against: "portable kernel", key: "forward.\(D)x\(Dv).\(dtype.rawValue)", D: D, Dv: Dv, dtype: dtype, device: device) {
             try compare(D: D, Dv: Dv, dtype: dtype, device: device)
         }
@@ -21,7 +21,7 @@ enum GenericKernelCheck {
 
     /// Whether the backward's matrix passes matched the portable ones on `device` at head dims
     /// D/Dv (checked once, as ``passes(D:Dv:device:)``).
-    static func backwardPasses(D: Int, Dv: Int, dtype: DType = .float16, device: Device) -> Bool {
+    static func backwardPasses(D: Int, Dv: Int, dtype: DType, device: Device) -> Bool {
         verdict("coopmat-generic backward", against: "portable backward", key: "backward.\(D)x\(Dv).\(dtype.rawValue)", D: D, Dv: Dv, dtype: dtype, device: device) {
             try compareBackward(D: D, Dv: Dv, dtype: dtype, device: device)
         }
@@ -62,7 +62,7 @@ enum GenericKernelCheck {
 
     /// What differs between the backward's matrix passes and the portable ones on a small input
     /// (GQA, partial tiles, a causal mask), or nil.
-    static func compareBackward(D: Int, Dv: Int, dtype: DType = .float16, device: Device) throws -> String? {
+    static func compareBackward(D: Int, Dv: Int, dtype: DType, device: Device) throws -> String? {
         let (q, k, v, dO, causal) = try inputs(D: D, Dv: Dv, dtype: dtype, device: device)
         let forward = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .portable))
         let run = { (kernel: FlexKernel) in
@@ -81,7 +81,7 @@ enum GenericKernelCheck {
     }
 
     /// What differs between coopmat-generic and the portable kernel on a small input, or nil.
-    static func compare(D: Int, Dv: Int, dtype: DType = .float16, device: Device) throws -> String? {
+    static func compare(D: Int, Dv: Int, dtype: DType, device: Device) throws -> String? {
         let (q, k, v, _, causal) = try inputs(D: D, Dv: Dv, dtype: dtype, device: device)
         for mask in [nil, causal] {
             let run = { (kernel: FlexKernel) in

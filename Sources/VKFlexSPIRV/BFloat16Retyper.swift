@@ -101,7 +101,7 @@ public enum BFloat16Retyper {
                 emit(typeFloat, [w[0], 16, encodingBFloat16])
                 continue
             case Op.constant where w[0] == half, specConstant where w[0] == half:
-                emit(ins.op, [w[0], w[1], UInt32(bfloat16Bits(Float(Float16(bitPattern: UInt16(truncatingIfNeeded: w[2])))))])
+                emit(ins.op, [w[0], w[1], UInt32(Float(Float16(bitPattern: UInt16(truncatingIfNeeded: w[2]))).bfloat16Bits)])
                 continue
             default:
                 emit(ins.op, w)
@@ -116,12 +116,5 @@ public enum BFloat16Retyper {
         }
         guard declared else { throw fail("the module declares no capability") }
         return out
-    }
-
-    /// The bits of the bfloat16 nearest `x` (ties to even; a NaN stays a quiet NaN).
-    public static func bfloat16Bits(_ x: Float) -> UInt16 {
-        let u = x.bitPattern
-        if x.isNaN { return UInt16(truncatingIfNeeded: u >> 16) | 0x40 }
-        return UInt16(truncatingIfNeeded: (u &+ 0x7FFF &+ ((u >> 16) & 1)) >> 16)
     }
 }

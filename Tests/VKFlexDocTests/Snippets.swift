@@ -669,15 +669,6 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// Sources/VKFlex/Tensor.swift:334
-@discardableResult func snippet_Sources_VKFlex_Tensor_swift_334(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
-    do {
-        Float(1.00390625).bfloat16Bits           // 0x3F80: a tie, to the even 1.0
-        Float(bfloat16Bits: 0x4049)              // 3.140625
-    }
-    return nil
-}
-
 // Sources/VKFlexCore/FlexError.swift:7
 @discardableResult func snippet_Sources_VKFlexCore_FlexError_swift_7(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
@@ -705,6 +696,15 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
         // flex_attention_fwd.comp:42: error: 'scroe' : undeclared identifier
         //    41 |   float s = score_mod(...);
         // >  42 |   s = scroe * 2.0;
+    }
+    return nil
+}
+
+// Sources/VKFlexCore/Float+BFloat16.swift:10
+@discardableResult func snippet_Sources_VKFlexCore_Float_BFloat16_swift_10(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        Float(1.00390625).bfloat16Bits           // 0x3F80: a tie, to the even 1.0
+        Float(bfloat16Bits: 0x4049)              // 3.140625
     }
     return nil
 }
@@ -979,9 +979,9 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlex_Tensor_swift_20",
     "snippet_Sources_VKFlex_Tensor_swift_152",
     "snippet_Sources_VKFlex_Tensor_swift_269",
-    "snippet_Sources_VKFlex_Tensor_swift_334",
     "snippet_Sources_VKFlexCore_FlexError_swift_7",
     "snippet_Sources_VKFlexCore_FlexError_swift_104",
+    "snippet_Sources_VKFlexCore_Float_BFloat16_swift_10",
     "snippet_Sources_VKFlexExpr_DSL_swift_6",
     "snippet_Sources_VKFlexExpr_DSL_swift_36",
     "snippet_Sources_VKFlexExpr_DSL_swift_197",

@@ -195,8 +195,8 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         XCTAssertThrowsError(try BFloat16Retyper.retype(moves)) { error in
             XCTAssertTrue("\(error)".contains("NV cooperative matrices"), "\(error)")
         }
-        XCTAssertEqual(BFloat16Retyper.bfloat16Bits(1 + 0x1p-8), 0x3F80, "ties to even")
-        XCTAssertEqual(BFloat16Retyper.bfloat16Bits(1 + 0x1p-8 + 0x1p-9), 0x3F81)
-        XCTAssertEqual(BFloat16Retyper.bfloat16Bits(.greatestFiniteMagnitude), 0x7F80, "overflow to inf")
+        XCTAssertEqual(Float(1 + 0x1p-8).bfloat16Bits, 0x3F80, "ties to even")
+        XCTAssertEqual(Float(1 + 0x1p-8 + 0x1p-9).bfloat16Bits, 0x3F81)
+        XCTAssertEqual(Float.greatestFiniteMagnitude.bfloat16Bits, 0x7F80, "overflow to inf")
     }
 }
