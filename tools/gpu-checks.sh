@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|bwd]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
 # bf16: the seed suite in bfloat16 against PyTorch bf16 (compare) and the backward in bf16;
 # biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
-# shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch.
+# shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch;
+# bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
+# (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the H200 run of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv, 90 s per 7 through coopmat-generic; a compare about 150 s.
 set -u
@@ -55,6 +57,17 @@ if [ "$what" = decode ]; then
   for w in 8 32; do
     VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 90 vkflex bench --suite decode --json "$out/decode-waves-$w.jsonl"
     tail -16 "$out/decode-waves-$w.txt"
+  done
+fi
+if [ "$what" = bwd ]; then
+  step selftest-nv 150 vkflex selftest --kernel coopmat-nv
+  grep -E '^(PASS|FAIL)  backward' "$out/selftest-nv.txt" | cut -c1-150
+  for t in ${BWD_TILES:-default}; do
+    [ "$t" = default ] && unset VKFLEX_BWD_TILES || export VKFLEX_BWD_TILES=$t
+    # The driver's register and spill counts of the backward's matrix passes (stderr, same file).
+    VKFLEX_PIPELINE_STATS=1 step "bench-bwd-$t" 150 vkflex bench --suite seed --backward --cases "${BWD_CASES:-causal,sliding_window_1024}"
+    grep -E 'backward|rror' "$out/bench-bwd-$t.txt"
+    grep -E 'pipeline flex_attention_bwd_(nv|mm)' "$out/bench-bwd-$t.txt" | sed -E 's/\[.*BWD_PASS=([0-9]).*D=([0-9]+).*\]/pass \1 D=\2/' | cut -c1-220
   done
 fi
 date -u

@@ -13,6 +13,9 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The products as scalar loops (no cooperative matrices on the device): the kernel's own code
     /// runs as on a GPU with them, slowly.
     var emulated: Bool
+    /// The coopmat-nv backward passes (flex_attention_bwd_nv.comp): the owned rows' operands stay
+    /// in shared memory instead of registers (`OWN_SHARED`).
+    var ownShared = false
 
     var BQ: Int { M * NSG }
     var WG: Int { SG * NSG }
@@ -26,7 +29,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (max(BKV, Dv) + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") }
 }
 
 extension AttentionPlanner {
@@ -188,9 +191,44 @@ extension AttentionPlanner {
         return nil
     }
 
+    // MARK: The backward's coopmat-nv passes (flex_attention_bwd_nv.comp)
+
+    /// Shared memory of flex_attention_bwd_nv.comp: the staged rows' two operands (the owned rows
+    /// pass through the same area first, so max(STEP, T) rows of D + 8 halves each, or with
+    /// `ownShared` stay in their own, T + STEP rows) and, in the dK/dV pass, the staged rows' LSE and Δ.
+    static func backwardNVSharedBytes(D: Int, nsg: Int, step: Int, ownShared: Bool = false) -> Int {
+        2 * (ownShared ? step + 16 * nsg : max(step, 16 * nsg)) * (D / 8 + 1) * 16 + 8 * step
+    }
+
+    /// The coopmat-nv backward passes' tiles, as ``GenericTiles`` (16×16×16, subgroups of 32, `NSG`
+    /// subgroups owning 16 rows each, `BKV` = rows staged per step): four subgroups (64 rows a
+    /// workgroup, as FlashAttention-2's backward) and 64 rows a step up to D = 64, 32 above,
+    /// where the owned operands and the dK, dV accumulators take most of the registers.
+    /// `VKFLEX_BWD_TILES` overrides them. Nil when they do not fit the shared memory.
+    static func backwardNVTiles(D: Int, sharedMemory: Int, forced: (nsg: Int, step: Int, ownShared: Bool)? = nil) -> GenericTiles? {
+        let (nsg, step, own) = forced ?? (D <= 64 ? (8, 64, false) : (4, 32, false))
+        guard backwardNVSharedBytes(D: D, nsg: nsg, step: step, ownShared: own) <= sharedMemory - 256 else { return nil }
+        return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: nsg, BKV: step, emulated: false, ownShared: own)
+    }
+
+    /// Why the coopmat-nv backward passes cannot run this call on `device`, or nil: the forward
+    /// kernel's conditions (NVIDIA's measured layout, subgroups of 32, fp16 or bf16 operands,
+    /// D = Dv a multiple of 16), head dims up to 128 (the owned rows and the gradients live in
+    /// registers), tiles that fit.
+    static func backwardNVProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
+        if let problem = coopmatProblem(s, device: device, tuning: tuning) { return problem }
+        if s.D > 128 { return "the coopmat-nv backward takes head dims up to 128 (got \(s.D))" }
+        if backwardNVTiles(D: s.D, sharedMemory: device.capabilities.maxSharedMemory, forced: tuning.backwardTiles) == nil {
+            let what = tuning.backwardTiles.map { "VKFLEX_BWD_TILES=\($0.nsg)x\($0.step)" + ($0.ownShared ? "xs" : "") } ?? "the coopmat-nv backward tiles"
+            return "\(what) do not fit \(device.capabilities.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
+        }
+        return nil
+    }
+
     /// The kernel of the backward's dQ and dK/dV passes: the call's option, else `VKFLEX_KERNEL`
-    /// where it names `portable` or `coopmat-generic`, else the matrix passes on a device with
-    /// cooperative matrices once they matched the portable ones there (``GenericKernelCheck``).
+    /// where it names `portable`, `coopmat-nv` or `coopmat-generic`, else coopmat-nv where it
+    /// applies (NVIDIA), else the generic matrix passes on a device with cooperative matrices once
+    /// they matched the portable ones there (``GenericKernelCheck``), else the portable passes.
     ///
     /// - Throws: ``FlexError/unsupported(_:)`` for a forced kernel the backward has not or that
     ///   cannot run the call.
@@ -200,9 +238,12 @@ extension AttentionPlanner {
         let chosen: FlexKernel
         if let forced {
             chosen = forced; source = "kernel: .\(forced)"
-        } else if let env = tuning.kernel, env == .portable || env == .coopmatGeneric {
+        } else if let env = tuning.kernel, env != .splitKV {
             chosen = env; source = "VKFLEX_KERNEL=\(env.rawValue)"
         } else {
+            // On NVIDIA the passes with P and dS in registers (H100, 2026-12-05: the generic
+            // passes ran at 9-12 TFLOP/s, 0.03x PyTorch; docs/performance.md).
+            if backwardNVProblem(s, device: device, tuning: tuning) == nil { return .coopmatNV }
             if device.cooperativeMatrixAPI != nil, backwardMMProblem(s, device: device, tuning: tuning) == nil,
                GenericKernelCheck.backwardPasses(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) {
                 return .coopmatGeneric
@@ -211,11 +252,14 @@ extension AttentionPlanner {
         }
         switch chosen {
         case .portable: return .portable
+        case .coopmatNV:
+            if let problem = backwardNVProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
+            return .coopmatNV
         case .coopmatGeneric:
             if let problem = backwardMMProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported("\(source): \(problem)") }
             return .coopmatGeneric
-        default:
-            throw FlexError.unsupported("\(source): the backward runs the portable or coopmat-generic kernel")
+        case .splitKV:
+            throw FlexError.unsupported("\(source): the backward runs the portable, coopmat-nv or coopmat-generic kernel")
         }
     }
 

@@ -24,6 +24,10 @@ struct AttentionTuning: Sendable {
     /// compute unit (default 2; unmeasured on a GPU beyond the default: docs/performance.md), for
     /// tuning.
     var decodeWaves = 2
+    /// `VKFLEX_BWD_TILES=NSGxSTEP[xs]`: the coopmat-nv backward passes' subgroups per workgroup
+    /// (each owns 16 rows), rows staged per step and (`s`) the owned rows' operands kept in shared
+    /// memory, for tuning (checked per call against the shared memory).
+    var backwardTiles: (nsg: Int, step: Int, ownShared: Bool)?
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -62,6 +66,15 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_DECODE_WAVES=\(w): use a whole number of workgroups per compute unit from 1 to 64 (default 2)")
             }
             t.decodeWaves = n
+        }
+        if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
+            let parts = b.lowercased().split(separator: "x", omittingEmptySubsequences: false)
+            let own = parts.count == 3 && parts[2] == "s"
+            let v = parts.prefix(2).map { Int($0) ?? 0 }
+            guard parts.count == 2 || own, (1...8).contains(v[0]), v[1] > 0, v[1] % 16 == 0, v[1] <= 128 else {
+                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xs], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, s to keep the owned rows in shared memory (e.g. 4x64 or 4x16xs)")
+            }
+            t.backwardTiles = (v[0], v[1], own)
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
@@ -196,6 +209,15 @@ struct AttentionPlan: Hashable, Sendable {
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
         case .generic(let t):
+            if case .backward(let n) = pass, kernel == .coopmatNV {
+                // The backward's dQ (1) and dK/dV (2) passes on NVIDIA's layout: 16 rows owned per
+                // subgroup, BKV staged per step.
+                source = ShaderSource(name: "flex_attention_bwd_nv", text: try ShaderLibrary.standard.text("flex_attention_bwd_nv.comp"), defines: [
+                    .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"), .init("STEP", "\(t.BKV)"),
+                    .init("BQ", "\(t.BQ)"), .init("OWN_SHARED", t.ownShared ? "1" : "0"),
+                ] + sixteenBitDefines(partial: false))
+                break
+            }
             if case .backward(let n) = pass {
                 // The backward's dQ (1) and dK/dV (2) passes through matrices: T rows owned and T staged.
                 source = ShaderSource(name: "flex_attention_bwd_mm", text: try ShaderLibrary.standard.text("flex_attention_bwd_mm.comp"), defines: [

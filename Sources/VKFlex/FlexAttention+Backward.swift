@@ -17,8 +17,8 @@ public struct FlexGradients {
     /// The gradients of the captured tensors the call named in `gradCaptures:`, in that order:
     /// float32, each in its capture's shape.
     public var captures: [Tensor] = []
-    /// The kernel of the dQ and dK/dV passes: `.portable` or `.coopmatGeneric` (cooperative
-    /// matrices; the other passes are the portable kernel's).
+    /// The kernel of the dQ and dK/dV passes: `.portable`, `.coopmatNV` (NVIDIA's layout) or
+    /// `.coopmatGeneric` (cooperative matrices; the other passes are the portable kernel's).
     public var kernel: FlexKernel = .portable
 
     /// The gradient of one of the tensors named in `gradCaptures:` (nil for any other tensor).
@@ -63,14 +63,16 @@ public struct FlexGradients {
 ///   Added with float atomics where the device has them (lavapipe and NVIDIA do), else through
 ///   per-workgroup partial sums.
 ///
-/// The dQ and dK/dV passes run through cooperative matrices (`coopmat-generic`,
-/// flex_attention_bwd_mm.comp: float16 inputs on a device with cooperative matrices, bfloat16 ones
-/// on a device with bfloat16 cooperative matrices, once they
-/// matched the portable passes there on a small input), else the portable kernels, which run on
-/// every device; both sum in float32 whatever the inputs' dtype. `options:` forces the dQ and
-/// dK/dV passes' kernel (`FlexOptions(kernel: .portable)` or `.coopmatGeneric`, which forced on a
-/// device without cooperative matrices runs its products as scalar loops); so does
-/// `VKFLEX_KERNEL` where it names one of them. ``FlexGradients/kernel`` says which ran. `kvLengths:` and `sinks:` are the forward call's (with
+/// The dQ and dK/dV passes run through cooperative matrices: on a device where the forward takes
+/// `coopmat-nv` (NVIDIA's fragment layout, float16 or bfloat16, head dim = value dim, a multiple
+/// of 16 up to 128) through `coopmat-nv` (flex_attention_bwd_nv.comp, P and dS made in
+/// registers), else through `coopmat-generic` (flex_attention_bwd_mm.comp: float16 inputs on a
+/// device with cooperative matrices, bfloat16 ones on a device with bfloat16 cooperative
+/// matrices, once they matched the portable passes there on a small input), else the portable
+/// kernels, which run on every device; all sum in float32 whatever the inputs' dtype. `options:`
+/// forces the dQ and dK/dV passes' kernel (`FlexOptions(kernel: .portable)`, `.coopmatNV` or
+/// `.coopmatGeneric`, which forced on a device without cooperative matrices runs its products as
+/// scalar loops); so does `VKFLEX_KERNEL` where it names one of them. ``FlexGradients/kernel`` says which ran. `kvLengths:` and `sinks:` are the forward call's (with
 /// sinks, `lse` includes them and ``FlexGradients/dsinks`` is their gradient).
 ///
 /// - Throws: ``FlexError/invalidArgument(_:)`` for shapes or dtypes that do not match the forward
@@ -244,9 +246,16 @@ enum BackwardKernel {
                                                                    errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures,
                                                                    rowShiftInvariant: !sinks && !gradLSE, bindsCaptures: false, device: device)
         let capAtomic = device.enabledFeatures.floatAtomicAdd
-        let mm = kernel == .coopmatGeneric ? AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) : nil
-        if kernel == .coopmatGeneric, mm == nil {
-            throw FlexError.unsupported(AttentionPlanner.backwardMMProblem(s, device: device, tuning: tuning) ?? "no backward tiles fit")
+        let mm: GenericTiles?
+        switch kernel {
+        case .coopmatGeneric:
+            mm = AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning)
+            if mm == nil { throw FlexError.unsupported(AttentionPlanner.backwardMMProblem(s, device: device, tuning: tuning) ?? "no backward tiles fit") }
+        case .coopmatNV:
+            if let problem = AttentionPlanner.backwardNVProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported(problem) }
+            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, forced: tuning.backwardTiles)
+        default:
+            mm = nil
         }
         func pipeline(_ pass: Int) throws -> ComputePipeline {
             let spliced = pass == 5 ? capMods! : mods
@@ -255,7 +264,7 @@ enum BackwardKernel {
             var plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
             if let mm, pass == 1 || pass == 2 {
-                plan.kernel = .coopmatGeneric
+                plan.kernel = kernel
                 plan.tiles = .generic(mm)
                 plan.typedOperands = !mm.emulated && device.cooperativeMatrixAPI == .khr
             }

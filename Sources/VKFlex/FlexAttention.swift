@@ -40,8 +40,8 @@ extension FlexResult {
     ///
     /// - gradCaptures: float tensors the score-mod captures whose gradients to return (a learnable
     ///   bias): ``FlexGradients/gradient(of:)``.
-    /// - options: the dQ and dK/dV passes' kernel (`.portable` or `.coopmatGeneric`; default: the
-    ///   planner's, ``FlexGradients/kernel`` says which ran).
+    /// - options: the dQ and dK/dV passes' kernel (`.portable`, `.coopmatNV` or `.coopmatGeneric`;
+    ///   default: the planner's, ``FlexGradients/kernel`` says which ran).
     ///
     /// - Throws: ``FlexError/invalidArgument(_:)`` when the forward ran without `returnLSE: true`;
     ///   what the backward throws.
@@ -264,7 +264,9 @@ public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod
                                   qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil)
     if kernel == .splitKV { _ = try ForwardKernel.mergePipeline(outDType: q.dtype, device: q.device) }
     if backward {
-        // The backward's dQ and dK/dV passes as the backward will choose them (its kernels: portable, coopmat-generic).
+        // The backward's dQ and dK/dV passes as the backward will choose them: portable and
+        // coopmat-generic when forced; a forward forced to coopmat-nv leaves the backward to the
+        // planner (which takes coopmat-nv where its passes apply: up to D = 128).
         let forced = options.kernel.flatMap { $0 == .portable || $0 == .coopmatGeneric ? $0 : nil }
         let backwardKernel = try AttentionPlanner.backwardKernel(shape, device: q.device, forced: forced)
         _ = try BackwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, sinks: false, kernel: backwardKernel, device: q.device)

@@ -167,11 +167,18 @@ public enum AttentionSelfTest {
     static let backwardCases = ["causal", "document", "ALiBi captured", "relative bias table captured", "tanh soft-cap 20",
                                 "GQA 8 query / 2 kv heads", "odd head dims 47 / 23", "float16", "bfloat16 causal"]
 
-    /// Runs the backward of the ``backwardCases`` against the float64 reference; `progress` sees
-    /// each outcome as it completes. `kernel`: the dQ and dK/dV passes' (`.portable` or
+    /// The cases the matrix passes' backward (coopmat-nv, coopmat-generic) checks too: their head
+    /// dims, partial tiles, GQA, mods and captured biases in 16 bits.
+    static let matrixBackwardCases = ["float16 D32 Lq != Lkv", "float16 D96 GQA prefix-LM", "float16 D128 odd lengths", "float16 soft-cap GQA",
+                                      "float16 document ALiBi", "bfloat16 ALiBi GQA D128"]
+
+    /// Runs the backward of the ``backwardCases`` (with a matrix kernel also the
+    /// ``matrixBackwardCases``) against the float64 reference; `progress` sees each outcome as it
+    /// completes. `kernel`: the dQ and dK/dV passes' (`.portable`, `.coopmatNV` or
     /// `.coopmatGeneric`; nil: the planner's); a case the forced kernel does not take is skipped.
     public static func runBackward(on device: Device, kernel: FlexKernel? = nil, progress: (Outcome) -> Void = { _ in }) -> [Outcome] {
-        specs.filter { backwardCases.contains($0.name) }.map { spec in
+        let names = backwardCases + (kernel == .coopmatNV || kernel == .coopmatGeneric ? matrixBackwardCases : [])
+        return specs.filter { names.contains($0.name) }.map { spec in
             let t0 = Date()
             var outcome = Outcome(name: "backward: " + spec.name, kernel: kernel ?? .portable, passed: false, seconds: 0, relativeError: .nan,
                                   lseError: .nan, detail: "")

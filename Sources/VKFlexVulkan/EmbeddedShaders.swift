@@ -878,6 +878,328 @@ void main() {
 #endif
 }
 """#,
+        "flex_attention_bwd_nv.comp": #"""
+#version 450
+// Block-sparse flash attention, backward, passes 1 (dQ) and 2 (dK, dV) on NVIDIA's tensor cores
+// (the plan's kernel coopmat-nv): flex_attention_bwd_mm.comp's passes with P and dS made in
+// registers. It relies on the accumulator layout the forward's coopmat-nv kernel relies on (the
+// host measures it: CooperativeMatrixLayout.nvidiaMMA): lane l holds rows l/4 and l/4 + 8 of each
+// 16x16 fragment, element e in row l/4 + 8 * (e >> 2), column 2 * (l % 4) + (e & 1) + 8 * ((e >> 1) & 1).
+// So each score's row and key are known where it is computed, P and dS are made in the
+// accumulator that held S and dP, and become fp16 A operands by conversion: no shared-memory
+// round trip per step (the generic passes' cost: 9-12 TFLOP/s on an H100, 2026-12-05).
+//
+// A workgroup of NSG subgroups owns T = 16 * NSG rows of its output — query rows (pass 1) or keys
+// (pass 2) —, 16 per subgroup, whose Q and dO (pass 1) or K and V (pass 2) it keeps as A operands
+// in registers. It walks the other side STEP rows at a time (keys along the forward walk in pass
+// 1; query rows along the transposed walk of each query head of its group in pass 2), staged in
+// shared memory as 16-bit values. Per step and 16 staged rows c, with S = x·x_cᵀ and dP = y·y_cᵀ:
+//   pass 1 (owned query rows, staged keys):  dQ += dS_c · K_c
+//   pass 2 (owned keys, staged query rows):  S and dP are transposed (keys x queries), so
+//                                            dV += Pᵀ_c · dO_c,  dK += dSᵀ_c · Q_c
+// with P = exp(s' - LSE), dS = P (dP - delta) d score_mod / d score (pair_grads), 0 where masked,
+// out of range or the row has no key (LSE -inf). dS and P are rounded to the operands' dtype for
+// their products (as FlashAttention does); everything is summed in fp32. Key splits (pass 1) and
+// query splits (pass 2) write float32 partials that pass 4 of flex_attention_bwd.comp sums.
+//
+// Steps that need no check (a full block, every staged and owned row in range) make P and dS with
+// no branch: P = exp2(s' log2(e) - LSE log2(e)), an LSE of -inf taken as +inf so that its row's P is 0.
+//
+// Defines: BWD_PASS (1, 2), D = DV (a multiple of 16), NSG, STEP (a multiple of 16), BQ = T,
+// OWN_SHARED (0/1: the owned rows' operands stay in shared memory, loaded at each use, which
+// leaves their registers to the gradients at large D), IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
+// (the host retypes the 16-bit operands). Subgroups of 32.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+
+#define VKF_MM_EMULATE 0
+#define MM 16
+#define MN 16
+#define MK 16
+#define WG (32 * NSG)
+#define T (16 * NSG)
+#ifndef OWN_SHARED
+#define OWN_SHARED 0
+#endif
+const float LOG2E = 1.4426950408889634;
+layout(local_size_x = WG) in;
+
+#include "flex_bwd_common.glsl"
+#include "flex_mm.glsl"
+
+// Element e of a fragment: in the upper 8 rows when EL_HI(e), column lane_c + EL_COL(e).
+#define EL_HI(e) ((e) >> 2)
+#define EL_COL(e) (((e) & 1) + 8 * (((e) >> 1) & 1))
+
+// 16-byte units of 8 halves; rows padded by one unit (the eight rows of a fragment load on
+// distinct banks). The owned rows pass through the staging area once, at the start, or stay in
+// their own (OWN_SHARED).
+#define XS4 (D / 8 + 1)
+#if OWN_SHARED
+#define ROWS STEP
+shared uvec4 Xo4[T * XS4];
+shared uvec4 Yo4[T * XS4];
+#else
+#define ROWS (STEP > T ? STEP : T)
+#define Xo4 Xs4
+#define Yo4 Ys4
+#endif
+shared uvec4 Xs4[ROWS * XS4];
+shared uvec4 Ys4[ROWS * XS4];
+#if BWD_PASS == 2
+// The staged query rows' LSE and delta.
+shared float t_lse[STEP], t_delta[STEP];
+#endif
+layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
+layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
+layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBufU { uvec4 do_units[]; };
+GATHER(q_data, q_units)
+GATHER(k_data, k_units)
+GATHER(v_data, v_units)
+GATHER(do_data, do_units)
+
+#if BWD_PASS == 1
+#define OWN_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
+#define OWN_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
+#define STEP_X(b, h, j, u) unit_k_data(k_at(b, h, j), p.k_sd, u)
+#define STEP_Y(b, h, j, u) unit_v_data(v_at(b, h, j), p.v_sd, u)
+#else
+#define OWN_X(b, h, j, u) unit_k_data(k_at(b, h, j), p.k_sd, u)
+#define OWN_Y(b, h, j, u) unit_v_data(v_at(b, h, j), p.v_sd, u)
+#define STEP_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
+#define STEP_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
+#endif
+
+void main() {
+    const int lid = int(gl_LocalInvocationIndex);
+    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * 16;
+    const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
+    // Built for subgroups of 32 (the layout above): otherwise NaN gradients, never wrong numbers.
+    const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
+#if BWD_PASS == 1
+    // x = query tile, y = head, z = batch * splits + split.
+    const int h = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dq_splits, split = int(gl_WorkGroupID.z) % p.dq_splits;
+    int qb, q0;
+    const int n_own = query_tile(int(gl_WorkGroupID.x), qb, q0);
+    if (n_own <= 0) return;
+    const int o0 = q0, hk = h / (p.Hq / p.Hkv);
+    const int kb_lo = split * p.dq_split_blocks, kb_hi = p.dq_splits > 1 ? kb_lo + p.dq_split_blocks : 2147483647;
+    const int own_h = h;
+#else
+    // x = key tile (ceil(kv_bs / T) per KV block), y = KV head, z = batch * splits + split.
+    const int tiles_k = (p.kv_bs + T - 1) / T;
+    const int kb = int(gl_WorkGroupID.x) / tiles_k, hk = int(gl_WorkGroupID.y), b = int(gl_WorkGroupID.z) / p.dk_splits;
+    const int split = int(gl_WorkGroupID.z) % p.dk_splits;
+    const int o0 = kb * p.kv_bs + (int(gl_WorkGroupID.x) - kb * tiles_k) * T;
+    const int k_end = min(min(o0 + T, (kb + 1) * p.kv_bs), p.Lkv);
+    if (k_end <= o0) return;
+    const int n_own = max(0, min(k_end, kv_len(b)) - o0);   // keys past the batch's length get zero gradients
+    const int qb_lo = split * p.dk_split_blocks, qb_hi = p.dk_splits > 1 ? qb_lo + p.dk_split_blocks : 2147483647;
+    const int own_h = hk;
+#endif
+
+    // The owned rows' operands: staged, then kept as A operands.
+    for (int e = lid; e < T * (D / 8); e += WG) {
+        const int r = e / (D / 8), u = e - r * (D / 8);
+        Xo4[r * XS4 + u] = r < n_own ? OWN_X(b, own_h, o0 + r, u) : uvec4(0);
+        Yo4[r * XS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
+    }
+    barrier();
+#if !OWN_SHARED
+    FRAG_A xf[D / 16], yf[D / 16];
+    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+        coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+        coopMatLoadNV(yf[kk], Ys4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+    }
+#endif
+    // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
+    FRAG_C gX[D / 16];
+    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gX[nn] = FRAG_C(0.0);
+#if BWD_PASS == 2
+    FRAG_C gY[D / 16];
+    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gY[nn] = FRAG_C(0.0);
+#else
+    // This lane's two query rows: their LSE (and in log2 units, -inf as +inf) and delta.
+    float r_lse[2], r_lse2[2], r_delta[2];
+    [[unroll]] for (int i = 0; i < 2; ++i) {
+        const int r = r0 + lane_r + 8 * i;
+        r_lse[i] = r < n_own ? lse_data[lse_at(b, h, q0 + r)] : NEG_INF;
+        r_lse2[i] = r_lse[i] == NEG_INF ? -NEG_INF : r_lse[i] * LOG2E;
+        r_delta[i] = r < n_own ? delta_data[row_id(b, h, q0 + r)] : 0.0;
+    }
+#endif
+
+    bool walked = true;
+#if BWD_PASS == 1
+    {
+        const int mrow = walk_row(b, h, qb);
+#else
+    for (int h = hk * (p.Hq / p.Hkv); n_own > 0 && h < (hk + 1) * (p.Hq / p.Hkv); ++h) {
+        const int mcol = walk_col(b, h, kb);
+#endif
+        int pass = 0;
+        for (; pass < 2; ++pass) {
+#if BWD_PASS == 1
+            const int n = walk_count(pass, mrow);
+#else
+            const int n = walk_count_t(pass, mcol);
+#endif
+            int blk = 0;
+            for (; blk < n; ++blk) {
+#if BWD_PASS == 1
+                const int kb = walk_block(pass, mrow, blk);
+                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
+                const int t_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
+                int t0 = kb * p.kv_bs;
+#else
+                const int qb = walk_query_block(pass, mcol, blk);
+                if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
+                const int t_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
+                int t0 = qb * p.q_bs;
+#endif
+                for (; t0 < t_stop; t0 += STEP) {
+                    const int nt = min(STEP, t_stop - t0);
+                    barrier();   // the previous step's tiles are read (and, first, the owned rows)
+                    for (int e = lid; e < STEP * (D / 8); e += WG) {
+                        const int j = e / (D / 8), u = e - j * (D / 8);
+                        Xs4[j * XS4 + u] = j < nt ? STEP_X(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
+                        Ys4[j * XS4 + u] = j < nt ? STEP_Y(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
+                    }
+#if BWD_PASS == 2
+                    for (int r = lid; r < STEP; r += WG) {
+                        t_lse[r] = r < nt ? lse_data[lse_at(b, h, t0 + r)] : NEG_INF;
+                        t_delta[r] = r < nt ? delta_data[row_id(b, h, t0 + r)] : 0.0;
+                    }
+#endif
+                    barrier();
+                    // Per 16 staged rows: S and dP (this subgroup's 16 owned rows against them), then
+                    // P and dS in place, element by element, as the fp16 operands of the gradients.
+                    FRAG_A dsf[STEP / 16];
+#if BWD_PASS == 2
+                    FRAG_A pf[STEP / 16];
+#endif
+                    // No check needed in this subgroup's pairs: a full block, every row in range.
+                    const bool clean = pass == 0 && nt == STEP && r0 + 16 <= n_own;
+                    [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+                        FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
+                        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+                            FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
+                            coopMatLoadNV(xt, Xs4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
+#if OWN_SHARED
+                            FRAG_A xf;
+                            coopMatLoadNV(xf, Xo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+                            s = coopMatMulAddNV(xf, xt, s);
+#else
+                            s = coopMatMulAddNV(xf[kk], xt, s);
+#endif
+                        }
+                        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+                            FRAG_B yt;
+                            coopMatLoadNV(yt, Ys4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
+#if OWN_SHARED
+                            FRAG_A yf;
+                            coopMatLoadNV(yf, Yo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+                            dp = coopMatMulAddNV(yf, yt, dp);
+#else
+                            dp = coopMatMulAddNV(yf[kk], yt, dp);
+#endif
+                        }
+                        if (clean) {
+                            [[unroll]] for (int e = 0; e < 8; ++e) {
+                                const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
+#if BWD_PASS == 1
+                                const int qi = q0 + r, ki = t0 + j;
+                                const float lse2 = r_lse2[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
+#else
+                                const int qi = t0 + j, ki = o0 + r;
+                                const float lse_j = t_lse[j], delta_i = t_delta[j];
+                                const float lse2 = lse_j == NEG_INF ? -NEG_INF : lse_j * LOG2E;
+#endif
+                                const float sc = s[e] * p.scale;
+                                const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2);
+                                s[e] = P * (dp[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki);
+                                dp[e] = P;
+                            }
+                        } else {
+                            [[unroll]] for (int e = 0; e < 8; ++e) {
+                                const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
+#if BWD_PASS == 1
+                                const int qi = q0 + r, ki = t0 + j;
+                                const float lse_i = r_lse[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
+#else
+                                const int qi = t0 + j, ki = o0 + r;
+                                const float lse_i = t_lse[j], delta_i = t_delta[j];
+#endif
+                                float P = 0.0, dS = 0.0;
+                                if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
+                                    pair_grads(b, h, qi, ki, s[e], dp[e], lse_i, delta_i, P, dS);
+                                s[e] = dS;
+                                dp[e] = P;
+                            }
+                        }
+                        dsf[c] = FRAG_A(s);
+#if BWD_PASS == 2
+                        pf[c] = FRAG_A(dp);
+#endif
+                    }
+                    // The gradients: the staged rows read row-major as B operands.
+                    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+                        [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+                            FRAG_B xb;
+                            coopMatLoadNV(xb, Xs4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
+                            gX[nn] = coopMatMulAddNV(dsf[c], xb, gX[nn]);
+#if BWD_PASS == 2
+                            FRAG_B yb;
+                            coopMatLoadNV(yb, Ys4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
+                            gY[nn] = coopMatMulAddNV(pf[c], yb, gY[nn]);
+#endif
+                        }
+                    }
+                }
+                if (t0 < t_stop) walked = false;
+            }
+            if (blk < n) walked = false;
+        }
+        if (pass < 2) walked = false;
+    }
+    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
+
+    // Out: each lane its elements, straight from the accumulators.
+    const float nan = uintBitsToFloat(0x7FC00000u);
+#if BWD_PASS == 1
+    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+        [[unroll]] for (int e = 0; e < 8; ++e) {
+            const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
+            const float g = sized ? gX[nn][e] * p.scale : nan;
+            if (r < n_own) {
+                const int row = row_id(b, h, q0 + r);
+                if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row) * D + d] = g;
+                else dq_data[row * D + d] = OUT_VALUE(g);
+            }
+        }
+    }
+#else
+    const int rows_k = p.B * p.Hkv * p.Lkv;
+    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+        [[unroll]] for (int e = 0; e < 8; ++e) {
+            const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
+            const float gk = sized ? gX[nn][e] * p.scale : nan, gv = sized ? gY[nn][e] : nan;
+            if (o0 + r < k_end) {
+                const int rowk = (b * p.Hkv + hk) * p.Lkv + o0 + r;   // dK and dV: contiguous [B, Hkv, Lkv, D]
+                if (p.dk_splits > 1) {
+                    part_dk[(split * rows_k + rowk) * D + d] = gk;
+                    part_dv[(split * rows_k + rowk) * D + d] = gv;
+                } else {
+                    dk_data[rowk * D + d] = OUT_VALUE(gk);
+                    dv_data[rowk * D + d] = OUT_VALUE(gv);
+                }
+            }
+        }
+    }
+#endif
+}
+"""#,
         "flex_attention_common.glsl": #"""
 // Bindings and parameters shared by the forward attention kernels (flex_attention_fwd*.comp).
 // Before including, define IN_T and OUT_T (the element types of Q/K/V and of O).

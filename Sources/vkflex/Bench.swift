@@ -235,7 +235,7 @@ struct Bench: ParsableCommand {
 
         // Backward: every dispatch of the backward (no forward), device timestamps, median after two
         // warm-up calls; dO random, the LSE from one forward call.
-        var bwMs: Double?
+        var bwMs: Double?, bwKernel: FlexKernel?
         if backward {
             let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
             let dO = try device.tensor(rng.normals(n), shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "grad_out")
@@ -253,6 +253,7 @@ struct Bench: ParsableCommand {
             }
             try device.synchronize()
             try last?.dq.checkErrors()
+            bwKernel = last?.kernel
             bwMs = median(try times.map { try device.seconds(from: $0.0, to: $0.1) * 1e3 })
         }
         var relErr: Double?
@@ -272,7 +273,8 @@ struct Bench: ParsableCommand {
             let bwTflops: Double = 10 * flops / (bwMs * 1e-3) / 1e12
             obj["bw_ms"] = (bwMs * 1e3).rounded() / 1e3
             obj["bw_tflops"] = (bwTflops * 10).rounded() / 10
-            print("\(pad(c.name, 20)) backward " + String(format: "%.2f ms, %.2f TFLOP/s", bwMs, bwTflops))
+            obj["bw_kernel"] = bwKernel?.rawValue
+            print("\(pad(c.name, 20)) backward " + String(format: "%.2f ms, %.2f TFLOP/s", bwMs, bwTflops) + " (\(bwKernel?.rawValue ?? "?"))")
         }
         if compiled {
             obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100

@@ -46,16 +46,22 @@ struct SelfTest: ParsableCommand {
                 rows.append(("\(o.name) [\(o.kernel?.rawValue ?? "auto")]", o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
                 if !o.skipped && !o.passed { failures += 1 }
             }
-            // The backward's dQ and dK/dV passes: portable, and through matrices (coopmat-generic).
-            for bk in kernels where bk == .portable || bk == .coopmatGeneric {
+            // The backward's dQ and dK/dV passes: portable, and through matrices (coopmat-nv, coopmat-generic).
+            for bk in kernels where bk == .portable || bk == .coopmatNV || bk == .coopmatGeneric {
                 print("backward cases (dQ, dK, dV) against the float64 reference, through \(bk.rawValue):")
-                for o in AttentionSelfTest.runBackward(on: device, kernel: bk, progress: { o in
+                let backward = AttentionSelfTest.runBackward(on: device, kernel: bk, progress: { o in
                     let verdict = o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL"
                     if o.skipped { print("\(verdict)  \(pad(o.name, 39)) \(o.detail)"); return }
                     print("\(verdict)  \(pad(o.name, 39)) \(String(format: "%8.1f ms  err %.1e", o.seconds * 1e3, o.relativeError))  \(o.detail)")
-                }) {
+                })
+                for o in backward {
                     rows.append(("\(o.name) [\(bk.rawValue)]", o.skipped ? "SKIP" : o.passed ? "PASS" : "FAIL", o.seconds * 1e3))
                     if !o.skipped && !o.passed { failures += 1 }
+                }
+                // Where the forward ran through coopmat-nv, its backward must have run too.
+                if bk == .coopmatNV, outcomes.contains(where: { $0.kernel == .coopmatNV && !$0.skipped }), backward.allSatisfy(\.skipped) {
+                    print("FAIL  no backward case ran through coopmat-nv")
+                    failures += 1
                 }
             }
             // A kernel the device has but that ran no case is a failure: the check could not fail otherwise.

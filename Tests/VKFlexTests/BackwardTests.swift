@@ -239,7 +239,7 @@ extension BackwardTests {
         }
         XCTAssertThrowsError(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32,
                                                        options: FlexOptions(kernel: .splitKV))) {
-            XCTAssertTrue("\($0)".contains("the backward runs the portable or coopmat-generic kernel"), "\($0)")
+            XCTAssertTrue("\($0)".contains("the backward runs the portable, coopmat-nv or coopmat-generic kernel"), "\($0)")
         }
         XCTAssertEqual(try flexAttentionBackward(q32, q32, q32, output: f32.output, lse: f32.lse!, gradOutput: q32).kernel, .portable,
                        "lavapipe: no cooperative matrices, the portable passes")
@@ -273,5 +273,54 @@ extension BackwardTests {
             }
         }
         XCTAssertEqual(compiled, 30)
+    }
+    /// The coopmat-nv passes (flex_attention_bwd_nv.comp, NVIDIA's layout) compile, and rewrite
+    /// for the KHR extension (bfloat16 retyped), for the head dims and tiles the planner gives
+    /// (lavapipe cannot run them: `vkflex selftest` on an NVIDIA GPU does); and the planner's rules.
+    func testNVPassesCompileAndTheirRules() throws {
+        let mods = try SplicedMods(score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: MaskMod { _, _, q, kv in q >= kv },
+                                   firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
+        var library = ShaderLibrary.standard
+        library.files.merge(mods.includes) { _, new in new }
+        library.files[BackwardParams.includeName] = BackwardParams.glsl
+        var compiled = 0
+        for (D, forced) in [(16, nil), (64, nil), (96, nil), (128, nil), (128, (4, 16, true))] {
+            guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
+            XCTAssertEqual(t.BQ, forced == nil && D <= 64 ? 128 : 64, "D=\(D): subgroups of 16 rows")
+            XCTAssertEqual(t.BKV, forced?.1 ?? (D <= 64 ? 64 : 32), "D=\(D)")
+            for (pass, dtype) in [(1, DType.float16), (2, .float16), (1, .bfloat16), (2, .bfloat16)] {
+                for typed in [false, true] where typed || dtype == .float16 {
+                    let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .generic(t),
+                                             typedOperands: typed, pushParams: pass == 1, mods: mods.glsl.source)
+                    XCTAssertEqual(try plan.source().name, "flex_attention_bwd_nv")
+                    let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
+                    XCTAssertTrue(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(spirv))
+                    if typed {
+                        let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)
+                        XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+                        try CooperativeMatrixKHRRewriter.verify(khr)
+                        if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "nv pass \(pass) D=\(D)") }
+                    }
+                    compiled += 1
+                }
+            }
+        }
+        XCTAssertEqual(compiled, 30)
+        // Tiles that do not fit are refused, by name where forced; lavapipe has no cooperative matrices.
+        XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: (8, 128, false)))
+        XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: (4, 32, true)))
+        XCTAssertNotNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: (2, 64, false)))
+        for bad in ["4x40", "4x16xq", "9x16", "4"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
+                XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xs]"), "\($0)")
+            }
+        }
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": "2x32"]).backwardTiles?.step, 32)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": "4x16xs"]).backwardTiles?.ownShared, true)
+        let q = try device.tensor(randn(8 * 16), shape: [1, 1, 8, 16], dtype: .float16)
+        let f = try flexAttention(q, q, q, returnLSE: true, options: FlexOptions(kernel: .portable))
+        XCTAssertThrowsError(try flexAttentionBackward(q, q, q, output: f.output, lse: f.lse!, gradOutput: q, options: FlexOptions(kernel: .coopmatNV))) {
+            XCTAssertTrue("\($0)".contains("has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix"), "\($0)")
+        }
     }
 }
