@@ -10,8 +10,9 @@
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch;
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
-# Limits from the H200 run of 2026-12-05: the seed suite takes about 25 s per 4 cases through
-# coopmat-nv, 90 s per 7 through coopmat-generic; a compare about 150 s.
+# Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
+# coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
+# coopmat-generic; a compare about 150 s; the decode suite about 150 s on an H100.
 set -u
 out=${OUT:-/tmp}
 what=${1:-all}
@@ -28,7 +29,7 @@ if [ "$what" = all ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step selftest-nv 90 vkflex selftest --kernel coopmat-nv
   step selftest-generic 90 vkflex selftest --kernel coopmat-generic
-  VKFLEX_KERNEL=coopmat-nv step bench-nv 120 vkflex bench --suite seed --json "$out/nv.jsonl"
+  VKFLEX_KERNEL=coopmat-nv step bench-nv 180 vkflex bench --suite seed --json "$out/nv.jsonl"
   tail -11 "$out/bench-nv.txt"
   VKFLEX_KERNEL=coopmat-generic step bench-generic 150 vkflex bench --suite seed --json "$out/generic.jsonl"
   tail -11 "$out/bench-generic.txt"
@@ -55,7 +56,7 @@ if [ "$what" = decode ]; then
   tail -25 "$out/decode.txt"
   # The split count's target (workgroups per compute unit), vkflex alone.
   for w in 8 32; do
-    VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 90 vkflex bench --suite decode --json "$out/decode-waves-$w.jsonl"
+    VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 200 vkflex bench --suite decode --json "$out/decode-waves-$w.jsonl"
     tail -16 "$out/decode-waves-$w.txt"
   done
 fi
