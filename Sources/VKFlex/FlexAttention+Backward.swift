@@ -170,7 +170,8 @@ enum BackwardField: String, KernelParamField {
     /// Q, K, V and dO rows are contiguous and 8-aligned: the matrix passes load them 16 bytes at a time.
     case vec_ok
     /// Key splits of the dQ pass and the KV blocks each walks; query splits of the dK/dV pass and
-    /// the query blocks each walks (1: no split); the sum pass's element count, splits and target.
+    /// the (query head of the group, query block) units each walks (1: no split); the sum pass's
+    /// element count, splits and target.
     case dq_splits, dq_split_blocks, dk_splits, dk_split_blocks, sum_n, sum_splits, sum_target
     /// The captures' gradients (pass 5): their element count, the query rows (units) each
     /// workgroup walks, and its key splits with the KV blocks each walks.
@@ -347,8 +348,9 @@ enum BackwardKernel {
         } && s.D % 8 == 0 && s.Dv % 8 == 0
         p.set(.vec_ok, int: vecOK ? 1 : 0)
         // Where the device caps a shader's loop iterations (lavapipe), the dQ pass splits each
-        // row's key blocks and the dK/dV pass each key's query blocks into shares sized to stay
-        // under the cap (an upper bound of the loops per walked block), summed by pass 4.
+        // row's key blocks and the dK/dV pass each key's (query head of its group, query block)
+        // units into shares sized to stay under the cap (an upper bound of the loops per walked
+        // block), summed by pass 4.
         let kvBlocks = p.int(.kv_blocks), qBlocks = p.int(.q_blocks), WG = prepared.WG, group = s.Hq / s.Hkv
         let (BQ, BKV) = (prepared.BQ, prepared.BKV)
         let tilesQ = (qBS + BQ - 1) / BQ, tilesK = (kvBS + BKV - 1) / BKV
@@ -357,7 +359,7 @@ enum BackwardKernel {
         guard qBlocks * max(tilesQ, tilesQ12) <= caps.maxWorkgroupCount[0], kvBlocks * max(tilesK, tilesK12) <= caps.maxWorkgroupCount[0] else {
             throw FlexError.limitExceeded("the backward's \(qBlocks * tilesQ) query tiles or \(kvBlocks * tilesK) key tiles exceed \(caps.name)'s dispatch limit \(caps.maxWorkgroupCount[0])")
         }
-        var dqSplit = (count: 1, blocks: kvBlocks), dkSplit = (count: 1, blocks: qBlocks)
+        var dqSplit = (count: 1, blocks: kvBlocks), dkSplit = (count: 1, blocks: group * qBlocks)
         let limit = ForwardKernel.loopIterationLimit(device)
         let budget = max(1, (limit ?? 0) * 3 / 4 - 4 * (s.D + s.Dv) - 2 * (kvBlocks + qBlocks) - 1024)
         if limit != nil {
@@ -365,15 +367,16 @@ enum BackwardKernel {
             func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
             let pairs = ceilDiv(BQ * BKV, WG) * (s.D + s.Dv + 8)
             var perKVBlock = tilesK * (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG) + pairs + ceilDiv(BQ * s.D, WG) * (BKV + 1) + 8)
-            var perQBlock = group * tilesQ * (ceilDiv(BQ * s.D, WG) + ceilDiv(BQ * s.Dv, WG) + 1 + pairs
+            var perQBlock = tilesQ * (ceilDiv(BQ * s.D, WG) + ceilDiv(BQ * s.Dv, WG) + 1 + pairs
                                               + (ceilDiv(BKV * s.D, WG) + ceilDiv(BKV * s.Dv, WG)) * (BQ + 1) + 8)
             if let mm = prepared.mm {
                 let step = mmIterationsPerStep(D: s.D, Dv: s.Dv, tiles: mm)
-                (perKVBlock, perQBlock) = (tilesK12 * step, group * tilesQ12 * step)
+                (perKVBlock, perQBlock) = (tilesK12 * step, tilesQ12 * step)
             }
-            let dqBlocks = max(1, budget / perKVBlock), dkBlocks = max(1, budget / perQBlock)
+            let dqBlocks = max(1, budget / perKVBlock), dkBlocks = max(1, budget / perQBlock)   // dkBlocks: units
             if dqBlocks < kvBlocks { dqSplit = ((kvBlocks + dqBlocks - 1) / dqBlocks, dqBlocks) }
-            if dkBlocks < qBlocks { dkSplit = ((qBlocks + dkBlocks - 1) / dkBlocks, dkBlocks) }
+            let dkUnits = group * qBlocks
+            if dkBlocks < dkUnits { dkSplit = ((dkUnits + dkBlocks - 1) / dkBlocks, dkBlocks) }
         }
         let nDQ = s.B * s.Hq * s.Lq * s.D, nDK = s.B * s.Hkv * s.Lkv * s.D, nDV = s.B * s.Hkv * s.Lkv * s.Dv
         func scratch(_ splits: Int, _ n: Int) throws -> Buffer {

@@ -450,7 +450,9 @@ void main() {
             int blk = 0;
             for (; blk < n; ++blk) {
                 const int qb = walk_query_block(pass, mcol, blk);
-                if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
+                // Splits share out (head of the group, query block) units: a GQA group's heads multiply the work per block.
+                const int unit = (h - hk * (p.Hq / p.Hkv)) * p.q_blocks + qb;
+                if (unit < qb_lo || unit >= qb_hi) continue;   // another split's rows
                 const int q_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
                 int q0 = qb * p.q_bs;
                 for (; q0 < q_stop; q0 += BQ) {
@@ -698,7 +700,9 @@ void main() {
                 int t0 = kb * p.kv_bs;
 #else
                 const int qb = walk_query_block(pass, mcol, blk);
-                if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
+                // Splits share out (head of the group, query block) units: a GQA group's heads multiply the work per block.
+                const int unit = (h - hk * (p.Hq / p.Hkv)) * p.q_blocks + qb;
+                if (unit < qb_lo || unit >= qb_hi) continue;   // another split's rows
                 const int t_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
                 int t0 = qb * p.q_bs;
 #endif
@@ -1054,7 +1058,9 @@ void main() {
                 int t0 = kb * p.kv_bs;
 #else
                 const int qb = walk_query_block(pass, mcol, blk);
-                if (qb < qb_lo || qb >= qb_hi) continue;   // another split's rows
+                // Splits share out (head of the group, query block) units: a GQA group's heads multiply the work per block.
+                const int unit = (h - hk * (p.Hq / p.Hkv)) * p.q_blocks + qb;
+                if (unit < qb_lo || unit >= qb_hi) continue;   // another split's rows
                 const int t_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
                 int t0 = qb * p.q_bs;
 #endif

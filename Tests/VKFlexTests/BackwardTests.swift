@@ -207,6 +207,10 @@ extension BackwardTests {
                  mask: MaskMod { _, _, q, kv in kv <= q - 5 }, gradLSE: true),
             Case(name: "mm D=64 sliding window", Hq: 1, Hkv: 1, Lq: 80, Lkv: 80, D: 64, Dv: 64, dtype: .float16,
                  mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv < 24) }, blockSize: 16),
+            // A GQA group of 4 heads over 128-row blocks: under lavapipe's loop cap one block's
+            // work for the whole group did not fit a split; splits share out (head, block) units.
+            Case(name: "mm GQA group of 4, 128-row blocks", Hq: 8, Hkv: 2, Lq: 256, Lkv: 256, D: 64, Dv: 64, dtype: .float16,
+                 score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: causal, blockSize: 128),
             // bfloat16 operands (P and dS rounded to bfloat16 in the emulation, as the matrices take them).
             Case(name: "mm bfloat16 causal soft-cap GQA", Hq: 4, Hkv: 2, Lq: 50, Lkv: 61, D: 32, Dv: 16, dtype: .bfloat16,
                  score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: causal),
