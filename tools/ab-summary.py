@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Summarizes an A/B of `vkflex bench --json` runs: BEFORE... -- AFTER... (JSON lines files).
 Per case (name, D, dtype; decode rows also paged or not): the median fw_tflops of each side over
-its runs (decode rows: GB/s), after/before, and the geometric mean of the ratios — the figures
-issue 19's "no speed lost" rule reads (>= 0.99 mean, no case below 0.97)."""
+its runs (decode rows: GB/s; runs with --backward add a "backward" row per case, bw_tflops),
+after/before, and the geometric mean of the ratios — the figures issue 19's "no speed lost" rule
+reads (>= 0.99 mean, no case below 0.97)."""
 import json, math, statistics, sys
 
 args = sys.argv[1:]
@@ -20,6 +21,8 @@ for side, files in sides.items():
             decode = "gbps" in r
             key = (r["case"] + (" paged" if r.get("paged") else ""), r["D"], r.get("dtype", "float16"))
             tflops[side].setdefault(key, []).append(r["gbps"] if decode else r["fw_tflops"])
+            if "bw_tflops" in r:
+                tflops[side].setdefault((key[0] + " backward",) + key[1:], []).append(r["bw_tflops"])
 print("| case | D | dtype | before TFLOP/s or GB/s (median) | after (median) | after/before |")
 print("|---|---|---|---|---|---|")
 ratios = []
