@@ -249,14 +249,20 @@ extension BackwardTests {
                        "lavapipe: no cooperative matrices, the portable passes")
     }
 
-    /// The matrix passes' cooperative-matrix form compiles and rewrites for the KHR extension for
-    /// the shapes and subgroup sizes other vendors list (lavapipe cannot run it).
-    func testMatrixPassesCompileForEveryShape() throws {
+    /// A soft-capped causal backward's splice and the shader library that compiles its passes.
+    func softCapCausalLibrary() throws -> (SplicedMods, ShaderLibrary) {
         let mods = try SplicedMods(score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: MaskMod { _, _, q, kv in q >= kv },
                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
         var library = ShaderLibrary.standard
         library.files.merge(mods.includes) { _, new in new }
         library.files[BackwardParams.includeName] = BackwardParams.glsl
+        return (mods, library)
+    }
+
+    /// The matrix passes' cooperative-matrix form compiles and rewrites for the KHR extension for
+    /// the shapes and subgroup sizes other vendors list (lavapipe cannot run it).
+    func testMatrixPassesCompileForEveryShape() throws {
+        let (mods, library) = try softCapCausalLibrary()
         var compiled = 0
         for (m, n, k, sg) in [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8)] {
             let shape = CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
@@ -278,15 +284,12 @@ extension BackwardTests {
         }
         XCTAssertEqual(compiled, 30)
     }
+
     /// The coopmat-nv passes (flex_attention_bwd_nv.comp, NVIDIA's layout) compile, and rewrite
     /// for the KHR extension (bfloat16 retyped), for the head dims and tiles the planner gives
     /// (lavapipe cannot run them: `vkflex selftest` on an NVIDIA GPU does); and the planner's rules.
     func testNVPassesCompileAndTheirRules() throws {
-        let mods = try SplicedMods(score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }, mask: MaskMod { _, _, q, kv in q >= kv },
-                                   firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
-        var library = ShaderLibrary.standard
-        library.files.merge(mods.includes) { _, new in new }
-        library.files[BackwardParams.includeName] = BackwardParams.glsl
+        let (mods, library) = try softCapCausalLibrary()
         var compiled = 0
         for (D, forced) in [(16, nil), (64, nil), (96, nil), (128, nil), (128, (4, 16, true))] {
             guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
