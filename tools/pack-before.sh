@@ -12,8 +12,12 @@ cd "$root"
 work=$(mktemp -d)
 trap 'git worktree remove --force "$work/src" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 git worktree add --detach "$work/src" "$rev" >/dev/null
-(cd "$work/src" && swift build -c release --static-swift-stdlib --product vkflex)
-bin="$(cd "$work/src" && swift build -c release --static-swift-stdlib --show-bin-path)/vkflex"
+# PACK_SWIFT_FLAGS: extra flags for an old revision this compiler no longer builds as it is, e.g.
+# "-Xswiftc -Xfrontend -Xswiftc -enable-copy-propagation=false" (Swift 6.3.1 crashes in
+# CopyPropagation on 91f6cce's Attend.swift; host code only, the kernels' SPIR-V is the same).
+flags=(${PACK_SWIFT_FLAGS:-})
+(cd "$work/src" && swift build -c release --static-swift-stdlib "${flags[@]}" --product vkflex)
+bin="$(cd "$work/src" && swift build -c release --static-swift-stdlib "${flags[@]}" --show-bin-path)/vkflex"
 strip -o .device/vkflex-before "$bin"
 gzip -f .device/vkflex-before
 echo "packed $(git rev-parse --short "$rev") into .device/vkflex-before.gz"
