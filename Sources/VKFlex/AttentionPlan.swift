@@ -24,6 +24,9 @@ struct AttentionTuning: Sendable {
     /// compute unit (default 2; unmeasured on a GPU beyond the default: docs/performance.md), for
     /// tuning.
     var decodeWaves = 2
+    /// `VKFLEX_DECODE_TILE=n`: the keys split-KV decoding stages per step (8, 16, 32 or 64; default
+    /// the largest that fits the shared memory), for tuning.
+    var decodeTile: Int?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xs]`: the coopmat-nv backward passes' subgroups per workgroup
     /// (each owns 16 rows), rows staged per step and (`s`) the owned rows' operands kept in shared
     /// memory, for tuning (checked per call against the shared memory).
@@ -66,6 +69,12 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_DECODE_WAVES=\(w): use a whole number of workgroups per compute unit from 1 to 64 (default 2)")
             }
             t.decodeWaves = n
+        }
+        if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
+            guard let n = Int(k), [8, 16, 32, 64].contains(n) else {
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use 8, 16, 32 or 64 keys per step")
+            }
+            t.decodeTile = n
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
             let parts = b.lowercased().split(separator: "x", omittingEmptySubsequences: false)
@@ -286,7 +295,7 @@ enum AttentionPlanner {
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
                                  mods: mods.glsl.source)
         case .splitKV:
-            guard let t = decodeTiles(D: s.D, Dv: s.Dv, device: device) else {
+            guard let t = decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) else {
                 throw FlexError.unsupported("split-kv: head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has")
             }
             return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .decode(rows: t.rows, BKV: t.BKV, WG: t.WG),
@@ -323,19 +332,31 @@ enum AttentionPlanner {
     /// Why the split-KV decode kernel cannot run this call, or nil when it can.
     static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
         if s.Lq > decodeRows { return "split-kv takes at most \(decodeRows) query rows (decoding); this call has \(s.Lq)" }
-        if decodeTiles(D: s.D, Dv: s.Dv, device: device) == nil { return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has" }
+        if decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) == nil, let forced = (try? AttentionTuning.of(device))?.decodeTile {
+            return "VKFLEX_DECODE_TILE=\(forced) needs more shared memory than \(device.capabilities.name) has at head dims \(s.D)/\(s.Dv)"
+        }
+        if decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) == nil { return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has" }
         return nil
     }
 
-    /// The decode kernel's tiles: 16 rows, the largest key tile (32, 16 or 8) whose Q rows, K or V
-    /// tile and scores fit the shared memory, 128 invocations (or the device's most).
-    static func decodeTiles(D: Int, Dv: Int, device: Device) -> (rows: Int, BKV: Int, WG: Int)? {
+    /// The decode kernel's tiles: 16 rows, the largest key tile (64, 32, 16 or 8; or
+    /// `VKFLEX_DECODE_TILE`) whose shared arrays fit, 128 invocations (or the device's most).
+    static func decodeTiles(D: Int, Dv: Int, dtype: DType, device: Device) -> (rows: Int, BKV: Int, WG: Int)? {
         let caps = device.capabilities, rows = decodeRows
-        for bkv in [32, 16, 8] {
-            let bytes = 4 * (rows * D + bkv * (max(D, Dv) | 1) + rows * (bkv | 1) + 7 * rows)
-            if bytes <= caps.maxSharedMemory - 256 { return (rows, bkv, min(128, caps.maxWorkgroupInvocations)) }
+        let forced = (try? AttentionTuning.of(device))?.decodeTile
+        for bkv in forced.map({ [$0] }) ?? [64, 32, 16, 8]
+        where decodeSharedBytes(D: D, Dv: Dv, rows: rows, BKV: bkv, sixteenBit: dtype.size == 2) <= caps.maxSharedMemory - 256 {
+            return (rows, bkv, min(128, caps.maxWorkgroupInvocations))
         }
         return nil
+    }
+
+    /// flex_attention_decode.comp's shared arrays: Q rows as float pairs, the K and V tiles as words
+    /// of two elements (4 bytes packed for 16-bit inputs, 8 for float32) at odd strides, the
+    /// scores, and five ints per row.
+    static func decodeSharedBytes(D: Int, Dv: Int, rows: Int, BKV: Int, sixteenBit: Bool) -> Int {
+        let dw = (D + 1) / 2, dvw = (Dv + 1) / 2, word = sixteenBit ? 4 : 8
+        return rows * dw * 8 + BKV * ((dw | 1) + (dvw | 1)) * word + rows * (BKV | 1) * 4 + 5 * rows * 4
     }
 
     /// A backward pass's plan: the portable passes of flex_attention_bwd.comp with their tiles

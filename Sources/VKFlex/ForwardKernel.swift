@@ -230,7 +230,7 @@ enum ForwardKernel {
                 let waves = try AttentionTuning.of(device).decodeWaves
                 var splits = max(1, min(kvBlocks, (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
-                    let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, tiles: (BQ, BKV, prepared.WG))
+                    let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, tiles: (BQ, BKV, prepared.WG), half: s.dtype.size == 2)
                     let budget = limit * 3 / 4 - (BQ * s.D / prepared.WG + BQ + 2 * kvBlocks + 512)
                     let blocksPerSplit = max(1, budget / perBlock)
                     splits = max(splits, (kvBlocks + blocksPerSplit - 1) / blocksPerSplit)
@@ -290,11 +290,14 @@ enum ForwardKernel {
 
     /// An upper bound of the decode kernel's loop iterations per KV block (every loop of
     /// flex_attention_decode.comp counted as if none were unrolled).
-    static func decodeIterationsPerBlock(D: Int, Dv: Int, kvBlockSize: Int, tiles: (rows: Int, BKV: Int, WG: Int)) -> Int {
+    static func decodeIterationsPerBlock(D: Int, Dv: Int, kvBlockSize: Int, tiles: (rows: Int, BKV: Int, WG: Int), half: Bool) -> Int {
         let (R, BKV, WG) = tiles
         func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
-        let acc = ceilDiv(R * Dv, WG)
-        let perTile = ceilDiv(BKV * D, WG) + ceilDiv(R * BKV, WG) * (D + 4) + 2 * BKV + ceilDiv(BKV * Dv, WG) + acc * (BKV + 2) + 16
+        let unit = half ? 8 : 4, wordsPerUnit = half ? 4 : 2, dw = (D + 1) / 2, dvw = (Dv + 1) / 2
+        let units = ceilDiv(BKV * (D / unit), WG) + ceilDiv(BKV * (Dv / unit), WG)
+        let stage = max(units * (2 + wordsPerUnit), ceilDiv(BKV * dw, WG) + ceilDiv(BKV * dvw, WG))
+        let tasks = ceilDiv(R * BKV, WG), acc = ceilDiv(R * dvw, WG)
+        let perTile = stage + 2 + tasks * (dw + 2) + acc * (BKV + 1) + 16
         return ceilDiv(kvBlockSize, BKV) * perTile + 4
     }
 
