@@ -158,150 +158,127 @@ void main() {
     }
 #endif
 
-    bool walked = true;
+    // The walk, a step of T staged rows at a time (walk_next, flex_bwd_common.glsl).
 #if BWD_PASS == 1
-    {
-        const int mrow = walk_row(b, h, qb);
+    const int w_h0 = h, w_h1 = h + 1, w_lo = kb_lo, w_hi = kb_hi, w_own = qb;
 #else
-    for (int h = hk * (p.Hq / p.Hkv); n_own > 0 && h < (hk + 1) * (p.Hq / p.Hkv); ++h) {
-        const int mcol = walk_col(b, h, kb);
+    const int w_h0 = hk * (p.Hq / p.Hkv), w_h1 = n_own > 0 ? w_h0 + p.Hq / p.Hkv : w_h0, w_lo = qb_lo, w_hi = qb_hi, w_own = kb;
 #endif
-        int pass = 0;
-        for (; pass < 2; ++pass) {
-#if BWD_PASS == 1
-            const int n = walk_count(pass, mrow);
-#else
-            const int n = walk_count_t(pass, mcol);
-#endif
-            int blk = 0;
-            for (; blk < n; ++blk) {
-#if BWD_PASS == 1
-                const int kb = walk_block(pass, mrow, blk);
-                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
-                const int t_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
-                int t0 = kb * p.kv_bs;
-#else
-                const int qb = walk_query_block(pass, mcol, blk);
-                // Splits share out (head of the group, query block) units: a GQA group's heads multiply the work per block.
-                const int unit = (h - hk * (p.Hq / p.Hkv)) * p.q_blocks + qb;
-                if (unit < qb_lo || unit >= qb_hi) continue;   // another split's rows
-                const int t_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
-                int t0 = qb * p.q_bs;
-#endif
-                for (; t0 < t_stop; t0 += T) {
-                    const int nt = min(T, t_stop - t0);
-                    barrier();   // the previous step's tiles are read
-                    for (int e = lid; e < T * (D / 8); e += WG) {
-                        const int j = e / (D / 8), u = e - j * (D / 8);
-                        Xs4[j * XS4 + u] = j < nt ? STEP_X(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
-                    }
-                    for (int e = lid; e < T * (DV / 8); e += WG) {
-                        const int j = e / (DV / 8), u = e - j * (DV / 8);
-                        Ys4[j * YS4 + u] = j < nt ? STEP_Y(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
-                    }
+    int c_h = w_h0, c_pass = w_h0 < w_h1 ? -1 : 2, c_blk = 0, c_n = 0, c_m = 0, c_t0 = 0, c_stop = 0;
+    if (c_pass < 2) walk_next(T, b, w_own, w_h0, w_h1, w_lo, w_hi, c_h, c_pass, c_blk, c_n, c_m, c_t0, c_stop);
+    while (c_pass < 2) {
+        const int pass = c_pass, t0 = c_t0, nt = min(T, c_stop - c_t0);
 #if BWD_PASS == 2
-                    for (int r = lid; r < T; r += WG) {
-                        t_lse[r] = r < nt ? lse_data[lse_at(b, h, t0 + r)] : NEG_INF;
-                        t_delta[r] = r < nt ? delta_data[row_id(b, h, t0 + r)] : 0.0;
-                    }
+        const int h = c_h;
 #endif
-                    barrier();
-                    // S and dP of this subgroup's MM owned rows against the T staged ones.
-#if VKF_MM_EMULATE
-                    for (int e = lane; e < MM * T; e += SG) {
-                        const int r = r0 + e / T, j = e - (e / T) * T;
-                        float s = 0.0, dp = 0.0;
-                        for (int d = 0; d < D; ++d) s += HALF_AT(Xo4, r * XS4 * 8 + d) * HALF_AT(Xs4, j * XS4 * 8 + d);
-                        for (int d = 0; d < DV; ++d) dp += HALF_AT(Yo4, r * YS4 * 8 + d) * HALF_AT(Ys4, j * YS4 * 8 + d);
-                        Ss[r * SST + j] = s;
-                        DPs[r * PST + j] = dp;
-                    }
-#else
-                    [[unroll]] for (int nn = 0; nn < T / MN; ++nn) {
-                        FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
-                        [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
-                            FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
-                            coopMatLoadNV(xt, Xs4, uint(nn * MN * XS4 + kk * MK / 8), uint(XS4), true);
-                            s = coopMatMulAddNV(xf[kk], xt, s);
-                        }
-                        [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) {
-                            FRAG_B yt;
-                            coopMatLoadNV(yt, Ys4, uint(nn * MN * YS4 + kk * MK / 8), uint(YS4), true);
-                            dp = coopMatMulAddNV(yf[kk], yt, dp);
-                        }
-                        coopMatStoreNV(s, Ss, uint(r0 * SST + nn * MN), uint(SST), false);
-                        coopMatStoreNV(dp, DPs, uint(r0 * PST + nn * MN), uint(PST), false);
-                    }
-#endif
-                    subgroup_sync();
-                    // P and dS per pair, lane by lane (element e = lane + i SG of the MM x T tile). Not
-                    // unrolled: the mods and their derivative are inlined in the body.
-                    for (int i = 0; i < MM * T / SG; ++i) {
-                        const int e = lane + i * SG, r = r0 + e / T, j = e - (e / T) * T;
-#if BWD_PASS == 1
-                        const int qi = q0 + r, ki = t0 + j;
-                        const float lse_i = t_lse[r], delta_i = t_delta[r];
-                        const bool ok = r < n_own && j < nt;
-#else
-                        const int qi = t0 + j, ki = o0 + r;
-                        const float lse_i = t_lse[j], delta_i = t_delta[j];
-                        const bool ok = r < n_own && j < nt;
-#endif
-                        float P = 0.0, dS = 0.0;
-                        if (ok && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
-                            pair_grads(b, h, qi, ki, Ss[r * SST + j], DPs[r * PST + j], lse_i, delta_i, P, dS);
-                        dSh[r * HST + j] = TO_HALF(dS);
-#if BWD_PASS == 2
-                        Ph[r * HST + j] = TO_HALF(P);
-#endif
-                    }
-                    subgroup_sync();
-                    // The gradients: pass 1 dQ += dS K; pass 2 dK += dSᵀ Q, dV += Pᵀ dO (the staged
-                    // side's X and Y, read row-major as B operands).
-#if VKF_MM_EMULATE
-                    for (int i = 0; i < MM * D / SG; ++i) {
-                        const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
-                        float s = 0.0;
-                        for (int j = 0; j < T; ++j) s += HALF_FLOAT(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
-                        Gx[r * D + d] += s;
-                    }
-#if BWD_PASS == 2
-                    for (int i = 0; i < MM * DV / SG; ++i) {
-                        const int e = lane + i * SG, r = r0 + e / DV, d = e - (e / DV) * DV;
-                        float s = 0.0;
-                        for (int j = 0; j < T; ++j) s += HALF_FLOAT(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
-                        Gy[r * DV + d] += s;
-                    }
-#endif
-#else
-                    {
-                        FRAG_A af[T / MK];
-                        [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
-                        [[unroll]] for (int nn = 0; nn < D / MN; ++nn)
-                            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
-                                FRAG_B xb;
-                                coopMatLoadNV(xb, Xs4, uint(kk * MK * XS4 + nn * MN / 8), uint(XS4), false);
-                                gX[nn] = coopMatMulAddNV(af[kk], xb, gX[nn]);
-                            }
-#if BWD_PASS == 2
-                        [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
-                        [[unroll]] for (int nn = 0; nn < DV / MN; ++nn)
-                            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
-                                FRAG_B yb;
-                                coopMatLoadNV(yb, Ys4, uint(kk * MK * YS4 + nn * MN / 8), uint(YS4), false);
-                                gY[nn] = coopMatMulAddNV(af[kk], yb, gY[nn]);
-                            }
-#endif
-                    }
-#endif
-                }
-                if (t0 < t_stop) walked = false;
-            }
-            if (blk < n) walked = false;
+        barrier();   // the previous step's tiles are read
+        for (int e = lid; e < T * (D / 8); e += WG) {
+            const int j = e / (D / 8), u = e - j * (D / 8);
+            Xs4[j * XS4 + u] = j < nt ? STEP_X(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
         }
-        if (pass < 2) walked = false;
+        for (int e = lid; e < T * (DV / 8); e += WG) {
+            const int j = e / (DV / 8), u = e - j * (DV / 8);
+            Ys4[j * YS4 + u] = j < nt ? STEP_Y(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
+        }
+#if BWD_PASS == 2
+        for (int r = lid; r < T; r += WG) {
+            t_lse[r] = r < nt ? lse_data[lse_at(b, h, t0 + r)] : NEG_INF;
+            t_delta[r] = r < nt ? delta_data[row_id(b, h, t0 + r)] : 0.0;
+        }
+#endif
+        barrier();
+        // S and dP of this subgroup's MM owned rows against the T staged ones.
+#if VKF_MM_EMULATE
+        for (int e = lane; e < MM * T; e += SG) {
+            const int r = r0 + e / T, j = e - (e / T) * T;
+            float s = 0.0, dp = 0.0;
+            for (int d = 0; d < D; ++d) s += HALF_AT(Xo4, r * XS4 * 8 + d) * HALF_AT(Xs4, j * XS4 * 8 + d);
+            for (int d = 0; d < DV; ++d) dp += HALF_AT(Yo4, r * YS4 * 8 + d) * HALF_AT(Ys4, j * YS4 * 8 + d);
+            Ss[r * SST + j] = s;
+            DPs[r * PST + j] = dp;
+        }
+#else
+        [[unroll]] for (int nn = 0; nn < T / MN; ++nn) {
+            FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
+            [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
+                FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
+                coopMatLoadNV(xt, Xs4, uint(nn * MN * XS4 + kk * MK / 8), uint(XS4), true);
+                s = coopMatMulAddNV(xf[kk], xt, s);
+            }
+            [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) {
+                FRAG_B yt;
+                coopMatLoadNV(yt, Ys4, uint(nn * MN * YS4 + kk * MK / 8), uint(YS4), true);
+                dp = coopMatMulAddNV(yf[kk], yt, dp);
+            }
+            coopMatStoreNV(s, Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+            coopMatStoreNV(dp, DPs, uint(r0 * PST + nn * MN), uint(PST), false);
+        }
+#endif
+        subgroup_sync();
+        // P and dS per pair, lane by lane (element e = lane + i SG of the MM x T tile). Not
+        // unrolled: the mods and their derivative are inlined in the body.
+        for (int i = 0; i < MM * T / SG; ++i) {
+            const int e = lane + i * SG, r = r0 + e / T, j = e - (e / T) * T;
+#if BWD_PASS == 1
+            const int qi = q0 + r, ki = t0 + j;
+            const float lse_i = t_lse[r], delta_i = t_delta[r];
+            const bool ok = r < n_own && j < nt;
+#else
+            const int qi = t0 + j, ki = o0 + r;
+            const float lse_i = t_lse[j], delta_i = t_delta[j];
+            const bool ok = r < n_own && j < nt;
+#endif
+            float P = 0.0, dS = 0.0;
+            if (ok && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
+                pair_grads(b, h, qi, ki, Ss[r * SST + j], DPs[r * PST + j], lse_i, delta_i, P, dS);
+            dSh[r * HST + j] = TO_HALF(dS);
+#if BWD_PASS == 2
+            Ph[r * HST + j] = TO_HALF(P);
+#endif
+        }
+        subgroup_sync();
+        // The gradients: pass 1 dQ += dS K; pass 2 dK += dSᵀ Q, dV += Pᵀ dO (the staged
+        // side's X and Y, read row-major as B operands).
+#if VKF_MM_EMULATE
+        for (int i = 0; i < MM * D / SG; ++i) {
+            const int e = lane + i * SG, r = r0 + e / D, d = e - (e / D) * D;
+            float s = 0.0;
+            for (int j = 0; j < T; ++j) s += HALF_FLOAT(dSh[r * HST + j]) * HALF_AT(Xs4, j * XS4 * 8 + d);
+            Gx[r * D + d] += s;
+        }
+#if BWD_PASS == 2
+        for (int i = 0; i < MM * DV / SG; ++i) {
+            const int e = lane + i * SG, r = r0 + e / DV, d = e - (e / DV) * DV;
+            float s = 0.0;
+            for (int j = 0; j < T; ++j) s += HALF_FLOAT(Ph[r * HST + j]) * HALF_AT(Ys4, j * YS4 * 8 + d);
+            Gy[r * DV + d] += s;
+        }
+#endif
+#else
+        {
+            FRAG_A af[T / MK];
+            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
+            [[unroll]] for (int nn = 0; nn < D / MN; ++nn)
+                [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+                    FRAG_B xb;
+                    coopMatLoadNV(xb, Xs4, uint(kk * MK * XS4 + nn * MN / 8), uint(XS4), false);
+                    gX[nn] = coopMatMulAddNV(af[kk], xb, gX[nn]);
+                }
+#if BWD_PASS == 2
+            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
+            [[unroll]] for (int nn = 0; nn < DV / MN; ++nn)
+                [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+                    FRAG_B yb;
+                    coopMatLoadNV(yb, Ys4, uint(kk * MK * YS4 + nn * MN / 8), uint(YS4), false);
+                    gY[nn] = coopMatMulAddNV(af[kk], yb, gY[nn]);
+                }
+#endif
+        }
+#endif
+        walk_next(T, b, w_own, w_h0, w_h1, w_lo, w_hi, c_h, c_pass, c_blk, c_n, c_m, c_t0, c_stop);
     }
-    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
+    // A walk that a driver's loop cap stopped early (lavapipe) is reported, as in the forward.
+    if (c_pass < 2 && lid == 0) vkf_report(4, 0, 0, 0);
 
     // Out: each lane its elements e = lane + i SG of its subgroup's rows (through shared memory
     // from the accumulators).

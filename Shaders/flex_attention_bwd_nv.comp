@@ -26,7 +26,8 @@
 //
 // Defines: BWD_PASS (1, 2), D = DV (a multiple of 16), NSG, STEP (a multiple of 16), BQ = T,
 // OWN_SHARED (0/1: the owned rows' operands stay in shared memory, loaded at each use, which
-// leaves their registers to the gradients at large D), IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
+// leaves their registers to the gradients at large D), PREFETCH (0/1: each step's rows are
+// loaded into registers while the step before computes; costs 2 * PRE registers), IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
 // (the host retypes the 16-bit operands). Subgroups of 32.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -39,6 +40,9 @@
 #define T (16 * NSG)
 #ifndef OWN_SHARED
 #define OWN_SHARED 0
+#endif
+#ifndef PREFETCH
+#define PREFETCH 0
 #endif
 const float LOG2E = 1.4426950408889634;
 layout(local_size_x = WG) in;
@@ -89,6 +93,29 @@ GATHER(do_data, do_units)
 #define STEP_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
 #define STEP_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
 #endif
+
+// A step's share per invocation: PRE 16-byte units of each staged operand, PRL rows' LSE and delta.
+#define PRE ((STEP * (D / 8) + WG - 1) / WG)
+#define PRL ((STEP + WG - 1) / WG)
+// Loads the nt staged rows from row t0 of head hh (zeros past them): this invocation's units of
+// X and Y, and in pass 2 its rows' LSE and delta.
+void fetch(int b, int hh, int t0, int nt, int lid, out uvec4 fx[PRE], out uvec4 fy[PRE], out float fl[PRL], out float fd[PRL]) {
+    [[unroll]] for (int a = 0; a < PRE; ++a) {
+        const int e = lid + a * WG, j = e / (D / 8), u = e - j * (D / 8);
+        const bool ok = e < STEP * (D / 8) && j < nt;
+        fx[a] = ok ? STEP_X(b, hh, t0 + j, u) : uvec4(0);
+        fy[a] = ok ? STEP_Y(b, hh, t0 + j, u) : uvec4(0);
+    }
+    [[unroll]] for (int a = 0; a < PRL; ++a) {
+        const int r = lid + a * WG;
+#if BWD_PASS == 2
+        fl[a] = r < nt ? lse_data[lse_at(b, hh, t0 + r)] : NEG_INF;
+        fd[a] = r < nt ? delta_data[row_id(b, hh, t0 + r)] : 0.0;
+#else
+        fl[a] = 0.0; fd[a] = 0.0;
+#endif
+    }
+}
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
@@ -149,142 +176,130 @@ void main() {
     }
 #endif
 
-    bool walked = true;
+    // The walk as a cursor over its steps (walk_next), so that with PREFETCH each step's rows are
+    // loaded into registers while the step before computes. (No loop cap to report: this kernel
+    // runs only on NVIDIA GPUs.)
 #if BWD_PASS == 1
-    {
-        const int mrow = walk_row(b, h, qb);
+    const int w_h0 = h, w_h1 = h + 1, w_lo = kb_lo, w_hi = kb_hi, w_own = qb;
 #else
-    for (int h = hk * (p.Hq / p.Hkv); n_own > 0 && h < (hk + 1) * (p.Hq / p.Hkv); ++h) {
-        const int mcol = walk_col(b, h, kb);
+    const int w_h0 = hk * (p.Hq / p.Hkv), w_h1 = n_own > 0 ? w_h0 + p.Hq / p.Hkv : w_h0, w_lo = qb_lo, w_hi = qb_hi, w_own = kb;
 #endif
-        int pass = 0;
-        for (; pass < 2; ++pass) {
-#if BWD_PASS == 1
-            const int n = walk_count(pass, mrow);
-#else
-            const int n = walk_count_t(pass, mcol);
+    int c_h = w_h0, c_pass = w_h0 < w_h1 ? -1 : 2, c_blk = 0, c_n = 0, c_m = 0, c_t0 = 0, c_stop = 0;
+    if (c_pass < 2) walk_next(STEP, b, w_own, w_h0, w_h1, w_lo, w_hi, c_h, c_pass, c_blk, c_n, c_m, c_t0, c_stop);
+    uvec4 fx[PRE], fy[PRE];   // a step's rows on their way to shared memory
+    float fl[PRL], fd[PRL];   // pass 2: its rows' LSE and delta
+#if PREFETCH
+    if (c_pass < 2) fetch(b, BWD_PASS == 1 ? hk : c_h, c_t0, min(STEP, c_stop - c_t0), lid, fx, fy, fl, fd);
 #endif
-            int blk = 0;
-            for (; blk < n; ++blk) {
-#if BWD_PASS == 1
-                const int kb = walk_block(pass, mrow, blk);
-                if (kb < kb_lo || kb >= kb_hi) continue;   // another split's keys
-                const int t_stop = min(kb * p.kv_bs + p.kv_bs, kv_len(b));
-                int t0 = kb * p.kv_bs;
-#else
-                const int qb = walk_query_block(pass, mcol, blk);
-                // Splits share out (head of the group, query block) units: a GQA group's heads multiply the work per block.
-                const int unit = (h - hk * (p.Hq / p.Hkv)) * p.q_blocks + qb;
-                if (unit < qb_lo || unit >= qb_hi) continue;   // another split's rows
-                const int t_stop = min(qb * p.q_bs + p.q_bs, p.Lq);
-                int t0 = qb * p.q_bs;
-#endif
-                for (; t0 < t_stop; t0 += STEP) {
-                    const int nt = min(STEP, t_stop - t0);
-                    barrier();   // the previous step's tiles are read (and, first, the owned rows)
-                    for (int e = lid; e < STEP * (D / 8); e += WG) {
-                        const int j = e / (D / 8), u = e - j * (D / 8);
-                        Xs4[j * XS4 + u] = j < nt ? STEP_X(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
-                        Ys4[j * XS4 + u] = j < nt ? STEP_Y(b, BWD_PASS == 1 ? hk : h, t0 + j, u) : uvec4(0);
-                    }
+    while (c_pass < 2) {
+        const int pass = c_pass, t0 = c_t0, nt = min(STEP, c_stop - c_t0);
 #if BWD_PASS == 2
-                    for (int r = lid; r < STEP; r += WG) {
-                        t_lse[r] = r < nt ? lse_data[lse_at(b, h, t0 + r)] : NEG_INF;
-                        t_delta[r] = r < nt ? delta_data[row_id(b, h, t0 + r)] : 0.0;
-                    }
+        const int h = c_h;
 #endif
-                    barrier();
-                    // Per 16 staged rows: S and dP (this subgroup's 16 owned rows against them), then
-                    // P and dS in place, element by element, as the fp16 operands of the gradients.
-                    FRAG_A dsf[STEP / 16];
-#if BWD_PASS == 2
-                    FRAG_A pf[STEP / 16];
+        barrier();   // the previous step's tiles are read (and, first, the owned rows)
+#if !PREFETCH
+        fetch(b, BWD_PASS == 1 ? hk : h, t0, nt, lid, fx, fy, fl, fd);
 #endif
-                    // No check needed in this subgroup's pairs: a full block, every row in range.
-                    const bool clean = pass == 0 && nt == STEP && r0 + 16 <= n_own;
-                    [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
-                        FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
-                        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
-                            FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
-                            coopMatLoadNV(xt, Xs4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
-#if OWN_SHARED
-                            FRAG_A xf;
-                            coopMatLoadNV(xf, Xo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-                            s = coopMatMulAddNV(xf, xt, s);
-#else
-                            s = coopMatMulAddNV(xf[kk], xt, s);
-#endif
-                        }
-                        [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
-                            FRAG_B yt;
-                            coopMatLoadNV(yt, Ys4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
-#if OWN_SHARED
-                            FRAG_A yf;
-                            coopMatLoadNV(yf, Yo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-                            dp = coopMatMulAddNV(yf, yt, dp);
-#else
-                            dp = coopMatMulAddNV(yf[kk], yt, dp);
-#endif
-                        }
-                        if (clean) {
-                            [[unroll]] for (int e = 0; e < 8; ++e) {
-                                const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
-#if BWD_PASS == 1
-                                const int qi = q0 + r, ki = t0 + j;
-                                const float lse2 = r_lse2[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
-#else
-                                const int qi = t0 + j, ki = o0 + r;
-                                const float lse_j = t_lse[j], delta_i = t_delta[j];
-                                const float lse2 = lse_j == NEG_INF ? -NEG_INF : lse_j * LOG2E;
-#endif
-                                const float sc = s[e] * p.scale;
-                                const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2);
-                                s[e] = P * (dp[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki);
-                                dp[e] = P;
-                            }
-                        } else {
-                            [[unroll]] for (int e = 0; e < 8; ++e) {
-                                const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
-#if BWD_PASS == 1
-                                const int qi = q0 + r, ki = t0 + j;
-                                const float lse_i = r_lse[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
-#else
-                                const int qi = t0 + j, ki = o0 + r;
-                                const float lse_i = t_lse[j], delta_i = t_delta[j];
-#endif
-                                float P = 0.0, dS = 0.0;
-                                if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
-                                    pair_grads(b, h, qi, ki, s[e], dp[e], lse_i, delta_i, P, dS);
-                                s[e] = dS;
-                                dp[e] = P;
-                            }
-                        }
-                        dsf[c] = FRAG_A(s);
-#if BWD_PASS == 2
-                        pf[c] = FRAG_A(dp);
-#endif
-                    }
-                    // The gradients: the staged rows read row-major as B operands.
-                    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
-                        [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
-                            FRAG_B xb;
-                            coopMatLoadNV(xb, Xs4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
-                            gX[nn] = coopMatMulAddNV(dsf[c], xb, gX[nn]);
-#if BWD_PASS == 2
-                            FRAG_B yb;
-                            coopMatLoadNV(yb, Ys4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
-                            gY[nn] = coopMatMulAddNV(pf[c], yb, gY[nn]);
-#endif
-                        }
-                    }
-                }
-                if (t0 < t_stop) walked = false;
-            }
-            if (blk < n) walked = false;
+        [[unroll]] for (int a = 0; a < PRE; ++a) {
+            const int e = lid + a * WG, j = e / (D / 8), u = e - j * (D / 8);
+            if (e < STEP * (D / 8)) { Xs4[j * XS4 + u] = fx[a]; Ys4[j * XS4 + u] = fy[a]; }
         }
-        if (pass < 2) walked = false;
+#if BWD_PASS == 2
+        [[unroll]] for (int a = 0; a < PRL; ++a) {
+            const int r = lid + a * WG;
+            if (r < STEP) { t_lse[r] = fl[a]; t_delta[r] = fd[a]; }
+        }
+#endif
+        barrier();
+        walk_next(STEP, b, w_own, w_h0, w_h1, w_lo, w_hi, c_h, c_pass, c_blk, c_n, c_m, c_t0, c_stop);
+#if PREFETCH
+        // The next step's loads, in flight while this one computes.
+        if (c_pass < 2) fetch(b, BWD_PASS == 1 ? hk : c_h, c_t0, min(STEP, c_stop - c_t0), lid, fx, fy, fl, fd);
+#endif
+        // Per 16 staged rows: S and dP (this subgroup's 16 owned rows against them), then
+        // P and dS in place, element by element, as the fp16 operands of the gradients.
+        FRAG_A dsf[STEP / 16];
+#if BWD_PASS == 2
+        FRAG_A pf[STEP / 16];
+#endif
+        // No check needed in this subgroup's pairs: a full block, every row in range.
+        const bool clean = pass == 0 && nt == STEP && r0 + 16 <= n_own;
+        [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+            FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
+            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+                FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
+                coopMatLoadNV(xt, Xs4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
+#if OWN_SHARED
+                FRAG_A xf;
+                coopMatLoadNV(xf, Xo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+                s = coopMatMulAddNV(xf, xt, s);
+#else
+                s = coopMatMulAddNV(xf[kk], xt, s);
+#endif
+            }
+            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+                FRAG_B yt;
+                coopMatLoadNV(yt, Ys4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
+#if OWN_SHARED
+                FRAG_A yf;
+                coopMatLoadNV(yf, Yo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+                dp = coopMatMulAddNV(yf, yt, dp);
+#else
+                dp = coopMatMulAddNV(yf[kk], yt, dp);
+#endif
+            }
+            if (clean) {
+                [[unroll]] for (int e = 0; e < 8; ++e) {
+                    const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
+#if BWD_PASS == 1
+                    const int qi = q0 + r, ki = t0 + j;
+                    const float lse2 = r_lse2[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
+#else
+                    const int qi = t0 + j, ki = o0 + r;
+                    const float lse_j = t_lse[j], delta_i = t_delta[j];
+                    const float lse2 = lse_j == NEG_INF ? -NEG_INF : lse_j * LOG2E;
+#endif
+                    const float sc = s[e] * p.scale;
+                    const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2);
+                    s[e] = P * (dp[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki);
+                    dp[e] = P;
+                }
+            } else {
+                [[unroll]] for (int e = 0; e < 8; ++e) {
+                    const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
+#if BWD_PASS == 1
+                    const int qi = q0 + r, ki = t0 + j;
+                    const float lse_i = r_lse[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
+#else
+                    const int qi = t0 + j, ki = o0 + r;
+                    const float lse_i = t_lse[j], delta_i = t_delta[j];
+#endif
+                    float P = 0.0, dS = 0.0;
+                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
+                        pair_grads(b, h, qi, ki, s[e], dp[e], lse_i, delta_i, P, dS);
+                    s[e] = dS;
+                    dp[e] = P;
+                }
+            }
+            dsf[c] = FRAG_A(s);
+#if BWD_PASS == 2
+            pf[c] = FRAG_A(dp);
+#endif
+        }
+        // The gradients: the staged rows read row-major as B operands.
+        [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+            [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+                FRAG_B xb;
+                coopMatLoadNV(xb, Xs4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
+                gX[nn] = coopMatMulAddNV(dsf[c], xb, gX[nn]);
+#if BWD_PASS == 2
+                FRAG_B yb;
+                coopMatLoadNV(yb, Ys4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
+                gY[nn] = coopMatMulAddNV(pf[c], yb, gY[nn]);
+#endif
+            }
+        }
     }
-    if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
     // Out: each lane its elements, straight from the accumulators.
     const float nan = uintBitsToFloat(0x7FC00000u);

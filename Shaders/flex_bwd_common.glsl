@@ -71,6 +71,59 @@ int kv_len(int b) { return p.has_kv_lens != 0 ? kv_lens[b] : p.Lkv; }
 #define VKF_WALK_TRANSPOSED 1
 #include "flex_walk.glsl"
 
+// The matrix passes' walk as a cursor over its steps (flex_attention_bwd_mm.comp, _nv.comp).
+#if BWD_PASS == 1 || BWD_PASS == 2
+#if BWD_PASS == 1
+// Pass 1 walks the forward lists of its query block (w_own) for one head: key blocks.
+#define WALK_LINE(b, h, own) walk_row(b, h, own)
+#define WALK_COUNT(pass, m) walk_count(pass, m)
+#define WALK_BLOCK(pass, m, i) walk_block(pass, m, i)
+#define WALK_BS p.kv_bs
+#define WALK_END(b) kv_len(b)
+#else
+// Pass 2 walks the transposed lists of its key block (w_own) for each head of its group: query blocks.
+#define WALK_LINE(b, h, own) walk_col(b, h, own)
+#define WALK_COUNT(pass, m) walk_count_t(pass, m)
+#define WALK_BLOCK(pass, m, i) walk_query_block(pass, m, i)
+#define WALK_BS p.q_bs
+#define WALK_END(b) p.Lq
+#endif
+
+// Moves the cursor (head c_h, list c_pass: 0 full, 1 partial; block c_blk of c_n in line c_m; rows
+// c_t0 up to c_stop) to the walk's next step: the next `step` rows of its block, else the first of
+// the next block with rows (in this split's range), list, head (from w_h0 up to w_h1). c_pass == 2:
+// no step is left. Start from c_h = w_h0, c_pass = -1, c_blk = c_n = c_t0 = c_stop = 0 (c_pass = 2
+// for an empty walk). A split's range [w_lo, w_hi) counts key blocks in pass 1, (head of the
+// group, query block) units in pass 2 (a GQA group's heads multiply the work per block).
+void walk_next(int step, int b, int w_own, int w_h0, int w_h1, int w_lo, int w_hi,
+               inout int c_h, inout int c_pass, inout int c_blk, inout int c_n, inout int c_m, inout int c_t0, inout int c_stop) {
+    c_t0 += step;
+    if (c_t0 < c_stop) return;
+    for (;;) {
+        if (++c_blk >= c_n) {
+            if (++c_pass == 2) {
+                if (++c_h >= w_h1) return;   // the walk is over
+                c_pass = 0;
+            }
+            if (c_pass == 0) c_m = WALK_LINE(b, c_h, w_own);
+            c_n = WALK_COUNT(c_pass, c_m);
+            c_blk = -1;
+            continue;
+        }
+        const int blk = WALK_BLOCK(c_pass, c_m, c_blk);
+#if BWD_PASS == 2
+        const int unit = (c_h - w_h0) * p.q_blocks + blk;
+#else
+        const int unit = blk;
+#endif
+        if (unit < w_lo || unit >= w_hi) continue;   // another split's
+        c_t0 = blk * WALK_BS;
+        c_stop = min(c_t0 + WALK_BS, WALK_END(b));
+        if (c_t0 < c_stop) return;
+    }
+}
+#endif
+
 // dS of one (row, key) pair whose score was not masked, and P: the shared core of passes 1 and 2.
 // dot_qk = q.k, dot_dov = dO.v.
 void pair_grads(int b, int h, int i, int j, float dot_qk, float dot_dov, float lse_i, float delta_i, out float P, out float dS) {

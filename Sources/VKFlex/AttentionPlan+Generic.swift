@@ -16,6 +16,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The coopmat-nv backward passes (flex_attention_bwd_nv.comp): the owned rows' operands stay
     /// in shared memory instead of registers (`OWN_SHARED`).
     var ownShared = false
+    /// The coopmat-nv backward passes: each step's rows are loaded while the step before computes (`PREFETCH`).
+    var prefetch = false
 
     var BQ: Int { M * NSG }
     var WG: Int { SG * NSG }
@@ -29,7 +31,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (max(BKV, Dv) + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") }
 }
 
 extension AttentionPlanner {
@@ -205,10 +207,10 @@ extension AttentionPlanner {
     /// workgroup, as FlashAttention-2's backward) and 64 rows a step up to D = 64, 32 above,
     /// where the owned operands and the dK, dV accumulators take most of the registers.
     /// `VKFLEX_BWD_TILES` overrides them. Nil when they do not fit the shared memory.
-    static func backwardNVTiles(D: Int, sharedMemory: Int, forced: (nsg: Int, step: Int, ownShared: Bool)? = nil) -> GenericTiles? {
-        let (nsg, step, own) = forced ?? (D <= 64 ? (8, 64, false) : (4, 32, false))
-        guard backwardNVSharedBytes(D: D, nsg: nsg, step: step, ownShared: own) <= sharedMemory - 256 else { return nil }
-        return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: nsg, BKV: step, emulated: false, ownShared: own)
+    static func backwardNVTiles(D: Int, sharedMemory: Int, forced: BackwardNVTiles? = nil) -> GenericTiles? {
+        let t = forced ?? (D <= 64 ? BackwardNVTiles(nsg: 8, step: 64, prefetch: true) : BackwardNVTiles(nsg: 4, step: 32))
+        guard backwardNVSharedBytes(D: D, nsg: t.nsg, step: t.step, ownShared: t.ownShared) <= sharedMemory - 256 else { return nil }
+        return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch)
     }
 
     /// Why the coopmat-nv backward passes cannot run this call on `device`, or nil: the forward
@@ -219,7 +221,7 @@ extension AttentionPlanner {
         if let problem = coopmatProblem(s, device: device, tuning: tuning) { return problem }
         if s.D > 128 { return "the coopmat-nv backward takes head dims up to 128 (got \(s.D))" }
         if backwardNVTiles(D: s.D, sharedMemory: device.capabilities.maxSharedMemory, forced: tuning.backwardTiles) == nil {
-            let what = tuning.backwardTiles.map { "VKFLEX_BWD_TILES=\($0.nsg)x\($0.step)" + ($0.ownShared ? "xs" : "") } ?? "the coopmat-nv backward tiles"
+            let what = tuning.backwardTiles.map { "VKFLEX_BWD_TILES=\($0)" } ?? "the coopmat-nv backward tiles"
             return "\(what) do not fit \(device.capabilities.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
         }
         return nil

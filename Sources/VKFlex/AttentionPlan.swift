@@ -27,10 +27,9 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_DECODE_TILE=n`: the keys split-KV decoding stages per step (8, 16, 32 or 64; default
     /// the largest that fits the shared memory), for tuning.
     var decodeTile: Int?
-    /// `VKFLEX_BWD_TILES=NSGxSTEP[xs]`: the coopmat-nv backward passes' subgroups per workgroup
-    /// (each owns 16 rows), rows staged per step and (`s`) the owned rows' operands kept in shared
-    /// memory, for tuning (checked per call against the shared memory).
-    var backwardTiles: (nsg: Int, step: Int, ownShared: Bool)?
+    /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
+    /// (checked per call against the shared memory).
+    var backwardTiles: BackwardNVTiles?
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -77,13 +76,10 @@ struct AttentionTuning: Sendable {
             t.decodeTile = n
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
-            let parts = b.lowercased().split(separator: "x", omittingEmptySubsequences: false)
-            let own = parts.count == 3 && parts[2] == "s"
-            let v = parts.prefix(2).map { Int($0) ?? 0 }
-            guard parts.count == 2 || own, (1...8).contains(v[0]), v[1] > 0, v[1] % 16 == 0, v[1] <= 128 else {
-                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xs], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, s to keep the owned rows in shared memory (e.g. 4x64 or 4x16xs)")
+            guard let tiles = BackwardNVTiles(parsing: b) else {
+                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory) and p (prefetch), e.g. 8x64xp or 4x16xs")
             }
-            t.backwardTiles = (v[0], v[1], own)
+            t.backwardTiles = tiles
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
@@ -95,6 +91,32 @@ struct AttentionTuning: Sendable {
     static func of(_ device: Device) throws -> AttentionTuning {
         try device.memoized("vkflex.attention.tuning") { try parse(device.environment) }
     }
+}
+
+/// The coopmat-nv backward passes' tiles (flex_attention_bwd_nv.comp): subgroups per workgroup
+/// (each owns 16 rows), rows staged per step, the owned rows' operands in shared memory instead of
+/// registers, each step's rows loaded while the step before computes. `VKFLEX_BWD_TILES` spells
+/// them `NSGxSTEP[xFLAGS]`, FLAGS of `s` and `p`: `8x64xp`.
+struct BackwardNVTiles: Sendable, CustomStringConvertible {
+    var nsg: Int, step: Int
+    var ownShared = false, prefetch = false
+
+    init(nsg: Int, step: Int, ownShared: Bool = false, prefetch: Bool = false) {
+        (self.nsg, self.step, self.ownShared, self.prefetch) = (nsg, step, ownShared, prefetch)
+    }
+
+    /// Nil unless `text` is `NSGxSTEP[xFLAGS]` with 1-8 subgroups, a multiple of 16 rows up to 128
+    /// a step, and flags among `s` and `p`, each once.
+    init?(parsing text: String) {
+        let parts = text.lowercased().split(separator: "x", omittingEmptySubsequences: false)
+        guard parts.count == 2 || parts.count == 3, let nsg = Int(parts[0]), let step = Int(parts[1]),
+              (1...8).contains(nsg), step > 0, step % 16 == 0, step <= 128 else { return nil }
+        let flags = parts.count == 3 ? String(parts[2]) : ""
+        guard !(parts.count == 3 && flags.isEmpty), flags.allSatisfy({ "sp".contains($0) }), Set(flags).count == flags.count else { return nil }
+        self.init(nsg: nsg, step: step, ownShared: flags.contains("s"), prefetch: flags.contains("p"))
+    }
+
+    var description: String { "\(nsg)x\(step)" + (ownShared || prefetch ? "x" + (ownShared ? "s" : "") + (prefetch ? "p" : "") : "") }
 }
 
 /// Everything that selects and parameterizes an attention pipeline: the pipeline-cache key, and the
@@ -223,7 +245,7 @@ struct AttentionPlan: Hashable, Sendable {
                 // subgroup, BKV staged per step.
                 source = ShaderSource(name: "flex_attention_bwd_nv", text: try ShaderLibrary.standard.text("flex_attention_bwd_nv.comp"), defines: [
                     .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"), .init("STEP", "\(t.BKV)"),
-                    .init("BQ", "\(t.BQ)"), .init("OWN_SHARED", t.ownShared ? "1" : "0"),
+                    .init("BQ", "\(t.BQ)"), .init("OWN_SHARED", t.ownShared ? "1" : "0"), .init("PREFETCH", t.prefetch ? "1" : "0"),
                 ] + sixteenBitDefines(partial: false))
                 break
             }

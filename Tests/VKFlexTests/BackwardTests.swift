@@ -291,10 +291,12 @@ extension BackwardTests {
     func testNVPassesCompileAndTheirRules() throws {
         let (mods, library) = try softCapCausalLibrary()
         var compiled = 0
-        for (D, forced) in [(16, nil), (64, nil), (96, nil), (128, nil), (128, (4, 16, true))] {
+        for (D, forced) in [(16, nil), (64, nil), (96, nil), (128, nil), (128, BackwardNVTiles(nsg: 4, step: 16, ownShared: true)),
+                            (128, BackwardNVTiles(nsg: 2, step: 32, prefetch: true)), (64, BackwardNVTiles(nsg: 8, step: 64))] {
             guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
-            XCTAssertEqual(t.BQ, forced == nil && D <= 64 ? 128 : 64, "D=\(D): subgroups of 16 rows")
-            XCTAssertEqual(t.BKV, forced?.1 ?? (D <= 64 ? 64 : 32), "D=\(D)")
+            XCTAssertEqual(t.BQ, 16 * (forced?.nsg ?? (D <= 64 ? 8 : 4)), "D=\(D): subgroups of 16 rows")
+            XCTAssertEqual(t.BKV, forced?.step ?? (D <= 64 ? 64 : 32), "D=\(D)")
+            XCTAssertEqual(t.prefetch, forced?.prefetch ?? (D <= 64), "D=\(D): prefetch where registers allow")
             for (pass, dtype) in [(1, DType.float16), (2, .float16), (1, .bfloat16), (2, .bfloat16)] {
                 for typed in [false, true] where typed || dtype == .float16 {
                     let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .generic(t),
@@ -312,18 +314,19 @@ extension BackwardTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 30)
+        XCTAssertEqual(compiled, 42)
         // Tiles that do not fit are refused, by name where forced; lavapipe has no cooperative matrices.
-        XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: (8, 128, false)))
-        XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: (4, 32, true)))
-        XCTAssertNotNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: (2, 64, false)))
-        for bad in ["4x40", "4x16xq", "9x16", "4"] {
+        XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 8, step: 128)))
+        XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 4, step: 32, ownShared: true)))
+        XCTAssertNotNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 2, step: 64)))
+        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
-                XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xs]"), "\($0)")
+                XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
             }
         }
-        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": "2x32"]).backwardTiles?.step, 32)
-        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": "4x16xs"]).backwardTiles?.ownShared, true)
+        for good in ["2x32", "4x16xs", "8x64xp", "4x16xps"] {
+            XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": good]).backwardTiles.map { "\($0)" }, good == "4x16xps" ? "4x16xsp" : good)
+        }
         let q = try device.tensor(randn(8 * 16), shape: [1, 1, 8, 16], dtype: .float16)
         let f = try flexAttention(q, q, q, returnLSE: true, options: FlexOptions(kernel: .portable))
         XCTAssertThrowsError(try flexAttentionBackward(q, q, q, output: f.output, lse: f.lse!, gradOutput: q, options: FlexOptions(kernel: .coopmatNV))) {
