@@ -18,6 +18,9 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var ownShared = false
     /// The coopmat-nv backward passes: each step's rows are loaded while the step before computes (`PREFETCH`).
     var prefetch = false
+    /// The coopmat-nv dK/dV pass in two dispatches, dV then dK (`DKV`), and which half a pipeline
+    /// is (0: both in one).
+    var splitDKV = false, dkvHalf = 0
 
     var BQ: Int { M * NSG }
     var WG: Int { SG * NSG }
@@ -31,7 +34,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (max(BKV, Dv) + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") }
 }
 
 extension AttentionPlanner {
@@ -210,7 +213,8 @@ extension AttentionPlanner {
     static func backwardNVTiles(D: Int, sharedMemory: Int, forced: BackwardNVTiles? = nil) -> GenericTiles? {
         let t = forced ?? (D <= 64 ? BackwardNVTiles(nsg: 8, step: 64, prefetch: true) : BackwardNVTiles(nsg: 4, step: 32))
         guard backwardNVSharedBytes(D: D, nsg: t.nsg, step: t.step, ownShared: t.ownShared) <= sharedMemory - 256 else { return nil }
-        return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch)
+        return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch,
+                            splitDKV: t.splitDKV)
     }
 
     /// Why the coopmat-nv backward passes cannot run this call on `device`, or nil: the forward

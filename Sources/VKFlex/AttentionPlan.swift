@@ -77,7 +77,7 @@ struct AttentionTuning: Sendable {
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
             guard let tiles = BackwardNVTiles(parsing: b) else {
-                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory) and p (prefetch), e.g. 8x64xp or 4x16xs")
+                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory), p (prefetch) and k (dK and dV in two dispatches), e.g. 8x64xp or 4x64xpk")
             }
             t.backwardTiles = tiles
         }
@@ -95,28 +95,32 @@ struct AttentionTuning: Sendable {
 
 /// The coopmat-nv backward passes' tiles (flex_attention_bwd_nv.comp): subgroups per workgroup
 /// (each owns 16 rows), rows staged per step, the owned rows' operands in shared memory instead of
-/// registers, each step's rows loaded while the step before computes. `VKFLEX_BWD_TILES` spells
-/// them `NSGxSTEP[xFLAGS]`, FLAGS of `s` and `p`: `8x64xp`.
+/// registers, each step's rows loaded while the step before computes, the dK/dV pass split in
+/// two dispatches (dV, then dK: half the accumulators each, S computed twice).
+/// `VKFLEX_BWD_TILES` spells them `NSGxSTEP[xFLAGS]`, FLAGS of `s`, `p` and `k`: `8x64xp`.
 struct BackwardNVTiles: Sendable, CustomStringConvertible {
     var nsg: Int, step: Int
-    var ownShared = false, prefetch = false
+    var ownShared = false, prefetch = false, splitDKV = false
 
-    init(nsg: Int, step: Int, ownShared: Bool = false, prefetch: Bool = false) {
-        (self.nsg, self.step, self.ownShared, self.prefetch) = (nsg, step, ownShared, prefetch)
+    init(nsg: Int, step: Int, ownShared: Bool = false, prefetch: Bool = false, splitDKV: Bool = false) {
+        (self.nsg, self.step, self.ownShared, self.prefetch, self.splitDKV) = (nsg, step, ownShared, prefetch, splitDKV)
     }
 
     /// Nil unless `text` is `NSGxSTEP[xFLAGS]` with 1-8 subgroups, a multiple of 16 rows up to 128
-    /// a step, and flags among `s` and `p`, each once.
+    /// a step, and flags among `s`, `p` and `k`, each once.
     init?(parsing text: String) {
         let parts = text.lowercased().split(separator: "x", omittingEmptySubsequences: false)
         guard parts.count == 2 || parts.count == 3, let nsg = Int(parts[0]), let step = Int(parts[1]),
               (1...8).contains(nsg), step > 0, step % 16 == 0, step <= 128 else { return nil }
         let flags = parts.count == 3 ? String(parts[2]) : ""
-        guard !(parts.count == 3 && flags.isEmpty), flags.allSatisfy({ "sp".contains($0) }), Set(flags).count == flags.count else { return nil }
-        self.init(nsg: nsg, step: step, ownShared: flags.contains("s"), prefetch: flags.contains("p"))
+        guard !(parts.count == 3 && flags.isEmpty), flags.allSatisfy({ "spk".contains($0) }), Set(flags).count == flags.count else { return nil }
+        self.init(nsg: nsg, step: step, ownShared: flags.contains("s"), prefetch: flags.contains("p"), splitDKV: flags.contains("k"))
     }
 
-    var description: String { "\(nsg)x\(step)" + (ownShared || prefetch ? "x" + (ownShared ? "s" : "") + (prefetch ? "p" : "") : "") }
+    var description: String {
+        let flags = (ownShared ? "s" : "") + (prefetch ? "p" : "") + (splitDKV ? "k" : "")
+        return "\(nsg)x\(step)" + (flags.isEmpty ? "" : "x" + flags)
+    }
 }
 
 /// Everything that selects and parameterizes an attention pipeline: the pipeline-cache key, and the
@@ -246,6 +250,7 @@ struct AttentionPlan: Hashable, Sendable {
                 source = ShaderSource(name: "flex_attention_bwd_nv", text: try ShaderLibrary.standard.text("flex_attention_bwd_nv.comp"), defines: [
                     .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"), .init("STEP", "\(t.BKV)"),
                     .init("BQ", "\(t.BQ)"), .init("OWN_SHARED", t.ownShared ? "1" : "0"), .init("PREFETCH", t.prefetch ? "1" : "0"),
+                    .init("DKV", "\(t.dkvHalf)"),
                 ] + sixteenBitDefines(partial: false))
                 break
             }

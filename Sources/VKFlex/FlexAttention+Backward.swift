@@ -264,7 +264,10 @@ enum BackwardKernel {
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
             var plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
-            if let mm, pass == 1 || pass == 2 {
+            if var mm, pass == 1 || pass == 2 || pass == 6 {
+                // Pass 6: the dK half of a dK/dV pass split in two (coopmat-nv's DKV), pass 2 then the dV half.
+                if mm.splitDKV, pass != 1 { mm.dkvHalf = pass == 6 ? 2 : 1 }
+                plan.pass = .backward(pass == 6 ? 2 : pass)
                 plan.kernel = kernel
                 plan.tiles = .generic(mm)
                 plan.typedOperands = !mm.emulated && device.cooperativeMatrixAPI == .khr
@@ -278,7 +281,7 @@ enum BackwardKernel {
         // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe), and
         // the workgroups' slices of the captures' gradients without float atomics.
         let sums = ForwardKernel.loopIterationLimit(device) != nil || (capMods != nil && !capAtomic)
-        let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : [])
+        let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : []) + (mm?.splitDKV == true ? [6] : [])
         var prepared = Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
                                 WG: WG, BQ: tiles.BQ, BKV: tiles.BKV)
         prepared.mm = mm
@@ -459,6 +462,7 @@ enum BackwardKernel {
             try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
             try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (qBlocks * tilesQ12, s.Hq, s.B * dqSplit.count))
             try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count))
+            if let p6 = prepared.pipelines[6] { try rec.dispatch(p6, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count)) }
             if let p3 { try rec.dispatch(p3, bindings: main, pushConstants: pc, groups: (s.Hq, 1, 1)) }
             if let p5 = prepared.pipelines[5] {
                 rec.fill(prepared.capAtomic ? dcapsBuffer : partCaps, pattern: 0, bytes: prepared.capAtomic ? capTotal * 4 : partCaps.size)

@@ -890,7 +890,8 @@ void main() {
 // OWN_SHARED (0/1: the owned rows' operands stay in shared memory, loaded at each use, which
 // leaves their registers to the gradients at large D), PREFETCH (0/1: each step's rows are
 // loaded into registers while the step before computes; costs 2 * PRE registers), IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
-// (the host retypes the 16-bit operands). Subgroups of 32.
+// (the host retypes the 16-bit operands), DKV (pass 2: 0 dK and dV; 1 dV alone, 2 dK alone — two
+// dispatches whose accumulators each take half the registers, S computed in both). Subgroups of 32.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 
@@ -906,6 +907,12 @@ void main() {
 #ifndef PREFETCH
 #define PREFETCH 0
 #endif
+#ifndef DKV
+#define DKV 0
+#endif
+// What this dispatch makes: dS (for dQ or dK), and P as an operand (for dV).
+#define NEED_DS (BWD_PASS == 1 || DKV != 1)
+#define NEED_PV (BWD_PASS == 2 && DKV != 2)
 const float LOG2E = 1.4426950408889634;
 layout(local_size_x = WG) in;
 
@@ -1015,19 +1022,23 @@ void main() {
     }
     barrier();
 #if !OWN_SHARED
-    FRAG_A xf[D / 16], yf[D / 16];
-    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
-        coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-        coopMatLoadNV(yf[kk], Ys4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-    }
+    FRAG_A xf[D / 16];
+    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+#if NEED_DS
+    FRAG_A yf[D / 16];
+    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
+#endif
 #endif
     // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
+#if NEED_DS
     FRAG_C gX[D / 16];
     [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gX[nn] = FRAG_C(0.0);
-#if BWD_PASS == 2
+#endif
+#if NEED_PV
     FRAG_C gY[D / 16];
     [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gY[nn] = FRAG_C(0.0);
-#else
+#endif
+#if BWD_PASS == 1
     // This lane's two query rows: their LSE (and in log2 units, -inf as +inf) and delta.
     float r_lse[2], r_lse2[2], r_delta[2];
     [[unroll]] for (int i = 0; i < 2; ++i) {
@@ -1080,8 +1091,10 @@ void main() {
 #endif
         // Per 16 staged rows: S and dP (this subgroup's 16 owned rows against them), then
         // P and dS in place, element by element, as the fp16 operands of the gradients.
+#if NEED_DS
         FRAG_A dsf[STEP / 16];
-#if BWD_PASS == 2
+#endif
+#if NEED_PV
         FRAG_A pf[STEP / 16];
 #endif
         // No check needed in this subgroup's pairs: a full block, every row in range.
@@ -1099,6 +1112,7 @@ void main() {
                 s = coopMatMulAddNV(xf[kk], xt, s);
 #endif
             }
+#if NEED_DS
             [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
                 FRAG_B yt;
                 coopMatLoadNV(yt, Ys4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
@@ -1110,6 +1124,7 @@ void main() {
                 dp = coopMatMulAddNV(yf[kk], yt, dp);
 #endif
             }
+#endif
             if (clean) {
                 [[unroll]] for (int e = 0; e < 8; ++e) {
                     const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
@@ -1143,18 +1158,22 @@ void main() {
                     dp[e] = P;
                 }
             }
+#if NEED_DS
             dsf[c] = FRAG_A(s);
-#if BWD_PASS == 2
+#endif
+#if NEED_PV
             pf[c] = FRAG_A(dp);
 #endif
         }
         // The gradients: the staged rows read row-major as B operands.
         [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
             [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+#if NEED_DS
                 FRAG_B xb;
                 coopMatLoadNV(xb, Xs4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
                 gX[nn] = coopMatMulAddNV(dsf[c], xb, gX[nn]);
-#if BWD_PASS == 2
+#endif
+#if NEED_PV
                 FRAG_B yb;
                 coopMatLoadNV(yb, Ys4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
                 gY[nn] = coopMatMulAddNV(pf[c], yb, gY[nn]);
@@ -1182,16 +1201,18 @@ void main() {
     [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {
             const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
-            const float gk = sized ? gX[nn][e] * p.scale : nan, gv = sized ? gY[nn][e] : nan;
             if (o0 + r < k_end) {
                 const int rowk = (b * p.Hkv + hk) * p.Lkv + o0 + r;   // dK and dV: contiguous [B, Hkv, Lkv, D]
-                if (p.dk_splits > 1) {
-                    part_dk[(split * rows_k + rowk) * D + d] = gk;
-                    part_dv[(split * rows_k + rowk) * D + d] = gv;
-                } else {
-                    dk_data[rowk * D + d] = OUT_VALUE(gk);
-                    dv_data[rowk * D + d] = OUT_VALUE(gv);
-                }
+#if NEED_DS
+                const float gk = sized ? gX[nn][e] * p.scale : nan;
+                if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + d] = gk;
+                else dk_data[rowk * D + d] = OUT_VALUE(gk);
+#endif
+#if NEED_PV
+                const float gv = sized ? gY[nn][e] : nan;
+                if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * D + d] = gv;
+                else dv_data[rowk * D + d] = OUT_VALUE(gv);
+#endif
             }
         }
     }

@@ -292,14 +292,20 @@ extension BackwardTests {
         let (mods, library) = try softCapCausalLibrary()
         var compiled = 0
         for (D, forced) in [(16, nil), (64, nil), (96, nil), (128, nil), (128, BackwardNVTiles(nsg: 4, step: 16, ownShared: true)),
-                            (128, BackwardNVTiles(nsg: 2, step: 32, prefetch: true)), (64, BackwardNVTiles(nsg: 8, step: 64))] {
+                            (128, BackwardNVTiles(nsg: 2, step: 32, prefetch: true)), (64, BackwardNVTiles(nsg: 8, step: 64)),
+                            (128, BackwardNVTiles(nsg: 4, step: 64, prefetch: true, splitDKV: true))] {
             guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
             XCTAssertEqual(t.BQ, 16 * (forced?.nsg ?? (D <= 64 ? 8 : 4)), "D=\(D): subgroups of 16 rows")
             XCTAssertEqual(t.BKV, forced?.step ?? (D <= 64 ? 64 : 32), "D=\(D)")
             XCTAssertEqual(t.prefetch, forced?.prefetch ?? (D <= 64), "D=\(D): prefetch where registers allow")
-            for (pass, dtype) in [(1, DType.float16), (2, .float16), (1, .bfloat16), (2, .bfloat16)] {
+            // With the dK/dV pass split: its dV half (pass 2) and dK half (6).
+            let passes = t.splitDKV ? [(1, DType.float16), (2, .float16), (6, .float16), (2, .bfloat16), (6, .bfloat16)]
+                                    : [(1, DType.float16), (2, .float16), (1, .bfloat16), (2, .bfloat16)]
+            for (pass, dtype) in passes {
                 for typed in [false, true] where typed || dtype == .float16 {
-                    let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .generic(t),
+                    var tiles = t
+                    if t.splitDKV, pass != 1 { tiles.dkvHalf = pass == 6 ? 2 : 1 }
+                    let plan = AttentionPlan(pass: .backward(pass == 6 ? 2 : pass), kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .generic(tiles),
                                              typedOperands: typed, pushParams: pass == 1, mods: mods.glsl.source)
                     XCTAssertEqual(try plan.source().name, "flex_attention_bwd_nv")
                     let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
@@ -314,18 +320,18 @@ extension BackwardTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 42)
+        XCTAssertEqual(compiled, 50)
         // Tiles that do not fit are refused, by name where forced; lavapipe has no cooperative matrices.
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 8, step: 128)))
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 4, step: 32, ownShared: true)))
         XCTAssertNotNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 2, step: 64)))
-        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss"] {
+        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
             }
         }
-        for good in ["2x32", "4x16xs", "8x64xp", "4x16xps"] {
-            XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": good]).backwardTiles.map { "\($0)" }, good == "4x16xps" ? "4x16xsp" : good)
+        for (given, read) in [("2x32", "2x32"), ("4x16xs", "4x16xs"), ("8x64xp", "8x64xp"), ("4x16xps", "4x16xsp"), ("4x64xkp", "4x64xpk")] {
+            XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": given]).backwardTiles.map { "\($0)" }, read)
         }
         let q = try device.tensor(randn(8 * 16), shape: [1, 1, 8, 16], dtype: .float16)
         let f = try flexAttention(q, q, q, returnLSE: true, options: FlexOptions(kernel: .portable))
