@@ -21,9 +21,9 @@ struct AttentionTuning: Sendable {
     /// lists), to run each of them.
     var coopmatShape: (m: Int, n: Int, k: Int)?
     /// `VKFLEX_DECODE_WAVES=n`: split-KV decoding sizes its key splits for about n workgroups per
-    /// compute unit (default 2; unmeasured on a GPU beyond the default: docs/performance.md), for
-    /// tuning.
-    var decodeWaves = 2
+    /// compute unit (default 4, the best of 2-16 on an H100's decode suite: docs/performance.md),
+    /// for tuning.
+    var decodeWaves = 4
     /// `VKFLEX_DECODE_TILE=n`: the keys split-KV decoding stages per step (8, 16, 32 or 64; default
     /// the largest that fits the shared memory), for tuning.
     var decodeTile: Int?
@@ -65,7 +65,7 @@ struct AttentionTuning: Sendable {
         }
         if let w = env["VKFLEX_DECODE_WAVES"], !w.isEmpty {
             guard let n = Int(w), (1...64).contains(n) else {
-                throw FlexError("VKFLEX_DECODE_WAVES=\(w): use a whole number of workgroups per compute unit from 1 to 64 (default 2)")
+                throw FlexError("VKFLEX_DECODE_WAVES=\(w): use a whole number of workgroups per compute unit from 1 to 64 (default 4)")
             }
             t.decodeWaves = n
         }
@@ -303,7 +303,8 @@ enum AttentionPlanner {
     ///   ``FlexError/unsupported(_:)`` when no cooperative-matrix tiles fit.
     static func forward(shape s: AttentionShape, mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double,
                         kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false,
-                        kvLengths: Bool = false, sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false) throws -> AttentionPlan {
+                        kvLengths: Bool = false, sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false,
+                        lse: Bool = false) throws -> AttentionPlan {
         let caps = device.capabilities
         let tuning = try AttentionTuning.of(device)
         let push = pushesParams(device, tuning: tuning)
@@ -346,7 +347,7 @@ enum AttentionPlanner {
             // no 16x8 products (whose bfloat16 shape and layout are not measured).
             let bf16 = s.dtype == .bfloat16
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .coopmat(t),
-                                 rawMax: identity && scale > 0, exp16: !identity && !bf16,
+                                 rawMax: identity && scale > 0, exp16: !identity && !bf16 && !lse,
                                  narrowK: !bf16 && CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false,
                                  floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr,
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
@@ -485,7 +486,9 @@ enum AttentionPlanner {
     // positive scale, so the softmax maximum can be taken over raw scores. `exp16`: P evaluated
     // in fp16 — with a score-mod, whose own special functions (tanh) compete with exp2 for the
     // same units (on the H200 soft-cap 107.8 → 114.7 TFLOP/s, ALiBi 130.8 → 134.8; without a
-    // score-mod it costs 6%, so it is off there). spirv-opt (SPIRV-Tools
+    // score-mod it costs 6%, so it is off there) — and off where the call returns the LSE: fp16
+    // P values sum to a row total (and an LSE) off by a few 1e-4, which a backward reading that
+    // LSE turned into bias gradients 3-10x PyTorch's RMSE (H100, 2026-12-05). spirv-opt (SPIRV-Tools
     // v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
     // compiles every variant optimized, so a crash would show there, not in a user's process.
     //

@@ -234,7 +234,8 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// ```
 ///
 /// The kernel depends on the head dims, the dtype, the mods (the shapes of the tensors they
-/// capture included), the sign of the scale, the device, whether there is a BlockMask and, for
+/// capture included), the sign of the scale, the device, whether there is a BlockMask, whether
+/// the call returns the LSE (`returnLSE:`, implied by `backward: true`) and, for
 /// BlockMask query blocks that are not a multiple of 128 rows, the block size — not on the batch, the number of heads or the
 /// lengths — so one call prepares every shape that shares those. Arguments are
 /// checked as `flexAttention` checks them. Returns the kernel that was prepared. For decode steps
@@ -251,7 +252,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 @discardableResult
 public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                  scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil, qOffset: QueryOffset? = nil,
-                                 pageTable: PageTable? = nil, returnMaxScores: Bool = false,
+                                 pageTable: PageTable? = nil, returnLSE: Bool = false, returnMaxScores: Bool = false,
                                  backward: Bool = false, options: FlexOptions = FlexOptions()) throws -> FlexKernel {
     let shape = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA, queryOffsets: qOffset != nil,
                                    pagedKeys: pageTable?.logicalKeys)
@@ -261,7 +262,8 @@ public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod
     let kernel = try AttentionPlanner.kernel(shape, device: q.device, forced: options.kernel, notForCoopmat: notForCoopmat, maxScores: returnMaxScores)
     _ = try ForwardKernel.prepare(shape: shape, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
                                   device: q.device, maxScores: returnMaxScores, kvLengths: kvLengths != nil || pageTable != nil,
-                                  qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil)
+                                  qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil,
+                                  lse: returnLSE || backward)
     if kernel == .splitKV { _ = try ForwardKernel.mergePipeline(outDType: q.dtype, device: q.device) }
     if backward {
         // The backward's dQ and dK/dV passes as the backward will choose them: portable and

@@ -86,12 +86,12 @@ enum ForwardKernel {
     /// 2^22 (see `AttentionPlan.floatIndices`).
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double, kernel: FlexKernel,
                         device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false, kvLengths: Bool = false,
-                        sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false) throws -> Prepared {
+                        sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false, lse: Bool = false) throws -> Prepared {
         let mods = try SplicedMods(score: scoreMod.flatMap { $0.isIdentity ? nil : $0 }, mask: blockMask?.maskMod,
                                    firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel,
                                                 device: device, pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks,
-                                                qOffsets: qOffsets, paged: paged)
+                                                qOffsets: qOffsets, paged: paged, lse: lse)
         let pipeline = try device.pipeline(for: plan) {
             PipelineDescription(source: try plan.source(), bindingCount: AttentionBinding.firstCapture + mods.tensors.count,
                                 pushConstantSize: plan.pushParams ? AttentionParams.byteCount : 0, includes: mods.includes,
@@ -107,7 +107,7 @@ enum ForwardKernel {
         let caps = device.capabilities
         let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
                                    maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil, qOffsets: qOffsets != nil,
-                                   paged: paging != nil)
+                                   paged: paging != nil, lse: lse != nil)
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.

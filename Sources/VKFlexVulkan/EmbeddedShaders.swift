@@ -1564,6 +1564,9 @@ void main() {
     if (more && p.vec_ok != 0) LOAD_TILE(k0, min(BKV, k_stop - k0))
 #endif
     barrier();
+    // Lavapipe stops a loop for good once it has run 65535 iterations, counted over all its runs:
+    // each loop whose trip count is not a constant checks it finished.
+    bool cut = false;
     while (more) {
         const int kn = min(BKV, k_stop - k0), kt = k0;
         const bool part = partial;
@@ -1607,10 +1610,12 @@ void main() {
             const int e = lid + a * WG, r = e / BKV, j = e - r * BKV;
             if (e < RMAX * BKV && row_h[r] >= 0 && j < kn) {
                 float dot = 0.0;
-                for (int w = 0; w < DW; ++w) {
+                int w = 0;
+                for (; w < DW; ++w) {
                     const vec2 q = Qs[r * DW + w], k = wfloats(Ks[j * KST + w]);
                     dot += q.x * k.x + q.y * k.y;
                 }
+                cut = cut || w < DW;
                 const int pos = row_pos[r], ki = kt + j;
                 float s = modded_l2(dot, b, row_h[r], pos, ki);
 #if VKF_HAS_MASK_MOD
@@ -1635,11 +1640,13 @@ void main() {
                 const float m = unordered(row_max[r]), alpha = exp2(mrun[a] - m);
                 vec2 o = acc[a] * alpha;
                 float l = lsum[a] * alpha;
-                for (int j = 0; j < kn; ++j) {
+                int j = 0;
+                for (; j < kn; ++j) {
                     const float pj = S[r * SST + j];
                     o += pj * wfloats(Vs[j * VST + w]);
                     l += pj;
                 }
+                cut = cut || j < kn;
                 acc[a] = o; lsum[a] = l; mrun[a] = m;
             }
         }
@@ -1647,7 +1654,7 @@ void main() {
     }
     // A walk that ends on its own leaves the cursor past the share; one a driver stopped (lavapipe's
     // loop cap) leaves it inside: reported, never a silent truncation.
-    if (more) vkf_report(4, 0, 0, 0);
+    if (more || cut) vkf_report(4, 0, 0, 0);
     // This split's partial per row: O over its keys, normalized, and their LSE (natural log).
     const float nan = uintBitsToFloat(0x7FC00000u);
     for (int a = 0; a < ACC; ++a) {

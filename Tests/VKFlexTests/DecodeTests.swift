@@ -96,12 +96,46 @@ final class DecodeTests: FlexTestCase {
         }
         XCTAssertEqual(FlexKernel(name: "split-kv"), .splitKV)
         XCTAssertNotNil(FlexKernel.splitKV.problem(q2, k, k))
-        // VKFLEX_DECODE_WAVES: workgroups per compute unit the key splits aim at (2 unless set).
-        XCTAssertEqual(try AttentionTuning.parse([:]).decodeWaves, 2)
+        // VKFLEX_DECODE_WAVES: workgroups per compute unit the key splits aim at (4 unless set).
+        XCTAssertEqual(try AttentionTuning.parse([:]).decodeWaves, 4)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": "8"]).decodeWaves, 8)
         for bad in ["0", "x", "65", "-1"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_WAVES=\(bad)"), "\($0)") }
         }
+    }
+
+    /// Every key tile (`VKFLEX_DECODE_TILE`), each dtype, and the paths without 16-byte loads: head
+    /// dims that are not multiples of 8 (odd ones too: a row's last word is half padding), a
+    /// value dim unlike the key's, against the float64 reference.
+    func testKeyTilesDtypesAndOddHeadDims() throws {
+        // The default tile (64 keys on lavapipe) for every dtype and shape; the smaller ones for one
+        // each (every variant is a pipeline to build: CI's time).
+        let shapes: [(DType, Int, Int)] = [(.float16, 64, 64), (.float32, 40, 24), (.bfloat16, 33, 17), (.float16, 8, 136)]
+        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("8", [shapes[2]]), ("16", [shapes[0]]), ("32", [shapes[1]])]
+        for (tile, cases) in runs {
+            let d: Device = try tile.map { try device(with: ["VKFLEX_DECODE_TILE": $0]) } ?? device
+            for (dtype, D, Dv) in cases {
+                let (B, Hq, Hkv, Lq, L) = (2, 4, 2, 2, 301)
+                let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: dtype)
+                let k = try d.tensor(randn(B * Hkv * L * D), shape: [B, Hkv, L, D], dtype: dtype)
+                let v = try d.tensor(randn(B * Hkv * L * Dv), shape: [B, Hkv, L, Dv], dtype: dtype)
+                let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: L, kvLen: L, device: d, blockSize: 64)
+                let r = try flexAttention(q, k, v, blockMask: causal, enableGQA: true, qOffset: .values([L - Lq, 150]), returnLSE: true)
+                XCTAssertEqual(r.kernel, .splitKV)
+                let ref = try flexAttentionReference(q, k, v, blockMask: causal, enableGQA: true, qOffsets: [L - Lq, 150])
+                let tol = dtype == .float32 ? 1e-5 : dtype == .float16 ? 2e-3 : 1e-2
+                let what = "VKFLEX_DECODE_TILE=\(tile ?? "default") \(dtype) D \(D)/\(Dv)"
+                XCTAssertLessThanOrEqual(relativeL2Error(try r.output.toArray(), ref.output), tol, what)
+                for (got, want) in zip(try r.lse!.toArray(), ref.lse) { XCTAssertEqual(Double(got), want, accuracy: 1e-3 * max(1, abs(want)), what) }
+            }
+        }
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "16"]).decodeTile, 16)
+        for bad in ["0", "12", "128", "x"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use 8, 16, 32 or 64"), "\($0)") }
+        }
+        // The shared arrays the planner counts: 64 keys at D = 128 fit NVIDIA's 48 KiB in 16 bits, not in float32.
+        XCTAssertLessThanOrEqual(AttentionPlanner.decodeSharedBytes(D: 128, Dv: 128, rows: 16, BKV: 64, sixteenBit: true), 48 * 1024 - 256)
+        XCTAssertGreaterThan(AttentionPlanner.decodeSharedBytes(D: 128, Dv: 128, rows: 16, BKV: 64, sixteenBit: false), 48 * 1024 - 256)
     }
 
     /// `prepareFlexAttention` with what a decode step passes builds the split-KV kernel and its
