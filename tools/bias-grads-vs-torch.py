@@ -85,6 +85,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--vkflex", default="vkflex")
+    ap.add_argument("--dtypes", default="float32,float16", help="comma-separated: float32, float16")
     args = ap.parse_args()
     try:
         import torch  # noqa: F401
@@ -92,7 +93,7 @@ def main():
     except ImportError:
         have_torch = False
     rows, ok = [], True
-    for dtype in ("float32", "float16"):
+    for dtype in args.dtypes.split(","):
         for name, (expr, cname, shape, kind, causal) in CASES.items():
             rng = np.random.default_rng(zlib.crc32(f"{name}/{dtype}".encode()))
             rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
