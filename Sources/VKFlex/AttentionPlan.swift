@@ -368,13 +368,21 @@ enum AttentionPlanner {
     }
 
     /// The decode kernel's tiles: 16 rows, the largest key tile (64, 32, 16 or 8; or
-    /// `VKFLEX_DECODE_TILE`) whose shared arrays fit, 128 invocations (or the device's most).
+    /// `VKFLEX_DECODE_TILE`) whose shared arrays fit and whose prefetched K and V take at most 256
+    /// bytes (64 registers) per invocation — 64 keys of 16-bit inputs at D = Dv = 128 (measured
+    /// best on an H100), 32 of float32 — 128 invocations (or the device's most).
     static func decodeTiles(D: Int, Dv: Int, dtype: DType, device: Device) -> (rows: Int, BKV: Int, WG: Int)? {
-        let caps = device.capabilities, rows = decodeRows
-        let forced = (try? AttentionTuning.of(device))?.decodeTile
+        let caps = device.capabilities
+        return decodeTiles(D: D, Dv: Dv, dtype: dtype, sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
+                           forced: (try? AttentionTuning.of(device))?.decodeTile)
+    }
+
+    static func decodeTiles(D: Int, Dv: Int, dtype: DType, sharedMemory: Int, maxInvocations: Int, forced: Int? = nil) -> (rows: Int, BKV: Int, WG: Int)? {
+        let rows = decodeRows, wg = min(128, maxInvocations)
         for bkv in forced.map({ [$0] }) ?? [64, 32, 16, 8]
-        where decodeSharedBytes(D: D, Dv: Dv, rows: rows, BKV: bkv, sixteenBit: dtype.size == 2) <= caps.maxSharedMemory - 256 {
-            return (rows, bkv, min(128, caps.maxWorkgroupInvocations))
+        where decodeSharedBytes(D: D, Dv: Dv, rows: rows, BKV: bkv, sixteenBit: dtype.size == 2) <= sharedMemory - 256
+            && (forced != nil || bkv == 8 || bkv * (D + Dv) * dtype.size <= 256 * wg) {
+            return (rows, bkv, wg)
         }
         return nil
     }

@@ -133,6 +133,14 @@ final class DecodeTests: FlexTestCase {
         for bad in ["0", "12", "128", "x"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use 8, 16, 32 or 64"), "\($0)") }
         }
+        // Tiles: 64 keys of 16-bit inputs at D = 128 on NVIDIA's 48 KiB (measured best on an H100),
+        // 32 of float32 (shared memory there; registers for the prefetch on AMD's 64 KiB), 16 at D = 256.
+        func tile(_ D: Int, _ dtype: DType, _ kib: Int) -> Int? {
+            AttentionPlanner.decodeTiles(D: D, Dv: D, dtype: dtype, sharedMemory: kib << 10, maxInvocations: 1024)?.BKV
+        }
+        XCTAssertEqual([tile(128, .float16, 48), tile(128, .bfloat16, 48), tile(64, .float16, 48), tile(64, .float32, 48)], [64, 64, 64, 64])
+        XCTAssertEqual([tile(128, .float32, 48), tile(128, .float32, 64), tile(256, .float16, 48), tile(256, .float16, 64)], [32, 32, 16, 32])
+        XCTAssertNil(tile(1024, .float32, 16))
         // The shared arrays the planner counts: 64 keys at D = 128 fit NVIDIA's 48 KiB in 16 bits, not in float32.
         XCTAssertLessThanOrEqual(AttentionPlanner.decodeSharedBytes(D: 128, Dv: 128, rows: 16, BKV: 64, sixteenBit: true), 48 * 1024 - 256)
         XCTAssertGreaterThan(AttentionPlanner.decodeSharedBytes(D: 128, Dv: 128, rows: 16, BKV: 64, sixteenBit: false), 48 * 1024 - 256)
