@@ -180,3 +180,21 @@ final class CaptureGradientTests: FlexTestCase {
         }
     }
 }
+
+extension CaptureGradientTests {
+    /// The coopmat-nv forward evaluates P in fp16 with a score-mod (faster), except where the call
+    /// returns the LSE: fp16 P put the LSE off by a few 1e-4, which the backward turned into bias
+    /// gradients 3-10x PyTorch's error on an H100 (docs/performance.md, 2026-12-05).
+    func testTheForwardKeepsPInFloat32WhenItReturnsTheLSE() throws {
+        let q = try device.tensor(randn(128 * 64), shape: [1, 1, 128, 64], dtype: .float16)
+        let s = try AttentionShape(q, q, q, blockMask: nil, enableGQA: false)
+        let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
+        let mods = try SplicedMods(score: softcap, mask: nil, firstBinding: AttentionBinding.firstCapture,
+                                   errorBinding: AttentionBinding.errors.rawValue, device: device)
+        for lse in [false, true] {
+            let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: softcap, blockMask: nil, scale: 0.125, kernel: .coopmatNV,
+                                                    device: device, lse: lse)
+            XCTAssertEqual(plan.exp16, !lse, "returnLSE: \(lse)")
+        }
+    }
+}
