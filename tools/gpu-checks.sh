@@ -12,7 +12,8 @@
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
-# coopmat-generic; a compare about 150 s; the decode suite about 150 s on an H100.
+# coopmat-generic; a compare about 150 s; the decode suite about 150 s on an H100 with the old decode kernel
+# (the new one is 3.7-7.8x faster per call).
 set -u
 out=${OUT:-/tmp}
 what=${1:-all}
@@ -54,11 +55,15 @@ fi
 if [ "$what" = decode ]; then
   step decode 200 bash .device/on-device.sh compare --suite decode
   tail -25 "$out/decode.txt"
-  # The split count's target (workgroups per compute unit), vkflex alone.
-  for w in 8 32; do
-    VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 200 vkflex bench --suite decode --json "$out/decode-waves-$w.jsonl"
-    tail -16 "$out/decode-waves-$w.txt"
+  # The split count's target (workgroups per compute unit; default 4) and the key tile (default
+  # the largest that fits), vkflex alone, contiguous rows (2026-12-05: six such runs took under 140 s on an H100).
+  cases=decode_dense_32k,decode_long_128k,specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
+  for w in 2 8; do
+    VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 60 vkflex bench --suite decode --no-check --cases $cases
+    grep -E " no " "$out/decode-waves-$w.txt" | cut -c1-100
   done
+  VKFLEX_DECODE_TILE=32 step decode-tile-32 60 vkflex bench --suite decode --no-check --cases $cases
+  grep -E " no " "$out/decode-tile-32.txt" | cut -c1-100
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv
