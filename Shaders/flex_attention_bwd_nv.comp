@@ -80,26 +80,7 @@ shared uvec4 Ys4[ROWS * XS4];
 // The staged query rows' LSE and delta.
 shared float t_lse[STEP], t_delta[STEP];
 #endif
-layout(std430, set = 0, binding = BWD_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
-layout(std430, set = 0, binding = BWD_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
-layout(std430, set = 0, binding = BWD_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
-layout(std430, set = 0, binding = BWD_BINDING_DO) readonly buffer DOBufU { uvec4 do_units[]; };
-GATHER(q_data, q_units)
-GATHER(k_data, k_units)
-GATHER(v_data, v_units)
-GATHER(do_data, do_units)
-
-#if BWD_PASS == 1
-#define OWN_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
-#define OWN_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
-#define STEP_X(b, h, j, u) unit_k_data(k_at(b, h, j), p.k_sd, u)
-#define STEP_Y(b, h, j, u) unit_v_data(v_at(b, h, j), p.v_sd, u)
-#else
-#define OWN_X(b, h, j, u) unit_k_data(k_at(b, h, j), p.k_sd, u)
-#define OWN_Y(b, h, j, u) unit_v_data(v_at(b, h, j), p.v_sd, u)
-#define STEP_X(b, h, i, u) unit_q_data(q_at(b, h, i), p.q_sd, u)
-#define STEP_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
-#endif
+#include "flex_bwd_operands.glsl"
 
 // A step's share per invocation: PRE 16-byte units of each staged operand, PRL rows' LSE and delta.
 #define PRE ((STEP * (D / 8) + WG - 1) / WG)

@@ -360,11 +360,11 @@ enum AttentionPlanner {
     /// Why the split-KV decode kernel cannot run this call, or nil when it can.
     static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
         if s.Lq > decodeRows { return "split-kv takes at most \(decodeRows) query rows (decoding); this call has \(s.Lq)" }
-        if decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) == nil, let forced = (try? AttentionTuning.of(device))?.decodeTile {
+        guard decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) == nil else { return nil }
+        if let forced = (try? AttentionTuning.of(device))?.decodeTile {
             return "VKFLEX_DECODE_TILE=\(forced) needs more shared memory than \(device.capabilities.name) has at head dims \(s.D)/\(s.Dv)"
         }
-        if decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) == nil { return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has" }
-        return nil
+        return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has"
     }
 
     /// The decode kernel's tiles: 16 rows, the largest key tile (64, 32, 16 or 8; or
