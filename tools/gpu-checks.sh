@@ -7,7 +7,8 @@
 # backward through the matrix passes;
 # bf16: the seed suite in bfloat16 against PyTorch bf16 (compare) and the backward in bf16;
 # biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
-# shapes: coopmat-generic's selftest in each other fp16 shape; decode: the decode suite vs PyTorch;
+# shapes: coopmat-generic's selftest in each other fp16 shape; decode: split-kv's validated
+# selftest, the decode suite vs PyTorch, tile and split sweeps;
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
@@ -53,17 +54,24 @@ if [ "$what" = shapes ]; then
   done
 fi
 if [ "$what" = decode ]; then
+  VKFLEX_VALIDATE=1 step selftest-split-kv 120 vkflex selftest --kernel split-kv
   step decode 200 bash .device/on-device.sh compare --suite decode
   tail -25 "$out/decode.txt"
-  # The split count's target (workgroups per compute unit; default 4) and the key tile (default
-  # the largest that fits), vkflex alone, contiguous rows (2026-12-05: six such runs took under 140 s on an H100).
-  cases=decode_dense_32k,decode_long_128k,specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
-  for w in 2 8; do
-    VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 60 vkflex bench --suite decode --no-check --cases $cases
-    grep -E " no " "$out/decode-waves-$w.txt" | cut -c1-100
+  # The split count's target (workgroups per compute unit; default 4) and the tiles (rows per
+  # workgroup x keys per slot and round [x invocations per key]; default 4x2), vkflex alone,
+  # contiguous and paged rows (each run about 23 s on an H100 in the sixth session),
+  # with the driver's register counts (DECODE_TILES / DECODE_WAVES to sweep others).
+  cases=${DECODE_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k,decode_mqa_32k,decode_sliding_4k_of_32k}
+  for w in ${DECODE_WAVES:-2 8}; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
+    grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
+    grep -E 'pipeline flex_attention_decode' "$out/decode-waves-$w.txt" | head -2 | cut -c1-200
   done
-  VKFLEX_DECODE_TILE=32 step decode-tile-32 60 vkflex bench --suite decode --no-check --cases $cases
-  grep -E " no " "$out/decode-tile-32.txt" | cut -c1-100
+  for t in ${DECODE_TILES:-4x4 8x2 16x1 4x2x8}; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 45 vkflex bench --suite decode --no-check --cases $cases
+    grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
+    grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -2 | cut -c1-200
+  done
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

@@ -24,9 +24,10 @@ struct AttentionTuning: Sendable {
     /// compute unit (default 4, the best of 2-16 on an H100's decode suite: docs/performance.md),
     /// for tuning.
     var decodeWaves = 4
-    /// `VKFLEX_DECODE_TILE=n`: the keys split-KV decoding stages per step (8, 16, 32 or 64; default
-    /// the largest that fits the shared memory), for tuning.
-    var decodeTile: Int?
+    /// `VKFLEX_DECODE_TILE=RxK[xL]`: split-KV decoding's query rows per workgroup (1, 2, 4, 8 or
+    /// 16; at least the call's query rows), keys each key slot loads per round (1-8) and
+    /// invocations per key (a power of two up to the device's smallest subgroup), for tuning.
+    var decodeTile: (rows: Int, keys: Int, lanes: Int?)?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
@@ -70,10 +71,12 @@ struct AttentionTuning: Sendable {
             t.decodeWaves = n
         }
         if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
-            guard let n = Int(k), [8, 16, 32, 64].contains(n) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use 8, 16, 32 or 64 keys per step")
+            let v = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map { Int($0) ?? 0 }
+            guard (2...3).contains(v.count), [1, 2, 4, 8, 16].contains(v[0]), (1...8).contains(v[1]),
+                  v.count == 2 || [1, 2, 4, 8, 16, 32, 64].contains(v[2]) else {
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use RxK[xL], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8) and L invocations per key (a power of two up to 64), e.g. 4x2 or 4x2x8")
             }
-            t.decodeTile = n
+            t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil)
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
             guard let tiles = BackwardNVTiles(parsing: b) else {
@@ -138,8 +141,9 @@ struct AttentionPlan: Hashable, Sendable {
     enum Tiles: Hashable, Sendable {
         case portable(BQ: Int, BKV: Int, WG: Int)
         case coopmat(CoopmatTiles)
-        /// Split-KV decoding: rows per workgroup, keys per staged tile, invocations.
-        case decode(rows: Int, BKV: Int, WG: Int)
+        /// Split-KV decoding: query rows per workgroup, keys per key slot and round, invocations,
+        /// invocations per key (``AttentionPlanner/DecodeTiles``).
+        case decode(rows: Int, KPL: Int, WG: Int, LK: Int)
         /// The backward's passes: the dQ and dK/dV passes' tiles (query rows, keys; 0 for the
         /// other passes) and invocations per workgroup.
         case backward(BQ: Int, BKV: Int, WG: Int)
@@ -185,21 +189,22 @@ struct AttentionPlan: Hashable, Sendable {
 
     var BQ: Int {
         switch tiles {
-        case .portable(let bq, _, _), .decode(let bq, _, _), .backward(let bq, _, _): return bq
+        case .portable(let bq, _, _), .decode(let bq, _, _, _), .backward(let bq, _, _): return bq
         case .coopmat(let t): return t.BQ
         case .generic(let t): return t.BQ
         }
     }
     var BKV: Int {
         switch tiles {
-        case .portable(_, let bkv, _), .decode(_, let bkv, _), .backward(_, let bkv, _): return bkv
+        case .portable(_, let bkv, _), .backward(_, let bkv, _): return bkv
+        case .decode(_, let kpl, let wg, let lk): return kpl * wg / lk
         case .coopmat(let t): return t.BKV
         case .generic(let t): return t.BKV
         }
     }
     var WG: Int {
         switch tiles {
-        case .portable(_, _, let wg), .decode(_, _, let wg), .backward(_, _, let wg): return wg
+        case .portable(_, _, let wg), .decode(_, _, let wg, _), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
         case .generic(let t): return t.WG
         }
@@ -237,9 +242,9 @@ struct AttentionPlan: Hashable, Sendable {
             }
             if n == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
             source = ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
-        case .decode(let rows, let BKV, let WG):
+        case .decode(let rows, let KPL, let WG, let LK):
             source = ShaderSource(name: "flex_attention_decode", text: try ShaderLibrary.standard.text("flex_attention_decode.comp"), defines: [
-                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("BKV", "\(BKV)"), .init("WG", "\(WG)"),
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("KPL", "\(KPL)"), .init("WG", "\(WG)"), .init("LK", "\(LK)"),
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
@@ -323,10 +328,11 @@ enum AttentionPlanner {
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
                                  mods: mods.glsl.source)
         case .splitKV:
-            guard let t = decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) else {
-                throw FlexError.unsupported("split-kv: head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has")
+            guard let t = decodeTiles(s, device: device) else {
+                throw FlexError.unsupported("split-kv: " + (decodeProblem(s, device: device) ?? "no tiles fit"))
             }
-            return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .decode(rows: t.rows, BKV: t.BKV, WG: t.WG),
+            return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv,
+                                 tiles: .decode(rows: t.rows, KPL: t.keys, WG: t.WG, LK: t.lanes),
                                  maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatGeneric:
             guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
@@ -354,45 +360,62 @@ enum AttentionPlanner {
         }
     }
 
-    /// The split-KV decode kernel's rows per workgroup (query heads of a group × query rows).
+    /// The split-KV decode kernel's most query rows per workgroup (query heads of a group × query rows).
     static let decodeRows = 16
+
+    /// The split-KV decode kernel's shape (flex_attention_decode.comp): `rows` query rows per
+    /// workgroup, `lanes` invocations per key (each holding 16-byte units of its K and V rows),
+    /// `keys` keys per key slot and round (loads in flight), `WG` invocations.
+    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int }
 
     /// Why the split-KV decode kernel cannot run this call, or nil when it can.
     static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
         if s.Lq > decodeRows { return "split-kv takes at most \(decodeRows) query rows (decoding); this call has \(s.Lq)" }
-        guard decodeTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device) == nil else { return nil }
-        if let forced = (try? AttentionTuning.of(device))?.decodeTile {
-            return "VKFLEX_DECODE_TILE=\(forced) needs more shared memory than \(device.capabilities.name) has at head dims \(s.D)/\(s.Dv)"
-        }
-        return "head dims \(s.D)/\(s.Dv) need more shared memory than \(device.capabilities.name) has"
-    }
-
-    /// The decode kernel's tiles: 16 rows, the largest key tile (64, 32, 16 or 8; or
-    /// `VKFLEX_DECODE_TILE`) whose shared arrays fit and whose prefetched K and V take at most 256
-    /// bytes (64 registers) per invocation — 64 keys of 16-bit inputs at D = Dv = 128 (measured
-    /// best on an H100), 32 of float32 — 128 invocations (or the device's most).
-    static func decodeTiles(D: Int, Dv: Int, dtype: DType, device: Device) -> (rows: Int, BKV: Int, WG: Int)? {
         let caps = device.capabilities
-        return decodeTiles(D: D, Dv: Dv, dtype: dtype, sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                           forced: (try? AttentionTuning.of(device))?.decodeTile)
-    }
-
-    static func decodeTiles(D: Int, Dv: Int, dtype: DType, sharedMemory: Int, maxInvocations: Int, forced: Int? = nil) -> (rows: Int, BKV: Int, WG: Int)? {
-        let rows = decodeRows, wg = min(128, maxInvocations)
-        for bkv in forced.map({ [$0] }) ?? [64, 32, 16, 8]
-        where decodeSharedBytes(D: D, Dv: Dv, rows: rows, BKV: bkv, sixteenBit: dtype.size == 2) <= sharedMemory - 256
-            && (forced != nil || bkv == 8 || bkv * (D + Dv) * dtype.size <= 256 * wg) {
-            return (rows, bkv, wg)
+        if !caps.subgroupOperations.contains("shuffle") { return "split-kv needs subgroup shuffles, which \(caps.name) does not offer to compute shaders" }
+        guard decodeTiles(s, device: device) == nil else { return nil }
+        if let forced = (try? AttentionTuning.of(device))?.decodeTile {
+            return "VKFLEX_DECODE_TILE=\(device.environment["VKFLEX_DECODE_TILE"] ?? "") does not fit \(s.Lq) query rows, \(caps.name)'s smallest subgroup (\(caps.minSubgroupSize)) or its shared memory at head dims \(s.D)/\(s.Dv)"
         }
-        return nil
+        return "head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has"
     }
 
-    /// flex_attention_decode.comp's shared arrays: Q rows as float pairs, the K and V tiles as words
-    /// of two elements (4 bytes packed for 16-bit inputs, 8 for float32) at odd strides, the
-    /// scores, and five ints per row.
-    static func decodeSharedBytes(D: Int, Dv: Int, rows: Int, BKV: Int, sixteenBit: Bool) -> Int {
-        let dw = (D + 1) / 2, dvw = (Dv + 1) / 2, word = sixteenBit ? 4 : 8
-        return rows * dw * 8 + BKV * ((dw | 1) + (dvw | 1)) * word + rows * (BKV | 1) * 4 + 5 * rows * 4
+    static func decodeTiles(_ s: AttentionShape, device: Device) -> DecodeTiles? {
+        let caps = device.capabilities
+        return decodeTiles(D: s.D, Dv: s.Dv, Lq: s.Lq, dtype: s.dtype, minSubgroupSize: caps.minSubgroupSize, sharedMemory: caps.maxSharedMemory,
+                           maxInvocations: caps.maxWorkgroupInvocations, forced: (try? AttentionTuning.of(device))?.decodeTile)
+    }
+
+    /// The decode kernel's shape for a call. Rows: the call's query rows rounded up to a power of
+    /// two, at least 4 (the four query heads of a Llama-like group in one workgroup, each key read
+    /// once for them; more rows per workgroup cost registers), or `VKFLEX_DECODE_TILE`'s. Lanes
+    /// per key: as many 16-byte units as a row has, at most the device's smallest subgroup (a
+    /// power of two, so that it divides every subgroup size). Two keys per slot and round; 128
+    /// invocations (or the device's most).
+    static func decodeTiles(D: Int, Dv: Int, Lq: Int, dtype: DType, minSubgroupSize: Int, sharedMemory: Int, maxInvocations: Int,
+                            forced: (rows: Int, keys: Int, lanes: Int?)? = nil) -> DecodeTiles? {
+        guard Lq >= 1, Lq <= decodeRows, minSubgroupSize >= 1 else { return nil }
+        func pow2(atMost n: Int) -> Int { var p = 1; while p * 2 <= n { p *= 2 }; return p }
+        func pow2(atLeast n: Int) -> Int { var p = 1; while p < n { p *= 2 }; return p }
+        let unit = dtype.size == 2 ? 8 : 4
+        let units = (max(D, Dv) + unit - 1) / unit
+        var lanes = min(pow2(atMost: units), pow2(atMost: minSubgroupSize))
+        let wg = min(128, pow2(atMost: maxInvocations))
+        var rows = max(pow2(atLeast: Lq), 4), keys = 2
+        if let forced {
+            guard forced.rows >= Lq, (forced.lanes ?? 1) <= minSubgroupSize else { return nil }
+            (rows, keys, lanes) = (forced.rows, forced.keys, forced.lanes ?? lanes)
+        }
+        guard wg >= lanes else { return nil }   // 128 is a multiple of every subgroup size up to 128
+        let t = DecodeTiles(rows: rows, keys: keys, WG: wg, lanes: lanes)
+        return decodeSharedBytes(Dv: Dv, dtype: dtype, tiles: t) <= sharedMemory - 256 ? t : nil
+    }
+
+    /// flex_attention_decode.comp's shared arrays: each subgroup's row maxima and sums, the rows'
+    /// P·V (float32, whole 16-byte units) and a NaN flag per row.
+    static func decodeSharedBytes(Dv: Int, dtype: DType, tiles t: DecodeTiles) -> Int {
+        let unit = dtype.size == 2 ? 8 : 4
+        return 2 * (t.WG / t.lanes) * t.rows * 4 + t.rows * ((Dv + unit - 1) / unit * unit) * 4 + t.rows * 4
     }
 
     /// A backward pass's plan: the portable passes of flex_attention_bwd.comp with their tiles

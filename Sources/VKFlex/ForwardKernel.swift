@@ -220,7 +220,7 @@ enum ForwardKernel {
             // (one head under a per-head mask) whose positions lie in one query block of the mask
             // (`segs` of them at most), and walks one split's share of that block row's kept blocks.
             let perHead = (blockMask?.H ?? 1) > 1
-            let heads = perHead ? 1 : max(1, min(group, AttentionPlanner.decodeRows / s.Lq))
+            let heads = perHead ? 1 : max(1, min(group, BQ / s.Lq))   // BQ: the plan's rows per workgroup
             let headChunks = (group + heads - 1) / heads
             let segs = (qOffsets?.values ?? [0]).map { ($0 + s.Lq - 1) / qBS - $0 / qBS + 1 }.max()!
             for chunk in chunks {
@@ -230,10 +230,15 @@ enum ForwardKernel {
                 let waves = try AttentionTuning.of(device).decodeWaves
                 var splits = max(1, min(kvBlocks, (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
-                    let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, tiles: (BQ, BKV, prepared.WG), half: s.dtype.size == 2)
-                    let budget = limit * 3 / 4 - (BQ * s.D / prepared.WG + BQ + 2 * kvBlocks + 512)
+                    let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, plan: prepared.plan, half: s.dtype.size == 2)
+                    // Outside the walk: Q, the merge of the key slots and subgroups (the cursor jumps to its share: no walk over the list).
+                    let budget = limit * 3 / 4 - (BQ * s.D + 4 * BQ * s.Dv + 512)
                     let blocksPerSplit = max(1, budget / perBlock)
                     splits = max(splits, (kvBlocks + blocksPerSplit - 1) / blocksPerSplit)
+                    // The merge loops over the splits three times.
+                    guard 3 * splits + 64 <= limit * 3 / 4 else {
+                        throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after \(limit) iterations: \(kvBlocks) KV blocks of \(kvBS) keys need \(splits) key splits, more than its merge can combine; use larger KV blocks")
+                    }
                 }
                 let rows = nb * s.Hq * s.Lq, partBytes = splits * rows * s.Dv * 4
                 guard partBytes <= caps.maxStorageBufferRange, splits <= caps.maxWorkgroupCount[0],
@@ -290,15 +295,17 @@ enum ForwardKernel {
 
     /// An upper bound of the decode kernel's loop iterations per KV block (every loop of
     /// flex_attention_decode.comp counted as if none were unrolled).
-    static func decodeIterationsPerBlock(D: Int, Dv: Int, kvBlockSize: Int, tiles: (rows: Int, BKV: Int, WG: Int), half: Bool) -> Int {
-        let (R, BKV, WG) = tiles
+    static func decodeIterationsPerBlock(D: Int, Dv: Int, kvBlockSize: Int, plan: AttentionPlan, half: Bool) -> Int {
+        guard case .decode(let R, let KPL, let WG, let LK) = plan.tiles else { preconditionFailure("decode bound without decode tiles") }
         func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
-        let unit = half ? 8 : 4, wordsPerUnit = half ? 4 : 2, dw = (D + 1) / 2, dvw = (Dv + 1) / 2
-        let units = ceilDiv(BKV * (D / unit), WG) + ceilDiv(BKV * (Dv / unit), WG)
-        let stage = max(units * (2 + wordsPerUnit), ceilDiv(BKV * dw, WG) + ceilDiv(BKV * dvw, WG))
-        let tasks = ceilDiv(R * BKV, WG), acc = ceilDiv(R * dvw, WG)
-        let perTile = stage + 2 + tasks * (dw + 2) + acc * (BKV + 1) + 16
-        return ceilDiv(kvBlockSize, BKV) * perTile + 4
+        let unit = half ? 8 : 4, upl = ceilDiv(ceilDiv(D, unit), LK), vpl = ceilDiv(ceilDiv(Dv, unit), LK)
+        var log2LK = 0
+        while 1 << log2LK < LK { log2LK += 1 }
+        // Per key: loading (element by element at worst), the dot products, the butterfly, and per row the softmax and P·V.
+        let load = KPL * (upl + vpl) * (1 + unit)
+        let perKey = upl * (1 + R * (1 + unit)) + log2LK * (1 + R) + vpl * (1 + unit) + R * (3 + 2 * vpl * (1 + unit))
+        let rounds = ceilDiv(kvBlockSize, KPL * WG / LK)
+        return rounds * (2 + load + KPL * (1 + perKey)) + 4
     }
 
     /// A call's error flag: a zeroed one of its own where it will be read (a mod that can fail, or

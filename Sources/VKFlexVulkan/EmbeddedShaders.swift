@@ -1357,23 +1357,28 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
 // flex_attention_merge.comp combines the splits (and adds a sink). A split with no key writes
 // 0 / -inf; a NaN score makes the row's partial NaN (the merge keeps it NaN).
 //
-// Decoding reads each key once and does little arithmetic with it, so the kernel is built to keep
-// memory busy: the next tile's K and V are loaded 16 bytes at a time into registers while the
-// current tile is computed (one tile ahead), K and V of a tile are staged together (one wait per
-// tile, not two), and every phase of a tile spreads over the whole workgroup — scores a (row,
-// key) per invocation, the running maximum by shared atomics, P a (row, key) per invocation, P·V
-// a (row, pair of dims) per invocation with the row sum beside it. Rows are kept in shared memory
-// as 32-bit words of two elements (16-bit inputs stay packed), which halves the shared loads of
-// the dot products.
+// Decoding reads each key once and does little arithmetic with it, so the walk keeps no tile in
+// shared memory and has no barrier: LK invocations of a subgroup hold one key (its K and V row in
+// 16-byte units, straight from memory into registers), every key slot of the workgroup runs its
+// own online softmax over its keys, and the next round's K and V are loaded while this round is
+// computed. A score is the LK partial dot products summed by a butterfly of subgroup shuffles;
+// every invocation of the key's group then holds it, so each computes P for the key and adds
+// P·V to its own V units. The slots merge their (max, sum, P·V) at the end (shuffles within a
+// subgroup, shared memory across them). Nothing depends on the subgroup size beyond LK dividing
+// it (LK is at most the device's smallest subgroup size): a subgroup of 8, 32 or 64 holds 8/LK,
+// 32/LK or 64/LK keys.
 //
 // Rows of one workgroup share one BlockMask row: the heads packed are those of a broadcast mask
 // (per-head masks pack one head per workgroup), and query rows at offsets (VKF_Q_OFFSETS) that
 // fall in different query blocks go to different workgroups (dec_segs segments).
 //
 // Grid: x = split, y = (KV head × head chunks × segments), z = batch of this dispatch.
-// Defines: D, DV, WG, RMAX (rows per workgroup), BKV (keys per staged tile), IN_F16/IN_BF16, and
-// what flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, ...).
+// Defines: D, DV, WG, RMAX (rows per workgroup), LK (invocations per key, a power of two),
+// KPL (keys per key slot and round: loads in flight), IN_F16/IN_BF16, and what
+// flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, ...).
 #extension GL_GOOGLE_include_directive : require
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_shuffle : require
 
 layout(local_size_x = WG) in;
 
@@ -1384,82 +1389,72 @@ layout(local_size_x = WG) in;
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
 
-// K and V as 16-byte units (rows contiguous and 8-element aligned: p.vec_ok, D and DV multiples of 8).
+// K and V as 16-byte units where rows are contiguous and 8-element aligned (p.vec_ok, D and DV
+// multiples of 8); else element by element into the same units, zero past the head dim.
 #define VEC_PATH (D % 8 == 0 && DV % 8 == 0)
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { UNIT_T k_units[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T v_units[]; };
 
-// A shared word holds two elements of a row: packed 16-bit pairs, or a vec2 for float32 inputs.
-#if IN_F16 || IN_BF16
-#define W_T uint
-#define WPU 4   // words per 16-byte unit
-#else
-#define W_T vec2
-#define WPU 2
-#endif
-vec2 wfloats(W_T w) {
-#if IN_F16
-    return vec2(unpackFloat2x16(w));
-#elif IN_BF16
-    return vec2(uintBitsToFloat(w << 16), uintBitsToFloat(w & 0xFFFF0000u));
-#else
-    return w;
-#endif
-}
-W_T unit_word(UNIT_T u, int i) {
-#if IN_F16 || IN_BF16
-    return u[i];
-#else
-    return i == 0 ? u.xy : u.zw;
-#endif
-}
-// Elements x (even dim) and y (the next, or 0 past an odd width) as one word; both are input
-// values widened to float, so narrowing them again is exact.
-W_T pair_word(float x, float y) {
-#if IN_F16
-    return packFloat2x16(f16vec2(x, y));
-#elif IN_BF16
-    return (floatBitsToUint(x) >> 16) | (floatBitsToUint(y) & 0xFFFF0000u);
-#else
-    return vec2(x, y);
-#endif
-}
+#define KU ((D + UNIT - 1) / UNIT)     // units per K row
+#define VU ((DV + UNIT - 1) / UNIT)    // units per V row
+#define UPL ((KU + LK - 1) / LK)       // K units per invocation (unit kl + u·LK)
+#define VPL ((VU + LK - 1) / LK)       // V units per invocation
+#define NSLOT (WG / LK)                // key slots of the workgroup
+#define ROUND (NSLOT * KPL)            // keys per round
 
-#define DW ((D + 1) / 2)     // words per Q or K row
-#define DVW ((DV + 1) / 2)   // words per V row (and per output row: a pair of dims per task)
-#define KST (DW | 1)         // odd row strides: keys read at one word hit different banks
-#define VST (DVW | 1)
-#define SST (BKV | 1)
-#define ACC ((RMAX * DVW + WG - 1) / WG)
-#define TASKS ((RMAX * BKV + WG - 1) / WG)
-shared vec2 Qs[RMAX * DW];
-shared W_T Ks[BKV * KST];
-shared W_T Vs[BKV * VST];
-shared float S[RMAX * SST];   // scores, then P
-shared int row_max[RMAX];     // running maximum of the row's scores (log2 units) as an ordered int
-shared int row_nan[RMAX];
-shared int row_h[RMAX], row_i[RMAX], row_pos[RMAX];   // head, query row, position (-1: no row)
+// Unit c of a row at element offset o, elements stride s apart, n of them (fp16 repacked from
+// floats it holds exactly, bfloat16 from its bits).
+#if IN_F16
+#define SCALAR_UNIT(DATA, o, s, c, n, U) { \
+    float f_[8]; \
+    for (int e_ = 0; e_ < 8; ++e_) { const int d_ = (c) * 8 + e_; f_[e_] = d_ < (n) ? float(DATA[(o) + d_ * (s)]) : 0.0; } \
+    U = uvec4(packHalf2x16(vec2(f_[0], f_[1])), packHalf2x16(vec2(f_[2], f_[3])), packHalf2x16(vec2(f_[4], f_[5])), packHalf2x16(vec2(f_[6], f_[7]))); }
+#elif IN_BF16
+#define SCALAR_UNIT(DATA, o, s, c, n, U) { \
+    uint w_[8]; \
+    for (int e_ = 0; e_ < 8; ++e_) { const int d_ = (c) * 8 + e_; w_[e_] = d_ < (n) ? uint(DATA[(o) + d_ * (s)]) : 0u; } \
+    U = uvec4(w_[0] | (w_[1] << 16), w_[2] | (w_[3] << 16), w_[4] | (w_[5] << 16), w_[6] | (w_[7] << 16)); }
+#else
+#define SCALAR_UNIT(DATA, o, s, c, n, U) { \
+    for (int e_ = 0; e_ < 4; ++e_) { const int d_ = (c) * 4 + e_; U[e_] = d_ < (n) ? DATA[(o) + d_ * (s)] : 0.0; } }
+#endif
 
-// Floats ordered as ints (negative floats flipped), so that atomicMax on shared ints takes maxima.
-int ordered(float x) { const int i = floatBitsToInt(x); return i >= 0 ? i : i ^ 0x7FFFFFFF; }
-float unordered(int i) { return intBitsToFloat(i >= 0 ? i : i ^ 0x7FFFFFFF); }
+shared float sh_m[NSLOT][RMAX];   // per subgroup (at most NSLOT of them): its slots' merged maximum and sum
+shared float sh_l[NSLOT][RMAX];
+shared float sh_o[RMAX][VU * UNIT];
+shared int sh_nan[RMAX];
 
 // The walk's cursor: block t of this split's share (kb its key block, partial past the full ones)
-// and the tile starting at key k0 (keys before k_stop). Moves to the first tile at or after the
-// cursor that has keys; false past the share.
-bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, int t_end, int n_full, int mrow, int lkv) {
+// and the round starting at key k0 (keys before k_stop). Moves to the first round at or after the
+// cursor that has keys; false past the share. Paged, a block that lies in one page (the page size
+// a multiple of the block size) looks its page up once: row0, the physical row of its first key
+// kb0 (-1: each key looks its own up).
+bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout int kb0, inout int row0,
+          int t_end, int n_full, int mrow, int lkv, int b) {
     while (k0 >= k_stop) {
         if (++t >= t_end) return false;
         partial = t >= n_full;
         const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
         k0 = kb * p.kv_bs;
         k_stop = min(k0 + p.kv_bs, lkv);
+        kb0 = k0;
+#if VKF_PAGED
+        row0 = p.page_size % p.kv_bs == 0 && k0 < k_stop ? kv_row(b, k0) : -1;
+#endif
     }
     return true;
 }
+#if VKF_PAGED
+#define KEY_ROW(key) (row0 >= 0 ? row0 + (key) - kb0 : kv_row(b, key))
+#else
+#define KEY_ROW(key) (key)
+#endif
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
+    const int sgi = int(gl_SubgroupInvocationID), sg = int(gl_SubgroupID);
+    const int kl = sgi % LK;                                       // this invocation's place in its key
+    const int slot = sg * (int(gl_SubgroupSize) / LK) + sgi / LK;  // its key slot
     const int split = int(gl_WorkGroupID.x);
     const int bl = int(gl_WorkGroupID.z), b = p.b_start + bl;
     const int y = int(gl_WorkGroupID.y);
@@ -1471,28 +1466,34 @@ void main() {
     const int off = 0;
 #endif
     const int qb = off / p.q_bs + seg;   // the query block all rows of this workgroup lie in
-    // The rows: heads h0..h0 + dec_heads of the group, query rows i whose position lies in qb.
+    // The rows: heads h0..h0 + dec_heads of the group, query rows i whose position lies in qb
+    // (row_h -1: no row). Uniform over the workgroup.
     const int h0 = hk * group + chunk * p.dec_heads;
-    if (lid < RMAX) {
-        const int hh = lid / p.Lq, i = lid - hh * p.Lq, h = h0 + hh, pos = off + i;
-        const bool ok = hh < p.dec_heads && i < p.Lq && h < (hk + 1) * group && pos / p.q_bs == qb;
-        row_h[lid] = ok ? h : -1; row_i[lid] = i; row_pos[lid] = pos;
-        row_max[lid] = ordered(-1e30); row_nan[lid] = 0;
-    }
-    barrier();
+    int row_h[RMAX], row_i[RMAX];
     bool any = false;
-    for (int r = 0; r < RMAX; ++r) any = any || row_h[r] >= 0;
-    if (!any) return;   // uniform: no row of this batch lies in this segment
-    for (int e = lid; e < RMAX * DW; e += WG) {
-        const int r = e / DW, w = e - r * DW, h = row_h[r], d = 2 * w;
-        const int qo = p.q_base + bl * p.q_sb + h * p.q_sh + row_i[r] * p.q_sl + d * p.q_sd;
-        Qs[e] = h >= 0 ? vec2(IN_FLOAT(q_data[qo]), d + 1 < D ? IN_FLOAT(q_data[qo + p.q_sd]) : 0.0) : vec2(0.0);
+    for (int r = 0; r < RMAX; ++r) {
+        const int hh = r / p.Lq, i = r - hh * p.Lq, h = h0 + hh;
+        const bool ok = hh < p.dec_heads && i < p.Lq && h < (hk + 1) * group && (off + i) / p.q_bs == qb;
+        row_h[r] = ok ? h : -1; row_i[r] = i;
+        any = any || ok;
     }
-    // Per output task (row, pair of dims): the sum of P·V, the row sum of P, and the running
-    // maximum they are scaled to; every task of a row computes the same row sum.
-    vec2 acc[ACC];
-    float lsum[ACC], mrun[ACC];
-    for (int a = 0; a < ACC; ++a) { acc[a] = vec2(0.0); lsum[a] = 0.0; mrun[a] = -1e30; }
+    if (!any) return;   // uniform: no row of this batch lies in this segment
+    // This invocation's share of each row's query: the elements of its K units, in float.
+    float qf[RMAX][UPL][UNIT];
+    for (int r = 0; r < RMAX; ++r)
+        for (int u = 0; u < UPL; ++u)
+            for (int e = 0; e < UNIT; ++e) {
+                const int d = (kl + u * LK) * UNIT + e, h = row_h[r];
+                qf[r][u][e] = h >= 0 && d < D ? IN_FLOAT(q_data[p.q_base + bl * p.q_sb + h * p.q_sh + row_i[r] * p.q_sl + d * p.q_sd]) : 0.0;
+            }
+    // Per row, this slot's online softmax: running maximum (log2 units), sum of P, P·V over this
+    // invocation's V units, and whether a score was NaN.
+    float m[RMAX], l[RMAX], acc[RMAX][VPL][UNIT];
+    bool bad[RMAX];
+    for (int r = 0; r < RMAX; ++r) {
+        m[r] = -1e30; l[r] = 0.0; bad[r] = false;
+        for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] = 0.0;
+    }
     // The mask row (shared by every row here) and this split's share of its walked blocks.
     const int mrow = walk_row(b, h0, qb);   // a per-head mask packs one head (h0) per workgroup
     const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
@@ -1501,142 +1502,141 @@ void main() {
     const int lkv = KV_LEN(b);
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
-    int t = split * per - 1, k0 = 0, k_stop = 0;
+    const bool vec = VEC_PATH && p.vec_ok != 0;
+    int t = split * per - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
     bool partial = false;
-    bool more = seek(t, k0, k_stop, partial, t_end, n_full, mrow, lkv);
-#if VEC_PATH
-    // The tile ahead, in registers: K and V units (row j = e / units per row).
-#define KU (D / UNIT)
-#define VU (DV / UNIT)
-#define KR ((BKV * KU + WG - 1) / WG)
-#define VR ((BKV * VU + WG - 1) / WG)
-    UNIT_T kreg[KR], vreg[VR];
-#define LOAD_TILE(K0, KN) \
-    for (int i = 0; i < KR; ++i) { \
-        const int e = lid + i * WG, j = e / KU; \
-        if (e < BKV * KU && j < (KN)) kreg[i] = k_units[(koff + kv_row(b, (K0) + j) * p.k_sl) / UNIT + e - j * KU]; \
-    } \
-    for (int i = 0; i < VR; ++i) { \
-        const int e = lid + i * WG, j = e / VU; \
-        if (e < BKV * VU && j < (KN)) vreg[i] = v_units[(voff + kv_row(b, (K0) + j) * p.v_sl) / UNIT + e - j * VU]; \
+    bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+    // The round ahead, in registers: this invocation's units of keys k0 + j·NSLOT + slot.
+    UNIT_T kreg[KPL][UPL], vreg[KPL][VPL];
+#define LOAD_ROUND(K0, KSTOP) \
+    for (int j = 0; j < KPL; ++j) { \
+        const int key = (K0) + j * NSLOT + slot; \
+        if (key < (KSTOP)) { \
+            const int row = KEY_ROW(key), ko = koff + row * p.k_sl, vo = voff + row * p.v_sl; \
+            for (int u = 0; u < UPL; ++u) { \
+                const int c = kl + u * LK; \
+                if (c < KU) { if (vec) kreg[j][u] = k_units[ko / UNIT + c]; else SCALAR_UNIT(k_data, ko, p.k_sd, c, D, kreg[j][u]) } \
+            } \
+            for (int u = 0; u < VPL; ++u) { \
+                const int c = kl + u * LK; \
+                if (c < VU) { if (vec) vreg[j][u] = v_units[vo / UNIT + c]; else SCALAR_UNIT(v_data, vo, p.v_sd, c, DV, vreg[j][u]) } \
+            } \
+        } \
     }
-    if (more && p.vec_ok != 0) LOAD_TILE(k0, min(BKV, k_stop - k0))
-#endif
-    barrier();
-    // Lavapipe stops a loop for good once it has run 65535 iterations, counted over all its runs:
-    // each loop whose trip count is not a constant checks it finished.
-    bool cut = false;
+    if (more) LOAD_ROUND(k0, k_stop)
     while (more) {
-        const int kn = min(BKV, k_stop - k0), kt = k0;
+        const int kt = k0, ks = k_stop;
         const bool part = partial;
-        // Stage this tile; then move the cursor and start loading the next one.
-#if VEC_PATH
-        if (p.vec_ok != 0) {
-            for (int i = 0; i < KR; ++i) {
-                const int e = lid + i * WG, j = e / KU, u = e - j * KU;
-                if (e < BKV * KU && j < kn) for (int q = 0; q < WPU; ++q) Ks[j * KST + u * WPU + q] = unit_word(kreg[i], q);
-            }
-            for (int i = 0; i < VR; ++i) {
-                const int e = lid + i * WG, j = e / VU, u = e - j * VU;
-                if (e < BKV * VU && j < kn) for (int q = 0; q < WPU; ++q) Vs[j * VST + u * WPU + q] = unit_word(vreg[i], q);
-            }
-        } else
-#endif
-        {
-            for (int e = lid; e < BKV * DW; e += WG) {
-                const int j = e / DW, w = e - j * DW, d = 2 * w;
-                if (j < kn) {
-                    const int o = koff + kv_row(b, kt + j) * p.k_sl + d * p.k_sd;
-                    Ks[j * KST + w] = pair_word(IN_FLOAT(k_data[o]), d + 1 < D ? IN_FLOAT(k_data[o + p.k_sd]) : 0.0);
+        UNIT_T kcur[KPL][UPL] = kreg, vcur[KPL][VPL] = vreg;
+        // Move the cursor and start loading the next round.
+        k0 += ROUND;
+        more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+        if (more) LOAD_ROUND(k0, k_stop)
+        for (int j = 0; j < KPL; ++j) {
+            const int key = kt + j * NSLOT + slot;
+            const bool live = key < ks;
+            // Partial dot products over this invocation's K units, then summed over the key's LK.
+            float dot[RMAX];
+            for (int r = 0; r < RMAX; ++r) dot[r] = 0.0;
+            for (int u = 0; u < UPL; ++u) {
+                if (kl + u * LK < KU && live) {
+                    float kf[UNIT];
+                    unit_floats(kcur[j][u], kf);
+                    for (int r = 0; r < RMAX; ++r) for (int e = 0; e < UNIT; ++e) dot[r] += qf[r][u][e] * kf[e];
                 }
             }
-            for (int e = lid; e < BKV * DVW; e += WG) {
-                const int j = e / DVW, w = e - j * DVW, d = 2 * w;
-                if (j < kn) {
-                    const int o = voff + kv_row(b, kt + j) * p.v_sl + d * p.v_sd;
-                    Vs[j * VST + w] = pair_word(IN_FLOAT(v_data[o]), d + 1 < DV ? IN_FLOAT(v_data[o + p.v_sd]) : 0.0);
-                }
+            for (int o = 1; o < LK; o <<= 1)
+                for (int r = 0; r < RMAX; ++r) dot[r] += subgroupShuffleXor(dot[r], o);
+            float vf[VPL][UNIT];
+            for (int u = 0; u < VPL; ++u) {
+                if (kl + u * LK < VU && live) unit_floats(vcur[j][u], vf[u]);
+                else for (int e = 0; e < UNIT; ++e) vf[u][e] = 0.0;
             }
-        }
-        k0 += BKV;
-        more = seek(t, k0, k_stop, partial, t_end, n_full, mrow, lkv);
-#if VEC_PATH
-        if (more && p.vec_ok != 0) LOAD_TILE(k0, min(BKV, k_stop - k0))
-#endif
-        barrier();
-        // Scores, a (row, key) per invocation; the rows' running maxima by atomics.
-        for (int a = 0; a < TASKS; ++a) {
-            const int e = lid + a * WG, r = e / BKV, j = e - r * BKV;
-            if (e < RMAX * BKV && row_h[r] >= 0 && j < kn) {
-                float dot = 0.0;
-                int w = 0;
-                for (; w < DW; ++w) {
-                    const vec2 q = Qs[r * DW + w], k = wfloats(Ks[j * KST + w]);
-                    dot += q.x * k.x + q.y * k.y;
-                }
-                cut = cut || w < DW;
-                const int pos = row_pos[r], ki = kt + j;
-                float s = modded_l2(dot, b, row_h[r], pos, ki);
+            for (int r = 0; r < RMAX; ++r) {
+                if (row_h[r] < 0 || !live) continue;
+                const int pos = off + row_i[r];
+                float s = modded_l2(dot[r], b, row_h[r], pos, key);
 #if VKF_HAS_MASK_MOD
-                if (part && !mask_mod(b, row_h[r], pos, ki)) s = NEG_INF;
+                if (part && !mask_mod(b, row_h[r], pos, key)) s = NEG_INF;
 #endif
-                S[r * SST + j] = s;
-                if (isnan(s)) row_nan[r] = 1;
-                else if (s > NEG_INF) atomicMax(row_max[r], ordered(s));
-            }
-        }
-        barrier();
-        // P against the running maximum, a (row, key) per invocation.
-        for (int a = 0; a < TASKS; ++a) {
-            const int e = lid + a * WG, r = e / BKV, j = e - r * BKV;
-            if (e < RMAX * BKV && row_h[r] >= 0 && j < kn) S[r * SST + j] = exp2(S[r * SST + j] - unordered(row_max[r]));
-        }
-        barrier();
-        // P·V, a (row, pair of dims) per invocation, rescaled where the row's maximum grew.
-        for (int a = 0; a < ACC; ++a) {
-            const int e = lid + a * WG, r = e / DVW, w = e - r * DVW;
-            if (e < RMAX * DVW && row_h[r] >= 0) {
-                const float m = unordered(row_max[r]), alpha = exp2(mrun[a] - m);
-                vec2 o = acc[a] * alpha;
-                float l = lsum[a] * alpha;
-                int j = 0;
-                for (; j < kn; ++j) {
-                    const float pj = S[r * SST + j];
-                    o += pj * wfloats(Vs[j * VST + w]);
-                    l += pj;
+                if (isnan(s)) { bad[r] = true; continue; }
+                if (s > m[r]) {   // the maximum grew: rescale what this slot has summed
+                    const float alpha = exp2(m[r] - s);
+                    l[r] *= alpha;
+                    for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] *= alpha;
+                    m[r] = s;
                 }
-                cut = cut || j < kn;
-                acc[a] = o; lsum[a] = l; mrun[a] = m;
+                const float pr = exp2(s - m[r]);
+                l[r] += pr;
+                for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
             }
         }
-        barrier();
     }
     // A walk that ends on its own leaves the cursor past the share; one a driver stopped (lavapipe's
     // loop cap) leaves it inside: reported, never a silent truncation.
-    if (more || cut) vkf_report(4, 0, 0, 0);
-    // This split's partial per row: O over its keys, normalized, and their LSE (natural log).
-    const float nan = uintBitsToFloat(0x7FC00000u);
-    for (int a = 0; a < ACC; ++a) {
-        const int e = lid + a * WG;
-        if (e < RMAX * DVW) {
-            const int r = e / DVW, w = e - r * DVW, h = row_h[r], d = 2 * w;
-            if (h >= 0) {
-                // Partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
-                const int prow = (bl * p.Hq + h) * p.Lq + row_i[r];
-                const float l = lsum[a];
-                const bool bad = row_nan[r] != 0;
-                const vec2 o = bad ? vec2(nan) : l != 0.0 ? acc[a] / l : vec2(0.0);
-                const int ob = p.o_base + split * p.o_split_stride + prow * DV + d;
-                o_data[ob] = o.x;
-                if (d + 1 < DV) o_data[ob + 1] = o.y;
-                if (w == 0) {
-                    lse_data[p.lse_base + split * p.lse_split_stride + prow] = bad ? nan : l != 0.0 ? (mrun[a] + log2(l)) * LN2 : NEG_INF;
-#if VKF_MAX_SCORES
-                    // The split's largest score (natural units): the running maximum, where it saw a key.
-                    max_data[p.lse_base + split * p.lse_split_stride + prow] = bad ? nan : l != 0.0 ? mrun[a] * LN2 : NEG_INF;
-#endif
+    bool cut = more;
+    // Merge the key slots of this subgroup (butterfly over the slots), ...
+    int o = LK;
+    for (; o < int(gl_SubgroupSize); o <<= 1) {
+        for (int r = 0; r < RMAX; ++r) {
+            const float mo = subgroupShuffleXor(m[r], o), lo = subgroupShuffleXor(l[r], o);
+            const bool bo = subgroupShuffleXor(bad[r], o);
+            const float mm = max(m[r], mo), a = exp2(m[r] - mm), c = exp2(mo - mm);
+            for (int u = 0; u < VPL; ++u)
+                for (int e = 0; e < UNIT; ++e) acc[r][u][e] = acc[r][u][e] * a + subgroupShuffleXor(acc[r][u][e], o) * c;
+            l[r] = l[r] * a + lo * c; m[r] = mm; bad[r] = bad[r] || bo;
+        }
+    }
+    cut = cut || o < int(gl_SubgroupSize);
+    // ... then the subgroups, through shared memory: the rows' maximum over all, each subgroup's
+    // P·V rescaled to it and added in subgroup order (deterministic).
+    const int nsg = int(gl_NumSubgroups);
+    if (lid < RMAX) sh_nan[lid] = 0;
+    if (sgi == 0) for (int r = 0; r < RMAX; ++r) { sh_m[sg][r] = m[r]; sh_l[sg][r] = l[r]; }
+    barrier();
+    if (sgi == 0) for (int r = 0; r < RMAX; ++r) if (bad[r]) sh_nan[r] = 1;
+    float mall[RMAX], lall[RMAX];
+    int g = 0;
+    for (int r = 0; r < RMAX; ++r) { mall[r] = -1e30; lall[r] = 0.0; }
+    for (; g < nsg; ++g) for (int r = 0; r < RMAX; ++r) mall[r] = max(mall[r], sh_m[g][r]);
+    cut = cut || g < nsg;
+    for (g = 0; g < nsg; ++g) for (int r = 0; r < RMAX; ++r) lall[r] += sh_l[g][r] * exp2(sh_m[g][r] - mall[r]);
+    cut = cut || g < nsg;
+    for (g = 0; g < nsg; ++g) {
+        if (sg == g && sgi < LK) {
+            for (int r = 0; r < RMAX; ++r) {
+                const float a = exp2(m[r] - mall[r]);
+                for (int u = 0; u < VPL; ++u) {
+                    const int c = kl + u * LK;
+                    if (c < VU) for (int e = 0; e < UNIT; ++e) {
+                        const float x = acc[r][u][e] * a;
+                        sh_o[r][c * UNIT + e] = g == 0 ? x : sh_o[r][c * UNIT + e] + x;
+                    }
                 }
             }
+        }
+        barrier();
+    }
+    cut = cut || g < nsg;
+    if (cut) vkf_report(4, 0, 0, 0);
+    // This split's partial per row: O over its keys, normalized, and their LSE (natural log).
+    const float nan = uintBitsToFloat(0x7FC00000u);
+    for (int e = lid; e < RMAX * DV; e += WG) {
+        const int r = e / DV, d = e - r * DV;
+        int h = -1, i = 0;
+        float lr = 0.0, mr = 0.0;
+        for (int q = 0; q < RMAX; ++q) if (q == r) { h = row_h[q]; i = row_i[q]; lr = lall[q]; mr = mall[q]; }
+        if (h < 0) continue;
+        // Partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
+        const int prow = (bl * p.Hq + h) * p.Lq + i;
+        const bool isnan_row = sh_nan[r] != 0;
+        o_data[p.o_base + split * p.o_split_stride + prow * DV + d] = isnan_row ? nan : lr != 0.0 ? sh_o[r][d] / lr : 0.0;
+        if (d == 0) {
+            lse_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? (mr + log2(lr)) * LN2 : NEG_INF;
+#if VKF_MAX_SCORES
+            // The split's largest score (natural units), where it saw a key.
+            max_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? mr * LN2 : NEG_INF;
+#endif
         }
     }
 }

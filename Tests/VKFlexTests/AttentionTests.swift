@@ -263,7 +263,7 @@ extension AttentionTests {
             }
             let mods = try SplicedMods(score: rel, mask: nil, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
             var plan = AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push)
-            (plan.pass, plan.kernel, plan.tiles, plan.qOffsets, plan.paged) = (.forwardPartial, .splitKV, .decode(rows: 16, BKV: 32, WG: 128), true, true)
+            (plan.pass, plan.kernel, plan.tiles, plan.qOffsets, plan.paged) = (.forwardPartial, .splitKV, .decode(rows: 16, KPL: 2, WG: 128, LK: 8), true, true)
             var library = ShaderLibrary.standard
             library.files.merge(mods.includes) { _, new in new }
             XCTAssertEqual(try ShaderCompiler.shared.compile(try plan.source(), library: library).first, 0x0723_0203, "split-kv")
@@ -725,21 +725,25 @@ extension AttentionTests {
         }
         // The split-KV kernel, splits for the cap off too: at one workgroup per compute unit
         // (VKFLEX_DECODE_WAVES=1) 4 KV heads fill lavapipe's compute units, so each walks its 100,000
-        // keys in one split, and its P·V loop (a tile's keys, not unrolled at 64) passes the cap:
-        // reported, as the splits the planner makes avoid.
+        // keys in one split. Dense, that is about 1,600 rounds of 64 keys: every key is read.
         let one = try device(with: ["VKFLEX_DECODE_WAVES": "1"])
         let (qv, kv) = (randn(4 * 4 * 16), randn(4 * 100_000 * 16))
-        let d = try flexAttention(try one.tensor(qv, shape: [1, 4, 4, 16]), try one.tensor(kv, shape: [1, 4, 100_000, 16]),
-                                  try one.tensor(kv, shape: [1, 4, 100_000, 16]), options: FlexOptions(kernel: .splitKV))
+        let (q1, k1) = (try one.tensor(qv, shape: [1, 4, 4, 16]), try one.tensor(kv, shape: [1, 4, 100_000, 16]))
+        let ref = try flexAttentionReference(q1, k1, k1)
+        let dense = try flexAttention(q1, k1, k1, options: FlexOptions(kernel: .splitKV))
+        XCTAssertLessThan(relativeL2Error(try dense.output.toArray(), ref.output), 1e-5)
+        // Through a BlockMask of two-key blocks the walk takes a round and a cursor step per block,
+        // 100,000 iterations of its loops: past the cap, reported.
+        let everyKey = MaskMod { _, _, q, _ in q >= 0 }
+        let tinyBlocks = try createBlockMask(everyKey, B: 1, H: 1, qLen: 4, kvLen: 100_000, device: one, blockSize: BlockSize(q: 4, kv: 2))
+        let d = try flexAttention(q1, k1, k1, blockMask: tinyBlocks, options: FlexOptions(kernel: .splitKV))
         XCTAssertThrowsError(try d.output.toArray()) { error in
             guard case FlexError.limitExceeded(let m) = error else { return XCTFail("\(error)") }
             XCTAssertTrue(m.contains("before it had read every key"), m)
         }
         // With the planner's splits the same call reads every key.
         ForwardKernel.ignoreLoopLimitForTesting = false
-        let q4 = try device.tensor(qv, shape: [1, 4, 4, 16]), long = try device.tensor(kv, shape: [1, 4, 100_000, 16])
-        let split = try flexAttention(q4, long, long, options: FlexOptions(kernel: .splitKV))
-        let ref = try flexAttentionReference(q4, long, long)
+        let split = try flexAttention(q1, k1, k1, blockMask: tinyBlocks, options: FlexOptions(kernel: .splitKV))
         XCTAssertLessThan(relativeL2Error(try split.output.toArray(), ref.output), 1e-5)
     }
 }

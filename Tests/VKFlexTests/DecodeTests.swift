@@ -104,14 +104,16 @@ final class DecodeTests: FlexTestCase {
         }
     }
 
-    /// Every key tile (`VKFLEX_DECODE_TILE`), each dtype, and the paths without 16-byte loads: head
-    /// dims that are not multiples of 8 (odd ones too: a row's last word is half padding), a
-    /// value dim unlike the key's, against the float64 reference.
+    /// Every tile shape (`VKFLEX_DECODE_TILE`), each dtype, and the paths without 16-byte loads:
+    /// head dims that are not multiples of 8 (odd ones too: a row's last unit is mostly padding),
+    /// a value dim unlike the key's, against the float64 reference.
     func testKeyTilesDtypesAndOddHeadDims() throws {
-        // The default tile (64 keys on lavapipe) for every dtype and shape; the smaller ones for one
-        // each (every variant is a pipeline to build: CI's time).
+        // The default tiles for every dtype and shape; others for one each (every variant is a
+        // pipeline to build: CI's time). 2x1: one key per slot, rows in two workgroups per head
+        // group; 16x3x2: rows left empty, a key count per round that is not a power of two, two
+        // invocations per key; 8x8x8: more invocations per key than a 40-wide float32 row has units.
         let shapes: [(DType, Int, Int)] = [(.float16, 64, 64), (.float32, 40, 24), (.bfloat16, 33, 17), (.float16, 8, 136)]
-        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("8", [shapes[2]]), ("16", [shapes[0]]), ("32", [shapes[1]])]
+        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2]]), ("16x3x2", [shapes[0]]), ("8x8x8", [shapes[1]])]
         for (tile, cases) in runs {
             let d: Device = try tile.map { try device(with: ["VKFLEX_DECODE_TILE": $0]) } ?? device
             for (dtype, D, Dv) in cases {
@@ -129,21 +131,38 @@ final class DecodeTests: FlexTestCase {
                 for (got, want) in zip(try r.lse!.toArray(), ref.lse) { XCTAssertEqual(Double(got), want, accuracy: 1e-3 * max(1, abs(want)), what) }
             }
         }
-        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "16"]).decodeTile, 16)
-        for bad in ["0", "12", "128", "x"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use 8, 16, 32 or 64"), "\($0)") }
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "8x2"]).decodeTile.map { [$0.rows, $0.keys, $0.lanes ?? 0] }, [8, 2, 0])
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "4x2x8"]).decodeTile.map { [$0.rows, $0.keys, $0.lanes ?? 0] }, [4, 2, 8])
+        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "x"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use RxK[xL]"), "\($0)") }
         }
-        // Tiles: 64 keys of 16-bit inputs at D = 128 on NVIDIA's 48 KiB (measured best on an H100),
-        // 32 of float32 (shared memory there; registers for the prefetch on AMD's 64 KiB), 16 at D = 256.
-        func tile(_ D: Int, _ dtype: DType, _ kib: Int) -> Int? {
-            AttentionPlanner.decodeTiles(D: D, Dv: D, dtype: dtype, sharedMemory: kib << 10, maxInvocations: 1024)?.BKV
+        // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
+        // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); rows the call's, rounded to a power of two, at least 4.
+        func tiles(_ D: Int, _ dtype: DType, sub: Int, Lq: Int = 1, Dv: Int? = nil) -> [Int]? {
+            AttentionPlanner.decodeTiles(D: D, Dv: Dv ?? D, Lq: Lq, dtype: dtype, minSubgroupSize: sub, sharedMemory: 48 << 10, maxInvocations: 1024)
+                .map { [$0.rows, $0.keys, $0.WG, $0.lanes] }
         }
-        XCTAssertEqual([tile(128, .float16, 48), tile(128, .bfloat16, 48), tile(64, .float16, 48), tile(64, .float32, 48)], [64, 64, 64, 64])
-        XCTAssertEqual([tile(128, .float32, 48), tile(128, .float32, 64), tile(256, .float16, 48), tile(256, .float16, 64)], [32, 32, 16, 32])
-        XCTAssertNil(tile(1024, .float32, 16))
-        // The shared arrays the planner counts: 64 keys at D = 128 fit NVIDIA's 48 KiB in 16 bits, not in float32.
-        XCTAssertLessThanOrEqual(AttentionPlanner.decodeSharedBytes(D: 128, Dv: 128, rows: 16, BKV: 64, sixteenBit: true), 48 * 1024 - 256)
-        XCTAssertGreaterThan(AttentionPlanner.decodeSharedBytes(D: 128, Dv: 128, rows: 16, BKV: 64, sixteenBit: false), 48 * 1024 - 256)
+        XCTAssertEqual(tiles(128, .float16, sub: 32), [4, 2, 128, 16])
+        XCTAssertEqual(tiles(128, .float32, sub: 32), [4, 2, 128, 32])
+        XCTAssertEqual(tiles(128, .float16, sub: 8), [4, 2, 128, 8])
+        XCTAssertEqual(tiles(256, .float32, sub: 64), [4, 2, 128, 64])
+        XCTAssertEqual(tiles(96, .float16, sub: 32), [4, 2, 128, 8])   // 12 units: 8 invocations, some with two
+        XCTAssertEqual(tiles(33, .bfloat16, sub: 16, Dv: 17), [4, 2, 128, 4])
+        XCTAssertEqual(tiles(128, .float16, sub: 32, Lq: 5), [8, 2, 128, 16])
+        XCTAssertEqual(tiles(128, .float16, sub: 32, Lq: 16), [16, 2, 128, 16])
+        XCTAssertNil(tiles(128, .float16, sub: 32, Lq: 17))
+        func forced(_ f: (Int, Int, Int?), Lq: Int = 1, sub: Int = 32) -> [Int]? {
+            AttentionPlanner.decodeTiles(D: 128, Dv: 128, Lq: Lq, dtype: .float16, minSubgroupSize: sub, sharedMemory: 48 << 10, maxInvocations: 1024,
+                                         forced: f).map { [$0.rows, $0.keys, $0.WG, $0.lanes] }
+        }
+        XCTAssertEqual(forced((8, 4, nil)), [8, 4, 128, 16])
+        XCTAssertEqual(forced((4, 2, 8)), [4, 2, 128, 8])
+        XCTAssertEqual(forced((4, 2, 32)), [4, 2, 128, 32], "more invocations than units: some hold none")
+        XCTAssertNil(forced((4, 2, nil), Lq: 8), "forced rows below the call's query rows")
+        XCTAssertNil(forced((4, 2, 16), sub: 8), "more invocations per key than the smallest subgroup")
+        // Shared memory: per subgroup row maxima and sums, the rows' P·V; a 4096-wide value row does not fit 48 KiB at 16 rows.
+        XCTAssertNil(tiles(64, .float32, sub: 32, Lq: 16, Dv: 4096))
+        XCTAssertNotNil(tiles(64, .float32, sub: 32, Lq: 1, Dv: 2048))
     }
 
     /// `prepareFlexAttention` with what a decode step passes builds the split-KV kernel and its

@@ -28,7 +28,7 @@ final class PagedKVTests: FlexTestCase {
     }
 
     func check(_ name: String, B: Int, Hq: Int, Hkv: Int, Lq: Int, L: Int, D: Int = 16, P: Int, lengths: [Int], dtype: DType = .float32,
-               score: ScoreMod? = nil, mask: MaskMod? = nil, offsets: [Int]? = nil, line: UInt = #line) throws {
+               score: ScoreMod? = nil, mask: MaskMod? = nil, offsets: [Int]? = nil, kvBlock: Int? = nil, line: UInt = #line) throws {
         let maxPages = (L + P - 1) / P, logical = maxPages * P
         let used = lengths.map { ($0 + P - 1) / P }.reduce(0, +), pages = used + 3
         let order = Array(0..<pages).shuffled()
@@ -39,7 +39,7 @@ final class PagedKVTests: FlexTestCase {
         let vCache = try device.tensor(paged[1].cache, shape: [1, Hkv, pages * P, D], dtype: dtype)
         let table = PageTable(table: try device.tensor(paged[0].table, shape: [B, maxPages]),
                               lengths: try device.tensor(lengths, shape: [B]), pageSize: P)
-        let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: (offsets?.max() ?? 0) + Lq, kvLen: logical, device: device, blockSize: BlockSize(q: 32, kv: P)) }
+        let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: (offsets?.max() ?? 0) + Lq, kvLen: logical, device: device, blockSize: BlockSize(q: 32, kv: kvBlock ?? P)) }
         let offset = try offsets.map { QueryOffset.perBatch(try device.tensor($0, shape: [B])) }
         let r = try flexAttention(q, kCache, vCache, scoreMod: score, blockMask: bm, enableGQA: Hq != Hkv, qOffset: offset, pageTable: table, returnLSE: true)
         // The same keys, contiguous, with kvLengths: same answer.
@@ -62,6 +62,12 @@ final class PagedKVTests: FlexTestCase {
         try check("4 rows, sliding window, page 128, float16", B: 2, Hq: 2, Hkv: 1, Lq: 4, L: 512, D: 64, P: 128, lengths: [512, 260], dtype: .float16,
                   mask: MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 100) }, offsets: [508, 256])
         try check("empty entry", B: 2, Hq: 1, Hkv: 1, Lq: 2, L: 64, P: 16, lengths: [0, 64])
+        // KV blocks of half a page (split-KV looks a block's page up once) and of two pages (each key its own).
+        let window = MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 70) }
+        for kvBlock in [16, 64] {
+            try check("decode, KV blocks of \(kvBlock) in pages of 32", B: 2, Hq: 4, Hkv: 2, Lq: 1, L: 200, P: 32, lengths: [200, 75], dtype: .float16,
+                      mask: window, offsets: [199, 74], kvBlock: kvBlock)
+        }
     }
 
     /// lavapipe's key splits with a long paged cache.
