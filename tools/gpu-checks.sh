@@ -54,24 +54,26 @@ if [ "$what" = shapes ]; then
   done
 fi
 if [ "$what" = decode ]; then
-  VKFLEX_VALIDATE=1 step selftest-split-kv 120 vkflex selftest --kernel split-kv
-  step decode 200 bash .device/on-device.sh compare --suite decode
+  VKFLEX_VALIDATE=1 step selftest-split-kv 90 vkflex selftest --kernel split-kv
+  step decode 180 bash .device/on-device.sh compare --suite decode
   tail -25 "$out/decode.txt"
   # The split count's target (workgroups per compute unit; default 4) and the tiles (rows per
-  # workgroup x keys per slot and round [x invocations per key]; default 4x2), vkflex alone,
-  # contiguous and paged rows (each run about 23 s on an H100 in the sixth session),
+  # workgroup x keys per slot and round [x invocations per key][x s: reduce-scatter]; default
+  # 4x2), vkflex alone, contiguous and paged rows (each run about 23 s on an H100 in the sixth session),
   # with the driver's register counts (DECODE_TILES / DECODE_WAVES to sweep others).
   cases=${DECODE_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k,decode_mqa_32k,decode_sliding_4k_of_32k}
-  for w in ${DECODE_WAVES:-2 8}; do
+  for w in ${DECODE_WAVES:-8}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
     grep -E 'pipeline flex_attention_decode' "$out/decode-waves-$w.txt" | head -2 | cut -c1-200
   done
-  for t in ${DECODE_TILES:-4x4 8x2 16x1 4x2x8}; do
+  for t in ${DECODE_TILES:-4x4 8x2 16x1 4x2x8 4x2xs 16x1xs}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
     grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -2 | cut -c1-200
   done
+  # At most 8 files come back from a call: the sweeps' outputs in one archive.
+  (cd "$out" && tar czf decode-sweeps.tgz decode-waves-*.txt decode-tile-*.txt && rm -f decode-waves-*.txt decode-tile-*.txt)
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

@@ -24,10 +24,11 @@ struct AttentionTuning: Sendable {
     /// compute unit (default 4, the best of 2-16 on an H100's decode suite: docs/performance.md),
     /// for tuning.
     var decodeWaves = 4
-    /// `VKFLEX_DECODE_TILE=RxK[xL]`: split-KV decoding's query rows per workgroup (1, 2, 4, 8 or
-    /// 16; at least the call's query rows), keys each key slot loads per round (1-8) and
-    /// invocations per key (a power of two up to the device's smallest subgroup), for tuning.
-    var decodeTile: (rows: Int, keys: Int, lanes: Int?)?
+    /// `VKFLEX_DECODE_TILE=RxK[xL][xs]`: split-KV decoding's query rows per workgroup (1, 2, 4, 8
+    /// or 16; at least the call's query rows), keys each key slot loads per round (1-8),
+    /// invocations per key (a power of two up to the device's smallest subgroup) and `s` for the
+    /// reduce-scatter of the scores (`DEC_RS`), for tuning.
+    var decodeTile: (rows: Int, keys: Int, lanes: Int?, scatter: Bool)?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
@@ -71,12 +72,15 @@ struct AttentionTuning: Sendable {
             t.decodeWaves = n
         }
         if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
-            let v = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map { Int($0) ?? 0 }
+            var parts = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
+            let scatter = parts.count > 2 && parts.last == "s"
+            if scatter { parts.removeLast() }
+            let v = parts.map { Int($0) ?? 0 }
             guard (2...3).contains(v.count), [1, 2, 4, 8, 16].contains(v[0]), (1...8).contains(v[1]),
                   v.count == 2 || [1, 2, 4, 8, 16, 32, 64].contains(v[2]) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use RxK[xL], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8) and L invocations per key (a power of two up to 64), e.g. 4x2 or 4x2x8")
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
             }
-            t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil)
+            t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
             guard let tiles = BackwardNVTiles(parsing: b) else {
@@ -143,7 +147,7 @@ struct AttentionPlan: Hashable, Sendable {
         case coopmat(CoopmatTiles)
         /// Split-KV decoding: query rows per workgroup, keys per key slot and round, invocations,
         /// invocations per key (``AttentionPlanner/DecodeTiles``).
-        case decode(rows: Int, KPL: Int, WG: Int, LK: Int)
+        case decode(rows: Int, KPL: Int, WG: Int, LK: Int, scatter: Bool)
         /// The backward's passes: the dQ and dK/dV passes' tiles (query rows, keys; 0 for the
         /// other passes) and invocations per workgroup.
         case backward(BQ: Int, BKV: Int, WG: Int)
@@ -189,7 +193,7 @@ struct AttentionPlan: Hashable, Sendable {
 
     var BQ: Int {
         switch tiles {
-        case .portable(let bq, _, _), .decode(let bq, _, _, _), .backward(let bq, _, _): return bq
+        case .portable(let bq, _, _), .decode(let bq, _, _, _, _), .backward(let bq, _, _): return bq
         case .coopmat(let t): return t.BQ
         case .generic(let t): return t.BQ
         }
@@ -197,14 +201,14 @@ struct AttentionPlan: Hashable, Sendable {
     var BKV: Int {
         switch tiles {
         case .portable(_, let bkv, _), .backward(_, let bkv, _): return bkv
-        case .decode(_, let kpl, let wg, let lk): return kpl * wg / lk
+        case .decode(_, let kpl, let wg, let lk, _): return kpl * wg / lk
         case .coopmat(let t): return t.BKV
         case .generic(let t): return t.BKV
         }
     }
     var WG: Int {
         switch tiles {
-        case .portable(_, _, let wg), .decode(_, _, let wg, _), .backward(_, _, let wg): return wg
+        case .portable(_, _, let wg), .decode(_, _, let wg, _, _), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
         case .generic(let t): return t.WG
         }
@@ -242,9 +246,9 @@ struct AttentionPlan: Hashable, Sendable {
             }
             if n == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
             source = ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
-        case .decode(let rows, let KPL, let WG, let LK):
+        case .decode(let rows, let KPL, let WG, let LK, let scatter):
             source = ShaderSource(name: "flex_attention_decode", text: try ShaderLibrary.standard.text("flex_attention_decode.comp"), defines: [
-                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("KPL", "\(KPL)"), .init("WG", "\(WG)"), .init("LK", "\(LK)"),
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("KPL", "\(KPL)"), .init("WG", "\(WG)"), .init("LK", "\(LK)"), .init("DEC_RS", scatter ? "1" : "0"),
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
@@ -332,7 +336,7 @@ enum AttentionPlanner {
                 throw FlexError.unsupported("split-kv: " + (decodeProblem(s, device: device) ?? "no tiles fit"))
             }
             return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv,
-                                 tiles: .decode(rows: t.rows, KPL: t.keys, WG: t.WG, LK: t.lanes),
+                                 tiles: .decode(rows: t.rows, KPL: t.keys, WG: t.WG, LK: t.lanes, scatter: t.scatter),
                                  maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatGeneric:
             guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
@@ -366,13 +370,15 @@ enum AttentionPlanner {
     /// The split-KV decode kernel's shape (flex_attention_decode.comp): `rows` query rows per
     /// workgroup, `lanes` invocations per key (each holding 16-byte units of its K and V rows),
     /// `keys` keys per key slot and round (loads in flight), `WG` invocations.
-    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int }
+    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int, scatter = false }
 
     /// Why the split-KV decode kernel cannot run this call, or nil when it can.
     static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
         if s.Lq > decodeRows { return "split-kv takes at most \(decodeRows) query rows (decoding); this call has \(s.Lq)" }
         let caps = device.capabilities
-        if !caps.subgroupOperations.contains("shuffle") { return "split-kv needs subgroup shuffles, which \(caps.name) does not offer to compute shaders" }
+        if !caps.subgroupOperations.contains("shuffle") || !caps.subgroupOperations.contains("vote") {
+            return "split-kv needs subgroup shuffles and votes, which \(caps.name) does not offer to compute shaders"
+        }
         guard decodeTiles(s, device: device) == nil else { return nil }
         if let forced = (try? AttentionTuning.of(device))?.decodeTile {
             return "VKFLEX_DECODE_TILE=\(device.environment["VKFLEX_DECODE_TILE"] ?? "") does not fit \(s.Lq) query rows, \(caps.name)'s smallest subgroup (\(caps.minSubgroupSize)) or its shared memory at head dims \(s.D)/\(s.Dv)"
@@ -393,7 +399,7 @@ enum AttentionPlanner {
     /// power of two, so that it divides every subgroup size). Two keys per slot and round; 128
     /// invocations (or the device's most).
     static func decodeTiles(D: Int, Dv: Int, Lq: Int, dtype: DType, minSubgroupSize: Int, sharedMemory: Int, maxInvocations: Int,
-                            forced: (rows: Int, keys: Int, lanes: Int?)? = nil) -> DecodeTiles? {
+                            forced: (rows: Int, keys: Int, lanes: Int?, scatter: Bool)? = nil) -> DecodeTiles? {
         guard Lq >= 1, Lq <= decodeRows, minSubgroupSize >= 1 else { return nil }
         func pow2(atMost n: Int) -> Int { var p = 1; while p * 2 <= n { p *= 2 }; return p }
         func pow2(atLeast n: Int) -> Int { var p = 1; while p < n { p *= 2 }; return p }
@@ -401,13 +407,13 @@ enum AttentionPlanner {
         let units = (max(D, Dv) + unit - 1) / unit
         var lanes = min(pow2(atMost: units), pow2(atMost: minSubgroupSize))
         let wg = min(128, pow2(atMost: maxInvocations))
-        var rows = max(pow2(atLeast: Lq), 4), keys = 2
+        var rows = max(pow2(atLeast: Lq), 4), keys = 2, scatter = false
         if let forced {
             guard forced.rows >= Lq, (forced.lanes ?? 1) <= minSubgroupSize else { return nil }
-            (rows, keys, lanes) = (forced.rows, forced.keys, forced.lanes ?? lanes)
+            (rows, keys, lanes, scatter) = (forced.rows, forced.keys, forced.lanes ?? lanes, forced.scatter)
         }
         guard wg >= lanes else { return nil }   // 128 is a multiple of every subgroup size up to 128
-        let t = DecodeTiles(rows: rows, keys: keys, WG: wg, lanes: lanes)
+        let t = DecodeTiles(rows: rows, keys: keys, WG: wg, lanes: lanes, scatter: scatter)
         return decodeSharedBytes(Dv: Dv, dtype: dtype, tiles: t) <= sharedMemory - 256 ? t : nil
     }
 

@@ -1374,11 +1374,12 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
 //
 // Grid: x = split, y = (KV head × head chunks × segments), z = batch of this dispatch.
 // Defines: D, DV, WG, RMAX (rows per workgroup), LK (invocations per key, a power of two),
-// KPL (keys per key slot and round: loads in flight), IN_F16/IN_BF16, and what
+// KPL (keys per key slot and round: loads in flight), DEC_RS (0/1, below), IN_F16/IN_BF16, and what
 // flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, ...).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_KHR_shader_subgroup_vote : require
 
 layout(local_size_x = WG) in;
 
@@ -1419,6 +1420,31 @@ layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T 
     for (int e_ = 0; e_ < 4; ++e_) { const int d_ = (c) * 4 + e_; U[e_] = d_ < (n) ? DATA[(o) + d_ * (s)] : 0.0; } }
 #endif
 
+// DEC_RS: the key's LK invocations reduce-scatter the rows' dot products instead of each summing
+// all of them: every halving step sends the half of the rows the partner keeps, so after
+// log2(min(RMAX, LK)) steps an invocation holds the whole score of NOWN rows (a butterfly
+// finishes where LK > RMAX), evaluates the mods and the online softmax for those rows only, and
+// P (and the rescale factor, where a maximum grew) goes to the key's other invocations by
+// shuffles. Fewer shuffles and no redundant mods when rows are many.
+#ifndef DEC_RS
+#define DEC_RS 0
+#endif
+#define NOWN (RMAX > LK ? RMAX / LK : 1)
+#define OWN_KL(r) (RMAX >= LK ? (r) / NOWN : (r) * (LK / RMAX))   // an invocation holding row r
+#define OWN_J(r) (RMAX >= LK ? (r) % NOWN : 0)                     // and where
+// One halving step I (offset LK >> I): the rows are RMAX >> I after it; past log2(RMAX), a butterfly.
+#define RS_STEP(I) \
+    if ((LK >> (I)) >= 1) { \
+        const int o_ = LK >> (I), n_ = RMAX >> (I); \
+        if (n_ >= 1) { \
+            const bool up_ = (kl & o_) != 0; \
+            for (int j_ = 0; j_ < n_; ++j_) { \
+                const float send_ = up_ ? dot[j_] : dot[j_ + n_]; \
+                dot[j_] = (up_ ? dot[j_ + n_] : dot[j_]) + subgroupShuffleXor(send_, o_); \
+            } \
+        } else dot[0] += subgroupShuffleXor(dot[0], o_); \
+    }
+
 shared float sh_m[NSLOT][RMAX];   // per subgroup (at most NSLOT of them): its slots' merged maximum and sum
 shared float sh_l[NSLOT][RMAX];
 shared float sh_o[RMAX][VU * UNIT];
@@ -1450,6 +1476,13 @@ bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout
 #define KEY_ROW(key) (key)
 #endif
 
+// The query head of row r (head hh = r / Lq of the chunk from h0, query row i), or -1 where the
+// workgroup has no such row: past the chunk's heads or the group, or a position outside block qb.
+int row_head(int r, int h0, int hk, int group, int off, int qb) {
+    const int hh = r / p.Lq, i = r - hh * p.Lq, h = h0 + hh;
+    return hh < p.dec_heads && i < p.Lq && h < (hk + 1) * group && (off + i) / p.q_bs == qb ? h : -1;
+}
+
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sgi = int(gl_SubgroupInvocationID), sg = int(gl_SubgroupID);
@@ -1472,10 +1505,8 @@ void main() {
     int row_h[RMAX], row_i[RMAX];
     bool any = false;
     for (int r = 0; r < RMAX; ++r) {
-        const int hh = r / p.Lq, i = r - hh * p.Lq, h = h0 + hh;
-        const bool ok = hh < p.dec_heads && i < p.Lq && h < (hk + 1) * group && (off + i) / p.q_bs == qb;
-        row_h[r] = ok ? h : -1; row_i[r] = i;
-        any = any || ok;
+        row_h[r] = row_head(r, h0, hk, group, off, qb); row_i[r] = r % p.Lq;
+        any = any || row_h[r] >= 0;
     }
     if (!any) return;   // uniform: no row of this batch lies in this segment
     // This invocation's share of each row's query: the elements of its K units, in float.
@@ -1494,6 +1525,13 @@ void main() {
         m[r] = -1e30; l[r] = 0.0; bad[r] = false;
         for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] = 0.0;
     }
+#if DEC_RS
+    // The rows this invocation scores (from own0), their online softmax.
+    const int own0 = RMAX >= LK ? kl * NOWN : kl / (LK / RMAX), keybase = sgi - kl;
+    float m_own[NOWN], l_own[NOWN];
+    bool bad_own[NOWN];
+    for (int j = 0; j < NOWN; ++j) { m_own[j] = -1e30; l_own[j] = 0.0; bad_own[j] = false; }
+#endif
     // The mask row (shared by every row here) and this split's share of its walked blocks.
     const int mrow = walk_row(b, h0, qb);   // a per-head mask packs one head (h0) per workgroup
     const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
@@ -1545,6 +1583,46 @@ void main() {
                     for (int r = 0; r < RMAX; ++r) for (int e = 0; e < UNIT; ++e) dot[r] += qf[r][u][e] * kf[e];
                 }
             }
+#if DEC_RS
+            RS_STEP(1) RS_STEP(2) RS_STEP(3) RS_STEP(4) RS_STEP(5) RS_STEP(6)
+            float vf[VPL][UNIT];
+            for (int u = 0; u < VPL; ++u) {
+                if (kl + u * LK < VU && live) unit_floats(vcur[j][u], vf[u]);
+                else for (int e = 0; e < UNIT; ++e) vf[u][e] = 0.0;
+            }
+            float pown[NOWN], aown[NOWN];
+            bool grew = false;
+            for (int jo = 0; jo < NOWN; ++jo) {
+                const int r = own0 + jo, h = row_head(r, h0, hk, group, off, qb), pos = off + r % p.Lq;
+                float sc = NEG_INF;
+                if (h >= 0 && live) {
+                    sc = modded_l2(dot[jo], b, h, pos, key);
+#if VKF_HAS_MASK_MOD
+                    if (part && !mask_mod(b, h, pos, key)) sc = NEG_INF;
+#endif
+                }
+                if (isnan(sc)) { bad_own[jo] = true; sc = NEG_INF; }
+                aown[jo] = 1.0;
+                if (sc > m_own[jo]) {   // the maximum grew: the key's invocations rescale this row
+                    aown[jo] = exp2(m_own[jo] - sc);
+                    l_own[jo] *= aown[jo];
+                    m_own[jo] = sc;
+                    grew = true;
+                }
+                pown[jo] = exp2(sc - m_own[jo]);
+                l_own[jo] += pown[jo];
+            }
+            if (subgroupAny(grew)) {
+                for (int r = 0; r < RMAX; ++r) {
+                    const float a = subgroupShuffle(aown[OWN_J(r)], keybase + OWN_KL(r));
+                    for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] *= a;
+                }
+            }
+            for (int r = 0; r < RMAX; ++r) {
+                const float pr = subgroupShuffle(pown[OWN_J(r)], keybase + OWN_KL(r));
+                for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
+            }
+#else
             for (int o = 1; o < LK; o <<= 1)
                 for (int r = 0; r < RMAX; ++r) dot[r] += subgroupShuffleXor(dot[r], o);
             float vf[VPL][UNIT];
@@ -1570,8 +1648,17 @@ void main() {
                 l[r] += pr;
                 for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
             }
+#endif
         }
     }
+#if DEC_RS
+    // Every row's (max, sum, NaN) from an invocation that scored it, for the merge below.
+    for (int r = 0; r < RMAX; ++r) {
+        m[r] = subgroupShuffle(m_own[OWN_J(r)], keybase + OWN_KL(r));
+        l[r] = subgroupShuffle(l_own[OWN_J(r)], keybase + OWN_KL(r));
+        bad[r] = subgroupShuffle(bad_own[OWN_J(r)], keybase + OWN_KL(r));
+    }
+#endif
     // A walk that ends on its own leaves the cursor past the share; one a driver stopped (lavapipe's
     // loop cap) leaves it inside: reported, never a silent truncation.
     bool cut = more;

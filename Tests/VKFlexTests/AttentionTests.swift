@@ -263,7 +263,7 @@ extension AttentionTests {
             }
             let mods = try SplicedMods(score: rel, mask: nil, firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
             var plan = AttentionPlan.portable(D: 64, Dv: 64, BQ: 16, BKV: 32, WG: 128, dtype: .float16, pushParams: push)
-            (plan.pass, plan.kernel, plan.tiles, plan.qOffsets, plan.paged) = (.forwardPartial, .splitKV, .decode(rows: 16, KPL: 2, WG: 128, LK: 8), true, true)
+            (plan.pass, plan.kernel, plan.tiles, plan.qOffsets, plan.paged) = (.forwardPartial, .splitKV, .decode(rows: 16, KPL: 2, WG: 128, LK: 8, scatter: true), true, true)
             var library = ShaderLibrary.standard
             library.files.merge(mods.includes) { _, new in new }
             XCTAssertEqual(try ShaderCompiler.shared.compile(try plan.source(), library: library).first, 0x0723_0203, "split-kv")

@@ -111,9 +111,12 @@ final class DecodeTests: FlexTestCase {
         // The default tiles for every dtype and shape; others for one each (every variant is a
         // pipeline to build: CI's time). 2x1: one key per slot, rows in two workgroups per head
         // group; 16x3x2: rows left empty, a key count per round that is not a power of two, two
-        // invocations per key; 8x8x8: more invocations per key than a 40-wide float32 row has units.
+        // invocations per key; 8x8x8: more invocations per key than a 40-wide float32 row has units;
+        // the reduce-scatter (s) with fewer rows than invocations per key (4 rows, 8 invocations
+        // on lavapipe), more (16 rows, 8; 8 rows, 4) and as many (8, 8).
         let shapes: [(DType, Int, Int)] = [(.float16, 64, 64), (.float32, 40, 24), (.bfloat16, 33, 17), (.float16, 8, 136)]
-        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2]]), ("16x3x2", [shapes[0]]), ("8x8x8", [shapes[1]])]
+        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2]]), ("16x3x2", [shapes[0]]), ("8x8x8", [shapes[1]]),
+                                                      ("4x2xs", [shapes[0]]), ("16x1xs", [shapes[0]]), ("8x1xs", [shapes[1]]), ("8x2xs", [shapes[2]])]
         for (tile, cases) in runs {
             let d: Device = try tile.map { try device(with: ["VKFLEX_DECODE_TILE": $0]) } ?? device
             for (dtype, D, Dv) in cases {
@@ -131,10 +134,15 @@ final class DecodeTests: FlexTestCase {
                 for (got, want) in zip(try r.lse!.toArray(), ref.lse) { XCTAssertEqual(Double(got), want, accuracy: 1e-3 * max(1, abs(want)), what) }
             }
         }
-        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "8x2"]).decodeTile.map { [$0.rows, $0.keys, $0.lanes ?? 0] }, [8, 2, 0])
-        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "4x2x8"]).decodeTile.map { [$0.rows, $0.keys, $0.lanes ?? 0] }, [4, 2, 8])
-        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "x"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use RxK[xL]"), "\($0)") }
+        func parsed(_ text: String) throws -> [Int]? {
+            try AttentionTuning.parse(["VKFLEX_DECODE_TILE": text]).decodeTile.map { [$0.rows, $0.keys, $0.lanes ?? 0, $0.scatter ? 1 : 0] }
+        }
+        XCTAssertEqual(try parsed("8x2"), [8, 2, 0, 0])
+        XCTAssertEqual(try parsed("4x2x8"), [4, 2, 8, 0])
+        XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
+        XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
+        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); rows the call's, rounded to a power of two, at least 4.
@@ -153,7 +161,7 @@ final class DecodeTests: FlexTestCase {
         XCTAssertNil(tiles(128, .float16, sub: 32, Lq: 17))
         func forced(_ f: (Int, Int, Int?), Lq: Int = 1, sub: Int = 32) -> [Int]? {
             AttentionPlanner.decodeTiles(D: 128, Dv: 128, Lq: Lq, dtype: .float16, minSubgroupSize: sub, sharedMemory: 48 << 10, maxInvocations: 1024,
-                                         forced: f).map { [$0.rows, $0.keys, $0.WG, $0.lanes] }
+                                         forced: (f.0, f.1, f.2, false)).map { [$0.rows, $0.keys, $0.WG, $0.lanes] }
         }
         XCTAssertEqual(forced((8, 4, nil)), [8, 4, 128, 16])
         XCTAssertEqual(forced((4, 2, 8)), [4, 2, 128, 8])
