@@ -157,7 +157,7 @@ enum AttentionField: String, KernelParamField {
     /// Paged K/V (with `VKF_PAGED`): keys per page and the page table's row length.
     case page_size, max_pages
     /// Split-KV decoding: query heads per workgroup, head chunks per KV head, query-block segments.
-    case dec_heads, dec_chunks, dec_segs
+    case dec_cph, dec_chunks, dec_segs
 
     var isFloat: Bool { self == .scale }
 }

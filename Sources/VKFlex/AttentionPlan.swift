@@ -25,7 +25,7 @@ struct AttentionTuning: Sendable {
     /// for tuning.
     var decodeWaves = 4
     /// `VKFLEX_DECODE_TILE=RxK[xL][xs]`: split-KV decoding's query rows per workgroup (1, 2, 4, 8
-    /// or 16; at least the call's query rows), keys each key slot loads per round (1-8),
+    /// or 16), keys each key slot loads per round (1-8),
     /// invocations per key (a power of two up to the device's smallest subgroup) and `s` for the
     /// reduce-scatter of the scores (`DEC_RS`), for tuning.
     var decodeTile: (rows: Int, keys: Int, lanes: Int?, scatter: Bool)?
@@ -381,7 +381,7 @@ enum AttentionPlanner {
         }
         guard decodeTiles(s, device: device) == nil else { return nil }
         if let forced = (try? AttentionTuning.of(device))?.decodeTile {
-            return "VKFLEX_DECODE_TILE=\(device.environment["VKFLEX_DECODE_TILE"] ?? "") does not fit \(s.Lq) query rows, \(caps.name)'s smallest subgroup (\(caps.minSubgroupSize)) or its shared memory at head dims \(s.D)/\(s.Dv)"
+            return "VKFLEX_DECODE_TILE=\(device.environment["VKFLEX_DECODE_TILE"] ?? "") does not fit \(caps.name)'s smallest subgroup (\(caps.minSubgroupSize)) or its shared memory at head dims \(s.D)/\(s.Dv)"
         }
         return "head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has"
     }
@@ -392,9 +392,10 @@ enum AttentionPlanner {
                            maxInvocations: caps.maxWorkgroupInvocations, forced: (try? AttentionTuning.of(device))?.decodeTile)
     }
 
-    /// The decode kernel's shape for a call. Rows: the call's query rows rounded up to a power of
-    /// two, at least 4 (the four query heads of a Llama-like group in one workgroup, each key read
-    /// once for them; more rows per workgroup cost registers), or `VKFLEX_DECODE_TILE`'s. Lanes
+    /// The decode kernel's shape for a call. Rows: 4 (the four query heads of a Llama-like group in
+    /// one workgroup, each key read once for them; more rows per workgroup cost registers, and on
+    /// lavapipe compile time: 16 rows took 18 s against 3 s), a call's other rows in further
+    /// workgroups, or `VKFLEX_DECODE_TILE`'s. Lanes
     /// per key: as many 16-byte units as a row has, at most the device's smallest subgroup (a
     /// power of two, so that it divides every subgroup size). Two keys per slot and round; 128
     /// invocations (or the device's most).
@@ -407,9 +408,9 @@ enum AttentionPlanner {
         let units = (max(D, Dv) + unit - 1) / unit
         var lanes = min(pow2(atMost: units), pow2(atMost: minSubgroupSize))
         let wg = min(128, pow2(atMost: maxInvocations))
-        var rows = max(pow2(atLeast: Lq), 4), keys = 2, scatter = false
+        var rows = 4, keys = 2, scatter = false
         if let forced {
-            guard forced.rows >= Lq, (forced.lanes ?? 1) <= minSubgroupSize else { return nil }
+            guard (forced.lanes ?? 1) <= minSubgroupSize else { return nil }
             (rows, keys, lanes, scatter) = (forced.rows, forced.keys, forced.lanes ?? lanes, forced.scatter)
         }
         guard wg >= lanes else { return nil }   // 128 is a multiple of every subgroup size up to 128

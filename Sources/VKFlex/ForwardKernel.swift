@@ -155,7 +155,7 @@ enum ForwardKernel {
         /// `groups`: the grid, where not the prefill kernels'; `decode`: the decode kernel's packing.
         func dispatch(_ pipeline: ComputePipeline, chunk: Chunk, out: WriteTarget, lse lseTarget: WriteTarget?, max maxTarget: WriteTarget?,
                       kvRange: Range<Int>, split: (count: Int, blocks: Int, oStride: Int, lseStride: Int) = (1, 0, 0, 0),
-                      groups: (x: Int, y: Int, z: Int)? = nil, decode: (heads: Int, chunks: Int, segs: Int) = (1, 1, 1)) throws {
+                      groups: (x: Int, y: Int, z: Int)? = nil, decode: (chunksPerHead: Int, chunks: Int, segs: Int) = (0, 1, 1)) throws {
             // The maximum scores are addressed like the LSE (both [B, Hq, Lq], contiguous, made here).
             precondition(lseTarget == nil || maxTarget == nil || (lseTarget!.base == maxTarget!.base && lseTarget!.strides == maxTarget!.strides))
             let rowTarget = lseTarget ?? maxTarget
@@ -189,7 +189,7 @@ enum ForwardKernel {
                    .kv_block_hi: kvRange.upperBound, .write_max: maxTarget == nil ? 0 : 1,
                    .splits: split.count, .kv_split_blocks: split.blocks, .o_split_stride: split.oStride, .lse_split_stride: split.lseStride,
                    .page_size: paging?.pageSize ?? 0, .max_pages: paging?.maxPages ?? 0,
-                   .dec_heads: decode.heads, .dec_chunks: decode.chunks, .dec_segs: decode.segs])
+                   .dec_cph: decode.chunksPerHead, .dec_chunks: decode.chunks, .dec_segs: decode.segs])
             let params = p.bytes()
             if let unusedParams {
                 slots[.params] = BufferBinding(unusedParams)
@@ -216,12 +216,14 @@ enum ForwardKernel {
             return WriteTarget(binding: binding, base: base, strides: t.strides)
         }
         if kernel == .splitKV {
-            // Split-KV decoding: each workgroup holds the rows of `heads` query heads of one KV head
-            // (one head under a per-head mask) whose positions lie in one query block of the mask
-            // (`segs` of them at most), and walks one split's share of that block row's kept blocks.
+            // Split-KV decoding: each workgroup holds a chunk of one KV head's (query head, query row)
+            // pairs (of one head under a per-head mask) whose positions lie in one query block of the
+            // mask (`segs` of them at most), and walks one split's share of that block row's kept blocks.
             let perHead = (blockMask?.H ?? 1) > 1
-            let heads = perHead ? 1 : max(1, min(group, BQ / s.Lq))   // BQ: the plan's rows per workgroup
-            let headChunks = (group + heads - 1) / heads
+            // Chunks of BQ (the plan's rows per workgroup) of the group's (head, query row) pairs:
+            // consecutive pairs under a broadcast mask, one head's query rows under a per-head mask.
+            let chunksPerHead = perHead ? (s.Lq + BQ - 1) / BQ : 0
+            let headChunks = perHead ? group * chunksPerHead : (group * s.Lq + BQ - 1) / BQ
             let segs = (qOffsets?.values ?? [0]).map { ($0 + s.Lq - 1) / qBS - $0 / qBS + 1 }.max()!
             for chunk in chunks {
                 let nb = chunk.b.count, workgroups = nb * s.Hkv * headChunks * segs
@@ -253,7 +255,7 @@ enum ForwardKernel {
                              lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: 0, strides: rowStrides),
                              max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: 0, strides: rowStrides) },
                              kvRange: 0..<kvBlocks, split: (splits, 0, rows * s.Dv, rows),
-                             groups: (splits, s.Hkv * headChunks * segs, nb), decode: (heads, headChunks, segs))
+                             groups: (splits, s.Hkv * headChunks * segs, nb), decode: (chunksPerHead, headChunks, segs))
                 func target(_ t: Tensor) throws -> WriteTarget { try writeTarget(t, chunk) }
                 try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: s.Hq, shape: s, out: try target(output),
                           lse: try lse.map(target), max: try maxScores.map(target), sinks: sinks, headStart: 0, outDType: output.dtype, device: device)

@@ -1476,11 +1476,15 @@ bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout
 #define KEY_ROW(key) (key)
 #endif
 
-// The query head of row r (head hh = r / Lq of the chunk from h0, query row i), or -1 where the
-// workgroup has no such row: past the chunk's heads or the group, or a position outside block qb.
-int row_head(int r, int h0, int hk, int group, int off, int qb) {
-    const int hh = r / p.Lq, i = r - hh * p.Lq, h = h0 + hh;
-    return hh < p.dec_heads && i < p.Lq && h < (hk + 1) * group && (off + i) / p.q_bs == qb ? h : -1;
+// Row r of chunk `chunk`: its query row and its query head (-1: none). A chunk's rows are RMAX of
+// the KV head's group's (head, query row) pairs: consecutive ones in head-major order under a
+// broadcast mask, RMAX query rows of one head under a per-head mask (p.dec_cph chunks a head). A
+// pair past the group or the query rows, or whose position lies outside query block qb (another
+// segment's), is no row.
+int row_query(int r, int chunk) { return p.dec_cph > 0 ? (chunk % p.dec_cph) * RMAX + r : (chunk * RMAX + r) % p.Lq; }
+int row_head(int r, int chunk, int hk, int group, int off, int qb) {
+    const int hh = p.dec_cph > 0 ? chunk / p.dec_cph : (chunk * RMAX + r) / p.Lq, i = row_query(r, chunk);
+    return hh < group && i < p.Lq && (off + i) / p.q_bs == qb ? hk * group + hh : -1;
 }
 
 void main() {
@@ -1499,13 +1503,13 @@ void main() {
     const int off = 0;
 #endif
     const int qb = off / p.q_bs + seg;   // the query block all rows of this workgroup lie in
-    // The rows: heads h0..h0 + dec_heads of the group, query rows i whose position lies in qb
-    // (row_h -1: no row). Uniform over the workgroup.
-    const int h0 = hk * group + chunk * p.dec_heads;
+    // The rows (row_h -1: no row), uniform over the workgroup; h0 the head whose BlockMask row
+    // they walk (any under a broadcast mask).
+    const int h0 = hk * group + (p.dec_cph > 0 ? chunk / p.dec_cph : 0);
     int row_h[RMAX], row_i[RMAX];
     bool any = false;
     for (int r = 0; r < RMAX; ++r) {
-        row_h[r] = row_head(r, h0, hk, group, off, qb); row_i[r] = r % p.Lq;
+        row_h[r] = row_head(r, chunk, hk, group, off, qb); row_i[r] = row_query(r, chunk);
         any = any || row_h[r] >= 0;
     }
     if (!any) return;   // uniform: no row of this batch lies in this segment
@@ -1533,7 +1537,7 @@ void main() {
     for (int j = 0; j < NOWN; ++j) { m_own[j] = -1e30; l_own[j] = 0.0; bad_own[j] = false; }
 #endif
     // The mask row (shared by every row here) and this split's share of its walked blocks.
-    const int mrow = walk_row(b, h0, qb);   // a per-head mask packs one head (h0) per workgroup
+    const int mrow = walk_row(b, h0, qb);   // a per-head mask: one head (h0) per workgroup
     const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
     const int n_all = n_full + n_part, per = (n_all + p.splits - 1) / p.splits;
     const int t_end = min(n_all, (split + 1) * per);
@@ -1593,7 +1597,7 @@ void main() {
             float pown[NOWN], aown[NOWN];
             bool grew = false;
             for (int jo = 0; jo < NOWN; ++jo) {
-                const int r = own0 + jo, h = row_head(r, h0, hk, group, off, qb), pos = off + r % p.Lq;
+                const int r = own0 + jo, h = row_head(r, chunk, hk, group, off, qb), pos = off + row_query(r, chunk);
                 float sc = NEG_INF;
                 if (h >= 0 && live) {
                     sc = modded_l2(dot[jo], b, h, pos, key);

@@ -109,14 +109,14 @@ final class DecodeTests: FlexTestCase {
     /// a value dim unlike the key's, against the float64 reference.
     func testKeyTilesDtypesAndOddHeadDims() throws {
         // The default tiles for every dtype and shape; others for one each (every variant is a
-        // pipeline to build: CI's time). 2x1: one key per slot, rows in two workgroups per head
-        // group; 16x3x2: rows left empty, a key count per round that is not a power of two, two
-        // invocations per key; 8x8x8: more invocations per key than a 40-wide float32 row has units;
+        // pipeline to build: CI's time). 2x1: one key per slot, a head's two rows a workgroup, and
+        // one invocation per key (D = 8); 8x3: rows left empty, a key count per round that is not a
+        // power of two; 8x8x8: more invocations per key than a 40-wide float32 row has units;
         // the reduce-scatter (s) with fewer rows than invocations per key (4 rows, 8 invocations
         // on lavapipe), more (16 rows, 8; 8 rows, 4) and as many (8, 8).
         let shapes: [(DType, Int, Int)] = [(.float16, 64, 64), (.float32, 40, 24), (.bfloat16, 33, 17), (.float16, 8, 136)]
-        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2]]), ("16x3x2", [shapes[0]]), ("8x8x8", [shapes[1]]),
-                                                      ("4x2xs", [shapes[0]]), ("16x1xs", [shapes[0]]), ("8x1xs", [shapes[1]]), ("8x2xs", [shapes[2]])]
+        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2], (.float16, 8, 8)]), ("8x3", [shapes[0]]), ("8x8x8", [shapes[1]]),
+                                                      ("4x2xs", [shapes[0]]), ("8x1xs", [shapes[1]]), ("8x2xs", [shapes[2]])]
         for (tile, cases) in runs {
             let d: Device = try tile.map { try device(with: ["VKFLEX_DECODE_TILE": $0]) } ?? device
             for (dtype, D, Dv) in cases {
@@ -145,7 +145,7 @@ final class DecodeTests: FlexTestCase {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
-        // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); rows the call's, rounded to a power of two, at least 4.
+        // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).
         func tiles(_ D: Int, _ dtype: DType, sub: Int, Lq: Int = 1, Dv: Int? = nil) -> [Int]? {
             AttentionPlanner.decodeTiles(D: D, Dv: Dv ?? D, Lq: Lq, dtype: dtype, minSubgroupSize: sub, sharedMemory: 48 << 10, maxInvocations: 1024)
                 .map { [$0.rows, $0.keys, $0.WG, $0.lanes] }
@@ -156,8 +156,8 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(tiles(256, .float32, sub: 64), [4, 2, 128, 64])
         XCTAssertEqual(tiles(96, .float16, sub: 32), [4, 2, 128, 8])   // 12 units: 8 invocations, some with two
         XCTAssertEqual(tiles(33, .bfloat16, sub: 16, Dv: 17), [4, 2, 128, 4])
-        XCTAssertEqual(tiles(128, .float16, sub: 32, Lq: 5), [8, 2, 128, 16])
-        XCTAssertEqual(tiles(128, .float16, sub: 32, Lq: 16), [16, 2, 128, 16])
+        XCTAssertEqual(tiles(128, .float16, sub: 32, Lq: 5), [4, 2, 128, 16])
+        XCTAssertEqual(tiles(128, .float16, sub: 32, Lq: 16), [4, 2, 128, 16])
         XCTAssertNil(tiles(128, .float16, sub: 32, Lq: 17))
         func forced(_ f: (Int, Int, Int?), Lq: Int = 1, sub: Int = 32) -> [Int]? {
             AttentionPlanner.decodeTiles(D: 128, Dv: 128, Lq: Lq, dtype: .float16, minSubgroupSize: sub, sharedMemory: 48 << 10, maxInvocations: 1024,
@@ -166,11 +166,12 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(forced((8, 4, nil)), [8, 4, 128, 16])
         XCTAssertEqual(forced((4, 2, 8)), [4, 2, 128, 8])
         XCTAssertEqual(forced((4, 2, 32)), [4, 2, 128, 32], "more invocations than units: some hold none")
-        XCTAssertNil(forced((4, 2, nil), Lq: 8), "forced rows below the call's query rows")
+        XCTAssertEqual(forced((2, 2, nil), Lq: 8), [2, 2, 128, 16], "fewer rows than the call's: more workgroups")
         XCTAssertNil(forced((4, 2, 16), sub: 8), "more invocations per key than the smallest subgroup")
         // Shared memory: per subgroup row maxima and sums, the rows' P·V; a 4096-wide value row does not fit 48 KiB at 16 rows.
-        XCTAssertNil(tiles(64, .float32, sub: 32, Lq: 16, Dv: 4096))
-        XCTAssertNotNil(tiles(64, .float32, sub: 32, Lq: 1, Dv: 2048))
+        XCTAssertNotNil(tiles(64, .float32, sub: 32, Lq: 16, Dv: 2048))
+        XCTAssertNil(AttentionPlanner.decodeTiles(D: 64, Dv: 4096, Lq: 1, dtype: .float32, minSubgroupSize: 32, sharedMemory: 48 << 10,
+                                                  maxInvocations: 1024, forced: (16, 1, nil, false)), "16 rows of 4096-wide values")
     }
 
     /// `prepareFlexAttention` with what a decode step passes builds the split-KV kernel and its
