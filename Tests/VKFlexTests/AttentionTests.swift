@@ -725,7 +725,7 @@ extension AttentionTests {
         }
         // The split-KV kernel, splits for the cap off too: at one workgroup per compute unit
         // (VKFLEX_DECODE_WAVES=1) 4 KV heads fill lavapipe's compute units, so each walks its 100,000
-        // keys in one split. Dense, that is about 1,600 rounds of 64 keys: every key is read.
+        // keys in one split. Dense, that is about 3,100 rounds of 32 keys: every key is read.
         let one = try device(with: ["VKFLEX_DECODE_WAVES": "1"])
         let (qv, kv) = (randn(4 * 4 * 16), randn(4 * 100_000 * 16))
         let (q1, k1) = (try one.tensor(qv, shape: [1, 4, 4, 16]), try one.tensor(kv, shape: [1, 4, 100_000, 16]))

@@ -111,11 +111,12 @@ final class DecodeTests: FlexTestCase {
         // The default tiles for every dtype and shape; others for one each (every variant is a
         // pipeline to build: CI's time). 2x1: one key per slot, a head's two rows a workgroup, and
         // one invocation per key (D = 8); 8x3: rows left empty, a key count per round that is not a
-        // power of two; 8x8x8: more invocations per key than a 40-wide float32 row has units;
+        // power of two; 4x2x8: NVIDIA's two keys per slot (lavapipe's default is one), more
+        // invocations per key than a 40-wide float32 row has units;
         // the reduce-scatter (s) with fewer rows than invocations per key (4 rows, 8 invocations
         // on lavapipe), more (16 rows, 8; 8 rows, 4) and as many (8, 8).
         let shapes: [(DType, Int, Int)] = [(.float16, 64, 64), (.float32, 40, 24), (.bfloat16, 33, 17), (.float16, 8, 136)]
-        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2], (.float16, 8, 8)]), ("8x3", [shapes[0]]), ("8x8x8", [shapes[1]]),
+        let runs: [(String?, [(DType, Int, Int)])] = [(nil, shapes), ("2x1", [shapes[2], (.float16, 8, 8)]), ("8x3", [shapes[0]]), ("4x2x8", [shapes[1]]),
                                                       ("4x2xs", [shapes[0]]), ("8x1xs", [shapes[1]]), ("8x2xs", [shapes[2]])]
         for (tile, cases) in runs {
             let d: Device = try tile.map { try device(with: ["VKFLEX_DECODE_TILE": $0]) } ?? device
@@ -153,6 +154,8 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(tiles(128, .float16, sub: 32), [4, 2, 128, 16])
         XCTAssertEqual(tiles(128, .float32, sub: 32), [4, 2, 128, 32])
         XCTAssertEqual(tiles(128, .float16, sub: 8), [4, 2, 128, 8])
+        XCTAssertEqual(AttentionPlanner.decodeTiles(D: 128, Dv: 128, Lq: 1, dtype: .float16, minSubgroupSize: 8, sharedMemory: 32 << 10,
+                                                    maxInvocations: 1024, cpu: true).map { [$0.rows, $0.keys] }, [4, 1], "a CPU: one key per slot")
         XCTAssertEqual(tiles(256, .float32, sub: 64), [4, 2, 128, 64])
         XCTAssertEqual(tiles(96, .float16, sub: 32), [4, 2, 128, 8])   // 12 units: 8 invocations, some with two
         XCTAssertEqual(tiles(33, .bfloat16, sub: 16, Dv: 17), [4, 2, 128, 4])
