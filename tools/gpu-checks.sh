@@ -55,25 +55,28 @@ if [ "$what" = shapes ]; then
 fi
 if [ "$what" = decode ]; then
   VKFLEX_VALIDATE=1 step selftest-split-kv 90 vkflex selftest --kernel split-kv
-  step decode 180 bash .device/on-device.sh compare --suite decode
-  tail -25 "$out/decode.txt"
+  # With the driver's register and local-memory counts of the decode pipelines (stderr, same file).
+  VKFLEX_PIPELINE_STATS=1 step decode 180 bash .device/on-device.sh compare --suite decode
+  grep -E 'pipeline flex_attention_decode' "$out/decode.txt" | head -2 | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/\1: \2 registers, local \3/'
+  tail -12 "$out/decode.txt"
   # The split count's target (workgroups per compute unit; default 4) and the tiles (rows per
   # workgroup x keys per slot and round [x invocations per key][x s: reduce-scatter]; default
-  # 4x2), vkflex alone, contiguous and paged rows (each run about 23 s on an H100 in the sixth session),
-  # with the driver's register counts (DECODE_TILES / DECODE_WAVES to sweep others).
-  cases=${DECODE_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k,decode_mqa_32k,decode_sliding_4k_of_32k}
-  for w in ${DECODE_WAVES:-8}; do
+  # 4x2), vkflex alone, contiguous and paged rows (about 5 s a case on an H100), with the
+  # driver's register counts, and each tile's validated split-kv selftest (DECODE_TILES /
+  # DECODE_WAVES / DECODE_CASES to sweep others).
+  cases=${DECODE_CASES:-decode_dense_32k,specdec_4_of_8k,decode_mqa_32k}
+  for w in ${DECODE_WAVES:-}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
-    grep -E 'pipeline flex_attention_decode' "$out/decode-waves-$w.txt" | head -2 | cut -c1-200
   done
-  for t in ${DECODE_TILES:-4x4 8x2 16x1 4x2x8 4x2xs 16x1xs}; do
+  for t in ${DECODE_TILES:-4x2 4x4 8x2 16x1 4x2x8 4x2xs 16x1xs}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
-    grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -2 | cut -c1-200
+    grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
+    VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
   done
   # At most 8 files come back from a call: the sweeps' outputs in one archive.
-  (cd "$out" && tar czf decode-sweeps.tgz decode-waves-*.txt decode-tile-*.txt && rm -f decode-waves-*.txt decode-tile-*.txt)
+  (cd "$out" && tar czf decode-sweeps.tgz decode-waves-*.txt decode-tile-*.txt selftest-tile-*.txt 2>/dev/null; rm -f decode-waves-*.txt decode-tile-*.txt selftest-tile-*.txt)
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

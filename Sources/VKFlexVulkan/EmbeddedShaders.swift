@@ -1377,6 +1377,7 @@ bool workgroup_tile(int bq, out WorkgroupTile t) {
 // KPL (keys per key slot and round: loads in flight), DEC_RS (0/1, below), IN_F16/IN_BF16, and what
 // flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, ...).
 #extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_KHR_shader_subgroup_vote : require
@@ -1408,16 +1409,16 @@ layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T 
 #if IN_F16
 #define SCALAR_UNIT(DATA, o, s, c, n, U) { \
     float f_[8]; \
-    for (int e_ = 0; e_ < 8; ++e_) { const int d_ = (c) * 8 + e_; f_[e_] = d_ < (n) ? float(DATA[(o) + d_ * (s)]) : 0.0; } \
+    [[unroll]] for (int e_ = 0; e_ < 8; ++e_) { const int d_ = (c) * 8 + e_; f_[e_] = d_ < (n) ? float(DATA[(o) + d_ * (s)]) : 0.0; } \
     U = uvec4(packHalf2x16(vec2(f_[0], f_[1])), packHalf2x16(vec2(f_[2], f_[3])), packHalf2x16(vec2(f_[4], f_[5])), packHalf2x16(vec2(f_[6], f_[7]))); }
 #elif IN_BF16
 #define SCALAR_UNIT(DATA, o, s, c, n, U) { \
     uint w_[8]; \
-    for (int e_ = 0; e_ < 8; ++e_) { const int d_ = (c) * 8 + e_; w_[e_] = d_ < (n) ? uint(DATA[(o) + d_ * (s)]) : 0u; } \
+    [[unroll]] for (int e_ = 0; e_ < 8; ++e_) { const int d_ = (c) * 8 + e_; w_[e_] = d_ < (n) ? uint(DATA[(o) + d_ * (s)]) : 0u; } \
     U = uvec4(w_[0] | (w_[1] << 16), w_[2] | (w_[3] << 16), w_[4] | (w_[5] << 16), w_[6] | (w_[7] << 16)); }
 #else
 #define SCALAR_UNIT(DATA, o, s, c, n, U) { \
-    for (int e_ = 0; e_ < 4; ++e_) { const int d_ = (c) * 4 + e_; U[e_] = d_ < (n) ? DATA[(o) + d_ * (s)] : 0.0; } }
+    [[unroll]] for (int e_ = 0; e_ < 4; ++e_) { const int d_ = (c) * 4 + e_; U[e_] = d_ < (n) ? DATA[(o) + d_ * (s)] : 0.0; } }
 #endif
 
 // DEC_RS: the key's LK invocations reduce-scatter the rows' dot products instead of each summing
@@ -1438,7 +1439,7 @@ layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { UNIT_T 
         const int o_ = LK >> (I), n_ = RMAX >> (I); \
         if (n_ >= 1) { \
             const bool up_ = (kl & o_) != 0; \
-            for (int j_ = 0; j_ < n_; ++j_) { \
+            [[unroll]] for (int j_ = 0; j_ < n_; ++j_) { \
                 const float send_ = up_ ? dot[j_] : dot[j_ + n_]; \
                 dot[j_] = (up_ ? dot[j_ + n_] : dot[j_]) + subgroupShuffleXor(send_, o_); \
             } \
@@ -1508,16 +1509,16 @@ void main() {
     const int h0 = hk * group + (p.dec_cph > 0 ? chunk / p.dec_cph : 0);
     int row_h[RMAX], row_i[RMAX];
     bool any = false;
-    for (int r = 0; r < RMAX; ++r) {
+    [[unroll]] for (int r = 0; r < RMAX; ++r) {
         row_h[r] = row_head(r, chunk, hk, group, off, qb); row_i[r] = row_query(r, chunk);
         any = any || row_h[r] >= 0;
     }
     if (!any) return;   // uniform: no row of this batch lies in this segment
     // This invocation's share of each row's query: the elements of its K units, in float.
     float qf[RMAX][UPL][UNIT];
-    for (int r = 0; r < RMAX; ++r)
-        for (int u = 0; u < UPL; ++u)
-            for (int e = 0; e < UNIT; ++e) {
+    [[unroll]] for (int r = 0; r < RMAX; ++r)
+        [[unroll]] for (int u = 0; u < UPL; ++u)
+            [[unroll]] for (int e = 0; e < UNIT; ++e) {
                 const int d = (kl + u * LK) * UNIT + e, h = row_h[r];
                 qf[r][u][e] = h >= 0 && d < D ? IN_FLOAT(q_data[p.q_base + bl * p.q_sb + h * p.q_sh + row_i[r] * p.q_sl + d * p.q_sd]) : 0.0;
             }
@@ -1525,16 +1526,16 @@ void main() {
     // invocation's V units, and whether a score was NaN.
     float m[RMAX], l[RMAX], acc[RMAX][VPL][UNIT];
     bool bad[RMAX];
-    for (int r = 0; r < RMAX; ++r) {
+    [[unroll]] for (int r = 0; r < RMAX; ++r) {
         m[r] = -1e30; l[r] = 0.0; bad[r] = false;
-        for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] = 0.0;
+        [[unroll]] for (int u = 0; u < VPL; ++u) [[unroll]] for (int e = 0; e < UNIT; ++e) acc[r][u][e] = 0.0;
     }
 #if DEC_RS
     // The rows this invocation scores (from own0), their online softmax.
     const int own0 = RMAX >= LK ? kl * NOWN : kl / (LK / RMAX), keybase = sgi - kl;
     float m_own[NOWN], l_own[NOWN];
     bool bad_own[NOWN];
-    for (int j = 0; j < NOWN; ++j) { m_own[j] = -1e30; l_own[j] = 0.0; bad_own[j] = false; }
+    [[unroll]] for (int j = 0; j < NOWN; ++j) { m_own[j] = -1e30; l_own[j] = 0.0; bad_own[j] = false; }
 #endif
     // The mask row (shared by every row here) and this split's share of its walked blocks.
     const int mrow = walk_row(b, h0, qb);   // a per-head mask: one head (h0) per workgroup
@@ -1551,15 +1552,15 @@ void main() {
     // The round ahead, in registers: this invocation's units of keys k0 + j·NSLOT + slot.
     UNIT_T kreg[KPL][UPL], vreg[KPL][VPL];
 #define LOAD_ROUND(K0, KSTOP) \
-    for (int j = 0; j < KPL; ++j) { \
+    [[unroll]] for (int j = 0; j < KPL; ++j) { \
         const int key = (K0) + j * NSLOT + slot; \
         if (key < (KSTOP)) { \
             const int row = KEY_ROW(key), ko = koff + row * p.k_sl, vo = voff + row * p.v_sl; \
-            for (int u = 0; u < UPL; ++u) { \
+            [[unroll]] for (int u = 0; u < UPL; ++u) { \
                 const int c = kl + u * LK; \
                 if (c < KU) { if (vec) kreg[j][u] = k_units[ko / UNIT + c]; else SCALAR_UNIT(k_data, ko, p.k_sd, c, D, kreg[j][u]) } \
             } \
-            for (int u = 0; u < VPL; ++u) { \
+            [[unroll]] for (int u = 0; u < VPL; ++u) { \
                 const int c = kl + u * LK; \
                 if (c < VU) { if (vec) vreg[j][u] = v_units[vo / UNIT + c]; else SCALAR_UNIT(v_data, vo, p.v_sd, c, DV, vreg[j][u]) } \
             } \
@@ -1574,29 +1575,29 @@ void main() {
         k0 += ROUND;
         more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
         if (more) LOAD_ROUND(k0, k_stop)
-        for (int j = 0; j < KPL; ++j) {
+        [[unroll]] for (int j = 0; j < KPL; ++j) {
             const int key = kt + j * NSLOT + slot;
             const bool live = key < ks;
             // Partial dot products over this invocation's K units, then summed over the key's LK.
             float dot[RMAX];
-            for (int r = 0; r < RMAX; ++r) dot[r] = 0.0;
-            for (int u = 0; u < UPL; ++u) {
+            [[unroll]] for (int r = 0; r < RMAX; ++r) dot[r] = 0.0;
+            [[unroll]] for (int u = 0; u < UPL; ++u) {
                 if (kl + u * LK < KU && live) {
                     float kf[UNIT];
                     unit_floats(kcur[j][u], kf);
-                    for (int r = 0; r < RMAX; ++r) for (int e = 0; e < UNIT; ++e) dot[r] += qf[r][u][e] * kf[e];
+                    [[unroll]] for (int r = 0; r < RMAX; ++r) [[unroll]] for (int e = 0; e < UNIT; ++e) dot[r] += qf[r][u][e] * kf[e];
                 }
             }
 #if DEC_RS
             RS_STEP(1) RS_STEP(2) RS_STEP(3) RS_STEP(4) RS_STEP(5) RS_STEP(6)
             float vf[VPL][UNIT];
-            for (int u = 0; u < VPL; ++u) {
+            [[unroll]] for (int u = 0; u < VPL; ++u) {
                 if (kl + u * LK < VU && live) unit_floats(vcur[j][u], vf[u]);
-                else for (int e = 0; e < UNIT; ++e) vf[u][e] = 0.0;
+                else [[unroll]] for (int e = 0; e < UNIT; ++e) vf[u][e] = 0.0;
             }
             float pown[NOWN], aown[NOWN];
             bool grew = false;
-            for (int jo = 0; jo < NOWN; ++jo) {
+            [[unroll]] for (int jo = 0; jo < NOWN; ++jo) {
                 const int r = own0 + jo, h = row_head(r, chunk, hk, group, off, qb), pos = off + row_query(r, chunk);
                 float sc = NEG_INF;
                 if (h >= 0 && live) {
@@ -1617,24 +1618,24 @@ void main() {
                 l_own[jo] += pown[jo];
             }
             if (subgroupAny(grew)) {
-                for (int r = 0; r < RMAX; ++r) {
+                [[unroll]] for (int r = 0; r < RMAX; ++r) {
                     const float a = subgroupShuffle(aown[OWN_J(r)], keybase + OWN_KL(r));
-                    for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] *= a;
+                    [[unroll]] for (int u = 0; u < VPL; ++u) [[unroll]] for (int e = 0; e < UNIT; ++e) acc[r][u][e] *= a;
                 }
             }
-            for (int r = 0; r < RMAX; ++r) {
+            [[unroll]] for (int r = 0; r < RMAX; ++r) {
                 const float pr = subgroupShuffle(pown[OWN_J(r)], keybase + OWN_KL(r));
-                for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
+                [[unroll]] for (int u = 0; u < VPL; ++u) [[unroll]] for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
             }
 #else
-            for (int o = 1; o < LK; o <<= 1)
-                for (int r = 0; r < RMAX; ++r) dot[r] += subgroupShuffleXor(dot[r], o);
+            [[unroll]] for (int o = 1; o < LK; o <<= 1)
+                [[unroll]] for (int r = 0; r < RMAX; ++r) dot[r] += subgroupShuffleXor(dot[r], o);
             float vf[VPL][UNIT];
-            for (int u = 0; u < VPL; ++u) {
+            [[unroll]] for (int u = 0; u < VPL; ++u) {
                 if (kl + u * LK < VU && live) unit_floats(vcur[j][u], vf[u]);
-                else for (int e = 0; e < UNIT; ++e) vf[u][e] = 0.0;
+                else [[unroll]] for (int e = 0; e < UNIT; ++e) vf[u][e] = 0.0;
             }
-            for (int r = 0; r < RMAX; ++r) {
+            [[unroll]] for (int r = 0; r < RMAX; ++r) {
                 if (row_h[r] < 0 || !live) continue;
                 const int pos = off + row_i[r];
                 float s = modded_l2(dot[r], b, row_h[r], pos, key);
@@ -1645,19 +1646,19 @@ void main() {
                 if (s > m[r]) {   // the maximum grew: rescale what this slot has summed
                     const float alpha = exp2(m[r] - s);
                     l[r] *= alpha;
-                    for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] *= alpha;
+                    [[unroll]] for (int u = 0; u < VPL; ++u) [[unroll]] for (int e = 0; e < UNIT; ++e) acc[r][u][e] *= alpha;
                     m[r] = s;
                 }
                 const float pr = exp2(s - m[r]);
                 l[r] += pr;
-                for (int u = 0; u < VPL; ++u) for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
+                [[unroll]] for (int u = 0; u < VPL; ++u) [[unroll]] for (int e = 0; e < UNIT; ++e) acc[r][u][e] += pr * vf[u][e];
             }
 #endif
         }
     }
 #if DEC_RS
     // Every row's (max, sum, NaN) from an invocation that scored it, for the merge below.
-    for (int r = 0; r < RMAX; ++r) {
+    [[unroll]] for (int r = 0; r < RMAX; ++r) {
         m[r] = subgroupShuffle(m_own[OWN_J(r)], keybase + OWN_KL(r));
         l[r] = subgroupShuffle(l_own[OWN_J(r)], keybase + OWN_KL(r));
         bad[r] = subgroupShuffle(bad_own[OWN_J(r)], keybase + OWN_KL(r));
@@ -1669,12 +1670,12 @@ void main() {
     // Merge the key slots of this subgroup (butterfly over the slots), ...
     int o = LK;
     for (; o < int(gl_SubgroupSize); o <<= 1) {
-        for (int r = 0; r < RMAX; ++r) {
+        [[unroll]] for (int r = 0; r < RMAX; ++r) {
             const float mo = subgroupShuffleXor(m[r], o), lo = subgroupShuffleXor(l[r], o);
             const bool bo = subgroupShuffleXor(bad[r], o);
             const float mm = max(m[r], mo), a = exp2(m[r] - mm), c = exp2(mo - mm);
-            for (int u = 0; u < VPL; ++u)
-                for (int e = 0; e < UNIT; ++e) acc[r][u][e] = acc[r][u][e] * a + subgroupShuffleXor(acc[r][u][e], o) * c;
+            [[unroll]] for (int u = 0; u < VPL; ++u)
+                [[unroll]] for (int e = 0; e < UNIT; ++e) acc[r][u][e] = acc[r][u][e] * a + subgroupShuffleXor(acc[r][u][e], o) * c;
             l[r] = l[r] * a + lo * c; m[r] = mm; bad[r] = bad[r] || bo;
         }
     }
@@ -1683,23 +1684,23 @@ void main() {
     // P·V rescaled to it and added in subgroup order (deterministic).
     const int nsg = int(gl_NumSubgroups);
     if (lid < RMAX) sh_nan[lid] = 0;
-    if (sgi == 0) for (int r = 0; r < RMAX; ++r) { sh_m[sg][r] = m[r]; sh_l[sg][r] = l[r]; }
+    if (sgi == 0) [[unroll]] for (int r = 0; r < RMAX; ++r) { sh_m[sg][r] = m[r]; sh_l[sg][r] = l[r]; }
     barrier();
-    if (sgi == 0) for (int r = 0; r < RMAX; ++r) if (bad[r]) sh_nan[r] = 1;
+    if (sgi == 0) [[unroll]] for (int r = 0; r < RMAX; ++r) if (bad[r]) sh_nan[r] = 1;
     float mall[RMAX], lall[RMAX];
     int g = 0;
-    for (int r = 0; r < RMAX; ++r) { mall[r] = -1e30; lall[r] = 0.0; }
-    for (; g < nsg; ++g) for (int r = 0; r < RMAX; ++r) mall[r] = max(mall[r], sh_m[g][r]);
+    [[unroll]] for (int r = 0; r < RMAX; ++r) { mall[r] = -1e30; lall[r] = 0.0; }
+    for (; g < nsg; ++g) [[unroll]] for (int r = 0; r < RMAX; ++r) mall[r] = max(mall[r], sh_m[g][r]);
     cut = cut || g < nsg;
-    for (g = 0; g < nsg; ++g) for (int r = 0; r < RMAX; ++r) lall[r] += sh_l[g][r] * exp2(sh_m[g][r] - mall[r]);
+    for (g = 0; g < nsg; ++g) [[unroll]] for (int r = 0; r < RMAX; ++r) lall[r] += sh_l[g][r] * exp2(sh_m[g][r] - mall[r]);
     cut = cut || g < nsg;
     for (g = 0; g < nsg; ++g) {
         if (sg == g && sgi < LK) {
-            for (int r = 0; r < RMAX; ++r) {
+            [[unroll]] for (int r = 0; r < RMAX; ++r) {
                 const float a = exp2(m[r] - mall[r]);
-                for (int u = 0; u < VPL; ++u) {
+                [[unroll]] for (int u = 0; u < VPL; ++u) {
                     const int c = kl + u * LK;
-                    if (c < VU) for (int e = 0; e < UNIT; ++e) {
+                    if (c < VU) [[unroll]] for (int e = 0; e < UNIT; ++e) {
                         const float x = acc[r][u][e] * a;
                         sh_o[r][c * UNIT + e] = g == 0 ? x : sh_o[r][c * UNIT + e] + x;
                     }
@@ -1716,7 +1717,7 @@ void main() {
         const int r = e / DV, d = e - r * DV;
         int h = -1, i = 0;
         float lr = 0.0, mr = 0.0;
-        for (int q = 0; q < RMAX; ++q) if (q == r) { h = row_h[q]; i = row_i[q]; lr = lall[q]; mr = mall[q]; }
+        [[unroll]] for (int q = 0; q < RMAX; ++q) if (q == r) { h = row_h[q]; i = row_i[q]; lr = lall[q]; mr = mall[q]; }
         if (h < 0) continue;
         // Partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
         const int prow = (bl * p.Hq + h) * p.Lq + i;
