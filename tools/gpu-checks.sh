@@ -8,13 +8,14 @@
 # bf16: the seed suite in bfloat16 against PyTorch bf16 (compare) and the backward in bf16;
 # biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: split-kv's validated
-# selftest, the decode suite vs PyTorch, tile and split sweeps;
+# selftest, the decode suite vs PyTorch (SELFTEST_ALL=1: then every kernel's validated selftest),
+# three rounds of the large cases, tile and split sweeps (decode-sweeps.tar);
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
-# coopmat-generic; a compare about 150 s; the decode suite about 150 s on an H100 with the old decode kernel
-# (the new one is 3.7-7.8x faster per call).
+# coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
+# compare took 145 s, a tile's sweep (3 cases, contiguous and paged) about 40 s, its selftest 6 s.
 set -u
 out=${OUT:-/tmp}
 what=${1:-all}
@@ -25,6 +26,9 @@ step() {  # step NAME SECONDS COMMAND...: runs, keeps stdout+stderr in $out/NAME
   echo "   exit $?"
   grep -E '^FAIL|passed, |validation layer reported|rror' "$out/$name.txt" | head -20
 }
+# At most 8 files come back from a call, even one cut off at its time limit: each sweep's outputs
+# go into one archive as soon as they are written.
+sweep_keep() { (cd "$out" && tar rf decode-sweeps.tar "$@" && rm -f "$@"); }
 # At most 8 files come back from a call ($OUT): the device listing goes to stdout only.
 vkflex devices 2>&1 | grep -iE 'name|subgroup|cooperative|shared|bfloat16' | head -20
 if [ "$what" = all ]; then
@@ -59,6 +63,15 @@ if [ "$what" = decode ]; then
   VKFLEX_PIPELINE_STATS=1 step decode 180 bash .device/on-device.sh compare --suite decode
   grep -E 'pipeline flex_attention_decode' "$out/decode.txt" | head -2 | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/\1: \2 registers, local \3/'
   tail -12 "$out/decode.txt"
+  # SELFTEST_ALL=1: every kernel's validated selftest next, before the sweeps (a session short of
+  # device time gets the figures and the check first).
+  [ "${SELFTEST_ALL:-0}" = 1 ] && VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  # The large caches' timings moved up to 4x between rows in the eighth session: each case three
+  # times with new buffers, every timed run's spread in the JSON (fw_ms_min / fw_ms_max).
+  step decode-rounds 150 vkflex bench --suite decode --no-check --rounds 3 --json "$out/rounds.jsonl" \
+    --cases ${DECODE_ROUND_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k}
+  grep -E " (no|yes) " "$out/decode-rounds.txt" | cut -c1-100
+  sweep_keep decode-rounds.txt rounds.jsonl
   # The split count's target (workgroups per compute unit; default 4) and the tiles (rows per
   # workgroup x keys per slot and round [x invocations per key][x s: reduce-scatter]; default
   # 4x2), vkflex alone, contiguous and paged rows (about 5 s a case on an H100), with the
@@ -68,15 +81,15 @@ if [ "$what" = decode ]; then
   for w in ${DECODE_WAVES:-}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
+    sweep_keep "decode-waves-$w.txt"
   done
-  for t in ${DECODE_TILES:-4x2 4x4 8x2 16x1 4x2x8 4x2xs 16x1xs}; do
+  for t in ${DECODE_TILES:-8x2 4x2x8 4x2xs}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
     grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
     VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
+    sweep_keep "decode-tile-$t.txt" "selftest-tile-$t.txt"
   done
-  # At most 8 files come back from a call: the sweeps' outputs in one archive.
-  (cd "$out" && tar czf decode-sweeps.tgz decode-waves-*.txt decode-tile-*.txt selftest-tile-*.txt 2>/dev/null; rm -f decode-waves-*.txt decode-tile-*.txt selftest-tile-*.txt)
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

@@ -28,7 +28,7 @@ extension Bench {
     ]
 
     /// Runs the decode suite: each case contiguous, then through a paged cache (pages of 128 keys,
-    /// randomly permuted). Returns the JSON rows.
+    /// randomly permuted), `rounds` times with new buffers each round. Returns the JSON rows.
     func runDecodeSuite(device: Device) throws -> [String] {
         var list = Bench.decode
         if let cases {
@@ -49,12 +49,14 @@ extension Bench {
         print("case                       B  Hq/Hkv Lq    Lkv  paged  density     µs     KV GB    GB/s  rel_err  host µs")
         var rows: [String] = []
         for c in list {
-            for paged in [false, true] { rows.append(try runDecodeCase(c, dtype: dtype, paged: paged, device: device)) }
+            for round in 0..<rounds {
+                for paged in [false, true] { rows.append(try runDecodeCase(c, dtype: dtype, paged: paged, round: rounds > 1 ? round : nil, device: device)) }
+            }
         }
         return rows
     }
 
-    func runDecodeCase(_ c: DecodeCase, dtype: DType, paged: Bool, device: Device) throws -> String {
+    func runDecodeCase(_ c: DecodeCase, dtype: DType, paged: Bool, round: Int?, device: Device) throws -> String {
         let P = 128
         let maxPages = (c.Lkv + P - 1) / P, logical = maxPages * P
         let kvRows = paged ? c.B * maxPages * P : c.B * c.Lkv   // per KV head
@@ -131,8 +133,11 @@ extension Bench {
         var obj: [String: Any] = ["case": c.name, "B": c.B, "H": c.Hq, "Hkv": c.Hkv, "Lq": c.Lq, "S": c.Lkv, "D": c.D, "dtype": dtype.rawValue,
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (us).rounded() / 1e3, "kv_gb": (kvGB * 1e4).rounded() / 1e4,
                                   "gbps": gbps.rounded(), "paged": paged, "device": device.capabilities.name, "kernel": kernel.rawValue,
-                                  "host_us": (median(hostUs) * 10).rounded() / 10]
+                                  "host_us": (median(hostUs) * 10).rounded() / 10,
+                                  // The spread of the timed runs (a median can hide a bimodal run).
+                                  "fw_ms_min": ((seconds.min() ?? 0) * 1e6).rounded() / 1e3, "fw_ms_max": ((seconds.max() ?? 0) * 1e6).rounded() / 1e3]
         if let relErr { obj["rel_err"] = relErr }
+        if let round { obj["round"] = round }
         let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
         return String(decoding: data, as: UTF8.self)
     }

@@ -20,6 +20,7 @@ struct Bench: ParsableCommand {
     @Option(name: .long, help: "Comma-separated case names of the suite.") var cases: String?
     @Option(name: .long, help: "Append one JSON object per case to this file.") var json: String?
     @Option(name: .long, help: "Timed runs per case (after warm-up).") var `repeat`: Int = 10
+    @Option(name: .long, help: "Decode suite: run each case this many times, each round with new buffers (the spread across allocations).") var rounds: Int = 1
     @Flag(name: .long, help: "Use the suite's full sizes even on a CPU device.") var fullSize = false
     @Flag(name: .long, help: "Use small sizes (B=1, H=2, S=512) whatever the device.") var small = false
     @Option(name: .customLong("b"), help: "Custom case: batch.") var batch: Int = 1
@@ -61,6 +62,8 @@ struct Bench: ParsableCommand {
     func run() throws {
         try reportingErrors {
             guard `repeat` >= 1 else { throw CLIError("--repeat must be at least 1") }
+            guard rounds >= 1 else { throw CLIError("--rounds must be at least 1") }
+            if rounds > 1 && suite != "decode" { throw CLIError("--rounds applies to --suite decode only") }
             let device = try deviceOptions.open()
             let bs = try parseBlockSize(blockSize)
             var list: [BenchCase]

@@ -597,12 +597,31 @@ final class CLITests: XCTestCase {
                 XCTAssertNotNil(row[field], "\(field) missing in \(row)")
             }
             XCTAssertLessThan(row["rel_err"] as? Double ?? 1, 2e-3, "\(row)")
+            // The timed runs' spread brackets their median.
+            let ms = row["fw_ms"] as? Double ?? -1, lo = row["fw_ms_min"] as? Double ?? .nan, hi = row["fw_ms_max"] as? Double ?? .nan
+            XCTAssertTrue(lo <= ms + 1e-3 && ms <= hi + 1e-3, "\(row)")
+            XCTAssertNil(row["round"], "one round: no round field")
         }
         // The sliding window reads an eighth of the cache.
         XCTAssertEqual(rows[0]["density"] as? Double ?? 0, 0.1875, accuracy: 1e-4)
         let (bad, text) = try run(["bench", "--suite", "decode", "--cases", "nope"])
         XCTAssertEqual(bad, 1, text)
         XCTAssertTrue(text.contains("unknown case 'nope' (known: decode_dense_4k"), text)
+        // --rounds: each case again with new buffers, every round a row.
+        let json2 = dir.appendingPathComponent("decode2.jsonl").path
+        let (s2, out2) = try run(["bench", "--suite", "decode", "--cases", "decode_sliding_4k_of_32k", "--small", "--repeat", "1", "--rounds", "2",
+                                  "--no-check", "--json", json2])
+        XCTAssertEqual(s2, 0, out2)
+        let rows2 = try String(contentsOfFile: json2, encoding: .utf8).split(separator: "\n").map {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
+        }
+        XCTAssertEqual(rows2.map { $0["round"] as? Int }, [0, 0, 1, 1])
+        XCTAssertEqual(rows2.map { $0["paged"] as? Bool }, [false, true, false, true])
+        for args in [["--rounds", "0"], ["--rounds", "2", "--suite", "seed"]] {
+            let (st, msg) = try run(["bench", "--suite", "decode"] + args)
+            XCTAssertEqual(st, 1, msg)
+            XCTAssertTrue(msg.contains("--rounds"), msg)
+        }
     }
 
     func testBenchWritesTheSuiteFields() throws {
