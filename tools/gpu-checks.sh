@@ -29,12 +29,21 @@ step() {  # step NAME SECONDS COMMAND...: runs, keeps stdout+stderr in $out/NAME
 # At most 8 files come back from a call, even one cut off at its time limit: each sweep's outputs
 # go into one archive as soon as they are written.
 sweep_keep() { (cd "$out" && tar rf decode-sweeps.tar "$@" && rm -f "$@"); }
+# Pipelines the driver gave local memory (VKFLEX_PIPELINE_STATS=1 lines in FILE...): register
+# arrays indexed at run time (a loop without [[unroll]]) or spills; NVIDIA reports 2^36 + bytes.
+local_mem() {
+  grep -h 'Local Memory Size' "$@" | awk '{ n = $0; sub(/^.*pipeline /, "", n); sub(/\]:.*$/, "]", n);
+    l = $0; sub(/^.*Local Memory Size = /, "", l); sub(/,.*$/, "", l); b = l % 68719476736;
+    if (b > 0 && !seen[n]++) print "   local memory " b " B: " substr(n, 1, 160) }' | head -20
+}
 # At most 8 files come back from a call ($OUT): the device listing goes to stdout only.
 vkflex devices 2>&1 | grep -iE 'name|subgroup|cooperative|shared|bfloat16' | head -20
 if [ "$what" = all ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  step selftest-nv 90 vkflex selftest --kernel coopmat-nv
-  step selftest-generic 90 vkflex selftest --kernel coopmat-generic
+  VKFLEX_PIPELINE_STATS=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
+  VKFLEX_PIPELINE_STATS=1 step selftest-generic 90 vkflex selftest --kernel coopmat-generic
+  VKFLEX_PIPELINE_STATS=1 step selftest-portable 120 vkflex selftest --kernel portable
+  local_mem "$out/selftest-nv.txt" "$out/selftest-generic.txt" "$out/selftest-portable.txt"
   VKFLEX_KERNEL=coopmat-nv step bench-nv 180 vkflex bench --suite seed --json "$out/nv.jsonl"
   tail -11 "$out/bench-nv.txt"
   VKFLEX_KERNEL=coopmat-generic step bench-generic 150 vkflex bench --suite seed --json "$out/generic.jsonl"
@@ -61,7 +70,8 @@ if [ "$what" = decode ]; then
   VKFLEX_VALIDATE=1 step selftest-split-kv 90 vkflex selftest --kernel split-kv
   # With the driver's register and local-memory counts of the decode pipelines (stderr, same file).
   VKFLEX_PIPELINE_STATS=1 step decode 180 bash .device/on-device.sh compare --suite decode
-  grep -E 'pipeline flex_attention_decode' "$out/decode.txt" | head -2 | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/\1: \2 registers, local \3/'
+  grep -E 'pipeline flex_attention_decode' "$out/decode.txt" | head -2 | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*/\1: \2 registers/'
+  local_mem "$out/decode.txt"
   tail -12 "$out/decode.txt"
   # SELFTEST_ALL=1: every kernel's validated selftest next, before the sweeps (a session short of
   # device time gets the figures and the check first).
@@ -100,6 +110,7 @@ if [ "$what" = bwd ]; then
     VKFLEX_PIPELINE_STATS=1 step "bench-bwd-$t" 150 vkflex bench --suite seed --backward --cases "${BWD_CASES:-causal,sliding_window_1024}"
     grep -E 'backward|rror' "$out/bench-bwd-$t.txt"
     grep -E 'pipeline flex_attention_bwd_(nv|mm)' "$out/bench-bwd-$t.txt" | sed -E 's/\[.*BWD_PASS=([0-9]).*D=([0-9]+).*\]/pass \1 D=\2/' | cut -c1-220
+    local_mem "$out/bench-bwd-$t.txt"
   done
 fi
 date -u
