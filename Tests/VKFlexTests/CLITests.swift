@@ -601,6 +601,7 @@ final class CLITests: XCTestCase {
             let ms = row["fw_ms"] as? Double ?? -1, lo = row["fw_ms_min"] as? Double ?? .nan, hi = row["fw_ms_max"] as? Double ?? .nan
             XCTAssertTrue(lo <= ms + 1e-3 && ms <= hi + 1e-3, "\(row)")
             XCTAssertNil(row["round"], "one round: no round field")
+            XCTAssertEqual(row["groups"] as? Int, 1, "a CPU device times one group")
         }
         // The sliding window reads an eighth of the cache.
         XCTAssertEqual(rows[0]["density"] as? Double ?? 0, 0.1875, accuracy: 1e-4)
