@@ -364,7 +364,8 @@ enum AttentionPlanner {
         }
     }
 
-    /// The split-KV decode kernel's most query rows per workgroup (query heads of a group × query rows).
+    /// The most query rows a split-KV call takes (rows per workgroup are the plan's, 4 by default;
+    /// a group's other (head, row) pairs go to further workgroups).
     static let decodeRows = 16
 
     /// The split-KV decode kernel's shape (flex_attention_decode.comp): `rows` query rows per
@@ -404,7 +405,6 @@ enum AttentionPlanner {
                             cpu: Bool = false, forced: (rows: Int, keys: Int, lanes: Int?, scatter: Bool)? = nil) -> DecodeTiles? {
         guard Lq >= 1, Lq <= decodeRows, minSubgroupSize >= 1 else { return nil }
         func pow2(atMost n: Int) -> Int { var p = 1; while p * 2 <= n { p *= 2 }; return p }
-        func pow2(atLeast n: Int) -> Int { var p = 1; while p < n { p *= 2 }; return p }
         let unit = dtype.size == 2 ? 8 : 4
         let units = (max(D, Dv) + unit - 1) / unit
         var lanes = min(pow2(atMost: units), pow2(atMost: minSubgroupSize))
