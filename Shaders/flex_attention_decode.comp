@@ -41,6 +41,7 @@ layout(local_size_x = WG) in;
 #define VKF_NO_HOIST 1
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
+#include "flex_decode.glsl"
 
 // K and V as 16-byte units where rows are contiguous and 8-element aligned (p.vec_ok, D and DV
 // multiples of 8); else element by element into the same units, zero past the head dim.
@@ -102,62 +103,13 @@ shared float sh_l[NSLOT][RMAX];
 shared float sh_o[RMAX][VU * UNIT];
 shared int sh_nan[RMAX];
 
-// The walk's cursor: block t of this split's share (kb its key block, partial past the full ones)
-// and the round starting at key k0 (keys before k_stop). Moves to the first round at or after the
-// cursor that has keys; false past the share. Paged, a block that lies in one page (the page size
-// a multiple of the block size) looks its page up once: row0, the physical row of its first key
-// kb0 (-1: each key looks its own up).
-bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout int kb0, inout int row0,
-          int t_end, int n_full, int mrow, int lkv, int b) {
-    while (k0 >= k_stop) {
-        if (++t >= t_end) return false;
-        partial = t >= n_full;
-        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
-        k0 = kb * p.kv_bs;
-        k_stop = min(k0 + p.kv_bs, lkv);
-        kb0 = k0;
-#if VKF_PAGED
-        row0 = p.page_size % p.kv_bs == 0 && k0 < k_stop ? kv_row(b, k0) : -1;
-#endif
-    }
-    return true;
-}
-#if VKF_PAGED
-#define KEY_ROW(key) (row0 >= 0 ? row0 + (key) - kb0 : kv_row(b, key))
-#else
-#define KEY_ROW(key) (key)
-#endif
-
-// Row r of chunk `chunk`: its query row and its query head (-1: none). A chunk's rows are RMAX of
-// the KV head's group's (head, query row) pairs: consecutive ones in head-major order under a
-// broadcast mask, RMAX query rows of one head under a per-head mask (p.dec_cph chunks a head). A
-// pair past the group or the query rows, or whose position lies outside query block qb (another
-// segment's), is no row.
-int row_query(int r, int chunk) { return p.dec_cph > 0 ? (chunk % p.dec_cph) * RMAX + r : (chunk * RMAX + r) % p.Lq; }
-int row_head(int r, int chunk, int hk, int group, int off, int qb) {
-    const int hh = p.dec_cph > 0 ? chunk / p.dec_cph : (chunk * RMAX + r) / p.Lq, i = row_query(r, chunk);
-    return hh < group && i < p.Lq && (off + i) / p.q_bs == qb ? hk * group + hh : -1;
-}
-
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sgi = int(gl_SubgroupInvocationID), sg = int(gl_SubgroupID);
     const int kl = sgi % LK;                                       // this invocation's place in its key
     const int slot = sg * (int(gl_SubgroupSize) / LK) + sgi / LK;  // its key slot
-    const int split = int(gl_WorkGroupID.x);
-    const int bl = int(gl_WorkGroupID.z), b = p.b_start + bl;
-    const int y = int(gl_WorkGroupID.y);
-    const int seg = y % p.dec_segs, chunk = (y / p.dec_segs) % p.dec_chunks, hk = y / (p.dec_segs * p.dec_chunks);
-    const int group = p.Hq / p.Hkv;
-#if VKF_Q_OFFSETS
-    const int off = q_offsets[b];
-#else
-    const int off = 0;
-#endif
-    const int qb = off / p.q_bs + seg;   // the query block all rows of this workgroup lie in
-    // The rows (row_h -1: no row), uniform over the workgroup; h0 the head whose BlockMask row
-    // they walk (any under a broadcast mask).
-    const int h0 = hk * group + (p.dec_cph > 0 ? chunk / p.dec_cph : 0);
+    const DecodeWG w = decode_wg();
+    const int split = w.split, bl = w.bl, b = w.b, chunk = w.chunk, hk = w.hk, group = w.group, off = w.off, qb = w.qb;
     int row_h[RMAX], row_i[RMAX];
     bool any = false;
     [[unroll]] for (int r = 0; r < RMAX; ++r) {
@@ -188,16 +140,9 @@ void main() {
     bool bad_own[NOWN];
     [[unroll]] for (int j = 0; j < NOWN; ++j) { m_own[j] = -1e30; l_own[j] = 0.0; bad_own[j] = false; }
 #endif
-    // The mask row (shared by every row here) and this split's share of its walked blocks.
-    const int mrow = walk_row(b, h0, qb);   // a per-head mask: one head (h0) per workgroup
-    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
-    const int n_all = n_full + n_part, per = (n_all + p.splits - 1) / p.splits;
-    const int t_end = min(n_all, (split + 1) * per);
-    const int lkv = KV_LEN(b);
-    const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
-    const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
+    const int mrow = w.mrow, n_full = w.n_full, t_end = w.t_end, lkv = w.lkv, koff = w.koff, voff = w.voff;
     const bool vec = VEC_PATH && p.vec_ok != 0;
-    int t = split * per - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
+    int t = w.t0 - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
     bool partial = false;
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     // The round ahead, in registers: this invocation's units of keys k0 + j·NSLOT + slot.

@@ -42,29 +42,8 @@ layout(local_size_x = SG * NSG) in;
 #include "flex_mm.glsl"
 
 #define BQ (MM * NSG)
-// K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
-// by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
-// so that rows start on different banks. Matrix loads take offsets and strides in units.
-#define KS4 (D / 8 + 1)
-#define VS4 (DV / 8 + 1)
-// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
-#define PST (BKV + 8)
-#define SW (BKV > DV ? BKV : DV)
-#define SST (SW + 4)
-shared uvec4 Ks4[BKV * KS4];
-shared uvec4 Vs4[BKV * VS4];
-shared float Ss[BQ * SST];        // per subgroup's rows: scores, then P V
-shared HALF_T Ps[BQ * PST];
-#if VKF_MM_EMULATE
-shared uvec4 Qs4[BQ * KS4];
-#endif
-// K, V and Q seen as 16-byte units (flex_mm.glsl's loads).
-layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
-GATHER(q_data, q_units)
-GATHER(k_data, k_units)
-GATHER(v_data, v_units)
+// The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
+#include "flex_mm_step.glsl"
 
 #define SM_ROWS MM
 #define SM_COLS BKV
@@ -130,15 +109,15 @@ void main() {
     }
 #endif
 
-    float m[SM_RPL], l[SM_RPL], alpha[SM_RPL];
+    float m[SM_RPL], l[SM_RPL];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
 #if VKF_MM_EMULATE
     float o[SM_RPL][DV / SM_TPR];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k)
         [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
 #else
-    FRAG_C of[DV / MN];
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) of[nn] = FRAG_C(0.0);
+    FRAG_C o[DV / MN];
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
 #endif
 
     const int mrow = walk_row(b, h, g_t.qb);
@@ -168,74 +147,11 @@ void main() {
                     Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
                 }
                 barrier();
-                // S = Q Kᵀ into this subgroup's rows of the score tile.
-#if VKF_MM_EMULATE
-                for (int e = lane; e < MM * BKV; e += SG) {
-                    const int r = g_r0 + e / BKV, j = e - (e / BKV) * BKV;
-                    float dot = 0.0;
-                    for (int d = 0; d < D; ++d) dot += HALF_AT(Qs4, r * KS4 * 8 + d) * HALF_AT(Ks4, j * KS4 * 8 + d);
-                    Ss[r * SST + j] = dot;
-                }
-#else
-                [[unroll]] for (int nn = 0; nn < BKV / MN; ++nn) {
-                    FRAG_C acc = FRAG_C(0.0);
-                    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
-                        FRAG_B kt;   // Kᵀ: element (d, key) of the K tile, read column-major
-                        coopMatLoadNV(kt, Ks4, uint(nn * MN * KS4 + kk * MK / 8), uint(KS4), true);
-                        acc = coopMatMulAddNV(qf[kk], kt, acc);
-                    }
-                    coopMatStoreNV(acc, Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                }
-#endif
+                // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
+                MM_SCORES(qf, g_r0, lane)
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
-                sm_tile(m, l, alpha);
-#if VKF_MM_EMULATE
-                [[unroll]] for (int k = 0; k < SM_RPL; ++k)
-                    [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] *= alpha[k];
-#else
-                bool moved = false;
-                [[unroll]] for (int k = 0; k < SM_RPL; ++k) moved = moved || alpha[k] != 1.0;
-                if (subgroupAny(moved)) {
-                    // O's round trip: out to this subgroup's tile (its scores are read), each lane
-                    // scales its own rows, back into the accumulators.
-                    subgroup_sync();
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                    subgroup_sync();
-                    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-                        const int r = g_r0 + sm_row(lane, k);
-                        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) Ss[r * SST + sm_col0(lane) + t * SM_TPR] *= alpha[k];
-                    }
-                    subgroup_sync();
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatLoadNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                }
-#endif
-                subgroup_sync();   // P written; the scores read (P V overwrites them)
-#if VKF_MM_EMULATE
-                for (int e = lane; e < MM * DV; e += SG) {
-                    const int r = g_r0 + e / DV, d = e - (e / DV) * DV;
-                    float acc = 0.0;
-                    for (int j = 0; j < BKV; ++j) acc += HALF_FLOAT(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
-                    Ss[r * SST + d] = acc;
-                }
-                subgroup_sync();
-                [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-                    const int r = g_r0 + sm_row(lane, k);
-                    [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] += Ss[r * SST + sm_col0(lane) + t * SM_TPR];
-                }
-#else
-                {
-                    FRAG_A pf[BKV / MK];
-                    [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) coopMatLoadNV(pf[kk], Ps, uint(g_r0 * PST + kk * MK), uint(PST), false);
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
-                        [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) {
-                            FRAG_B vf;
-                            coopMatLoadNV(vf, Vs4, uint(kk * MK * VS4 + nn * MN / 8), uint(VS4), false);
-                            of[nn] = coopMatMulAddNV(pf[kk], vf, of[nn]);
-                        }
-                    }
-                }
-#endif
+                MM_SOFTMAX_PV(o, g_r0, lane, m, l)
                 barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
@@ -249,7 +165,7 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
 #if !VKF_MM_EMULATE
     // O to the lanes that own its rows.
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
     subgroup_sync();
 #endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;

@@ -9,7 +9,8 @@
 # biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: split-kv's validated
 # selftest, the decode suite vs PyTorch (SELFTEST_ALL=1: then every kernel's validated selftest),
-# three rounds of the large cases, tile and split sweeps (decode-sweeps.tar);
+# three rounds of the large cases, tile and split sweeps (decode-sweeps.tar; DECODE_TILES, default
+# "mm scalar": the matrix kernel on every case, then never);
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
@@ -70,9 +71,11 @@ if [ "$what" = shapes ]; then
 fi
 if [ "$what" = decode ]; then
   VKFLEX_VALIDATE=1 step selftest-split-kv 90 vkflex selftest --kernel split-kv
+  # The split-KV matrix kernel on every decode case (its default covers only calls with 8+ rows a KV head).
+  VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=mm step selftest-split-kv-mm 90 vkflex selftest --kernel split-kv
   # With the driver's register and local-memory counts of the decode pipelines (stderr, same file).
   VKFLEX_PIPELINE_STATS=1 step decode 220 bash .device/on-device.sh compare --suite decode
-  grep -E 'pipeline flex_attention_decode' "$out/decode.txt" | head -2 | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*/\1: \2 registers/'
+  grep -E 'pipeline flex_attention_decode' "$out/decode.txt" | head -4 | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*/\1: \2 registers/'
   local_mem "$out/decode.txt"
   tail -12 "$out/decode.txt"
   # SELFTEST_ALL=1: every kernel's validated selftest next, before the sweeps (a session short of
@@ -84,23 +87,24 @@ if [ "$what" = decode ]; then
     --cases ${DECODE_ROUND_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k}
   grep -E " (no|yes) " "$out/decode-rounds.txt" | cut -c1-100
   sweep_keep decode-rounds.txt rounds.jsonl
-  # The split count's target (workgroups per compute unit; default 4) and the tiles (rows per
-  # workgroup x keys per slot and round [x invocations per key][x s: reduce-scatter]; default
-  # 4x2), vkflex alone, contiguous and paged rows (about 5 s a case on an H100), with the
-  # driver's register counts, and each tile's validated split-kv selftest (DECODE_TILES /
-  # DECODE_WAVES / DECODE_CASES to sweep others).
+  # The split count's target (workgroups per compute unit; default 4) and the tiles (mm: the
+  # matrix kernel; scalar: never it; RxK[xL][xs]: the scalar kernel's rows per workgroup x keys
+  # per slot and round [x invocations per key][x s: reduce-scatter], default 4x2), vkflex alone,
+  # contiguous and paged rows (about 5 s a case on an H100), with the driver's register counts,
+  # and each scalar tile's validated split-kv selftest (DECODE_TILES / DECODE_WAVES /
+  # DECODE_CASES to sweep others).
   cases=${DECODE_CASES:-decode_dense_32k,specdec_4_of_8k,decode_mqa_32k}
   for w in ${DECODE_WAVES:-}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
     sweep_keep "decode-waves-$w.txt"
   done
-  for t in ${DECODE_TILES:-4x2x8 8x2}; do
+  for t in ${DECODE_TILES:-mm scalar}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 60 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
     grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
-    VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
-    sweep_keep "decode-tile-$t.txt" "selftest-tile-$t.txt"
+    [ "$t" = mm ] || VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
+    sweep_keep "decode-tile-$t.txt" $(ls "$out/selftest-tile-$t.txt" 2>/dev/null | xargs -r -n1 basename)
   done
 fi
 if [ "$what" = bwd ]; then

@@ -145,6 +145,66 @@ extension AttentionPlanner {
         return nil
     }
 
+    // MARK: Split-KV decoding through matrices (flex_attention_decode_mm.comp)
+
+    /// The split-KV matrix kernel's tiles: one subgroup of `sg` lanes a workgroup, M rows (the
+    /// shape's M), keys a step 32 else 16 (16 where emulated; rounded up to what M, N and K divide, and at least M:
+    /// Q passes through the K tile), the largest shape first (as ``genericTiles(D:Dv:subgroupSize:shapes:sharedMemory:maxInvocations:forcedShape:emulated:bf16:)``);
+    /// nil when none fits. Shared memory as the generic forward's with one subgroup.
+    static func decodeMMTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
+                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
+                              bf16: Bool = false) -> GenericTiles? {
+        guard sg > 0, sg & (sg - 1) == 0, sg <= maxInvocations else { return nil }
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
+            let tpr = max(1, sg / shape.m)
+            guard Dv % tpr == 0 else { continue }
+            let step = lcm(lcm(shape.m, shape.n), shape.k)
+            // Emulated (lavapipe), 16 keys a step: the softmax's unrolled loop over a lane's columns
+            // inlines the mods once per column, and compiling that took 4.5-11 s a variant at 32.
+            for want in emulated ? [16] : [32, 16] {
+                let bkv = (max(want, shape.m) + step - 1) / step * step
+                guard bkv % tpr == 0 else { continue }
+                if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: 1, BKV: bkv, emulated: emulated, bf16: bf16) <= sharedMemory - 256 {
+                    return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: 1, BKV: bkv, emulated: emulated)
+                }
+            }
+        }
+        return nil
+    }
+
+    static func decodeMMTiles(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> GenericTiles? {
+        let caps = device.capabilities
+        return decodeMMTiles(D: s.D, Dv: s.Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
+                             sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
+                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: s.dtype == .bfloat16)
+    }
+
+    /// Why the split-KV matrix kernel cannot run this call on `device` (beyond what every split-KV
+    /// call needs), or nil when it can.
+    static func decodeMMProblem(_ s: AttentionShape, device: Device) -> String? {
+        let caps = device.capabilities
+        let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
+        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the split-KV matrix kernel") { return problem }
+        if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "it needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
+        guard let t = decodeMMTiles(s, device: device, tuning: tuning) else { return noShapeProblem(s, device: device, tuning: tuning, what: "tiles") }
+        if t.SG > t.M, !caps.subgroupOperations.contains("clustered") { return "\(caps.name) has no clustered subgroup operations, which its row reductions use" }
+        if !t.emulated, !caps.subgroupOperations.contains("vote") { return "\(caps.name) has no subgroup vote operations, which its lazy rescaling uses" }
+        return nil
+    }
+
+    /// Whether split-KV decoding takes the matrix kernel by itself: on a device with cooperative
+    /// matrices (never emulated: on a CPU device the scalar kernel is the fast one), for 16-bit
+    /// inputs with at least 8 rows per KV head (query heads of a group × query rows: speculative
+    /// decoding — the scalar kernel's arithmetic grows with its rows, and a 16-row tile of it runs
+    /// out of registers: docs/performance.md), where its tiles fit; on a device whose matrices are
+    /// not laid out as NVIDIA's (where it was validated) only after its first-call check
+    /// (``GenericKernelCheck/decodePasses(D:Dv:dtype:device:)``).
+    static func decodeMMByDefault(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> Bool {
+        guard device.cooperativeMatrixAPI != nil, s.Hq / s.Hkv * s.Lq >= 8, decodeMMProblem(s, device: device) == nil else { return false }
+        if CooperativeMatrixLayout.of(device)?.matches(CooperativeMatrixLayout.nvidiaMMA) == true { return true }
+        return GenericKernelCheck.decodePasses(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device)
+    }
+
     // MARK: The backward's matrix passes (flex_attention_bwd_mm.comp)
 
     /// Shared memory of flex_attention_bwd_mm.comp: the staged side's two operands (and in

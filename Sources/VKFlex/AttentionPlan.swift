@@ -29,6 +29,10 @@ struct AttentionTuning: Sendable {
     /// invocations per key (a power of two up to the device's smallest subgroup) and `s` for the
     /// reduce-scatter of the scores (`DEC_RS`), for tuning.
     var decodeTile: (rows: Int, keys: Int, lanes: Int?, scatter: Bool)?
+    /// `VKFLEX_DECODE_TILE=mm`: split-KV decoding through cooperative matrices
+    /// (flex_attention_decode_mm.comp; emulated where the device has none), for any call; `scalar`:
+    /// never (the default tiles of flex_attention_decode.comp).
+    var decodeMatrices: Bool?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
@@ -71,14 +75,17 @@ struct AttentionTuning: Sendable {
             }
             t.decodeWaves = n
         }
-        if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
+        if let k = env["VKFLEX_DECODE_TILE"], ["mm", "scalar"].contains(k.lowercased()) {
+            t.decodeMatrices = k.lowercased() == "mm"
+        } else if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
+            t.decodeMatrices = false
             var parts = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
             let scatter = parts.count > 2 && parts.last == "s"
             if scatter { parts.removeLast() }
             let v = parts.map { Int($0) ?? 0 }
             guard (2...3).contains(v.count), [1, 2, 4, 8, 16].contains(v[0]), (1...8).contains(v[1]),
                   v.count == 2 || [1, 2, 4, 8, 16, 32, 64].contains(v[2]) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel), scalar, or RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
             }
             t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }
@@ -148,6 +155,9 @@ struct AttentionPlan: Hashable, Sendable {
         /// Split-KV decoding: query rows per workgroup, keys per key slot and round, invocations,
         /// invocations per key (``AttentionPlanner/DecodeTiles``).
         case decode(rows: Int, KPL: Int, WG: Int, LK: Int, scatter: Bool)
+        /// Split-KV decoding through cooperative matrices (flex_attention_decode_mm.comp): one
+        /// subgroup a workgroup, M rows, BKV keys a step.
+        case decodeMM(GenericTiles)
         /// The backward's passes: the dQ and dK/dV passes' tiles (query rows, keys; 0 for the
         /// other passes) and invocations per workgroup.
         case backward(BQ: Int, BKV: Int, WG: Int)
@@ -196,6 +206,7 @@ struct AttentionPlan: Hashable, Sendable {
         case .portable(let bq, _, _), .decode(let bq, _, _, _, _), .backward(let bq, _, _): return bq
         case .coopmat(let t): return t.BQ
         case .generic(let t): return t.BQ
+        case .decodeMM(let t): return t.M
         }
     }
     var BKV: Int {
@@ -203,7 +214,7 @@ struct AttentionPlan: Hashable, Sendable {
         case .portable(_, let bkv, _), .backward(_, let bkv, _): return bkv
         case .decode(_, let kpl, let wg, let lk, _): return kpl * wg / lk
         case .coopmat(let t): return t.BKV
-        case .generic(let t): return t.BKV
+        case .generic(let t), .decodeMM(let t): return t.BKV
         }
     }
     var WG: Int {
@@ -211,6 +222,7 @@ struct AttentionPlan: Hashable, Sendable {
         case .portable(_, _, let wg), .decode(_, _, let wg, _, _), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
         case .generic(let t): return t.WG
+        case .decodeMM(let t): return t.SG
         }
     }
 
@@ -252,6 +264,12 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
+        case .decodeMM(let t):
+            source = ShaderSource(name: "flex_attention_decode_mm", text: try ShaderLibrary.standard.text("flex_attention_decode_mm.comp"), defines: [
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
+                .init("SG", "\(t.SG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
+                .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
+            ])
         case .generic(let t):
             if case .backward(let n) = pass, kernel == .coopmatNV {
                 // The backward's dQ (1) and dK/dV (2) passes on NVIDIA's layout: 16 rows owned per
@@ -336,8 +354,8 @@ enum AttentionPlanner {
                 throw FlexError.unsupported("split-kv: " + (decodeProblem(s, device: device) ?? "no tiles fit"))
             }
             return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv,
-                                 tiles: .decode(rows: t.rows, KPL: t.keys, WG: t.WG, LK: t.lanes, scatter: t.scatter),
-                                 maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
+                                 tiles: t.mm.map { .decodeMM($0) } ?? .decode(rows: t.rows, KPL: t.keys, WG: t.WG, LK: t.lanes, scatter: t.scatter),
+                                 typedOperands: t.mm.map { !$0.emulated && device.cooperativeMatrixAPI == .khr } ?? false, maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatGeneric:
             guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
                 throw FlexError.unsupported("coopmat-generic: " + (genericProblem(s, device: device, tuning: tuning) ?? "no tiles fit"))
@@ -371,7 +389,12 @@ enum AttentionPlanner {
     /// The split-KV decode kernel's shape (flex_attention_decode.comp): `rows` query rows per
     /// workgroup, `lanes` invocations per key (each holding 16-byte units of its K and V rows),
     /// `keys` keys per key slot and round (loads in flight), `WG` invocations.
-    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int, scatter = false }
+    /// `mm`: the matrix kernel's tiles instead (flex_attention_decode_mm.comp; rows = its M).
+    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int, scatter = false, mm: GenericTiles? = nil }
+
+    /// Forces the split-KV matrix kernel on or off for the calls inside `withValue` (the first-call
+    /// check compares the two; `VKFLEX_DECODE_TILE` does the same for a process).
+    @TaskLocal static var forcedDecodeMatrices: Bool?
 
     /// Why the split-KV decode kernel cannot run this call, or nil when it can.
     static func decodeProblem(_ s: AttentionShape, device: Device, maxScores: Bool = false) -> String? {
@@ -381,6 +404,9 @@ enum AttentionPlanner {
             return "split-kv needs subgroup shuffles and votes, which \(caps.name) does not offer to compute shaders"
         }
         guard decodeTiles(s, device: device) == nil else { return nil }
+        if (forcedDecodeMatrices ?? (try? AttentionTuning.of(device))?.decodeMatrices) == true {
+            return "VKFLEX_DECODE_TILE=mm: " + (decodeMMProblem(s, device: device) ?? "no tiles fit")
+        }
         if let forced = (try? AttentionTuning.of(device))?.decodeTile {
             return "VKFLEX_DECODE_TILE=\(device.environment["VKFLEX_DECODE_TILE"] ?? "") does not fit \(caps.name)'s smallest subgroup (\(caps.minSubgroupSize)) or its shared memory at head dims \(s.D)/\(s.Dv)"
         }
@@ -389,6 +415,17 @@ enum AttentionPlanner {
 
     static func decodeTiles(_ s: AttentionShape, device: Device) -> DecodeTiles? {
         let caps = device.capabilities
+        let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
+        // The matrix kernel where it is forced, else for many rows per KV head (see decodeMMByDefault).
+        switch forcedDecodeMatrices ?? tuning.decodeMatrices {
+        case true?:
+            guard decodeMMProblem(s, device: device) == nil, let mm = decodeMMTiles(s, device: device, tuning: tuning) else { return nil }
+            return DecodeTiles(rows: mm.M, keys: mm.BKV, WG: mm.SG, lanes: 0, mm: mm)
+        case nil where decodeMMByDefault(s, device: device, tuning: tuning):
+            let mm = decodeMMTiles(s, device: device, tuning: tuning)!
+            return DecodeTiles(rows: mm.M, keys: mm.BKV, WG: mm.SG, lanes: 0, mm: mm)
+        default: break
+        }
         return decodeTiles(D: s.D, Dv: s.Dv, Lq: s.Lq, dtype: s.dtype, minSubgroupSize: caps.minSubgroupSize, sharedMemory: caps.maxSharedMemory,
                            maxInvocations: caps.maxWorkgroupInvocations, cpu: caps.type == .cpu, forced: (try? AttentionTuning.of(device))?.decodeTile)
     }

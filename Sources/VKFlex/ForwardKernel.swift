@@ -298,8 +298,13 @@ enum ForwardKernel {
     /// An upper bound of the decode kernel's loop iterations per KV block (every loop of
     /// flex_attention_decode.comp counted as if none were unrolled).
     static func decodeIterationsPerBlock(D: Int, Dv: Int, kvBlockSize: Int, plan: AttentionPlan, half: Bool) -> Int {
-        guard case .decode(let R, let KPL, let WG, let LK, _) = plan.tiles else { preconditionFailure("decode bound without decode tiles") }
         func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
+        if case .decodeMM(let t) = plan.tiles {
+            // The matrix kernel's steps are the generic forward's key tiles for one subgroup (and at
+            // most kvBlockSize keys each).
+            return ceilDiv(kvBlockSize, t.BKV) * (genericIterationsPerTile(D: D, Dv: Dv, tiles: t) + 4) + 4
+        }
+        guard case .decode(let R, let KPL, let WG, let LK, _) = plan.tiles else { preconditionFailure("decode bound without decode tiles") }
         let unit = half ? 8 : 4, upl = ceilDiv(ceilDiv(D, unit), LK), vpl = ceilDiv(ceilDiv(Dv, unit), LK)
         var log2LK = 0
         while 1 << log2LK < LK { log2LK += 1 }

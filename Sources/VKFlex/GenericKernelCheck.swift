@@ -27,10 +27,19 @@ enum GenericKernelCheck {
         }
     }
 
+    /// Whether the split-KV matrix kernel matched the scalar one on `device` at head dims D/Dv (checked
+    /// once, as ``passes(D:Dv:dtype:device:)``).
+    static func decodePasses(D: Int, Dv: Int, dtype: DType, device: Device) -> Bool {
+        verdict("split-KV matrix kernel", against: "scalar split-KV kernel", key: "decode.\(D)x\(Dv).\(dtype.rawValue)", D: D, Dv: Dv, dtype: dtype,
+                device: device, reproduce: "VKFLEX_DECODE_TILE=mm vkflex selftest --kernel split-kv") {
+            try compareDecode(D: D, Dv: Dv, dtype: dtype, device: device)
+        }
+    }
+
     /// Runs `compare` the first time `key` is asked on `device` and remembers whether it found
     /// nothing; a difference (or a failure) prints one line saying what to send.
     private static func verdict(_ what: String, against other: String, key: String, D: Int, Dv: Int, dtype: DType, device: Device,
-                                compare: () throws -> String?) -> Bool {
+                                reproduce: String = "VKFLEX_KERNEL=coopmat-generic vkflex selftest", compare: () throws -> String?) -> Bool {
         (try? device.memoized("vkflex.coopmat-generic.check.\(key)") { () -> Bool in
             let problem: String?
             do { problem = try compare() } catch { problem = "it failed: \(error)" }
@@ -38,7 +47,7 @@ enum GenericKernelCheck {
             let caps = device.capabilities
             let line = "vkflex: the \(what) disagreed with the \(other) on \(caps.name) (\(caps.driverName) \(caps.driverInfo)) "
                 + "at head dims \(D)/\(Dv) in \(dtype.rawValue): \(problem); using the \(other). Please report it with the output of "
-                + "`vkflex devices --json` and `VKFLEX_KERNEL=coopmat-generic vkflex selftest`.\n"
+                + "`vkflex devices --json` and `\(reproduce)`.\n"
             FileHandle.standardError.write(Data(line.utf8))
             return false
         }) ?? false
@@ -76,6 +85,39 @@ enum GenericKernelCheck {
             for (u, w) in zip(x, y) { err = u.isNaN ? .infinity : max(err, abs(u - w)); scale = max(scale, abs(w)) }
             // dS is rounded to fp16 (bf16) for its product (both sum in fp32): a few ulps of the largest gradient.
             if err > (dtype == .bfloat16 ? 4e-2 : 1e-2) * scale { return String(format: "largest difference %.3g in %@ (largest element %.3g)", err, name, scale) }
+        }
+        return nil
+    }
+
+    /// What differs between the split-KV matrix and scalar kernels on a small decode call — 8 query
+    /// heads on one KV head, 2 query rows each (16 rows a workgroup), 93 keys in blocks of 32 (every
+    /// step partly empty), the rows at the end of the sequence, no mask, then a causal one — or nil.
+    static func compareDecode(D: Int, Dv: Int, dtype: DType, device: Device) throws -> String? {
+        var rng = CheckInputs(seed: 0x5EED_0F_DEC0)
+        func values(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
+        let (Hq, Lq, Lkv) = (8, 2, 93)
+        let q = try device.tensor(values(Hq * Lq * D), shape: [1, Hq, Lq, D], dtype: dtype, name: "check_q")
+        let k = try device.tensor(values(Lkv * D), shape: [1, 1, Lkv, D], dtype: dtype, name: "check_k")
+        let v = try device.tensor(values(Lkv * Dv), shape: [1, 1, Lkv, Dv], dtype: dtype, name: "check_v")
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: Lkv, kvLen: Lkv, device: device,
+                                         blockSize: 32, backend: .cpu())
+        for mask in [nil, causal] {
+            let run = { (matrices: Bool) in
+                try AttentionPlanner.$forcedDecodeMatrices.withValue(matrices) {
+                    try flexAttention(q, k, v, blockMask: mask, enableGQA: true, qOffset: .uniform(Lkv - Lq), returnLSE: true,
+                                      options: FlexOptions(kernel: .splitKV))
+                }
+            }
+            let mm = try run(true), scalar = try run(false)
+            let (mo, so) = (try mm.output.toArray(), try scalar.output.toArray())
+            let (ml, sl) = (try mm.lse!.toArray(), try scalar.lse!.toArray())
+            var outErr: Float = 0, lseErr: Float = 0
+            for (a, b) in zip(mo, so) { outErr = a.isNaN ? .infinity : max(outErr, abs(a - b)) }
+            for (a, b) in zip(ml, sl) { lseErr = a.isNaN ? .infinity : max(lseErr, abs(a - b)) }
+            // P is rounded to fp16 (bf16) for its product with V; the scalar kernel keeps it in fp32.
+            if outErr > (dtype == .bfloat16 ? 3e-2 : 1e-2) || lseErr > 1e-2 {
+                return String(format: "largest difference %.3g in the output, %.3g in the LSE (%@)", outErr, lseErr, mask == nil ? "no mask" : "causal")
+            }
         }
         return nil
     }

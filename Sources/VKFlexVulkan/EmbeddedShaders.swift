@@ -1390,6 +1390,7 @@ layout(local_size_x = WG) in;
 #define VKF_NO_HOIST 1
 #include "flex_dtype.glsl"
 #include "flex_attention_common.glsl"
+#include "flex_decode.glsl"
 
 // K and V as 16-byte units where rows are contiguous and 8-element aligned (p.vec_ok, D and DV
 // multiples of 8); else element by element into the same units, zero past the head dim.
@@ -1451,62 +1452,13 @@ shared float sh_l[NSLOT][RMAX];
 shared float sh_o[RMAX][VU * UNIT];
 shared int sh_nan[RMAX];
 
-// The walk's cursor: block t of this split's share (kb its key block, partial past the full ones)
-// and the round starting at key k0 (keys before k_stop). Moves to the first round at or after the
-// cursor that has keys; false past the share. Paged, a block that lies in one page (the page size
-// a multiple of the block size) looks its page up once: row0, the physical row of its first key
-// kb0 (-1: each key looks its own up).
-bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout int kb0, inout int row0,
-          int t_end, int n_full, int mrow, int lkv, int b) {
-    while (k0 >= k_stop) {
-        if (++t >= t_end) return false;
-        partial = t >= n_full;
-        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
-        k0 = kb * p.kv_bs;
-        k_stop = min(k0 + p.kv_bs, lkv);
-        kb0 = k0;
-#if VKF_PAGED
-        row0 = p.page_size % p.kv_bs == 0 && k0 < k_stop ? kv_row(b, k0) : -1;
-#endif
-    }
-    return true;
-}
-#if VKF_PAGED
-#define KEY_ROW(key) (row0 >= 0 ? row0 + (key) - kb0 : kv_row(b, key))
-#else
-#define KEY_ROW(key) (key)
-#endif
-
-// Row r of chunk `chunk`: its query row and its query head (-1: none). A chunk's rows are RMAX of
-// the KV head's group's (head, query row) pairs: consecutive ones in head-major order under a
-// broadcast mask, RMAX query rows of one head under a per-head mask (p.dec_cph chunks a head). A
-// pair past the group or the query rows, or whose position lies outside query block qb (another
-// segment's), is no row.
-int row_query(int r, int chunk) { return p.dec_cph > 0 ? (chunk % p.dec_cph) * RMAX + r : (chunk * RMAX + r) % p.Lq; }
-int row_head(int r, int chunk, int hk, int group, int off, int qb) {
-    const int hh = p.dec_cph > 0 ? chunk / p.dec_cph : (chunk * RMAX + r) / p.Lq, i = row_query(r, chunk);
-    return hh < group && i < p.Lq && (off + i) / p.q_bs == qb ? hk * group + hh : -1;
-}
-
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sgi = int(gl_SubgroupInvocationID), sg = int(gl_SubgroupID);
     const int kl = sgi % LK;                                       // this invocation's place in its key
     const int slot = sg * (int(gl_SubgroupSize) / LK) + sgi / LK;  // its key slot
-    const int split = int(gl_WorkGroupID.x);
-    const int bl = int(gl_WorkGroupID.z), b = p.b_start + bl;
-    const int y = int(gl_WorkGroupID.y);
-    const int seg = y % p.dec_segs, chunk = (y / p.dec_segs) % p.dec_chunks, hk = y / (p.dec_segs * p.dec_chunks);
-    const int group = p.Hq / p.Hkv;
-#if VKF_Q_OFFSETS
-    const int off = q_offsets[b];
-#else
-    const int off = 0;
-#endif
-    const int qb = off / p.q_bs + seg;   // the query block all rows of this workgroup lie in
-    // The rows (row_h -1: no row), uniform over the workgroup; h0 the head whose BlockMask row
-    // they walk (any under a broadcast mask).
-    const int h0 = hk * group + (p.dec_cph > 0 ? chunk / p.dec_cph : 0);
+    const DecodeWG w = decode_wg();
+    const int split = w.split, bl = w.bl, b = w.b, chunk = w.chunk, hk = w.hk, group = w.group, off = w.off, qb = w.qb;
     int row_h[RMAX], row_i[RMAX];
     bool any = false;
     [[unroll]] for (int r = 0; r < RMAX; ++r) {
@@ -1537,16 +1489,9 @@ void main() {
     bool bad_own[NOWN];
     [[unroll]] for (int j = 0; j < NOWN; ++j) { m_own[j] = -1e30; l_own[j] = 0.0; bad_own[j] = false; }
 #endif
-    // The mask row (shared by every row here) and this split's share of its walked blocks.
-    const int mrow = walk_row(b, h0, qb);   // a per-head mask: one head (h0) per workgroup
-    const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
-    const int n_all = n_full + n_part, per = (n_all + p.splits - 1) / p.splits;
-    const int t_end = min(n_all, (split + 1) * per);
-    const int lkv = KV_LEN(b);
-    const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
-    const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
+    const int mrow = w.mrow, n_full = w.n_full, t_end = w.t_end, lkv = w.lkv, koff = w.koff, voff = w.voff;
     const bool vec = VEC_PATH && p.vec_ok != 0;
-    int t = split * per - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
+    int t = w.t0 - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
     bool partial = false;
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     // The round ahead, in registers: this invocation's units of keys k0 + j·NSLOT + slot.
@@ -1728,6 +1673,223 @@ void main() {
 #if VKF_MAX_SCORES
             // The split's largest score (natural units), where it saw a key.
             max_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? mr * LN2 : NEG_INF;
+#endif
+        }
+    }
+}
+"""#,
+        "flex_attention_decode_mm.comp": #"""
+#version 450
+// Split-KV decoding through cooperative matrices, for calls with many query rows per KV head
+// (speculative decoding: 4 query heads × 4 rows = 16). The scalar kernel (flex_attention_decode.comp)
+// sums each (row, key) dot product over invocations with subgroup shuffles, which binds it by
+// arithmetic once a workgroup holds more than a few rows; here a product of 16-row tiles does it.
+//
+// Like flex_attention_decode.comp: a workgroup takes one (batch, KV head, split), its rows are MM
+// of the (query head, query row) pairs that share the KV head (GQA packing, flex_decode.glsl), its
+// keys one split's share of their BlockMask row's walked blocks; it writes per row its output
+// normalized over those keys (float32) and their LSE, which flex_attention_merge.comp combines
+// (and adds a sink to). A split with no key writes 0 / -inf; a NaN score makes the row's partial
+// NaN.
+//
+// Like flex_attention_fwd_generic.comp, nothing here depends on which invocation holds which
+// element of a matrix, nor on a subgroup size: the workgroup is one subgroup of SG lanes. Per step
+// of BKV keys it stages K and V in shared memory (any strides, paged or not), computes
+// S = Q Kᵀ (Q's fragments kept from the start), stores S to shared memory, where the online
+// softmax (flex_softmax.glsl) applies scale, score-mod and mask by rows the lanes choose, and
+// writes P (16-bit); P comes back as A operands and O (fp32 accumulators) adds P V. O is rescaled
+// through shared memory on the rare steps where a row's maximum moves by more than SM_TAU. With
+// one subgroup a workgroup, a step needs no workgroup barrier; the splits fill the device.
+//
+// VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles, O in registers
+// (flex_attention_fwd_generic.comp's emulation): the rest runs on lavapipe in CI.
+//
+// Defines: D, DV (multiples of MK, MN and 8), MM (rows a workgroup, at most 16 per call: what a
+// split-KV call takes), MN, MK, SG, BKV (keys a step: a multiple of MM, MN and MK), VKF_MM_EMULATE,
+// IN_F16 or IN_BF16, and what flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED,
+// VKF_Q_OFFSETS). Bindings as flex_attention_fwd.comp; O and LSE bind the partials.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#ifndef VKF_MM_EMULATE
+#define VKF_MM_EMULATE 0
+#endif
+#if !VKF_MM_EMULATE
+#extension GL_KHR_shader_subgroup_vote : require
+#endif
+
+layout(local_size_x = SG) in;
+
+#define OUT_F16 0
+#define OUT_BF16 0
+// Several heads per workgroup: the mods are spliced without their per-(b, h) hoisting.
+#define VKF_NO_HOIST 1
+#include "flex_dtype.glsl"
+#include "flex_attention_common.glsl"
+#include "flex_mm.glsl"
+#define RMAX MM
+#include "flex_decode.glsl"
+
+// The shared tiles and the step (scores, softmax, P V), as flex_attention_fwd_generic.comp's for
+// one subgroup (BQ = MM rows). Q passes through the K tile on its way to registers (BKV >= MM).
+#define BQ MM
+#include "flex_mm_step.glsl"
+
+// Unrolled staging on a GPU; emulated (lavapipe) the loops stay, which compiles faster.
+#if VKF_MM_EMULATE
+#define STAGE_UNROLL
+#else
+#define STAGE_UNROLL [[unroll]]
+#endif
+
+#define SM_ROWS MM
+#define SM_COLS BKV
+#define SM_TAU 8.0
+float sm_score(int k, int t);
+void sm_put(int k, int t, float pv);
+#include "flex_softmax.glsl"
+
+// The softmax's view of the step: batch, the step's first key and key count, whether its block is
+// partial (the mask applies), this lane; per row of the lane: its query head (-1: none), its
+// position (q_idx), whether one of its scores was NaN and (VKF_MAX_SCORES) the largest of the
+// lane's scores in it (the softmax's running maximum is raised lazily: not the exact one).
+int g_b, g_k0, g_kn, g_lane;
+bool g_part;
+int g_h[SM_RPL], g_pos[SM_RPL];
+bool g_bad[SM_RPL];
+#if VKF_MAX_SCORES
+float g_max[SM_RPL];
+#endif
+
+float sm_score(int k, int t) {
+    const int j = sm_col0(g_lane) + t * SM_TPR, h = g_h[k];
+    if (h < 0 || j >= g_kn) return NEG_INF;
+    const int key = g_k0 + j;
+    float s = modded_l2(Ss[sm_row(g_lane, k) * SST + j], g_b, h, g_pos[k], key);
+#if VKF_HAS_MASK_MOD
+    if (g_part && !mask_mod(g_b, h, g_pos[k], key)) s = NEG_INF;
+#endif
+    if (isnan(s)) { g_bad[k] = true; s = NEG_INF; }
+#if VKF_MAX_SCORES
+    g_max[k] = max(g_max[k], s);
+#endif
+    return s;
+}
+void sm_put(int k, int t, float pv) {
+    Ps[sm_row(g_lane, k) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
+}
+
+void main() {
+    const int lane = int(gl_SubgroupInvocationID);
+    g_lane = lane;
+    // Built for subgroups of SG lanes (the device's); a driver that differed would make every
+    // partial NaN — a loud failure — never a silently wrong one.
+    const bool sized = gl_SubgroupSize == uint(SG) && gl_NumSubgroups == 1u;
+    const DecodeWG w = decode_wg();
+    const int b = w.b, bl = w.bl, chunk = w.chunk, hk = w.hk, group = w.group, off = w.off, qb = w.qb;
+    g_b = b;
+    bool any = false;
+    [[unroll]] for (int r = 0; r < MM; ++r) any = any || row_head(r, chunk, hk, group, off, qb) >= 0;
+    if (!any) return;   // uniform: no row of this batch lies in this segment
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        const int r = sm_row(lane, k);
+        g_h[k] = row_head(r, chunk, hk, group, off, qb);
+        g_pos[k] = off + row_query(r, chunk);
+        g_bad[k] = false;
+#if VKF_MAX_SCORES
+        g_max[k] = NEG_INF;
+#endif
+    }
+
+    // Q: the rows' query vectors (zeros where a row is none), staged, then kept as fragments.
+    const int qoff = p.q_base + bl * p.q_sb;
+    for (int e = lane; e < MM * (D / 8); e += SG) {
+        const int r = e / (D / 8), u = e - r * (D / 8), h = row_head(r, chunk, hk, group, off, qb);
+        const uvec4 q = h >= 0 ? unit_q_data(qoff + h * p.q_sh + row_query(r, chunk) * p.q_sl, p.q_sd, u) : uvec4(0);
+#if VKF_MM_EMULATE
+        Qs4[r * KS4 + u] = q;
+#else
+        Ks4[r * KS4 + u] = q;
+#endif
+    }
+    subgroup_sync();
+#if !VKF_MM_EMULATE
+    FRAG_A qf[D / MK];
+    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[kk], Ks4, uint(kk * MK / 8), uint(KS4), false);
+    subgroup_sync();   // Q read before K overwrites it
+#endif
+
+    float m[SM_RPL], l[SM_RPL];
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
+#if VKF_MM_EMULATE
+    float o[SM_RPL][DV / SM_TPR];
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k)
+        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
+#else
+    FRAG_C o[DV / MN];
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
+#endif
+
+    const int mrow = w.mrow, n_full = w.n_full, t_end = w.t_end, lkv = w.lkv, koff = w.koff, voff = w.voff;
+    int t = w.t0 - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
+    bool partial = false;
+    bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+    while (more) {
+        const int kn = min(BKV, k_stop - k0);
+        // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0. On a
+        // GPU the loops unroll, so that every load of the step is in flight at once.
+        STAGE_UNROLL for (int i = 0; i < (BKV * (D / 8) + SG - 1) / SG; ++i) {
+            const int e = lane + i * SG, j = e / (D / 8), u = e - j * (D / 8);
+            if (e < BKV * (D / 8)) Ks4[j * KS4 + u] = j < kn ? unit_k_data(koff + KEY_ROW(k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
+        }
+        STAGE_UNROLL for (int i = 0; i < (BKV * (DV / 8) + SG - 1) / SG; ++i) {
+            const int e = lane + i * SG, j = e / (DV / 8), u = e - j * (DV / 8);
+            if (e < BKV * (DV / 8)) Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + KEY_ROW(k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
+        }
+        subgroup_sync();
+        // S = Q Kᵀ into the score tile, the softmax, O += P V.
+        MM_SCORES(qf, 0, lane)
+        subgroup_sync();
+        g_k0 = k0; g_kn = kn; g_part = partial;
+        MM_SOFTMAX_PV(o, 0, lane, m, l)
+        subgroup_sync();   // the K, V and P tiles read before the next step's staging
+        k0 += BKV;
+        more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+    }
+    // A walk that ends on its own leaves the cursor past the share; one a driver stopped (lavapipe's
+    // loop cap) leaves it inside: reported, never a silent truncation.
+    if (more && lane == 0) vkf_report(4, 0, 0, 0);
+
+#if !VKF_MM_EMULATE
+    // O to the lanes that own its rows.
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(nn * MN), uint(SST), false);
+    subgroup_sync();
+#endif
+    // This split's partial per row: O over its keys, normalized, and their LSE (natural log);
+    // partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
+    const float nan = uintBitsToFloat(0x7FC00000u);
+    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        const int r = sm_row(lane, k), h = g_h[k];
+        const float lk = sm_row_sum(l[k]);
+        const bool bad = SM_ROW_MAX(g_bad[k] ? 1.0 : 0.0) != 0.0 || !sized;
+#if VKF_MAX_SCORES
+        const float mx = SM_ROW_MAX(g_max[k]);
+#endif
+        if (h < 0) continue;
+        const int prow = (bl * p.Hq + h) * p.Lq + row_query(r, chunk);
+        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) {
+            const int d = sm_col0(lane) + t * SM_TPR;
+#if VKF_MM_EMULATE
+            const float ov = o[k][t];
+#else
+            const float ov = Ss[r * SST + d];
+#endif
+            o_data[p.o_base + w.split * p.o_split_stride + prow * DV + d] = bad ? nan : lk != 0.0 ? ov / lk : 0.0;
+        }
+        if (sm_col0(lane) == 0) {
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow] = bad ? nan : lk != 0.0 ? (m[k] + log2(lk)) * LN2 : NEG_INF;
+#if VKF_MAX_SCORES
+            // The split's largest score (natural units), where it saw a key.
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow] = bad ? nan : lk != 0.0 ? mx * LN2 : NEG_INF;
 #endif
         }
     }
@@ -3052,29 +3214,8 @@ layout(local_size_x = SG * NSG) in;
 #include "flex_mm.glsl"
 
 #define BQ (MM * NSG)
-// K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
-// by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
-// so that rows start on different banks. Matrix loads take offsets and strides in units.
-#define KS4 (D / 8 + 1)
-#define VS4 (DV / 8 + 1)
-// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
-#define PST (BKV + 8)
-#define SW (BKV > DV ? BKV : DV)
-#define SST (SW + 4)
-shared uvec4 Ks4[BKV * KS4];
-shared uvec4 Vs4[BKV * VS4];
-shared float Ss[BQ * SST];        // per subgroup's rows: scores, then P V
-shared HALF_T Ps[BQ * PST];
-#if VKF_MM_EMULATE
-shared uvec4 Qs4[BQ * KS4];
-#endif
-// K, V and Q seen as 16-byte units (flex_mm.glsl's loads).
-layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
-layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
-GATHER(q_data, q_units)
-GATHER(k_data, k_units)
-GATHER(v_data, v_units)
+// The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
+#include "flex_mm_step.glsl"
 
 #define SM_ROWS MM
 #define SM_COLS BKV
@@ -3140,15 +3281,15 @@ void main() {
     }
 #endif
 
-    float m[SM_RPL], l[SM_RPL], alpha[SM_RPL];
+    float m[SM_RPL], l[SM_RPL];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
 #if VKF_MM_EMULATE
     float o[SM_RPL][DV / SM_TPR];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k)
         [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
 #else
-    FRAG_C of[DV / MN];
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) of[nn] = FRAG_C(0.0);
+    FRAG_C o[DV / MN];
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
 #endif
 
     const int mrow = walk_row(b, h, g_t.qb);
@@ -3178,74 +3319,11 @@ void main() {
                     Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
                 }
                 barrier();
-                // S = Q Kᵀ into this subgroup's rows of the score tile.
-#if VKF_MM_EMULATE
-                for (int e = lane; e < MM * BKV; e += SG) {
-                    const int r = g_r0 + e / BKV, j = e - (e / BKV) * BKV;
-                    float dot = 0.0;
-                    for (int d = 0; d < D; ++d) dot += HALF_AT(Qs4, r * KS4 * 8 + d) * HALF_AT(Ks4, j * KS4 * 8 + d);
-                    Ss[r * SST + j] = dot;
-                }
-#else
-                [[unroll]] for (int nn = 0; nn < BKV / MN; ++nn) {
-                    FRAG_C acc = FRAG_C(0.0);
-                    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
-                        FRAG_B kt;   // Kᵀ: element (d, key) of the K tile, read column-major
-                        coopMatLoadNV(kt, Ks4, uint(nn * MN * KS4 + kk * MK / 8), uint(KS4), true);
-                        acc = coopMatMulAddNV(qf[kk], kt, acc);
-                    }
-                    coopMatStoreNV(acc, Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                }
-#endif
+                // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
+                MM_SCORES(qf, g_r0, lane)
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
-                sm_tile(m, l, alpha);
-#if VKF_MM_EMULATE
-                [[unroll]] for (int k = 0; k < SM_RPL; ++k)
-                    [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] *= alpha[k];
-#else
-                bool moved = false;
-                [[unroll]] for (int k = 0; k < SM_RPL; ++k) moved = moved || alpha[k] != 1.0;
-                if (subgroupAny(moved)) {
-                    // O's round trip: out to this subgroup's tile (its scores are read), each lane
-                    // scales its own rows, back into the accumulators.
-                    subgroup_sync();
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                    subgroup_sync();
-                    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-                        const int r = g_r0 + sm_row(lane, k);
-                        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) Ss[r * SST + sm_col0(lane) + t * SM_TPR] *= alpha[k];
-                    }
-                    subgroup_sync();
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatLoadNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-                }
-#endif
-                subgroup_sync();   // P written; the scores read (P V overwrites them)
-#if VKF_MM_EMULATE
-                for (int e = lane; e < MM * DV; e += SG) {
-                    const int r = g_r0 + e / DV, d = e - (e / DV) * DV;
-                    float acc = 0.0;
-                    for (int j = 0; j < BKV; ++j) acc += HALF_FLOAT(Ps[r * PST + j]) * HALF_AT(Vs4, j * VS4 * 8 + d);
-                    Ss[r * SST + d] = acc;
-                }
-                subgroup_sync();
-                [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-                    const int r = g_r0 + sm_row(lane, k);
-                    [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] += Ss[r * SST + sm_col0(lane) + t * SM_TPR];
-                }
-#else
-                {
-                    FRAG_A pf[BKV / MK];
-                    [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) coopMatLoadNV(pf[kk], Ps, uint(g_r0 * PST + kk * MK), uint(PST), false);
-                    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
-                        [[unroll]] for (int kk = 0; kk < BKV / MK; ++kk) {
-                            FRAG_B vf;
-                            coopMatLoadNV(vf, Vs4, uint(kk * MK * VS4 + nn * MN / 8), uint(VS4), false);
-                            of[nn] = coopMatMulAddNV(pf[kk], vf, of[nn]);
-                        }
-                    }
-                }
-#endif
+                MM_SOFTMAX_PV(o, g_r0, lane, m, l)
                 barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
@@ -3259,7 +3337,7 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
 #if !VKF_MM_EMULATE
     // O to the lanes that own its rows.
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(of[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
     subgroup_sync();
 #endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
@@ -3542,6 +3620,85 @@ GATHER(do_data, do_units)
 #define STEP_Y(b, h, i, u) unit_do_data(do_at(b, h, i), p.do_sd, u)
 #endif
 """#,
+        "flex_decode.glsl": #"""
+// What the split-KV decode kernels share (flex_attention_decode.comp, and
+// flex_attention_decode_mm.comp through cooperative matrices): the walk over one split's share of
+// a BlockMask row's kept blocks, counted by list position (so that skipped blocks cost nothing and
+// every split gets the same number of kept blocks), and which (query head, query row) pair a
+// workgroup's row r is. Include after flex_attention_common.glsl; define RMAX (rows per workgroup).
+// The grid: x = split, y = (KV head × head chunks × segments), z = batch of this dispatch.
+
+// The walk's cursor: block t of this split's share (kb its key block, partial past the full ones)
+// and the round starting at key k0 (keys before k_stop). Moves to the first round at or after the
+// cursor that has keys; false past the share. Paged, a block that lies in one page (the page size
+// a multiple of the block size) looks its page up once: row0, the physical row of its first key
+// kb0 (-1: each key looks its own up).
+bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout int kb0, inout int row0,
+          int t_end, int n_full, int mrow, int lkv, int b) {
+    while (k0 >= k_stop) {
+        if (++t >= t_end) return false;
+        partial = t >= n_full;
+        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
+        k0 = kb * p.kv_bs;
+        k_stop = min(k0 + p.kv_bs, lkv);
+        kb0 = k0;
+#if VKF_PAGED
+        row0 = p.page_size % p.kv_bs == 0 && k0 < k_stop ? kv_row(b, k0) : -1;
+#endif
+    }
+    return true;
+}
+#if VKF_PAGED
+#define KEY_ROW(key) (row0 >= 0 ? row0 + (key) - kb0 : kv_row(b, key))
+#else
+#define KEY_ROW(key) (key)
+#endif
+
+// Row r of chunk `chunk`: its query row and its query head (-1: none). A chunk's rows are RMAX of
+// the KV head's group's (head, query row) pairs: consecutive ones in head-major order under a
+// broadcast mask, RMAX query rows of one head under a per-head mask (p.dec_cph chunks a head). A
+// pair past the group or the query rows, or whose position lies outside query block qb (another
+// segment's), is no row.
+int row_query(int r, int chunk) { return p.dec_cph > 0 ? (chunk % p.dec_cph) * RMAX + r : (chunk * RMAX + r) % p.Lq; }
+int row_head(int r, int chunk, int hk, int group, int off, int qb) {
+    const int hh = p.dec_cph > 0 ? chunk / p.dec_cph : (chunk * RMAX + r) / p.Lq, i = row_query(r, chunk);
+    return hh < group && i < p.Lq && (off + i) / p.q_bs == qb ? hk * group + hh : -1;
+}
+
+// This workgroup's place: its split, batch (bl within the dispatch's bindings), KV head, chunk of
+// rows, the query block all its rows lie in (qb: the batch's query offset plus its segment) and
+// the head h0 whose BlockMask row it walks (any of the group under a broadcast mask; a per-head
+// mask packs one head per workgroup); its split's share [t0, t_end) of that row's walked blocks
+// (n_full of them full), the batch's key count and where its K and V head start.
+struct DecodeWG { int split, bl, b, hk, chunk, group, off, qb, h0, mrow, n_full, t0, t_end, lkv, koff, voff; };
+DecodeWG decode_wg() {
+    DecodeWG w;
+    w.split = int(gl_WorkGroupID.x);
+    w.bl = int(gl_WorkGroupID.z);
+    w.b = p.b_start + w.bl;
+    const int y = int(gl_WorkGroupID.y);
+    const int seg = y % p.dec_segs;
+    w.chunk = (y / p.dec_segs) % p.dec_chunks;
+    w.hk = y / (p.dec_segs * p.dec_chunks);
+    w.group = p.Hq / p.Hkv;
+#if VKF_Q_OFFSETS
+    w.off = q_offsets[w.b];
+#else
+    w.off = 0;
+#endif
+    w.qb = w.off / p.q_bs + seg;
+    w.h0 = w.hk * w.group + (p.dec_cph > 0 ? w.chunk / p.dec_cph : 0);
+    w.mrow = walk_row(w.b, w.h0, w.qb);
+    w.n_full = walk_count(0, w.mrow);
+    const int n_all = w.n_full + walk_count(1, w.mrow), per = (n_all + p.splits - 1) / p.splits;
+    w.t0 = w.split * per;
+    w.t_end = min(n_all, w.t0 + per);
+    w.lkv = KV_LEN(w.b);
+    w.koff = p.k_base + w.bl * p.k_sb + (w.hk - p.hk_start) * p.k_sh;
+    w.voff = p.v_base + w.bl * p.v_sb + (w.hk - p.hk_start) * p.v_sh;
+    return w;
+}
+"""#,
         "flex_dtype.glsl": #"""
 // Element types of the attention inputs and outputs, and their conversions to and from float —
 // the one place a kernel learns a dtype. Define IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16 (0/1;
@@ -3693,6 +3850,121 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 
 // Shared memory written by a subgroup's lanes (or its matrix stores) visible to the others.
 void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
+"""#,
+        "flex_mm_step.glsl": #"""
+// One step of staged keys as the layout-free matrix forward kernels take it
+// (flex_attention_fwd_generic.comp, flex_attention_decode_mm.comp), for a subgroup's MM rows that
+// start at row R0 of the shared tiles: S = Q Kᵀ into the score tile, the online softmax there
+// (flex_softmax.glsl's sm_tile), O rescaled where a row's maximum moved, O += P V. Macros, not
+// functions: they pass cooperative matrices (Q's fragments QF, the accumulators O), which GLSL
+// functions do not take portably.
+//
+// Declares the shared tiles — Ks4 / Vs4 (K and V, rows KS4 / VS4 units apart), Ss (scores and
+// P V, rows SST floats apart), Ps (P, rows PST apart) and, emulated, Qs4 (Q) — and the 16-byte
+// views of Q, K and V. Include after flex_mm.glsl with D, DV, MM, MN, MK, SG, BKV and BQ (the
+// workgroup's rows) defined; the macros expand where flex_softmax.glsl's sm_tile is defined.
+// Emulated (VKF_MM_EMULATE) the products are scalar loops over the same tiles and O is the lane's
+// float o[SM_RPL][DV / SM_TPR] in the softmax's row/column assignment (no round trip); else QF is
+// FRAG_A[D / MK] and O FRAG_C[DV / MN].
+
+// The tiles, for BQ rows (the workgroup's).
+// K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
+// by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
+// so that rows start on different banks. Matrix loads take offsets and strides in units.
+#define KS4 (D / 8 + 1)
+#define VS4 (DV / 8 + 1)
+// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+#define PST (BKV + 8)
+#define SW (BKV > DV ? BKV : DV)
+#define SST (SW + 4)
+shared uvec4 Ks4[BKV * KS4];
+shared uvec4 Vs4[BKV * VS4];
+shared float Ss[BQ * SST];        // each subgroup's rows: scores, then P V (and O on its round trips)
+shared HALF_T Ps[BQ * PST];
+#if VKF_MM_EMULATE
+shared uvec4 Qs4[BQ * KS4];
+#endif
+// K, V and Q seen as 16-byte units (flex_mm.glsl's loads).
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
+GATHER(q_data, q_units)
+GATHER(k_data, k_units)
+GATHER(v_data, v_units)
+
+// S = Q Kᵀ into rows R0.. of the score tile.
+#if VKF_MM_EMULATE
+#define MM_SCORES(QF, R0, LANE) \
+    for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
+        const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
+        float dot_ = 0.0; \
+        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, j_ * KS4 * 8 + d_); \
+        Ss[r_ * SST + j_] = dot_; \
+    }
+#else
+#define MM_SCORES(QF, R0, LANE) \
+    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+        FRAG_C acc_ = FRAG_C(0.0); \
+        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+            FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
+            coopMatLoadNV(kt_, Ks4, uint(nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \
+        } \
+        coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+    }
+#endif
+
+// The online softmax over the scores (running maxima M, the lane's row sums L), O rescaled where
+// a maximum moved, then O += P V. Starts after the scores are visible to the subgroup (a
+// subgroup_sync after MM_SCORES); ends with P V added (emulated: through the score tile).
+#if VKF_MM_EMULATE
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+    float alpha_[SM_RPL]; \
+    sm_tile(M, L, alpha_); \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
+    subgroup_sync();   /* P written; the scores read (P V overwrites them) */ \
+    for (int e_ = (LANE); e_ < MM * DV; e_ += SG) { \
+        const int r_ = (R0) + e_ / DV, d_ = e_ - (e_ / DV) * DV; \
+        float acc_ = 0.0; \
+        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, j_ * VS4 * 8 + d_); \
+        Ss[r_ * SST + d_] = acc_; \
+    } \
+    subgroup_sync(); \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+        const int r_ = (R0) + sm_row(LANE, k_); \
+        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] += Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR]; \
+    } }
+#else
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+    float alpha_[SM_RPL]; \
+    sm_tile(M, L, alpha_); \
+    bool moved_ = false; \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
+    if (subgroupAny(moved_)) { \
+        /* O's round trip: out to the score tile (its scores are read), each lane scales its own */ \
+        /* rows, back into the accumulators. */ \
+        subgroup_sync(); \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatStoreNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+        subgroup_sync(); \
+        [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+            const int r_ = (R0) + sm_row(LANE, k_); \
+            [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR] *= alpha_[k_]; \
+        } \
+        subgroup_sync(); \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatLoadNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+    } \
+    subgroup_sync();   /* P written */ \
+    FRAG_A pf_[BKV / MK]; \
+    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
+    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            FRAG_B vf_; \
+            coopMatLoadNV(vf_, Vs4, uint(kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \
+        } \
+    } }
+#endif
 """#,
         "flex_softmax.glsl": #"""
 // The online softmax over a tile of scores in shared memory, a subgroup's rows at a time, with no

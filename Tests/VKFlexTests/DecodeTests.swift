@@ -16,6 +16,8 @@ final class DecodeTests: FlexTestCase {
         var kvLengths: [Int]? = nil
         var sinks: [Float]? = nil
         var nanKeyRow: Int? = nil
+        /// Through the split-KV matrix kernel (emulated on lavapipe), else the planner's choice.
+        var matrices: Bool? = nil
     }
 
     func check(_ c: Case, line: UInt = #line) throws {
@@ -34,7 +36,9 @@ final class DecodeTests: FlexTestCase {
             try flexAttention(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: c.Hq != c.Hkv, kvLengths: lengths, qOffset: offset,
                               sinks: sinks, returnLSE: true, returnMaxScores: true, options: FlexOptions(kernel: kernel))
         }
-        let decode = try run(.splitKV), prefill = try run(.portable)
+        // (The matrix kernel's cases skip the prefill kernel: CI's time; the scalar one's compare them.)
+        let decode = try AttentionPlanner.$forcedDecodeMatrices.withValue(c.matrices) { try run(.splitKV) }
+        let prefill = c.matrices == true ? decode : try run(.portable)
         XCTAssertEqual(decode.kernel, .splitKV, line: line)
         let ref = try flexAttentionReference(q, k, v, scoreMod: c.score, blockMask: bm, enableGQA: c.Hq != c.Hkv, kvLengths: c.kvLengths,
                                              sinks: c.sinks, qOffsets: c.offsets)
@@ -58,7 +62,8 @@ final class DecodeTests: FlexTestCase {
                 XCTAssertEqual(Double(l[row]), e, accuracy: 1e-4 * max(1, abs(e)), "\(c.name): LSE of row \(row)", line: line)
             }
         }
-        let tol = c.dtype == .float32 ? 1e-5 : 2e-3
+        // The matrix kernel rounds P to 16 bits for its product with V (bfloat16: 8 bits of mantissa).
+        let tol = c.dtype == .float32 ? 1e-5 : c.matrices == true && c.dtype == .bfloat16 ? 1e-2 : 2e-3
         XCTAssertLessThanOrEqual(relativeL2Error(kept, keptRef), tol, "\(c.name) against the reference", line: line)
         XCTAssertLessThanOrEqual(relativeL2Error(kept, keptPrefill.map(Double.init)), 2 * tol, "\(c.name) against the prefill kernel", line: line)
     }
@@ -82,6 +87,56 @@ final class DecodeTests: FlexTestCase {
                  offsets: [62]),
         ]
         for c in cases { try check(c) }
+    }
+
+    /// The split-KV matrix kernel (flex_attention_decode_mm.comp, its products emulated here) on
+    /// what the scalar one takes: speculative decoding's 16 rows a KV head with a score-mod and a
+    /// causal mask at offsets, one head's 16 rows under a per-head mask, key lengths with an empty
+    /// batch, sinks and a NaN key (batch 0's rows NaN) in bfloat16, against the float64 reference and the prefill kernel;
+    /// its first-call check against the scalar kernel; fp32 refused when forced.
+    func testTheMatrixKernel() throws {
+        let L = 300
+        let slopes = try device.tensor((0..<8).map { Float(exp2(-Double($0 + 1))) }, shape: [8], name: "slopes")
+        let cases = [
+            Case(name: "specdec 4 heads x 4 rows, ALiBi, causal", B: 2, Hq: 8, Hkv: 2, Lq: 4, Lkv: L, D: 64, dtype: .float16,
+                 score: ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }, mask: MaskMod { _, _, q, kv in q >= kv }, offsets: [L - 4, 101], matrices: true),
+            Case(name: "16 rows of one head, per-head mask", B: 1, Hq: 2, Hkv: 1, Lq: 16, Lkv: L, D: 32, dtype: .float16,
+                 mask: MaskMod { _, h, q, kv in (kv % 4 != h) & (q >= kv) }, perHeadMask: true, offsets: [L - 16], matrices: true),
+            Case(name: "key lengths, an empty batch, sinks, bfloat16, a NaN key", B: 3, Hq: 8, Hkv: 1, Lq: 2, Lkv: L, D: 48, dtype: .bfloat16,
+                 kvLengths: [L, 0, 33], sinks: [0.5, -1, 2, 0, 0, 1, -2, 3], nanKeyRow: 77, matrices: true),
+        ]
+        for c in cases { try check(c) }
+        XCTAssertNil(try GenericKernelCheck.compareDecode(D: 64, Dv: 64, dtype: .float16, device: device))
+        let q = try device.tensor(randn(4 * 16), shape: [1, 4, 1, 16]), k = try device.tensor(randn(100 * 16), shape: [1, 1, 100, 16])
+        XCTAssertThrowsError(try AttentionPlanner.$forcedDecodeMatrices.withValue(true) {
+            try flexAttention(q, k, k, enableGQA: true, options: FlexOptions(kernel: .splitKV))
+        }) { XCTAssertTrue("\($0)".contains("float16 and bfloat16 inputs only (got float32)"), "\($0)") }
+        // Not by itself on a device without cooperative matrices (its products would be emulated).
+        let q16 = try device.tensor(randn(16 * 64), shape: [1, 16, 1, 64], dtype: .float16), k16 = try device.tensor(randn(100 * 64), shape: [1, 1, 100, 64], dtype: .float16)
+        XCTAssertEqual(try flexAttention(q16, k16, k16, enableGQA: true).kernel, .splitKV)
+        let shape = try AttentionShape(q16, k16, k16, blockMask: nil, enableGQA: true)
+        XCTAssertEqual(AttentionPlanner.decodeMMByDefault(shape, device: device, tuning: AttentionTuning()), device.cooperativeMatrixAPI != nil)
+    }
+
+    /// The matrix kernel's tiles for the subgroup sizes and shapes AMD, Intel and NVIDIA list: one
+    /// subgroup a workgroup, steps a multiple of the shape, inside 48 KiB of shared memory.
+    func testMatrixKernelTilesForEveryVendor() {
+        func shape(_ m: Int, _ n: Int, _ k: Int) -> CooperativeMatrixShape {
+            CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
+        }
+        for (sg, shapes) in [(32, [shape(16, 16, 16), shape(16, 8, 16)]), (64, [shape(16, 16, 16)]), (16, [shape(8, 16, 16)]), (8, [shape(8, 8, 16)])] {
+            for (D, Dv) in [(64, 64), (128, 128), (256, 256), (48, 80)] {
+                guard let t = AttentionPlanner.decodeMMTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: shapes, sharedMemory: 49152, maxInvocations: 1024) else {
+                    XCTFail("no tiles for subgroup \(sg), D \(D)/\(Dv)"); continue
+                }
+                XCTAssertEqual(t.SG, sg); XCTAssertEqual(t.NSG, 1)
+                XCTAssertEqual(t.BKV % t.M, 0); XCTAssertEqual(t.BKV % t.N, 0); XCTAssertEqual(t.BKV % t.K, 0)
+                XCTAssertEqual(D % t.K, 0); XCTAssertEqual(Dv % t.N, 0); XCTAssertEqual(t.BKV % max(1, sg / t.M), 0)
+                XCTAssertLessThanOrEqual(GenericTiles.sharedBytes(D: D, Dv: Dv, M: t.M, NSG: 1, BKV: t.BKV, emulated: false), 49152 - 256)
+            }
+        }
+        XCTAssertNil(AttentionPlanner.decodeMMTiles(D: 40, Dv: 40, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 32768, maxInvocations: 1024))
+        XCTAssertNil(AttentionPlanner.decodeMMTiles(D: 64, Dv: 64, subgroupSize: 24, shapes: [shape(16, 16, 16)], sharedMemory: 32768, maxInvocations: 1024))
     }
 
     /// The planner picks split-KV for few rows; forcing it on many rows is a clear error.
@@ -139,11 +194,15 @@ final class DecodeTests: FlexTestCase {
             try AttentionTuning.parse(["VKFLEX_DECODE_TILE": text]).decodeTile.map { [$0.rows, $0.keys, $0.lanes ?? 0, $0.scatter ? 1 : 0] }
         }
         XCTAssertEqual(try parsed("8x2"), [8, 2, 0, 0])
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm"]).decodeMatrices, true)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "Scalar"]).decodeMatrices, false)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "8x2"]).decodeMatrices, false)
+        XCTAssertNil(try AttentionTuning.parse([:]).decodeMatrices)
         XCTAssertEqual(try parsed("4x2x8"), [4, 2, 8, 0])
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
         for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use RxK[xL][xs]"), "\($0)") }
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).

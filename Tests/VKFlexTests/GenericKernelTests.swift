@@ -149,6 +149,27 @@ extension AttentionTests {
             }
         }
         XCTAssertEqual(compiled, 36)
+        // The split-KV matrix kernel, through the same shapes and subgroup sizes (GQA rows, offsets,
+        // paged K/V, max scores).
+        var decodes = 0
+        for (m, n, k, sg) in [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8), (16, 8, 16, 32)] {
+            let shape = CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
+            for (D, Dv) in [(128, 128), (32, 96)] {
+                guard let t = AttentionPlanner.decodeMMTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10, maxInvocations: 1024) else {
+                    return XCTFail("decode \(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv): no tiles")
+                }
+                for dtype in [DType.float16] + (sg == 32 && m == 16 && n == 16 ? [.bfloat16] : []) {
+                    let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: D, Dv: Dv, tiles: .decodeMM(t), typedOperands: true,
+                                             maxScores: true, kvLengths: true, qOffsets: true, paged: true, pushParams: true, mods: mods.glsl.source)
+                    let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
+                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
+                    XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
+                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "decode D=\(D)/\(Dv)") }
+                    decodes += 1
+                }
+            }
+        }
+        XCTAssertEqual(decodes, 12)
     }
 }
 

@@ -1,0 +1,113 @@
+// One step of staged keys as the layout-free matrix forward kernels take it
+// (flex_attention_fwd_generic.comp, flex_attention_decode_mm.comp), for a subgroup's MM rows that
+// start at row R0 of the shared tiles: S = Q Kᵀ into the score tile, the online softmax there
+// (flex_softmax.glsl's sm_tile), O rescaled where a row's maximum moved, O += P V. Macros, not
+// functions: they pass cooperative matrices (Q's fragments QF, the accumulators O), which GLSL
+// functions do not take portably.
+//
+// Declares the shared tiles — Ks4 / Vs4 (K and V, rows KS4 / VS4 units apart), Ss (scores and
+// P V, rows SST floats apart), Ps (P, rows PST apart) and, emulated, Qs4 (Q) — and the 16-byte
+// views of Q, K and V. Include after flex_mm.glsl with D, DV, MM, MN, MK, SG, BKV and BQ (the
+// workgroup's rows) defined; the macros expand where flex_softmax.glsl's sm_tile is defined.
+// Emulated (VKF_MM_EMULATE) the products are scalar loops over the same tiles and O is the lane's
+// float o[SM_RPL][DV / SM_TPR] in the softmax's row/column assignment (no round trip); else QF is
+// FRAG_A[D / MK] and O FRAG_C[DV / MN].
+
+// The tiles, for BQ rows (the workgroup's).
+// K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
+// by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
+// so that rows start on different banks. Matrix loads take offsets and strides in units.
+#define KS4 (D / 8 + 1)
+#define VS4 (DV / 8 + 1)
+// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+#define PST (BKV + 8)
+#define SW (BKV > DV ? BKV : DV)
+#define SST (SW + 4)
+shared uvec4 Ks4[BKV * KS4];
+shared uvec4 Vs4[BKV * VS4];
+shared float Ss[BQ * SST];        // each subgroup's rows: scores, then P V (and O on its round trips)
+shared HALF_T Ps[BQ * PST];
+#if VKF_MM_EMULATE
+shared uvec4 Qs4[BQ * KS4];
+#endif
+// K, V and Q seen as 16-byte units (flex_mm.glsl's loads).
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
+GATHER(q_data, q_units)
+GATHER(k_data, k_units)
+GATHER(v_data, v_units)
+
+// S = Q Kᵀ into rows R0.. of the score tile.
+#if VKF_MM_EMULATE
+#define MM_SCORES(QF, R0, LANE) \
+    for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
+        const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
+        float dot_ = 0.0; \
+        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, j_ * KS4 * 8 + d_); \
+        Ss[r_ * SST + j_] = dot_; \
+    }
+#else
+#define MM_SCORES(QF, R0, LANE) \
+    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+        FRAG_C acc_ = FRAG_C(0.0); \
+        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+            FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
+            coopMatLoadNV(kt_, Ks4, uint(nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \
+        } \
+        coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+    }
+#endif
+
+// The online softmax over the scores (running maxima M, the lane's row sums L), O rescaled where
+// a maximum moved, then O += P V. Starts after the scores are visible to the subgroup (a
+// subgroup_sync after MM_SCORES); ends with P V added (emulated: through the score tile).
+#if VKF_MM_EMULATE
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+    float alpha_[SM_RPL]; \
+    sm_tile(M, L, alpha_); \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
+    subgroup_sync();   /* P written; the scores read (P V overwrites them) */ \
+    for (int e_ = (LANE); e_ < MM * DV; e_ += SG) { \
+        const int r_ = (R0) + e_ / DV, d_ = e_ - (e_ / DV) * DV; \
+        float acc_ = 0.0; \
+        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, j_ * VS4 * 8 + d_); \
+        Ss[r_ * SST + d_] = acc_; \
+    } \
+    subgroup_sync(); \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+        const int r_ = (R0) + sm_row(LANE, k_); \
+        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] += Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR]; \
+    } }
+#else
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+    float alpha_[SM_RPL]; \
+    sm_tile(M, L, alpha_); \
+    bool moved_ = false; \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
+    if (subgroupAny(moved_)) { \
+        /* O's round trip: out to the score tile (its scores are read), each lane scales its own */ \
+        /* rows, back into the accumulators. */ \
+        subgroup_sync(); \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatStoreNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+        subgroup_sync(); \
+        [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+            const int r_ = (R0) + sm_row(LANE, k_); \
+            [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR] *= alpha_[k_]; \
+        } \
+        subgroup_sync(); \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatLoadNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+    } \
+    subgroup_sync();   /* P written */ \
+    FRAG_A pf_[BKV / MK]; \
+    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
+    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            FRAG_B vf_; \
+            coopMatLoadNV(vf_, Vs4, uint(kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \
+        } \
+    } }
+#endif
