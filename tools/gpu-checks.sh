@@ -9,7 +9,7 @@
 # biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: split-kv's validated
 # selftest, the decode suite vs PyTorch (SELFTEST_ALL=1: then every kernel's validated selftest),
-# three rounds of the large cases, tile and split sweeps (decode-sweeps.tar; DECODE_TILES, default
+# two rounds of the large cases, tile and split sweeps (decode-sweeps.tar; DECODE_TILES, default
 # "mm scalar": the matrix kernel on every case, then never);
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
@@ -81,9 +81,9 @@ if [ "$what" = decode ]; then
   # SELFTEST_ALL=1: every kernel's validated selftest next, before the sweeps (a session short of
   # device time gets the figures and the check first).
   [ "${SELFTEST_ALL:-0}" = 1 ] && VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  # The large caches' timings moved up to 4x between rows in the eighth session: each case three
-  # times with new buffers, every timed run's spread in the JSON (fw_ms_min / fw_ms_max).
-  step decode-rounds 180 vkflex bench --suite decode --no-check --rounds 3 --json "$out/rounds.jsonl" \
+  # The large caches' timings moved up to 4x between rows in the eighth session: each case twice
+  # with new buffers, every timed run's spread in the JSON (fw_ms_min / fw_ms_max).
+  step decode-rounds 120 vkflex bench --suite decode --no-check --rounds 2 --json "$out/rounds.jsonl" \
     --cases ${DECODE_ROUND_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k}
   grep -E " (no|yes) " "$out/decode-rounds.txt" | cut -c1-100
   sweep_keep decode-rounds.txt rounds.jsonl
@@ -93,14 +93,14 @@ if [ "$what" = decode ]; then
   # contiguous and paged rows (about 5 s a case on an H100), with the driver's register counts,
   # and each scalar tile's validated split-kv selftest (DECODE_TILES / DECODE_WAVES /
   # DECODE_CASES to sweep others).
-  cases=${DECODE_CASES:-decode_dense_32k,specdec_4_of_8k,decode_mqa_32k}
+  cases=${DECODE_CASES:-decode_dense_4k,decode_dense_32k,specdec_4_of_8k,decode_mqa_32k}
   for w in ${DECODE_WAVES:-}; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
     sweep_keep "decode-waves-$w.txt"
   done
   for t in ${DECODE_TILES:-mm scalar}; do
-    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 60 vkflex bench --suite decode --no-check --cases $cases
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 75 vkflex bench --suite decode --no-check --cases $cases
     grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
     grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
     [ "$t" = mm ] || VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
