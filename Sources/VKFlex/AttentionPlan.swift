@@ -20,8 +20,9 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_COOPMAT_SHAPE=MxNxK`: the matrix shape coopmat-generic computes in (one the device
     /// lists), to run each of them.
     var coopmatShape: (m: Int, n: Int, k: Int)?
-    /// `VKFLEX_DECODE_WAVES=n`: split-KV decoding sizes its key splits for about n workgroups per
-    /// compute unit (default 4, the best of 2-16 on an H100's decode suite: docs/performance.md),
+    /// `VKFLEX_DECODE_WAVES=n`: split-KV decoding sizes its key splits for about n workgroups of
+    /// 128 invocations per compute unit (default 4, the best of 2-16 on an H100's decode suite:
+    /// docs/performance.md; the matrix kernel's one-subgroup workgroups count as many subgroups),
     /// for tuning.
     var decodeWaves = 4
     /// `VKFLEX_DECODE_TILE=RxK[xL][xs]`: split-KV decoding's query rows per workgroup (1, 2, 4, 8

@@ -227,9 +227,10 @@ enum ForwardKernel {
             let segs = (qOffsets?.values ?? [0]).map { ($0 + s.Lq - 1) / qBS - $0 / qBS + 1 }.max()!
             for chunk in chunks {
                 let nb = chunk.b.count, workgroups = nb * s.Hkv * headChunks * segs
-                // About two workgroups per compute unit (VKFLEX_DECODE_WAVES), no more splits than key
-                // blocks; under a loop cap (lavapipe), enough splits that each stays under it.
-                let waves = try AttentionTuning.of(device).decodeWaves
+                // About four workgroups of 128 invocations per compute unit (VKFLEX_DECODE_WAVES) — as many
+                // subgroups in smaller workgroups (the matrix kernel's one subgroup) — no more splits than
+                // key blocks; under a loop cap (lavapipe), enough splits that each stays under it.
+                let waves = try AttentionTuning.of(device).decodeWaves * max(1, 128 / prepared.plan.WG)
                 var splits = max(1, min(kvBlocks, (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
                     let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, plan: prepared.plan, half: s.dtype.size == 2)
