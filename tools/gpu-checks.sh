@@ -9,8 +9,8 @@
 # biases: learnable biases' gradients vs PyTorch and float64 (issue 21's rule);
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: split-kv's validated
 # selftest, the decode suite vs PyTorch (SELFTEST_ALL=1: then every kernel's validated selftest),
-# two rounds of the large cases, tile and split sweeps (decode-sweeps.tar; DECODE_TILES, default
-# "mm scalar": the matrix kernel on every case, then never);
+# the matrix kernel on the whole suite, tile and split sweeps (decode-sweeps.tar; DECODE_TILES,
+# default "scalar": never the matrix kernel), two rounds of the large cases;
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
@@ -81,31 +81,37 @@ if [ "$what" = decode ]; then
   # SELFTEST_ALL=1: every kernel's validated selftest next, before the sweeps (a session short of
   # device time gets the figures and the check first).
   [ "${SELFTEST_ALL:-0}" = 1 ] && VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  # The split count's target (workgroups per compute unit; default 4) and the tiles (mm: the
+  # matrix kernel; scalar: never it; RxK[xL][xs]: the scalar kernel's rows per workgroup x keys
+  # per slot and round [x invocations per key][x s: reduce-scatter], default 4x2), vkflex alone,
+  # contiguous and paged rows (about 5 s a case on an H100), with the driver's register counts,
+  # and each scalar tile's validated split-kv selftest (scalar: the default's, above; DECODE_TILES / DECODE_WAVES /
+  # DECODE_CASES to sweep others).
+  cases=${DECODE_CASES:-specdec_4_of_8k,decode_mqa_32k}
+  for w in ${DECODE_WAVES:-}; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
+    grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
+    sweep_keep "decode-waves-$w.txt"
+  done
+  # The matrix kernel on the whole suite (the compare's PyTorch rows, torch.jsonl, are the same
+  # run's), with its JSON.
+  VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=mm step decode-mm 100 vkflex bench --suite decode --no-check --json "$out/mm.jsonl"
+  grep -E " (no|yes) " "$out/decode-mm.txt" | cut -c1-100
+  grep -E 'pipeline flex_attention_decode_mm' "$out/decode-mm.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
+  sweep_keep decode-mm.txt mm.jsonl
+  for t in ${DECODE_TILES:-scalar}; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 75 vkflex bench --suite decode --no-check --cases $cases
+    grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
+    grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
+    [ "$t" = scalar ] || VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
+    sweep_keep "decode-tile-$t.txt" $(ls "$out/selftest-tile-$t.txt" 2>/dev/null | xargs -r -n1 basename)
+  done
   # The large caches' timings moved up to 4x between rows in the eighth session: each case twice
   # with new buffers, every timed run's spread in the JSON (fw_ms_min / fw_ms_max).
   step decode-rounds 120 vkflex bench --suite decode --no-check --rounds 2 --json "$out/rounds.jsonl" \
     --cases ${DECODE_ROUND_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k}
   grep -E " (no|yes) " "$out/decode-rounds.txt" | cut -c1-100
   sweep_keep decode-rounds.txt rounds.jsonl
-  # The split count's target (workgroups per compute unit; default 4) and the tiles (mm: the
-  # matrix kernel; scalar: never it; RxK[xL][xs]: the scalar kernel's rows per workgroup x keys
-  # per slot and round [x invocations per key][x s: reduce-scatter], default 4x2), vkflex alone,
-  # contiguous and paged rows (about 5 s a case on an H100), with the driver's register counts,
-  # and each scalar tile's validated split-kv selftest (DECODE_TILES / DECODE_WAVES /
-  # DECODE_CASES to sweep others).
-  cases=${DECODE_CASES:-decode_dense_4k,decode_dense_32k,specdec_4_of_8k,decode_mqa_32k}
-  for w in ${DECODE_WAVES:-}; do
-    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_WAVES=$w step "decode-waves-$w" 45 vkflex bench --suite decode --no-check --cases $cases
-    grep -E " (no|yes) " "$out/decode-waves-$w.txt" | cut -c1-100
-    sweep_keep "decode-waves-$w.txt"
-  done
-  for t in ${DECODE_TILES:-mm scalar}; do
-    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-tile-$t" 75 vkflex bench --suite decode --no-check --cases $cases
-    grep -E " (no|yes) " "$out/decode-tile-$t.txt" | cut -c1-100
-    grep -E 'pipeline flex_attention_decode' "$out/decode-tile-$t.txt" | head -1 | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/'
-    [ "$t" = mm ] || VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-tile-$t" 60 vkflex selftest --kernel split-kv
-    sweep_keep "decode-tile-$t.txt" $(ls "$out/selftest-tile-$t.txt" 2>/dev/null | xargs -r -n1 basename)
-  done
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv
