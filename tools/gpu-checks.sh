@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|bwd]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -10,7 +10,8 @@
 # shapes: coopmat-generic's selftest in each other fp16 shape; decode: split-kv's validated
 # selftest, the decode suite vs PyTorch (SELFTEST_ALL=1: then every kernel's validated selftest),
 # the matrix kernel on the whole suite, tile and split sweeps (decode-sweeps.tar; DECODE_TILES,
-# default "scalar": never the matrix kernel), two rounds of the large cases;
+# default "scalar": never the matrix kernel), two rounds of the large cases; decode-quick: the
+# validated selftests (the matrix kernel's, every kernel's) and vkflex alone on the decode suite;
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
@@ -119,6 +120,18 @@ if [ "$what" = decode ]; then
     --cases ${DECODE_ROUND_CASES:-decode_dense_32k,decode_long_128k,specdec_4_of_8k}
   grep -E " (no|yes) " "$out/decode-rounds.txt" | cut -c1-100
   sweep_keep decode-rounds.txt rounds.jsonl
+fi
+if [ "$what" = decode-quick ]; then
+  # For a call with little device time: the matrix kernel's and every kernel's validated selftests,
+  # then vkflex alone on the decode suite (the planner's kernels), and the scalar kernel on the
+  # 16-row cases.
+  VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=mm step selftest-split-kv-mm 60 vkflex selftest --kernel split-kv
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  VKFLEX_PIPELINE_STATS=1 step decode-bench 120 vkflex bench --suite decode --json "$out/vkflex.jsonl"
+  grep -E " (no|yes) " "$out/decode-bench.txt" | cut -c1-110
+  grep -E 'pipeline flex_attention_decode' "$out/decode-bench.txt" | sed -E 's/.*pipeline (flex_attention_decode[_a-z]*).*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1: \2 registers, local \3/' | sort -u | head -4
+  VKFLEX_DECODE_TILE=scalar step decode-scalar 60 vkflex bench --suite decode --no-check --json "$out/scalar.jsonl" --cases specdec_4_of_8k,decode_mqa_32k
+  grep -E " (no|yes) " "$out/decode-scalar.txt" | cut -c1-110
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv
