@@ -196,12 +196,11 @@ extension AttentionPlanner {
     /// matrices (never emulated: on a CPU device the scalar kernel is the fast one), for 16-bit
     /// inputs with at least 8 rows per KV head (query heads of a group × query rows: speculative
     /// decoding — the scalar kernel's arithmetic grows with its rows, and a 16-row tile of it runs
-    /// out of registers: docs/performance.md), where its tiles fit; on a device whose matrices are
-    /// not laid out as NVIDIA's (where it was validated) only after its first-call check
-    /// (``GenericKernelCheck/decodePasses(D:Dv:dtype:device:)``).
+    /// out of registers: docs/performance.md), where its tiles fit, and after its first-call check
+    /// against the scalar kernel (``GenericKernelCheck/decodePasses(D:Dv:dtype:device:)``) on every
+    /// device — NVIDIA's included: it has not yet run on a GPU (docs/h200-selftest.md).
     static func decodeMMByDefault(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> Bool {
         guard device.cooperativeMatrixAPI != nil, s.Hq / s.Hkv * s.Lq >= 8, decodeMMProblem(s, device: device) == nil else { return false }
-        if CooperativeMatrixLayout.of(device)?.matches(CooperativeMatrixLayout.nvidiaMMA) == true { return true }
         return GenericKernelCheck.decodePasses(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device)
     }
 
