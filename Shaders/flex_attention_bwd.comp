@@ -18,9 +18,13 @@
 // below). dQ, dK and dV are deterministic: no atomics.
 //
 // Defines: BWD_PASS, D, DV, WG, BQ and BKV (passes 1, 2), IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16
-// (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5). Bindings and parameters:
-// flex_bwd_params.glsl (BackwardBinding, BackwardField).
+// (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5), VKF_UNROLL_ACC (below).
+// Bindings and parameters: flex_bwd_params.glsl (BackwardBinding, BackwardField).
 #extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#ifndef VKF_UNROLL_ACC
+#define VKF_UNROLL_ACC 0
+#endif
 #if BWD_PASS == 5
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_arithmetic : require
@@ -222,6 +226,14 @@ void tile_pairs(int b, int h, int q0, int nq, int k0, int nk, bool partial) {
 #define ACC_Q ((BQ * D + WG - 1) / WG)
 #define ACC_K ((BKV * D + WG - 1) / WG)
 #define ACC_V ((BKV * DV + WG - 1) / WG)
+// VKF_UNROLL_ACC (the host sets it on GPUs): the loops over an invocation's accumulators unroll,
+// so that their indices are constants and the accumulators stay in registers (NVIDIA kept them in
+// local memory otherwise); on a CPU device the loops stay, which compiles faster.
+#if VKF_UNROLL_ACC
+#define ACC_UNROLL [[unroll]]
+#else
+#define ACC_UNROLL
+#endif
 
 #if BWD_PASS == 1
 void main() {
@@ -235,7 +247,7 @@ void main() {
     const int hk = h / (p.Hq / p.Hkv);
     stage_rows(b, h, q0, nq);
     float acc[ACC_Q];
-    for (int a = 0; a < ACC_Q; ++a) acc[a] = 0.0;
+    ACC_UNROLL for (int a = 0; a < ACC_Q; ++a) acc[a] = 0.0;
     barrier();
     bool walked = true;
     const int mrow = walk_row(b, h, qb);
@@ -254,7 +266,7 @@ void main() {
                 barrier();
                 tile_pairs(b, h, q0, nq, k0, nk, pass == 1);
                 barrier();
-                for (int a = 0; a < ACC_Q; ++a) {
+                ACC_UNROLL for (int a = 0; a < ACC_Q; ++a) {
                     const int e = lid + a * WG;
                     if (e < BQ * D) {
                         const int r = e / D, d = e - r * D;
@@ -271,7 +283,7 @@ void main() {
     }
     if (pass < 2) walked = false;
     if (!walked) vkf_report(4, 0, 0, 0);
-    for (int a = 0; a < ACC_Q; ++a) {
+    ACC_UNROLL for (int a = 0; a < ACC_Q; ++a) {
         const int e = lid + a * WG;
         if (e < BQ * D) {
             const int r = e / D, d = e - r * D;
@@ -298,8 +310,8 @@ void main() {
     const int group = p.Hq / p.Hkv;
     stage_keys(b, hk, k0, nk);
     float dk[ACC_K], dv[ACC_V];
-    for (int a = 0; a < ACC_K; ++a) dk[a] = 0.0;
-    for (int a = 0; a < ACC_V; ++a) dv[a] = 0.0;
+    ACC_UNROLL for (int a = 0; a < ACC_K; ++a) dk[a] = 0.0;
+    ACC_UNROLL for (int a = 0; a < ACC_V; ++a) dv[a] = 0.0;
     bool walked = true;
     for (int h = hk * group; nk > 0 && h < (hk + 1) * group; ++h) {
         const int mcol = walk_col(b, h, kb);
@@ -321,7 +333,7 @@ void main() {
                     barrier();
                     tile_pairs(b, h, q0, nq, k0, nk, pass == 1);
                     barrier();
-                    for (int a = 0; a < ACC_K; ++a) {
+                    ACC_UNROLL for (int a = 0; a < ACC_K; ++a) {
                         const int e = lid + a * WG;
                         if (e < BKV * D) {
                             const int j = e / D, d = e - j * D;
@@ -330,7 +342,7 @@ void main() {
                             dk[a] = s;
                         }
                     }
-                    for (int a = 0; a < ACC_V; ++a) {
+                    ACC_UNROLL for (int a = 0; a < ACC_V; ++a) {
                         const int e = lid + a * WG;
                         if (e < BKV * DV) {
                             const int j = e / DV, d = e - j * DV;
@@ -348,7 +360,7 @@ void main() {
     }
     if (!walked) vkf_report(4, 0, 0, 0);
     const int rows_k = p.B * p.Hkv * p.Lkv;
-    for (int a = 0; a < ACC_K; ++a) {
+    ACC_UNROLL for (int a = 0; a < ACC_K; ++a) {
         const int e = lid + a * WG;
         if (e < BKV * D) {
             const int j = e / D, d = e - j * D;
@@ -359,7 +371,7 @@ void main() {
             }
         }
     }
-    for (int a = 0; a < ACC_V; ++a) {
+    ACC_UNROLL for (int a = 0; a < ACC_V; ++a) {
         const int e = lid + a * WG;
         if (e < BKV * DV) {
             const int j = e / DV, d = e - j * DV;

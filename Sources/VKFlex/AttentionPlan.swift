@@ -190,6 +190,8 @@ struct AttentionPlan: Hashable, Sendable {
     var sinks = false
     /// Backward pass 5: the captures' gradients added with float atomics (else per-workgroup slices).
     var capAtomic = false
+    /// The portable backward's accumulator loops unrolled (`VKF_UNROLL_ACC`; on GPUs).
+    var unrollAccumulators = false
     /// Query rows sit at per-batch offsets (`qOffset:`; portable kernel).
     var qOffsets = false
     /// K and V are read through a page table (`pageTable:`; portable kernel).
@@ -258,6 +260,7 @@ struct AttentionPlan: Hashable, Sendable {
             default: break
             }
             if n == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
+            if unrollAccumulators { defines.append(.init("VKF_UNROLL_ACC", "1")) }
             source = ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
         case .decode(let rows, let KPL, let WG, let LK, let scatter):
             source = ShaderSource(name: "flex_attention_decode", text: try ShaderLibrary.standard.text("flex_attention_decode.comp"), defines: [

@@ -264,6 +264,10 @@ enum BackwardKernel {
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
             var plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
+            // On a GPU the portable passes unroll their accumulator loops: run-time indices kept the
+            // accumulators in local memory (NVIDIA: 64 and 128 bytes an invocation, sixth session's
+            // statistics). A CPU device keeps the loops, which compile faster on lavapipe.
+            plan.unrollAccumulators = device.capabilities.type != .cpu
             if var mm, pass == 1 || pass == 2 || pass == 6 {
                 // Pass 6: the dK half of a dK/dV pass split in two (coopmat-nv's DKV), pass 2 then the dV half.
                 if mm.splitDKV, pass != 1 { mm.dkvHalf = pass == 6 ? 2 : 1 }

@@ -285,6 +285,25 @@ extension BackwardTests {
         XCTAssertEqual(compiled, 30)
     }
 
+    /// The portable passes as a GPU gets them (`VKF_UNROLL_ACC`: accumulator loops unrolled) compile
+    /// for every dtype and the head dims whose accumulator counts differ most (lavapipe, a CPU
+    /// device, runs the loops as loops: the other backward tests).
+    func testPortablePassesCompileUnrolledForGPUs() throws {
+        let (mods, library) = try softCapCausalLibrary()
+        for dtype in [DType.float32, .float16, .bfloat16] {
+            for (D, Dv) in [(16, 16), (64, 64), (256, 96)] {
+                for pass in [1, 2] {
+                    var plan = AttentionPlan(pass: .backward(pass), kernel: .portable, dtype: dtype, D: D, Dv: Dv, tiles: .backward(BQ: 16, BKV: 16, WG: 128),
+                                             pushParams: true, mods: mods.glsl.source)
+                    plan.unrollAccumulators = true
+                    let source = try plan.source()
+                    XCTAssertTrue(source.defines.contains { $0.name == "VKF_UNROLL_ACC" && $0.value == "1" })
+                    XCTAssertFalse(try ShaderCompiler.shared.compile(source, library: library).isEmpty, "pass \(pass) D=\(D)/\(Dv) \(dtype)")
+                }
+            }
+        }
+    }
+
     /// The coopmat-nv passes (flex_attention_bwd_nv.comp, NVIDIA's layout) compile, and rewrite
     /// for the KHR extension (bfloat16 retyped), for the head dims and tiles the planner gives
     /// (lavapipe cannot run them: `vkflex selftest` on an NVIDIA GPU does); and the planner's rules.
