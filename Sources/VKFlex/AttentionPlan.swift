@@ -357,9 +357,10 @@ enum AttentionPlanner {
             guard let t = decodeTiles(s, device: device) else {
                 throw FlexError.unsupported("split-kv: " + (decodeProblem(s, device: device) ?? "no tiles fit"))
             }
-            return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv,
-                                 tiles: t.mm.map { .decodeMM($0) } ?? .decode(rows: t.rows, KPL: t.keys, WG: t.WG, LK: t.lanes, scatter: t.scatter),
-                                 typedOperands: t.mm.map { !$0.emulated && device.cooperativeMatrixAPI == .khr } ?? false, maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
+            var typed = false
+            if case .decodeMM(let mm) = t { typed = !mm.emulated && device.cooperativeMatrixAPI == .khr }
+            return AttentionPlan(pass: .forwardPartial, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: t, typedOperands: typed,
+                                 maxScores: maxScores, kvLengths: kvLengths, qOffsets: qOffsets, paged: paged, pushParams: push, mods: mods.glsl.source)
         case .coopmatGeneric:
             guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
                 throw FlexError.unsupported("coopmat-generic: " + (genericProblem(s, device: device, tuning: tuning) ?? "no tiles fit"))
@@ -393,8 +394,7 @@ enum AttentionPlanner {
     /// The split-KV decode kernel's shape (flex_attention_decode.comp): `rows` query rows per
     /// workgroup, `lanes` invocations per key (each holding 16-byte units of its K and V rows),
     /// `keys` keys per key slot and round (loads in flight), `WG` invocations.
-    /// `mm`: the matrix kernel's tiles instead (flex_attention_decode_mm.comp; rows = its M).
-    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int, scatter = false, mm: GenericTiles? = nil }
+    struct DecodeTiles: Hashable, Sendable { var rows: Int, keys: Int, WG: Int, lanes: Int, scatter = false }
 
     /// Forces the split-KV matrix kernel on or off for the calls inside `withValue` (the first-call
     /// check compares the two; `VKFLEX_DECODE_TILE` does the same for a process).
@@ -417,21 +417,18 @@ enum AttentionPlanner {
         return "head dims \(s.D)/\(s.Dv) need more shared memory than \(caps.name) has"
     }
 
-    static func decodeTiles(_ s: AttentionShape, device: Device) -> DecodeTiles? {
+    /// A split-KV call's tiles: the matrix kernel's where it is forced, else where the planner
+    /// picks it (``decodeMMByDefault(_:device:tuning:)``), else the scalar kernel's; nil when they do not fit.
+    static func decodeTiles(_ s: AttentionShape, device: Device) -> AttentionPlan.Tiles? {
         let caps = device.capabilities
         let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
-        // The matrix kernel where it is forced, else for many rows per KV head (see decodeMMByDefault).
-        switch forcedDecodeMatrices ?? tuning.decodeMatrices {
-        case true?:
+        if forcedDecodeMatrices ?? tuning.decodeMatrices ?? decodeMMByDefault(s, device: device, tuning: tuning) {
             guard decodeMMProblem(s, device: device) == nil, let mm = decodeMMTiles(s, device: device, tuning: tuning) else { return nil }
-            return DecodeTiles(rows: mm.M, keys: mm.BKV, WG: mm.SG, lanes: 0, mm: mm)
-        case nil where decodeMMByDefault(s, device: device, tuning: tuning):
-            let mm = decodeMMTiles(s, device: device, tuning: tuning)!
-            return DecodeTiles(rows: mm.M, keys: mm.BKV, WG: mm.SG, lanes: 0, mm: mm)
-        default: break
+            return .decodeMM(mm)
         }
         return decodeTiles(D: s.D, Dv: s.Dv, Lq: s.Lq, dtype: s.dtype, minSubgroupSize: caps.minSubgroupSize, sharedMemory: caps.maxSharedMemory,
-                           maxInvocations: caps.maxWorkgroupInvocations, cpu: caps.type == .cpu, forced: (try? AttentionTuning.of(device))?.decodeTile)
+                           maxInvocations: caps.maxWorkgroupInvocations, cpu: caps.type == .cpu, forced: tuning.decodeTile)
+            .map { .decode(rows: $0.rows, KPL: $0.keys, WG: $0.WG, LK: $0.lanes, scatter: $0.scatter) }
     }
 
     /// The decode kernel's shape for a call. Rows: 4 (the four query heads of a Llama-like group in

@@ -111,9 +111,7 @@ enum GenericKernelCheck {
         let mm = try run(true), scalar = try run(false)
         let (mo, so) = (try mm.output.toArray(), try scalar.output.toArray())
         let (ml, sl) = (try mm.lse!.toArray(), try scalar.lse!.toArray())
-        var outErr: Float = 0, lseErr: Float = 0
-        for (a, b) in zip(mo, so) { outErr = a.isNaN ? .infinity : max(outErr, abs(a - b)) }
-        for (a, b) in zip(ml, sl) { lseErr = a.isNaN ? .infinity : max(lseErr, abs(a - b)) }
+        let (outErr, lseErr) = (largestDifference(mo, so), largestDifference(ml, sl))
         // P is rounded to fp16 (bf16) for its product with V; the scalar kernel keeps it in fp32.
         if outErr > (dtype == .bfloat16 ? 3e-2 : 1e-2) || lseErr > 1e-2 {
             return String(format: "largest difference %.3g in the output, %.3g in the LSE", outErr, lseErr)
@@ -131,9 +129,7 @@ enum GenericKernelCheck {
             let generic = try run(.coopmatGeneric), portable = try run(.portable)
             let (go, po) = (try generic.output.toArray(), try portable.output.toArray())
             let (gl, pl) = (try generic.lse!.toArray(), try portable.lse!.toArray())
-            var outErr: Float = 0, lseErr: Float = 0
-            for (a, b) in zip(go, po) { outErr = a.isNaN ? .infinity : max(outErr, abs(a - b)) }
-            for (a, b) in zip(gl, pl) { lseErr = a.isNaN ? .infinity : max(lseErr, abs(a - b)) }
+            let (outErr, lseErr) = (largestDifference(go, po), largestDifference(gl, pl))
             // fp16 outputs of magnitude below 1 round at 2^-11, bf16 ones at 2^-8 (and P at 2^-9);
             // both kernels sum in fp32.
             if outErr > (dtype == .bfloat16 ? 3e-2 : 1e-2) || lseErr > 1e-2 {
@@ -141,6 +137,13 @@ enum GenericKernelCheck {
             }
         }
         return nil
+    }
+
+    /// The largest |a - b| over two outputs; infinite where `a` has a NaN.
+    private static func largestDifference(_ a: [Float], _ b: [Float]) -> Float {
+        var err: Float = 0
+        for (x, y) in zip(a, b) { err = x.isNaN ? .infinity : max(err, abs(x - y)) }
+        return err
     }
 }
 

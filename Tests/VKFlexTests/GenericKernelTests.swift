@@ -127,8 +127,16 @@ extension AttentionTests {
                                    firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
         var library = ShaderLibrary.standard
         library.files.merge(mods.includes) { _, new in new }
+        // Each plan compiled, rewritten for the KHR extension (and retyped for bfloat16) as a device with it gets it.
+        func compileForKHR(_ plan: AttentionPlan, subgroupSize sg: Int, _ what: String) throws {
+            let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
+            let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
+            XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr), what)
+            if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), what) }
+        }
+        let shapes = [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8), (16, 8, 16, 32)]
         var compiled = 0
-        for (m, n, k, sg) in [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8), (16, 8, 16, 32)] {
+        for (m, n, k, sg) in shapes {
             let shape = CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
             for (D, Dv) in [(64, 64), (128, 128), (32, 96)] {
                 guard let t = AttentionPlanner.genericTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10, maxInvocations: 1024) else {
@@ -140,10 +148,7 @@ extension AttentionTests {
                     let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: dtype, D: D, Dv: Dv, tiles: .generic(t),
                                              typedOperands: true, maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward,
                                              pushParams: pass == .forward, mods: mods.glsl.source)
-                    let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
-                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
-                    XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
-                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "D=\(D)/\(Dv) \(pass)") }
+                    try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) \(pass)")
                     compiled += 1
                 }
             }
@@ -152,7 +157,7 @@ extension AttentionTests {
         // The split-KV matrix kernel, through the same shapes and subgroup sizes (GQA rows, offsets,
         // paged K/V, max scores).
         var decodes = 0
-        for (m, n, k, sg) in [(16, 16, 16, 32), (16, 16, 16, 64), (8, 16, 16, 16), (8, 8, 16, 8), (16, 8, 16, 32)] {
+        for (m, n, k, sg) in shapes {
             let shape = CooperativeMatrixShape(m: m, n: n, k: k, a: "float16", b: "float16", c: "float32", result: "float32")
             for (D, Dv) in [(128, 128), (32, 96)] {
                 guard let t = AttentionPlanner.decodeMMTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10, maxInvocations: 1024) else {
@@ -161,10 +166,7 @@ extension AttentionTests {
                 for dtype in [DType.float16] + (sg == 32 && m == 16 && n == 16 ? [.bfloat16] : []) {
                     let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: D, Dv: Dv, tiles: .decodeMM(t), typedOperands: true,
                                              maxScores: true, kvLengths: true, qOffsets: true, paged: true, pushParams: true, mods: mods.glsl.source)
-                    let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: library)
-                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: sg)
-                    XCTAssertFalse(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(khr))
-                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "decode D=\(D)/\(Dv)") }
+                    try compileForKHR(plan, subgroupSize: sg, "decode \(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv) \(dtype)")
                     decodes += 1
                 }
             }
