@@ -166,10 +166,10 @@ void main() {
         }
         subgroup_sync();
         // S = Q Kᵀ into the score tile, the softmax, O += P V.
-        MM_SCORES(qf, 0, lane)
+        MM_SCORES(qf, 0, lane, 0)
         subgroup_sync();
         g_k0 = k0; g_kn = kn; g_part = partial;
-        MM_SOFTMAX_PV(o, 0, lane, m, l)
+        MM_SOFTMAX_PV(o, 0, lane, m, l, 0)
         subgroup_sync();   // the K, V and P tiles read before the next step's staging
         k0 += BKV;
         more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);

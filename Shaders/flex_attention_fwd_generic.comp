@@ -16,13 +16,17 @@
 // each lane rescales the rows it owns in the softmax, and O is loaded back; at the end O goes
 // through the same tile to the lanes that write it.
 //
+// GEN_PREFETCH: software pipeline — the next step's K and V go from global memory to registers
+// while this step computes, then into the other of two shared buffers, one barrier a step (as
+// coopmat-nv's); else each step loads, then computes, between two barriers.
+//
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles (no cooperative
 // matrices), O in registers in the softmax's row/column assignment (no round trip):
 // everything else — staging, walk, mods, softmax, output — is this kernel's own code, and runs on
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
 // IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
 // VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
@@ -42,6 +46,12 @@ layout(local_size_x = SG * NSG) in;
 #include "flex_mm.glsl"
 
 #define BQ (MM * NSG)
+#ifndef GEN_PREFETCH
+#define GEN_PREFETCH 0
+#endif
+#if GEN_PREFETCH
+#define KV_NBUF 2
+#endif
 // The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
 #include "flex_mm_step.glsl"
 
@@ -73,6 +83,48 @@ void sm_put(int k, int t, float pv) {
     Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
 
+#if GEN_PREFETCH
+// The walk's cursor over the mask row's full blocks, then its partial ones (t counts both): moves
+// to the first step at or after key k0 of block t that has keys of this split; false past the row.
+bool gen_seek(inout int t, inout int k0, inout int k_stop, inout bool partial, int mrow, int n_full, int n_all, int lkv) {
+    while (k0 >= k_stop) {
+        if (++t >= n_all) return false;
+        partial = t >= n_full;
+        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
+        if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
+        k0 = kb * p.kv_bs;
+        k_stop = min(k0 + p.kv_bs, lkv);
+    }
+    return true;
+}
+// A step's K and V units, PF_K and PF_V per invocation, held in registers between the global
+// loads (fetch) and the shared buffer (stash). Rows past kn as zeros, as without the prefetch.
+#define WGS (SG * NSG)
+#define PF_K ((BKV * (D / 8) + WGS - 1) / WGS)
+#define PF_V ((BKV * (DV / 8) + WGS - 1) / WGS)
+uvec4 g_pk[PF_K], g_pv[PF_V];
+int g_koff, g_voff;
+void fetch(int k0, int kn, int lid) {
+    [[unroll]] for (int i = 0; i < PF_K; ++i) {
+        const int e = lid + i * WGS, j = e / (D / 8), u = e - j * (D / 8);
+        g_pk[i] = e < BKV * (D / 8) && j < kn ? unit_k_data(g_koff + kv_row(g_t.b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
+    }
+    [[unroll]] for (int i = 0; i < PF_V; ++i) {
+        const int e = lid + i * WGS, j = e / (DV / 8), u = e - j * (DV / 8);
+        g_pv[i] = e < BKV * (DV / 8) && j < kn ? unit_v_data(g_voff + kv_row(g_t.b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
+    }
+}
+void stash(int buf, int lid) {
+    [[unroll]] for (int i = 0; i < PF_K; ++i) {
+        const int e = lid + i * WGS, j = e / (D / 8), u = e - j * (D / 8);
+        if (e < BKV * (D / 8)) Ks4[buf * BKV * KS4 + j * KS4 + u] = g_pk[i];
+    }
+    [[unroll]] for (int i = 0; i < PF_V; ++i) {
+        const int e = lid + i * WGS, j = e / (DV / 8), u = e - j * (DV / 8);
+        if (e < BKV * (DV / 8)) Vs4[buf * BKV * VS4 + j * VS4 + u] = g_pv[i];
+    }
+}
+#endif
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
@@ -126,6 +178,30 @@ void main() {
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
     bool walked = true;   // every loop reached its bound (lavapipe's loop cap: flex_attention_fwd.comp)
+#if GEN_PREFETCH
+    g_koff = koff; g_voff = voff;
+    const int n_all = n_full + n_part;
+    int t = -1, k0 = 0, k_stop = 0, step = 0;
+    bool partial = false;
+    bool more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
+    if (more) fetch(k0, min(BKV, k_stop - k0), lid);
+    while (more) {
+        // Buffer step & 1 was last read two steps ago, before every subgroup passed the last barrier.
+        const int buf = step & 1, c0 = k0, kn = min(BKV, k_stop - k0), cpass = partial ? 1 : 0;
+        stash(buf, lid);
+        barrier();
+        k0 += BKV;
+        more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
+        if (more) fetch(k0, min(BKV, k_stop - k0), lid);   // in flight while this step computes
+        MM_SCORES(qf, g_r0, lane, buf * BKV * KS4)
+        subgroup_sync();
+        g_k0 = c0; g_kn = kn; g_pass = cpass;
+        MM_SOFTMAX_PV(o, g_r0, lane, m, l, buf * BKV * VS4)
+        ++step;
+    }
+    // A walk that ends on its own leaves the cursor past the row; one a driver stopped leaves it inside.
+    if (more) walked = false;
+#else
     int pass = 0;
     for (; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
@@ -148,10 +224,10 @@ void main() {
                 }
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
-                MM_SCORES(qf, g_r0, lane)
+                MM_SCORES(qf, g_r0, lane, 0)
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
-                MM_SOFTMAX_PV(o, g_r0, lane, m, l)
+                MM_SOFTMAX_PV(o, g_r0, lane, m, l, 0)
                 barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
@@ -159,6 +235,7 @@ void main() {
         if (i < n) walked = false;
     }
     if (pass < 2) walked = false;
+#endif
     if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
     // Each lane's rows: their sums, the sink, the outputs.

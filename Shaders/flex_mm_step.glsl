@@ -23,8 +23,12 @@
 #define PST (BKV + 8)
 #define SW (BKV > DV ? BKV : DV)
 #define SST (SW + 4)
-shared uvec4 Ks4[BKV * KS4];
-shared uvec4 Vs4[BKV * VS4];
+// KV_NBUF (default 1) buffers of each: the step's macros take the buffer's first unit.
+#ifndef KV_NBUF
+#define KV_NBUF 1
+#endif
+shared uvec4 Ks4[KV_NBUF * BKV * KS4];
+shared uvec4 Vs4[KV_NBUF * BKV * VS4];
 shared float Ss[BQ * SST];        // each subgroup's rows: scores, then P V (and O on its round trips)
 shared HALF_T Ps[BQ * PST];
 #if VKF_MM_EMULATE
@@ -38,22 +42,22 @@ GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
 
-// S = Q Kᵀ into rows R0.. of the score tile.
+// S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
-#define MM_SCORES(QF, R0, LANE) \
+#define MM_SCORES(QF, R0, LANE, KB) \
     for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
         const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
         float dot_ = 0.0; \
-        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, j_ * KS4 * 8 + d_); \
+        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_); \
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
-#define MM_SCORES(QF, R0, LANE) \
+#define MM_SCORES(QF, R0, LANE, KB) \
     [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
         FRAG_C acc_ = FRAG_C(0.0); \
         [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
             FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
-            coopMatLoadNV(kt_, Ks4, uint(nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            coopMatLoadNV(kt_, Ks4, uint((KB) + nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
             acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \
         } \
         coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
@@ -61,10 +65,10 @@ GATHER(v_data, v_units)
 #endif
 
 // The online softmax over the scores (running maxima M, the lane's row sums L), O rescaled where
-// a maximum moved, then O += P V. Starts after the scores are visible to the subgroup (a
+// a maximum moved, then O += P V (V from the buffer starting at unit VB of Vs4). Starts after the scores are visible to the subgroup (a
 // subgroup_sync after MM_SCORES); ends with P V added (emulated: through the score tile).
 #if VKF_MM_EMULATE
-#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
@@ -73,7 +77,7 @@ GATHER(v_data, v_units)
     for (int e_ = (LANE); e_ < MM * DV; e_ += SG) { \
         const int r_ = (R0) + e_ / DV, d_ = e_ - (e_ / DV) * DV; \
         float acc_ = 0.0; \
-        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, j_ * VS4 * 8 + d_); \
+        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
         Ss[r_ * SST + d_] = acc_; \
     } \
     subgroup_sync(); \
@@ -82,7 +86,7 @@ GATHER(v_data, v_units)
         [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] += Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR]; \
     } }
 #else
-#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
     bool moved_ = false; \
@@ -106,7 +110,7 @@ GATHER(v_data, v_units)
     [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
         [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             FRAG_B vf_; \
-            coopMatLoadNV(vf_, Vs4, uint(kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
             O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \
         } \
     } }

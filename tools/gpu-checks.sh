@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -13,7 +13,8 @@
 # default "scalar": never the matrix kernel), two rounds of the large cases; decode-quick: the
 # validated selftests (the matrix kernel's, every kernel's) and vkflex alone on the decode suite;
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
-# (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases).
+# (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases); generic:
+# coopmat-generic beside coopmat-nv per tiles (GEN_TILES, GEN_CASES; SASS=1 adds its machine code).
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -132,6 +133,32 @@ if [ "$what" = decode-quick ]; then
   grep -E 'pipeline flex_attention_decode' "$out/decode-bench.txt" | sed -E 's/.*pipeline (flex_attention_decode[_a-z]*).*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1: \2 registers, local \3/' | sort -u | head -4
   VKFLEX_DECODE_TILE=scalar step decode-scalar 60 vkflex bench --suite decode --no-check --json "$out/scalar.jsonl" --cases specdec_4_of_8k,decode_mqa_32k
   grep -E " (no|yes) " "$out/decode-scalar.txt" | cut -c1-110
+fi
+if [ "$what" = generic ]; then
+  # coopmat-generic against coopmat-nv (issue 26), the same cases in one run: GEN_CASES (default
+  # the full and causal cases, D = 64 and 128) per tiles of GEN_TILES (default: the planner's and
+  # the software pipeline, NSGxBKV[xp] as VKFLEX_GENERIC_TILES takes them), the driver's register
+  # and local-memory counts; then with SASS=1 the generic pipelines' machine code
+  # (tools/nvidia-sass; needs nvdisasm there and zstd, carried in .device/zstd).
+  cases=${GEN_CASES:-full,causal}
+  VKFLEX_KERNEL=coopmat-nv step gen-nv 90 vkflex bench --suite seed --no-check --cases "$cases"
+  grep -E 'coopmat-nv ' "$out/gen-nv.txt" | cut -c1-100
+  for t in ${GEN_TILES:-default 4x32xp}; do
+    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "gen-$t" 120 vkflex bench --suite seed --no-check --cases "$cases"
+    grep -E 'coopmat-generic |rror' "$out/gen-$t.txt" | cut -c1-100
+    grep -E 'pipeline flex_attention_fwd_generic' "$out/gen-$t.txt" | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \2 registers, local \3: \1/' | cut -c1-200 | sort -u | head -4
+    local_mem "$out/gen-$t.txt"
+  done
+  unset VKFLEX_GENERIC_TILES
+  if [ "${SASS:-0}" = 1 ]; then
+    export PATH=$PATH:/usr/local/cuda-13.0/bin:$PWD/.device/zstd
+    rm -rf /tmp/sass-cache
+    VKFLEX_CACHE_DIR=/tmp/sass-cache VKFLEX_KERNEL=coopmat-generic step gen-sass-run 60 vkflex bench --b 1 --h 1 --s 1024 --d 64 --mask-mod "q_idx >= kv_idx" --repeat 1 --no-check
+    step gen-sass 60 python3 tools/nvidia-sass/sass-dump.py /tmp/sass-cache/pipelines-*.bin "$out/sass"
+    cat "$out/gen-sass.txt" | head -20
+    (cd "$out" && tar cf sass.tar sass && rm -rf sass)
+  fi
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

@@ -16,7 +16,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The coopmat-nv backward passes (flex_attention_bwd_nv.comp): the owned rows' operands stay
     /// in shared memory instead of registers (`OWN_SHARED`).
     var ownShared = false
-    /// The coopmat-nv backward passes: each step's rows are loaded while the step before computes (`PREFETCH`).
+    /// Each step's rows are loaded while the step before computes: the coopmat-nv backward passes'
+    /// `PREFETCH`; coopmat-generic's `GEN_PREFETCH` (two K/V buffers).
     var prefetch = false
     /// The coopmat-nv dK/dV pass in two dispatches, dV then dK (`DKV`), and which half a pipeline
     /// is (0: both in one).
@@ -25,12 +26,12 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var BQ: Int { M * NSG }
     var WG: Int { SG * NSG }
 
-    /// Mirrors the shared arrays of flex_attention_fwd_generic.comp: K and V tiles and P (fp16,
-    /// rows padded by 8), the score / P·V tile (fp32, rows of max(BKV, Dv) + 4), and in emulation Q
-    /// (and, for bfloat16, P as float32: flex_mm.glsl's HALF_T).
-    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false) -> Int {
+    /// Mirrors the shared arrays of flex_attention_fwd_generic.comp: K and V tiles (two of each
+    /// with `prefetch`) and P (fp16, rows padded by 8), the score / P·V tile (fp32, rows of
+    /// max(BKV, Dv) + 4), and in emulation Q (and, for bfloat16, P as float32: flex_mm.glsl's HALF_T).
+    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false, prefetch: Bool = false) -> Int {
         let bq = M * NSG
-        let halves = BKV * (D + 8) + BKV * (Dv + 8) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
+        let halves = (prefetch ? 2 : 1) * (BKV * (D + 8) + BKV * (Dv + 8)) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (max(BKV, Dv) + 4)
     }
 
@@ -54,7 +55,7 @@ extension AttentionPlanner {
     /// H200 (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                             bf16: Bool = false) -> GenericTiles? {
+                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool)? = nil) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
@@ -62,13 +63,14 @@ extension AttentionPlanner {
             let tpr = max(1, sg / shape.m)
             guard Dv % tpr == 0 else { continue }
             let step = lcm(lcm(shape.m, shape.n), shape.k)
-            let groups = shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1]
+            let groups = forced.map { [$0.nsg] } ?? (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1])
             for nsg in groups where nsg * sg <= maxInvocations {
-                for want in [32, 16] {
+                for want in forced.map({ [$0.bkv] }) ?? [32, 16] {
                     let bkv = (want + step - 1) / step * step
-                    guard bkv % tpr == 0 else { continue }
-                    if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16) <= budget {
-                        return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated)
+                    guard bkv % tpr == 0, forced == nil || bkv == want else { continue }
+                    let prefetch = forced?.prefetch ?? false
+                    if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget {
+                        return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
                     }
                 }
             }
@@ -95,7 +97,8 @@ extension AttentionPlanner {
         let caps = device.capabilities
         return genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
                             sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                            forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16)
+                            forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16,
+                            forced: tuning.genericTiles)
     }
 
     /// Why a cooperative-matrix kernel (`kernel`, for the message) cannot take `dtype` on `device`
@@ -134,6 +137,9 @@ extension AttentionPlanner {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
         guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
+            if let f = tuning.genericTiles, genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: AttentionTuning(coopmatShape: tuning.coopmatShape)) != nil {
+                return "VKFLEX_GENERIC_TILES=\(device.environment["VKFLEX_GENERIC_TILES"] ?? "\(f.nsg)x\(f.bkv)"): \(f.nsg) subgroups of \(caps.subgroupSize) lanes with \(f.bkv) keys a step do not fit \(caps.name) (\(caps.maxSharedMemory) bytes of shared memory, \(caps.maxWorkgroupInvocations) invocations) at head dims \(s.D)/\(s.Dv), or the keys are not a multiple of the matrix shape's sides"
+            }
             return noShapeProblem(s, device: device, tuning: tuning, what: "tiles")
         }
         if t.SG > t.M, !caps.subgroupOperations.contains("clustered") {

@@ -37,6 +37,10 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
+    /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp]`: coopmat-generic's subgroups per workgroup, keys per step
+    /// and `p` for its software pipeline (`GEN_PREFETCH`), for tuning (checked per call against the
+    /// shared memory and the matrix shape).
+    var genericTiles: (nsg: Int, bkv: Int, prefetch: Bool)?
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -95,6 +99,15 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory), p (prefetch) and k (dK and dV in two dispatches), e.g. 8x64xp or 4x64xpk")
             }
             t.backwardTiles = tiles
+        }
+        if let g = env["VKFLEX_GENERIC_TILES"], !g.isEmpty {
+            let parts = g.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
+            let prefetch = parts.count == 3 && parts[2] == "p"
+            guard parts.count == 2 || prefetch, let nsg = Int(parts[0]), let bkv = Int(parts[1]), [1, 2, 4, 8].contains(nsg),
+                  bkv > 0, bkv % 8 == 0, bkv <= 128 else {
+                throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, and p for the software pipeline, e.g. 4x32xp")
+            }
+            t.genericTiles = (nsg, bkv, prefetch)
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
@@ -297,6 +310,7 @@ struct AttentionPlan: Hashable, Sendable {
             source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
+                .init("GEN_PREFETCH", t.prefetch ? "1" : "0"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):

@@ -1859,10 +1859,10 @@ void main() {
         }
         subgroup_sync();
         // S = Q Kᵀ into the score tile, the softmax, O += P V.
-        MM_SCORES(qf, 0, lane)
+        MM_SCORES(qf, 0, lane, 0)
         subgroup_sync();
         g_k0 = k0; g_kn = kn; g_part = partial;
-        MM_SOFTMAX_PV(o, 0, lane, m, l)
+        MM_SOFTMAX_PV(o, 0, lane, m, l, 0)
         subgroup_sync();   // the K, V and P tiles read before the next step's staging
         k0 += BKV;
         more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
@@ -3200,13 +3200,17 @@ void main() {
 // each lane rescales the rows it owns in the softmax, and O is loaded back; at the end O goes
 // through the same tile to the lanes that write it.
 //
+// GEN_PREFETCH: software pipeline — the next step's K and V go from global memory to registers
+// while this step computes, then into the other of two shared buffers, one barrier a step (as
+// coopmat-nv's); else each step loads, then computes, between two barriers.
+//
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles (no cooperative
 // matrices), O in registers in the softmax's row/column assignment (no round trip):
 // everything else — staging, walk, mods, softmax, output — is this kernel's own code, and runs on
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
 // IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
 // VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
@@ -3226,6 +3230,12 @@ layout(local_size_x = SG * NSG) in;
 #include "flex_mm.glsl"
 
 #define BQ (MM * NSG)
+#ifndef GEN_PREFETCH
+#define GEN_PREFETCH 0
+#endif
+#if GEN_PREFETCH
+#define KV_NBUF 2
+#endif
 // The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
 #include "flex_mm_step.glsl"
 
@@ -3257,6 +3267,48 @@ void sm_put(int k, int t, float pv) {
     Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
 
+#if GEN_PREFETCH
+// The walk's cursor over the mask row's full blocks, then its partial ones (t counts both): moves
+// to the first step at or after key k0 of block t that has keys of this split; false past the row.
+bool gen_seek(inout int t, inout int k0, inout int k_stop, inout bool partial, int mrow, int n_full, int n_all, int lkv) {
+    while (k0 >= k_stop) {
+        if (++t >= n_all) return false;
+        partial = t >= n_full;
+        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
+        if (kb < KV_LO || kb >= KV_HI) continue;   // another split's keys
+        k0 = kb * p.kv_bs;
+        k_stop = min(k0 + p.kv_bs, lkv);
+    }
+    return true;
+}
+// A step's K and V units, PF_K and PF_V per invocation, held in registers between the global
+// loads (fetch) and the shared buffer (stash). Rows past kn as zeros, as without the prefetch.
+#define WGS (SG * NSG)
+#define PF_K ((BKV * (D / 8) + WGS - 1) / WGS)
+#define PF_V ((BKV * (DV / 8) + WGS - 1) / WGS)
+uvec4 g_pk[PF_K], g_pv[PF_V];
+int g_koff, g_voff;
+void fetch(int k0, int kn, int lid) {
+    [[unroll]] for (int i = 0; i < PF_K; ++i) {
+        const int e = lid + i * WGS, j = e / (D / 8), u = e - j * (D / 8);
+        g_pk[i] = e < BKV * (D / 8) && j < kn ? unit_k_data(g_koff + kv_row(g_t.b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
+    }
+    [[unroll]] for (int i = 0; i < PF_V; ++i) {
+        const int e = lid + i * WGS, j = e / (DV / 8), u = e - j * (DV / 8);
+        g_pv[i] = e < BKV * (DV / 8) && j < kn ? unit_v_data(g_voff + kv_row(g_t.b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
+    }
+}
+void stash(int buf, int lid) {
+    [[unroll]] for (int i = 0; i < PF_K; ++i) {
+        const int e = lid + i * WGS, j = e / (D / 8), u = e - j * (D / 8);
+        if (e < BKV * (D / 8)) Ks4[buf * BKV * KS4 + j * KS4 + u] = g_pk[i];
+    }
+    [[unroll]] for (int i = 0; i < PF_V; ++i) {
+        const int e = lid + i * WGS, j = e / (DV / 8), u = e - j * (DV / 8);
+        if (e < BKV * (DV / 8)) Vs4[buf * BKV * VS4 + j * VS4 + u] = g_pv[i];
+    }
+}
+#endif
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
@@ -3310,6 +3362,30 @@ void main() {
     const int koff = p.k_base + bl * p.k_sb + (hk - p.hk_start) * p.k_sh;
     const int voff = p.v_base + bl * p.v_sb + (hk - p.hk_start) * p.v_sh;
     bool walked = true;   // every loop reached its bound (lavapipe's loop cap: flex_attention_fwd.comp)
+#if GEN_PREFETCH
+    g_koff = koff; g_voff = voff;
+    const int n_all = n_full + n_part;
+    int t = -1, k0 = 0, k_stop = 0, step = 0;
+    bool partial = false;
+    bool more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
+    if (more) fetch(k0, min(BKV, k_stop - k0), lid);
+    while (more) {
+        // Buffer step & 1 was last read two steps ago, before every subgroup passed the last barrier.
+        const int buf = step & 1, c0 = k0, kn = min(BKV, k_stop - k0), cpass = partial ? 1 : 0;
+        stash(buf, lid);
+        barrier();
+        k0 += BKV;
+        more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
+        if (more) fetch(k0, min(BKV, k_stop - k0), lid);   // in flight while this step computes
+        MM_SCORES(qf, g_r0, lane, buf * BKV * KS4)
+        subgroup_sync();
+        g_k0 = c0; g_kn = kn; g_pass = cpass;
+        MM_SOFTMAX_PV(o, g_r0, lane, m, l, buf * BKV * VS4)
+        ++step;
+    }
+    // A walk that ends on its own leaves the cursor past the row; one a driver stopped leaves it inside.
+    if (more) walked = false;
+#else
     int pass = 0;
     for (; pass < 2; ++pass) {
         const int n = pass == 0 ? n_full : n_part;
@@ -3332,10 +3408,10 @@ void main() {
                 }
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
-                MM_SCORES(qf, g_r0, lane)
+                MM_SCORES(qf, g_r0, lane, 0)
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
-                MM_SOFTMAX_PV(o, g_r0, lane, m, l)
+                MM_SOFTMAX_PV(o, g_r0, lane, m, l, 0)
                 barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
@@ -3343,6 +3419,7 @@ void main() {
         if (i < n) walked = false;
     }
     if (pass < 2) walked = false;
+#endif
     if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
     // Each lane's rows: their sums, the sink, the outputs.
@@ -3889,8 +3966,12 @@ void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
 #define PST (BKV + 8)
 #define SW (BKV > DV ? BKV : DV)
 #define SST (SW + 4)
-shared uvec4 Ks4[BKV * KS4];
-shared uvec4 Vs4[BKV * VS4];
+// KV_NBUF (default 1) buffers of each: the step's macros take the buffer's first unit.
+#ifndef KV_NBUF
+#define KV_NBUF 1
+#endif
+shared uvec4 Ks4[KV_NBUF * BKV * KS4];
+shared uvec4 Vs4[KV_NBUF * BKV * VS4];
 shared float Ss[BQ * SST];        // each subgroup's rows: scores, then P V (and O on its round trips)
 shared HALF_T Ps[BQ * PST];
 #if VKF_MM_EMULATE
@@ -3904,22 +3985,22 @@ GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
 
-// S = Q Kᵀ into rows R0.. of the score tile.
+// S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
-#define MM_SCORES(QF, R0, LANE) \
+#define MM_SCORES(QF, R0, LANE, KB) \
     for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
         const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
         float dot_ = 0.0; \
-        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, j_ * KS4 * 8 + d_); \
+        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_); \
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
-#define MM_SCORES(QF, R0, LANE) \
+#define MM_SCORES(QF, R0, LANE, KB) \
     [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
         FRAG_C acc_ = FRAG_C(0.0); \
         [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
             FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
-            coopMatLoadNV(kt_, Ks4, uint(nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            coopMatLoadNV(kt_, Ks4, uint((KB) + nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
             acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \
         } \
         coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
@@ -3927,10 +4008,10 @@ GATHER(v_data, v_units)
 #endif
 
 // The online softmax over the scores (running maxima M, the lane's row sums L), O rescaled where
-// a maximum moved, then O += P V. Starts after the scores are visible to the subgroup (a
+// a maximum moved, then O += P V (V from the buffer starting at unit VB of Vs4). Starts after the scores are visible to the subgroup (a
 // subgroup_sync after MM_SCORES); ends with P V added (emulated: through the score tile).
 #if VKF_MM_EMULATE
-#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
@@ -3939,7 +4020,7 @@ GATHER(v_data, v_units)
     for (int e_ = (LANE); e_ < MM * DV; e_ += SG) { \
         const int r_ = (R0) + e_ / DV, d_ = e_ - (e_ / DV) * DV; \
         float acc_ = 0.0; \
-        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, j_ * VS4 * 8 + d_); \
+        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
         Ss[r_ * SST + d_] = acc_; \
     } \
     subgroup_sync(); \
@@ -3948,7 +4029,7 @@ GATHER(v_data, v_units)
         [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] += Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR]; \
     } }
 #else
-#define MM_SOFTMAX_PV(O, R0, LANE, M, L) { \
+#define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
     bool moved_ = false; \
@@ -3972,7 +4053,7 @@ GATHER(v_data, v_units)
     [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
         [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             FRAG_B vf_; \
-            coopMatLoadNV(vf_, Vs4, uint(kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
             O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \
         } \
     } }

@@ -77,6 +77,42 @@ extension AttentionTests {
         }
     }
 
+    /// The software pipeline (`VKFLEX_GENERIC_TILES=NSGxBKVxp`: the next step's K and V in registers
+    /// while a step computes, two shared buffers, one barrier a step) on lavapipe: full and partial
+    /// blocks, a block size that is not a multiple of the step, key lengths, GQA, a key split.
+    func testGenericKernelSoftwarePipeline() throws {
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x32xp"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0] }, [4, 32, 1])
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "2X16"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0] }, [2, 16, 0])
+        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": bad])) {
+                XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=\(bad): use NSGxBKV[xp]"), "\($0)")
+            }
+        }
+        let d = try device(with: ["VKFLEX_GENERIC_TILES": "1x16xp"])
+        let generic = FlexOptions(kernel: .coopmatGeneric)
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        for (name, B, Hq, Hkv, Lq, Lkv, D, mask, bs, lens) in [
+            ("causal, 24-key blocks, odd lengths", 1, 2, 2, 50, 61, 32, causal, 24, nil),
+            ("GQA sliding window, key lengths", 2, 4, 2, 40, 70, 16, MaskMod { _, _, q, kv in abs(q - kv) < 20 }, 16, [Int32(70), 33]),
+            ("dense, 1 query row, 900 keys (split)", 1, 2, 1, 1, 900, 32, nil, 32, nil),
+        ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] {
+            let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
+            let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+            let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+            let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: d, blockSize: BlockSize(q: bs, kv: bs)) }
+            let kl = try lens.map { try d.tensor($0, shape: [B]) }
+            let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: kl, returnLSE: true, options: generic)
+            XCTAssertEqual(r.kernel, .coopmatGeneric, name)
+            let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens?.map(Int.init))
+            XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, name)
+            XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-2, name)
+        }
+        // Tiles that do not fit say which variable asked for them.
+        let big = try device(with: ["VKFLEX_GENERIC_TILES": "8x128xp"])
+        let q = try big.tensor(randn(64 * 64), shape: [1, 1, 64, 64], dtype: .float16)
+        XCTAssertThrowsError(try flexAttention(q, q, q, options: generic)) { XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=8x128xp: 8 subgroups"), "\($0)") }
+    }
+
     /// Long key ranges through the emulated kernel: its scalar products count against lavapipe's
     /// loop cap, so the planner splits its keys too (and merges the partials).
     func testGenericKernelOnLongKeyRanges() throws {
@@ -151,9 +187,16 @@ extension AttentionTests {
                     try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) \(pass)")
                     compiled += 1
                 }
+                // The software pipeline (GEN_PREFETCH: two K/V buffers, the next step in registers).
+                var pt = t
+                pt.prefetch = true
+                let plan = AttentionPlan(pass: .forward, kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(pt),
+                                         typedOperands: true, kvLengths: true, pushParams: true, mods: mods.glsl.source)
+                try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) prefetch")
+                compiled += 1
             }
         }
-        XCTAssertEqual(compiled, 36)
+        XCTAssertEqual(compiled, 51)
         // The split-KV matrix kernel, through the same shapes and subgroup sizes (GQA rows, offsets,
         // paged K/V, max scores).
         var decodes = 0
