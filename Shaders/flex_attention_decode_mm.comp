@@ -51,14 +51,10 @@ layout(local_size_x = SG) in;
 // The shared tiles and the step (scores, softmax, P V), as flex_attention_fwd_generic.comp's for
 // one subgroup (BQ = MM rows). Q passes through the K tile on its way to registers (BKV >= MM).
 #define BQ MM
+// A step's 32 keys are 16 units a lane of K (and of V) at D = 128: each in one round.
+#define STAGE_CH 16
 #include "flex_mm_step.glsl"
 
-// Unrolled staging on a GPU; emulated (lavapipe) the loops stay, which compiles faster.
-#if VKF_MM_EMULATE
-#define STAGE_UNROLL
-#else
-#define STAGE_UNROLL [[unroll]]
-#endif
 
 #define SM_ROWS MM
 #define SM_COLS BKV
@@ -154,16 +150,11 @@ void main() {
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     while (more) {
         const int kn = min(BKV, k_stop - k0);
-        // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0. On a
-        // GPU the loops unroll, so that every load of the step is in flight at once.
-        STAGE_UNROLL for (int i = 0; i < (BKV * (D / 8) + SG - 1) / SG; ++i) {
-            const int e = lane + i * SG, j = e / (D / 8), u = e - j * (D / 8);
-            if (e < BKV * (D / 8)) Ks4[j * KS4 + u] = j < kn ? unit_k_data(koff + KEY_ROW(k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
-        }
-        STAGE_UNROLL for (int i = 0; i < (BKV * (DV / 8) + SG - 1) / SG; ++i) {
-            const int e = lane + i * SG, j = e / (DV / 8), u = e - j * (DV / 8);
-            if (e < BKV * (DV / 8)) Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + KEY_ROW(k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
-        }
+        // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0.
+#define K_UNIT(j, u) unit_k_data(koff + KEY_ROW(k0 + (j)) * p.k_sl, p.k_sd, u)
+#define V_UNIT(j, u) unit_v_data(voff + KEY_ROW(k0 + (j)) * p.v_sl, p.v_sd, u)
+        MM_STAGE(Ks4, 0, KS4, D / 8, kn, lane, SG, K_UNIT)
+        MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lane, SG, V_UNIT)
         subgroup_sync();
         // S = Q Kᵀ into the score tile, the softmax, O += P V.
         MM_SCORES(qf, 0, lane, 0)

@@ -214,14 +214,10 @@ void main() {
             for (; k0 < k_stop; k0 += BKV) {
                 const int kn = min(BKV, k_stop - k0);
                 // K and V rows past kn as zeros: their scores are finite (and masked), their P 0.
-                for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
-                    const int j = e / (D / 8), u = e - j * (D / 8);
-                    Ks4[j * KS4 + u] = j < kn ? unit_k_data(koff + kv_row(b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
-                }
-                for (int e = lid; e < BKV * (DV / 8); e += SG * NSG) {
-                    const int j = e / (DV / 8), u = e - j * (DV / 8);
-                    Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
-                }
+#define K_UNIT(j, u) unit_k_data(koff + kv_row(b, k0 + (j)) * p.k_sl, p.k_sd, u)
+#define V_UNIT(j, u) unit_v_data(voff + kv_row(b, k0 + (j)) * p.v_sl, p.v_sd, u)
+                MM_STAGE(Ks4, 0, KS4, D / 8, kn, lid, SG * NSG, K_UNIT)
+                MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lid, SG * NSG, V_UNIT)
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
                 MM_SCORES(qf, g_r0, lane, 0)

@@ -42,6 +42,35 @@ GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
 
+// Staging loops unroll on a GPU; emulated (lavapipe) they stay loops, which compiles faster.
+#if VKF_MM_EMULATE
+#define STAGE_UNROLL
+#else
+#define STAGE_UNROLL [[unroll]]
+#endif
+// Units an invocation loads into registers before it stores them (a round): a store right after
+// each load waits for it, so a step that stored each unit as it came spent one memory latency per
+// unit (H100: the split-KV matrix kernel's 32 a step, 4x slower than the scalar kernel).
+#ifndef STAGE_CH
+#define STAGE_CH 8
+#endif
+// Rows [0, BKV) of a step into the shared tile T (rows TS units apart, UNITS units a row) from unit
+// TB on, by NT invocations of which this is I: LOAD(j, u) gives unit u of the step's row j; rows at
+// or past KN are zeros. In rounds of STAGE_CH units an invocation, loaded, then stored.
+#define MM_STAGE(T, TB, TS, UNITS, KN, I, NT, LOAD) { \
+    const int n_ = BKV * (UNITS), per_ = (n_ + (NT) - 1) / (NT); \
+    STAGE_UNROLL for (int c_ = 0; c_ < per_; c_ += STAGE_CH) { \
+        uvec4 r_[STAGE_CH]; \
+        STAGE_UNROLL for (int i_ = 0; i_ < STAGE_CH; ++i_) { \
+            const int e_ = (I) + (c_ + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
+            r_[i_] = c_ + i_ < per_ && e_ < n_ && j_ < (KN) ? LOAD(j_, u_) : uvec4(0); \
+        } \
+        STAGE_UNROLL for (int i_ = 0; i_ < STAGE_CH; ++i_) { \
+            const int e_ = (I) + (c_ + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
+            if (c_ + i_ < per_ && e_ < n_) T[(TB) + j_ * (TS) + u_] = r_[i_]; \
+        } \
+    } }
+
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
 #define MM_SCORES(QF, R0, LANE, KB) \

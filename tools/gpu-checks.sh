@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -14,7 +14,9 @@
 # validated selftests (the matrix kernel's, every kernel's) and vkflex alone on the decode suite;
 # bwd: coopmat-nv's selftest (forward and backward) and its backward on the seed suite, per tiles
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases); generic:
-# coopmat-generic beside coopmat-nv per tiles (GEN_TILES, GEN_CASES; SASS=1 adds its machine code).
+# coopmat-generic beside coopmat-nv per tiles (GEN_TILES, GEN_CASES; SASS=1 adds its machine code);
+# recheck: every kernel's validated selftest, the split-KV matrix and scalar kernels on the 16-row
+# cases, coopmat-generic on full and causal.
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -159,6 +161,21 @@ if [ "$what" = generic ]; then
     cat "$out/gen-sass.txt" | head -20
     (cd "$out" && tar cf sass.tar sass && rm -rf sass)
   fi
+fi
+if [ "$what" = recheck ]; then
+  # After a kernel change, with little device time: every kernel's validated selftest, the
+  # split-KV matrix kernel against the scalar one on the 16-row cases, coopmat-generic's planner
+  # tiles on the full and causal cases.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  cases=specdec_4_of_8k,decode_mqa_32k
+  for t in mm scalar; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "decode-$t" 60 vkflex bench --suite decode --no-check --cases $cases --json "$out/decode-$t.jsonl"
+    grep -E " (no|yes) " "$out/decode-$t.txt" | cut -c1-110
+    grep -E 'pipeline flex_attention_decode' "$out/decode-$t.txt" | sed -E 's/.*pipeline (flex_attention_decode[_a-z]*).*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1: \2 registers, local \3/' | sort -u | head -2
+  done
+  VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step gen 100 vkflex bench --suite seed --no-check --cases full,causal
+  grep -E 'coopmat-generic |rror' "$out/gen.txt" | cut -c1-100
+  grep -E 'pipeline flex_attention_fwd_generic' "$out/gen.txt" | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \2 registers, local \3: \1/' | cut -c1-200 | sort -u | head -4
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

@@ -51,8 +51,10 @@ extension AttentionPlanner {
     /// Dv, the larger M·N·K first (16×16×16 on AMD and NVIDIA; Intel lists 8×16×16 on Xe2 and
     /// 8×8×16 on Arc), `forcedShape` alone when given. Then four subgroups where they fit (each
     /// owns M query rows), else two, else one (eight where M = 8, to keep 32+ rows a workgroup),
-    /// and 32 keys a step, else 16 (rounded up to what M, N and K divide). Unmeasured beyond the
-    /// H200 (docs/performance.md): a first choice, not a tuned one.
+    /// and 32 keys a step, else 16 (rounded up to what M, N and K divide), with the software
+    /// pipeline (`prefetch`: two K/V buffers) where it fits, except in emulation. `forced`
+    /// (`VKFLEX_GENERIC_TILES`) fixes subgroups, keys and pipeline. Measured on NVIDIA only
+    /// (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
                              bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool)? = nil) -> GenericTiles? {
@@ -68,8 +70,11 @@ extension AttentionPlanner {
                 for want in forced.map({ [$0.bkv] }) ?? [32, 16] {
                     let bkv = (want + step - 1) / step * step
                     guard bkv % tpr == 0, forced == nil || bkv == want else { continue }
-                    let prefetch = forced?.prefetch ?? false
-                    if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget {
+                    // The software pipeline where its second K/V buffer fits (H100, D = 64, 4x32:
+                    // full 39.4 -> 60.2 TFLOP/s, causal 31.7 -> 41.2, soft-cap 27.3 -> 33.9;
+                    // docs/performance.md); not in emulation, where it only costs compile time.
+                    for prefetch in forced.map({ [$0.prefetch] }) ?? (emulated ? [false] : [true, false])
+                        where GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget {
                         return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
                     }
                 }

@@ -1744,14 +1744,10 @@ layout(local_size_x = SG) in;
 // The shared tiles and the step (scores, softmax, P V), as flex_attention_fwd_generic.comp's for
 // one subgroup (BQ = MM rows). Q passes through the K tile on its way to registers (BKV >= MM).
 #define BQ MM
+// A step's 32 keys are 16 units a lane of K (and of V) at D = 128: each in one round.
+#define STAGE_CH 16
 #include "flex_mm_step.glsl"
 
-// Unrolled staging on a GPU; emulated (lavapipe) the loops stay, which compiles faster.
-#if VKF_MM_EMULATE
-#define STAGE_UNROLL
-#else
-#define STAGE_UNROLL [[unroll]]
-#endif
 
 #define SM_ROWS MM
 #define SM_COLS BKV
@@ -1847,16 +1843,11 @@ void main() {
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     while (more) {
         const int kn = min(BKV, k_stop - k0);
-        // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0. On a
-        // GPU the loops unroll, so that every load of the step is in flight at once.
-        STAGE_UNROLL for (int i = 0; i < (BKV * (D / 8) + SG - 1) / SG; ++i) {
-            const int e = lane + i * SG, j = e / (D / 8), u = e - j * (D / 8);
-            if (e < BKV * (D / 8)) Ks4[j * KS4 + u] = j < kn ? unit_k_data(koff + KEY_ROW(k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
-        }
-        STAGE_UNROLL for (int i = 0; i < (BKV * (DV / 8) + SG - 1) / SG; ++i) {
-            const int e = lane + i * SG, j = e / (DV / 8), u = e - j * (DV / 8);
-            if (e < BKV * (DV / 8)) Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + KEY_ROW(k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
-        }
+        // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0.
+#define K_UNIT(j, u) unit_k_data(koff + KEY_ROW(k0 + (j)) * p.k_sl, p.k_sd, u)
+#define V_UNIT(j, u) unit_v_data(voff + KEY_ROW(k0 + (j)) * p.v_sl, p.v_sd, u)
+        MM_STAGE(Ks4, 0, KS4, D / 8, kn, lane, SG, K_UNIT)
+        MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lane, SG, V_UNIT)
         subgroup_sync();
         // S = Q Kᵀ into the score tile, the softmax, O += P V.
         MM_SCORES(qf, 0, lane, 0)
@@ -3398,14 +3389,10 @@ void main() {
             for (; k0 < k_stop; k0 += BKV) {
                 const int kn = min(BKV, k_stop - k0);
                 // K and V rows past kn as zeros: their scores are finite (and masked), their P 0.
-                for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
-                    const int j = e / (D / 8), u = e - j * (D / 8);
-                    Ks4[j * KS4 + u] = j < kn ? unit_k_data(koff + kv_row(b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
-                }
-                for (int e = lid; e < BKV * (DV / 8); e += SG * NSG) {
-                    const int j = e / (DV / 8), u = e - j * (DV / 8);
-                    Vs4[j * VS4 + u] = j < kn ? unit_v_data(voff + kv_row(b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
-                }
+#define K_UNIT(j, u) unit_k_data(koff + kv_row(b, k0 + (j)) * p.k_sl, p.k_sd, u)
+#define V_UNIT(j, u) unit_v_data(voff + kv_row(b, k0 + (j)) * p.v_sl, p.v_sd, u)
+                MM_STAGE(Ks4, 0, KS4, D / 8, kn, lid, SG * NSG, K_UNIT)
+                MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lid, SG * NSG, V_UNIT)
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
                 MM_SCORES(qf, g_r0, lane, 0)
@@ -3984,6 +3971,35 @@ layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q
 GATHER(q_data, q_units)
 GATHER(k_data, k_units)
 GATHER(v_data, v_units)
+
+// Staging loops unroll on a GPU; emulated (lavapipe) they stay loops, which compiles faster.
+#if VKF_MM_EMULATE
+#define STAGE_UNROLL
+#else
+#define STAGE_UNROLL [[unroll]]
+#endif
+// Units an invocation loads into registers before it stores them (a round): a store right after
+// each load waits for it, so a step that stored each unit as it came spent one memory latency per
+// unit (H100: the split-KV matrix kernel's 32 a step, 4x slower than the scalar kernel).
+#ifndef STAGE_CH
+#define STAGE_CH 8
+#endif
+// Rows [0, BKV) of a step into the shared tile T (rows TS units apart, UNITS units a row) from unit
+// TB on, by NT invocations of which this is I: LOAD(j, u) gives unit u of the step's row j; rows at
+// or past KN are zeros. In rounds of STAGE_CH units an invocation, loaded, then stored.
+#define MM_STAGE(T, TB, TS, UNITS, KN, I, NT, LOAD) { \
+    const int n_ = BKV * (UNITS), per_ = (n_ + (NT) - 1) / (NT); \
+    STAGE_UNROLL for (int c_ = 0; c_ < per_; c_ += STAGE_CH) { \
+        uvec4 r_[STAGE_CH]; \
+        STAGE_UNROLL for (int i_ = 0; i_ < STAGE_CH; ++i_) { \
+            const int e_ = (I) + (c_ + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
+            r_[i_] = c_ + i_ < per_ && e_ < n_ && j_ < (KN) ? LOAD(j_, u_) : uvec4(0); \
+        } \
+        STAGE_UNROLL for (int i_ = 0; i_ < STAGE_CH; ++i_) { \
+            const int e_ = (I) + (c_ + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
+            if (c_ + i_ < per_ && e_ < n_) T[(TB) + j_ * (TS) + u_] = r_[i_]; \
+        } \
+    } }
 
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
