@@ -203,15 +203,23 @@ extension AttentionPlanner {
         return nil
     }
 
+    /// Off until a GPU run measures the matrix kernel faster than the scalar one on its cases. Its
+    /// first run (H100, 2026-12-06) was 4x slower — `specdec_4_of_8k` 2.28 against 0.55 ms — because
+    /// its staging stored each K/V unit right after loading it (one memory latency per unit);
+    /// staging in rounds (`MM_STAGE`) came after and is unmeasured (docs/performance.md).
+    /// `VKFLEX_DECODE_TILE=mm` runs it meanwhile.
+    static let decodeMMMeasuredFaster = false
+
     /// Whether split-KV decoding takes the matrix kernel by itself: on a device with cooperative
     /// matrices (never emulated: on a CPU device the scalar kernel is the fast one), for 16-bit
     /// inputs with at least 8 rows per KV head (query heads of a group × query rows: speculative
     /// decoding — the scalar kernel's arithmetic grows with its rows, and a 16-row tile of it runs
     /// out of registers: docs/performance.md), where its tiles fit, and after its first-call check
     /// against the scalar kernel (``GenericKernelCheck/decodePasses(D:Dv:dtype:device:)``) on every
-    /// device — NVIDIA's included: it has not yet run on a GPU (docs/h200-selftest.md).
+    /// device — NVIDIA's included — and only once ``decodeMMMeasuredFaster`` says so.
     static func decodeMMByDefault(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> Bool {
-        guard device.cooperativeMatrixAPI != nil, s.Hq / s.Hkv * s.Lq >= 8, decodeMMProblem(s, device: device) == nil else { return false }
+        guard decodeMMMeasuredFaster, device.cooperativeMatrixAPI != nil, s.Hq / s.Hkv * s.Lq >= 8,
+              decodeMMProblem(s, device: device) == nil else { return false }
         return GenericKernelCheck.decodePasses(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device)
     }
 

@@ -117,7 +117,8 @@ final class DecodeTests: FlexTestCase {
         let q16 = try device.tensor(randn(16 * 64), shape: [1, 16, 1, 64], dtype: .float16), k16 = try device.tensor(randn(100 * 64), shape: [1, 1, 100, 64], dtype: .float16)
         XCTAssertEqual(try flexAttention(q16, k16, k16, enableGQA: true).kernel, .splitKV)
         let shape = try AttentionShape(q16, k16, k16, blockMask: nil, enableGQA: true)
-        XCTAssertEqual(AttentionPlanner.decodeMMByDefault(shape, device: device, tuning: AttentionTuning()), device.cooperativeMatrixAPI != nil)
+        XCTAssertEqual(AttentionPlanner.decodeMMByDefault(shape, device: device, tuning: AttentionTuning()),
+                       AttentionPlanner.decodeMMMeasuredFaster && device.cooperativeMatrixAPI != nil)
     }
 
     /// The matrix kernel's tiles for the subgroup sizes and shapes AMD, Intel and NVIDIA list: one
