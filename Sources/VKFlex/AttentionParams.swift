@@ -48,8 +48,27 @@ enum AttentionBinding: Int, CaseIterable {
 }
 
 /// A parameter field of a kernel: its name (also its GLSL name) and whether it is a float.
-protocol KernelParamField: CaseIterable, Hashable, RawRepresentable where RawValue == String, AllCases == [Self] {
+protocol KernelParamField: CaseIterable, Hashable, Sendable, RawRepresentable where RawValue == String, AllCases == [Self] {
     var isFloat: Bool { get }
+    /// Each field's slot and each tensor prefix's layout fields, made once per field type
+    /// (`static let slots = ParamSlots<Self>()`): a block is filled on every call.
+    static var slots: ParamSlots<Self> { get }
+}
+
+/// A field type's slot of each field (its place in declaration order) and, per tensor prefix
+/// (`q`, `k`, ...), the fields `<prefix>_base`, `_sb`, `_sh`, `_sl`, `_sd` that it has.
+struct ParamSlots<Field: KernelParamField>: Sendable {
+    let index: [Field: Int]
+    let layouts: [String: [Field]]
+    init() {
+        index = Dictionary(uniqueKeysWithValues: Field.allCases.enumerated().map { ($1, $0) })
+        var layouts: [String: [Field]] = [:]
+        for field in Field.allCases where field.rawValue.hasSuffix("_base") {
+            let prefix = String(field.rawValue.dropLast(5))
+            layouts[prefix] = ["_base", "_sb", "_sh", "_sl", "_sd"].compactMap { Field(rawValue: prefix + $0) }
+        }
+        self.layouts = layouts
+    }
 }
 
 /// A kernel's parameter block, declared once: the order of the `Field` enum is both the GLSL
@@ -67,8 +86,7 @@ struct ParamBlock<Field: KernelParamField> {
     /// Bytes of the block.
     static var byteCount: Int { Field.allCases.count * 4 }
 
-    private static var indices: [Field: Int] { Dictionary(uniqueKeysWithValues: Field.allCases.enumerated().map { ($1, $0) }) }
-    private let index: [Field: Int] = ParamBlock.indices
+    private let index: [Field: Int] = Field.slots.index
     private var slots = [UInt32](repeating: 0, count: Field.allCases.count)
     private var set = [Bool](repeating: false, count: Field.allCases.count)
 
@@ -90,10 +108,11 @@ struct ParamBlock<Field: KernelParamField> {
     /// `_sl`, `_sd` (as many as `strides` has), in elements.
     mutating func setLayout(_ prefix: String, base: Int, strides: [Int]) {
         precondition(strides.count <= 4, "\(prefix): at most 4 strides")
-        for (suffix, value) in zip(["_base", "_sb", "_sh", "_sl", "_sd"], [base] + strides) {
-            guard let field = Field(rawValue: prefix + suffix) else { preconditionFailure("no kernel parameter \(prefix + suffix)") }
-            set(field, int: value)
+        guard let fields = Field.slots.layouts[prefix], fields.count >= strides.count + 1 else {
+            preconditionFailure("no kernel parameters \(prefix)_base and \(strides.count) strides")
         }
+        set(fields[0], int: base)
+        for (field, value) in zip(fields.dropFirst(), strides) { set(field, int: value) }
     }
 
     /// Sets a float field.
@@ -126,6 +145,7 @@ typealias AttentionParams = ParamBlock<AttentionField>
 /// Sizes, element offsets (into this dispatch's bindings) and strides (elements) of every tensor,
 /// the BlockMask's geometry, the scale, and what this dispatch covers.
 enum AttentionField: String, KernelParamField {
+    static let slots = ParamSlots<AttentionField>()
     case B, Hq, Hkv, Lq, Lkv
     /// First batch of this dispatch (workgroup z counts from it).
     case b_start

@@ -157,6 +157,7 @@ enum BackwardBinding: Int, CaseIterable {
 /// The backward kernels' parameters: sizes, element offsets and strides of the inputs, the
 /// BlockMask's geometry, the scale.
 enum BackwardField: String, KernelParamField {
+    static let slots = ParamSlots<BackwardField>()
     case B, Hq, Hkv, Lq, Lkv
     case q_base, q_sb, q_sh, q_sl, q_sd
     case k_base, k_sb, k_sh, k_sl, k_sd
