@@ -3980,8 +3980,13 @@ GATHER(v_data, v_units)
 #endif
 // Units an invocation loads into registers before it stores them (a round): a store right after
 // each load waits for it, so a step that stored each unit as it came spent one memory latency per
-// unit (H100: the split-KV matrix kernel's 32 a step, 4x slower than the scalar kernel).
-#ifndef STAGE_CH
+// unit (H100: the split-KV matrix kernel's 32 a step, 4x slower than the scalar kernel). Emulated,
+// one unit a round: a CPU has no latency to hide, and lavapipe compiled the rounds' register
+// arrays slowly (the tests of both kernels took 1.5-2.2x as long); the same code runs.
+#if VKF_MM_EMULATE
+#undef STAGE_CH
+#define STAGE_CH 1
+#elif !defined(STAGE_CH)
 #define STAGE_CH 8
 #endif
 // Rows [0, BKV) of a step into the shared tile T (rows TS units apart, UNITS units a row) from unit
