@@ -105,24 +105,14 @@ bool gen_seek(inout int t, inout int k0, inout int k_stop, inout bool partial, i
 uvec4 g_pk[PF_K], g_pv[PF_V];
 int g_koff, g_voff;
 void fetch(int k0, int kn, int lid) {
-    [[unroll]] for (int i = 0; i < PF_K; ++i) {
-        const int e = lid + i * WGS, j = e / (D / 8), u = e - j * (D / 8);
-        g_pk[i] = e < BKV * (D / 8) && j < kn ? unit_k_data(g_koff + kv_row(g_t.b, k0 + j) * p.k_sl, p.k_sd, u) : uvec4(0);
-    }
-    [[unroll]] for (int i = 0; i < PF_V; ++i) {
-        const int e = lid + i * WGS, j = e / (DV / 8), u = e - j * (DV / 8);
-        g_pv[i] = e < BKV * (DV / 8) && j < kn ? unit_v_data(g_voff + kv_row(g_t.b, k0 + j) * p.v_sl, p.v_sd, u) : uvec4(0);
-    }
+#define PF_K_UNIT(j, u) unit_k_data(g_koff + kv_row(g_t.b, k0 + (j)) * p.k_sl, p.k_sd, u)
+#define PF_V_UNIT(j, u) unit_v_data(g_voff + kv_row(g_t.b, k0 + (j)) * p.v_sl, p.v_sd, u)
+    MM_FETCH(g_pk, 0, PF_K, D / 8, kn, lid, WGS, PF_K_UNIT)
+    MM_FETCH(g_pv, 0, PF_V, DV / 8, kn, lid, WGS, PF_V_UNIT)
 }
 void stash(int buf, int lid) {
-    [[unroll]] for (int i = 0; i < PF_K; ++i) {
-        const int e = lid + i * WGS, j = e / (D / 8), u = e - j * (D / 8);
-        if (e < BKV * (D / 8)) Ks4[buf * BKV * KS4 + j * KS4 + u] = g_pk[i];
-    }
-    [[unroll]] for (int i = 0; i < PF_V; ++i) {
-        const int e = lid + i * WGS, j = e / (DV / 8), u = e - j * (DV / 8);
-        if (e < BKV * (DV / 8)) Vs4[buf * BKV * VS4 + j * VS4 + u] = g_pv[i];
-    }
+    MM_STASH(g_pk, 0, PF_K, Ks4, buf * BKV * KS4, KS4, D / 8, lid, WGS)
+    MM_STASH(g_pv, 0, PF_V, Vs4, buf * BKV * VS4, VS4, DV / 8, lid, WGS)
 }
 #endif
 

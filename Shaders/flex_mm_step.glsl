@@ -59,21 +59,27 @@ GATHER(v_data, v_units)
 #elif !defined(STAGE_CH)
 #define STAGE_CH 8
 #endif
-// Rows [0, BKV) of a step into the shared tile T (rows TS units apart, UNITS units a row) from unit
-// TB on, by NT invocations of which this is I: LOAD(j, u) gives unit u of the step's row j; rows at
-// or past KN are zeros. In rounds of STAGE_CH units an invocation, loaded, then stored.
+// A step's rows [0, BKV) as BKV x UNITS units, NT invocations of which this is I taking units
+// I, I + NT, ...: MM_FETCH loads its units C0 .. C0 + CN - 1 into R[0 .. CN) (LOAD(j, u): unit u
+// of the step's row j; zeros for rows at or past KN and for units past the tile), MM_STASH stores
+// them into the shared tile T (rows TS units apart) from unit TB on. MM_STAGE does both in rounds
+// of STAGE_CH units; the pipelined generic kernel fetches one step and stashes it a step later.
+#define MM_FETCH(R, C0, CN, UNITS, KN, I, NT, LOAD) \
+    STAGE_UNROLL for (int i_ = 0; i_ < (CN); ++i_) { \
+        const int e_ = (I) + ((C0) + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
+        R[i_] = e_ < BKV * (UNITS) && j_ < (KN) ? LOAD(j_, u_) : uvec4(0); \
+    }
+#define MM_STASH(R, C0, CN, T, TB, TS, UNITS, I, NT) \
+    STAGE_UNROLL for (int i_ = 0; i_ < (CN); ++i_) { \
+        const int e_ = (I) + ((C0) + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
+        if (e_ < BKV * (UNITS)) T[(TB) + j_ * (TS) + u_] = R[i_]; \
+    }
 #define MM_STAGE(T, TB, TS, UNITS, KN, I, NT, LOAD) { \
-    const int n_ = BKV * (UNITS), per_ = (n_ + (NT) - 1) / (NT); \
+    const int per_ = (BKV * (UNITS) + (NT) - 1) / (NT); \
     STAGE_UNROLL for (int c_ = 0; c_ < per_; c_ += STAGE_CH) { \
         uvec4 r_[STAGE_CH]; \
-        STAGE_UNROLL for (int i_ = 0; i_ < STAGE_CH; ++i_) { \
-            const int e_ = (I) + (c_ + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
-            r_[i_] = c_ + i_ < per_ && e_ < n_ && j_ < (KN) ? LOAD(j_, u_) : uvec4(0); \
-        } \
-        STAGE_UNROLL for (int i_ = 0; i_ < STAGE_CH; ++i_) { \
-            const int e_ = (I) + (c_ + i_) * (NT), j_ = e_ / (UNITS), u_ = e_ - j_ * (UNITS); \
-            if (c_ + i_ < per_ && e_ < n_) T[(TB) + j_ * (TS) + u_] = r_[i_]; \
-        } \
+        MM_FETCH(r_, c_, STAGE_CH, UNITS, KN, I, NT, LOAD) \
+        MM_STASH(r_, c_, STAGE_CH, T, TB, TS, UNITS, I, NT) \
     } }
 
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
