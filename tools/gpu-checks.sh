@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -16,7 +16,9 @@
 # (BWD_TILES="4x64 4x32 ..." to sweep VKFLEX_BWD_TILES; BWD_CASES the cases); generic:
 # coopmat-generic beside coopmat-nv per tiles (GEN_TILES, GEN_CASES; SASS=1 adds its machine code);
 # recheck: every kernel's validated selftest, the split-KV matrix and scalar kernels on the 16-row
-# cases, coopmat-generic on full and causal.
+# cases, coopmat-generic on full and causal; occupancy: whether smaller workgroups / less shared
+# memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
+# kernel's step with one part (loads, softmax, QK, PV) taken out at a time.
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -176,6 +178,65 @@ if [ "$what" = recheck ]; then
   VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step gen 100 vkflex bench --suite seed --no-check --cases full,causal
   grep -E 'coopmat-generic |rror' "$out/gen.txt" | cut -c1-100
   grep -E 'pipeline flex_attention_fwd_generic' "$out/gen.txt" | sed -E 's/.*\[(.*)\]: Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \2 registers, local \3: \1/' | cut -c1-200 | sort -u | head -4
+fi
+if [ "$what" = occupancy ]; then
+  # Does a compute unit run more than one workgroup of these kernels at once? (H100, 2026-12-06:
+  # coopmat-generic's time grew with its workgroups from 128 on — one a compute unit — and the
+  # split-KV kernels' stayed flat from 1 to 16 a compute unit: docs/performance.md.) The same work
+  # in more, smaller workgroups: generic over H heads (128·H workgroups; default tiles, then 2x16
+  # with less shared memory), the split-KV kernels over VKFLEX_DECODE_SPLITS on decode_mqa_32k
+  # (8 x splits workgroups; mm32 27 KB of shared memory, mm16 18 KB, scalar ~10 KB). If time
+  # falls with smaller shared memory and more workgroups, the driver's shared-memory carveout
+  # holds the kernels to one workgroup a compute unit.
+  for t in default 2x16; do
+    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
+    for h in 1 2 4; do
+      VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic timeout 30 vkflex bench --b 1 --h $h --s 8192 --d 64 --no-check > "$out/occ.txt" 2>&1
+      echo "generic $t H=$h: $(grep custom "$out/occ.txt" | cut -c58-90) $(grep -m1 'pipeline flex_attention_fwd_generic' "$out/occ.txt" | sed -E 's/.*Register Count = ([0-9]+).*Shared Memory Size = ([0-9]+).*/\1 registers, shared \2 B/')"
+    done
+  done
+  unset VKFLEX_GENERIC_TILES
+  for t in mm32 mm16 scalar; do
+    for sp in 16 64 256; do
+      VKFLEX_PIPELINE_STATS=1 VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$sp VKFLEX_DECODE_TILE=$t timeout 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k > "$out/occ.txt" 2>&1
+      echo "$t splits=$sp: $(grep -A1 ' no ' "$out/occ.txt" | grep 'device time' | cut -c25-100) $(grep -m1 'pipeline flex_attention_decode' "$out/occ.txt" | sed -E 's/.*Register Count = ([0-9]+).*Shared Memory Size = ([0-9]+).*/\1 registers, shared \2 B/')"
+    done
+  done
+  rm -f "$out/occ.txt"
+fi
+if [ "$what" = mm-parts ]; then
+  # Where the split-KV matrix kernel's step goes: the kernel with one part taken out (results
+  # wrong, --no-check), one workgroup a compute unit (16 splits of decode_mqa_32k: 128 workgroups)
+  # and sixteen (256 splits). Variants are patched copies of Shaders/ (VKFLEX_SHADER_DIR).
+  python3 - "$PWD/Shaders" /tmp/mm-parts <<'PY'
+import os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+stage = "        MM_STAGE(Ks4, 0, KS4, D / 8, kn, lane, SG, K_UNIT)\n        MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lane, SG, V_UNIT)"
+soft = ("    sm_tile(M, L, alpha_); \\", "    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) alpha_[k_] = 1.0; \\")
+variants = {
+    "no-loads": [("flex_attention_decode_mm.comp", stage, "")],
+    "no-softmax": [("flex_mm_step.glsl",) + soft],
+    "no-pv": [("flex_mm_step.glsl", "            O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \\", "            if (kk_ == 99) O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \\")],
+    "no-qk": [("flex_mm_step.glsl", "            acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \\", "            if (kk_ == 99) acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \\")],
+}
+for name, edits in variants.items():
+    d = os.path.join(dst, name)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, d)
+    for f, old, new in edits:
+        p = os.path.join(d, f); s = open(p).read()
+        if old not in s: sys.exit(f"{name}: the patch no longer applies to {f}")
+        open(p, "w").write(s.replace(old, new))
+PY
+  for v in base no-loads no-softmax no-pv no-qk; do
+    [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/mm-parts/$v
+    for sp in 16 256; do
+      VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$sp VKFLEX_DECODE_TILE=mm timeout 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k > "$out/parts.txt" 2>&1
+      echo "$v splits=$sp: $(grep -A1 ' no ' "$out/parts.txt" | grep 'device time' | cut -c25-100) $(grep -m1 -iE 'error' "$out/parts.txt" | cut -c1-120)"
+    done
+  done
+  unset VKFLEX_SHADER_DIR
+  rm -f "$out/parts.txt"
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

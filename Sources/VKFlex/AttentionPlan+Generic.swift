@@ -164,7 +164,7 @@ extension AttentionPlanner {
     /// nil when none fits. Shared memory as the generic forward's with one subgroup.
     static func decodeMMTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                               maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                              bf16: Bool = false) -> GenericTiles? {
+                              bf16: Bool = false, keys: Int? = nil) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0, sg <= maxInvocations else { return nil }
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
             let tpr = max(1, sg / shape.m)
@@ -172,7 +172,7 @@ extension AttentionPlanner {
             let step = lcm(lcm(shape.m, shape.n), shape.k)
             // Emulated (lavapipe), 16 keys a step: the softmax's unrolled loop over a lane's columns
             // inlines the mods once per column, and compiling that took 4.5-11 s a variant at 32.
-            for want in emulated ? [16] : [32, 16] {
+            for want in keys.map { [$0] } ?? (emulated ? [16] : [32, 16]) {
                 let bkv = (max(want, shape.m) + step - 1) / step * step
                 guard bkv % tpr == 0 else { continue }
                 if GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: 1, BKV: bkv, emulated: emulated, bf16: bf16) <= sharedMemory - 256 {
@@ -187,7 +187,8 @@ extension AttentionPlanner {
         let caps = device.capabilities
         return decodeMMTiles(D: s.D, Dv: s.Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
                              sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: s.dtype == .bfloat16)
+                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: s.dtype == .bfloat16,
+                             keys: tuning.decodeMMKeys)
     }
 
     /// Why the split-KV matrix kernel cannot run this call on `device` (beyond what every split-KV
@@ -206,7 +207,9 @@ extension AttentionPlanner {
     /// Off until a GPU run measures the matrix kernel faster than the scalar one on its cases. Its
     /// first run (H100, 2026-12-06) was 4x slower — `specdec_4_of_8k` 2.28 against 0.55 ms — because
     /// its staging stored each K/V unit right after loading it (one memory latency per unit);
-    /// staging in rounds (`MM_STAGE`) came after and is unmeasured (docs/performance.md).
+    /// with staging in rounds (`MM_STAGE`) it was still 1.7-2.2x slower (0.93 against 0.55 ms,
+    /// `decode_mqa_32k` 0.46 against 0.21: the same GPU, later that day), and its time did not
+    /// fall with more workgroups a compute unit (docs/performance.md, eleventh session).
     /// `VKFLEX_DECODE_TILE=mm` runs it meanwhile.
     static let decodeMMMeasuredFaster = false
 

@@ -25,6 +25,10 @@ struct AttentionTuning: Sendable {
     /// docs/performance.md; the matrix kernel's one-subgroup workgroups count as many subgroups),
     /// for tuning.
     var decodeWaves = 4
+    /// `VKFLEX_DECODE_SPLITS=n`: split-KV decoding's key splits (at most the KV blocks; a driver's
+    /// loop cap can raise it), whatever the device — to see how a kernel's time scales with its
+    /// workgroups, for tuning.
+    var decodeSplits: Int?
     /// `VKFLEX_DECODE_TILE=RxK[xL][xs]`: split-KV decoding's query rows per workgroup (1, 2, 4, 8
     /// or 16), keys each key slot loads per round (1-8),
     /// invocations per key (a power of two up to the device's smallest subgroup) and `s` for the
@@ -34,6 +38,10 @@ struct AttentionTuning: Sendable {
     /// (flex_attention_decode_mm.comp; emulated where the device has none), for any call; `scalar`:
     /// never (the default tiles of flex_attention_decode.comp).
     var decodeMatrices: Bool?
+    /// `VKFLEX_DECODE_TILE=mmN` (N = 16 or 32): the matrix kernel with N keys a step — its shared
+    /// memory goes from 27 KB (32) to 18 KB (16) at D = 128, to see whether the driver then runs
+    /// more of its workgroups on a compute unit — for tuning.
+    var decodeMMKeys: Int?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
@@ -80,8 +88,15 @@ struct AttentionTuning: Sendable {
             }
             t.decodeWaves = n
         }
-        if let k = env["VKFLEX_DECODE_TILE"], ["mm", "scalar"].contains(k.lowercased()) {
-            t.decodeMatrices = k.lowercased() == "mm"
+        if let v = env["VKFLEX_DECODE_SPLITS"], !v.isEmpty {
+            guard let n = Int(v), (1...65535).contains(n) else {
+                throw FlexError("VKFLEX_DECODE_SPLITS=\(v): use a whole number of key splits from 1 to 65535 (unset: from the device)")
+            }
+            t.decodeSplits = n
+        }
+        if let k = env["VKFLEX_DECODE_TILE"], ["mm", "scalar", "mm16", "mm32"].contains(k.lowercased()) {
+            t.decodeMatrices = k.lowercased() != "scalar"
+            t.decodeMMKeys = Int(k.dropFirst(2))
         } else if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
             t.decodeMatrices = false
             var parts = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
@@ -90,7 +105,7 @@ struct AttentionTuning: Sendable {
             let v = parts.map { Int($0) ?? 0 }
             guard (2...3).contains(v.count), [1, 2, 4, 8, 16].contains(v[0]), (1...8).contains(v[1]),
                   v.count == 2 || [1, 2, 4, 8, 16, 32, 64].contains(v[2]) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel), scalar, or RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step), scalar, or RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
             }
             t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }

@@ -230,8 +230,9 @@ enum ForwardKernel {
                 // About four workgroups of 128 invocations per compute unit (VKFLEX_DECODE_WAVES) — as many
                 // subgroups in smaller workgroups (the matrix kernel's one subgroup) — no more splits than
                 // key blocks; under a loop cap (lavapipe), enough splits that each stays under it.
-                let waves = try AttentionTuning.of(device).decodeWaves * max(1, 128 / prepared.plan.WG)
-                var splits = max(1, min(kvBlocks, (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
+                let tuning = try AttentionTuning.of(device)
+                let waves = tuning.decodeWaves * max(1, 128 / prepared.plan.WG)
+                var splits = max(1, min(kvBlocks, tuning.decodeSplits ?? (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
                     let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, plan: prepared.plan, half: s.dtype.size == 2)
                     // Outside the walk: Q, the merge of the key slots and subgroups (the cursor jumps to its share: no walk over the list).

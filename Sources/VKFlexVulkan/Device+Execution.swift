@@ -148,6 +148,8 @@ public struct CommandRecorder {
             }
         }
         barrier()
+        // VKFLEX_PROFILE=1: timestamps around the dispatch (none past a batch's query pool).
+        let profileStart = device.profilesDispatches && device.capabilities.timestamps && batch.queryCount + 2 <= 256 ? try timestamp() : nil
         let cb = batch.commandBuffer
         vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.pipeline)
         var s: VkDescriptorSet? = set
@@ -158,6 +160,7 @@ public struct CommandRecorder {
             }
         }
         vkCmdDispatch(cb, UInt32(groups.x), UInt32(groups.y), UInt32(groups.z))
+        if let profileStart { device.dispatchProfile.append((pipeline.name, profileStart, try timestamp())) }
         for b in bindings { use(b.buffer, writes: b.writes) }
         batch.retained.append(pipeline)
     }
@@ -251,6 +254,33 @@ extension Device {
             return inFlight
         }
         for batch in pending { try wait(for: batch) }
+    }
+
+    /// With `VKFLEX_PROFILE=1`, the device time of the dispatches recorded since the last call,
+    /// summed per shader (the pipeline name up to its defines), longest first; waits for them.
+    /// Empty without `VKFLEX_PROFILE=1` or timestamps.
+    ///
+    /// ```swift
+    /// // VKFLEX_PROFILE=1 in the environment
+    /// _ = try device.takeDispatchProfile()          // drop what came before
+    /// for _ in 0..<10 { _ = try flexAttention(q, k, v) }
+    /// for p in try device.takeDispatchProfile() { print(p.shader, p.seconds / 10, p.dispatches / 10) }
+    /// ```
+    ///
+    /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when waiting for a batch fails.
+    public func takeDispatchProfile() throws -> [(shader: String, seconds: Double, dispatches: Int)] {
+        let taken = lock.withLock { () -> [(name: String, start: GPUTimestamp, end: GPUTimestamp)] in
+            defer { dispatchProfile = [] }
+            return dispatchProfile
+        }
+        var sums: [String: (Double, Int)] = [:]
+        for d in taken {
+            let shader = String(d.name.prefix { $0 != " " && $0 != "[" })
+            let t = try seconds(from: d.start, to: d.end)
+            sums[shader, default: (0, 0)].0 += t
+            sums[shader, default: (0, 0)].1 += 1
+        }
+        return sums.map { (shader: $0.key, seconds: $0.value.0, dispatches: $0.value.1) }.sorted { $0.seconds > $1.seconds }
     }
 
     /// The elapsed device time between two timestamps, in seconds; waits for their batches.

@@ -89,6 +89,11 @@ public final class Device: @unchecked Sendable {
 
     /// Whether pipelines are built with statistics, printed as they are built (`VKFLEX_PIPELINE_STATS=1`).
     let reportsPipelineStatistics: Bool
+    /// `VKFLEX_PROFILE=1`: every dispatch is bracketed by GPU timestamps, collected by
+    /// ``takeDispatchProfile()`` — where a call's device time goes, pass by pass.
+    public let profilesDispatches = ProcessInfo.processInfo.environment["VKFLEX_PROFILE"] == "1"
+    /// The bracketed dispatches since the last ``takeDispatchProfile()`` (under `lock`).
+    var dispatchProfile: [(name: String, start: GPUTimestamp, end: GPUTimestamp)] = []
     /// Where the driver's internal representations of every pipeline built are written
     /// (`VKFLEX_PIPELINE_IR=dir`; only drivers that offer them through
     /// `VK_KHR_pipeline_executable_properties` write anything).

@@ -104,18 +104,8 @@ extension Bench {
             for _ in 0..<8 { kernel = try call().kernel; warmCalls += 1 }
             try device.synchronize()
         }
-        // On a GPU, timed groups until two in a row agree within 3% (at most 2 s): a GPU left idle while the
-        // host built the next case's gigabytes can take longer than the warm-up to come back to
-        // its clocks (suspected for the 4x spread of the eighth session's large cases).
-        var (seconds, hostUs) = try Bench.time(`repeat`, device: device) { _ = try call() }
-        var groups = 1
-        while device.capabilities.type != .cpu && DispatchTime.now().uptimeNanoseconds - warmStart < 2_000_000_000 {
-            let next = try Bench.time(`repeat`, device: device) { _ = try call() }
-            groups += 1
-            let (a, b) = (median(seconds), median(next.seconds))
-            (seconds, hostUs) = next
-            if abs(a - b) <= 0.03 * b { break }
-        }
+        let (seconds, hostUs, groups) = try Bench.timeSteady(`repeat`, device: device) { _ = try call() }
+        let profile = try Bench.profileLine(`repeat`, device: device) { _ = try call() }
         try out.checkErrors()
         let us = median(seconds) * 1e6
         let kvGB = density * Double(c.B * c.Hkv * c.Lkv * c.D) * 2 * 2 / 1e9
@@ -141,6 +131,7 @@ extension Bench {
             relErr = relativeL2Error(Array(try out.toArray()[0..<(c.Lq * c.D)]), ref)
         }
         print("\(pad(c.name, 25)) \(String(format: "%2d %3d/%-3d %2d %6d  ", c.B, c.Hq, c.Hkv, c.Lq, c.Lkv))\(pad(paged ? "yes" : "no", 5))\(String(format: " %7.4f %7.1f %8.4f %7.2f", density, us, kvGB, gbps)) \(relErr.map { String(format: "%.1e", $0) } ?? "-")  \(String(format: "%7.1f", median(hostUs)))")
+        if let profile { print(profile) }
         var obj: [String: Any] = ["case": c.name, "B": c.B, "H": c.Hq, "Hkv": c.Hkv, "Lq": c.Lq, "S": c.Lkv, "D": c.D, "dtype": dtype.rawValue,
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (us).rounded() / 1e3, "kv_gb": (kvGB * 1e4).rounded() / 1e4,
                                   "gbps": gbps.rounded(), "paged": paged, "device": device.capabilities.name, "kernel": kernel.rawValue,

@@ -229,7 +229,8 @@ struct Bench: ParsableCommand {
             }
             try device.synchronize()
         }
-        let (seconds, hostUs) = try Bench.time(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
+        let (seconds, hostUs, _) = try Bench.timeSteady(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
+        let profile = try Bench.profileLine(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
         // A kernel that reported an error (and so did no work) must not pass for a fast one.
         try out.checkErrors()
         let ms = median(seconds) * 1e3
@@ -238,7 +239,7 @@ struct Bench: ParsableCommand {
 
         // Backward: every dispatch of the backward (no forward), device timestamps, median after two
         // warm-up calls; dO random, the LSE from one forward call.
-        var bwMs: Double?, bwKernel: FlexKernel?
+        var bwMs: Double?, bwKernel: FlexKernel?, bwProfile: String?
         if backward {
             let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
             let dO = try device.tensor(rng.normals(n), shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "grad_out")
@@ -258,6 +259,9 @@ struct Bench: ParsableCommand {
             try last?.dq.checkErrors()
             bwKernel = last?.kernel
             bwMs = median(try times.map { try device.seconds(from: $0.0, to: $0.1) * 1e3 })
+            bwProfile = try Bench.profileLine(3, device: device) {
+                _ = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, scoreMod: score, blockMask: blockMask)
+            }
         }
         var relErr: Double?
         if !noCheck {
@@ -266,6 +270,7 @@ struct Bench: ParsableCommand {
         let printedMask = maskMs.map { String(format: "%8.2f", $0) } ?? "       -"
         let printedErr = relErr.map { String(format: "%.1e", $0) } ?? "-"
         print("\(pad(c.name, 20)) \(String(format: "%2d %3d %6d %4d  %7.4f %7.2f %11.1f", c.B, c.H, c.S, c.D, density, ms, tflops)) \(printedMask)  \(printedErr)  \(pad(kernel.rawValue, 15)) \(String(format: "%7.1f", median(hostUs)))")
+        if let profile { print(profile) }
         var obj: [String: Any] = ["case": c.name, "B": c.B, "H": c.H, "S": c.S, "D": c.D, "dtype": c.dtype.rawValue,
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
                                   "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue,
@@ -278,6 +283,7 @@ struct Bench: ParsableCommand {
             obj["bw_tflops"] = (bwTflops * 10).rounded() / 10
             obj["bw_kernel"] = bwKernel?.rawValue
             print("\(pad(c.name, 20)) backward " + String(format: "%.2f ms, %.2f TFLOP/s", bwMs, bwTflops) + " (\(bwKernel?.rawValue ?? "?"))")
+            if let bwProfile { print(bwProfile) }
         }
         if compiled {
             obj["first_call_ms"] = (firstCallMs * 100).rounded() / 100
@@ -331,6 +337,47 @@ extension Bench {
         }
         try device.synchronize()
         return (try stamps.map { try device.seconds(from: $0.0, to: $0.1) }, hostUs)
+    }
+}
+
+extension Bench {
+    /// Timed groups of `n` calls (``time(_:device:_:)``) after a warm-up: on a GPU, groups for at
+    /// least `minSeconds` and then until two in a row agree within 3% (at most `maxSeconds`), and
+    /// the group with the lowest median; on a CPU device one group. An H100's SM clock idles at
+    /// 345 MHz and came up only after a varying part of a second of load (nvidia-smi, 2026-12-06):
+    /// groups timed before it did ran up to 3x slow yet agreed with each other, and a group right
+    /// after ran at full speed. The fastest group is the steady state; groups that reached it
+    /// agree within 1-3%.
+    static func timeSteady(_ n: Int, device: Device, minSeconds: Double = 1, maxSeconds: Double = 4,
+                           _ call: () throws -> Void) throws -> (seconds: [Double], hostUs: [Double], groups: Int) {
+        let start = DispatchTime.now().uptimeNanoseconds
+        func elapsed() -> Double { Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9 }
+        var best = try time(n, device: device, call)
+        guard device.capabilities.type != .cpu else { return (best.seconds, best.hostUs, 1) }
+        var last = median(best.seconds), groups = 1
+        while elapsed() < maxSeconds {
+            let next = try time(n, device: device, call)
+            groups += 1
+            let m = median(next.seconds)
+            if m < median(best.seconds) { best = next }
+            if elapsed() >= minSeconds && abs(m - last) <= 0.03 * m { break }
+            last = m
+        }
+        return (best.seconds, best.hostUs, groups)
+    }
+
+    /// `VKFLEX_PROFILE=1`: `n` more calls, each dispatch timed on the device, as a line of the
+    /// device time per call by shader (nil without `VKFLEX_PROFILE=1`).
+    static func profileLine(_ n: Int, device: Device, _ call: () throws -> Void) throws -> String? {
+        guard device.profilesDispatches else { return nil }
+        try device.synchronize()
+        _ = try device.takeDispatchProfile()
+        for _ in 0..<n { try call() }
+        try device.synchronize()
+        let parts = try device.takeDispatchProfile().map {
+            "\($0.shader) \(String(format: "%.1f", $0.seconds / Double(n) * 1e6)) us (\($0.dispatches / n)x)"
+        }
+        return "  device time per call: " + parts.joined(separator: ", ")
     }
 }
 

@@ -611,8 +611,11 @@ final class CLITests: XCTestCase {
         // --rounds: each case again with new buffers, every round a row.
         let json2 = dir.appendingPathComponent("decode2.jsonl").path
         let (s2, out2) = try run(["bench", "--suite", "decode", "--cases", "decode_sliding_4k_of_32k", "--small", "--repeat", "1", "--rounds", "2",
-                                  "--no-check", "--json", json2])
+                                  "--no-check", "--json", json2], extraEnvironment: ["VKFLEX_PROFILE": "1"])
         XCTAssertEqual(s2, 0, out2)
+        // VKFLEX_PROFILE=1: each row's device time per shader (the decode pass and the merge).
+        XCTAssertEqual(out2.components(separatedBy: "device time per call: flex_attention_decode ").count, 5, out2)
+        XCTAssertTrue(out2.contains(" us (1x), flex_attention_merge "), out2)
         let rows2 = try String(contentsOfFile: json2, encoding: .utf8).split(separator: "\n").map {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
         }
@@ -636,9 +639,11 @@ final class CLITests: XCTestCase {
         let (cs, custom) = try run(["bench", "--b", "1", "--h", "2", "--s", "200", "--d", "24", "--dtype", "float32",
                                     "--mask-mod", "(q_idx >= kv_idx) & (q_idx - kv_idx <= 64)", "--score-mod", "score * 0.5",
                                     "--repeat", "2", "--json", json],
-                                   extraEnvironment: ["VKFLEX_PIPELINE_STATS": "1", "VKFLEX_PIPELINE_IR": irDir])
+                                   extraEnvironment: ["VKFLEX_PIPELINE_STATS": "1", "VKFLEX_PIPELINE_IR": irDir, "VKFLEX_PROFILE": "1"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: irDir), "lavapipe offers no internal representations")
         XCTAssertEqual(cs, 0, custom)
+        XCTAssertTrue(custom.contains("device time per call: flex_attention_fwd"), custom)
+        XCTAssertFalse(output.contains("device time per call"), "no profile without VKFLEX_PROFILE=1")
         let rows = try String(contentsOfFile: json, encoding: .utf8).split(separator: "\n").map {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
         }

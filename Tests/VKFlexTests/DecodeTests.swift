@@ -138,6 +138,13 @@ final class DecodeTests: FlexTestCase {
                 XCTAssertLessThanOrEqual(GenericTiles.sharedBytes(D: D, Dv: Dv, M: t.M, NSG: 1, BKV: t.BKV, emulated: false), 49152 - 256)
             }
         }
+        // VKFLEX_DECODE_TILE=mm16 / mm32: keys a step, and the shared memory that goes with them at D = 128.
+        for (keys, bytes) in [(16, 17_920), (32, 27_136)] {
+            let t = AttentionPlanner.decodeMMTiles(D: 128, Dv: 128, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 49152,
+                                                   maxInvocations: 1024, keys: keys)
+            XCTAssertEqual(t?.BKV, keys)
+            XCTAssertEqual(t.map { GenericTiles.sharedBytes(D: 128, Dv: 128, M: $0.M, NSG: 1, BKV: $0.BKV, emulated: false) }, bytes)
+        }
         XCTAssertNil(AttentionPlanner.decodeMMTiles(D: 40, Dv: 40, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 32768, maxInvocations: 1024))
         XCTAssertNil(AttentionPlanner.decodeMMTiles(D: 64, Dv: 64, subgroupSize: 24, shapes: [shape(16, 16, 16)], sharedMemory: 32768, maxInvocations: 1024))
     }
@@ -159,6 +166,35 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": "8"]).decodeWaves, 8)
         for bad in ["0", "x", "65", "-1"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_WAVES=\(bad)"), "\($0)") }
+        }
+    }
+
+    /// `VKFLEX_DECODE_SPLITS` forces the key splits (one, three, more than the KV blocks: capped)
+    /// with the reference's answers; `VKFLEX_PROFILE=1` times each dispatch (the decode pass and
+    /// the merge, once a call) and hands the times over once; a device without it records none.
+    func testForcedSplitsAndDispatchProfile() throws {
+        XCTAssertNil(try AttentionTuning.parse([:]).decodeSplits)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_SPLITS": "3"]).decodeSplits, 3)
+        for bad in ["0", "x", "-2", "70000"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_SPLITS": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_SPLITS=\(bad)"), "\($0)") }
+        }
+        _ = try flexAttention(try device.tensor(randn(64), shape: [1, 1, 1, 64]), try device.tensor(randn(640), shape: [1, 1, 10, 64]),
+                              try device.tensor(randn(640), shape: [1, 1, 10, 64]))
+        XCTAssertTrue(try device.takeDispatchProfile().isEmpty)
+        for splits in ["1", "3", "100"] {
+            let dev = try device(with: ["VKFLEX_DECODE_SPLITS": splits, "VKFLEX_PROFILE": "1"])
+            XCTAssertTrue(dev.profilesDispatches)
+            let q = try dev.tensor(randn(2 * 4 * 32), shape: [2, 4, 1, 32])
+            let k = try dev.tensor(randn(2 * 2 * 700 * 32), shape: [2, 2, 700, 32]), v = try dev.tensor(randn(2 * 2 * 700 * 32), shape: [2, 2, 700, 32])
+            let r = try flexAttention(q, k, v, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .splitKV))
+            let ref = try flexAttentionReference(q, k, v, enableGQA: true)
+            XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 1e-5, "splits \(splits)")
+            XCTAssertLessThan(relativeL2Error(try r.lse!.toArray(), ref.lse), 1e-6, "splits \(splits)")
+            guard dev.capabilities.timestamps else { continue }
+            let profile = try dev.takeDispatchProfile()
+            XCTAssertEqual(profile.map(\.shader).sorted(), ["flex_attention_decode", "flex_attention_merge"], "splits \(splits)")
+            XCTAssertTrue(profile.allSatisfy { $0.dispatches == 1 && $0.seconds > 0 }, "\(profile)")
+            XCTAssertTrue(try dev.takeDispatchProfile().isEmpty)
         }
     }
 
@@ -198,14 +234,20 @@ final class DecodeTests: FlexTestCase {
         }
         XCTAssertEqual(try parsed("8x2"), [8, 2, 0, 0])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm"]).decodeMatrices, true)
+        XCTAssertNil(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm"]).decodeMMKeys)
+        // mmN: the matrix kernel with N keys a step.
+        for n in [16, 32] {
+            let t = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm\(n)"])
+            XCTAssertEqual(t.decodeMatrices, true); XCTAssertEqual(t.decodeMMKeys, n)
+        }
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "Scalar"]).decodeMatrices, false)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "8x2"]).decodeMatrices, false)
         XCTAssertNil(try AttentionTuning.parse([:]).decodeMatrices)
         XCTAssertEqual(try parsed("4x2x8"), [4, 2, 8, 0])
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
-        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel), scalar, or RxK[xL][xs]"), "\($0)") }
+        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).
