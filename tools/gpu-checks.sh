@@ -187,7 +187,11 @@ if [ "$what" = occupancy ]; then
   # with less shared memory), the split-KV kernels over VKFLEX_DECODE_SPLITS on decode_mqa_32k
   # (8 x splits workgroups; mm32 27 KB of shared memory, mm16 18 KB, scalar ~10 KB). If time
   # falls with smaller shared memory and more workgroups, the driver's shared-memory carveout
-  # holds the kernels to one workgroup a compute unit.
+  # holds the kernels to one workgroup a compute unit. First the matrix kernel's validated
+  # selftests in both step sizes (after MM_STAGE it ran on a GPU only unchecked).
+  for t in mm mm16; do
+    VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-split-kv-$t" 60 vkflex selftest --kernel split-kv
+  done
   for t in default 2x16; do
     [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
     for h in 1 2 4; do
@@ -201,6 +205,12 @@ if [ "$what" = occupancy ]; then
       VKFLEX_PIPELINE_STATS=1 VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$sp VKFLEX_DECODE_TILE=$t timeout 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k > "$out/occ.txt" 2>&1
       echo "$t splits=$sp: $(grep -A1 ' no ' "$out/occ.txt" | grep 'device time' | cut -c25-100) $(grep -m1 'pipeline flex_attention_decode' "$out/occ.txt" | sed -E 's/.*Register Count = ([0-9]+).*Shared Memory Size = ([0-9]+).*/\1 registers, shared \2 B/')"
     done
+  done
+  # The scalar kernel's 16-row cases with more rows a workgroup (4x2, the default, reads the cache
+  # once per 4 rows; 8x2 once per 8), timed with the steady bench (earlier sweeps were not).
+  for t in 4x2 8x2 16x1xs; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_TILE=$t timeout 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k > "$out/occ.txt" 2>&1
+    grep -E ' (no|yes) |device time' "$out/occ.txt" | sed "s/^/$t /" | cut -c1-120
   done
   rm -f "$out/occ.txt"
 fi
