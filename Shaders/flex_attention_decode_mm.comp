@@ -17,7 +17,8 @@
 // S = Q Kᵀ (Q's fragments kept from the start), stores S to shared memory, where the online
 // softmax (flex_softmax.glsl) applies scale, score-mod and mask by rows the lanes choose, and
 // writes P (16-bit); P comes back as A operands and O (fp32 accumulators) adds P V. O is rescaled
-// through shared memory on the rare steps where a row's maximum moves by more than SM_TAU. With
+// through shared memory, a fragment at a time (the score tile is only BKV wide), on the rare
+// steps where a row's maximum moves by more than SM_TAU, and leaves the same way. With
 // one subgroup a workgroup, a step needs no workgroup barrier; the splits fill the device.
 //
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles, O in registers
@@ -169,38 +170,43 @@ void main() {
     // loop cap) leaves it inside: reported, never a silent truncation.
     if (more && lane == 0) vkf_report(4, 0, 0, 0);
 
-#if !VKF_MM_EMULATE
-    // O to the lanes that own its rows.
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(nn * MN), uint(SST), false);
-    subgroup_sync();
-#endif
     // This split's partial per row: O over its keys, normalized, and their LSE (natural log);
     // partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
+    // O reaches the lanes that own its rows one fragment at a time (MM_O_CHUNK).
     const float nan = uintBitsToFloat(0x7FC00000u);
+    float lk[SM_RPL];
+    bool bad[SM_RPL];
+    int prow[SM_RPL];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-        const int r = sm_row(lane, k), h = g_h[k];
-        const float lk = sm_row_sum(l[k]);
-        const bool bad = SM_ROW_MAX(g_bad[k] ? 1.0 : 0.0) != 0.0 || !sized;
+        const int r = sm_row(lane, k);
+        lk[k] = sm_row_sum(l[k]);
+        bad[k] = SM_ROW_MAX(g_bad[k] ? 1.0 : 0.0) != 0.0 || !sized;
+        prow[k] = (bl * p.Hq + g_h[k]) * p.Lq + row_query(r, chunk);
 #if VKF_MAX_SCORES
         const float mx = SM_ROW_MAX(g_max[k]);
+        // The split's largest score (natural units), where it saw a key.
+        if (g_h[k] >= 0 && sm_col0(lane) == 0)
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? mx * LN2 : NEG_INF;
 #endif
-        if (h < 0) continue;
-        const int prow = (bl * p.Hq + h) * p.Lq + row_query(r, chunk);
-        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) {
-            const int d = sm_col0(lane) + t * SM_TPR;
+        if (g_h[k] >= 0 && sm_col0(lane) == 0)
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? (m[k] + log2(lk[k])) * LN2 : NEG_INF;
+    }
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+#if !VKF_MM_EMULATE
+        MM_O_CHUNK(o, nn, 0)
+#endif
+        [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+            if (g_h[k] < 0) continue;
+            const int r = sm_row(lane, k);
+            [[unroll]] for (int u = 0; u < MM_OCPL; ++u) {
+                const int c = sm_col0(lane) + u * SM_TPR;
 #if VKF_MM_EMULATE
-            const float ov = o[k][t];
+                const float ov = o[k][nn * MM_OCPL + u];
 #else
-            const float ov = Ss[r * SST + d];
+                const float ov = Ss[r * SST + c];
 #endif
-            o_data[p.o_base + w.split * p.o_split_stride + prow * DV + d] = bad ? nan : lk != 0.0 ? ov / lk : 0.0;
-        }
-        if (sm_col0(lane) == 0) {
-            lse_data[p.lse_base + w.split * p.lse_split_stride + prow] = bad ? nan : lk != 0.0 ? (m[k] + log2(lk)) * LN2 : NEG_INF;
-#if VKF_MAX_SCORES
-            // The split's largest score (natural units), where it saw a key.
-            max_data[p.lse_base + w.split * p.lse_split_stride + prow] = bad ? nan : lk != 0.0 ? mx * LN2 : NEG_INF;
-#endif
+                o_data[p.o_base + w.split * p.o_split_stride + prow[k] * DV + nn * MN + c] = bad[k] ? nan : lk[k] != 0.0 ? ov / lk[k] : 0.0;
+            }
         }
     }
 }

@@ -58,8 +58,8 @@ layout(local_size_x = SG * NSG) in;
 #define SM_ROWS MM
 #define SM_COLS BKV
 // The running maximum moves lazily (flex_softmax.glsl): O, which stays in accumulators, makes a
-// round trip through shared memory to be rescaled only on the tiles where it moved. (Emulated, O
-// is in registers and rescaled by the same factors.)
+// round trip through shared memory (a fragment at a time: MM_O_CHUNK) to be rescaled only on the
+// tiles where it moved. (Emulated, O is in registers and rescaled by the same factors.)
 #define SM_TAU 8.0
 // The softmax's view of the tile (set per step): this subgroup's first row, the step's keys, the
 // walk pass (1: partial block, the mask applies), and the workgroup's tile.
@@ -224,43 +224,48 @@ void main() {
 #endif
     if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
-    // Each lane's rows: their sums, the sink, the outputs.
+    // Each lane's rows: their sums, the sink, the LSE; then the outputs, O reaching the lanes that
+    // own its rows one fragment at a time (MM_O_CHUNK).
     const float nan = uintBitsToFloat(0x7FC00000u);
-#if !VKF_MM_EMULATE
-    // O to the lanes that own its rows.
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-    subgroup_sync();
-#endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
+    float lk[SM_RPL], fk[SM_RPL];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
-        float lk = sm_row_sum(l[k]);
-        if (!sized) lk = nan;
-        float mk = m[k], f = 1.0;
+        lk[k] = sm_row_sum(l[k]);
+        if (!sized) lk[k] = nan;
+        float mk = m[k];
+        fk[k] = 1.0;
 #if VKF_MAX_SCORES
         // Before the sink joins: the maximum is over the scores (exact, never raised lazily).
         if (p.write_max != 0 && r < rows && sm_col0(lane) == 0)
-            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk) ? nan : lk != 0.0 ? mk * LN2 : NEG_INF;
+            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk[k]) ? nan : lk[k] != 0.0 ? mk * LN2 : NEG_INF;
 #endif
 #if VKF_SINKS
         // The head's sink joins the denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M).
         const float s2 = sinks[h] * LOG2E, M = max(mk, s2);
-        f = exp2(mk - M);
-        lk = lk * f + exp2(s2 - M);
+        fk[k] = exp2(mk - M);
+        lk[k] = lk[k] * fk[k] + exp2(s2 - M);
         mk = M;
 #endif
-        if (r < rows) {
-            [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) {
-                const int d = sm_col0(lane) + t * SM_TPR;
-#if VKF_MM_EMULATE
-                const float ov = o[k][t];
-#else
-                const float ov = Ss[r * SST + d];
+        if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
+            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? (mk + log2(lk[k])) * LN2 : NEG_INF;
+    }
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+#if !VKF_MM_EMULATE
+        MM_O_CHUNK(o, nn, g_r0)
 #endif
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(lk != 0.0 ? ov * f / lk : 0.0);
+        [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+            const int r = g_r0 + sm_row(lane, k);
+            if (r >= rows) continue;
+            [[unroll]] for (int u = 0; u < MM_OCPL; ++u) {
+                const int c = sm_col0(lane) + u * SM_TPR;
+#if VKF_MM_EMULATE
+                const float ov = o[k][nn * MM_OCPL + u];
+#else
+                const float ov = Ss[r * SST + c];
+#endif
+                o_data[ooff + (q0 + r) * p.o_sl + (nn * MN + c) * p.o_sd] = OUT_VALUE(lk[k] != 0.0 ? ov * fk[k] / lk[k] : 0.0);
             }
-            if (p.write_lse != 0 && sm_col0(lane) == 0)
-                lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk != 0.0 ? (mk + log2(lk)) * LN2 : NEG_INF;
         }
     }
 }

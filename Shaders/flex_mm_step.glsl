@@ -5,8 +5,9 @@
 // functions: they pass cooperative matrices (Q's fragments QF, the accumulators O), which GLSL
 // functions do not take portably.
 //
-// Declares the shared tiles — Ks4 / Vs4 (K and V, rows KS4 / VS4 units apart), Ss (scores and
-// P V, rows SST floats apart), Ps (P, rows PST apart) and, emulated, Qs4 (Q) — and the 16-byte
+// Declares the shared tiles — Ks4 / Vs4 (K and V, rows KS4 / VS4 units apart), Ss (scores, and O
+// one fragment of MN columns at a time, rows SST floats apart), Ps (P, rows PST apart) and,
+// emulated, Qs4 (Q) — and the 16-byte
 // views of Q, K and V. Include after flex_mm.glsl with D, DV, MM, MN, MK, SG, BKV and BQ (the
 // workgroup's rows) defined; the macros expand where flex_softmax.glsl's sm_tile is defined.
 // Emulated (VKF_MM_EMULATE) the products are scalar loops over the same tiles and O is the lane's
@@ -19,17 +20,19 @@
 // so that rows start on different banks. Matrix loads take offsets and strides in units.
 #define KS4 (D / 8 + 1)
 #define VS4 (DV / 8 + 1)
-// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+// P (fp16) and the score tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+// The score tile is BKV wide (BKV is a multiple of MN): O crosses it one MN-column fragment at a
+// time (MM_O_CHUNK), never whole — at D = 128 a DV-wide tile was 8.4 KB a subgroup of 16 rows,
+// the largest of a one-subgroup workgroup's shared arrays.
 #define PST (BKV + 8)
-#define SW (BKV > DV ? BKV : DV)
-#define SST (SW + 4)
+#define SST (BKV + 4)
 // KV_NBUF (default 1) buffers of each: the step's macros take the buffer's first unit.
 #ifndef KV_NBUF
 #define KV_NBUF 1
 #endif
 shared uvec4 Ks4[KV_NBUF * BKV * KS4];
 shared uvec4 Vs4[KV_NBUF * BKV * VS4];
-shared float Ss[BQ * SST];        // each subgroup's rows: scores, then P V (and O on its round trips)
+shared float Ss[BQ * SST];        // each subgroup's rows: scores (and O's fragments on their way through)
 shared HALF_T Ps[BQ * PST];
 #if VKF_MM_EMULATE
 shared uvec4 Qs4[BQ * KS4];
@@ -82,13 +85,26 @@ GATHER(v_data, v_units)
         MM_STASH(r_, c_, STAGE_CH, T, TB, TS, UNITS, I, NT) \
     } }
 
+// O's fragment NN (columns NN * MN ..) into columns 0 .. MN - 1 of the score tile's rows R0..,
+// for the lanes to read or scale their own rows' elements there: MM_OCPL of them a row, the
+// lane's columns sm_col0(lane) + u * SM_TPR (u < MM_OCPL) — O's columns NN * MN + those, the
+// elements t = NN * MM_OCPL + u of the softmax's column assignment. The first sync frees the
+// tile (its scores, or the previous fragment, read), the second makes the fragment visible.
+#define MM_OCPL (MN / SM_TPR)
+#define MM_O_CHUNK(O, NN, R0) { \
+    subgroup_sync(); \
+    coopMatStoreNV(O[NN], Ss, uint((R0) * SST), uint(SST), false); \
+    subgroup_sync(); }
+
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
 #define MM_SCORES(QF, R0, LANE, KB) \
     for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
         const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
         float dot_ = 0.0; \
-        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_); \
+        /* A unit (8 halves) an iteration: a driver that caps loop iterations (lavapipe) counts D / 8. */ \
+        for (int d_ = 0; d_ < D; d_ += 8) \
+            [[unroll]] for (int i_ = 0; i_ < 8; ++i_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_ + i_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_ + i_); \
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
@@ -113,17 +129,16 @@ GATHER(v_data, v_units)
     sm_tile(M, L, alpha_); \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
         [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
-    subgroup_sync();   /* P written; the scores read (P V overwrites them) */ \
-    for (int e_ = (LANE); e_ < MM * DV; e_ += SG) { \
-        const int r_ = (R0) + e_ / DV, d_ = e_ - (e_ / DV) * DV; \
-        float acc_ = 0.0; \
-        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
-        Ss[r_ * SST + d_] = acc_; \
-    } \
-    subgroup_sync(); \
+    subgroup_sync();   /* P written */ \
+    /* Each lane its own elements of O (its rows, its columns): P V as a scalar loop. */ \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
         const int r_ = (R0) + sm_row(LANE, k_); \
-        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] += Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR]; \
+        for (int t_ = 0; t_ < DV / SM_TPR; ++t_) { \
+            const int d_ = sm_col0(LANE) + t_ * SM_TPR; \
+            float acc_ = 0.0; \
+            [[unroll]] for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
+            O[k_][t_] += acc_; \
+        } \
     } }
 #else
 #define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
@@ -132,17 +147,17 @@ GATHER(v_data, v_units)
     bool moved_ = false; \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
     if (subgroupAny(moved_)) { \
-        /* O's round trip: out to the score tile (its scores are read), each lane scales its own */ \
-        /* rows, back into the accumulators. */ \
-        subgroup_sync(); \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatStoreNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
-        subgroup_sync(); \
-        [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
-            const int r_ = (R0) + sm_row(LANE, k_); \
-            [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR] *= alpha_[k_]; \
+        /* O's round trip, a fragment at a time: out to the score tile (its scores are read), */ \
+        /* each lane scales its own rows' elements, back into the accumulator. */ \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+            MM_O_CHUNK(O, nn_, R0) \
+            [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+                const int r_ = (R0) + sm_row(LANE, k_); \
+                [[unroll]] for (int u_ = 0; u_ < MM_OCPL; ++u_) Ss[r_ * SST + sm_col0(LANE) + u_ * SM_TPR] *= alpha_[k_]; \
+            } \
+            subgroup_sync(); \
+            coopMatLoadNV(O[nn_], Ss, uint((R0) * SST), uint(SST), false); \
         } \
-        subgroup_sync(); \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatLoadNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[BKV / MK]; \

@@ -185,7 +185,8 @@ if [ "$what" = occupancy ]; then
   # split-KV kernels' stayed flat from 1 to 16 a compute unit: docs/performance.md.) The same work
   # in more, smaller workgroups: generic over H heads (128·H workgroups; default tiles, then 2x16
   # with less shared memory), the split-KV kernels over VKFLEX_DECODE_SPLITS on decode_mqa_32k
-  # (8 x splits workgroups; mm32 27 KB of shared memory, mm16 18 KB, scalar ~10 KB). If time
+  # (8 x splits workgroups; mm32 21 KB of shared memory, mm16 11 KB — 27 KB at 32 keys before O
+  # crossed the score tile a fragment at a time — scalar ~10 KB). If time
   # falls with smaller shared memory and more workgroups, the driver's shared-memory carveout
   # holds the kernels to one workgroup a compute unit. First the matrix kernel's validated
   # selftests in both step sizes (after MM_STAGE it ran on a GPU only unchecked).

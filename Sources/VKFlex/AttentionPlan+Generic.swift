@@ -27,12 +27,13 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var WG: Int { SG * NSG }
 
     /// Mirrors the shared arrays of flex_attention_fwd_generic.comp: K and V tiles (two of each
-    /// with `prefetch`) and P (fp16, rows padded by 8), the score / P·V tile (fp32, rows of
-    /// max(BKV, Dv) + 4), and in emulation Q (and, for bfloat16, P as float32: flex_mm.glsl's HALF_T).
+    /// with `prefetch`) and P (fp16, rows padded by 8), the score tile (fp32, rows of BKV + 4; O
+    /// crosses it a fragment at a time), and in emulation Q (and, for bfloat16, P as float32:
+    /// flex_mm.glsl's HALF_T).
     static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false, prefetch: Bool = false) -> Int {
         let bq = M * NSG
         let halves = (prefetch ? 2 : 1) * (BKV * (D + 8) + BKV * (Dv + 8)) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
-        return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (max(BKV, Dv) + 4)
+        return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
     var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") }
@@ -50,9 +51,9 @@ extension AttentionPlanner {
     /// Shapes: those of fp16 (bf16) A and B with fp32 C and result whose K divides D and whose N divides
     /// Dv, the larger M·N·K first (16×16×16 on AMD and NVIDIA; Intel lists 8×16×16 on Xe2 and
     /// 8×8×16 on Arc), `forcedShape` alone when given. Then four subgroups where they fit (each
-    /// owns M query rows), else two, else one (eight where M = 8, to keep 32+ rows a workgroup),
-    /// and 32 keys a step, else 16 (rounded up to what M, N and K divide), with the software
-    /// pipeline (`prefetch`: two K/V buffers) where it fits, except in emulation. `forced`
+    /// owns M query rows), else two, else one (eight where M = 8, to keep 32+ rows a workgroup);
+    /// the software pipeline (`prefetch`: two K/V buffers) where it fits, except in emulation,
+    /// then without; 32 keys a step, else 16 (rounded up to what M, N and K divide). `forced`
     /// (`VKFLEX_GENERIC_TILES`) fixes subgroups, keys and pipeline. Measured on NVIDIA only
     /// (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
@@ -61,20 +62,23 @@ extension AttentionPlanner {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
-            // Each row's columns split evenly over the lanes that share it.
+            // A row's columns, and each fragment of O's (N of them: O crosses the score tile a
+            // fragment at a time), split evenly over the lanes that share the row.
             let tpr = max(1, sg / shape.m)
-            guard Dv % tpr == 0 else { continue }
+            guard Dv % tpr == 0, shape.n % tpr == 0 else { continue }
             let step = lcm(lcm(shape.m, shape.n), shape.k)
             let groups = forced.map { [$0.nsg] } ?? (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1])
             for nsg in groups where nsg * sg <= maxInvocations {
-                for want in forced.map({ [$0.bkv] }) ?? [32, 16] {
-                    let bkv = (want + step - 1) / step * step
-                    guard bkv % tpr == 0, forced == nil || bkv == want else { continue }
-                    // The software pipeline where its second K/V buffer fits (H100, D = 64, 4x32:
-                    // full 39.4 -> 60.2 TFLOP/s, causal 31.7 -> 41.2, soft-cap 27.3 -> 33.9;
-                    // docs/performance.md); not in emulation, where it only costs compile time.
-                    for prefetch in forced.map({ [$0.prefetch] }) ?? (emulated ? [false] : [true, false])
-                        where GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget {
+                // The software pipeline where its second K/V buffer fits, with 16 keys a step if
+                // 32 do not fit (H100, D = 64, 4x32: full 39.4 -> 60.2 TFLOP/s, causal 31.7 ->
+                // 41.2, soft-cap 27.3 -> 33.9; docs/performance.md); not in emulation, where it
+                // only costs compile time.
+                for prefetch in forced.map({ [$0.prefetch] }) ?? (emulated ? [false] : [true, false]) {
+                    for want in forced.map({ [$0.bkv] }) ?? [32, 16] {
+                        let bkv = (want + step - 1) / step * step
+                        guard bkv % tpr == 0, forced == nil || bkv == want,
+                              GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget
+                        else { continue }
                         return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
                     }
                 }
@@ -167,8 +171,10 @@ extension AttentionPlanner {
                               bf16: Bool = false, keys: Int? = nil) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0, sg <= maxInvocations else { return nil }
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
+            // A row's columns, and each fragment of O's (N of them: O crosses the score tile a
+            // fragment at a time), split evenly over the lanes that share the row.
             let tpr = max(1, sg / shape.m)
-            guard Dv % tpr == 0 else { continue }
+            guard Dv % tpr == 0, shape.n % tpr == 0 else { continue }
             let step = lcm(lcm(shape.m, shape.n), shape.k)
             // Emulated (lavapipe), 16 keys a step: the softmax's unrolled loop over a lane's columns
             // inlines the mods once per column, and compiling that took 4.5-11 s a variant at 32.

@@ -39,7 +39,7 @@ struct AttentionTuning: Sendable {
     /// never (the default tiles of flex_attention_decode.comp).
     var decodeMatrices: Bool?
     /// `VKFLEX_DECODE_TILE=mmN` (N = 16 or 32): the matrix kernel with N keys a step — its shared
-    /// memory goes from 27 KB (32) to 18 KB (16) at D = 128, to see whether the driver then runs
+    /// memory is 21 KB (32) or 11 KB (16) at D = 128, to see whether the driver then runs
     /// more of its workgroups on a compute unit — for tuning.
     var decodeMMKeys: Int?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning

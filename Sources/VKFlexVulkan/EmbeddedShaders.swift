@@ -1710,7 +1710,8 @@ void main() {
 // S = Q Kᵀ (Q's fragments kept from the start), stores S to shared memory, where the online
 // softmax (flex_softmax.glsl) applies scale, score-mod and mask by rows the lanes choose, and
 // writes P (16-bit); P comes back as A operands and O (fp32 accumulators) adds P V. O is rescaled
-// through shared memory on the rare steps where a row's maximum moves by more than SM_TAU. With
+// through shared memory, a fragment at a time (the score tile is only BKV wide), on the rare
+// steps where a row's maximum moves by more than SM_TAU, and leaves the same way. With
 // one subgroup a workgroup, a step needs no workgroup barrier; the splits fill the device.
 //
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles, O in registers
@@ -1862,38 +1863,43 @@ void main() {
     // loop cap) leaves it inside: reported, never a silent truncation.
     if (more && lane == 0) vkf_report(4, 0, 0, 0);
 
-#if !VKF_MM_EMULATE
-    // O to the lanes that own its rows.
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(nn * MN), uint(SST), false);
-    subgroup_sync();
-#endif
     // This split's partial per row: O over its keys, normalized, and their LSE (natural log);
     // partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
+    // O reaches the lanes that own its rows one fragment at a time (MM_O_CHUNK).
     const float nan = uintBitsToFloat(0x7FC00000u);
+    float lk[SM_RPL];
+    bool bad[SM_RPL];
+    int prow[SM_RPL];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
-        const int r = sm_row(lane, k), h = g_h[k];
-        const float lk = sm_row_sum(l[k]);
-        const bool bad = SM_ROW_MAX(g_bad[k] ? 1.0 : 0.0) != 0.0 || !sized;
+        const int r = sm_row(lane, k);
+        lk[k] = sm_row_sum(l[k]);
+        bad[k] = SM_ROW_MAX(g_bad[k] ? 1.0 : 0.0) != 0.0 || !sized;
+        prow[k] = (bl * p.Hq + g_h[k]) * p.Lq + row_query(r, chunk);
 #if VKF_MAX_SCORES
         const float mx = SM_ROW_MAX(g_max[k]);
+        // The split's largest score (natural units), where it saw a key.
+        if (g_h[k] >= 0 && sm_col0(lane) == 0)
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? mx * LN2 : NEG_INF;
 #endif
-        if (h < 0) continue;
-        const int prow = (bl * p.Hq + h) * p.Lq + row_query(r, chunk);
-        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) {
-            const int d = sm_col0(lane) + t * SM_TPR;
+        if (g_h[k] >= 0 && sm_col0(lane) == 0)
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? (m[k] + log2(lk[k])) * LN2 : NEG_INF;
+    }
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+#if !VKF_MM_EMULATE
+        MM_O_CHUNK(o, nn, 0)
+#endif
+        [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+            if (g_h[k] < 0) continue;
+            const int r = sm_row(lane, k);
+            [[unroll]] for (int u = 0; u < MM_OCPL; ++u) {
+                const int c = sm_col0(lane) + u * SM_TPR;
 #if VKF_MM_EMULATE
-            const float ov = o[k][t];
+                const float ov = o[k][nn * MM_OCPL + u];
 #else
-            const float ov = Ss[r * SST + d];
+                const float ov = Ss[r * SST + c];
 #endif
-            o_data[p.o_base + w.split * p.o_split_stride + prow * DV + d] = bad ? nan : lk != 0.0 ? ov / lk : 0.0;
-        }
-        if (sm_col0(lane) == 0) {
-            lse_data[p.lse_base + w.split * p.lse_split_stride + prow] = bad ? nan : lk != 0.0 ? (m[k] + log2(lk)) * LN2 : NEG_INF;
-#if VKF_MAX_SCORES
-            // The split's largest score (natural units), where it saw a key.
-            max_data[p.lse_base + w.split * p.lse_split_stride + prow] = bad ? nan : lk != 0.0 ? mx * LN2 : NEG_INF;
-#endif
+                o_data[p.o_base + w.split * p.o_split_stride + prow[k] * DV + nn * MN + c] = bad[k] ? nan : lk[k] != 0.0 ? ov / lk[k] : 0.0;
+            }
         }
     }
 }
@@ -3233,8 +3239,8 @@ layout(local_size_x = SG * NSG) in;
 #define SM_ROWS MM
 #define SM_COLS BKV
 // The running maximum moves lazily (flex_softmax.glsl): O, which stays in accumulators, makes a
-// round trip through shared memory to be rescaled only on the tiles where it moved. (Emulated, O
-// is in registers and rescaled by the same factors.)
+// round trip through shared memory (a fragment at a time: MM_O_CHUNK) to be rescaled only on the
+// tiles where it moved. (Emulated, O is in registers and rescaled by the same factors.)
 #define SM_TAU 8.0
 // The softmax's view of the tile (set per step): this subgroup's first row, the step's keys, the
 // walk pass (1: partial block, the mask applies), and the workgroup's tile.
@@ -3399,43 +3405,48 @@ void main() {
 #endif
     if (!walked && lid == 0) vkf_report(4, 0, 0, 0);
 
-    // Each lane's rows: their sums, the sink, the outputs.
+    // Each lane's rows: their sums, the sink, the LSE; then the outputs, O reaching the lanes that
+    // own its rows one fragment at a time (MM_O_CHUNK).
     const float nan = uintBitsToFloat(0x7FC00000u);
-#if !VKF_MM_EMULATE
-    // O to the lanes that own its rows.
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(o[nn], Ss, uint(g_r0 * SST + nn * MN), uint(SST), false);
-    subgroup_sync();
-#endif
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
+    float lk[SM_RPL], fk[SM_RPL];
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
-        float lk = sm_row_sum(l[k]);
-        if (!sized) lk = nan;
-        float mk = m[k], f = 1.0;
+        lk[k] = sm_row_sum(l[k]);
+        if (!sized) lk[k] = nan;
+        float mk = m[k];
+        fk[k] = 1.0;
 #if VKF_MAX_SCORES
         // Before the sink joins: the maximum is over the scores (exact, never raised lazily).
         if (p.write_max != 0 && r < rows && sm_col0(lane) == 0)
-            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk) ? nan : lk != 0.0 ? mk * LN2 : NEG_INF;
+            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk[k]) ? nan : lk[k] != 0.0 ? mk * LN2 : NEG_INF;
 #endif
 #if VKF_SINKS
         // The head's sink joins the denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M).
         const float s2 = sinks[h] * LOG2E, M = max(mk, s2);
-        f = exp2(mk - M);
-        lk = lk * f + exp2(s2 - M);
+        fk[k] = exp2(mk - M);
+        lk[k] = lk[k] * fk[k] + exp2(s2 - M);
         mk = M;
 #endif
-        if (r < rows) {
-            [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) {
-                const int d = sm_col0(lane) + t * SM_TPR;
-#if VKF_MM_EMULATE
-                const float ov = o[k][t];
-#else
-                const float ov = Ss[r * SST + d];
+        if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
+            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? (mk + log2(lk[k])) * LN2 : NEG_INF;
+    }
+    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+#if !VKF_MM_EMULATE
+        MM_O_CHUNK(o, nn, g_r0)
 #endif
-                o_data[ooff + (q0 + r) * p.o_sl + d * p.o_sd] = OUT_VALUE(lk != 0.0 ? ov * f / lk : 0.0);
+        [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+            const int r = g_r0 + sm_row(lane, k);
+            if (r >= rows) continue;
+            [[unroll]] for (int u = 0; u < MM_OCPL; ++u) {
+                const int c = sm_col0(lane) + u * SM_TPR;
+#if VKF_MM_EMULATE
+                const float ov = o[k][nn * MM_OCPL + u];
+#else
+                const float ov = Ss[r * SST + c];
+#endif
+                o_data[ooff + (q0 + r) * p.o_sl + (nn * MN + c) * p.o_sd] = OUT_VALUE(lk[k] != 0.0 ? ov * fk[k] / lk[k] : 0.0);
             }
-            if (p.write_lse != 0 && sm_col0(lane) == 0)
-                lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk != 0.0 ? (mk + log2(lk)) * LN2 : NEG_INF;
         }
     }
 }
@@ -3925,8 +3936,9 @@ void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
 // functions: they pass cooperative matrices (Q's fragments QF, the accumulators O), which GLSL
 // functions do not take portably.
 //
-// Declares the shared tiles — Ks4 / Vs4 (K and V, rows KS4 / VS4 units apart), Ss (scores and
-// P V, rows SST floats apart), Ps (P, rows PST apart) and, emulated, Qs4 (Q) — and the 16-byte
+// Declares the shared tiles — Ks4 / Vs4 (K and V, rows KS4 / VS4 units apart), Ss (scores, and O
+// one fragment of MN columns at a time, rows SST floats apart), Ps (P, rows PST apart) and,
+// emulated, Qs4 (Q) — and the 16-byte
 // views of Q, K and V. Include after flex_mm.glsl with D, DV, MM, MN, MK, SG, BKV and BQ (the
 // workgroup's rows) defined; the macros expand where flex_softmax.glsl's sm_tile is defined.
 // Emulated (VKF_MM_EMULATE) the products are scalar loops over the same tiles and O is the lane's
@@ -3939,17 +3951,19 @@ void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
 // so that rows start on different banks. Matrix loads take offsets and strides in units.
 #define KS4 (D / 8 + 1)
 #define VS4 (DV / 8 + 1)
-// P (fp16) and the score / P V tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+// P (fp16) and the score tile (fp32): rows padded by 16 bytes, strides multiples of 16 bytes.
+// The score tile is BKV wide (BKV is a multiple of MN): O crosses it one MN-column fragment at a
+// time (MM_O_CHUNK), never whole — at D = 128 a DV-wide tile was 8.4 KB a subgroup of 16 rows,
+// the largest of a one-subgroup workgroup's shared arrays.
 #define PST (BKV + 8)
-#define SW (BKV > DV ? BKV : DV)
-#define SST (SW + 4)
+#define SST (BKV + 4)
 // KV_NBUF (default 1) buffers of each: the step's macros take the buffer's first unit.
 #ifndef KV_NBUF
 #define KV_NBUF 1
 #endif
 shared uvec4 Ks4[KV_NBUF * BKV * KS4];
 shared uvec4 Vs4[KV_NBUF * BKV * VS4];
-shared float Ss[BQ * SST];        // each subgroup's rows: scores, then P V (and O on its round trips)
+shared float Ss[BQ * SST];        // each subgroup's rows: scores (and O's fragments on their way through)
 shared HALF_T Ps[BQ * PST];
 #if VKF_MM_EMULATE
 shared uvec4 Qs4[BQ * KS4];
@@ -4002,13 +4016,26 @@ GATHER(v_data, v_units)
         MM_STASH(r_, c_, STAGE_CH, T, TB, TS, UNITS, I, NT) \
     } }
 
+// O's fragment NN (columns NN * MN ..) into columns 0 .. MN - 1 of the score tile's rows R0..,
+// for the lanes to read or scale their own rows' elements there: MM_OCPL of them a row, the
+// lane's columns sm_col0(lane) + u * SM_TPR (u < MM_OCPL) — O's columns NN * MN + those, the
+// elements t = NN * MM_OCPL + u of the softmax's column assignment. The first sync frees the
+// tile (its scores, or the previous fragment, read), the second makes the fragment visible.
+#define MM_OCPL (MN / SM_TPR)
+#define MM_O_CHUNK(O, NN, R0) { \
+    subgroup_sync(); \
+    coopMatStoreNV(O[NN], Ss, uint((R0) * SST), uint(SST), false); \
+    subgroup_sync(); }
+
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
 #define MM_SCORES(QF, R0, LANE, KB) \
     for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
         const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
         float dot_ = 0.0; \
-        for (int d_ = 0; d_ < D; ++d_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_); \
+        /* A unit (8 halves) an iteration: a driver that caps loop iterations (lavapipe) counts D / 8. */ \
+        for (int d_ = 0; d_ < D; d_ += 8) \
+            [[unroll]] for (int i_ = 0; i_ < 8; ++i_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_ + i_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_ + i_); \
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
@@ -4033,17 +4060,16 @@ GATHER(v_data, v_units)
     sm_tile(M, L, alpha_); \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
         [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
-    subgroup_sync();   /* P written; the scores read (P V overwrites them) */ \
-    for (int e_ = (LANE); e_ < MM * DV; e_ += SG) { \
-        const int r_ = (R0) + e_ / DV, d_ = e_ - (e_ / DV) * DV; \
-        float acc_ = 0.0; \
-        for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
-        Ss[r_ * SST + d_] = acc_; \
-    } \
-    subgroup_sync(); \
+    subgroup_sync();   /* P written */ \
+    /* Each lane its own elements of O (its rows, its columns): P V as a scalar loop. */ \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
         const int r_ = (R0) + sm_row(LANE, k_); \
-        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] += Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR]; \
+        for (int t_ = 0; t_ < DV / SM_TPR; ++t_) { \
+            const int d_ = sm_col0(LANE) + t_ * SM_TPR; \
+            float acc_ = 0.0; \
+            [[unroll]] for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
+            O[k_][t_] += acc_; \
+        } \
     } }
 #else
 #define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
@@ -4052,17 +4078,17 @@ GATHER(v_data, v_units)
     bool moved_ = false; \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
     if (subgroupAny(moved_)) { \
-        /* O's round trip: out to the score tile (its scores are read), each lane scales its own */ \
-        /* rows, back into the accumulators. */ \
-        subgroup_sync(); \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatStoreNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
-        subgroup_sync(); \
-        [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
-            const int r_ = (R0) + sm_row(LANE, k_); \
-            [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) Ss[r_ * SST + sm_col0(LANE) + t_ * SM_TPR] *= alpha_[k_]; \
+        /* O's round trip, a fragment at a time: out to the score tile (its scores are read), */ \
+        /* each lane scales its own rows' elements, back into the accumulator. */ \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+            MM_O_CHUNK(O, nn_, R0) \
+            [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+                const int r_ = (R0) + sm_row(LANE, k_); \
+                [[unroll]] for (int u_ = 0; u_ < MM_OCPL; ++u_) Ss[r_ * SST + sm_col0(LANE) + u_ * SM_TPR] *= alpha_[k_]; \
+            } \
+            subgroup_sync(); \
+            coopMatLoadNV(O[nn_], Ss, uint((R0) * SST), uint(SST), false); \
         } \
-        subgroup_sync(); \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) coopMatLoadNV(O[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[BKV / MK]; \
