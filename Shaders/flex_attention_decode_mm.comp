@@ -24,8 +24,11 @@
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles, O in registers
 // (flex_attention_fwd_generic.comp's emulation): the rest runs on lavapipe in CI.
 //
+// NSG (default 1) subgroups a workgroup each walk a split of their own with tiles of their own —
+// one-subgroup workgroups side by side, which a driver then keeps on one compute unit together.
+//
 // Defines: D, DV (multiples of MK, MN and 8), MM (rows a workgroup, at most 16 per call: what a
-// split-KV call takes), MN, MK, SG, BKV (keys a step: a multiple of MM, MN and MK), VKF_MM_EMULATE,
+// split-KV call takes), MN, MK, SG, NSG, BKV (keys a step: a multiple of MM, MN and MK), VKF_MM_EMULATE,
 // IN_F16 or IN_BF16, and what flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED,
 // VKF_Q_OFFSETS). Bindings as flex_attention_fwd.comp; O and LSE bind the partials.
 #extension GL_GOOGLE_include_directive : require
@@ -37,7 +40,11 @@
 #extension GL_KHR_shader_subgroup_vote : require
 #endif
 
-layout(local_size_x = SG) in;
+#ifndef NSG
+#define NSG 1
+#endif
+layout(local_size_x = SG * NSG) in;
+#define DEC_NSG NSG
 
 #define OUT_F16 0
 #define OUT_BF16 0
@@ -51,7 +58,9 @@ layout(local_size_x = SG) in;
 
 // The shared tiles and the step (scores, softmax, P V), as flex_attention_fwd_generic.comp's for
 // one subgroup (BQ = MM rows). Q passes through the K tile on its way to registers (BKV >= MM).
-#define BQ MM
+#define BQ (MM * NSG)
+// Each subgroup's own K and V tiles: buffer g of KV_NBUF, starting at unit g · BKV · KS4 (VS4).
+#define KV_NBUF NSG
 // A step's 32 keys are 16 units a lane of K (and of V) at D = 128: each in one round.
 #define STAGE_CH 16
 #include "flex_mm_step.glsl"
@@ -68,7 +77,7 @@ void sm_put(int k, int t, float pv);
 // partial (the mask applies), this lane; per row of the lane: its query head (-1: none), its
 // position (q_idx), whether one of its scores was NaN and (VKF_MAX_SCORES) the largest of the
 // lane's scores in it (the softmax's running maximum is raised lazily: not the exact one).
-int g_b, g_k0, g_kn, g_lane;
+int g_b, g_k0, g_kn, g_lane, g_r0;
 bool g_part;
 int g_h[SM_RPL], g_pos[SM_RPL];
 bool g_bad[SM_RPL];
@@ -80,7 +89,7 @@ float sm_score(int k, int t) {
     const int j = sm_col0(g_lane) + t * SM_TPR, h = g_h[k];
     if (h < 0 || j >= g_kn) return NEG_INF;
     const int key = g_k0 + j;
-    float s = modded_l2(Ss[sm_row(g_lane, k) * SST + j], g_b, h, g_pos[k], key);
+    float s = modded_l2(Ss[(g_r0 + sm_row(g_lane, k)) * SST + j], g_b, h, g_pos[k], key);
 #if VKF_HAS_MASK_MOD
     if (g_part && !mask_mod(g_b, h, g_pos[k], key)) s = NEG_INF;
 #endif
@@ -91,7 +100,7 @@ float sm_score(int k, int t) {
     return s;
 }
 void sm_put(int k, int t, float pv) {
-    Ps[sm_row(g_lane, k) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
+    Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
 
 void main() {
@@ -99,7 +108,11 @@ void main() {
     g_lane = lane;
     // Built for subgroups of SG lanes (the device's); a driver that differed would make every
     // partial NaN — a loud failure — never a silently wrong one.
-    const bool sized = gl_SubgroupSize == uint(SG) && gl_NumSubgroups == 1u;
+    const bool sized = gl_SubgroupSize == uint(SG) && gl_NumSubgroups == uint(NSG);
+    // This subgroup's rows of the score and P tiles, and its K and V tiles' first units.
+    const int r0 = NSG > 1 ? int(gl_SubgroupID) * MM : 0, kb = NSG > 1 ? int(gl_SubgroupID) * BKV * KS4 : 0,
+              vb = NSG > 1 ? int(gl_SubgroupID) * BKV * VS4 : 0;
+    g_r0 = r0;
     const DecodeWG w = decode_wg();
     const int b = w.b, bl = w.bl, chunk = w.chunk, hk = w.hk, group = w.group, off = w.off, qb = w.qb;
     g_b = b;
@@ -122,15 +135,15 @@ void main() {
         const int r = e / (D / 8), u = e - r * (D / 8), h = row_head(r, chunk, hk, group, off, qb);
         const uvec4 q = h >= 0 ? unit_q_data(qoff + h * p.q_sh + row_query(r, chunk) * p.q_sl, p.q_sd, u) : uvec4(0);
 #if VKF_MM_EMULATE
-        Qs4[r * KS4 + u] = q;
+        Qs4[(r0 + r) * KS4 + u] = q;
 #else
-        Ks4[r * KS4 + u] = q;
+        Ks4[kb + r * KS4 + u] = q;
 #endif
     }
     subgroup_sync();
 #if !VKF_MM_EMULATE
     FRAG_A qf[D / MK];
-    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[kk], Ks4, uint(kk * MK / 8), uint(KS4), false);
+    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[kk], Ks4, uint(kb + kk * MK / 8), uint(KS4), false);
     subgroup_sync();   // Q read before K overwrites it
 #endif
 
@@ -154,14 +167,14 @@ void main() {
         // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0.
 #define K_UNIT(j, u) unit_k_data(koff + KEY_ROW(k0 + (j)) * p.k_sl, p.k_sd, u)
 #define V_UNIT(j, u) unit_v_data(voff + KEY_ROW(k0 + (j)) * p.v_sl, p.v_sd, u)
-        MM_STAGE(Ks4, 0, KS4, D / 8, kn, lane, SG, K_UNIT)
-        MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lane, SG, V_UNIT)
+        MM_STAGE(Ks4, kb, KS4, D / 8, kn, lane, SG, K_UNIT)
+        MM_STAGE(Vs4, vb, VS4, DV / 8, kn, lane, SG, V_UNIT)
         subgroup_sync();
         // S = Q Kᵀ into the score tile, the softmax, O += P V.
-        MM_SCORES(qf, 0, lane, 0)
+        MM_SCORES(qf, r0, lane, kb)
         subgroup_sync();
         g_k0 = k0; g_kn = kn; g_part = partial;
-        MM_SOFTMAX_PV(o, 0, lane, m, l, 0)
+        MM_SOFTMAX_PV(o, r0, lane, m, l, vb)
         subgroup_sync();   // the K, V and P tiles read before the next step's staging
         k0 += BKV;
         more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
@@ -193,7 +206,7 @@ void main() {
     }
     [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE
-        MM_O_CHUNK(o, nn, 0)
+        MM_O_CHUNK(o, nn, r0)
 #endif
         [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
             if (g_h[k] < 0) continue;
@@ -203,7 +216,7 @@ void main() {
 #if VKF_MM_EMULATE
                 const float ov = o[k][nn * MM_OCPL + u];
 #else
-                const float ov = Ss[r * SST + c];
+                const float ov = Ss[(r0 + r) * SST + c];
 #endif
                 o_data[p.o_base + w.split * p.o_split_stride + prow[k] * DV + nn * MN + c] = bad[k] ? nan : lk[k] != 0.0 ? ov / lk[k] : 0.0;
             }

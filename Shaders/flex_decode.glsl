@@ -3,7 +3,12 @@
 // a BlockMask row's kept blocks, counted by list position (so that skipped blocks cost nothing and
 // every split gets the same number of kept blocks), and which (query head, query row) pair a
 // workgroup's row r is. Include after flex_attention_common.glsl; define RMAX (rows per workgroup).
-// The grid: x = split, y = (KV head × head chunks × segments), z = batch of this dispatch.
+// The grid: x = split, y = (KV head × head chunks × segments), z = batch of this dispatch. With
+// DEC_NSG > 1 (the matrix kernel's subgroups, each walking a split of its own) x counts DEC_NSG
+// splits a workgroup: subgroup g of workgroup x walks split x · DEC_NSG + g.
+#ifndef DEC_NSG
+#define DEC_NSG 1
+#endif
 
 // The walk's cursor: block t of this split's share (kb its key block, partial past the full ones)
 // and the round starting at key k0 (keys before k_stop). Moves to the first round at or after the
@@ -50,7 +55,11 @@ int row_head(int r, int chunk, int hk, int group, int off, int qb) {
 struct DecodeWG { int split, bl, b, hk, chunk, group, off, qb, h0, mrow, n_full, t0, t_end, lkv, koff, voff; };
 DecodeWG decode_wg() {
     DecodeWG w;
+#if DEC_NSG > 1
+    w.split = int(gl_WorkGroupID.x) * DEC_NSG + int(gl_SubgroupID);
+#else
     w.split = int(gl_WorkGroupID.x);
+#endif
     w.bl = int(gl_WorkGroupID.z);
     w.b = p.b_start + w.bl;
     const int y = int(gl_WorkGroupID.y);

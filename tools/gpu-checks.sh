@@ -185,12 +185,12 @@ if [ "$what" = occupancy ]; then
   # split-KV kernels' stayed flat from 1 to 16 a compute unit: docs/performance.md.) The same work
   # in more, smaller workgroups: generic over H heads (128·H workgroups; default tiles, then 2x16
   # with less shared memory), the split-KV kernels over VKFLEX_DECODE_SPLITS on decode_mqa_32k
-  # (8 x splits workgroups; mm32 21 KB of shared memory, mm16 11 KB — 27 KB at 32 keys before O
+  # (8 x splits subgroups' splits; mm32 21 KB of shared memory, mm16 11 KB — 27 KB at 32 keys before O
   # crossed the score tile a fragment at a time — scalar ~10 KB). If time
   # falls with smaller shared memory and more workgroups, the driver's shared-memory carveout
   # holds the kernels to one workgroup a compute unit. First the matrix kernel's validated
   # selftests in both step sizes (after MM_STAGE it ran on a GPU only unchecked).
-  for t in mm mm16; do
+  for t in mm mm16 mm16x4; do
     VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-split-kv-$t" 60 vkflex selftest --kernel split-kv
   done
   for t in default 2x16; do
@@ -201,7 +201,8 @@ if [ "$what" = occupancy ]; then
     done
   done
   unset VKFLEX_GENERIC_TILES
-  for t in mm32 mm16 scalar; do
+  # mm16x4 / mm32x2: four (two) subgroups a workgroup, each with tiles and a split of its own.
+  for t in mm32 mm16 mm16x4 mm32x2 scalar; do
     for sp in 16 64 256; do
       VKFLEX_PIPELINE_STATS=1 VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$sp VKFLEX_DECODE_TILE=$t timeout 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k > "$out/occ.txt" 2>&1
       echo "$t splits=$sp: $(grep -A1 ' no ' "$out/occ.txt" | grep 'device time' | cut -c25-100) $(grep -m1 'pipeline flex_attention_decode' "$out/occ.txt" | sed -E 's/.*Register Count = ([0-9]+).*Shared Memory Size = ([0-9]+).*/\1 registers, shared \2 B/')"

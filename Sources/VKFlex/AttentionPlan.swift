@@ -38,10 +38,12 @@ struct AttentionTuning: Sendable {
     /// (flex_attention_decode_mm.comp; emulated where the device has none), for any call; `scalar`:
     /// never (the default tiles of flex_attention_decode.comp).
     var decodeMatrices: Bool?
-    /// `VKFLEX_DECODE_TILE=mmN` (N = 16 or 32): the matrix kernel with N keys a step — its shared
-    /// memory is 21 KB (32) or 11 KB (16) at D = 128, to see whether the driver then runs
-    /// more of its workgroups on a compute unit — for tuning.
+    /// `VKFLEX_DECODE_TILE=mmN[xS]` (N = 16 or 32, S = 1, 2 or 4): the matrix kernel with N keys a
+    /// step — its shared memory is 21 KB (32) or 11 KB (16) a subgroup at D = 128 — and S
+    /// subgroups a workgroup, each walking a split of its own (default 1), to see whether the
+    /// driver then keeps more of its work on a compute unit at once — for tuning.
     var decodeMMKeys: Int?
+    var decodeMMSubgroups: Int?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
@@ -94,9 +96,15 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        if let k = env["VKFLEX_DECODE_TILE"], ["mm", "scalar", "mm16", "mm32"].contains(k.lowercased()) {
-            t.decodeMatrices = k.lowercased() != "scalar"
-            t.decodeMMKeys = Int(k.dropFirst(2))
+        if let k = env["VKFLEX_DECODE_TILE"], ["mm", "scalar", "mm16", "mm32"].contains(k.lowercased())
+            || ["mm16x", "mm32x"].contains(k.lowercased().prefix(5)) {
+            let mm = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
+            guard mm.count == 1 || (mm.count == 2 && ["1", "2", "4"].contains(mm[1])) else {
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs]")
+            }
+            t.decodeMatrices = mm[0] != "scalar"
+            t.decodeMMKeys = Int(mm[0].dropFirst(2))
+            t.decodeMMSubgroups = mm.count == 2 ? Int(mm[1]) : nil
         } else if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
             t.decodeMatrices = false
             var parts = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
@@ -105,7 +113,7 @@ struct AttentionTuning: Sendable {
             let v = parts.map { Int($0) ?? 0 }
             guard (2...3).contains(v.count), [1, 2, 4, 8, 16].contains(v[0]), (1...8).contains(v[1]),
                   v.count == 2 || [1, 2, 4, 8, 16, 32, 64].contains(v[2]) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step), scalar, or RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
             }
             t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }
@@ -253,7 +261,7 @@ struct AttentionPlan: Hashable, Sendable {
         case .portable(_, _, let wg), .decode(_, _, let wg, _, _), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
         case .generic(let t): return t.WG
-        case .decodeMM(let t): return t.SG
+        case .decodeMM(let t): return t.WG
         }
     }
 
@@ -299,7 +307,7 @@ struct AttentionPlan: Hashable, Sendable {
         case .decodeMM(let t):
             source = ShaderSource(name: "flex_attention_decode_mm", text: try ShaderLibrary.standard.text("flex_attention_decode_mm.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
-                .init("SG", "\(t.SG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
+                .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ])
         case .generic(let t):

@@ -230,9 +230,12 @@ enum ForwardKernel {
                 // About four workgroups of 128 invocations per compute unit (VKFLEX_DECODE_WAVES) — as many
                 // subgroups in smaller workgroups (the matrix kernel's one subgroup) — no more splits than
                 // key blocks; under a loop cap (lavapipe), enough splits that each stays under it.
+                // The matrix kernel with several subgroups a workgroup: each walks a split of its own.
                 let tuning = try AttentionTuning.of(device)
+                let nsg: Int
+                if case .decodeMM(let t) = prepared.plan.tiles { nsg = t.NSG } else { nsg = 1 }
                 let waves = tuning.decodeWaves * max(1, 128 / prepared.plan.WG)
-                var splits = max(1, min(kvBlocks, tuning.decodeSplits ?? (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups))
+                var splits = max(1, min(kvBlocks, tuning.decodeSplits ?? (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups * nsg))
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
                     let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, plan: prepared.plan, half: s.dtype.size == 2)
                     // Outside the walk: Q, the merge of the key slots and subgroups (the cursor jumps to its share: no walk over the list).
@@ -244,8 +247,9 @@ enum ForwardKernel {
                         throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after \(limit) iterations: \(kvBlocks) KV blocks of \(kvBS) keys need \(splits) key splits, more than its merge can combine; use larger KV blocks")
                     }
                 }
+                splits = (splits + nsg - 1) / nsg * nsg   // whole workgroups
                 let rows = nb * s.Hq * s.Lq, partBytes = splits * rows * s.Dv * 4
-                guard partBytes <= caps.maxStorageBufferRange, splits <= caps.maxWorkgroupCount[0],
+                guard partBytes <= caps.maxStorageBufferRange, splits / nsg <= caps.maxWorkgroupCount[0],
                       s.Hkv * headChunks * segs <= caps.maxWorkgroupCount[1], nb <= caps.maxWorkgroupCount[2] else {
                     throw FlexError.limitExceeded("split-kv: \(splits) key splits of \(rows) rows exceed \(caps.name)'s limits; pass fewer batches per call")
                 }
@@ -257,7 +261,7 @@ enum ForwardKernel {
                              lse: WriteTarget(binding: BufferBinding(partL, writes: true), base: 0, strides: rowStrides),
                              max: partM.map { WriteTarget(binding: BufferBinding($0, writes: true), base: 0, strides: rowStrides) },
                              kvRange: 0..<kvBlocks, split: (splits, 0, rows * s.Dv, rows),
-                             groups: (splits, s.Hkv * headChunks * segs, nb), decode: (chunksPerHead, headChunks, segs))
+                             groups: (splits / nsg, s.Hkv * headChunks * segs, nb), decode: (chunksPerHead, headChunks, segs))
                 func target(_ t: Tensor) throws -> WriteTarget { try writeTarget(t, chunk) }
                 try merge(splits: splits, partO: partO, partL: partL, partMax: partM, nb: nb, nh: s.Hq, shape: s, out: try target(output),
                           lse: try lse.map(target), max: try maxScores.map(target), sinks: sinks, headStart: 0, outDType: output.dtype, device: device)

@@ -142,9 +142,16 @@ final class DecodeTests: FlexTestCase {
         for (keys, bytes) in [(16, 10_752), (32, 20_992)] {
             let t = AttentionPlanner.decodeMMTiles(D: 128, Dv: 128, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 49152,
                                                    maxInvocations: 1024, keys: keys)
-            XCTAssertEqual(t?.BKV, keys)
+            XCTAssertEqual(t?.BKV, keys); XCTAssertEqual(t?.NSG, 1)
             XCTAssertEqual(t.map { GenericTiles.sharedBytes(D: 128, Dv: 128, M: $0.M, NSG: 1, BKV: $0.BKV, emulated: false) }, bytes)
         }
+        // mmNxS: S subgroups, each with tiles of its own — 4 of 16 keys fit 48 KiB at D = 128, 4 of 32 do not.
+        func mm(_ keys: Int, _ sgs: Int) -> GenericTiles? {
+            AttentionPlanner.decodeMMTiles(D: 128, Dv: 128, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 49152,
+                                           maxInvocations: 1024, keys: keys, subgroups: sgs)
+        }
+        XCTAssertEqual(mm(16, 4)?.NSG, 4); XCTAssertEqual(mm(16, 4)?.WG, 128); XCTAssertEqual(mm(32, 2)?.NSG, 2)
+        XCTAssertNil(mm(32, 4))
         XCTAssertNil(AttentionPlanner.decodeMMTiles(D: 40, Dv: 40, subgroupSize: 32, shapes: [shape(16, 16, 16)], sharedMemory: 32768, maxInvocations: 1024))
         XCTAssertNil(AttentionPlanner.decodeMMTiles(D: 64, Dv: 64, subgroupSize: 24, shapes: [shape(16, 16, 16)], sharedMemory: 32768, maxInvocations: 1024))
     }
@@ -198,6 +205,43 @@ final class DecodeTests: FlexTestCase {
         }
     }
 
+    /// The matrix kernel with two subgroups a workgroup (`VKFLEX_DECODE_TILE=mm16x2`, emulated on
+    /// lavapipe), each walking a split of its own: GQA rows, a sliding window written with query
+    /// offsets, key lengths, paged K/V, and more splits than KV blocks (subgroups with nothing to walk).
+    func testMatrixKernelWithSubgroupsOfItsOwn() throws {
+        for splits in ["", "4", "40"] {
+            var env = ["VKFLEX_DECODE_TILE": "mm16x2"]
+            if !splits.isEmpty { env["VKFLEX_DECODE_SPLITS"] = splits }
+            let dev = try device(with: env)
+            let (B, Hq, Hkv, Lq, Lkv, D) = (2, 8, 2, 2, 700, 32)
+            let q = try dev.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
+            let kv = randn(B * Hkv * Lkv * D), vv = randn(B * Hkv * Lkv * D)
+            let k = try dev.tensor(kv, shape: [B, Hkv, Lkv, D], dtype: .float16), v = try dev.tensor(vv, shape: [B, Hkv, Lkv, D], dtype: .float16)
+            let offsets = [600, 301], lengths = [650, 700]
+            let mask = MaskMod { _, _, qi, ki in (qi >= ki) & (qi - ki <= 300) }
+            let bm = try createBlockMask(mask, B: 1, H: 1, qLen: 700, kvLen: Lkv, device: dev, blockSize: 64)
+            let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: true, kvLengths: try dev.tensor(lengths, shape: [B]),
+                                      qOffset: .perBatch(try dev.tensor(offsets, shape: [B])), returnLSE: true, options: FlexOptions(kernel: .splitKV))
+            let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: true, kvLengths: lengths, qOffsets: offsets)
+            XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, "splits \(splits)")
+            XCTAssertLessThan(relativeL2Error(try r.lse!.toArray(), ref.lse), 1e-4, "splits \(splits)")
+            // The same cache through a permuted page table.
+            let P = 64, pages = Lkv / P + 1, perm = Array((0..<(B * pages)).reversed())
+            var kp = [Float](repeating: .nan, count: B * pages * P * Hkv * D), vp = kp
+            for b in 0..<B { for h in 0..<Hkv { for j in 0..<Lkv {
+                let page = perm[b * pages + j / P], src = ((b * Hkv + h) * Lkv + j) * D, dst = (h * B * pages * P + page * P + j % P) * D
+                for d in 0..<D { kp[dst + d] = kv[src + d]; vp[dst + d] = vv[src + d] }
+            } } }
+            let table = try dev.tensor((0..<(B * pages)).map { Int32(perm[$0]) }, shape: [B, pages])
+            let kc = try dev.tensor(kp, shape: [1, Hkv, B * pages * P, D], dtype: .float16), vc = try dev.tensor(vp, shape: [1, Hkv, B * pages * P, D], dtype: .float16)
+            let logical = try createBlockMask(mask, B: 1, H: 1, qLen: 700, kvLen: pages * P, device: dev, blockSize: 64)
+            let paged = try flexAttention(q, kc, vc, blockMask: logical, enableGQA: true, qOffset: .perBatch(try dev.tensor(offsets, shape: [B])),
+                                          pageTable: PageTable(table: table, lengths: try dev.tensor(lengths, shape: [B]), pageSize: P),
+                                          options: FlexOptions(kernel: .splitKV))
+            XCTAssertLessThan(relativeL2Error(try paged.output.toArray(), ref.output), 2e-3, "paged, splits \(splits)")
+        }
+    }
+
     /// Every tile shape (`VKFLEX_DECODE_TILE`), each dtype, and the paths without 16-byte loads:
     /// head dims that are not multiples of 8 (odd ones too: a row's last unit is mostly padding),
     /// a value dim unlike the key's, against the float64 reference.
@@ -235,10 +279,14 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("8x2"), [8, 2, 0, 0])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm"]).decodeMatrices, true)
         XCTAssertNil(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm"]).decodeMMKeys)
-        // mmN: the matrix kernel with N keys a step.
+        // mmN[xS]: the matrix kernel with N keys a step (and S subgroups a workgroup).
         for n in [16, 32] {
             let t = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm\(n)"])
-            XCTAssertEqual(t.decodeMatrices, true); XCTAssertEqual(t.decodeMMKeys, n)
+            XCTAssertEqual(t.decodeMatrices, true); XCTAssertEqual(t.decodeMMKeys, n); XCTAssertNil(t.decodeMMSubgroups)
+            for sgs in [1, 2, 4] {
+                let u = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm\(n)x\(sgs)"])
+                XCTAssertEqual(u.decodeMatrices, true); XCTAssertEqual(u.decodeMMKeys, n); XCTAssertEqual(u.decodeMMSubgroups, sgs)
+            }
         }
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "Scalar"]).decodeMatrices, false)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "8x2"]).decodeMatrices, false)
@@ -246,8 +294,8 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("4x2x8"), [4, 2, 8, 0])
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
-        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step), scalar, or RxK[xL][xs]"), "\($0)") }
+        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).

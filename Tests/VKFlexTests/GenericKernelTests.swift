@@ -221,6 +221,13 @@ extension AttentionTests {
             }
         }
         XCTAssertEqual(decodes, 12)
+        // Four subgroups a workgroup, each with tiles and a split of its own (VKFLEX_DECODE_TILE=mm16x4).
+        let nv = CooperativeMatrixShape(m: 16, n: 16, k: 16, a: "float16", b: "float16", c: "float32", result: "float32")
+        let four = try XCTUnwrap(AttentionPlanner.decodeMMTiles(D: 128, Dv: 128, subgroupSize: 32, shapes: [nv], sharedMemory: 48 << 10,
+                                                                 maxInvocations: 1024, keys: 16, subgroups: 4))
+        let plan4 = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: .float16, D: 128, Dv: 128, tiles: .decodeMM(four), typedOperands: true,
+                                  maxScores: true, kvLengths: true, qOffsets: true, paged: true, pushParams: true, mods: mods.glsl.source)
+        try compileForKHR(plan4, subgroupSize: 32, "decode 16x16x16 sg 32 D=128 four subgroups")
     }
 }
 
