@@ -61,8 +61,8 @@ layout(local_size_x = SG * NSG) in;
 #define BQ (MM * NSG)
 // Each subgroup's own K and V tiles: buffer g of KV_NBUF, starting at unit g · BKV · KS4 (VS4).
 #define KV_NBUF NSG
-// A step's 32 keys are 16 units a lane of K (and of V) at D = 128: each in one round.
-#define STAGE_CH 16
+// A subgroup's units of a step's K in one round, at most 16 (32 keys at D = 128).
+#define STAGE_CH (BKV * (D / 8) / SG < 16 ? (BKV * (D / 8) + SG - 1) / SG : 16)
 #include "flex_mm_step.glsl"
 
 

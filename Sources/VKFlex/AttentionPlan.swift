@@ -43,6 +43,7 @@ struct AttentionTuning: Sendable {
     /// subgroups a workgroup, each walking a split of its own (default 1), to see whether the
     /// driver then keeps more of its work on a compute unit at once — for tuning.
     var decodeMMKeys: Int?
+    /// S of `VKFLEX_DECODE_TILE=mmNxS` (nil: one subgroup a workgroup).
     var decodeMMSubgroups: Int?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
@@ -96,13 +97,14 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        if let k = env["VKFLEX_DECODE_TILE"], ["mm", "scalar", "mm16", "mm32"].contains(k.lowercased())
-            || ["mm16x", "mm32x"].contains(k.lowercased().prefix(5)) {
-            let mm = k.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
-            guard mm.count == 1 || (mm.count == 2 && ["1", "2", "4"].contains(mm[1])) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs]")
+        let tileHelp = "use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs]"
+        if let k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
+            // mm, mmN or mmNxS (the matrix kernel), scalar.
+            let mm = k.split(separator: "x", omittingEmptySubsequences: false).map(String.init)
+            guard k == "scalar" || ["mm", "mm16", "mm32"].contains(mm[0]) && (mm.count == 1 || mm.count == 2 && mm[0] != "mm" && ["1", "2", "4"].contains(mm[1])) else {
+                throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)")
             }
-            t.decodeMatrices = mm[0] != "scalar"
+            t.decodeMatrices = k != "scalar"
             t.decodeMMKeys = Int(mm[0].dropFirst(2))
             t.decodeMMSubgroups = mm.count == 2 ? Int(mm[1]) : nil
         } else if let k = env["VKFLEX_DECODE_TILE"], !k.isEmpty {
@@ -113,7 +115,7 @@ struct AttentionTuning: Sendable {
             let v = parts.map { Int($0) ?? 0 }
             guard (2...3).contains(v.count), [1, 2, 4, 8, 16].contains(v[0]), (1...8).contains(v[1]),
                   v.count == 2 || [1, 2, 4, 8, 16, 32, 64].contains(v[2]) else {
-                throw FlexError("VKFLEX_DECODE_TILE=\(k): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs], R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
+                throw FlexError("VKFLEX_DECODE_TILE=\(k): \(tileHelp), R query rows per workgroup (1, 2, 4, 8 or 16), K keys loaded per key slot and round (1 to 8), L invocations per key (a power of two up to 64) and s for the scores' reduce-scatter, e.g. 4x2, 4x2x8 or 16x1xs")
             }
             t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }

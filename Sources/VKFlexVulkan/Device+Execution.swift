@@ -148,8 +148,9 @@ public struct CommandRecorder {
             }
         }
         barrier()
-        // VKFLEX_PROFILE=1: timestamps around the dispatch (none past a batch's query pool).
-        let profileStart = device.profilesDispatches && device.capabilities.timestamps && batch.queryCount + 2 <= 256 ? try timestamp() : nil
+        // VKFLEX_PROFILE=1: timestamps around the dispatch, leaving a quarter of the batch's query
+        // pool to the caller's own (``timestamp()`` throws past it).
+        let profileStart = device.profilesDispatches && device.capabilities.timestamps && batch.queryCount + 2 <= 192 ? try timestamp() : nil
         let cb = batch.commandBuffer
         vkCmdBindPipeline(cb, VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.pipeline)
         var s: VkDescriptorSet? = set

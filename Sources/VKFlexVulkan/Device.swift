@@ -90,7 +90,8 @@ public final class Device: @unchecked Sendable {
     /// Whether pipelines are built with statistics, printed as they are built (`VKFLEX_PIPELINE_STATS=1`).
     let reportsPipelineStatistics: Bool
     /// `VKFLEX_PROFILE=1`: every dispatch is bracketed by GPU timestamps, collected by
-    /// ``takeDispatchProfile()`` — where a call's device time goes, pass by pass.
+    /// ``takeDispatchProfile()`` — where a call's device time goes, pass by pass. They are kept
+    /// until taken: a tool, not for a long-running process.
     public let profilesDispatches = ProcessInfo.processInfo.environment["VKFLEX_PROFILE"] == "1"
     /// The bracketed dispatches since the last ``takeDispatchProfile()`` (under `lock`).
     var dispatchProfile: [(name: String, start: GPUTimestamp, end: GPUTimestamp)] = []
