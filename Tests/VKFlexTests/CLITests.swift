@@ -614,8 +614,12 @@ final class CLITests: XCTestCase {
                                   "--no-check", "--json", json2], extraEnvironment: ["VKFLEX_PROFILE": "1"])
         XCTAssertEqual(s2, 0, out2)
         // VKFLEX_PROFILE=1: each row's device time per shader (the decode pass and the merge).
-        XCTAssertEqual(out2.components(separatedBy: "device time per call: flex_attention_decode ").count, 5, out2)
-        XCTAssertTrue(out2.contains(" us (1x), flex_attention_merge "), out2)
+        // Shaders are listed slowest first, and on a CPU the merge can come out slower than the decode.
+        let profileLines = out2.split(separator: "\n").filter { $0.contains("device time per call: ") }
+        XCTAssertEqual(profileLines.count, 4, out2)
+        for line in profileLines {
+            XCTAssertTrue(line.contains("flex_attention_decode ") && line.contains("flex_attention_merge ") && line.contains(" us (1x)"), out2)
+        }
         let rows2 = try String(contentsOfFile: json2, encoding: .utf8).split(separator: "\n").map {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
         }
