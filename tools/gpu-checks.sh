@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -18,7 +18,8 @@
 # recheck: every kernel's validated selftest, the split-KV matrix and scalar kernels on the 16-row
 # cases, coopmat-generic on full and causal; occupancy: whether smaller workgroups / less shared
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
-# kernel's step with one part (loads, softmax, QK, PV) taken out at a time.
+# kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
+# workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory.
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -215,6 +216,25 @@ if [ "$what" = occupancy ]; then
     grep -E ' (no|yes) |device time' "$out/occ.txt" | sed "s/^/$t /" | cut -c1-120
   done
   rm -f "$out/occ.txt"
+fi
+if [ "$what" = residency ]; then
+  # How many workgroups of each kernel an SM runs at once (VKFLEX_RESIDENCY: every subgroup's SM
+  # and clocks; with VKFLEX_PROFILE=1 the bench prints a "residency" line per pipeline), beside the
+  # driver's register and shared-memory counts of the same pipelines: the forward and backward
+  # through coopmat-nv (causal, D=64 and D=128), coopmat-generic, and the split-KV kernels (scalar,
+  # mm, mm16, mm16x4) on the 16-row decode cases.
+  export VKFLEX_RESIDENCY=all VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1
+  step res-seed 90 vkflex bench --suite seed --backward --no-check --cases causal
+  step res-generic 60 env VKFLEX_KERNEL=coopmat-generic vkflex bench --suite seed --no-check --cases causal
+  for t in scalar mm mm16 mm16x4; do
+    step "res-decode-$t" 40 env VKFLEX_DECODE_TILE=$t vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+  done
+  for f in "$out"/res-*.txt; do
+    echo "-- $(basename "$f" .txt)"
+    grep -E '^(causal|specdec|decode)|device time|residency' "$f" | cut -c1-260
+    grep -h 'Register Count' "$f" | sed -E 's/^.*pipeline ([a-z_]+)[^:]*:.*Register Count = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1: \2 registers, shared \3 B/' | sort -u
+  done
+  unset VKFLEX_RESIDENCY VKFLEX_PROFILE VKFLEX_PIPELINE_STATS
 fi
 if [ "$what" = mm-parts ]; then
   # Where the split-KV matrix kernel's step goes: the kernel with one part taken out (results

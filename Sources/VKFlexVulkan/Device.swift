@@ -28,13 +28,18 @@ public final class Device: @unchecked Sendable {
         /// false, or `VKFLEX_FLOAT_ATOMICS=0`, makes the kernels take their path without them (the
         /// captures' gradients then go through per-workgroup partial sums), as on devices that lack them.
         public var floatAtomics: Bool
+        /// Shaders whose pipelines record how their workgroups sat on the compute units
+        /// (``Device/takeResidency()``): comma-separated names, or `all`; `nil` reads
+        /// `VKFLEX_RESIDENCY`. A tuning tool: probed pipelines do extra work.
+        public var residency: String?
 
         public init(validation: Bool? = nil, pipelineCacheDirectory: URL? = nil, maxCommandsPerBatch: Int = 256,
-                    floatAtomics: Bool = true) {
+                    floatAtomics: Bool = true, residency: String? = nil) {
             self.validation = validation
             self.pipelineCacheDirectory = pipelineCacheDirectory
             self.maxCommandsPerBatch = maxCommandsPerBatch
             self.floatAtomics = floatAtomics
+            self.residency = residency
         }
 
         var validationEnabled: Bool {
@@ -99,6 +104,8 @@ public final class Device: @unchecked Sendable {
     /// (`VKFLEX_PIPELINE_IR=dir`; only drivers that offer them through
     /// `VK_KHR_pipeline_executable_properties` write anything).
     let pipelineIRDirectory: String?
+    /// `VKFLEX_RESIDENCY`'s probe (``takeResidency()``), nil when unset or the device lacks its clocks.
+    let residency: ResidencyProbe?
 
     /// The features vkflex turned on when it created the logical device.
     public struct EnabledFeatures: Sendable {
@@ -229,6 +236,32 @@ public final class Device: @unchecked Sendable {
         let irDir = hasExec ? ProcessInfo.processInfo.environment["VKFLEX_PIPELINE_IR"].flatMap { $0.isEmpty ? nil : $0 } : nil
         let stats = (ProcessInfo.processInfo.environment["VKFLEX_PIPELINE_STATS"] == "1" && hasExec) || irDir != nil
         if stats { extensions.append("VK_KHR_pipeline_executable_properties") }
+        // VKFLEX_RESIDENCY: the shader clocks (and NVIDIA's SM id) that the probe records.
+        var clock = VkPhysicalDeviceShaderClockFeaturesKHR()
+        clock.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_CLOCK_FEATURES_KHR
+        var smb = VkPhysicalDeviceShaderSMBuiltinsFeaturesNV()
+        smb.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_SM_BUILTINS_FEATURES_NV
+        var probe: ResidencyProbe?
+        if let shaders = ResidencyProbe.requested(options.residency ?? ProcessInfo.processInfo.environment["VKFLEX_RESIDENCY"]), caps.extensions.contains("VK_KHR_shader_clock"),
+           enabled.bufferDeviceAddress {
+            let hasSM = caps.extensions.contains("VK_NV_shader_sm_builtins")
+            withUnsafeMutablePointer(to: &clock) { pc in
+                withUnsafeMutablePointer(to: &smb) { ps in
+                    if hasSM { pc.pointee.pNext = UnsafeMutableRawPointer(ps) }
+                    var f2 = VkPhysicalDeviceFeatures2()
+                    f2.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2
+                    f2.pNext = UnsafeMutableRawPointer(pc)
+                    vkGetPhysicalDeviceFeatures2(physicalDevice, &f2)
+                    pc.pointee.pNext = nil
+                }
+            }
+            if clock.shaderSubgroupClock != 0 {
+                extensions.append("VK_KHR_shader_clock")
+                let sm = hasSM && smb.shaderSMBuiltins != 0
+                if sm { extensions.append("VK_NV_shader_sm_builtins") }
+                probe = ResidencyProbe(shaders: shaders, smBuiltins: sm, deviceClock: clock.shaderDeviceClock != 0)
+            }
+        }
         var exec = VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR()
         exec.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR
         exec.pipelineExecutableInfo = VkBool32(1)
@@ -266,6 +299,8 @@ public final class Device: @unchecked Sendable {
             withUnsafeMutablePointer(to: &exec) { pe in
             withUnsafeMutablePointer(to: &atomics) { pa in
             withUnsafeMutablePointer(to: &bf16) { pb in
+            withUnsafeMutablePointer(to: &clock) { pclk in
+            withUnsafeMutablePointer(to: &smb) { psm in
             withUnsafePointer(to: &priority) { prio in
                 var chain = [UnsafeMutableRawPointer(p11), UnsafeMutableRawPointer(p12)]
                 if enabled.cooperativeMatrixNV { chain.append(UnsafeMutableRawPointer(pc)) }
@@ -273,6 +308,8 @@ public final class Device: @unchecked Sendable {
                 if stats { chain.append(UnsafeMutableRawPointer(pe)) }
                 if enabled.floatAtomicAdd { chain.append(UnsafeMutableRawPointer(pa)) }
                 if enabled.bfloat16CooperativeMatrix { chain.append(UnsafeMutableRawPointer(pb)) }
+                if probe != nil { chain.append(UnsafeMutableRawPointer(pclk)) }
+                if probe?.smBuiltins == true { chain.append(UnsafeMutableRawPointer(psm)) }
                 linkChain(chain)
                 var queueInfo = VkDeviceQueueCreateInfo()
                 queueInfo.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO
@@ -289,7 +326,7 @@ public final class Device: @unchecked Sendable {
                     info.ppEnabledExtensionNames = extPtrs.baseAddress
                     return vkCreateDevice(physicalDevice, &info, nil, &device)
                 }
-            }}}}}}}}
+            }}}}}}}}}}
         }
         try check(result, "vkCreateDevice")
         guard let device else { throw FlexError.vulkan(call: "vkCreateDevice", result: VK_ERROR_INITIALIZATION_FAILED.rawValue) }
@@ -301,6 +338,7 @@ public final class Device: @unchecked Sendable {
         self.enabledFeatures = enabled
         self.reportsPipelineStatistics = stats
         self.pipelineIRDirectory = irDir
+        self.residency = probe
         var mem = VkPhysicalDeviceMemoryProperties()
         vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
         self.memoryProperties = mem
@@ -341,6 +379,7 @@ public final class Device: @unchecked Sendable {
         self.enabledFeatures = enabledFeatures
         self.reportsPipelineStatistics = false
         self.pipelineIRDirectory = nil
+        self.residency = nil
         var mem = VkPhysicalDeviceMemoryProperties()
         vkGetPhysicalDeviceMemoryProperties(physicalDevice, &mem)
         self.memoryProperties = mem

@@ -217,7 +217,8 @@ extension Device {
         let t0 = DispatchTime.now().uptimeNanoseconds
         var library = ShaderLibrary.standard
         library.files.merge(d.includes) { _, generated in generated }
-        var spirv = try ShaderCompiler.shared.compile(d.source, library: library)
+        let source = try residency?.instrument(d.source, device: self) ?? d.source
+        var spirv = try ShaderCompiler.shared.compile(source, library: library)
         if d.cooperativeMatrixKHR {
             guard cooperativeMatrixAPI == .khr else {
                 throw FlexError.unsupported("\(d.source.name) is planned for VK_KHR_cooperative_matrix, which \(capabilities.name) does not have enabled")

@@ -368,16 +368,26 @@ extension Bench {
 
     /// `VKFLEX_PROFILE=1`: `n` more calls, each dispatch timed on the device, as a line of the
     /// device time per call by shader (nil without `VKFLEX_PROFILE=1`).
+    /// With `VKFLEX_RESIDENCY`, one more call and a line per probed pipeline: how its workgroups
+    /// sat on the compute units.
     static func profileLine(_ n: Int, device: Device, _ call: () throws -> Void) throws -> String? {
-        guard device.profilesDispatches else { return nil }
-        try device.synchronize()
-        _ = try device.takeDispatchProfile()
-        for _ in 0..<n { try call() }
-        try device.synchronize()
-        let parts = try device.takeDispatchProfile().map {
-            "\($0.shader) \(String(format: "%.1f", $0.seconds / Double(n) * 1e6)) us (\($0.dispatches / n)x)"
+        var lines: [String] = []
+        if device.profilesDispatches {
+            try device.synchronize()
+            _ = try device.takeDispatchProfile()
+            for _ in 0..<n { try call() }
+            try device.synchronize()
+            let parts = try device.takeDispatchProfile().map {
+                "\($0.shader) \(String(format: "%.1f", $0.seconds / Double(n) * 1e6)) us (\($0.dispatches / n)x)"
+            }
+            lines.append("  device time per call: " + parts.joined(separator: ", "))
         }
-        return "  device time per call: " + parts.joined(separator: ", ")
+        if device.probesResidency {
+            _ = try device.takeResidency()
+            try call()
+            lines += try device.takeResidency().map { "  residency " + $0.summary }
+        }
+        return lines.isEmpty ? nil : lines.joined(separator: "\n")
     }
 }
 

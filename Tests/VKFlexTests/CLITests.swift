@@ -643,10 +643,14 @@ final class CLITests: XCTestCase {
         let (cs, custom) = try run(["bench", "--b", "1", "--h", "2", "--s", "200", "--d", "24", "--dtype", "float32",
                                     "--mask-mod", "(q_idx >= kv_idx) & (q_idx - kv_idx <= 64)", "--score-mod", "score * 0.5",
                                     "--repeat", "2", "--json", json],
-                                   extraEnvironment: ["VKFLEX_PIPELINE_STATS": "1", "VKFLEX_PIPELINE_IR": irDir, "VKFLEX_PROFILE": "1"])
+                                   extraEnvironment: ["VKFLEX_PIPELINE_STATS": "1", "VKFLEX_PIPELINE_IR": irDir, "VKFLEX_PROFILE": "1",
+                                                      "VKFLEX_RESIDENCY": "flex_attention_fwd"])
         XCTAssertFalse(FileManager.default.fileExists(atPath: irDir), "lavapipe offers no internal representations")
         XCTAssertEqual(cs, 0, custom)
         XCTAssertTrue(custom.contains("device time per call: flex_attention_fwd"), custom)
+        // VKFLEX_RESIDENCY: how the probed kernel's workgroups sat on the device (one unit: lavapipe has no SM id).
+        XCTAssertTrue(custom.contains("\n  residency flex_attention_fwd: "), custom)
+        XCTAssertTrue(custom.contains(" subgroups on 1 unit, at once on a unit at most "), custom)
         XCTAssertFalse(output.contains("device time per call"), "no profile without VKFLEX_PROFILE=1")
         let rows = try String(contentsOfFile: json, encoding: .utf8).split(separator: "\n").map {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]

@@ -116,3 +116,60 @@ extension ExecutionTests {
         XCTAssertEqual(try out.download(count: 1, as: Float.self), [64])
     }
 }
+
+extension ExecutionTests {
+    /// VKFLEX_RESIDENCY's probe: every subgroup of every workgroup of a probed pipeline is
+    /// recorded once, the kernel's own work is unchanged, and unprobed pipelines record nothing.
+    func testResidencyProbeRecordsEverySubgroupOnce() throws {
+        let probed = try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"] ?? "llvmpipe",
+                                options: .init(validation: true, residency: "probe_test"))
+        XCTAssertTrue(probed.probesResidency)
+        XCTAssertFalse(device.probesResidency, "off unless asked for")
+        // A barrier, an early return and a helper function: what the wrapped main must survive.
+        let text = """
+            #version 450
+            layout(local_size_x = 64) in;
+            layout(binding = 0) buffer Out { float y[]; };
+            shared float s[64];
+            float twice(float x) { return 2.0 * x; }
+            void main() {
+                const uint i = gl_LocalInvocationIndex, g = gl_WorkGroupID.x + gl_NumWorkGroups.x * (gl_WorkGroupID.y + gl_NumWorkGroups.y * gl_WorkGroupID.z);
+                s[i] = float(g * 64u + i);
+                barrier();
+                if (i == 5u) { y[g * 64u + i] = -1.0; return; }
+                y[g * 64u + i] = twice(s[63u - i]);
+            }
+            """
+        let out = try probed.makeBuffer(bytes: 4 * 64 * 30)
+        for name in ["probe_test", "not_probed"] {
+            let pipeline = try probed.pipeline(for: name) { PipelineDescription(source: ShaderSource(name: name, text: text), bindingCount: 1) }
+            try probed.record { try $0.dispatch(pipeline, bindings: [BufferBinding(out, writes: true)], groups: (5, 3, 2)) }
+            let y = try out.download(count: 64 * 30, as: Float.self)
+            for g in 0..<30 {
+                for i in 0..<64 { XCTAssertEqual(y[g * 64 + i], i == 5 ? -1 : 2 * Float(g * 64 + 63 - i), "\(name) group \(g) lane \(i)") }
+            }
+            let reports = try probed.takeResidency()
+            guard name == "probe_test" else { XCTAssertTrue(reports.isEmpty, "\(reports.map(\.summary))"); continue }
+            XCTAssertEqual(reports.count, 1)
+            let r = try XCTUnwrap(reports.first)
+            let perGroup = 64 / probed.capabilities.subgroupSize
+            XCTAssertEqual(r.pipeline, "probe_test")
+            XCTAssertEqual(r.workgroups, 30, r.summary)
+            XCTAssertEqual(r.subgroupsPerWorkgroup, perGroup, r.summary)
+            XCTAssertEqual(r.units, 1, "lavapipe has no SM id: \(r.summary)")
+            XCTAssertTrue((1...30 * perGroup).contains(r.maxSubgroupsAtOnce), r.summary)
+            XCTAssertTrue(r.meanSubgroupsAtOnce >= 1 && r.meanSubgroupsAtOnce <= Double(r.maxSubgroupsAtOnce), r.summary)
+            XCTAssertNotNil(r.medianRun, "lavapipe has a device clock")
+            XCTAssertEqual(r.dropped, 0)
+            XCTAssertTrue(r.summary.hasPrefix("probe_test: 30 workgroups × \(perGroup) subgroups on 1 unit, at once on a unit at most "), r.summary)
+        }
+        // The records themselves: each (workgroup, subgroup) exactly once.
+        let pipeline = try probed.pipeline(for: "probe_test") { PipelineDescription(source: ShaderSource(name: "probe_test", text: text), bindingCount: 1) }
+        try probed.record { try $0.dispatch(pipeline, bindings: [BufferBinding(out, writes: true)], groups: (5, 3, 2)) }
+        try probed.synchronize()
+        let records = try XCTUnwrap(probed.residency).take().records
+        let perGroup = 64 / probed.capabilities.subgroupSize
+        XCTAssertEqual(records.map { $0.workgroup * perGroup + $0.subgroup }.sorted(), Array(0..<30 * perGroup))
+        XCTAssertTrue(try probed.takeResidency().isEmpty, "taken once")
+    }
+}
