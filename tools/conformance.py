@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Random conformance cases through the CLI against an independent float64 NumPy reference.
+
+Like the issues' held-out suites: random shapes (odd lengths and head dims, Lq != Lkv, GQA),
+score-mods with their derivatives, masks (some leaving rows with no key), block sizes, float32 and
+float16, --grad-lse, attention sinks (and their gradient), decoding rows with --q-offset and --kv-lens, paged caches with permuted pages
+poisoned with NaN and -1 padding; then bad inputs, which must exit 1 with a message. Each case
+runs `vkflex attend` and compares out, LSE and (backward cases) dQ, dK, dV by relative L2 error:
+at most 1e-4 for float32 inputs and 5e-3 for float16, never NaN.
+
+    python3 tools/conformance.py [--cases 40] [--seed N] [--vkflex PATH] [--keep DIR]
+
+Needs NumPy. Exits 1 when a case fails. The reference is written here from PyTorch's
+definition, not from vkflex's (Sources/VKFlex/Reference.swift), so the two check each other.
+"""
+import argparse, os, shutil, subprocess, sys, tempfile
+import numpy as np
+
+# score-mods: (vkflex text, f(s, b, h, q, kv), d f / d s)
+SCORES = [
+    ("score", lambda s, b, h, q, k: s, lambda s, b, h, q, k: np.ones_like(s)),
+    ("20 * tanh(score / 20)", lambda s, b, h, q, k: 20 * np.tanh(s / 20), lambda s, b, h, q, k: 1 - np.tanh(s / 20) ** 2),
+    ("score + (kv_idx - q_idx) * 0.05 * (h + 1)", lambda s, b, h, q, k: s + (k - q) * 0.05 * (h + 1), lambda s, b, h, q, k: np.ones_like(s)),
+    ("score * 0.5 - abs(q_idx - kv_idx) * 0.01", lambda s, b, h, q, k: s * 0.5 - np.abs(q - k) * 0.01, lambda s, b, h, q, k: np.full_like(s, 0.5)),
+    ("where(b == 0, score * 2, score)", lambda s, b, h, q, k: np.where(b == 0, s * 2, s), lambda s, b, h, q, k: np.where(b == 0, 2.0, 1.0) + 0 * s),
+]
+# masks: (vkflex text or None, f(b, h, q, kv))
+MASKS = [
+    (None, lambda b, h, q, k: np.ones(np.broadcast(b, h, q, k).shape, bool)),
+    ("q_idx >= kv_idx", lambda b, h, q, k: q >= k),
+    ("(q_idx >= kv_idx) & (q_idx - kv_idx <= 40)", lambda b, h, q, k: (q >= k) & (q - k <= 40)),
+    ("(kv_idx <= 20) | (q_idx >= kv_idx)", lambda b, h, q, k: (k <= 20) | (q >= k)),
+    ("q_idx // 37 == kv_idx // 37", lambda b, h, q, k: q // 37 == k // 37),
+    ("q_idx - kv_idx >= 3", lambda b, h, q, k: q - k >= 3),   # the first rows see no key
+    ("(h + q_idx + kv_idx) % 3 != 0", lambda b, h, q, k: (h + q + k) % 3 != 0),
+]
+
+
+def reference(q, k, v, score, mask, scale, q_off, kv_lens, dO=None, dLSE=None, sinks=None):
+    """Forward (out, lse) and, given dO, (dq, dk, dv, dsinks), in float64, PyTorch's semantics;
+    a sink joins each softmax denominator of its head (docs/guide.md, "Attention sinks")."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    out = np.zeros((B, Hq, Lq, v.shape[3])); lse = np.full((B, Hq, Lq), -np.inf)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    dsinks = np.zeros(Hq)
+    for b in range(B):
+        for h in range(Hq):
+            hk = h // g
+            qi = (np.arange(Lq) + q_off[b])[:, None]
+            kj = np.arange(Lkv)[None, :]
+            s = scale * q[b, h] @ k[b, hk].T
+            sm = SCORES[score][1](s, b, h, qi, kj)
+            ok = MASKS[mask][1](b, h, qi, kj) & (kj < kv_lens[b])
+            sm = np.where(ok, sm, -np.inf)
+            sink = -np.inf if sinks is None else float(sinks[h])
+            m = np.maximum(sm.max(axis=1, keepdims=True), sink)
+            mf = np.where(np.isfinite(m), m, 0)
+            e = np.where(ok, np.exp(sm - mf), 0)
+            l = e.sum(axis=1, keepdims=True) + (np.exp(sink - mf) if np.isfinite(sink) else 0)
+            p = np.where(l > 0, e / np.where(l > 0, l, 1), 0)
+            out[b, h] = p @ v[b, hk]
+            lse[b, h] = np.where(l[:, 0] > 0, (mf + np.log(np.where(l > 0, l, 1)))[:, 0], -np.inf)
+            if dO is not None:
+                do = dO[b, h]
+                dv[b, hk] += p.T @ do
+                dp = do @ v[b, hk].T
+                delta = (do * out[b, h]).sum(axis=1, keepdims=True) - (dLSE[b, h][:, None] if dLSE is not None else 0)
+                ds = p * (dp - delta) * np.where(ok, SCORES[score][2](s, b, h, qi, kj), 0)
+                if np.isfinite(sink):
+                    dsinks[h] -= (np.exp(sink - lse[b, h]) * delta[:, 0]).sum()
+                dq[b, h] += scale * ds @ k[b, hk]
+                dk[b, hk] += scale * ds.T @ q[b, h]
+    return out, lse, (dq, dk, dv, dsinks)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    fin = np.isfinite(b)
+    if not np.array_equal(fin, np.isfinite(a)) or not np.array_equal(a[~fin], b[~fin]):
+        return np.inf
+    n = np.linalg.norm(b[fin])
+    return np.linalg.norm(a[fin] - b[fin]) / max(n, 1e-30)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--vkflex", default=shutil.which("vkflex") or ".build/debug/vkflex")
+    ap.add_argument("--keep", default=None, help="keep each case's files here")
+    a = ap.parse_args()
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    print(f"seed {seed}, {a.cases} cases, {a.vkflex}")
+    work = a.keep or tempfile.mkdtemp(prefix="vkflex-conf-")
+    os.makedirs(work, exist_ok=True)
+    f = lambda name: os.path.join(work, name)
+    failures = 0
+    for n in range(a.cases):
+        kind = ["prefill", "backward", "decode", "paged"][n % 4]
+        dtype = np.float16 if rng.random() < 0.4 else np.float32
+        B = int(rng.integers(1, 3)); Hkv = int(rng.choice([1, 2])); g = int(rng.choice([1, 2, 4]))
+        Hq = Hkv * g
+        D = int(rng.choice([8, 16, 24, 40, 64, 72, 128])) if kind != "backward" else int(rng.choice([8, 24, 40, 64]))
+        Dv = D if rng.random() < 0.7 or kind == "paged" else int(rng.choice([8, 32, 48]))
+        if kind == "decode" or kind == "paged":
+            Lq = int(rng.choice([1, 2, 4, 16 // g if 16 // g > 0 else 1])); Lkv = int(rng.integers(1, 700))
+        else:
+            Lq = int(rng.integers(1, 300)); Lkv = int(rng.integers(1, 300)) if rng.random() < 0.5 else Lq
+        score = int(rng.integers(len(SCORES))); mask = int(rng.integers(len(MASKS)))
+        bs = [None, 16, 32, 64, (16, 32)][int(rng.integers(5))] if kind != "paged" else None
+        q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
+        k = rng.standard_normal((B, Hkv, Lkv, D)).astype(dtype)
+        v = rng.standard_normal((B, Hkv, Lkv, Dv)).astype(dtype)
+        q_off = np.zeros(B, np.int64); kv_lens = np.full(B, Lkv, np.int64)
+        args = [a.vkflex, "attend", "--q", f("q.npy"), "--k", f("k.npy"), "--v", f("v.npy"), "--out", f("out.npy"), "--lse", f("lse.npy")]
+        if g > 1: args.append("--gqa")
+        if SCORES[score][0] != "score": args += ["--score-mod", SCORES[score][0]]
+        if MASKS[mask][0]: args += ["--mask-mod", MASKS[mask][0]]
+        if bs: args += ["--block-size", f"{bs[0]}x{bs[1]}" if isinstance(bs, tuple) else str(bs)]
+        if kind == "decode" and rng.random() < 0.6:
+            kv_lens = rng.integers(0, Lkv + 1, B)
+            np.save(f("lens.npy"), kv_lens.astype(np.int32)); args += ["--kv-lens", f("lens.npy")]
+        if kind == "paged":
+            kv_lens = rng.integers(1, Lkv + 1, B)
+        if kind in ("decode", "paged"):
+            # Mostly the rows a decode step has (the last ones of each sequence), sometimes anywhere.
+            q_off = rng.integers(0, max(1, Lkv - Lq + 1), B)
+            q_off = np.where(rng.random(B) < 0.7, np.clip(kv_lens - Lq, 0, max(0, Lkv - Lq)), q_off)
+            np.save(f("off.npy"), q_off.astype(np.int32)); args += ["--q-offset", f("off.npy")]
+        np.save(f("q.npy"), q)
+        if kind == "paged":
+            P = int(rng.choice([16, 32, 64, 128]))
+            maxp = -(-Lkv // P); used = sum(-(-int(x) // P) for x in kv_lens); npages = used + 3
+            perm = rng.permutation(npages)
+            table = np.full((B, maxp), -1, np.int32); kc = np.full((1, Hkv, npages * P, D), np.nan, dtype)
+            vc = np.full((1, Hkv, npages * P, Dv), np.nan, dtype); at = 0
+            for b in range(B):
+                for lp in range(-(-int(kv_lens[b]) // P)):
+                    pp = perm[at]; at += 1; table[b, lp] = pp
+                    n_keys = min(P, int(kv_lens[b]) - lp * P)
+                    kc[0, :, pp * P: pp * P + n_keys] = k[b, :, lp * P: lp * P + n_keys]
+                    vc[0, :, pp * P: pp * P + n_keys] = v[b, :, lp * P: lp * P + n_keys]
+            np.save(f("k.npy"), kc); np.save(f("v.npy"), vc); np.save(f("table.npy"), table)
+            np.save(f("lens.npy"), kv_lens.astype(np.int32))
+            args += ["--page-table", f("table.npy"), "--seq-lens", f("lens.npy"), "--page-size", str(P)]
+            k = np.nan_to_num(k); v = np.nan_to_num(v)
+        else:
+            np.save(f("k.npy"), k); np.save(f("v.npy"), v)
+        sinks = None
+        if kind != "paged" and rng.random() < 0.25:
+            sinks = rng.standard_normal(Hq).astype(np.float32) * 2
+            if Hq > 1: sinks[0] = -np.inf   # "no sink" for that head
+            np.save(f("sinks.npy"), sinks); args += ["--sinks", f("sinks.npy")]
+        dO = dLSE = None
+        if kind == "backward":
+            dO = rng.standard_normal((B, Hq, Lq, Dv)).astype(dtype); np.save(f("do.npy"), dO)
+            args += ["--grad-out", f("do.npy"), "--dq", f("dq.npy"), "--dk", f("dk.npy"), "--dv", f("dv.npy")]
+            if rng.random() < 0.5:
+                dLSE = rng.standard_normal((B, Hq, Lq)).astype(np.float32); np.save(f("dlse.npy"), dLSE)
+                args += ["--grad-lse", f("dlse.npy")]
+            if sinks is not None: args += ["--grad-sinks", f("dsinks.npy")]
+        r = subprocess.run(args, capture_output=True, text=True)
+        what = (f"{n:3d} {kind:8s} {np.dtype(dtype).name:7s} B={B} H={Hq}/{Hkv} Lq={Lq} Lkv={Lkv} D={D}/{Dv} "
+                f"score={SCORES[score][0]!r} mask={MASKS[mask][0]!r} bs={bs}{' sinks' if sinks is not None else ''}")
+        if r.returncode != 0:
+            failures += 1; print("FAIL", what, "\n     exit", r.returncode, r.stderr.strip()[:400]); continue
+        f64 = lambda x: None if x is None else x.astype(np.float64)
+        ro, rl, rg = reference(f64(q), f64(k), f64(v), score, mask, 1 / np.sqrt(D), q_off, kv_lens, f64(dO), f64(dLSE), f64(sinks))
+        tol = 5e-3 if dtype == np.float16 else 1e-4
+        errs = {"out": rel(np.load(f("out.npy")), ro), "lse": rel(np.load(f("lse.npy")), rl)}
+        if kind == "backward":
+            for name, ref in zip(["dq", "dk", "dv"], rg):
+                errs[name] = rel(np.load(f(name + ".npy")), ref)
+            if sinks is not None:
+                errs["dsinks"] = rel(np.load(f("dsinks.npy")), rg[3])
+        bad = {k_: e for k_, e in errs.items() if not e <= tol}
+        status = "FAIL" if bad else "ok  "
+        failures += bool(bad)
+        print(status, what, " ".join(f"{k_} {e:.1e}" for k_, e in errs.items()))
+    # Bad inputs: exit 1 and a message naming the problem.
+    np.save(f("q.npy"), rng.standard_normal((1, 2, 8, 16)).astype(np.float32))
+    np.save(f("k.npy"), rng.standard_normal((1, 2, 8, 16)).astype(np.float32))
+    np.save(f("v.npy"), rng.standard_normal((1, 2, 8, 16)).astype(np.float32))
+    np.save(f("do_bad.npy"), rng.standard_normal((1, 2, 8, 15)).astype(np.float32))
+    np.save(f("do16.npy"), rng.standard_normal((1, 2, 8, 16)).astype(np.float16))
+    np.save(f("lens_bad.npy"), np.array([9], np.int32))
+    np.save(f("off_bad.npy"), np.array([-1], np.int32))
+    np.save(f("table_bad.npy"), np.array([[0, 5]], np.int32))   # page 5 of a 2-page cache
+    np.save(f("seq8.npy"), np.array([8], np.int32))
+    base = [a.vkflex, "attend", "--q", f("q.npy"), "--k", f("k.npy"), "--v", f("v.npy"), "--out", f("out.npy")]
+    for extra, expect in [
+        (["--grad-out", f("do_bad.npy"), "--dq", f("dq.npy")], "grad"),
+        (["--grad-out", f("do16.npy"), "--dq", f("dq.npy")], "dtype"),
+        (["--dq", f("dq.npy")], "--grad-out"),
+        (["--kv-lens", f("lens_bad.npy")], "kv"),
+        (["--q-offset", f("off_bad.npy")], "offset"),
+        (["--mask-mod", "q_idx >= "], "mask"),
+        (["--score-mod", "score + nope"], "nope"),
+        (["--page-table", f("table_bad.npy"), "--seq-lens", f("seq8.npy"), "--page-size", "4"], "page"),
+        (["--page-table", f("table_bad.npy"), "--seq-lens", f("seq8.npy"), "--page-size", "3"], "--page-size 3"),
+    ]:
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        msg = (r.stderr + r.stdout).strip().splitlines()
+        ok = r.returncode == 1 and msg and expect.lower() in " ".join(msg).lower() and "Fatal error" not in r.stderr
+        failures += not ok
+        print("ok  " if ok else "FAIL", "bad input", " ".join(extra[:2]), "->", r.returncode, (msg[-1] if msg else "")[:150])
+    if not a.keep: shutil.rmtree(work, ignore_errors=True)
+    print(f"{failures} failed (seed {seed})")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
