@@ -2,13 +2,14 @@
 """Random conformance cases through the CLI against an independent float64 NumPy reference.
 
 Like the issues' held-out suites: random shapes (odd lengths and head dims, Lq != Lkv, GQA),
-score-mods with their derivatives, masks (some leaving rows with no key), block sizes, float32 and
-float16, --grad-lse, attention sinks (and their gradient), decoding rows with --q-offset and --kv-lens, paged caches with permuted pages
+score-mods with their derivatives, masks (some leaving rows with no key), block sizes, float32,
+float16 and bfloat16, --grad-lse, attention sinks (and their gradient), captured tensors (document ids; ALiBi
+slopes and their gradient), decoding rows with --q-offset and --kv-lens, paged caches with permuted pages
 poisoned with NaN and -1 padding; then bad inputs, which must exit 1 with a message. Each case
 runs `vkflex attend` and compares out, LSE and (backward cases) dQ, dK, dV by relative L2 error:
-at most 1e-4 for float32 inputs and 5e-3 for float16, never NaN.
+at most 1e-4 for float32 inputs, 5e-3 for float16 and 2e-2 for bfloat16 (vkflex selftest's), never NaN.
 
-    python3 tools/conformance.py [--cases 40] [--seed N] [--vkflex PATH] [--keep DIR]
+    python3 tools/conformance.py [--cases 40] [--seed N] [--kinds backward,...] [--vkflex PATH] [--keep DIR]
 
 Needs NumPy. Exits 1 when a case fails. The reference is written here from PyTorch's
 definition, not from vkflex's (Sources/VKFlex/Reference.swift), so the two check each other.
@@ -23,7 +24,12 @@ SCORES = [
     ("score + (kv_idx - q_idx) * 0.05 * (h + 1)", lambda s, b, h, q, k: s + (k - q) * 0.05 * (h + 1), lambda s, b, h, q, k: np.ones_like(s)),
     ("score * 0.5 - abs(q_idx - kv_idx) * 0.01", lambda s, b, h, q, k: s * 0.5 - np.abs(q - k) * 0.01, lambda s, b, h, q, k: np.full_like(s, 0.5)),
     ("where(b == 0, score * 2, score)", lambda s, b, h, q, k: np.where(b == 0, s * 2, s), lambda s, b, h, q, k: np.where(b == 0, 2.0, 1.0) + 0 * s),
+    # ALiBi with learnable slopes: a float32 capture (CAP["slope"], one per query head) whose
+    # gradient the backward cases check (--grad-capture).
+    ("score + slope[h] * (kv_idx - q_idx)", lambda s, b, h, q, k: s + CAP["slope"][h] * (k - q), lambda s, b, h, q, k: np.ones_like(s)),
 ]
+# Captured tensors of the current case (set per case; the mods above and below read them).
+CAP = {}
 # masks: (vkflex text or None, f(b, h, q, kv))
 MASKS = [
     (None, lambda b, h, q, k: np.ones(np.broadcast(b, h, q, k).shape, bool)),
@@ -33,6 +39,8 @@ MASKS = [
     ("q_idx // 37 == kv_idx // 37", lambda b, h, q, k: q // 37 == k // 37),
     ("q_idx - kv_idx >= 3", lambda b, h, q, k: q - k >= 3),   # the first rows see no key
     ("(h + q_idx + kv_idx) % 3 != 0", lambda b, h, q, k: (h + q + k) % 3 != 0),
+    # Document masking: an int32 capture (CAP["doc"], a document id per position).
+    ("(doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)", lambda b, h, q, k: (CAP["doc"][q] == CAP["doc"][k]) & (q >= k)),
 ]
 
 
@@ -44,7 +52,7 @@ def reference(q, k, v, score, mask, scale, q_off, kv_lens, dO=None, dLSE=None, s
     g = Hq // Hkv
     out = np.zeros((B, Hq, Lq, v.shape[3])); lse = np.full((B, Hq, Lq), -np.inf)
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-    dsinks = np.zeros(Hq)
+    dsinks, dslope = np.zeros(Hq), np.zeros(Hq)
     for b in range(B):
         for h in range(Hq):
             hk = h // g
@@ -68,11 +76,19 @@ def reference(q, k, v, score, mask, scale, q_off, kv_lens, dO=None, dLSE=None, s
                 dp = do @ v[b, hk].T
                 delta = (do * out[b, h]).sum(axis=1, keepdims=True) - (dLSE[b, h][:, None] if dLSE is not None else 0)
                 ds = p * (dp - delta) * np.where(ok, SCORES[score][2](s, b, h, qi, kj), 0)
+                dslope[h] += (np.where(ok, p * (dp - delta), 0) * (kj - qi)).sum()
                 if np.isfinite(sink):
                     dsinks[h] -= (np.exp(sink - lse[b, h]) * delta[:, 0]).sum()
                 dq[b, h] += scale * ds @ k[b, hk]
                 dk[b, hk] += scale * ds.T @ q[b, h]
-    return out, lse, (dq, dk, dv, dsinks)
+    return out, lse, (dq, dk, dv, dsinks, dslope)
+
+
+def bf16(x):
+    """float32 values rounded to bfloat16 (to nearest, ties to even), as float32."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return np.where(np.isnan(x), x, r.view(np.float32)).astype(np.float32)
 
 
 def rel(a, b):
@@ -90,6 +106,7 @@ def main():
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--vkflex", default=shutil.which("vkflex") or ".build/debug/vkflex")
     ap.add_argument("--keep", default=None, help="keep each case's files here")
+    ap.add_argument("--kinds", default="prefill,backward,decode,paged", help="the kinds of case to cycle through")
     a = ap.parse_args()
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
@@ -99,24 +116,39 @@ def main():
     f = lambda name: os.path.join(work, name)
     failures = 0
     for n in range(a.cases):
-        kind = ["prefill", "backward", "decode", "paged"][n % 4]
-        dtype = np.float16 if rng.random() < 0.4 else np.float32
+        kinds = a.kinds.split(",")
+        if not set(kinds) <= {"prefill", "backward", "decode", "paged"}: sys.exit(f"--kinds: {a.kinds}: use prefill, backward, decode, paged")
+        kind = kinds[n % len(kinds)]
+        # bfloat16: float32 files, --dtype bfloat16 (the CLI rounds them on upload).
+        u = rng.random(); dtype = np.float16 if u < 0.35 else np.float32; is_bf16 = u >= 0.85
         B = int(rng.integers(1, 3)); Hkv = int(rng.choice([1, 2])); g = int(rng.choice([1, 2, 4]))
         Hq = Hkv * g
-        D = int(rng.choice([8, 16, 24, 40, 64, 72, 128])) if kind != "backward" else int(rng.choice([8, 24, 40, 64]))
-        Dv = D if rng.random() < 0.7 or kind == "paged" else int(rng.choice([8, 32, 48]))
+        # Head dims: the common ones, odd ones (not a multiple of 8, or of 16) and large ones.
+        D = int(rng.choice([8, 16, 24, 40, 64, 72, 128, 3, 33, 100, 160, 256])) if kind != "backward" else int(rng.choice([8, 24, 40, 64, 5, 36, 128]))
+        Dv = D if rng.random() < 0.7 or kind == "paged" else int(rng.choice([8, 32, 48, 7]))
         if kind == "decode" or kind == "paged":
             Lq = int(rng.choice([1, 2, 4, 16 // g if 16 // g > 0 else 1])); Lkv = int(rng.integers(1, 700))
         else:
             Lq = int(rng.integers(1, 300)); Lkv = int(rng.integers(1, 300)) if rng.random() < 0.5 else Lq
         score = int(rng.integers(len(SCORES))); mask = int(rng.integers(len(MASKS)))
         bs = [None, 16, 32, 64, (16, 32)][int(rng.integers(5))] if kind != "paged" else None
-        q = rng.standard_normal((B, Hq, Lq, D)).astype(dtype)
-        k = rng.standard_normal((B, Hkv, Lkv, D)).astype(dtype)
-        v = rng.standard_normal((B, Hkv, Lkv, Dv)).astype(dtype)
+        rnd = (lambda x: bf16(x)) if is_bf16 else (lambda x: x.astype(dtype))
+        q = rnd(rng.standard_normal((B, Hq, Lq, D)))
+        k = rnd(rng.standard_normal((B, Hkv, Lkv, D)))
+        v = rnd(rng.standard_normal((B, Hkv, Lkv, Dv)))
         q_off = np.zeros(B, np.int64); kv_lens = np.full(B, Lkv, np.int64)
         args = [a.vkflex, "attend", "--q", f("q.npy"), "--k", f("k.npy"), "--v", f("v.npy"), "--out", f("out.npy"), "--lse", f("lse.npy")]
         if g > 1: args.append("--gqa")
+        if is_bf16: args += ["--dtype", "bfloat16"]
+        CAP.clear()
+        if "slope[" in SCORES[score][0]:
+            CAP["slope"] = -np.exp2(-8.0 * (np.arange(Hq) + 1) / Hq) * rng.uniform(0.5, 2)
+            np.save(f("slope.npy"), CAP["slope"].astype(np.float32)); args += ["--capture", "slope=" + f("slope.npy")]
+            CAP["slope"] = CAP["slope"].astype(np.float32).astype(np.float64)
+        if MASKS[mask][0] and "doc[" in MASKS[mask][0]:
+            n_pos = Lkv + Lq + 129   # every position a query row or key can have (paged: whole pages)
+            CAP["doc"] = np.cumsum(rng.random(n_pos) < 0.03).astype(np.int32)
+            np.save(f("doc.npy"), CAP["doc"]); args += ["--capture", "doc=" + f("doc.npy")]
         if SCORES[score][0] != "score": args += ["--score-mod", SCORES[score][0]]
         if MASKS[mask][0]: args += ["--mask-mod", MASKS[mask][0]]
         if bs: args += ["--block-size", f"{bs[0]}x{bs[1]}" if isinstance(bs, tuple) else str(bs)]
@@ -156,26 +188,30 @@ def main():
             np.save(f("sinks.npy"), sinks); args += ["--sinks", f("sinks.npy")]
         dO = dLSE = None
         if kind == "backward":
-            dO = rng.standard_normal((B, Hq, Lq, Dv)).astype(dtype); np.save(f("do.npy"), dO)
+            dO = rnd(rng.standard_normal((B, Hq, Lq, Dv))); np.save(f("do.npy"), dO)
             args += ["--grad-out", f("do.npy"), "--dq", f("dq.npy"), "--dk", f("dk.npy"), "--dv", f("dv.npy")]
             if rng.random() < 0.5:
                 dLSE = rng.standard_normal((B, Hq, Lq)).astype(np.float32); np.save(f("dlse.npy"), dLSE)
                 args += ["--grad-lse", f("dlse.npy")]
             if sinks is not None: args += ["--grad-sinks", f("dsinks.npy")]
+            if "slope" in CAP: args += ["--grad-capture", "slope=" + f("dslope.npy")]
         r = subprocess.run(args, capture_output=True, text=True)
-        what = (f"{n:3d} {kind:8s} {np.dtype(dtype).name:7s} B={B} H={Hq}/{Hkv} Lq={Lq} Lkv={Lkv} D={D}/{Dv} "
+        what = (f"{n:3d} {kind:8s} {'bfloat16' if is_bf16 else np.dtype(dtype).name:8s} B={B} H={Hq}/{Hkv} Lq={Lq} Lkv={Lkv} D={D}/{Dv} "
                 f"score={SCORES[score][0]!r} mask={MASKS[mask][0]!r} bs={bs}{' sinks' if sinks is not None else ''}")
         if r.returncode != 0:
             failures += 1; print("FAIL", what, "\n     exit", r.returncode, r.stderr.strip()[:400]); continue
         f64 = lambda x: None if x is None else x.astype(np.float64)
         ro, rl, rg = reference(f64(q), f64(k), f64(v), score, mask, 1 / np.sqrt(D), q_off, kv_lens, f64(dO), f64(dLSE), f64(sinks))
-        tol = 5e-3 if dtype == np.float16 else 1e-4
+        # vkflex selftest's tolerances: bfloat16's 8-bit significand rounds P and the outputs too.
+        tol = 2e-2 if is_bf16 else 5e-3 if dtype == np.float16 else 1e-4
         errs = {"out": rel(np.load(f("out.npy")), ro), "lse": rel(np.load(f("lse.npy")), rl)}
         if kind == "backward":
             for name, ref in zip(["dq", "dk", "dv"], rg):
                 errs[name] = rel(np.load(f(name + ".npy")), ref)
             if sinks is not None:
                 errs["dsinks"] = rel(np.load(f("dsinks.npy")), rg[3])
+            if "slope" in CAP:
+                errs["dslope"] = rel(np.load(f("dslope.npy")), rg[4])
         bad = {k_: e for k_, e in errs.items() if not e <= tol}
         status = "FAIL" if bad else "ok  "
         failures += bool(bad)
