@@ -242,8 +242,8 @@ public final class Device: @unchecked Sendable {
         var smb = VkPhysicalDeviceShaderSMBuiltinsFeaturesNV()
         smb.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SHADER_SM_BUILTINS_FEATURES_NV
         var probe: ResidencyProbe?
-        if let shaders = ResidencyProbe.requested(options.residency ?? ProcessInfo.processInfo.environment["VKFLEX_RESIDENCY"]), caps.extensions.contains("VK_KHR_shader_clock"),
-           enabled.bufferDeviceAddress {
+        let residencyRequest = ResidencyProbe.requested(options.residency ?? ProcessInfo.processInfo.environment["VKFLEX_RESIDENCY"])
+        if let shaders = residencyRequest, caps.extensions.contains("VK_KHR_shader_clock"), enabled.bufferDeviceAddress {
             let hasSM = caps.extensions.contains("VK_NV_shader_sm_builtins")
             withUnsafeMutablePointer(to: &clock) { pc in
                 withUnsafeMutablePointer(to: &smb) { ps in
@@ -261,6 +261,9 @@ public final class Device: @unchecked Sendable {
                 if sm { extensions.append("VK_NV_shader_sm_builtins") }
                 probe = ResidencyProbe(shaders: shaders, smBuiltins: sm, deviceClock: clock.shaderDeviceClock != 0)
             }
+        }
+        if residencyRequest != nil && probe == nil {
+            FileHandle.standardError.write(Data("vkflex: VKFLEX_RESIDENCY ignored: \(caps.name) lacks shader clocks (VK_KHR_shader_clock) or buffer device addresses\n".utf8))
         }
         var exec = VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR()
         exec.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PIPELINE_EXECUTABLE_PROPERTIES_FEATURES_KHR

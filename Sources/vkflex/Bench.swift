@@ -385,7 +385,9 @@ extension Bench {
         if device.probesResidency {
             _ = try device.takeResidency()
             try call()
-            lines += try device.takeResidency().map { "  residency " + $0.summary }
+            let reports = try device.takeResidency()
+            lines += reports.isEmpty ? ["  residency: no pipeline of this call is one VKFLEX_RESIDENCY names (\(device.environment["VKFLEX_RESIDENCY"] ?? ""))"]
+                : reports.map { "  residency " + $0.summary }
         }
         return lines.isEmpty ? nil : lines.joined(separator: "\n")
     }
