@@ -7,7 +7,8 @@ float16 and bfloat16, --grad-lse, attention sinks (and their gradient), captured
 slopes and their gradient), decoding rows with --q-offset and --kv-lens, paged caches with permuted pages
 poisoned with NaN and -1 padding; then bad inputs, which must exit 1 with a message. Each case
 runs `vkflex attend` and compares out, LSE and (backward cases) dQ, dK, dV by relative L2 error:
-at most 1e-4 for float32 inputs, 5e-3 for float16 and 2e-2 for bfloat16 (vkflex selftest's), never NaN.
+at most 1e-4 for float32 inputs, 5e-3 for float16 and 2e-2 for bfloat16 (vkflex selftest's), and
+for the sinks' and captures' gradients 1e-3, 1e-2 and 5e-2 (docs/guide.md's); never NaN.
 
     python3 tools/conformance.py [--cases 40] [--seed N] [--kinds backward,...] [--vkflex PATH] [--keep DIR]
 
@@ -212,7 +213,10 @@ def main():
                 errs["dsinks"] = rel(np.load(f("dsinks.npy")), rg[3])
             if "slope" in CAP:
                 errs["dslope"] = rel(np.load(f("dslope.npy")), rg[4])
-        bad = {k_: e for k_, e in errs.items() if not e <= tol}
+        # The sinks' and captures' gradients are sums of P (dP - Δ) whose terms cancel, with Δ from
+        # the stored 16-bit output (as PyTorch's): the tests' and docs/guide.md's 1e-3 / 1e-2 rule.
+        ctol = 5e-2 if is_bf16 else 1e-2 if dtype == np.float16 else 1e-3
+        bad = {k_: e for k_, e in errs.items() if not e <= (ctol if k_ in ("dsinks", "dslope") else tol)}
         status = "FAIL" if bad else "ok  "
         failures += bool(bad)
         print(status, what, " ".join(f"{k_} {e:.1e}" for k_, e in errs.items()))
