@@ -115,10 +115,10 @@ def main():
     work = a.keep or tempfile.mkdtemp(prefix="vkflex-conf-")
     os.makedirs(work, exist_ok=True)
     f = lambda name: os.path.join(work, name)
+    kinds = a.kinds.split(",")
+    if not set(kinds) <= {"prefill", "backward", "decode", "paged"}: sys.exit(f"--kinds: {a.kinds}: use prefill, backward, decode, paged")
     failures = 0
     for n in range(a.cases):
-        kinds = a.kinds.split(",")
-        if not set(kinds) <= {"prefill", "backward", "decode", "paged"}: sys.exit(f"--kinds: {a.kinds}: use prefill, backward, decode, paged")
         kind = kinds[n % len(kinds)]
         # bfloat16: float32 files, --dtype bfloat16 (the CLI rounds them on upload).
         u = rng.random(); dtype = np.float16 if u < 0.35 else np.float32; is_bf16 = u >= 0.85
@@ -133,7 +133,7 @@ def main():
             Lq = int(rng.integers(1, 300)); Lkv = int(rng.integers(1, 300)) if rng.random() < 0.5 else Lq
         score = int(rng.integers(len(SCORES))); mask = int(rng.integers(len(MASKS)))
         bs = [None, 16, 32, 64, (16, 32)][int(rng.integers(5))] if kind != "paged" else None
-        rnd = (lambda x: bf16(x)) if is_bf16 else (lambda x: x.astype(dtype))
+        rnd = bf16 if is_bf16 else (lambda x: x.astype(dtype))
         q = rnd(rng.standard_normal((B, Hq, Lq, D)))
         k = rnd(rng.standard_normal((B, Hkv, Lkv, D)))
         v = rnd(rng.standard_normal((B, Hkv, Lkv, Dv)))

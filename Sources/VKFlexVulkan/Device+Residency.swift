@@ -38,10 +38,8 @@ final class ResidencyProbe: @unchecked Sendable {
         return .some(Set(value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }))
     }
 
-    func probes(_ name: String) -> Bool {
-        guard let shaders else { return true }
-        return shaders.contains(String(name.prefix { $0 != " " && $0 != "[" }))
-    }
+    /// Whether a shader (its `ShaderSource` name, defines apart) is probed.
+    func probes(_ name: String) -> Bool { shaders?.contains(name) ?? true }
 
     func recordBuffer(_ device: Device) throws -> Buffer {
         try lock.withLock {
@@ -143,7 +141,7 @@ public struct ResidencyReport: Sendable {
     /// Records lost because the buffer was full.
     public var dropped: Int
 
-    /// One line: `flex_attention_decode: 512 workgroups × 1 subgroup on 132 units, at once on a unit at most 4 subgroups (mean 3.1), a subgroup's run 41.2 µs (median; longest 60.3)`.
+    /// One line, e.g. `flex_attention_decode: 512 workgroups × 1 subgroup on 132 units, at once on a unit at most 4 subgroups (mean 3.1, so 3.1 workgroups), a subgroup's run 41.2 µs (median; longest 60.3)`.
     public var summary: String {
         var s = "\(pipeline): \(workgroups) workgroups × \(subgroupsPerWorkgroup) subgroup\(subgroupsPerWorkgroup == 1 ? "" : "s")"
             + " on \(units) unit\(units == 1 ? "" : "s"), at once on a unit at most \(maxSubgroupsAtOnce) subgroups"
@@ -191,7 +189,7 @@ extension Device {
     public var probesResidency: Bool { residency != nil }
 
     /// With `VKFLEX_RESIDENCY=shader[,shader…]` or `all` in the environment when the device
-    /// opened: per probed pipeline, how its workgroups ran on the compute units since the last
+    /// opened (or `Options(residency:)`): per probed pipeline, how its workgroups ran on the compute units since the last
     /// take — how many subgroups a unit ran at once (the occupancy the driver gave it), over how
     /// many units, and a subgroup's run time. Waits for the device. Empty without the variable.
     ///
