@@ -62,20 +62,16 @@ layout(local_size_x = WG) in;
 #define EL_COL(e) (((e) & 1) + 8 * (((e) >> 1) & 1))
 
 // 16-byte units of 8 halves; rows padded by one unit (the eight rows of a fragment load on
-// distinct banks). The owned rows pass through the staging area once, at the start, or stay in
-// their own (OWN_SHARED).
+// distinct banks). The owned rows pass through the staging area at the start, STEP rows at a
+// time (so the area stays STEP rows: on NVIDIA the resident workgroups of an SM share about 48 KiB
+// of shared memory, docs/performance.md), or stay in their own (OWN_SHARED).
 #define XS4 (D / 8 + 1)
 #if OWN_SHARED
-#define ROWS STEP
 shared uvec4 Xo4[T * XS4];
 shared uvec4 Yo4[T * XS4];
-#else
-#define ROWS (STEP > T ? STEP : T)
-#define Xo4 Xs4
-#define Yo4 Ys4
 #endif
-shared uvec4 Xs4[ROWS * XS4];
-shared uvec4 Ys4[ROWS * XS4];
+shared uvec4 Xs4[STEP * XS4];
+shared uvec4 Ys4[STEP * XS4];
 #if BWD_PASS == 2
 // The staged query rows' LSE and delta.
 shared float t_lse[STEP], t_delta[STEP];
@@ -133,20 +129,35 @@ void main() {
     const int own_h = hk;
 #endif
 
-    // The owned rows' operands: staged, then kept as A operands.
+    // The owned rows' operands: staged, then kept as A operands (or read from their own area).
+#if OWN_SHARED
     for (int e = lid; e < T * (D / 8); e += WG) {
         const int r = e / (D / 8), u = e - r * (D / 8);
         Xo4[r * XS4 + u] = r < n_own ? OWN_X(b, own_h, o0 + r, u) : uvec4(0);
         Yo4[r * XS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
     }
     barrier();
-#if !OWN_SHARED
+#else
     FRAG_A xf[D / 16];
-    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
 #if NEED_DS
     FRAG_A yf[D / 16];
-    [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
 #endif
+    // STEP rows a round (a subgroup's 16 rows lie in one round: STEP is a multiple of 16).
+    [[unroll]] for (int c0 = 0; c0 < T; c0 += STEP) {
+        if (c0 > 0) barrier();   // the round before is read
+        for (int e = lid; e < STEP * (D / 8); e += WG) {
+            const int j = e / (D / 8), u = e - j * (D / 8), r = c0 + j;
+            Xs4[j * XS4 + u] = r < n_own ? OWN_X(b, own_h, o0 + r, u) : uvec4(0);
+            Ys4[j * XS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
+        }
+        barrier();
+        if (r0 >= c0 && r0 < c0 + STEP) {   // uniform in the subgroup
+            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(xf[kk], Xs4, uint((r0 - c0) * XS4 + kk * 2), uint(XS4), false);
+#if NEED_DS
+            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(yf[kk], Ys4, uint((r0 - c0) * XS4 + kk * 2), uint(XS4), false);
+#endif
+        }
+    }
 #endif
     // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
 #if NEED_DS

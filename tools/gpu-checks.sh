@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -19,7 +19,8 @@
 # cases, coopmat-generic on full and causal; occupancy: whether smaller workgroups / less shared
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
 # kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
-# workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory.
+# workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
+# tiles: backward and coopmat-generic tile sweeps with the same probe.
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -216,6 +217,24 @@ if [ "$what" = occupancy ]; then
     grep -E ' (no|yes) |device time' "$out/occ.txt" | sed "s/^/$t /" | cut -c1-120
   done
   rm -f "$out/occ.txt"
+fi
+if [ "$what" = tiles ]; then
+  # The thirteenth session's sweeps, with how many workgroups an SM ran of each: the coopmat-nv
+  # backward per VKFLEX_BWD_TILES (BWD_TILES), coopmat-generic's forward per VKFLEX_GENERIC_TILES
+  # (GEN_TILES), on the causal seed cases (D = 64 and 128); about 30 s a tile on an H100.
+  export VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1
+  for t in ${BWD_TILES:-default 8x64xp 4x16xp}; do
+    [ "$t" = default ] && unset VKFLEX_BWD_TILES || export VKFLEX_BWD_TILES=$t
+    VKFLEX_RESIDENCY=flex_attention_bwd_nv step "tiles-bwd-$t" 100 vkflex bench --suite seed --backward --no-check --cases causal
+    grep -E 'backward|residency' "$out/tiles-bwd-$t.txt" | grep -v 'no pipeline' | cut -c1-220
+  done
+  unset VKFLEX_BWD_TILES
+  for t in ${GEN_TILES:-default 4x32xp}; do
+    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
+    VKFLEX_RESIDENCY=flex_attention_fwd_generic VKFLEX_KERNEL=coopmat-generic step "tiles-gen-$t" 60 vkflex bench --suite seed --no-check --cases causal
+    grep -E 'coopmat-generic |residency' "$out/tiles-gen-$t.txt" | cut -c1-220
+  done
+  unset VKFLEX_GENERIC_TILES VKFLEX_PROFILE VKFLEX_PIPELINE_STATS
 fi
 if [ "$what" = residency ]; then
   # How many workgroups of each kernel an SM runs at once (VKFLEX_RESIDENCY: every subgroup's SM

@@ -52,8 +52,9 @@ extension AttentionPlanner {
     /// Dv, the larger M·N·K first (16×16×16 on AMD and NVIDIA; Intel lists 8×16×16 on Xe2 and
     /// 8×8×16 on Arc), `forcedShape` alone when given. Then four subgroups where they fit (each
     /// owns M query rows), else two, else one (eight where M = 8, to keep 32+ rows a workgroup);
-    /// the software pipeline (`prefetch`: two K/V buffers) where it fits, except in emulation,
-    /// then without; 32 keys a step, else 16 (rounded up to what M, N and K divide). `forced`
+    /// one K/V buffer (the software pipeline, `prefetch`, only when forced) and 16 keys a step
+    /// (32 in emulation), else the other (rounded up to what M, N and K divide): the smallest
+    /// shared memory, so that several workgroups share a compute unit. `forced`
     /// (`VKFLEX_GENERIC_TILES`) fixes subgroups, keys and pipeline. Measured on NVIDIA only
     /// (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
@@ -69,12 +70,12 @@ extension AttentionPlanner {
             let step = lcm(lcm(shape.m, shape.n), shape.k)
             let groups = forced.map { [$0.nsg] } ?? (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1])
             for nsg in groups where nsg * sg <= maxInvocations {
-                // The software pipeline where its second K/V buffer fits, with 16 keys a step if
-                // 32 do not fit (H100, D = 64, 4x32: full 39.4 -> 60.2 TFLOP/s, causal 31.7 ->
-                // 41.2, soft-cap 27.3 -> 33.9; docs/performance.md); not in emulation, where it
-                // only costs compile time.
-                for prefetch in forced.map({ [$0.prefetch] }) ?? (emulated ? [false] : [true, false]) {
-                    for want in forced.map({ [$0.bkv] }) ?? [32, 16] {
+                // An SM of an H100 holds its workgroups' shared memory in ~48 KiB: 4x16 without
+                // the pipeline's second buffer (12.8 KiB at D = 64, three workgroups an SM) beat
+                // 4x32 with it (32 KiB, one) on 7 of 8 seed cases, causal 33.9 -> 50.4 TFLOP/s
+                // (VKFLEX_RESIDENCY, docs/performance.md). Emulation keeps 32 keys (fewer steps).
+                for prefetch in forced.map({ [$0.prefetch] }) ?? [false] {
+                    for want in forced.map({ [$0.bkv] }) ?? (emulated ? [32, 16] : [16, 32]) {
                         let bkv = (want + step - 1) / step * step
                         guard bkv % tpr == 0, forced == nil || bkv == want,
                               GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget
@@ -286,20 +287,33 @@ extension AttentionPlanner {
 
     // MARK: The backward's coopmat-nv passes (flex_attention_bwd_nv.comp)
 
-    /// Shared memory of flex_attention_bwd_nv.comp: the staged rows' two operands (the owned rows
-    /// pass through the same area first, so max(STEP, T) rows of D + 8 halves each, or with
-    /// `ownShared` stay in their own, T + STEP rows) and, in the dK/dV pass, the staged rows' LSE and Δ.
+    /// Shared memory of flex_attention_bwd_nv.comp: the staged rows' two operands, STEP rows of
+    /// D + 8 halves each (the owned rows pass through the same area first, STEP rows a round; with
+    /// `ownShared` they stay in their own, T + STEP rows) and, in the dK/dV pass, the staged rows'
+    /// LSE and Δ. Kept small because on NVIDIA an SM's resident workgroups share about 48 KiB
+    /// (measured with `VKFLEX_RESIDENCY`, docs/performance.md).
+    /// The block size the backward's matrix passes walk without a BlockMask: their largest tiles
+    /// (128 rows), so no workgroup owns a part-empty block (64, the portable passes', left half of
+    /// 8-subgroup workgroups idle: dense D = 64 ran at 73 TFLOP/s against 136 with an all-true
+    /// BlockMask on an H100, docs/performance.md).
+    static let backwardDenseBlock = 128
+
     static func backwardNVSharedBytes(D: Int, nsg: Int, step: Int, ownShared: Bool = false) -> Int {
-        2 * (ownShared ? step + 16 * nsg : max(step, 16 * nsg)) * (D / 8 + 1) * 16 + 8 * step
+        2 * (ownShared ? step + 16 * nsg : step) * (D / 8 + 1) * 16 + 8 * step
     }
 
     /// The coopmat-nv backward passes' tiles, as ``GenericTiles`` (16×16×16, subgroups of 32, `NSG`
-    /// subgroups owning 16 rows each, `BKV` = rows staged per step): four subgroups (64 rows a
-    /// workgroup, as FlashAttention-2's backward) and 64 rows a step up to D = 64, 32 above,
-    /// where the owned operands and the dK, dV accumulators take most of the registers.
-    /// `VKFLEX_BWD_TILES` overrides them. Nil when they do not fit the shared memory.
-    static func backwardNVTiles(D: Int, sharedMemory: Int, forced: BackwardNVTiles? = nil) -> GenericTiles? {
-        let t = forced ?? (D <= 64 ? BackwardNVTiles(nsg: 8, step: 64, prefetch: true) : BackwardNVTiles(nsg: 4, step: 32))
+    /// subgroups owning 16 rows each, `BKV` = rows staged per step): eight subgroups (128 rows a
+    /// workgroup) with the next step's rows prefetched, 64 rows a step up to D = 64, 32 above,
+    /// where the owned operands and the dK, dV accumulators take most of the registers (H100,
+    /// causal D = 128: 4x32 137.7 TFLOP/s, 8x32xp 147.5; docs/performance.md).
+    /// A workgroup's rows stay inside one block of the BlockMask, so for blocks smaller than 128
+    /// (`blockRows`: the smaller of its query and key block sizes) the subgroups and the step
+    /// shrink to the block instead of computing empty rows. `VKFLEX_BWD_TILES` overrides them.
+    /// Nil when they do not fit the shared memory.
+    static func backwardNVTiles(D: Int, sharedMemory: Int, blockRows: Int = backwardDenseBlock, forced: BackwardNVTiles? = nil) -> GenericTiles? {
+        let rows = max(16, blockRows / 16 * 16)
+        let t = forced ?? BackwardNVTiles(nsg: min(8, rows / 16), step: min(D <= 64 ? 64 : 32, rows), prefetch: true)
         guard backwardNVSharedBytes(D: D, nsg: t.nsg, step: t.step, ownShared: t.ownShared) <= sharedMemory - 256 else { return nil }
         return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch,
                             splitDKV: t.splitDKV)

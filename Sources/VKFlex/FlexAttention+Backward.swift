@@ -255,7 +255,9 @@ enum BackwardKernel {
             if mm == nil { throw FlexError.unsupported(AttentionPlanner.backwardMMProblem(s, device: device, tuning: tuning) ?? "no backward tiles fit") }
         case .coopmatNV:
             if let problem = AttentionPlanner.backwardNVProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported(problem) }
-            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, forced: tuning.backwardTiles)
+            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory,
+                                                  blockRows: blockMask.map { min($0.blockSize.q, $0.blockSize.kv) } ?? AttentionPlanner.backwardDenseBlock,
+                                                  forced: tuning.backwardTiles)
         default:
             mm = nil
         }
@@ -343,8 +345,10 @@ enum BackwardKernel {
                                                       (.fullKVIndices, blockMask?.fullKVIndices), (.qNum, blockMask?.qNumBlocks), (.qIndices, blockMask?.qIndices),
                                                       (.fullQNum, blockMask?.fullQNumBlocks), (.fullQIndices, blockMask?.fullQIndices)]
         for (slot, t) in optional { slots[slot] = (t ?? dummy).binding() }
-        // Without a BlockMask every key block of every query block is walked, as full.
-        let qBS = blockMask?.blockSize.q ?? 64, kvBS = blockMask?.blockSize.kv ?? 64
+        // Without a BlockMask every key block of every query block is walked, as full, in blocks
+        // of the matrix passes' largest tiles (the portable passes' 64 otherwise).
+        let denseBS = prepared.mm == nil ? 64 : AttentionPlanner.backwardDenseBlock
+        let qBS = blockMask?.blockSize.q ?? denseBS, kvBS = blockMask?.blockSize.kv ?? denseBS
         p.set([.B: s.B, .Hq: s.Hq, .Hkv: s.Hkv, .Lq: s.Lq, .Lkv: s.Lkv, .mask_b: blockMask?.B ?? 1, .mask_h: blockMask?.H ?? 1,
                .q_bs: qBS, .kv_bs: kvBS, .q_blocks: blockMask?.qBlocks ?? (s.Lq + qBS - 1) / qBS,
                .kv_blocks: blockMask?.kvBlocks ?? (s.Lkv + kvBS - 1) / kvBS, .dense: blockMask == nil ? 1 : 0,

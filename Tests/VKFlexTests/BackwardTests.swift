@@ -314,9 +314,9 @@ extension BackwardTests {
                             (128, BackwardNVTiles(nsg: 2, step: 32, prefetch: true)), (64, BackwardNVTiles(nsg: 8, step: 64)),
                             (128, BackwardNVTiles(nsg: 4, step: 64, prefetch: true, splitDKV: true))] {
             guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
-            XCTAssertEqual(t.BQ, 16 * (forced?.nsg ?? (D <= 64 ? 8 : 4)), "D=\(D): subgroups of 16 rows")
+            XCTAssertEqual(t.BQ, 16 * (forced?.nsg ?? 8), "D=\(D): subgroups of 16 rows")
             XCTAssertEqual(t.BKV, forced?.step ?? (D <= 64 ? 64 : 32), "D=\(D)")
-            XCTAssertEqual(t.prefetch, forced?.prefetch ?? (D <= 64), "D=\(D): prefetch where registers allow")
+            XCTAssertEqual(t.prefetch, forced?.prefetch ?? true, "D=\(D): the next step prefetched")
             // With the dK/dV pass split: its dV half (pass 2) and dK half (6).
             let passes = t.splitDKV ? [(1, DType.float16), (2, .float16), (6, .float16), (2, .bfloat16), (6, .bfloat16)]
                                     : [(1, DType.float16), (2, .float16), (1, .bfloat16), (2, .bfloat16)]
@@ -344,6 +344,15 @@ extension BackwardTests {
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 8, step: 128)))
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 4, step: 32, ownShared: true)))
         XCTAssertNotNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 2, step: 64)))
+        // Blocks smaller than the tiles: the workgroup and the step shrink to the block.
+        for (D, rows, nsg, step) in [(64, 64, 4, 64), (64, 32, 2, 32), (128, 16, 1, 16), (128, 64, 4, 32), (64, 128, 8, 64), (64, 48, 3, 48)] {
+            let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, blockRows: rows)
+            XCTAssertEqual([t?.NSG, t?.BKV], [nsg, step], "D=\(D), blocks of \(rows)")
+        }
+        // The owned rows pass through the staging area a step at a time, so the default tiles leave
+        // room for two workgroups in the ~48 KiB an NVIDIA SM's workgroups share.
+        XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 128, nsg: 8, step: 32), 2 * 32 * 17 * 16 + 8 * 32)
+        XCTAssertLessThanOrEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 8, step: 64), 24 << 10)
         for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
