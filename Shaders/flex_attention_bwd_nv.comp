@@ -54,6 +54,9 @@
 const float LOG2E = 1.4426950408889634;
 layout(local_size_x = WG) in;
 
+// The mods' work that depends only on the batch and head (an ALiBi slope read from a captured
+// tensor) goes into vkf_prologue(b, h), called when the head changes, instead of every pair.
+#define VKF_HOIST_BH 1
 #include "flex_bwd_common.glsl"
 #include "flex_mm.glsl"
 
@@ -116,6 +119,9 @@ void main() {
     const int o0 = q0, hk = h / (p.Hq / p.Hkv);
     const int kb_lo = split * p.dq_split_blocks, kb_hi = p.dq_splits > 1 ? kb_lo + p.dq_split_blocks : 2147483647;
     const int own_h = h;
+#ifdef VKF_HAS_PROLOGUE
+    vkf_prologue(b, h);
+#endif
 #else
     // x = key tile (ceil(kv_bs / T) per KV block), y = KV head, z = batch * splits + split.
     const int tiles_k = (p.kv_bs + T - 1) / T;
@@ -198,6 +204,9 @@ void main() {
         const int pass = c_pass, t0 = c_t0, nt = min(STEP, c_stop - c_t0);
 #if BWD_PASS == 2
         const int h = c_h;
+#ifdef VKF_HAS_PROLOGUE
+        vkf_prologue(b, h);   // each query head of the group in turn
+#endif
 #endif
         barrier();   // the previous step's tiles are read (and, first, the owned rows)
 #if !PREFETCH

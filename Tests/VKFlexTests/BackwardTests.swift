@@ -340,6 +340,22 @@ extension BackwardTests {
             }
         }
         XCTAssertEqual(compiled, 50)
+        // A captured ALiBi slope: read once per head (vkf_prologue), in both passes, for NV and KHR.
+        let slopes = try device.tensor([0.5, 0.25, 0.125, 0.0625], shape: [4], name: "slopes")
+        let alibi = try SplicedMods(score: ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }, mask: MaskMod { _, _, q, kv in q >= kv },
+                                    firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
+        XCTAssertTrue(alibi.glsl.source.contains("void vkf_prologue(int b, int h)"))
+        var alibiLibrary = library
+        alibiLibrary.files.merge(alibi.includes) { _, new in new }
+        for D in [64, 128] {
+            let t = try XCTUnwrap(AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10))
+            for pass in [1, 2] {
+                let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatNV, dtype: .float16, D: D, Dv: D, tiles: .generic(t),
+                                         typedOperands: true, pushParams: pass == 1, mods: alibi.glsl.source)
+                let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: alibiLibrary)
+                try CooperativeMatrixKHRRewriter.verify(try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32))
+            }
+        }
         // Tiles that do not fit are refused, by name where forced; lavapipe has no cooperative matrices.
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 8, step: 128)))
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 4, step: 32, ownShared: true)))
