@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -235,6 +235,18 @@ if [ "$what" = tiles ]; then
     grep -E 'coopmat-generic |residency' "$out/tiles-gen-$t.txt" | cut -c1-220
   done
   unset VKFLEX_GENERIC_TILES VKFLEX_PROFILE VKFLEX_PIPELINE_STATS
+fi
+if [ "$what" = decode-prefetch ]; then
+  # The split-KV matrix kernel with each step's K and V loaded a step ahead (DEC_PREFETCH, tiles
+  # mm…p) against without and the scalar kernel, on the 16-row cases: validated selftests first.
+  for t in mm16p mm16x4p; do
+    VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=$t step "selftest-split-kv-$t" 60 vkflex selftest --kernel split-kv
+  done
+  for t in scalar mm16 mm16p mm16x4 mm16x4p mm32x2p; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "pf-$t" 45 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+    grep -E " (no|yes) " "$out/pf-$t.txt" | sed "s/^/$t /" | cut -c1-120
+    grep -E 'pipeline flex_attention_decode' "$out/pf-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
+  done
 fi
 if [ "$what" = residency ]; then
   # How many workgroups of each kernel an SM runs at once (VKFLEX_RESIDENCY: every subgroup's SM

@@ -169,7 +169,7 @@ extension AttentionPlanner {
     /// nil when none fits. Shared memory as the generic forward's with one subgroup.
     static func decodeMMTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                               maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                              bf16: Bool = false, keys: Int? = nil, subgroups: Int = 1) -> GenericTiles? {
+                              bf16: Bool = false, keys: Int? = nil, subgroups: Int = 1, prefetch: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0, subgroups >= 1, sg * subgroups <= maxInvocations else { return nil }
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
             // A row's columns, and each fragment of O's (N of them: O crosses the score tile a
@@ -184,7 +184,7 @@ extension AttentionPlanner {
                 guard bkv % tpr == 0 else { continue }
                 // Each subgroup has tiles of its own (it walks a split of its own).
                 if subgroups * GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: 1, BKV: bkv, emulated: emulated, bf16: bf16) <= sharedMemory - 256 {
-                    return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: subgroups, BKV: bkv, emulated: emulated)
+                    return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: subgroups, BKV: bkv, emulated: emulated, prefetch: prefetch)
                 }
             }
         }
@@ -196,7 +196,7 @@ extension AttentionPlanner {
         return decodeMMTiles(D: s.D, Dv: s.Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
                              sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
                              forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: s.dtype == .bfloat16,
-                             keys: tuning.decodeMMKeys, subgroups: tuning.decodeMMSubgroups ?? 1)
+                             keys: tuning.decodeMMKeys, subgroups: tuning.decodeMMSubgroups ?? 1, prefetch: tuning.decodeMMPrefetch)
     }
 
     /// Why the split-KV matrix kernel cannot run this call on `device` (beyond what every split-KV

@@ -45,6 +45,9 @@ struct AttentionTuning: Sendable {
     var decodeMMKeys: Int?
     /// S of `VKFLEX_DECODE_TILE=mmNxS` (nil: one subgroup a workgroup).
     var decodeMMSubgroups: Int?
+    /// `VKFLEX_DECODE_TILE=mm…p` (e.g. `mm16p`, `mm16x4p`): the matrix kernel loads each step's K
+    /// and V into registers a step ahead (`DEC_PREFETCH`), for tuning.
+    var decodeMMPrefetch = false
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
     /// (checked per call against the shared memory).
     var backwardTiles: BackwardNVTiles?
@@ -97,9 +100,10 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        let tileHelp = "use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs]"
-        if let k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
-            // mm, mmN or mmNxS (the matrix kernel), scalar.
+        let tileHelp = "use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
+        if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
+            // mm, mmN or mmNxS (the matrix kernel), with a final p for the prefetch; scalar.
+            if k.hasPrefix("mm"), k.hasSuffix("p") { k.removeLast(); t.decodeMMPrefetch = true }
             let mm = k.split(separator: "x", omittingEmptySubsequences: false).map(String.init)
             guard k == "scalar" || ["mm", "mm16", "mm32"].contains(mm[0]) && (mm.count == 1 || mm.count == 2 && mm[0] != "mm" && ["1", "2", "4"].contains(mm[1])) else {
                 throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)")
@@ -310,7 +314,7 @@ struct AttentionPlan: Hashable, Sendable {
             source = ShaderSource(name: "flex_attention_decode_mm", text: try ShaderLibrary.standard.text("flex_attention_decode_mm.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
-                .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
+                .init("DEC_PREFETCH", t.prefetch ? "1" : "0"), .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ])
         case .generic(let t):
             if case .backward(let n) = pass, kernel == .coopmatNV {

@@ -1740,8 +1740,14 @@ void main() {
 // NSG (default 1) subgroups a workgroup each walk a split of their own with tiles of their own —
 // one-subgroup workgroups side by side, which a driver then keeps on one compute unit together.
 //
+// DEC_PREFETCH (0/1): each lane holds its units of a step's K and V in registers (PK + PV of them)
+// and loads the next step's while this one computes: one memory latency a step overlapped with the
+// products and the softmax, instead of two exposed (K's round, then V's). An H100 ran only two to
+// four of these one-subgroup workgroups an SM (their shared memory), so a subgroup's own
+// latency hiding is what the kernel gets.
+//
 // Defines: D, DV (multiples of MK, MN and 8), MM (rows a workgroup, at most 16 per call: what a
-// split-KV call takes), MN, MK, SG, NSG, BKV (keys a step: a multiple of MM, MN and MK), VKF_MM_EMULATE,
+// split-KV call takes), MN, MK, SG, NSG, BKV (keys a step: a multiple of MM, MN and MK), DEC_PREFETCH, VKF_MM_EMULATE,
 // IN_F16 or IN_BF16, and what flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED,
 // VKF_Q_OFFSETS). Bindings as flex_attention_fwd.comp; O and LSE bind the partials.
 #extension GL_GOOGLE_include_directive : require
@@ -1755,6 +1761,9 @@ void main() {
 
 #ifndef NSG
 #define NSG 1
+#endif
+#ifndef DEC_PREFETCH
+#define DEC_PREFETCH 0
 #endif
 layout(local_size_x = SG * NSG) in;
 #define DEC_NSG NSG
@@ -1875,11 +1884,40 @@ void main() {
     int t = w.t0 - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
     bool partial = false;
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
-    while (more) {
-        const int kn = min(BKV, k_stop - k0);
-        // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0.
+    // K and V rows past kn as zeros: their scores are finite (and dropped), their P 0.
 #define K_UNIT(j, u) unit_k_data(koff + KEY_ROW(k0 + (j)) * p.k_sl, p.k_sd, u)
 #define V_UNIT(j, u) unit_v_data(voff + KEY_ROW(k0 + (j)) * p.v_sl, p.v_sd, u)
+#if DEC_PREFETCH
+#define PK ((BKV * (D / 8) + SG - 1) / SG)
+#define PV ((BKV * (DV / 8) + SG - 1) / SG)
+    uvec4 rk[PK], rv[PV];   // the step's K and V units of this lane, loaded a step ahead
+    if (more) {
+        const int kn = min(BKV, k_stop - k0);
+        MM_FETCH(rk, 0, PK, D / 8, kn, lane, SG, K_UNIT)
+        MM_FETCH(rv, 0, PV, DV / 8, kn, lane, SG, V_UNIT)
+    }
+    while (more) {
+        const int kn = min(BKV, k_stop - k0);
+        MM_STASH(rk, 0, PK, Ks4, kb, KS4, D / 8, lane, SG)
+        MM_STASH(rv, 0, PV, Vs4, vb, VS4, DV / 8, lane, SG)
+        subgroup_sync();
+        g_k0 = k0; g_kn = kn; g_part = partial;
+        // The cursor moves on, and the next step's loads are in flight while this one computes.
+        k0 += BKV;
+        more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+        if (more) {
+            const int kn2 = min(BKV, k_stop - k0);
+            MM_FETCH(rk, 0, PK, D / 8, kn2, lane, SG, K_UNIT)
+            MM_FETCH(rv, 0, PV, DV / 8, kn2, lane, SG, V_UNIT)
+        }
+        MM_SCORES(qf, r0, lane, kb)
+        subgroup_sync();
+        MM_SOFTMAX_PV(o, r0, lane, m, l, vb)
+        subgroup_sync();   // the K, V and P tiles read before the next step's stores
+    }
+#else
+    while (more) {
+        const int kn = min(BKV, k_stop - k0);
         MM_STAGE(Ks4, kb, KS4, D / 8, kn, lane, SG, K_UNIT)
         MM_STAGE(Vs4, vb, VS4, DV / 8, kn, lane, SG, V_UNIT)
         subgroup_sync();
@@ -1892,6 +1930,7 @@ void main() {
         k0 += BKV;
         more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     }
+#endif
     // A walk that ends on its own leaves the cursor past the share; one a driver stopped (lavapipe's
     // loop cap) leaves it inside: reported, never a silent truncation.
     if (more && lane == 0) vkf_report(4, 0, 0, 0);

@@ -208,9 +208,10 @@ final class DecodeTests: FlexTestCase {
     /// The matrix kernel with two subgroups a workgroup (`VKFLEX_DECODE_TILE=mm16x2`, emulated on
     /// lavapipe), each walking a split of its own: GQA rows, a sliding window written with query
     /// offsets, key lengths, paged K/V, and more splits than KV blocks (subgroups with nothing to walk).
+    /// With `p` (`mm16p`, `mm16x2p`), each step's K and V are loaded a step ahead (`DEC_PREFETCH`).
     func testMatrixKernelWithSubgroupsOfItsOwn() throws {
-        for splits in ["", "4", "40"] {
-            var env = ["VKFLEX_DECODE_TILE": "mm16x2"]
+        for (tile, splits) in [("mm16x2", ""), ("mm16x2", "40"), ("mm16p", "4"), ("mm16x2p", "40")] {
+            var env = ["VKFLEX_DECODE_TILE": tile]
             if !splits.isEmpty { env["VKFLEX_DECODE_SPLITS"] = splits }
             let dev = try device(with: env)
             let (B, Hq, Hkv, Lq, Lkv, D) = (2, 8, 2, 2, 700, 32)
@@ -223,8 +224,8 @@ final class DecodeTests: FlexTestCase {
             let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: true, kvLengths: try dev.tensor(lengths, shape: [B]),
                                       qOffset: .perBatch(try dev.tensor(offsets, shape: [B])), returnLSE: true, options: FlexOptions(kernel: .splitKV))
             let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: true, kvLengths: lengths, qOffsets: offsets)
-            XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, "splits \(splits)")
-            XCTAssertLessThan(relativeL2Error(try r.lse!.toArray(), ref.lse), 1e-4, "splits \(splits)")
+            XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, "\(tile), splits \(splits)")
+            XCTAssertLessThan(relativeL2Error(try r.lse!.toArray(), ref.lse), 1e-4, "\(tile), splits \(splits)")
             // The same cache through a permuted page table.
             let P = 64, pages = Lkv / P + 1, perm = Array((0..<(B * pages)).reversed())
             var kp = [Float](repeating: .nan, count: B * pages * P * Hkv * D), vp = kp
@@ -238,7 +239,7 @@ final class DecodeTests: FlexTestCase {
             let paged = try flexAttention(q, kc, vc, blockMask: logical, enableGQA: true, qOffset: .perBatch(try dev.tensor(offsets, shape: [B])),
                                           pageTable: PageTable(table: table, lengths: try dev.tensor(lengths, shape: [B]), pageSize: P),
                                           options: FlexOptions(kernel: .splitKV))
-            XCTAssertLessThan(relativeL2Error(try paged.output.toArray(), ref.output), 2e-3, "paged, splits \(splits)")
+            XCTAssertLessThan(relativeL2Error(try paged.output.toArray(), ref.output), 2e-3, "\(tile) paged, splits \(splits)")
         }
     }
 
@@ -288,14 +289,19 @@ final class DecodeTests: FlexTestCase {
                 XCTAssertEqual(u.decodeMatrices, true); XCTAssertEqual(u.decodeMMKeys, n); XCTAssertEqual(u.decodeMMSubgroups, sgs)
             }
         }
+        for (text, keys, sgs) in [("mmp", nil, nil), ("mm16p", 16, nil), ("mm32x4p", 32, 4)] as [(String, Int?, Int?)] {
+            let u = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": text])
+            XCTAssertEqual([u.decodeMMKeys, u.decodeMMSubgroups], [keys, sgs], text); XCTAssertTrue(u.decodeMMPrefetch, text)
+        }
+        XCTAssertFalse(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "mm16x4"]).decodeMMPrefetch)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "Scalar"]).decodeMatrices, false)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "8x2"]).decodeMatrices, false)
         XCTAssertNil(try AttentionTuning.parse([:]).decodeMatrices)
         XCTAssertEqual(try parsed("4x2x8"), [4, 2, 8, 0])
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
-        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup), scalar, or RxK[xL][xs]"), "\($0)") }
+        for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2", "mm16pp", "mm16px2", "4x2p"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).

@@ -228,6 +228,17 @@ extension AttentionTests {
         let plan4 = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: .float16, D: 128, Dv: 128, tiles: .decodeMM(four), typedOperands: true,
                                   maxScores: true, kvLengths: true, qOffsets: true, paged: true, pushParams: true, mods: mods.glsl.source)
         try compileForKHR(plan4, subgroupSize: 32, "decode 16x16x16 sg 32 D=128 four subgroups")
+        // Each step's K and V loaded a step ahead (VKFLEX_DECODE_TILE=mm16p, mm16x4p), fp16 and bf16.
+        for sgs in [1, 4] {
+            let pt = try XCTUnwrap(AttentionPlanner.decodeMMTiles(D: 128, Dv: 128, subgroupSize: 32, shapes: [nv], sharedMemory: 48 << 10,
+                                                                   maxInvocations: 1024, keys: 16, subgroups: sgs, prefetch: true))
+            for dtype in [DType.float16, .bfloat16] {
+                let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: 128, Dv: 128, tiles: .decodeMM(pt), typedOperands: true,
+                                         maxScores: true, kvLengths: true, qOffsets: true, paged: true, pushParams: true, mods: mods.glsl.source)
+                XCTAssertTrue(try plan.source().defines.contains { $0.name == "DEC_PREFETCH" && $0.value == "1" })
+                try compileForKHR(plan, subgroupSize: 32, "decode prefetch \(sgs) subgroups \(dtype)")
+            }
+        }
     }
 }
 
