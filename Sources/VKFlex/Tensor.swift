@@ -185,9 +185,11 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     /// clean are dropped first (their flags go back to the device's pool), so a tensor written
     /// call after call (`out:` in a loop) keeps a short list; one check is never kept twice.
     func addCheck(_ check: ErrorCheck) {
-        // Settled checks found outside the tensor's lock: settledClean takes the device's, which
-        // a recording thread holds while it binds tensors.
-        let settled = checkLock.withLock { checks }.filter { $0 !== check && $0.settledClean }
+        // Pruned only past a few, so that most calls ask the device nothing. Settled checks are
+        // found outside the tensor's lock: settledClean takes the device's, which a recording
+        // thread holds while it binds tensors.
+        let current = checkLock.withLock { checks }
+        let settled = current.count < 8 ? [] : current.filter { $0 !== check && $0.settledClean }
         checkLock.withLock {
             checks.removeAll { c in settled.contains { $0 === c } }
             if !checks.contains(where: { $0 === check }) { checks.append(check) }
