@@ -223,7 +223,9 @@ if [ "$what" = tiles ]; then
   # backward per VKFLEX_BWD_TILES (BWD_TILES), coopmat-generic's forward per VKFLEX_GENERIC_TILES
   # (GEN_TILES), on the causal seed cases (D = 64 and 128); about 30 s a tile on an H100.
   export VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1
-  for t in ${BWD_TILES:-default 8x64xp 4x16xp}; do
+  # Default list: the dK/dV pass split in two dispatches (k: half the accumulators each), untried
+  # since the owned rows stopped taking shared memory.
+  for t in ${BWD_TILES:-default 8x32xpk 8x64xpk 4x32xpk}; do
     [ "$t" = default ] && unset VKFLEX_BWD_TILES || export VKFLEX_BWD_TILES=$t
     VKFLEX_RESIDENCY=flex_attention_bwd_nv step "tiles-bwd-$t" 100 vkflex bench --suite seed --backward --no-check --cases causal
     grep -E 'backward|residency' "$out/tiles-bwd-$t.txt" | grep -v 'no pipeline' | cut -c1-220

@@ -424,4 +424,9 @@ final class ErrorCheck: @unchecked Sendable {
     func run() throws {
         try SplicedMods.decode(try errors.download(count: 4, as: Int32.self), captures: captures)
     }
+    /// The kernels that write the flag have completed and reported nothing (no wait): the check
+    /// has nothing left to say.
+    var settledClean: Bool {
+        errors.writesCompleted && (try? errors.download(count: 1, as: Int32.self))?.first == 0
+    }
 }

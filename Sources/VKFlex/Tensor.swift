@@ -181,7 +181,23 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         return try gather(Int32.self) { $0 }
     }
 
-    func addCheck(_ check: ErrorCheck) { checkLock.withLock { checks.append(check) } }
+    /// Adds the error check of a kernel that writes this tensor. Checks whose kernels completed
+    /// clean are dropped first (their flags go back to the device's pool), so a tensor written
+    /// call after call (`out:` in a loop) keeps a short list; one check is never kept twice.
+    func addCheck(_ check: ErrorCheck) {
+        // Pruned only past a few, so that most calls ask the device nothing. Settled checks are
+        // found outside the tensor's lock: settledClean takes the device's, which a recording
+        // thread holds while it binds tensors.
+        let current = checkLock.withLock { checks }
+        let settled = current.count < 8 ? [] : current.filter { $0 !== check && $0.settledClean }
+        checkLock.withLock {
+            checks.removeAll { c in settled.contains { $0 === c } }
+            if !checks.contains(where: { $0 === check }) { checks.append(check) }
+        }
+    }
+
+    /// The error checks a read of this tensor would run (for tests).
+    var pendingCheckCount: Int { checkLock.withLock { checks.count } }
 
     /// Throws what the kernels that wrote this tensor reported (an out-of-range captured index,
     /// an integer division by zero); waits for them.
@@ -190,6 +206,8 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
     public func checkErrors() throws {
         let pending = checkLock.withLock { checks }
         for c in pending { try c.run() }
+        // Each ran clean (and waited for its kernels): none of them has anything more to report.
+        checkLock.withLock { checks.removeAll { c in pending.contains { $0 === c } } }
     }
 
     func gather<T, R>(_ type: T.Type, _ convert: (T) -> R) throws -> [R] {

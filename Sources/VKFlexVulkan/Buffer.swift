@@ -30,6 +30,10 @@ public final class Buffer: @unchecked Sendable {
     var lastWrite: Batch?
     var lastUse: Batch?
 
+    /// Whether every write recorded to this buffer so far has completed on the device, without
+    /// waiting (work recorded but not yet submitted has not).
+    public var writesCompleted: Bool { device.writesCompleted(to: self) }
+
     /// Hands the Vulkan objects to another Buffer: this one no longer frees them.
     func disown() { isOwner = false }
     private var isOwner = true

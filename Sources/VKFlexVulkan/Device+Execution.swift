@@ -299,6 +299,15 @@ extension Device {
         if let b = lock.withLock({ buffer.lastWrite }) { try wait(for: b) }
     }
 
+    func writesCompleted(to buffer: Buffer) -> Bool {
+        lock.withLock {
+            guard let batch = buffer.lastWrite, !batch.completed else { return true }
+            guard batch.submitted else { return false }
+            try? reapLocked()   // fence status only: never waits
+            return batch.completed
+        }
+    }
+
     func waitForUse(of buffer: Buffer) throws {
         if let b = lock.withLock({ buffer.lastUse }) { try wait(for: b) }
     }

@@ -383,6 +383,39 @@ extension AttentionTests {
         }
     }
 
+    /// A tensor written call after call (`out:`, a training or decoding loop) with a mod that can
+    /// fail keeps only the error flags of work not yet known clean: earlier ones go back to the
+    /// pool instead of piling up (one more allocation per call, and every read re-reading them).
+    /// A failure is still reported, on every later read of the tensor.
+    func testAnOutputWrittenInALoopKeepsFewErrorFlags() throws {
+        let (B, H, L, D) = (1, 2, 24, 8)
+        let slope = try device.tensor([0.5, -0.25], shape: [2], name: "slope")
+        let mod = ScoreMod { s, _, h, q, kv in s + slope[h] * (kv - q) }
+        let q = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D])
+        let k = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D])
+        let v = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D])
+        let causal = try createBlockMask(MaskMod { _, _, qi, kvi in qi >= kvi }, B: 1, H: 1, qLen: L, kvLen: L, device: device, blockSize: BlockSize(16))
+        let out = try device.empty(shape: [B, H, L, D], dtype: .float32)
+        for i in 0..<40 {
+            _ = try flexAttention(q, k, v, scoreMod: mod, blockMask: causal, out: out)
+            // The calls since the last completed work, or a few (pruned past 8), are all that is kept.
+            XCTAssertLessThanOrEqual(out.pendingCheckCount, max(8, 1 + i % 10), "call \(i)")
+            if i % 10 == 9 { try device.synchronize() }
+        }
+        let ref = try flexAttentionReference(q, k, v, scoreMod: mod, blockMask: causal)
+        XCTAssertLessThan(relativeL2Error(try out.toArray(), ref.output), 1e-5)
+        XCTAssertEqual(out.pendingCheckCount, 0, "a clean read leaves nothing to check")
+        // One failing call among clean ones: every read after it reports it.
+        let short = try device.tensor([0.5], shape: [1], name: "short_slopes")
+        _ = try flexAttention(q, k, v, scoreMod: ScoreMod { s, _, h, _, _ in s + short[h] }, out: out)
+        _ = try flexAttention(q, k, v, scoreMod: mod, blockMask: causal, out: out)
+        try device.synchronize()
+        _ = try flexAttention(q, k, v, scoreMod: mod, blockMask: causal, out: out)
+        for _ in 0..<2 {
+            XCTAssertThrowsError(try out.toArray()) { XCTAssertTrue("\($0)".contains("is out of range for short_slopes (size 1)"), "\($0)") }
+        }
+    }
+
     /// The fragment order the cooperative-matrix kernel is written for, as measured on an H200
     /// (driver 580.159.04, `vkflex selftest`, 2026-11-21): lanes 0, 1 and 4 in full.
     func testCooperativeMatrixLayoutIsTheMeasuredOne() throws {
