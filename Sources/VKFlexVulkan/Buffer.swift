@@ -55,7 +55,10 @@ public final class Buffer: @unchecked Sendable {
             return
         }
         vkDestroyBuffer(device.handle, handle, nil)
-        if let memory { vkFreeMemory(device.handle, memory, nil) }
+        if let memory {
+            vkFreeMemory(device.handle, memory, nil)
+            device.bufferPool.countFree()
+        }
     }
 
     /// Copies `values` into the buffer at `byteOffset`. Waits for GPU work still using the buffer
@@ -233,8 +236,21 @@ extension Device {
             ai.buffer = buffer
             address = vkGetBufferDeviceAddress(handle, &ai)
         }
+        bufferPool.countAllocation()
         return Buffer(device: self, handle: buffer, memory: memory, size: size, mapped: mapped, owned: true, deviceAddress: address)
     }
+
+    /// The device-memory allocations vkflex holds now: buffers in use and freed small ones kept
+    /// for reuse. A driver caps them (`maxMemoryAllocationCount`, 4096 on NVIDIA), so a loop whose
+    /// count grows step after step will fail; a steady loop's stays flat.
+    ///
+    /// ```swift
+    /// let before = device.liveAllocations
+    /// for _ in 0..<100 { _ = try flexAttention(q, k, v, scoreMod: scoreMod, out: out) }
+    /// try device.synchronize()
+    /// print(device.liveAllocations - before)   // a few, not 100
+    /// ```
+    public var liveAllocations: Int { bufferPool.liveAllocations }
 
     /// Wraps a `VkBuffer` that an engine owns (interop). vkflex never destroys it; `size` is the
     /// number of bytes it may use. The buffer must have been created with storage-buffer and
@@ -281,6 +297,12 @@ final class BufferPool: @unchecked Sendable {
     private let lock = NSLock()
     private var free: [Class: [Entry]] = [:]
     private var closed = false
+    private var live = 0
+
+    /// Device-memory allocations made and not yet freed, pooled ones included.
+    var liveAllocations: Int { lock.withLock { live } }
+    func countAllocation() { lock.withLock { live += 1 } }
+    func countFree() { lock.withLock { live -= 1 } }
 
     func take(_ c: Class) -> Entry? { lock.withLock { free[c]?.popLast() } }
 
@@ -303,5 +325,6 @@ final class BufferPool: @unchecked Sendable {
             vkDestroyBuffer(device, e.buffer, nil)
             vkFreeMemory(device, e.memory, nil)
         }
+        lock.withLock { live -= all.count }
     }
 }

@@ -837,6 +837,17 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
+// Sources/VKFlexVulkan/Buffer.swift:248
+@discardableResult func snippet_Sources_VKFlexVulkan_Buffer_swift_248(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        let before = device.liveAllocations
+        for _ in 0..<100 { _ = try flexAttention(q, k, v, scoreMod: scoreMod, out: out) }
+        try device.synchronize()
+        print(device.liveAllocations - before)   // a few, not 100
+    }
+    return nil
+}
+
 // Sources/VKFlexVulkan/Capabilities.swift:42
 @discardableResult func snippet_Sources_VKFlexVulkan_Capabilities_swift_42(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
@@ -939,7 +950,7 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-/// Every example, by its place in the sources (87 of them).
+/// Every example, by its place in the sources (88 of them).
 let snippetNames: [String] = [
     "snippet_README_md_15",
     "snippet_docs_expressions_md_9",
@@ -1018,6 +1029,7 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlexSPIRV_BFloat16Retyper_swift_25",
     "snippet_Sources_VKFlexSPIRV_CooperativeMatrixKHRRewriter_swift_39",
     "snippet_Sources_VKFlexVulkan_Buffer_swift_11",
+    "snippet_Sources_VKFlexVulkan_Buffer_swift_248",
     "snippet_Sources_VKFlexVulkan_Capabilities_swift_42",
     "snippet_Sources_VKFlexVulkan_Capabilities_swift_52",
     "snippet_Sources_VKFlexVulkan_CooperativeMatrixLayout_swift_13",

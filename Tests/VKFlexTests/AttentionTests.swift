@@ -396,12 +396,16 @@ extension AttentionTests {
         let v = try device.tensor(randn(B * H * L * D), shape: [B, H, L, D])
         let causal = try createBlockMask(MaskMod { _, _, qi, kvi in qi >= kvi }, B: 1, H: 1, qLen: L, kvLen: L, device: device, blockSize: BlockSize(16))
         let out = try device.empty(shape: [B, H, L, D], dtype: .float32)
+        var allocations = 0
         for i in 0..<40 {
+            if i == 20 { allocations = device.liveAllocations }   // after two synchronized rounds of 10
             _ = try flexAttention(q, k, v, scoreMod: mod, blockMask: causal, out: out)
             // The calls since the last completed work, or a few (pruned past 8), are all that is kept.
             XCTAssertLessThanOrEqual(out.pendingCheckCount, max(8, 1 + i % 10), "call \(i)")
             if i % 10 == 9 { try device.synchronize() }
         }
+        // Steady: the flags and parameter blocks of 20 more calls came from the pool.
+        XCTAssertLessThanOrEqual(device.liveAllocations - allocations, 2, "allocations held by 20 more calls")
         let ref = try flexAttentionReference(q, k, v, scoreMod: mod, blockMask: causal)
         XCTAssertLessThan(relativeL2Error(try out.toArray(), ref.output), 1e-5)
         XCTAssertEqual(out.pendingCheckCount, 0, "a clean read leaves nothing to check")
