@@ -77,6 +77,31 @@ final class PagedKVTests: FlexTestCase {
 
     /// Appends, token by token and in chunks, then attention equals attention over the same keys
     /// laid out contiguously; erase frees the pages.
+    /// A serving loop — append a token, attend with a captured ALiBi slope, read the output — holds
+    /// the same device memory step after step (drivers cap the allocations: 4096 on NVIDIA).
+    func testADecodeLoopHoldsSteadyAllocations() throws {
+        let (E, Hq, Hkv, D, P) = (2, 4, 2, 16, 8)
+        let cache = try PagedKVCache(device: device, kvHeads: Hkv, headDim: D, pageSize: P, pages: 24, entries: E, maxLength: 90, dtype: .float16)
+        let slopes = try device.tensor([0.5, 0.25, 0.125, 0.0625], shape: [4], name: "slopes")
+        let alibi = ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: cache.logicalLength, kvLen: cache.logicalLength,
+                                         device: device, blockSize: BlockSize(q: 32, kv: P))
+        let out = try device.empty(shape: [E, Hq, 1, D], dtype: .float16)
+        try cache.append(keys: try device.tensor(randn(E * Hkv * 5 * D), shape: [E, Hkv, 5, D], dtype: .float16),
+                         values: try device.tensor(randn(E * Hkv * 5 * D), shape: [E, Hkv, 5, D], dtype: .float16), entries: [0, 1])   // a prompt
+        var held = 0
+        for step in 0..<60 {
+            try cache.append(keys: try device.tensor(randn(E * Hkv * D), shape: [E, Hkv, 1, D], dtype: .float16),
+                             values: try device.tensor(randn(E * Hkv * D), shape: [E, Hkv, 1, D], dtype: .float16), entries: [0, 1])
+            let positions = (0..<E).map { cache.length(of: $0) - 1 }
+            _ = try flexAttention(try device.tensor(randn(E * Hq * D), shape: [E, Hq, 1, D], dtype: .float16), cache: cache, entries: [0, 1],
+                                  scoreMod: alibi, blockMask: causal, enableGQA: true, qOffset: .perBatch(try device.tensor(positions, shape: [E])), out: out)
+            XCTAssertFalse(try out.toArray().contains { !$0.isFinite }, "step \(step)")
+            if step == 20 { held = device.liveAllocations }
+        }
+        XCTAssertLessThanOrEqual(device.liveAllocations - held, 2, "allocations held by 39 more steps")
+    }
+
     func testCacheAppendsThenAttends() throws {
         let (E, Hkv, D, P) = (3, 2, 16, 8)
         let cache = try PagedKVCache(device: device, kvHeads: Hkv, headDim: D, pageSize: P, pages: 20, entries: E, maxLength: 50, dtype: .float32)
