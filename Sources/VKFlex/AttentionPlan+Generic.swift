@@ -71,7 +71,7 @@ extension AttentionPlanner {
             let groups = forced.map { [$0.nsg] } ?? (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1])
             for nsg in groups where nsg * sg <= maxInvocations {
                 // An SM of an H100 holds its workgroups' shared memory in ~48 KiB: 4x16 without
-                // the pipeline's second buffer (12.8 KiB at D = 64, three workgroups an SM) beat
+                // the pipeline's second buffer (12.5 KiB at D = 64, three workgroups an SM) beat
                 // 4x32 with it (32 KiB, one) on 7 of 8 seed cases, causal 33.9 -> 50.4 TFLOP/s
                 // (VKFLEX_RESIDENCY, docs/performance.md). Emulation keeps 32 keys (fewer steps).
                 for prefetch in forced.map({ [$0.prefetch] }) ?? [false] {

@@ -181,9 +181,10 @@ public final class Tensor: @unchecked Sendable, Capturable, CaptureValuesProvide
         return try gather(Int32.self) { $0 }
     }
 
-    /// Adds the error check of a kernel that writes this tensor. Checks whose kernels completed
-    /// clean are dropped first (their flags go back to the device's pool), so a tensor written
-    /// call after call (`out:` in a loop) keeps a short list; one check is never kept twice.
+    /// Adds the error check of a kernel that writes this tensor. Once the tensor holds 8, those
+    /// whose kernels completed clean are dropped first (their flags go back to the device's pool),
+    /// so a tensor written call after call (`out:` in a loop) keeps a short list; one check is
+    /// never kept twice.
     func addCheck(_ check: ErrorCheck) {
         // Pruned only past a few, so that most calls ask the device nothing. Settled checks are
         // found outside the tensor's lock: settledClean takes the device's, which a recording
