@@ -8,9 +8,10 @@
 // accumulator that held S and dP, and become fp16 A operands by conversion: no shared-memory
 // round trip per step (the generic passes' cost: 9-12 TFLOP/s on an H100, 2026-12-05).
 //
-// A workgroup of NSG subgroups owns T = 16 * NSG rows of its output — query rows (pass 1) or keys
-// (pass 2) —, 16 per subgroup, whose Q and dO (pass 1) or K and V (pass 2) it keeps as A operands
-// in registers. It walks the other side STEP rows at a time (keys along the forward walk in pass
+// A workgroup of NSG subgroups owns T = 16 * RPW * NSG rows of its output — query rows (pass 1) or
+// keys (pass 2) —, RPW blocks of 16 per subgroup, whose Q and dO (pass 1) or K and V (pass 2) it
+// keeps as A operands in registers (with RPW = 2 each staged operand loaded from shared memory
+// feeds two products: half the shared-memory reads per product, for twice the registers). It walks the other side STEP rows at a time (keys along the forward walk in pass
 // 1; query rows along the transposed walk of each query head of its group in pass 2), staged in
 // shared memory as 16-bit values. Per step and 16 staged rows c, with S = x·x_cᵀ and dP = y·y_cᵀ:
 //   pass 1 (owned query rows, staged keys):  dQ += dS_c · K_c
@@ -24,7 +25,7 @@
 // Steps that need no check (a full block, every staged and owned row in range) make P and dS with
 // no branch: P = exp2(s' log2(e) - LSE log2(e)), an LSE of -inf taken as +inf so that its row's P is 0.
 //
-// Defines: BWD_PASS (1, 2), D = DV (a multiple of 16), NSG, STEP (a multiple of 16), BQ = T,
+// Defines: BWD_PASS (1, 2), D = DV (a multiple of 16), NSG, RPW (1, 2), STEP (a multiple of 16), BQ = T,
 // OWN_SHARED (0/1: the owned rows' operands stay in shared memory, loaded at each use, which
 // leaves their registers to the gradients at large D), PREFETCH (0/1: each step's rows are
 // loaded into registers while the step before computes; costs 2 * PRE registers), IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
@@ -37,8 +38,21 @@
 #define MM 16
 #define MN 16
 #define MK 16
+#ifndef RPW
+#define RPW 1
+#endif
 #define WG (32 * NSG)
-#define T (16 * NSG)
+#define T (16 * NSG * RPW)
+// Fragments per 16 owned rows along D, and staged 16-row blocks per step.
+#define FD (D / 16)
+#define FS (STEP / 16)
+// The row blocks, unrolled by the preprocessor (a loop over arrays of matrices left the NVIDIA
+// driver indexing them in local memory: 5-9x slower, H100, 2026-12-06).
+#if RPW == 2
+#define EACH_M(X) X(0) X(1)
+#else
+#define EACH_M(X) X(0)
+#endif
 #ifndef OWN_SHARED
 #define OWN_SHARED 0
 #endif
@@ -106,7 +120,7 @@ void fetch(int b, int hh, int t0, int nt, int lid, out uvec4 fx[PRE], out uvec4 
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * 16;
+    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * 16 * RPW;
     const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
     // Built for subgroups of 32 (the layout above): otherwise NaN gradients, never wrong numbers.
     const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
@@ -144,11 +158,11 @@ void main() {
     }
     barrier();
 #else
-    FRAG_A xf[D / 16];
+    FRAG_A xf[RPW * FD];   // [m * FD + kk]: row block m, columns 16 kk
 #if NEED_DS
-    FRAG_A yf[D / 16];
+    FRAG_A yf[RPW * FD];
 #endif
-    // STEP rows a round (a subgroup's 16 rows lie in one round: STEP is a multiple of 16).
+    // STEP rows a round (each 16-row block lies in one round: STEP is a multiple of 16).
     [[unroll]] for (int c0 = 0; c0 < T; c0 += STEP) {
         if (c0 > 0) barrier();   // the round before is read
         for (int e = lid; e < STEP * (D / 8); e += WG) {
@@ -157,28 +171,32 @@ void main() {
             Ys4[j * XS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
         }
         barrier();
-        if (r0 >= c0 && r0 < c0 + STEP) {   // uniform in the subgroup
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(xf[kk], Xs4, uint((r0 - c0) * XS4 + kk * 2), uint(XS4), false);
 #if NEED_DS
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(yf[kk], Ys4, uint((r0 - c0) * XS4 + kk * 2), uint(XS4), false);
+#define OWN_LOAD_Y(M) [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(yf[M * FD + kk], Ys4, uint((r0 + 16 * M - c0) * XS4 + kk * 2), uint(XS4), false);
+#else
+#define OWN_LOAD_Y(M)
 #endif
-        }
+#define OWN_LOAD(M) if (r0 + 16 * M >= c0 && r0 + 16 * M < c0 + STEP) { /* uniform in the subgroup */ \
+            [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(xf[M * FD + kk], Xs4, uint((r0 + 16 * M - c0) * XS4 + kk * 2), uint(XS4), false); \
+            OWN_LOAD_Y(M) }
+        EACH_M(OWN_LOAD)
     }
 #endif
     // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
 #if NEED_DS
-    FRAG_C gX[D / 16];
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gX[nn] = FRAG_C(0.0);
+    FRAG_C gX[RPW * FD];   // [m * FD + nn]
+    [[unroll]] for (int nn = 0; nn < RPW * FD; ++nn) gX[nn] = FRAG_C(0.0);
 #endif
 #if NEED_PV
-    FRAG_C gY[D / 16];
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gY[nn] = FRAG_C(0.0);
+    FRAG_C gY[RPW * FD];
+    [[unroll]] for (int nn = 0; nn < RPW * FD; ++nn) gY[nn] = FRAG_C(0.0);
 #endif
 #if BWD_PASS == 1
-    // This lane's two query rows: their LSE (and in log2 units, -inf as +inf) and delta.
-    float r_lse[2], r_lse2[2], r_delta[2];
-    [[unroll]] for (int i = 0; i < 2; ++i) {
-        const int r = r0 + lane_r + 8 * i;
+    // This lane's two query rows per row block ([m * 2 + i]): their LSE (and in log2 units, -inf
+    // as +inf) and delta.
+    float r_lse[2 * RPW], r_lse2[2 * RPW], r_delta[2 * RPW];
+    [[unroll]] for (int i = 0; i < 2 * RPW; ++i) {
+        const int r = r0 + 16 * (i >> 1) + lane_r + 8 * (i & 1);
         r_lse[i] = r < n_own ? lse_data[lse_at(b, h, q0 + r)] : NEG_INF;
         r_lse2[i] = r_lse[i] == NEG_INF ? -NEG_INF : r_lse[i] * LOG2E;
         r_delta[i] = r < n_own ? delta_data[row_id(b, h, q0 + r)] : 0.0;
@@ -228,94 +246,94 @@ void main() {
         // The next step's loads, in flight while this one computes.
         if (c_pass < 2) fetch(b, BWD_PASS == 1 ? hk : c_h, c_t0, min(STEP, c_stop - c_t0), lid, fx, fy, fl, fd);
 #endif
-        // Per 16 staged rows: S and dP (this subgroup's 16 owned rows against them), then
+        // Per 16 staged rows: S and dP (this subgroup's 16 * RPW owned rows against them), then
         // P and dS in place, element by element, as the fp16 operands of the gradients.
 #if NEED_DS
-        FRAG_A dsf[STEP / 16];
+        FRAG_A dsf[RPW * FS];   // [m * FS + c]
 #endif
 #if NEED_PV
-        FRAG_A pf[STEP / 16];
+        FRAG_A pf[RPW * FS];
 #endif
         // No check needed in this subgroup's pairs: a full block, every row in range.
-        const bool clean = pass == 0 && nt == STEP && r0 + 16 <= n_own;
-        [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
-            FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+        const bool clean = pass == 0 && nt == STEP && r0 + 16 * RPW <= n_own;
+        [[unroll]] for (int c = 0; c < FS; ++c) {
+            FRAG_C s0 = FRAG_C(0.0), dp0 = FRAG_C(0.0);
+#if RPW == 2
+            FRAG_C s1 = FRAG_C(0.0), dp1 = FRAG_C(0.0);
+#endif
+#if OWN_SHARED
+#define S_MMA(M) { FRAG_A xf; coopMatLoadNV(xf, Xo4, uint((r0 + 16 * M) * XS4 + kk * 2), uint(XS4), false); s##M = coopMatMulAddNV(xf, xt, s##M); }
+#define DP_MMA(M) { FRAG_A yf; coopMatLoadNV(yf, Yo4, uint((r0 + 16 * M) * XS4 + kk * 2), uint(XS4), false); dp##M = coopMatMulAddNV(yf, yt, dp##M); }
+#else
+#define S_MMA(M) s##M = coopMatMulAddNV(xf[M * FD + kk], xt, s##M);
+#define DP_MMA(M) dp##M = coopMatMulAddNV(yf[M * FD + kk], yt, dp##M);
+#endif
+            [[unroll]] for (int kk = 0; kk < FD; ++kk) {
                 FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
                 coopMatLoadNV(xt, Xs4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
-#if OWN_SHARED
-                FRAG_A xf;
-                coopMatLoadNV(xf, Xo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-                s = coopMatMulAddNV(xf, xt, s);
-#else
-                s = coopMatMulAddNV(xf[kk], xt, s);
-#endif
+                EACH_M(S_MMA)
             }
 #if NEED_DS
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+            [[unroll]] for (int kk = 0; kk < FD; ++kk) {
                 FRAG_B yt;
                 coopMatLoadNV(yt, Ys4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
-#if OWN_SHARED
-                FRAG_A yf;
-                coopMatLoadNV(yf, Yo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-                dp = coopMatMulAddNV(yf, yt, dp);
-#else
-                dp = coopMatMulAddNV(yf[kk], yt, dp);
-#endif
+                EACH_M(DP_MMA)
             }
 #endif
-            if (clean) {
-                [[unroll]] for (int e = 0; e < 8; ++e) {
-                    const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
+            // P and dS of row block M in place of S and dP (sM, dpM).
 #if BWD_PASS == 1
-                    const int qi = q0 + r, ki = t0 + j;
-                    const float lse2 = r_lse2[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
+#define PAIR_ROWS(M) const int qi = q0 + r, ki = t0 + j; const float lse2 = r_lse2[2 * M + EL_HI(e)], lse_i = r_lse[2 * M + EL_HI(e)], delta_i = r_delta[2 * M + EL_HI(e)];
 #else
-                    const int qi = t0 + j, ki = o0 + r;
-                    const float lse_j = t_lse[j], delta_i = t_delta[j];
-                    const float lse2 = lse_j == NEG_INF ? -NEG_INF : lse_j * LOG2E;
+#define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j]; const float lse2 = lse_i == NEG_INF ? -NEG_INF : lse_i * LOG2E;
 #endif
-                    const float sc = s[e] * p.scale;
-                    const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2);
-                    s[e] = P * (dp[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki);
-                    dp[e] = P;
-                }
-            } else {
-                [[unroll]] for (int e = 0; e < 8; ++e) {
-                    const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
-#if BWD_PASS == 1
-                    const int qi = q0 + r, ki = t0 + j;
-                    const float lse_i = r_lse[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
-#else
-                    const int qi = t0 + j, ki = o0 + r;
-                    const float lse_i = t_lse[j], delta_i = t_delta[j];
-#endif
-                    float P = 0.0, dS = 0.0;
-                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
-                        pair_grads(b, h, qi, ki, s[e], dp[e], lse_i, delta_i, P, dS);
-                    s[e] = dS;
-                    dp[e] = P;
-                }
-            }
+#define MAKE_PDS(M) \
+            if (clean) { \
+                [[unroll]] for (int e = 0; e < 8; ++e) { \
+                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
+                    PAIR_ROWS(M) \
+                    const float sc = s##M[e] * p.scale; \
+                    const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2); \
+                    s##M[e] = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
+                    dp##M[e] = P; \
+                } \
+            } else { \
+                [[unroll]] for (int e = 0; e < 8; ++e) { \
+                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
+                    PAIR_ROWS(M) \
+                    float P = 0.0, dS = 0.0; \
+                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki))) \
+                        pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
+                    s##M[e] = dS; \
+                    dp##M[e] = P; \
+                } \
+            } \
+            KEEP_DS(M) KEEP_P(M)
 #if NEED_DS
-            dsf[c] = FRAG_A(s);
+#define KEEP_DS(M) dsf[M * FS + c] = FRAG_A(s##M);
+#else
+#define KEEP_DS(M)
 #endif
 #if NEED_PV
-            pf[c] = FRAG_A(dp);
+#define KEEP_P(M) pf[M * FS + c] = FRAG_A(dp##M);
+#else
+#define KEEP_P(M)
 #endif
+            EACH_M(MAKE_PDS)
         }
-        // The gradients: the staged rows read row-major as B operands.
-        [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
-            [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+        // The gradients: the staged rows read row-major as B operands, each feeding RPW products.
+        [[unroll]] for (int nn = 0; nn < FD; ++nn) {
+            [[unroll]] for (int c = 0; c < FS; ++c) {
 #if NEED_DS
                 FRAG_B xb;
                 coopMatLoadNV(xb, Xs4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
-                gX[nn] = coopMatMulAddNV(dsf[c], xb, gX[nn]);
+#define GX_MMA(M) gX[M * FD + nn] = coopMatMulAddNV(dsf[M * FS + c], xb, gX[M * FD + nn]);
+                EACH_M(GX_MMA)
 #endif
 #if NEED_PV
                 FRAG_B yb;
                 coopMatLoadNV(yb, Ys4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
-                gY[nn] = coopMatMulAddNV(pf[c], yb, gY[nn]);
+#define GY_MMA(M) gY[M * FD + nn] = coopMatMulAddNV(pf[M * FS + c], yb, gY[M * FD + nn]);
+                EACH_M(GY_MMA)
 #endif
             }
         }
@@ -324,10 +342,11 @@ void main() {
     // Out: each lane its elements, straight from the accumulators.
     const float nan = uintBitsToFloat(0x7FC00000u);
 #if BWD_PASS == 1
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+    [[unroll]] for (int mn = 0; mn < RPW * FD; ++mn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {
-            const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
-            const float g = sized ? gX[nn][e] * p.scale : nan;
+            const int m = mn / FD, nn = mn - m * FD;
+            const int r = r0 + 16 * m + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
+            const float g = sized ? gX[mn][e] * p.scale : nan;
             if (r < n_own) {
                 const int row = row_id(b, h, q0 + r);
                 if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row) * D + d] = g;
@@ -337,18 +356,19 @@ void main() {
     }
 #else
     const int rows_k = p.B * p.Hkv * p.Lkv;
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+    [[unroll]] for (int mn = 0; mn < RPW * FD; ++mn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {
-            const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
+            const int m = mn / FD, nn = mn - m * FD;
+            const int r = r0 + 16 * m + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
             if (o0 + r < k_end) {
                 const int rowk = (b * p.Hkv + hk) * p.Lkv + o0 + r;   // dK and dV: contiguous [B, Hkv, Lkv, D]
 #if NEED_DS
-                const float gk = sized ? gX[nn][e] * p.scale : nan;
+                const float gk = sized ? gX[mn][e] * p.scale : nan;
                 if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + d] = gk;
                 else dk_data[rowk * D + d] = OUT_VALUE(gk);
 #endif
 #if NEED_PV
-                const float gv = sized ? gY[nn][e] : nan;
+                const float gv = sized ? gY[mn][e] : nan;
                 if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * D + d] = gv;
                 else dv_data[rowk * D + d] = OUT_VALUE(gv);
 #endif

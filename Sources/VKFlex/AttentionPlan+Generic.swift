@@ -22,8 +22,13 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The coopmat-nv dK/dV pass in two dispatches, dV then dK (`DKV`), and which half a pipeline
     /// is (0: both in one).
     var splitDKV = false, dkvHalf = 0
+    /// The coopmat-nv backward passes: 16-row blocks each subgroup owns (`RPW`).
+    var rpw = 1
+    /// Split-KV decoding on NVIDIA's layout (flex_attention_decode_nv.comp): K and V loaded
+    /// straight into matrices, the softmax in registers; `prefetch` its `DEC_PREFETCH`.
+    var nvDecode = false
 
-    var BQ: Int { M * NSG }
+    var BQ: Int { M * NSG * rpw }
     var WG: Int { SG * NSG }
 
     /// Mirrors the shared arrays of flex_attention_fwd_generic.comp: K and V tiles (two of each
@@ -36,7 +41,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") }
 }
 
 extension AttentionPlanner {
@@ -212,6 +217,71 @@ extension AttentionPlanner {
         return nil
     }
 
+    // MARK: Split-KV decoding on NVIDIA's layout (flex_attention_decode_nv.comp)
+
+    /// The NVIDIA-layout split-KV kernel's tiles: 16 rows and 16 keys a step, one subgroup of 32
+    /// (or `VKFLEX_DECODE_TILE=nvxS`'s S, each walking a split of its own), the next step's K and V
+    /// loaded while one computes (`nvs`: not).
+    static func decodeNVTiles(_ tuning: AttentionTuning) -> GenericTiles {
+        var t = GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: tuning.decodeNV?.nsg ?? 1, BKV: 16, emulated: false,
+                             prefetch: tuning.decodeNV?.prefetch ?? true)
+        t.nvDecode = true
+        return t
+    }
+
+    /// Why the NVIDIA-layout split-KV kernel cannot run this call on `device`, or nil: the
+    /// coopmat-nv conditions (NVIDIA's measured layout, subgroups of 32, 16×16×16 float16 or
+    /// bfloat16 matrices), head dims multiples of 16 up to 128 (Q, O and two steps of K and V live
+    /// in registers), and the inputs' layout the host found (``decodeNVInputs``).
+    static func decodeNVProblem(_ s: AttentionShape, device: Device) -> String? {
+        let caps = device.capabilities
+        guard let inputs = decodeNVInputs else { return "the NVIDIA-layout split-KV kernel needs K and V rows it may read 16 at a time" }
+        if let problem = inputs.problem { return problem }
+        if device.cooperativeMatrixAPI == nil { return "\(caps.name) has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix" }
+        if s.dtype != .float16 && s.dtype != .bfloat16 { return "the NVIDIA-layout split-KV kernel takes float16 and bfloat16 inputs" }
+        if s.D % 16 != 0 || s.Dv % 16 != 0 || s.D > 128 || s.Dv > 128 {
+            return "the NVIDIA-layout split-KV kernel takes head dims that are multiples of 16 up to 128 (got \(s.D)/\(s.Dv))"
+        }
+        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the NVIDIA-layout split-KV kernel") { return problem }
+        let operand = s.dtype == .bfloat16 ? "bfloat16" : "float16"
+        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == operand && $0.result == "float32" }) {
+            return "\(caps.name) offers no 16x16x16 \(operand) -> float32 cooperative matrix"
+        }
+        if caps.subgroupSize != 32 { return "the NVIDIA-layout split-KV kernel needs a subgroup size of 32" }
+        guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
+        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) || (s.dtype == .bfloat16 && layout.bfloat16 != CooperativeMatrixLayout.nvidiaMMA) {
+            return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
+        }
+        return nil
+    }
+
+    /// What the host found of a split-KV call's K and V for the NVIDIA-layout kernel: nil problem
+    /// when every 16-key step it walks lies in memory it may read with 16-byte matrix loads.
+    struct DecodeNVInputs: Sendable { var problem: String? }
+
+    /// Set by the forward for the duration of planning a split-KV call (``decodeNVInputs(k:v:Lkv:kvBlockSize:pageSize:)``).
+    @TaskLocal static var decodeNVInputs: DecodeNVInputs?
+
+    /// Whether K and V allow the NVIDIA-layout kernel's 16-row matrix loads: rows contiguous (unit
+    /// inner stride) and 8-aligned, KV blocks of a multiple of 16 keys (a step never crosses one),
+    /// and 16-key steps that stay inside memory the call owns — a cache of a multiple of 16 rows,
+    /// or pages of a multiple of 16 keys.
+    static func decodeNVInputs(k: Tensor, v: Tensor, Lkv: Int, kvBlockSize: Int?, pageSize: Int?) -> DecodeNVInputs {
+        for t in [k, v] where t.strides[3] != 1 || t.byteOffset % 16 != 0 || !t.strides[0..<3].allSatisfy({ $0 % 8 == 0 }) {
+            return DecodeNVInputs(problem: "\(t.name)'s rows are not contiguous and 16-byte aligned")
+        }
+        if let bs = kvBlockSize, bs % 16 != 0 { return DecodeNVInputs(problem: "KV blocks of \(bs) keys (a multiple of 16 needed)") }
+        if let ps = pageSize {
+            if ps % 16 != 0 { return DecodeNVInputs(problem: "pages of \(ps) keys (a multiple of 16 needed)") }
+        } else if Lkv % 16 != 0 {
+            return DecodeNVInputs(problem: "a cache of \(Lkv) keys (a multiple of 16 needed)")
+        }
+        return DecodeNVInputs(problem: nil)
+    }
+
+    /// Off until a GPU run measures the NVIDIA-layout split-KV kernel faster than the scalar one.
+    static let decodeNVMeasuredFaster = false
+
     /// Off until a GPU run measures the matrix kernel faster than the scalar one on its cases. Its
     /// first run (H100, 2026-12-06) was 4x slower — `specdec_4_of_8k` 2.28 against 0.55 ms — because
     /// its staging stored each K/V unit right after loading it (one memory latency per unit);
@@ -298,8 +368,8 @@ extension AttentionPlanner {
     /// BlockMask on an H100, docs/performance.md).
     static let backwardDenseBlock = 128
 
-    static func backwardNVSharedBytes(D: Int, nsg: Int, step: Int, ownShared: Bool = false) -> Int {
-        2 * (ownShared ? step + 16 * nsg : step) * (D / 8 + 1) * 16 + 8 * step
+    static func backwardNVSharedBytes(D: Int, nsg: Int, step: Int, ownShared: Bool = false, rpw: Int = 1) -> Int {
+        2 * (ownShared ? step + 16 * nsg * rpw : step) * (D / 8 + 1) * 16 + 8 * step
     }
 
     /// The coopmat-nv backward passes' tiles, as ``GenericTiles`` (16×16×16, subgroups of 32, `NSG`
@@ -310,13 +380,16 @@ extension AttentionPlanner {
     /// A workgroup's rows stay inside one block of the BlockMask, so for blocks smaller than 128
     /// (`blockRows`: the smaller of its query and key block sizes) the subgroups and the step
     /// shrink to the block instead of computing empty rows. `VKFLEX_BWD_TILES` overrides them.
-    /// Nil when they do not fit the shared memory.
-    static func backwardNVTiles(D: Int, sharedMemory: Int, blockRows: Int = backwardDenseBlock, forced: BackwardNVTiles? = nil) -> GenericTiles? {
+    /// `pass`: 1 the dQ pass, 2 the dK/dV pass. Nil when they do not fit the shared memory.
+    static func backwardNVTiles(D: Int, sharedMemory: Int, blockRows: Int = backwardDenseBlock, pass: Int = 1, forced: BackwardNVTiles? = nil) -> GenericTiles? {
         let rows = max(16, blockRows / 16 * 16)
         let t = forced ?? BackwardNVTiles(nsg: min(8, rows / 16), step: min(D <= 64 ? 64 : 32, rows), prefetch: true)
-        guard backwardNVSharedBytes(D: D, nsg: t.nsg, step: t.step, ownShared: t.ownShared) <= sharedMemory - 256 else { return nil }
-        return GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch,
-                            splitDKV: t.splitDKV)
+        guard [1, 2].contains(t.rpw),
+              backwardNVSharedBytes(D: D, nsg: t.nsg, step: t.step, ownShared: t.ownShared, rpw: t.rpw) <= sharedMemory - 256 else { return nil }
+        var tiles = GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch,
+                                 splitDKV: pass == 2 && t.splitDKV)
+        tiles.rpw = t.rpw
+        return tiles
     }
 
     /// Why the coopmat-nv backward passes cannot run this call on `device`, or nil: the forward
@@ -326,8 +399,9 @@ extension AttentionPlanner {
     static func backwardNVProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         if let problem = coopmatProblem(s, device: device, tuning: tuning) { return problem }
         if s.D > 128 { return "the coopmat-nv backward takes head dims up to 128 (got \(s.D))" }
-        if backwardNVTiles(D: s.D, sharedMemory: device.capabilities.maxSharedMemory, forced: tuning.backwardTiles) == nil {
-            let what = tuning.backwardTiles.map { "VKFLEX_BWD_TILES=\($0)" } ?? "the coopmat-nv backward tiles"
+        for (pass, forced) in [(1, tuning.backwardTiles), (2, tuning.backwardDKVTiles ?? tuning.backwardTiles)]
+        where backwardNVTiles(D: s.D, sharedMemory: device.capabilities.maxSharedMemory, pass: pass, forced: forced) == nil {
+            let what = forced.map { "VKFLEX_BWD_TILES=\($0)" } ?? "the coopmat-nv backward tiles"
             return "\(what) do not fit \(device.capabilities.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
         }
         return nil

@@ -48,9 +48,15 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_DECODE_TILE=mm…p` (e.g. `mm16p`, `mm16x4p`): the matrix kernel loads each step's K
     /// and V into registers a step ahead (`DEC_PREFETCH`), for tuning.
     var decodeMMPrefetch = false
-    /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS]`: the coopmat-nv backward passes' tiles, for tuning
-    /// (checked per call against the shared memory).
+    /// `VKFLEX_DECODE_TILE=nv[xS][s]`: split-KV decoding through the NVIDIA-layout kernel
+    /// (flex_attention_decode_nv.comp) where the call allows it, S subgroups a workgroup (1, 2 or
+    /// 4) and a final s for no prefetch, for tuning.
+    var decodeNV: (nsg: Int, prefetch: Bool)?
+    /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]]`: the coopmat-nv backward passes'
+    /// tiles, for tuning (checked per call against the shared memory): the dQ pass's, and the
+    /// dK/dV pass's where they differ (after the slash).
     var backwardTiles: BackwardNVTiles?
+    var backwardDKVTiles: BackwardNVTiles?
     /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp]`: coopmat-generic's subgroups per workgroup, keys per step
     /// and `p` for its software pipeline (`GEN_PREFETCH`), for tuning (checked per call against the
     /// shared memory and the matrix shape).
@@ -100,8 +106,15 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        let tileHelp = "use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
-        if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
+        let tileHelp = "use nv (the NVIDIA-layout kernel; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
+        if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k.hasPrefix("nv") {
+            let prefetch = !k.hasSuffix("s")
+            if !prefetch { k.removeLast() }
+            let nsg = k == "nv" ? 1 : k.hasPrefix("nvx") ? Int(k.dropFirst(3)) ?? 0 : 0
+            guard [1, 2, 4].contains(nsg) else { throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)") }
+            t.decodeNV = (nsg, prefetch)
+            t.decodeMatrices = false
+        } else if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
             // mm, mmN or mmNxS (the matrix kernel), with a final p for the prefetch; scalar.
             if k.hasPrefix("mm"), k.hasSuffix("p") { k.removeLast(); t.decodeMMPrefetch = true }
             let mm = k.split(separator: "x", omittingEmptySubsequences: false).map(String.init)
@@ -124,10 +137,12 @@ struct AttentionTuning: Sendable {
             t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
-            guard let tiles = BackwardNVTiles(parsing: b) else {
-                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory), p (prefetch) and k (dK and dV in two dispatches), e.g. 8x64xp or 4x64xpk")
+            let halves = b.split(separator: "/", omittingEmptySubsequences: false).map { BackwardNVTiles(parsing: String($0)) }
+            guard halves.count <= 2, halves.allSatisfy({ $0 != nil }) else {
+                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory), p (prefetch), k (dK and dV in two dispatches) and r (32 rows a subgroup), e.g. 8x64xp or 4x64xpk; A/B for the dQ pass's and the dK/dV pass's")
             }
-            t.backwardTiles = tiles
+            t.backwardTiles = halves[0]
+            t.backwardDKVTiles = halves.count == 2 ? halves[1] : nil
         }
         if let g = env["VKFLEX_GENERIC_TILES"], !g.isEmpty {
             let parts = g.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
@@ -151,31 +166,36 @@ struct AttentionTuning: Sendable {
 }
 
 /// The coopmat-nv backward passes' tiles (flex_attention_bwd_nv.comp): subgroups per workgroup
-/// (each owns 16 rows), rows staged per step, the owned rows' operands in shared memory instead of
-/// registers, each step's rows loaded while the step before computes, the dK/dV pass split in
-/// two dispatches (dV, then dK: half the accumulators each, S computed twice).
-/// `VKFLEX_BWD_TILES` spells them `NSGxSTEP[xFLAGS]`, FLAGS of `s`, `p` and `k`: `8x64xp`.
+/// (each owns 16 rows, or 32 with `rpw` 2: each staged operand then feeds two products), rows
+/// staged per step, the owned rows' operands in shared memory instead of registers, each step's
+/// rows loaded while the step before computes, the dK/dV pass split in two dispatches (dV, then
+/// dK: half the accumulators each, S computed twice).
+/// `VKFLEX_BWD_TILES` spells them `NSGxSTEP[xFLAGS]`, FLAGS of `s`, `p`, `k` and `r` (`rpw` 2):
+/// `8x64xp`; `A/B` gives the dQ pass A and the dK/dV pass B.
 struct BackwardNVTiles: Sendable, CustomStringConvertible {
     var nsg: Int, step: Int
     var ownShared = false, prefetch = false, splitDKV = false
+    /// 16-row blocks each subgroup owns (1 or 2).
+    var rpw = 1
 
-    init(nsg: Int, step: Int, ownShared: Bool = false, prefetch: Bool = false, splitDKV: Bool = false) {
-        (self.nsg, self.step, self.ownShared, self.prefetch, self.splitDKV) = (nsg, step, ownShared, prefetch, splitDKV)
+    init(nsg: Int, step: Int, ownShared: Bool = false, prefetch: Bool = false, splitDKV: Bool = false, rpw: Int = 1) {
+        (self.nsg, self.step, self.ownShared, self.prefetch, self.splitDKV, self.rpw) = (nsg, step, ownShared, prefetch, splitDKV, rpw)
     }
 
     /// Nil unless `text` is `NSGxSTEP[xFLAGS]` with 1-8 subgroups, a multiple of 16 rows up to 128
-    /// a step, and flags among `s`, `p` and `k`, each once.
+    /// a step, and flags among `s`, `p`, `k` and `r`, each once.
     init?(parsing text: String) {
         let parts = text.lowercased().split(separator: "x", omittingEmptySubsequences: false)
         guard parts.count == 2 || parts.count == 3, let nsg = Int(parts[0]), let step = Int(parts[1]),
               (1...8).contains(nsg), step > 0, step % 16 == 0, step <= 128 else { return nil }
         let flags = parts.count == 3 ? String(parts[2]) : ""
-        guard !(parts.count == 3 && flags.isEmpty), flags.allSatisfy({ "spk".contains($0) }), Set(flags).count == flags.count else { return nil }
-        self.init(nsg: nsg, step: step, ownShared: flags.contains("s"), prefetch: flags.contains("p"), splitDKV: flags.contains("k"))
+        guard !(parts.count == 3 && flags.isEmpty), flags.allSatisfy({ "spkr".contains($0) }), Set(flags).count == flags.count else { return nil }
+        self.init(nsg: nsg, step: step, ownShared: flags.contains("s"), prefetch: flags.contains("p"), splitDKV: flags.contains("k"),
+                  rpw: flags.contains("r") ? 2 : 1)
     }
 
     var description: String {
-        let flags = (ownShared ? "s" : "") + (prefetch ? "p" : "") + (splitDKV ? "k" : "")
+        let flags = (ownShared ? "s" : "") + (prefetch ? "p" : "") + (splitDKV ? "k" : "") + (rpw == 2 ? "r" : "")
         return "\(nsg)x\(step)" + (flags.isEmpty ? "" : "x" + flags)
     }
 }
@@ -310,6 +330,11 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
+        case .decodeMM(let t) where t.nvDecode:
+            source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"), .init("DEC_PREFETCH", t.prefetch ? "1" : "0"),
+                .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
+            ], optimization: .full)
         case .decodeMM(let t):
             source = ShaderSource(name: "flex_attention_decode_mm", text: try ShaderLibrary.standard.text("flex_attention_decode_mm.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
@@ -323,7 +348,7 @@ struct AttentionPlan: Hashable, Sendable {
                 source = ShaderSource(name: "flex_attention_bwd_nv", text: try ShaderLibrary.standard.text("flex_attention_bwd_nv.comp"), defines: [
                     .init("BWD_PASS", "\(n)"), .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"), .init("STEP", "\(t.BKV)"),
                     .init("BQ", "\(t.BQ)"), .init("OWN_SHARED", t.ownShared ? "1" : "0"), .init("PREFETCH", t.prefetch ? "1" : "0"),
-                    .init("DKV", "\(t.dkvHalf)"),
+                    .init("DKV", "\(t.dkvHalf)"), .init("RPW", "\(t.rpw)"),
                 ] + sixteenBitDefines(partial: false))
                 break
             }
@@ -465,6 +490,11 @@ enum AttentionPlanner {
     static func decodeTiles(_ s: AttentionShape, device: Device) -> AttentionPlan.Tiles? {
         let caps = device.capabilities
         let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
+        // The NVIDIA-layout kernel where forced or measured faster, and the inputs allow it (else
+        // the kernels below, whose loads take any layout).
+        if forcedDecodeMatrices == nil, tuning.decodeNV != nil || decodeNVMeasuredFaster, decodeNVProblem(s, device: device) == nil {
+            return .decodeMM(decodeNVTiles(tuning))
+        }
         if forcedDecodeMatrices ?? tuning.decodeMatrices ?? decodeMMByDefault(s, device: device, tuning: tuning) {
             guard decodeMMProblem(s, device: device) == nil, let mm = decodeMMTiles(s, device: device, tuning: tuning) else { return nil }
             return .decodeMM(mm)

@@ -209,7 +209,9 @@ enum BackwardKernel {
         var capAtomic = false
         /// The dQ and dK/dV passes through cooperative matrices (flex_attention_bwd_mm.comp): their
         /// tiles (T = BQ rows owned and staged); nil: the portable passes with BQ, BKV, WG above.
+        /// `mm` is the dQ pass's, `mmDKV` the dK/dV pass's (coopmat-nv tunes them apart).
         var mm: GenericTiles? = nil
+        var mmDKV: GenericTiles? = nil
     }
 
     /// An upper bound of the loop iterations of one staged step of flex_attention_bwd_mm.comp's
@@ -248,18 +250,20 @@ enum BackwardKernel {
                                                                    errorBinding: BackwardBinding.errors.rawValue, gradCaptures: gradCaptures,
                                                                    rowShiftInvariant: !sinks && !gradLSE, bindsCaptures: false, device: device)
         let capAtomic = device.enabledFeatures.floatAtomicAdd
-        let mm: GenericTiles?
+        let mm: GenericTiles?, mmDKV: GenericTiles?
         switch kernel {
         case .coopmatGeneric:
             mm = AttentionPlanner.backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning)
             if mm == nil { throw FlexError.unsupported(AttentionPlanner.backwardMMProblem(s, device: device, tuning: tuning) ?? "no backward tiles fit") }
+            mmDKV = mm
         case .coopmatNV:
             if let problem = AttentionPlanner.backwardNVProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported(problem) }
-            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory,
-                                                  blockRows: blockMask.map { min($0.blockSize.q, $0.blockSize.kv) } ?? AttentionPlanner.backwardDenseBlock,
-                                                  forced: tuning.backwardTiles)
+            let rows = blockMask.map { min($0.blockSize.q, $0.blockSize.kv) } ?? AttentionPlanner.backwardDenseBlock
+            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, blockRows: rows, pass: 1, forced: tuning.backwardTiles)
+            mmDKV = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, blockRows: rows, pass: 2,
+                                                     forced: tuning.backwardDKVTiles ?? tuning.backwardTiles)
         default:
-            mm = nil
+            (mm, mmDKV) = (nil, nil)
         }
         func pipeline(_ pass: Int) throws -> ComputePipeline {
             let spliced = pass == 5 ? capMods! : mods
@@ -271,7 +275,7 @@ enum BackwardKernel {
             // accumulators in local memory (NVIDIA: 64 and 128 bytes an invocation, sixth session's
             // statistics). A CPU device keeps the loops, which compile faster on lavapipe.
             plan.unrollAccumulators = device.capabilities.type != .cpu
-            if var mm, pass == 1 || pass == 2 || pass == 6 {
+            if var mm = pass == 1 ? mm : mmDKV, pass == 1 || pass == 2 || pass == 6 {
                 // Pass 6: the dK half of a dK/dV pass split in two (coopmat-nv's DKV), pass 2 then the dV half.
                 if mm.splitDKV, pass != 1 { mm.dkvHalf = pass == 6 ? 2 : 1 }
                 plan.pass = .backward(pass == 6 ? 2 : pass)
@@ -288,10 +292,10 @@ enum BackwardKernel {
         // Pass 4 sums key or query splits, where the device caps a shader's loops (lavapipe), and
         // the workgroups' slices of the captures' gradients without float atomics.
         let sums = ForwardKernel.loopIterationLimit(device) != nil || (capMods != nil && !capAtomic)
-        let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : []) + (mm?.splitDKV == true ? [6] : [])
+        let passes = [0, 1, 2] + (sinks ? [3] : []) + (sums ? [4] : []) + (capMods != nil ? [5] : []) + (mmDKV?.splitDKV == true ? [6] : [])
         var prepared = Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
                                 WG: WG, BQ: tiles.BQ, BKV: tiles.BKV)
-        prepared.mm = mm
+        (prepared.mm, prepared.mmDKV) = (mm, mmDKV)
         if let capMods {
             prepared.capTerms = capMods.glsl.captureGradientTerms
             prepared.capAtomic = capAtomic
@@ -367,7 +371,7 @@ enum BackwardKernel {
         let (BQ, BKV) = (prepared.BQ, prepared.BKV)
         let tilesQ = (qBS + BQ - 1) / BQ, tilesK = (kvBS + BKV - 1) / BKV
         // The dQ and dK/dV passes' tiles: the matrix passes own and stage T rows at a time.
-        let (tilesQ12, tilesK12) = prepared.mm.map { ((qBS + $0.BQ - 1) / $0.BQ, (kvBS + $0.BQ - 1) / $0.BQ) } ?? (tilesQ, tilesK)
+        let tilesQ12 = prepared.mm.map { (qBS + $0.BQ - 1) / $0.BQ } ?? tilesQ, tilesK12 = prepared.mmDKV.map { (kvBS + $0.BQ - 1) / $0.BQ } ?? tilesK
         guard qBlocks * max(tilesQ, tilesQ12) <= caps.maxWorkgroupCount[0], kvBlocks * max(tilesK, tilesK12) <= caps.maxWorkgroupCount[0] else {
             throw FlexError.limitExceeded("the backward's \(qBlocks * tilesQ) query tiles or \(kvBlocks * tilesK) key tiles exceed \(caps.name)'s dispatch limit \(caps.maxWorkgroupCount[0])")
         }

@@ -105,9 +105,14 @@ enum ForwardKernel {
                     qOffsets: ResolvedQueryOffsets? = nil, paging: ResolvedPaging? = nil, kernel: FlexKernel) throws -> FlexKernel {
         let device = q.device
         let caps = device.capabilities
-        let prepared = try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
-                                   maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil, qOffsets: qOffsets != nil,
-                                   paged: paging != nil, lse: lse != nil)
+        // Split-KV decoding: whether K and V allow the NVIDIA-layout kernel's 16-row matrix loads.
+        let nvInputs = kernel == .splitKV
+            ? AttentionPlanner.decodeNVInputs(k: k, v: v, Lkv: s.Lkv, kvBlockSize: blockMask?.blockSize.kv, pageSize: paging?.pageSize) : nil
+        let prepared = try AttentionPlanner.$decodeNVInputs.withValue(nvInputs) {
+            try prepare(shape: s, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
+                        maxScores: maxScores != nil, kvLengths: kvLengths != nil, sinks: sinks != nil, qOffsets: qOffsets != nil,
+                        paged: paging != nil, lse: lse != nil)
+        }
         let (pipeline, mods, BQ, BKV) = (prepared.pipeline, prepared.mods, prepared.BQ, prepared.BKV)
 
         // Block structure: the mask's, or a dense walk.

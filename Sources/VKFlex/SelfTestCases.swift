@@ -123,6 +123,13 @@ public enum AttentionSelfTest {
                 let slopes = try d.tensor((0..<4).map { Float(exp2(-Double($0 + 1) * 2)) }, shape: [4], name: "alibi_slopes")
                 return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
             }, mask: { _, _, _ in MaskMod { _, _, q, kv in (q >= kv) & (q - kv <= 200) } }, blockSize: 64, qOffsets: [596, 301]))
+        // 16 rows per KV head at D = 128 (speculative decoding), a cache in 16s: what the NVIDIA-layout
+        // split-KV kernel takes, its last-16-keys path included (lengths 1024 and 700).
+        all.append(Spec(name: "decode: float16 4 heads x 4 rows, D128, ALiBi, key lengths", B: 2, Hq: 8, Hkv: 2, Lq: 4, Lkv: 1024, D: 128, Dv: 128,
+                        dtype: .float16, score: { d in
+                let slopes = try d.tensor((0..<8).map { Float(exp2(-Double($0 + 1))) }, shape: [8], name: "alibi_slopes")
+                return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
+            }, mask: causal, blockSize: 128, kvLengths: [1024, 700], qOffsets: [1020, 696]))
         all.append(Spec(name: "paged decode: float16 GQA, pages of 64", B: 3, Hq: 8, Hkv: 2, Lq: 1, Lkv: 640, D: 64, Dv: 64, dtype: .float16,
                         mask: causal, blockSize: BlockSize(q: 128, kv: 64), kvLengths: [640, 1, 333], qOffsets: [639, 0, 332], pageSize: 64))
         all.append(Spec(name: "paged prefill: sliding window, pages of 16", B: 2, Lq: 96, Lkv: 96,

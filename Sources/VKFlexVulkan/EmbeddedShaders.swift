@@ -860,9 +860,10 @@ void main() {
 // accumulator that held S and dP, and become fp16 A operands by conversion: no shared-memory
 // round trip per step (the generic passes' cost: 9-12 TFLOP/s on an H100, 2026-12-05).
 //
-// A workgroup of NSG subgroups owns T = 16 * NSG rows of its output — query rows (pass 1) or keys
-// (pass 2) —, 16 per subgroup, whose Q and dO (pass 1) or K and V (pass 2) it keeps as A operands
-// in registers. It walks the other side STEP rows at a time (keys along the forward walk in pass
+// A workgroup of NSG subgroups owns T = 16 * RPW * NSG rows of its output — query rows (pass 1) or
+// keys (pass 2) —, RPW blocks of 16 per subgroup, whose Q and dO (pass 1) or K and V (pass 2) it
+// keeps as A operands in registers (with RPW = 2 each staged operand loaded from shared memory
+// feeds two products: half the shared-memory reads per product, for twice the registers). It walks the other side STEP rows at a time (keys along the forward walk in pass
 // 1; query rows along the transposed walk of each query head of its group in pass 2), staged in
 // shared memory as 16-bit values. Per step and 16 staged rows c, with S = x·x_cᵀ and dP = y·y_cᵀ:
 //   pass 1 (owned query rows, staged keys):  dQ += dS_c · K_c
@@ -876,7 +877,7 @@ void main() {
 // Steps that need no check (a full block, every staged and owned row in range) make P and dS with
 // no branch: P = exp2(s' log2(e) - LSE log2(e)), an LSE of -inf taken as +inf so that its row's P is 0.
 //
-// Defines: BWD_PASS (1, 2), D = DV (a multiple of 16), NSG, STEP (a multiple of 16), BQ = T,
+// Defines: BWD_PASS (1, 2), D = DV (a multiple of 16), NSG, RPW (1, 2), STEP (a multiple of 16), BQ = T,
 // OWN_SHARED (0/1: the owned rows' operands stay in shared memory, loaded at each use, which
 // leaves their registers to the gradients at large D), PREFETCH (0/1: each step's rows are
 // loaded into registers while the step before computes; costs 2 * PRE registers), IN_F16 = OUT_F16 = 1 or IN_BF16 = OUT_BF16 = 1
@@ -889,8 +890,21 @@ void main() {
 #define MM 16
 #define MN 16
 #define MK 16
+#ifndef RPW
+#define RPW 1
+#endif
 #define WG (32 * NSG)
-#define T (16 * NSG)
+#define T (16 * NSG * RPW)
+// Fragments per 16 owned rows along D, and staged 16-row blocks per step.
+#define FD (D / 16)
+#define FS (STEP / 16)
+// The row blocks, unrolled by the preprocessor (a loop over arrays of matrices left the NVIDIA
+// driver indexing them in local memory: 5-9x slower, H100, 2026-12-06).
+#if RPW == 2
+#define EACH_M(X) X(0) X(1)
+#else
+#define EACH_M(X) X(0)
+#endif
 #ifndef OWN_SHARED
 #define OWN_SHARED 0
 #endif
@@ -958,7 +972,7 @@ void fetch(int b, int hh, int t0, int nt, int lid, out uvec4 fx[PRE], out uvec4 
 
 void main() {
     const int lid = int(gl_LocalInvocationIndex);
-    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * 16;
+    const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * 16 * RPW;
     const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
     // Built for subgroups of 32 (the layout above): otherwise NaN gradients, never wrong numbers.
     const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
@@ -996,11 +1010,11 @@ void main() {
     }
     barrier();
 #else
-    FRAG_A xf[D / 16];
+    FRAG_A xf[RPW * FD];   // [m * FD + kk]: row block m, columns 16 kk
 #if NEED_DS
-    FRAG_A yf[D / 16];
+    FRAG_A yf[RPW * FD];
 #endif
-    // STEP rows a round (a subgroup's 16 rows lie in one round: STEP is a multiple of 16).
+    // STEP rows a round (each 16-row block lies in one round: STEP is a multiple of 16).
     [[unroll]] for (int c0 = 0; c0 < T; c0 += STEP) {
         if (c0 > 0) barrier();   // the round before is read
         for (int e = lid; e < STEP * (D / 8); e += WG) {
@@ -1009,28 +1023,32 @@ void main() {
             Ys4[j * XS4 + u] = r < n_own ? OWN_Y(b, own_h, o0 + r, u) : uvec4(0);
         }
         barrier();
-        if (r0 >= c0 && r0 < c0 + STEP) {   // uniform in the subgroup
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(xf[kk], Xs4, uint((r0 - c0) * XS4 + kk * 2), uint(XS4), false);
 #if NEED_DS
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) coopMatLoadNV(yf[kk], Ys4, uint((r0 - c0) * XS4 + kk * 2), uint(XS4), false);
+#define OWN_LOAD_Y(M) [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(yf[M * FD + kk], Ys4, uint((r0 + 16 * M - c0) * XS4 + kk * 2), uint(XS4), false);
+#else
+#define OWN_LOAD_Y(M)
 #endif
-        }
+#define OWN_LOAD(M) if (r0 + 16 * M >= c0 && r0 + 16 * M < c0 + STEP) { /* uniform in the subgroup */ \
+            [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(xf[M * FD + kk], Xs4, uint((r0 + 16 * M - c0) * XS4 + kk * 2), uint(XS4), false); \
+            OWN_LOAD_Y(M) }
+        EACH_M(OWN_LOAD)
     }
 #endif
     // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
 #if NEED_DS
-    FRAG_C gX[D / 16];
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gX[nn] = FRAG_C(0.0);
+    FRAG_C gX[RPW * FD];   // [m * FD + nn]
+    [[unroll]] for (int nn = 0; nn < RPW * FD; ++nn) gX[nn] = FRAG_C(0.0);
 #endif
 #if NEED_PV
-    FRAG_C gY[D / 16];
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) gY[nn] = FRAG_C(0.0);
+    FRAG_C gY[RPW * FD];
+    [[unroll]] for (int nn = 0; nn < RPW * FD; ++nn) gY[nn] = FRAG_C(0.0);
 #endif
 #if BWD_PASS == 1
-    // This lane's two query rows: their LSE (and in log2 units, -inf as +inf) and delta.
-    float r_lse[2], r_lse2[2], r_delta[2];
-    [[unroll]] for (int i = 0; i < 2; ++i) {
-        const int r = r0 + lane_r + 8 * i;
+    // This lane's two query rows per row block ([m * 2 + i]): their LSE (and in log2 units, -inf
+    // as +inf) and delta.
+    float r_lse[2 * RPW], r_lse2[2 * RPW], r_delta[2 * RPW];
+    [[unroll]] for (int i = 0; i < 2 * RPW; ++i) {
+        const int r = r0 + 16 * (i >> 1) + lane_r + 8 * (i & 1);
         r_lse[i] = r < n_own ? lse_data[lse_at(b, h, q0 + r)] : NEG_INF;
         r_lse2[i] = r_lse[i] == NEG_INF ? -NEG_INF : r_lse[i] * LOG2E;
         r_delta[i] = r < n_own ? delta_data[row_id(b, h, q0 + r)] : 0.0;
@@ -1080,94 +1098,94 @@ void main() {
         // The next step's loads, in flight while this one computes.
         if (c_pass < 2) fetch(b, BWD_PASS == 1 ? hk : c_h, c_t0, min(STEP, c_stop - c_t0), lid, fx, fy, fl, fd);
 #endif
-        // Per 16 staged rows: S and dP (this subgroup's 16 owned rows against them), then
+        // Per 16 staged rows: S and dP (this subgroup's 16 * RPW owned rows against them), then
         // P and dS in place, element by element, as the fp16 operands of the gradients.
 #if NEED_DS
-        FRAG_A dsf[STEP / 16];
+        FRAG_A dsf[RPW * FS];   // [m * FS + c]
 #endif
 #if NEED_PV
-        FRAG_A pf[STEP / 16];
+        FRAG_A pf[RPW * FS];
 #endif
         // No check needed in this subgroup's pairs: a full block, every row in range.
-        const bool clean = pass == 0 && nt == STEP && r0 + 16 <= n_own;
-        [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
-            FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+        const bool clean = pass == 0 && nt == STEP && r0 + 16 * RPW <= n_own;
+        [[unroll]] for (int c = 0; c < FS; ++c) {
+            FRAG_C s0 = FRAG_C(0.0), dp0 = FRAG_C(0.0);
+#if RPW == 2
+            FRAG_C s1 = FRAG_C(0.0), dp1 = FRAG_C(0.0);
+#endif
+#if OWN_SHARED
+#define S_MMA(M) { FRAG_A xf; coopMatLoadNV(xf, Xo4, uint((r0 + 16 * M) * XS4 + kk * 2), uint(XS4), false); s##M = coopMatMulAddNV(xf, xt, s##M); }
+#define DP_MMA(M) { FRAG_A yf; coopMatLoadNV(yf, Yo4, uint((r0 + 16 * M) * XS4 + kk * 2), uint(XS4), false); dp##M = coopMatMulAddNV(yf, yt, dp##M); }
+#else
+#define S_MMA(M) s##M = coopMatMulAddNV(xf[M * FD + kk], xt, s##M);
+#define DP_MMA(M) dp##M = coopMatMulAddNV(yf[M * FD + kk], yt, dp##M);
+#endif
+            [[unroll]] for (int kk = 0; kk < FD; ++kk) {
                 FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
                 coopMatLoadNV(xt, Xs4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
-#if OWN_SHARED
-                FRAG_A xf;
-                coopMatLoadNV(xf, Xo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-                s = coopMatMulAddNV(xf, xt, s);
-#else
-                s = coopMatMulAddNV(xf[kk], xt, s);
-#endif
+                EACH_M(S_MMA)
             }
 #if NEED_DS
-            [[unroll]] for (int kk = 0; kk < D / 16; ++kk) {
+            [[unroll]] for (int kk = 0; kk < FD; ++kk) {
                 FRAG_B yt;
                 coopMatLoadNV(yt, Ys4, uint(c * 16 * XS4 + kk * 2), uint(XS4), true);
-#if OWN_SHARED
-                FRAG_A yf;
-                coopMatLoadNV(yf, Yo4, uint(r0 * XS4 + kk * 2), uint(XS4), false);
-                dp = coopMatMulAddNV(yf, yt, dp);
-#else
-                dp = coopMatMulAddNV(yf[kk], yt, dp);
-#endif
+                EACH_M(DP_MMA)
             }
 #endif
-            if (clean) {
-                [[unroll]] for (int e = 0; e < 8; ++e) {
-                    const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
+            // P and dS of row block M in place of S and dP (sM, dpM).
 #if BWD_PASS == 1
-                    const int qi = q0 + r, ki = t0 + j;
-                    const float lse2 = r_lse2[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
+#define PAIR_ROWS(M) const int qi = q0 + r, ki = t0 + j; const float lse2 = r_lse2[2 * M + EL_HI(e)], lse_i = r_lse[2 * M + EL_HI(e)], delta_i = r_delta[2 * M + EL_HI(e)];
 #else
-                    const int qi = t0 + j, ki = o0 + r;
-                    const float lse_j = t_lse[j], delta_i = t_delta[j];
-                    const float lse2 = lse_j == NEG_INF ? -NEG_INF : lse_j * LOG2E;
+#define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j]; const float lse2 = lse_i == NEG_INF ? -NEG_INF : lse_i * LOG2E;
 #endif
-                    const float sc = s[e] * p.scale;
-                    const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2);
-                    s[e] = P * (dp[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki);
-                    dp[e] = P;
-                }
-            } else {
-                [[unroll]] for (int e = 0; e < 8; ++e) {
-                    const int r = r0 + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e);
-#if BWD_PASS == 1
-                    const int qi = q0 + r, ki = t0 + j;
-                    const float lse_i = r_lse[EL_HI(e)], delta_i = r_delta[EL_HI(e)];
-#else
-                    const int qi = t0 + j, ki = o0 + r;
-                    const float lse_i = t_lse[j], delta_i = t_delta[j];
-#endif
-                    float P = 0.0, dS = 0.0;
-                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki)))
-                        pair_grads(b, h, qi, ki, s[e], dp[e], lse_i, delta_i, P, dS);
-                    s[e] = dS;
-                    dp[e] = P;
-                }
-            }
+#define MAKE_PDS(M) \
+            if (clean) { \
+                [[unroll]] for (int e = 0; e < 8; ++e) { \
+                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
+                    PAIR_ROWS(M) \
+                    const float sc = s##M[e] * p.scale; \
+                    const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2); \
+                    s##M[e] = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
+                    dp##M[e] = P; \
+                } \
+            } else { \
+                [[unroll]] for (int e = 0; e < 8; ++e) { \
+                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
+                    PAIR_ROWS(M) \
+                    float P = 0.0, dS = 0.0; \
+                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki))) \
+                        pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
+                    s##M[e] = dS; \
+                    dp##M[e] = P; \
+                } \
+            } \
+            KEEP_DS(M) KEEP_P(M)
 #if NEED_DS
-            dsf[c] = FRAG_A(s);
+#define KEEP_DS(M) dsf[M * FS + c] = FRAG_A(s##M);
+#else
+#define KEEP_DS(M)
 #endif
 #if NEED_PV
-            pf[c] = FRAG_A(dp);
+#define KEEP_P(M) pf[M * FS + c] = FRAG_A(dp##M);
+#else
+#define KEEP_P(M)
 #endif
+            EACH_M(MAKE_PDS)
         }
-        // The gradients: the staged rows read row-major as B operands.
-        [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
-            [[unroll]] for (int c = 0; c < STEP / 16; ++c) {
+        // The gradients: the staged rows read row-major as B operands, each feeding RPW products.
+        [[unroll]] for (int nn = 0; nn < FD; ++nn) {
+            [[unroll]] for (int c = 0; c < FS; ++c) {
 #if NEED_DS
                 FRAG_B xb;
                 coopMatLoadNV(xb, Xs4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
-                gX[nn] = coopMatMulAddNV(dsf[c], xb, gX[nn]);
+#define GX_MMA(M) gX[M * FD + nn] = coopMatMulAddNV(dsf[M * FS + c], xb, gX[M * FD + nn]);
+                EACH_M(GX_MMA)
 #endif
 #if NEED_PV
                 FRAG_B yb;
                 coopMatLoadNV(yb, Ys4, uint(c * 16 * XS4 + nn * 2), uint(XS4), false);
-                gY[nn] = coopMatMulAddNV(pf[c], yb, gY[nn]);
+#define GY_MMA(M) gY[M * FD + nn] = coopMatMulAddNV(pf[M * FS + c], yb, gY[M * FD + nn]);
+                EACH_M(GY_MMA)
 #endif
             }
         }
@@ -1176,10 +1194,11 @@ void main() {
     // Out: each lane its elements, straight from the accumulators.
     const float nan = uintBitsToFloat(0x7FC00000u);
 #if BWD_PASS == 1
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+    [[unroll]] for (int mn = 0; mn < RPW * FD; ++mn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {
-            const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
-            const float g = sized ? gX[nn][e] * p.scale : nan;
+            const int m = mn / FD, nn = mn - m * FD;
+            const int r = r0 + 16 * m + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
+            const float g = sized ? gX[mn][e] * p.scale : nan;
             if (r < n_own) {
                 const int row = row_id(b, h, q0 + r);
                 if (p.dq_splits > 1) part_dq[(split * p.B * p.Hq * p.Lq + row) * D + d] = g;
@@ -1189,18 +1208,19 @@ void main() {
     }
 #else
     const int rows_k = p.B * p.Hkv * p.Lkv;
-    [[unroll]] for (int nn = 0; nn < D / 16; ++nn) {
+    [[unroll]] for (int mn = 0; mn < RPW * FD; ++mn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {
-            const int r = r0 + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
+            const int m = mn / FD, nn = mn - m * FD;
+            const int r = r0 + 16 * m + lane_r + 8 * EL_HI(e), d = nn * 16 + lane_c + EL_COL(e);
             if (o0 + r < k_end) {
                 const int rowk = (b * p.Hkv + hk) * p.Lkv + o0 + r;   // dK and dV: contiguous [B, Hkv, Lkv, D]
 #if NEED_DS
-                const float gk = sized ? gX[nn][e] * p.scale : nan;
+                const float gk = sized ? gX[mn][e] * p.scale : nan;
                 if (p.dk_splits > 1) part_dk[(split * rows_k + rowk) * D + d] = gk;
                 else dk_data[rowk * D + d] = OUT_VALUE(gk);
 #endif
 #if NEED_PV
-                const float gv = sized ? gY[nn][e] : nan;
+                const float gv = sized ? gY[mn][e] : nan;
                 if (p.dk_splits > 1) part_dv[(split * rows_k + rowk) * D + d] = gv;
                 else dv_data[rowk * D + d] = OUT_VALUE(gv);
 #endif
@@ -1972,6 +1992,246 @@ void main() {
 #endif
                 o_data[p.o_base + w.split * p.o_split_stride + prow[k] * DV + nn * MN + c] = bad[k] ? nan : lk[k] != 0.0 ? ov / lk[k] : 0.0;
             }
+        }
+    }
+}
+"""#,
+        "flex_attention_decode_nv.comp": #"""
+#version 450
+// Split-KV decoding on NVIDIA's tensor cores with no shared-memory round trip per step: K and V
+// go from memory straight into matrix operands, and the softmax works on the accumulators in
+// registers (the accumulator layout the coopmat-nv kernels rely on, measured by the host:
+// CooperativeMatrixLayout.nvidiaMMA — lane l holds rows l/4 and l/4 + 8 of each 16x16 fragment,
+// element e in row l/4 + 8 * (e >> 2), column 2 * (l % 4) + (e & 1) + 8 * ((e >> 1) & 1)).
+//
+// Why: the layout-free matrix kernel (flex_attention_decode_mm.comp) stages K, V, S and P in
+// shared memory, so an NVIDIA SM, whose resident workgroups share about 48 KiB, ran two to four of
+// its one-subgroup workgroups at once, each a chain of dependent loads (H100: specdec_4_of_8k in
+// 384 µs, decode_mqa_32k at 19% of HBM; docs/performance.md). Here the only shared memory is one
+// 16-row tile per subgroup that Q passes through once and, at a block's last 16 keys when they
+// are fewer than 16, V (zeros past the keys: rows past a sequence's end are never read, and may
+// hold anything, NaN included), so registers alone bound the subgroups an SM runs, and with
+// DEC_PREFETCH each subgroup's next 16 keys of K and V are in flight while it computes.
+//
+// Like flex_attention_decode_mm.comp (flex_decode.glsl's walk and packing): a subgroup takes one
+// (batch, KV head, split), its 16 rows are (query head, query row) pairs that share the KV head,
+// its keys one split's share of their BlockMask row's walked blocks, 16 at a time; it writes per
+// row its output normalized over those keys (float32), their LSE and (VKF_MAX_SCORES) their
+// largest score, which flex_attention_merge.comp combines. A split with no key writes 0 / -inf;
+// a NaN score makes its row's partial NaN.
+//
+// The host picks this kernel only where every 16-key chunk it walks lies in memory it may read:
+// K and V rows contiguous and 8-aligned (16-byte loads), KV blocks a multiple of 16 keys, and the
+// cache a multiple of 16 rows (contiguous) or pages of a multiple of 16 keys (paged), so the rows
+// past a sequence's end that a chunk's K load touches are inside its page or tensor; their scores
+// are dropped before any mod sees them.
+//
+// Defines: D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
+// own), DEC_PREFETCH (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
+// flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, VKF_MAX_SCORES).
+// Bindings as flex_attention_fwd.comp; O and LSE bind the partials. Subgroups of 32.
+#extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_KHR_shader_subgroup_vote : require
+
+#ifndef NSG
+#define NSG 1
+#endif
+#ifndef DEC_PREFETCH
+#define DEC_PREFETCH 1
+#endif
+layout(local_size_x = 32 * NSG) in;
+#define DEC_NSG NSG
+
+#define OUT_F16 0
+#define OUT_BF16 0
+// Several heads per subgroup: the mods are spliced without their per-(b, h) hoisting.
+#define VKF_NO_HOIST 1
+#include "flex_dtype.glsl"
+#include "flex_attention_common.glsl"
+#define VKF_MM_EMULATE 0
+#define MM 16
+#define MN 16
+#define MK 16
+#include "flex_mm.glsl"
+#define RMAX 16
+#include "flex_decode.glsl"
+
+// Q, K and V as 16-byte units: K and V for the matrix loads (the host checked their rows
+// contiguous and 8-aligned), Q where p.vec_ok (else gathered).
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufU { uvec4 q_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufU { uvec4 k_units[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufU { uvec4 v_units[]; };
+GATHER(q_data, q_units)
+
+#define FD (D / 16)
+#define FDV (DV / 16)
+// Element e of a fragment: in the upper 8 rows when EL_HI(e), column lane_c + EL_COL(e).
+#define EL_HI(e) ((e) >> 2)
+#define EL_COL(e) (((e) & 1) + 8 * (((e) >> 1) & 1))
+// The running maximum moves only by more than TAU (log2 units), as in the coopmat-nv forward: P
+// stays below 2^TAU, and O is rescaled only on those rare steps.
+#define TAU 8.0
+
+// Each subgroup's tile: 16 rows of max(D, DV) halves (+ one unit of padding, so that the eight
+// rows a fragment load reads fall on distinct banks).
+#define TS4 ((D > DV ? D : DV) / 8 + 1)
+shared uvec4 Ts4[NSG * 16 * TS4];
+
+// The 16 keys' K (transposed) and V fragments from physical row ROW on (a macro: the KHR rewrite
+// takes no matrices as function parameters).
+#define LOAD_KV(ROW, KF, VF) { \
+    const uint ks_ = uint((koff + (ROW) * p.k_sl) / 8), vs_ = uint((voff + (ROW) * p.v_sl) / 8); \
+    [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(KF[kk], k_units, ks_ + uint(2 * kk), uint(p.k_sl / 8), true); \
+    [[unroll]] for (int nn = 0; nn < FDV; ++nn) coopMatLoadNV(VF[nn], v_units, vs_ + uint(2 * nn), uint(p.v_sl / 8), false); }
+
+void main() {
+    const int lane = int(gl_SubgroupInvocationID), sg = NSG > 1 ? int(gl_SubgroupID) : 0;
+    const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
+    // Built for subgroups of 32 (the layout above): otherwise NaN partials, never wrong numbers.
+    const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
+    const int tb = sg * 16 * TS4;   // this subgroup's tile
+    const DecodeWG w = decode_wg();
+    const int b = w.b, bl = w.bl, chunk = w.chunk, hk = w.hk, group = w.group, off = w.off, qb = w.qb;
+    bool any = false;
+    [[unroll]] for (int r = 0; r < 16; ++r) any = any || row_head(r, chunk, hk, group, off, qb) >= 0;
+    if (!any) return;   // uniform: no row of this batch lies in this segment
+
+    // This lane's two rows (lane_r, lane_r + 8): query head (-1: none) and position (q_idx).
+    int rh[2], rpos[2];
+    [[unroll]] for (int i = 0; i < 2; ++i) {
+        const int r = lane_r + 8 * i;
+        rh[i] = row_head(r, chunk, hk, group, off, qb);
+        rpos[i] = off + row_query(r, chunk);
+    }
+
+    // Q: the rows' query vectors (zeros where a row is none) through the tile, kept as A operands.
+    const int qoff = p.q_base + bl * p.q_sb;
+    for (int e = lane; e < 16 * (D / 8); e += 32) {
+        const int r = e / (D / 8), u = e - r * (D / 8), h = row_head(r, chunk, hk, group, off, qb);
+        Ts4[tb + r * TS4 + u] = h >= 0 ? unit_q_data(qoff + h * p.q_sh + row_query(r, chunk) * p.q_sl, p.q_sd, u) : uvec4(0);
+    }
+    subgroup_sync();
+    FRAG_A qf[FD];
+    [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(qf[kk], Ts4, uint(tb + 2 * kk), uint(TS4), false);
+
+    FRAG_C o[FDV];
+    [[unroll]] for (int nn = 0; nn < FDV; ++nn) o[nn] = FRAG_C(0.0);
+    // Per row of the lane: the running maximum (log2 units; finite, so that a row with no key yet
+    // gets P = 0), this lane's share of the row sum, and (VKF_MAX_SCORES) of the exact maximum.
+    float fm[2] = float[2](-1e30, -1e30), fl[2] = float[2](0.0, 0.0), fx[2] = float[2](NEG_INF, NEG_INF);
+
+    const int mrow = w.mrow, n_full = w.n_full, t_end = w.t_end, lkv = w.lkv, koff = w.koff, voff = w.voff;
+    int t = w.t0 - 1, k0 = 0, k_stop = 0, kb0 = 0, row0 = -1;
+    bool partial = false;
+    bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+    // A chunk's 16 keys lie in one page (pages and blocks are multiples of 16): one lookup.
+#define CHUNK_ROW(key) KEY_ROW(key)
+    FRAG_B kf[FD], vf[FDV];
+#if DEC_PREFETCH
+    if (more) LOAD_KV(CHUNK_ROW(k0), kf, vf)
+#endif
+    while (more) {
+        const int c0 = k0, kn = min(16, k_stop - k0), crow = CHUNK_ROW(k0);
+        const bool cpart = partial;
+        k0 += 16;
+        more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+#if DEC_PREFETCH
+        FRAG_B kn_[FD], vn_[FDV];
+        if (more) LOAD_KV(CHUNK_ROW(k0), kn_, vn_)   // in flight while this chunk computes
+#else
+        LOAD_KV(crow, kf, vf)
+#endif
+        // S = Q Kᵀ, then the scores in log2 units (scale, score-mod, mask), -inf past the keys.
+        FRAG_C sc = FRAG_C(0.0);
+        [[unroll]] for (int kk = 0; kk < FD; ++kk) sc = coopMatMulAddNV(qf[kk], kf[kk], sc);
+        float mx[2] = float[2](NEG_INF, NEG_INF);
+        [[unroll]] for (int e = 0; e < 8; ++e) {
+            const int i = EL_HI(e), j = lane_c + EL_COL(e), h = rh[i];
+            float s = NEG_INF;
+            if (h >= 0 && j < kn) {
+                s = modded_l2(sc[e], b, h, rpos[i], c0 + j);
+#if VKF_HAS_MASK_MOD
+                if (cpart && !mask_mod(b, h, rpos[i], c0 + j)) s = NEG_INF;
+#endif
+            }
+            sc[e] = s;
+            mx[i] = max(mx[i], s);
+        }
+#if VKF_MAX_SCORES
+        fx[0] = max(fx[0], mx[0]); fx[1] = max(fx[1], mx[1]);
+#endif
+        // The lazy maximum: one vote skips the row reductions on most chunks.
+        if (subgroupAny(mx[0] > fm[0] + TAU || mx[1] > fm[1] + TAU)) {
+            float al[2];
+            bool rescale = false;
+            [[unroll]] for (int i = 0; i < 2; ++i) {
+                float m = mx[i];
+                m = max(m, subgroupShuffleXor(m, 1)); m = max(m, subgroupShuffleXor(m, 2));
+                const bool up = m > fm[i] + TAU;
+                rescale = rescale || up;
+                m = up ? m : fm[i];
+                al[i] = exp2(fm[i] - m);
+                fm[i] = m;
+            }
+            if (subgroupAny(rescale)) {
+                [[unroll]] for (int nn = 0; nn < FDV; ++nn)
+                    [[unroll]] for (int e = 0; e < 8; ++e) o[nn][e] *= al[EL_HI(e)];
+                fl[0] *= al[0]; fl[1] *= al[1];
+            }
+        }
+        [[unroll]] for (int e = 0; e < 8; ++e) {
+            const float pe = exp2(sc[e] - fm[EL_HI(e)]);
+            sc[e] = pe;
+            fl[EL_HI(e)] += pe;
+        }
+        const FRAG_A pa = FRAG_A(sc);
+        if (kn < 16) {
+            // Fewer than 16 keys: V's rows past them may hold anything (0 · NaN is NaN), so this
+            // chunk's V goes through the tile, zeros past the keys.
+            subgroup_sync();   // the tile's previous reads are done
+            for (int e = lane; e < 16 * (DV / 8); e += 32) {
+                const int j = e / (DV / 8), u = e - j * (DV / 8);
+                Ts4[tb + j * TS4 + u] = j < kn ? v_units[(voff + (crow + j) * p.v_sl) / 8 + u] : uvec4(0);
+            }
+            subgroup_sync();
+            [[unroll]] for (int nn = 0; nn < FDV; ++nn) coopMatLoadNV(vf[nn], Ts4, uint(tb + 2 * nn), uint(TS4), false);
+        }
+        [[unroll]] for (int nn = 0; nn < FDV; ++nn) o[nn] = coopMatMulAddNV(pa, vf[nn], o[nn]);
+#if DEC_PREFETCH
+        [[unroll]] for (int kk = 0; kk < FD; ++kk) kf[kk] = kn_[kk];
+        [[unroll]] for (int nn = 0; nn < FDV; ++nn) vf[nn] = vn_[nn];
+#endif
+    }
+
+    // This split's partial per row: O over its keys, normalized, and their LSE (natural log);
+    // partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.
+    const float nan = uintBitsToFloat(0x7FC00000u);
+    float lt[2];
+    bool bad[2];
+    int prow[2];
+    [[unroll]] for (int i = 0; i < 2; ++i) {
+        float l = fl[i];
+        l += subgroupShuffleXor(l, 1); l += subgroupShuffleXor(l, 2);
+        lt[i] = l;
+        bad[i] = isnan(l) || !sized;
+        prow[i] = (bl * p.Hq + rh[i]) * p.Lq + row_query(lane_r + 8 * i, chunk);
+#if VKF_MAX_SCORES
+        float mxs = fx[i];
+        mxs = max(mxs, subgroupShuffleXor(mxs, 1)); mxs = max(mxs, subgroupShuffleXor(mxs, 2));
+        if (rh[i] >= 0 && (lane & 3) == 0)
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? mxs * LN2 : NEG_INF;
+#endif
+        if (rh[i] >= 0 && (lane & 3) == 0)
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? (fm[i] + log2(l)) * LN2 : NEG_INF;
+    }
+    [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
+        [[unroll]] for (int e = 0; e < 8; ++e) {
+            const int i = EL_HI(e);
+            if (rh[i] < 0) continue;
+            const float l = lt[i];
+            o_data[p.o_base + w.split * p.o_split_stride + prow[i] * DV + nn * 16 + lane_c + EL_COL(e)] = bad[i] ? nan : l != 0.0 ? o[nn][e] / l : 0.0;
         }
     }
 }

@@ -312,9 +312,11 @@ extension BackwardTests {
         var compiled = 0
         for (D, forced) in [(16, nil), (64, nil), (96, nil), (128, nil), (128, BackwardNVTiles(nsg: 4, step: 16, ownShared: true)),
                             (128, BackwardNVTiles(nsg: 2, step: 32, prefetch: true)), (64, BackwardNVTiles(nsg: 8, step: 64)),
-                            (128, BackwardNVTiles(nsg: 4, step: 64, prefetch: true, splitDKV: true))] {
-            guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
-            XCTAssertEqual(t.BQ, 16 * (forced?.nsg ?? 8), "D=\(D): subgroups of 16 rows")
+                            (128, BackwardNVTiles(nsg: 4, step: 64, prefetch: true, splitDKV: true)),
+                            (64, BackwardNVTiles(nsg: 4, step: 32, prefetch: true, rpw: 2)), (48, BackwardNVTiles(nsg: 2, step: 48, ownShared: true, rpw: 2)),
+                            (128, BackwardNVTiles(nsg: 4, step: 32, prefetch: true, splitDKV: true, rpw: 2))] {
+            guard let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, pass: 2, forced: forced) else { return XCTFail("D=\(D): no coopmat-nv backward tiles") }
+            XCTAssertEqual(t.BQ, 16 * (forced?.rpw ?? 1) * (forced?.nsg ?? 8), "D=\(D): subgroups of 16 rows, or 32")
             XCTAssertEqual(t.BKV, forced?.step ?? (D <= 64 ? 64 : 32), "D=\(D)")
             XCTAssertEqual(t.prefetch, forced?.prefetch ?? true, "D=\(D): the next step prefetched")
             // With the dK/dV pass split: its dV half (pass 2) and dK half (6).
@@ -339,7 +341,7 @@ extension BackwardTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 50)
+        XCTAssertEqual(compiled, 50 + 6 + 6 + 8)
         // A captured ALiBi slope: read once per head (vkf_prologue), in both passes, for NV and KHR.
         let slopes = try device.tensor([0.5, 0.25, 0.125, 0.0625], shape: [4], name: "slopes")
         let alibi = try SplicedMods(score: ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }, mask: MaskMod { _, _, q, kv in q >= kv },
@@ -369,13 +371,18 @@ extension BackwardTests {
         // room for two workgroups in the ~48 KiB an NVIDIA SM's workgroups share.
         XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 128, nsg: 8, step: 32), 2 * 32 * 17 * 16 + 8 * 32)
         XCTAssertLessThanOrEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 8, step: 64), 24 << 10)
-        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk"] {
+        // The dK/dV pass's tiles apart from the dQ pass's: the split is the dK/dV pass's alone.
+        XCTAssertEqual(AttentionPlanner.backwardNVTiles(D: 64, sharedMemory: 48 << 10, pass: 1, forced: BackwardNVTiles(nsg: 4, step: 64, splitDKV: true))?.splitDKV, false)
+        XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 4, step: 32, ownShared: true, rpw: 2), 2 * (32 + 128) * 9 * 16 + 8 * 32)
+        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk", "4x16/", "/4x16", "4x16/4x16/4x16", "4x16xrr"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
             }
         }
-        for (given, read) in [("2x32", "2x32"), ("4x16xs", "4x16xs"), ("8x64xp", "8x64xp"), ("4x16xps", "4x16xsp"), ("4x64xkp", "4x64xpk")] {
-            XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": given]).backwardTiles.map { "\($0)" }, read)
+        for (given, read) in [("2x32", "2x32"), ("4x16xs", "4x16xs"), ("8x64xp", "8x64xp"), ("4x16xps", "4x16xsp"), ("4x64xkp", "4x64xpk"),
+                              ("4x32xrp", "4x32xpr"), ("8x64xp/4x32xpr", "8x64xp/4x32xpr")] {
+            let tuning = try AttentionTuning.parse(["VKFLEX_BWD_TILES": given])
+            XCTAssertEqual([tuning.backwardTiles, tuning.backwardDKVTiles].compactMap { $0.map { "\($0)" } }.joined(separator: "/"), read)
         }
         let q = try device.tensor(randn(8 * 16), shape: [1, 1, 8, 16], dtype: .float16)
         let f = try flexAttention(q, q, q, returnLSE: true, options: FlexOptions(kernel: .portable))

@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import VKFlex
+import VKFlexSPIRV
 
 /// The split-KV decode kernel against the prefill kernel and the float64 reference: GQA packing,
 /// per-head masks, offsets, key lengths, empty splits, fully masked rows, NaN, sinks.
@@ -179,6 +180,65 @@ final class DecodeTests: FlexTestCase {
     /// `VKFLEX_DECODE_SPLITS` forces the key splits (one, three, more than the KV blocks: capped)
     /// with the reference's answers; `VKFLEX_PROFILE=1` times each dispatch (the decode pass and
     /// the merge, once a call) and hands the times over once; a device without it records none.
+    /// The NVIDIA-layout split-KV kernel (flex_attention_decode_nv.comp: K and V loaded straight
+    /// into matrices) compiles for NV and KHR, float16 and bfloat16, with every option; the host's
+    /// rules for the inputs it takes; lavapipe never gets it (`vkflex selftest` on an NVIDIA GPU
+    /// runs it, with `VKFLEX_DECODE_TILE=nv`).
+    func testTheNVLayoutKernelCompilesAndItsRules() throws {
+        let slopes = try device.tensor([0.5, 0.25, 0.125, 0.0625], shape: [4], name: "slopes")
+        let mods = try SplicedMods(score: ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }, mask: MaskMod { _, _, q, kv in q >= kv },
+                                   firstBinding: AttentionBinding.firstCapture, errorBinding: AttentionBinding.errors.rawValue, device: device)
+        var library = ShaderLibrary.standard
+        library.files.merge(mods.includes) { _, new in new }
+        var compiled = 0
+        for (nsg, prefetch) in [(1, true), (1, false), (4, true)] {
+            var tuning = AttentionTuning()
+            tuning.decodeNV = (nsg, prefetch)
+            let t = AttentionPlanner.decodeNVTiles(tuning)
+            XCTAssertEqual([t.M, t.BKV, t.SG, t.NSG], [16, 16, 32, nsg])
+            for (D, Dv, dtype) in [(128, 128, DType.float16), (64, 64, .bfloat16), (32, 96, .float16)] {
+                for flags in [false, true] {
+                    let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: D, Dv: Dv, tiles: .decodeMM(t), typedOperands: true,
+                                             maxScores: flags, kvLengths: flags, qOffsets: flags, paged: flags, pushParams: true, mods: mods.glsl.source)
+                    let source = try plan.source()
+                    XCTAssertEqual(source.name, "flex_attention_decode_nv")
+                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_PREFETCH" && $0.value == (prefetch ? "1" : "0") })
+                    let spirv = try ShaderCompiler.shared.compile(source, library: library)
+                    XCTAssertTrue(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(spirv))
+                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)
+                    try CooperativeMatrixKHRRewriter.verify(khr)
+                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "decode nv D=\(D)") }
+                    compiled += 1
+                }
+            }
+        }
+        XCTAssertEqual(compiled, 18)
+        // The inputs it takes: contiguous, 16-byte aligned rows; blocks, pages or the cache in 16s.
+        let k = try device.tensor(randn(2 * 2 * 64 * 16), shape: [2, 2, 64, 16], dtype: .float16, name: "k")
+        XCTAssertNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: nil, pageSize: nil).problem)
+        XCTAssertNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: 32, pageSize: 16).problem)
+        XCTAssertNotNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 63, kvBlockSize: nil, pageSize: nil).problem)
+        XCTAssertNotNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: 24, pageSize: nil).problem)
+        XCTAssertNotNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: nil, pageSize: 8).problem)
+        let odd = try k.asStrided(shape: [2, 2, 60, 16], strides: [2 * 64 * 16, 64 * 16, 16, 1], byteOffset: 8)
+        XCTAssertEqual(AttentionPlanner.decodeNVInputs(k: odd, v: k, Lkv: 64, kvBlockSize: nil, pageSize: nil).problem,
+                       "k's rows are not contiguous and 16-byte aligned")
+        let shape = try AttentionShape(k, k, k, blockMask: nil, enableGQA: false)
+        XCTAssertNotNil(AttentionPlanner.decodeNVProblem(shape, device: device))   // no inputs checked; and lavapipe has no matrices
+        AttentionPlanner.$decodeNVInputs.withValue(AttentionPlanner.DecodeNVInputs(problem: nil)) {
+            XCTAssertEqual(AttentionPlanner.decodeNVProblem(shape, device: device) == nil, device.cooperativeMatrixAPI != nil
+                           && CooperativeMatrixLayout.of(device)?.matches(CooperativeMatrixLayout.nvidiaMMA) == true)
+        }
+        // VKFLEX_DECODE_TILE=nv[xS][s].
+        for (text, nsg, prefetch) in [("nv", 1, true), ("NVs", 1, false), ("nvx2", 2, true), ("nvx4s", 4, false)] {
+            let t = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": text])
+            XCTAssertEqual(t.decodeNV?.nsg, nsg, text); XCTAssertEqual(t.decodeNV?.prefetch, prefetch, text); XCTAssertEqual(t.decodeMatrices, false, text)
+        }
+        for bad in ["nvx3", "nvx", "nv2", "nvss"] {
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("use nv"), "\($0)") }
+        }
+    }
+
     func testForcedSplitsAndDispatchProfile() throws {
         XCTAssertNil(try AttentionTuning.parse([:]).decodeSplits)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_SPLITS": "3"]).decodeSplits, 3)
@@ -301,7 +361,7 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
         for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2", "mm16pp", "mm16px2", "4x2p"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).
