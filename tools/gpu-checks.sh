@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -20,7 +20,9 @@
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
 # kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
-# tiles: backward and coopmat-generic tile sweeps with the same probe.
+# tiles: backward and coopmat-generic tile sweeps with the same probe; decode-nv: the NVIDIA-layout
+# split-KV kernel's validated selftest, then it (nv, nvs, nvx2) beside the scalar kernel on the
+# decode suite, with its registers and the residency probe.
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -249,6 +251,16 @@ if [ "$what" = decode-prefetch ]; then
     grep -E " (no|yes) " "$out/pf-$t.txt" | sed "s/^/$t /" | cut -c1-120
     grep -E 'pipeline flex_attention_decode' "$out/pf-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
   done
+fi
+if [ "$what" = decode-nv ]; then
+  VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nv step selftest-split-kv-nv 60 vkflex selftest --kernel split-kv
+  for t in nv scalar nvs nvx2; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "nv-$t" 60 vkflex bench --suite decode --no-check
+    grep -E " (no|yes) " "$out/nv-$t.txt" | sed "s/^/$t /" | cut -c1-140
+    grep -E 'pipeline flex_attention_decode' "$out/nv-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
+  done
+  VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 VKFLEX_DECODE_TILE=nv step res-nv 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+  grep -E 'residency|device time' "$out/res-nv.txt" | cut -c1-200
 fi
 if [ "$what" = residency ]; then
   # How many workgroups of each kernel an SM runs at once (VKFLEX_RESIDENCY: every subgroup's SM

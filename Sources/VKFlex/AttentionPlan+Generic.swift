@@ -279,8 +279,24 @@ extension AttentionPlanner {
         return DecodeNVInputs(problem: nil)
     }
 
-    /// Off until a GPU run measures the NVIDIA-layout split-KV kernel faster than the scalar one.
-    static let decodeNVMeasuredFaster = false
+    /// Whether the planner takes the NVIDIA-layout split-KV kernel by itself (where
+    /// ``decodeNVProblem(_:device:)`` finds nothing against it): for several query rows per head
+    /// and at least 8 rows per KV head — speculative decoding. On an H100 (2026-12-06, `vkflex
+    /// bench --suite decode`) it ran `specdec_4_of_8k` (4 heads × 4 rows a KV head) in 344.7 µs
+    /// against the scalar kernel's 539.6 (paged: 351.2 against 584.3), but `decode_mqa_32k` (16
+    /// heads × 1 row) in 240.6 against 206.7: one-row calls keep the scalar kernel.
+    static func decodeNVByDefault(_ s: AttentionShape) -> Bool {
+        s.Lq >= 2 && s.Hq / max(1, s.Hkv) * s.Lq >= 8
+    }
+
+    /// A split-KV call's key splits: `wanted` (about four workgroups a compute unit), at most one
+    /// per KV block, whole workgroups of `subgroups` splits, and few enough that the partials
+    /// (`partialBytesPerSplit` each) stay within the buffers the device pools: a larger scratch
+    /// is a new allocation per call (``Device/maxPooledBufferBytes``).
+    static func decodeSplits(wanted: Int, kvBlocks: Int, partialBytesPerSplit: Int, subgroups: Int) -> Int {
+        let pooled = Device.maxPooledBufferBytes / max(1, partialBytesPerSplit) / subgroups * subgroups
+        return max(1, min(kvBlocks, wanted, max(subgroups, pooled)))
+    }
 
     /// Off until a GPU run measures the matrix kernel faster than the scalar one on its cases. Its
     /// first run (H100, 2026-12-06) was 4x slower — `specdec_4_of_8k` 2.28 against 0.55 ms — because

@@ -492,7 +492,8 @@ enum AttentionPlanner {
         let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
         // The NVIDIA-layout kernel where forced or measured faster, and the inputs allow it (else
         // the kernels below, whose loads take any layout).
-        if forcedDecodeMatrices == nil, tuning.decodeNV != nil || decodeNVMeasuredFaster, decodeNVProblem(s, device: device) == nil {
+        if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
+           decodeNVProblem(s, device: device) == nil {
             return .decodeMM(decodeNVTiles(tuning))
         }
         if forcedDecodeMatrices ?? tuning.decodeMatrices ?? decodeMMByDefault(s, device: device, tuning: tuning) {

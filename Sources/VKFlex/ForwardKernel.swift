@@ -240,7 +240,9 @@ enum ForwardKernel {
                 let nsg: Int
                 if case .decodeMM(let t) = prepared.plan.tiles { nsg = t.NSG } else { nsg = 1 }
                 let waves = tuning.decodeWaves * max(1, 128 / prepared.plan.WG)
-                var splits = max(1, min(kvBlocks, tuning.decodeSplits ?? (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups * nsg))
+                var splits = tuning.decodeSplits.map { max(1, min(kvBlocks, $0)) }
+                    ?? AttentionPlanner.decodeSplits(wanted: (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups * nsg, kvBlocks: kvBlocks,
+                                                     partialBytesPerSplit: nb * s.Hq * s.Lq * s.Dv * 4, subgroups: nsg)
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
                     let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, plan: prepared.plan, half: s.dtype.size == 2)
                     // Outside the walk: Q, the merge of the key slots and subgroups (the cursor jumps to its share: no walk over the list).

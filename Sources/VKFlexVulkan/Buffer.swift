@@ -252,6 +252,19 @@ extension Device {
     /// ```
     public var liveAllocations: Int { bufferPool.liveAllocations }
 
+    /// The largest buffer `makeBuffer` takes from (and returns to) its pool of freed buffers; a
+    /// larger one is a new device-memory allocation each time, which costs hundreds of
+    /// microseconds of host time (an H100, 2026-12-06: a split-KV call whose 17.3 MB of partials
+    /// missed the pool took 415 µs of host time against 42 µs at 16 MiB). Scratch a call makes
+    /// every time should stay within it.
+    ///
+    /// ```swift
+    /// let rowBytes = 4 * 1024 * 128   // float32 partials of 1,024 rows at Dv = 128
+    /// let splits = max(1, min(32, Device.maxPooledBufferBytes / rowBytes))
+    /// let scratch = try device.makeBuffer(bytes: splits * rowBytes)   // reused call after call
+    /// ```
+    public static var maxPooledBufferBytes: Int { BufferPool.maxPooledBytes }
+
     /// Wraps a `VkBuffer` that an engine owns (interop). vkflex never destroys it; `size` is the
     /// number of bytes it may use. The buffer must have been created with storage-buffer and
     /// transfer usage. Reads and writes go through the queue (it is not mapped).

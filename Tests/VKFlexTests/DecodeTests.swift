@@ -182,8 +182,9 @@ final class DecodeTests: FlexTestCase {
     /// the merge, once a call) and hands the times over once; a device without it records none.
     /// The NVIDIA-layout split-KV kernel (flex_attention_decode_nv.comp: K and V loaded straight
     /// into matrices) compiles for NV and KHR, float16 and bfloat16, with every option; the host's
-    /// rules for the inputs it takes; lavapipe never gets it (`vkflex selftest` on an NVIDIA GPU
-    /// runs it, with `VKFLEX_DECODE_TILE=nv`).
+    /// rules for the inputs and calls it takes, its key splits; lavapipe never gets it (`vkflex
+    /// selftest` on an NVIDIA GPU runs it: by default on speculative decoding's rows, or with
+    /// `VKFLEX_DECODE_TILE=nv`).
     func testTheNVLayoutKernelCompilesAndItsRules() throws {
         let slopes = try device.tensor([0.5, 0.25, 0.125, 0.0625], shape: [4], name: "slopes")
         let mods = try SplicedMods(score: ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }, mask: MaskMod { _, _, q, kv in q >= kv },
@@ -229,6 +230,22 @@ final class DecodeTests: FlexTestCase {
             XCTAssertEqual(AttentionPlanner.decodeNVProblem(shape, device: device) == nil, device.cooperativeMatrixAPI != nil
                            && CooperativeMatrixLayout.of(device)?.matches(CooperativeMatrixLayout.nvidiaMMA) == true)
         }
+        // By default: several rows per head and 8 or more per KV head (speculative decoding), not one-row calls.
+        func decodeCall(_ Hq: Int, _ Hkv: Int, _ Lq: Int) throws -> AttentionShape {
+            let kv = try device.tensor(randn(Hkv * 64 * 16), shape: [1, Hkv, 64, 16], dtype: .float16)
+            return try AttentionShape(try device.tensor(randn(Hq * Lq * 16), shape: [1, Hq, Lq, 16], dtype: .float16), kv, kv, blockMask: nil, enableGQA: true)
+        }
+        XCTAssertTrue(AttentionPlanner.decodeNVByDefault(try decodeCall(8, 2, 4)))
+        XCTAssertFalse(AttentionPlanner.decodeNVByDefault(try decodeCall(16, 1, 1)))   // one row a head (MQA): the scalar kernel was faster
+        XCTAssertFalse(AttentionPlanner.decodeNVByDefault(try decodeCall(2, 2, 4)))    // 4 rows a KV head
+        // Key splits: about four workgroups a compute unit, at most one a KV block, and partials
+        // within the pooled buffers (a larger scratch is an allocation per call).
+        XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 33, kvBlocks: 64, partialBytesPerSplit: 512 << 10, subgroups: 1), 32)
+        XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 33, kvBlocks: 20, partialBytesPerSplit: 512 << 10, subgroups: 1), 20)
+        XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 9, kvBlocks: 64, partialBytesPerSplit: 128 << 10, subgroups: 1), 9)
+        XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 64, kvBlocks: 64, partialBytesPerSplit: 3 << 20, subgroups: 4), 4)
+        XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 0, kvBlocks: 64, partialBytesPerSplit: 64 << 20, subgroups: 1), 1)
+        XCTAssertEqual(Device.maxPooledBufferBytes, 16 << 20)
         // VKFLEX_DECODE_TILE=nv[xS][s].
         for (text, nsg, prefetch) in [("nv", 1, true), ("NVs", 1, false), ("nvx2", 2, true), ("nvx4s", 4, false)] {
             let t = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": text])
