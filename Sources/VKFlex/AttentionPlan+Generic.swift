@@ -242,17 +242,7 @@ extension AttentionPlanner {
         if s.D % 16 != 0 || s.Dv % 16 != 0 || s.D > 128 || s.Dv > 128 {
             return "the NVIDIA-layout split-KV kernel takes head dims that are multiples of 16 up to 128 (got \(s.D)/\(s.Dv))"
         }
-        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the NVIDIA-layout split-KV kernel") { return problem }
-        let operand = s.dtype == .bfloat16 ? "bfloat16" : "float16"
-        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == operand && $0.result == "float32" }) {
-            return "\(caps.name) offers no 16x16x16 \(operand) -> float32 cooperative matrix"
-        }
-        if caps.subgroupSize != 32 { return "the NVIDIA-layout split-KV kernel needs a subgroup size of 32" }
-        guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
-        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) || (s.dtype == .bfloat16 && layout.bfloat16 != CooperativeMatrixLayout.nvidiaMMA) {
-            return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
-        }
-        return nil
+        return nvidiaLayoutProblem(s.dtype, device: device, kernel: "the NVIDIA-layout split-KV kernel")
     }
 
     /// What the host found of a split-KV call's K and V for the NVIDIA-layout kernel: nil problem

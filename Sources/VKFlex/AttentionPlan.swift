@@ -564,21 +564,31 @@ enum AttentionPlanner {
         let caps = device.capabilities
         if device.cooperativeMatrixAPI == nil { return "\(caps.name) has no VK_NV_cooperative_matrix or VK_KHR_cooperative_matrix" }
         if let problem = shapeProblem(dtype: s.dtype, D: s.D, Dv: s.Dv) { return problem }
-        if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the cooperative-matrix kernel") { return problem }
-        let operand = s.dtype == .bfloat16 ? "bfloat16" : "float16"
-        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == operand && $0.result == "float32" }) {
-            return "\(caps.name) offers no 16x16x16 \(operand) -> float32 cooperative matrix"
-        }
-        if caps.subgroupSize != 32 { return "the cooperative-matrix kernel needs a subgroup size of 32" }
+        if let problem = nvidiaLayoutProblem(s.dtype, device: device, kernel: "the cooperative-matrix kernel") { return problem }
         if CoopmatTiles(D: s.D, device: device, forced: tuning.coopmatTiles) == nil {
             if let forced = tuning.coopmatTiles {
                 return "VKFLEX_COOPMAT_TILES=\(forced) does not fit \(caps.maxSharedMemory) bytes of shared memory at head dim \(s.D)"
             }
             return "not enough shared memory for the cooperative-matrix tiles"
         }
+        return nil
+    }
+
+    /// Why a kernel written for NVIDIA's fragment layout (coopmat-nv's, the NVIDIA-layout split-KV
+    /// kernel) cannot take `dtype` on `device`, or nil: 16-bit matrices the device computes in,
+    /// 16×16×16 products into float32, subgroups of 32, and the layout measured on the device
+    /// (`CooperativeMatrixLayout.nvidiaMMA`, for bfloat16 too). `kernel` names it in the message.
+    static func nvidiaLayoutProblem(_ dtype: DType, device: Device, kernel: String) -> String? {
+        let caps = device.capabilities
+        if let problem = matrixDTypeProblem(dtype, device: device, kernel: kernel) { return problem }
+        let operand = dtype == .bfloat16 ? "bfloat16" : "float16"
+        if !device.cooperativeMatrixShapes.contains(where: { $0.m == 16 && $0.n == 16 && $0.k == 16 && $0.a == operand && $0.result == "float32" }) {
+            return "\(caps.name) offers no 16x16x16 \(operand) -> float32 cooperative matrix"
+        }
+        if caps.subgroupSize != 32 { return "\(kernel) needs a subgroup size of 32" }
         guard let layout = CooperativeMatrixLayout.of(device) else { return "the cooperative-matrix layout of \(caps.name) could not be measured" }
-        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) || (s.dtype == .bfloat16 && layout.bfloat16 != CooperativeMatrixLayout.nvidiaMMA) {
-            return "\(caps.name) lays out cooperative-matrix elements in a way the kernel is not written for (\(layout.summary))"
+        if !layout.matches(CooperativeMatrixLayout.nvidiaMMA) || (dtype == .bfloat16 && layout.bfloat16 != CooperativeMatrixLayout.nvidiaMMA) {
+            return "\(caps.name) lays out cooperative-matrix elements in a way \(kernel) is not written for (\(layout.summary))"
         }
         return nil
     }
