@@ -27,8 +27,21 @@
 // past a sequence's end that a chunk's K load touches are inside its page or tensor; their scores
 // are dropped before any mod sees them.
 //
+// With DEC_REGLOAD the matrices are not loaded by coopMatLoad at all: each lane reads the 32-bit
+// words its B-operand registers hold (the B layout the host measured, CooperativeMatrixLayout
+// .nvidiaMMAB: element e of lane l at row 2(l%4) + (e&1) + 8((e>>1)&1), column l/4 + 8(e>>2)) with
+// 16-byte loads and puts them into the matrices element by element. Why: a 16-key step's K and V
+// are then 16 loads a lane issued together, whatever the driver does for a strided matrix load
+// from memory. For that the head dims are permuted — any order of d gives the same Q·Kᵀ when Q
+// and K share it, and O's columns are written back in memory order — so that the d's a lane holds
+// are one contiguous run of each K row (and, for V, of each V row): K_PHYS and V_PHYS below. No
+// shared memory: Q goes into its A operands the same way (A's layout is nvidiaMMA, whose element
+// e sits where B's element e sits transposed), and a chunk's V words past its keys are zeroed.
+//
 // Defines: D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
-// own), DEC_PREFETCH (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
+// own), DEC_PREFETCH (0: each step's loads at its start; 1: the next step's K and V loaded before
+// a step computes; 2, DEC_REGLOAD only: the next step's K loaded as soon as this step's Q·Kᵀ has
+// read its registers, its V after P·V, so no register holds two steps), DEC_REGLOAD (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
 // flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, VKF_MAX_SCORES).
 // Bindings as flex_attention_fwd.comp; O and LSE bind the partials. Subgroups of 32.
 #extension GL_GOOGLE_include_directive : require
@@ -77,8 +90,13 @@ GATHER(q_data, q_units)
 
 // Each subgroup's tile: 16 rows of max(D, DV) halves (+ one unit of padding, so that the eight
 // rows a fragment load reads fall on distinct banks).
+#ifndef DEC_REGLOAD
+#define DEC_REGLOAD 0
+#endif
+#if !DEC_REGLOAD
 #define TS4 ((D > DV ? D : DV) / 8 + 1)
 shared uvec4 Ts4[NSG * 16 * TS4];
+#endif
 
 // The 16 keys' K (transposed) and V fragments from physical row ROW on (a macro: the KHR rewrite
 // takes no matrices as function parameters).
@@ -87,12 +105,51 @@ shared uvec4 Ts4[NSG * 16 * TS4];
     [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(KF[kk], k_units, ks_ + uint(2 * kk), uint(p.k_sl / 8), true); \
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) coopMatLoadNV(VF[nn], v_units, vs_ + uint(2 * nn), uint(p.v_sl / 8), false); }
 
+#if DEC_REGLOAD
+// The words a lane holds of each K (and Q) row: KW, from word lane%4 · KW of the row, where the
+// matrices' logical column 16·kk + 2·(l%4) + b + 8·h sits (K_PHYS: word 2·kk + h of the run, half b);
+// of each V row: VW, from word l/4 · VW, logical column 16·nn + l/4 + 8·h at word nn, half h.
+#define KW (D / 8)
+#define VW (DV / 16)
+// O's logical column n of fragment nn in memory.
+#define V_PHYS(nn, n) (((n) & 7) * (DV / 8) + 2 * (nn) + ((n) >> 3))
+layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufW { uint q_words[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW4 { uvec4 k_w4[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW2 { uvec2 k_w2[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW4 { uvec4 v_w4[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW2 { uvec2 v_w2[]; };
+layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW1 { uint v_w1[]; };
+// N words from word W0 (a multiple of the unit: rows start 16-byte aligned) into DST[AT..], in the
+// widest loads that divide N.
+#define WORDS_K(DST, AT, W0, N) { \
+    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = k_w4[(W0) / 4 + i_]; \
+        DST[(AT) + 4 * i_] = u_.x; DST[(AT) + 4 * i_ + 1] = u_.y; DST[(AT) + 4 * i_ + 2] = u_.z; DST[(AT) + 4 * i_ + 3] = u_.w; } } \
+    else { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = k_w2[(W0) / 2 + i_]; \
+        DST[(AT) + 2 * i_] = u_.x; DST[(AT) + 2 * i_ + 1] = u_.y; } } }
+#define WORDS_V(DST, AT, W0, N) { \
+    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = v_w4[(W0) / 4 + i_]; \
+        DST[(AT) + 4 * i_] = u_.x; DST[(AT) + 4 * i_ + 1] = u_.y; DST[(AT) + 4 * i_ + 2] = u_.z; DST[(AT) + 4 * i_ + 3] = u_.w; } } \
+    else if ((N) % 2 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = v_w2[(W0) / 2 + i_]; \
+        DST[(AT) + 2 * i_] = u_.x; DST[(AT) + 2 * i_ + 1] = u_.y; } } \
+    else { [[unroll]] for (int i_ = 0; i_ < (N); ++i_) DST[(AT) + i_] = v_w1[(W0) + i_]; } }
+// This lane's words of the 16 keys from physical row ROW: K of keys l/4 and l/4 + 8, V of keys
+// 2·(l%4) + {0, 1, 8, 9}.
+#define LOAD_K_WORDS(ROW, KR) { \
+    [[unroll]] for (int i = 0; i < 2; ++i) WORDS_K(KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + (lane & 3) * KW, KW) }
+#define LOAD_V_WORDS(ROW, VR) { \
+    [[unroll]] for (int j = 0; j < 4; ++j) WORDS_V(VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + lane_r * VW, VW) }
+// Word w's halves into elements E and E + 1 of matrix M.
+#define PUT2(M, E, w) { const f16vec2 h_ = unpackFloat2x16(w); M[E] = h_.x; M[(E) + 1] = h_.y; }
+#endif
+
 void main() {
     const int lane = int(gl_SubgroupInvocationID), sg = NSG > 1 ? int(gl_SubgroupID) : 0;
     const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
     // Built for subgroups of 32 (the layout above): otherwise NaN partials, never wrong numbers.
     const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
+#if !DEC_REGLOAD
     const int tb = sg * 16 * TS4;   // this subgroup's tile
+#endif
     const DecodeWG w = decode_wg();
     const int b = w.b, bl = w.bl, chunk = w.chunk, hk = w.hk, group = w.group, off = w.off, qb = w.qb;
     bool any = false;
@@ -107,15 +164,33 @@ void main() {
         rpos[i] = off + row_query(r, chunk);
     }
 
-    // Q: the rows' query vectors (zeros where a row is none) through the tile, kept as A operands.
     const int qoff = p.q_base + bl * p.q_sb;
+    FRAG_A qf[FD];
+#if DEC_REGLOAD
+    // Q: this lane's words of its two rows (zeros where a row is none), straight into A operands.
+    {
+        uint qr[2 * KW];
+        [[unroll]] for (int i = 0; i < 2; ++i) {
+            // (A row that is none reads the buffer's first row, in bounds, and keeps zeros.)
+            const int at = rh[i] < 0 ? 0 : qoff + rh[i] * p.q_sh + row_query(lane_r + 8 * i, chunk) * p.q_sl;
+            [[unroll]] for (int w = 0; w < KW; ++w) {
+                const int x = 2 * ((lane & 3) * KW + w);
+                qr[i * KW + w] = rh[i] < 0 ? 0u : p.vec_ok != 0 ? q_words[at / 2 + x / 2] : PAIR(q_data[at + x * p.q_sd], q_data[at + (x + 1) * p.q_sd]);
+            }
+        }
+        [[unroll]] for (int kk = 0; kk < FD; ++kk) {
+            PUT2(qf[kk], 0, qr[2 * kk]) PUT2(qf[kk], 2, qr[2 * kk + 1]) PUT2(qf[kk], 4, qr[KW + 2 * kk]) PUT2(qf[kk], 6, qr[KW + 2 * kk + 1])
+        }
+    }
+#else
+    // Q: the rows' query vectors (zeros where a row is none) through the tile, kept as A operands.
     for (int e = lane; e < 16 * (D / 8); e += 32) {
         const int r = e / (D / 8), u = e - r * (D / 8), h = row_head(r, chunk, hk, group, off, qb);
         Ts4[tb + r * TS4 + u] = h >= 0 ? unit_q_data(qoff + h * p.q_sh + row_query(r, chunk) * p.q_sl, p.q_sd, u) : uvec4(0);
     }
     subgroup_sync();
-    FRAG_A qf[FD];
     [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(qf[kk], Ts4, uint(tb + 2 * kk), uint(TS4), false);
+#endif
 
     FRAG_C o[FDV];
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) o[nn] = FRAG_C(0.0);
@@ -129,24 +204,52 @@ void main() {
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     // A chunk's 16 keys lie in one page (pages and blocks are multiples of 16): one lookup.
 #define CHUNK_ROW(key) KEY_ROW(key)
+#if DEC_REGLOAD
+    uint kr[2 * KW], vr[4 * VW];   // this chunk's words (LOAD_K_WORDS, LOAD_V_WORDS)
+#if DEC_PREFETCH
+    if (more) { const int r0_ = CHUNK_ROW(k0); LOAD_K_WORDS(r0_, kr) LOAD_V_WORDS(r0_, vr) }
+#endif
+#else
     FRAG_B kf[FD], vf[FDV];
 #if DEC_PREFETCH
     if (more) LOAD_KV(CHUNK_ROW(k0), kf, vf)
+#endif
 #endif
     while (more) {
         const int c0 = k0, kn = min(16, k_stop - k0), crow = CHUNK_ROW(k0);
         const bool cpart = partial;
         k0 += 16;
         more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+#if DEC_REGLOAD
+#if DEC_PREFETCH == 1
+        uint kn_[2 * KW], vn_[4 * VW];
+        if (more) { const int r_ = CHUNK_ROW(k0); LOAD_K_WORDS(r_, kn_) LOAD_V_WORDS(r_, vn_) }   // in flight while this chunk computes
+#elif DEC_PREFETCH == 0
+        LOAD_K_WORDS(crow, kr) LOAD_V_WORDS(crow, vr)
+#endif
+        // S = Q Kᵀ, K's words put into B operands as they are consumed.
+        FRAG_C sc = FRAG_C(0.0);
+        [[unroll]] for (int kk = 0; kk < FD; ++kk) {
+            FRAG_B kf_;
+            PUT2(kf_, 0, kr[2 * kk]) PUT2(kf_, 2, kr[2 * kk + 1]) PUT2(kf_, 4, kr[KW + 2 * kk]) PUT2(kf_, 6, kr[KW + 2 * kk + 1])
+            sc = coopMatMulAddNV(qf[kk], kf_, sc);
+        }
+#if DEC_PREFETCH == 2
+        const int nrow = more ? CHUNK_ROW(k0) : 0;
+        if (more) LOAD_K_WORDS(nrow, kr)   // K's registers are free: the next chunk's K is in flight from here
+#endif
+#else
 #if DEC_PREFETCH
         FRAG_B kn_[FD], vn_[FDV];
         if (more) LOAD_KV(CHUNK_ROW(k0), kn_, vn_)   // in flight while this chunk computes
 #else
         LOAD_KV(crow, kf, vf)
 #endif
-        // S = Q Kᵀ, then the scores in log2 units (scale, score-mod, mask), -inf past the keys.
+        // S = Q Kᵀ.
         FRAG_C sc = FRAG_C(0.0);
         [[unroll]] for (int kk = 0; kk < FD; ++kk) sc = coopMatMulAddNV(qf[kk], kf[kk], sc);
+#endif
+        // The scores in log2 units (scale, score-mod, mask), -inf past the keys.
         float mx[2] = float[2](NEG_INF, NEG_INF);
         [[unroll]] for (int e = 0; e < 8; ++e) {
             const int i = EL_HI(e), j = lane_c + EL_COL(e), h = rh[i];
@@ -188,6 +291,24 @@ void main() {
             fl[EL_HI(e)] += pe;
         }
         const FRAG_A pa = FRAG_A(sc);
+#if DEC_REGLOAD
+        // Fewer than 16 keys: V's rows past them may hold anything (0 · NaN is NaN): zeros.
+        if (kn < 16) {
+            [[unroll]] for (int j = 0; j < 4; ++j)
+                if (lane_c + (j & 1) + 8 * (j >> 1) >= kn) [[unroll]] for (int x = 0; x < VW; ++x) vr[j * VW + x] = 0u;
+        }
+        [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
+            FRAG_B vf_;
+            [[unroll]] for (int e = 0; e < 8; ++e) vf_[e] = unpackFloat2x16(vr[(e & 3) * VW + nn])[e >> 2];
+            o[nn] = coopMatMulAddNV(pa, vf_, o[nn]);
+        }
+#if DEC_PREFETCH == 2
+        if (more) LOAD_V_WORDS(nrow, vr)
+#elif DEC_PREFETCH == 1
+        [[unroll]] for (int x = 0; x < 2 * KW; ++x) kr[x] = kn_[x];
+        [[unroll]] for (int x = 0; x < 4 * VW; ++x) vr[x] = vn_[x];
+#endif
+#else
         if (kn < 16) {
             // Fewer than 16 keys: V's rows past them may hold anything (0 · NaN is NaN), so this
             // chunk's V goes through the tile, zeros past the keys.
@@ -203,6 +324,7 @@ void main() {
 #if DEC_PREFETCH
         [[unroll]] for (int kk = 0; kk < FD; ++kk) kf[kk] = kn_[kk];
         [[unroll]] for (int nn = 0; nn < FDV; ++nn) vf[nn] = vn_[nn];
+#endif
 #endif
     }
 
@@ -232,7 +354,12 @@ void main() {
             const int i = EL_HI(e);
             if (rh[i] < 0) continue;
             const float l = lt[i];
-            o_data[p.o_base + w.split * p.o_split_stride + prow[i] * DV + nn * 16 + lane_c + EL_COL(e)] = bad[i] ? nan : l != 0.0 ? o[nn][e] / l : 0.0;
+#if DEC_REGLOAD
+            const int col = V_PHYS(nn, lane_c + EL_COL(e));
+#else
+            const int col = nn * 16 + lane_c + EL_COL(e);
+#endif
+            o_data[p.o_base + w.split * p.o_split_stride + prow[i] * DV + col] = bad[i] ? nan : l != 0.0 ? o[nn][e] / l : 0.0;
         }
     }
 }

@@ -27,6 +27,9 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// Split-KV decoding on NVIDIA's layout (flex_attention_decode_nv.comp): K and V loaded
     /// straight into matrices, the softmax in registers; `prefetch` its `DEC_PREFETCH`.
     var nvDecode = false
+    /// The NVIDIA-layout split-KV kernel's K and V loaded word by word into the registers of the
+    /// matrices (`DEC_REGLOAD`), and the next step's as this one's are consumed (`DEC_PREFETCH=2`).
+    var nvRegisters = false, nvRotate = false
 
     var BQ: Int { M * NSG * rpw }
     var WG: Int { SG * NSG }
@@ -41,7 +44,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") }
 }
 
 extension AttentionPlanner {
@@ -226,14 +229,18 @@ extension AttentionPlanner {
         var t = GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: tuning.decodeNV?.nsg ?? 1, BKV: 16, emulated: false,
                              prefetch: tuning.decodeNV?.prefetch ?? true)
         t.nvDecode = true
+        t.nvRegisters = tuning.decodeNV?.registers ?? false
+        t.nvRotate = tuning.decodeNV?.rotate ?? false
         return t
     }
 
     /// Why the NVIDIA-layout split-KV kernel cannot run this call on `device`, or nil: the
     /// coopmat-nv conditions (NVIDIA's measured layout, subgroups of 32, 16×16×16 float16 or
     /// bfloat16 matrices), head dims multiples of 16 up to 128 (Q, O and two steps of K and V live
-    /// in registers), and the inputs' layout the host found (``decodeNVInputs``).
-    static func decodeNVProblem(_ s: AttentionShape, device: Device) -> String? {
+    /// in registers), and the inputs' layout the host found (``decodeNVInputs``). With `registers`
+    /// (`DEC_REGLOAD`) also B operands in the layout that kernel writes them in
+    /// (``CooperativeMatrixLayout/nvidiaMMAB``).
+    static func decodeNVProblem(_ s: AttentionShape, device: Device, registers: Bool = false) -> String? {
         let caps = device.capabilities
         guard let inputs = decodeNVInputs else { return "the NVIDIA-layout split-KV kernel needs K and V rows it may read 16 at a time" }
         if let problem = inputs.problem { return problem }
@@ -242,7 +249,14 @@ extension AttentionPlanner {
         if s.D % 16 != 0 || s.Dv % 16 != 0 || s.D > 128 || s.Dv > 128 {
             return "the NVIDIA-layout split-KV kernel takes head dims that are multiples of 16 up to 128 (got \(s.D)/\(s.Dv))"
         }
-        return nvidiaLayoutProblem(s.dtype, device: device, kernel: "the NVIDIA-layout split-KV kernel")
+        if let problem = nvidiaLayoutProblem(s.dtype, device: device, kernel: "the NVIDIA-layout split-KV kernel") { return problem }
+        // Words become 16-bit floats by a bitcast, which SPIR-V's bfloat16 may not go through.
+        if registers && s.dtype != .float16 { return "the word-by-word loads (VKFLEX_DECODE_TILE=nvr) take float16 inputs" }
+        if registers, let layout = CooperativeMatrixLayout.of(device),
+           layout.float16B != CooperativeMatrixLayout.nvidiaMMAB {
+            return "\(device.capabilities.name) lays out B operands in a way the word-by-word loads (VKFLEX_DECODE_TILE=nvr) are not written for"
+        }
+        return nil
     }
 
     /// What the host found of a split-KV call's K and V for the NVIDIA-layout kernel: nil problem

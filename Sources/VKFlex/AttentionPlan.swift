@@ -48,10 +48,12 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_DECODE_TILE=mm…p` (e.g. `mm16p`, `mm16x4p`): the matrix kernel loads each step's K
     /// and V into registers a step ahead (`DEC_PREFETCH`), for tuning.
     var decodeMMPrefetch = false
-    /// `VKFLEX_DECODE_TILE=nv[xS][s]`: split-KV decoding through the NVIDIA-layout kernel
-    /// (flex_attention_decode_nv.comp) where the call allows it, S subgroups a workgroup (1, 2 or
-    /// 4) and a final s for no prefetch, for tuning.
-    var decodeNV: (nsg: Int, prefetch: Bool)?
+    /// `VKFLEX_DECODE_TILE=nv[r][xS][s|h]`: split-KV decoding through the NVIDIA-layout kernel
+    /// (flex_attention_decode_nv.comp) where the call allows it; r: K and V loaded word by word
+    /// into the matrices' registers (`DEC_REGLOAD`); S subgroups a workgroup (1, 2 or 4); a final
+    /// s for no prefetch, h (with r) for the next step's K and V loaded as this step's are
+    /// consumed (`DEC_PREFETCH=2`), for tuning.
+    var decodeNV: (nsg: Int, prefetch: Bool, registers: Bool, rotate: Bool)?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]]`: the coopmat-nv backward passes'
     /// tiles, for tuning (checked per call against the shared memory): the dQ pass's, and the
     /// dK/dV pass's where they differ (after the slash).
@@ -106,13 +108,15 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        let tileHelp = "use nv (the NVIDIA-layout kernel; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
+        let tileHelp = "use nv (the NVIDIA-layout kernel; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
         if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k.hasPrefix("nv") {
-            let prefetch = !k.hasSuffix("s")
-            if !prefetch { k.removeLast() }
+            let prefetch = !k.hasSuffix("s"), rotate = k.hasSuffix("h")
+            if !prefetch || rotate { k.removeLast() }
+            let registers = k.hasPrefix("nvr")
+            if registers { k.remove(at: k.index(k.startIndex, offsetBy: 2)) }
             let nsg = k == "nv" ? 1 : k.hasPrefix("nvx") ? Int(k.dropFirst(3)) ?? 0 : 0
-            guard [1, 2, 4].contains(nsg) else { throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)") }
-            t.decodeNV = (nsg, prefetch)
+            guard [1, 2, 4].contains(nsg), registers || !rotate else { throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)") }
+            t.decodeNV = (nsg, prefetch, registers, rotate)
             t.decodeMatrices = false
         } else if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
             // mm, mmN or mmNxS (the matrix kernel), with a final p for the prefetch; scalar.
@@ -332,7 +336,8 @@ struct AttentionPlan: Hashable, Sendable {
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
         case .decodeMM(let t) where t.nvDecode:
             source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
-                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"), .init("DEC_PREFETCH", t.prefetch ? "1" : "0"),
+                .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"),
+                .init("DEC_PREFETCH", t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ], optimization: .full)
         case .decodeMM(let t):
@@ -493,7 +498,7 @@ enum AttentionPlanner {
         // The NVIDIA-layout kernel where forced or measured faster, and the inputs allow it (else
         // the kernels below, whose loads take any layout).
         if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
-           decodeNVProblem(s, device: device) == nil {
+           decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false) == nil {
             return .decodeMM(decodeNVTiles(tuning))
         }
         if forcedDecodeMatrices ?? tuning.decodeMatrices ?? decodeMMByDefault(s, device: device, tuning: tuning) {

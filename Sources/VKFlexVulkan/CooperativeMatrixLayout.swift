@@ -26,6 +26,12 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     /// The same for a bfloat16 fragment (an A operand); nil where the device has no bfloat16
     /// cooperative matrices enabled.
     public var bfloat16: [[Coordinate]]?
+    /// The same for an fp16 fragment used as a B operand (row: its K index, column: its N index);
+    /// nil where not measured. Under `VK_KHR_cooperative_matrix` a B operand has a layout of its
+    /// own; under the NV extension it is the fp16 fragment's.
+    public var float16B: [[Coordinate]]?
+    /// The same for a bfloat16 B operand; nil where not measured.
+    public var bfloat16B: [[Coordinate]]?
 
     public struct Coordinate: Sendable, Hashable, CustomStringConvertible {
         public var row: Int
@@ -34,11 +40,14 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         public var description: String { "(\(row),\(column))" }
     }
 
-    public init(float32: [[Coordinate]], float16: [[Coordinate]], float32Narrow: [[Coordinate]]? = nil, bfloat16: [[Coordinate]]? = nil) {
+    public init(float32: [[Coordinate]], float16: [[Coordinate]], float32Narrow: [[Coordinate]]? = nil, bfloat16: [[Coordinate]]? = nil,
+                float16B: [[Coordinate]]? = nil, bfloat16B: [[Coordinate]]? = nil) {
         self.float32 = float32
         self.float16 = float16
         self.float32Narrow = float32Narrow
         self.bfloat16 = bfloat16
+        self.float16B = float16B
+        self.bfloat16B = bfloat16B
     }
 
     /// The layout the cooperative-matrix kernel is written for, measured on an NVIDIA H200
@@ -48,6 +57,17 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
     public static let nvidiaMMA: [[Coordinate]] = (0..<32).map { lane in
         (0..<8).map { e in
             Coordinate(row: lane / 4 + 8 * (e / 4), column: 2 * (lane % 4) + e % 2 + 8 * ((e / 2) % 2))
+        }
+    }
+
+    /// The B-operand layout the NVIDIA-layout split-KV kernel's word-by-word loads assume
+    /// (`VKFLEX_DECODE_TILE=nvr`; the operand registers of NVIDIA's `mma` instructions, expected
+    /// under `VK_KHR_cooperative_matrix`, to be confirmed by measuring): element `e` of lane `l` in
+    /// row (K index) `2·(l%4) + e%2 + 8·((e/2)%2)`, column (N index) `l/4 + 8·(e/4)` — ``nvidiaMMA``
+    /// transposed, so that elements `2i` and `2i + 1` are adjacent in a row of Kᵀ.
+    public static let nvidiaMMAB: [[Coordinate]] = (0..<32).map { lane in
+        (0..<8).map { e in
+            Coordinate(row: 2 * (lane % 4) + e % 2 + 8 * ((e / 2) % 2), column: lane / 4 + 8 * (e / 4))
         }
     }
 
@@ -69,7 +89,8 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
                 && all.allSatisfy { (0..<16).contains($0.row) && (0..<columns).contains($0.column) }
         }
         return covers(float32, columns: 16) && covers(float16, columns: 16) && (float32Narrow.map { covers($0, columns: 8) } ?? true)
-            && (bfloat16.map { covers($0, columns: 16) } ?? true)
+            && (bfloat16.map { covers($0, columns: 16) } ?? true) && (float16B.map { covers($0, columns: 16) } ?? true)
+            && (bfloat16B.map { covers($0, columns: 16) } ?? true)
     }
 
     /// Whether both the fp32 and fp16 fragments follow `expected`.
@@ -85,6 +106,8 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
         var text = "fp32 \(float32.first?.count ?? 0)/lane [\(lanes(float32))]; fp16 \(float16.first?.count ?? 0)/lane [\(lanes(float16))]"
         if let n = float32Narrow { text += "; fp32 16x8 \(n.first?.count ?? 0)/lane [\(lanes(n))]" }
         if let h = bfloat16 { text += "; bf16 \(h.first?.count ?? 0)/lane [\(lanes(h))]" }
+        if let b = float16B { text += "; fp16 B \(b.first?.count ?? 0)/lane [\(lanes(b))]" }
+        if let b = bfloat16B { text += "; bf16 B \(b.first?.count ?? 0)/lane [\(lanes(b))]" }
         return text
     }
 
@@ -118,21 +141,23 @@ public struct CooperativeMatrixLayout: Sendable, Hashable {
                                                      defines: [.init("NARROW", "0")]),
                                 bindingCount: 1, specialization: [32], cooperativeMatrixKHR: true, bfloat16Operands: true)
         } : nil
-        let out = try device.makeBuffer(bytes: 2 * 32 * 3 * 16 * 4)
+        let kinds = 5, words = 32 * kinds * 16   // per probe: fp32, fp16, fp32 16x8, fp16 B, the product
+        let out = try device.makeBuffer(bytes: 2 * words * 4)
         try device.record { rec in
             try rec.dispatch(pipeline, bindings: [BufferBinding(out, writes: true)], groups: (1, 1, 1))
-            if let bf16 { try rec.dispatch(bf16, bindings: [BufferBinding(out, offset: 32 * 3 * 16 * 4, writes: true)], groups: (1, 1, 1)) }
+            if let bf16 { try rec.dispatch(bf16, bindings: [BufferBinding(out, offset: words * 4, writes: true)], groups: (1, 1, 1)) }
         }
-        let raw = try out.download(count: 2 * 32 * 3 * 16, as: Int32.self)
+        let raw = try out.download(count: 2 * words, as: Int32.self)
         func decode(_ kind: Int, base: Int = 0) -> [[Coordinate]] {
             (0..<32).map { lane in
                 (0..<16).compactMap { e -> Coordinate? in
-                    let v = Int(raw[base + (lane * 3 + kind) * 16 + e])
+                    let v = Int(raw[base + (lane * kinds + kind) * 16 + e])
                     return v < 0 ? nil : Coordinate(row: v / 16, column: v % 16)
                 }
             }
         }
         return CooperativeMatrixLayout(float32: decode(0), float16: decode(1), float32Narrow: narrow ? decode(2) : nil,
-                                       bfloat16: bf16 != nil ? decode(1, base: 32 * 3 * 16) : nil)
+                                       bfloat16: bf16 != nil ? decode(1, base: words) : nil,
+                                       float16B: decode(3), bfloat16B: bf16 != nil ? decode(3, base: words) : nil)
     }
 }

@@ -101,7 +101,8 @@ public enum DeviceChecks {
             if device.capabilities.vendorID == 0x10DE && !known {
                 throw CheckFailure("an NVIDIA GPU whose fragments are not in tensor-core order (the coopmat-nv kernel would not run): \(layout.summary)")
             }
-            return (known ? "NVIDIA tensor-core order (the coopmat-nv kernel applies): " : "another order (attention uses the portable kernel): ") + layout.summary
+            let b = layout.float16B == CooperativeMatrixLayout.nvidiaMMAB ? "B operands in mma order (split-KV's word-by-word loads apply); " : ""
+            return (known ? "NVIDIA tensor-core order (the coopmat-nv kernel applies): " : "another order (attention uses the portable kernel): ") + b + layout.summary
         },
         DeviceCheck(name: "GPU timestamps") { device in
             guard device.capabilities.timestamps else { throw CheckSkipped("the device has no timestamps") }

@@ -140,18 +140,18 @@ final class CooperativeMatrixKHRTests: VulkanTestCase {
         XCTAssertEqual(try CooperativeMatrixKHRRewriter.rewrite(plain, subgroupSize: 32), plain)
     }
 
-    /// The layout probe's matrices take no part in a product: fp32 ones become accumulators and
-    /// fp16 ones A operands — the two layouts the kernel relies on (and the element-wise
-    /// conversion between them needs to agree).
+    /// The layout probe's matrices: fp32 ones are accumulators and the first fp16 one an A
+    /// operand — the two layouts the kernel relies on (and the element-wise conversion between
+    /// them needs to agree) — and the second fp16 one a B operand, fixed by a product.
     func testUnconstrainedMatricesTakeTheKernelsUses() throws {
         let source = ShaderSource(name: "coopmat_layout", text: try ShaderLibrary.standard.text("coopmat_layout.comp"), defines: [.init("NARROW", "1")])
         let p = try parse(CooperativeMatrixKHRRewriter.rewrite(try ShaderCompiler.shared.compile(source), subgroupSize: 32))
         let loads = p.instructions.filter { $0.op == 4457 }
-        XCTAssertEqual(loads.count, 3)
+        XCTAssertEqual(loads.count, 4)
         var byComponent: [UInt32: Set<UInt32>] = [:]
         for ins in p.instructions where ins.op == 4456 { byComponent[ins.w[1], default: []].insert(p.uses[ins.w[0]]!) }
         let widths = Dictionary(uniqueKeysWithValues: p.instructions.filter { $0.op == 22 }.map { ($0.w[0], $0.w[1]) })
-        for (component, uses) in byComponent { XCTAssertEqual(uses, widths[component] == 32 ? [2] : [0]) }
+        for (component, uses) in byComponent { XCTAssertEqual(uses, widths[component] == 32 ? [2] : [0, 1]) }
         // The probe measures the bfloat16 A operand's layout too: retyped, as the device builds it.
         let plain = ShaderSource(name: "coopmat_layout", text: source.text, defines: [.init("NARROW", "0")])
         let bf16 = try parse(BFloat16Retyper.retype(CooperativeMatrixKHRRewriter.rewrite(try ShaderCompiler.shared.compile(plain), subgroupSize: 32)))

@@ -192,28 +192,33 @@ final class DecodeTests: FlexTestCase {
         var library = ShaderLibrary.standard
         library.files.merge(mods.includes) { _, new in new }
         var compiled = 0
-        for (nsg, prefetch) in [(1, true), (1, false), (4, true)] {
+        // nvr's words in every load width: K 16-byte (D = 128, 64, 32) and 8-byte (48) units,
+        // V 16-byte (128, 64), 8-byte (96) and 4-byte (16).
+        for (nsg, prefetch, registers, rotate) in [(1, true, false, false), (1, false, false, false), (4, true, false, false),
+                                                   (1, true, true, false), (1, false, true, false), (2, true, true, true)] {
             var tuning = AttentionTuning()
-            tuning.decodeNV = (nsg, prefetch)
+            tuning.decodeNV = (nsg, prefetch, registers, rotate)
             let t = AttentionPlanner.decodeNVTiles(tuning)
             XCTAssertEqual([t.M, t.BKV, t.SG, t.NSG], [16, 16, 32, nsg])
-            for (D, Dv, dtype) in [(128, 128, DType.float16), (64, 64, .bfloat16), (32, 96, .float16)] {
+            XCTAssertEqual([t.nvRegisters, t.nvRotate], [registers, rotate])
+            for (D, Dv, dtype) in [(128, 128, DType.float16), (64, 64, .bfloat16), (32, 96, .float16)] + (registers ? [(48, 16, .float16)] : []) {
                 for flags in [false, true] {
                     let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: D, Dv: Dv, tiles: .decodeMM(t), typedOperands: true,
                                              maxScores: flags, kvLengths: flags, qOffsets: flags, paged: flags, pushParams: true, mods: mods.glsl.source)
                     let source = try plan.source()
                     XCTAssertEqual(source.name, "flex_attention_decode_nv")
-                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_PREFETCH" && $0.value == (prefetch ? "1" : "0") })
+                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_PREFETCH" && $0.value == (rotate ? "2" : prefetch ? "1" : "0") })
+                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_REGLOAD" && $0.value == (registers ? "1" : "0") })
                     let spirv = try ShaderCompiler.shared.compile(source, library: library)
                     XCTAssertTrue(CooperativeMatrixKHRRewriter.usesNVCooperativeMatrix(spirv))
                     let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)
                     try CooperativeMatrixKHRRewriter.verify(khr)
-                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "decode nv D=\(D)") }
+                    if plan.bfloat16Operands, !registers { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "decode nv D=\(D)") }
                     compiled += 1
                 }
             }
         }
-        XCTAssertEqual(compiled, 18)
+        XCTAssertEqual(compiled, 42)
         // The inputs it takes: contiguous, 16-byte aligned rows; blocks, pages or the cache in 16s.
         let k = try device.tensor(randn(2 * 2 * 64 * 16), shape: [2, 2, 64, 16], dtype: .float16, name: "k")
         XCTAssertNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: nil, pageSize: nil).problem)
@@ -246,12 +251,15 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 64, kvBlocks: 64, partialBytesPerSplit: 3 << 20, subgroups: 4), 4)
         XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: 0, kvBlocks: 64, partialBytesPerSplit: 64 << 20, subgroups: 1), 1)
         XCTAssertEqual(Device.maxPooledBufferBytes, 16 << 20)
-        // VKFLEX_DECODE_TILE=nv[xS][s].
-        for (text, nsg, prefetch) in [("nv", 1, true), ("NVs", 1, false), ("nvx2", 2, true), ("nvx4s", 4, false)] {
+        // VKFLEX_DECODE_TILE=nv[r][xS][s|h].
+        for (text, nsg, prefetch, registers, rotate) in [("nv", 1, true, false, false), ("NVs", 1, false, false, false), ("nvx2", 2, true, false, false),
+                                                          ("nvx4s", 4, false, false, false), ("nvr", 1, true, true, false), ("nvrs", 1, false, true, false),
+                                                          ("nvrh", 1, true, true, true), ("nvrx2h", 2, true, true, true)] {
             let t = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": text])
             XCTAssertEqual(t.decodeNV?.nsg, nsg, text); XCTAssertEqual(t.decodeNV?.prefetch, prefetch, text); XCTAssertEqual(t.decodeMatrices, false, text)
+            XCTAssertEqual(t.decodeNV?.registers, registers, text); XCTAssertEqual(t.decodeNV?.rotate, rotate, text)
         }
-        for bad in ["nvx3", "nvx", "nv2", "nvss"] {
+        for bad in ["nvx3", "nvx", "nv2", "nvss", "nvh", "nvrr", "nvx2rh"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("use nv"), "\($0)") }
         }
     }
@@ -378,7 +386,7 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
         for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2", "mm16pp", "mm16px2", "4x2p"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).

@@ -30,8 +30,15 @@ final class DeviceTests: VulkanTestCase {
     /// The layout check fails a measurement that does not cover each element exactly once.
     func testALayoutMeasurementMustBeConsistent() {
         let good = CooperativeMatrixLayout(float32: CooperativeMatrixLayout.nvidiaMMA, float16: CooperativeMatrixLayout.nvidiaMMA,
-                                           float32Narrow: CooperativeMatrixLayout.nvidiaMMANarrow)
+                                           float32Narrow: CooperativeMatrixLayout.nvidiaMMANarrow, float16B: CooperativeMatrixLayout.nvidiaMMAB)
         XCTAssertTrue(good.isConsistent)
+        // The B layout the word-by-word loads assume is the A layout transposed.
+        XCTAssertEqual(CooperativeMatrixLayout.nvidiaMMAB.map { $0.map { CooperativeMatrixLayout.Coordinate(row: $0.column, column: $0.row) } },
+                       CooperativeMatrixLayout.nvidiaMMA)
+        XCTAssertTrue(good.summary.contains("fp16 B 8/lane [lane 0: (0,0) (1,0) (8,0) (9,0) (0,8)"), good.summary)
+        var badB = good
+        badB.float16B = Array(repeating: CooperativeMatrixLayout.nvidiaMMAB[0], count: 32)
+        XCTAssertFalse(badB.isConsistent)
         var twice = CooperativeMatrixLayout.nvidiaMMA
         twice[3][0] = twice[3][1]
         XCTAssertFalse(CooperativeMatrixLayout(float32: twice, float16: CooperativeMatrixLayout.nvidiaMMA).isConsistent)
