@@ -30,6 +30,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The NVIDIA-layout split-KV kernel's K and V loaded word by word into the registers of the
     /// matrices (`DEC_REGLOAD`), and the next step's as this one's are consumed (`DEC_PREFETCH=2`).
     var nvRegisters = false, nvRotate = false
+    /// Its step loop left to the driver to unroll (`DEC_DRIVER_UNROLL`).
+    var nvDriverUnroll = false
 
     var BQ: Int { M * NSG * rpw }
     var WG: Int { SG * NSG }
@@ -231,6 +233,7 @@ extension AttentionPlanner {
         t.nvDecode = true
         t.nvRegisters = tuning.decodeNV?.registers ?? false
         t.nvRotate = tuning.decodeNV?.rotate ?? false
+        t.nvDriverUnroll = tuning.decodeDriverUnroll
         return t
     }
 
@@ -284,13 +287,15 @@ extension AttentionPlanner {
     }
 
     /// Whether the planner takes the NVIDIA-layout split-KV kernel by itself (where
-    /// ``decodeNVProblem(_:device:)`` finds nothing against it): for several query rows per head
-    /// and at least 8 rows per KV head — speculative decoding. On an H100 (2026-12-06, `vkflex
-    /// bench --suite decode`) it ran `specdec_4_of_8k` (4 heads × 4 rows a KV head) in 344.7 µs
-    /// against the scalar kernel's 539.6 (paged: 351.2 against 584.3), but `decode_mqa_32k` (16
-    /// heads × 1 row) in 240.6 against 206.7: one-row calls keep the scalar kernel.
+    /// ``decodeNVProblem(_:device:)`` finds nothing against it): for 8 or more rows (query heads ×
+    /// query rows) per KV head — speculative decoding, multi-query attention. On an H100
+    /// (2026-12-06 16:21, `VKFLEX_DECODE_TILE=t vkflex bench --suite decode --no-check`, µs
+    /// contiguous / paged) it ran `specdec_4_of_8k` (4 heads × 4 rows a KV head) in 180.1 / 173.6
+    /// against the scalar kernel's 539.4 / 581.4 and `decode_mqa_32k` (16 heads × 1 row) in
+    /// 184.7 / 180.4 against 204.9 / 220.2, but `decode_dense_4k` (4 heads × 1 row) in 100.5
+    /// against 68.4: with 4 rows of its 16 the matrix kernel loses.
     static func decodeNVByDefault(_ s: AttentionShape) -> Bool {
-        s.Lq >= 2 && s.Hq / max(1, s.Hkv) * s.Lq >= 8
+        s.Hq / max(1, s.Hkv) * s.Lq >= 8
     }
 
     /// A split-KV call's key splits: `wanted` (about four workgroups a compute unit), at most one

@@ -54,6 +54,9 @@ struct AttentionTuning: Sendable {
     /// s for no prefetch, h (with r) for the next step's K and V loaded as this step's are
     /// consumed (`DEC_PREFETCH=2`), for tuning.
     var decodeNV: (nsg: Int, prefetch: Bool, registers: Bool, rotate: Bool)?
+    /// `VKFLEX_DECODE_UNROLL=1`: the NVIDIA-layout split-KV kernel's step loop left to the driver
+    /// to unroll (`DEC_DRIVER_UNROLL`; by default `[[dont_unroll]]`), for measuring.
+    var decodeDriverUnroll = false
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]]`: the coopmat-nv backward passes'
     /// tiles, for tuning (checked per call against the shared memory): the dQ pass's, and the
     /// dK/dV pass's where they differ (after the slash).
@@ -95,6 +98,10 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_COOPMAT_SHAPE=\(c): use MxNxK, a float16 shape the device lists (`vkflex devices`), e.g. 16x16x16")
             }
             t.coopmatShape = (v[0], v[1], v[2])
+        }
+        if let u = env["VKFLEX_DECODE_UNROLL"], !u.isEmpty {
+            guard u == "0" || u == "1" else { throw FlexError("VKFLEX_DECODE_UNROLL=\(u): use 1 (the driver may unroll the NVIDIA-layout split-KV kernel's step loop) or 0 (it may not; the default)") }
+            t.decodeDriverUnroll = u == "1"
         }
         if let w = env["VKFLEX_DECODE_WAVES"], !w.isEmpty {
             guard let n = Int(w), (1...64).contains(n) else {
@@ -338,6 +345,7 @@ struct AttentionPlan: Hashable, Sendable {
             source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"),
                 .init("DEC_PREFETCH", t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
+                .init("DEC_DRIVER_UNROLL", t.nvDriverUnroll ? "1" : "0"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ], optimization: .full)
         case .decodeMM(let t):

@@ -130,6 +130,10 @@ public enum AttentionSelfTest {
                 let slopes = try d.tensor((0..<8).map { Float(exp2(-Double($0 + 1))) }, shape: [8], name: "alibi_slopes")
                 return ScoreMod { s, _, h, q, kv in s + slopes[h] * (kv - q) }
             }, mask: causal, blockSize: 128, kvLengths: [1024, 700], qOffsets: [1020, 696]))
+        // One query row of 16 heads on one KV head (multi-query attention): 16 rows per KV head too,
+        // which the NVIDIA-layout kernel takes by default (one-row calls with 8 or more).
+        all.append(Spec(name: "decode: float16 MQA 16 heads x 1 row, D128, key lengths", B: 2, Hq: 16, Hkv: 1, Lq: 1, Lkv: 768, D: 128, Dv: 128,
+                        dtype: .float16, mask: causal, blockSize: 128, kvLengths: [768, 317], qOffsets: [767, 316]))
         all.append(Spec(name: "paged decode: float16 GQA, pages of 64", B: 3, Hq: 8, Hkv: 2, Lq: 1, Lkv: 640, D: 64, Dv: 64, dtype: .float16,
                         mask: causal, blockSize: BlockSize(q: 128, kv: 64), kvLengths: [640, 1, 333], qOffsets: [639, 0, 332], pageSize: 64))
         all.append(Spec(name: "paged prefill: sliding window, pages of 16", B: 2, Lq: 96, Lkv: 96,

@@ -2045,7 +2045,7 @@ void main() {
 // shared memory: Q goes into its A operands the same way (A's layout is nvidiaMMA, whose element
 // e sits where B's element e sits transposed), and a chunk's V words past its keys are zeroed.
 //
-// Defines: D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
+// Defines: DEC_DRIVER_UNROLL (0/1: the step loop left to the driver to unroll), D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
 // own), DEC_PREFETCH (0: each step's loads at its start; 1: the next step's K and V loaded before
 // a step computes; 2, DEC_REGLOAD only: the next step's K loaded as soon as this step's Q·Kᵀ has
 // read its registers, its V after P·V, so no register holds two steps), DEC_REGLOAD (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
@@ -2061,6 +2061,9 @@ void main() {
 #endif
 #ifndef DEC_PREFETCH
 #define DEC_PREFETCH 1
+#endif
+#ifndef DEC_DRIVER_UNROLL
+#define DEC_DRIVER_UNROLL 0
 #endif
 layout(local_size_x = 32 * NSG) in;
 #define DEC_NSG NSG
@@ -2222,7 +2225,13 @@ void main() {
     if (more) LOAD_KV(CHUNK_ROW(k0), kf, vf)
 #endif
 #endif
+    // Not unrolled: the driver unrolled this loop eight times (H100, 2026-12-06: a 90 KB loop,
+    // 185 KB of code in all), past what an SM's instruction caches hold.
+#if DEC_DRIVER_UNROLL
     while (more) {
+#else
+    [[dont_unroll]] while (more) {
+#endif
         const int c0 = k0, kn = min(16, k_stop - k0), crow = CHUNK_ROW(k0);
         const bool cpart = partial;
         k0 += 16;

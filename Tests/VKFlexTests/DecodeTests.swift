@@ -235,13 +235,14 @@ final class DecodeTests: FlexTestCase {
             XCTAssertEqual(AttentionPlanner.decodeNVProblem(shape, device: device) == nil, device.cooperativeMatrixAPI != nil
                            && CooperativeMatrixLayout.of(device)?.matches(CooperativeMatrixLayout.nvidiaMMA) == true)
         }
-        // By default: several rows per head and 8 or more per KV head (speculative decoding), not one-row calls.
+        // By default: 8 or more rows per KV head (speculative decoding, multi-query attention).
         func decodeCall(_ Hq: Int, _ Hkv: Int, _ Lq: Int) throws -> AttentionShape {
             let kv = try device.tensor(randn(Hkv * 64 * 16), shape: [1, Hkv, 64, 16], dtype: .float16)
             return try AttentionShape(try device.tensor(randn(Hq * Lq * 16), shape: [1, Hq, Lq, 16], dtype: .float16), kv, kv, blockMask: nil, enableGQA: true)
         }
         XCTAssertTrue(AttentionPlanner.decodeNVByDefault(try decodeCall(8, 2, 4)))
-        XCTAssertFalse(AttentionPlanner.decodeNVByDefault(try decodeCall(16, 1, 1)))   // one row a head (MQA): the scalar kernel was faster
+        XCTAssertTrue(AttentionPlanner.decodeNVByDefault(try decodeCall(16, 1, 1)))    // one row of 16 heads (MQA)
+        XCTAssertFalse(AttentionPlanner.decodeNVByDefault(try decodeCall(4, 1, 1)))    // 4 rows: the scalar kernel was faster
         XCTAssertFalse(AttentionPlanner.decodeNVByDefault(try decodeCall(2, 2, 4)))    // 4 rows a KV head
         // Key splits: about four workgroups a compute unit, at most one a KV block, and partials
         // within the pooled buffers (a larger scratch is an allocation per call).
