@@ -38,7 +38,9 @@
 // shared memory: Q goes into its A operands the same way (A's layout is nvidiaMMA, whose element
 // e sits where B's element e sits transposed), and a chunk's V words past its keys are zeroed.
 //
-// Defines: DEC_DRIVER_UNROLL (0/1: the step loop left to the driver to unroll), D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
+// Defines: DEC_DRIVER_UNROLL (0/1: the step loop left to the driver to unroll), DEC_CHUNKS (1, or
+// 2: two 16-key chunks a step, below) with DEC_B_T (1: the B operand's measured layout is
+// CooperativeMatrixLayout.nvidiaMMAB, 0: nvidiaMMA), D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
 // own), DEC_PREFETCH (0: each step's loads at its start; 1: the next step's K and V loaded before
 // a step computes; 2, DEC_REGLOAD only: the next step's K loaded as soon as this step's Q·Kᵀ has
 // read its registers, its V after P·V, so no register holds two steps), DEC_REGLOAD (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
@@ -57,6 +59,15 @@
 #endif
 #ifndef DEC_DRIVER_UNROLL
 #define DEC_DRIVER_UNROLL 0
+#endif
+#ifndef DEC_CHUNKS
+#define DEC_CHUNKS 1
+#endif
+#ifndef DEC_B_T
+#define DEC_B_T 0
+#endif
+#if DEC_CHUNKS == 2 && (DEC_REGLOAD || DEC_PREFETCH)
+#error DEC_CHUNKS 2 is written for matrix loads from memory (DEC_REGLOAD 0) and no prefetch
 #endif
 layout(local_size_x = 32 * NSG) in;
 #define DEC_NSG NSG
@@ -207,6 +218,95 @@ void main() {
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     // A chunk's 16 keys lie in one page (pages and blocks are multiples of 16): one lookup.
 #define CHUNK_ROW(key) KEY_ROW(key)
+#if DEC_CHUNKS == 2
+    // Two of the walk's 16-key chunks a step, both chunks' K and V loads issued at its start: twice
+    // the bytes in flight a subgroup of DEC_CHUNKS 1 without its prefetch, in the registers Q
+    // gives up (it is read from the tile at each product). A step with one chunk left gives the
+    // second no keys (its loads repeat the first's rows, its scores are -inf, its V is zeroed).
+    // A chunk's V rows past its keys are zeroed in the matrices, element by element, through the
+    // B operand's measured layout (DEC_B_T).
+#if VKF_HAS_MASK_MOD
+#define CHUNK_MASKED(CP, h, q, kv) ((CP) && !mask_mod(b, h, q, kv))
+#else
+#define CHUNK_MASKED(CP, h, q, kv) false
+#endif
+#define SCORE_CHUNK(SC, C0, KN, CP) \
+    [[unroll]] for (int e = 0; e < 8; ++e) { \
+        const int i = EL_HI(e), j = lane_c + EL_COL(e), h = rh[i]; \
+        float s = NEG_INF; \
+        if (h >= 0 && j < (KN)) { s = modded_l2(SC[e], b, h, rpos[i], (C0) + j); if (CHUNK_MASKED(CP, h, rpos[i], (C0) + j)) s = NEG_INF; } \
+        SC[e] = s; mx[i] = max(mx[i], s); }
+#if DEC_B_T
+#define B_KEY(e) (lane_c + ((e) & 1) + 8 * (((e) >> 1) & 1))   // CooperativeMatrixLayout.nvidiaMMAB
+#else
+#define B_KEY(e) (lane_r + 8 * ((e) >> 2))                      // the A layout (nvidiaMMA)
+#endif
+#define ZERO_V_PAST(VF, KN) if ((KN) < 16) { \
+    [[unroll]] for (int nn = 0; nn < FDV; ++nn) [[unroll]] for (int e = 0; e < 8; ++e) if (B_KEY(e) >= (KN)) VF[nn][e] = float16_t(0.0); }
+#if DEC_DRIVER_UNROLL
+    while (more) {
+#else
+    [[dont_unroll]] while (more) {
+#endif
+        const int c0a = k0, kna = min(16, k_stop - k0), rowa = CHUNK_ROW(k0);
+        const bool cpa = partial;
+        k0 += 16;
+        more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+        int c0b = c0a, knb = 0, rowb = rowa;
+        bool cpb = false;
+        if (more) {
+            c0b = k0; knb = min(16, k_stop - k0); rowb = CHUNK_ROW(k0); cpb = partial;
+            k0 += 16;
+            more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
+        }
+        FRAG_B kfa[FD], vfa[FDV], kfb[FD], vfb[FDV];
+        LOAD_KV(rowa, kfa, vfa)
+        LOAD_KV(rowb, kfb, vfb)
+        FRAG_C sa = FRAG_C(0.0), sb = FRAG_C(0.0);
+        [[unroll]] for (int kk = 0; kk < FD; ++kk) {
+            FRAG_A q_;
+            coopMatLoadNV(q_, Ts4, uint(tb + 2 * kk), uint(TS4), false);
+            sa = coopMatMulAddNV(q_, kfa[kk], sa);
+            sb = coopMatMulAddNV(q_, kfb[kk], sb);
+        }
+        float mx[2] = float[2](NEG_INF, NEG_INF);
+        SCORE_CHUNK(sa, c0a, kna, cpa)
+        SCORE_CHUNK(sb, c0b, knb, cpb)
+#if VKF_MAX_SCORES
+        fx[0] = max(fx[0], mx[0]); fx[1] = max(fx[1], mx[1]);
+#endif
+        if (subgroupAny(mx[0] > fm[0] + TAU || mx[1] > fm[1] + TAU)) {
+            float al[2];
+            bool rescale = false;
+            [[unroll]] for (int i = 0; i < 2; ++i) {
+                float m = mx[i];
+                m = max(m, subgroupShuffleXor(m, 1)); m = max(m, subgroupShuffleXor(m, 2));
+                const bool up = m > fm[i] + TAU;
+                rescale = rescale || up;
+                m = up ? m : fm[i];
+                al[i] = exp2(fm[i] - m);
+                fm[i] = m;
+            }
+            if (subgroupAny(rescale)) {
+                [[unroll]] for (int nn = 0; nn < FDV; ++nn)
+                    [[unroll]] for (int e = 0; e < 8; ++e) o[nn][e] *= al[EL_HI(e)];
+                fl[0] *= al[0]; fl[1] *= al[1];
+            }
+        }
+        [[unroll]] for (int e = 0; e < 8; ++e) {
+            const float pa_ = exp2(sa[e] - fm[EL_HI(e)]), pb_ = exp2(sb[e] - fm[EL_HI(e)]);
+            sa[e] = pa_; sb[e] = pb_;
+            fl[EL_HI(e)] += pa_ + pb_;
+        }
+        ZERO_V_PAST(vfa, kna)
+        ZERO_V_PAST(vfb, knb)
+        const FRAG_A pa = FRAG_A(sa), pb = FRAG_A(sb);
+        [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
+            o[nn] = coopMatMulAddNV(pa, vfa[nn], o[nn]);
+            o[nn] = coopMatMulAddNV(pb, vfb[nn], o[nn]);
+        }
+    }
+#else
 #if DEC_REGLOAD
     uint kr[2 * KW], vr[4 * VW];   // this chunk's words (LOAD_K_WORDS, LOAD_V_WORDS)
 #if DEC_PREFETCH
@@ -336,6 +436,7 @@ void main() {
 #endif
 #endif
     }
+#endif
 
     // This split's partial per row: O over its keys, normalized, and their LSE (natural log);
     // partials [split, b, h, i(, d)], contiguous over this dispatch's batches and every head.

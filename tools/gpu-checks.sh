@@ -21,9 +21,9 @@
 # kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
 # tiles: backward and coopmat-generic tile sweeps with the same probe; decode-nv: the NVIDIA-layout
-# split-KV kernel's selftests (nv, nvs validated; nvrh on the KHR extension), then it (nv, nvs,
-# nvrs, nvrh) beside the scalar kernel on the decode suite, with its registers and the residency
-# probe.
+# split-KV kernel's selftests (nv, nvs validated; nvrh on the KHR extension; nv2 on both), then
+# it (nv2, nv, nvs, nvrs, nvrh) beside the scalar kernel on the decode suite, with its registers
+# and the residency probe.
 # Limits from the runs of 2026-12-05: the seed suite takes about 25 s per 4 cases through
 # coopmat-nv on the H200 (the whole suite passed 120 s on an H100), 90 s per 7 through
 # coopmat-generic; a compare about 150 s; on an H100 in the eighth session the decode step's
@@ -260,7 +260,10 @@ if [ "$what" = decode-nv ]; then
   VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nv step selftest-split-kv-nv 60 vkflex selftest --kernel split-kv
   VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nvs step selftest-split-kv-nvs 60 vkflex selftest --kernel split-kv
   VKFLEX_DECODE_TILE=nvrh step selftest-split-kv-nvrh 60 vkflex selftest --kernel split-kv
-  for t in nv scalar nvs nvrs nvrh; do
+  # nv2 zeroes V through the B operand's layout, which differs between the two extensions: both.
+  VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-nv 60 vkflex selftest --kernel split-kv
+  VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-khr 60 vkflex selftest --kernel split-kv
+  for t in nv2 nv scalar nvs nvrs nvrh; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "nv-$t" 60 vkflex bench --suite decode --no-check
     grep -E " (no|yes) " "$out/nv-$t.txt" | sed "s/^/$t /" | cut -c1-140
     grep -E 'pipeline flex_attention_decode' "$out/nv-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2

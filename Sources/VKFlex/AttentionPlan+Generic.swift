@@ -32,6 +32,9 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var nvRegisters = false, nvRotate = false
     /// Its step loop left to the driver to unroll (`DEC_DRIVER_UNROLL`).
     var nvDriverUnroll = false
+    /// Its 16-key chunks a step (`DEC_CHUNKS`), and whether the device's B operand has the
+    /// transposed layout (``CooperativeMatrixLayout/nvidiaMMAB``, `DEC_B_T`; else ``CooperativeMatrixLayout/nvidiaMMA``).
+    var nvChunks = 1, nvBTransposed = false
 
     var BQ: Int { M * NSG * rpw }
     var WG: Int { SG * NSG }
@@ -46,7 +49,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") }
 }
 
 extension AttentionPlanner {
@@ -234,6 +237,7 @@ extension AttentionPlanner {
         t.nvRegisters = tuning.decodeNV?.registers ?? false
         t.nvRotate = tuning.decodeNV?.rotate ?? false
         t.nvDriverUnroll = tuning.decodeDriverUnroll
+        t.nvChunks = tuning.decodeNVChunks
         return t
     }
 
@@ -243,7 +247,7 @@ extension AttentionPlanner {
     /// in registers), and the inputs' layout the host found (``decodeNVInputs``). With `registers`
     /// (`DEC_REGLOAD`) also B operands in the layout that kernel writes them in
     /// (``CooperativeMatrixLayout/nvidiaMMAB``).
-    static func decodeNVProblem(_ s: AttentionShape, device: Device, registers: Bool = false) -> String? {
+    static func decodeNVProblem(_ s: AttentionShape, device: Device, registers: Bool = false, chunks: Int = 1) -> String? {
         let caps = device.capabilities
         guard let inputs = decodeNVInputs else { return "the NVIDIA-layout split-KV kernel needs K and V rows it may read 16 at a time" }
         if let problem = inputs.problem { return problem }
@@ -255,6 +259,10 @@ extension AttentionPlanner {
         if let problem = nvidiaLayoutProblem(s.dtype, device: device, kernel: "the NVIDIA-layout split-KV kernel") { return problem }
         // Words become 16-bit floats by a bitcast, which SPIR-V's bfloat16 may not go through.
         if registers && s.dtype != .float16 { return "the word-by-word loads (VKFLEX_DECODE_TILE=nvr) take float16 inputs" }
+        if chunks > 1, let layout = CooperativeMatrixLayout.of(device),
+           ![CooperativeMatrixLayout.nvidiaMMA, CooperativeMatrixLayout.nvidiaMMAB].contains(s.dtype == .bfloat16 ? layout.bfloat16B : layout.float16B) {
+            return "\(device.capabilities.name) lays out B operands in a way two chunks a step (VKFLEX_DECODE_TILE=nv2) are not written for"
+        }
         if registers, let layout = CooperativeMatrixLayout.of(device),
            layout.float16B != CooperativeMatrixLayout.nvidiaMMAB {
             return "\(device.capabilities.name) lays out B operands in a way the word-by-word loads (VKFLEX_DECODE_TILE=nvr) are not written for"

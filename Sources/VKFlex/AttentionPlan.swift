@@ -54,6 +54,9 @@ struct AttentionTuning: Sendable {
     /// s for no prefetch, h (with r) for the next step's K and V loaded as this step's are
     /// consumed (`DEC_PREFETCH=2`), for tuning.
     var decodeNV: (nsg: Int, prefetch: Bool, registers: Bool, rotate: Bool)?
+    /// `VKFLEX_DECODE_TILE=nv2`: the NVIDIA-layout kernel with two 16-key chunks a step, both
+    /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`), for tuning.
+    var decodeNVChunks = 1
     /// `VKFLEX_DECODE_UNROLL=1`: the NVIDIA-layout split-KV kernel's step loop left to the driver
     /// to unroll (`DEC_DRIVER_UNROLL`; by default `[[dont_unroll]]`), for measuring.
     var decodeDriverUnroll = false
@@ -115,8 +118,12 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        let tileHelp = "use nv (the NVIDIA-layout kernel; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
-        if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k.hasPrefix("nv") {
+        let tileHelp = "use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
+        if env["VKFLEX_DECODE_TILE"]?.lowercased() == "nv2" {
+            t.decodeNV = (1, false, false, false)
+            t.decodeNVChunks = 2
+            t.decodeMatrices = false
+        } else if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k.hasPrefix("nv") {
             let prefetch = !k.hasSuffix("s"), rotate = k.hasSuffix("h")
             if !prefetch || rotate { k.removeLast() }
             let registers = k.hasPrefix("nvr")
@@ -345,7 +352,7 @@ struct AttentionPlan: Hashable, Sendable {
             source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"),
                 .init("DEC_PREFETCH", t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
-                .init("DEC_DRIVER_UNROLL", t.nvDriverUnroll ? "1" : "0"),
+                .init("DEC_DRIVER_UNROLL", t.nvDriverUnroll ? "1" : "0"), .init("DEC_CHUNKS", "\(t.nvChunks)"), .init("DEC_B_T", t.nvBTransposed ? "1" : "0"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ], optimization: .full)
         case .decodeMM(let t):
@@ -506,8 +513,11 @@ enum AttentionPlanner {
         // The NVIDIA-layout kernel where forced or measured faster, and the inputs allow it (else
         // the kernels below, whose loads take any layout).
         if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
-           decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false) == nil {
-            return .decodeMM(decodeNVTiles(tuning))
+           decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: tuning.decodeNVChunks) == nil {
+            var t = decodeNVTiles(tuning)
+            // DEC_CHUNKS 2 zeroes V's rows past a chunk's keys through the B operand's layout.
+            t.nvBTransposed = CooperativeMatrixLayout.of(device).map { (s.dtype == .bfloat16 ? $0.bfloat16B : $0.float16B) == CooperativeMatrixLayout.nvidiaMMAB } ?? false
+            return .decodeMM(t)
         }
         if forcedDecodeMatrices ?? tuning.decodeMatrices ?? decodeMMByDefault(s, device: device, tuning: tuning) {
             guard decodeMMProblem(s, device: device) == nil, let mm = decodeMMTiles(s, device: device, tuning: tuning) else { return nil }

@@ -218,7 +218,31 @@ final class DecodeTests: FlexTestCase {
                 }
             }
         }
-        XCTAssertEqual(compiled, 42)
+        // nv2: two 16-key chunks a step, V's rows past a chunk's keys zeroed through either B layout.
+        for bT in [false, true] {
+            var tuning = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "nv2"])
+            XCTAssertEqual(tuning.decodeNVChunks, 2)
+            var t = AttentionPlanner.decodeNVTiles(tuning)
+            t.nvBTransposed = bT
+            XCTAssertEqual([t.nvChunks, t.NSG], [2, 1])
+            XCTAssertFalse(t.prefetch || t.nvRegisters)
+            tuning.decodeNVChunks = 1
+            for (D, Dv, dtype) in [(128, 128, DType.float16), (64, 64, .bfloat16), (32, 96, .float16)] {
+                for flags in [false, true] {
+                    let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: D, Dv: Dv, tiles: .decodeMM(t), typedOperands: true,
+                                             maxScores: flags, kvLengths: flags, qOffsets: flags, paged: flags, pushParams: true, mods: mods.glsl.source)
+                    let source = try plan.source()
+                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_CHUNKS" && $0.value == "2" })
+                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_B_T" && $0.value == (bT ? "1" : "0") })
+                    let spirv = try ShaderCompiler.shared.compile(source, library: library)
+                    let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)
+                    try CooperativeMatrixKHRRewriter.verify(khr)
+                    if plan.bfloat16Operands { try assertBFloat16Operands(try BFloat16Retyper.retype(khr), "decode nv2 D=\(D)") }
+                    compiled += 1
+                }
+            }
+        }
+        XCTAssertEqual(compiled, 54)
         // The inputs it takes: contiguous, 16-byte aligned rows; blocks, pages or the cache in 16s.
         let k = try device.tensor(randn(2 * 2 * 64 * 16), shape: [2, 2, 64, 16], dtype: .float16, name: "k")
         XCTAssertNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: nil, pageSize: nil).problem)
@@ -260,7 +284,7 @@ final class DecodeTests: FlexTestCase {
             XCTAssertEqual(t.decodeNV?.nsg, nsg, text); XCTAssertEqual(t.decodeNV?.prefetch, prefetch, text); XCTAssertEqual(t.decodeMatrices, false, text)
             XCTAssertEqual(t.decodeNV?.registers, registers, text); XCTAssertEqual(t.decodeNV?.rotate, rotate, text)
         }
-        for bad in ["nvx3", "nvx", "nv2", "nvss", "nvh", "nvrr", "nvx2rh"] {
+        for bad in ["nvx3", "nvx", "nv2x2", "nv2s", "nvss", "nvh", "nvrr", "nvx2rh"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("use nv"), "\($0)") }
         }
     }
@@ -387,7 +411,7 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
         for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2", "mm16pp", "mm16px2", "4x2p"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).
