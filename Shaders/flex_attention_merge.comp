@@ -10,6 +10,7 @@
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
 // [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
 #extension GL_GOOGLE_include_directive : require
+#extension GL_EXT_control_flow_attributes : require
 
 layout(local_size_x = 64) in;
 
@@ -31,6 +32,7 @@ layout(push_constant) uniform Params {
 } p;
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
+#define MS 8   // splits whose loads are in flight together
 
 void main() {
     const int rows = p.nb * p.nh * p.Lq;
@@ -39,18 +41,29 @@ void main() {
     const int row = e / p.Dv, d = e - row * p.Dv;
     const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
     const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
+    // The splits MS at a time, their loads issued together: a loop of one load an iteration waited
+    // out one memory latency per split (H100: 14-16 µs a merge of 32 splits, docs/performance.md).
+    // The sums keep the splits' order.
     float m = sink;
     bool nan_row = false;
-    for (int s = 0; s < p.splits; ++s) {
-        const float l = part_l[s * rows + row];
-        if (isnan(l)) nan_row = true; else m = max(m, l);
+    for (int s0 = 0; s0 < p.splits; s0 += MS) {
+        float l[MS];
+        [[unroll]] for (int k = 0; k < MS; ++k) l[k] = s0 + k < p.splits ? part_l[(s0 + k) * rows + row] : NEG_INF;
+        [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else m = max(m, l[k]); }
     }
     float o = 0.0, sum = 0.0;
     if (m > NEG_INF) {
-        for (int s = 0; s < p.splits; ++s) {
-            const float w = exp(part_l[s * rows + row] - m);   // 0 for a split that saw no key
-            if (w != 0.0) o += w * part_o[(s * rows + row) * p.Dv + d];
-            sum += w;
+        for (int s0 = 0; s0 < p.splits; s0 += MS) {
+            float w[MS], v[MS];
+            [[unroll]] for (int k = 0; k < MS; ++k) {
+                // w: 0 for a split that saw no key (and past the last split), whose O is not read.
+                w[k] = s0 + k < p.splits ? exp(part_l[(s0 + k) * rows + row] - m) : 0.0;
+                v[k] = w[k] != 0.0 ? part_o[((s0 + k) * rows + row) * p.Dv + d] : 0.0;
+            }
+            [[unroll]] for (int k = 0; k < MS; ++k) {
+                if (w[k] != 0.0) o += w[k] * v[k];
+                sum += w[k];
+            }
         }
         sum += exp(sink - m);   // the sink: a logit with no value row (0 without one)
         o /= sum;
@@ -62,7 +75,11 @@ void main() {
         lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
     if (p.write_max != 0 && d == 0) {
         float mx = NEG_INF;
-        for (int s = 0; s < p.splits; ++s) mx = max(mx, part_max[s * rows + row]);
+        for (int s0 = 0; s0 < p.splits; s0 += MS) {
+            float x[MS];
+            [[unroll]] for (int k = 0; k < MS; ++k) x[k] = s0 + k < p.splits ? part_max[(s0 + k) * rows + row] : NEG_INF;
+            [[unroll]] for (int k = 0; k < MS; ++k) mx = max(mx, x[k]);
+        }
         max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
     }
 }
