@@ -263,6 +263,10 @@ if [ "$what" = decode-nv ]; then
   # nv2 zeroes V through the B operand's layout, which differs between the two extensions: both.
   VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-nv 60 vkflex selftest --kernel split-kv
   VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-khr 60 vkflex selftest --kernel split-kv
+  # The scalar kernel with its step loop not unrolled either (VKFLEX_DECODE_UNROLL=0).
+  VKFLEX_VALIDATE=1 VKFLEX_DECODE_UNROLL=0 step selftest-split-kv-no-unroll 60 vkflex selftest --kernel split-kv
+  VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_UNROLL=0 VKFLEX_DECODE_TILE=scalar step nv-scalar-no-unroll 60 vkflex bench --suite decode --no-check
+  grep -E " (no|yes) " "$out/nv-scalar-no-unroll.txt" | sed "s/^/scalar, not unrolled /" | cut -c1-140
   for t in nv2 nv scalar nvs nvrs nvrh; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "nv-$t" 60 vkflex bench --suite decode --no-check
     grep -E " (no|yes) " "$out/nv-$t.txt" | sed "s/^/$t /" | cut -c1-140

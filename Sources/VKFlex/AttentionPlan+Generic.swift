@@ -236,7 +236,7 @@ extension AttentionPlanner {
         t.nvDecode = true
         t.nvRegisters = tuning.decodeNV?.registers ?? false
         t.nvRotate = tuning.decodeNV?.rotate ?? false
-        t.nvDriverUnroll = tuning.decodeDriverUnroll
+        t.nvDriverUnroll = tuning.decodeDriverUnroll ?? false
         t.nvChunks = tuning.decodeNVChunks
         return t
     }

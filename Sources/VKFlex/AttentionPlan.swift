@@ -57,9 +57,10 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_DECODE_TILE=nv2`: the NVIDIA-layout kernel with two 16-key chunks a step, both
     /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`), for tuning.
     var decodeNVChunks = 1
-    /// `VKFLEX_DECODE_UNROLL=1`: the NVIDIA-layout split-KV kernel's step loop left to the driver
-    /// to unroll (`DEC_DRIVER_UNROLL`; by default `[[dont_unroll]]`), for measuring.
-    var decodeDriverUnroll = false
+    /// `VKFLEX_DECODE_UNROLL=1` / `0`: the split-KV kernels' step loops left to the driver to
+    /// unroll, or `[[dont_unroll]]`; unset, the NVIDIA-layout kernel's is not unrolled
+    /// (`DEC_DRIVER_UNROLL`) and the scalar kernel's is left to the driver (`DEC_NO_UNROLL`), for measuring.
+    var decodeDriverUnroll: Bool?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]]`: the coopmat-nv backward passes'
     /// tiles, for tuning (checked per call against the shared memory): the dQ pass's, and the
     /// dK/dV pass's where they differ (after the slash).
@@ -103,7 +104,7 @@ struct AttentionTuning: Sendable {
             t.coopmatShape = (v[0], v[1], v[2])
         }
         if let u = env["VKFLEX_DECODE_UNROLL"], !u.isEmpty {
-            guard u == "0" || u == "1" else { throw FlexError("VKFLEX_DECODE_UNROLL=\(u): use 1 (the driver may unroll the NVIDIA-layout split-KV kernel's step loop) or 0 (it may not; the default)") }
+            guard u == "0" || u == "1" else { throw FlexError("VKFLEX_DECODE_UNROLL=\(u): use 1 (the driver may unroll the split-KV kernels' step loops) or 0 (it may not); unset: not the NVIDIA-layout kernel's, the scalar kernel's yes") }
             t.decodeDriverUnroll = u == "1"
         }
         if let w = env["VKFLEX_DECODE_WAVES"], !w.isEmpty {
@@ -235,7 +236,7 @@ struct AttentionPlan: Hashable, Sendable {
         case coopmat(CoopmatTiles)
         /// Split-KV decoding: query rows per workgroup, keys per key slot and round, invocations,
         /// invocations per key (``AttentionPlanner/DecodeTiles``).
-        case decode(rows: Int, KPL: Int, WG: Int, LK: Int, scatter: Bool)
+        case decode(rows: Int, KPL: Int, WG: Int, LK: Int, scatter: Bool, noUnroll: Bool = false)
         /// Split-KV decoding through cooperative matrices (flex_attention_decode_mm.comp): one
         /// subgroup a workgroup, M rows, BKV keys a step.
         case decodeMM(GenericTiles)
@@ -286,7 +287,7 @@ struct AttentionPlan: Hashable, Sendable {
 
     var BQ: Int {
         switch tiles {
-        case .portable(let bq, _, _), .decode(let bq, _, _, _, _), .backward(let bq, _, _): return bq
+        case .portable(let bq, _, _), .decode(let bq, _, _, _, _, _), .backward(let bq, _, _): return bq
         case .coopmat(let t): return t.BQ
         case .generic(let t): return t.BQ
         case .decodeMM(let t): return t.M
@@ -295,14 +296,14 @@ struct AttentionPlan: Hashable, Sendable {
     var BKV: Int {
         switch tiles {
         case .portable(_, let bkv, _), .backward(_, let bkv, _): return bkv
-        case .decode(_, let kpl, let wg, let lk, _): return kpl * wg / lk
+        case .decode(_, let kpl, let wg, let lk, _, _): return kpl * wg / lk
         case .coopmat(let t): return t.BKV
         case .generic(let t), .decodeMM(let t): return t.BKV
         }
     }
     var WG: Int {
         switch tiles {
-        case .portable(_, _, let wg), .decode(_, _, let wg, _, _), .backward(_, _, let wg): return wg
+        case .portable(_, _, let wg), .decode(_, _, let wg, _, _, _), .backward(_, _, let wg): return wg
         case .coopmat(let t): return 32 * t.NSG
         case .generic(let t): return t.WG
         case .decodeMM(let t): return t.WG
@@ -342,11 +343,12 @@ struct AttentionPlan: Hashable, Sendable {
             if n == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
             if unrollAccumulators { defines.append(.init("VKF_UNROLL_ACC", "1")) }
             source = ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)
-        case .decode(let rows, let KPL, let WG, let LK, let scatter):
+        case .decode(let rows, let KPL, let WG, let LK, let scatter, let noUnroll):
             source = ShaderSource(name: "flex_attention_decode", text: try ShaderLibrary.standard.text("flex_attention_decode.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("KPL", "\(KPL)"), .init("WG", "\(WG)"), .init("LK", "\(LK)"), .init("DEC_RS", scatter ? "1" : "0"),
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
+            if noUnroll { source.defines.append(.init("DEC_NO_UNROLL", "1")) }
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
         case .decodeMM(let t) where t.nvDecode:
             source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
@@ -525,7 +527,7 @@ enum AttentionPlanner {
         }
         return decodeTiles(D: s.D, Dv: s.Dv, Lq: s.Lq, dtype: s.dtype, minSubgroupSize: caps.minSubgroupSize, sharedMemory: caps.maxSharedMemory,
                            maxInvocations: caps.maxWorkgroupInvocations, cpu: caps.type == .cpu, forced: tuning.decodeTile)
-            .map { .decode(rows: $0.rows, KPL: $0.keys, WG: $0.WG, LK: $0.lanes, scatter: $0.scatter) }
+            .map { .decode(rows: $0.rows, KPL: $0.keys, WG: $0.WG, LK: $0.lanes, scatter: $0.scatter, noUnroll: tuning.decodeDriverUnroll == false) }
     }
 
     /// The decode kernel's shape for a call. Rows: 4 (the four query heads of a Llama-like group in

@@ -317,7 +317,7 @@ enum ForwardKernel {
             // most kvBlockSize keys each).
             return ceilDiv(kvBlockSize, t.BKV) * (genericIterationsPerTile(D: D, Dv: Dv, tiles: t) + 4) + 4
         }
-        guard case .decode(let R, let KPL, let WG, let LK, _) = plan.tiles else { preconditionFailure("decode bound without decode tiles") }
+        guard case .decode(let R, let KPL, let WG, let LK, _, _) = plan.tiles else { preconditionFailure("decode bound without decode tiles") }
         let unit = half ? 8 : 4, upl = ceilDiv(ceilDiv(D, unit), LK), vpl = ceilDiv(ceilDiv(Dv, unit), LK)
         var log2LK = 0
         while 1 << log2LK < LK { log2LK += 1 }

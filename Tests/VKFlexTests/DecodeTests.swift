@@ -243,6 +243,18 @@ final class DecodeTests: FlexTestCase {
             }
         }
         XCTAssertEqual(compiled, 54)
+        // VKFLEX_DECODE_UNROLL: 1 or 0 for both kernels' step loops; unset, each its default.
+        XCTAssertNil(try AttentionTuning.parse([:]).decodeDriverUnroll)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_UNROLL": "0"]).decodeDriverUnroll, false)
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_UNROLL": "1"]).decodeDriverUnroll, true)
+        XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_UNROLL": "2"])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_UNROLL=2"), "\($0)") }
+        for noUnroll in [false, true] {
+            let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: .float16, D: 128, Dv: 128,
+                                     tiles: .decode(rows: 4, KPL: 2, WG: 128, LK: 16, scatter: false, noUnroll: noUnroll), pushParams: true, mods: mods.glsl.source)
+            let source = try plan.source()
+            XCTAssertEqual(source.defines.contains { $0.name == "DEC_NO_UNROLL" }, noUnroll)
+            _ = try ShaderCompiler.shared.compile(source, library: library)
+        }
         // The inputs it takes: contiguous, 16-byte aligned rows; blocks, pages or the cache in 16s.
         let k = try device.tensor(randn(2 * 2 * 64 * 16), shape: [2, 2, 64, 16], dtype: .float16, name: "k")
         XCTAssertNil(AttentionPlanner.decodeNVInputs(k: k, v: k, Lkv: 64, kvBlockSize: nil, pageSize: nil).problem)
