@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -20,7 +20,8 @@
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
 # kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
-# tiles: backward and coopmat-generic tile sweeps with the same probe; decode-nv: the NVIDIA-layout
+# tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the fifteenth
+# session left unrun (docs/performance.md), about 8 minutes; decode-nv: the NVIDIA-layout
 # split-KV kernel's selftests (nv, nvs validated; nvrh on the KHR extension; nv2 on both), then
 # it (nv2, nv, nvs, nvrs, nvrh) beside the scalar kernel on the decode suite, with its registers
 # and the residency probe.
@@ -252,6 +253,27 @@ if [ "$what" = decode-prefetch ]; then
     grep -E " (no|yes) " "$out/pf-$t.txt" | sed "s/^/$t /" | cut -c1-120
     grep -E 'pipeline flex_attention_decode' "$out/pf-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
   done
+fi
+if [ "$what" = next ]; then
+  # What the fifteenth session left unrun, in priority order, in about 8 minutes (DEADLINE=540
+  # keeps it inside one call): every kernel's validated selftest (the split-KV merge changed, the
+  # planner's NVIDIA-layout kernel now takes MQA), the split-KV selftests on the KHR extension (the
+  # default, nv2) and nv2's under the NV one; then nv2, nv, nvs and the scalar kernel (unrolled or
+  # not) on three decode cases with each dispatch's device time (the merge's included); then the
+  # decode suite beside PyTorch.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  step selftest-split-kv-khr 60 vkflex selftest --kernel split-kv
+  VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-khr 60 vkflex selftest --kernel split-kv
+  VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-nv 60 vkflex selftest --kernel split-kv
+  for t in nv2 nv nvs scalar scalar-u0; do
+    u=; [ $t = scalar-u0 ] && u=0
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_UNROLL=$u VKFLEX_DECODE_TILE=${t%-u0} step "next-$t" 40 \
+      vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
+    grep -E " (no|yes) |device time" "$out/next-$t.txt" | sed "s/^/$t /" | cut -c1-160
+    grep -E 'pipeline flex_attention_decode' "$out/next-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Binary Size = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, code \2, local \3/' | sort -u | head -2
+  done
+  step compare-decode 220 bash .device/on-device.sh compare --suite decode
+  tail -12 "$out/compare-decode.txt"
 fi
 if [ "$what" = decode-nv ]; then
   # Under the validation layer (Debian 12's, older than VK_KHR_cooperative_matrix) the matrices go
