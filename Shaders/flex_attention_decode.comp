@@ -163,9 +163,12 @@ void main() {
         } \
     }
     if (more) LOAD_ROUND(k0, k_stop)
-    // DEC_NO_UNROLL (VKFLEX_DECODE_UNROLL=0): not unrolled, as the NVIDIA-layout kernel's loop,
+    // DEC_DONT_UNROLL (VKFLEX_DECODE_UNROLL=0): not unrolled, as the NVIDIA-layout kernel's loop,
     // which NVIDIA's compiler unrolled eight times past its instruction caches (1.27x slower).
-#ifdef DEC_NO_UNROLL
+#ifndef DEC_DONT_UNROLL
+#define DEC_DONT_UNROLL 0
+#endif
+#if DEC_DONT_UNROLL
     [[dont_unroll]]
 #endif
     while (more) {

@@ -30,10 +30,11 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The NVIDIA-layout split-KV kernel's K and V loaded word by word into the registers of the
     /// matrices (`DEC_REGLOAD`), and the next step's as this one's are consumed (`DEC_PREFETCH=2`).
     var nvRegisters = false, nvRotate = false
-    /// Its step loop left to the driver to unroll (`DEC_DRIVER_UNROLL`).
+    /// Its step loop left to the driver to unroll (`DEC_DONT_UNROLL=0`).
     var nvDriverUnroll = false
-    /// Its 16-key chunks a step (`DEC_CHUNKS`), and whether the device's B operand has the
-    /// transposed layout (``CooperativeMatrixLayout/nvidiaMMAB``, `DEC_B_T`; else ``CooperativeMatrixLayout/nvidiaMMA``).
+    /// Its 16-key chunks a step (`DEC_CHUNKS`), and with two, whether the device's B operand has
+    /// the transposed layout (``CooperativeMatrixLayout/nvidiaMMAB``, `DEC_B_T`; else
+    /// ``CooperativeMatrixLayout/nvidiaMMA``), which the planner measures for that case only.
     var nvChunks = 1, nvBTransposed = false
 
     var BQ: Int { M * NSG * rpw }

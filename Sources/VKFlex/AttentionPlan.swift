@@ -58,8 +58,8 @@ struct AttentionTuning: Sendable {
     /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`), for tuning.
     var decodeNVChunks = 1
     /// `VKFLEX_DECODE_UNROLL=1` / `0`: the split-KV kernels' step loops left to the driver to
-    /// unroll, or `[[dont_unroll]]`; unset, the NVIDIA-layout kernel's is not unrolled
-    /// (`DEC_DRIVER_UNROLL`) and the scalar kernel's is left to the driver (`DEC_NO_UNROLL`), for measuring.
+    /// unroll, or `[[dont_unroll]]` (`DEC_DONT_UNROLL`); unset, the NVIDIA-layout kernel's is not
+    /// unrolled and the scalar kernel's is left to the driver, for measuring.
     var decodeDriverUnroll: Bool?
     /// `VKFLEX_BWD_TILES=NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]]`: the coopmat-nv backward passes'
     /// tiles, for tuning (checked per call against the shared memory): the dQ pass's, and the
@@ -348,15 +348,16 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("RMAX", "\(rows)"), .init("KPL", "\(KPL)"), .init("WG", "\(WG)"), .init("LK", "\(LK)"), .init("DEC_RS", scatter ? "1" : "0"),
                 .init("IN_F16", dtype == .float16 ? "1" : "0"),
             ])
-            if noUnroll { source.defines.append(.init("DEC_NO_UNROLL", "1")) }
+            if noUnroll { source.defines.append(.init("DEC_DONT_UNROLL", "1")) }
             if dtype == .bfloat16 { source.defines.append(.init("IN_BF16", "1")) }
         case .decodeMM(let t) where t.nvDecode:
             source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"),
                 .init("DEC_PREFETCH", t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
-                .init("DEC_DRIVER_UNROLL", t.nvDriverUnroll ? "1" : "0"), .init("DEC_CHUNKS", "\(t.nvChunks)"), .init("DEC_B_T", t.nvBTransposed ? "1" : "0"),
+                .init("DEC_DONT_UNROLL", t.nvDriverUnroll ? "0" : "1"), .init("DEC_CHUNKS", "\(t.nvChunks)"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ], optimization: .full)
+            if t.nvChunks > 1 { source.defines.append(.init("DEC_B_T", t.nvBTransposed ? "1" : "0")) }
         case .decodeMM(let t):
             source = ShaderSource(name: "flex_attention_decode_mm", text: try ShaderLibrary.standard.text("flex_attention_decode_mm.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
@@ -518,7 +519,9 @@ enum AttentionPlanner {
            decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: tuning.decodeNVChunks) == nil {
             var t = decodeNVTiles(tuning)
             // DEC_CHUNKS 2 zeroes V's rows past a chunk's keys through the B operand's layout.
-            t.nvBTransposed = CooperativeMatrixLayout.of(device).map { (s.dtype == .bfloat16 ? $0.bfloat16B : $0.float16B) == CooperativeMatrixLayout.nvidiaMMAB } ?? false
+            if t.nvChunks > 1 {
+                t.nvBTransposed = CooperativeMatrixLayout.of(device).map { (s.dtype == .bfloat16 ? $0.bfloat16B : $0.float16B) == CooperativeMatrixLayout.nvidiaMMAB } ?? false
+            }
             return .decodeMM(t)
         }
         if forcedDecodeMatrices ?? tuning.decodeMatrices ?? decodeMMByDefault(s, device: device, tuning: tuning) {

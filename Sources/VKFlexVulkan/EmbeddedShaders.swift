@@ -1572,9 +1572,12 @@ void main() {
         } \
     }
     if (more) LOAD_ROUND(k0, k_stop)
-    // DEC_NO_UNROLL (VKFLEX_DECODE_UNROLL=0): not unrolled, as the NVIDIA-layout kernel's loop,
+    // DEC_DONT_UNROLL (VKFLEX_DECODE_UNROLL=0): not unrolled, as the NVIDIA-layout kernel's loop,
     // which NVIDIA's compiler unrolled eight times past its instruction caches (1.27x slower).
-#ifdef DEC_NO_UNROLL
+#ifndef DEC_DONT_UNROLL
+#define DEC_DONT_UNROLL 0
+#endif
+#if DEC_DONT_UNROLL
     [[dont_unroll]]
 #endif
     while (more) {
@@ -2050,7 +2053,7 @@ void main() {
 // shared memory: Q goes into its A operands the same way (A's layout is nvidiaMMA, whose element
 // e sits where B's element e sits transposed), and a chunk's V words past its keys are zeroed.
 //
-// Defines: DEC_DRIVER_UNROLL (0/1: the step loop left to the driver to unroll), DEC_CHUNKS (1, or
+// Defines: DEC_DONT_UNROLL (1/0: the step loop not unrolled / left to the driver), DEC_CHUNKS (1, or
 // 2: two 16-key chunks a step, below) with DEC_B_T (1: the B operand's measured layout is
 // CooperativeMatrixLayout.nvidiaMMAB, 0: nvidiaMMA), D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
 // own), DEC_PREFETCH (0: each step's loads at its start; 1: the next step's K and V loaded before
@@ -2069,8 +2072,8 @@ void main() {
 #ifndef DEC_PREFETCH
 #define DEC_PREFETCH 1
 #endif
-#ifndef DEC_DRIVER_UNROLL
-#define DEC_DRIVER_UNROLL 0
+#ifndef DEC_DONT_UNROLL
+#define DEC_DONT_UNROLL 1
 #endif
 #ifndef DEC_CHUNKS
 #define DEC_CHUNKS 1
@@ -2142,28 +2145,24 @@ shared uvec4 Ts4[NSG * 16 * TS4];
 layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufW { uint q_words[]; };
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW4 { uvec4 k_w4[]; };
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW2 { uvec2 k_w2[]; };
+layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW1 { uint k_w1[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW4 { uvec4 v_w4[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW2 { uvec2 v_w2[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW1 { uint v_w1[]; };
-// N words from word W0 (a multiple of the unit: rows start 16-byte aligned) into DST[AT..], in the
-// widest loads that divide N.
-#define WORDS_K(DST, AT, W0, N) { \
-    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = k_w4[(W0) / 4 + i_]; \
+// N words from word W0 (a multiple of the unit: rows start 16-byte aligned) of the buffer seen as
+// U4 / U2 / U1 (uvec4, uvec2, uint) into DST[AT..], in the widest loads that divide N.
+#define WORDS(U4, U2, U1, DST, AT, W0, N) { \
+    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = U4[(W0) / 4 + i_]; \
         DST[(AT) + 4 * i_] = u_.x; DST[(AT) + 4 * i_ + 1] = u_.y; DST[(AT) + 4 * i_ + 2] = u_.z; DST[(AT) + 4 * i_ + 3] = u_.w; } } \
-    else { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = k_w2[(W0) / 2 + i_]; \
-        DST[(AT) + 2 * i_] = u_.x; DST[(AT) + 2 * i_ + 1] = u_.y; } } }
-#define WORDS_V(DST, AT, W0, N) { \
-    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = v_w4[(W0) / 4 + i_]; \
-        DST[(AT) + 4 * i_] = u_.x; DST[(AT) + 4 * i_ + 1] = u_.y; DST[(AT) + 4 * i_ + 2] = u_.z; DST[(AT) + 4 * i_ + 3] = u_.w; } } \
-    else if ((N) % 2 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = v_w2[(W0) / 2 + i_]; \
+    else if ((N) % 2 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = U2[(W0) / 2 + i_]; \
         DST[(AT) + 2 * i_] = u_.x; DST[(AT) + 2 * i_ + 1] = u_.y; } } \
-    else { [[unroll]] for (int i_ = 0; i_ < (N); ++i_) DST[(AT) + i_] = v_w1[(W0) + i_]; } }
+    else { [[unroll]] for (int i_ = 0; i_ < (N); ++i_) DST[(AT) + i_] = U1[(W0) + i_]; } }
 // This lane's words of the 16 keys from physical row ROW: K of keys l/4 and l/4 + 8, V of keys
 // 2·(l%4) + {0, 1, 8, 9}.
 #define LOAD_K_WORDS(ROW, KR) { \
-    [[unroll]] for (int i = 0; i < 2; ++i) WORDS_K(KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + (lane & 3) * KW, KW) }
+    [[unroll]] for (int i = 0; i < 2; ++i) WORDS(k_w4, k_w2, k_w1, KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + (lane & 3) * KW, KW) }
 #define LOAD_V_WORDS(ROW, VR) { \
-    [[unroll]] for (int j = 0; j < 4; ++j) WORDS_V(VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + lane_r * VW, VW) }
+    [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + lane_r * VW, VW) }
 // Word w's halves into elements E and E + 1 of matrix M.
 #define PUT2(M, E, w) { const f16vec2 h_ = unpackFloat2x16(w); M[E] = h_.x; M[(E) + 1] = h_.y; }
 #endif
@@ -2230,13 +2229,9 @@ void main() {
     bool more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
     // A chunk's 16 keys lie in one page (pages and blocks are multiples of 16): one lookup.
 #define CHUNK_ROW(key) KEY_ROW(key)
-#if DEC_CHUNKS == 2
-    // Two of the walk's 16-key chunks a step, both chunks' K and V loads issued at its start: twice
-    // the bytes in flight a subgroup of DEC_CHUNKS 1 without its prefetch, in the registers Q
-    // gives up (it is read from the tile at each product). A step with one chunk left gives the
-    // second no keys (its loads repeat the first's rows, its scores are -inf, its V is zeroed).
-    // A chunk's V rows past its keys are zeroed in the matrices, element by element, through the
-    // B operand's measured layout (DEC_B_T).
+// What both step loops share: a chunk's scores in log2 units (scale, score-mod, mask; -inf past
+// its KN keys and for rows that are none), their largest per row of the lane into mx; the lazy
+// maximum, whose one vote skips the row reductions on most steps; and the loop's unroll hint.
 #if VKF_HAS_MASK_MOD
 #define CHUNK_MASKED(CP, h, q, kv) ((CP) && !mask_mod(b, h, q, kv))
 #else
@@ -2248,6 +2243,44 @@ void main() {
         float s = NEG_INF; \
         if (h >= 0 && j < (KN)) { s = modded_l2(SC[e], b, h, rpos[i], (C0) + j); if (CHUNK_MASKED(CP, h, rpos[i], (C0) + j)) s = NEG_INF; } \
         SC[e] = s; mx[i] = max(mx[i], s); }
+#if VKF_MAX_SCORES
+#define TAKE_MAX_SCORES() { fx[0] = max(fx[0], mx[0]); fx[1] = max(fx[1], mx[1]); }
+#else
+#define TAKE_MAX_SCORES()
+#endif
+#define LAZY_MAX() \
+    if (subgroupAny(mx[0] > fm[0] + TAU || mx[1] > fm[1] + TAU)) { \
+        float al[2]; \
+        bool rescale = false; \
+        [[unroll]] for (int i = 0; i < 2; ++i) { \
+            float m = mx[i]; \
+            m = max(m, subgroupShuffleXor(m, 1)); m = max(m, subgroupShuffleXor(m, 2)); \
+            const bool up = m > fm[i] + TAU; \
+            rescale = rescale || up; \
+            m = up ? m : fm[i]; \
+            al[i] = exp2(fm[i] - m); \
+            fm[i] = m; \
+        } \
+        if (subgroupAny(rescale)) { \
+            [[unroll]] for (int nn = 0; nn < FDV; ++nn) \
+                [[unroll]] for (int e = 0; e < 8; ++e) o[nn][e] *= al[EL_HI(e)]; \
+            fl[0] *= al[0]; fl[1] *= al[1]; \
+        } \
+    }
+// Not unrolled by default: the driver unrolled the step loop eight times (H100, 2026-12-06: a 90 KB
+// loop, 185 KB of code in all), past what an SM's instruction caches hold.
+#if DEC_DONT_UNROLL
+#define STEP_LOOP [[dont_unroll]] while
+#else
+#define STEP_LOOP while
+#endif
+#if DEC_CHUNKS == 2
+    // Two of the walk's 16-key chunks a step, both chunks' K and V loads issued at its start: twice
+    // the bytes in flight a subgroup of DEC_CHUNKS 1 without its prefetch, in the registers Q
+    // gives up (it is read from the tile at each product). A step with one chunk left gives the
+    // second no keys (its loads repeat the first's rows, its scores are -inf, its V is zeroed).
+    // A chunk's V rows past its keys are zeroed in the matrices, element by element, through the
+    // B operand's measured layout (DEC_B_T).
 #if DEC_B_T
 #define B_KEY(e) (lane_c + ((e) & 1) + 8 * (((e) >> 1) & 1))   // CooperativeMatrixLayout.nvidiaMMAB
 #else
@@ -2255,11 +2288,7 @@ void main() {
 #endif
 #define ZERO_V_PAST(VF, KN) if ((KN) < 16) { \
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) [[unroll]] for (int e = 0; e < 8; ++e) if (B_KEY(e) >= (KN)) VF[nn][e] = float16_t(0.0); }
-#if DEC_DRIVER_UNROLL
-    while (more) {
-#else
-    [[dont_unroll]] while (more) {
-#endif
+    STEP_LOOP (more) {
         const int c0a = k0, kna = min(16, k_stop - k0), rowa = CHUNK_ROW(k0);
         const bool cpa = partial;
         k0 += 16;
@@ -2284,27 +2313,8 @@ void main() {
         float mx[2] = float[2](NEG_INF, NEG_INF);
         SCORE_CHUNK(sa, c0a, kna, cpa)
         SCORE_CHUNK(sb, c0b, knb, cpb)
-#if VKF_MAX_SCORES
-        fx[0] = max(fx[0], mx[0]); fx[1] = max(fx[1], mx[1]);
-#endif
-        if (subgroupAny(mx[0] > fm[0] + TAU || mx[1] > fm[1] + TAU)) {
-            float al[2];
-            bool rescale = false;
-            [[unroll]] for (int i = 0; i < 2; ++i) {
-                float m = mx[i];
-                m = max(m, subgroupShuffleXor(m, 1)); m = max(m, subgroupShuffleXor(m, 2));
-                const bool up = m > fm[i] + TAU;
-                rescale = rescale || up;
-                m = up ? m : fm[i];
-                al[i] = exp2(fm[i] - m);
-                fm[i] = m;
-            }
-            if (subgroupAny(rescale)) {
-                [[unroll]] for (int nn = 0; nn < FDV; ++nn)
-                    [[unroll]] for (int e = 0; e < 8; ++e) o[nn][e] *= al[EL_HI(e)];
-                fl[0] *= al[0]; fl[1] *= al[1];
-            }
-        }
+        TAKE_MAX_SCORES()
+        LAZY_MAX()
         [[unroll]] for (int e = 0; e < 8; ++e) {
             const float pa_ = exp2(sa[e] - fm[EL_HI(e)]), pb_ = exp2(sb[e] - fm[EL_HI(e)]);
             sa[e] = pa_; sb[e] = pb_;
@@ -2330,13 +2340,7 @@ void main() {
     if (more) LOAD_KV(CHUNK_ROW(k0), kf, vf)
 #endif
 #endif
-    // Not unrolled: the driver unrolled this loop eight times (H100, 2026-12-06: a 90 KB loop,
-    // 185 KB of code in all), past what an SM's instruction caches hold.
-#if DEC_DRIVER_UNROLL
-    while (more) {
-#else
-    [[dont_unroll]] while (more) {
-#endif
+    STEP_LOOP (more) {
         const int c0 = k0, kn = min(16, k_stop - k0), crow = CHUNK_ROW(k0);
         const bool cpart = partial;
         k0 += 16;
@@ -2370,42 +2374,10 @@ void main() {
         FRAG_C sc = FRAG_C(0.0);
         [[unroll]] for (int kk = 0; kk < FD; ++kk) sc = coopMatMulAddNV(qf[kk], kf[kk], sc);
 #endif
-        // The scores in log2 units (scale, score-mod, mask), -inf past the keys.
         float mx[2] = float[2](NEG_INF, NEG_INF);
-        [[unroll]] for (int e = 0; e < 8; ++e) {
-            const int i = EL_HI(e), j = lane_c + EL_COL(e), h = rh[i];
-            float s = NEG_INF;
-            if (h >= 0 && j < kn) {
-                s = modded_l2(sc[e], b, h, rpos[i], c0 + j);
-#if VKF_HAS_MASK_MOD
-                if (cpart && !mask_mod(b, h, rpos[i], c0 + j)) s = NEG_INF;
-#endif
-            }
-            sc[e] = s;
-            mx[i] = max(mx[i], s);
-        }
-#if VKF_MAX_SCORES
-        fx[0] = max(fx[0], mx[0]); fx[1] = max(fx[1], mx[1]);
-#endif
-        // The lazy maximum: one vote skips the row reductions on most chunks.
-        if (subgroupAny(mx[0] > fm[0] + TAU || mx[1] > fm[1] + TAU)) {
-            float al[2];
-            bool rescale = false;
-            [[unroll]] for (int i = 0; i < 2; ++i) {
-                float m = mx[i];
-                m = max(m, subgroupShuffleXor(m, 1)); m = max(m, subgroupShuffleXor(m, 2));
-                const bool up = m > fm[i] + TAU;
-                rescale = rescale || up;
-                m = up ? m : fm[i];
-                al[i] = exp2(fm[i] - m);
-                fm[i] = m;
-            }
-            if (subgroupAny(rescale)) {
-                [[unroll]] for (int nn = 0; nn < FDV; ++nn)
-                    [[unroll]] for (int e = 0; e < 8; ++e) o[nn][e] *= al[EL_HI(e)];
-                fl[0] *= al[0]; fl[1] *= al[1];
-            }
-        }
+        SCORE_CHUNK(sc, c0, kn, cpart)
+        TAKE_MAX_SCORES()
+        LAZY_MAX()
         [[unroll]] for (int e = 0; e < 8; ++e) {
             const float pe = exp2(sc[e] - fm[EL_HI(e)]);
             sc[e] = pe;

@@ -252,7 +252,7 @@ final class DecodeTests: FlexTestCase {
             let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: .float16, D: 128, Dv: 128,
                                      tiles: .decode(rows: 4, KPL: 2, WG: 128, LK: 16, scatter: false, noUnroll: noUnroll), pushParams: true, mods: mods.glsl.source)
             let source = try plan.source()
-            XCTAssertEqual(source.defines.contains { $0.name == "DEC_NO_UNROLL" }, noUnroll)
+            XCTAssertEqual(source.defines.contains { $0.name == "DEC_DONT_UNROLL" && $0.value == "1" }, noUnroll)
             _ = try ShaderCompiler.shared.compile(source, library: library)
         }
         // The inputs it takes: contiguous, 16-byte aligned rows; blocks, pages or the cache in 16s.
