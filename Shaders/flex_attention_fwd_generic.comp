@@ -16,6 +16,10 @@
 // each lane rescales the rows it owns in the softmax, and O is loaded back; at the end O goes
 // through the same tile to the lanes that write it.
 //
+// GEN_REGSM: the register softmax (flex_mm_step.glsl's MM_STEP_REG): the scores stay in their
+// accumulators, read element by element through an index matrix, and only a step where a row's
+// maximum moves goes through the score tile; the row sums are products with a matrix of ones.
+//
 // GEN_PREFETCH: software pipeline — the next step's K and V go from global memory to registers
 // while this step computes, then into the other of two shared buffers, one barrier a step (as
 // coopmat-nv's); else each step loads, then computes, between two barriers.
@@ -26,7 +30,7 @@
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH, GEN_REGSM and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
 // IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
 // VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
@@ -49,6 +53,10 @@ layout(local_size_x = SG * NSG) in;
 #ifndef GEN_PREFETCH
 #define GEN_PREFETCH 0
 #endif
+#if !defined(GEN_REGSM) || VKF_MM_EMULATE
+#undef GEN_REGSM
+#define GEN_REGSM 0
+#endif
 #if GEN_PREFETCH
 #define KV_NBUF 2
 #endif
@@ -69,6 +77,19 @@ float sm_score(int k, int t);
 void sm_put(int k, int t, float pv);
 #include "flex_softmax.glsl"
 
+#if GEN_REGSM
+// The scores reach the tile already modded (mm_score): read as stored.
+float sm_score(int k, int t) { return Ss[(g_r0 + sm_row(g_lane, k)) * SST + sm_col0(g_lane) + t * SM_TPR]; }
+float mm_score(float raw, int r, int j) {
+    if (r >= g_t.rows || j >= g_kn) return NEG_INF;
+    const int qi = g_t.p0 + r, ki = g_k0 + j;
+    float s = modded_l2(raw, g_t.b, g_t.h, qi, ki);
+#if VKF_HAS_MASK_MOD
+    if (g_pass == 1 && !mask_mod(g_t.b, g_t.h, qi, ki)) s = NEG_INF;
+#endif
+    return s;
+}
+#else
 float sm_score(int k, int t) {
     const int r = g_r0 + sm_row(g_lane, k), j = sm_col0(g_lane) + t * SM_TPR;
     if (r >= g_t.rows || j >= g_kn) return NEG_INF;
@@ -79,6 +100,7 @@ float sm_score(int k, int t) {
 #endif
     return s;
 }
+#endif
 void sm_put(int k, int t, float pv) {
     Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
@@ -161,6 +183,10 @@ void main() {
     FRAG_C o[DV / MN];
     [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
 #endif
+#if GEN_REGSM
+    FRAG_C ix, mb, ls;
+    MM_REG_INIT(g_r0, lane, ix, mb, ls, -1e30)
+#endif
 
     const int mrow = walk_row(b, h, g_t.qb);
     const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
@@ -183,10 +209,15 @@ void main() {
         k0 += BKV;
         more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
         if (more) fetch(k0, min(BKV, k_stop - k0), lid);   // in flight while this step computes
+#if GEN_REGSM
+        g_k0 = c0; g_kn = kn; g_pass = cpass;
+        MM_STEP_REG(qf, o, g_r0, lane, m, l, ix, mb, ls, buf * BKV * KS4, buf * BKV * VS4)
+#else
         MM_SCORES(qf, g_r0, lane, buf * BKV * KS4)
         subgroup_sync();
         g_k0 = c0; g_kn = kn; g_pass = cpass;
         MM_SOFTMAX_PV(o, g_r0, lane, m, l, buf * BKV * VS4)
+#endif
         ++step;
     }
     // A walk that ends on its own leaves the cursor past the row; one a driver stopped leaves it inside.
@@ -210,10 +241,15 @@ void main() {
                 MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lid, SG * NSG, V_UNIT)
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
+#if GEN_REGSM
+                g_k0 = k0; g_kn = kn; g_pass = pass;
+                MM_STEP_REG(qf, o, g_r0, lane, m, l, ix, mb, ls, 0, 0)
+#else
                 MM_SCORES(qf, g_r0, lane, 0)
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
                 MM_SOFTMAX_PV(o, g_r0, lane, m, l, 0)
+#endif
                 barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
@@ -229,9 +265,14 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
     float lk[SM_RPL], fk[SM_RPL];
+#if GEN_REGSM
+    MM_REG_SUMS(g_r0, lane, ls, lk)
+#endif
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
+#if !GEN_REGSM
         lk[k] = sm_row_sum(l[k]);
+#endif
         if (!sized) lk[k] = nan;
         float mk = m[k];
         fk[k] = 1.0;

@@ -3,16 +3,27 @@
 // wrote its normalized output O_s (float32) and its LSE l_s over its keys; over all keys
 //   LSE = log Σ_s exp(l_s),  O = Σ_s exp(l_s − LSE) · O_s.
 // A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
-// with a NaN score) stays NaN. A head's sink (sinks) joins the denominator once, here. One
-// invocation per output element; the LSE by the d = 0 ones.
+// with a NaN score) stays NaN. A head's sink (sinks) joins the denominator once, here.
 //
-// Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl). Bindings: 0 partial O [S, rows, Dv], 1
+// A workgroup takes R rows; each row's splits are dealt to G groups of UL invocations (split s to
+// group s mod G), each invocation holding VW columns (a vec4 where Dv allows) of a unit of the row:
+// a group merges its splits against its own maximum, then the first group combines the G groups'
+// results through shared memory, in the groups' order (deterministic). With many splits and few
+// rows — split-KV decoding of one-row MQA: 132 splits of 128 rows — one invocation per element
+// walking every split waited one memory latency per eight splits (H100: a 22 µs merge beside an
+// 84 µs kernel, docs/performance.md); the host picks G for the call (push constants ul, groups).
+//
+// Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl), WG, MERGE_VEC4 (0/1:
+// Dv a multiple of 4, the partial O read as vec4). Bindings: 0 partial O [S, rows, Dv], 1
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
 // [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 
-layout(local_size_x = 64) in;
+#ifndef WG
+#define WG 256   // invocations a workgroup, a power of two (the host: 256, or the device's limit)
+#endif
+layout(local_size_x = WG) in;
 
 #include "flex_dtype.glsl"
 layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
@@ -29,57 +40,110 @@ layout(push_constant) uniform Params {
     int o_base, o_sb, o_sh, o_sl, o_sd;
     int lse_base, lse_sb, lse_sh, lse_sl, write_lse, write_max;
     int has_sinks, h_start;   // the heads of these rows are h_start + h
+    int ul, groups;           // invocations a group (a power of two), groups a row: UL * G divides WG
 } p;
+#ifndef MERGE_VEC4
+#define MERGE_VEC4 0
+#endif
+#if MERGE_VEC4
+#define VW 4
+#define VT vec4
+layout(std430, set = 0, binding = 0) readonly buffer PartO4 { vec4 part_o4[]; };
+#define PART_O(i) part_o4[i]
+#else
+#define VW 1
+#define VT float
+#define PART_O(i) part_o[i]
+#endif
+shared float sh_m[WG], sh_s[WG];
+shared VT sh_o[WG];
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 #define MS 8   // splits whose loads are in flight together
 
 void main() {
-    const int rows = p.nb * p.nh * p.Lq;
-    const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
-    if (e >= rows * p.Dv) return;
-    const int row = e / p.Dv, d = e - row * p.Dv;
+    const int rows = p.nb * p.nh * p.Lq, U = p.Dv / VW, UL = p.ul, G = p.groups;
+    const int t = int(gl_LocalInvocationID.x);
+    const int u0 = t % UL, g = (t / UL) % G, r = t / (UL * G);
+    const int row = (int(gl_WorkGroupID.x) + int(gl_WorkGroupID.y) * int(gl_NumWorkGroups.x)) * (WG / (UL * G)) + r;
+    const bool live = row < rows;   // no return: the barriers below are the workgroup's
     const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
-    const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
-    // The splits MS at a time, their loads issued together: a loop of one load an iteration waited
-    // out one memory latency per split (H100: 14-16 µs a merge of 32 splits, docs/performance.md).
-    // The sums keep the splits' order.
-    float m = sink;
-    bool nan_row = false;
-    for (int s0 = 0; s0 < p.splits; s0 += MS) {
-        float l[MS];
-        [[unroll]] for (int k = 0; k < MS; ++k) l[k] = s0 + k < p.splits ? part_l[(s0 + k) * rows + row] : NEG_INF;
-        [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else m = max(m, l[k]); }
-    }
-    float o = 0.0, sum = 0.0;
-    if (m > NEG_INF) {
-        for (int s0 = 0; s0 < p.splits; s0 += MS) {
-            float w[MS], v[MS];
-            [[unroll]] for (int k = 0; k < MS; ++k) {
-                // w: 0 for a split that saw no key (and past the last split), whose O is not read.
-                w[k] = s0 + k < p.splits ? exp(part_l[(s0 + k) * rows + row] - m) : 0.0;
-                v[k] = w[k] != 0.0 ? part_o[((s0 + k) * rows + row) * p.Dv + d] : 0.0;
-            }
-            [[unroll]] for (int k = 0; k < MS; ++k) {
-                if (w[k] != 0.0) o += w[k] * v[k];
-                sum += w[k];
-            }
-        }
-        sum += exp(sink - m);   // the sink: a logit with no value row (0 without one)
-        o /= sum;
-    }
     const float nan = uintBitsToFloat(0x7FC00000u);
-    if (nan_row) o = nan;
-    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_VALUE(o);
-    if (p.write_lse != 0 && d == 0)
-        lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
-    if (p.write_max != 0 && d == 0) {
-        float mx = NEG_INF;
-        for (int s0 = 0; s0 < p.splits; s0 += MS) {
-            float x[MS];
-            [[unroll]] for (int k = 0; k < MS; ++k) x[k] = s0 + k < p.splits ? part_max[(s0 + k) * rows + row] : NEG_INF;
-            [[unroll]] for (int k = 0; k < MS; ++k) mx = max(mx, x[k]);
+    // This group's splits (g, g + G, ...), MS at a time with their loads issued together.
+    float m = NEG_INF;
+    bool nan_row = false;
+    if (live) {
+        for (int s0 = g; s0 < p.splits; s0 += G * MS) {
+            float l[MS];
+            [[unroll]] for (int k = 0; k < MS; ++k) l[k] = s0 + k * G < p.splits ? part_l[(s0 + k * G) * rows + row] : NEG_INF;
+            [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else m = max(m, l[k]); }
         }
-        max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
+    }
+    for (int ub = 0; ub < U; ub += UL) {
+        const int u = ub + u0;
+        VT o = VT(0.0);
+        float sum = 0.0;
+        if (live && m > NEG_INF) {
+            for (int s0 = g; s0 < p.splits; s0 += G * MS) {
+                float w[MS];
+                VT v[MS];
+                [[unroll]] for (int k = 0; k < MS; ++k) {
+                    const int s = s0 + k * G;
+                    // w: 0 for a split that saw no key (and past the last split), whose O is not read.
+                    w[k] = s < p.splits ? exp(part_l[s * rows + row] - m) : 0.0;
+                    v[k] = w[k] != 0.0 && u < U ? PART_O((s * rows + row) * U + u) : VT(0.0);
+                }
+                [[unroll]] for (int k = 0; k < MS; ++k) {
+                    if (w[k] != 0.0) o += w[k] * v[k];
+                    sum += w[k];
+                }
+            }
+        }
+        sh_m[t] = nan_row ? nan : m;
+        sh_s[t] = sum;
+        sh_o[t] = o;
+        barrier();
+        if (g == 0 && live) {
+            // The groups' results against the row's maximum (the sink's logit included).
+            const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
+            float mx = sink;
+            bool nan_any = false;
+            for (int gg = 0; gg < G; ++gg) {
+                const float mg = sh_m[t + gg * UL];
+                if (isnan(mg)) nan_any = true; else mx = max(mx, mg);
+            }
+            VT oo = VT(0.0);
+            float total = 0.0;
+            if (mx > NEG_INF && !nan_any) {
+                for (int gg = 0; gg < G; ++gg) {
+                    const float sc = exp(sh_m[t + gg * UL] - mx);   // 0 for a group that saw no key
+                    total += sh_s[t + gg * UL] * sc;
+                    oo += sh_o[t + gg * UL] * sc;
+                }
+                total += exp(sink - mx);   // the sink: a logit with no value row (0 without one)
+                oo /= total;
+            }
+            if (nan_any) oo = VT(nan);
+            if (u < U) {
+                const int at = p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + u * VW * p.o_sd;
+#if MERGE_VEC4
+                [[unroll]] for (int c = 0; c < 4; ++c) o_data[at + c * p.o_sd] = OUT_VALUE(oo[c]);
+#else
+                o_data[at] = OUT_VALUE(oo);
+#endif
+            }
+            if (u == 0 && p.write_lse != 0)
+                lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_any ? nan : mx > NEG_INF ? mx + log(total) : NEG_INF;
+            if (u == 0 && p.write_max != 0) {
+                float x = NEG_INF;
+                for (int s0 = 0; s0 < p.splits; s0 += MS) {
+                    float xs[MS];
+                    [[unroll]] for (int k = 0; k < MS; ++k) xs[k] = s0 + k < p.splits ? part_max[(s0 + k) * rows + row] : NEG_INF;
+                    [[unroll]] for (int k = 0; k < MS; ++k) x = max(x, xs[k]);
+                }
+                max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_any ? nan : x;
+            }
+        }
+        barrier();
     }
 }

@@ -141,6 +141,15 @@ GATHER(v_data, v_units)
         } \
     } }
 #else
+// O += P V: P's A operands PF (BKV / MK of them), V from the buffer starting at unit VB of Vs4.
+#define MM_PV(O, PF, VB) \
+    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            FRAG_B vf_; \
+            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            O[nn_] = coopMatMulAddNV(PF[kk_], vf_, O[nn_]); \
+        } \
+    }
 #define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
@@ -162,11 +171,89 @@ GATHER(v_data, v_units)
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[BKV / MK]; \
     [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
-    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
-            FRAG_B vf_; \
-            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
-            O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \
+    MM_PV(O, pf_, VB) }
+#endif
+
+#if !VKF_MM_EMULATE
+// The register softmax (GEN_REGSM): the step's scores stay in their accumulators. Which (row,
+// column) an element holds is read from IX, an accumulator of the same type loaded from a table
+// of r * MN + c (matrices of one type share their element order: that is what makes the
+// specification's element-wise operations well defined), so the mods, the mask and the test
+// against the running maximum work element by element with no layout assumed. MB holds each
+// row's running maximum broadcast over its columns (loaded from a table), LS the row sums the
+// same way (accumulated by products with a matrix of ones, from the fp16 P the products take).
+// Only where a score passes its row's maximum by more than SM_TAU (every row's first step, then
+// rarely) do the scores go through the score tile to flex_softmax.glsl's sm_tile, which raises
+// the maxima; MB is reloaded and O and LS rescaled element-wise by a broadcast of the factors.
+// Else each lane writes its elements' P straight to the P tile. The includer defines
+// mm_score(raw, r, j): the score of raw product RAW at the workgroup tile's row R, step column J,
+// in log2 units after scale, mods and mask (-inf outside the tile), and sm_score reading the
+// score tile as stored.
+#define MM_IX_ROW(E) ((E) / MN)
+// A table of MN columns in rows R0.. of the score tile, each lane writing its own rows' columns.
+#define MM_ROW_TABLE(R0, LANE, V) \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        [[unroll]] for (int u_ = 0; u_ < MN / SM_TPR; ++u_) Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR] = V[k_];
+// IX, MB (every row at the starting maximum M0) and LS (zero), before the first step.
+#define MM_REG_INIT(R0, LANE, IX, MB, LS, M0) { \
+    for (int e_ = (LANE); e_ < MM * MN; e_ += SG) Ss[((R0) + e_ / MN) * SST + e_ % MN] = float(e_); \
+    subgroup_sync(); \
+    coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
+    subgroup_sync(); \
+    MB = FRAG_C(M0); LS = FRAG_C(0.0); }
+#define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
+    FRAG_C s_[BKV / MN]; \
+    bool up_ = false; \
+    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+        s_[nn_] = FRAG_C(0.0); \
+        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+            FRAG_B kt_; \
+            coopMatLoadNV(kt_, Ks4, uint((KB) + nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            s_[nn_] = coopMatMulAddNV(QF[kk_], kt_, s_[nn_]); \
         } \
-    } }
+        [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
+            const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+            const float v_ = mm_score(s_[nn_][i_], (R0) + r_, nn_ * MN + e_ - r_ * MN); \
+            s_[nn_][i_] = v_; \
+            up_ = up_ || v_ > MB[i_] + SM_TAU; \
+        } \
+    } \
+    if (subgroupAny(up_)) { \
+        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) coopMatStoreNV(s_[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+        subgroup_sync(); \
+        float alpha_[SM_RPL]; \
+        sm_tile(M, L, alpha_); \
+        subgroup_sync();   /* the scores read: the tile takes the maxima, then the factors */ \
+        MM_ROW_TABLE(R0, LANE, M) \
+        subgroup_sync(); \
+        coopMatLoadNV(MB, Ss, uint((R0) * SST), uint(SST), false); \
+        subgroup_sync(); \
+        MM_ROW_TABLE(R0, LANE, alpha_) \
+        subgroup_sync(); \
+        FRAG_C a_; \
+        coopMatLoadNV(a_, Ss, uint((R0) * SST), uint(SST), false); \
+        [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[i_] *= a_[i_]; \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
+            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[nn_][i_] *= a_[i_]; \
+    } else { \
+        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) \
+            [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
+                const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+                Ps[((R0) + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[nn_][i_] - MB[i_])); \
+            } \
+    } \
+    subgroup_sync();   /* P written */ \
+    FRAG_A pf_[BKV / MK]; \
+    const FRAG_B ones_ = FRAG_B(1.0); \
+    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+        coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
+        LS = coopMatMulAddNV(pf_[kk_], ones_, LS); \
+    } \
+    MM_PV(O, pf_, VB) }
+// Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
+#define MM_REG_SUMS(R0, LANE, LS, LK) { \
+    subgroup_sync(); \
+    coopMatStoreNV(LS, Ss, uint((R0) * SST), uint(SST), false); \
+    subgroup_sync(); \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
 #endif

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -20,8 +20,10 @@
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
 # kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
-# tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the fifteenth
-# session left unrun (docs/performance.md), about 8 minutes; decode-nv: the NVIDIA-layout
+# tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the sixteenth
+# session left unrun (docs/performance.md), about 8 minutes (NEXT_COMPARE=0: without the decode compare); regsm:
+# coopmat-generic's register softmax, its selftests and timings beside the shared one; waves: the NVIDIA-layout split-KV
+# kernel's split count swept (WAVE_TILES, WAVES); decode-nv: the NVIDIA-layout
 # split-KV kernel's selftests (nv, nvs validated; nvrh on the KHR extension; nv2 on both), then
 # it (nv2, nv, nvs, nvrs, nvrh) beside the scalar kernel on the decode suite, with its registers
 # and the residency probe.
@@ -255,25 +257,49 @@ if [ "$what" = decode-prefetch ]; then
   done
 fi
 if [ "$what" = next ]; then
-  # What the fifteenth session left unrun, in priority order, in about 8 minutes (DEADLINE=540
-  # keeps it inside one call): every kernel's validated selftest (the split-KV merge changed, the
-  # planner's NVIDIA-layout kernel now takes MQA), the split-KV selftests on the KHR extension (the
-  # default, nv2) and nv2's under the NV one; then nv2, nv, nvs and the scalar kernel (unrolled or
-  # not) on three decode cases with each dispatch's device time (the merge's included); then the
-  # decode suite beside PyTorch.
+  # What the sixteenth session left unrun, in priority order, in about 8 minutes (DEADLINE=540
+  # keeps it inside one call): every kernel's validated selftest (the split-KV merge rewritten:
+  # a row's splits dealt to groups; nv2, one-wave splits and coopmat-generic's register softmax
+  # the defaults), the decode suite with each dispatch's device time (the merge's: MQA's 132
+  # splits took 22 µs before), then the decode suite beside PyTorch (NEXT_COMPARE=0: not), then
+  # the backward beside PyTorch on the seed suite.
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  step selftest-split-kv-khr 60 vkflex selftest --kernel split-kv
-  VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-khr 60 vkflex selftest --kernel split-kv
-  VKFLEX_VALIDATE=1 VKFLEX_DECODE_TILE=nv2 step selftest-split-kv-nv2-nv 60 vkflex selftest --kernel split-kv
-  for t in nv2 nv nvs scalar scalar-u0; do
-    u=; [ $t = scalar-u0 ] && u=0
-    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_UNROLL=$u VKFLEX_DECODE_TILE=${t%-u0} step "next-$t" 40 \
-      vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
-    grep -E " (no|yes) |device time" "$out/next-$t.txt" | sed "s/^/$t /" | cut -c1-160
-    grep -E 'pipeline flex_attention_decode' "$out/next-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Binary Size = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, code \2, local \3/' | sort -u | head -2
+  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 60 vkflex bench --suite decode --no-check
+  grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
+  if [ "${NEXT_COMPARE:-1}" = 1 ]; then
+    step compare-decode 220 bash .device/on-device.sh compare --suite decode
+    tail -12 "$out/compare-decode.txt"
+  fi
+  step compare-backward 200 bash .device/on-device.sh compare --backward
+  tail -14 "$out/compare-backward.txt"
+fi
+if [ "$what" = regsm ]; then
+  # coopmat-generic's register softmax (VKFLEX_GENERIC_SOFTMAX=registers, GEN_REGSM: the scores
+  # read from their accumulators through an index matrix), written without a GPU: its selftest
+  # under the validation layer (the NV extension) and without it (KHR), then the kernel with it
+  # and without it beside coopmat-nv on four seed rows, with registers and each dispatch's time.
+  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_SOFTMAX=registers step selftest-generic-regsm-nv 60 vkflex selftest --kernel coopmat-generic
+  VKFLEX_GENERIC_SOFTMAX=registers step selftest-generic-regsm-khr 60 vkflex selftest --kernel coopmat-generic
+  for g in registers shared; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic VKFLEX_GENERIC_SOFTMAX=$g step "regsm-$g" 70 \
+      vkflex bench --suite seed --no-check --cases ${REGSM_CASES:-full,causal}
+    grep -E "TFLOP|tflops|^ *(full|causal|alibi|softcap|sliding|document|prefix)" "$out/regsm-$g.txt" | sed "s/^/$g /" | cut -c1-160
+    grep -E 'pipeline flex_attention_fwd_generic' "$out/regsm-$g.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -3
   done
-  step compare-decode 220 bash .device/on-device.sh compare --suite decode
-  tail -12 "$out/compare-decode.txt"
+  VKFLEX_KERNEL=coopmat-nv step regsm-nv 40 vkflex bench --suite seed --no-check --cases ${REGSM_CASES:-full,causal}
+  grep -E "TFLOP|tflops|^ *(full|causal|alibi|softcap|sliding|document|prefix)" "$out/regsm-nv.txt" | sed "s/^/nv /" | cut -c1-160
+fi
+if [ "$what" = waves ]; then
+  # The NVIDIA-layout split-KV kernel's split count, never swept: its one-subgroup workgroups run
+  # about eight an SM (255 registers), while the default sizes splits for 16 a compute unit (two
+  # waves of short splits). VKFLEX_DECODE_WAVES=w asks for 4w one-subgroup workgroups a compute unit.
+  for t in ${WAVE_TILES:-nv nv2}; do
+    for w in ${WAVES:-1 2 4}; do
+      VKFLEX_PROFILE=1 VKFLEX_DECODE_WAVES=$w VKFLEX_DECODE_TILE=$t step "waves-$t-$w" 40 \
+        vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+      grep -E " (no|yes) |device time" "$out/waves-$t-$w.txt" | sed "s/^/$t w$w /" | cut -c1-160
+    done
+  done
 fi
 if [ "$what" = decode-nv ]; then
   # Under the validation layer (Debian 12's, older than VK_KHR_cooperative_matrix) the matrices go

@@ -19,6 +19,10 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// Each step's rows are loaded while the step before computes: the coopmat-nv backward passes'
     /// `PREFETCH`; coopmat-generic's `GEN_PREFETCH` (two K/V buffers).
     var prefetch = false
+    /// coopmat-generic's softmax on the scores in their accumulators, through an index matrix
+    /// (`GEN_REGSM`), the score tile only where a row's maximum moves; else every step's scores go
+    /// through the score tile.
+    var registerSoftmax = false
     /// The coopmat-nv dK/dV pass in two dispatches, dV then dK (`DKV`), and which half a pipeline
     /// is (0: both in one).
     var splitDKV = false, dkvHalf = 0
@@ -50,7 +54,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") }
 }
 
 extension AttentionPlanner {
@@ -119,11 +123,20 @@ extension AttentionPlanner {
     /// `VKFLEX_COOPMAT_SHAPE` applied.
     static func genericTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
-        return genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
-                            sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                            forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16,
-                            forced: tuning.genericTiles)
+        var t = genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
+                             sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
+                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16,
+                             forced: tuning.genericTiles)
+        // Emulated there are no accumulators: the products are loops over the score tile.
+        if let e = t?.emulated, !e { t?.registerSoftmax = tuning.genericRegisterSoftmax ?? genericRegisterSoftmaxByDefault }
+        return t
     }
+
+    /// Whether coopmat-generic takes the register softmax (`GEN_REGSM`) unless
+    /// `VKFLEX_GENERIC_SOFTMAX` says. H100, 2026-12-06 (seed suite, TFLOP/s, registers against
+    /// shared): full D=64 53.1 / 50.1, D=128 51.4 / 49.3, causal D=64 54.4 / 49.7, D=128 54.9 /
+    /// 49.5; its selftests passed through both extensions.
+    static let genericRegisterSoftmaxByDefault = true
 
     /// Why a cooperative-matrix kernel (`kernel`, for the message) cannot take `dtype` on `device`
     /// (float16 needs fp16 arithmetic; bfloat16 needs bfloat16 cooperative matrices, unless the
@@ -311,6 +324,32 @@ extension AttentionPlanner {
     /// per KV block, whole workgroups of `subgroups` splits, and few enough that the partials
     /// (`partialBytesPerSplit` each) stay within the buffers the device pools: a larger scratch
     /// is a new allocation per call (``Device/maxPooledBufferBytes``).
+    /// The key splits a split-KV call asks for, before ``decodeSplits(wanted:kvBlocks:partialBytesPerSplit:subgroups:)``
+    /// caps them, for `workgroups` (batch, KV head, row chunk) workgroups of `workgroupSize`
+    /// invocations with `subgroups` splits each.
+    ///
+    /// The NVIDIA-layout kernel (`nvidiaLayout`) takes one wave: as many splits as
+    /// ``decodeNVResidentPerComputeUnit`` subgroups a compute unit hold, never more — a few
+    /// workgroups past a wave run as a second one. H100, 2026-12-06 (`VKFLEX_DECODE_SPLITS`,
+    /// `nv2`, µs contiguous): `specdec_4_of_8k` 148.2 at 16 splits (1,024 subgroups), 209.7 at
+    /// 24, 167.9 at the 32 the four-wave rule below gave; `decode_mqa_32k` 106.0 at 132 (1,056),
+    /// 107.5 at 66, 163.6 at 256 — its merge of 256 splits alone took 65 µs.
+    /// The others: about `waves` (`VKFLEX_DECODE_WAVES`, default 4) workgroups of 128 invocations
+    /// a compute unit, as many subgroups in smaller workgroups.
+    static func decodeWantedSplits(workgroups: Int, computeUnits: Int, workgroupSize: Int, subgroups: Int,
+                                   nvidiaLayout: Bool, waves: Int?) -> Int {
+        if nvidiaLayout, waves == nil {
+            return max(1, decodeNVResidentPerComputeUnit * computeUnits / max(1, workgroups))
+        }
+        let w = (waves ?? 4) * max(1, 128 / workgroupSize)
+        return (w * computeUnits + workgroups - 1) / workgroups * subgroups
+    }
+
+    /// One-subgroup workgroups of the NVIDIA-layout split-KV kernel an SM runs at once: its 242-255
+    /// registers a lane leave room for eight subgroups in an SM's 65,536 (the residency probe
+    /// counted 7.4-7.9 on an H100, docs/performance.md).
+    static let decodeNVResidentPerComputeUnit = 8
+
     static func decodeSplits(wanted: Int, kvBlocks: Int, partialBytesPerSplit: Int, subgroups: Int) -> Int {
         let pooled = Device.maxPooledBufferBytes / max(1, partialBytesPerSplit) / subgroups * subgroups
         return max(1, min(kvBlocks, wanted, max(subgroups, pooled)))

@@ -22,9 +22,11 @@ struct AttentionTuning: Sendable {
     var coopmatShape: (m: Int, n: Int, k: Int)?
     /// `VKFLEX_DECODE_WAVES=n`: split-KV decoding sizes its key splits for about n workgroups of
     /// 128 invocations per compute unit (default 4, the best of 2-16 on an H100's decode suite:
-    /// docs/performance.md; the matrix kernel's one-subgroup workgroups count as many subgroups),
+    /// docs/performance.md; the matrix kernel's one-subgroup workgroups count as many subgroups;
+    /// unset, the NVIDIA-layout kernel takes one wave of its subgroups:
+    /// ``AttentionPlanner/decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:)``),
     /// for tuning.
-    var decodeWaves = 4
+    var decodeWaves: Int?
     /// `VKFLEX_DECODE_SPLITS=n`: split-KV decoding's key splits (at most the KV blocks; a driver's
     /// loop cap can raise it), whatever the device — to see how a kernel's time scales with its
     /// workgroups, for tuning.
@@ -70,6 +72,9 @@ struct AttentionTuning: Sendable {
     /// and `p` for its software pipeline (`GEN_PREFETCH`), for tuning (checked per call against the
     /// shared memory and the matrix shape).
     var genericTiles: (nsg: Int, bkv: Int, prefetch: Bool)?
+    /// `VKFLEX_GENERIC_SOFTMAX=registers` / `shared`: coopmat-generic's online softmax on the scores
+    /// in their accumulators (`GEN_REGSM`) or on every step's scores in shared memory, for tuning.
+    var genericRegisterSoftmax: Bool?
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -171,6 +176,12 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, and p for the software pipeline, e.g. 4x32xp")
             }
             t.genericTiles = (nsg, bkv, prefetch)
+        }
+        if let g = env["VKFLEX_GENERIC_SOFTMAX"], !g.isEmpty {
+            guard ["registers", "shared"].contains(g.lowercased()) else {
+                throw FlexError("VKFLEX_GENERIC_SOFTMAX=\(g): use registers (the scores stay in their accumulators) or shared (every step's scores through shared memory)")
+            }
+            t.genericRegisterSoftmax = g.lowercased() == "registers"
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
@@ -387,7 +398,7 @@ struct AttentionPlan: Hashable, Sendable {
             source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
-                .init("GEN_PREFETCH", t.prefetch ? "1" : "0"),
+                .init("GEN_PREFETCH", t.prefetch ? "1" : "0"), .init("GEN_REGSM", t.registerSoftmax ? "1" : "0"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):
@@ -515,9 +526,15 @@ enum AttentionPlanner {
         let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
         // The NVIDIA-layout kernel where forced or measured faster, and the inputs allow it (else
         // the kernels below, whose loads take any layout).
+        // Unforced, two 16-key chunks a step where the B operand's layout is one the kernel knows
+        // (`nv2`; H100, 2026-12-06, µs contiguous: specdec_4_of_8k 167.9 against nv's 179.1,
+        // decode_mqa_32k 163.6 against 169.9, with 242 registers against 255), else one.
+        let chunks = tuning.decodeNV != nil ? tuning.decodeNVChunks
+            : decodeNVProblem(s, device: device, chunks: 2) == nil ? 2 : 1
         if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
-           decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: tuning.decodeNVChunks) == nil {
+           decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: chunks) == nil {
             var t = decodeNVTiles(tuning)
+            if tuning.decodeNV == nil, chunks == 2 { t.nvChunks = 2; t.prefetch = false }
             // DEC_CHUNKS 2 zeroes V's rows past a chunk's keys through the B operand's layout.
             if t.nvChunks > 1 {
                 t.nvBTransposed = CooperativeMatrixLayout.of(device).map { (s.dtype == .bfloat16 ? $0.bfloat16B : $0.float16B) == CooperativeMatrixLayout.nvidiaMMAB } ?? false

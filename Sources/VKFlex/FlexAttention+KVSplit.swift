@@ -73,16 +73,39 @@ extension ForwardKernel {
         return blocks >= kvBlocks ? nil : blocks
     }
 
-    struct MergeKey: Hashable, Sendable { let out: DType }
+    struct MergeKey: Hashable, Sendable { let out: DType; let vec4: Bool }
 
-    /// The merge pass for outputs of `outDType`, built once per device.
-    static func mergePipeline(outDType: DType, device: Device) throws -> ComputePipeline {
-        try device.pipeline(for: MergeKey(out: outDType)) {
+    /// The merge's invocations a workgroup: 256, or the largest power of two the device allows.
+    static func mergeWorkgroup(_ device: Device) -> Int {
+        var wg = 256
+        while wg > device.capabilities.maxWorkgroupInvocations { wg /= 2 }
+        return wg
+    }
+
+    /// The merge pass for outputs of `outDType` (`vec4`: partial O read four columns at a time),
+    /// built once per device.
+    static func mergePipeline(outDType: DType, vec4: Bool, device: Device) throws -> ComputePipeline {
+        try device.pipeline(for: MergeKey(out: outDType, vec4: vec4)) {
             PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
                                                      defines: [.init("OUT_F16", outDType == .float16 ? "1" : "0"),
-                                                               .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0")]),
-                                bindingCount: 7, pushConstantSize: 18 * 4)
+                                                               .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0"),
+                                                               .init("MERGE_VEC4", vec4 ? "1" : "0"),
+                                                               .init("WG", "\(mergeWorkgroup(device))")]),
+                                bindingCount: 7, pushConstantSize: 20 * 4)
         }
+    }
+
+    /// How the merge deals a row's work: `ul` invocations cover its columns (units of four where
+    /// Dv allows), `groups` groups of them take its splits in turn, `rows` rows a workgroup of `wg`.
+    /// Enough groups for the splits (one-row MQA: 132 splits of 128 rows), as many rows as fill
+    /// the workgroup where splits are few.
+    static func mergeLayout(splits: Int, Dv: Int, wg: Int) -> (ul: Int, groups: Int, rows: Int) {
+        let units = Dv % 4 == 0 ? Dv / 4 : Dv
+        var ul = 1
+        while ul < units && ul < wg { ul *= 2 }
+        var groups = 1
+        while groups < splits && groups * ul < wg { groups *= 2 }
+        return (ul, groups, wg / (ul * groups))
     }
 
     /// Where a dispatch writes O or the LSE: a tensor's part for a chunk, or a partial's.
@@ -93,13 +116,13 @@ extension ForwardKernel {
     static func merge(splits: Int, partO: Buffer, partL: Buffer, partMax: Buffer?, nb: Int, nh: Int, shape s: AttentionShape,
                       out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, sinks: Tensor? = nil, headStart: Int = 0,
                       outDType: DType, device: Device) throws {
-        let pipeline = try mergePipeline(outDType: outDType, device: device)
-        let elements = nb * nh * s.Lq * s.Dv
-        let groups = (elements + 63) / 64
+        let pipeline = try mergePipeline(outDType: outDType, vec4: s.Dv % 4 == 0, device: device)
+        let layout = mergeLayout(splits: splits, Dv: s.Dv, wg: mergeWorkgroup(device))
+        let groups = (nb * nh * s.Lq + layout.rows - 1) / layout.rows
         let gx = min(groups, device.capabilities.maxWorkgroupCount[0]), gy = (groups + gx - 1) / gx
         let rows = lse ?? max   // the LSE and the maximum scores share their addressing
         let ls = rows?.strides ?? [0, 0, 0]
-        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [rows?.base ?? 0] + ls + [lse == nil ? 0 : 1, max == nil ? 0 : 1, sinks == nil ? 0 : 1, headStart]
+        let params = [splits, nb, nh, s.Lq, s.Dv, out.base] + out.strides + [rows?.base ?? 0] + ls + [lse == nil ? 0 : 1, max == nil ? 0 : 1, sinks == nil ? 0 : 1, headStart, layout.ul, layout.groups]
         let unused = try dummyFloatBuffer(device)
         var bindings = [BufferBinding(partO), BufferBinding(partL), out.binding]
         bindings.append(lse?.binding ?? BufferBinding(unused, writes: true))

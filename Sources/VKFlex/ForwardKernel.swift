@@ -239,9 +239,13 @@ enum ForwardKernel {
                 let tuning = try AttentionTuning.of(device)
                 let nsg: Int
                 if case .decodeMM(let t) = prepared.plan.tiles { nsg = t.NSG } else { nsg = 1 }
-                let waves = tuning.decodeWaves * max(1, 128 / prepared.plan.WG)
+                var nvLayout = false
+                if case .decodeMM(let t) = prepared.plan.tiles { nvLayout = t.nvDecode }
+                let wanted = AttentionPlanner.decodeWantedSplits(workgroups: workgroups, computeUnits: caps.computeUnits ?? 32,
+                                                                 workgroupSize: prepared.plan.WG, subgroups: nsg, nvidiaLayout: nvLayout,
+                                                                 waves: tuning.decodeWaves)
                 var splits = tuning.decodeSplits.map { max(1, min(kvBlocks, $0)) }
-                    ?? AttentionPlanner.decodeSplits(wanted: (waves * (caps.computeUnits ?? 32) + workgroups - 1) / workgroups * nsg, kvBlocks: kvBlocks,
+                    ?? AttentionPlanner.decodeSplits(wanted: wanted, kvBlocks: kvBlocks,
                                                      partialBytesPerSplit: nb * s.Hq * s.Lq * s.Dv * 4, subgroups: nsg)
                 if let limit = loopIterationLimit(device), !ignoreLoopLimitForTesting {
                     let perBlock = decodeIterationsPerBlock(D: s.D, Dv: s.Dv, kvBlockSize: kvBS, plan: prepared.plan, half: s.dtype.size == 2)

@@ -3751,6 +3751,10 @@ void main() {
 // each lane rescales the rows it owns in the softmax, and O is loaded back; at the end O goes
 // through the same tile to the lanes that write it.
 //
+// GEN_REGSM: the register softmax (flex_mm_step.glsl's MM_STEP_REG): the scores stay in their
+// accumulators, read element by element through an index matrix, and only a step where a row's
+// maximum moves goes through the score tile; the row sums are products with a matrix of ones.
+//
 // GEN_PREFETCH: software pipeline — the next step's K and V go from global memory to registers
 // while this step computes, then into the other of two shared buffers, one barrier a step (as
 // coopmat-nv's); else each step loads, then computes, between two barriers.
@@ -3761,7 +3765,7 @@ void main() {
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH, GEN_REGSM and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
 // IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
 // VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
@@ -3784,6 +3788,10 @@ layout(local_size_x = SG * NSG) in;
 #ifndef GEN_PREFETCH
 #define GEN_PREFETCH 0
 #endif
+#if !defined(GEN_REGSM) || VKF_MM_EMULATE
+#undef GEN_REGSM
+#define GEN_REGSM 0
+#endif
 #if GEN_PREFETCH
 #define KV_NBUF 2
 #endif
@@ -3804,6 +3812,19 @@ float sm_score(int k, int t);
 void sm_put(int k, int t, float pv);
 #include "flex_softmax.glsl"
 
+#if GEN_REGSM
+// The scores reach the tile already modded (mm_score): read as stored.
+float sm_score(int k, int t) { return Ss[(g_r0 + sm_row(g_lane, k)) * SST + sm_col0(g_lane) + t * SM_TPR]; }
+float mm_score(float raw, int r, int j) {
+    if (r >= g_t.rows || j >= g_kn) return NEG_INF;
+    const int qi = g_t.p0 + r, ki = g_k0 + j;
+    float s = modded_l2(raw, g_t.b, g_t.h, qi, ki);
+#if VKF_HAS_MASK_MOD
+    if (g_pass == 1 && !mask_mod(g_t.b, g_t.h, qi, ki)) s = NEG_INF;
+#endif
+    return s;
+}
+#else
 float sm_score(int k, int t) {
     const int r = g_r0 + sm_row(g_lane, k), j = sm_col0(g_lane) + t * SM_TPR;
     if (r >= g_t.rows || j >= g_kn) return NEG_INF;
@@ -3814,6 +3835,7 @@ float sm_score(int k, int t) {
 #endif
     return s;
 }
+#endif
 void sm_put(int k, int t, float pv) {
     Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }
@@ -3896,6 +3918,10 @@ void main() {
     FRAG_C o[DV / MN];
     [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
 #endif
+#if GEN_REGSM
+    FRAG_C ix, mb, ls;
+    MM_REG_INIT(g_r0, lane, ix, mb, ls, -1e30)
+#endif
 
     const int mrow = walk_row(b, h, g_t.qb);
     const int n_full = walk_count(0, mrow), n_part = walk_count(1, mrow);
@@ -3918,10 +3944,15 @@ void main() {
         k0 += BKV;
         more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
         if (more) fetch(k0, min(BKV, k_stop - k0), lid);   // in flight while this step computes
+#if GEN_REGSM
+        g_k0 = c0; g_kn = kn; g_pass = cpass;
+        MM_STEP_REG(qf, o, g_r0, lane, m, l, ix, mb, ls, buf * BKV * KS4, buf * BKV * VS4)
+#else
         MM_SCORES(qf, g_r0, lane, buf * BKV * KS4)
         subgroup_sync();
         g_k0 = c0; g_kn = kn; g_pass = cpass;
         MM_SOFTMAX_PV(o, g_r0, lane, m, l, buf * BKV * VS4)
+#endif
         ++step;
     }
     // A walk that ends on its own leaves the cursor past the row; one a driver stopped leaves it inside.
@@ -3945,10 +3976,15 @@ void main() {
                 MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lid, SG * NSG, V_UNIT)
                 barrier();
                 // S = Q Kᵀ into this subgroup's rows of the score tile, the softmax, O += P V.
+#if GEN_REGSM
+                g_k0 = k0; g_kn = kn; g_pass = pass;
+                MM_STEP_REG(qf, o, g_r0, lane, m, l, ix, mb, ls, 0, 0)
+#else
                 MM_SCORES(qf, g_r0, lane, 0)
                 subgroup_sync();
                 g_k0 = k0; g_kn = kn; g_pass = pass;
                 MM_SOFTMAX_PV(o, g_r0, lane, m, l, 0)
+#endif
                 barrier();   // every subgroup is done with this K/V tile (and with its score tile)
             }
             if (k0 < k_stop) walked = false;
@@ -3964,9 +4000,14 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
     float lk[SM_RPL], fk[SM_RPL];
+#if GEN_REGSM
+    MM_REG_SUMS(g_r0, lane, ls, lk)
+#endif
     [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
+#if !GEN_REGSM
         lk[k] = sm_row_sum(l[k]);
+#endif
         if (!sized) lk[k] = nan;
         float mk = m[k];
         fk[k] = 1.0;
@@ -4011,16 +4052,27 @@ void main() {
 // wrote its normalized output O_s (float32) and its LSE l_s over its keys; over all keys
 //   LSE = log Σ_s exp(l_s),  O = Σ_s exp(l_s − LSE) · O_s.
 // A row no split saw a key of (every l_s = −inf) gives O = 0 and LSE = −inf; a NaN LSE (a row
-// with a NaN score) stays NaN. A head's sink (sinks) joins the denominator once, here. One
-// invocation per output element; the LSE by the d = 0 ones.
+// with a NaN score) stays NaN. A head's sink (sinks) joins the denominator once, here.
 //
-// Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl). Bindings: 0 partial O [S, rows, Dv], 1
+// A workgroup takes R rows; each row's splits are dealt to G groups of UL invocations (split s to
+// group s mod G), each invocation holding VW columns (a vec4 where Dv allows) of a unit of the row:
+// a group merges its splits against its own maximum, then the first group combines the G groups'
+// results through shared memory, in the groups' order (deterministic). With many splits and few
+// rows — split-KV decoding of one-row MQA: 132 splits of 128 rows — one invocation per element
+// walking every split waited one memory latency per eight splits (H100: a 22 µs merge beside an
+// 84 µs kernel, docs/performance.md); the host picks G for the call (push constants ul, groups).
+//
+// Defines: OUT_F16 / OUT_BF16 (0/1, the output's element type: flex_dtype.glsl), WG, MERGE_VEC4 (0/1:
+// Dv a multiple of 4, the partial O read as vec4). Bindings: 0 partial O [S, rows, Dv], 1
 // partial LSE [S, rows], 2 output, 3 LSE (written when write_lse), 4 partial maximum scores
 // [S, rows] and 5 the rows' maximum scores (both when write_max). Push constants below.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
 
-layout(local_size_x = 64) in;
+#ifndef WG
+#define WG 256   // invocations a workgroup, a power of two (the host: 256, or the device's limit)
+#endif
+layout(local_size_x = WG) in;
 
 #include "flex_dtype.glsl"
 layout(std430, set = 0, binding = 0) readonly buffer PartO { float part_o[]; };
@@ -4037,58 +4089,111 @@ layout(push_constant) uniform Params {
     int o_base, o_sb, o_sh, o_sl, o_sd;
     int lse_base, lse_sb, lse_sh, lse_sl, write_lse, write_max;
     int has_sinks, h_start;   // the heads of these rows are h_start + h
+    int ul, groups;           // invocations a group (a power of two), groups a row: UL * G divides WG
 } p;
+#ifndef MERGE_VEC4
+#define MERGE_VEC4 0
+#endif
+#if MERGE_VEC4
+#define VW 4
+#define VT vec4
+layout(std430, set = 0, binding = 0) readonly buffer PartO4 { vec4 part_o4[]; };
+#define PART_O(i) part_o4[i]
+#else
+#define VW 1
+#define VT float
+#define PART_O(i) part_o[i]
+#endif
+shared float sh_m[WG], sh_s[WG];
+shared VT sh_o[WG];
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 #define MS 8   // splits whose loads are in flight together
 
 void main() {
-    const int rows = p.nb * p.nh * p.Lq;
-    const int e = int(gl_GlobalInvocationID.x) + int(gl_GlobalInvocationID.y) * int(gl_NumWorkGroups.x * gl_WorkGroupSize.x);
-    if (e >= rows * p.Dv) return;
-    const int row = e / p.Dv, d = e - row * p.Dv;
+    const int rows = p.nb * p.nh * p.Lq, U = p.Dv / VW, UL = p.ul, G = p.groups;
+    const int t = int(gl_LocalInvocationID.x);
+    const int u0 = t % UL, g = (t / UL) % G, r = t / (UL * G);
+    const int row = (int(gl_WorkGroupID.x) + int(gl_WorkGroupID.y) * int(gl_NumWorkGroups.x)) * (WG / (UL * G)) + r;
+    const bool live = row < rows;   // no return: the barriers below are the workgroup's
     const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
-    const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
-    // The splits MS at a time, their loads issued together: a loop of one load an iteration waited
-    // out one memory latency per split (H100: 14-16 µs a merge of 32 splits, docs/performance.md).
-    // The sums keep the splits' order.
-    float m = sink;
-    bool nan_row = false;
-    for (int s0 = 0; s0 < p.splits; s0 += MS) {
-        float l[MS];
-        [[unroll]] for (int k = 0; k < MS; ++k) l[k] = s0 + k < p.splits ? part_l[(s0 + k) * rows + row] : NEG_INF;
-        [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else m = max(m, l[k]); }
-    }
-    float o = 0.0, sum = 0.0;
-    if (m > NEG_INF) {
-        for (int s0 = 0; s0 < p.splits; s0 += MS) {
-            float w[MS], v[MS];
-            [[unroll]] for (int k = 0; k < MS; ++k) {
-                // w: 0 for a split that saw no key (and past the last split), whose O is not read.
-                w[k] = s0 + k < p.splits ? exp(part_l[(s0 + k) * rows + row] - m) : 0.0;
-                v[k] = w[k] != 0.0 ? part_o[((s0 + k) * rows + row) * p.Dv + d] : 0.0;
-            }
-            [[unroll]] for (int k = 0; k < MS; ++k) {
-                if (w[k] != 0.0) o += w[k] * v[k];
-                sum += w[k];
-            }
-        }
-        sum += exp(sink - m);   // the sink: a logit with no value row (0 without one)
-        o /= sum;
-    }
     const float nan = uintBitsToFloat(0x7FC00000u);
-    if (nan_row) o = nan;
-    o_data[p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + d * p.o_sd] = OUT_VALUE(o);
-    if (p.write_lse != 0 && d == 0)
-        lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : m > NEG_INF ? m + log(sum) : NEG_INF;
-    if (p.write_max != 0 && d == 0) {
-        float mx = NEG_INF;
-        for (int s0 = 0; s0 < p.splits; s0 += MS) {
-            float x[MS];
-            [[unroll]] for (int k = 0; k < MS; ++k) x[k] = s0 + k < p.splits ? part_max[(s0 + k) * rows + row] : NEG_INF;
-            [[unroll]] for (int k = 0; k < MS; ++k) mx = max(mx, x[k]);
+    // This group's splits (g, g + G, ...), MS at a time with their loads issued together.
+    float m = NEG_INF;
+    bool nan_row = false;
+    if (live) {
+        for (int s0 = g; s0 < p.splits; s0 += G * MS) {
+            float l[MS];
+            [[unroll]] for (int k = 0; k < MS; ++k) l[k] = s0 + k * G < p.splits ? part_l[(s0 + k * G) * rows + row] : NEG_INF;
+            [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else m = max(m, l[k]); }
         }
-        max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_row ? nan : mx;
+    }
+    for (int ub = 0; ub < U; ub += UL) {
+        const int u = ub + u0;
+        VT o = VT(0.0);
+        float sum = 0.0;
+        if (live && m > NEG_INF) {
+            for (int s0 = g; s0 < p.splits; s0 += G * MS) {
+                float w[MS];
+                VT v[MS];
+                [[unroll]] for (int k = 0; k < MS; ++k) {
+                    const int s = s0 + k * G;
+                    // w: 0 for a split that saw no key (and past the last split), whose O is not read.
+                    w[k] = s < p.splits ? exp(part_l[s * rows + row] - m) : 0.0;
+                    v[k] = w[k] != 0.0 && u < U ? PART_O((s * rows + row) * U + u) : VT(0.0);
+                }
+                [[unroll]] for (int k = 0; k < MS; ++k) {
+                    if (w[k] != 0.0) o += w[k] * v[k];
+                    sum += w[k];
+                }
+            }
+        }
+        sh_m[t] = nan_row ? nan : m;
+        sh_s[t] = sum;
+        sh_o[t] = o;
+        barrier();
+        if (g == 0 && live) {
+            // The groups' results against the row's maximum (the sink's logit included).
+            const float sink = p.has_sinks != 0 ? sinks[p.h_start + h] : NEG_INF;
+            float mx = sink;
+            bool nan_any = false;
+            for (int gg = 0; gg < G; ++gg) {
+                const float mg = sh_m[t + gg * UL];
+                if (isnan(mg)) nan_any = true; else mx = max(mx, mg);
+            }
+            VT oo = VT(0.0);
+            float total = 0.0;
+            if (mx > NEG_INF && !nan_any) {
+                for (int gg = 0; gg < G; ++gg) {
+                    const float sc = exp(sh_m[t + gg * UL] - mx);   // 0 for a group that saw no key
+                    total += sh_s[t + gg * UL] * sc;
+                    oo += sh_o[t + gg * UL] * sc;
+                }
+                total += exp(sink - mx);   // the sink: a logit with no value row (0 without one)
+                oo /= total;
+            }
+            if (nan_any) oo = VT(nan);
+            if (u < U) {
+                const int at = p.o_base + b * p.o_sb + h * p.o_sh + i * p.o_sl + u * VW * p.o_sd;
+#if MERGE_VEC4
+                [[unroll]] for (int c = 0; c < 4; ++c) o_data[at + c * p.o_sd] = OUT_VALUE(oo[c]);
+#else
+                o_data[at] = OUT_VALUE(oo);
+#endif
+            }
+            if (u == 0 && p.write_lse != 0)
+                lse_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_any ? nan : mx > NEG_INF ? mx + log(total) : NEG_INF;
+            if (u == 0 && p.write_max != 0) {
+                float x = NEG_INF;
+                for (int s0 = 0; s0 < p.splits; s0 += MS) {
+                    float xs[MS];
+                    [[unroll]] for (int k = 0; k < MS; ++k) xs[k] = s0 + k < p.splits ? part_max[(s0 + k) * rows + row] : NEG_INF;
+                    [[unroll]] for (int k = 0; k < MS; ++k) x = max(x, xs[k]);
+                }
+                max_data[p.lse_base + b * p.lse_sb + h * p.lse_sh + i * p.lse_sl] = nan_any ? nan : x;
+            }
+        }
+        barrier();
     }
 }
 """#,
@@ -4652,6 +4757,15 @@ GATHER(v_data, v_units)
         } \
     } }
 #else
+// O += P V: P's A operands PF (BKV / MK of them), V from the buffer starting at unit VB of Vs4.
+#define MM_PV(O, PF, VB) \
+    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            FRAG_B vf_; \
+            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            O[nn_] = coopMatMulAddNV(PF[kk_], vf_, O[nn_]); \
+        } \
+    }
 #define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
@@ -4673,13 +4787,91 @@ GATHER(v_data, v_units)
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[BKV / MK]; \
     [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
-    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
-            FRAG_B vf_; \
-            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
-            O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \
+    MM_PV(O, pf_, VB) }
+#endif
+
+#if !VKF_MM_EMULATE
+// The register softmax (GEN_REGSM): the step's scores stay in their accumulators. Which (row,
+// column) an element holds is read from IX, an accumulator of the same type loaded from a table
+// of r * MN + c (matrices of one type share their element order: that is what makes the
+// specification's element-wise operations well defined), so the mods, the mask and the test
+// against the running maximum work element by element with no layout assumed. MB holds each
+// row's running maximum broadcast over its columns (loaded from a table), LS the row sums the
+// same way (accumulated by products with a matrix of ones, from the fp16 P the products take).
+// Only where a score passes its row's maximum by more than SM_TAU (every row's first step, then
+// rarely) do the scores go through the score tile to flex_softmax.glsl's sm_tile, which raises
+// the maxima; MB is reloaded and O and LS rescaled element-wise by a broadcast of the factors.
+// Else each lane writes its elements' P straight to the P tile. The includer defines
+// mm_score(raw, r, j): the score of raw product RAW at the workgroup tile's row R, step column J,
+// in log2 units after scale, mods and mask (-inf outside the tile), and sm_score reading the
+// score tile as stored.
+#define MM_IX_ROW(E) ((E) / MN)
+// A table of MN columns in rows R0.. of the score tile, each lane writing its own rows' columns.
+#define MM_ROW_TABLE(R0, LANE, V) \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        [[unroll]] for (int u_ = 0; u_ < MN / SM_TPR; ++u_) Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR] = V[k_];
+// IX, MB (every row at the starting maximum M0) and LS (zero), before the first step.
+#define MM_REG_INIT(R0, LANE, IX, MB, LS, M0) { \
+    for (int e_ = (LANE); e_ < MM * MN; e_ += SG) Ss[((R0) + e_ / MN) * SST + e_ % MN] = float(e_); \
+    subgroup_sync(); \
+    coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
+    subgroup_sync(); \
+    MB = FRAG_C(M0); LS = FRAG_C(0.0); }
+#define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
+    FRAG_C s_[BKV / MN]; \
+    bool up_ = false; \
+    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+        s_[nn_] = FRAG_C(0.0); \
+        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+            FRAG_B kt_; \
+            coopMatLoadNV(kt_, Ks4, uint((KB) + nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            s_[nn_] = coopMatMulAddNV(QF[kk_], kt_, s_[nn_]); \
         } \
-    } }
+        [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
+            const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+            const float v_ = mm_score(s_[nn_][i_], (R0) + r_, nn_ * MN + e_ - r_ * MN); \
+            s_[nn_][i_] = v_; \
+            up_ = up_ || v_ > MB[i_] + SM_TAU; \
+        } \
+    } \
+    if (subgroupAny(up_)) { \
+        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) coopMatStoreNV(s_[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+        subgroup_sync(); \
+        float alpha_[SM_RPL]; \
+        sm_tile(M, L, alpha_); \
+        subgroup_sync();   /* the scores read: the tile takes the maxima, then the factors */ \
+        MM_ROW_TABLE(R0, LANE, M) \
+        subgroup_sync(); \
+        coopMatLoadNV(MB, Ss, uint((R0) * SST), uint(SST), false); \
+        subgroup_sync(); \
+        MM_ROW_TABLE(R0, LANE, alpha_) \
+        subgroup_sync(); \
+        FRAG_C a_; \
+        coopMatLoadNV(a_, Ss, uint((R0) * SST), uint(SST), false); \
+        [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[i_] *= a_[i_]; \
+        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
+            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[nn_][i_] *= a_[i_]; \
+    } else { \
+        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) \
+            [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
+                const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+                Ps[((R0) + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[nn_][i_] - MB[i_])); \
+            } \
+    } \
+    subgroup_sync();   /* P written */ \
+    FRAG_A pf_[BKV / MK]; \
+    const FRAG_B ones_ = FRAG_B(1.0); \
+    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+        coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
+        LS = coopMatMulAddNV(pf_[kk_], ones_, LS); \
+    } \
+    MM_PV(O, pf_, VB) }
+// Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
+#define MM_REG_SUMS(R0, LANE, LS, LK) { \
+    subgroup_sync(); \
+    coopMatStoreNV(LS, Ss, uint((R0) * SST), uint(SST), false); \
+    subgroup_sync(); \
+    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
 #endif
 """#,
         "flex_softmax.glsl": #"""

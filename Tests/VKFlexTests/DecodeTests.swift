@@ -84,6 +84,7 @@ final class DecodeTests: FlexTestCase {
             Case(name: "key lengths, an empty batch, sinks", B: 3, Lq: 2, kvLengths: [L, 0, 33], sinks: [0.5, -1, 2, 0, 0, 1, -2, 3]),
             Case(name: "fully masked rows", Lq: 3, mask: MaskMod { _, _, q, kv in kv < q - 1 }),
             Case(name: "NaN key: its rows are NaN", B: 1, Hq: 4, Hkv: 1, nanKeyRow: 123),
+            Case(name: "head dim 13: the merge's columns one at a time", B: 1, Hq: 4, Hkv: 2, Lq: 2, D: 13, sinks: [0.5, -1, 2, 0]),
             Case(name: "bfloat16 rows straddling a block", B: 1, Hq: 2, Hkv: 1, Lq: 5, dtype: .bfloat16, mask: MaskMod { _, _, q, kv in q >= kv },
                  offsets: [62]),
         ]
@@ -169,8 +170,16 @@ final class DecodeTests: FlexTestCase {
         }
         XCTAssertEqual(FlexKernel(name: "split-kv"), .splitKV)
         XCTAssertNotNil(FlexKernel.splitKV.problem(q2, k, k))
-        // VKFLEX_DECODE_WAVES: workgroups per compute unit the key splits aim at (4 unless set).
-        XCTAssertEqual(try AttentionTuning.parse([:]).decodeWaves, 4)
+        // VKFLEX_DECODE_WAVES: workgroups per compute unit the key splits aim at (4 unless set; the
+        // NVIDIA-layout kernel one wave of eight subgroups a compute unit unless set).
+        XCTAssertNil(try AttentionTuning.parse([:]).decodeWaves)
+        // H100 (132 SMs): speculative decoding's 64 workgroups take 16 splits (not 17: a second wave),
+        // one-row MQA's 8 take 132; the scalar kernel's 128 invocations 4 waves.
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 16)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 132)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 2000, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 1)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: 4), 33)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 9)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": "8"]).decodeWaves, 8)
         for bad in ["0", "x", "65", "-1"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_WAVES=\(bad)"), "\($0)") }

@@ -200,9 +200,22 @@ extension AttentionTests {
                                          typedOperands: true, kvLengths: true, pushParams: true, mods: mods.glsl.source)
                 try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) prefetch")
                 compiled += 1
+                // The register softmax (GEN_REGSM: element-wise through an index matrix), with and without the pipeline.
+                var rt = t
+                rt.registerSoftmax = true
+                for (pass, dtype, prefetch) in [(AttentionPlan.Pass.forward, DType.float16, false), (.forwardPartial, .float16, true)]
+                    + (sg == 32 && m == 16 && n == 16 ? [(.forward, .bfloat16, true)] : []) {
+                    rt.prefetch = prefetch
+                    let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: dtype, D: D, Dv: Dv, tiles: .generic(rt),
+                                             typedOperands: true, maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward,
+                                             pushParams: true, mods: mods.glsl.source)
+                    XCTAssertTrue(try plan.source().defines.contains { $0.name == "GEN_REGSM" && $0.value == "1" })
+                    try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) \(pass) \(dtype) register softmax")
+                    compiled += 1
+                }
             }
         }
-        XCTAssertEqual(compiled, 51)
+        XCTAssertEqual(compiled, 84)
         // The split-KV matrix kernel, through the same shapes and subgroup sizes (GQA rows, offsets,
         // paged K/V, max scores).
         var decodes = 0
