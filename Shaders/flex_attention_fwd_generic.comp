@@ -22,7 +22,9 @@
 //
 // GEN_PREFETCH: software pipeline — the next step's K and V go from global memory to registers
 // while this step computes, then into the other of two shared buffers, one barrier a step (as
-// coopmat-nv's); else each step loads, then computes, between two barriers.
+// coopmat-nv's); with GEN_NBUF 1 into the one buffer after a second barrier (the loads still in
+// flight during the step, no second buffer's shared memory); else each step loads, then
+// computes, between two barriers.
 //
 // VKF_MM_EMULATE: the two products as scalar loops over the same shared tiles (no cooperative
 // matrices), O in registers in the softmax's row/column assignment (no round trip):
@@ -30,7 +32,7 @@
 // lavapipe in CI at its subgroup size.
 //
 // Defines: D, DV (multiples of MK and MN, and of 8), MM, MN, MK (the matrix shape), SG (subgroup size), NSG
-// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH, GEN_REGSM and VKF_MM_EMULATE (0/1), IN_F16 and OUT_F16 (or
+// (subgroups), BKV (keys per step, a multiple of MN, MK and of MM), GEN_PREFETCH, GEN_REGSM and VKF_MM_EMULATE (0/1), GEN_NBUF (1/2), IN_F16 and OUT_F16 (or
 // IN_BF16 and OUT_BF16: bfloat16 operands, flex_mm.glsl), and what flex_attention_common.glsl takes (VKF_KV_SPLIT,
 // VKF_SINKS, ...). fp16 or bf16 in; out in the same dtype (partials fp32). Bindings as flex_attention_fwd.comp.
 #extension GL_GOOGLE_include_directive : require
@@ -58,7 +60,10 @@ layout(local_size_x = SG * NSG) in;
 #define GEN_REGSM 0
 #endif
 #if GEN_PREFETCH
-#define KV_NBUF 2
+#ifndef GEN_NBUF
+#define GEN_NBUF 2
+#endif
+#define KV_NBUF GEN_NBUF
 #endif
 // The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
 #include "flex_mm_step.glsl"
@@ -202,8 +207,9 @@ void main() {
     bool more = gen_seek(t, k0, k_stop, partial, mrow, n_full, n_all, lkv);
     if (more) fetch(k0, min(BKV, k_stop - k0), lid);
     while (more) {
-        // Buffer step & 1 was last read two steps ago, before every subgroup passed the last barrier.
-        const int buf = step & 1, c0 = k0, kn = min(BKV, k_stop - k0), cpass = partial ? 1 : 0;
+        // Buffer step & 1 was last read two steps ago, before every subgroup passed the last barrier
+        // (one buffer: read last step, before the barrier that ends it).
+        const int buf = KV_NBUF == 2 ? step & 1 : 0, c0 = k0, kn = min(BKV, k_stop - k0), cpass = partial ? 1 : 0;
         stash(buf, lid);
         barrier();
         k0 += BKV;
@@ -217,6 +223,9 @@ void main() {
         subgroup_sync();
         g_k0 = c0; g_kn = kn; g_pass = cpass;
         MM_SOFTMAX_PV(o, g_r0, lane, m, l, buf * BKV * VS4)
+#endif
+#if KV_NBUF == 1
+        barrier();   // every subgroup is done with the one K/V tile before the next stash
 #endif
         ++step;
     }

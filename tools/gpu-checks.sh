@@ -262,7 +262,7 @@ if [ "$what" = next ]; then
   # a row's splits dealt to groups; nv2, one-wave splits and coopmat-generic's register softmax
   # the defaults), the decode suite with each dispatch's device time (the merge's: MQA's 132
   # splits took 22 µs before), then the decode suite beside PyTorch (NEXT_COMPARE=0: not), then
-  # the backward beside PyTorch on the seed suite.
+  # coopmat-generic's one-buffer pipeline (4x16xp1), then the backward beside PyTorch on the seed suite.
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 60 vkflex bench --suite decode --no-check
   grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
@@ -270,6 +270,14 @@ if [ "$what" = next ]; then
     step compare-decode 220 bash .device/on-device.sh compare --suite decode
     tail -12 "$out/compare-decode.txt"
   fi
+  # coopmat-generic's pipeline with one K/V buffer (4x16xp1: no second buffer's shared memory),
+  # never run on a GPU: its selftest, then beside the planner's tiles and two buffers.
+  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xp1 step selftest-generic-p1 60 vkflex selftest --kernel coopmat-generic
+  for t in 4x16 4x16xp1 4x16xp 4x32xp1; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic VKFLEX_GENERIC_TILES=$t step "next-generic-$t" 50 \
+      vkflex bench --suite seed --no-check --cases full,causal
+    grep -E "^ *(full|causal) " "$out/next-generic-$t.txt" | sed "s/^/$t /" | cut -c1-140
+  done
   step compare-backward 200 bash .device/on-device.sh compare --backward
   tail -14 "$out/compare-backward.txt"
 fi

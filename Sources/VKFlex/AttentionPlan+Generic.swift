@@ -19,6 +19,9 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// Each step's rows are loaded while the step before computes: the coopmat-nv backward passes'
     /// `PREFETCH`; coopmat-generic's `GEN_PREFETCH` (two K/V buffers).
     var prefetch = false
+    /// coopmat-generic's pipeline with one K/V buffer (`GEN_NBUF=1`): the next step's rows wait in
+    /// registers for a second barrier instead of going into a second shared buffer.
+    var singleBuffer = false
     /// coopmat-generic's softmax on the scores in their accumulators, through an index matrix
     /// (`GEN_REGSM`), the score tile only where a row's maximum moves; else every step's scores go
     /// through the score tile.
@@ -48,13 +51,14 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// with `prefetch`) and P (fp16, rows padded by 8), the score tile (fp32, rows of BKV + 4; O
     /// crosses it a fragment at a time), and in emulation Q (and, for bfloat16, P as float32:
     /// flex_mm.glsl's HALF_T).
-    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false, prefetch: Bool = false) -> Int {
+    static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false, prefetch: Bool = false,
+                            singleBuffer: Bool = false) -> Int {
         let bq = M * NSG
-        let halves = (prefetch ? 2 : 1) * (BKV * (D + 8) + BKV * (Dv + 8)) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
+        let halves = (prefetch && !singleBuffer ? 2 : 1) * (BKV * (D + 8) + BKV * (Dv + 8)) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") }
 }
 
 extension AttentionPlanner {
@@ -77,7 +81,7 @@ extension AttentionPlanner {
     /// (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool)? = nil) -> GenericTiles? {
+                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool)? = nil) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
@@ -96,9 +100,12 @@ extension AttentionPlanner {
                     for want in forced.map({ [$0.bkv] }) ?? (emulated ? [32, 16] : [16, 32]) {
                         let bkv = (want + step - 1) / step * step
                         guard bkv % tpr == 0, forced == nil || bkv == want,
-                              GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch) <= budget
+                              GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch,
+                                                       singleBuffer: forced?.singleBuffer ?? false) <= budget
                         else { continue }
-                        return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
+                        var t = GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
+                        t.singleBuffer = prefetch && (forced?.singleBuffer ?? false)
+                        return t
                     }
                 }
             }

@@ -68,10 +68,10 @@ struct AttentionTuning: Sendable {
     /// dK/dV pass's where they differ (after the slash).
     var backwardTiles: BackwardNVTiles?
     var backwardDKVTiles: BackwardNVTiles?
-    /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp]`: coopmat-generic's subgroups per workgroup, keys per step
-    /// and `p` for its software pipeline (`GEN_PREFETCH`), for tuning (checked per call against the
+    /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp|xp1]`: coopmat-generic's subgroups per workgroup, keys per step
+    /// and `p` for its software pipeline (`GEN_PREFETCH`; `p1` with one K/V buffer, `GEN_NBUF=1`), for tuning (checked per call against the
     /// shared memory and the matrix shape).
-    var genericTiles: (nsg: Int, bkv: Int, prefetch: Bool)?
+    var genericTiles: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool)?
     /// `VKFLEX_GENERIC_SOFTMAX=registers` / `shared`: coopmat-generic's online softmax on the scores
     /// in their accumulators (`GEN_REGSM`) or on every step's scores in shared memory, for tuning.
     var genericRegisterSoftmax: Bool?
@@ -170,12 +170,12 @@ struct AttentionTuning: Sendable {
         }
         if let g = env["VKFLEX_GENERIC_TILES"], !g.isEmpty {
             let parts = g.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
-            let prefetch = parts.count == 3 && parts[2] == "p"
+            let prefetch = parts.count == 3 && (parts[2] == "p" || parts[2] == "p1")
             guard parts.count == 2 || prefetch, let nsg = Int(parts[0]), let bkv = Int(parts[1]), [1, 2, 4, 8].contains(nsg),
                   bkv > 0, bkv % 8 == 0, bkv <= 128 else {
-                throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, and p for the software pipeline, e.g. 4x32xp")
+                throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp|xp1], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, and p for the software pipeline (p1: with one K/V buffer), e.g. 4x32xp")
             }
-            t.genericTiles = (nsg, bkv, prefetch)
+            t.genericTiles = (nsg, bkv, prefetch, parts.count == 3 && parts[2] == "p1")
         }
         if let g = env["VKFLEX_GENERIC_SOFTMAX"], !g.isEmpty {
             guard ["registers", "shared"].contains(g.lowercased()) else {
@@ -399,6 +399,7 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
                 .init("GEN_PREFETCH", t.prefetch ? "1" : "0"), .init("GEN_REGSM", t.registerSoftmax ? "1" : "0"),
+                .init("GEN_NBUF", t.singleBuffer ? "1" : "2"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):

@@ -78,34 +78,39 @@ extension AttentionTests {
     }
 
     /// The software pipeline (`VKFLEX_GENERIC_TILES=NSGxBKVxp`: the next step's K and V in registers
-    /// while a step computes, two shared buffers, one barrier a step) on lavapipe: full and partial
+    /// while a step computes, two shared buffers, one barrier a step; `xp1`: one buffer, two
+    /// barriers a step) on lavapipe: full and partial
     /// blocks, a block size that is not a multiple of the step, key lengths, GQA, a key split.
     func testGenericKernelSoftwarePipeline() throws {
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x32xp"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0] }, [4, 32, 1])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "2X16"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0] }, [2, 16, 0])
-        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx"] {
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x16xp1"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0, $0.singleBuffer ? 1 : 0] }, [4, 16, 1, 1])
+        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx", "4x32xp2"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": bad])) {
-                XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=\(bad): use NSGxBKV[xp]"), "\($0)")
+                XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=\(bad): use NSGxBKV[xp|xp1]"), "\($0)")
             }
         }
-        let d = try device(with: ["VKFLEX_GENERIC_TILES": "1x16xp"])
         let generic = FlexOptions(kernel: .coopmatGeneric)
         let causal = MaskMod { _, _, q, kv in q >= kv }
-        for (name, B, Hq, Hkv, Lq, Lkv, D, mask, bs, lens) in [
-            ("causal, 24-key blocks, odd lengths", 1, 2, 2, 50, 61, 32, causal, 24, nil),
-            ("GQA sliding window, key lengths", 2, 4, 2, 40, 70, 16, MaskMod { _, _, q, kv in abs(q - kv) < 20 }, 16, [Int32(70), 33]),
-            ("dense, 1 query row, 900 keys (split)", 1, 2, 1, 1, 900, 32, nil, 32, nil),
-        ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] {
-            let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
-            let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
-            let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
-            let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: d, blockSize: BlockSize(q: bs, kv: bs)) }
-            let kl = try lens.map { try d.tensor($0, shape: [B]) }
-            let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: kl, returnLSE: true, options: generic)
-            XCTAssertEqual(r.kernel, .coopmatGeneric, name)
-            let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens?.map(Int.init))
-            XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, name)
-            XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-2, name)
+        // Two buffers, one subgroup; one buffer (a second barrier a step), two subgroups.
+        for tiles in ["1x16xp", "2x16xp1"] {
+            let d = try device(with: ["VKFLEX_GENERIC_TILES": tiles])
+            for (name, B, Hq, Hkv, Lq, Lkv, D, mask, bs, lens) in [
+                ("causal, 24-key blocks, odd lengths", 1, 2, 2, 50, 61, 32, causal, 24, nil),
+                ("GQA sliding window, key lengths", 2, 4, 2, 40, 70, 16, MaskMod { _, _, q, kv in abs(q - kv) < 20 }, 16, [Int32(70), 33]),
+                ("dense, 1 query row, 900 keys (split)", 1, 2, 1, 1, 900, 32, nil, 32, nil),
+            ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] {
+                let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
+                let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+                let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+                let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: d, blockSize: BlockSize(q: bs, kv: bs)) }
+                let kl = try lens.map { try d.tensor($0, shape: [B]) }
+                let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: kl, returnLSE: true, options: generic)
+                XCTAssertEqual(r.kernel, .coopmatGeneric, "\(tiles) \(name)")
+                let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens?.map(Int.init))
+                XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, "\(tiles) \(name)")
+                XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-2, "\(tiles) \(name)")
+            }
         }
         // Tiles that do not fit say which variable asked for them.
         let big = try device(with: ["VKFLEX_GENERIC_TILES": "8x128xp"])
@@ -200,6 +205,13 @@ extension AttentionTests {
                                          typedOperands: true, kvLengths: true, pushParams: true, mods: mods.glsl.source)
                 try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) prefetch")
                 compiled += 1
+                // ... with one K/V buffer (GEN_NBUF=1).
+                pt.singleBuffer = true
+                let plan1 = AttentionPlan(pass: .forward, kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(pt),
+                                          typedOperands: true, kvLengths: true, pushParams: true, mods: mods.glsl.source)
+                XCTAssertTrue(try plan1.source().defines.contains { $0.name == "GEN_NBUF" && $0.value == "1" })
+                try compileForKHR(plan1, subgroupSize: sg, "D=\(D)/\(Dv) prefetch, one buffer")
+                compiled += 1
                 // The register softmax (GEN_REGSM: element-wise through an index matrix), with and without the pipeline.
                 var rt = t
                 rt.registerSoftmax = true
@@ -215,7 +227,7 @@ extension AttentionTests {
                 }
             }
         }
-        XCTAssertEqual(compiled, 84)
+        XCTAssertEqual(compiled, 99)
         // The split-KV matrix kernel, through the same shapes and subgroup sizes (GQA rows, offsets,
         // paged K/V, max scores).
         var decodes = 0
