@@ -23,7 +23,8 @@
 # tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the sixteenth
 # session left unrun (docs/performance.md), about 8 minutes (NEXT_COMPARE=0: without the decode compare); regsm:
 # coopmat-generic's register softmax, its selftests and timings beside the shared one; waves: the NVIDIA-layout split-KV
-# kernel's split count swept (WAVE_TILES, WAVES); decode-nv: the NVIDIA-layout
+# kernel's split count swept (WAVE_TILES, WAVES, WAVE_CASES: e.g. WAVE_TILES=scalar WAVES="2 8"
+# WAVE_CASES=decode_dense_4k,decode_dense_32k,decode_long_128k for the scalar kernel); decode-nv: the NVIDIA-layout
 # split-KV kernel's selftests (nv, nvs validated; nvrh on the KHR extension; nv2 on both), then
 # it (nv2, nv, nvs, nvrs, nvrh) beside the scalar kernel on the decode suite, with its registers
 # and the residency probe.
@@ -304,7 +305,7 @@ if [ "$what" = waves ]; then
   for t in ${WAVE_TILES:-nv nv2}; do
     for w in ${WAVES:-1 2 4}; do
       VKFLEX_PROFILE=1 VKFLEX_DECODE_WAVES=$w VKFLEX_DECODE_TILE=$t step "waves-$t-$w" 40 \
-        vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+        vkflex bench --suite decode --no-check --cases ${WAVE_CASES:-specdec_4_of_8k,decode_mqa_32k}
       grep -E " (no|yes) |device time" "$out/waves-$t-$w.txt" | sed "s/^/$t w$w /" | cut -c1-160
     done
   done
