@@ -82,9 +82,8 @@ float sm_score(int k, int t);
 void sm_put(int k, int t, float pv);
 #include "flex_softmax.glsl"
 
-#if GEN_REGSM
-// The scores reach the tile already modded (mm_score): read as stored.
-float sm_score(int k, int t) { return Ss[(g_r0 + sm_row(g_lane, k)) * SST + sm_col0(g_lane) + t * SM_TPR]; }
+// The score of raw product RAW at the workgroup tile's row R, step column J: scale, mods and mask
+// (log2 units); -inf outside the tile, where the mods are never evaluated.
 float mm_score(float raw, int r, int j) {
     if (r >= g_t.rows || j >= g_kn) return NEG_INF;
     const int qi = g_t.p0 + r, ki = g_k0 + j;
@@ -94,18 +93,14 @@ float mm_score(float raw, int r, int j) {
 #endif
     return s;
 }
-#else
 float sm_score(int k, int t) {
     const int r = g_r0 + sm_row(g_lane, k), j = sm_col0(g_lane) + t * SM_TPR;
-    if (r >= g_t.rows || j >= g_kn) return NEG_INF;
-    const int qi = g_t.p0 + r, ki = g_k0 + j;
-    float s = modded_l2(Ss[r * SST + j], g_t.b, g_t.h, qi, ki);
-#if VKF_HAS_MASK_MOD
-    if (g_pass == 1 && !mask_mod(g_t.b, g_t.h, qi, ki)) s = NEG_INF;
+#if GEN_REGSM
+    return Ss[r * SST + j];   // stored already modded (mm_score)
+#else
+    return mm_score(Ss[r * SST + j], r, j);
 #endif
-    return s;
 }
-#endif
 void sm_put(int k, int t, float pv) {
     Ps[(g_r0 + sm_row(g_lane, k)) * PST + sm_col0(g_lane) + t * SM_TPR] = TO_HALF(pv);
 }

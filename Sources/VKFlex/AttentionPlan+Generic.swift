@@ -248,17 +248,19 @@ extension AttentionPlanner {
 
     // MARK: Split-KV decoding on NVIDIA's layout (flex_attention_decode_nv.comp)
 
-    /// The NVIDIA-layout split-KV kernel's tiles: 16 rows and 16 keys a step, one subgroup of 32
-    /// (or `VKFLEX_DECODE_TILE=nvxS`'s S, each walking a split of its own), the next step's K and V
-    /// loaded while one computes (`nvs`: not).
-    static func decodeNVTiles(_ tuning: AttentionTuning) -> GenericTiles {
+    /// The NVIDIA-layout split-KV kernel's tiles: 16 rows and 16 keys a chunk, `chunks` chunks a
+    /// step (default `VKFLEX_DECODE_TILE`'s), one subgroup of 32 (or `VKFLEX_DECODE_TILE=nvxS`'s S,
+    /// each walking a split of its own); with one chunk the next step's K and V loaded while one
+    /// computes (`nvs`: not), with two both chunks' loads issued at the step's start instead.
+    static func decodeNVTiles(_ tuning: AttentionTuning, chunks: Int? = nil) -> GenericTiles {
+        let chunks = chunks ?? tuning.decodeNVChunks
         var t = GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: tuning.decodeNV?.nsg ?? 1, BKV: 16, emulated: false,
-                             prefetch: tuning.decodeNV?.prefetch ?? true)
+                             prefetch: tuning.decodeNV?.prefetch ?? (chunks == 1))
         t.nvDecode = true
         t.nvRegisters = tuning.decodeNV?.registers ?? false
         t.nvRotate = tuning.decodeNV?.rotate ?? false
         t.nvDriverUnroll = tuning.decodeDriverUnroll ?? false
-        t.nvChunks = tuning.decodeNVChunks
+        t.nvChunks = chunks
         return t
     }
 
@@ -327,10 +329,6 @@ extension AttentionPlanner {
         s.Hq / max(1, s.Hkv) * s.Lq >= 8
     }
 
-    /// A split-KV call's key splits: `wanted` (about four workgroups a compute unit), at most one
-    /// per KV block, whole workgroups of `subgroups` splits, and few enough that the partials
-    /// (`partialBytesPerSplit` each) stay within the buffers the device pools: a larger scratch
-    /// is a new allocation per call (``Device/maxPooledBufferBytes``).
     /// The key splits a split-KV call asks for, before ``decodeSplits(wanted:kvBlocks:partialBytesPerSplit:subgroups:)``
     /// caps them, for `workgroups` (batch, KV head, row chunk) workgroups of `workgroupSize`
     /// invocations with `subgroups` splits each.
@@ -357,6 +355,10 @@ extension AttentionPlanner {
     /// counted 7.4-7.9 on an H100, docs/performance.md).
     static let decodeNVResidentPerComputeUnit = 8
 
+    /// A split-KV call's key splits: `wanted` (``decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:)``),
+    /// at most one per KV block, whole workgroups of `subgroups` splits, and few enough that the
+    /// partials (`partialBytesPerSplit` each) stay within the buffers the device pools: a larger
+    /// scratch is a new allocation per call (``Device/maxPooledBufferBytes``).
     static func decodeSplits(wanted: Int, kvBlocks: Int, partialBytesPerSplit: Int, subgroups: Int) -> Int {
         let pooled = Device.maxPooledBufferBytes / max(1, partialBytesPerSplit) / subgroups * subgroups
         return max(1, min(kvBlocks, wanted, max(subgroups, pooled)))

@@ -530,12 +530,10 @@ enum AttentionPlanner {
         // Unforced, two 16-key chunks a step where the B operand's layout is one the kernel knows
         // (`nv2`; H100, 2026-12-06, µs contiguous: specdec_4_of_8k 167.9 against nv's 179.1,
         // decode_mqa_32k 163.6 against 169.9, with 242 registers against 255), else one.
-        let chunks = tuning.decodeNV != nil ? tuning.decodeNVChunks
-            : decodeNVProblem(s, device: device, chunks: 2) == nil ? 2 : 1
         if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
-           decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: chunks) == nil {
-            var t = decodeNVTiles(tuning)
-            if tuning.decodeNV == nil, chunks == 2 { t.nvChunks = 2; t.prefetch = false }
+           let chunks = (tuning.decodeNV != nil ? [tuning.decodeNVChunks] : [2, 1]).first(where: {
+               decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: $0) == nil }) {
+            var t = decodeNVTiles(tuning, chunks: chunks)
             // DEC_CHUNKS 2 zeroes V's rows past a chunk's keys through the B operand's layout.
             if t.nvChunks > 1 {
                 t.nvBTransposed = CooperativeMatrixLayout.of(device).map { (s.dtype == .bfloat16 ? $0.bfloat16B : $0.float16B) == CooperativeMatrixLayout.nvidiaMMAB } ?? false

@@ -82,10 +82,13 @@ extension ForwardKernel {
         return wg
     }
 
-    /// The merge pass for outputs of `outDType` (`vec4`: partial O read four columns at a time),
-    /// built once per device.
-    static func mergePipeline(outDType: DType, vec4: Bool, device: Device) throws -> ComputePipeline {
-        try device.pipeline(for: MergeKey(out: outDType, vec4: vec4)) {
+    /// Whether the merge reads partial O four columns at a time (`MERGE_VEC4`).
+    static func mergeVec4(Dv: Int) -> Bool { Dv % 4 == 0 }
+
+    /// The merge pass for outputs of `outDType` and `Dv` columns, built once per device.
+    static func mergePipeline(outDType: DType, Dv: Int, device: Device) throws -> ComputePipeline {
+        let vec4 = mergeVec4(Dv: Dv)
+        return try device.pipeline(for: MergeKey(out: outDType, vec4: vec4)) {
             PipelineDescription(source: ShaderSource(name: "flex_attention_merge", text: try ShaderLibrary.standard.text("flex_attention_merge.comp"),
                                                      defines: [.init("OUT_F16", outDType == .float16 ? "1" : "0"),
                                                                .init("OUT_BF16", outDType == .bfloat16 ? "1" : "0"),
@@ -100,7 +103,7 @@ extension ForwardKernel {
     /// Enough groups for the splits (one-row MQA: 132 splits of 128 rows), as many rows as fill
     /// the workgroup where splits are few.
     static func mergeLayout(splits: Int, Dv: Int, wg: Int) -> (ul: Int, groups: Int, rows: Int) {
-        let units = Dv % 4 == 0 ? Dv / 4 : Dv
+        let units = mergeVec4(Dv: Dv) ? Dv / 4 : Dv
         var ul = 1
         while ul < units && ul < wg { ul *= 2 }
         var groups = 1
@@ -116,7 +119,7 @@ extension ForwardKernel {
     static func merge(splits: Int, partO: Buffer, partL: Buffer, partMax: Buffer?, nb: Int, nh: Int, shape s: AttentionShape,
                       out: WriteTarget, lse: WriteTarget?, max: WriteTarget?, sinks: Tensor? = nil, headStart: Int = 0,
                       outDType: DType, device: Device) throws {
-        let pipeline = try mergePipeline(outDType: outDType, vec4: s.Dv % 4 == 0, device: device)
+        let pipeline = try mergePipeline(outDType: outDType, Dv: s.Dv, device: device)
         let layout = mergeLayout(splits: splits, Dv: s.Dv, wg: mergeWorkgroup(device))
         let groups = (nb * nh * s.Lq + layout.rows - 1) / layout.rows
         let gx = min(groups, device.capabilities.maxWorkgroupCount[0]), gy = (groups + gx - 1) / gx

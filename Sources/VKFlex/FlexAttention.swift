@@ -264,7 +264,7 @@ public func prepareFlexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod
                                   device: q.device, maxScores: returnMaxScores, kvLengths: kvLengths != nil || pageTable != nil,
                                   qOffsets: qOffset.map { if case .uniform(0) = $0 { false } else { true } } ?? false, paged: pageTable != nil,
                                   lse: returnLSE || backward)
-    if kernel == .splitKV { _ = try ForwardKernel.mergePipeline(outDType: q.dtype, vec4: shape.Dv % 4 == 0, device: q.device) }
+    if kernel == .splitKV { _ = try ForwardKernel.mergePipeline(outDType: q.dtype, Dv: shape.Dv, device: q.device) }
     if backward {
         // The backward's dQ and dK/dV passes as the backward will choose them: portable and
         // coopmat-generic when forced; a forward forced to coopmat-nv leaves the backward to the

@@ -237,10 +237,8 @@ enum ForwardKernel {
                 // key blocks; under a loop cap (lavapipe), enough splits that each stays under it.
                 // The matrix kernel with several subgroups a workgroup: each walks a split of its own.
                 let tuning = try AttentionTuning.of(device)
-                let nsg: Int
-                if case .decodeMM(let t) = prepared.plan.tiles { nsg = t.NSG } else { nsg = 1 }
-                var nvLayout = false
-                if case .decodeMM(let t) = prepared.plan.tiles { nvLayout = t.nvDecode }
+                var nsg = 1, nvLayout = false
+                if case .decodeMM(let t) = prepared.plan.tiles { nsg = t.NSG; nvLayout = t.nvDecode }
                 let wanted = AttentionPlanner.decodeWantedSplits(workgroups: workgroups, computeUnits: caps.computeUnits ?? 32,
                                                                  workgroupSize: prepared.plan.WG, subgroups: nsg, nvidiaLayout: nvLayout,
                                                                  waves: tuning.decodeWaves)
