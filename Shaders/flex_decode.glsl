@@ -15,12 +15,18 @@
 // cursor that has keys; false past the share. Paged, a block that lies in one page (the page size
 // a multiple of the block size) looks its page up once: row0, the physical row of its first key
 // kb0 (-1: each key looks its own up).
+// The walk reads block t + 1's index from the BlockMask as it enters block t (seek_next, -1: not
+// read), so that the load's latency passes behind block t's keys instead of stalling the step that
+// needs it (a BlockMask walk is a chain of dependent loads otherwise: one memory latency a block).
+int seek_next = -1;
+int seek_block(int t, int n_full, int mrow) { return t >= n_full ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t); }
 bool seek(inout int t, inout int k0, inout int k_stop, inout bool partial, inout int kb0, inout int row0,
           int t_end, int n_full, int mrow, int lkv, int b) {
     while (k0 >= k_stop) {
         if (++t >= t_end) return false;
         partial = t >= n_full;
-        const int kb = partial ? walk_block(1, mrow, t - n_full) : walk_block(0, mrow, t);
+        const int kb = seek_next >= 0 ? seek_next : seek_block(t, n_full, mrow);
+        seek_next = t + 1 < t_end ? seek_block(t + 1, n_full, mrow) : -1;
         k0 = kb * p.kv_bs;
         k_stop = min(k0 + p.kv_bs, lkv);
         kb0 = k0;

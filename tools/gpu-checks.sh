@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -18,7 +18,8 @@
 # recheck: every kernel's validated selftest, the split-KV matrix and scalar kernels on the 16-row
 # cases, coopmat-generic on full and causal; occupancy: whether smaller workgroups / less shared
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
-# kernel's step with one part (loads, softmax, QK, PV) taken out at a time; residency: how many
+# kernel's step with one part (loads, softmax, QK, PV) taken out at a time; nv-parts: the same for
+# the NVIDIA-layout split-KV kernel (nv2: loads from memory, softmax); residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
 # tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the sixteenth
 # session left unrun (docs/performance.md), about 8 minutes (NEXT_COMPARE=0: without the decode compare); regsm:
@@ -384,6 +385,37 @@ PY
   done
   unset VKFLEX_SHADER_DIR
   rm -f "$out/parts.txt"
+fi
+if [ "$what" = nv-parts ]; then
+  # Where the NVIDIA-layout split-KV kernel's step goes (nv2, the planner's): the kernel with its
+  # K/V loads from memory replaced by loads from its shared tile (no-loads), or with its scores'
+  # mods, mask and running maximum taken out (no-softmax); results wrong (--no-check), the
+  # planner's splits. If no-loads is several times faster, the step waits on its memory path.
+  python3 - "$PWD/Shaders" /tmp/nv-parts <<'PY'
+import os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+f = "flex_attention_decode_nv.comp"
+loads = "        LOAD_KV(rowa, kfa, vfa)\n        LOAD_KV(rowb, kfb, vfb)\n"
+shared = ("        [[unroll]] for (int kk = 0; kk < FD; ++kk) { coopMatLoadNV(kfa[kk], Ts4, uint(tb + 2 * kk), uint(TS4), true); coopMatLoadNV(kfb[kk], Ts4, uint(tb + 2 * kk + 1), uint(TS4), true); }\n"
+          "        [[unroll]] for (int nn = 0; nn < FDV; ++nn) { coopMatLoadNV(vfa[nn], Ts4, uint(tb + 2 * nn), uint(TS4), false); coopMatLoadNV(vfb[nn], Ts4, uint(tb + 2 * nn + 1), uint(TS4), false); }\n")
+soft = "        SCORE_CHUNK(sa, c0a, kna, cpa)\n        SCORE_CHUNK(sb, c0b, knb, cpb)\n        TAKE_MAX_SCORES()\n        LAZY_MAX()\n"
+variants = {"no-loads": [(loads, shared)], "no-softmax": [(soft, "")], "neither": [(loads, shared), (soft, "")]}
+for name, edits in variants.items():
+    d = os.path.join(dst, name)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, d)
+    q = os.path.join(d, f); s = open(q).read()
+    for old, new in edits:
+        if old not in s: sys.exit(f"{name}: the patch no longer applies to {f}")
+        s = s.replace(old, new)
+    open(q, "w").write(s)
+PY
+  for v in base no-loads no-softmax neither; do
+    [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/nv-parts/$v
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_TILE=nv2 step "nv-parts-$v" 40 vkflex bench --suite decode --no-check --cases ${PARTS_CASES:-specdec_4_of_8k,decode_mqa_32k,decode_dense_32k}
+    grep -E " (no|yes) |device time" "$out/nv-parts-$v.txt" | sed "s/^/$v /" | cut -c1-160
+  done
+  unset VKFLEX_SHADER_DIR
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv
