@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -19,7 +19,8 @@
 # cases, coopmat-generic on full and causal; occupancy: whether smaller workgroups / less shared
 # memory let a compute unit run more than one workgroup at once; mm-parts: the split-KV matrix
 # kernel's step with one part (loads, softmax, QK, PV) taken out at a time; nv-parts: the same for
-# the NVIDIA-layout split-KV kernel (nv2: loads from memory, softmax); residency: how many
+# the NVIDIA-layout split-KV kernel (nv2: loads from memory, softmax); splits: the scalar
+# split-KV kernel's split count per case (SPLIT_SWEEP); residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
 # tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the sixteenth
 # session left unrun (docs/performance.md), about 8 minutes (NEXT_COMPARE=0: without the decode compare); regsm:
@@ -311,6 +312,22 @@ if [ "$what" = waves ]; then
     done
   done
 fi
+if [ "$what" = splits ]; then
+  # The scalar split-KV kernel's split count per case (VKFLEX_DECODE_SPLITS), for a one-wave rule
+  # like the NVIDIA-layout kernel's: its 128-invocation workgroups ran 3.1-3.7 an SM (H100), and
+  # the four-a-compute-unit default gives decode_dense_32k 576 workgroups, more than a wave.
+  # SPLIT_SWEEP: "case:n n n;case:n n" (default below), contiguous and paged rows, device times.
+  sweep=${SPLIT_SWEEP:-"decode_dense_32k:5 6 7 9;decode_long_128k:40 49 56 66;decode_alibi_32k:5 6 7 9;decode_dense_4k:5 7 9;decode_sliding_4k_of_32k:5 7 9"}
+  IFS=';' read -ra items <<< "$sweep"
+  for it in "${items[@]}"; do
+    c=${it%%:*}
+    for n in ${it#*:}; do
+      VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "splits-$c-$n" 30 vkflex bench --suite decode --no-check --cases "$c"
+      grep -E " (no|yes) |device time" "$out/splits-$c-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+      rm -f "$out/splits-$c-$n.txt"
+    done
+  done
+fi
 if [ "$what" = decode-nv ]; then
   # Under the validation layer (Debian 12's, older than VK_KHR_cooperative_matrix) the matrices go
   # through the NV extension, whose B operands nvr is not written for: nvr's selftest runs
@@ -416,6 +433,16 @@ PY
     grep -E " (no|yes) |device time" "$out/nv-parts-$v.txt" | sed "s/^/$v /" | cut -c1-160
   done
   unset VKFLEX_SHADER_DIR
+  # nv2's machine code on speculative decoding (SASS=0: not), in sass-nv.tar: the step loop's
+  # instructions by class (tools/nvidia-sass; nvdisasm there, zstd carried in .device/zstd).
+  if [ "${SASS:-1}" = 1 ]; then
+    export PATH=$PATH:/usr/local/cuda-13.0/bin:$PWD/.device/zstd
+    rm -rf /tmp/sass-nv
+    VKFLEX_CACHE_DIR=/tmp/sass-nv VKFLEX_DECODE_TILE=nv2 step nv-sass-run 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
+    step nv-sass 60 python3 tools/nvidia-sass/sass-dump.py /tmp/sass-nv/pipelines-*.bin "$out/sass-nv"
+    head -20 "$out/nv-sass.txt"
+    (cd "$out" && tar cf sass-nv.tar sass-nv && rm -rf sass-nv nv-sass-run.txt)
+  fi
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv
