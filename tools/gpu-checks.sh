@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits|next17]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -283,6 +283,29 @@ if [ "$what" = next ]; then
   done
   step compare-backward 200 bash .device/on-device.sh compare --backward
   tail -14 "$out/compare-backward.txt"
+fi
+if [ "$what" = next17 ]; then
+  # The seventeenth session's call, in priority order (DEADLINE=560 keeps it in one call): every
+  # kernel's validated selftest (the merge rewritten and the walk's next-block read, never run on
+  # a GPU), the decode suite with each dispatch's device time, the decode suite beside PyTorch
+  # (issues 22 and 23 on an H200), where nv2's step goes (nv-parts, SASS=0 without its machine
+  # code), the backward beside PyTorch (issue 20), the scalar kernel's splits, coopmat-generic's
+  # one-buffer pipeline.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 60 vkflex bench --suite decode --no-check
+  grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
+  step compare-decode 220 bash .device/on-device.sh compare --suite decode
+  tail -12 "$out/compare-decode.txt"
+  DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SASS=${SASS:-0} bash "$0" nv-parts
+  step compare-backward 200 bash .device/on-device.sh compare --backward
+  tail -14 "$out/compare-backward.txt"
+  DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SPLIT_SWEEP=${SPLIT_SWEEP:-"decode_dense_32k:5 6 7;decode_long_128k:40 49 56"} bash "$0" splits
+  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xp1 step selftest-generic-p1 60 vkflex selftest --kernel coopmat-generic
+  for t in 4x16 4x16xp1; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic VKFLEX_GENERIC_TILES=$t step "next-generic-$t" 50 \
+      vkflex bench --suite seed --no-check --cases full,causal
+    grep -E "^ *(full|causal) " "$out/next-generic-$t.txt" | sed "s/^/$t /" | cut -c1-140
+  done
 fi
 if [ "$what" = regsm ]; then
   # coopmat-generic's register softmax (VKFLEX_GENERIC_SOFTMAX=registers, GEN_REGSM: the scores
