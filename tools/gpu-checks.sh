@@ -306,6 +306,8 @@ if [ "$what" = next17 ]; then
       vkflex bench --suite seed --no-check --cases full,causal
     grep -E "^ *(full|causal) " "$out/next-generic-$t.txt" | sed "s/^/$t /" | cut -c1-140
   done
+  # At most 8 files come back from a call: everything in one archive.
+  (cd "$out" && tar cf next17.tar --exclude next17.tar . 2>/dev/null && find . -type f ! -name next17.tar -delete)
 fi
 if [ "$what" = regsm ]; then
   # coopmat-generic's register softmax (VKFLEX_GENERIC_SOFTMAX=registers, GEN_REGSM: the scores
