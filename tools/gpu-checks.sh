@@ -299,7 +299,7 @@ if [ "$what" = next17 ]; then
   DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SASS=${SASS:-0} bash "$0" nv-parts
   step compare-backward 200 bash .device/on-device.sh compare --backward
   tail -14 "$out/compare-backward.txt"
-  DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SPLIT_SWEEP=${SPLIT_SWEEP:-"decode_dense_32k:5 6 7;decode_long_128k:40 49 56"} bash "$0" splits
+  DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SPLIT_SWEEP=${SPLIT_SWEEP:-"decode_dense_32k:6 7 9;decode_long_128k:56 67"} bash "$0" splits
   VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xp1 step selftest-generic-p1 60 vkflex selftest --kernel coopmat-generic
   for t in 4x16 4x16xp1; do
     VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic VKFLEX_GENERIC_TILES=$t step "next-generic-$t" 50 \

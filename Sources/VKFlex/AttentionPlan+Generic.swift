@@ -339,16 +339,27 @@ extension AttentionPlanner {
     /// `nv2`, µs contiguous): `specdec_4_of_8k` 148.2 at 16 splits (1,024 subgroups), 209.7 at
     /// 24, 167.9 at the 32 the four-wave rule below gave; `decode_mqa_32k` 106.0 at 132 (1,056),
     /// 107.5 at 66, 163.6 at 256 — its merge of 256 splits alone took 65 µs.
-    /// The others: about `waves` (`VKFLEX_DECODE_WAVES`, default 4) workgroups of 128 invocations
-    /// a compute unit, as many subgroups in smaller workgroups.
+    /// The others: one wave too, of ``decodeResidentPerComputeUnit`` workgroups of 128 invocations
+    /// a compute unit (as many subgroups in smaller workgroups), rounded down where the rule
+    /// before rounded up: `decode_dense_32k`'s 64 workgroups took 9 splits, 576 workgroups where an
+    /// H100 holds 528, and ran at 1.84 TB/s (583 µs) where `decode_long_128k`'s 528 ran at 2.57
+    /// (docs/performance.md, sixteenth session); now 8. `waves` (`VKFLEX_DECODE_WAVES`) sets the
+    /// older rule for every kernel: about `waves` workgroups of 128 invocations a compute unit,
+    /// rounded up.
     static func decodeWantedSplits(workgroups: Int, computeUnits: Int, workgroupSize: Int, subgroups: Int,
                                    nvidiaLayout: Bool, waves: Int?) -> Int {
-        if nvidiaLayout, waves == nil {
-            return max(1, decodeNVResidentPerComputeUnit * computeUnits / max(1, workgroups))
+        let perWave = max(1, 128 / workgroupSize)
+        guard let waves else {
+            let resident = nvidiaLayout ? decodeNVResidentPerComputeUnit : decodeResidentPerComputeUnit * perWave
+            return max(1, resident * computeUnits / max(1, workgroups)) * (nvidiaLayout ? 1 : subgroups)
         }
-        let w = (waves ?? 4) * max(1, 128 / workgroupSize)
-        return (w * computeUnits + workgroups - 1) / workgroups * subgroups
+        return (waves * perWave * computeUnits + workgroups - 1) / workgroups * subgroups
     }
+
+    /// Workgroups of 128 invocations of the scalar split-KV kernel a compute unit runs at once: its
+    /// 128 registers a lane fill an NVIDIA SM's 65,536 with four (the residency probe counted 3.1-3.7
+    /// on an H100, time-weighted, docs/performance.md).
+    static let decodeResidentPerComputeUnit = 4
 
     /// One-subgroup workgroups of the NVIDIA-layout split-KV kernel an SM runs at once: its 242-255
     /// registers a lane leave room for eight subgroups in an SM's 65,536 (the residency probe

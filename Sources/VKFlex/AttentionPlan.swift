@@ -21,9 +21,9 @@ struct AttentionTuning: Sendable {
     /// lists), to run each of them.
     var coopmatShape: (m: Int, n: Int, k: Int)?
     /// `VKFLEX_DECODE_WAVES=n`: split-KV decoding sizes its key splits for about n workgroups of
-    /// 128 invocations per compute unit (default 4, the best of 2-16 on an H100's decode suite:
-    /// docs/performance.md; the matrix kernel's one-subgroup workgroups count as many subgroups;
-    /// unset, the NVIDIA-layout kernel takes one wave of its subgroups:
+    /// 128 invocations per compute unit, rounded up (4 was the best of 2-16 on an H100's decode
+    /// suite: docs/performance.md; the matrix kernel's one-subgroup workgroups count as many
+    /// subgroups; unset, every kernel takes one wave of what a compute unit holds, rounded down:
     /// ``AttentionPlanner/decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:)``),
     /// for tuning.
     var decodeWaves: Int?

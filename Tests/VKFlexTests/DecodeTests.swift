@@ -174,12 +174,17 @@ final class DecodeTests: FlexTestCase {
         // NVIDIA-layout kernel one wave of eight subgroups a compute unit unless set).
         XCTAssertNil(try AttentionTuning.parse([:]).decodeWaves)
         // H100 (132 SMs): speculative decoding's 64 workgroups take 16 splits (not 17: a second wave),
-        // one-row MQA's 8 take 132; the scalar kernel's 128 invocations 4 waves.
+        // one-row MQA's 8 take 132; the scalar kernel's 128 invocations one wave of four a compute
+        // unit, rounded down (8 splits of 64 workgroups: 512 of 528; 9 was a wave and a tail).
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 16)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 132)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 2000, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 1)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: 4), 33)
-        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 9)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 8)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 66)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: 4), 9)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 4, nvidiaLayout: false, waves: nil), 32)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 200, computeUnits: 2, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 1)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": "8"]).decodeWaves, 8)
         for bad in ["0", "x", "65", "-1"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_WAVES=\(bad)"), "\($0)") }
