@@ -299,6 +299,14 @@ if [ "$what" = next17 ]; then
   DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SASS=${SASS:-0} bash "$0" nv-parts
   step compare-backward 200 bash .device/on-device.sh compare --backward
   tail -14 "$out/compare-backward.txt"
+  # The dK/dV pass in two dispatches (k: half the accumulators each, so two workgroups an SM at
+  # D = 128), untried since the owned rows left shared memory; beside the default in the same call.
+  for t in default 8x32xp/8x32xpk; do
+    [ "$t" = default ] && unset VKFLEX_BWD_TILES || export VKFLEX_BWD_TILES=$t
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step "bwd-${t//\//-}" 70 vkflex bench --suite seed --backward --no-check --cases causal
+    grep -E 'backward|device time' "$out/bwd-${t//\//-}.txt" | sed "s|^|$t |" | cut -c1-180
+  done
+  unset VKFLEX_BWD_TILES
   DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SPLIT_SWEEP=${SPLIT_SWEEP:-"decode_dense_32k:6 7 9;decode_long_128k:56 67"} bash "$0" splits
   VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xp1 step selftest-generic-p1 60 vkflex selftest --kernel coopmat-generic
   for t in 4x16 4x16xp1; do
