@@ -59,7 +59,7 @@ shared float sh_m[WG], sh_s[WG];
 shared VT sh_o[WG];
 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
-#define MS 8   // splits whose loads are in flight together
+#define MS 8   // splits whose loads are in flight together (the host: mergeSplitsInFlight)
 
 void main() {
     const int rows = p.nb * p.nh * p.Lq, U = p.Dv / VW, UL = p.ul, G = p.groups;

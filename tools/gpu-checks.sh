@@ -290,9 +290,10 @@ if [ "$what" = next17 ]; then
   # a GPU), the decode suite with each dispatch's device time, the decode suite beside PyTorch
   # (issues 22 and 23 on an H200), where nv2's step goes (nv-parts, SASS=0 without its machine
   # code), the backward beside PyTorch (issue 20), the scalar kernel's splits, coopmat-generic's
-  # one-buffer pipeline.
+  # one-buffer pipeline. (The decode suite took more than 60 s on a fresh H100, 2026-12-06, and a
+  # step cut off by its limit keeps only what its output had flushed: stdbuf.)
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 60 vkflex bench --suite decode --no-check
+  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
   grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
   step compare-decode 220 bash .device/on-device.sh compare --suite decode
   tail -12 "$out/compare-decode.txt"

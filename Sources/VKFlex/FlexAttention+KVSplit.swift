@@ -100,16 +100,22 @@ extension ForwardKernel {
 
     /// How the merge deals a row's work: `ul` invocations cover its columns (units of four where
     /// Dv allows), `groups` groups of them take its splits in turn, `rows` rows a workgroup of `wg`.
-    /// Enough groups for the splits (one-row MQA: 132 splits of 128 rows), as many rows as fill
-    /// the workgroup where splits are few.
+    /// A group issues ``mergeSplitsInFlight`` splits' loads together, so groups enough that each
+    /// takes about that many (one-row MQA: 132 splits of 128 rows, 8 groups), as many rows as fill
+    /// the workgroup where splits are few. H100, 2026-12-06 (`VKFLEX_PROFILE=1`): a group a split
+    /// made MQA's merge 11.0 µs (22 with one invocation walking every split) but speculative
+    /// decoding's 16 splits 10.3 µs against 8.0 walked (docs/performance.md, seventeenth session).
     static func mergeLayout(splits: Int, Dv: Int, wg: Int) -> (ul: Int, groups: Int, rows: Int) {
         let units = mergeVec4(Dv: Dv) ? Dv / 4 : Dv
         var ul = 1
         while ul < units && ul < wg { ul *= 2 }
         var groups = 1
-        while groups < splits && groups * ul < wg { groups *= 2 }
+        while groups * mergeSplitsInFlight < splits && groups * ul < wg { groups *= 2 }
         return (ul, groups, wg / (ul * groups))
     }
+
+    /// Splits whose loads one merge invocation issues together (`MS` in flex_attention_merge.comp).
+    static let mergeSplitsInFlight = 8
 
     /// Where a dispatch writes O or the LSE: a tensor's part for a chunk, or a partial's.
     struct WriteTarget { var binding: BufferBinding; var base: Int; var strides: [Int] }

@@ -232,9 +232,8 @@ enum ForwardKernel {
             let segs = (qOffsets?.values ?? [0]).map { ($0 + s.Lq - 1) / qBS - $0 / qBS + 1 }.max()!
             for chunk in chunks {
                 let nb = chunk.b.count, workgroups = nb * s.Hkv * headChunks * segs
-                // About four workgroups of 128 invocations per compute unit (VKFLEX_DECODE_WAVES) — as many
-                // subgroups in smaller workgroups (the matrix kernel's one subgroup) — no more splits than
-                // key blocks; under a loop cap (lavapipe), enough splits that each stays under it.
+                // One wave of what a compute unit holds (decodeWantedSplits; VKFLEX_DECODE_WAVES the older
+                // rule), no more splits than key blocks; under a loop cap (lavapipe), enough splits that each stays under it.
                 // The matrix kernel with several subgroups a workgroup: each walks a split of its own.
                 let tuning = try AttentionTuning.of(device)
                 var nsg = 1, nvLayout = false

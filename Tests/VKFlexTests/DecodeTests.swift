@@ -185,6 +185,11 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: 4), 9)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 4, nvidiaLayout: false, waves: nil), 32)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 200, computeUnits: 2, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 1)
+        // The merge: groups enough that each takes about eight splits (their loads issued together).
+        for (splits, Dv, layout) in [(132, 128, [32, 8, 1]), (16, 128, [32, 2, 4]), (8, 128, [32, 1, 8]), (9, 64, [16, 2, 8]), (3, 13, [16, 1, 16])] {
+            let l = ForwardKernel.mergeLayout(splits: splits, Dv: Dv, wg: 256)
+            XCTAssertEqual([l.ul, l.groups, l.rows], layout, "\(splits) splits, Dv \(Dv)")
+        }
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": "8"]).decodeWaves, 8)
         for bad in ["0", "x", "65", "-1"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_WAVES": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_WAVES=\(bad)"), "\($0)") }
