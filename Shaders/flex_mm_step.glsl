@@ -108,14 +108,18 @@ GATHER(v_data, v_units)
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
-#define MM_SCORES(QF, R0, LANE, KB) \
-    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
-        FRAG_C acc_ = FRAG_C(0.0); \
+// ACC = Q Kᵀ for the step's keys NN * MN.. (one accumulator of MN keys), K from unit KB of Ks4.
+#define MM_QK(QF, ACC, NN, KB) { \
+        ACC = FRAG_C(0.0); \
         [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
             FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
-            coopMatLoadNV(kt_, Ks4, uint((KB) + nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
-            acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \
-        } \
+            coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+            ACC = coopMatMulAddNV(QF[kk_], kt_, ACC); \
+        } }
+#define MM_SCORES(QF, R0, LANE, KB) \
+    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+        FRAG_C acc_; \
+        MM_QK(QF, acc_, nn_, KB) \
         coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
     }
 #endif
@@ -205,12 +209,7 @@ GATHER(v_data, v_units)
     FRAG_C s_[BKV / MN]; \
     bool up_ = false; \
     [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
-        s_[nn_] = FRAG_C(0.0); \
-        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
-            FRAG_B kt_; \
-            coopMatLoadNV(kt_, Ks4, uint((KB) + nn_ * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
-            s_[nn_] = coopMatMulAddNV(QF[kk_], kt_, s_[nn_]); \
-        } \
+        MM_QK(QF, s_[nn_], nn_, KB) \
         [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
             const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
             const float v_ = mm_score(s_[nn_][i_], (R0) + r_, nn_ * MN + e_ - r_ * MN); \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits|next17]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -22,8 +22,8 @@
 # the NVIDIA-layout split-KV kernel (nv2: loads from memory, softmax); splits: the scalar
 # split-KV kernel's split count per case (SPLIT_SWEEP); residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
-# tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the sixteenth
-# session left unrun (docs/performance.md), about 8 minutes (NEXT_COMPARE=0: without the decode compare); regsm:
+# tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the next call
+# runs (docs/performance.md, seventeenth session), about 9 minutes, its files in next.tar; regsm:
 # coopmat-generic's register softmax, its selftests and timings beside the shared one; waves: the NVIDIA-layout split-KV
 # kernel's split count swept (WAVE_TILES, WAVES, WAVE_CASES: e.g. WAVE_TILES=scalar WAVES="2 8"
 # WAVE_CASES=decode_dense_4k,decode_dense_32k,decode_long_128k for the scalar kernel); decode-nv: the NVIDIA-layout
@@ -260,32 +260,7 @@ if [ "$what" = decode-prefetch ]; then
   done
 fi
 if [ "$what" = next ]; then
-  # What the sixteenth session left unrun, in priority order, in about 8 minutes (DEADLINE=540
-  # keeps it inside one call): every kernel's validated selftest (the split-KV merge rewritten:
-  # a row's splits dealt to groups; nv2, one-wave splits and coopmat-generic's register softmax
-  # the defaults), the decode suite with each dispatch's device time (the merge's: MQA's 132
-  # splits took 22 µs before), then the decode suite beside PyTorch (NEXT_COMPARE=0: not), then
-  # coopmat-generic's one-buffer pipeline (4x16xp1), then the backward beside PyTorch on the seed suite.
-  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 60 vkflex bench --suite decode --no-check
-  grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
-  if [ "${NEXT_COMPARE:-1}" = 1 ]; then
-    step compare-decode 220 bash .device/on-device.sh compare --suite decode
-    tail -12 "$out/compare-decode.txt"
-  fi
-  # coopmat-generic's pipeline with one K/V buffer (4x16xp1: no second buffer's shared memory),
-  # never run on a GPU: its selftest, then beside the planner's tiles and two buffers.
-  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xp1 step selftest-generic-p1 60 vkflex selftest --kernel coopmat-generic
-  for t in 4x16 4x16xp1 4x16xp 4x32xp1; do
-    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic VKFLEX_GENERIC_TILES=$t step "next-generic-$t" 50 \
-      vkflex bench --suite seed --no-check --cases full,causal
-    grep -E "^ *(full|causal) " "$out/next-generic-$t.txt" | sed "s/^/$t /" | cut -c1-140
-  done
-  step compare-backward 200 bash .device/on-device.sh compare --backward
-  tail -14 "$out/compare-backward.txt"
-fi
-if [ "$what" = next17 ]; then
-  # The seventeenth session's call, in priority order (DEADLINE=560 keeps it in one call): every
+  # What the next call runs (the seventeenth session's list), in priority order (DEADLINE=560 keeps it in one call): every
   # kernel's validated selftest (the merge rewritten and the walk's next-block read, never run on
   # a GPU), the decode suite with each dispatch's device time, the decode suite beside PyTorch
   # (issues 22 and 23 on an H200), where nv2's step goes (nv-parts, SASS=0 without its machine
@@ -316,7 +291,7 @@ if [ "$what" = next17 ]; then
     grep -E "^ *(full|causal) " "$out/next-generic-$t.txt" | sed "s/^/$t /" | cut -c1-140
   done
   # At most 8 files come back from a call: everything in one archive.
-  (cd "$out" && tar cf next17.tar --exclude next17.tar . 2>/dev/null && find . -type f ! -name next17.tar -delete)
+  (cd "$out" && tar cf next.tar --exclude next.tar . 2>/dev/null && find . -type f ! -name next.tar -delete)
 fi
 if [ "$what" = regsm ]; then
   # coopmat-generic's register softmax (VKFLEX_GENERIC_SOFTMAX=registers, GEN_REGSM: the scores
