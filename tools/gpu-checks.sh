@@ -260,21 +260,32 @@ if [ "$what" = decode-prefetch ]; then
   done
 fi
 if [ "$what" = next ]; then
-  # What the next call runs (the seventeenth session's list), in priority order (DEADLINE=560 keeps it in one call): every
+  # What the next call runs (the seventeenth session's list, k-rows added), in priority order (DEADLINE=560 keeps it in one call): every
   # kernel's validated selftest (the merge rewritten and the walk's next-block read, never run on
   # a GPU), the decode suite with each dispatch's device time, the decode suite beside PyTorch
   # (issues 22 and 23 on an H200), where nv2's step goes (nv-parts, SASS=0 without its machine
   # code), the backward beside PyTorch (issue 20), the scalar kernel's splits, coopmat-generic's
   # one-buffer pipeline. (The decode suite took more than 60 s on a fresh H100, 2026-12-06, and a
   # step cut off by its limit keeps only what its output had flushed: stdbuf.)
+  # On an H200 (H200=1) the issues' bars come first: the two compares before the decode suite's
+  # device times and nv-parts.
+  h200=${H200:-0}
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
-  grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
+  if [ "$h200" != 1 ]; then
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
+    grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
+  fi
   step compare-decode 220 bash .device/on-device.sh compare --suite decode
   tail -12 "$out/compare-decode.txt"
+  if [ "$h200" = 1 ]; then
+    step compare-backward 200 bash .device/on-device.sh compare --backward
+    tail -14 "$out/compare-backward.txt"
+  fi
   DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SASS=${SASS:-0} bash "$0" nv-parts
-  step compare-backward 200 bash .device/on-device.sh compare --backward
-  tail -14 "$out/compare-backward.txt"
+  if [ "$h200" != 1 ]; then
+    step compare-backward 200 bash .device/on-device.sh compare --backward
+    tail -14 "$out/compare-backward.txt"
+  fi
   # The dK/dV pass in two dispatches (k: half the accumulators each, so two workgroups an SM at
   # D = 128), untried since the owned rows left shared memory; beside the default in the same call.
   for t in default 8x32xp/8x32xpk; do
@@ -425,7 +436,9 @@ loads = "        LOAD_KV(rowa, kfa, vfa)\n        LOAD_KV(rowb, kfb, vfb)\n"
 shared = ("        [[unroll]] for (int kk = 0; kk < FD; ++kk) { coopMatLoadNV(kfa[kk], Ts4, uint(tb + 2 * kk), uint(TS4), true); coopMatLoadNV(kfb[kk], Ts4, uint(tb + 2 * kk + 1), uint(TS4), true); }\n"
           "        [[unroll]] for (int nn = 0; nn < FDV; ++nn) { coopMatLoadNV(vfa[nn], Ts4, uint(tb + 2 * nn), uint(TS4), false); coopMatLoadNV(vfb[nn], Ts4, uint(tb + 2 * nn + 1), uint(TS4), false); }\n")
 soft = "        SCORE_CHUNK(sa, c0a, kna, cpa)\n        SCORE_CHUNK(sb, c0b, knb, cpb)\n        TAKE_MAX_SCORES()\n        LAZY_MAX()\n"
-variants = {"no-loads": [(loads, shared)], "no-softmax": [(soft, "")], "neither": [(loads, shared), (soft, "")]}
+# k-rows: K's matrices loaded row-major from memory (wrong scores): whether the transposed load is the slow one.
+krow = ("coopMatLoadNV(KF[kk], k_units, ks_ + uint(2 * kk), uint(p.k_sl / 8), true)", "coopMatLoadNV(KF[kk], k_units, ks_ + uint(2 * kk), uint(p.k_sl / 8), false)")
+variants = {"no-loads": [(loads, shared)], "no-softmax": [(soft, "")], "neither": [(loads, shared), (soft, "")], "k-rows": [krow]}
 for name, edits in variants.items():
     d = os.path.join(dst, name)
     shutil.rmtree(d, ignore_errors=True)
@@ -436,7 +449,7 @@ for name, edits in variants.items():
         s = s.replace(old, new)
     open(q, "w").write(s)
 PY
-  for v in base no-loads no-softmax neither; do
+  for v in base no-loads no-softmax neither k-rows; do
     [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/nv-parts/$v
     VKFLEX_PROFILE=1 VKFLEX_DECODE_TILE=nv2 step "nv-parts-$v" 40 vkflex bench --suite decode --no-check --cases ${PARTS_CASES:-specdec_4_of_8k,decode_mqa_32k,decode_dense_32k}
     grep -E " (no|yes) |device time" "$out/nv-parts-$v.txt" | sed "s/^/$v /" | cut -c1-160
