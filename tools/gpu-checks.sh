@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -465,6 +465,39 @@ PY
     head -20 "$out/nv-sass.txt"
     (cd "$out" && tar cf sass-nv.tar sass-nv && rm -rf sass-nv nv-sass-run.txt)
   fi
+fi
+if [ "$what" = nvr ]; then
+  # The NVIDIA-layout split-KV kernel with word-by-word loads (nvr: DEC_REGLOAD) in the eighteenth
+  # session's layout (DEC_COALESCED: one 16-byte load instruction reads whole sectors of each row)
+  # and with two chunks a step (nvr2), beside nv2 (the planner's) and the old layout (-old, through
+  # VKFLEX_SHADER_DIR): their selftests on the KHR extension (the validation layer's NV one has not
+  # the B layout nvr is written for), then the three 16-row cases with each dispatch's time and the
+  # registers, then nvr2's and nvrh's machine code (SASS=1) in sass-nvr.tar; all in nvr.tar.
+  rm -rf /tmp/nvr-old && cp -r "$PWD/Shaders" /tmp/nvr-old
+  sed -i 's/^#define DEC_COALESCED 1$/#define DEC_COALESCED 0/' /tmp/nvr-old/flex_attention_decode_nv.comp
+  grep -q '^#define DEC_COALESCED 0$' /tmp/nvr-old/flex_attention_decode_nv.comp || echo "nvr: the old-layout patch no longer applies"
+  for t in nvr2 nvrs nvrh; do
+    VKFLEX_DECODE_TILE=$t step "nvr-selftest-$t" 40 vkflex selftest --kernel split-kv
+  done
+  for v in nv2 nvr2 nvrh nvrs nvr nvr2-old nvrh-old nvrs-old; do
+    t=${v%-old}
+    [ "$t" = "$v" ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/nvr-old
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "nvr-$v" 45 stdbuf -oL vkflex bench --suite decode --no-check --cases ${NVR_CASES:-specdec_4_of_8k,decode_mqa_32k,decode_dense_4k}
+    grep -E " (no|yes) |device time" "$out/nvr-$v.txt" | sed "s/^/$v /" | cut -c1-150
+    grep -E 'pipeline flex_attention_decode_nv' "$out/nvr-$v.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
+  done
+  unset VKFLEX_SHADER_DIR
+  if [ "${SASS:-1}" = 1 ]; then
+    export PATH=$PATH:/usr/local/cuda-13.0/bin:$PWD/.device/zstd
+    rm -rf /tmp/sass-nvr
+    for t in nvr2 nvrh; do
+      VKFLEX_CACHE_DIR=/tmp/sass-nvr/$t VKFLEX_DECODE_TILE=$t step nvr-sass-run 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
+      step "nvr-sass-$t" 60 python3 tools/nvidia-sass/sass-dump.py /tmp/sass-nvr/$t/pipelines-*.bin "$out/sass-nvr/$t"
+      head -3 "$out/nvr-sass-$t.txt"
+    done
+    (cd "$out" && tar cf sass-nvr.tar sass-nvr && rm -rf sass-nvr nvr-sass-run.txt)
+  fi
+  (cd "$out" && tar cf nvr.tar --exclude nvr.tar --exclude sass-nvr.tar nvr-* 2>/dev/null && rm -f nvr-*)
 fi
 if [ "$what" = bwd ]; then
   step selftest-nv 150 vkflex selftest --kernel coopmat-nv

@@ -57,7 +57,8 @@ struct AttentionTuning: Sendable {
     /// consumed (`DEC_PREFETCH=2`), for tuning.
     var decodeNV: (nsg: Int, prefetch: Bool, registers: Bool, rotate: Bool)?
     /// `VKFLEX_DECODE_TILE=nv2`: the NVIDIA-layout kernel with two 16-key chunks a step, both
-    /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`), for tuning.
+    /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`); `nvr2`: the
+    /// same with nvr's word-by-word loads, for tuning.
     var decodeNVChunks = 1
     /// `VKFLEX_DECODE_UNROLL=1` / `0`: the split-KV kernels' step loops left to the driver to
     /// unroll, or `[[dont_unroll]]` (`DEC_DONT_UNROLL`); unset, the NVIDIA-layout kernel's is not
@@ -124,9 +125,9 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        let tileHelp = "use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
-        if env["VKFLEX_DECODE_TILE"]?.lowercased() == "nv2" {
-            t.decodeNV = (1, false, false, false)
+        let tileHelp = "use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step, nvr2: with word loads; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
+        if let k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "nv2" || k == "nvr2" {
+            t.decodeNV = (1, false, k == "nvr2", false)
             t.decodeNVChunks = 2
             t.decodeMatrices = false
         } else if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k.hasPrefix("nv") {

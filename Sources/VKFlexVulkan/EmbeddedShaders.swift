@@ -2049,7 +2049,7 @@ void main() {
 // are then 16 loads a lane issued together, whatever the driver does for a strided matrix load
 // from memory. For that the head dims are permuted — any order of d gives the same Q·Kᵀ when Q
 // and K share it, and O's columns are written back in memory order — so that the d's a lane holds
-// are one contiguous run of each K row (and, for V, of each V row): K_PHYS and V_PHYS below. No
+// lie in a few 16-byte units of each K row (and, for V, of each V row): K_WORD and V_WORD below. No
 // shared memory: Q goes into its A operands the same way (A's layout is nvidiaMMA, whose element
 // e sits where B's element e sits transposed), and a chunk's V words past its keys are zeroed.
 //
@@ -2081,8 +2081,8 @@ void main() {
 #ifndef DEC_B_T
 #define DEC_B_T 0
 #endif
-#if DEC_CHUNKS == 2 && (DEC_REGLOAD || DEC_PREFETCH)
-#error DEC_CHUNKS 2 is written for matrix loads from memory (DEC_REGLOAD 0) and no prefetch
+#if DEC_CHUNKS == 2 && DEC_PREFETCH
+#error DEC_CHUNKS 2 is written for no prefetch
 #endif
 layout(local_size_x = 32 * NSG) in;
 #define DEC_NSG NSG
@@ -2122,7 +2122,7 @@ GATHER(q_data, q_units)
 #ifndef DEC_REGLOAD
 #define DEC_REGLOAD 0
 #endif
-#if !DEC_REGLOAD
+#if !DEC_REGLOAD || DEC_CHUNKS == 2
 #define TS4 ((D > DV ? D : DV) / 8 + 1)
 shared uvec4 Ts4[NSG * 16 * TS4];
 #endif
@@ -2135,13 +2135,33 @@ shared uvec4 Ts4[NSG * 16 * TS4];
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) coopMatLoadNV(VF[nn], v_units, vs_ + uint(2 * nn), uint(p.v_sl / 8), false); }
 
 #if DEC_REGLOAD
-// The words a lane holds of each K (and Q) row: KW, from word lane%4 · KW of the row, where the
-// matrices' logical column 16·kk + 2·(l%4) + b + 8·h sits (K_PHYS: word 2·kk + h of the run, half b);
-// of each V row: VW, from word l/4 · VW, logical column 16·nn + l/4 + 8·h at word nn, half h.
+// The words a lane holds of each K (and Q) row: KW; logical column 16·kk + 2·(l%4) + b + 8·h
+// (the B operand's element) is the lane's word w = 2·kk + h, half b. Of each V row: VW, logical
+// column 16·nn + l/4 + 8·h at the lane's word nn, half h. Where those words lie in a row
+// (DEC_COALESCED, default 1): interleaved in units of WUNIT(KW) (WUNIT(VW)) words, the lanes that
+// share a row side by side — the lane's unit i at unit G·i + its place, G = 4 for K (lanes l%4),
+// 8 for V (lanes l/4) — so that one 16-byte load instruction reads 64 (K) or 128 (V) contiguous
+// bytes of each row it touches, whole sectors; 0: each lane's words one contiguous run, which
+// leaves a load instruction reading 16 bytes every 64 (K) / 32 (V) bytes, half of each sector.
+#ifndef DEC_COALESCED
+#define DEC_COALESCED 1
+#endif
 #define KW (D / 8)
 #define VW (DV / 16)
-// O's logical column n of fragment nn in memory.
-#define V_PHYS(nn, n) (((n) & 7) * (DV / 8) + 2 * (nn) + ((n) >> 3))
+#define WUNIT(N) ((N) % 4 == 0 ? 4 : (N) % 2 == 0 ? 2 : 1)
+#if DEC_COALESCED
+#define K_G 4
+#define V_G 8
+#define K_WORD(c, w) (((w) / WUNIT(KW)) * 4 * WUNIT(KW) + (c) * WUNIT(KW) + (w) % WUNIT(KW))
+#define V_WORD(r, nn) (((nn) / WUNIT(VW)) * 8 * WUNIT(VW) + (r) * WUNIT(VW) + (nn) % WUNIT(VW))
+#else
+#define K_G 1
+#define V_G 1
+#define K_WORD(c, w) ((c) * KW + (w))
+#define V_WORD(r, nn) ((r) * VW + (nn))
+#endif
+// O's logical column n of fragment nn in memory (halves).
+#define V_PHYS(nn, n) (2 * V_WORD((n) & 7, nn) + ((n) >> 3))
 layout(std430, set = 0, binding = VKF_BINDING_Q) readonly buffer QBufW { uint q_words[]; };
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW4 { uvec4 k_w4[]; };
 layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW2 { uvec2 k_w2[]; };
@@ -2149,20 +2169,21 @@ layout(std430, set = 0, binding = VKF_BINDING_K) readonly buffer KBufW1 { uint k
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW4 { uvec4 v_w4[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW2 { uvec2 v_w2[]; };
 layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW1 { uint v_w1[]; };
-// N words from word W0 (a multiple of the unit: rows start 16-byte aligned) of the buffer seen as
-// U4 / U2 / U1 (uvec4, uvec2, uint) into DST[AT..], in the widest loads that divide N.
-#define WORDS(U4, U2, U1, DST, AT, W0, N) { \
-    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = U4[(W0) / 4 + i_]; \
+// N words of the buffer seen as U4 / U2 / U1 (uvec4, uvec2, uint) into DST[AT..], in units of
+// WUNIT(N) words, unit i from word W0 + i·G·WUNIT(N) (W0 a multiple of the unit: rows start
+// 16-byte aligned).
+#define WORDS(U4, U2, U1, DST, AT, W0, N, G) { \
+    if ((N) % 4 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 4; ++i_) { const uvec4 u_ = U4[(W0) / 4 + i_ * (G)]; \
         DST[(AT) + 4 * i_] = u_.x; DST[(AT) + 4 * i_ + 1] = u_.y; DST[(AT) + 4 * i_ + 2] = u_.z; DST[(AT) + 4 * i_ + 3] = u_.w; } } \
-    else if ((N) % 2 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = U2[(W0) / 2 + i_]; \
+    else if ((N) % 2 == 0) { [[unroll]] for (int i_ = 0; i_ < (N) / 2; ++i_) { const uvec2 u_ = U2[(W0) / 2 + i_ * (G)]; \
         DST[(AT) + 2 * i_] = u_.x; DST[(AT) + 2 * i_ + 1] = u_.y; } } \
-    else { [[unroll]] for (int i_ = 0; i_ < (N); ++i_) DST[(AT) + i_] = U1[(W0) + i_]; } }
+    else { [[unroll]] for (int i_ = 0; i_ < (N); ++i_) DST[(AT) + i_] = U1[(W0) + i_ * (G)]; } }
 // This lane's words of the 16 keys from physical row ROW: K of keys l/4 and l/4 + 8, V of keys
 // 2·(l%4) + {0, 1, 8, 9}.
 #define LOAD_K_WORDS(ROW, KR) { \
-    [[unroll]] for (int i = 0; i < 2; ++i) WORDS(k_w4, k_w2, k_w1, KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + (lane & 3) * KW, KW) }
+    [[unroll]] for (int i = 0; i < 2; ++i) WORDS(k_w4, k_w2, k_w1, KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + K_WORD(lane & 3, 0), KW, K_G) }
 #define LOAD_V_WORDS(ROW, VR) { \
-    [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + lane_r * VW, VW) }
+    [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + V_WORD(lane_r, 0), VW, V_G) }
 // Word w's halves into elements E and E + 1 of matrix M.
 #define PUT2(M, E, w) { const f16vec2 h_ = unpackFloat2x16(w); M[E] = h_.x; M[(E) + 1] = h_.y; }
 #endif
@@ -2172,7 +2193,7 @@ void main() {
     const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
     // Built for subgroups of 32 (the layout above): otherwise NaN partials, never wrong numbers.
     const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
-#if !DEC_REGLOAD
+#if !DEC_REGLOAD || DEC_CHUNKS == 2
     const int tb = sg * 16 * TS4;   // this subgroup's tile
 #endif
     const DecodeWG w = decode_wg();
@@ -2191,7 +2212,7 @@ void main() {
 
     const int qoff = p.q_base + bl * p.q_sb;
     FRAG_A qf[FD];
-#if DEC_REGLOAD
+#if DEC_REGLOAD && DEC_CHUNKS == 1
     // Q: this lane's words of its two rows (zeros where a row is none), straight into A operands.
     {
         uint qr[2 * KW];
@@ -2199,7 +2220,7 @@ void main() {
             // (A row that is none reads the buffer's first row, in bounds, and keeps zeros.)
             const int at = rh[i] < 0 ? 0 : qoff + rh[i] * p.q_sh + row_query(lane_r + 8 * i, chunk) * p.q_sl;
             [[unroll]] for (int w = 0; w < KW; ++w) {
-                const int x = 2 * ((lane & 3) * KW + w);
+                const int x = 2 * K_WORD(lane & 3, w);
                 qr[i * KW + w] = rh[i] < 0 ? 0u : p.vec_ok != 0 ? q_words[at / 2 + x / 2] : PAIR(q_data[at + x * p.q_sd], q_data[at + (x + 1) * p.q_sd]);
             }
         }
@@ -2211,7 +2232,21 @@ void main() {
     // Q: the rows' query vectors (zeros where a row is none) through the tile, kept as A operands.
     for (int e = lane; e < 16 * (D / 8); e += 32) {
         const int r = e / (D / 8), u = e - r * (D / 8), h = row_head(r, chunk, hk, group, off, qb);
-        Ts4[tb + r * TS4 + u] = h >= 0 ? unit_q_data(qoff + h * p.q_sh + row_query(r, chunk) * p.q_sl, p.q_sd, u) : uvec4(0);
+        const int at = qoff + h * p.q_sh + row_query(r, chunk) * p.q_sl;
+#if DEC_REGLOAD
+        // Logical column 16·kk + 2·c + 8·hh (a word: columns 2m, 2m + 1) is K's word 2·kk + hh of
+        // lane c (K_WORD): the tile holds Q in that order, as the K words' B operands take it.
+        uvec4 v = uvec4(0);
+        if (h >= 0) {
+            [[unroll]] for (int i = 0; i < 4; ++i) {
+                const int m = 4 * u + i, x = 2 * K_WORD(m & 3, 2 * (m >> 3) + ((m >> 2) & 1));
+                v[i] = p.vec_ok != 0 ? q_words[at / 2 + x / 2] : PAIR(q_data[at + x * p.q_sd], q_data[at + (x + 1) * p.q_sd]);
+            }
+        }
+        Ts4[tb + r * TS4 + u] = v;
+#else
+        Ts4[tb + r * TS4 + u] = h >= 0 ? unit_q_data(at, p.q_sd, u) : uvec4(0);
+#endif
     }
     subgroup_sync();
     [[unroll]] for (int kk = 0; kk < FD; ++kk) coopMatLoadNV(qf[kk], Ts4, uint(tb + 2 * kk), uint(TS4), false);
@@ -2288,6 +2323,14 @@ void main() {
 #endif
 #define ZERO_V_PAST(VF, KN) if ((KN) < 16) { \
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) [[unroll]] for (int e = 0; e < 8; ++e) if (B_KEY(e) >= (KN)) VF[nn][e] = float16_t(0.0); }
+#if DEC_REGLOAD
+// DEC_REGLOAD (nvr2): the chunks' words (LOAD_K_WORDS, LOAD_V_WORDS) put into the operands as
+// the products consume them; V's words of keys past a chunk's are zeroed.
+#define ZERO_V_WORDS(VR, KN) if ((KN) < 16) { \
+    [[unroll]] for (int j = 0; j < 4; ++j) if (lane_c + (j & 1) + 8 * (j >> 1) >= (KN)) [[unroll]] for (int x = 0; x < VW; ++x) VR[j * VW + x] = 0u; }
+#define K_FRAG(KF, KR, kk) PUT2(KF, 0, KR[2 * (kk)]) PUT2(KF, 2, KR[2 * (kk) + 1]) PUT2(KF, 4, KR[KW + 2 * (kk)]) PUT2(KF, 6, KR[KW + 2 * (kk) + 1])
+#define V_FRAG(VF, VR, nn) [[unroll]] for (int e = 0; e < 8; ++e) VF[e] = unpackFloat2x16(VR[(e & 3) * VW + (nn)])[e >> 2];
+#endif
     STEP_LOOP (more) {
         const int c0a = k0, kna = min(16, k_stop - k0), rowa = CHUNK_ROW(k0);
         const bool cpa = partial;
@@ -2300,15 +2343,28 @@ void main() {
             k0 += 16;
             more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b);
         }
+#if DEC_REGLOAD
+        uint kra[2 * KW], vra[4 * VW], krb[2 * KW], vrb[4 * VW];
+        LOAD_K_WORDS(rowa, kra) LOAD_V_WORDS(rowa, vra)
+        LOAD_K_WORDS(rowb, krb) LOAD_V_WORDS(rowb, vrb)
+#else
         FRAG_B kfa[FD], vfa[FDV], kfb[FD], vfb[FDV];
         LOAD_KV(rowa, kfa, vfa)
         LOAD_KV(rowb, kfb, vfb)
+#endif
         FRAG_C sa = FRAG_C(0.0), sb = FRAG_C(0.0);
         [[unroll]] for (int kk = 0; kk < FD; ++kk) {
             FRAG_A q_;
             coopMatLoadNV(q_, Ts4, uint(tb + 2 * kk), uint(TS4), false);
+#if DEC_REGLOAD
+            FRAG_B ka_, kb_;
+            K_FRAG(ka_, kra, kk) K_FRAG(kb_, krb, kk)
+            sa = coopMatMulAddNV(q_, ka_, sa);
+            sb = coopMatMulAddNV(q_, kb_, sb);
+#else
             sa = coopMatMulAddNV(q_, kfa[kk], sa);
             sb = coopMatMulAddNV(q_, kfb[kk], sb);
+#endif
         }
         float mx[2] = float[2](NEG_INF, NEG_INF);
         SCORE_CHUNK(sa, c0a, kna, cpa)
@@ -2320,13 +2376,24 @@ void main() {
             sa[e] = pa_; sb[e] = pb_;
             fl[EL_HI(e)] += pa_ + pb_;
         }
+        const FRAG_A pa = FRAG_A(sa), pb = FRAG_A(sb);
+#if DEC_REGLOAD
+        ZERO_V_WORDS(vra, kna)
+        ZERO_V_WORDS(vrb, knb)
+        [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
+            FRAG_B va_, vb_;
+            V_FRAG(va_, vra, nn) V_FRAG(vb_, vrb, nn)
+            o[nn] = coopMatMulAddNV(pa, va_, o[nn]);
+            o[nn] = coopMatMulAddNV(pb, vb_, o[nn]);
+        }
+#else
         ZERO_V_PAST(vfa, kna)
         ZERO_V_PAST(vfb, knb)
-        const FRAG_A pa = FRAG_A(sa), pb = FRAG_A(sb);
         [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
             o[nn] = coopMatMulAddNV(pa, vfa[nn], o[nn]);
             o[nn] = coopMatMulAddNV(pb, vfb[nn], o[nn]);
         }
+#endif
     }
 #else
 #if DEC_REGLOAD

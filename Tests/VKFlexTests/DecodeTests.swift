@@ -238,20 +238,23 @@ final class DecodeTests: FlexTestCase {
             }
         }
         // nv2: two 16-key chunks a step, V's rows past a chunk's keys zeroed through either B layout.
-        for bT in [false, true] {
-            var tuning = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "nv2"])
+        for (bT, registers) in [(false, false), (true, false), (true, true)] {
+            var tuning = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": registers ? "nvr2" : "nv2"])
             XCTAssertEqual(tuning.decodeNVChunks, 2)
             var t = AttentionPlanner.decodeNVTiles(tuning)
             t.nvBTransposed = bT
             XCTAssertEqual([t.nvChunks, t.NSG], [2, 1])
-            XCTAssertFalse(t.prefetch || t.nvRegisters)
+            XCTAssertFalse(t.prefetch)
+            XCTAssertEqual(t.nvRegisters, registers)
             tuning.decodeNVChunks = 1
-            for (D, Dv, dtype) in [(128, 128, DType.float16), (64, 64, .bfloat16), (32, 96, .float16)] {
+            // (nvr2: float16 only, as nvr; D = 48 for its 8-byte K units.)
+            for (D, Dv, dtype) in registers ? [(128, 128, DType.float16), (48, 96, .float16)] : [(128, 128, DType.float16), (64, 64, .bfloat16), (32, 96, .float16)] {
                 for flags in [false, true] {
                     let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: dtype, D: D, Dv: Dv, tiles: .decodeMM(t), typedOperands: true,
                                              maxScores: flags, kvLengths: flags, qOffsets: flags, paged: flags, pushParams: true, mods: mods.glsl.source)
                     let source = try plan.source()
                     XCTAssertTrue(source.defines.contains { $0.name == "DEC_CHUNKS" && $0.value == "2" })
+                    XCTAssertTrue(source.defines.contains { $0.name == "DEC_REGLOAD" && $0.value == (registers ? "1" : "0") })
                     XCTAssertTrue(source.defines.contains { $0.name == "DEC_B_T" && $0.value == (bT ? "1" : "0") })
                     let spirv = try ShaderCompiler.shared.compile(source, library: library)
                     let khr = try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)
@@ -261,7 +264,7 @@ final class DecodeTests: FlexTestCase {
                 }
             }
         }
-        XCTAssertEqual(compiled, 54)
+        XCTAssertEqual(compiled, 58)
         // VKFLEX_DECODE_UNROLL: 1 or 0 for both kernels' step loops; unset, each its default.
         XCTAssertNil(try AttentionTuning.parse([:]).decodeDriverUnroll)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_UNROLL": "0"]).decodeDriverUnroll, false)
