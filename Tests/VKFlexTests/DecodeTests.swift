@@ -445,7 +445,7 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
         for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2", "mm16pp", "mm16px2", "4x2p"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step, nvr2: with word loads; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).
