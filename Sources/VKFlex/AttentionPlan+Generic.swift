@@ -319,7 +319,9 @@ extension AttentionPlanner {
 
     /// Whether the planner takes the NVIDIA-layout split-KV kernel by itself (where
     /// ``decodeNVProblem(_:device:)`` finds nothing against it): for 8 or more rows (query heads ×
-    /// query rows) per KV head — speculative decoding, multi-query attention. On an H100
+    /// query rows) per KV head — speculative decoding, multi-query attention. (With `nvrh`'s word
+    /// loads, 2026-12-06 22:05, `decode_dense_4k` took 62.5 µs of kernel against the scalar
+    /// kernel's 62.1 at 21:43 on the same machine start: still no gain for 4 rows.) On an H100
     /// (2026-12-06 16:21, `VKFLEX_DECODE_TILE=t vkflex bench --suite decode --no-check`, µs
     /// contiguous / paged) it ran `specdec_4_of_8k` (4 heads × 4 rows a KV head) in 180.1 / 173.6
     /// against the scalar kernel's 539.4 / 581.4 and `decode_mqa_32k` (16 heads × 1 row) in
@@ -363,7 +365,9 @@ extension AttentionPlanner {
 
     /// One-subgroup workgroups of the NVIDIA-layout split-KV kernel an SM runs at once: its 242-255
     /// registers a lane leave room for eight subgroups in an SM's 65,536 (the residency probe
-    /// counted 7.4-7.9 on an H100, docs/performance.md).
+    /// counted 7.4-7.9 on an H100, docs/performance.md). `nvrh`'s 196 would leave room for ten,
+    /// but ten a compute unit ran slower (H100, 2026-12-06: `specdec_4_of_8k` 166.0 µs of kernel at
+    /// 20 splits, 1,280 subgroups, against 127.2 at 16), so eight it is for every variant.
     static let decodeNVResidentPerComputeUnit = 8
 
     /// A split-KV call's key splits: `wanted` (``decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:)``),

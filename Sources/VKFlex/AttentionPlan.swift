@@ -528,13 +528,20 @@ enum AttentionPlanner {
         let tuning = (try? AttentionTuning.of(device)) ?? AttentionTuning()
         // The NVIDIA-layout kernel where forced or measured faster, and the inputs allow it (else
         // the kernels below, whose loads take any layout).
-        // Unforced, two 16-key chunks a step where the B operand's layout is one the kernel knows
-        // (`nv2`; H100, 2026-12-06, µs contiguous: specdec_4_of_8k 167.9 against nv's 179.1,
-        // decode_mqa_32k 163.6 against 169.9, with 242 registers against 255), else one.
+        // Unforced: word-by-word loads that read whole sectors, the next chunk's loaded as this
+        // one's registers free up (`nvrh`), where the B operand's layout is the one they are written
+        // for (NVIDIA's KHR extension) and the inputs float16; else two 16-key chunks a step where
+        // the B layout is one the kernel knows (`nv2`), else one. H100, 2026-12-06 22:05-22:09
+        // (`VKFLEX_DECODE_TILE=t VKFLEX_PROFILE=1 vkflex bench --suite decode`, kernel µs):
+        // specdec_4_of_8k nvrh 129.2 against nv2's 143.0, decode_mqa_32k 84.7 against 85.4,
+        // decode_dense_4k 62.5 against 76.0, with 196 registers against 241.
+        let defaults: [(chunks: Int, registers: Bool)] = [(1, true), (2, false), (1, false)]
         if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
-           let chunks = (tuning.decodeNV != nil ? [tuning.decodeNVChunks] : [2, 1]).first(where: {
-               decodeNVProblem(s, device: device, registers: tuning.decodeNV?.registers ?? false, chunks: $0) == nil }) {
-            var t = decodeNVTiles(tuning, chunks: chunks)
+           let pick = (tuning.decodeNV != nil ? [(tuning.decodeNVChunks, tuning.decodeNV!.registers)] : defaults).first(where: {
+               decodeNVProblem(s, device: device, registers: $0.registers, chunks: $0.chunks) == nil }) {
+            var tuned = tuning
+            if tuning.decodeNV == nil, pick.registers { tuned.decodeNV = (1, true, true, true) }   // nvrh
+            var t = decodeNVTiles(tuned, chunks: pick.chunks)
             // DEC_CHUNKS 2 zeroes V's rows past a chunk's keys through the B operand's layout.
             if t.nvChunks > 1 {
                 t.nvBTransposed = CooperativeMatrixLayout.of(device).map { (s.dtype == .bfloat16 ? $0.bfloat16B : $0.float16B) == CooperativeMatrixLayout.nvidiaMMAB } ?? false
