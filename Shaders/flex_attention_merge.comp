@@ -69,33 +69,36 @@ void main() {
     const bool live = row < rows;   // no return: the barriers below are the workgroup's
     const int i = row % p.Lq, bh = row / p.Lq, h = bh % p.nh, b = bh / p.nh;
     const float nan = uintBitsToFloat(0x7FC00000u);
-    // This group's splits (g, g + G, ...), MS at a time with their loads issued together.
-    float m = NEG_INF;
-    bool nan_row = false;
-    if (live) {
-        for (int s0 = g; s0 < p.splits; s0 += G * MS) {
-            float l[MS];
-            [[unroll]] for (int k = 0; k < MS; ++k) l[k] = s0 + k * G < p.splits ? part_l[(s0 + k * G) * rows + row] : NEG_INF;
-            [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else m = max(m, l[k]); }
-        }
-    }
+    // This group's splits (g, g + G, ...), MS at a time with their loads issued together — each
+    // split's LSE and its O at once, merged against the running maximum (one pass: a group of
+    // 16 splits is one round of loads, where a pass for the maximum and one for O were two).
     for (int ub = 0; ub < U; ub += UL) {
         const int u = ub + u0;
+        float m = NEG_INF, sum = 0.0;
         VT o = VT(0.0);
-        float sum = 0.0;
-        if (live && m > NEG_INF) {
+        bool nan_row = false;
+        if (live) {
             for (int s0 = g; s0 < p.splits; s0 += G * MS) {
-                float w[MS];
+                float l[MS];
                 VT v[MS];
                 [[unroll]] for (int k = 0; k < MS; ++k) {
                     const int s = s0 + k * G;
-                    // w: 0 for a split that saw no key (and past the last split), whose O is not read.
-                    w[k] = s < p.splits ? exp(part_l[s * rows + row] - m) : 0.0;
-                    v[k] = w[k] != 0.0 && u < U ? PART_O((s * rows + row) * U + u) : VT(0.0);
+                    // A split that saw no key wrote O = 0 and LSE -inf; past the last split, the same.
+                    l[k] = s < p.splits ? part_l[s * rows + row] : NEG_INF;
+                    v[k] = s < p.splits && u < U ? PART_O((s * rows + row) * U + u) : VT(0.0);
                 }
-                [[unroll]] for (int k = 0; k < MS; ++k) {
-                    if (w[k] != 0.0) o += w[k] * v[k];
-                    sum += w[k];
+                float mn = m;
+                [[unroll]] for (int k = 0; k < MS; ++k) { if (isnan(l[k])) nan_row = true; else mn = max(mn, l[k]); }
+                if (mn > NEG_INF) {
+                    const float sc = exp(m - mn);   // 0 while m is -inf (o and sum are 0 then)
+                    o *= sc;
+                    sum *= sc;
+                    [[unroll]] for (int k = 0; k < MS; ++k) {
+                        const float w = isnan(l[k]) ? 0.0 : exp(l[k] - mn);
+                        if (w != 0.0) o += w * v[k];
+                        sum += w;
+                    }
+                    m = mn;
                 }
             }
         }

@@ -250,7 +250,7 @@ enum ForwardKernel {
                     let budget = limit * 3 / 4 - (BQ * s.D + 4 * BQ * s.Dv + 512)
                     let blocksPerSplit = max(1, budget / perBlock)
                     splits = max(splits, (kvBlocks + blocksPerSplit - 1) / blocksPerSplit)
-                    // The merge loops over the splits three times.
+                    // The merge's loops over the splits run fewer than three times their count.
                     guard 3 * splits + 64 <= limit * 3 / 4 else {
                         throw FlexError.limitExceeded("\(caps.name) stops a shader's loops after \(limit) iterations: \(kvBlocks) KV blocks of \(kvBS) keys need \(splits) key splits, more than its merge can combine; use larger KV blocks")
                     }

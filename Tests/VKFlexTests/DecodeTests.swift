@@ -349,6 +349,35 @@ final class DecodeTests: FlexTestCase {
         }
     }
 
+    /// The merge of many splits, several rounds of loads a group: one-row MQA (16 heads on one KV
+    /// head) in 150 splits of 16-key blocks (8 groups of 32 invocations at Dv = 128, about 19
+    /// splits each: three rounds of eight, merged against a running maximum), a mask that keeps
+    /// fewer blocks than splits (the later splits keyless: O 0, LSE -inf), a shorter cache for one
+    /// batch, and a NaN query row, whose output and LSE stay NaN while the other rows match the
+    /// float64 reference.
+    func testMergeOfManySplitsInRounds() throws {
+        XCTAssertEqual(ForwardKernel.mergeLayout(splits: 150, Dv: 128, wg: 256).groups, 8)
+        let dev = try device(with: ["VKFLEX_DECODE_SPLITS": "150"])
+        let (B, Hq, Lkv, D) = (2, 16, 2400, 128)
+        var qv = randn(B * Hq * D)
+        let nanRow = 3   // (b 0, h 3)
+        qv[nanRow * D + 5] = .nan
+        let q = try dev.tensor(qv, shape: [B, Hq, 1, D])
+        let k = try dev.tensor(randn(B * Lkv * D), shape: [B, 1, Lkv, D]), v = try dev.tensor(randn(B * Lkv * D), shape: [B, 1, Lkv, D])
+        let bm = try createBlockMask(MaskMod { _, _, _, ki in ki >= 700 }, B: 1, H: 1, qLen: 1, kvLen: Lkv, device: dev, blockSize: 16)
+        let lengths = [2400, 1900]
+        let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: true, kvLengths: try dev.tensor(lengths, shape: [B]), returnLSE: true,
+                                  options: FlexOptions(kernel: .splitKV))
+        let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: true, kvLengths: lengths)
+        let out = try r.output.toArray(), lse = try r.lse!.toArray()
+        XCTAssertTrue(out[(nanRow * D)..<((nanRow + 1) * D)].allSatisfy(\.isNaN))
+        XCTAssertTrue(lse[nanRow].isNaN)
+        let rows = (0..<(B * Hq)).filter { $0 != nanRow }
+        let o = rows.flatMap { out[($0 * D)..<(($0 + 1) * D)] }, oRef = rows.flatMap { ref.output[($0 * D)..<(($0 + 1) * D)] }
+        XCTAssertLessThan(relativeL2Error(o, oRef), 1e-5)
+        XCTAssertLessThan(relativeL2Error(rows.map { lse[$0] }, rows.map { ref.lse[$0] }), 1e-6)
+    }
+
     /// The matrix kernel with two subgroups a workgroup (`VKFLEX_DECODE_TILE=mm16x2`, emulated on
     /// lavapipe), each walking a split of its own: GQA rows, a sliding window written with query
     /// offsets, key lengths, paged K/V, and more splits than KV blocks (subgroups with nothing to walk).
