@@ -23,7 +23,7 @@
 # split-KV kernel's split count per case (SPLIT_SWEEP); residency: how many
 # workgroups an SM runs at once of each kernel (VKFLEX_RESIDENCY), with registers and shared memory;
 # tiles: backward and coopmat-generic tile sweeps with the same probe; next: what the next call
-# runs (docs/performance.md, seventeenth session), about 9 minutes, its files in next.tar; regsm:
+# runs (docs/performance.md, eighteenth session), about 9 minutes, its files in next.tar; regsm:
 # coopmat-generic's register softmax, its selftests and timings beside the shared one; waves: the NVIDIA-layout split-KV
 # kernel's split count swept (WAVE_TILES, WAVES, WAVE_CASES: e.g. WAVE_TILES=scalar WAVES="2 8"
 # WAVE_CASES=decode_dense_4k,decode_dense_32k,decode_long_128k for the scalar kernel); decode-nv: the NVIDIA-layout
@@ -260,28 +260,28 @@ if [ "$what" = decode-prefetch ]; then
   done
 fi
 if [ "$what" = next ]; then
-  # What the next call runs (the seventeenth session's list, k-rows added), in priority order (DEADLINE=560 keeps it in one call): every
-  # kernel's validated selftest (the merge rewritten and the walk's next-block read, never run on
-  # a GPU), the decode suite with each dispatch's device time, the decode suite beside PyTorch
-  # (issues 22 and 23 on an H200), where nv2's step goes (nv-parts, SASS=0 without its machine
-  # code), the backward beside PyTorch (issue 20), the scalar kernel's splits, coopmat-generic's
-  # one-buffer pipeline. (The decode suite took more than 60 s on a fresh H100, 2026-12-06, and a
-  # step cut off by its limit keeps only what its output had flushed: stdbuf.)
-  # On an H200 (H200=1) the issues' bars come first: the two compares before the decode suite's
-  # device times and nv-parts.
+  # What the next call runs (the eighteenth session's list), in priority order (DEADLINE=555 keeps
+  # it in one call): every kernel's selftest under the validation layer (the NV extension) and
+  # without it (the KHR one, where the planner now takes nvrh and the merge is one pass: neither
+  # has run on a GPU as the planner's default), the decode suite beside PyTorch (issues 22 and 23 on
+  # an H200), the decode suite with each dispatch's time and nvrh's residency (how long each
+  # subgroup takes: the fixed cost beside the steps), the backward beside PyTorch (issue 20), the
+  # dK/dV pass in two dispatches, the scalar kernel's splits, coopmat-generic's one-buffer pipeline.
+  # On an H200 (H200=1) the backward's compare comes before the decode timings.
   h200=${H200:-0}
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  if [ "$h200" != 1 ]; then
-    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
-    grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
-  fi
+  step selftest-khr 150 vkflex selftest --kernel all
+  grep -E "B operands|^(PASS|FAIL) +decode" "$out/selftest-khr.txt" | cut -c1-160
   step compare-decode 220 bash .device/on-device.sh compare --suite decode
   tail -12 "$out/compare-decode.txt"
   if [ "$h200" = 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"
   fi
-  DEADLINE=$((${DEADLINE:-100000} - SECONDS)) SASS=${SASS:-0} bash "$0" nv-parts
+  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
+  grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
+  VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+  grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
   if [ "$h200" != 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"
