@@ -535,7 +535,10 @@ enum AttentionPlanner {
         // (`VKFLEX_DECODE_TILE=t VKFLEX_PROFILE=1 vkflex bench --suite decode`, kernel µs):
         // specdec_4_of_8k nvrh 129.2 against nv2's 143.0, decode_mqa_32k 84.7 against 85.4,
         // decode_dense_4k 62.5 against 76.0, with 196 registers against 241.
-        let defaults: [(chunks: Int, registers: Bool)] = [(1, true), (2, false), (1, false)]
+        // (Head dims whose words a lane loads in 16-byte units, the ones `nvrh` has run on a GPU:
+        // D a multiple of 32, Dv of 64; `VKFLEX_DECODE_TILE=nvrh` takes the others.)
+        let wordUnits = s.D % 32 == 0 && s.Dv % 64 == 0
+        let defaults: [(chunks: Int, registers: Bool)] = (wordUnits ? [(1, true)] : []) + [(2, false), (1, false)]
         if forcedDecodeMatrices == nil, tuning.decodeNV != nil || tuning.decodeMatrices == nil && decodeNVByDefault(s),
            let pick = (tuning.decodeNV != nil ? [(tuning.decodeNVChunks, tuning.decodeNV!.registers)] : defaults).first(where: {
                decodeNVProblem(s, device: device, registers: $0.registers, chunks: $0.chunks) == nil }) {
