@@ -265,7 +265,7 @@ if [ "$what" = next ]; then
   # without it (the KHR one, where the planner now takes nvrh and the merge is one pass: neither
   # has run on a GPU as the planner's default), the decode suite beside PyTorch (issues 22 and 23 on
   # an H200), the decode suite with each dispatch's time and nvrh's residency (how long each
-  # subgroup takes: the fixed cost beside the steps), the backward beside PyTorch (issue 20), the
+  # subgroup takes: the fixed cost beside the steps), nvrd beside nvrh, the backward beside PyTorch (issue 20), the
   # dK/dV pass in two dispatches, the scalar kernel's splits, coopmat-generic's one-buffer pipeline.
   # On an H200 (H200=1) the backward's compare comes before the decode timings.
   h200=${H200:-0}
@@ -282,6 +282,15 @@ if [ "$what" = next ]; then
   grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
   VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
   grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
+  # nvrd (two chunks' loads in flight, written in the eighteenth session after its last call):
+  # its selftest on the KHR extension, then beside nvrh on the 16-row cases, with its registers
+  # (local memory would mean the second buffer spilled).
+  VKFLEX_DECODE_TILE=nvrd step selftest-nvrd 40 vkflex selftest --kernel split-kv
+  for t in nvrh nvrd; do
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "ab-$t" 45 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
+    grep -E " (no|yes) |device time" "$out/ab-$t.txt" | sed "s/^/$t /" | cut -c1-150
+    grep -E 'pipeline flex_attention_decode_nv' "$out/ab-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
+  done
   if [ "$h200" != 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"

@@ -43,6 +43,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// the transposed layout (``CooperativeMatrixLayout/nvidiaMMAB``, `DEC_B_T`; else
     /// ``CooperativeMatrixLayout/nvidiaMMA``), which the planner measures for that case only.
     var nvChunks = 1, nvBTransposed = false
+    /// Chunks whose loads are in flight ahead of the one computing (2: `DEC_PREFETCH=3`, nvrd).
+    var nvAhead = 1
 
     var BQ: Int { M * NSG * rpw }
     var WG: Int { SG * NSG }
@@ -58,7 +60,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (nvAhead > 1 ? " \(nvAhead) chunks ahead" : "") }
 }
 
 extension AttentionPlanner {
@@ -261,6 +263,7 @@ extension AttentionPlanner {
         t.nvRotate = tuning.decodeNV?.rotate ?? false
         t.nvDriverUnroll = tuning.decodeDriverUnroll ?? false
         t.nvChunks = chunks
+        t.nvAhead = tuning.decodeNVAhead
         return t
     }
 
