@@ -173,14 +173,16 @@ layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW1 { uint v
     [[unroll]] for (int i = 0; i < 2; ++i) WORDS(k_w4, k_w2, k_w1, KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + K_WORD(lane & 3, 0), KW, K_G) }
 #define LOAD_V_WORDS(ROW, VR) { \
     [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + V_WORD(lane_r, 0), VW, V_G) }
+// The 32-bit word of Q at half X of the row from element AT (16-byte rows where p.vec_ok, else gathered).
+#define Q_WORD(AT, X) (p.vec_ok != 0 ? q_words[(AT) / 2 + (X) / 2] : PAIR(q_data[(AT) + (X) * p.q_sd], q_data[(AT) + ((X) + 1) * p.q_sd]))
 // Word w's halves into elements E and E + 1 of matrix M.
 #define PUT2(M, E, w) { const f16vec2 h_ = unpackFloat2x16(w); M[E] = h_.x; M[(E) + 1] = h_.y; }
 // A chunk's words (LOAD_K_WORDS, LOAD_V_WORDS) put into the operands as the products consume
-// them (nvr2, nvrd); V's words of keys past a chunk's KN zeroed.
+// them (K_FRAG also puts Q's words into its A operands); V's words of keys past a chunk's KN zeroed.
 #define ZERO_V_WORDS(VR, KN) if ((KN) < 16) { \
     [[unroll]] for (int j = 0; j < 4; ++j) if (lane_c + (j & 1) + 8 * (j >> 1) >= (KN)) [[unroll]] for (int x = 0; x < VW; ++x) VR[j * VW + x] = 0u; }
-#define K_FRAG(KF, KR, kk) PUT2(KF, 0, KR[2 * (kk)]) PUT2(KF, 2, KR[2 * (kk) + 1]) PUT2(KF, 4, KR[KW + 2 * (kk)]) PUT2(KF, 6, KR[KW + 2 * (kk) + 1])
-#define V_FRAG(VF, VR, nn) [[unroll]] for (int e = 0; e < 8; ++e) VF[e] = unpackFloat2x16(VR[(e & 3) * VW + (nn)])[e >> 2];
+#define K_FRAG(KF, KR, kk) { PUT2(KF, 0, KR[2 * (kk)]) PUT2(KF, 2, KR[2 * (kk) + 1]) PUT2(KF, 4, KR[KW + 2 * (kk)]) PUT2(KF, 6, KR[KW + 2 * (kk) + 1]) }
+#define V_FRAG(VF, VR, nn) { [[unroll]] for (int e = 0; e < 8; ++e) VF[e] = unpackFloat2x16(VR[(e & 3) * VW + (nn)])[e >> 2]; }
 #endif
 
 void main() {
@@ -216,12 +218,10 @@ void main() {
             const int at = rh[i] < 0 ? 0 : qoff + rh[i] * p.q_sh + row_query(lane_r + 8 * i, chunk) * p.q_sl;
             [[unroll]] for (int w = 0; w < KW; ++w) {
                 const int x = 2 * K_WORD(lane & 3, w);
-                qr[i * KW + w] = rh[i] < 0 ? 0u : p.vec_ok != 0 ? q_words[at / 2 + x / 2] : PAIR(q_data[at + x * p.q_sd], q_data[at + (x + 1) * p.q_sd]);
+                qr[i * KW + w] = rh[i] < 0 ? 0u : Q_WORD(at, x);
             }
         }
-        [[unroll]] for (int kk = 0; kk < FD; ++kk) {
-            PUT2(qf[kk], 0, qr[2 * kk]) PUT2(qf[kk], 2, qr[2 * kk + 1]) PUT2(qf[kk], 4, qr[KW + 2 * kk]) PUT2(qf[kk], 6, qr[KW + 2 * kk + 1])
-        }
+        [[unroll]] for (int kk = 0; kk < FD; ++kk) { K_FRAG(qf[kk], qr, kk) }   // A's element e sits where B's does
     }
 #else
     // Q: the rows' query vectors (zeros where a row is none) through the tile, kept as A operands.
@@ -235,7 +235,7 @@ void main() {
         if (h >= 0) {
             [[unroll]] for (int i = 0; i < 4; ++i) {
                 const int m = 4 * u + i, x = 2 * K_WORD(m & 3, 2 * (m >> 3) + ((m >> 2) & 1));
-                v[i] = p.vec_ok != 0 ? q_words[at / 2 + x / 2] : PAIR(q_data[at + x * p.q_sd], q_data[at + (x + 1) * p.q_sd]);
+                v[i] = Q_WORD(at, x);
             }
         }
         Ts4[tb + r * TS4 + u] = v;
@@ -457,7 +457,7 @@ void main() {
         FRAG_C sc = FRAG_C(0.0);
         [[unroll]] for (int kk = 0; kk < FD; ++kk) {
             FRAG_B kf_;
-            PUT2(kf_, 0, kr[2 * kk]) PUT2(kf_, 2, kr[2 * kk + 1]) PUT2(kf_, 4, kr[KW + 2 * kk]) PUT2(kf_, 6, kr[KW + 2 * kk + 1])
+            K_FRAG(kf_, kr, kk)
             sc = coopMatMulAddNV(qf[kk], kf_, sc);
         }
 #if DEC_PREFETCH == 2
@@ -487,13 +487,10 @@ void main() {
         const FRAG_A pa = FRAG_A(sc);
 #if DEC_REGLOAD
         // Fewer than 16 keys: V's rows past them may hold anything (0 · NaN is NaN): zeros.
-        if (kn < 16) {
-            [[unroll]] for (int j = 0; j < 4; ++j)
-                if (lane_c + (j & 1) + 8 * (j >> 1) >= kn) [[unroll]] for (int x = 0; x < VW; ++x) vr[j * VW + x] = 0u;
-        }
+        ZERO_V_WORDS(vr, kn)
         [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
             FRAG_B vf_;
-            [[unroll]] for (int e = 0; e < 8; ++e) vf_[e] = unpackFloat2x16(vr[(e & 3) * VW + nn])[e >> 2];
+            V_FRAG(vf_, vr, nn)
             o[nn] = coopMatMulAddNV(pa, vf_, o[nn]);
         }
 #if DEC_PREFETCH == 2
