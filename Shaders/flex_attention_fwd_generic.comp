@@ -5,8 +5,9 @@
 // host rewrites this NV-extension GLSL's SPIR-V to the KHR extension, CooperativeMatrixKHRRewriter;
 // no conversion between matrix uses happens here, so no layout enters).
 //
-// One workgroup of NSG subgroups per (query tile of MM * NSG rows inside one BlockMask query block,
-// head, batch); subgroup g owns rows g * MM.. and keeps their Q as A operands in registers. Per step
+// One workgroup of NSG subgroups per (query tile of MM * GEN_RPW * NSG rows inside one BlockMask query
+// block, head, batch); subgroup g owns rows g * MM * GEN_RPW.. (GEN_RPW blocks of MM) and keeps their
+// Q as A operands in registers. Per step
 // of BKV keys the workgroup stages K and V (fp16) in shared memory; each subgroup computes
 // S = Q Kᵀ (MM x MN x MK products, fp32 accumulators) and stores it to its rows of a shared score
 // tile; the online softmax (flex_softmax.glsl) reads the scores there, applies scale, score-mod and
@@ -51,13 +52,23 @@ layout(local_size_x = SG * NSG) in;
 #include "flex_attention_common.glsl"
 #include "flex_mm.glsl"
 
-#define BQ (MM * NSG)
+// GEN_RPW (default 1): row blocks of MM rows each subgroup owns (flex_mm_step.glsl's MM_RB): each
+// K and V fragment read from shared memory feeds GEN_RPW products (as coopmat-nv's RPW). With
+// matrices, the register softmax only (the shared one's O round trip takes one block).
+#ifndef GEN_RPW
+#define GEN_RPW 1
+#endif
+#define MM_RB GEN_RPW
+#define BQ (MM * GEN_RPW * NSG)
 #ifndef GEN_PREFETCH
 #define GEN_PREFETCH 0
 #endif
 #if !defined(GEN_REGSM) || VKF_MM_EMULATE
 #undef GEN_REGSM
 #define GEN_REGSM 0
+#endif
+#if GEN_RPW > 1 && !VKF_MM_EMULATE && !GEN_REGSM
+#error GEN_RPW > 1 takes the register softmax (GEN_REGSM) where the products are matrices
 #endif
 #if GEN_PREFETCH
 #ifndef GEN_NBUF
@@ -68,7 +79,7 @@ layout(local_size_x = SG * NSG) in;
 // The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
 #include "flex_mm_step.glsl"
 
-#define SM_ROWS MM
+#define SM_ROWS (MM * GEN_RPW)
 #define SM_COLS BKV
 // The running maximum moves lazily (flex_softmax.glsl): O, which stays in accumulators, makes a
 // round trip through shared memory (a fragment at a time: MM_O_CHUNK) to be rescaled only on the
@@ -144,7 +155,7 @@ void main() {
     const int b = g_t.b, bl = g_t.bl, h = g_t.h, hl = g_t.hl, hk = g_t.hk, q0 = g_t.q0, rows = g_t.rows;
     const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID);
     g_lane = lane;
-    g_r0 = sg * MM;
+    g_r0 = sg * MM * GEN_RPW;
     // The host sized the workgroup for subgroups of SG lanes (the device's, fixed for SPIR-V 1.5
     // without VK_EXT_subgroup_size_control's varying flag); if a driver differed, every output is
     // NaN — a loud failure the first-call check catches — never a silently wrong one.
@@ -159,15 +170,18 @@ void main() {
         Qs4[r * KS4 + u] = r < rows ? unit_q_data(qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
     }
 #else
-    FRAG_A qf[D / MK];
+    FRAG_A qf[GEN_RPW * (D / MK)];
     for (int c = 0; c < BQ; c += BKV) {
         for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
             const int j = e / (D / 8), u = e - j * (D / 8), r = c + j;
             Ks4[j * KS4 + u] = r < rows ? unit_q_data(qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
         }
         barrier();
-        if (g_r0 >= c && g_r0 < c + BKV) {
-            [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[kk], Ks4, uint((g_r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
+        // A block of MM rows lies in one chunk of BKV (a multiple of MM).
+        [[unroll]] for (int rb = 0; rb < GEN_RPW; ++rb) {
+            const int r0 = g_r0 + rb * MM;
+            if (r0 >= c && r0 < c + BKV)
+                [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[rb * (D / MK) + kk], Ks4, uint((r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
         }
         barrier();
     }
@@ -180,11 +194,11 @@ void main() {
     [[unroll]] for (int k = 0; k < SM_RPL; ++k)
         [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
 #else
-    FRAG_C o[DV / MN];
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
+    FRAG_C o[GEN_RPW * (DV / MN)];
+    [[unroll]] for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = FRAG_C(0.0);
 #endif
 #if GEN_REGSM
-    FRAG_C ix, mb, ls;
+    FRAG_C ix, mb[GEN_RPW], ls[GEN_RPW];
     MM_REG_INIT(g_r0, lane, ix, mb, ls, -1e30)
 #endif
 

@@ -14,6 +14,15 @@
 // float o[SM_RPL][DV / SM_TPR] in the softmax's row/column assignment (no round trip); else QF is
 // FRAG_A[D / MK] and O FRAG_C[DV / MN].
 
+// MM_RB (default 1): row blocks of MM rows a subgroup owns (the generic forward's GEN_RPW; the
+// register softmax's macros and the emulated ones take it): each K or V fragment read from shared
+// memory then feeds MM_RB products, so a step's shared-memory reads per product drop MM_RB-fold.
+// The subgroup's matrices are arrays with one entry per block: Q's A operands QF[b * (D / MK) + kk],
+// O's accumulators O[b * (DV / MN) + nn], MB[b] and LS[b].
+#ifndef MM_RB
+#define MM_RB 1
+#endif
+
 // The tiles, for BQ rows (the workgroup's).
 // K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
 // by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
@@ -93,13 +102,14 @@ GATHER(v_data, v_units)
 #define MM_OCPL (MN / SM_TPR)
 #define MM_O_CHUNK(O, NN, R0) { \
     subgroup_sync(); \
-    coopMatStoreNV(O[NN], Ss, uint((R0) * SST), uint(SST), false); \
+    [[unroll]] for (int ob_ = 0; ob_ < MM_RB; ++ob_) \
+        coopMatStoreNV(O[ob_ * (DV / MN) + (NN)], Ss, uint(((R0) + ob_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); }
 
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
 #define MM_SCORES(QF, R0, LANE, KB) \
-    for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
+    for (int e_ = (LANE); e_ < MM * MM_RB * BKV; e_ += SG) { \
         const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
         float dot_ = 0.0; \
         /* A unit (8 halves) an iteration: a driver that caps loop iterations (lavapipe) counts D / 8. */ \
@@ -194,6 +204,8 @@ GATHER(v_data, v_units)
 // in log2 units after scale, mods and mask (-inf outside the tile), and sm_score reading the
 // score tile as stored.
 #define MM_IX_ROW(E) ((E) / MN)
+// Accumulators of a step's scores a row block, and S[b * MM_NS + nn]: block b's keys nn * MN ...
+#define MM_NS (BKV / MN)
 // A table of MN columns in rows R0.. of the score tile, each lane writing its own rows' columns.
 #define MM_ROW_TABLE(R0, LANE, V) \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
@@ -204,55 +216,82 @@ GATHER(v_data, v_units)
     subgroup_sync(); \
     coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
     subgroup_sync(); \
-    MB = FRAG_C(M0); LS = FRAG_C(0.0); }
-#define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
-    FRAG_C s_[BKV / MN]; \
-    bool up_ = false; \
-    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
-        MM_QK(QF, s_[nn_], nn_, KB) \
-        [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
-            const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
-            const float v_ = mm_score(s_[nn_][i_], (R0) + r_, nn_ * MN + e_ - r_ * MN); \
-            s_[nn_][i_] = v_; \
-            up_ = up_ || v_ > MB[i_] + SM_TAU; \
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = FRAG_C(M0); LS[b_] = FRAG_C(0.0); } }
+// S[b * MM_NS + NN] = Q Kᵀ for every row block b, keys NN * MN.., each Kᵀ fragment read once.
+#define MM_QK_RB(QF, S, NN, KB) { \
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = FRAG_C(0.0); \
+    [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+        FRAG_B kt_; \
+        coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            S[b_ * MM_NS + (NN)] = coopMatMulAddNV(QF[b_ * (D / MK) + kk_], kt_, S[b_ * MM_NS + (NN)]); \
+    } }
+// O[b * (DV / MN) + nn] += P V for every row block b (P's A operands PF[b * (BKV / MK) + kk]),
+// each V fragment read once.
+#define MM_PV_RB(O, PF, VB) \
+    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            FRAG_B vf_; \
+            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+                O[b_ * (DV / MN) + nn_] = coopMatMulAddNV(PF[b_ * (BKV / MK) + kk_], vf_, O[b_ * (DV / MN) + nn_]); \
         } \
+    }
+#define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
+    FRAG_C s_[MM_RB * MM_NS]; \
+    bool up_ = false; \
+    [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) { \
+        MM_QK_RB(QF, s_, nn_, KB) \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+                const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+                const float v_ = mm_score(s_[b_ * MM_NS + nn_][i_], (R0) + b_ * MM + r_, nn_ * MN + e_ - r_ * MN); \
+                s_[b_ * MM_NS + nn_][i_] = v_; \
+                up_ = up_ || v_ > MB[b_][i_] + SM_TAU; \
+            } \
     } \
     if (subgroupAny(up_)) { \
-        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) coopMatStoreNV(s_[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+                coopMatStoreNV(s_[b_ * MM_NS + nn_], Ss, uint(((R0) + b_ * MM) * SST + nn_ * MN), uint(SST), false); \
         subgroup_sync(); \
         float alpha_[SM_RPL]; \
         sm_tile(M, L, alpha_); \
         subgroup_sync();   /* the scores read: the tile takes the maxima, then the factors */ \
         MM_ROW_TABLE(R0, LANE, M) \
         subgroup_sync(); \
-        coopMatLoadNV(MB, Ss, uint((R0) * SST), uint(SST), false); \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatLoadNV(MB[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
         subgroup_sync(); \
         MM_ROW_TABLE(R0, LANE, alpha_) \
         subgroup_sync(); \
-        FRAG_C a_; \
-        coopMatLoadNV(a_, Ss, uint((R0) * SST), uint(SST), false); \
-        [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[i_] *= a_[i_]; \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
-            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[nn_][i_] *= a_[i_]; \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { \
+            FRAG_C a_; \
+            coopMatLoadNV(a_, Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
+            [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
+                [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
+        } \
     } else { \
-        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) \
-            [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
-                const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
-                Ps[((R0) + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[nn_][i_] - MB[i_])); \
-            } \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+                [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+                    const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_])); \
+                } \
     } \
     subgroup_sync();   /* P written */ \
-    FRAG_A pf_[BKV / MK]; \
+    FRAG_A pf_[MM_RB * (BKV / MK)]; \
     const FRAG_B ones_ = FRAG_B(1.0); \
-    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
-        coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
-        LS = coopMatMulAddNV(pf_[kk_], ones_, LS); \
-    } \
-    MM_PV(O, pf_, VB) }
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
+            LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \
+        } \
+    MM_PV_RB(O, pf_, VB) }
 // Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
 #define MM_REG_SUMS(R0, LANE, LS, LK) { \
     subgroup_sync(); \
-    coopMatStoreNV(LS, Ss, uint((R0) * SST), uint(SST), false); \
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
 #endif

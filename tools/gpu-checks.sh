@@ -274,6 +274,17 @@ if [ "$what" = next ]; then
   grep -E "B operands|^(PASS|FAIL) +decode" "$out/selftest-khr.txt" | cut -c1-160
   step compare-decode 220 bash .device/on-device.sh compare --suite decode
   tail -12 "$out/compare-decode.txt"
+  # coopmat-generic with two row blocks a subgroup (GEN_RPW, nineteenth session, never run on a
+  # GPU): its selftest under the layer, then beside the default 4x16 on full and causal.
+  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=${RPW_SELFTEST_TILES:-4x16xr2} step selftest-generic-r2 60 vkflex selftest --kernel coopmat-generic
+  grep -E "^(PASS|FAIL)|passed" "$out/selftest-generic-r2.txt" | tail -3 | cut -c1-160
+  for t in ${RPW_TILES:-default 4x16xr2 2x16xr2 4x32xr2 2x16xr4}; do
+    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "rpw-$t" 40 vkflex bench --suite seed --no-check --cases full,causal
+    grep -E "^ *(full|causal) " "$out/rpw-$t.txt" | sed "s/^/$t /" | cut -c1-140
+    grep -E 'pipeline flex_attention_fwd_generic' "$out/rpw-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
+  done
+  unset VKFLEX_GENERIC_TILES
   if [ "$h200" = 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"

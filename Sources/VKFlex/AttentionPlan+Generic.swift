@@ -29,7 +29,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The coopmat-nv dK/dV pass in two dispatches, dV then dK (`DKV`), and which half a pipeline
     /// is (0: both in one).
     var splitDKV = false, dkvHalf = 0
-    /// The coopmat-nv backward passes: 16-row blocks each subgroup owns (`RPW`).
+    /// Row blocks of M rows each subgroup owns: the coopmat-nv backward passes' `RPW`,
+    /// coopmat-generic's forward's `GEN_RPW` (its register softmax, or emulated).
     var rpw = 1
     /// Split-KV decoding on NVIDIA's layout (flex_attention_decode_nv.comp): K and V loaded
     /// straight into matrices, the softmax in registers; `prefetch` its `DEC_PREFETCH`.
@@ -54,8 +55,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// crosses it a fragment at a time), and in emulation Q (and, for bfloat16, P as float32:
     /// flex_mm.glsl's HALF_T).
     static func sharedBytes(D: Int, Dv: Int, M: Int, NSG: Int, BKV: Int, emulated: Bool, bf16: Bool = false, prefetch: Bool = false,
-                            singleBuffer: Bool = false) -> Int {
-        let bq = M * NSG
+                            singleBuffer: Bool = false, rpw: Int = 1) -> Int {
+        let bq = M * NSG * rpw
         let halves = (prefetch && !singleBuffer ? 2 : 1) * (BKV * (D + 8) + BKV * (Dv + 8)) + (emulated ? bq * (D + 8) : 0)   // units of 8 halves for K, V, Q
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
@@ -83,13 +84,14 @@ extension AttentionPlanner {
     /// (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool)? = nil) -> GenericTiles? {
+                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool, rpw: Int)? = nil) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
             // A row's columns, and each fragment of O's (N of them: O crosses the score tile a
             // fragment at a time), split evenly over the lanes that share the row.
-            let tpr = max(1, sg / shape.m)
+            let rpw = forced?.rpw ?? 1
+            let tpr = max(1, sg / (shape.m * rpw))
             guard Dv % tpr == 0, shape.n % tpr == 0 else { continue }
             let step = lcm(lcm(shape.m, shape.n), shape.k)
             let groups = forced.map { [$0.nsg] } ?? (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1])
@@ -103,10 +105,11 @@ extension AttentionPlanner {
                         let bkv = (want + step - 1) / step * step
                         guard bkv % tpr == 0, forced == nil || bkv == want,
                               GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch,
-                                                       singleBuffer: forced?.singleBuffer ?? false) <= budget
+                                                       singleBuffer: forced?.singleBuffer ?? false, rpw: rpw) <= budget
                         else { continue }
                         var t = GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
                         t.singleBuffer = prefetch && (forced?.singleBuffer ?? false)
+                        t.rpw = rpw
                         return t
                     }
                 }
@@ -138,6 +141,9 @@ extension AttentionPlanner {
                              forced: tuning.genericTiles)
         // Emulated there are no accumulators: the products are loops over the score tile.
         if let e = t?.emulated, !e { t?.registerSoftmax = tuning.genericRegisterSoftmax ?? genericRegisterSoftmaxByDefault }
+        // Row blocks past the first need the register softmax where the products are matrices
+        // (the shared softmax's O round trip takes one block): genericProblem says so.
+        if let t, !t.emulated, t.rpw > 1, !t.registerSoftmax { return nil }
         return t
     }
 
@@ -183,6 +189,9 @@ extension AttentionPlanner {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
         guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
+            if let f = tuning.genericTiles, f.rpw > 1, tuning.genericRegisterSoftmax == false, device.cooperativeMatrixAPI != nil {
+                return "VKFLEX_GENERIC_TILES=\(device.environment["VKFLEX_GENERIC_TILES"] ?? ""): \(f.rpw) row blocks a subgroup take the register softmax, not VKFLEX_GENERIC_SOFTMAX=shared"
+            }
             if let f = tuning.genericTiles, genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: AttentionTuning(coopmatShape: tuning.coopmatShape)) != nil {
                 return "VKFLEX_GENERIC_TILES=\(device.environment["VKFLEX_GENERIC_TILES"] ?? "\(f.nsg)x\(f.bkv)"): \(f.nsg) subgroups of \(caps.subgroupSize) lanes with \(f.bkv) keys a step do not fit \(caps.name) (\(caps.maxSharedMemory) bytes of shared memory, \(caps.maxWorkgroupInvocations) invocations) at head dims \(s.D)/\(s.Dv), or the keys are not a multiple of the matrix shape's sides"
             }

@@ -72,10 +72,11 @@ struct AttentionTuning: Sendable {
     /// dK/dV pass's where they differ (after the slash).
     var backwardTiles: BackwardNVTiles?
     var backwardDKVTiles: BackwardNVTiles?
-    /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp|xp1]`: coopmat-generic's subgroups per workgroup, keys per step
-    /// and `p` for its software pipeline (`GEN_PREFETCH`; `p1` with one K/V buffer, `GEN_NBUF=1`), for tuning (checked per call against the
+    /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp|xp1][xr2|xr4]`: coopmat-generic's subgroups per workgroup, keys per step,
+    /// `p` for its software pipeline (`GEN_PREFETCH`; `p1` with one K/V buffer, `GEN_NBUF=1`) and
+    /// `rN` for N row blocks a subgroup (`GEN_RPW`), for tuning (checked per call against the
     /// shared memory and the matrix shape).
-    var genericTiles: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool)?
+    var genericTiles: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool, rpw: Int)?
     /// `VKFLEX_GENERIC_SOFTMAX=registers` / `shared`: coopmat-generic's online softmax on the scores
     /// in their accumulators (`GEN_REGSM`) or on every step's scores in shared memory, for tuning.
     var genericRegisterSoftmax: Bool?
@@ -175,12 +176,16 @@ struct AttentionTuning: Sendable {
         }
         if let g = env["VKFLEX_GENERIC_TILES"], !g.isEmpty {
             let parts = g.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
-            let prefetch = parts.count == 3 && (parts[2] == "p" || parts[2] == "p1")
-            guard parts.count == 2 || prefetch, let nsg = Int(parts[0]), let bkv = Int(parts[1]), [1, 2, 4, 8].contains(nsg),
+            // Flags after NSGxBKV: at most one pipeline flag (p, p1), then at most one row-block flag (r1, r2, r4).
+            let flags = Array(parts.dropFirst(2))
+            let pipe = flags.first.flatMap { ["p", "p1"].contains($0) ? $0 : nil }
+            let rows = flags.dropFirst(pipe == nil ? 0 : 1)
+            let rpw = rows.first.flatMap { ["r1": 1, "r2": 2, "r4": 4][$0] }
+            guard rows.count == (rpw == nil ? 0 : 1), parts.count >= 2, let nsg = Int(parts[0]), let bkv = Int(parts[1]), [1, 2, 4, 8].contains(nsg),
                   bkv > 0, bkv % 8 == 0, bkv <= 128 else {
-                throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp|xp1], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, and p for the software pipeline (p1: with one K/V buffer), e.g. 4x32xp")
+                throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp|xp1][xr2|xr4], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, p for the software pipeline (p1: with one K/V buffer) and rN for N row blocks a subgroup, e.g. 4x32xp or 4x16xr2")
             }
-            t.genericTiles = (nsg, bkv, prefetch, parts.count == 3 && parts[2] == "p1")
+            t.genericTiles = (nsg, bkv, pipe != nil, pipe == "p1", rpw ?? 1)
         }
         if let g = env["VKFLEX_GENERIC_SOFTMAX"], !g.isEmpty {
             guard ["registers", "shared"].contains(g.lowercased()) else {
@@ -404,7 +409,7 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("MM", "\(t.M)"), .init("MN", "\(t.N)"), .init("MK", "\(t.K)"),
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
                 .init("GEN_PREFETCH", t.prefetch ? "1" : "0"), .init("GEN_REGSM", t.registerSoftmax ? "1" : "0"),
-                .init("GEN_NBUF", t.singleBuffer ? "1" : "2"),
+                .init("GEN_NBUF", t.singleBuffer ? "1" : "2"), .init("GEN_RPW", "\(t.rpw)"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):

@@ -3853,8 +3853,9 @@ void main() {
 // host rewrites this NV-extension GLSL's SPIR-V to the KHR extension, CooperativeMatrixKHRRewriter;
 // no conversion between matrix uses happens here, so no layout enters).
 //
-// One workgroup of NSG subgroups per (query tile of MM * NSG rows inside one BlockMask query block,
-// head, batch); subgroup g owns rows g * MM.. and keeps their Q as A operands in registers. Per step
+// One workgroup of NSG subgroups per (query tile of MM * GEN_RPW * NSG rows inside one BlockMask query
+// block, head, batch); subgroup g owns rows g * MM * GEN_RPW.. (GEN_RPW blocks of MM) and keeps their
+// Q as A operands in registers. Per step
 // of BKV keys the workgroup stages K and V (fp16) in shared memory; each subgroup computes
 // S = Q Kᵀ (MM x MN x MK products, fp32 accumulators) and stores it to its rows of a shared score
 // tile; the online softmax (flex_softmax.glsl) reads the scores there, applies scale, score-mod and
@@ -3899,13 +3900,23 @@ layout(local_size_x = SG * NSG) in;
 #include "flex_attention_common.glsl"
 #include "flex_mm.glsl"
 
-#define BQ (MM * NSG)
+// GEN_RPW (default 1): row blocks of MM rows each subgroup owns (flex_mm_step.glsl's MM_RB): each
+// K and V fragment read from shared memory feeds GEN_RPW products (as coopmat-nv's RPW). With
+// matrices, the register softmax only (the shared one's O round trip takes one block).
+#ifndef GEN_RPW
+#define GEN_RPW 1
+#endif
+#define MM_RB GEN_RPW
+#define BQ (MM * GEN_RPW * NSG)
 #ifndef GEN_PREFETCH
 #define GEN_PREFETCH 0
 #endif
 #if !defined(GEN_REGSM) || VKF_MM_EMULATE
 #undef GEN_REGSM
 #define GEN_REGSM 0
+#endif
+#if GEN_RPW > 1 && !VKF_MM_EMULATE && !GEN_REGSM
+#error GEN_RPW > 1 takes the register softmax (GEN_REGSM) where the products are matrices
 #endif
 #if GEN_PREFETCH
 #ifndef GEN_NBUF
@@ -3916,7 +3927,7 @@ layout(local_size_x = SG * NSG) in;
 // The shared tiles and the step (scores, softmax, P V) the layout-free matrix kernels share.
 #include "flex_mm_step.glsl"
 
-#define SM_ROWS MM
+#define SM_ROWS (MM * GEN_RPW)
 #define SM_COLS BKV
 // The running maximum moves lazily (flex_softmax.glsl): O, which stays in accumulators, makes a
 // round trip through shared memory (a fragment at a time: MM_O_CHUNK) to be rescaled only on the
@@ -3992,7 +4003,7 @@ void main() {
     const int b = g_t.b, bl = g_t.bl, h = g_t.h, hl = g_t.hl, hk = g_t.hk, q0 = g_t.q0, rows = g_t.rows;
     const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID);
     g_lane = lane;
-    g_r0 = sg * MM;
+    g_r0 = sg * MM * GEN_RPW;
     // The host sized the workgroup for subgroups of SG lanes (the device's, fixed for SPIR-V 1.5
     // without VK_EXT_subgroup_size_control's varying flag); if a driver differed, every output is
     // NaN — a loud failure the first-call check catches — never a silently wrong one.
@@ -4007,15 +4018,18 @@ void main() {
         Qs4[r * KS4 + u] = r < rows ? unit_q_data(qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
     }
 #else
-    FRAG_A qf[D / MK];
+    FRAG_A qf[GEN_RPW * (D / MK)];
     for (int c = 0; c < BQ; c += BKV) {
         for (int e = lid; e < BKV * (D / 8); e += SG * NSG) {
             const int j = e / (D / 8), u = e - j * (D / 8), r = c + j;
             Ks4[j * KS4 + u] = r < rows ? unit_q_data(qoff + (q0 + r) * p.q_sl, p.q_sd, u) : uvec4(0);
         }
         barrier();
-        if (g_r0 >= c && g_r0 < c + BKV) {
-            [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[kk], Ks4, uint((g_r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
+        // A block of MM rows lies in one chunk of BKV (a multiple of MM).
+        [[unroll]] for (int rb = 0; rb < GEN_RPW; ++rb) {
+            const int r0 = g_r0 + rb * MM;
+            if (r0 >= c && r0 < c + BKV)
+                [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[rb * (D / MK) + kk], Ks4, uint((r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
         }
         barrier();
     }
@@ -4028,11 +4042,11 @@ void main() {
     [[unroll]] for (int k = 0; k < SM_RPL; ++k)
         [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
 #else
-    FRAG_C o[DV / MN];
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) o[nn] = FRAG_C(0.0);
+    FRAG_C o[GEN_RPW * (DV / MN)];
+    [[unroll]] for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = FRAG_C(0.0);
 #endif
 #if GEN_REGSM
-    FRAG_C ix, mb, ls;
+    FRAG_C ix, mb[GEN_RPW], ls[GEN_RPW];
     MM_REG_INIT(g_r0, lane, ix, mb, ls, -1e30)
 #endif
 
@@ -4756,6 +4770,15 @@ void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
 // float o[SM_RPL][DV / SM_TPR] in the softmax's row/column assignment (no round trip); else QF is
 // FRAG_A[D / MK] and O FRAG_C[DV / MN].
 
+// MM_RB (default 1): row blocks of MM rows a subgroup owns (the generic forward's GEN_RPW; the
+// register softmax's macros and the emulated ones take it): each K or V fragment read from shared
+// memory then feeds MM_RB products, so a step's shared-memory reads per product drop MM_RB-fold.
+// The subgroup's matrices are arrays with one entry per block: Q's A operands QF[b * (D / MK) + kk],
+// O's accumulators O[b * (DV / MN) + nn], MB[b] and LS[b].
+#ifndef MM_RB
+#define MM_RB 1
+#endif
+
 // The tiles, for BQ rows (the workgroup's).
 // K and V (and Q on its way to registers) in shared memory as 16-byte units of 8 halves, filled
 // by 16-byte loads where rows allow (p.vec_ok); rows KS4 / VS4 units apart, one unit of padding
@@ -4835,13 +4858,14 @@ GATHER(v_data, v_units)
 #define MM_OCPL (MN / SM_TPR)
 #define MM_O_CHUNK(O, NN, R0) { \
     subgroup_sync(); \
-    coopMatStoreNV(O[NN], Ss, uint((R0) * SST), uint(SST), false); \
+    [[unroll]] for (int ob_ = 0; ob_ < MM_RB; ++ob_) \
+        coopMatStoreNV(O[ob_ * (DV / MN) + (NN)], Ss, uint(((R0) + ob_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); }
 
 // S = Q Kᵀ into rows R0.. of the score tile, K from the buffer starting at unit KB of Ks4.
 #if VKF_MM_EMULATE
 #define MM_SCORES(QF, R0, LANE, KB) \
-    for (int e_ = (LANE); e_ < MM * BKV; e_ += SG) { \
+    for (int e_ = (LANE); e_ < MM * MM_RB * BKV; e_ += SG) { \
         const int r_ = (R0) + e_ / BKV, j_ = e_ - (e_ / BKV) * BKV; \
         float dot_ = 0.0; \
         /* A unit (8 halves) an iteration: a driver that caps loop iterations (lavapipe) counts D / 8. */ \
@@ -4936,6 +4960,8 @@ GATHER(v_data, v_units)
 // in log2 units after scale, mods and mask (-inf outside the tile), and sm_score reading the
 // score tile as stored.
 #define MM_IX_ROW(E) ((E) / MN)
+// Accumulators of a step's scores a row block, and S[b * MM_NS + nn]: block b's keys nn * MN ...
+#define MM_NS (BKV / MN)
 // A table of MN columns in rows R0.. of the score tile, each lane writing its own rows' columns.
 #define MM_ROW_TABLE(R0, LANE, V) \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
@@ -4946,55 +4972,82 @@ GATHER(v_data, v_units)
     subgroup_sync(); \
     coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
     subgroup_sync(); \
-    MB = FRAG_C(M0); LS = FRAG_C(0.0); }
-#define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
-    FRAG_C s_[BKV / MN]; \
-    bool up_ = false; \
-    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
-        MM_QK(QF, s_[nn_], nn_, KB) \
-        [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
-            const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
-            const float v_ = mm_score(s_[nn_][i_], (R0) + r_, nn_ * MN + e_ - r_ * MN); \
-            s_[nn_][i_] = v_; \
-            up_ = up_ || v_ > MB[i_] + SM_TAU; \
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = FRAG_C(M0); LS[b_] = FRAG_C(0.0); } }
+// S[b * MM_NS + NN] = Q Kᵀ for every row block b, keys NN * MN.., each Kᵀ fragment read once.
+#define MM_QK_RB(QF, S, NN, KB) { \
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = FRAG_C(0.0); \
+    [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+        FRAG_B kt_; \
+        coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            S[b_ * MM_NS + (NN)] = coopMatMulAddNV(QF[b_ * (D / MK) + kk_], kt_, S[b_ * MM_NS + (NN)]); \
+    } }
+// O[b * (DV / MN) + nn] += P V for every row block b (P's A operands PF[b * (BKV / MK) + kk]),
+// each V fragment read once.
+#define MM_PV_RB(O, PF, VB) \
+    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            FRAG_B vf_; \
+            coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
+            [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+                O[b_ * (DV / MN) + nn_] = coopMatMulAddNV(PF[b_ * (BKV / MK) + kk_], vf_, O[b_ * (DV / MN) + nn_]); \
         } \
+    }
+#define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
+    FRAG_C s_[MM_RB * MM_NS]; \
+    bool up_ = false; \
+    [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) { \
+        MM_QK_RB(QF, s_, nn_, KB) \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+                const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+                const float v_ = mm_score(s_[b_ * MM_NS + nn_][i_], (R0) + b_ * MM + r_, nn_ * MN + e_ - r_ * MN); \
+                s_[b_ * MM_NS + nn_][i_] = v_; \
+                up_ = up_ || v_ > MB[b_][i_] + SM_TAU; \
+            } \
     } \
     if (subgroupAny(up_)) { \
-        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) coopMatStoreNV(s_[nn_], Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+                coopMatStoreNV(s_[b_ * MM_NS + nn_], Ss, uint(((R0) + b_ * MM) * SST + nn_ * MN), uint(SST), false); \
         subgroup_sync(); \
         float alpha_[SM_RPL]; \
         sm_tile(M, L, alpha_); \
         subgroup_sync();   /* the scores read: the tile takes the maxima, then the factors */ \
         MM_ROW_TABLE(R0, LANE, M) \
         subgroup_sync(); \
-        coopMatLoadNV(MB, Ss, uint((R0) * SST), uint(SST), false); \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatLoadNV(MB[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
         subgroup_sync(); \
         MM_ROW_TABLE(R0, LANE, alpha_) \
         subgroup_sync(); \
-        FRAG_C a_; \
-        coopMatLoadNV(a_, Ss, uint((R0) * SST), uint(SST), false); \
-        [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[i_] *= a_[i_]; \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
-            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[nn_][i_] *= a_[i_]; \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { \
+            FRAG_C a_; \
+            coopMatLoadNV(a_, Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
+            [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
+                [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
+        } \
     } else { \
-        [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) \
-            [[unroll]] for (int i_ = 0; i_ < s_[nn_].length(); ++i_) { \
-                const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
-                Ps[((R0) + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[nn_][i_] - MB[i_])); \
-            } \
+        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+                [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+                    const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
+                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_])); \
+                } \
     } \
     subgroup_sync();   /* P written */ \
-    FRAG_A pf_[BKV / MK]; \
+    FRAG_A pf_[MM_RB * (BKV / MK)]; \
     const FRAG_B ones_ = FRAG_B(1.0); \
-    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
-        coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
-        LS = coopMatMulAddNV(pf_[kk_], ones_, LS); \
-    } \
-    MM_PV(O, pf_, VB) }
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+            coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
+            LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \
+        } \
+    MM_PV_RB(O, pf_, VB) }
 // Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
 #define MM_REG_SUMS(R0, LANE, LS, LK) { \
     subgroup_sync(); \
-    coopMatStoreNV(LS, Ss, uint((R0) * SST), uint(SST), false); \
+    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
     [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
 #endif

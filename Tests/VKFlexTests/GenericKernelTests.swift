@@ -85,21 +85,26 @@ extension AttentionTests {
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x32xp"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0] }, [4, 32, 1])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "2X16"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0] }, [2, 16, 0])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x16xp1"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0, $0.singleBuffer ? 1 : 0] }, [4, 16, 1, 1])
-        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx", "4x32xp2"] {
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x16xr2"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0, $0.rpw] }, [4, 16, 0, 2])
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "2x32xp1xr4"]).genericTiles.map { [$0.nsg, $0.bkv, $0.singleBuffer ? 1 : 0, $0.rpw] }, [2, 32, 1, 4])
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x32xp"]).genericTiles?.rpw, 1)
+        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx", "4x32xp2", "4x16xr3", "4x16xr2xp", "4x16xr2xr2"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=\(bad): use NSGxBKV[xp|xp1]"), "\($0)")
             }
         }
         let generic = FlexOptions(kernel: .coopmatGeneric)
         let causal = MaskMod { _, _, q, kv in q >= kv }
-        // Two buffers, one subgroup; one buffer (a second barrier a step), two subgroups.
-        for tiles in ["1x16xp", "2x16xp1"] {
+        // Two buffers, one subgroup; one buffer (a second barrier a step), two subgroups; two row
+        // blocks a subgroup (GEN_RPW) with the pipeline, on one case (lavapipe compiles the
+        // emulated kernel of twice the rows a lane in ~15 s).
+        for tiles in ["1x16xp", "2x16xp1", "1x16xpxr2"] {
             let d = try device(with: ["VKFLEX_GENERIC_TILES": tiles])
             for (name, B, Hq, Hkv, Lq, Lkv, D, mask, bs, lens) in [
                 ("causal, 24-key blocks, odd lengths", 1, 2, 2, 50, 61, 32, causal, 24, nil),
                 ("GQA sliding window, key lengths", 2, 4, 2, 40, 70, 16, MaskMod { _, _, q, kv in abs(q - kv) < 20 }, 16, [Int32(70), 33]),
                 ("dense, 1 query row, 900 keys (split)", 1, 2, 1, 1, 900, 32, nil, 32, nil),
-            ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] {
+            ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] where !tiles.hasSuffix("r2") || D == 16 {
                 let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
                 let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
                 let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
@@ -225,9 +230,26 @@ extension AttentionTests {
                     try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) \(pass) \(dtype) register softmax")
                     compiled += 1
                 }
+                // Two row blocks a subgroup (GEN_RPW, VKFLEX_GENERIC_TILES=...xr2): each K and V
+                // fragment feeds two products; the register softmax, with and without the pipeline.
+                guard var r2 = AttentionPlanner.genericTiles(D: D, Dv: Dv, subgroupSize: sg, shapes: [shape], sharedMemory: 48 << 10, maxInvocations: 1024,
+                                                             forced: (t.NSG, t.BKV, false, false, 2)) else {
+                    return XCTFail("\(m)x\(n)x\(k) sg \(sg) D=\(D)/\(Dv): no tiles of two row blocks")
+                }
+                XCTAssertEqual(r2.BQ, 2 * t.BQ)
+                r2.registerSoftmax = true
+                for (pass, prefetch) in [(AttentionPlan.Pass.forward, false), (.forwardPartial, true)] {
+                    r2.prefetch = prefetch
+                    let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: .float16, D: D, Dv: Dv, tiles: .generic(r2),
+                                             typedOperands: true, maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward,
+                                             pushParams: true, mods: mods.glsl.source)
+                    XCTAssertTrue(try plan.source().defines.contains { $0.name == "GEN_RPW" && $0.value == "2" })
+                    try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) \(pass) two row blocks")
+                    compiled += 1
+                }
             }
         }
-        XCTAssertEqual(compiled, 99)
+        XCTAssertEqual(compiled, 129)
         // The split-KV matrix kernel, through the same shapes and subgroup sizes (GQA rows, offsets,
         // paged K/V, max scores).
         var decodes = 0
