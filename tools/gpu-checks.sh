@@ -278,7 +278,7 @@ if [ "$what" = next ]; then
   # GPU): its selftest under the layer, then beside the default 4x16 on full and causal.
   VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=${RPW_SELFTEST_TILES:-4x16xr2} step selftest-generic-r2 60 vkflex selftest --kernel coopmat-generic
   grep -E "^(PASS|FAIL)|passed" "$out/selftest-generic-r2.txt" | tail -3 | cut -c1-160
-  for t in ${RPW_TILES:-default 4x16xr2 2x16xr2 4x32xr2 2x16xr4}; do
+  for t in ${RPW_TILES:-default 4x16xr2 2x16xr2 4x32xr2 4x16xp1xr2 2x16xr4}; do
     [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
     VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "rpw-$t" 40 vkflex bench --suite seed --no-check --cases full,causal
     grep -E "^ *(full|causal) " "$out/rpw-$t.txt" | sed "s/^/$t /" | cut -c1-140
