@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|lean|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -258,6 +258,21 @@ if [ "$what" = decode-prefetch ]; then
     grep -E " (no|yes) " "$out/pf-$t.txt" | sed "s/^/$t /" | cut -c1-120
     grep -E 'pipeline flex_attention_decode' "$out/pf-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
   done
+fi
+if [ "$what" = lean ]; then
+  # For a call with little device time left (nineteenth session): every kernel's selftest under
+  # the validation layer, coopmat-generic's row blocks (GEN_RPW) under it, then their timings
+  # beside the default on full and causal. DEADLINE trims it.
+  VKFLEX_VALIDATE=1 step selftest-validated 130 vkflex selftest --kernel all
+  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xr2 step selftest-generic-r2 40 vkflex selftest --kernel coopmat-generic
+  for t in ${RPW_TILES:-4x16xr2 default 2x16xr2 4x32xr2}; do
+    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "rpw-$t" 30 vkflex bench --suite seed --no-check --cases full,causal
+    grep -E "^ *(full|causal) " "$out/rpw-$t.txt" | sed "s/^/$t /" | cut -c1-140
+    grep -E 'pipeline flex_attention_fwd_generic' "$out/rpw-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
+  done
+  unset VKFLEX_GENERIC_TILES
+  (cd "$out" && tar cf lean.tar --exclude lean.tar . 2>/dev/null && find . -type f ! -name lean.tar -delete)
 fi
 if [ "$what" = next ]; then
   # What the next call runs (the eighteenth session's list), in priority order (DEADLINE=555 keeps
