@@ -259,19 +259,27 @@ if [ "$what" = decode-prefetch ]; then
     grep -E 'pipeline flex_attention_decode' "$out/pf-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
   done
 fi
+# row_blocks SECS "TILES...": coopmat-generic with two row blocks a subgroup (GEN_RPW) under the
+# validation layer (4x16xr2), then each VKFLEX_GENERIC_TILES value (default: the planner's) on full
+# and causal, with its registers, local memory (spills) and shared memory.
+row_blocks() {
+  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xr2 step selftest-generic-r2 40 vkflex selftest --kernel coopmat-generic
+  grep -E "passed, " "$out/selftest-generic-r2.txt" | tail -1 | cut -c1-160
+  local t
+  for t in $2; do
+    if [ "$t" = default ]; then unset VKFLEX_GENERIC_TILES; else export VKFLEX_GENERIC_TILES=$t; fi
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "rpw-$t" "$1" vkflex bench --suite seed --no-check --cases full,causal
+    grep -E "^ *(full|causal) " "$out/rpw-$t.txt" | sed "s/^/$t /" | cut -c1-140
+    grep -E 'pipeline flex_attention_fwd_generic' "$out/rpw-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
+  done
+  unset VKFLEX_GENERIC_TILES
+}
 if [ "$what" = lean ]; then
   # For a call with little device time left (nineteenth session): every kernel's selftest under
   # the validation layer, coopmat-generic's row blocks (GEN_RPW) under it, then their timings
   # beside the default on full and causal. DEADLINE trims it.
   VKFLEX_VALIDATE=1 step selftest-validated 130 vkflex selftest --kernel all
-  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=4x16xr2 step selftest-generic-r2 40 vkflex selftest --kernel coopmat-generic
-  for t in ${RPW_TILES:-4x16xr2 default 2x16xr2 4x32xr2}; do
-    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
-    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "rpw-$t" 30 vkflex bench --suite seed --no-check --cases full,causal
-    grep -E "^ *(full|causal) " "$out/rpw-$t.txt" | sed "s/^/$t /" | cut -c1-140
-    grep -E 'pipeline flex_attention_fwd_generic' "$out/rpw-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
-  done
-  unset VKFLEX_GENERIC_TILES
+  row_blocks 30 "${RPW_TILES:-4x16xr2 default 2x16xr2 4x32xr2}"
   (cd "$out" && tar cf lean.tar --exclude lean.tar . 2>/dev/null && find . -type f ! -name lean.tar -delete)
 fi
 if [ "$what" = next ]; then
@@ -291,15 +299,7 @@ if [ "$what" = next ]; then
   [ "$h200" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   # coopmat-generic with two row blocks a subgroup (GEN_RPW, nineteenth session, never run on a
   # GPU): its selftest under the layer, then beside the default 4x16 on full and causal.
-  VKFLEX_VALIDATE=1 VKFLEX_GENERIC_TILES=${RPW_SELFTEST_TILES:-4x16xr2} step selftest-generic-r2 60 vkflex selftest --kernel coopmat-generic
-  grep -E "^(PASS|FAIL)|passed" "$out/selftest-generic-r2.txt" | tail -3 | cut -c1-160
-  for t in ${RPW_TILES:-default 4x16xr2 2x16xr2 4x32xr2 4x16xp1xr2 2x16xr4}; do
-    [ "$t" = default ] && unset VKFLEX_GENERIC_TILES || export VKFLEX_GENERIC_TILES=$t
-    VKFLEX_PIPELINE_STATS=1 VKFLEX_KERNEL=coopmat-generic step "rpw-$t" 40 vkflex bench --suite seed --no-check --cases full,causal
-    grep -E "^ *(full|causal) " "$out/rpw-$t.txt" | sed "s/^/$t /" | cut -c1-140
-    grep -E 'pipeline flex_attention_fwd_generic' "$out/rpw-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*Shared Memory Size = ([0-9]+).*/   \1 registers, local \2, shared \3/' | sort -u | head -2
-  done
-  unset VKFLEX_GENERIC_TILES
+  row_blocks 40 "${RPW_TILES:-default 4x16xr2 2x16xr2 4x32xr2 4x16xp1xr2 2x16xr4}"
   [ "$h200" != 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   if [ "$h200" = 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
