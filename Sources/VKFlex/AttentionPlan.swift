@@ -176,11 +176,11 @@ struct AttentionTuning: Sendable {
         }
         if let g = env["VKFLEX_GENERIC_TILES"], !g.isEmpty {
             let parts = g.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)
-            // Flags after NSGxBKV: at most one pipeline flag (p, p1), then at most one row-block flag (r1, r2, r4).
+            // Flags after NSGxBKV: at most one pipeline flag (p, p1), then at most one row-block flag (r2, r4).
             let flags = Array(parts.dropFirst(2))
             let pipe = flags.first.flatMap { ["p", "p1"].contains($0) ? $0 : nil }
             let rows = flags.dropFirst(pipe == nil ? 0 : 1)
-            let rpw = rows.first.flatMap { ["r1": 1, "r2": 2, "r4": 4][$0] }
+            let rpw = rows.first.flatMap { ["r2": 2, "r4": 4][$0] }
             guard rows.count == (rpw == nil ? 0 : 1), parts.count >= 2, let nsg = Int(parts[0]), let bkv = Int(parts[1]), [1, 2, 4, 8].contains(nsg),
                   bkv > 0, bkv % 8 == 0, bkv <= 128 else {
                 throw FlexError("VKFLEX_GENERIC_TILES=\(g): use NSGxBKV[xp|xp1][xr2|xr4], 1, 2, 4 or 8 subgroups, a multiple of 8 keys up to 128 a step, p for the software pipeline (p1: with one K/V buffer) and rN for N row blocks a subgroup, e.g. 4x32xp or 4x16xr2")

@@ -88,7 +88,7 @@ extension AttentionTests {
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x16xr2"]).genericTiles.map { [$0.nsg, $0.bkv, $0.prefetch ? 1 : 0, $0.rpw] }, [4, 16, 0, 2])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "2x32xp1xr4"]).genericTiles.map { [$0.nsg, $0.bkv, $0.singleBuffer ? 1 : 0, $0.rpw] }, [2, 32, 1, 4])
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": "4x32xp"]).genericTiles?.rpw, 1)
-        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx", "4x32xp2", "4x16xr3", "4x16xr2xp", "4x16xr2xr2"] {
+        for bad in ["4", "3x32", "4x20", "4x32xq", "4x256", "4x32xpx", "4x32xp2", "4x16xr1", "4x16xr3", "4x16xr2xp", "4x16xr2xr2"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=\(bad): use NSGxBKV[xp|xp1]"), "\($0)")
             }
