@@ -178,24 +178,24 @@ void main() {
         }
         barrier();
         // A block of MM rows lies in one chunk of BKV (a multiple of MM).
-        [[unroll]] for (int rb = 0; rb < GEN_RPW; ++rb) {
+        MM_UNROLL for (int rb = 0; rb < GEN_RPW; ++rb) {
             const int r0 = g_r0 + rb * MM;
             if (r0 >= c && r0 < c + BKV)
-                [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[rb * (D / MK) + kk], Ks4, uint((r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
+                MM_UNROLL for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[rb * (D / MK) + kk], Ks4, uint((r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
         }
         barrier();
     }
 #endif
 
     float m[SM_RPL], l[SM_RPL];
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
+    MM_UNROLL for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
 #if VKF_MM_EMULATE
     float o[SM_RPL][DV / SM_TPR];
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k)
-        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
+    MM_UNROLL for (int k = 0; k < SM_RPL; ++k)
+        MM_UNROLL for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
 #else
     FRAG_C o[GEN_RPW * (DV / MN)];
-    [[unroll]] for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = FRAG_C(0.0);
+    MM_UNROLL for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = C_FILL(0.0);
 #endif
 #if GEN_REGSM
     FRAG_C ix, mb[GEN_RPW], ls[GEN_RPW];
@@ -286,7 +286,7 @@ void main() {
 #if GEN_REGSM
     MM_REG_SUMS(g_r0, lane, ls, lk)
 #endif
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+    MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
 #if !GEN_REGSM
         lk[k] = sm_row_sum(l[k]);
@@ -309,14 +309,14 @@ void main() {
         if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
             lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? (mk + log2(lk[k])) * LN2 : NEG_INF;
     }
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+    MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE
         MM_O_CHUNK(o, nn, g_r0)
 #endif
-        [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
             const int r = g_r0 + sm_row(lane, k);
             if (r >= rows) continue;
-            [[unroll]] for (int u = 0; u < MM_OCPL; ++u) {
+            MM_UNROLL for (int u = 0; u < MM_OCPL; ++u) {
                 const int c = sm_col0(lane) + u * SM_TPR;
 #if VKF_MM_EMULATE
                 const float ov = o[k][nn * MM_OCPL + u];

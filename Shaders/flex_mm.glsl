@@ -11,13 +11,28 @@
 // packed as integers, and P and dS are converted from float32 only. Emulated, the 16-bit tiles
 // hold float32 values rounded to bfloat16 instead (the rounding the matrices see).
 #extension GL_KHR_shader_subgroup_basic : require
-#if !VKF_MM_EMULATE
+#ifndef VKF_MM_SOFT
+#define VKF_MM_SOFT 0
+#endif
+#if !VKF_MM_EMULATE && !VKF_MM_SOFT
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
 #define FRAG_B fcoopmatNV<16, gl_ScopeSubgroup, MK, MN>
 #define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
+// A matrix with every element X (the constructor; VKF_MM_SOFT's is a function).
+#define C_FILL(x) FRAG_C(x)
+#define B_FILL(x) FRAG_B(x)
+#endif
+// MM_UNROLL: the loops over a subgroup's matrices and their elements, unrolled (arrays of
+// cooperative matrices take constant indices). With software matrices they stay loops: lavapipe
+// counts every iteration of every loop of an invocation against one cap of 65535 (its
+// LP_MAX_TGSI_LOOP_ITERATIONS), and unrolled, the products made its compiler take minutes.
+#if VKF_MM_SOFT && !VKF_MM_EMULATE
+#define MM_UNROLL [[dont_unroll]]
+#else
+#define MM_UNROLL [[unroll]]
 #endif
 
 // HALF_T: the shared tiles of 16-bit operands computed here (P, dS); TO_HALF(x) rounds a float
@@ -52,3 +67,93 @@
 
 // Shared memory written by a subgroup's lanes (or its matrix stores) visible to the others.
 void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
+
+#if VKF_MM_SOFT && !VKF_MM_EMULATE
+// Software cooperative matrices (VKF_MM_SOFT, for tests on a device without them: lavapipe): the
+// kernels' matrix code as it is — loads, stores, products, element-wise access through the
+// accumulators — run with each matrix held across the subgroup's lanes in a deliberately
+// scrambled element order, a different one for A, B and C (an odd multiplier modulo the element
+// count: a bijection). A kernel that assumed any element order (or that A and C share one) gives
+// wrong answers here. Products go through a per-subgroup shared scratch (NSG subgroups). float16
+// operands only (the bfloat16 retyping would change the emulation's own arithmetic). Each loop
+// takes SOFT_CH elements an iteration (the host makes every lane's count a multiple of it) and
+// a product's sums are unrolled: lavapipe's loop cap counts iterations, not instructions (and
+// its compile time grows with what is unrolled: 2 elements an iteration compiled the default
+// tiles in 17 s against 26 s with 4).
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#define SOFT_NA (MM * MK / SG)
+#define SOFT_NB (MK * MN / SG)
+#define SOFT_NC (MM * MN / SG)
+#define SOFT_CH 2
+struct SoftA { float16_t e[SOFT_NA]; };
+struct SoftB { float16_t e[SOFT_NB]; };
+#define FRAG_A SoftA
+#define FRAG_B SoftB
+#define FRAG_C float[SOFT_NC]
+// Element I of this lane's share of a ROWS x COLS matrix of kind KIND (0 A, 1 B, 2 C): its
+// (row, column). The lanes' elements are numbered e = I * SG + lane, then scattered.
+ivec2 soft_rc(int kind, int i) {
+    const int rows = kind == 1 ? MK : MM, cols = kind == 0 ? MK : MN;
+    const int mult = kind == 0 ? 37 : kind == 1 ? 101 : 173, add = kind == 0 ? 5 : kind == 1 ? 11 : 3;
+    const int e = i * SG + int(gl_SubgroupInvocationID), pos = (e * mult + add) & (rows * cols - 1);
+    return ivec2(pos / cols, pos - (pos / cols) * cols);
+}
+int soft_kind(SoftA m) { return 0; }
+int soft_kind(SoftB m) { return 1; }
+int soft_kind(float m[SOFT_NC]) { return 2; }
+void soft_put(inout SoftA m, int i, float v) { m.e[i] = float16_t(v); }
+void soft_put(inout SoftB m, int i, float v) { m.e[i] = float16_t(v); }
+void soft_put(inout float m[SOFT_NC], int i, float v) { m[i] = v; }
+int soft_len(int kind) { return kind == 0 ? SOFT_NA : kind == 1 ? SOFT_NB : SOFT_NC; }
+float[SOFT_NC] soft_fill_c(float x) { float m[SOFT_NC]; [[unroll]] for (int i = 0; i < SOFT_NC; ++i) m[i] = x; return m; }
+SoftB soft_fill_b(float x) { SoftB m; [[unroll]] for (int i = 0; i < SOFT_NB; ++i) m.e[i] = float16_t(x); return m; }
+#define C_FILL(x) soft_fill_c(float(x))
+#define B_FILL(x) soft_fill_b(float(x))
+// Loads and stores from the shared arrays the kernels name (SOFT_AT_<array>(i): element i, in
+// the matrix's elements, of an array of 16-byte units, floats or HALF_T): offsets and strides in
+// the array's own elements, as the extension takes them.
+#define SOFT_AT_Ks4(i) HALF_AT(Ks4, i)
+#define SOFT_AT_Vs4(i) HALF_AT(Vs4, i)
+#define SOFT_AT_Ss(i) Ss[i]
+#define SOFT_AT_Ps(i) HALF_FLOAT(Ps[i])
+#define SOFT_UNIT_Ks4 8
+#define SOFT_UNIT_Vs4 8
+#define SOFT_UNIT_Ss 1
+#define SOFT_UNIT_Ps 1
+#define coopMatLoadNV(M, ARR, OFF, STRIDE, COLMAJOR) { \
+    const int k_ = soft_kind(M); \
+    [[dont_unroll]] for (int c_ = 0; c_ < soft_len(k_); c_ += SOFT_CH) \
+        [[unroll]] for (int j_ = 0; j_ < SOFT_CH; ++j_) { \
+            const ivec2 rc_ = soft_rc(k_, c_ + j_); \
+            const int at_ = (COLMAJOR) ? (int(OFF) + rc_.y * int(STRIDE)) * SOFT_UNIT_##ARR + rc_.x \
+                                       : (int(OFF) + rc_.x * int(STRIDE)) * SOFT_UNIT_##ARR + rc_.y; \
+            soft_put(M, c_ + j_, float(SOFT_AT_##ARR(at_))); \
+        } }
+// Stores of accumulators into the float score tile (the only stores the kernels make).
+#define coopMatStoreNV(M, ARR, OFF, STRIDE, COLMAJOR) \
+    [[dont_unroll]] for (int c_ = 0; c_ < SOFT_NC; c_ += SOFT_CH) \
+        [[unroll]] for (int j_ = 0; j_ < SOFT_CH; ++j_) { \
+            const ivec2 rc_ = soft_rc(2, c_ + j_); \
+            ARR[(COLMAJOR) ? int(OFF) + rc_.y * int(STRIDE) + rc_.x : int(OFF) + rc_.x * int(STRIDE) + rc_.y] = (M)[c_ + j_]; \
+        }
+// C + A B: the lanes put A and B in the subgroup's scratch, then each sums its own elements of C.
+shared float soft_scratch[NSG * (MM * MK + MK * MN)];
+float[SOFT_NC] soft_mad(SoftA a, SoftB b, float c[SOFT_NC]) {
+    const int base = int(gl_SubgroupID) * (MM * MK + MK * MN);
+    subgroupMemoryBarrierShared(); subgroupBarrier();   // the last product's reads are done
+    [[dont_unroll]] for (int i = 0; i < SOFT_NA; i += SOFT_CH)
+        [[unroll]] for (int j = 0; j < SOFT_CH; ++j) { const ivec2 rc = soft_rc(0, i + j); soft_scratch[base + rc.x * MK + rc.y] = float(a.e[i + j]); }
+    [[dont_unroll]] for (int i = 0; i < SOFT_NB; i += SOFT_CH)
+        [[unroll]] for (int j = 0; j < SOFT_CH; ++j) { const ivec2 rc = soft_rc(1, i + j); soft_scratch[base + MM * MK + rc.x * MN + rc.y] = float(b.e[i + j]); }
+    subgroupMemoryBarrierShared(); subgroupBarrier();
+    [[dont_unroll]] for (int i = 0; i < SOFT_NC; i += SOFT_CH)
+        [[unroll]] for (int j = 0; j < SOFT_CH; ++j) {
+            const ivec2 rc = soft_rc(2, i + j);
+            float acc = c[i + j];
+            [[unroll]] for (int k = 0; k < MK; ++k) acc += soft_scratch[base + rc.x * MK + k] * soft_scratch[base + MM * MK + k * MN + rc.y];
+            c[i + j] = acc;
+        }
+    return c;
+}
+#define coopMatMulAddNV(A, B, C) soft_mad(A, B, C)
+#endif

@@ -55,7 +55,7 @@ GATHER(k_data, k_units)
 GATHER(v_data, v_units)
 
 // Staging loops unroll on a GPU; emulated (lavapipe) they stay loops, which compiles faster.
-#if VKF_MM_EMULATE
+#if VKF_MM_EMULATE || VKF_MM_SOFT
 #define STAGE_UNROLL
 #else
 #define STAGE_UNROLL [[unroll]]
@@ -65,7 +65,7 @@ GATHER(v_data, v_units)
 // unit (H100: the split-KV matrix kernel's 32 a step, 4x slower than the scalar kernel). Emulated,
 // one unit a round: a CPU has no latency to hide, and lavapipe compiled the rounds' register
 // arrays slowly (the tests of both kernels took 1.5-2.2x as long); the same code runs.
-#if VKF_MM_EMULATE
+#if VKF_MM_EMULATE || VKF_MM_SOFT
 #undef STAGE_CH
 #define STAGE_CH 1
 #elif !defined(STAGE_CH)
@@ -102,7 +102,7 @@ GATHER(v_data, v_units)
 #define MM_OCPL (MN / SM_TPR)
 #define MM_O_CHUNK(O, NN, R0) { \
     subgroup_sync(); \
-    [[unroll]] for (int ob_ = 0; ob_ < MM_RB; ++ob_) \
+    MM_UNROLL for (int ob_ = 0; ob_ < MM_RB; ++ob_) \
         coopMatStoreNV(O[ob_ * (DV / MN) + (NN)], Ss, uint(((R0) + ob_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); }
 
@@ -114,20 +114,20 @@ GATHER(v_data, v_units)
         float dot_ = 0.0; \
         /* A unit (8 halves) an iteration: a driver that caps loop iterations (lavapipe) counts D / 8. */ \
         for (int d_ = 0; d_ < D; d_ += 8) \
-            [[unroll]] for (int i_ = 0; i_ < 8; ++i_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_ + i_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_ + i_); \
+            MM_UNROLL for (int i_ = 0; i_ < 8; ++i_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_ + i_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_ + i_); \
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
 // ACC = Q Kᵀ for the step's keys NN * MN.. (one accumulator of MN keys), K from unit KB of Ks4.
 #define MM_QK(QF, ACC, NN, KB) { \
-        ACC = FRAG_C(0.0); \
-        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+        ACC = C_FILL(0.0); \
+        MM_UNROLL for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
             FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
             coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
             ACC = coopMatMulAddNV(QF[kk_], kt_, ACC); \
         } }
 #define MM_SCORES(QF, R0, LANE, KB) \
-    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
         FRAG_C acc_; \
         MM_QK(QF, acc_, nn_, KB) \
         coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
@@ -141,24 +141,24 @@ GATHER(v_data, v_units)
 #define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
-        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        MM_UNROLL for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
     subgroup_sync();   /* P written */ \
     /* Each lane its own elements of O (its rows, its columns): P V as a scalar loop. */ \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
         const int r_ = (R0) + sm_row(LANE, k_); \
         for (int t_ = 0; t_ < DV / SM_TPR; ++t_) { \
             const int d_ = sm_col0(LANE) + t_ * SM_TPR; \
             float acc_ = 0.0; \
-            [[unroll]] for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
+            MM_UNROLL for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
             O[k_][t_] += acc_; \
         } \
     } }
 #else
 // O += P V: P's A operands PF (BKV / MK of them), V from the buffer starting at unit VB of Vs4.
 #define MM_PV(O, PF, VB) \
-    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             FRAG_B vf_; \
             coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
             O[nn_] = coopMatMulAddNV(PF[kk_], vf_, O[nn_]); \
@@ -168,15 +168,15 @@ GATHER(v_data, v_units)
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
     bool moved_ = false; \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
     if (subgroupAny(moved_)) { \
         /* O's round trip, a fragment at a time: out to the score tile (its scores are read), */ \
         /* each lane scales its own rows' elements, back into the accumulator. */ \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
             MM_O_CHUNK(O, nn_, R0) \
-            [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+            MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
                 const int r_ = (R0) + sm_row(LANE, k_); \
-                [[unroll]] for (int u_ = 0; u_ < MM_OCPL; ++u_) Ss[r_ * SST + sm_col0(LANE) + u_ * SM_TPR] *= alpha_[k_]; \
+                MM_UNROLL for (int u_ = 0; u_ < MM_OCPL; ++u_) Ss[r_ * SST + sm_col0(LANE) + u_ * SM_TPR] *= alpha_[k_]; \
             } \
             subgroup_sync(); \
             coopMatLoadNV(O[nn_], Ss, uint((R0) * SST), uint(SST), false); \
@@ -184,7 +184,7 @@ GATHER(v_data, v_units)
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[BKV / MK]; \
-    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
+    MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
     MM_PV(O, pf_, VB) }
 #endif
 
@@ -208,42 +208,42 @@ GATHER(v_data, v_units)
 #define MM_NS (BKV / MN)
 // A table of MN columns in rows R0.. of the score tile, each lane writing its own rows' columns.
 #define MM_ROW_TABLE(R0, LANE, V) \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
-        [[unroll]] for (int u_ = 0; u_ < MN / SM_TPR; ++u_) Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR] = V[k_];
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR] = V[k_];
 // IX, MB (every row at the starting maximum M0) and LS (zero), before the first step.
 #define MM_REG_INIT(R0, LANE, IX, MB, LS, M0) { \
     for (int e_ = (LANE); e_ < MM * MN; e_ += SG) Ss[((R0) + e_ / MN) * SST + e_ % MN] = float(e_); \
     subgroup_sync(); \
     coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
     subgroup_sync(); \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = FRAG_C(M0); LS[b_] = FRAG_C(0.0); } }
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = C_FILL(M0); LS[b_] = C_FILL(0.0); } }
 // S[b * MM_NS + NN] = Q Kᵀ for every row block b, keys NN * MN.., each Kᵀ fragment read once.
 #define MM_QK_RB(QF, S, NN, KB) { \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = FRAG_C(0.0); \
-    [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = C_FILL(0.0); \
+    MM_UNROLL for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
         FRAG_B kt_; \
         coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
             S[b_ * MM_NS + (NN)] = coopMatMulAddNV(QF[b_ * (D / MK) + kk_], kt_, S[b_ * MM_NS + (NN)]); \
     } }
 // O[b * (DV / MN) + nn] += P V for every row block b (P's A operands PF[b * (BKV / MK) + kk]),
 // each V fragment read once.
 #define MM_PV_RB(O, PF, VB) \
-    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             FRAG_B vf_; \
             coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
-            [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
                 O[b_ * (DV / MN) + nn_] = coopMatMulAddNV(PF[b_ * (BKV / MK) + kk_], vf_, O[b_ * (DV / MN) + nn_]); \
         } \
     }
 #define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
     FRAG_C s_[MM_RB * MM_NS]; \
     bool up_ = false; \
-    [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) { \
         MM_QK_RB(QF, s_, nn_, KB) \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-            [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int i_ = 0; i_ < IX.length(); ++i_) { \
                 const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
                 const float v_ = mm_score(s_[b_ * MM_NS + nn_][i_], (R0) + b_ * MM + r_, nn_ * MN + e_ - r_ * MN); \
                 s_[b_ * MM_NS + nn_][i_] = v_; \
@@ -251,8 +251,8 @@ GATHER(v_data, v_units)
             } \
     } \
     if (subgroupAny(up_)) { \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
                 coopMatStoreNV(s_[b_ * MM_NS + nn_], Ss, uint(((R0) + b_ * MM) * SST + nn_ * MN), uint(SST), false); \
         subgroup_sync(); \
         float alpha_[SM_RPL]; \
@@ -260,30 +260,30 @@ GATHER(v_data, v_units)
         subgroup_sync();   /* the scores read: the tile takes the maxima, then the factors */ \
         MM_ROW_TABLE(R0, LANE, M) \
         subgroup_sync(); \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatLoadNV(MB[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatLoadNV(MB[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
         subgroup_sync(); \
         MM_ROW_TABLE(R0, LANE, alpha_) \
         subgroup_sync(); \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) { \
             FRAG_C a_; \
             coopMatLoadNV(a_, Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
-            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
-            [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
-                [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
+            MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
+            MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
+                MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
         } \
     } else { \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
-                [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+                MM_UNROLL for (int i_ = 0; i_ < IX.length(); ++i_) { \
                     const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
                     Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_])); \
                 } \
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[MM_RB * (BKV / MK)]; \
-    const FRAG_B ones_ = FRAG_B(1.0); \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+    const FRAG_B ones_ = B_FILL(1.0); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+        MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
             LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \
         } \
@@ -291,7 +291,7 @@ GATHER(v_data, v_units)
 // Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
 #define MM_REG_SUMS(R0, LANE, LS, LK) { \
     subgroup_sync(); \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
 #endif

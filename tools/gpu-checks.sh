@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|lean|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -274,12 +274,54 @@ row_blocks() {
   done
   unset VKFLEX_GENERIC_TILES
 }
+# gen_parts SECS "TILES..." [CASES]: where coopmat-generic's step goes (issue 26: 0.2x coopmat-nv on the
+# H100, whatever its tiles): the planner's kernel (register softmax, no software pipeline) with one
+# part taken out at a time, results wrong (--no-check), on full and causal (D = 64 and 128), per
+# VKFLEX_GENERIC_TILES value (default: the planner's). Variants are patched copies of Shaders/
+# (VKFLEX_SHADER_DIR): no-loads (K and V staged from the walk's first 16 keys, which stay in
+# cache: global memory's share), no-barriers (the two workgroup barriers a step), no-elem (the
+# per-element scale, mods, mask and maximum test), no-p (P's element stores to shared memory),
+# no-qk / no-pv (the products), no-rowsum (the row sums' product with ones).
+gen_parts() {
+  python3 - "$PWD/Shaders" /tmp/gen-parts <<'PY'
+import os, sys
+sys.path.insert(0, "tools"); import shader_variants
+src, dst = sys.argv[1], sys.argv[2]
+g, st = "flex_attention_fwd_generic.comp", "flex_mm_step.glsl"
+variants = {
+    "no-loads": [(g, "#define K_UNIT(j, u) unit_k_data(koff + kv_row(b, k0 + (j)) * p.k_sl, p.k_sd, u)", "#define K_UNIT(j, u) unit_k_data(koff + kv_row(b, (j)) * p.k_sl, p.k_sd, u)"),
+                 (g, "#define V_UNIT(j, u) unit_v_data(voff + kv_row(b, k0 + (j)) * p.v_sl, p.v_sd, u)", "#define V_UNIT(j, u) unit_v_data(voff + kv_row(b, (j)) * p.v_sl, p.v_sd, u)")],
+    "no-barriers": [(g, "                barrier();\n                // S = Q K", "                // S = Q K"),
+                    (g, "                barrier();   // every subgroup is done with this K/V tile", "                // every subgroup is done with this K/V tile")],
+    "no-elem": [(st, "const float v_ = mm_score(s_[b_ * MM_NS + nn_][i_], (R0) + b_ * MM + r_, nn_ * MN + e_ - r_ * MN); \\", "const float v_ = s_[b_ * MM_NS + nn_][i_] * 0.125; \\")],
+    "no-p": [(st, "                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(", "                    if (s_[b_ * MM_NS + nn_][i_] == 12345.0) Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(")],
+    "no-qk": [(st, "            S[b_ * MM_NS + (NN)] = coopMatMulAddNV(QF[b_ * (D / MK) + kk_], kt_, S[b_ * MM_NS + (NN)]); \\", "            if (kk_ == 99) S[b_ * MM_NS + (NN)] = coopMatMulAddNV(QF[b_ * (D / MK) + kk_], kt_, S[b_ * MM_NS + (NN)]); \\")],
+    "no-pv": [(st, "                O[b_ * (DV / MN) + nn_] = coopMatMulAddNV(PF[b_ * (BKV / MK) + kk_], vf_, O[b_ * (DV / MN) + nn_]); \\", "                if (kk_ == 99) O[b_ * (DV / MN) + nn_] = coopMatMulAddNV(PF[b_ * (BKV / MK) + kk_], vf_, O[b_ * (DV / MN) + nn_]); \\")],
+    "no-rowsum": [(st, "            LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \\", "            if (kk_ == 99) LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \\")],
+}
+shader_variants.make(src, dst, variants, "gen-parts")
+PY
+  local t v
+  for t in $2; do
+    if [ "$t" = default ]; then unset VKFLEX_GENERIC_TILES; else export VKFLEX_GENERIC_TILES=$t; fi
+    for v in base no-loads no-barriers no-elem no-p no-qk no-pv no-rowsum; do
+      [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/gen-parts/$v
+      VKFLEX_KERNEL=coopmat-generic step "gen-parts-$t-$v" "$1" vkflex bench --suite seed --no-check --cases "${3:-full,causal}"
+      grep -E "^ *(full|causal) " "$out/gen-parts-$t-$v.txt" | sed "s/^/$t $v /" | cut -c1-140
+    done
+  done
+  unset VKFLEX_SHADER_DIR VKFLEX_GENERIC_TILES
+}
+if [ "$what" = gen-parts ]; then
+  gen_parts 30 "${PARTS_TILES:-default}"
+fi
 if [ "$what" = lean ]; then
   # For a call with little device time left (nineteenth session): every kernel's selftest under
   # the validation layer, coopmat-generic's row blocks (GEN_RPW) under it, then their timings
-  # beside the default on full and causal. DEADLINE trims it.
+  # beside the default on full and causal, then where its step goes (gen_parts). DEADLINE trims it.
   VKFLEX_VALIDATE=1 step selftest-validated 130 vkflex selftest --kernel all
-  row_blocks 30 "${RPW_TILES:-4x16xr2 default 2x16xr2 4x32xr2}"
+  row_blocks 30 "${RPW_TILES:-4x16xr2 default 4x16xp1 2x16xr2}"
+  gen_parts 25 default causal
   (cd "$out" && tar cf lean.tar --exclude lean.tar . 2>/dev/null && find . -type f ! -name lean.tar -delete)
 fi
 if [ "$what" = next ]; then
@@ -291,7 +333,10 @@ if [ "$what" = next ]; then
   # subgroup takes: the fixed cost beside the steps), nvrd beside nvrh, the backward beside PyTorch (issue 20), the
   # dK/dV pass in two dispatches, the scalar kernel's splits, coopmat-generic's one-buffer pipeline.
   # On an H200 (H200=1) the backward's compare comes before the decode timings.
+  # NEXT_REST=1: a second call on the same warm machine, after a first that ran out of time: the
+  # steps from the backward's compare on (the selftests, the decode compare and the row blocks done).
   h200=${H200:-0}
+  if [ "${NEXT_REST:-0}" != 1 ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step selftest-khr 150 vkflex selftest --kernel all
   grep -E "B operands|^(PASS|FAIL) +decode" "$out/selftest-khr.txt" | cut -c1-160
@@ -299,8 +344,11 @@ if [ "$what" = next ]; then
   [ "$h200" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   # coopmat-generic with two row blocks a subgroup (GEN_RPW, nineteenth session, never run on a
   # GPU): its selftest under the layer, then beside the default 4x16 on full and causal.
-  row_blocks 40 "${RPW_TILES:-default 4x16xr2 2x16xr2 4x32xr2 4x16xp1xr2 2x16xr4}"
+  row_blocks 35 "${RPW_TILES:-default 4x16xr2 4x16xp1 2x16xr2 4x16xp1xr2}"
+  # Where coopmat-generic's step goes (twentieth session): the planner's tiles on causal.
+  gen_parts 25 "${PARTS_TILES:-default}" causal
   [ "$h200" != 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
+  fi
   if [ "$h200" = 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"
@@ -430,24 +478,18 @@ if [ "$what" = mm-parts ]; then
   # wrong, --no-check), one workgroup a compute unit (16 splits of decode_mqa_32k: 128 workgroups)
   # and sixteen (256 splits). Variants are patched copies of Shaders/ (VKFLEX_SHADER_DIR).
   python3 - "$PWD/Shaders" /tmp/mm-parts <<'PY'
-import os, shutil, sys
+import os, sys
+sys.path.insert(0, "tools"); import shader_variants
 src, dst = sys.argv[1], sys.argv[2]
-stage = "        MM_STAGE(Ks4, 0, KS4, D / 8, kn, lane, SG, K_UNIT)\n        MM_STAGE(Vs4, 0, VS4, DV / 8, kn, lane, SG, V_UNIT)"
+stage = "        MM_STAGE(Ks4, kb, KS4, D / 8, kn, lane, SG, K_UNIT)\n        MM_STAGE(Vs4, vb, VS4, DV / 8, kn, lane, SG, V_UNIT)"
 soft = ("    sm_tile(M, L, alpha_); \\", "    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) alpha_[k_] = 1.0; \\")
 variants = {
     "no-loads": [("flex_attention_decode_mm.comp", stage, "")],
     "no-softmax": [("flex_mm_step.glsl",) + soft],
-    "no-pv": [("flex_mm_step.glsl", "            O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \\", "            if (kk_ == 99) O[nn_] = coopMatMulAddNV(pf_[kk_], vf_, O[nn_]); \\")],
-    "no-qk": [("flex_mm_step.glsl", "            acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \\", "            if (kk_ == 99) acc_ = coopMatMulAddNV(QF[kk_], kt_, acc_); \\")],
+    "no-pv": [("flex_mm_step.glsl", "            O[nn_] = coopMatMulAddNV(PF[kk_], vf_, O[nn_]); \\", "            if (kk_ == 99) O[nn_] = coopMatMulAddNV(PF[kk_], vf_, O[nn_]); \\")],
+    "no-qk": [("flex_mm_step.glsl", "            ACC = coopMatMulAddNV(QF[kk_], kt_, ACC); \\", "            if (kk_ == 99) ACC = coopMatMulAddNV(QF[kk_], kt_, ACC); \\")],
 }
-for name, edits in variants.items():
-    d = os.path.join(dst, name)
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(src, d)
-    for f, old, new in edits:
-        p = os.path.join(d, f); s = open(p).read()
-        if old not in s: sys.exit(f"{name}: the patch no longer applies to {f}")
-        open(p, "w").write(s.replace(old, new))
+shader_variants.make(src, dst, variants, "mm-parts", once=False)
 PY
   for v in base no-loads no-softmax no-pv no-qk; do
     [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/mm-parts/$v

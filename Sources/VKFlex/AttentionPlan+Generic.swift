@@ -46,6 +46,10 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var nvChunks = 1, nvBTransposed = false
     /// Chunks whose loads are in flight ahead of the one computing (2: `DEC_PREFETCH=3`, nvrd).
     var nvAhead = 1
+    /// coopmat-generic's matrix code with software matrices in a scrambled element order
+    /// (`VKF_MM_SOFT`, flex_mm.glsl), on a device without cooperative matrices: the code path a GPU
+    /// runs (register softmax, row blocks, pipeline), tested where no element order is given.
+    var soft = false
 
     var BQ: Int { M * NSG * rpw }
     var WG: Int { SG * NSG }
@@ -61,13 +65,19 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (nvAhead > 1 ? " \(nvAhead) chunks ahead" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (nvAhead > 1 ? " \(nvAhead) chunks ahead" : "") + (soft ? " software matrices" : "") }
 }
 
 extension AttentionPlanner {
     /// The shape a scalar emulation of the generic kernel computes in (any will do; this one is the
     /// shape AMD and NVIDIA list).
     static let emulatedShape = CooperativeMatrixShape(m: 16, n: 16, k: 16, a: "float16", b: "float16", c: "float32", result: "float32")
+    /// The shapes software matrices (`VKFLEX_GENERIC_MATRICES=software`) offer: AMD's and NVIDIA's
+    /// 16×16×16 first, then Intel's (8×16×16 on Xe2, 8×8×16 on Arc) and NVIDIA's 16×8×16, each
+    /// forced with `VKFLEX_COOPMAT_SHAPE`.
+    static let softShapes = [(16, 16, 16), (8, 16, 16), (8, 8, 16), (16, 8, 16)].map {
+        CooperativeMatrixShape(m: $0.0, n: $0.1, k: $0.2, a: "float16", b: "float16", c: "float32", result: "float32")
+    }
 
     /// The coopmat-generic kernel's tiles for head dims D/Dv on a device described by its subgroup
     /// size, its matrix shapes (`VkCooperativeMatrixPropertiesKHR`), shared memory and
@@ -84,10 +94,14 @@ extension AttentionPlanner {
     /// (docs/performance.md): a first choice, not a tuned one.
     static func genericTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                              maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool, rpw: Int)? = nil) -> GenericTiles? {
+                             bf16: Bool = false, forced: (nsg: Int, bkv: Int, prefetch: Bool, singleBuffer: Bool, rpw: Int)? = nil,
+                             soft: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
-        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 }) {
+        // Software matrices: each lane holds M·N / SG elements of C (and of A and B), taken two
+        // at a time (flex_mm.glsl's SOFT_CH).
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 })
+        where !soft || [shape.m * shape.n, shape.m * shape.k, shape.k * shape.n].allSatisfy({ $0 % (2 * sg) == 0 }) {
             // A row's columns, and each fragment of O's (N of them: O crosses the score tile a
             // fragment at a time), split evenly over the lanes that share the row.
             let rpw = forced?.rpw ?? 1
@@ -105,11 +119,13 @@ extension AttentionPlanner {
                         let bkv = (want + step - 1) / step * step
                         guard bkv % tpr == 0, forced == nil || bkv == want,
                               GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch,
-                                                       singleBuffer: forced?.singleBuffer ?? false, rpw: rpw) <= budget
+                                                       singleBuffer: forced?.singleBuffer ?? false, rpw: rpw)
+                                + (soft ? 4 * nsg * (shape.m * shape.k + shape.k * shape.n) : 0) <= budget   // the products' scratch
                         else { continue }
                         var t = GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
                         t.singleBuffer = prefetch && (forced?.singleBuffer ?? false)
                         t.rpw = rpw
+                        t.soft = soft
                         return t
                     }
                 }
@@ -135,10 +151,12 @@ extension AttentionPlanner {
     /// `VKFLEX_COOPMAT_SHAPE` applied.
     static func genericTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
-        var t = genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
+        let soft = tuning.genericSoftMatrices && device.cooperativeMatrixAPI == nil
+        if soft && dtype != .float16 { return nil }   // genericProblem says why
+        var t = genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: soft ? softShapes : device.cooperativeMatrixShapes,
                              sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16,
-                             forced: tuning.genericTiles)
+                             forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil && !soft, bf16: dtype == .bfloat16,
+                             forced: tuning.genericTiles, soft: soft)
         // Emulated there are no accumulators: the products are loops over the score tile.
         if let e = t?.emulated, !e { t?.registerSoftmax = tuning.genericRegisterSoftmax ?? genericRegisterSoftmaxByDefault }
         // Row blocks past the first need the register softmax where the products are matrices
@@ -189,6 +207,9 @@ extension AttentionPlanner {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
         guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
+            if tuning.genericSoftMatrices, device.cooperativeMatrixAPI == nil, s.dtype != .float16 {
+                return "VKFLEX_GENERIC_MATRICES=software: software matrices take float16 inputs only (got \(s.dtype.rawValue))"
+            }
             if let f = tuning.genericTiles, f.rpw > 1, tuning.genericRegisterSoftmax == false, device.cooperativeMatrixAPI != nil {
                 return "VKFLEX_GENERIC_TILES=\(device.environment["VKFLEX_GENERIC_TILES"] ?? ""): \(f.rpw) row blocks a subgroup take the register softmax, not VKFLEX_GENERIC_SOFTMAX=shared"
             }

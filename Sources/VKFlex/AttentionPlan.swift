@@ -80,6 +80,10 @@ struct AttentionTuning: Sendable {
     /// `VKFLEX_GENERIC_SOFTMAX=registers` / `shared`: coopmat-generic's online softmax on the scores
     /// in their accumulators (`GEN_REGSM`) or on every step's scores in shared memory, for tuning.
     var genericRegisterSoftmax: Bool?
+    /// `VKFLEX_GENERIC_MATRICES=software`: on a device without cooperative matrices, coopmat-generic
+    /// runs its matrix code with software matrices in a scrambled element order (`VKF_MM_SOFT`)
+    /// instead of its scalar emulation: for tests of the code a GPU runs (float16 only).
+    var genericSoftMatrices = false
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -192,6 +196,12 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_GENERIC_SOFTMAX=\(g): use registers (the scores stay in their accumulators) or shared (every step's scores through shared memory)")
             }
             t.genericRegisterSoftmax = g.lowercased() == "registers"
+        }
+        if let m = env["VKFLEX_GENERIC_MATRICES"], !m.isEmpty {
+            guard ["software", "device"].contains(m.lowercased()) else {
+                throw FlexError("VKFLEX_GENERIC_MATRICES=\(m): use software (software matrices in a scrambled element order, on a device without cooperative matrices) or device")
+            }
+            t.genericSoftMatrices = m.lowercased() == "software"
         }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
@@ -411,6 +421,7 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("GEN_PREFETCH", t.prefetch ? "1" : "0"), .init("GEN_REGSM", t.registerSoftmax ? "1" : "0"),
                 .init("GEN_NBUF", t.singleBuffer ? "1" : "2"), .init("GEN_RPW", "\(t.rpw)"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
+            if t.soft { source.defines.append(.init("VKF_MM_SOFT", "1")) }
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
         case .coopmat(let t):
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),

@@ -47,9 +47,30 @@ extension ForwardKernel {
         let stage = ceilDiv(t.BKV * D, t.WG) + ceilDiv(t.BKV * Dv, t.WG)
         let products = t.emulated
             ? ceilDiv(t.M * t.BKV, t.SG) * (1 + D) + ceilDiv(t.M * Dv, t.SG) * (1 + t.BKV)
+            : t.soft ? softIterationsPerTile(D: D, Dv: Dv, tiles: t)
             : (t.BKV / t.N) * (1 + D / t.K) + t.BKV / t.K + (Dv / t.N) * (1 + t.BKV / t.K)
         return stage + products + rpl * (1 + 2 * (t.BKV / tpr) + 2 * (Dv / tpr)) + 16
     }
+
+    /// With software matrices (`VKF_MM_SOFT`) every matrix operation is loops over a lane's
+    /// elements, `softChunk` an iteration (flex_mm.glsl's `SOFT_CH`), and the loops over matrices
+    /// and elements stay loops (`MM_UNROLL`): a bound over both softmax forms, the rare rescaling
+    /// counted every step.
+    static func softIterationsPerTile(D: Int, Dv: Int, tiles t: GenericTiles) -> Int {
+        let c = softChunk
+        let (na, nb, nc) = (t.M * t.K / t.SG, t.K * t.N / t.SG, t.M * t.N / t.SG)
+        let rb = t.rpw, tpr = max(1, t.SG / (t.M * rb)), rpl = t.M * rb / (t.SG / tpr)
+        let mad = (na + nb + nc) / c + 3
+        let qk = (t.BKV / t.N) * (1 + (D / t.K) * (1 + nb / c + rb * (1 + mad)) + rb * (1 + nc / c))
+        let elements = 2 * (t.BKV / t.N) * rb * (1 + nc)
+        let rescale = (t.BKV / t.N) * rb * (1 + nc / c) + rb * (2 + nc / c + nc + (Dv / t.N) * (1 + nc)) + 2 * rpl * (1 + t.N)
+            + (Dv / t.N) * (2 + 2 * nc / c + rpl * (1 + t.N / tpr))
+        let pv = rb * (t.BKV / t.K) * (1 + na / c + mad) + (Dv / t.N) * (t.BKV / t.K) * (1 + nb / c + rb * (1 + mad))
+        return qk + elements + rescale + pv
+    }
+
+    /// A lane's matrix elements each loop iteration of software matrices takes (flex_mm.glsl's `SOFT_CH`).
+    static let softChunk = 2
 
     /// KV blocks each dispatch walks so that the portable (or generic) kernel stays inside the
     /// device's loop cap, or nil when one dispatch walks them all.
@@ -66,7 +87,13 @@ extension ForwardKernel {
         }
         // Outside the key tiles: staging Q, the mask's per-row values, the output, the walk over
         // the block lists (one iteration per listed block, walked or not).
-        let fixed = 2 * (BQ * max(s.D, s.Dv) / WG + 1) * 9 + 2 * kvBlocks + 512
+        var fixed = 2 * (BQ * max(s.D, s.Dv) / WG + 1) * 9 + 2 * kvBlocks + 512
+        if case .generic(let t) = plan.tiles, t.soft {
+            // Q's operands, the index matrix, and O's way out through the score tile, as loops.
+            let (na, nc, c) = (t.M * t.K / t.SG, t.M * t.N / t.SG, softChunk)
+            fixed += (BQ / t.BKV + 1) * t.rpw * (s.D / t.K) * (1 + na / c) + 4 * t.rpw * (1 + nc / c) + t.M * t.N / t.SG
+                + (s.Dv / t.N) * (1 + t.rpw * (1 + nc / c) + t.M * t.rpw * (1 + t.N))
+        }
         let budget = limit * 3 / 4 - fixed
         let tilesPerBlock = (kvBlockSize + BKV - 1) / BKV
         let blocks = max(1, budget / (perTile * tilesPerBlock))

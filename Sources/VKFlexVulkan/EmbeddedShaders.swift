@@ -4026,24 +4026,24 @@ void main() {
         }
         barrier();
         // A block of MM rows lies in one chunk of BKV (a multiple of MM).
-        [[unroll]] for (int rb = 0; rb < GEN_RPW; ++rb) {
+        MM_UNROLL for (int rb = 0; rb < GEN_RPW; ++rb) {
             const int r0 = g_r0 + rb * MM;
             if (r0 >= c && r0 < c + BKV)
-                [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[rb * (D / MK) + kk], Ks4, uint((r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
+                MM_UNROLL for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(qf[rb * (D / MK) + kk], Ks4, uint((r0 - c) * KS4 + kk * MK / 8), uint(KS4), false);
         }
         barrier();
     }
 #endif
 
     float m[SM_RPL], l[SM_RPL];
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
+    MM_UNROLL for (int k = 0; k < SM_RPL; ++k) { m[k] = -1e30; l[k] = 0.0; }
 #if VKF_MM_EMULATE
     float o[SM_RPL][DV / SM_TPR];
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k)
-        [[unroll]] for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
+    MM_UNROLL for (int k = 0; k < SM_RPL; ++k)
+        MM_UNROLL for (int t = 0; t < DV / SM_TPR; ++t) o[k][t] = 0.0;
 #else
     FRAG_C o[GEN_RPW * (DV / MN)];
-    [[unroll]] for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = FRAG_C(0.0);
+    MM_UNROLL for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = C_FILL(0.0);
 #endif
 #if GEN_REGSM
     FRAG_C ix, mb[GEN_RPW], ls[GEN_RPW];
@@ -4134,7 +4134,7 @@ void main() {
 #if GEN_REGSM
     MM_REG_SUMS(g_r0, lane, ls, lk)
 #endif
-    [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+    MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
 #if !GEN_REGSM
         lk[k] = sm_row_sum(l[k]);
@@ -4157,14 +4157,14 @@ void main() {
         if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
             lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? (mk + log2(lk[k])) * LN2 : NEG_INF;
     }
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
+    MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE
         MM_O_CHUNK(o, nn, g_r0)
 #endif
-        [[unroll]] for (int k = 0; k < SM_RPL; ++k) {
+        MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
             const int r = g_r0 + sm_row(lane, k);
             if (r >= rows) continue;
-            [[unroll]] for (int u = 0; u < MM_OCPL; ++u) {
+            MM_UNROLL for (int u = 0; u < MM_OCPL; ++u) {
                 const int c = sm_col0(lane) + u * SM_TPR;
 #if VKF_MM_EMULATE
                 const float ov = o[k][nn * MM_OCPL + u];
@@ -4711,13 +4711,28 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 // packed as integers, and P and dS are converted from float32 only. Emulated, the 16-bit tiles
 // hold float32 values rounded to bfloat16 instead (the rounding the matrices see).
 #extension GL_KHR_shader_subgroup_basic : require
-#if !VKF_MM_EMULATE
+#ifndef VKF_MM_SOFT
+#define VKF_MM_SOFT 0
+#endif
+#if !VKF_MM_EMULATE && !VKF_MM_SOFT
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #define FRAG_A fcoopmatNV<16, gl_ScopeSubgroup, MM, MK>
 #define FRAG_B fcoopmatNV<16, gl_ScopeSubgroup, MK, MN>
 #define FRAG_C fcoopmatNV<32, gl_ScopeSubgroup, MM, MN>
+// A matrix with every element X (the constructor; VKF_MM_SOFT's is a function).
+#define C_FILL(x) FRAG_C(x)
+#define B_FILL(x) FRAG_B(x)
+#endif
+// MM_UNROLL: the loops over a subgroup's matrices and their elements, unrolled (arrays of
+// cooperative matrices take constant indices). With software matrices they stay loops: lavapipe
+// counts every iteration of every loop of an invocation against one cap of 65535 (its
+// LP_MAX_TGSI_LOOP_ITERATIONS), and unrolled, the products made its compiler take minutes.
+#if VKF_MM_SOFT && !VKF_MM_EMULATE
+#define MM_UNROLL [[dont_unroll]]
+#else
+#define MM_UNROLL [[unroll]]
 #endif
 
 // HALF_T: the shared tiles of 16-bit operands computed here (P, dS); TO_HALF(x) rounds a float
@@ -4752,6 +4767,96 @@ void unit_floats(UNIT_T w, out float f[UNIT]) {
 
 // Shared memory written by a subgroup's lanes (or its matrix stores) visible to the others.
 void subgroup_sync() { subgroupMemoryBarrierShared(); subgroupBarrier(); }
+
+#if VKF_MM_SOFT && !VKF_MM_EMULATE
+// Software cooperative matrices (VKF_MM_SOFT, for tests on a device without them: lavapipe): the
+// kernels' matrix code as it is — loads, stores, products, element-wise access through the
+// accumulators — run with each matrix held across the subgroup's lanes in a deliberately
+// scrambled element order, a different one for A, B and C (an odd multiplier modulo the element
+// count: a bijection). A kernel that assumed any element order (or that A and C share one) gives
+// wrong answers here. Products go through a per-subgroup shared scratch (NSG subgroups). float16
+// operands only (the bfloat16 retyping would change the emulation's own arithmetic). Each loop
+// takes SOFT_CH elements an iteration (the host makes every lane's count a multiple of it) and
+// a product's sums are unrolled: lavapipe's loop cap counts iterations, not instructions (and
+// its compile time grows with what is unrolled: 2 elements an iteration compiled the default
+// tiles in 17 s against 26 s with 4).
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#define SOFT_NA (MM * MK / SG)
+#define SOFT_NB (MK * MN / SG)
+#define SOFT_NC (MM * MN / SG)
+#define SOFT_CH 2
+struct SoftA { float16_t e[SOFT_NA]; };
+struct SoftB { float16_t e[SOFT_NB]; };
+#define FRAG_A SoftA
+#define FRAG_B SoftB
+#define FRAG_C float[SOFT_NC]
+// Element I of this lane's share of a ROWS x COLS matrix of kind KIND (0 A, 1 B, 2 C): its
+// (row, column). The lanes' elements are numbered e = I * SG + lane, then scattered.
+ivec2 soft_rc(int kind, int i) {
+    const int rows = kind == 1 ? MK : MM, cols = kind == 0 ? MK : MN;
+    const int mult = kind == 0 ? 37 : kind == 1 ? 101 : 173, add = kind == 0 ? 5 : kind == 1 ? 11 : 3;
+    const int e = i * SG + int(gl_SubgroupInvocationID), pos = (e * mult + add) & (rows * cols - 1);
+    return ivec2(pos / cols, pos - (pos / cols) * cols);
+}
+int soft_kind(SoftA m) { return 0; }
+int soft_kind(SoftB m) { return 1; }
+int soft_kind(float m[SOFT_NC]) { return 2; }
+void soft_put(inout SoftA m, int i, float v) { m.e[i] = float16_t(v); }
+void soft_put(inout SoftB m, int i, float v) { m.e[i] = float16_t(v); }
+void soft_put(inout float m[SOFT_NC], int i, float v) { m[i] = v; }
+int soft_len(int kind) { return kind == 0 ? SOFT_NA : kind == 1 ? SOFT_NB : SOFT_NC; }
+float[SOFT_NC] soft_fill_c(float x) { float m[SOFT_NC]; [[unroll]] for (int i = 0; i < SOFT_NC; ++i) m[i] = x; return m; }
+SoftB soft_fill_b(float x) { SoftB m; [[unroll]] for (int i = 0; i < SOFT_NB; ++i) m.e[i] = float16_t(x); return m; }
+#define C_FILL(x) soft_fill_c(float(x))
+#define B_FILL(x) soft_fill_b(float(x))
+// Loads and stores from the shared arrays the kernels name (SOFT_AT_<array>(i): element i, in
+// the matrix's elements, of an array of 16-byte units, floats or HALF_T): offsets and strides in
+// the array's own elements, as the extension takes them.
+#define SOFT_AT_Ks4(i) HALF_AT(Ks4, i)
+#define SOFT_AT_Vs4(i) HALF_AT(Vs4, i)
+#define SOFT_AT_Ss(i) Ss[i]
+#define SOFT_AT_Ps(i) HALF_FLOAT(Ps[i])
+#define SOFT_UNIT_Ks4 8
+#define SOFT_UNIT_Vs4 8
+#define SOFT_UNIT_Ss 1
+#define SOFT_UNIT_Ps 1
+#define coopMatLoadNV(M, ARR, OFF, STRIDE, COLMAJOR) { \
+    const int k_ = soft_kind(M); \
+    [[dont_unroll]] for (int c_ = 0; c_ < soft_len(k_); c_ += SOFT_CH) \
+        [[unroll]] for (int j_ = 0; j_ < SOFT_CH; ++j_) { \
+            const ivec2 rc_ = soft_rc(k_, c_ + j_); \
+            const int at_ = (COLMAJOR) ? (int(OFF) + rc_.y * int(STRIDE)) * SOFT_UNIT_##ARR + rc_.x \
+                                       : (int(OFF) + rc_.x * int(STRIDE)) * SOFT_UNIT_##ARR + rc_.y; \
+            soft_put(M, c_ + j_, float(SOFT_AT_##ARR(at_))); \
+        } }
+// Stores of accumulators into the float score tile (the only stores the kernels make).
+#define coopMatStoreNV(M, ARR, OFF, STRIDE, COLMAJOR) \
+    [[dont_unroll]] for (int c_ = 0; c_ < SOFT_NC; c_ += SOFT_CH) \
+        [[unroll]] for (int j_ = 0; j_ < SOFT_CH; ++j_) { \
+            const ivec2 rc_ = soft_rc(2, c_ + j_); \
+            ARR[(COLMAJOR) ? int(OFF) + rc_.y * int(STRIDE) + rc_.x : int(OFF) + rc_.x * int(STRIDE) + rc_.y] = (M)[c_ + j_]; \
+        }
+// C + A B: the lanes put A and B in the subgroup's scratch, then each sums its own elements of C.
+shared float soft_scratch[NSG * (MM * MK + MK * MN)];
+float[SOFT_NC] soft_mad(SoftA a, SoftB b, float c[SOFT_NC]) {
+    const int base = int(gl_SubgroupID) * (MM * MK + MK * MN);
+    subgroupMemoryBarrierShared(); subgroupBarrier();   // the last product's reads are done
+    [[dont_unroll]] for (int i = 0; i < SOFT_NA; i += SOFT_CH)
+        [[unroll]] for (int j = 0; j < SOFT_CH; ++j) { const ivec2 rc = soft_rc(0, i + j); soft_scratch[base + rc.x * MK + rc.y] = float(a.e[i + j]); }
+    [[dont_unroll]] for (int i = 0; i < SOFT_NB; i += SOFT_CH)
+        [[unroll]] for (int j = 0; j < SOFT_CH; ++j) { const ivec2 rc = soft_rc(1, i + j); soft_scratch[base + MM * MK + rc.x * MN + rc.y] = float(b.e[i + j]); }
+    subgroupMemoryBarrierShared(); subgroupBarrier();
+    [[dont_unroll]] for (int i = 0; i < SOFT_NC; i += SOFT_CH)
+        [[unroll]] for (int j = 0; j < SOFT_CH; ++j) {
+            const ivec2 rc = soft_rc(2, i + j);
+            float acc = c[i + j];
+            [[unroll]] for (int k = 0; k < MK; ++k) acc += soft_scratch[base + rc.x * MK + k] * soft_scratch[base + MM * MK + k * MN + rc.y];
+            c[i + j] = acc;
+        }
+    return c;
+}
+#define coopMatMulAddNV(A, B, C) soft_mad(A, B, C)
+#endif
 """#,
         "flex_mm_step.glsl": #"""
 // One step of staged keys as the layout-free matrix forward kernels take it
@@ -4811,7 +4916,7 @@ GATHER(k_data, k_units)
 GATHER(v_data, v_units)
 
 // Staging loops unroll on a GPU; emulated (lavapipe) they stay loops, which compiles faster.
-#if VKF_MM_EMULATE
+#if VKF_MM_EMULATE || VKF_MM_SOFT
 #define STAGE_UNROLL
 #else
 #define STAGE_UNROLL [[unroll]]
@@ -4821,7 +4926,7 @@ GATHER(v_data, v_units)
 // unit (H100: the split-KV matrix kernel's 32 a step, 4x slower than the scalar kernel). Emulated,
 // one unit a round: a CPU has no latency to hide, and lavapipe compiled the rounds' register
 // arrays slowly (the tests of both kernels took 1.5-2.2x as long); the same code runs.
-#if VKF_MM_EMULATE
+#if VKF_MM_EMULATE || VKF_MM_SOFT
 #undef STAGE_CH
 #define STAGE_CH 1
 #elif !defined(STAGE_CH)
@@ -4858,7 +4963,7 @@ GATHER(v_data, v_units)
 #define MM_OCPL (MN / SM_TPR)
 #define MM_O_CHUNK(O, NN, R0) { \
     subgroup_sync(); \
-    [[unroll]] for (int ob_ = 0; ob_ < MM_RB; ++ob_) \
+    MM_UNROLL for (int ob_ = 0; ob_ < MM_RB; ++ob_) \
         coopMatStoreNV(O[ob_ * (DV / MN) + (NN)], Ss, uint(((R0) + ob_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); }
 
@@ -4870,20 +4975,20 @@ GATHER(v_data, v_units)
         float dot_ = 0.0; \
         /* A unit (8 halves) an iteration: a driver that caps loop iterations (lavapipe) counts D / 8. */ \
         for (int d_ = 0; d_ < D; d_ += 8) \
-            [[unroll]] for (int i_ = 0; i_ < 8; ++i_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_ + i_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_ + i_); \
+            MM_UNROLL for (int i_ = 0; i_ < 8; ++i_) dot_ += HALF_AT(Qs4, r_ * KS4 * 8 + d_ + i_) * HALF_AT(Ks4, ((KB) + j_ * KS4) * 8 + d_ + i_); \
         Ss[r_ * SST + j_] = dot_; \
     }
 #else
 // ACC = Q Kᵀ for the step's keys NN * MN.. (one accumulator of MN keys), K from unit KB of Ks4.
 #define MM_QK(QF, ACC, NN, KB) { \
-        ACC = FRAG_C(0.0); \
-        [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+        ACC = C_FILL(0.0); \
+        MM_UNROLL for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
             FRAG_B kt_;   /* Kᵀ: element (d, key) of the K tile, read column-major */ \
             coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
             ACC = coopMatMulAddNV(QF[kk_], kt_, ACC); \
         } }
 #define MM_SCORES(QF, R0, LANE, KB) \
-    [[unroll]] for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < BKV / MN; ++nn_) { \
         FRAG_C acc_; \
         MM_QK(QF, acc_, nn_, KB) \
         coopMatStoreNV(acc_, Ss, uint((R0) * SST + nn_ * MN), uint(SST), false); \
@@ -4897,24 +5002,24 @@ GATHER(v_data, v_units)
 #define MM_SOFTMAX_PV(O, R0, LANE, M, L, VB) { \
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
-        [[unroll]] for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        MM_UNROLL for (int t_ = 0; t_ < DV / SM_TPR; ++t_) O[k_][t_] *= alpha_[k_]; \
     subgroup_sync();   /* P written */ \
     /* Each lane its own elements of O (its rows, its columns): P V as a scalar loop. */ \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
         const int r_ = (R0) + sm_row(LANE, k_); \
         for (int t_ = 0; t_ < DV / SM_TPR; ++t_) { \
             const int d_ = sm_col0(LANE) + t_ * SM_TPR; \
             float acc_ = 0.0; \
-            [[unroll]] for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
+            MM_UNROLL for (int j_ = 0; j_ < BKV; ++j_) acc_ += HALF_FLOAT(Ps[r_ * PST + j_]) * HALF_AT(Vs4, ((VB) + j_ * VS4) * 8 + d_); \
             O[k_][t_] += acc_; \
         } \
     } }
 #else
 // O += P V: P's A operands PF (BKV / MK of them), V from the buffer starting at unit VB of Vs4.
 #define MM_PV(O, PF, VB) \
-    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             FRAG_B vf_; \
             coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
             O[nn_] = coopMatMulAddNV(PF[kk_], vf_, O[nn_]); \
@@ -4924,15 +5029,15 @@ GATHER(v_data, v_units)
     float alpha_[SM_RPL]; \
     sm_tile(M, L, alpha_); \
     bool moved_ = false; \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) moved_ = moved_ || alpha_[k_] != 1.0; \
     if (subgroupAny(moved_)) { \
         /* O's round trip, a fragment at a time: out to the score tile (its scores are read), */ \
         /* each lane scales its own rows' elements, back into the accumulator. */ \
-        [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
             MM_O_CHUNK(O, nn_, R0) \
-            [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+            MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
                 const int r_ = (R0) + sm_row(LANE, k_); \
-                [[unroll]] for (int u_ = 0; u_ < MM_OCPL; ++u_) Ss[r_ * SST + sm_col0(LANE) + u_ * SM_TPR] *= alpha_[k_]; \
+                MM_UNROLL for (int u_ = 0; u_ < MM_OCPL; ++u_) Ss[r_ * SST + sm_col0(LANE) + u_ * SM_TPR] *= alpha_[k_]; \
             } \
             subgroup_sync(); \
             coopMatLoadNV(O[nn_], Ss, uint((R0) * SST), uint(SST), false); \
@@ -4940,7 +5045,7 @@ GATHER(v_data, v_units)
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[BKV / MK]; \
-    [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
+    MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) coopMatLoadNV(pf_[kk_], Ps, uint((R0) * PST + kk_ * MK), uint(PST), false); \
     MM_PV(O, pf_, VB) }
 #endif
 
@@ -4964,42 +5069,42 @@ GATHER(v_data, v_units)
 #define MM_NS (BKV / MN)
 // A table of MN columns in rows R0.. of the score tile, each lane writing its own rows' columns.
 #define MM_ROW_TABLE(R0, LANE, V) \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) \
-        [[unroll]] for (int u_ = 0; u_ < MN / SM_TPR; ++u_) Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR] = V[k_];
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) \
+        MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR] = V[k_];
 // IX, MB (every row at the starting maximum M0) and LS (zero), before the first step.
 #define MM_REG_INIT(R0, LANE, IX, MB, LS, M0) { \
     for (int e_ = (LANE); e_ < MM * MN; e_ += SG) Ss[((R0) + e_ / MN) * SST + e_ % MN] = float(e_); \
     subgroup_sync(); \
     coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
     subgroup_sync(); \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = FRAG_C(M0); LS[b_] = FRAG_C(0.0); } }
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = C_FILL(M0); LS[b_] = C_FILL(0.0); } }
 // S[b * MM_NS + NN] = Q Kᵀ for every row block b, keys NN * MN.., each Kᵀ fragment read once.
 #define MM_QK_RB(QF, S, NN, KB) { \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = FRAG_C(0.0); \
-    [[unroll]] for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = C_FILL(0.0); \
+    MM_UNROLL for (int kk_ = 0; kk_ < D / MK; ++kk_) { \
         FRAG_B kt_; \
         coopMatLoadNV(kt_, Ks4, uint((KB) + (NN) * MN * KS4 + kk_ * MK / 8), uint(KS4), true); \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
             S[b_ * MM_NS + (NN)] = coopMatMulAddNV(QF[b_ * (D / MK) + kk_], kt_, S[b_ * MM_NS + (NN)]); \
     } }
 // O[b * (DV / MN) + nn] += P V for every row block b (P's A operands PF[b * (BKV / MK) + kk]),
 // each V fragment read once.
 #define MM_PV_RB(O, PF, VB) \
-    [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) { \
+        MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             FRAG_B vf_; \
             coopMatLoadNV(vf_, Vs4, uint((VB) + kk_ * MK * VS4 + nn_ * MN / 8), uint(VS4), false); \
-            [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
                 O[b_ * (DV / MN) + nn_] = coopMatMulAddNV(PF[b_ * (BKV / MK) + kk_], vf_, O[b_ * (DV / MN) + nn_]); \
         } \
     }
 #define MM_STEP_REG(QF, O, R0, LANE, M, L, IX, MB, LS, KB, VB) { \
     FRAG_C s_[MM_RB * MM_NS]; \
     bool up_ = false; \
-    [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) { \
+    MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) { \
         MM_QK_RB(QF, s_, nn_, KB) \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-            [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int i_ = 0; i_ < IX.length(); ++i_) { \
                 const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
                 const float v_ = mm_score(s_[b_ * MM_NS + nn_][i_], (R0) + b_ * MM + r_, nn_ * MN + e_ - r_ * MN); \
                 s_[b_ * MM_NS + nn_][i_] = v_; \
@@ -5007,8 +5112,8 @@ GATHER(v_data, v_units)
             } \
     } \
     if (subgroupAny(up_)) { \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
                 coopMatStoreNV(s_[b_ * MM_NS + nn_], Ss, uint(((R0) + b_ * MM) * SST + nn_ * MN), uint(SST), false); \
         subgroup_sync(); \
         float alpha_[SM_RPL]; \
@@ -5016,30 +5121,30 @@ GATHER(v_data, v_units)
         subgroup_sync();   /* the scores read: the tile takes the maxima, then the factors */ \
         MM_ROW_TABLE(R0, LANE, M) \
         subgroup_sync(); \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatLoadNV(MB[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatLoadNV(MB[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
         subgroup_sync(); \
         MM_ROW_TABLE(R0, LANE, alpha_) \
         subgroup_sync(); \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) { \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) { \
             FRAG_C a_; \
             coopMatLoadNV(a_, Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
-            [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
-            [[unroll]] for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
-                [[unroll]] for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
+            MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
+            MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
+                MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
         } \
     } else { \
-        [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-            [[unroll]] for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
-                [[unroll]] for (int i_ = 0; i_ < IX.length(); ++i_) { \
+        MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+            MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
+                MM_UNROLL for (int i_ = 0; i_ < IX.length(); ++i_) { \
                     const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
                     Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_])); \
                 } \
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[MM_RB * (BKV / MK)]; \
-    const FRAG_B ones_ = FRAG_B(1.0); \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) \
-        [[unroll]] for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
+    const FRAG_B ones_ = B_FILL(1.0); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
+        MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
             LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \
         } \
@@ -5047,9 +5152,9 @@ GATHER(v_data, v_units)
 // Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
 #define MM_REG_SUMS(R0, LANE, LS, LK) { \
     subgroup_sync(); \
-    [[unroll]] for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
-    [[unroll]] for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
 #endif
 """#,
         "flex_softmax.glsl": #"""

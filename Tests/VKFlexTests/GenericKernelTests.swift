@@ -105,22 +105,29 @@ extension AttentionTests {
                 ("GQA sliding window, key lengths", 2, 4, 2, 40, 70, 16, MaskMod { _, _, q, kv in abs(q - kv) < 20 }, 16, [Int32(70), 33]),
                 ("dense, 1 query row, 900 keys (split)", 1, 2, 1, 1, 900, 32, nil, 32, nil),
             ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] where !tiles.hasSuffix("r2") || D == 16 {
-                let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
-                let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
-                let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
-                let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: d, blockSize: BlockSize(q: bs, kv: bs)) }
-                let kl = try lens.map { try d.tensor($0, shape: [B]) }
-                let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: kl, returnLSE: true, options: generic)
-                XCTAssertEqual(r.kernel, .coopmatGeneric, "\(tiles) \(name)")
-                let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens?.map(Int.init))
-                XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, "\(tiles) \(name)")
-                XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-2, "\(tiles) \(name)")
+                try checkGeneric(on: d, B: B, Hq: Hq, Hkv: Hkv, Lq: Lq, Lkv: Lkv, D: D, mask: mask, blockSize: bs, kvLengths: lens, "\(tiles) \(name)")
             }
         }
         // Tiles that do not fit say which variable asked for them.
         let big = try device(with: ["VKFLEX_GENERIC_TILES": "8x128xp"])
         let q = try big.tensor(randn(64 * 64), shape: [1, 1, 64, 64], dtype: .float16)
         XCTAssertThrowsError(try flexAttention(q, q, q, options: generic)) { XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_TILES=8x128xp: 8 subgroups"), "\($0)") }
+    }
+
+    /// coopmat-generic forced on `d`, float16, against the float64 reference: output and LSE.
+    func checkGeneric(on d: Device, B: Int, Hq: Int, Hkv: Int, Lq: Int, Lkv: Int, D: Int, mask: MaskMod?, blockSize bs: Int, kvLengths lens: [Int32]?,
+                      _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
+        let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+        let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+        let bm = try mask.map { try createBlockMask($0, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: d, blockSize: BlockSize(q: bs, kv: bs)) }
+        let kl = try lens.map { try d.tensor($0, shape: [B]) }
+        let r = try flexAttention(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: kl, returnLSE: true, options: FlexOptions(kernel: .coopmatGeneric))
+        XCTAssertEqual(r.kernel, .coopmatGeneric, what, file: file, line: line)
+        let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens?.map(Int.init))
+        XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, what, file: file, line: line)
+        XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-2,
+                          what, file: file, line: line)
     }
 
     /// Long key ranges through the emulated kernel: its scalar products count against lavapipe's

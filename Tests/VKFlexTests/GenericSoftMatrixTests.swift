@@ -1,0 +1,48 @@
+import Foundation
+import XCTest
+@testable import VKFlex
+
+/// coopmat-generic's cooperative-matrix code — what a GPU runs: the register softmax through the
+/// index matrix, row blocks, the software pipeline, the shared-memory softmax's O round trip — on
+/// lavapipe, with software matrices (`VKFLEX_GENERIC_MATRICES=software`, flex_mm.glsl's
+/// `VKF_MM_SOFT`) whose elements lie across the lanes in a scrambled order, a different one for A,
+/// B and C. A kernel that assumed an element order, or that A and C share one, fails here.
+extension AttentionTests {
+    func testGenericKernelWithSoftwareMatrices() throws {
+        XCTAssertTrue(try AttentionTuning.parse(["VKFLEX_GENERIC_MATRICES": "software"]).genericSoftMatrices)
+        XCTAssertFalse(try AttentionTuning.parse(["VKFLEX_GENERIC_MATRICES": "Device"]).genericSoftMatrices)
+        XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_MATRICES": "scalar"])) {
+            XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_MATRICES=scalar: use software"), "\($0)")
+        }
+        let generic = FlexOptions(kernel: .coopmatGeneric)
+        let causal = MaskMod { _, _, q, kv in q >= kv }
+        // Each configuration compiles one pipeline (lavapipe: 10-35 s each), so one case each, the
+        // default's two: partial blocks and odd lengths, GQA with key lengths and a sliding window.
+        // (A two-buffer pipeline with one subgroup compiled in ~50 s: the emulated test has it.)
+        let configs: [([String: String], String)] = [
+            ([:], "register softmax, 16x16x16"),
+            (["VKFLEX_GENERIC_SOFTMAX": "shared"], "shared softmax"),
+            (["VKFLEX_GENERIC_TILES": "2x16xp1xr2"], "two row blocks a subgroup, one-buffer pipeline"),
+            (["VKFLEX_COOPMAT_SHAPE": "8x16x16"], "Intel Xe2's 8x16x16"),
+            (["VKFLEX_COOPMAT_SHAPE": "8x8x16", "VKFLEX_GENERIC_TILES": "2x16"], "Intel Arc's 8x8x16, two subgroups"),
+        ]
+        for (i, (env, what)) in configs.enumerated() {
+            let d = try device(with: env.merging(["VKFLEX_GENERIC_MATRICES": "software"]) { a, _ in a })
+            let tiles = try XCTUnwrap(AttentionPlanner.genericTiles(D: 32, Dv: 32, dtype: .float16, device: d, tuning: try AttentionTuning.of(d)))
+            XCTAssertTrue(tiles.soft && !tiles.emulated, "\(what): \(tiles)")
+            if let shape = env["VKFLEX_COOPMAT_SHAPE"] { XCTAssertEqual("\(tiles.M)x\(tiles.N)x\(tiles.K)", shape) }
+            for (name, B, Hq, Hkv, Lq, Lkv, D, mask, bs, lens) in [
+                ("causal, 24-key blocks, odd lengths", 1, 2, 2, 45, 61, 32, causal, 24, nil),
+                ("GQA sliding window, key lengths, D=16", 2, 4, 2, 40, 70, 16, MaskMod { _, _, q, kv in abs(q - kv) < 20 }, 16, [Int32(70), 33]),
+            ] as [(String, Int, Int, Int, Int, Int, Int, MaskMod?, Int, [Int32]?)] where i == 0 || D == 32 {
+                try checkGeneric(on: d, B: B, Hq: Hq, Hkv: Hkv, Lq: Lq, Lkv: Lkv, D: D, mask: mask, blockSize: bs, kvLengths: lens, "\(what): \(name)")
+            }
+        }
+        // Software matrices take float16 only: bfloat16 says so.
+        let d = try device(with: ["VKFLEX_GENERIC_MATRICES": "software"])
+        let qb = try d.tensor(randn(32 * 32), shape: [1, 1, 32, 32], dtype: .bfloat16)
+        XCTAssertThrowsError(try flexAttention(qb, qb, qb, options: generic)) {
+            XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_MATRICES=software: software matrices take float16 inputs only (got bfloat16)"), "\($0)")
+        }
+    }
+}
