@@ -119,14 +119,14 @@ void main() {
     }
     barrier();
     FRAG_A xf[D / MK], yf[DV / MK];
-    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * MK / 8), uint(XS4), false);
-    [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * YS4 + kk * MK / 8), uint(YS4), false);
+    MM_UNROLL for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * MK / 8), uint(XS4), false);
+    MM_UNROLL for (int kk = 0; kk < DV / MK; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * YS4 + kk * MK / 8), uint(YS4), false);
     // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
     FRAG_C gX[D / MN];
-    [[unroll]] for (int nn = 0; nn < D / MN; ++nn) gX[nn] = FRAG_C(0.0);
+    MM_UNROLL for (int nn = 0; nn < D / MN; ++nn) gX[nn] = C_FILL(0.0);
 #if BWD_PASS == 2
     FRAG_C gY[DV / MN];
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) gY[nn] = FRAG_C(0.0);
+    MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) gY[nn] = C_FILL(0.0);
 #endif
 #endif
 #if BWD_PASS == 1
@@ -176,14 +176,14 @@ void main() {
             DPs[r * PST + j] = dp;
         }
 #else
-        [[unroll]] for (int nn = 0; nn < T / MN; ++nn) {
-            FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
-            [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
+        MM_UNROLL for (int nn = 0; nn < T / MN; ++nn) {
+            FRAG_C s = C_FILL(0.0), dp = C_FILL(0.0);
+            MM_UNROLL for (int kk = 0; kk < D / MK; ++kk) {
                 FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
                 coopMatLoadNV(xt, Xs4, uint(nn * MN * XS4 + kk * MK / 8), uint(XS4), true);
                 s = coopMatMulAddNV(xf[kk], xt, s);
             }
-            [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) {
+            MM_UNROLL for (int kk = 0; kk < DV / MK; ++kk) {
                 FRAG_B yt;
                 coopMatLoadNV(yt, Ys4, uint(nn * MN * YS4 + kk * MK / 8), uint(YS4), true);
                 dp = coopMatMulAddNV(yf[kk], yt, dp);
@@ -235,17 +235,17 @@ void main() {
 #else
         {
             FRAG_A af[T / MK];
-            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
-            [[unroll]] for (int nn = 0; nn < D / MN; ++nn)
-                [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+            MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
+            MM_UNROLL for (int nn = 0; nn < D / MN; ++nn)
+                MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) {
                     FRAG_B xb;
                     coopMatLoadNV(xb, Xs4, uint(kk * MK * XS4 + nn * MN / 8), uint(XS4), false);
                     gX[nn] = coopMatMulAddNV(af[kk], xb, gX[nn]);
                 }
 #if BWD_PASS == 2
-            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
-            [[unroll]] for (int nn = 0; nn < DV / MN; ++nn)
-                [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+            MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
+            MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn)
+                MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) {
                     FRAG_B yb;
                     coopMatLoadNV(yb, Ys4, uint(kk * MK * YS4 + nn * MN / 8), uint(YS4), false);
                     gY[nn] = coopMatMulAddNV(af[kk], yb, gY[nn]);
@@ -263,7 +263,7 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
 #if !VKF_MM_EMULATE
     subgroup_sync();
-    [[unroll]] for (int nn = 0; nn < D / MN; ++nn) coopMatStoreNV(gX[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+    MM_UNROLL for (int nn = 0; nn < D / MN; ++nn) coopMatStoreNV(gX[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
     subgroup_sync();
 #endif
 #if BWD_PASS == 1
@@ -299,7 +299,7 @@ void main() {
     }
 #if !VKF_MM_EMULATE
     subgroup_sync();
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(gY[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+    MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(gY[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
     subgroup_sync();
 #endif
     for (int i = 0; i < MM * DV / SG; ++i) {

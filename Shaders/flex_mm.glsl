@@ -120,6 +120,15 @@ SoftB soft_fill_b(float x) { SoftB m; [[unroll]] for (int i = 0; i < SOFT_NB; ++
 #define SOFT_UNIT_Vs4 8
 #define SOFT_UNIT_Ss 1
 #define SOFT_UNIT_Ps 1
+// The backward's (flex_attention_bwd_mm.comp).
+#define SOFT_AT_Xs4(i) HALF_AT(Xs4, i)
+#define SOFT_AT_Ys4(i) HALF_AT(Ys4, i)
+#define SOFT_AT_dSh(i) HALF_FLOAT(dSh[i])
+#define SOFT_AT_Ph(i) HALF_FLOAT(Ph[i])
+#define SOFT_UNIT_Xs4 8
+#define SOFT_UNIT_Ys4 8
+#define SOFT_UNIT_dSh 1
+#define SOFT_UNIT_Ph 1
 #define coopMatLoadNV(M, ARR, OFF, STRIDE, COLMAJOR) { \
     const int k_ = soft_kind(M); \
     [[dont_unroll]] for (int c_ = 0; c_ < soft_len(k_); c_ += SOFT_CH) \
@@ -129,7 +138,7 @@ SoftB soft_fill_b(float x) { SoftB m; [[unroll]] for (int i = 0; i < SOFT_NB; ++
                                        : (int(OFF) + rc_.x * int(STRIDE)) * SOFT_UNIT_##ARR + rc_.y; \
             soft_put(M, c_ + j_, float(SOFT_AT_##ARR(at_))); \
         } }
-// Stores of accumulators into the float score tile (the only stores the kernels make).
+// Stores of accumulators into float tiles (the only stores the kernels make).
 #define coopMatStoreNV(M, ARR, OFF, STRIDE, COLMAJOR) \
     [[dont_unroll]] for (int c_ = 0; c_ < SOFT_NC; c_ += SOFT_CH) \
         [[unroll]] for (int j_ = 0; j_ < SOFT_CH; ++j_) { \

@@ -98,10 +98,9 @@ extension AttentionPlanner {
                              soft: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }   // lanes share rows in power-of-two clusters
         let budget = sharedMemory - 256
-        // Software matrices: each lane holds M·N / SG elements of C (and of A and B), taken two
-        // at a time (flex_mm.glsl's SOFT_CH).
+        // Software matrices: each lane holds M·N / SG elements of C (and of A and B), in pairs.
         for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: { D % $0.k == 0 && Dv % $0.n == 0 })
-        where !soft || [shape.m * shape.n, shape.m * shape.k, shape.k * shape.n].allSatisfy({ $0 % (2 * sg) == 0 }) {
+        where !soft || softShapeFits(shape, subgroupSize: sg) {
             // A row's columns, and each fragment of O's (N of them: O crosses the score tile a
             // fragment at a time), split evenly over the lanes that share the row.
             let rpw = forced?.rpw ?? 1
@@ -120,7 +119,7 @@ extension AttentionPlanner {
                         guard bkv % tpr == 0, forced == nil || bkv == want,
                               GenericTiles.sharedBytes(D: D, Dv: Dv, M: shape.m, NSG: nsg, BKV: bkv, emulated: emulated, bf16: bf16, prefetch: prefetch,
                                                        singleBuffer: forced?.singleBuffer ?? false, rpw: rpw)
-                                + (soft ? 4 * nsg * (shape.m * shape.k + shape.k * shape.n) : 0) <= budget   // the products' scratch
+                                + (soft ? softScratchBytes(shape, subgroups: nsg) : 0) <= budget
                         else { continue }
                         var t = GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: bkv, emulated: emulated, prefetch: prefetch)
                         t.singleBuffer = prefetch && (forced?.singleBuffer ?? false)
@@ -207,9 +206,7 @@ extension AttentionPlanner {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
         guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
-            if tuning.genericSoftMatrices, device.cooperativeMatrixAPI == nil, s.dtype != .float16 {
-                return "VKFLEX_GENERIC_MATRICES=software: software matrices take float16 inputs only (got \(s.dtype.rawValue))"
-            }
+            if tuning.genericSoftMatrices, device.cooperativeMatrixAPI == nil, s.dtype != .float16 { return softDTypeProblem(s.dtype) }
             if let f = tuning.genericTiles, f.rpw > 1, tuning.genericRegisterSoftmax == false, device.cooperativeMatrixAPI != nil {
                 return "VKFLEX_GENERIC_TILES=\(device.environment["VKFLEX_GENERIC_TILES"] ?? ""): \(f.rpw) row blocks a subgroup take the register softmax, not VKFLEX_GENERIC_SOFTMAX=shared"
             }
@@ -446,23 +443,41 @@ extension AttentionPlanner {
             + (emulated ? 4 * T * (D + Dv) : 0)
     }
 
+    static func softDTypeProblem(_ dtype: DType) -> String {
+        "VKFLEX_GENERIC_MATRICES=software: software matrices take float16 inputs only (got \(dtype.rawValue))"
+    }
+
+    /// Shared memory of software matrices' products (flex_mm.glsl's scratch): an A and a B a subgroup.
+    static func softScratchBytes(_ shape: CooperativeMatrixShape, subgroups: Int) -> Int {
+        4 * subgroups * (shape.m * shape.k + shape.k * shape.n)
+    }
+
+    /// Whether a lane's share of each matrix of `shape` is whole pairs of elements, as software
+    /// matrices take them (flex_mm.glsl's `SOFT_CH`).
+    static func softShapeFits(_ shape: CooperativeMatrixShape, subgroupSize sg: Int) -> Bool {
+        [shape.m * shape.n, shape.m * shape.k, shape.k * shape.n].allSatisfy { $0 % (ForwardKernel.softChunk * sg) == 0 }
+    }
+
     /// The backward matrix passes' tiles: T = M·NSG rows owned per workgroup and staged per step
     /// (query rows and keys alike, so both passes share the portable passes' tile bookkeeping),
     /// four subgroups where they fit, else two, else one; the shapes as for the forward.
     static func backwardMMTiles(D: Int, Dv: Int, subgroupSize sg: Int, shapes: [CooperativeMatrixShape], sharedMemory: Int,
                                 maxInvocations: Int, forcedShape: (m: Int, n: Int, k: Int)? = nil, emulated: Bool = false,
-                                bf16: Bool = false) -> GenericTiles? {
+                                bf16: Bool = false, soft: Bool = false) -> GenericTiles? {
         guard sg > 0, sg & (sg - 1) == 0 else { return nil }
         let budget = sharedMemory - 256
         // D and Dv are both reduced over (K) and produced (N): dP = dO·Vᵀ, dQ = dS·K, dV = Pᵀ·dO.
         let divides = { (s: CooperativeMatrixShape) in D % s.k == 0 && Dv % s.n == 0 && D % s.n == 0 && Dv % s.k == 0 }
-        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: divides) {
+        for shape in usableShapes(shapes, emulated: emulated, forced: forcedShape, bf16: bf16, where: divides)
+        where !soft || softShapeFits(shape, subgroupSize: sg) {
             for nsg in (shape.m <= 8 ? [8, 4, 2, 1] : [4, 2, 1]) where nsg * sg <= maxInvocations {
                 let t = shape.m * nsg
                 // Each lane takes whole elements of the MM×T pair tile and of the MM×D, MM×Dv gradients.
                 guard t % shape.n == 0, t % shape.k == 0, (shape.m * t) % sg == 0, (shape.m * D) % sg == 0, (shape.m * Dv) % sg == 0 else { continue }
-                if backwardMMSharedBytes(D: D, Dv: Dv, T: t, emulated: emulated, bf16: bf16) <= budget {
-                    return GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: t, emulated: emulated)
+                if backwardMMSharedBytes(D: D, Dv: Dv, T: t, emulated: emulated, bf16: bf16) + (soft ? softScratchBytes(shape, subgroups: nsg) : 0) <= budget {
+                    var tiles = GenericTiles(M: shape.m, N: shape.n, K: shape.k, SG: sg, NSG: nsg, BKV: t, emulated: emulated)
+                    tiles.soft = soft
+                    return tiles
                 }
             }
         }
@@ -471,15 +486,18 @@ extension AttentionPlanner {
 
     static func backwardMMTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
-        return backwardMMTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: device.cooperativeMatrixShapes,
+        let soft = tuning.genericSoftMatrices && device.cooperativeMatrixAPI == nil
+        if soft && dtype != .float16 { return nil }   // backwardMMProblem says why
+        return backwardMMTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: soft ? softShapes : device.cooperativeMatrixShapes,
                                sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
-                               forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil, bf16: dtype == .bfloat16)
+                               forcedShape: tuning.coopmatShape, emulated: device.cooperativeMatrixAPI == nil && !soft, bf16: dtype == .bfloat16, soft: soft)
     }
 
     /// Why the backward's matrix passes cannot run this call, or nil.
     static func backwardMMProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the backward's coopmat-generic passes") { return problem }
         if backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) == nil {
+            if tuning.genericSoftMatrices, device.cooperativeMatrixAPI == nil, s.dtype != .float16 { return softDTypeProblem(s.dtype) }
             return noShapeProblem(s, device: device, tuning: tuning, what: "backward tiles")
         }
         return nil

@@ -413,6 +413,7 @@ struct AttentionPlan: Hashable, Sendable {
                     .init("MK", "\(t.K)"), .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BQ", "\(t.BQ)"), .init("BKV", "\(t.BQ)"),
                     .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
                 ] + sixteenBitDefines(partial: false))
+                if t.soft { source.defines.append(.init("VKF_MM_SOFT", "1")) }
                 break
             }
             source = ShaderSource(name: "flex_attention_fwd_generic", text: try ShaderLibrary.standard.text("flex_attention_fwd_generic.comp"), defines: [

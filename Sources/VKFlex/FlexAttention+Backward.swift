@@ -220,9 +220,22 @@ enum BackwardKernel {
         func ceilDiv(_ a: Int, _ b: Int) -> Int { (a + b - 1) / b }
         let T = t.BQ
         let stage = (ceilDiv(T * D / 8, t.WG) + ceilDiv(T * Dv / 8, t.WG)) * 5 + 1
-        let products = ceilDiv(t.M * T, t.SG) * (2 + D + Dv)
+        let products = t.soft ? softProductIterations(D: D, Dv: Dv, tiles: t) : ceilDiv(t.M * T, t.SG) * (2 + D + Dv)
         let grads = (t.M * D / t.SG) * (1 + T) + (t.M * Dv / t.SG) * (1 + T)
         return stage + products + 2 * (t.M * T / t.SG) + grads + 16
+    }
+
+    /// With software matrices (flex_mm.glsl's `VKF_MM_SOFT`) a step's products, loads and stores
+    /// are loops over a lane's elements, a pair an iteration, and the loops around them stay loops:
+    /// S and dP (T / N tiles of D / K and Dv / K products), their stores, the gradients' products
+    /// (D / N and Dv / N tiles of T / K), the A operands' loads.
+    static func softProductIterations(D: Int, Dv: Int, tiles t: GenericTiles) -> Int {
+        let c = ForwardKernel.softChunk, T = t.BQ
+        let (na, nb, nc) = (t.M * t.K / t.SG, t.K * t.N / t.SG, t.M * t.N / t.SG)
+        let mad = (na + nb + nc) / c + 3
+        let scores = (T / t.N) * (1 + ((D + Dv) / t.K) * (1 + nb / c + 1 + mad) + 2 * (1 + nc / c))
+        let grads = 2 * (T / t.K) * (1 + na / c) + ((D + Dv) / t.N) * (T / t.K) * (1 + nb / c + 1 + mad)
+        return scores + grads
     }
 
     static func prepare(shape s: AttentionShape, scoreMod: ScoreMod?, blockMask: BlockMask?, sinks: Bool, gradLSE: Bool = false,

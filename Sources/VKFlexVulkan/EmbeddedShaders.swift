@@ -657,14 +657,14 @@ void main() {
     }
     barrier();
     FRAG_A xf[D / MK], yf[DV / MK];
-    [[unroll]] for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * MK / 8), uint(XS4), false);
-    [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * YS4 + kk * MK / 8), uint(YS4), false);
+    MM_UNROLL for (int kk = 0; kk < D / MK; ++kk) coopMatLoadNV(xf[kk], Xs4, uint(r0 * XS4 + kk * MK / 8), uint(XS4), false);
+    MM_UNROLL for (int kk = 0; kk < DV / MK; ++kk) coopMatLoadNV(yf[kk], Ys4, uint(r0 * YS4 + kk * MK / 8), uint(YS4), false);
     // Pass 1: gX = dQ. Pass 2: gX = dK, gY = dV.
     FRAG_C gX[D / MN];
-    [[unroll]] for (int nn = 0; nn < D / MN; ++nn) gX[nn] = FRAG_C(0.0);
+    MM_UNROLL for (int nn = 0; nn < D / MN; ++nn) gX[nn] = C_FILL(0.0);
 #if BWD_PASS == 2
     FRAG_C gY[DV / MN];
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) gY[nn] = FRAG_C(0.0);
+    MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) gY[nn] = C_FILL(0.0);
 #endif
 #endif
 #if BWD_PASS == 1
@@ -714,14 +714,14 @@ void main() {
             DPs[r * PST + j] = dp;
         }
 #else
-        [[unroll]] for (int nn = 0; nn < T / MN; ++nn) {
-            FRAG_C s = FRAG_C(0.0), dp = FRAG_C(0.0);
-            [[unroll]] for (int kk = 0; kk < D / MK; ++kk) {
+        MM_UNROLL for (int nn = 0; nn < T / MN; ++nn) {
+            FRAG_C s = C_FILL(0.0), dp = C_FILL(0.0);
+            MM_UNROLL for (int kk = 0; kk < D / MK; ++kk) {
                 FRAG_B xt;   // the staged rows transposed: element (d, row), read column-major
                 coopMatLoadNV(xt, Xs4, uint(nn * MN * XS4 + kk * MK / 8), uint(XS4), true);
                 s = coopMatMulAddNV(xf[kk], xt, s);
             }
-            [[unroll]] for (int kk = 0; kk < DV / MK; ++kk) {
+            MM_UNROLL for (int kk = 0; kk < DV / MK; ++kk) {
                 FRAG_B yt;
                 coopMatLoadNV(yt, Ys4, uint(nn * MN * YS4 + kk * MK / 8), uint(YS4), true);
                 dp = coopMatMulAddNV(yf[kk], yt, dp);
@@ -773,17 +773,17 @@ void main() {
 #else
         {
             FRAG_A af[T / MK];
-            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
-            [[unroll]] for (int nn = 0; nn < D / MN; ++nn)
-                [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+            MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], dSh, uint(r0 * HST + kk * MK), uint(HST), false);
+            MM_UNROLL for (int nn = 0; nn < D / MN; ++nn)
+                MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) {
                     FRAG_B xb;
                     coopMatLoadNV(xb, Xs4, uint(kk * MK * XS4 + nn * MN / 8), uint(XS4), false);
                     gX[nn] = coopMatMulAddNV(af[kk], xb, gX[nn]);
                 }
 #if BWD_PASS == 2
-            [[unroll]] for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
-            [[unroll]] for (int nn = 0; nn < DV / MN; ++nn)
-                [[unroll]] for (int kk = 0; kk < T / MK; ++kk) {
+            MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) coopMatLoadNV(af[kk], Ph, uint(r0 * HST + kk * MK), uint(HST), false);
+            MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn)
+                MM_UNROLL for (int kk = 0; kk < T / MK; ++kk) {
                     FRAG_B yb;
                     coopMatLoadNV(yb, Ys4, uint(kk * MK * YS4 + nn * MN / 8), uint(YS4), false);
                     gY[nn] = coopMatMulAddNV(af[kk], yb, gY[nn]);
@@ -801,7 +801,7 @@ void main() {
     const float nan = uintBitsToFloat(0x7FC00000u);
 #if !VKF_MM_EMULATE
     subgroup_sync();
-    [[unroll]] for (int nn = 0; nn < D / MN; ++nn) coopMatStoreNV(gX[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+    MM_UNROLL for (int nn = 0; nn < D / MN; ++nn) coopMatStoreNV(gX[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
     subgroup_sync();
 #endif
 #if BWD_PASS == 1
@@ -837,7 +837,7 @@ void main() {
     }
 #if !VKF_MM_EMULATE
     subgroup_sync();
-    [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(gY[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
+    MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) coopMatStoreNV(gY[nn], Ss, uint(r0 * SST + nn * MN), uint(SST), false);
     subgroup_sync();
 #endif
     for (int i = 0; i < MM * DV / SG; ++i) {
@@ -4820,6 +4820,15 @@ SoftB soft_fill_b(float x) { SoftB m; [[unroll]] for (int i = 0; i < SOFT_NB; ++
 #define SOFT_UNIT_Vs4 8
 #define SOFT_UNIT_Ss 1
 #define SOFT_UNIT_Ps 1
+// The backward's (flex_attention_bwd_mm.comp).
+#define SOFT_AT_Xs4(i) HALF_AT(Xs4, i)
+#define SOFT_AT_Ys4(i) HALF_AT(Ys4, i)
+#define SOFT_AT_dSh(i) HALF_FLOAT(dSh[i])
+#define SOFT_AT_Ph(i) HALF_FLOAT(Ph[i])
+#define SOFT_UNIT_Xs4 8
+#define SOFT_UNIT_Ys4 8
+#define SOFT_UNIT_dSh 1
+#define SOFT_UNIT_Ph 1
 #define coopMatLoadNV(M, ARR, OFF, STRIDE, COLMAJOR) { \
     const int k_ = soft_kind(M); \
     [[dont_unroll]] for (int c_ = 0; c_ < soft_len(k_); c_ += SOFT_CH) \
@@ -4829,7 +4838,7 @@ SoftB soft_fill_b(float x) { SoftB m; [[unroll]] for (int i = 0; i < SOFT_NB; ++
                                        : (int(OFF) + rc_.x * int(STRIDE)) * SOFT_UNIT_##ARR + rc_.y; \
             soft_put(M, c_ + j_, float(SOFT_AT_##ARR(at_))); \
         } }
-// Stores of accumulators into the float score tile (the only stores the kernels make).
+// Stores of accumulators into float tiles (the only stores the kernels make).
 #define coopMatStoreNV(M, ARR, OFF, STRIDE, COLMAJOR) \
     [[dont_unroll]] for (int c_ = 0; c_ < SOFT_NC; c_ += SOFT_CH) \
         [[unroll]] for (int j_ = 0; j_ < SOFT_CH; ++j_) { \

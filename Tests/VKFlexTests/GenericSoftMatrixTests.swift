@@ -3,7 +3,8 @@ import XCTest
 @testable import VKFlex
 
 /// coopmat-generic's cooperative-matrix code — what a GPU runs: the register softmax through the
-/// index matrix, row blocks, the software pipeline, the shared-memory softmax's O round trip — on
+/// index matrix, row blocks, the software pipeline, the shared-memory softmax's O round trip, the
+/// backward's matrix passes — on
 /// lavapipe, with software matrices (`VKFLEX_GENERIC_MATRICES=software`, flex_mm.glsl's
 /// `VKF_MM_SOFT`) whose elements lie across the lanes in a scrambled order, a different one for A,
 /// B and C. A kernel that assumed an element order, or that A and C share one, fails here.
@@ -38,8 +39,25 @@ extension AttentionTests {
                 try checkGeneric(on: d, B: B, Hq: Hq, Hkv: Hkv, Lq: Lq, Lkv: Lkv, D: D, mask: mask, blockSize: bs, kvLengths: lens, "\(what): \(name)")
             }
         }
-        // Software matrices take float16 only: bfloat16 says so.
+        // The backward's matrix passes (flex_attention_bwd_mm.comp: dQ, then dK and dV), causal GQA
+        // with lengths that leave every tile part-empty, against the float64 reference.
         let d = try device(with: ["VKFLEX_GENERIC_MATRICES": "software"])
+        let tiles = try XCTUnwrap(AttentionPlanner.backwardMMTiles(D: 32, Dv: 32, dtype: .float16, device: d, tuning: try AttentionTuning.of(d)))
+        XCTAssertTrue(tiles.soft && !tiles.emulated, "\(tiles)")
+        let (B, Hq, Hkv, Lq, Lkv, D) = (1, 4, 2, 45, 61, 32)
+        let q = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
+        let k = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+        let v = try d.tensor(randn(B * Hkv * Lkv * D), shape: [B, Hkv, Lkv, D], dtype: .float16)
+        let dO = try d.tensor(randn(B * Hq * Lq * D), shape: [B, Hq, Lq, D], dtype: .float16)
+        let bm = try createBlockMask(MaskMod { _, _, q, kv in q + 16 >= kv }, B: 1, H: 1, qLen: Lq, kvLen: Lkv, device: d, blockSize: 32)
+        let fwd = try flexAttention(q, k, v, blockMask: bm, enableGQA: true, returnLSE: true, options: FlexOptions(kernel: .portable))
+        let g = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, blockMask: bm, enableGQA: true, options: generic)
+        XCTAssertEqual(g.kernel, .coopmatGeneric)
+        let ref = try flexAttentionBackwardReference(q, k, v, gradOutput: dO, blockMask: bm, enableGQA: true)
+        for (name, t, r) in [("dq", g.dq, ref.dq), ("dk", g.dk, ref.dk), ("dv", g.dv, ref.dv)] {
+            XCTAssertLessThanOrEqual(relativeL2Error(try t.toArray(), r), 5e-3, "backward \(name)")
+        }
+        // Software matrices take float16 only: bfloat16 says so.
         let qb = try d.tensor(randn(32 * 32), shape: [1, 1, 32, 32], dtype: .bfloat16)
         XCTAssertThrowsError(try flexAttention(qb, qb, qb, options: generic)) {
             XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_MATRICES=software: software matrices take float16 inputs only (got bfloat16)"), "\($0)")
