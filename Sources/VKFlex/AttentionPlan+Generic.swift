@@ -48,7 +48,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     var nvAhead = 1
     /// coopmat-generic's matrix code with software matrices in a scrambled element order
     /// (`VKF_MM_SOFT`, flex_mm.glsl), on a device without cooperative matrices: the code path a GPU
-    /// runs (register softmax, row blocks, pipeline), tested where no element order is given.
+    /// runs (register softmax, row blocks, pipeline, the backward's matrix passes), tested where no
+    /// element order is given.
     var soft = false
 
     var BQ: Int { M * NSG * rpw }
@@ -150,7 +151,7 @@ extension AttentionPlanner {
     /// `VKFLEX_COOPMAT_SHAPE` applied.
     static func genericTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
-        let soft = tuning.genericSoftMatrices && device.cooperativeMatrixAPI == nil
+        let soft = softMatrices(device, tuning)
         if soft && dtype != .float16 { return nil }   // genericProblem says why
         var t = genericTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: soft ? softShapes : device.cooperativeMatrixShapes,
                              sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
@@ -206,7 +207,7 @@ extension AttentionPlanner {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "coopmat-generic") { return problem }
         if caps.subgroupSize & (caps.subgroupSize - 1) != 0 { return "coopmat-generic needs a power-of-two subgroup size (\(caps.name): \(caps.subgroupSize))" }
         guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
-            if tuning.genericSoftMatrices, device.cooperativeMatrixAPI == nil, s.dtype != .float16 { return softDTypeProblem(s.dtype) }
+            if softMatrices(device, tuning), s.dtype != .float16 { return softDTypeProblem(s.dtype) }
             if let f = tuning.genericTiles, f.rpw > 1, tuning.genericRegisterSoftmax == false, device.cooperativeMatrixAPI != nil {
                 return "VKFLEX_GENERIC_TILES=\(device.environment["VKFLEX_GENERIC_TILES"] ?? ""): \(f.rpw) row blocks a subgroup take the register softmax, not VKFLEX_GENERIC_SOFTMAX=shared"
             }
@@ -443,6 +444,12 @@ extension AttentionPlanner {
             + (emulated ? 4 * T * (D + Dv) : 0)
     }
 
+    /// Whether the generic matrix kernels run on software matrices: asked for
+    /// (`VKFLEX_GENERIC_MATRICES=software`) on a device without cooperative matrices.
+    static func softMatrices(_ device: Device, _ tuning: AttentionTuning) -> Bool {
+        tuning.genericSoftMatrices && device.cooperativeMatrixAPI == nil
+    }
+
     static func softDTypeProblem(_ dtype: DType) -> String {
         "VKFLEX_GENERIC_MATRICES=software: software matrices take float16 inputs only (got \(dtype.rawValue))"
     }
@@ -486,7 +493,7 @@ extension AttentionPlanner {
 
     static func backwardMMTiles(D: Int, Dv: Int, dtype: DType, device: Device, tuning: AttentionTuning) -> GenericTiles? {
         let caps = device.capabilities
-        let soft = tuning.genericSoftMatrices && device.cooperativeMatrixAPI == nil
+        let soft = softMatrices(device, tuning)
         if soft && dtype != .float16 { return nil }   // backwardMMProblem says why
         return backwardMMTiles(D: D, Dv: Dv, subgroupSize: caps.subgroupSize, shapes: soft ? softShapes : device.cooperativeMatrixShapes,
                                sharedMemory: caps.maxSharedMemory, maxInvocations: caps.maxWorkgroupInvocations,
@@ -497,7 +504,7 @@ extension AttentionPlanner {
     static func backwardMMProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         if let problem = matrixDTypeProblem(s.dtype, device: device, kernel: "the backward's coopmat-generic passes") { return problem }
         if backwardMMTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) == nil {
-            if tuning.genericSoftMatrices, device.cooperativeMatrixAPI == nil, s.dtype != .float16 { return softDTypeProblem(s.dtype) }
+            if softMatrices(device, tuning), s.dtype != .float16 { return softDTypeProblem(s.dtype) }
             return noShapeProblem(s, device: device, tuning: tuning, what: "backward tiles")
         }
         return nil
