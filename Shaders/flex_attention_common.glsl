@@ -98,6 +98,22 @@ int kv_row(int b, int j) { return page_table[b * p.max_pages + j / p.page_size] 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
+// 1 / LOG2E as a float pair: x · (HI + LO) undoes LOG2E's own rounding (1.3e-8), which x · LN2 keeps.
+const float INV_LOG2E_HI = 0.6931471824645996;
+const float INV_LOG2E_LO = 7.348693209507928e-09;
+// A value in log2 units back in natural units.
+float vkf_from_l2(float x) {
+    precise float r = fma(x, INV_LOG2E_HI, x * INV_LOG2E_LO);
+    return r;
+}
+// A row's LSE, natural units, from its maximum m (log2 units) and its sum l of 2^(s - m) (l > 0):
+// m ln 2 + ln l with one rounding at the end, as PyTorch's float32 logsumexp has (its max plus
+// the log of its sum); (m + log2 l) · ln 2 rounded twice more and was up to 1.3x further from the
+// float64 LSE than PyTorch's eager one (docs/performance.md, twenty-first session).
+float vkf_lse(float m, float l) {
+    precise float r = fma(m, INV_LOG2E_HI, fma(m, INV_LOG2E_LO, log2(l) * LN2));   // precise: no reassociation
+    return r;
+}
 
 // With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
 // its constants), and the score is not multiplied by log2(e) afterwards.

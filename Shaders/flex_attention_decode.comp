@@ -328,10 +328,10 @@ void main() {
         const bool isnan_row = sh_nan[r] != 0;
         o_data[p.o_base + split * p.o_split_stride + prow * DV + d] = isnan_row ? nan : lr != 0.0 ? sh_o[r][d] / lr : 0.0;
         if (d == 0) {
-            lse_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? (mr + log2(lr)) * LN2 : NEG_INF;
+            lse_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? vkf_lse(mr, lr) : NEG_INF;
 #if VKF_MAX_SCORES
             // The split's largest score (natural units), where it saw a key.
-            max_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? mr * LN2 : NEG_INF;
+            max_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? vkf_from_l2(mr) : NEG_INF;
 #endif
         }
     }

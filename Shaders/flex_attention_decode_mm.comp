@@ -238,10 +238,10 @@ void main() {
         const float mx = SM_ROW_MAX(g_max[k]);
         // The split's largest score (natural units), where it saw a key.
         if (g_h[k] >= 0 && sm_col0(lane) == 0)
-            max_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? mx * LN2 : NEG_INF;
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? vkf_from_l2(mx) : NEG_INF;
 #endif
         if (g_h[k] >= 0 && sm_col0(lane) == 0)
-            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? (m[k] + log2(lk[k])) * LN2 : NEG_INF;
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? vkf_lse(m[k], lk[k]) : NEG_INF;
     }
     [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE

@@ -536,10 +536,10 @@ void main() {
         float mxs = fx[i];
         mxs = max(mxs, subgroupShuffleXor(mxs, 1)); mxs = max(mxs, subgroupShuffleXor(mxs, 2));
         if (rh[i] >= 0 && (lane & 3) == 0)
-            max_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? mxs * LN2 : NEG_INF;
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? vkf_from_l2(mxs) : NEG_INF;
 #endif
         if (rh[i] >= 0 && (lane & 3) == 0)
-            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? (fm[i] + log2(l)) * LN2 : NEG_INF;
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? vkf_lse(fm[i], l) : NEG_INF;
     }
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {

@@ -499,7 +499,7 @@ void main() {
     if (p.write_max != 0 && lid < rows) {
         const float l = row_l[lid];
         max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
-            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
+            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? vkf_from_l2(row_m[lid]) : NEG_INF;
     }
 #endif
 #if VKF_SINKS
@@ -543,6 +543,6 @@ void main() {
 #endif
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? vkf_lse(row_m[lid], l) : NEG_INF;
     }
 }

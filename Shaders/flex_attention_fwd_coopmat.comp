@@ -706,7 +706,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fx[rb][i] > -1e30 ? fx[rb][i] * LN2 : NEG_INF;
+                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fx[rb][i] > -1e30 ? vkf_from_l2(fx[rb][i]) : NEG_INF;
             }
         }
 #endif
@@ -715,7 +715,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        fl[rb][i] != 0.0 ? (fm[rb][i] + log2(fl[rb][i])) * LN2 : NEG_INF;
+                        fl[rb][i] != 0.0 ? vkf_lse(fm[rb][i], fl[rb][i]) : NEG_INF;
             }
         }
     }

@@ -297,7 +297,7 @@ void main() {
 #if VKF_MAX_SCORES
         // Before the sink joins: the maximum is over the scores (exact, never raised lazily).
         if (p.write_max != 0 && r < rows && sm_col0(lane) == 0)
-            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk[k]) ? nan : lk[k] != 0.0 ? mk * LN2 : NEG_INF;
+            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk[k]) ? nan : lk[k] != 0.0 ? vkf_from_l2(mk) : NEG_INF;
 #endif
 #if VKF_SINKS
         // The head's sink joins the denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M).
@@ -307,7 +307,7 @@ void main() {
         mk = M;
 #endif
         if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
-            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? (mk + log2(lk[k])) * LN2 : NEG_INF;
+            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? vkf_lse(mk, lk[k]) : NEG_INF;
     }
     MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE

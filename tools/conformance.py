@@ -10,7 +10,16 @@ runs `vkflex attend` and compares out, LSE and (backward cases) dQ, dK, dV by re
 at most 1e-4 for float32 inputs, 5e-3 for float16 and 2e-2 for bfloat16 (vkflex selftest's), and
 for the sinks' and captures' gradients 1e-3, 1e-2 and 5e-2 (docs/guide.md's); never NaN.
 
-    python3 tools/conformance.py [--cases 40] [--seed N] [--kinds backward,...] [--vkflex PATH] [--keep DIR]
+    python3 tools/conformance.py [--cases 40] [--seed N] [--kinds backward,...] [--vkflex PATH] [--keep DIR] [--torch]
+
+--torch (needs PyTorch; on the GPU machine: `bash .device/on-device.sh python3 tools/conformance.py
+--torch --kinds prefill,backward`) adds PyTorch's own test rule, on the same inputs: for each of
+out, LSE, dQ, dK and dV, vkflex's mean absolute error against the float64 reference must be at
+most the fudge factor (1.1 for float16 and bfloat16 inputs, 10 for float32) times that of PyTorch's
+eager FlexAttention in the inputs' dtype (test/inductor/test_flex_attention.py, `_check_equal`,
+with vkflex in the place of the compiled kernel). It draws no attention sinks (PyTorch's
+FlexAttention has none) and judges prefill and backward cases (the decode and paged kinds have
+query offsets and paged caches that PyTorch expresses differently: they keep the float64 check).
 
 Needs NumPy. Exits 1 when a case fails. The reference is written here from PyTorch's
 definition, not from vkflex's (Sources/VKFlex/Reference.swift), so the two check each other.
@@ -43,6 +52,67 @@ MASKS = [
     # Document masking: an int32 capture (CAP["doc"], a document id per position).
     ("(doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)", lambda b, h, q, k: (CAP["doc"][q] == CAP["doc"][k]) & (q >= k)),
 ]
+
+
+def torch_mods(torch, cap):
+    """SCORES' and MASKS' functions for PyTorch's FlexAttention (`cap`: CAP's tensors as torch
+    tensors on its device), in the same order; None for "no mask"."""
+    scores = [
+        lambda s, b, h, q, k: s,
+        lambda s, b, h, q, k: 20 * torch.tanh(s / 20),
+        lambda s, b, h, q, k: s + (k - q) * 0.05 * (h + 1),
+        lambda s, b, h, q, k: s * 0.5 - torch.abs(q - k) * 0.01,
+        lambda s, b, h, q, k: torch.where(b == 0, s * 2, s),
+        lambda s, b, h, q, k: s + cap["slope"][h] * (k - q),
+    ]
+    masks = [
+        None,
+        lambda b, h, q, k: q >= k,
+        lambda b, h, q, k: (q >= k) & (q - k <= 40),
+        lambda b, h, q, k: (k <= 20) | (q >= k),
+        lambda b, h, q, k: q // 37 == k // 37,
+        lambda b, h, q, k: q - k >= 3,
+        lambda b, h, q, k: (h + q + k) % 3 != 0,
+        lambda b, h, q, k: (cap["doc"][q] == cap["doc"][k]) & (q >= k),
+    ]
+    assert len(scores) == len(SCORES) and len(masks) == len(MASKS)
+    return scores, masks
+
+
+def torch_eager(torch, q, k, v, dtype, score, mask, scale, dO, dLSE):
+    """PyTorch's eager FlexAttention in the inputs' dtype (the `ref` of PyTorch's test rule): out,
+    LSE and, given dO, (dq, dk, dv), as float64 NumPy arrays."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    td = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    # PyTorch's FlexAttention has no backward on the CPU: there the rule judges the forward only.
+    grad = dO is not None and dev != "cpu"
+    t = lambda x, g=False: torch.tensor(np.asarray(x, np.float32), device=dev).to(td).requires_grad_(g)
+    cap = {name: torch.tensor(val.astype(np.float32) if val.dtype.kind == "f" else val, device=dev) for name, val in CAP.items()}
+    scores, masks = torch_mods(torch, cap)
+    B, Hq, Lq, _ = q.shape
+    Lkv = k.shape[2]
+    bm = None if masks[mask] is None else create_block_mask(masks[mask], B, Hq, Lq, Lkv, device=dev)
+    qt, kt, vt = t(q, grad), t(k, grad), t(v, grad)
+    out, lse = flex_attention(qt, kt, vt, score_mod=scores[score], block_mask=bm, scale=scale,
+                              enable_gqa=Hq != k.shape[1], return_lse=True)
+    f64 = lambda x: x.detach().to(torch.float64).cpu().numpy()
+    grads = None
+    if grad:
+        outs, gs = [out], [t(dO)]
+        if dLSE is not None:
+            outs.append(lse); gs.append(torch.tensor(dLSE, device=dev, dtype=lse.dtype))
+        grads = [f64(x) for x in torch.autograd.grad(outs, [qt, kt, vt], gs)]
+    return f64(out), f64(lse), grads
+
+
+def mean_abs_error(a, golden):
+    """PyTorch's test rule's error, mean |golden - a|; entries that are -inf in both (an empty
+    row's LSE) are equal and left out; NaN when anything else is not finite."""
+    a, golden = np.asarray(a, np.float64), np.asarray(golden, np.float64)
+    same_inf = np.isinf(a) & np.isinf(golden) & (np.sign(a) == np.sign(golden))
+    d = np.abs(np.where(same_inf, 0, golden) - np.where(same_inf, 0, a))
+    return float(d.mean()) if d.size else 0.0
 
 
 def reference(q, k, v, score, mask, scale, q_off, kv_lens, dO=None, dLSE=None, sinks=None):
@@ -108,7 +178,17 @@ def main():
     ap.add_argument("--vkflex", default=shutil.which("vkflex") or ".build/debug/vkflex")
     ap.add_argument("--keep", default=None, help="keep each case's files here")
     ap.add_argument("--kinds", default="prefill,backward,decode,paged", help="the kinds of case to cycle through")
+    ap.add_argument("--torch", action="store_true", help="also PyTorch's test rule against its eager FlexAttention (prefill and backward)")
     a = ap.parse_args()
+    torch = None
+    if a.torch:
+        import warnings
+        import torch
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
+        # As PyTorch's tests set it (test_flex_attention.py): float32 matrix products may use TF32.
+        torch.set_float32_matmul_precision("high")
+        print(f"PyTorch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")
     seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     print(f"seed {seed}, {a.cases} cases, {a.vkflex}")
@@ -183,7 +263,7 @@ def main():
         else:
             np.save(f("k.npy"), k); np.save(f("v.npy"), v)
         sinks = None
-        if kind != "paged" and rng.random() < 0.25:
+        if kind != "paged" and not a.torch and rng.random() < 0.25:
             sinks = rng.standard_normal(Hq).astype(np.float32) * 2
             if Hq > 1: sinks[0] = -np.inf   # "no sink" for that head
             np.save(f("sinks.npy"), sinks); args += ["--sinks", f("sinks.npy")]
@@ -217,9 +297,31 @@ def main():
         # the stored 16-bit output (as PyTorch's): the tests' and docs/guide.md's 1e-3 / 1e-2 rule.
         ctol = 5e-2 if is_bf16 else 1e-2 if dtype == np.float16 else 1e-3
         bad = {k_: e for k_, e in errs.items() if not e <= (ctol if k_ in ("dsinks", "dslope") else tol)}
+        rule = ""
+        if torch is not None and kind in ("prefill", "backward"):
+            # PyTorch's test rule: vkflex in the place of its compiled kernel, its eager
+            # FlexAttention in the inputs' dtype as the ref, the float64 reference as the golden.
+            name = "bfloat16" if is_bf16 else np.dtype(dtype).name
+            fudge = 10.0 if name == "float32" else 1.1
+            to, tl, tg = torch_eager(torch, q, k, v, name, score, mask, 1 / np.sqrt(D), dO, dLSE)
+            ours = {"out": np.load(f("out.npy")), "lse": np.load(f("lse.npy"))}
+            theirs, golden = {"out": to, "lse": tl}, {"out": ro, "lse": rl}
+            if kind == "backward" and tg is not None:
+                for i, nm in enumerate(["dq", "dk", "dv"]):
+                    ours[nm], theirs[nm], golden[nm] = np.load(f(nm + ".npy")), tg[i], rg[i]
+            ratios = {}
+            for nm in ours:
+                e_ours, e_ref = mean_abs_error(ours[nm], golden[nm]), mean_abs_error(theirs[nm], golden[nm])
+                if np.isnan(e_ref):
+                    ratios[nm] = "ref-NaN"   # PyTorch's own ref failed its rule: nothing to hold vkflex to
+                    continue
+                if not e_ours <= fudge * e_ref:
+                    bad["torch-" + nm] = e_ours
+                ratios[nm] = "%.2f" % (e_ours / e_ref) if e_ref > 0 else ("0" if e_ours == 0 else "inf")
+            rule = " | vs PyTorch (at most %g): " % fudge + " ".join(f"{nm} {r}" for nm, r in ratios.items())
         status = "FAIL" if bad else "ok  "
         failures += bool(bad)
-        print(status, what, " ".join(f"{k_} {e:.1e}" for k_, e in errs.items()))
+        print(status, what, " ".join(f"{k_} {e:.1e}" for k_, e in errs.items()) + rule)
     # Bad inputs: exit 1 and a message naming the problem.
     np.save(f("q.npy"), rng.standard_normal((1, 2, 8, 16)).astype(np.float32))
     np.save(f("k.npy"), rng.standard_normal((1, 2, 8, 16)).astype(np.float32))

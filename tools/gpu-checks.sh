@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -324,6 +324,16 @@ if [ "$what" = lean ]; then
   gen_parts 25 default causal
   (cd "$out" && tar cf lean.tar --exclude lean.tar . 2>/dev/null && find . -type f ! -name lean.tar -delete)
 fi
+if [ "$what" = short ]; then
+  # For a call with little device time (twenty-first session): the validated selftest, PyTorch's
+  # test rule on the same inputs, on an H200 (H200=1) the decode suite beside PyTorch, then the KHR selftest.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  step torch-rule 100 python3 tools/conformance.py --torch --kinds prefill,backward --cases 40 --seed 20261207
+  grep -E "failed|PyTorch " "$out/torch-rule.txt"
+  [ "${H200:-0}" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
+  step selftest-khr 150 vkflex selftest --kernel all
+  (cd "$out" && tar cf short.tar --exclude short.tar . 2>/dev/null && find . -type f ! -name short.tar -delete)
+fi
 if [ "$what" = next ]; then
   # What the next call runs (the eighteenth session's list), in priority order (DEADLINE=555 keeps
   # it in one call): every kernel's selftest under the validation layer (the NV extension) and
@@ -340,6 +350,9 @@ if [ "$what" = next ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step selftest-khr 150 vkflex selftest --kernel all
   grep -E "B operands|^(PASS|FAIL) +decode" "$out/selftest-khr.txt" | cut -c1-160
+  # PyTorch's own test rule on the same inputs (issue 20's H200 criterion): tools/conformance.py --torch.
+  step torch-rule 120 python3 tools/conformance.py --torch --kinds prefill,backward --cases 40 --seed 20261207
+  grep -E "failed|PyTorch " "$out/torch-rule.txt"
   # On an H200 the decode suite beside PyTorch (issues 22 and 23) comes first; elsewhere the row blocks.
   [ "$h200" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   # coopmat-generic with two row blocks a subgroup (GEN_RPW, nineteenth session, never run on a

@@ -1339,6 +1339,22 @@ int kv_row(int b, int j) { return page_table[b * p.max_pages + j / p.page_size] 
 #define NEG_INF (-uintBitsToFloat(0x7F800000u))
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
+// 1 / LOG2E as a float pair: x · (HI + LO) undoes LOG2E's own rounding (1.3e-8), which x · LN2 keeps.
+const float INV_LOG2E_HI = 0.6931471824645996;
+const float INV_LOG2E_LO = 7.348693209507928e-09;
+// A value in log2 units back in natural units.
+float vkf_from_l2(float x) {
+    precise float r = fma(x, INV_LOG2E_HI, x * INV_LOG2E_LO);
+    return r;
+}
+// A row's LSE, natural units, from its maximum m (log2 units) and its sum l of 2^(s - m) (l > 0):
+// m ln 2 + ln l with one rounding at the end, as PyTorch's float32 logsumexp has (its max plus
+// the log of its sum); (m + log2 l) · ln 2 rounded twice more and was up to 1.3x further from the
+// float64 LSE than PyTorch's eager one (docs/performance.md, twenty-first session).
+float vkf_lse(float m, float l) {
+    precise float r = fma(m, INV_LOG2E_HI, fma(m, INV_LOG2E_LO, log2(l) * LN2));   // precise: no reassociation
+    return r;
+}
 
 // With score_mod_l2 in the splice the score-mod returns log2 units itself (log2(e) folded into
 // its constants), and the score is not multiplied by log2(e) afterwards.
@@ -1737,10 +1753,10 @@ void main() {
         const bool isnan_row = sh_nan[r] != 0;
         o_data[p.o_base + split * p.o_split_stride + prow * DV + d] = isnan_row ? nan : lr != 0.0 ? sh_o[r][d] / lr : 0.0;
         if (d == 0) {
-            lse_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? (mr + log2(lr)) * LN2 : NEG_INF;
+            lse_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? vkf_lse(mr, lr) : NEG_INF;
 #if VKF_MAX_SCORES
             // The split's largest score (natural units), where it saw a key.
-            max_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? mr * LN2 : NEG_INF;
+            max_data[p.lse_base + split * p.lse_split_stride + prow] = isnan_row ? nan : lr != 0.0 ? vkf_from_l2(mr) : NEG_INF;
 #endif
         }
     }
@@ -1987,10 +2003,10 @@ void main() {
         const float mx = SM_ROW_MAX(g_max[k]);
         // The split's largest score (natural units), where it saw a key.
         if (g_h[k] >= 0 && sm_col0(lane) == 0)
-            max_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? mx * LN2 : NEG_INF;
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? vkf_from_l2(mx) : NEG_INF;
 #endif
         if (g_h[k] >= 0 && sm_col0(lane) == 0)
-            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? (m[k] + log2(lk[k])) * LN2 : NEG_INF;
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[k]] = bad[k] ? nan : lk[k] != 0.0 ? vkf_lse(m[k], lk[k]) : NEG_INF;
     }
     [[unroll]] for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE
@@ -2551,10 +2567,10 @@ void main() {
         float mxs = fx[i];
         mxs = max(mxs, subgroupShuffleXor(mxs, 1)); mxs = max(mxs, subgroupShuffleXor(mxs, 2));
         if (rh[i] >= 0 && (lane & 3) == 0)
-            max_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? mxs * LN2 : NEG_INF;
+            max_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? vkf_from_l2(mxs) : NEG_INF;
 #endif
         if (rh[i] >= 0 && (lane & 3) == 0)
-            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? (fm[i] + log2(l)) * LN2 : NEG_INF;
+            lse_data[p.lse_base + w.split * p.lse_split_stride + prow[i]] = bad[i] ? nan : l != 0.0 ? vkf_lse(fm[i], l) : NEG_INF;
     }
     [[unroll]] for (int nn = 0; nn < FDV; ++nn) {
         [[unroll]] for (int e = 0; e < 8; ++e) {
@@ -3073,7 +3089,7 @@ void main() {
     if (p.write_max != 0 && lid < rows) {
         const float l = row_l[lid];
         max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] =
-            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? row_m[lid] * LN2 : NEG_INF;
+            isnan(l) ? uintBitsToFloat(0x7FC00000u) : l != 0.0 ? vkf_from_l2(row_m[lid]) : NEG_INF;
     }
 #endif
 #if VKF_SINKS
@@ -3117,7 +3133,7 @@ void main() {
 #endif
     if (p.write_lse != 0 && lid < rows) {
         float l = row_l[lid];
-        lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? (row_m[lid] + log2(l)) * LN2 : NEG_INF;
+        lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + lid) * p.lse_sl] = l != 0.0 ? vkf_lse(row_m[lid], l) : NEG_INF;
     }
 }
 """#,
@@ -3830,7 +3846,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     max_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fx[rb][i] > -1e30 ? fx[rb][i] * LN2 : NEG_INF;
+                        isnan(fl[rb][i]) ? uintBitsToFloat(0x7FC00000u) : fx[rb][i] > -1e30 ? vkf_from_l2(fx[rb][i]) : NEG_INF;
             }
         }
 #endif
@@ -3839,7 +3855,7 @@ void main() {
                 const int r = first + g_lane_r + 8 * i;
                 if (r < rows)
                     lse_data[p.lse_base + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] =
-                        fl[rb][i] != 0.0 ? (fm[rb][i] + log2(fl[rb][i])) * LN2 : NEG_INF;
+                        fl[rb][i] != 0.0 ? vkf_lse(fm[rb][i], fl[rb][i]) : NEG_INF;
             }
         }
     }
@@ -4145,7 +4161,7 @@ void main() {
 #if VKF_MAX_SCORES
         // Before the sink joins: the maximum is over the scores (exact, never raised lazily).
         if (p.write_max != 0 && r < rows && sm_col0(lane) == 0)
-            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk[k]) ? nan : lk[k] != 0.0 ? mk * LN2 : NEG_INF;
+            max_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = isnan(lk[k]) ? nan : lk[k] != 0.0 ? vkf_from_l2(mk) : NEG_INF;
 #endif
 #if VKF_SINKS
         // The head's sink joins the denominator: M = max(m, sink), l' = l 2^(m - M) + 2^(sink - M).
@@ -4155,7 +4171,7 @@ void main() {
         mk = M;
 #endif
         if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
-            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? (mk + log2(lk[k])) * LN2 : NEG_INF;
+            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? vkf_lse(mk, lk[k]) : NEG_INF;
     }
     MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE
