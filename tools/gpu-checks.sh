@@ -353,6 +353,10 @@ if [ "$what" = next ]; then
   # PyTorch's own test rule on the same inputs (issue 20's H200 criterion): tools/conformance.py --torch.
   step torch-rule 120 python3 tools/conformance.py --torch --kinds prefill,backward --cases 40 --seed 20261207
   grep -E "failed|PyTorch " "$out/torch-rule.txt"
+  # document_causal's backward, 0.15x PyTorch on the H200 (twenty-first session) where causal is
+  # 0.46x: each pass's time beside causal's.
+  VKFLEX_PROFILE=1 step bwd-document 90 vkflex bench --suite seed --backward --no-check --cases document_causal,causal
+  grep -E "backward|device time|flex_attention" "$out/bwd-document.txt" | cut -c1-180 | head -20
   # On an H200 the decode suite beside PyTorch (issues 22 and 23) comes first; elsewhere the row blocks.
   [ "$h200" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   # coopmat-generic with two row blocks a subgroup (GEN_RPW, nineteenth session, never run on a
