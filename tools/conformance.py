@@ -108,7 +108,7 @@ def torch_eager(torch, q, k, v, dtype, score, mask, scale, dO, dLSE):
 
 def mean_abs_error(a, golden):
     """PyTorch's test rule's error, mean |golden - a|; entries that are -inf in both (an empty
-    row's LSE) are equal and left out; NaN when anything else is not finite."""
+    row's LSE) count as equal; any other non-finite entry makes it inf or NaN."""
     a, golden = np.asarray(a, np.float64), np.asarray(golden, np.float64)
     same_inf = np.isinf(a) & np.isinf(golden) & (np.sign(a) == np.sign(golden))
     d = np.abs(np.where(same_inf, 0, golden) - np.where(same_inf, 0, a))

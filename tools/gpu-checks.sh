@@ -324,12 +324,17 @@ if [ "$what" = lean ]; then
   gen_parts 25 default causal
   (cd "$out" && tar cf lean.tar --exclude lean.tar . 2>/dev/null && find . -type f ! -name lean.tar -delete)
 fi
+# PyTorch's own test rule on the same inputs (issue 20's H200 criterion), SECONDS at most:
+# tools/conformance.py --torch on 40 prefill and backward cases.
+torch_rule() {
+  step torch-rule "$1" python3 tools/conformance.py --torch --kinds prefill,backward --cases 40 --seed 20261207
+  grep -E "failed|PyTorch " "$out/torch-rule.txt"
+}
 if [ "$what" = short ]; then
   # For a call with little device time (twenty-first session): the validated selftest, PyTorch's
   # test rule on the same inputs, on an H200 (H200=1) the decode suite beside PyTorch, then the KHR selftest.
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  step torch-rule 100 python3 tools/conformance.py --torch --kinds prefill,backward --cases 40 --seed 20261207
-  grep -E "failed|PyTorch " "$out/torch-rule.txt"
+  torch_rule 100
   [ "${H200:-0}" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   step selftest-khr 150 vkflex selftest --kernel all
   (cd "$out" && tar cf short.tar --exclude short.tar . 2>/dev/null && find . -type f ! -name short.tar -delete)
@@ -350,9 +355,7 @@ if [ "$what" = next ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step selftest-khr 150 vkflex selftest --kernel all
   grep -E "B operands|^(PASS|FAIL) +decode" "$out/selftest-khr.txt" | cut -c1-160
-  # PyTorch's own test rule on the same inputs (issue 20's H200 criterion): tools/conformance.py --torch.
-  step torch-rule 120 python3 tools/conformance.py --torch --kinds prefill,backward --cases 40 --seed 20261207
-  grep -E "failed|PyTorch " "$out/torch-rule.txt"
+  torch_rule 120
   # document_causal's backward, 0.15x PyTorch on the H200 (twenty-first session) where causal is
   # 0.46x: each pass's time beside causal's.
   VKFLEX_PROFILE=1 step bwd-document 90 vkflex bench --suite seed --backward --no-check --cases document_causal,causal
