@@ -289,6 +289,9 @@ struct AttentionPlan: Hashable, Sendable {
     var exp16 = false
     /// Cooperative-matrix kernel: Q·Kᵀ as 16×8×16 products (the 16×8 layout was measured).
     var narrowK = false
+    /// Cooperative-matrix kernel: row sums of float32 P, not of the fp16 P that O is built from
+    /// (where the call returns the LSE, whose error a sum of fp16 P would set at ~1e-5).
+    var exactRowSums = false
     /// Cooperative-matrix kernel: index sums of the score-mod from float indices (lengths ≤ 2^22).
     var floatIndices = false
     /// Cooperative-matrix kernel: built for `VK_KHR_cooperative_matrix` (typed B operands): the
@@ -428,7 +431,8 @@ struct AttentionPlan: Hashable, Sendable {
             var defines: [ShaderSource.Define] = [.init("D", "\(D)"), .init("BKV", "\(t.BKV)"), .init("NSG", "\(t.NSG)"), .init("RPW", "\(t.RPW)"),
                                                   .init("NBUF", "\(t.NBUF)"), .init("SPLIT", "\(t.split)"), .init("VKF_NO_PREFETCH", t.prefetch ? "0" : "1"),
                                                   .init("VKF_RAW_MAX", rawMax ? "1" : "0"), .init("VKF_EXP16", exp16 ? "1" : "0"),
-                                                  .init("VKF_K8", narrowK ? "1" : "0"), .init("VKF_FLOAT_INDICES", floatIndices ? "1" : "0")]
+                                                  .init("VKF_K8", narrowK ? "1" : "0"), .init("VKF_FLOAT_INDICES", floatIndices ? "1" : "0"),
+                                                  .init("VKF_MMA_ROWSUM", narrowK && !exactRowSums ? "1" : "0")]
             // Up to D = 64 (two steps per staged tile), every step is computed and O rescaled at each:
             // no second version of O to merge (H200: causal D=64 +4%, ALiBi +7%; at D = 128 the
             // driver spilled).
@@ -506,7 +510,7 @@ enum AttentionPlanner {
             let bf16 = s.dtype == .bfloat16
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .coopmat(t),
                                  rawMax: identity && scale > 0, exp16: !identity && !bf16 && !lse,
-                                 narrowK: !bf16 && CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false,
+                                 narrowK: !bf16 && CooperativeMatrixLayout.of(device)?.narrowMatchesNVIDIA ?? false, exactRowSums: lse,
                                  floatIndices: max(s.Lq, s.Lkv) <= 1 << 22, typedOperands: device.cooperativeMatrixAPI == .khr,
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, pushParams: push, mods: mods.glsl.source)
         }
@@ -725,7 +729,10 @@ enum AttentionPlanner {
     // same units (on the H200 soft-cap 107.8 → 114.7 TFLOP/s, ALiBi 130.8 → 134.8; without a
     // score-mod it costs 6%, so it is off there) — and off where the call returns the LSE: fp16
     // P values sum to a row total (and an LSE) off by a few 1e-4, which a backward reading that
-    // LSE turned into bias gradients 3-10x PyTorch's RMSE (H100, 2026-12-05). spirv-opt (SPIRV-Tools
+    // LSE turned into bias gradients 3-10x PyTorch's RMSE (H100, 2026-12-05). `exactRowSums`: the
+    // same reason for the row sums — a product of the fp16 P with ones put the LSE 4e-6 to 3e-5 off
+    // (52-509x the error of PyTorch's eager float32 LSE, H200, 2026-12-07, tools/conformance.py
+    // --torch), so where the call returns the LSE the lanes add float32 P. spirv-opt (SPIRV-Tools
     // v2023.1) segfaults on some NV cooperative-matrix shaders but survives this one: a test
     // compiles every variant optimized, so a crash would show there, not in a user's process.
     //
@@ -926,11 +933,11 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
 extension AttentionPlan {
     /// A cooperative-matrix plan from its parts, without a device (the tests compile every variant
     /// on lavapipe, which cannot run them).
-    static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, floatIndices: Bool = true,
+    static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, exactRowSums: Bool = false, floatIndices: Bool = true,
                         typedOperands: Bool = false, maxScores: Bool = false, kvLengths: Bool = false, sinks: Bool = false,
                         pushParams: Bool = false, dtype: DType = .float16) -> AttentionPlan {
         AttentionPlan(pass: .forward, kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .coopmat(tiles), rawMax: rawMax, exp16: exp16,
-                      narrowK: narrowK, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
+                      narrowK: narrowK, exactRowSums: exactRowSums, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
                       kvLengths: kvLengths, sinks: sinks, pushParams: pushParams, mods: "")
     }
 

@@ -3227,7 +3227,11 @@ void main() {
 // (H200, seed suite, two runs each: full D=64 218.8 / 218.7 -> 221.1 / 220.9 TFLOP/s, ALiBi
 // 180.9 / 180.3 -> 183.7 / 186.3, causal D=128 190.4 / 193.3 -> 192.9 / 194.5, soft-cap
 // 161.6 / 160.5 -> 159.9 / 159.9.)
+// The host turns it off where the call returns the LSE: a sum of fp16 P is off by ~1e-5 relative,
+// which the LSE (and a backward reading it) would carry; float32 P sums like PyTorch's kernel.
+#ifndef VKF_MMA_ROWSUM
 #define VKF_MMA_ROWSUM VKF_K8
+#endif
 // Last query tiles first (flex_attention_common.glsl): under causal-like masks they have the most
 // keys (H200, causal D=64 175.8 -> 179.2 TFLOP/s).
 #define VKF_REVERSE_TILES 1

@@ -298,9 +298,11 @@ extension AttentionTests {
                     // Both forms of the products and of the parameter block (push constants need more room
                     // than lavapipe's 128 bytes, so only the H200 runs that form).
                     for narrowK in [false, true] {
-                        // The exact maximum scores (returnMaxScores) on one of the two forms.
+                        // The exact maximum scores (returnMaxScores) on one of the two forms; with 16x8
+                        // products, the row sums by products with ones without a score-mod and of float32
+                        // P with one (as where the call returns the LSE).
                         let source = try AttentionPlan.coopmat(D: D, tiles: tiles, rawMax: score == nil, exp16: score != nil, narrowK: narrowK,
-                                                               floatIndices: narrowK, typedOperands: narrowK, maxScores: narrowK, kvLengths: narrowK,
+                                                               exactRowSums: narrowK && score != nil, floatIndices: narrowK, typedOperands: narrowK, maxScores: narrowK, kvLengths: narrowK,
                                                                sinks: narrowK, pushParams: narrowK).source()
                         let spirv = try ShaderCompiler.shared.compile(source, library: library)
                         XCTAssertEqual(spirv.first, 0x0723_0203)
@@ -461,6 +463,14 @@ extension AttentionTests {
         XCTAssertTrue(defines.contains("VKF_ALWAYS_RESCALE=1"), "NV path at D=64: O rescaled at every step")
         let khr = try AttentionPlan.coopmat(D: 64, tiles: tiles, rawMax: true, exp16: false, typedOperands: true).source().defines.map { "\($0.name)=\($0.value)" }
         XCTAssertTrue(khr.contains("VKF_ALWAYS_RESCALE=0") && khr.contains("VKF_ALWAYS_HALVES=1"), "KHR path: only when a row's max moves; \(khr)")
+        // Row sums by products with ones only with 16x8 products and where no LSE is returned.
+        func rowSums(narrowK: Bool, exact: Bool) throws -> String? {
+            try AttentionPlan.coopmat(D: 64, tiles: tiles, rawMax: true, exp16: false, narrowK: narrowK, exactRowSums: exact)
+                .source().defines.first { $0.name == "VKF_MMA_ROWSUM" }?.value
+        }
+        XCTAssertEqual(try rowSums(narrowK: true, exact: false), "1")
+        XCTAssertEqual(try rowSums(narrowK: true, exact: true), "0")
+        XCTAssertEqual(try rowSums(narrowK: false, exact: false), "0")
         for (env, fragment) in [(["VKFLEX_COOPMAT_DEFINES": "TAU=4"], "VKFLEX_COOPMAT_DEFINES is gone"), (["VKFLEX_KERNEL": "fastest"], "use portable, coopmat-nv, coopmat-generic, split-kv or auto"),
                                 (["VKFLEX_COOPMAT_TILES": "33x1x1x1"], "VKFLEX_COOPMAT_TILES=33x1x1x1"), (["VKFLEX_PORTABLE_TILES": "axb"], "VKFLEX_PORTABLE_TILES=axb"),
                                 (["VKFLEX_PUSH_PARAMS": "yes"], "VKFLEX_PUSH_PARAMS=yes")] {
