@@ -284,7 +284,7 @@ void main() {
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
     float lk[SM_RPL], fk[SM_RPL];
 #if GEN_REGSM
-    MM_REG_SUMS(g_r0, lane, ls, lk)
+    MM_REG_SUMS(g_r0, lane, ls, l, lk)
 #endif
     MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);

@@ -195,7 +195,11 @@ GATHER(v_data, v_units)
 // specification's element-wise operations well defined), so the mods, the mask and the test
 // against the running maximum work element by element with no layout assumed. MB holds each
 // row's running maximum broadcast over its columns (loaded from a table), LS the row sums the
-// same way (accumulated by products with a matrix of ones, from the fp16 P the products take).
+// same way (accumulated by products with a matrix of ones, from the fp16 P the products take) —
+// or, with MM_EXACT_SUMS 1 (where the call returns the LSE, whose error fp16 sums would set at
+// ~1e-5), LS adds each element's float32 P in place (element (r, c) the sum of row r's columns
+// c, c + MN, ...) and the steps that go through sm_tile add theirs to its lane sums L:
+// MM_REG_SUMS then adds a row's columns and the lanes' shares.
 // Only where a score passes its row's maximum by more than SM_TAU (every row's first step, then
 // rarely) do the scores go through the score tile to flex_softmax.glsl's sm_tile, which raises
 // the maxima; MB is reloaded and O and LS rescaled element-wise by a broadcast of the factors.
@@ -203,6 +207,9 @@ GATHER(v_data, v_units)
 // mm_score(raw, r, j): the score of raw product RAW at the workgroup tile's row R, step column J,
 // in log2 units after scale, mods and mask (-inf outside the tile), and sm_score reading the
 // score tile as stored.
+#ifndef MM_EXACT_SUMS
+#define MM_EXACT_SUMS 0
+#endif
 #define MM_IX_ROW(E) ((E) / MN)
 // Accumulators of a step's scores a row block, and S[b * MM_NS + nn]: block b's keys nn * MN ...
 #define MM_NS (BKV / MN)
@@ -276,22 +283,47 @@ GATHER(v_data, v_units)
             MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
                 MM_UNROLL for (int i_ = 0; i_ < IX.length(); ++i_) { \
                     const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
-                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_])); \
+                    const float p_ = exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_]); \
+                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(p_); \
+                    MM_EXACT_ADD(LS[b_][i_], p_) \
                 } \
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[MM_RB * (BKV / MK)]; \
-    const FRAG_B ones_ = B_FILL(1.0); \
+    MM_ONES_DECL \
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
         MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
-            LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \
+            MM_ONES_SUM(LS[b_], pf_[b_ * (BKV / MK) + kk_]) \
         } \
     MM_PV_RB(O, pf_, VB) }
-// Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
-#define MM_REG_SUMS(R0, LANE, LS, LK) { \
+#if MM_EXACT_SUMS
+#define MM_EXACT_ADD(X, P) X += (P);
+#define MM_ONES_DECL
+#define MM_ONES_SUM(X, PF)
+#else
+#define MM_EXACT_ADD(X, P)
+#define MM_ONES_DECL const FRAG_B ones_ = B_FILL(1.0);
+#define MM_ONES_SUM(X, PF) X = coopMatMulAddNV(PF, ones_, X);
+#endif
+// Each lane's rows' sums from LS through the score tile (L: the lanes' shares from sm_tile).
+#if MM_EXACT_SUMS
+// A row's MN columns of LS, then the lanes sharing the row, then sm_tile's shares.
+#define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
+    subgroup_sync(); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+    subgroup_sync(); \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+        float c_ = L[k_]; \
+        MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) c_ += Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR]; \
+        LK[k_] = sm_row_sum(c_); \
+    } }
+#else
+// Every column of a row of LS holds the row's sum.
+#define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
     subgroup_sync(); \
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
     MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
+#endif
 #endif

@@ -24,7 +24,7 @@ query offsets and paged caches that PyTorch expresses differently: they keep the
 Needs NumPy. Exits 1 when a case fails. The reference is written here from PyTorch's
 definition, not from vkflex's (Sources/VKFlex/Reference.swift), so the two check each other.
 """
-import argparse, os, shutil, subprocess, sys, tempfile
+import argparse, os, re, shutil, subprocess, sys, tempfile
 import numpy as np
 
 # score-mods: (vkflex text, f(s, b, h, q, kv), d f / d s)
@@ -281,6 +281,9 @@ def main():
                 f"score={SCORES[score][0]!r} mask={MASKS[mask][0]!r} bs={bs}{' sinks' if sinks is not None else ''}")
         if r.returncode != 0:
             failures += 1; print("FAIL", what, "\n     exit", r.returncode, r.stderr.strip()[:400]); continue
+        # Which kernel ran the case (the forward's, as `vkflex attend` reports it).
+        ran = re.search(r", ([a-z0-9-]+) kernel", r.stdout)
+        what += " [" + (ran.group(1) if ran else "?") + "]"
         f64 = lambda x: None if x is None else x.astype(np.float64)
         ro, rl, rg = reference(f64(q), f64(k), f64(v), score, mask, 1 / np.sqrt(D), q_off, kv_lens, f64(dO), f64(dLSE), f64(sinks))
         # vkflex selftest's tolerances: bfloat16's 8-bit significand rounds P and the outputs too.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -338,6 +338,54 @@ if [ "$what" = short ]; then
   [ "${H200:-0}" = 1 ] && { step compare-decode 220 bash .device/on-device.sh compare --suite decode; tail -12 "$out/compare-decode.txt"; }
   step selftest-khr 150 vkflex selftest --kernel all
   (cd "$out" && tar cf short.tar --exclude short.tar . 2>/dev/null && find . -type f ! -name short.tar -delete)
+fi
+if [ "$what" = final22 ]; then
+  # Twenty-second session's last call: every kernel's validated selftest (float32 row sums in
+  # coopmat-generic too; the NV backward's per-row and per-key mask values), PyTorch's rule on the
+  # same inputs, then document_causal's and alibi_causal's backward with the per-head hoist in the
+  # NV backward (the binary's) and without it (a copy of Shaders/ without its VKF_HOIST_BH line),
+  # in turn, twice, with each pass's time and the host's share of a call.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  rm -rf /tmp/nohoist && cp -r Shaders /tmp/nohoist && sed -i '/^#define VKF_HOIST_BH 1$/d' /tmp/nohoist/flex_attention_bwd_nv.comp
+  bwd_ab() {  # bwd_ab ROUND: the backward with the binary's shaders, then without the hoist
+    for v in hoist nohoist; do
+      dir=""; [ "$v" = nohoist ] && dir=/tmp/nohoist
+      VKFLEX_SHADER_DIR=$dir VKFLEX_PROFILE=1 step bwd-$v-$1 45 vkflex bench --suite seed --backward --no-check --repeat 6 --cases document_causal,alibi_causal
+      grep -E "backward|device time per call: flex_attention_bwd" "$out/bwd-$v-$1.txt" | cut -c1-160
+    done
+  }
+  bwd_ab 1
+  torch_rule 120
+  bwd_ab 2
+  VKFLEX_SHADER_DIR=/tmp/nohoist step selftest-nohoist 60 vkflex selftest --kernel coopmat-nv
+  (cd "$out" && tar cf final22.tar --exclude final22.tar . 2>/dev/null && find . -type f ! -name final22.tar -delete)
+fi
+if [ "$what" = doc-lse ]; then
+  # Twenty-second session, in priority order: document_causal's backward (0.15x PyTorch on the
+  # H200) each pass's time beside causal's, with the registers and local memory of its pipelines;
+  # the same without the per-head hoist in the NV backward (ac5d29e: a copy of Shaders/ with its
+  # VKF_HOIST_BH line taken out, through VKFLEX_SHADER_DIR); then float32 row sums where the call
+  # returns the LSE (exactRowSums): every kernel's validated selftest, PyTorch's rule on the same
+  # inputs, and the forward returning the LSE beside the forward without it (what the sums cost).
+  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step bwd-document 90 vkflex bench --suite seed --backward --no-check --repeat 5 --cases document_causal,causal
+  grep -E "backward|device time|flex_attention" "$out/bwd-document.txt" | grep -v Stat | cut -c1-200 | head -24
+  local_mem "$out/bwd-document.txt"
+  rm -rf /tmp/nohoist && cp -r Shaders /tmp/nohoist && sed -i '/^#define VKF_HOIST_BH 1$/d' /tmp/nohoist/flex_attention_bwd_nv.comp
+  grep -c VKF_HOIST_BH /tmp/nohoist/flex_attention_bwd_nv.comp
+  VKFLEX_SHADER_DIR=/tmp/nohoist VKFLEX_PROFILE=1 step bwd-document-nohoist 60 vkflex bench --suite seed --backward --no-check --repeat 5 --cases document_causal
+  grep -E "backward|device time|flex_attention" "$out/bwd-document-nohoist.txt" | cut -c1-200 | head -12
+  # The working tree's shaders (the document ids loaded once per row and column in the NV
+  # backward, VKF_HAS_MASK_RC), before the binary embeds them.
+  VKFLEX_SHADER_DIR=$PWD/Shaders VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step bwd-document-rc 60 vkflex bench --suite seed --backward --no-check --repeat 5 --cases document_causal
+  grep -E "backward|device time|flex_attention" "$out/bwd-document-rc.txt" | grep -v Stat | cut -c1-200 | head -12
+  local_mem "$out/bwd-document-rc.txt"
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  torch_rule 120
+  step fwd-nolse 75 vkflex bench --suite seed --no-check --repeat 20
+  grep -E "coopmat|portable" "$out/fwd-nolse.txt" | cut -c1-150
+  step fwd-lse 75 vkflex bench --suite seed --no-check --repeat 20 --return-lse
+  grep -E "coopmat|portable" "$out/fwd-lse.txt" | cut -c1-150
+  (cd "$out" && tar cf doc-lse.tar --exclude doc-lse.tar . 2>/dev/null && find . -type f ! -name doc-lse.tar -delete)
 fi
 if [ "$what" = next ]; then
   # What the next call runs (the eighteenth session's list), in priority order (DEADLINE=555 keeps

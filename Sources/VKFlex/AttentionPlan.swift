@@ -289,8 +289,9 @@ struct AttentionPlan: Hashable, Sendable {
     var exp16 = false
     /// Cooperative-matrix kernel: Q·Kᵀ as 16×8×16 products (the 16×8 layout was measured).
     var narrowK = false
-    /// Cooperative-matrix kernel: row sums of float32 P, not of the fp16 P that O is built from
-    /// (where the call returns the LSE, whose error a sum of fp16 P would set at ~1e-5).
+    /// Cooperative-matrix kernels (coopmat-nv, coopmat-generic's register softmax): row sums of
+    /// float32 P, not of the fp16 P that O is built from (where the call returns the LSE, whose
+    /// error a sum of fp16 P would set at ~1e-5).
     var exactRowSums = false
     /// Cooperative-matrix kernel: index sums of the score-mod from float indices (lengths ≤ 2^22).
     var floatIndices = false
@@ -424,6 +425,7 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
                 .init("GEN_PREFETCH", t.prefetch ? "1" : "0"), .init("GEN_REGSM", t.registerSoftmax ? "1" : "0"),
                 .init("GEN_NBUF", t.singleBuffer ? "1" : "2"), .init("GEN_RPW", "\(t.rpw)"),
+                .init("MM_EXACT_SUMS", exactRowSums ? "1" : "0"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if t.soft { source.defines.append(.init("VKF_MM_SOFT", "1")) }
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
@@ -494,7 +496,13 @@ enum AttentionPlanner {
             guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
                 throw FlexError.unsupported("coopmat-generic: " + (genericProblem(s, device: device, tuning: tuning) ?? "no tiles fit"))
             }
+            // Where the call returns the LSE, the register softmax adds float32 P for float16 inputs
+            // (its products with ones add the fp16 P: LSE 157-509x PyTorch's error on an H100,
+            // 1.00-1.43x with float32 sums). Not for bfloat16: O, built from P rounded to 8 bits,
+            // then no longer shares its rounding with l (an H100, 2026-12-07, D = 160 / Dv = 48:
+            // out 1.04 -> 1.47x PyTorch's error, LSE 20,500 -> 1.83x); docs/performance.md.
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .generic(t),
+                                 exactRowSums: lse && t.registerSoftmax && s.dtype == .float16,
                                  typedOperands: !t.emulated && device.cooperativeMatrixAPI == .khr,
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
                                  mods: mods.glsl.source)

@@ -143,24 +143,59 @@ extension Device {
     /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func makeBuffer(bytes: Int, hostVisible: Bool = false) throws -> Buffer {
         guard bytes >= 0 else { throw FlexError.invalidArgument("buffer size \(bytes) is negative") }
-        // Small buffers (parameters, error flags, masks) come from a pool of freed ones: an
-        // allocation costs far more than the work on some drivers.
-        if bytes <= BufferPool.maxPooledBytes {
-            let cls = BufferPool.Class(bytes: bytes, hostVisible: hostVisible)
-            if let e = bufferPool.take(cls) {
-                let b = Buffer(device: self, handle: e.buffer, memory: e.memory, size: max(bytes, 4).roundedUp(to: 4),
-                               mapped: e.mapped, owned: true, deviceAddress: e.address)
-                b.poolClass = cls
-                return b
-            }
-            let b = try allocateBuffer(bytes: cls.bytes, hostVisible: hostVisible)
-            let sized = Buffer(device: self, handle: b.handle, memory: b.memory, size: max(bytes, 4).roundedUp(to: 4),
-                               mapped: b.mapped, owned: true, deviceAddress: b.deviceAddress)
-            sized.poolClass = cls
-            b.disown()
-            return sized
+        // Freed buffers are kept for reuse by size class: small ones (parameters, error flags,
+        // masks) always, large ones (a backward's gradients, a step's scratch) up to the cache's
+        // limit. An allocation costs far more than the work on some drivers: three 256 MiB
+        // gradients a backward call took 12.6-17.2 ms of host time on an H100, 2026-12-07.
+        let cls = BufferPool.Class(bytes: bytes, hostVisible: hostVisible)
+        guard cls.bytes <= capabilities.maxMemoryAllocation else { return try allocateBuffer(bytes: bytes, hostVisible: hostVisible) }
+        if let e = bufferPool.take(cls) {
+            let b = Buffer(device: self, handle: e.buffer, memory: e.memory, size: max(bytes, 4).roundedUp(to: 4),
+                           mapped: e.mapped, owned: true, deviceAddress: e.address)
+            b.poolClass = cls
+            return b
         }
-        return try allocateBuffer(bytes: bytes, hostVisible: hostVisible)
+        let b: Buffer
+        do {
+            b = try allocateBuffer(bytes: cls.bytes, hostVisible: hostVisible)
+        } catch FlexError.vulkan(_, let result) where (result == VK_ERROR_OUT_OF_DEVICE_MEMORY.rawValue || result == VK_ERROR_OUT_OF_HOST_MEMORY.rawValue)
+                    && cachedBytes > 0 {
+            // Out of memory with buffers held for reuse: free them and try once more.
+            emptyCache()
+            b = try allocateBuffer(bytes: cls.bytes, hostVisible: hostVisible)
+        }
+        let sized = Buffer(device: self, handle: b.handle, memory: b.memory, size: max(bytes, 4).roundedUp(to: 4),
+                           mapped: b.mapped, owned: true, deviceAddress: b.deviceAddress)
+        sized.poolClass = cls
+        b.disown()
+        return sized
+    }
+
+    /// Bytes of device memory in freed buffers the device keeps for reuse (small and large),
+    /// not in use by any tensor.
+    ///
+    /// ```swift
+    /// var scratch: Buffer? = try device.makeBuffer(bytes: 64 << 20)
+    /// scratch = nil                 // kept once the device is done with it
+    /// try device.synchronize()
+    /// print(device.cachedBytes)     // 64 MiB, for the next buffer of that size
+    /// ```
+    public var cachedBytes: Int { bufferPool.cachedBytes }
+
+    /// Frees the device memory of every buffer kept for reuse, as PyTorch's
+    /// `torch.cuda.empty_cache()`: for another process, or before a phase with other sizes.
+    /// Buffers still in use stay; an allocation that runs out of memory does this by itself first.
+    ///
+    /// ```swift
+    /// device.emptyCache()
+    /// print(device.cachedBytes)   // 0
+    /// ```
+    public func emptyCache() {
+        for e in bufferPool.takeAll() {
+            vkDestroyBuffer(handle, e.buffer, nil)
+            vkFreeMemory(handle, e.memory, nil)
+            bufferPool.countFree()
+        }
     }
 
     func allocateBuffer(bytes: Int, hostVisible: Bool) throws -> Buffer {
@@ -252,11 +287,12 @@ extension Device {
     /// ```
     public var liveAllocations: Int { bufferPool.liveAllocations }
 
-    /// The largest buffer `makeBuffer` takes from (and returns to) its pool of freed buffers; a
-    /// larger one is a new device-memory allocation each time, which costs hundreds of
-    /// microseconds of host time (an H100, 2026-12-06: a split-KV call whose 17.3 MB of partials
-    /// missed the pool took 415 µs of host time against 42 µs at 16 MiB). Scratch a call makes
-    /// every time should stay within it.
+    /// The largest buffer `makeBuffer` always takes from (and returns to) its pool of freed
+    /// buffers; a larger one is reused only while the large-buffer cache has room
+    /// (``Options/bufferCacheBytes``), else it is a new device-memory allocation, which costs
+    /// hundreds of microseconds of host time (an H100, 2026-12-06: a split-KV call whose 17.3 MB
+    /// of partials missed the pool took 415 µs of host time against 42 µs at 16 MiB). Scratch a
+    /// call makes every time should stay within it.
     ///
     /// ```swift
     /// let rowBytes = 4 * 1024 * 128   // float32 partials of 1,024 rows at Dv = 128
@@ -284,21 +320,35 @@ public func formatBytes(_ bytes: Int) -> String {
     return rounded == rounded.rounded() ? "\(Int(rounded)) \(units[unit])" : "\(rounded) \(units[unit])"
 }
 
-/// Freed small buffers, by size class, for reuse. Bounded: at most `perClass` kept per class.
+/// Freed buffers, by size class, for reuse. Small ones (up to `maxPooledBytes`, power-of-two
+/// classes): at most `perClass` a class. Large ones (2 MiB classes, so a training loop's tensors
+/// of one shape find their own again): at most `largeLimit` bytes in all.
 final class BufferPool: @unchecked Sendable {
     static let maxPooledBytes = 16 << 20
     static let perClass = 32
+    static let largeGranule = 2 << 20
 
     struct Class: Hashable {
         let bytes: Int
         let hostVisible: Bool
         init(bytes: Int, hostVisible: Bool) {
-            var n = 256
-            while n < bytes { n <<= 1 }
-            self.bytes = n
+            if bytes <= BufferPool.maxPooledBytes {
+                var n = 256
+                while n < bytes { n <<= 1 }
+                self.bytes = n
+            } else {
+                self.bytes = (bytes + BufferPool.largeGranule - 1) / BufferPool.largeGranule * BufferPool.largeGranule
+            }
             self.hostVisible = hostVisible
         }
+        var isLarge: Bool { bytes > BufferPool.maxPooledBytes }
     }
+
+    init(largeLimit: Int) { self.largeLimit = largeLimit }
+    /// Bytes of large buffers kept at most.
+    let largeLimit: Int
+    private var held = 0   // bytes of every kept buffer
+    private var heldLarge = 0
 
     struct Entry {
         let buffer: VkBuffer
@@ -317,23 +367,43 @@ final class BufferPool: @unchecked Sendable {
     func countAllocation() { lock.withLock { live += 1 } }
     func countFree() { lock.withLock { live -= 1 } }
 
-    func take(_ c: Class) -> Entry? { lock.withLock { free[c]?.popLast() } }
+    /// Bytes of the buffers kept for reuse.
+    var cachedBytes: Int { lock.withLock { held } }
+
+    func take(_ c: Class) -> Entry? {
+        lock.withLock {
+            guard let e = free[c]?.popLast() else { return nil }
+            held -= c.bytes
+            if c.isLarge { heldLarge -= c.bytes }
+            return e
+        }
+    }
 
     /// Keeps `e` for reuse; false when the pool is full or closed (the caller frees it).
     func give(_ e: Entry, to c: Class) -> Bool {
         lock.withLock {
             guard !closed, free[c, default: []].count < BufferPool.perClass else { return false }
+            if c.isLarge {
+                guard heldLarge + c.bytes <= largeLimit else { return false }
+                heldLarge += c.bytes
+            }
+            held += c.bytes
             free[c, default: []].append(e)
             return true
         }
     }
 
-    func drain(_ device: VkDevice) {
-        let all: [Entry] = lock.withLock {
-            closed = true
-            defer { free = [:] }
+    /// Every kept buffer, no longer kept (the caller frees them).
+    func takeAll() -> [Entry] {
+        lock.withLock {
+            defer { free = [:]; held = 0; heldLarge = 0 }
             return free.values.flatMap { $0 }
         }
+    }
+
+    func drain(_ device: VkDevice) {
+        lock.withLock { closed = true }
+        let all = takeAll()
         for e in all {
             vkDestroyBuffer(device, e.buffer, nil)
             vkFreeMemory(device, e.memory, nil)

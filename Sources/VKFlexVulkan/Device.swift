@@ -32,14 +32,35 @@ public final class Device: @unchecked Sendable {
         /// (``Device/takeResidency()``): comma-separated names, or `all`; `nil` reads
         /// `VKFLEX_RESIDENCY`. A tuning tool: probed pipelines do extra work.
         public var residency: String?
+        /// The most bytes of freed large buffers (over ``Device/maxPooledBufferBytes``) the device
+        /// keeps for reuse, as PyTorch's caching allocator does (``Device/cachedBytes``); `nil`
+        /// reads `VKFLEX_BUFFER_CACHE_MB`, else a quarter of the device-local memory, at most 8 GiB
+        /// (256 MiB on a CPU device, whose allocations cost little); 0 frees every large buffer at once.
+        public var bufferCacheBytes: Int?
 
         public init(validation: Bool? = nil, pipelineCacheDirectory: URL? = nil, maxCommandsPerBatch: Int = 256,
-                    floatAtomics: Bool = true, residency: String? = nil) {
+                    floatAtomics: Bool = true, residency: String? = nil, bufferCacheBytes: Int? = nil) {
             self.validation = validation
             self.pipelineCacheDirectory = pipelineCacheDirectory
             self.maxCommandsPerBatch = maxCommandsPerBatch
             self.floatAtomics = floatAtomics
             self.residency = residency
+            self.bufferCacheBytes = bufferCacheBytes
+        }
+
+        /// The large-buffer cache's limit on a device with `deviceLocalMemory` bytes.
+        func bufferCacheLimit(deviceLocalMemory: Int, cpu: Bool) throws -> Int {
+            if let bufferCacheBytes {
+                guard bufferCacheBytes >= 0 else { throw FlexError.invalidArgument("bufferCacheBytes is \(bufferCacheBytes); it must be 0 or more") }
+                return bufferCacheBytes
+            }
+            if let text = ProcessInfo.processInfo.environment["VKFLEX_BUFFER_CACHE_MB"], !text.isEmpty {
+                guard let mb = Int(text), mb >= 0, mb <= 1 << 40 else {
+                    throw FlexError.invalidArgument("VKFLEX_BUFFER_CACHE_MB=\(text): use a whole number of MiB, 0 or more (0 turns the cache off)")
+                }
+                return mb << 20
+            }
+            return cpu ? 256 << 20 : min(deviceLocalMemory / 4, 8 << 30)
         }
 
         var validationEnabled: Bool {
@@ -71,7 +92,7 @@ public final class Device: @unchecked Sendable {
     var spareBatches: [RecycledBatch] = []
     var nextBatchID: UInt64 = 1
     let pipelines: PipelineCache
-    let bufferPool = BufferPool()
+    let bufferPool: BufferPool
     var measuredLayout: CooperativeMatrixLayout??
     /// The `VKFLEX_*` environment variables as they were when the device opened: tuning is read
     /// from here, once, never from the environment on a call's path.
@@ -204,6 +225,7 @@ public final class Device: @unchecked Sendable {
         self.physicalDevice = physicalDevice
         self.capabilities = caps
         self.options = options
+        self.bufferPool = BufferPool(largeLimit: try options.bufferCacheLimit(deviceLocalMemory: caps.deviceLocalMemory, cpu: caps.type == .cpu))
         self.ownsDevice = true
 
         let family = try Device.computeQueueFamily(physicalDevice)
@@ -379,6 +401,7 @@ public final class Device: @unchecked Sendable {
         self.queueFamilyIndex = queueFamilyIndex
         self.ownsDevice = false
         self.options = options
+        self.bufferPool = BufferPool(largeLimit: try options.bufferCacheLimit(deviceLocalMemory: caps.deviceLocalMemory, cpu: caps.type == .cpu))
         self.enabledFeatures = enabledFeatures
         self.reportsPipelineStatistics = false
         self.pipelineIRDirectory = nil

@@ -937,6 +937,32 @@ layout(local_size_x = WG) in;
 // Element e of a fragment: in the upper 8 rows when EL_HI(e), column lane_c + EL_COL(e).
 #define EL_HI(e) ((e) >> 2)
 #define EL_COL(e) (((e) & 1) + 8 * (((e) >> 1) & 1))
+// Which of a 16-column block's four columns of this lane element e is in (0..3).
+#define EL_CI(e) (((e) & 1) + 2 * (((e) >> 1) & 1))
+// The mask's per-row and per-key values (VKF_HAS_MASK_RC: a captured tensor read at q_idx or at
+// kv_idx, like the document ids): loaded once per owned row and per staged column, not twice a
+// pair (a pair's two loads with their bounds checks in every unrolled element: document_causal's
+// backward ran at 36.6 TFLOP/s where causal's ran at 132.9, H200, 2026-12-07). The owned rows are
+// queries in pass 1 (dQ) and keys in pass 2 (dK/dV); the staged ones the other side.
+#if VKF_HAS_MASK_MOD && defined(VKF_HAS_MASK_RC)
+#define MASK_RC 1
+#if BWD_PASS == 1
+#define OWN_RC_T vkf_mrow_t
+#define OWN_RC(i) vkf_mrow(b, h, i)
+#define ST_RC_T vkf_mcol_t
+#define ST_RC(i) vkf_mcol(b, h, i)
+#define MASK_PAIR(M, e) mask_mod_rc(b, h, qi, ki, o_rc[2 * (M) + EL_HI(e)], s_rc[EL_CI(e)])
+#else
+#define OWN_RC_T vkf_mcol_t
+#define OWN_RC(i) vkf_mcol(b, h, i)
+#define ST_RC_T vkf_mrow_t
+#define ST_RC(i) vkf_mrow(b, h, i)
+#define MASK_PAIR(M, e) mask_mod_rc(b, h, qi, ki, s_rc[EL_CI(e)], o_rc[2 * (M) + EL_HI(e)])
+#endif
+#else
+#define MASK_RC 0
+#define MASK_PAIR(M, e) mask_mod(b, h, qi, ki)
+#endif
 
 // 16-byte units of 8 halves; rows padded by one unit (the eight rows of a fragment load on
 // distinct banks). The owned rows pass through the staging area at the start, STEP rows at a
@@ -1062,6 +1088,17 @@ void main() {
         r_delta[i] = r < n_own ? delta_data[row_id(b, h, q0 + r)] : 0.0;
     }
 #endif
+#if MASK_RC
+    // The owned rows' mask values: once here in pass 1 (one head), at each partial step in pass 2
+    // (the head changes along the walk).
+    OWN_RC_T o_rc[2 * RPW];
+#if BWD_PASS == 1
+    [[unroll]] for (int i = 0; i < 2 * RPW; ++i) {
+        const int r = r0 + 16 * (i >> 1) + lane_r + 8 * (i & 1);
+        if (r < n_own) o_rc[i] = OWN_RC(q0 + r);
+    }
+#endif
+#endif
 
     // The walk as a cursor over its steps (walk_next), so that with PREFETCH each step's rows are
     // loaded into registers while the step before computes. (No loop cap to report: this kernel
@@ -1116,7 +1153,25 @@ void main() {
 #endif
         // No check needed in this subgroup's pairs: a full block, every row in range.
         const bool clean = pass == 0 && nt == STEP && r0 + 16 * RPW <= n_own;
+#if MASK_RC && BWD_PASS == 2
+        if (pass == 1) {
+            [[unroll]] for (int i = 0; i < 2 * RPW; ++i) {
+                const int r = r0 + 16 * (i >> 1) + lane_r + 8 * (i & 1);
+                if (r < n_own) o_rc[i] = OWN_RC(o0 + r);
+            }
+        }
+#endif
         [[unroll]] for (int c = 0; c < FS; ++c) {
+#if MASK_RC
+            // This lane's four staged columns of block c (a partial block's only).
+            ST_RC_T s_rc[4];
+            if (pass == 1) {
+                [[unroll]] for (int i = 0; i < 4; ++i) {
+                    const int j = c * 16 + lane_c + (i & 1) + 8 * (i >> 1);
+                    if (j < nt) s_rc[i] = ST_RC(t0 + j);
+                }
+            }
+#endif
             FRAG_C s0 = FRAG_C(0.0), dp0 = FRAG_C(0.0);
 #if RPW == 2
             FRAG_C s1 = FRAG_C(0.0), dp1 = FRAG_C(0.0);
@@ -1161,7 +1216,7 @@ void main() {
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
                     float P = 0.0, dS = 0.0; \
-                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || mask_mod(b, h, qi, ki))) \
+                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e))) \
                         pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
                     s##M[e] = dS; \
                     dp##M[e] = P; \
@@ -4152,7 +4207,7 @@ void main() {
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
     float lk[SM_RPL], fk[SM_RPL];
 #if GEN_REGSM
-    MM_REG_SUMS(g_r0, lane, ls, lk)
+    MM_REG_SUMS(g_r0, lane, ls, l, lk)
 #endif
     MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
@@ -5085,7 +5140,11 @@ GATHER(v_data, v_units)
 // specification's element-wise operations well defined), so the mods, the mask and the test
 // against the running maximum work element by element with no layout assumed. MB holds each
 // row's running maximum broadcast over its columns (loaded from a table), LS the row sums the
-// same way (accumulated by products with a matrix of ones, from the fp16 P the products take).
+// same way (accumulated by products with a matrix of ones, from the fp16 P the products take) —
+// or, with MM_EXACT_SUMS 1 (where the call returns the LSE, whose error fp16 sums would set at
+// ~1e-5), LS adds each element's float32 P in place (element (r, c) the sum of row r's columns
+// c, c + MN, ...) and the steps that go through sm_tile add theirs to its lane sums L:
+// MM_REG_SUMS then adds a row's columns and the lanes' shares.
 // Only where a score passes its row's maximum by more than SM_TAU (every row's first step, then
 // rarely) do the scores go through the score tile to flex_softmax.glsl's sm_tile, which raises
 // the maxima; MB is reloaded and O and LS rescaled element-wise by a broadcast of the factors.
@@ -5093,6 +5152,9 @@ GATHER(v_data, v_units)
 // mm_score(raw, r, j): the score of raw product RAW at the workgroup tile's row R, step column J,
 // in log2 units after scale, mods and mask (-inf outside the tile), and sm_score reading the
 // score tile as stored.
+#ifndef MM_EXACT_SUMS
+#define MM_EXACT_SUMS 0
+#endif
 #define MM_IX_ROW(E) ((E) / MN)
 // Accumulators of a step's scores a row block, and S[b * MM_NS + nn]: block b's keys nn * MN ...
 #define MM_NS (BKV / MN)
@@ -5166,24 +5228,49 @@ GATHER(v_data, v_units)
             MM_UNROLL for (int nn_ = 0; nn_ < MM_NS; ++nn_) \
                 MM_UNROLL for (int i_ = 0; i_ < IX.length(); ++i_) { \
                     const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
-                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_])); \
+                    const float p_ = exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_]); \
+                    Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(p_); \
+                    MM_EXACT_ADD(LS[b_][i_], p_) \
                 } \
     } \
     subgroup_sync();   /* P written */ \
     FRAG_A pf_[MM_RB * (BKV / MK)]; \
-    const FRAG_B ones_ = B_FILL(1.0); \
+    MM_ONES_DECL \
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
         MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
-            LS[b_] = coopMatMulAddNV(pf_[b_ * (BKV / MK) + kk_], ones_, LS[b_]); \
+            MM_ONES_SUM(LS[b_], pf_[b_ * (BKV / MK) + kk_]) \
         } \
     MM_PV_RB(O, pf_, VB) }
-// Each lane's rows' sums from LS (every column of a row holds it), through the score tile.
-#define MM_REG_SUMS(R0, LANE, LS, LK) { \
+#if MM_EXACT_SUMS
+#define MM_EXACT_ADD(X, P) X += (P);
+#define MM_ONES_DECL
+#define MM_ONES_SUM(X, PF)
+#else
+#define MM_EXACT_ADD(X, P)
+#define MM_ONES_DECL const FRAG_B ones_ = B_FILL(1.0);
+#define MM_ONES_SUM(X, PF) X = coopMatMulAddNV(PF, ones_, X);
+#endif
+// Each lane's rows' sums from LS through the score tile (L: the lanes' shares from sm_tile).
+#if MM_EXACT_SUMS
+// A row's MN columns of LS, then the lanes sharing the row, then sm_tile's shares.
+#define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
+    subgroup_sync(); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+    subgroup_sync(); \
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
+        float c_ = L[k_]; \
+        MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) c_ += Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR]; \
+        LK[k_] = sm_row_sum(c_); \
+    } }
+#else
+// Every column of a row of LS holds the row's sum.
+#define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
     subgroup_sync(); \
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
     MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
+#endif
 #endif
 """#,
         "flex_softmax.glsl": #"""

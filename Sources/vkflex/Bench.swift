@@ -35,6 +35,8 @@ struct Bench: ParsableCommand {
     @Flag(name: .long, help: "Skip the float64 check of a slice of the output.") var noCheck = false
     @Flag(name: .long, help: "Also time the backward pass (bw_ms: every backward dispatch, no forward; bw_tflops at 2.5x the forward FLOPs).")
     var backward = false
+    @Flag(name: .long, help: "Time forward calls that also return the LSE (as a training forward does; the matrix kernels then sum float32 probabilities).")
+    var returnLSE = false
     @OptionGroup var deviceOptions: DeviceOptions
 
     struct BenchCase {
@@ -208,7 +210,7 @@ struct Bench: ParsableCommand {
         try device.synchronize()
         let compileBefore = ShaderCompiler.shared.compilations
         let t0 = DispatchTime.now().uptimeNanoseconds
-        var kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel
+        var kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: returnLSE, out: out).kernel
         try device.synchronize()
         let firstCallMs = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-6
         let compiled = ShaderCompiler.shared.compilations > compileBefore
@@ -224,13 +226,13 @@ struct Bench: ParsableCommand {
         var warmCalls = 0
         while warmCalls < 3 || DispatchTime.now().uptimeNanoseconds - warmStart < 500_000_000 {
             for _ in 0..<8 {
-                kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out).kernel
+                kernel = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: returnLSE, out: out).kernel
                 warmCalls += 1
             }
             try device.synchronize()
         }
-        let (seconds, hostUs, _) = try Bench.timeSteady(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
-        let profile = try Bench.profileLine(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, out: out) }
+        let (seconds, hostUs, _) = try Bench.timeSteady(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: returnLSE, out: out) }
+        let profile = try Bench.profileLine(`repeat`, device: device) { _ = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: returnLSE, out: out) }
         // A kernel that reported an error (and so did no work) must not pass for a fast one.
         try out.checkErrors()
         let ms = median(seconds) * 1e3
@@ -239,7 +241,7 @@ struct Bench: ParsableCommand {
 
         // Backward: every dispatch of the backward (no forward), device timestamps, median after two
         // warm-up calls; dO random, the LSE from one forward call.
-        var bwMs: Double?, bwKernel: FlexKernel?, bwProfile: String?
+        var bwMs: Double?, bwHostUs: Double?, bwKernel: FlexKernel?, bwProfile: String?
         if backward {
             let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
             let dO = try device.tensor(rng.normals(n), shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "grad_out")
@@ -248,13 +250,19 @@ struct Bench: ParsableCommand {
             }
             try device.synchronize()
             var times: [(GPUTimestamp, GPUTimestamp)] = []
+            var hostTimes: [Double] = []
             var last: FlexGradients?
             for _ in 0..<max(3, `repeat` / 2) {
                 let a = try device.record { try $0.timestamp() }
+                // The host's share (the call up to its submission): where it passes the device's
+                // time, the device waits and bw_ms counts the wait.
+                let h0 = DispatchTime.now().uptimeNanoseconds
                 last = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, scoreMod: score, blockMask: blockMask)
+                hostTimes.append(Double(DispatchTime.now().uptimeNanoseconds - h0) * 1e-3)
                 let b = try device.record { try $0.timestamp() }
                 times.append((a, b))
             }
+            bwHostUs = median(hostTimes)
             try device.synchronize()
             try last?.dq.checkErrors()
             bwKernel = last?.kernel
@@ -282,7 +290,9 @@ struct Bench: ParsableCommand {
             obj["bw_ms"] = (bwMs * 1e3).rounded() / 1e3
             obj["bw_tflops"] = (bwTflops * 10).rounded() / 10
             obj["bw_kernel"] = bwKernel?.rawValue
-            print("\(pad(c.name, 20)) backward " + String(format: "%.2f ms, %.2f TFLOP/s", bwMs, bwTflops) + " (\(bwKernel?.rawValue ?? "?"))")
+            if let bwHostUs { obj["bw_host_us"] = (bwHostUs * 10).rounded() / 10 }
+            print("\(pad(c.name, 20)) backward " + String(format: "%.2f ms, %.2f TFLOP/s", bwMs, bwTflops) + " (\(bwKernel?.rawValue ?? "?")), host "
+                  + String(format: "%.1f µs", bwHostUs ?? .nan))
             if let bwProfile { print(bwProfile) }
         }
         if compiled {

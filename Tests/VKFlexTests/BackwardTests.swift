@@ -358,6 +358,25 @@ extension BackwardTests {
                 try CooperativeMatrixKHRRewriter.verify(try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32))
             }
         }
+        // A document mask (captured ids read at q_idx and at kv_idx): each owned row's and staged
+        // column's id loaded once (VKF_HAS_MASK_RC), in both passes, one and two row blocks.
+        let ids = try device.tensor([Int32](repeating: 0, count: 64), shape: [64], name: "doc")
+        let document = try SplicedMods(score: nil, mask: MaskMod { _, _, q, kv in (ids[q] == ids[kv]) & (q >= kv) },
+                                       firstBinding: BackwardBinding.firstCapture, errorBinding: BackwardBinding.errors.rawValue, device: device)
+        XCTAssertTrue(document.glsl.source.contains("#define VKF_HAS_MASK_RC 1"))
+        var documentLibrary = library
+        documentLibrary.files.merge(document.includes) { _, new in new }
+        for (D, rpw) in [(64, 1), (64, 2), (128, 1)] {
+            var forced = BackwardNVTiles(nsg: 4, step: 32, prefetch: true)
+            forced.rpw = rpw
+            let t = try XCTUnwrap(AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, forced: rpw == 1 ? nil : forced))
+            for pass in [1, 2] {
+                let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatNV, dtype: .float16, D: D, Dv: D, tiles: .generic(t),
+                                         typedOperands: pass == 2, pushParams: pass == 1, mods: document.glsl.source)
+                let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: documentLibrary)
+                if pass == 2 { try CooperativeMatrixKHRRewriter.verify(try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32)) }
+            }
+        }
         // Tiles that do not fit are refused, by name where forced; lavapipe has no cooperative matrices.
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 8, step: 128)))
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 4, step: 32, ownShared: true)))

@@ -126,8 +126,9 @@ extension AttentionTests {
         XCTAssertEqual(r.kernel, .coopmatGeneric, what, file: file, line: line)
         let ref = try flexAttentionReference(q, k, v, blockMask: bm, enableGQA: Hq != Hkv, kvLengths: lens?.map(Int.init))
         XCTAssertLessThan(relativeL2Error(try r.output.toArray(), ref.output), 2e-3, what, file: file, line: line)
-        XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-2,
-                          what, file: file, line: line)
+        // The row sums add float32 P where the call returns the LSE (sums of the fp16 P put it ~1e-4 off).
+        XCTAssertLessThan(zip(try r.lse!.toArray(), ref.lse).map { $1 == -.infinity ? ($0 == -.infinity ? 0 : 1) : abs(Double($0) - $1) }.max()!, 2e-5,
+                          "LSE: " + what, file: file, line: line)
     }
 
     /// Long key ranges through the emulated kernel: its scalar products count against lavapipe's

@@ -158,3 +158,48 @@ final class DeviceTests: VulkanTestCase {
         XCTAssertNil(try CooperativeMatrixAPI.choice(caps), "both extensions need the Vulkan memory model")
     }
 }
+
+/// Freed large buffers are kept for reuse up to the cache's limit (a training loop's gradients
+/// find their memory again instead of a new allocation each step), and `emptyCache` frees them.
+final class BufferCacheTests: VulkanTestCase {
+    func testLargeBuffersAreReusedWithinTheLimitAndFreedOnRequest() throws {
+        let d = try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"] ?? "llvmpipe",
+                           options: .init(validation: true, bufferCacheBytes: 48 << 20))
+        let mib = 1 << 20
+        let start = d.liveAllocations
+        var a: Buffer? = try d.makeBuffer(bytes: 20 * mib)
+        try a!.upload([Float](repeating: 1, count: 16))
+        try d.synchronize()
+        a = nil
+        XCTAssertEqual(d.cachedBytes, 20 * mib, "a freed 20 MiB buffer is kept")
+        // A size of the same 2 MiB class takes it back: no new allocation.
+        var b: Buffer? = try d.makeBuffer(bytes: 19 * mib + 12)
+        XCTAssertEqual(b?.size, 19 * mib + 12)
+        XCTAssertEqual(d.cachedBytes, 0)
+        XCTAssertEqual(d.liveAllocations, start + 1)
+        // Past the limit (48 MiB) a freed buffer is freed: 20 + 30 MiB do not both fit.
+        var c: Buffer? = try d.makeBuffer(bytes: 30 * mib)
+        XCTAssertEqual(d.liveAllocations, start + 2)
+        var e: Buffer? = b
+        b = nil
+        try d.synchronize()
+        e = nil   // kept: 20 MiB
+        c = nil   // freed: 20 + 30 MiB would pass the limit
+        XCTAssertNil(e ?? c)
+        XCTAssertEqual(d.cachedBytes, 20 * mib)
+        XCTAssertEqual(d.liveAllocations, start + 1)
+        d.emptyCache()
+        XCTAssertEqual(d.cachedBytes, 0)
+        XCTAssertEqual(d.liveAllocations, start)
+        // Off: every large buffer is freed at once.
+        let off = try Device(selector: ProcessInfo.processInfo.environment["VKFLEX_DEVICE"] ?? "llvmpipe",
+                             options: .init(validation: true, bufferCacheBytes: 0))
+        var f: Buffer? = try off.makeBuffer(bytes: 20 * mib)
+        _ = f
+        f = nil
+        XCTAssertEqual(off.cachedBytes, 0)
+        XCTAssertThrowsError(try Device(selector: "llvmpipe", options: .init(bufferCacheBytes: -1))) {
+            XCTAssertTrue("\($0)".contains("bufferCacheBytes is -1; it must be 0 or more"), "\($0)")
+        }
+    }
+}
