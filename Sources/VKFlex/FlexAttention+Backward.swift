@@ -2,7 +2,7 @@ import Foundation
 import VKFlexExpr
 import VKFlexVulkan
 
-/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:options:)``
+/// What ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:out:options:)``
 /// returns: the gradients of the loss with respect to q, k and v, in their shapes and dtype.
 public struct FlexGradients {
     /// `[B, Hq, Lq, D]`.
@@ -35,6 +35,29 @@ public struct FlexGradients {
 
     /// The ids of the tensors the call named in `gradCaptures:`.
     var requested: [Int] = []
+
+    /// Tensors for a backward call to write its gradients into (its `out:`): a previous call's
+    /// result does the same, so a training step writes last step's gradient memory again.
+    ///
+    /// ```swift
+    /// // One micro-batch's gradients into its rows of the whole batch's (contiguous slices).
+    /// let dqAll = try device.empty(shape: [2 * B, H, S, D], dtype: q.dtype)
+    /// let dkAll = try device.empty(shape: [2 * B, H, S, D], dtype: q.dtype)
+    /// let dvAll = try device.empty(shape: [2 * B, H, S, D], dtype: q.dtype)
+    /// func rows(_ t: Tensor, _ i: Int) throws -> Tensor {
+    ///     try t.asStrided(shape: [B, H, S, D], strides: t.strides, byteOffset: i * B * H * S * D * t.dtype.size)
+    /// }
+    /// let forward = try flexAttention(q, k, v, returnLSE: true)
+    /// let into = FlexGradients(dq: try rows(dqAll, 1), dk: try rows(dkAll, 1), dv: try rows(dvAll, 1))
+    /// _ = try forward.backward(gradOutput: dO, out: into)
+    /// ```
+    public init(dq: Tensor, dk: Tensor, dv: Tensor) {
+        (self.dq, self.dk, self.dv) = (dq, dk, dv)
+    }
+
+    init(dq: Tensor, dk: Tensor, dv: Tensor, dsinks: Tensor?, captures: [Tensor], requested: [Int]) {
+        (self.dq, self.dk, self.dv, self.dsinks, self.captures, self.requested) = (dq, dk, dv, dsinks, captures, requested)
+    }
 }
 
 /// The backward pass of ``flexAttention(_:_:_:scoreMod:blockMask:scale:enableGQA:kvLengths:qOffset:pageTable:sinks:returnLSE:returnMaxScores:out:options:)``,
@@ -62,6 +85,11 @@ public struct FlexGradients {
 ///   computed index such as `rb[q_idx - kv_idx + S]`, works). float32 whatever the tensor's dtype.
 ///   Added with float atomics where the device has them (lavapipe and NVIDIA do), else through
 ///   per-workgroup partial sums.
+/// - out: tensors to write dQ, dK and dV into instead of new ones (``FlexGradients/init(dq:dk:dv:)``
+///   of the caller's, or a previous call's result): contiguous, in q's, k's and v's shapes and the
+///   inputs' dtype, sharing no memory with an input — e.g. one micro-batch's rows of a whole batch's
+///   gradients. They are overwritten, not added to. The result holds them (its `dsinks` and
+///   captures' gradients are new tensors).
 ///
 /// The dQ and dK/dV passes run through cooperative matrices: on a device where the forward takes
 /// `coopmat-nv` (NVIDIA's fragment layout, float16 or bfloat16, head dim = value dim, a multiple
@@ -82,7 +110,8 @@ public struct FlexGradients {
 public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output: Tensor, lse: Tensor, gradOutput: Tensor,
                                   gradLSE: Tensor? = nil, scoreMod: ScoreMod? = nil, blockMask: BlockMask? = nil,
                                   scale: Double? = nil, enableGQA: Bool = false, kvLengths: Tensor? = nil,
-                                  sinks: Tensor? = nil, gradCaptures: [Tensor] = [], options: FlexOptions = FlexOptions()) throws -> FlexGradients {
+                                  sinks: Tensor? = nil, gradCaptures: [Tensor] = [], out: FlexGradients? = nil,
+                                  options: FlexOptions = FlexOptions()) throws -> FlexGradients {
     let s = try AttentionShape(q, k, v, blockMask: blockMask, enableGQA: enableGQA)
     let wanted = try captureGradientTargets(gradCaptures, scoreMod: scoreMod, blockMask: blockMask)
     try checkKVLengths(kvLengths, shape: s, device: q.device)
@@ -97,21 +126,60 @@ public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output:
     }
     let scale = scale ?? 1 / Double(s.D).squareRoot()
     guard scale.isFinite else { throw FlexError("scale must be finite, got \(scale)") }
-    let dq = try device.empty(shape: [s.B, s.Hq, s.Lq, s.D], dtype: q.dtype, name: "dq")
-    let dk = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.D], dtype: q.dtype, name: "dk")
-    let dv = try device.empty(shape: [s.B, s.Hkv, s.Lkv, s.Dv], dtype: q.dtype, name: "dv")
+    let shapes = [[s.B, s.Hq, s.Lq, s.D], [s.B, s.Hkv, s.Lkv, s.D], [s.B, s.Hkv, s.Lkv, s.Dv]]
+    let (dq, dk, dv): (Tensor, Tensor, Tensor)
+    if let out {
+        try checkGradientOutputs(out, shapes: shapes, dtype: q.dtype,
+                                 inputs: [q, k, v, output, gradOutput, lse] + [gradLSE, kvLengths, sinks].compactMap { $0 })
+        (dq, dk, dv) = (out.dq, out.dk, out.dv)
+    } else {
+        dq = try device.empty(shape: shapes[0], dtype: q.dtype, name: "dq")
+        dk = try device.empty(shape: shapes[1], dtype: q.dtype, name: "dk")
+        dv = try device.empty(shape: shapes[2], dtype: q.dtype, name: "dv")
+    }
     let dsinks = sinks == nil ? nil : try device.tensor([Float](repeating: 0, count: s.Hq), shape: [s.Hq], name: "dsinks")
     let dcaps = try gradCaptures.map { try device.empty(shape: $0.shape, dtype: .float32, name: "d" + $0.name) }
     var grads = FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks, captures: dcaps, requested: gradCaptures.map(\.id))
     grads.kernel = try AttentionPlanner.backwardKernel(s, device: device, forced: options.kernel)
     if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 {
-        for t in [dq, dk, dv] + dcaps { try t.buffer.fill(pattern: 0) }
+        // A caller's tensor may be a view into a larger buffer: only its own elements are zeroed.
+        for t in [dq, dk, dv] where t.count > 0 {
+            if out != nil { try t.copy(from: [Float](repeating: 0, count: t.count)) } else { try t.buffer.fill(pattern: 0) }
+        }
+        for t in dcaps { try t.buffer.fill(pattern: 0) }
         return grads
     }
     try BackwardKernel.run(shape: s, q: q, k: k, v: v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                            scoreMod: scoreMod, blockMask: blockMask, scale: scale, kvLengths: kvLengths, sinks: sinks,
                            dq: dq, dk: dk, dv: dv, dsinks: dsinks, gradCaptures: wanted, dcaps: dcaps, kernel: grads.kernel)
     return grads
+}
+
+/// `out:` of a backward call, checked: each gradient on the inputs' device, in its shape and
+/// dtype, contiguous (the passes write rows one after another from the tensor's first byte), at an
+/// offset the device can bind, and sharing no byte with another gradient or with an input.
+func checkGradientOutputs(_ out: FlexGradients, shapes: [[Int]], dtype: DType, inputs: [Tensor]) throws {
+    let grads = [("dq", out.dq), ("dk", out.dk), ("dv", out.dv)]
+    let device = inputs[0].device
+    let align = device.capabilities.minStorageBufferOffsetAlignment
+    for ((name, t), shape) in zip(grads, shapes) {
+        guard t.device === device else { throw FlexError("out: \(name) belongs to another device") }
+        guard t.shape == shape else { throw FlexError("out: \(name) has shape \(t.shape); it must be \(shape)") }
+        guard t.dtype == dtype else { throw FlexError("out: \(name) is \(t.dtype.rawValue); it must be \(dtype.rawValue), the inputs' dtype") }
+        guard t.isContiguous else { throw FlexError("out: \(name) is a strided view; the backward writes contiguous gradients (copy them after, or pass a contiguous slice)") }
+        guard t.byteOffset % align == 0 else {
+            throw FlexError("out: \(name) starts at byte \(t.byteOffset) of its buffer, not a multiple of \(align) (\(device.capabilities.name)'s storage-buffer alignment)")
+        }
+    }
+    func overlap(_ a: Tensor, _ b: Tensor) -> Bool {
+        guard a.buffer === b.buffer, a.count > 0, b.count > 0 else { return false }
+        let (x, y) = (a.byteSpan, b.byteSpan)
+        return x.lower < y.upper && y.lower < x.upper
+    }
+    for (i, (name, t)) in grads.enumerated() {
+        for (other, u) in grads[(i + 1)...] where overlap(t, u) { throw FlexError("out: \(name) and \(other) share memory; each gradient needs its own") }
+        for u in inputs where overlap(t, u) { throw FlexError("out: \(name) shares memory with the input \(u.name); the backward reads the inputs while it writes the gradients") }
+    }
 }
 
 /// The captures of `gradCaptures:` as the score-mod sees them, checked: float, read by the

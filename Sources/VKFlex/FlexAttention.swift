@@ -14,7 +14,7 @@ public struct FlexResult {
     public var maxScores: Tensor?
     /// The kernel that ran.
     public var kernel: FlexKernel = .portable
-    /// What the backward needs of the call (``backward(gradOutput:gradLSE:gradCaptures:options:)``).
+    /// What the backward needs of the call (``backward(gradOutput:gradLSE:gradCaptures:out:options:)``).
     var saved: SavedForBackward?
 }
 
@@ -30,7 +30,7 @@ struct SavedForBackward {
 
 extension FlexResult {
     /// The gradients of this call: what
-    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:options:)``
+    /// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:out:options:)``
     /// returns for its inputs, mods and outputs, so a training loop need not pass them again.
     ///
     /// ```swift
@@ -40,12 +40,14 @@ extension FlexResult {
     ///
     /// - gradCaptures: float tensors the score-mod captures whose gradients to return (a learnable
     ///   bias): ``FlexGradients/gradient(of:)``.
+    /// - out: tensors to write dQ, dK and dV into (a previous step's gradients: no new memory), as
+    ///   ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:out:options:)``.
     /// - options: the dQ and dK/dV passes' kernel (`.portable`, `.coopmatNV` or `.coopmatGeneric`;
     ///   default: the planner's, ``FlexGradients/kernel`` says which ran).
     ///
     /// - Throws: ``FlexError/invalidArgument(_:)`` when the forward ran without `returnLSE: true`;
     ///   what the backward throws.
-    public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil, gradCaptures: [Tensor] = [],
+    public func backward(gradOutput: Tensor, gradLSE: Tensor? = nil, gradCaptures: [Tensor] = [], out: FlexGradients? = nil,
                          options: FlexOptions = FlexOptions()) throws -> FlexGradients {
         guard let saved else { throw FlexError("this result has no forward call to differentiate") }
         guard let lse else { throw FlexError("backward needs the LSE: call flexAttention with returnLSE: true") }
@@ -54,7 +56,7 @@ extension FlexResult {
         }
         return try flexAttentionBackward(saved.q, saved.k, saved.v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,
                                          scoreMod: saved.scoreMod, blockMask: saved.blockMask, scale: saved.scale, enableGQA: saved.enableGQA,
-                                         kvLengths: saved.kvLengths, sinks: saved.sinks, gradCaptures: gradCaptures, options: options)
+                                         kvLengths: saved.kvLengths, sinks: saved.sinks, gradCaptures: gradCaptures, out: out, options: options)
     }
 }
 
@@ -221,7 +223,7 @@ public func flexAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, scoreMod: Score
 /// make up a first call's cost (on an H200 about 1 s for the cooperative-matrix kernel when
 /// neither vkflex's SPIR-V cache nor the driver's shader cache has it, under 10 ms when both do;
 /// docs/performance.md, "First call"); with `backward: true` the backward's pipelines too (for
-/// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:options:)``
+/// ``flexAttentionBackward(_:_:_:output:lse:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:out:options:)``
 /// without sinks). Nothing is dispatched and the tensors' contents are not
 /// read, so it can run while they are being filled, and from another thread: a kernel is built
 /// once however many threads ask for it.

@@ -105,6 +105,52 @@ extension BackwardTests {
         XCTAssertEqual(try a.dv.toArray(), try b.dv.toArray())
         XCTAssertThrowsError(try flexAttention(q, q, q).backward(gradOutput: dO)) { XCTAssertTrue("\($0)".contains("returnLSE: true"), "\($0)") }
     }
+
+    /// `out:` writes dQ, dK and dV into the caller's tensors — new ones holding NaN, or one
+    /// micro-batch's rows of larger tensors, whose other rows stay as they were — with the values a
+    /// call without it gives; tensors it cannot write are refused by name.
+    func testGradientsIntoTheCallersTensors() throws {
+        let (B, H, S, D) = (2, 2, 40, 16), n = B * H * S * D
+        let q = try device.tensor(randn(n), shape: [B, H, S, D], name: "q")
+        let k = try device.tensor(randn(n), shape: [B, H, S, D], name: "k")
+        let v = try device.tensor(randn(n), shape: [B, H, S, D], name: "v")
+        let dO = try device.tensor(randn(n), shape: [B, H, S, D], name: "dO")
+        let causal = try createBlockMask(MaskMod { _, _, q, kv in q >= kv }, B: 1, H: 1, qLen: S, kvLen: S, device: device, blockSize: 16)
+        let forward = try flexAttention(q, k, v, blockMask: causal, returnLSE: true)
+        let fresh = try forward.backward(gradOutput: dO)
+        let expected = try [fresh.dq, fresh.dk, fresh.dv].map { try $0.toArray() }
+
+        let nan = [Float](repeating: .nan, count: n)
+        let mine = FlexGradients(dq: try device.tensor(nan, shape: [B, H, S, D]), dk: try device.tensor(nan, shape: [B, H, S, D]),
+                                 dv: try device.tensor(nan, shape: [B, H, S, D]))
+        let into = try forward.backward(gradOutput: dO, out: mine)
+        XCTAssertEqual([into.dq.id, into.dk.id, into.dv.id], [mine.dq.id, mine.dk.id, mine.dv.id], "the result holds the caller's tensors")
+        XCTAssertEqual(try [mine.dq, mine.dk, mine.dv].map { try $0.toArray() }, expected)
+
+        // The second of two micro-batches' rows of [2B, H, S, D] gradients.
+        let sevens = [Float](repeating: 7, count: 2 * n)
+        let whole = try (0..<3).map { _ in try device.tensor(sevens, shape: [2 * B, H, S, D]) }
+        let rows = try whole.map { try $0.asStrided(shape: [B, H, S, D], strides: $0.strides, byteOffset: n * 4) }
+        _ = try forward.backward(gradOutput: dO, out: FlexGradients(dq: rows[0], dk: rows[1], dv: rows[2]))
+        for (t, e) in zip(whole, expected) {
+            let all = try t.toArray()
+            XCTAssertEqual(Array(all[..<n]), Array(sevens[..<n]), "the first micro-batch's rows are untouched")
+            XCTAssertEqual(Array(all[n...]), e)
+        }
+
+        func refused(_ out: FlexGradients, _ fragment: String, line: UInt = #line) {
+            XCTAssertThrowsError(try forward.backward(gradOutput: dO, out: out), line: line) {
+                XCTAssertTrue("\($0)".contains(fragment), "\($0)", line: line)
+            }
+        }
+        let ok = try device.empty(shape: [B, H, S, D], dtype: .float32)
+        refused(FlexGradients(dq: try device.empty(shape: [B, H, S, D + 1], dtype: .float32), dk: ok, dv: ok), "out: dq has shape [2, 2, 40, 17]; it must be [2, 2, 40, 16]")
+        refused(FlexGradients(dq: try device.empty(shape: [B, H, S, D], dtype: .float16), dk: ok, dv: ok), "out: dq is float16; it must be float32")
+        let other = try device.empty(shape: [B, H, S, D], dtype: .float32)
+        refused(FlexGradients(dq: other, dk: try device.empty(shape: [B, S, H, D], dtype: .float32).permuted(0, 2, 1, 3), dv: ok), "out: dk is a strided view")
+        refused(FlexGradients(dq: other, dk: ok, dv: ok), "out: dk and dv share memory")
+        refused(FlexGradients(dq: other, dk: ok, dv: q), "out: dv shares memory with the input q")
+    }
 }
 
 extension BackwardTests {
