@@ -283,6 +283,7 @@ struct Bench: ParsableCommand {
                                   "density": (density * 1e4).rounded() / 1e4, "fw_ms": (ms * 1e3).rounded() / 1e3,
                                   "fw_tflops": (tflops * 10).rounded() / 10, "device": device.capabilities.name, "kernel": kernel.rawValue,
                                   "host_us": (median(hostUs) * 10).rounded() / 10]
+        if returnLSE { obj["return_lse"] = true }
         if let maskMs { obj["mask_ms"] = (maskMs * 1e3).rounded() / 1e3 }
         if let maskGPUMs { obj["mask_gpu_ms"] = (maskGPUMs * 1e3).rounded() / 1e3 }
         if let bwMs {
