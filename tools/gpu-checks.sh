@@ -339,6 +339,11 @@ if [ "$what" = short ]; then
   step selftest-khr 150 vkflex selftest --kernel all
   (cd "$out" && tar cf short.tar --exclude short.tar . 2>/dev/null && find . -type f ! -name short.tar -delete)
 fi
+# /tmp/nohoist: the working tree's shaders without the NV backward's per-head hoist (ac5d29e), for
+# VKFLEX_SHADER_DIR A/B runs.
+nohoist_shaders() {
+  rm -rf /tmp/nohoist && cp -r Shaders /tmp/nohoist && sed -i '/^#define VKF_HOIST_BH 1$/d' /tmp/nohoist/flex_attention_bwd_nv.comp
+}
 if [ "$what" = final22 ]; then
   # Twenty-second session's last call: every kernel's validated selftest (float32 row sums in
   # coopmat-generic too; the NV backward's per-row and per-key mask values), PyTorch's rule on the
@@ -346,7 +351,7 @@ if [ "$what" = final22 ]; then
   # NV backward (the binary's) and without it (a copy of Shaders/ without its VKF_HOIST_BH line),
   # in turn, twice, with each pass's time and the host's share of a call.
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
-  rm -rf /tmp/nohoist && cp -r Shaders /tmp/nohoist && sed -i '/^#define VKF_HOIST_BH 1$/d' /tmp/nohoist/flex_attention_bwd_nv.comp
+  nohoist_shaders
   bwd_ab() {  # bwd_ab ROUND: the backward with the binary's shaders, then without the hoist
     for v in hoist nohoist; do
       dir=""; [ "$v" = nohoist ] && dir=/tmp/nohoist
@@ -370,7 +375,7 @@ if [ "$what" = doc-lse ]; then
   VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step bwd-document 90 vkflex bench --suite seed --backward --no-check --repeat 5 --cases document_causal,causal
   grep -E "backward|device time|flex_attention" "$out/bwd-document.txt" | grep -v Stat | cut -c1-200 | head -24
   local_mem "$out/bwd-document.txt"
-  rm -rf /tmp/nohoist && cp -r Shaders /tmp/nohoist && sed -i '/^#define VKF_HOIST_BH 1$/d' /tmp/nohoist/flex_attention_bwd_nv.comp
+  nohoist_shaders
   grep -c VKF_HOIST_BH /tmp/nohoist/flex_attention_bwd_nv.comp
   VKFLEX_SHADER_DIR=/tmp/nohoist VKFLEX_PROFILE=1 step bwd-document-nohoist 60 vkflex bench --suite seed --backward --no-check --repeat 5 --cases document_causal
   grep -E "backward|device time|flex_attention" "$out/bwd-document-nohoist.txt" | cut -c1-200 | head -12

@@ -142,11 +142,8 @@ public func flexAttentionBackward(_ q: Tensor, _ k: Tensor, _ v: Tensor, output:
     var grads = FlexGradients(dq: dq, dk: dk, dv: dv, dsinks: dsinks, captures: dcaps, requested: gradCaptures.map(\.id))
     grads.kernel = try AttentionPlanner.backwardKernel(s, device: device, forced: options.kernel)
     if s.B * s.Hq * s.Lq == 0 || s.Hkv * s.Lkv == 0 || s.D == 0 {
-        // A caller's tensor may be a view into a larger buffer: only its own elements are zeroed.
-        for t in [dq, dk, dv] where t.count > 0 {
-            if out != nil { try t.copy(from: [Float](repeating: 0, count: t.count)) } else { try t.buffer.fill(pattern: 0) }
-        }
-        for t in dcaps { try t.buffer.fill(pattern: 0) }
+        // Only the tensors' own elements: a caller's may be a view into a larger buffer.
+        for t in [dq, dk, dv] + dcaps where t.count > 0 { try t.copy(from: [Float](repeating: 0, count: t.count)) }
         return grads
     }
     try BackwardKernel.run(shape: s, q: q, k: k, v: v, output: output, lse: lse, gradOutput: gradOutput, gradLSE: gradLSE,

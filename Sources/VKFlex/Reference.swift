@@ -154,7 +154,7 @@ public func attentionReferenceRows(q: [Float], rows: [Int], k: [Float], v: [Floa
     return out
 }
 
-/// The gradients ``flexAttentionBackwardReference(_:_:_:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:out:options:)``
+/// The gradients ``flexAttentionBackwardReference(_:_:_:gradOutput:gradLSE:scoreMod:blockMask:scale:enableGQA:kvLengths:sinks:gradCaptures:)``
 /// computes, row-major, in float64.
 public struct ReferenceGradients {
     /// In the shapes of q, k and v.

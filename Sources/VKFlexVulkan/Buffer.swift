@@ -145,8 +145,8 @@ extension Device {
         guard bytes >= 0 else { throw FlexError.invalidArgument("buffer size \(bytes) is negative") }
         // Freed buffers are kept for reuse by size class: small ones (parameters, error flags,
         // masks) always, large ones (a backward's gradients, a step's scratch) up to the cache's
-        // limit. An allocation costs far more than the work on some drivers: three 256 MiB
-        // gradients a backward call took 12.6-17.2 ms of host time on an H100, 2026-12-07.
+        // limit. An allocation can cost far more than the work: a backward call that allocated
+        // three 256 MiB gradients spent 12.6-17.2 ms of host time on an H100, 2026-12-07.
         let cls = BufferPool.Class(bytes: bytes, hostVisible: hostVisible)
         guard cls.bytes <= capabilities.maxMemoryAllocation else { return try allocateBuffer(bytes: bytes, hostVisible: hostVisible) }
         if let e = bufferPool.take(cls) {

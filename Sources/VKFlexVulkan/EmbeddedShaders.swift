@@ -5242,35 +5242,29 @@ GATHER(v_data, v_units)
             MM_ONES_SUM(LS[b_], pf_[b_ * (BKV / MK) + kk_]) \
         } \
     MM_PV_RB(O, pf_, VB) }
+// The row sums: with MM_EXACT_SUMS each element of LS adds its float32 P, and a lane's row total
+// (LANE_SUM) adds the row's MN columns of LS, then the lanes sharing the row and sm_tile's shares
+// L; else the products with ones put the row's sum in every column of LS.
 #if MM_EXACT_SUMS
 #define MM_EXACT_ADD(X, P) X += (P);
 #define MM_ONES_DECL
 #define MM_ONES_SUM(X, PF)
+#define MM_LANE_SUM(R0, LANE, L, LK, K) { \
+    float c_ = L[K]; \
+    MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) c_ += Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE) + u_ * SM_TPR]; \
+    LK[K] = sm_row_sum(c_); }
 #else
 #define MM_EXACT_ADD(X, P)
 #define MM_ONES_DECL const FRAG_B ones_ = B_FILL(1.0);
 #define MM_ONES_SUM(X, PF) X = coopMatMulAddNV(PF, ones_, X);
+#define MM_LANE_SUM(R0, LANE, L, LK, K) LK[K] = Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE)];
 #endif
-// Each lane's rows' sums from LS through the score tile (L: the lanes' shares from sm_tile).
-#if MM_EXACT_SUMS
-// A row's MN columns of LS, then the lanes sharing the row, then sm_tile's shares.
+// Each lane's rows' sums (LK) from LS through the score tile.
 #define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
     subgroup_sync(); \
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
-    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) { \
-        float c_ = L[k_]; \
-        MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) c_ += Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE) + u_ * SM_TPR]; \
-        LK[k_] = sm_row_sum(c_); \
-    } }
-#else
-// Every column of a row of LS holds the row's sum.
-#define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
-    subgroup_sync(); \
-    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
-    subgroup_sync(); \
-    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) LK[k_] = Ss[((R0) + sm_row(LANE, k_)) * SST + sm_col0(LANE)]; }
-#endif
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) MM_LANE_SUM(R0, LANE, L, LK, k_) }
 #endif
 """#,
         "flex_softmax.glsl": #"""

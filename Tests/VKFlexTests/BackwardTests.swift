@@ -150,6 +150,22 @@ extension BackwardTests {
         refused(FlexGradients(dq: other, dk: try device.empty(shape: [B, S, H, D], dtype: .float32).permuted(0, 2, 1, 3), dv: ok), "out: dk is a strided view")
         refused(FlexGradients(dq: other, dk: ok, dv: ok), "out: dk and dv share memory")
         refused(FlexGradients(dq: other, dk: ok, dv: q), "out: dv shares memory with the input q")
+
+        // No query rows: dK and dV are zeros, written into the caller's views alone (their
+        // neighbours keep their 7s; a call's own tensors are zeros too), float16, 15 elements.
+        let q0 = try device.empty(shape: [1, 1, 0, 3], dtype: .float16)
+        let k0 = try device.tensor(randn(5 * 3), shape: [1, 1, 5, 3], dtype: .float16)
+        let lse0 = try device.empty(shape: [1, 1, 0], dtype: .float32)
+        func backward0(_ out: FlexGradients?) throws -> FlexGradients {
+            try flexAttentionBackward(q0, k0, k0, output: q0, lse: lse0, gradOutput: q0, out: out)
+        }
+        let big = try (0..<2).map { _ in try device.tensor([Float](repeating: 7, count: 32), shape: [32], dtype: .float16) }
+        let halves = try big.map { try $0.asStrided(shape: [1, 1, 5, 3], strides: [15, 15, 3, 1], byteOffset: 32) }
+        let dq0 = try device.empty(shape: [1, 1, 0, 3], dtype: .float16)
+        _ = try backward0(FlexGradients(dq: dq0, dk: halves[0], dv: halves[1]))
+        for t in big { XCTAssertEqual(try t.toArray(), [Float](repeating: 7, count: 16) + [Float](repeating: 0, count: 15) + [7]) }
+        let own = try backward0(nil)
+        XCTAssertEqual(try own.dk.toArray() + own.dv.toArray(), [Float](repeating: 0, count: 30))
     }
 }
 
