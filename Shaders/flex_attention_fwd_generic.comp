@@ -198,7 +198,7 @@ void main() {
     MM_UNROLL for (int nn = 0; nn < GEN_RPW * (DV / MN); ++nn) o[nn] = C_FILL(0.0);
 #endif
 #if GEN_REGSM
-    FRAG_C ix, mb[GEN_RPW], ls[GEN_RPW];
+    FRAG_C ix, mb[GEN_RPW], ls[GEN_RPW * MM_LS_N];
     MM_REG_INIT(g_r0, lane, ix, mb, ls, -1e30)
 #endif
 
@@ -282,9 +282,13 @@ void main() {
     // own its rows one fragment at a time (MM_O_CHUNK).
     const float nan = uintBitsToFloat(0x7FC00000u);
     const int ooff = p.o_base + bl * p.o_sb + hl * p.o_sh SPLIT_O;
-    float lk[SM_RPL], fk[SM_RPL];
+    // lk: O's normalization; le: the LSE's (float32 sums beside products with ones, MM_EXACT_SUMS 2).
+    float lk[SM_RPL], fk[SM_RPL], le[SM_RPL];
 #if GEN_REGSM
     MM_REG_SUMS(g_r0, lane, ls, l, lk)
+#if MM_EXACT_SUMS == 2
+    MM_REG_LSE_SUMS(g_r0, lane, ls, l, le)
+#endif
 #endif
     MM_UNROLL for (int k = 0; k < SM_RPL; ++k) {
         const int r = g_r0 + sm_row(lane, k);
@@ -292,6 +296,11 @@ void main() {
         lk[k] = sm_row_sum(l[k]);
 #endif
         if (!sized) lk[k] = nan;
+#if GEN_REGSM && MM_EXACT_SUMS == 2
+        if (!sized) le[k] = nan;
+#else
+        le[k] = lk[k];
+#endif
         float mk = m[k];
         fk[k] = 1.0;
 #if VKF_MAX_SCORES
@@ -304,10 +313,11 @@ void main() {
         const float s2 = sinks[h] * LOG2E, M = max(mk, s2);
         fk[k] = exp2(mk - M);
         lk[k] = lk[k] * fk[k] + exp2(s2 - M);
+        le[k] = le[k] * fk[k] + exp2(s2 - M);
         mk = M;
 #endif
         if (r < rows && p.write_lse != 0 && sm_col0(lane) == 0)
-            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = lk[k] != 0.0 ? vkf_lse(mk, lk[k]) : NEG_INF;
+            lse_data[p.lse_base SPLIT_LSE + bl * p.lse_sb + hl * p.lse_sh + (q0 + r) * p.lse_sl] = le[k] != 0.0 ? vkf_lse(mk, le[k]) : NEG_INF;
     }
     MM_UNROLL for (int nn = 0; nn < DV / MN; ++nn) {
 #if !VKF_MM_EMULATE

@@ -199,7 +199,10 @@ GATHER(v_data, v_units)
 // or, with MM_EXACT_SUMS 1 (where the call returns the LSE, whose error fp16 sums would set at
 // ~1e-5), LS adds each element's float32 P in place (element (r, c) the sum of row r's columns
 // c, c + MN, ...) and the steps that go through sm_tile add theirs to its lane sums L:
-// MM_REG_SUMS then adds a row's columns and the lanes' shares.
+// MM_REG_SUMS then adds a row's columns and the lanes' shares. MM_EXACT_SUMS 2 keeps both:
+// LS[b] the products with ones (O's normalization, sharing the rounding of the bfloat16 P that O
+// is built from) and LS[MM_RB + b] the float32 sums (the LSE's, MM_REG_LSE_SUMS); MM_LS_N sums
+// a row block, the includer's LS array MM_RB * MM_LS_N long.
 // Only where a score passes its row's maximum by more than SM_TAU (every row's first step, then
 // rarely) do the scores go through the score tile to flex_softmax.glsl's sm_tile, which raises
 // the maxima; MB is reloaded and O and LS rescaled element-wise by a broadcast of the factors.
@@ -210,6 +213,7 @@ GATHER(v_data, v_units)
 #ifndef MM_EXACT_SUMS
 #define MM_EXACT_SUMS 0
 #endif
+#define MM_LS_N (MM_EXACT_SUMS == 2 ? 2 : 1)
 #define MM_IX_ROW(E) ((E) / MN)
 // Accumulators of a step's scores a row block, and S[b * MM_NS + nn]: block b's keys nn * MN ...
 #define MM_NS (BKV / MN)
@@ -223,7 +227,8 @@ GATHER(v_data, v_units)
     subgroup_sync(); \
     coopMatLoadNV(IX, Ss, uint((R0) * SST), uint(SST), false); \
     subgroup_sync(); \
-    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) { MB[b_] = C_FILL(M0); LS[b_] = C_FILL(0.0); } }
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) MB[b_] = C_FILL(M0); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB * MM_LS_N; ++b_) LS[b_] = C_FILL(0.0); }
 // S[b * MM_NS + NN] = Q Kᵀ for every row block b, keys NN * MN.., each Kᵀ fragment read once.
 #define MM_QK_RB(QF, S, NN, KB) { \
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) S[b_ * MM_NS + (NN)] = C_FILL(0.0); \
@@ -274,7 +279,8 @@ GATHER(v_data, v_units)
         MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) { \
             FRAG_C a_; \
             coopMatLoadNV(a_, Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
-            MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) LS[b_][i_] *= a_[i_]; \
+            MM_UNROLL for (int s_ = 0; s_ < MM_LS_N; ++s_) \
+                MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) LS[s_ * MM_RB + b_][i_] *= a_[i_]; \
             MM_UNROLL for (int nn_ = 0; nn_ < DV / MN; ++nn_) \
                 MM_UNROLL for (int i_ = 0; i_ < a_.length(); ++i_) O[b_ * (DV / MN) + nn_][i_] *= a_[i_]; \
         } \
@@ -285,7 +291,7 @@ GATHER(v_data, v_units)
                     const int e_ = int(IX[i_]), r_ = MM_IX_ROW(e_); \
                     const float p_ = exp2(s_[b_ * MM_NS + nn_][i_] - MB[b_][i_]); \
                     Ps[((R0) + b_ * MM + r_) * PST + nn_ * MN + e_ - r_ * MN] = TO_HALF(p_); \
-                    MM_EXACT_ADD(LS[b_][i_], p_) \
+                    MM_EXACT_ADD(LS, b_, i_, p_) \
                 } \
     } \
     subgroup_sync();   /* P written */ \
@@ -294,30 +300,43 @@ GATHER(v_data, v_units)
     MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) \
         MM_UNROLL for (int kk_ = 0; kk_ < BKV / MK; ++kk_) { \
             coopMatLoadNV(pf_[b_ * (BKV / MK) + kk_], Ps, uint(((R0) + b_ * MM) * PST + kk_ * MK), uint(PST), false); \
-            MM_ONES_SUM(LS[b_], pf_[b_ * (BKV / MK) + kk_]) \
+            MM_ONES_SUM(LS, b_, pf_[b_ * (BKV / MK) + kk_]) \
         } \
     MM_PV_RB(O, pf_, VB) }
 // The row sums: with MM_EXACT_SUMS each element of LS adds its float32 P, and a lane's row total
-// (LANE_SUM) adds the row's MN columns of LS, then the lanes sharing the row and sm_tile's shares
-// L; else the products with ones put the row's sum in every column of LS.
-#if MM_EXACT_SUMS
-#define MM_EXACT_ADD(X, P) X += (P);
+// (MM_LANE_EXACT) adds the row's MN columns of LS, then the lanes sharing the row and sm_tile's
+// shares L; else the products with ones put the row's sum in every column of LS (MM_LANE_ONES).
+#if MM_EXACT_SUMS == 1
+#define MM_EXACT_ADD(LS, B, I, P) LS[B][I] += (P);
+#elif MM_EXACT_SUMS == 2
+#define MM_EXACT_ADD(LS, B, I, P) LS[MM_RB + (B)][I] += (P);
+#else
+#define MM_EXACT_ADD(LS, B, I, P)
+#endif
+#if MM_EXACT_SUMS == 1
 #define MM_ONES_DECL
-#define MM_ONES_SUM(X, PF)
-#define MM_LANE_SUM(R0, LANE, L, LK, K) { \
+#define MM_ONES_SUM(LS, B, PF)
+#else
+#define MM_ONES_DECL const FRAG_B ones_ = B_FILL(1.0);
+#define MM_ONES_SUM(LS, B, PF) LS[B] = coopMatMulAddNV(PF, ones_, LS[B]);
+#endif
+#define MM_LANE_EXACT(R0, LANE, L, LK, K) { \
     float c_ = L[K]; \
     MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) c_ += Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE) + u_ * SM_TPR]; \
     LK[K] = sm_row_sum(c_); }
+#define MM_LANE_ONES(R0, LANE, L, LK, K) LK[K] = Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE)];
+#if MM_EXACT_SUMS == 1
+#define MM_LANE_SUM MM_LANE_EXACT
 #else
-#define MM_EXACT_ADD(X, P)
-#define MM_ONES_DECL const FRAG_B ones_ = B_FILL(1.0);
-#define MM_ONES_SUM(X, PF) X = coopMatMulAddNV(PF, ones_, X);
-#define MM_LANE_SUM(R0, LANE, L, LK, K) LK[K] = Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE)];
+#define MM_LANE_SUM MM_LANE_ONES
 #endif
-// Each lane's rows' sums (LK) from LS through the score tile.
-#define MM_REG_SUMS(R0, LANE, LS, L, LK) { \
+// Each lane's rows' sums (LK) from LS[OFF..] through the score tile.
+#define MM_SUMS_VIA_TILE(R0, LANE, LS, OFF, L, LK, LANE_SUM) { \
     subgroup_sync(); \
-    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
+    MM_UNROLL for (int b_ = 0; b_ < MM_RB; ++b_) coopMatStoreNV(LS[(OFF) + b_], Ss, uint(((R0) + b_ * MM) * SST), uint(SST), false); \
     subgroup_sync(); \
-    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) MM_LANE_SUM(R0, LANE, L, LK, k_) }
+    MM_UNROLL for (int k_ = 0; k_ < SM_RPL; ++k_) LANE_SUM(R0, LANE, L, LK, k_) }
+#define MM_REG_SUMS(R0, LANE, LS, L, LK) MM_SUMS_VIA_TILE(R0, LANE, LS, 0, L, LK, MM_LANE_SUM)
+// MM_EXACT_SUMS 2: the LSE's float32 sums (LE) beside MM_REG_SUMS' products with ones.
+#define MM_REG_LSE_SUMS(R0, LANE, LS, L, LE) MM_SUMS_VIA_TILE(R0, LANE, LS, MM_RB, L, LE, MM_LANE_EXACT)
 #endif

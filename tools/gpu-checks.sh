@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -364,6 +364,42 @@ if [ "$what" = final22 ]; then
   bwd_ab 2
   VKFLEX_SHADER_DIR=/tmp/nohoist step selftest-nohoist 60 vkflex selftest --kernel coopmat-nv
   (cd "$out" && tar cf final22.tar --exclude final22.tar . 2>/dev/null && find . -type f ! -name final22.tar -delete)
+fi
+if [ "$what" = cache23 ]; then
+  # Twenty-third session's first call: the backward with the large-buffer cache (host µs per call
+  # should fall from 12.6-17.2 ms to tens; document_causal's call to its passes' time), PyTorch on
+  # the same backward (issue 20's bar), every kernel's validated selftest, PyTorch's rule.
+  VKFLEX_PROFILE=1 step bwd-cache 120 vkflex bench --suite seed --backward --no-check --repeat 6
+  grep -E "backward|device time per call: flex_attention_bwd" "$out/bwd-cache.txt" | cut -c1-170
+  step compare-bwd 240 bash .device/on-device.sh compare --backward
+  tail -16 "$out/compare-bwd.txt"
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  torch_rule 80
+  (cd "$out" && tar cf cache23.tar --exclude cache23.tar . 2>/dev/null && find . -type f ! -name cache23.tar -delete)
+fi
+if [ "$what" = cmp23 ]; then
+  # The backward against PyTorch with the backward's warm-up in bench (the first call's
+  # compare-bwd took more than 240 s and lost PyTorch's last cases).
+  step compare-bwd 480 bash .device/on-device.sh compare --backward
+  tail -24 "$out/compare-bwd.txt"
+  (cd "$out" && tar cf cmp23.tar --exclude cmp23.tar . 2>/dev/null && find . -type f ! -name cmp23.tar -delete)
+fi
+if [ "$what" = final23 ]; then
+  # Twenty-third session's kernels: every kernel's validated selftest, PyTorch's rule (the exact
+  # tanh where the LSE is returned; coopmat-generic's two row sums in bfloat16), what those cost
+  # the soft-cap forward (returning the LSE or not), then the D = 128 backward with the dK/dV pass
+  # in two dispatches beside the default tiles.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  torch_rule 120
+  for lse in "" --return-lse; do
+    step "fwd-softcap$lse" 40 vkflex bench --suite seed --no-check --repeat 20 --cases softcap20_causal,alibi_causal $lse
+    grep -E "coopmat|portable" "$out/fwd-softcap$lse.txt" | cut -c1-150
+  done
+  for t in "" 8x32xp/8x32xpk; do
+    VKFLEX_BWD_TILES=$t step "bwd128-${t//\//_}" 50 vkflex bench --b 8 --h 16 --s 8192 --d 128 --backward --no-check
+    grep -E "backward" "$out/bwd128-${t//\//_}.txt" | cut -c1-150
+  done
+  (cd "$out" && tar cf final23.tar --exclude final23.tar . 2>/dev/null && find . -type f ! -name final23.tar -delete)
 fi
 if [ "$what" = doc-lse ]; then
   # Twenty-second session, in priority order: document_causal's backward (0.15x PyTorch on the

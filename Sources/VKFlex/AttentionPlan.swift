@@ -84,6 +84,11 @@ struct AttentionTuning: Sendable {
     /// runs its matrix code with software matrices in a scrambled element order (`VKF_MM_SOFT`)
     /// instead of its scalar emulation: for tests of the code a GPU runs (float16 only).
     var genericSoftMatrices = false
+    /// `VKFLEX_GENERIC_LSE_SUMS=float32` / `both`: the row sums of coopmat-generic's register softmax
+    /// where the call returns the LSE — float32 P for both O and the LSE, or products with ones
+    /// for O beside float32 sums for the LSE (`MM_EXACT_SUMS` 1 / 2); unset: the planner's (1 for
+    /// float16, 2 for bfloat16). For tests and tuning.
+    var genericLSESums: Int?
 
     /// - Throws: ``FlexError/invalidArgument(_:)`` naming the variable and what it takes.
     static func parse(_ env: [String: String]) throws -> AttentionTuning {
@@ -203,6 +208,12 @@ struct AttentionTuning: Sendable {
             }
             t.genericSoftMatrices = m.lowercased() == "software"
         }
+        if let m = env["VKFLEX_GENERIC_LSE_SUMS"], !m.isEmpty {
+            guard let v = ["float32": 1, "both": 2][m.lowercased()] else {
+                throw FlexError("VKFLEX_GENERIC_LSE_SUMS=\(m): use float32 (O and the LSE from float32 row sums) or both (O from products with ones, the LSE from float32 sums)")
+            }
+            t.genericLSESums = v
+        }
         if env["VKFLEX_COOPMAT_DEFINES"] != nil {
             throw FlexError("VKFLEX_COOPMAT_DEFINES is gone: the kernels take only what the planner chooses (docs/performance.md keeps the experiments)")
         }
@@ -293,6 +304,13 @@ struct AttentionPlan: Hashable, Sendable {
     /// float32 P, not of the fp16 P that O is built from (where the call returns the LSE, whose
     /// error a sum of fp16 P would set at ~1e-5).
     var exactRowSums = false
+    /// coopmat-generic's register softmax: with `exactRowSums`, O's row sums still by products with
+    /// ones (the rounded P that O is built from) and float32 sums beside them for the LSE (`MM_EXACT_SUMS 2`).
+    var bothRowSums = false
+    /// The mods' tanh exact to a few float roundings, not ~1e-7 absolute (`VKF_EXACT_TANH`: the portable
+    /// and split-KV kernels, where the call returns the LSE and a mod takes a tanh; soft-capping put
+    /// the LSE at 2-3x PyTorch's error).
+    var exactTanh = false
     /// Cooperative-matrix kernel: index sums of the score-mod from float indices (lengths ≤ 2^22).
     var floatIndices = false
     /// Cooperative-matrix kernel: built for `VK_KHR_cooperative_matrix` (typed B operands): the
@@ -425,7 +443,7 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("SG", "\(t.SG)"), .init("NSG", "\(t.NSG)"), .init("BKV", "\(t.BKV)"), .init("VKF_MM_EMULATE", t.emulated ? "1" : "0"),
                 .init("GEN_PREFETCH", t.prefetch ? "1" : "0"), .init("GEN_REGSM", t.registerSoftmax ? "1" : "0"),
                 .init("GEN_NBUF", t.singleBuffer ? "1" : "2"), .init("GEN_RPW", "\(t.rpw)"),
-                .init("MM_EXACT_SUMS", exactRowSums ? "1" : "0"),
+                .init("MM_EXACT_SUMS", bothRowSums ? "2" : exactRowSums ? "1" : "0"),
             ] + sixteenBitDefines(partial: pass == .forwardPartial))
             if t.soft { source.defines.append(.init("VKF_MM_SOFT", "1")) }
             if pass == .forwardPartial { source.defines.append(.init("VKF_KV_SPLIT", "1")) }
@@ -445,6 +463,7 @@ struct AttentionPlan: Hashable, Sendable {
             source = ShaderSource(name: "flex_attention_fwd_coopmat", text: try ShaderLibrary.standard.text("flex_attention_fwd_coopmat.comp"),
                                   defines: defines, optimization: .full)
         }
+        if exactTanh { source.defines.append(.init("VKF_EXACT_TANH", "1")) }
         if maxScores { source.defines.append(.init("VKF_MAX_SCORES", "1")) }
         if kvLengths { source.defines.append(.init("VKF_KV_LENGTHS", "1")) }
         if qOffsets { source.defines.append(.init("VKF_Q_OFFSETS", "1")) }
@@ -467,6 +486,19 @@ enum AttentionPlanner {
                         kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass = .forward, maxScores: Bool = false,
                         kvLengths: Bool = false, sinks: Bool = false, qOffsets: Bool = false, paged: Bool = false,
                         lse: Bool = false) throws -> AttentionPlan {
+        var plan = try forwardTiles(shape: s, mods: mods, scoreMod: scoreMod, blockMask: blockMask, scale: scale, kernel: kernel, device: device,
+                                    pass: pass, maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, lse: lse)
+        // The LSE through a soft-cap: 2.1-3.3x PyTorch's error with the fast tanh, 0.68-0.91x with
+        // the exact one in the portable kernel. Not in the matrix kernels, whose time is the
+        // per-score work: coopmat-nv's soft-cap forward ran at half speed with it (187.8 -> 99.4
+        // TFLOP/s) and its LSE still missed the rule (2.47 -> 1.19). H100, 2026-12-07.
+        plan.exactTanh = lse && mods.glsl.usesTanh && (plan.kernel == .portable || plan.kernel == .splitKV)
+        return plan
+    }
+
+    private static func forwardTiles(shape s: AttentionShape, mods: SplicedMods, scoreMod: ScoreMod?, blockMask: BlockMask?, scale: Double,
+                                     kernel: FlexKernel, device: Device, pass: AttentionPlan.Pass, maxScores: Bool,
+                                     kvLengths: Bool, sinks: Bool, qOffsets: Bool, paged: Bool, lse: Bool) throws -> AttentionPlan {
         let caps = device.capabilities
         let tuning = try AttentionTuning.of(device)
         let push = pushesParams(device, tuning: tuning)
@@ -496,13 +528,14 @@ enum AttentionPlanner {
             guard let t = genericTiles(D: s.D, Dv: s.Dv, dtype: s.dtype, device: device, tuning: tuning) else {
                 throw FlexError.unsupported("coopmat-generic: " + (genericProblem(s, device: device, tuning: tuning) ?? "no tiles fit"))
             }
-            // Where the call returns the LSE, the register softmax adds float32 P for float16 inputs
-            // (its products with ones add the fp16 P: LSE 157-509x PyTorch's error on an H100,
-            // 1.00-1.43x with float32 sums). Not for bfloat16: O, built from P rounded to 8 bits,
-            // then no longer shares its rounding with l (an H100, 2026-12-07, D = 160 / Dv = 48:
-            // out 1.04 -> 1.47x PyTorch's error, LSE 20,500 -> 1.83x); docs/performance.md.
+            // Where the call returns the LSE, the register softmax adds float32 P (its products with
+            // ones add the fp16 P: LSE 157-509x PyTorch's error on an H100, 1.00-1.43x with float32
+            // sums). bfloat16 keeps the products with ones for O beside the float32 sums: O, built
+            // from P rounded to 8 bits, no longer shares its rounding with a float32 l (an H100,
+            // 2026-12-07, D = 160 / Dv = 48: out 1.04 -> 1.47x PyTorch's error); docs/performance.md.
+            let sums = lse && t.registerSoftmax ? tuning.genericLSESums ?? (s.dtype == .bfloat16 ? 2 : 1) : 0
             return AttentionPlan(pass: pass, kernel: kernel, dtype: s.dtype, D: s.D, Dv: s.Dv, tiles: .generic(t),
-                                 exactRowSums: lse && t.registerSoftmax && s.dtype == .float16,
+                                 exactRowSums: sums > 0, bothRowSums: sums == 2,
                                  typedOperands: !t.emulated && device.cooperativeMatrixAPI == .khr,
                                  maxScores: maxScores, kvLengths: kvLengths, sinks: sinks, qOffsets: qOffsets, paged: paged, pushParams: push,
                                  mods: mods.glsl.source)
@@ -941,11 +974,12 @@ struct CoopmatTiles: Hashable, CustomStringConvertible {
 extension AttentionPlan {
     /// A cooperative-matrix plan from its parts, without a device (the tests compile every variant
     /// on lavapipe, which cannot run them).
-    static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, exactRowSums: Bool = false, floatIndices: Bool = true,
+    static func coopmat(D: Int, tiles: CoopmatTiles, rawMax: Bool, exp16: Bool, narrowK: Bool = false, exactRowSums: Bool = false,
+                        exactTanh: Bool = false, floatIndices: Bool = true,
                         typedOperands: Bool = false, maxScores: Bool = false, kvLengths: Bool = false, sinks: Bool = false,
                         pushParams: Bool = false, dtype: DType = .float16) -> AttentionPlan {
         AttentionPlan(pass: .forward, kernel: .coopmatNV, dtype: dtype, D: D, Dv: D, tiles: .coopmat(tiles), rawMax: rawMax, exp16: exp16,
-                      narrowK: narrowK, exactRowSums: exactRowSums, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
+                      narrowK: narrowK, exactRowSums: exactRowSums, exactTanh: exactTanh, floatIndices: floatIndices, typedOperands: typedOperands, maxScores: maxScores,
                       kvLengths: kvLengths, sinks: sinks, pushParams: pushParams, mods: "")
     }
 

@@ -116,10 +116,11 @@ public enum ModEvaluator {
         case log2FloatIndices = 2
     }
 
-    struct Key: Hashable, Sendable { let source: String }
+    struct Key: Hashable, Sendable { let source: String, exactTanh: Bool }
 
     /// Evaluates `score` (on the given `scores`) and `mask` over the grid; `form` picks the form of
-    /// the score-mod that fills `Result.scores`.
+    /// the score-mod that fills `Result.scores`; `exactTanh` the tanh that forward calls returning
+    /// the LSE take (within a few float roundings, not ~1e-7 absolute).
     ///
     /// ```swift
     /// let alibi = try ScoreMod(parsing: "score + slope[h] * (kv_idx - q_idx)", captures: ["slope": slope])
@@ -130,12 +131,13 @@ public enum ModEvaluator {
     ///
     /// - Throws: ``FlexError/invalidArgument(_:)`` for a bad argument (the message says which); device errors as ``FlexError/vulkan(call:result:)`` or ``FlexError/limitExceeded(_:)``.
     public static func evaluate(score: ScoreMod?, mask: MaskMod?, B: Int, H: Int, Q: Int, KV: Int,
-                                scores: [Float], form: ScoreForm = .plain, device: Device) throws -> Result {
+                                scores: [Float], form: ScoreForm = .plain, exactTanh: Bool = false, device: Device) throws -> Result {
         let n = B * H * Q * KV
         guard scores.count == n, n > 0 else { throw FlexError("need \(n) scores for the grid, got \(scores.count)") }
         let mods = try SplicedMods(score: score, mask: mask, firstBinding: 5, errorBinding: 4, device: device)
-        let pipeline = try device.pipeline(for: Key(source: mods.glsl.source)) {
-            PipelineDescription(source: ShaderSource(name: "mod_eval", text: try ShaderLibrary.standard.text("mod_eval.comp")),
+        let pipeline = try device.pipeline(for: Key(source: mods.glsl.source, exactTanh: exactTanh)) {
+            PipelineDescription(source: ShaderSource(name: "mod_eval", text: try ShaderLibrary.standard.text("mod_eval.comp"),
+                                                     defines: exactTanh ? [.init("VKF_EXACT_TANH", "1")] : []),
                                 bindingCount: 5 + mods.tensors.count, pushConstantSize: 20, includes: mods.includes)
         }
         let input = try device.makeBuffer(bytes: n * 4)

@@ -16,6 +16,8 @@ public struct GLSLMods: Sendable, Hashable {
     public var errorBinding: Int
     /// The terms `score_mod_cap_grads` hands over per pair (`VKF_CAP_GRAD_TERMS`; 0 without gradCaptures).
     public var captureGradientTerms = 0
+    /// A mod takes a tanh (whose precision `VKF_EXACT_TANH` chooses).
+    public var usesTanh = false
 
     public init(source: String, captures: [CaptureInfo], errorBinding: Int) {
         self.source = source; self.captures = captures; self.errorBinding = errorBinding
@@ -185,6 +187,7 @@ public enum GLSLEmitter {
         out.append("// ---- end of generated code ----")
         var mods = GLSLMods(source: out.joined(separator: "\n") + "\n", captures: caps, errorBinding: errorBinding)
         mods.captureGradientTerms = terms
+        mods.usesTanh = [scoreMod, maskMod].contains { $0?.contains(where: { if case .call(.tanh, _) = $0 { true } else { false } }) ?? false }
         return mods
     }
 
@@ -239,13 +242,39 @@ public enum GLSLEmitter {
         }
         return r;
     }
+    // tanh. Fast (VKF_EXACT_TANH 0): one exp2 and one reciprocal, where a driver's tanh costs
+    // more (soft-capping evaluates it per score); accurate to ~1e-7 *absolute*, so an LSE through
+    // a soft-cap had 2-3x PyTorch's error. Exact (VKF_EXACT_TANH 1, the planner's where the call
+    // returns the LSE): an odd polynomial below |x| = 0.55 (a fit, 1e-9 relative), (1 - e)/(1 + e)
+    // with e = exp(-2|x|) <= 1/3 above, both within a few float roundings. ±1 at overflow, never
+    // NaN. The clamp (tanh(±16) is ±1 in float) keeps a compiler from folding a huge literal
+    // factor of x into 2 log2(e): 0 times the overflowed constant would be NaN where tanh(0) is 0.
+    #ifndef VKF_EXACT_TANH
+    #define VKF_EXACT_TANH 0
+    #endif
+    float vkf_tanh_odd(float a) {
+        const float z = a * a;
+        return a + a * z * (-0.33333318 + z * (0.13332586 + z * (-0.05385231 + z * (0.02107168 + z * -0.00627424))));
+    }
+    float vkf_tanh_exp(float e, float x) {   // tanh(x) from e = exp(-2|x|)
+        const float t = (1.0 - e) / (1.0 + e);
+        return x < 0.0 ? -t : t;
+    }
     float vkf_tanh(float x) {
-        // One exp2 and one reciprocal, where a driver's tanh costs more (soft-capping evaluates it
-        // per score); ±1 at overflow, never NaN. Accurate to ~1e-7 absolute, like the built-in,
-        // whose precision Vulkan also derives from an exp formula. The clamp (tanh(±16) is ±1 in
-        // float) keeps a compiler from folding a huge literal factor of x into 2 log2(e): 0 times
-        // the overflowed constant would be NaN where tanh(0) is 0.
+    #if VKF_EXACT_TANH
+        return abs(x) < 0.55 ? vkf_tanh_odd(x) : vkf_tanh_exp(exp2(min(abs(x), 16.0) * -2.8853900817779268), x);
+    #else
         return 1.0 - 2.0 / (exp2(clamp(x, -16.0, 16.0) * 2.8853900817779268) + 1.0);
+    #endif
+    }
+    // K tanh(a) with K = k log2(e), from U = 2 log2(e) a (the soft-cap's folded form in log2 units).
+    #if VKF_EXACT_TANH
+    #define VKF_KTANH_L2(K, K2, U) ((K) * vkf_tanh_u(U))
+    #else
+    #define VKF_KTANH_L2(K, K2, U) ((K) - (K2) / (exp2(U) + 1.0))
+    #endif
+    float vkf_tanh_u(float u) {
+        return abs(u) < 1.5869645 ? vkf_tanh_odd(u * 0.34657359027997264) : vkf_tanh_exp(exp2(-abs(u)), u);
     }
     float vkf_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
     """
@@ -398,7 +427,7 @@ struct FunctionEmitter {
             return asFloat(try value(.binary(.mul, k, .float(f))))
         }
         // k * tanh(a) * log2(e) as K - 2K / (exp2(2 log2(e) a) + 1) with K = k log2(e) (vkf_tanh's
-        // formula): the exp2 takes the factor, with the literal divisors and factors of a. Not
+        // formula; VKF_KTANH_L2, exact in its own way where the plan asks): the exp2 takes the factor, with the literal divisors and factors of a. Not
         // where a folded literal would overflow float (a 0 times it would be NaN, not tanh(0)).
         func tanh(_ k: Expr, _ a: Expr) throws -> String? {
             func fits(_ x: Double) -> Bool { abs(x * 2 * Self.log2e) <= 1e30 }
@@ -421,7 +450,7 @@ struct FunctionEmitter {
             let l = try log2Value(a)
             let argument = l.folded ? "(\(l.code) * \(GLSLEmitter.floatLiteral(f)))"
                                     : "(\(asFloat(try value(a))) * \(GLSLEmitter.floatLiteral(f * Self.log2e)))"
-            return "(\(try factor(k)) - \(try factor(k, 2 * Self.log2e)) / (exp2(\(argument)) + 1.0))"
+            return "VKF_KTANH_L2(\(try factor(k)), \(try factor(k, 2 * Self.log2e)), \(argument))"
         }
         if case .arg(.score) = e { return ("score_l2", true) }
         if e.isHeadInvariant { return (try factor(e), true) }

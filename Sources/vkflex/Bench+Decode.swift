@@ -98,12 +98,7 @@ extension Bench {
         }
         var kernel = try call().kernel
         try device.synchronize()
-        let warmStart = DispatchTime.now().uptimeNanoseconds
-        var warmCalls = 0
-        while warmCalls < 3 || DispatchTime.now().uptimeNanoseconds - warmStart < 300_000_000 {
-            for _ in 0..<8 { kernel = try call().kernel; warmCalls += 1 }
-            try device.synchronize()
-        }
+        try Bench.warmUp(device: device, seconds: 0.3) { kernel = try call().kernel }
         let (seconds, hostUs, groups) = try Bench.timeSteady(`repeat`, device: device) { _ = try call() }
         let profile = try Bench.profileLine(`repeat`, device: device) { _ = try call() }
         try out.checkErrors()

@@ -216,22 +216,7 @@ struct Bench: ParsableCommand {
         let firstCallMs = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-6
         let compiled = ShaderCompiler.shared.compilations > compileBefore
         let firstPipeline = compiled ? device.lastBuiltPipeline : nil
-        // Warm-up: at least 3 calls and 500 ms, so that the GPU's clocks are up after the idle
-        // time of a pipeline compile (short cases timed right after one ran up to 3x slow). Calls
-        // go back to back, 8 per wait, like the timed runs (and triton's do_bench): with a wait
-        // after each call a 4 ms case keeps the GPU partly idle. Twice on 2026-11-22 (H200) the
-        // sliding-window case was timed at 2.8x its time with that warm-up, both times right
-        // after its pipeline was compiled cold (though not every cold compile did it); whether
-        // this warm-up cures it is not yet measured.
-        let warmStart = DispatchTime.now().uptimeNanoseconds
-        var warmCalls = 0
-        while warmCalls < 3 || DispatchTime.now().uptimeNanoseconds - warmStart < 500_000_000 {
-            for _ in 0..<8 {
-                kernel = try forward().kernel
-                warmCalls += 1
-            }
-            try device.synchronize()
-        }
+        try Bench.warmUp(device: device) { kernel = try forward().kernel }
         let (seconds, hostUs, _) = try Bench.timeSteady(`repeat`, device: device) { _ = try forward() }
         let profile = try Bench.profileLine(`repeat`, device: device) { _ = try forward() }
         // A kernel that reported an error (and so did no work) must not pass for a fast one.
@@ -246,14 +231,16 @@ struct Bench: ParsableCommand {
         if backward {
             let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
             let dO = try device.tensor(rng.normals(n), shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "grad_out")
-            for _ in 0..<2 {
+            // dO's host-side generation above idles the GPU for a second or more: without the
+            // forward's warm-up, short cases (sliding window, 14 ms) were timed at 1.3-4.3x their
+            // passes' device time on an H100 (2026-12-07).
+            try Bench.warmUp(device: device) {
                 _ = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, scoreMod: score, blockMask: blockMask)
             }
-            try device.synchronize()
             var times: [(GPUTimestamp, GPUTimestamp)] = []
             var hostTimes: [Double] = []
             var last: FlexGradients?
-            for _ in 0..<max(3, `repeat` / 2) {
+            for _ in 0..<max(5, `repeat` / 2) {
                 let a = try device.record { try $0.timestamp() }
                 // The host's share (the call up to its submission): where it passes the device's
                 // time, the device waits and bw_ms counts the wait.
@@ -360,6 +347,24 @@ extension Bench {
     /// groups timed before it did ran up to 3x slow yet agreed with each other, and a group right
     /// after ran at full speed. The fastest group is the steady state; groups that reached it
     /// agree within 1-3%.
+    /// Warm-up before a timing: at least 3 calls and `seconds` (500 ms for attention, 300 for decode), so that the GPU's clocks are up after
+    /// the idle time of a pipeline compile or of host work (short cases timed right after one ran
+    /// up to 3x slow). Calls go back to back, 8 per wait, like the timed runs (and triton's
+    /// do_bench): with a wait after each call a 4 ms case keeps the GPU partly idle. Twice on
+    /// 2026-11-22 (H200) the sliding-window forward was timed at 2.8x its time with a 300 ms
+    /// warm-up that waited after each call, both times right after its pipeline was compiled cold.
+    static func warmUp(device: Device, seconds: Double = 0.5, _ call: () throws -> Void) throws {
+        let start = DispatchTime.now().uptimeNanoseconds
+        var calls = 0
+        while calls < 3 || Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9 < seconds {
+            for _ in 0..<8 {
+                try call()
+                calls += 1
+            }
+            try device.synchronize()
+        }
+    }
+
     static func timeSteady(_ n: Int, device: Device, minSeconds: Double = 1, maxSeconds: Double = 4,
                            _ call: () throws -> Void) throws -> (seconds: [Double], hostUs: [Double], groups: Int) {
         let start = DispatchTime.now().uptimeNanoseconds

@@ -229,12 +229,12 @@ final class GLSLTests: XCTestCase {
             return (score_l2 + (t1 * float(t2)));
         """), alibi)
         let softcap = try emit(ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) })
-        // k * tanh(a): log2(e) and k go into vkf_tanh's formula, the literal divisor into its exp2.
-        XCTAssertTrue(softcap.contains("    return (28.8539 - 57.7078 / (exp2((score_l2 * 0.1)) + 1.0));"), softcap)
+        // k * tanh(a): log2(e) and k go into the tanh's formula (VKF_KTANH_L2), the literal divisor into its exp2.
+        XCTAssertTrue(softcap.contains("    return VKF_KTANH_L2(28.8539, 57.7078, (score_l2 * 0.1));"), softcap)
         XCTAssertFalse(softcap.contains("score_mod_l2f"), softcap)   // no index to take as a float
         // A factor whose product with 2 log2(e) would overflow float stays outside the formula.
         let huge = try emit(ScoreMod { s, _, _, _, _ in 1e38 * tanh(s) })
-        XCTAssertTrue(huge.contains("    return (1e+38 * (1.442695 - 2.88539 / (exp2((score_l2 * 2.0)) + 1.0)));"), huge)
+        XCTAssertTrue(huge.contains("    return (1e+38 * VKF_KTANH_L2(1.442695, 2.88539, (score_l2 * 2.0)));"), huge)
         let causal = try emit(ScoreMod { s, _, _, q, kv in select(q >= kv, s * 0.5, -Double.infinity) })
         XCTAssertTrue(causal.contains("return (t0 ? (0.5 * score_l2) : (-uintBitsToFloat(0x7F800000u)));"), causal)
         // Nothing to fold: a bias table times the score keeps score_mod * log2(e) in the kernel.

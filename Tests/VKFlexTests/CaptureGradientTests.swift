@@ -197,4 +197,27 @@ extension CaptureGradientTests {
             XCTAssertEqual(plan.exp16, !lse, "returnLSE: \(lse)")
         }
     }
+
+    /// The exact tanh (`VKF_EXACT_TANH`) where the call returns the LSE and a mod takes a tanh, in the
+    /// portable and split-KV kernels only: coopmat-nv's soft-cap forward ran at half speed with it
+    /// on an H100 (docs/performance.md, 2026-12-07).
+    func testTheExactTanhWhereTheLSEIsReturned() throws {
+        let q = try device.tensor(randn(128 * 64), shape: [1, 1, 128, 64], dtype: .float16)
+        let s = try AttentionShape(q, q, q, blockMask: nil, enableGQA: false)
+        let softcap = ScoreMod { score, _, _, _, _ in 20 * tanh(score / 20) }
+        let alibi = ScoreMod { score, _, h, q, kv in score + (kv - q) * exp2(-(h + 1)) }
+        for (mod, tanh) in [(softcap, true), (alibi, false)] {
+            let mods = try SplicedMods(score: mod, mask: nil, firstBinding: AttentionBinding.firstCapture,
+                                       errorBinding: AttentionBinding.errors.rawValue, device: device)
+            XCTAssertEqual(mods.glsl.usesTanh, tanh)
+            for kernel in [FlexKernel.portable, .coopmatNV] {
+                for lse in [false, true] {
+                    let plan = try AttentionPlanner.forward(shape: s, mods: mods, scoreMod: mod, blockMask: nil, scale: 0.125, kernel: kernel,
+                                                            device: device, lse: lse)
+                    let exact = try plan.source().defines.contains { $0.name == "VKF_EXACT_TANH" && $0.value == "1" }
+                    XCTAssertEqual(exact, lse && tanh && kernel == .portable, "\(kernel) returnLSE: \(lse) tanh: \(tanh)")
+                }
+            }
+        }
+    }
 }

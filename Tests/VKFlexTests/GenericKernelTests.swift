@@ -231,10 +231,14 @@ extension AttentionTests {
                 for (pass, dtype, prefetch) in [(AttentionPlan.Pass.forward, DType.float16, false), (.forwardPartial, .float16, true)]
                     + (sg == 32 && m == 16 && n == 16 ? [(.forward, .bfloat16, true)] : []) {
                     rt.prefetch = prefetch
+                    // The forward as where it returns the LSE: float32 row sums (float16), both sums
+                    // (bfloat16); the exact tanh too, which the planner gives the portable and split-KV kernels only.
                     let plan = AttentionPlan(pass: pass, kernel: .coopmatGeneric, dtype: dtype, D: D, Dv: Dv, tiles: .generic(rt),
+                                             exactRowSums: pass == .forward, bothRowSums: dtype == .bfloat16, exactTanh: dtype == .bfloat16,
                                              typedOperands: true, maxScores: pass == .forward, kvLengths: true, sinks: pass == .forward,
                                              pushParams: true, mods: mods.glsl.source)
                     XCTAssertTrue(try plan.source().defines.contains { $0.name == "GEN_REGSM" && $0.value == "1" })
+                    XCTAssertTrue(try plan.source().defines.contains { $0.name == "MM_EXACT_SUMS" && $0.value == (dtype == .bfloat16 ? "2" : pass == .forward ? "1" : "0") })
                     try compileForKHR(plan, subgroupSize: sg, "D=\(D)/\(Dv) \(pass) \(dtype) register softmax")
                     compiled += 1
                 }

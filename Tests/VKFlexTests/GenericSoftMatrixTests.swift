@@ -15,6 +15,10 @@ extension AttentionTests {
         XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_MATRICES": "scalar"])) {
             XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_MATRICES=scalar: use software"), "\($0)")
         }
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_GENERIC_LSE_SUMS": "Both"]).genericLSESums, 2)
+        XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_GENERIC_LSE_SUMS": "fp16"])) {
+            XCTAssertTrue("\($0)".contains("VKFLEX_GENERIC_LSE_SUMS=fp16: use float32"), "\($0)")
+        }
         let generic = FlexOptions(kernel: .coopmatGeneric)
         let causal = MaskMod { _, _, q, kv in q >= kv }
         // Each configuration compiles one pipeline (lavapipe: 10-35 s each), so one case each, the
@@ -23,7 +27,8 @@ extension AttentionTests {
         let configs: [([String: String], String)] = [
             ([:], "register softmax, 16x16x16"),
             (["VKFLEX_GENERIC_SOFTMAX": "shared"], "shared softmax"),
-            (["VKFLEX_GENERIC_TILES": "2x16xp1xr2"], "two row blocks a subgroup, one-buffer pipeline"),
+            // With bfloat16's row sums (no software bfloat16): products with ones for O, float32 sums for the LSE.
+            (["VKFLEX_GENERIC_TILES": "2x16xp1xr2", "VKFLEX_GENERIC_LSE_SUMS": "both"], "two row blocks a subgroup, one-buffer pipeline, both row sums"),
             (["VKFLEX_COOPMAT_SHAPE": "8x16x16"], "Intel Xe2's 8x16x16"),
             (["VKFLEX_COOPMAT_SHAPE": "8x8x16", "VKFLEX_GENERIC_TILES": "2x16"], "Intel Arc's 8x8x16, two subgroups"),
         ]

@@ -129,6 +129,42 @@ final class ModGPUTests: FlexTestCase {
         }
     }
 
+    /// The exact tanh (`VKF_EXACT_TANH`, forward calls that return the LSE) is within a few float
+    /// roundings of float64's tanh everywhere, small arguments included, in the plain and the
+    /// folded log2 form of a soft-cap; the fast one is ~1e-7 absolute, so its relative error at
+    /// small arguments is orders larger (what put a soft-capped LSE at 2-3x PyTorch's error).
+    func testExactTanhIsWithinAFewRoundings() throws {
+        let (B, H, Q, KV) = (1, 1, 64, 64)
+        // Magnitudes from 1e-6 to 40, both signs, and 0: each side of the polynomial's bound.
+        let scores: [Float] = (0..<(Q * KV)).map { i in
+            i == 0 ? 0 : Float((i % 2 == 0 ? 1.0 : -1.0) * 1e-6 * pow(4e7, Double(i) / Double(Q * KV)))
+        }
+        func worst(_ text: String, exact: Bool, form: ModEvaluator.ScoreForm, factor: Double) throws -> Double {
+            let mod = try ScoreMod(parsing: text)
+            let r = try ModEvaluator.evaluate(score: mod, mask: nil, B: B, H: H, Q: Q, KV: KV, scores: scores, form: form, exactTanh: exact, device: device)
+            var worst = 0.0
+            for (i, s) in scores.enumerated() {
+                let expected = 20 * Foundation.tanh(Double(s) / 20) * factor
+                let err = expected == 0 ? abs(Double(r.scores[i])) : abs(Double(r.scores[i]) / expected - 1)
+                worst = max(worst, err)
+            }
+            return worst
+        }
+        for (form, factor) in [(ModEvaluator.ScoreForm.plain, 1.0), (.log2, 1.4426950408889634)] {
+            let exact = try worst("20 * tanh(score / 20)", exact: true, form: form, factor: factor)
+            XCTAssertLessThan(exact, 6e-7, "exact tanh, \(form): worst relative error \(exact)")
+            let fast = try worst("20 * tanh(score / 20)", exact: false, form: form, factor: factor)
+            XCTAssertGreaterThan(fast, 1e-3, "the fast tanh at small arguments (\(form)): \(fast)")
+        }
+        // Saturation and symmetry: ±1 at large arguments, never NaN.
+        let mod = try ScoreMod(parsing: "tanh(score)")
+        let big: [Float] = [0, 16, -16, 1e4, -1e4, 3e38, -3e38, .infinity, -.infinity, 0.55, -0.55, 0.5499999]
+        let r = try ModEvaluator.evaluate(score: mod, mask: nil, B: 1, H: 1, Q: 1, KV: big.count, scores: big, exactTanh: true, device: device)
+        for (s, t) in zip(big, r.scores) {
+            XCTAssertEqual(Double(t), Foundation.tanh(Double(s)), accuracy: 2e-7 * max(1, abs(Foundation.tanh(Double(s)))), "tanh(\(s))")
+        }
+    }
+
     func testSwiftClosuresAndTextBuildTheSamePipeline() throws {
         let docs = try device.tensor([0, 0, 1, 1], shape: [4], name: "docs")
         let closure = MaskMod { _, _, q, kv in (q >= kv) & (docs[q] == docs[kv]) }
