@@ -231,9 +231,9 @@ struct Bench: ParsableCommand {
         if backward {
             let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
             let dO = try device.tensor(rng.normals(n), shape: [c.B, c.H, c.S, c.D], dtype: c.dtype, name: "grad_out")
-            // dO's host-side generation above idles the GPU for a second or more: without the
-            // forward's warm-up, short cases (sliding window, 14 ms) were timed at 1.3-4.3x their
-            // passes' device time on an H100 (2026-12-07).
+            // dO's host-side generation above idles the GPU (most likely what let its clocks drop):
+            // after two warm-up calls, sliding window's backward (14 ms of passes) was timed at
+            // 1.3-4.3x its passes' device time on an H100 (2026-12-07); the warm-up cured it.
             try Bench.warmUp(device: device) {
                 _ = try flexAttentionBackward(q, k, v, output: fwd.output, lse: fwd.lse!, gradOutput: dO, scoreMod: score, blockMask: blockMask)
             }
@@ -340,19 +340,13 @@ extension Bench {
 }
 
 extension Bench {
-    /// Timed groups of `n` calls (``time(_:device:_:)``) after a warm-up: on a GPU, groups for at
-    /// least `minSeconds` and then until two in a row agree within 3% (at most `maxSeconds`), and
-    /// the group with the lowest median; on a CPU device one group. An H100's SM clock idles at
-    /// 345 MHz and came up only after a varying part of a second of load (nvidia-smi, 2026-12-06):
-    /// groups timed before it did ran up to 3x slow yet agreed with each other, and a group right
-    /// after ran at full speed. The fastest group is the steady state; groups that reached it
-    /// agree within 1-3%.
-    /// Warm-up before a timing: at least 3 calls and `seconds` (500 ms for attention, 300 for decode), so that the GPU's clocks are up after
-    /// the idle time of a pipeline compile or of host work (short cases timed right after one ran
-    /// up to 3x slow). Calls go back to back, 8 per wait, like the timed runs (and triton's
-    /// do_bench): with a wait after each call a 4 ms case keeps the GPU partly idle. Twice on
-    /// 2026-11-22 (H200) the sliding-window forward was timed at 2.8x its time with a 300 ms
-    /// warm-up that waited after each call, both times right after its pipeline was compiled cold.
+    /// Warm-up before a timing: at least 3 calls and `seconds` (500 ms for attention, 300 for
+    /// decode), so that the GPU's clocks are up after the idle time of a pipeline compile or of
+    /// host work (short cases timed right after one ran up to 3x slow). Calls go back to back, 8
+    /// per wait, like the timed runs (and triton's do_bench): with a wait after each call a 4 ms
+    /// case keeps the GPU partly idle. Twice on 2026-11-22 (H200) the sliding-window forward was
+    /// timed at 2.8x its time with a 300 ms warm-up that waited after each call, both times right
+    /// after its pipeline was compiled cold.
     static func warmUp(device: Device, seconds: Double = 0.5, _ call: () throws -> Void) throws {
         let start = DispatchTime.now().uptimeNanoseconds
         var calls = 0
@@ -365,6 +359,13 @@ extension Bench {
         }
     }
 
+    /// Timed groups of `n` calls (``time(_:device:_:)``) after a warm-up: on a GPU, groups for at
+    /// least `minSeconds` and then until two in a row agree within 3% (at most `maxSeconds`), and
+    /// the group with the lowest median; on a CPU device one group. An H100's SM clock idles at
+    /// 345 MHz and came up only after a varying part of a second of load (nvidia-smi, 2026-12-06):
+    /// groups timed before it did ran up to 3x slow yet agreed with each other, and a group right
+    /// after ran at full speed. The fastest group is the steady state; groups that reached it
+    /// agree within 1-3%.
     static func timeSteady(_ n: Int, device: Device, minSeconds: Double = 1, maxSeconds: Double = 4,
                            _ call: () throws -> Void) throws -> (seconds: [Double], hostUs: [Double], groups: Int) {
         let start = DispatchTime.now().uptimeNanoseconds
