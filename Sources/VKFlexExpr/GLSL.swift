@@ -246,8 +246,8 @@ public enum GLSLEmitter {
     // more (soft-capping evaluates it per score); accurate to ~1e-7 *absolute*, so an LSE through
     // a soft-cap had 2-3x PyTorch's error. Exact (VKF_EXACT_TANH 1, the planner's where the call
     // returns the LSE): an odd polynomial below |x| = 0.55 (a fit, 1e-9 relative), (1 - e)/(1 + e)
-    // with e = exp(-2|x|) <= 1/3 above, both within a few float roundings. ±1 at overflow, never
-    // NaN. The clamp (tanh(±16) is ±1 in float) keeps a compiler from folding a huge literal
+    // with e = exp(-2|x|) <= 1/3 above, both within a few float roundings, and NaN for NaN. Both
+    // are ±1 at overflow, never NaN there. The clamp (tanh(±16) is ±1 in float) keeps a compiler from folding a huge literal
     // factor of x into 2 log2(e): 0 times the overflowed constant would be NaN where tanh(0) is 0.
     #ifndef VKF_EXACT_TANH
     #define VKF_EXACT_TANH 0
@@ -256,9 +256,9 @@ public enum GLSLEmitter {
         const float z = a * a;
         return a + a * z * (-0.33333318 + z * (0.13332586 + z * (-0.05385231 + z * (0.02107168 + z * -0.00627424))));
     }
-    float vkf_tanh_exp(float e, float x) {   // tanh(x) from e = exp(-2|x|)
+    float vkf_tanh_exp(float e, float x) {   // tanh(x) from e = exp(-2|x|); NaN stays NaN
         const float t = (1.0 - e) / (1.0 + e);
-        return x < 0.0 ? -t : t;
+        return isnan(x) ? x : x < 0.0 ? -t : t;
     }
     float vkf_tanh(float x) {
     #if VKF_EXACT_TANH

@@ -156,11 +156,12 @@ final class ModGPUTests: FlexTestCase {
             let fast = try worst("20 * tanh(score / 20)", exact: false, form: form, factor: factor)
             XCTAssertGreaterThan(fast, 1e-3, "the fast tanh at small arguments (\(form)): \(fast)")
         }
-        // Saturation and symmetry: ±1 at large arguments, never NaN.
+        // Saturation and symmetry: ±1 at large arguments, never NaN there; NaN stays NaN.
         let mod = try ScoreMod(parsing: "tanh(score)")
-        let big: [Float] = [0, 16, -16, 1e4, -1e4, 3e38, -3e38, .infinity, -.infinity, 0.55, -0.55, 0.5499999]
+        let big: [Float] = [0, 16, -16, 1e4, -1e4, 3e38, -3e38, .infinity, -.infinity, 0.55, -0.55, 0.5499999, .nan]
         let r = try ModEvaluator.evaluate(score: mod, mask: nil, B: 1, H: 1, Q: 1, KV: big.count, scores: big, exactTanh: true, device: device)
         for (s, t) in zip(big, r.scores) {
+            if s.isNaN { XCTAssertTrue(t.isNaN, "tanh(nan) is \(t)"); continue }
             XCTAssertEqual(Double(t), Foundation.tanh(Double(s)), accuracy: 2e-7 * max(1, abs(Foundation.tanh(Double(s)))), "tanh(\(s))")
         }
     }
