@@ -244,11 +244,12 @@ public enum GLSLEmitter {
     }
     // tanh. Fast (VKF_EXACT_TANH 0): one exp2 and one reciprocal, where a driver's tanh costs
     // more (soft-capping evaluates it per score); accurate to ~1e-7 *absolute*, so an LSE through
-    // a soft-cap had 2-3x PyTorch's error. Exact (VKF_EXACT_TANH 1, the planner's where the call
-    // returns the LSE): an odd polynomial below |x| = 0.55 (a fit, 1e-9 relative), (1 - e)/(1 + e)
-    // with e = exp(-2|x|) <= 1/3 above, both within a few float roundings, and NaN for NaN. Both
-    // are ±1 at overflow, never NaN there. The clamp (tanh(±16) is ±1 in float) keeps a compiler from folding a huge literal
-    // factor of x into 2 log2(e): 0 times the overflowed constant would be NaN where tanh(0) is 0.
+    // a soft-cap had 2-3x PyTorch's error. Exact (VKF_EXACT_TANH 1: the planner's for the portable
+    // and split-KV kernels where the call returns the LSE): an odd polynomial below |x| = 0.55 (a
+    // fit, 1e-9 relative), (1 - e)/(1 + e) with e = exp(-2|x|) <= 1/3 above, both within a few
+    // float roundings, and NaN for NaN. Both are ±1 at overflow, never NaN there. The clamp
+    // (tanh(±16) is ±1 in float) keeps a compiler from folding a huge literal factor of x into
+    // 2 log2(e): 0 times the overflowed constant would be NaN where tanh(0) is 0.
     #ifndef VKF_EXACT_TANH
     #define VKF_EXACT_TANH 0
     #endif
@@ -273,9 +274,7 @@ public enum GLSLEmitter {
     #else
     #define VKF_KTANH_L2(K, K2, U) ((K) - (K2) / (exp2(U) + 1.0))
     #endif
-    float vkf_tanh_u(float u) {
-        return abs(u) < 1.5869645 ? vkf_tanh_odd(u * 0.34657359027997264) : vkf_tanh_exp(exp2(-abs(u)), u);
-    }
+    float vkf_tanh_u(float u) { return vkf_tanh(u * 0.34657359027997264); }   // u ln(2) / 2
     float vkf_sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
     """
 
@@ -427,8 +426,9 @@ struct FunctionEmitter {
             return asFloat(try value(.binary(.mul, k, .float(f))))
         }
         // k * tanh(a) * log2(e) as K - 2K / (exp2(2 log2(e) a) + 1) with K = k log2(e) (vkf_tanh's
-        // formula; VKF_KTANH_L2, exact in its own way where the plan asks): the exp2 takes the factor, with the literal divisors and factors of a. Not
-        // where a folded literal would overflow float (a 0 times it would be NaN, not tanh(0)).
+        // formula, through VKF_KTANH_L2, which takes the exact tanh where the plan asks): the exp2
+        // takes the factor, with the literal divisors and factors of a. Not where a folded literal
+        // would overflow float (a 0 times it would be NaN, not tanh(0)).
         func tanh(_ k: Expr, _ a: Expr) throws -> String? {
             func fits(_ x: Double) -> Bool { abs(x * 2 * Self.log2e) <= 1e30 }
             if let x = k.literalValue, !fits(x) { return nil }

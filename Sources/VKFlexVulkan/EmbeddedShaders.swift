@@ -5263,28 +5263,24 @@ GATHER(v_data, v_units)
 // shares L; else the products with ones put the row's sum in every column of LS (MM_LANE_ONES).
 #if MM_EXACT_SUMS == 1
 #define MM_EXACT_ADD(LS, B, I, P) LS[B][I] += (P);
-#elif MM_EXACT_SUMS == 2
+#define MM_ONES_DECL
+#define MM_ONES_SUM(LS, B, PF)
+#define MM_LANE_SUM MM_LANE_EXACT
+#else
+#if MM_EXACT_SUMS == 2
 #define MM_EXACT_ADD(LS, B, I, P) LS[MM_RB + (B)][I] += (P);
 #else
 #define MM_EXACT_ADD(LS, B, I, P)
 #endif
-#if MM_EXACT_SUMS == 1
-#define MM_ONES_DECL
-#define MM_ONES_SUM(LS, B, PF)
-#else
 #define MM_ONES_DECL const FRAG_B ones_ = B_FILL(1.0);
 #define MM_ONES_SUM(LS, B, PF) LS[B] = coopMatMulAddNV(PF, ones_, LS[B]);
+#define MM_LANE_SUM MM_LANE_ONES
 #endif
 #define MM_LANE_EXACT(R0, LANE, L, LK, K) { \
     float c_ = L[K]; \
     MM_UNROLL for (int u_ = 0; u_ < MN / SM_TPR; ++u_) c_ += Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE) + u_ * SM_TPR]; \
     LK[K] = sm_row_sum(c_); }
 #define MM_LANE_ONES(R0, LANE, L, LK, K) LK[K] = Ss[((R0) + sm_row(LANE, K)) * SST + sm_col0(LANE)];
-#if MM_EXACT_SUMS == 1
-#define MM_LANE_SUM MM_LANE_EXACT
-#else
-#define MM_LANE_SUM MM_LANE_ONES
-#endif
 // Each lane's rows' sums (LK) from LS[OFF..] through the score tile.
 #define MM_SUMS_VIA_TILE(R0, LANE, LS, OFF, L, LK, LANE_SUM) { \
     subgroup_sync(); \

@@ -225,8 +225,8 @@ struct Bench: ParsableCommand {
         let flops = density * Double(c.B * c.H * c.D) * Double(c.S) * Double(c.S)
         let tflops = 4 * flops / (ms * 1e-3) / 1e12
 
-        // Backward: every dispatch of the backward (no forward), device timestamps, median after two
-        // warm-up calls; dO random, the LSE from one forward call.
+        // Backward: every dispatch of the backward (no forward), device timestamps, median after a
+        // warm-up (Bench.warmUp); dO random, the LSE from one forward call.
         var bwMs: Double?, bwHostUs: Double?, bwKernel: FlexKernel?, bwProfile: String?
         if backward {
             let fwd = try flexAttention(q, k, v, scoreMod: score, blockMask: blockMask, returnLSE: true)
