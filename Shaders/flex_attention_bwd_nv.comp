@@ -116,8 +116,9 @@ shared uvec4 Yo4[T * XS4];
 shared uvec4 Xs4[STEP * XS4];
 shared uvec4 Ys4[STEP * XS4];
 #if BWD_PASS == 2
-// The staged query rows' LSE and delta.
-shared float t_lse[STEP], t_delta[STEP];
+// The staged query rows' LSE and delta, and the LSE in log2 units (-inf as +inf) for the
+// steps that need no check (made once per row here, not once per element).
+shared float t_lse[STEP], t_delta[STEP], t_lse2[STEP];
 #endif
 #include "flex_bwd_operands.glsl"
 
@@ -274,7 +275,7 @@ void main() {
 #if BWD_PASS == 2
         [[unroll]] for (int a = 0; a < PRL; ++a) {
             const int r = lid + a * WG;
-            if (r < STEP) { t_lse[r] = fl[a]; t_delta[r] = fd[a]; }
+            if (r < STEP) { t_lse[r] = fl[a]; t_delta[r] = fd[a]; t_lse2[r] = fl[a] == NEG_INF ? -NEG_INF : fl[a] * LOG2E; }
         }
 #endif
         barrier();
@@ -339,7 +340,7 @@ void main() {
 #if BWD_PASS == 1
 #define PAIR_ROWS(M) const int qi = q0 + r, ki = t0 + j; const float lse2 = r_lse2[2 * M + EL_HI(e)], lse_i = r_lse[2 * M + EL_HI(e)], delta_i = r_delta[2 * M + EL_HI(e)];
 #else
-#define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j]; const float lse2 = lse_i == NEG_INF ? -NEG_INF : lse_i * LOG2E;
+#define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j], lse2 = t_lse2[j];
 #endif
 #define MAKE_PDS(M) \
             if (clean) { \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s24|s24b|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -376,6 +376,41 @@ if [ "$what" = cache23 ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   torch_rule 80
   (cd "$out" && tar cf cache23.tar --exclude cache23.tar . 2>/dev/null && find . -type f ! -name cache23.tar -delete)
+fi
+if [ "$what" = s24 ]; then
+  # Twenty-fourth session's first call: the backward against PyTorch (the Δ pass with 16
+  # invocations a row, the dK/dV pass beside the dQ pass, the dK/dV pass's LSE in log2 units made
+  # once per staged row), then every kernel's validated selftest.
+  step compare-bwd 480 bash .device/on-device.sh compare --backward
+  tail -24 "$out/compare-bwd.txt"
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  (cd "$out" && tar cf s24.tar --exclude s24.tar . 2>/dev/null && find . -type f ! -name s24.tar -delete)
+fi
+if [ "$what" = s24b ]; then
+  # Each of the session's changes taken out in turn (the barrier between the dQ and dK/dV passes:
+  # VKFLEX_BWD_OVERLAP=0; the dK/dV pass's per-element log2 LSE: .device/shaders-prev-nv), then
+  # each pass's time (VKFLEX_PROFILE keeps the barrier), then the dQ pass's steps at D = 128.
+  cases=${AB_CASES:-full,sliding_window_1024,causal}
+  for v in new overlap0 prevnv new2; do
+    case $v in
+      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
+      prevnv) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
+      *) env=() ;;
+    esac
+    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases "$cases"
+    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
+  done
+  VKFLEX_PROFILE=1 step bwd-profile 90 vkflex bench --suite seed --backward --no-check --repeat 5 --cases full,sliding_window_1024
+  grep -E "backward|device time per call: flex_attention_bwd" "$out/bwd-profile.txt" | cut -c1-170
+  # The dQ pass's steps at D = 128: 64 rows (one workgroup an SM either way: 218 registers);
+  # the dK/dV pass without its prefetch's registers (255 and local memory with it).
+  for t in "" 8x64/8x32xp 8x64xp/8x32xp 8x32xp/8x32; do
+    VKFLEX_PIPELINE_STATS=1 VKFLEX_BWD_TILES=$t step "bwd128-${t//\//_}" 50 vkflex bench --b 8 --h 16 --s 8192 --d 128 --backward --no-check
+    grep -E "backward" "$out/bwd128-${t//\//_}.txt" | cut -c1-170
+    local_mem "$out/bwd128-${t//\//_}.txt"
+    grep -E 'pipeline flex_attention_bwd_nv.*Register Count' "$out/bwd128-${t//\//_}.txt" | sed -E 's/.*pipeline (flex_attention_bwd_nv[^ ]*).*Register Count = ([0-9]+).*/   \1: \2 registers/' | sort -u | head -4
+  done
+  (cd "$out" && tar cf s24b.tar --exclude s24b.tar . 2>/dev/null && find . -type f ! -name s24b.tar -delete)
 fi
 if [ "$what" = cmp23 ]; then
   # The backward against PyTorch with the backward's warm-up in bench (the first call's

@@ -524,7 +524,7 @@ extension AttentionPlanner {
     static let backwardDenseBlock = 128
 
     static func backwardNVSharedBytes(D: Int, nsg: Int, step: Int, ownShared: Bool = false, rpw: Int = 1) -> Int {
-        2 * (ownShared ? step + 16 * nsg * rpw : step) * (D / 8 + 1) * 16 + 8 * step
+        2 * (ownShared ? step + 16 * nsg * rpw : step) * (D / 8 + 1) * 16 + 12 * step
     }
 
     /// The coopmat-nv backward passes' tiles, as ``GenericTiles`` (16×16×16, subgroups of 32, `NSG`

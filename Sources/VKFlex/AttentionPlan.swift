@@ -72,6 +72,9 @@ struct AttentionTuning: Sendable {
     /// dK/dV pass's where they differ (after the slash).
     var backwardTiles: BackwardNVTiles?
     var backwardDKVTiles: BackwardNVTiles?
+    /// `VKFLEX_BWD_OVERLAP=0`: a barrier between the backward's dQ and dK/dV passes, as before
+    /// they ran side by side (`1`, the default), for measuring.
+    var backwardOverlap = true
     /// `VKFLEX_GENERIC_TILES=NSGxBKV[xp|xp1][xr2|xr4]`: coopmat-generic's subgroups per workgroup, keys per step,
     /// `p` for its software pipeline (`GEN_PREFETCH`; `p1` with one K/V buffer, `GEN_NBUF=1`) and
     /// `rN` for N row blocks a subgroup (`GEN_RPW`), for tuning (checked per call against the
@@ -182,6 +185,10 @@ struct AttentionTuning: Sendable {
             }
             t.backwardTiles = halves[0]
             t.backwardDKVTiles = halves.count == 2 ? halves[1] : nil
+        }
+        if let o = env["VKFLEX_BWD_OVERLAP"], !o.isEmpty {
+            guard o == "0" || o == "1" else { throw FlexError("VKFLEX_BWD_OVERLAP=\(o): use 1 (the backward's dQ and dK/dV passes side by side, the default) or 0 (a barrier between them)") }
+            t.backwardOverlap = o == "1"
         }
         if let g = env["VKFLEX_GENERIC_TILES"], !g.isEmpty {
             let parts = g.lowercased().split(separator: "x", omittingEmptySubsequences: false).map(String.init)

@@ -277,7 +277,13 @@ enum BackwardKernel {
         /// `mm` is the dQ pass's, `mmDKV` the dK/dV pass's (coopmat-nv tunes them apart).
         var mm: GenericTiles? = nil
         var mmDKV: GenericTiles? = nil
+        /// The dK/dV pass dispatched beside the dQ pass, no barrier between (`VKFLEX_BWD_OVERLAP`).
+        var overlap = true
     }
+
+    /// Invocations per workgroup of the Δ pass: 16 a row (flex_attention_bwd.comp, pass 0), 16 rows
+    /// a workgroup where the device allows 256 invocations.
+    static func deltaWorkgroup(_ caps: DeviceCapabilities) -> Int { min(256, caps.maxWorkgroupInvocations / 16 * 16) }
 
     /// An upper bound of the loop iterations of one staged step of flex_attention_bwd_mm.comp's
     /// passes (as emulated: the only form a driver with a loop cap runs).
@@ -347,7 +353,7 @@ enum BackwardKernel {
             let spliced = pass == 5 ? capMods! : mods
             var passIncludes = includes
             passIncludes[SplicedMods.includeName] = spliced.glsl.source
-            var plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, 64), pushParams: push,
+            var plan = AttentionPlanner.backward(shape: s, pass: pass, tiles: [1, 2, 5].contains(pass) ? tiles : (0, 0, pass == 0 ? deltaWorkgroup(caps) : 64), pushParams: push,
                                                  mods: spliced, capAtomic: pass == 5 && capAtomic)
             // On a GPU the portable passes unroll their accumulator loops: run-time indices kept the
             // accumulators in local memory (NVIDIA: 64 and 128 bytes an invocation, sixth session's
@@ -374,6 +380,7 @@ enum BackwardKernel {
         var prepared = Prepared(pipelines: Dictionary(uniqueKeysWithValues: try passes.map { ($0, try pipeline($0)) }), mods: mods, pushParams: push,
                                 WG: WG, BQ: tiles.BQ, BKV: tiles.BKV)
         (prepared.mm, prepared.mmDKV) = (mm, mmDKV)
+        prepared.overlap = tuning.backwardOverlap
         if let capMods {
             prepared.capTerms = capMods.glsl.captureGradientTerms
             prepared.capAtomic = capAtomic
@@ -550,10 +557,18 @@ enum BackwardKernel {
             sums.append((try bindings(bytes), push ? bytes : [], n))
         }
         try device.record { rec in
-            try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: ((s.B * s.Hq * s.Lq + 63) / 64, 1, 1))
+            // The Δ pass: 16 invocations a row; past 4,096 workgroups (about one wave of an H100's
+            // 132 SMs at 2,048 invocations each) they stride over the rows.
+            let deltaRows = deltaWorkgroup(caps) / 16
+            try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: (min((s.B * s.Hq * s.Lq + deltaRows - 1) / deltaRows, 4096), 1, 1))
             try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (qBlocks * tilesQ12, s.Hq, s.B * dqSplit.count))
-            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count))
-            if let p6 = prepared.pipelines[6] { try rec.dispatch(p6, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count)) }
+            // The dK/dV pass (and its dK half) beside the dQ pass: they read the same inputs and
+            // write apart, so the one's first workgroups fill the compute units the other's last
+            // leave idle (a tile pass ends in a partial wave: 8,192 workgroups on 264 slots at D = 128).
+            try rec.dispatch(p2, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count), overlapsPrevious: prepared.overlap)
+            if let p6 = prepared.pipelines[6] {
+                try rec.dispatch(p6, bindings: main, pushConstants: pc, groups: (kvBlocks * tilesK12, s.Hkv, s.B * dkSplit.count), overlapsPrevious: prepared.overlap)
+            }
             if let p3 { try rec.dispatch(p3, bindings: main, pushConstants: pc, groups: (s.Hq, 1, 1)) }
             if let p5 = prepared.pipelines[5] {
                 rec.fill(prepared.capAtomic ? dcapsBuffer : partCaps, pattern: 0, bytes: prepared.capAtomic ? capTotal * 4 : partCaps.size)

@@ -95,9 +95,23 @@ public struct CommandRecorder {
 
     /// Records a dispatch of `pipeline` over `groups` workgroups.
     ///
+    /// With `overlapsPrevious`, no barrier separates it from the command recorded just before, so
+    /// the GPU may run the two at once (the second's first workgroups fill the compute units the
+    /// first's last ones leave idle). The caller promises that neither writes what the other
+    /// reads or writes; the commands before the last barrier stay ordered before both. Under
+    /// `VKFLEX_PROFILE` the barrier stays, so that each dispatch's time is its own.
+    ///
+    /// ```swift
+    /// // Two dispatches that read the same buffers and write none of them (or each its own):
+    /// try device.record { rec in
+    ///     try rec.dispatch(pipeline, bindings: bindings, groups: (n, 1, 1))
+    ///     try rec.dispatch(pipeline, bindings: bindings, groups: (n, 1, 1), overlapsPrevious: true)
+    /// }
+    /// ```
+    ///
     /// - Throws: ``FlexError`` — ``FlexError/vulkan(call:result:)`` when a Vulkan call fails, ``FlexError/limitExceeded(_:)`` or ``FlexError/invalidArgument(_:)`` when a request is outside the device's limits or malformed.
     public func dispatch(_ pipeline: ComputePipeline, bindings: [BufferBinding], pushConstants: [UInt8] = [],
-                         groups: (x: Int, y: Int, z: Int)) throws {
+                         groups: (x: Int, y: Int, z: Int), overlapsPrevious: Bool = false) throws {
         guard bindings.count == pipeline.bindingCount else {
             throw FlexError.invalidArgument("pipeline \(pipeline.name) takes \(pipeline.bindingCount) buffers, got \(bindings.count)")
         }
@@ -147,7 +161,11 @@ public struct CommandRecorder {
                 vkUpdateDescriptorSets(device.handle, UInt32(writes.count), &writes, 0, nil)
             }
         }
-        barrier()
+        if overlapsPrevious && !device.profilesDispatches && batch.commandCount > 0 {
+            batch.commandCount += 1
+        } else {
+            barrier()
+        }
         // VKFLEX_PROFILE=1: timestamps around the dispatch, leaving a quarter of the batch's query
         // pool to the caller's own (``timestamp()`` throws past it).
         let profileStart = device.profilesDispatches && device.capabilities.timestamps && batch.queryCount + 2 <= 192 ? try timestamp() : nil

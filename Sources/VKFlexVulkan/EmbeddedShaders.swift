@@ -150,7 +150,7 @@ void main() {
 #version 450
 // Block-sparse flash attention, backward, portable path (scalar math, any subgroup size), in
 // passes chosen by BWD_PASS, with P recomputed from the saved LSE (PyTorch's semantics):
-//   0  delta_i = rowsum(dO_i * O_i) - dLSE_i                       one invocation per query row
+//   0  delta_i = rowsum(dO_i * O_i) - dLSE_i                       16 invocations per query row
 //   1  dQ_i = scale * sum_j dS_ij K_j                              a workgroup per tile of BQ rows
 //   2  dK_j = scale * sum_i dS_ij Q_i,  dV_j = sum_i P_ij dO_i      a workgroup per tile of BKV keys
 //      (and key/value head: it sums over the query heads of its group, each walking its own blocks)
@@ -345,14 +345,37 @@ void main() {
     }
 }
 #elif BWD_PASS == 0
+// DL invocations a row, each summing every DL-th element (a subgroup's loads read a row's
+// consecutive elements: one row an invocation read 2 bytes per row per load, about 0.5 TB/s on an
+// H100), then the row's DL partial sums added in a fixed order (deterministic). Workgroups stride
+// over the rows, so any row count fits the dispatch limit.
+#define DL 16
+#define RPG (WG / DL)
+shared float d_part[WG];
 void main() {
-    const int r = int(gl_GlobalInvocationID.x);
-    if (r >= p.B * p.Hq * p.Lq) return;
-    const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
-    float acc = 0.0;
-    for (int d = 0; d < DV; ++d) acc += IN_FLOAT(do_data[do_at(b, h, i) + d * p.do_sd]) * IN_FLOAT(o_data[o_at(b, h, i) + d * p.o_sd]);
-    if (p.has_dlse != 0) acc -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
-    delta_data[r] = acc;
+    const int lid = int(gl_LocalInvocationIndex), t = lid % DL, rl = lid / DL;
+    const int rows = p.B * p.Hq * p.Lq;
+    for (int r0 = int(gl_WorkGroupID.x) * RPG; r0 < rows; r0 += int(gl_NumWorkGroups.x) * RPG) {
+        const int r = r0 + rl;
+        float acc = 0.0;
+        if (r < rows) {
+            const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
+            const int od = o_at(b, h, i), dd = do_at(b, h, i);
+            for (int d = t; d < DV; d += DL) acc += IN_FLOAT(do_data[dd + d * p.do_sd]) * IN_FLOAT(o_data[od + d * p.o_sd]);
+        }
+        d_part[lid] = acc;
+        barrier();
+        if (t == 0 && r < rows) {
+            float sum = 0.0;
+            [[unroll]] for (int k = 0; k < DL; ++k) sum += d_part[lid + k];
+            if (p.has_dlse != 0) {
+                const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
+                sum -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
+            }
+            delta_data[r] = sum;
+        }
+        barrier();
+    }
 }
 #else
 // P and dS of every pair of the staged tiles (rows < nq, keys < nk; 0 elsewhere and where masked
@@ -976,8 +999,9 @@ shared uvec4 Yo4[T * XS4];
 shared uvec4 Xs4[STEP * XS4];
 shared uvec4 Ys4[STEP * XS4];
 #if BWD_PASS == 2
-// The staged query rows' LSE and delta.
-shared float t_lse[STEP], t_delta[STEP];
+// The staged query rows' LSE and delta, and the LSE in log2 units (-inf as +inf) for the
+// steps that need no check (made once per row here, not once per element).
+shared float t_lse[STEP], t_delta[STEP], t_lse2[STEP];
 #endif
 #include "flex_bwd_operands.glsl"
 
@@ -1134,7 +1158,7 @@ void main() {
 #if BWD_PASS == 2
         [[unroll]] for (int a = 0; a < PRL; ++a) {
             const int r = lid + a * WG;
-            if (r < STEP) { t_lse[r] = fl[a]; t_delta[r] = fd[a]; }
+            if (r < STEP) { t_lse[r] = fl[a]; t_delta[r] = fd[a]; t_lse2[r] = fl[a] == NEG_INF ? -NEG_INF : fl[a] * LOG2E; }
         }
 #endif
         barrier();
@@ -1199,7 +1223,7 @@ void main() {
 #if BWD_PASS == 1
 #define PAIR_ROWS(M) const int qi = q0 + r, ki = t0 + j; const float lse2 = r_lse2[2 * M + EL_HI(e)], lse_i = r_lse[2 * M + EL_HI(e)], delta_i = r_delta[2 * M + EL_HI(e)];
 #else
-#define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j]; const float lse2 = lse_i == NEG_INF ? -NEG_INF : lse_i * LOG2E;
+#define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j], lse2 = t_lse2[j];
 #endif
 #define MAKE_PDS(M) \
             if (clean) { \

@@ -948,8 +948,20 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-// Sources/VKFlexVulkan/Device+Execution.swift:265
-@discardableResult func snippet_Sources_VKFlexVulkan_Device_Execution_swift_265(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+// Sources/VKFlexVulkan/Device+Execution.swift:105
+@discardableResult func snippet_Sources_VKFlexVulkan_Device_Execution_swift_105(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
+    do {
+        // Two dispatches that read the same buffers and write none of them (or each its own):
+        try device.record { rec in
+            try rec.dispatch(pipeline, bindings: bindings, groups: (n, 1, 1))
+            try rec.dispatch(pipeline, bindings: bindings, groups: (n, 1, 1), overlapsPrevious: true)
+        }
+    }
+    return nil
+}
+
+// Sources/VKFlexVulkan/Device+Execution.swift:283
+@discardableResult func snippet_Sources_VKFlexVulkan_Device_Execution_swift_283(device: Device, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: BlockMask, causal: MaskMod, softcap: ScoreMod, slopes: Tensor, slope: Tensor, docs: Tensor, doc: Tensor, table: Tensor, values: [Float], qValues: [Float], kValues: [Float], vValues: [Float], alibiSlopes: [Float], docIDs: [Int32], nvWords: [UInt32], B: Int, H: Int, Hq: Int, Hkv: Int, S: Int, L: Int, D: Int, Dv: Int, W: Int, KW: Int, KH: Int, WINDOW: Int, Lq: Int, Lkv: Int, n: Int, numImages: Int, dO: Tensor, outBSHD: Tensor, seq: Tensor, offsets: Tensor, images: Tensor, intervals: Tensor, starts: [Int], imageOfKey: [Int], documentIDs: [Int], sequenceOfToken: [Int], flatIntervals: [Int], q8heads: Tensor, k2heads: Tensor, v2heads: Tensor, blockMask: BlockMask, scoreMod: ScoreMod, maskMod: MaskMod, causalMask: BlockMask, grads: FlexGradients, pipeline: ComputePipeline, bindings: [BufferBinding], glsl: String, total: Int) async throws -> Any? {
     do {
         // VKFLEX_PROFILE=1 in the environment
         _ = try device.takeDispatchProfile()          // drop what came before
@@ -1010,7 +1022,7 @@ typealias SnippetPrelude = (device: Device, q: Tensor, k: Tensor, v: Tensor, out
     return nil
 }
 
-/// Every example, by its place in the sources (93 of them).
+/// Every example, by its place in the sources (94 of them).
 let snippetNames: [String] = [
     "snippet_README_md_15",
     "snippet_docs_expressions_md_9",
@@ -1099,7 +1111,8 @@ let snippetNames: [String] = [
     "snippet_Sources_VKFlexVulkan_Capabilities_swift_52",
     "snippet_Sources_VKFlexVulkan_CooperativeMatrixLayout_swift_13",
     "snippet_Sources_VKFlexVulkan_Device_Execution_swift_31",
-    "snippet_Sources_VKFlexVulkan_Device_Execution_swift_265",
+    "snippet_Sources_VKFlexVulkan_Device_Execution_swift_105",
+    "snippet_Sources_VKFlexVulkan_Device_Execution_swift_283",
     "snippet_Sources_VKFlexVulkan_Device_Residency_swift_197",
     "snippet_Sources_VKFlexVulkan_Device_swift_8",
     "snippet_Sources_VKFlexVulkan_Device_swift_484",

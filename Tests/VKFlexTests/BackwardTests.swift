@@ -53,6 +53,8 @@ final class BackwardTests: FlexTestCase {
             Case(name: "where and abs in the score-mod", score: ScoreMod { s, _, _, q, kv in select(q >= kv, s * 2, abs(s) - 1) }),
             Case(name: "float16 causal", Lq: 64, Lkv: 64, D: 32, Dv: 32, dtype: .float16, mask: causal, blockSize: 32),
             Case(name: "bfloat16", Hq: 4, Hkv: 1, Lq: 48, Lkv: 40, dtype: .bfloat16, score: ScoreMod { s, _, _, _, _ in 20 * tanh(s / 20) }),
+            // 66,000 rows: more than the Δ pass's 4,096 workgroups of 16 rows, so they stride.
+            Case(name: "many rows, dLSE", Lq: 33_000, Lkv: 20, D: 4, Dv: 4, mask: MaskMod { _, _, q, kv in kv <= q % 23 }, gradLSE: true),
         ]
         for c in cases { try check(c) }
     }
@@ -450,11 +452,11 @@ extension BackwardTests {
         }
         // The owned rows pass through the staging area a step at a time, so the default tiles leave
         // room for two workgroups in the ~48 KiB an NVIDIA SM's workgroups share.
-        XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 128, nsg: 8, step: 32), 2 * 32 * 17 * 16 + 8 * 32)
+        XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 128, nsg: 8, step: 32), 2 * 32 * 17 * 16 + 12 * 32)
         XCTAssertLessThanOrEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 8, step: 64), 24 << 10)
         // The dK/dV pass's tiles apart from the dQ pass's: the split is the dK/dV pass's alone.
         XCTAssertEqual(AttentionPlanner.backwardNVTiles(D: 64, sharedMemory: 48 << 10, pass: 1, forced: BackwardNVTiles(nsg: 4, step: 64, splitDKV: true))?.splitDKV, false)
-        XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 4, step: 32, ownShared: true, rpw: 2), 2 * (32 + 128) * 9 * 16 + 8 * 32)
+        XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 4, step: 32, ownShared: true, rpw: 2), 2 * (32 + 128) * 9 * 16 + 12 * 32)
         for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk", "4x16/", "/4x16", "4x16/4x16/4x16", "4x16xrr"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
@@ -465,6 +467,22 @@ extension BackwardTests {
             let tuning = try AttentionTuning.parse(["VKFLEX_BWD_TILES": given])
             XCTAssertEqual([tuning.backwardTiles, tuning.backwardDKVTiles].compactMap { $0.map { "\($0)" } }.joined(separator: "/"), read)
         }
+        // The dQ and dK/dV passes side by side (the default) or with a barrier between them: the same bits.
+        XCTAssertTrue(try AttentionTuning.parse([:]).backwardOverlap)
+        XCTAssertFalse(try AttentionTuning.parse(["VKFLEX_BWD_OVERLAP": "0"]).backwardOverlap)
+        XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_OVERLAP": "yes"])) {
+            XCTAssertTrue("\($0)".contains("VKFLEX_BWD_OVERLAP=yes: use 1"), "\($0)")
+        }
+        let serial = try device(with: ["VKFLEX_BWD_OVERLAP": "0"])
+        var grads: [[Float]] = []
+        let values = randn(2 * 48 * 16)
+        for dev in [device!, serial] {
+            let x = try dev.tensor(values, shape: [1, 2, 48, 16])
+            let f = try flexAttention(x, x, x, returnLSE: true)
+            let g = try flexAttentionBackward(x, x, x, output: f.output, lse: f.lse!, gradOutput: x)
+            grads.append(try g.dq.toArray() + g.dk.toArray() + g.dv.toArray())
+        }
+        XCTAssertEqual(grads[0], grads[1])
         let q = try device.tensor(randn(8 * 16), shape: [1, 1, 8, 16], dtype: .float16)
         let f = try flexAttention(q, q, q, returnLSE: true, options: FlexOptions(kernel: .portable))
         XCTAssertThrowsError(try flexAttentionBackward(q, q, q, output: f.output, lse: f.lse!, gradOutput: q, options: FlexOptions(kernel: .coopmatNV))) {
