@@ -149,6 +149,7 @@ void main() {
     const int lid = int(gl_LocalInvocationIndex);
     const int sg = int(gl_SubgroupID), lane = int(gl_SubgroupInvocationID), r0 = sg * 16 * RPW;
     const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
+    const float scale_l2 = p.scale * LOG2E;   // SCORE_L2's factor
     // Built for subgroups of 32 (the layout above): otherwise NaN gradients, never wrong numbers.
     const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
 #if BWD_PASS == 1
@@ -236,7 +237,7 @@ void main() {
 #if BWD_PASS == 1
     [[unroll]] for (int i = 0; i < 2 * RPW; ++i) {
         const int r = r0 + 16 * (i >> 1) + lane_r + 8 * (i & 1);
-        if (r < n_own) o_rc[i] = OWN_RC(q0 + r);
+        o_rc[i] = OWN_RC(q0 + min(r, n_own - 1));   // rows past the end: a row's values (never kept)
     }
 #endif
 #endif
@@ -298,7 +299,7 @@ void main() {
         if (pass == 1) {
             [[unroll]] for (int i = 0; i < 2 * RPW; ++i) {
                 const int r = r0 + 16 * (i >> 1) + lane_r + 8 * (i & 1);
-                if (r < n_own) o_rc[i] = OWN_RC(o0 + r);
+                o_rc[i] = OWN_RC(o0 + min(r, n_own - 1));
             }
         }
 #endif
@@ -309,7 +310,7 @@ void main() {
             if (pass == 1) {
                 [[unroll]] for (int i = 0; i < 4; ++i) {
                     const int j = c * 16 + lane_c + (i & 1) + 8 * (i >> 1);
-                    if (j < nt) s_rc[i] = ST_RC(t0 + j);
+                    s_rc[i] = ST_RC(t0 + min(j, nt - 1));   // defined for CHECKED_PDS's select
                 }
             }
 #endif
@@ -342,17 +343,33 @@ void main() {
 #else
 #define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j], lse2 = t_lse2[j];
 #endif
-#define MAKE_PDS(M) \
-            if (clean) { \
+// P = exp2 of the score-mod in log2 units: with no score-mod one multiply-add a score (log2(e)
+// folded into the scale), with one the splice offers in log2 units (ALiBi: the slope) log2(e) in
+// its constants, else the mod times log2(e).
+#if !VKF_HAS_SCORE_MOD
+#define SCORE_L2(sc, s, qi, ki) ((s) * scale_l2)
+#elif defined(VKF_HAS_SCORE_MOD_L2)
+#define SCORE_L2(sc, s, qi, ki) score_mod_l2(sc, (s) * scale_l2, b, h, qi, ki)
+#else
+#define SCORE_L2(sc, s, qi, ki) (score_mod(sc, b, h, qi, ki) * LOG2E)
+#endif
+// Steps with checks: where the mods load nothing and report nothing (VKF_PURE_MODS) every pair's
+// P and dS are computed and the checks select them (a branch per pair cost the forward 12% on the
+// sliding window, H200); else the pair is computed only where it is kept.
+#if VKF_PURE_MODS
+#define CHECKED_PDS(M) \
                 [[unroll]] for (int e = 0; e < 8; ++e) { \
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
+                    const bool keep = r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e)); \
                     const float sc = s##M[e] * p.scale; \
-                    const float P = exp2(score_mod(sc, b, h, qi, ki) * LOG2E - lse2); \
-                    s##M[e] = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
-                    dp##M[e] = P; \
-                } \
-            } else { \
+                    const float P = exp2(SCORE_L2(sc, s##M[e], qi, ki) - lse2); \
+                    const float dS = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
+                    s##M[e] = keep ? dS : 0.0; \
+                    dp##M[e] = keep ? P : 0.0; \
+                }
+#else
+#define CHECKED_PDS(M) \
                 [[unroll]] for (int e = 0; e < 8; ++e) { \
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
@@ -361,7 +378,20 @@ void main() {
                         pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
                     s##M[e] = dS; \
                     dp##M[e] = P; \
+                }
+#endif
+#define MAKE_PDS(M) \
+            if (clean) { \
+                [[unroll]] for (int e = 0; e < 8; ++e) { \
+                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
+                    PAIR_ROWS(M) \
+                    const float sc = s##M[e] * p.scale; \
+                    const float P = exp2(SCORE_L2(sc, s##M[e], qi, ki) - lse2); \
+                    s##M[e] = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
+                    dp##M[e] = P; \
                 } \
+            } else { \
+                CHECKED_PDS(M) \
             } \
             KEEP_DS(M) KEEP_P(M)
 #if NEED_DS
