@@ -380,10 +380,19 @@ fi
 if [ "$what" = s24 ]; then
   # Twenty-fourth session's first call: the backward against PyTorch (the Δ pass with 16
   # invocations a row, the dK/dV pass beside the dQ pass, the dK/dV pass's LSE in log2 units made
-  # once per staged row), then every kernel's validated selftest.
+  # once per staged row, the checked steps' select), after every kernel's validated selftest.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step compare-bwd 480 bash .device/on-device.sh compare --backward
   tail -24 "$out/compare-bwd.txt"
-  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  # Then, as time allows, two of the changes taken out (s24b's first rows).
+  for v in overlap0 prevnv; do
+    case $v in
+      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
+      *) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
+    esac
+    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases full,sliding_window_1024
+    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
+  done
   (cd "$out" && tar cf s24.tar --exclude s24.tar . 2>/dev/null && find . -type f ! -name s24.tar -delete)
 fi
 if [ "$what" = s24b ]; then
