@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s24|s24b|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -394,6 +394,22 @@ if [ "$what" = s24 ]; then
     grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
   done
   (cd "$out" && tar cf s24.tar --exclude s24.tar . 2>/dev/null && find . -type f ! -name s24.tar -delete)
+fi
+if [ "$what" = s24c ]; then
+  # For a call with little device time: every kernel's validated selftest, vkflex's backward on the
+  # seed suite (no PyTorch), then two of the session's changes taken out.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  step bwd-seed 240 vkflex bench --suite seed --backward --no-check --json "$out/bwd-seed.jsonl"
+  grep -E "backward" "$out/bwd-seed.txt" | cut -c1-150
+  for v in overlap0 prevnv; do
+    case $v in
+      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
+      *) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
+    esac
+    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases full,sliding_window_1024
+    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
+  done
+  (cd "$out" && tar cf s24c.tar --exclude s24c.tar . 2>/dev/null && find . -type f ! -name s24c.tar -delete)
 fi
 if [ "$what" = s24b ]; then
   # Each of the session's changes taken out in turn (the barrier between the dQ and dK/dV passes:
