@@ -1227,12 +1227,11 @@ void main() {
 #define PAIR_ROWS(M) const int qi = t0 + j, ki = o0 + r; const float lse_i = t_lse[j], delta_i = t_delta[j], lse2 = t_lse2[j];
 #endif
 // P = exp2 of the score-mod in log2 units: with no score-mod one multiply-add a score (log2(e)
-// folded into the scale), with one the splice offers in log2 units (ALiBi: the slope) log2(e) in
-// its constants, else the mod times log2(e).
+// folded into the scale), else the mod times log2(e). Not the splice's score_mod_l2, which the
+// forward takes: its tanh of the scaled score is not the one score_mod_grad computes, so the
+// soft-cap took two (H100, 2026-12-07: soft-cap 111.9 -> 98.1 TFLOP/s, ALiBi 129.9 -> 130.2).
 #if !VKF_HAS_SCORE_MOD
 #define SCORE_L2(sc, s, qi, ki) ((s) * scale_l2)
-#elif defined(VKF_HAS_SCORE_MOD_L2)
-#define SCORE_L2(sc, s, qi, ki) score_mod_l2(sc, (s) * scale_l2, b, h, qi, ki)
 #else
 #define SCORE_L2(sc, s, qi, ki) (score_mod(sc, b, h, qi, ki) * LOG2E)
 #endif
