@@ -377,6 +377,24 @@ if [ "$what" = cache23 ]; then
   torch_rule 80
   (cd "$out" && tar cf cache23.tar --exclude cache23.tar . 2>/dev/null && find . -type f ! -name cache23.tar -delete)
 fi
+# ab24 VARIANT...: the backward on AB_CASES (default full,sliding_window_1024) with one of the
+# twenty-fourth session's changes taken out — overlap0: the barrier between the dQ and dK/dV passes
+# back; prevnv: the NV backward shader from before the session, in a copy of Shaders/ made here
+# before prep.sh (`cp -r Shaders .device/shaders-prev-nv && git show
+# 1794554:Shaders/flex_attention_bwd_nv.comp > .device/shaders-prev-nv/flex_attention_bwd_nv.comp`);
+# any other name: as built.
+ab24() {
+  local v
+  for v in "$@"; do
+    case $v in
+      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
+      prevnv) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
+      *) env=() ;;
+    esac
+    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases "${AB_CASES:-full,sliding_window_1024}"
+    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
+  done
+}
 if [ "$what" = s24 ]; then
   # Twenty-fourth session's first call: the backward against PyTorch (the Δ pass with 16
   # invocations a row, the dK/dV pass beside the dQ pass, the dK/dV pass's LSE in log2 units made
@@ -385,14 +403,7 @@ if [ "$what" = s24 ]; then
   step compare-bwd 480 bash .device/on-device.sh compare --backward
   tail -24 "$out/compare-bwd.txt"
   # Then, as time allows, two of the changes taken out (s24b's first rows).
-  for v in overlap0 prevnv; do
-    case $v in
-      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
-      *) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
-    esac
-    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases full,sliding_window_1024
-    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
-  done
+  ab24 overlap0 prevnv
   (cd "$out" && tar cf s24.tar --exclude s24.tar . 2>/dev/null && find . -type f ! -name s24.tar -delete)
 fi
 if [ "$what" = s24c ]; then
@@ -401,30 +412,15 @@ if [ "$what" = s24c ]; then
   VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
   step bwd-seed 240 vkflex bench --suite seed --backward --no-check --json "$out/bwd-seed.jsonl"
   grep -E "backward" "$out/bwd-seed.txt" | cut -c1-150
-  for v in overlap0 prevnv; do
-    case $v in
-      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
-      *) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
-    esac
-    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases full,sliding_window_1024
-    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
-  done
+  ab24 overlap0 prevnv
   (cd "$out" && tar cf s24c.tar --exclude s24c.tar . 2>/dev/null && find . -type f ! -name s24c.tar -delete)
 fi
 if [ "$what" = s24b ]; then
   # Each of the session's changes taken out in turn (the barrier between the dQ and dK/dV passes:
-  # VKFLEX_BWD_OVERLAP=0; the dK/dV pass's per-element log2 LSE: .device/shaders-prev-nv), then
-  # each pass's time (VKFLEX_PROFILE keeps the barrier), then the dQ pass's steps at D = 128.
-  cases=${AB_CASES:-full,sliding_window_1024,causal}
-  for v in new overlap0 prevnv new2; do
-    case $v in
-      overlap0) env=(VKFLEX_BWD_OVERLAP=0) ;;
-      prevnv) env=(VKFLEX_SHADER_DIR=$PWD/.device/shaders-prev-nv) ;;
-      *) env=() ;;
-    esac
-    step "ab-$v" 60 env "${env[@]}" vkflex bench --suite seed --backward --no-check --cases "$cases"
-    grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
-  done
+  # VKFLEX_BWD_OVERLAP=0; the NV backward's element-wise changes: .device/shaders-prev-nv, the
+  # shader before them), then each pass's time (VKFLEX_PROFILE keeps the barrier), then the dQ
+  # pass's steps at D = 128.
+  AB_CASES=${AB_CASES:-full,sliding_window_1024,causal} ab24 new overlap0 prevnv new2
   VKFLEX_PROFILE=1 step bwd-profile 90 vkflex bench --suite seed --backward --no-check --repeat 5 --cases full,sliding_window_1024
   grep -E "backward|device time per call: flex_attention_bwd" "$out/bwd-profile.txt" | cut -c1-170
   # The dQ pass's steps at D = 128: 64 rows (one workgroup an SM either way: 218 registers);
