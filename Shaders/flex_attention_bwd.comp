@@ -17,8 +17,9 @@
 // mask applies on partial blocks only. Passes 1 and 2 stage their tiles in shared memory (see
 // below). dQ, dK and dV are deterministic: no atomics.
 //
-// Defines: BWD_PASS, D, DV, WG, BQ and BKV (passes 1, 2), IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16
-// (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5), VKF_UNROLL_ACC (below).
+// Defines: BWD_PASS, D, DV, WG, DL (pass 0), BQ and BKV (passes 1, 2), IN_F16 / IN_BF16 and
+// OUT_F16 / OUT_BF16 (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5),
+// VKF_UNROLL_ACC (below).
 // Bindings and parameters: flex_bwd_params.glsl (BackwardBinding, BackwardField).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -196,21 +197,19 @@ void main() {
     }
 }
 #elif BWD_PASS == 0
-// DL invocations a row, each summing every DL-th element (a subgroup's loads read a row's
-// consecutive elements: one row an invocation read 2 bytes per row per load, about 0.5 TB/s on an
-// H100), then the row's DL partial sums added in a fixed order (deterministic). Workgroups stride
-// over the rows, so any row count fits the dispatch limit.
-#define DL 16
+// DL invocations a row (the host's BackwardKernel.deltaLanes), each summing every DL-th element
+// (a subgroup's loads read a row's consecutive elements: one row an invocation read 2 bytes per
+// row per load, about 0.5 TB/s on an H100), then the row's DL partial sums added in a fixed order
+// (deterministic). Workgroups stride over the rows, so any row count fits the dispatch limit.
 #define RPG (WG / DL)
 shared float d_part[WG];
 void main() {
     const int lid = int(gl_LocalInvocationIndex), t = lid % DL, rl = lid / DL;
     const int rows = p.B * p.Hq * p.Lq;
     for (int r0 = int(gl_WorkGroupID.x) * RPG; r0 < rows; r0 += int(gl_NumWorkGroups.x) * RPG) {
-        const int r = r0 + rl;
+        const int r = r0 + rl, i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
         float acc = 0.0;
         if (r < rows) {
-            const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
             const int od = o_at(b, h, i), dd = do_at(b, h, i);
             for (int d = t; d < DV; d += DL) acc += IN_FLOAT(do_data[dd + d * p.do_sd]) * IN_FLOAT(o_data[od + d * p.o_sd]);
         }
@@ -219,10 +218,7 @@ void main() {
         if (t == 0 && r < rows) {
             float sum = 0.0;
             [[unroll]] for (int k = 0; k < DL; ++k) sum += d_part[lid + k];
-            if (p.has_dlse != 0) {
-                const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
-                sum -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
-            }
+            if (p.has_dlse != 0) sum -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
             delta_data[r] = sum;
         }
         barrier();

@@ -352,43 +352,39 @@ void main() {
 #else
 #define SCORE_L2(sc, s, qi, ki) (score_mod(sc, b, h, qi, ki) * LOG2E)
 #endif
-// Steps with checks: where the mods load nothing and report nothing (VKF_PURE_MODS) every pair's
-// P and dS are computed and the checks select them (a branch per pair cost the forward 12% on the
-// sliding window, H200); else the pair is computed only where it is kept.
-#if VKF_PURE_MODS
-#define CHECKED_PDS(M) \
+// P and dS of row block M's elements, each kept where KEEP holds (else 0): every pair computed,
+// the checks selecting (with KEEP true, the steps that need no check: nothing to select).
+#define SELECT_PDS(M, KEEP) \
                 [[unroll]] for (int e = 0; e < 8; ++e) { \
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
-                    const bool keep = r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e)); \
+                    const bool keep = KEEP; \
                     const float sc = s##M[e] * p.scale; \
                     const float P = exp2(SCORE_L2(sc, s##M[e], qi, ki) - lse2); \
                     const float dS = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
                     s##M[e] = keep ? dS : 0.0; \
                     dp##M[e] = keep ? P : 0.0; \
                 }
+#define PAIR_KEPT(M, e) (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e)))
+// Steps with checks: where the mods load nothing and report nothing (VKF_PURE_MODS) the select
+// (a branch per pair cost the forward 12% on the sliding window, H200); else a pair is computed
+// only where it is kept.
+#if VKF_PURE_MODS
+#define CHECKED_PDS(M) SELECT_PDS(M, PAIR_KEPT(M, e))
 #else
 #define CHECKED_PDS(M) \
                 [[unroll]] for (int e = 0; e < 8; ++e) { \
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
                     float P = 0.0, dS = 0.0; \
-                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e))) \
-                        pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
+                    if (PAIR_KEPT(M, e)) pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
                     s##M[e] = dS; \
                     dp##M[e] = P; \
                 }
 #endif
 #define MAKE_PDS(M) \
             if (clean) { \
-                [[unroll]] for (int e = 0; e < 8; ++e) { \
-                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
-                    PAIR_ROWS(M) \
-                    const float sc = s##M[e] * p.scale; \
-                    const float P = exp2(SCORE_L2(sc, s##M[e], qi, ki) - lse2); \
-                    s##M[e] = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
-                    dp##M[e] = P; \
-                } \
+                SELECT_PDS(M, true) \
             } else { \
                 CHECKED_PDS(M) \
             } \

@@ -400,6 +400,7 @@ struct AttentionPlan: Hashable, Sendable {
             case .bfloat16: defines += [.init("IN_BF16", "1"), .init("OUT_BF16", "1")]
             default: break
             }
+            if n == 0 { defines.append(.init("DL", "\(BackwardKernel.deltaLanes)")) }
             if n == 5 { defines.append(.init("VKF_CAP_ATOMIC", capAtomic ? "1" : "0")) }
             if unrollAccumulators { defines.append(.init("VKF_UNROLL_ACC", "1")) }
             source = ShaderSource(name: "flex_attention_bwd", text: try ShaderLibrary.standard.text("flex_attention_bwd.comp"), defines: defines)

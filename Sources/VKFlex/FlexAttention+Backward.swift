@@ -281,9 +281,10 @@ enum BackwardKernel {
         var overlap = true
     }
 
-    /// Invocations per workgroup of the Δ pass: 16 a row (flex_attention_bwd.comp, pass 0), 16 rows
-    /// a workgroup where the device allows 256 invocations.
-    static func deltaWorkgroup(_ caps: DeviceCapabilities) -> Int { min(256, caps.maxWorkgroupInvocations / 16 * 16) }
+    /// Invocations a row of the Δ pass (flex_attention_bwd.comp, pass 0: its `DL`).
+    static let deltaLanes = 16
+    /// Invocations per workgroup of the Δ pass: 16 rows where the device allows 256 invocations.
+    static func deltaWorkgroup(_ caps: DeviceCapabilities) -> Int { min(256, caps.maxWorkgroupInvocations / deltaLanes * deltaLanes) }
 
     /// An upper bound of the loop iterations of one staged step of flex_attention_bwd_mm.comp's
     /// passes (as emulated: the only form a driver with a loop cap runs).
@@ -557,9 +558,9 @@ enum BackwardKernel {
             sums.append((try bindings(bytes), push ? bytes : [], n))
         }
         try device.record { rec in
-            // The Δ pass: 16 invocations a row; past 4,096 workgroups (about one wave of an H100's
+            // The Δ pass: deltaLanes invocations a row; past 4,096 workgroups (about one wave of an H100's
             // 132 SMs at 2,048 invocations each) they stride over the rows.
-            let deltaRows = deltaWorkgroup(caps) / 16
+            let deltaRows = deltaWorkgroup(caps) / deltaLanes
             try rec.dispatch(p0, bindings: main, pushConstants: pc, groups: (min((s.B * s.Hq * s.Lq + deltaRows - 1) / deltaRows, 4096), 1, 1))
             try rec.dispatch(p1, bindings: main, pushConstants: pc, groups: (qBlocks * tilesQ12, s.Hq, s.B * dqSplit.count))
             // The dK/dV pass (and its dK half) beside the dQ pass: they read the same inputs and

@@ -166,8 +166,9 @@ void main() {
 // mask applies on partial blocks only. Passes 1 and 2 stage their tiles in shared memory (see
 // below). dQ, dK and dV are deterministic: no atomics.
 //
-// Defines: BWD_PASS, D, DV, WG, BQ and BKV (passes 1, 2), IN_F16 / IN_BF16 and OUT_F16 / OUT_BF16
-// (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5), VKF_UNROLL_ACC (below).
+// Defines: BWD_PASS, D, DV, WG, DL (pass 0), BQ and BKV (passes 1, 2), IN_F16 / IN_BF16 and
+// OUT_F16 / OUT_BF16 (the gradients take the inputs' dtype), VKF_CAP_ATOMIC (pass 5),
+// VKF_UNROLL_ACC (below).
 // Bindings and parameters: flex_bwd_params.glsl (BackwardBinding, BackwardField).
 #extension GL_GOOGLE_include_directive : require
 #extension GL_EXT_control_flow_attributes : require
@@ -345,21 +346,19 @@ void main() {
     }
 }
 #elif BWD_PASS == 0
-// DL invocations a row, each summing every DL-th element (a subgroup's loads read a row's
-// consecutive elements: one row an invocation read 2 bytes per row per load, about 0.5 TB/s on an
-// H100), then the row's DL partial sums added in a fixed order (deterministic). Workgroups stride
-// over the rows, so any row count fits the dispatch limit.
-#define DL 16
+// DL invocations a row (the host's BackwardKernel.deltaLanes), each summing every DL-th element
+// (a subgroup's loads read a row's consecutive elements: one row an invocation read 2 bytes per
+// row per load, about 0.5 TB/s on an H100), then the row's DL partial sums added in a fixed order
+// (deterministic). Workgroups stride over the rows, so any row count fits the dispatch limit.
 #define RPG (WG / DL)
 shared float d_part[WG];
 void main() {
     const int lid = int(gl_LocalInvocationIndex), t = lid % DL, rl = lid / DL;
     const int rows = p.B * p.Hq * p.Lq;
     for (int r0 = int(gl_WorkGroupID.x) * RPG; r0 < rows; r0 += int(gl_NumWorkGroups.x) * RPG) {
-        const int r = r0 + rl;
+        const int r = r0 + rl, i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
         float acc = 0.0;
         if (r < rows) {
-            const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
             const int od = o_at(b, h, i), dd = do_at(b, h, i);
             for (int d = t; d < DV; d += DL) acc += IN_FLOAT(do_data[dd + d * p.do_sd]) * IN_FLOAT(o_data[od + d * p.o_sd]);
         }
@@ -368,10 +367,7 @@ void main() {
         if (t == 0 && r < rows) {
             float sum = 0.0;
             [[unroll]] for (int k = 0; k < DL; ++k) sum += d_part[lid + k];
-            if (p.has_dlse != 0) {
-                const int i = r % p.Lq, h = (r / p.Lq) % p.Hq, b = r / (p.Lq * p.Hq);
-                sum -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
-            }
+            if (p.has_dlse != 0) sum -= dlse_data[p.dlse_base + b * p.dlse_sb + h * p.dlse_sh + i * p.dlse_sl];
             delta_data[r] = sum;
         }
         barrier();
@@ -1235,43 +1231,39 @@ void main() {
 #else
 #define SCORE_L2(sc, s, qi, ki) (score_mod(sc, b, h, qi, ki) * LOG2E)
 #endif
-// Steps with checks: where the mods load nothing and report nothing (VKF_PURE_MODS) every pair's
-// P and dS are computed and the checks select them (a branch per pair cost the forward 12% on the
-// sliding window, H200); else the pair is computed only where it is kept.
-#if VKF_PURE_MODS
-#define CHECKED_PDS(M) \
+// P and dS of row block M's elements, each kept where KEEP holds (else 0): every pair computed,
+// the checks selecting (with KEEP true, the steps that need no check: nothing to select).
+#define SELECT_PDS(M, KEEP) \
                 [[unroll]] for (int e = 0; e < 8; ++e) { \
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
-                    const bool keep = r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e)); \
+                    const bool keep = KEEP; \
                     const float sc = s##M[e] * p.scale; \
                     const float P = exp2(SCORE_L2(sc, s##M[e], qi, ki) - lse2); \
                     const float dS = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
                     s##M[e] = keep ? dS : 0.0; \
                     dp##M[e] = keep ? P : 0.0; \
                 }
+#define PAIR_KEPT(M, e) (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e)))
+// Steps with checks: where the mods load nothing and report nothing (VKF_PURE_MODS) the select
+// (a branch per pair cost the forward 12% on the sliding window, H200); else a pair is computed
+// only where it is kept.
+#if VKF_PURE_MODS
+#define CHECKED_PDS(M) SELECT_PDS(M, PAIR_KEPT(M, e))
 #else
 #define CHECKED_PDS(M) \
                 [[unroll]] for (int e = 0; e < 8; ++e) { \
                     const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
                     PAIR_ROWS(M) \
                     float P = 0.0, dS = 0.0; \
-                    if (r < n_own && j < nt && lse_i != NEG_INF && (pass == 0 || MASK_PAIR(M, e))) \
-                        pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
+                    if (PAIR_KEPT(M, e)) pair_grads(b, h, qi, ki, s##M[e], dp##M[e], lse_i, delta_i, P, dS); \
                     s##M[e] = dS; \
                     dp##M[e] = P; \
                 }
 #endif
 #define MAKE_PDS(M) \
             if (clean) { \
-                [[unroll]] for (int e = 0; e < 8; ++e) { \
-                    const int r = r0 + 16 * M + lane_r + 8 * EL_HI(e), j = c * 16 + lane_c + EL_COL(e); \
-                    PAIR_ROWS(M) \
-                    const float sc = s##M[e] * p.scale; \
-                    const float P = exp2(SCORE_L2(sc, s##M[e], qi, ki) - lse2); \
-                    s##M[e] = P * (dp##M[e] - delta_i) * score_mod_grad(sc, b, h, qi, ki); \
-                    dp##M[e] = P; \
-                } \
+                SELECT_PDS(M, true) \
             } else { \
                 CHECKED_PDS(M) \
             } \
