@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -395,6 +395,38 @@ ab24() {
     grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
   done
 }
+if [ "$what" = s25 ]; then
+  # Twenty-fifth session: every kernel's validated selftest; the dQ pass's 64-row steps and the
+  # dK/dV pass without prefetch at D = 128 (full, 8x16x8192) beside the planner's, with registers;
+  # the fastest, if it beats the planner's by more than 1%, forced at D = 128 only (`128:` prefix)
+  # for coopmat-nv's validated selftest and `compare --backward` (issue 20's bar); then ab24.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  best=default; best_tf=0; base_tf=0
+  for t in default 8x64/8x32xp 8x64xp/8x32xp 8x32xp/8x32; do
+    n=bwd128-${t//\//_}
+    if [ "$t" = default ]; then env=(); else env=(VKFLEX_BWD_TILES=128:$t); fi
+    VKFLEX_PIPELINE_STATS=1 step "$n" 50 env "${env[@]}" vkflex bench --b 8 --h 16 --s 8192 --d 128 --backward --no-check
+    grep -E "backward" "$out/$n.txt" | cut -c1-170
+    local_mem "$out/$n.txt"
+    grep -E 'pipeline flex_attention_bwd_nv.*Register Count' "$out/$n.txt" | sed -E 's/.*pipeline (flex_attention_bwd_nv[^ ]*).*Register Count = ([0-9]+).*/   \1: \2 registers/' | sort -u | head -4
+    tf=$(grep -E " backward " "$out/$n.txt" | sed -E 's/.* ([0-9.]+) TFLOP\/s.*/\1/' | head -1)
+    [ -n "$tf" ] || continue
+    [ "$t" = default ] && base_tf=$tf
+    if awk -v a="$tf" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best=$t; best_tf=$tf; fi
+  done
+  if [ "$best" != default ] && awk -v a="$best_tf" -v b="$base_tf" 'BEGIN { exit !(a > 1.01 * b) }'; then
+    export VKFLEX_BWD_TILES=128:$best
+    echo "== D = 128 tiles for the compare: $best ($best_tf against $base_tf TFLOP/s)"
+    VKFLEX_VALIDATE=1 step selftest-nv-tiles 90 vkflex selftest --kernel coopmat-nv
+  else
+    echo "== D = 128 tiles for the compare: the planner's ($base_tf; best other $best $best_tf)"
+  fi
+  step compare-bwd 480 bash .device/on-device.sh compare --backward
+  tail -24 "$out/compare-bwd.txt"
+  unset VKFLEX_BWD_TILES
+  ab24 overlap0 prevnv
+  (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
+fi
 if [ "$what" = s24 ]; then
   # Twenty-fourth session's first call: the backward against PyTorch (the Δ pass with 16
   # invocations a row, the dK/dV pass beside the dQ pass, the dK/dV pass's LSE in log2 units made

@@ -554,7 +554,7 @@ extension AttentionPlanner {
     static func backwardNVProblem(_ s: AttentionShape, device: Device, tuning: AttentionTuning) -> String? {
         if let problem = coopmatProblem(s, device: device, tuning: tuning) { return problem }
         if s.D > 128 { return "the coopmat-nv backward takes head dims up to 128 (got \(s.D))" }
-        for (pass, forced) in [(1, tuning.backwardTiles), (2, tuning.backwardDKVTiles ?? tuning.backwardTiles)]
+        for (pass, forced) in [(1, tuning.backwardTiles(pass: 1, D: s.D)), (2, tuning.backwardTiles(pass: 2, D: s.D))]
         where backwardNVTiles(D: s.D, sharedMemory: device.capabilities.maxSharedMemory, pass: pass, forced: forced) == nil {
             let what = forced.map { "VKFLEX_BWD_TILES=\($0)" } ?? "the coopmat-nv backward tiles"
             return "\(what) do not fit \(device.capabilities.maxSharedMemory) bytes of shared memory at head dim \(s.D)"

@@ -344,9 +344,9 @@ enum BackwardKernel {
         case .coopmatNV:
             if let problem = AttentionPlanner.backwardNVProblem(s, device: device, tuning: tuning) { throw FlexError.unsupported(problem) }
             let rows = blockMask.map { min($0.blockSize.q, $0.blockSize.kv) } ?? AttentionPlanner.backwardDenseBlock
-            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, blockRows: rows, pass: 1, forced: tuning.backwardTiles)
+            mm = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, blockRows: rows, pass: 1, forced: tuning.backwardTiles(pass: 1, D: s.D))
             mmDKV = AttentionPlanner.backwardNVTiles(D: s.D, sharedMemory: caps.maxSharedMemory, blockRows: rows, pass: 2,
-                                                     forced: tuning.backwardDKVTiles ?? tuning.backwardTiles)
+                                                     forced: tuning.backwardTiles(pass: 2, D: s.D))
         default:
             (mm, mmDKV) = (nil, nil)
         }

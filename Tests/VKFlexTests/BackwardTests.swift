@@ -457,7 +457,7 @@ extension BackwardTests {
         // The dK/dV pass's tiles apart from the dQ pass's: the split is the dK/dV pass's alone.
         XCTAssertEqual(AttentionPlanner.backwardNVTiles(D: 64, sharedMemory: 48 << 10, pass: 1, forced: BackwardNVTiles(nsg: 4, step: 64, splitDKV: true))?.splitDKV, false)
         XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 4, step: 32, ownShared: true, rpw: 2), 2 * (32 + 128) * 9 * 16 + 12 * 32)
-        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk", "4x16/", "/4x16", "4x16/4x16/4x16", "4x16xrr"] {
+        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk", "4x16/", "/4x16", "4x16/4x16/4x16", "4x16xrr", "x:4x16", "0:4x16", "128:", "64:128:4x16"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
             }
@@ -467,6 +467,13 @@ extension BackwardTests {
             let tuning = try AttentionTuning.parse(["VKFLEX_BWD_TILES": given])
             XCTAssertEqual([tuning.backwardTiles, tuning.backwardDKVTiles].compactMap { $0.map { "\($0)" } }.joined(separator: "/"), read)
         }
+        // A head dim first: those calls only; the others keep the planner's tiles.
+        let only128 = try AttentionTuning.parse(["VKFLEX_BWD_TILES": "128:8x64xp/8x32"])
+        XCTAssertEqual(only128.backwardTiles(pass: 1, D: 128)?.description, "8x64xp")
+        XCTAssertEqual(only128.backwardTiles(pass: 2, D: 128)?.description, "8x32")
+        XCTAssertNil(only128.backwardTiles(pass: 1, D: 64))
+        XCTAssertNil(only128.backwardTiles(pass: 2, D: 64))
+        XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": "4x32"]).backwardTiles(pass: 2, D: 64)?.description, "4x32")
         // The dQ and dK/dV passes side by side (the default) or with a barrier between them: the same bits.
         XCTAssertTrue(try AttentionTuning.parse([:]).backwardOverlap)
         XCTAssertFalse(try AttentionTuning.parse(["VKFLEX_BWD_OVERLAP": "0"]).backwardOverlap)
