@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -426,6 +426,27 @@ if [ "$what" = s25 ]; then
   unset VKFLEX_BWD_TILES
   ab24 overlap0 prevnv
   (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
+fi
+if [ "$what" = d25 ]; then
+  # Issue 22's decode_mqa_32k (1.88 TB/s on the H200, 2.4 wanted): each dispatch's time (kernel,
+  # merge) on the 16-row cases, nvrh's residency (each subgroup's start and length: what the
+  # fixed cost is), nvrd (two chunks in flight, never run) beside nvrh with its registers, and
+  # MQA's split count.
+  VKFLEX_PROFILE=1 step d25-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
+  grep -E " (no|yes) |device time" "$out/d25-decode.txt" | cut -c1-160
+  VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+  grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
+  VKFLEX_DECODE_TILE=nvrd step selftest-nvrd 40 vkflex selftest --kernel split-kv
+  for t in nvrh nvrd; do
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "ab-$t" 45 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
+    grep -E " (no|yes) |device time" "$out/ab-$t.txt" | sed "s/^/$t /" | cut -c1-150
+    grep -E 'pipeline flex_attention_decode_nv' "$out/ab-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
+  done
+  for n in 66 99 132 264; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k
+    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
+  (cd "$out" && tar cf d25.tar --exclude d25.tar . 2>/dev/null && find . -type f ! -name d25.tar -delete)
 fi
 if [ "$what" = s24 ]; then
   # Twenty-fourth session's first call: the backward against PyTorch (the Δ pass with 16
