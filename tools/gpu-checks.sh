@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|s25b|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -426,6 +426,41 @@ if [ "$what" = s25 ]; then
   unset VKFLEX_BWD_TILES
   ab24 overlap0 prevnv
   (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
+fi
+if [ "$what" = s25b ]; then
+  # The second call: the planner's D = 128 tiles are now s25's winner (the dQ pass 64 rows a
+  # step without prefetch). Each head dim's candidates beside the planner's — at D = 64 (full,
+  # 16x16x8192) the dQ pass without prefetch or with 128-row steps and the dK/dV pass (one
+  # workgroup an SM by its registers either way) with 128-row steps; at D = 128 the dK/dV pass
+  # with 64-row steps — the fastest of each head dim (more than 1% over the planner's) forced
+  # for coopmat-nv's validated selftest and `compare --backward`.
+  forced=()
+  for d in 64 128; do
+    if [ $d = 64 ]; then cands="default 8x64/8x64xp 8x128/8x64xp 8x64xp/8x128xp 8x64xp/8x128"; b=16; else cands="default 8x64/8x64"; b=8; fi
+    best=default; best_tf=0; base_tf=0
+    for t in $cands; do
+      n=bwd$d-${t//\//_}
+      if [ "$t" = default ]; then env=(); else env=(VKFLEX_BWD_TILES=$d:$t); fi
+      VKFLEX_PIPELINE_STATS=1 step "$n" 50 env "${env[@]}" vkflex bench --b $b --h 16 --s 8192 --d $d --backward --no-check
+      grep -E "backward" "$out/$n.txt" | cut -c1-170
+      local_mem "$out/$n.txt" | grep bwd_nv
+      grep -E 'pipeline flex_attention_bwd_nv.*Register Count' "$out/$n.txt" | sed -E 's/.*pipeline (flex_attention_bwd_nv[^ ]*).*Register Count = ([0-9]+).*/   \1: \2 registers/' | sort -u | head -4
+      tf=$(grep -E " backward " "$out/$n.txt" | sed -E 's/.* ([0-9.]+) TFLOP\/s.*/\1/' | head -1)
+      [ -n "$tf" ] || continue
+      [ "$t" = default ] && base_tf=$tf
+      if awk -v a="$tf" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best=$t; best_tf=$tf; fi
+    done
+    echo "== D = $d: best $best ($best_tf; the planner's $base_tf)"
+    if [ "$best" != default ] && awk -v a="$best_tf" -v b="$base_tf" 'BEGIN { exit !(a > 1.01 * b) }'; then forced+=("$d:$best"); fi
+  done
+  if [ ${#forced[@]} -gt 0 ]; then
+    export VKFLEX_BWD_TILES=$(IFS=,; echo "${forced[*]}")
+    echo "== forced for the compare: VKFLEX_BWD_TILES=$VKFLEX_BWD_TILES"
+  fi
+  VKFLEX_VALIDATE=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
+  step compare-bwd 480 bash .device/on-device.sh compare --backward
+  tail -12 "$out/compare-bwd.txt"
+  (cd "$out" && tar cf s25b.tar --exclude s25b.tar . 2>/dev/null && find . -type f ! -name s25b.tar -delete)
 fi
 if [ "$what" = d25 ]; then
   # Issue 22's decode_mqa_32k (1.88 TB/s on the H200, 2.4 wanted): each dispatch's time (kernel,

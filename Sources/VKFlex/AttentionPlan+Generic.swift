@@ -529,16 +529,22 @@ extension AttentionPlanner {
 
     /// The coopmat-nv backward passes' tiles, as ``GenericTiles`` (16×16×16, subgroups of 32, `NSG`
     /// subgroups owning 16 rows each, `BKV` = rows staged per step): eight subgroups (128 rows a
-    /// workgroup) with the next step's rows prefetched, 64 rows a step up to D = 64, 32 above,
-    /// where the owned operands and the dK, dV accumulators take most of the registers (H100,
-    /// causal D = 128: 4x32 137.7 TFLOP/s, 8x32xp 147.5; docs/performance.md).
+    /// workgroup), 64 rows a step with the next step's rows prefetched up to D = 64; above, the
+    /// dK/dV pass 32 rows a step with prefetch, where the owned operands and the dK, dV
+    /// accumulators take most of the registers (H100, causal D = 128: 4x32 137.7 TFLOP/s, 8x32xp
+    /// 147.5), and the dQ pass 64 without prefetch (full D = 128: 167.2 against 156.5 with
+    /// 8x32xp; docs/performance.md).
     /// A workgroup's rows stay inside one block of the BlockMask, so for blocks smaller than 128
     /// (`blockRows`: the smaller of its query and key block sizes) the subgroups and the step
     /// shrink to the block instead of computing empty rows. `VKFLEX_BWD_TILES` overrides them.
     /// `pass`: 1 the dQ pass, 2 the dK/dV pass. Nil when they do not fit the shared memory.
     static func backwardNVTiles(D: Int, sharedMemory: Int, blockRows: Int = backwardDenseBlock, pass: Int = 1, forced: BackwardNVTiles? = nil) -> GenericTiles? {
         let rows = max(16, blockRows / 16 * 16)
-        let t = forced ?? BackwardNVTiles(nsg: min(8, rows / 16), step: min(D <= 64 ? 64 : 32, rows), prefetch: true)
+        // Above D = 64 the dK/dV pass's accumulators leave room for 32-row steps only; the dQ
+        // pass takes 64 without the prefetch's registers (H100, full D = 128: 167.2 TFLOP/s
+        // against 156.5 with 8x32xp; docs/performance.md, twenty-fifth session).
+        let wide = D <= 64 || pass == 1
+        let t = forced ?? BackwardNVTiles(nsg: min(8, rows / 16), step: min(wide ? 64 : 32, rows), prefetch: D <= 64 || pass == 2)
         guard [1, 2].contains(t.rpw),
               backwardNVSharedBytes(D: D, nsg: t.nsg, step: t.step, ownShared: t.ownShared, rpw: t.rpw) <= sharedMemory - 256 else { return nil }
         var tiles = GenericTiles(M: 16, N: 16, K: 16, SG: 32, NSG: t.nsg, BKV: t.step, emulated: false, ownShared: t.ownShared, prefetch: t.prefetch,

@@ -67,18 +67,19 @@ struct AttentionTuning: Sendable {
     /// unroll, or `[[dont_unroll]]` (`DEC_DONT_UNROLL`); unset, the NVIDIA-layout kernel's is not
     /// unrolled and the scalar kernel's is left to the driver, for measuring.
     var decodeDriverUnroll: Bool?
-    /// `VKFLEX_BWD_TILES=[D:]NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]]`: the coopmat-nv backward passes'
-    /// tiles, for tuning (checked per call against the shared memory): the dQ pass's, and the
-    /// dK/dV pass's where they differ (after the slash); with `D:` only for calls of head dim D
-    /// (so one process can time one head dim's tiles beside the planner's for the others).
-    var backwardTiles: BackwardNVTiles?
-    var backwardDKVTiles: BackwardNVTiles?
-    var backwardTilesHeadDim: Int?
+    /// `VKFLEX_BWD_TILES=[D:]NSGxSTEP[xFLAGS][/NSGxSTEP[xFLAGS]][,…]`: the coopmat-nv backward
+    /// passes' tiles, for tuning (checked per call against the shared memory): the dQ pass's, and
+    /// the dK/dV pass's where they differ (after the slash); an entry with `D:` first is for calls
+    /// of head dim D only, one without for the others (so one process can time each head dim's
+    /// tiles, e.g. `64:8x64/8x64xp,128:8x64/8x32xp`).
+    var backwardTilesForced: [BackwardTilesEntry] = []
+    struct BackwardTilesEntry: Sendable { var headDim: Int?; var dq: BackwardNVTiles; var dkv: BackwardNVTiles? }
 
-    /// The forced tiles of the dQ pass (`pass` 1) or the dK/dV pass (2) for a call of head dim `D`.
+    /// The forced tiles of the dQ pass (`pass` 1) or the dK/dV pass (2) for a call of head dim `D`:
+    /// the entry for D, else the one for every head dim, else nil (the planner's).
     func backwardTiles(pass: Int, D: Int) -> BackwardNVTiles? {
-        if let d = backwardTilesHeadDim, d != D { return nil }
-        return pass == 1 ? backwardTiles : backwardDKVTiles ?? backwardTiles
+        guard let e = backwardTilesForced.first(where: { $0.headDim == D }) ?? backwardTilesForced.first(where: { $0.headDim == nil }) else { return nil }
+        return pass == 1 ? e.dq : e.dkv ?? e.dq
     }
     /// `VKFLEX_BWD_OVERLAP=0`: a barrier between the backward's dQ and dK/dV passes, as before
     /// they ran side by side (`1`, the default), for measuring.
@@ -187,15 +188,16 @@ struct AttentionTuning: Sendable {
             t.decodeTile = (v[0], v[1], v.count == 3 ? v[2] : nil, scatter)
         }
         if let b = env["VKFLEX_BWD_TILES"], !b.isEmpty {
-            let colon = b.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-            let headDim = colon.count == 2 ? Int(colon[0]) : nil
-            let halves = (colon.last ?? "").split(separator: "/", omittingEmptySubsequences: false).map { BackwardNVTiles(parsing: String($0)) }
-            guard colon.count <= 2, colon.count == 1 || (headDim ?? 0) > 0, halves.count <= 2, halves.allSatisfy({ $0 != nil }) else {
-                throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory), p (prefetch), k (dK and dV in two dispatches) and r (32 rows a subgroup), e.g. 8x64xp or 4x64xpk; A/B for the dQ pass's and the dK/dV pass's; a head dim and a colon first for calls of that head dim only, e.g. 128:8x64xp/8x32xp")
+            for entry in b.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+                let colon = entry.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+                let headDim = colon.count == 2 ? Int(colon[0]) : nil
+                let halves = (colon.last ?? "").split(separator: "/", omittingEmptySubsequences: false).map { BackwardNVTiles(parsing: String($0)) }
+                guard colon.count <= 2, colon.count == 1 || (headDim ?? 0) > 0, halves.count <= 2, let dq = halves[0], halves.allSatisfy({ $0 != nil }),
+                      !t.backwardTilesForced.contains(where: { $0.headDim == headDim }) else {
+                    throw FlexError("VKFLEX_BWD_TILES=\(b): use NSGxSTEP[xFLAGS], 1 to 8 subgroups, a multiple of 16 rows up to 128 per step, FLAGS of s (the owned rows' operands in shared memory), p (prefetch), k (dK and dV in two dispatches) and r (32 rows a subgroup), e.g. 8x64xp or 4x64xpk; A/B for the dQ pass's and the dK/dV pass's; a head dim and a colon first for calls of that head dim only, entries apart by commas, e.g. 64:8x64xp,128:8x64/8x32xp")
+                }
+                t.backwardTilesForced.append(.init(headDim: headDim, dq: dq, dkv: halves.count == 2 ? halves[1] : nil))
             }
-            t.backwardTiles = halves[0]
-            t.backwardDKVTiles = halves.count == 2 ? halves[1] : nil
-            t.backwardTilesHeadDim = headDim
         }
         if let o = env["VKFLEX_BWD_OVERLAP"], !o.isEmpty {
             guard o == "0" || o == "1" else { throw FlexError("VKFLEX_BWD_OVERLAP=\(o): use 1 (the backward's dQ and dK/dV passes side by side, the default) or 0 (a barrier between them)") }

@@ -414,8 +414,8 @@ extension BackwardTests {
         var alibiLibrary = library
         alibiLibrary.files.merge(alibi.includes) { _, new in new }
         for D in [64, 128] {
-            let t = try XCTUnwrap(AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10))
             for pass in [1, 2] {
+                let t = try XCTUnwrap(AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, pass: pass))
                 let plan = AttentionPlan(pass: .backward(pass), kernel: .coopmatNV, dtype: .float16, D: D, Dv: D, tiles: .generic(t),
                                          typedOperands: true, pushParams: pass == 1, mods: alibi.glsl.source)
                 let spirv = try ShaderCompiler.shared.compile(try plan.source(), library: alibiLibrary)
@@ -446,9 +446,15 @@ extension BackwardTests {
         XCTAssertNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 4, step: 32, ownShared: true)))
         XCTAssertNotNil(AttentionPlanner.backwardNVTiles(D: 128, sharedMemory: 48 << 10, forced: BackwardNVTiles(nsg: 2, step: 64)))
         // Blocks smaller than the tiles: the workgroup and the step shrink to the block.
-        for (D, rows, nsg, step) in [(64, 64, 4, 64), (64, 32, 2, 32), (128, 16, 1, 16), (128, 64, 4, 32), (64, 128, 8, 64), (64, 48, 3, 48)] {
+        for (D, rows, nsg, step) in [(64, 64, 4, 64), (64, 32, 2, 32), (128, 16, 1, 16), (128, 64, 4, 64), (64, 128, 8, 64), (64, 48, 3, 48)] {
             let t = AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, blockRows: rows)
             XCTAssertEqual([t?.NSG, t?.BKV], [nsg, step], "D=\(D), blocks of \(rows)")
+        }
+        // Above D = 64 the passes differ: the dQ pass 64 rows a step without prefetch, the dK/dV pass 32 with it.
+        for (D, pass, step, prefetch) in [(64, 1, 64, true), (64, 2, 64, true), (128, 1, 64, false), (128, 2, 32, true), (96, 1, 64, false), (96, 2, 32, true)] {
+            let t = try XCTUnwrap(AttentionPlanner.backwardNVTiles(D: D, sharedMemory: 48 << 10, pass: pass))
+            XCTAssertEqual([t.NSG, t.BKV], [8, step], "D=\(D), pass \(pass)")
+            XCTAssertEqual(t.prefetch, prefetch, "D=\(D), pass \(pass)")
         }
         // The owned rows pass through the staging area a step at a time, so the default tiles leave
         // room for two workgroups in the ~48 KiB an NVIDIA SM's workgroups share.
@@ -457,7 +463,7 @@ extension BackwardTests {
         // The dK/dV pass's tiles apart from the dQ pass's: the split is the dK/dV pass's alone.
         XCTAssertEqual(AttentionPlanner.backwardNVTiles(D: 64, sharedMemory: 48 << 10, pass: 1, forced: BackwardNVTiles(nsg: 4, step: 64, splitDKV: true))?.splitDKV, false)
         XCTAssertEqual(AttentionPlanner.backwardNVSharedBytes(D: 64, nsg: 4, step: 32, ownShared: true, rpw: 2), 2 * (32 + 128) * 9 * 16 + 12 * 32)
-        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk", "4x16/", "/4x16", "4x16/4x16/4x16", "4x16xrr", "x:4x16", "0:4x16", "128:", "64:128:4x16"] {
+        for bad in ["4x40", "4x16xq", "9x16", "4", "4x16x", "4x16xss", "4x64xkk", "4x16/", "/4x16", "4x16/4x16/4x16", "4x16xrr", "x:4x16", "0:4x16", "128:", "64:128:4x16", "64:4x16,64:4x32", "4x16,", "4x16,4x32"] {
             XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_BWD_TILES": bad])) {
                 XCTAssertTrue("\($0)".contains("VKFLEX_BWD_TILES=\(bad): use NSGxSTEP[xFLAGS]"), "\($0)")
             }
@@ -465,7 +471,8 @@ extension BackwardTests {
         for (given, read) in [("2x32", "2x32"), ("4x16xs", "4x16xs"), ("8x64xp", "8x64xp"), ("4x16xps", "4x16xsp"), ("4x64xkp", "4x64xpk"),
                               ("4x32xrp", "4x32xpr"), ("8x64xp/4x32xpr", "8x64xp/4x32xpr")] {
             let tuning = try AttentionTuning.parse(["VKFLEX_BWD_TILES": given])
-            XCTAssertEqual([tuning.backwardTiles, tuning.backwardDKVTiles].compactMap { $0.map { "\($0)" } }.joined(separator: "/"), read)
+            XCTAssertEqual([tuning.backwardTiles(pass: 1, D: 64), tuning.backwardTiles(pass: 2, D: 64)].map { "\($0!)" }.joined(separator: "/"),
+                           read.contains("/") ? read : read + "/" + read)
         }
         // A head dim first: those calls only; the others keep the planner's tiles.
         let only128 = try AttentionTuning.parse(["VKFLEX_BWD_TILES": "128:8x64xp/8x32"])
@@ -474,6 +481,12 @@ extension BackwardTests {
         XCTAssertNil(only128.backwardTiles(pass: 1, D: 64))
         XCTAssertNil(only128.backwardTiles(pass: 2, D: 64))
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_BWD_TILES": "4x32"]).backwardTiles(pass: 2, D: 64)?.description, "4x32")
+        // Entries for several head dims, and one for the rest.
+        let each = try AttentionTuning.parse(["VKFLEX_BWD_TILES": "64:8x64/8x128xp,128:8x64/8x32xp,4x16"])
+        XCTAssertEqual(each.backwardTiles(pass: 1, D: 64)?.description, "8x64")
+        XCTAssertEqual(each.backwardTiles(pass: 2, D: 64)?.description, "8x128xp")
+        XCTAssertEqual(each.backwardTiles(pass: 2, D: 128)?.description, "8x32xp")
+        XCTAssertEqual(each.backwardTiles(pass: 2, D: 96)?.description, "4x16")
         // The dQ and dK/dV passes side by side (the default) or with a barrier between them: the same bits.
         XCTAssertTrue(try AttentionTuning.parse([:]).backwardOverlap)
         XCTAssertFalse(try AttentionTuning.parse(["VKFLEX_BWD_OVERLAP": "0"]).backwardOverlap)
