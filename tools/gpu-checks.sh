@@ -436,7 +436,7 @@ if [ "$what" = s25b ]; then
   # for coopmat-nv's validated selftest and `compare --backward`.
   forced=()
   for d in 64 128; do
-    if [ $d = 64 ]; then cands="default 8x64/8x64xp 8x128/8x64xp 8x64xp/8x128xp 8x64xp/8x128"; b=16; else cands="default 8x64/8x64"; b=8; fi
+    if [ $d = 64 ]; then cands=${S25B_64:-"default 8x64/8x64xp 8x64xp/8x128xp"}; b=16; else cands=${S25B_128:-"default 8x64/8x64"}; b=8; fi
     best=default; best_tf=0; base_tf=0
     for t in $cands; do
       n=bwd$d-${t//\//_}
@@ -460,6 +460,12 @@ if [ "$what" = s25b ]; then
   VKFLEX_VALIDATE=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
   step compare-bwd 480 bash .device/on-device.sh compare --backward
   tail -12 "$out/compare-bwd.txt"
+  unset VKFLEX_BWD_TILES
+  # As time allows: decode_mqa_32k's split count below the planner's 132 (66 took 12% less, d25).
+  for n in 33 44 66 132; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
+    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
   (cd "$out" && tar cf s25b.tar --exclude s25b.tar . 2>/dev/null && find . -type f ! -name s25b.tar -delete)
 fi
 if [ "$what" = d25 ]; then
