@@ -466,6 +466,10 @@ if [ "$what" = s25b ]; then
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
     grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
   done
+  for n in 8 12 16; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
+    grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
   (cd "$out" && tar cf s25b.tar --exclude s25b.tar . 2>/dev/null && find . -type f ! -name s25b.tar -delete)
 fi
 if [ "$what" = d25 ]; then
