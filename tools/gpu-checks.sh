@@ -435,7 +435,8 @@ if [ "$what" = s25b ]; then
   # with 64-row steps — the fastest of each head dim (more than 1% over the planner's) forced
   # for coopmat-nv's validated selftest and `compare --backward`.
   forced=()
-  for d in 64 128; do
+  # SKIP_SWEEP=1: the planner's tiles only (the selftest and the compare).
+  [ "${SKIP_SWEEP:-0}" = 1 ] || for d in 64 128; do
     if [ $d = 64 ]; then cands=${S25B_64:-"default 8x64/8x64xp 8x64xp/8x128xp"}; b=16; else cands=${S25B_128:-"default 8x64/8x64"}; b=8; fi
     best=default; best_tf=0; base_tf=0
     for t in $cands; do

@@ -44,8 +44,6 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// the transposed layout (``CooperativeMatrixLayout/nvidiaMMAB``, `DEC_B_T`; else
     /// ``CooperativeMatrixLayout/nvidiaMMA``), which the planner measures for that case only.
     var nvChunks = 1, nvBTransposed = false
-    /// Chunks whose loads are in flight ahead of the one computing (2: `DEC_PREFETCH=3`, nvrd).
-    var nvAhead = 1
     /// coopmat-generic's matrix code with software matrices in a scrambled element order
     /// (`VKF_MM_SOFT`, flex_mm.glsl), on a device without cooperative matrices: the code path a GPU
     /// runs (register softmax, row blocks, pipeline, the backward's matrix passes), tested where no
@@ -66,7 +64,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (nvAhead > 1 ? " \(nvAhead) chunks ahead" : "") + (soft ? " software matrices" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (soft ? " software matrices" : "") }
 }
 
 extension AttentionPlanner {
@@ -291,7 +289,6 @@ extension AttentionPlanner {
         t.nvRotate = tuning.decodeNV?.rotate ?? false
         t.nvDriverUnroll = tuning.decodeDriverUnroll ?? false
         t.nvChunks = chunks
-        t.nvAhead = tuning.decodeNVAhead
         return t
     }
 

@@ -60,9 +60,6 @@ struct AttentionTuning: Sendable {
     /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`); `nvr2`: the
     /// same with nvr's word-by-word loads, for tuning.
     var decodeNVChunks = 1
-    /// `VKFLEX_DECODE_TILE=nvrd`: `nvr` with two chunks' loads in flight ahead of the one that
-    /// computes, in two buffers taken in turn (`DEC_PREFETCH=3`), for tuning.
-    var decodeNVAhead = 1
     /// `VKFLEX_DECODE_UNROLL=1` / `0`: the split-KV kernels' step loops left to the driver to
     /// unroll, or `[[dont_unroll]]` (`DEC_DONT_UNROLL`); unset, the NVIDIA-layout kernel's is not
     /// unrolled and the scalar kernel's is left to the driver, for measuring.
@@ -150,20 +147,19 @@ struct AttentionTuning: Sendable {
             }
             t.decodeSplits = n
         }
-        let tileHelp = "use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step, nvr2: with word loads; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed, d: nvr's next two steps in flight), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
+        let tileHelp = "use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step, nvr2: with word loads; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"
         if let k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "nv2" || k == "nvr2" {
             t.decodeNV = (1, false, k == "nvr2", false)
             t.decodeNVChunks = 2
             t.decodeMatrices = false
         } else if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k.hasPrefix("nv") {
-            let prefetch = !k.hasSuffix("s"), rotate = k.hasSuffix("h"), ahead = k.hasSuffix("d")
-            if !prefetch || rotate || ahead { k.removeLast() }
+            let prefetch = !k.hasSuffix("s"), rotate = k.hasSuffix("h")
+            if !prefetch || rotate { k.removeLast() }
             let registers = k.hasPrefix("nvr")
             if registers { k.remove(at: k.index(k.startIndex, offsetBy: 2)) }
             let nsg = k == "nv" ? 1 : k.hasPrefix("nvx") ? Int(k.dropFirst(3)) ?? 0 : 0
-            guard [1, 2, 4].contains(nsg), registers || !rotate, !ahead || registers && nsg == 1 else { throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)") }
+            guard [1, 2, 4].contains(nsg), registers || !rotate else { throw FlexError("VKFLEX_DECODE_TILE=\(env["VKFLEX_DECODE_TILE"]!): \(tileHelp)") }
             t.decodeNV = (nsg, prefetch, registers, rotate)
-            t.decodeNVAhead = ahead ? 2 : 1
             t.decodeMatrices = false
         } else if var k = env["VKFLEX_DECODE_TILE"]?.lowercased(), k == "scalar" || k.hasPrefix("mm") {
             // mm, mmN or mmNxS (the matrix kernel), with a final p for the prefetch; scalar.
@@ -427,7 +423,7 @@ struct AttentionPlan: Hashable, Sendable {
         case .decodeMM(let t) where t.nvDecode:
             source = ShaderSource(name: "flex_attention_decode_nv", text: try ShaderLibrary.standard.text("flex_attention_decode_nv.comp"), defines: [
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"),
-                .init("DEC_PREFETCH", t.nvAhead > 1 ? "3" : t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
+                .init("DEC_PREFETCH", t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
                 .init("DEC_DONT_UNROLL", t.nvDriverUnroll ? "0" : "1"), .init("DEC_CHUNKS", "\(t.nvChunks)"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ], optimization: .full)

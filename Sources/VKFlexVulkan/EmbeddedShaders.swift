@@ -2174,8 +2174,7 @@ void main() {
 // CooperativeMatrixLayout.nvidiaMMAB, 0: nvidiaMMA), D, DV (multiples of 16), NSG (subgroups a workgroup, each walking a split of its
 // own), DEC_PREFETCH (0: each step's loads at its start; 1: the next step's K and V loaded before
 // a step computes; 2, DEC_REGLOAD only: the next step's K loaded as soon as this step's Q·Kᵀ has
-// read its registers, its V after P·V, so no register holds two steps; 3, DEC_REGLOAD only: the
-// same two chunks ahead, in two buffers taken in turn, Q from the tile), DEC_REGLOAD (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
+// read its registers, its V after P·V, so no register holds two steps), DEC_REGLOAD (0/1), IN_F16 or IN_BF16 (the host retypes the 16-bit operands), and what
 // flex_attention_common.glsl takes (VKF_KV_LENGTHS, VKF_PAGED, VKF_Q_OFFSETS, VKF_MAX_SCORES).
 // Bindings as flex_attention_fwd.comp; O and LSE bind the partials. Subgroups of 32.
 #extension GL_GOOGLE_include_directive : require
@@ -2201,8 +2200,8 @@ void main() {
 #if DEC_CHUNKS == 2 && DEC_PREFETCH
 #error DEC_CHUNKS 2 is written for no prefetch
 #endif
-#if DEC_PREFETCH == 3 && (!DEC_REGLOAD || DEC_CHUNKS != 1 || NSG != 1)
-#error DEC_PREFETCH 3 (two chunks ahead) is written for word loads (DEC_REGLOAD), one chunk a step and one subgroup
+#if DEC_PREFETCH == 2 && !DEC_REGLOAD || DEC_PREFETCH > 2
+#error DEC_PREFETCH is 0, 1, or 2 with word loads (DEC_REGLOAD)
 #endif
 layout(local_size_x = 32 * NSG) in;
 #define DEC_NSG NSG
@@ -2242,7 +2241,7 @@ GATHER(q_data, q_units)
 #ifndef DEC_REGLOAD
 #define DEC_REGLOAD 0
 #endif
-#if !DEC_REGLOAD || DEC_CHUNKS == 2 || DEC_PREFETCH == 3
+#if !DEC_REGLOAD || DEC_CHUNKS == 2
 #define TS4 ((D > DV ? D : DV) / 8 + 1)
 shared uvec4 Ts4[NSG * 16 * TS4];
 #endif
@@ -2321,7 +2320,7 @@ void main() {
     const int lane_r = lane >> 2, lane_c = 2 * (lane & 3);
     // Built for subgroups of 32 (the layout above): otherwise NaN partials, never wrong numbers.
     const bool sized = gl_SubgroupSize == 32u && gl_NumSubgroups == uint(NSG);
-#if !DEC_REGLOAD || DEC_CHUNKS == 2 || DEC_PREFETCH == 3
+#if !DEC_REGLOAD || DEC_CHUNKS == 2
     const int tb = sg * 16 * TS4;   // this subgroup's tile
 #endif
     const DecodeWG w = decode_wg();
@@ -2340,7 +2339,7 @@ void main() {
 
     const int qoff = p.q_base + bl * p.q_sb;
     FRAG_A qf[FD];
-#if DEC_REGLOAD && DEC_CHUNKS == 1 && DEC_PREFETCH != 3
+#if DEC_REGLOAD && DEC_CHUNKS == 1
     // Q: this lane's words of its two rows (zeros where a row is none), straight into A operands.
     {
         uint qr[2 * KW];
@@ -2512,53 +2511,6 @@ void main() {
             o[nn] = coopMatMulAddNV(pb, vfb[nn], o[nn]);
         }
 #endif
-    }
-#elif DEC_PREFETCH == 3
-    // nvrd: two chunks' words in flight while one computes. Two buffers (A, B) take the walk's
-    // chunks in turn, each refilled with the chunk two ahead as its registers free up — K after
-    // Q·Kᵀ, V after P·V — so that at any time the next chunk is in flight since a whole chunk ago
-    // and the one after it is on its way (nvrh keeps one chunk ahead). Q is read from its tile at
-    // each product (in the word order, as nvr2) to leave the registers to the second buffer. The
-    // loop body takes A then B, so no buffer is indexed at run time.
-    uint kra[2 * KW], vra[4 * VW], krb[2 * KW], vrb[4 * VW];
-    int c0a = 0, kna = 0, c0b = 0, knb = 0;
-    bool cpa = false, cpb = false, va = false, vb = false;
-    // Takes the cursor's chunk into KR/VR (C0, KN, CP, VALID), the cursor past it.
-#define RING_TAKE(KR, VR, C0, KN, CP, VALID) \
-    VALID = more; \
-    if (more) { C0 = k0; KN = min(16, k_stop - k0); CP = partial; const int r_ = CHUNK_ROW(k0); LOAD_K_WORDS(r_, KR) LOAD_V_WORDS(r_, VR) \
-        k0 += 16; more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b); }
-    // One chunk from KR/VR, the buffer refilled with the cursor's chunk as it is consumed.
-#define RING_CHUNK(KR, VR, C0, KN, CP, VALID) { \
-    FRAG_C sc = FRAG_C(0.0); \
-    [[unroll]] for (int kk = 0; kk < FD; ++kk) { \
-        FRAG_A q_; \
-        coopMatLoadNV(q_, Ts4, uint(tb + 2 * kk), uint(TS4), false); \
-        FRAG_B kf_; \
-        K_FRAG(kf_, KR, kk) \
-        sc = coopMatMulAddNV(q_, kf_, sc); \
-    } \
-    const bool nv_ = more; \
-    int nc0_ = 0, nkn_ = 0, nrow_ = 0; \
-    bool ncp_ = false; \
-    if (more) { nc0_ = k0; nkn_ = min(16, k_stop - k0); ncp_ = partial; nrow_ = CHUNK_ROW(k0); LOAD_K_WORDS(nrow_, KR) \
-        k0 += 16; more = seek(t, k0, k_stop, partial, kb0, row0, t_end, n_full, mrow, lkv, b); } \
-    float mx[2] = float[2](NEG_INF, NEG_INF); \
-    SCORE_CHUNK(sc, C0, KN, CP) \
-    TAKE_MAX_SCORES() \
-    LAZY_MAX() \
-    [[unroll]] for (int e = 0; e < 8; ++e) { const float pe = exp2(sc[e] - fm[EL_HI(e)]); sc[e] = pe; fl[EL_HI(e)] += pe; } \
-    const FRAG_A pa = FRAG_A(sc); \
-    ZERO_V_WORDS(VR, KN) \
-    [[unroll]] for (int nn = 0; nn < FDV; ++nn) { FRAG_B vf_; V_FRAG(vf_, VR, nn) o[nn] = coopMatMulAddNV(pa, vf_, o[nn]); } \
-    if (nv_) LOAD_V_WORDS(nrow_, VR) \
-    C0 = nc0_; KN = nkn_; CP = ncp_; VALID = nv_; }
-    RING_TAKE(kra, vra, c0a, kna, cpa, va)
-    RING_TAKE(krb, vrb, c0b, knb, cpb, vb)
-    STEP_LOOP (va) {
-        RING_CHUNK(kra, vra, c0a, kna, cpa, va)
-        if (!vb) break;   // (then A took nothing either: its chunk would come after B's)
-        RING_CHUNK(krb, vrb, c0b, knb, cpb, vb)
     }
 #else
 #if DEC_REGLOAD

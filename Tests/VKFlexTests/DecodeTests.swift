@@ -264,22 +264,9 @@ final class DecodeTests: FlexTestCase {
                 }
             }
         }
-        // nvrd: two chunks' words in flight, two buffers taken in turn, Q through the tile.
-        let nvrd = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": "nvrd"])
-        XCTAssertEqual(nvrd.decodeNVAhead, 2)
-        for bad in ["nvd", "nvx2rd", "nvrx2d"] { XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad]), bad) }
-        for (D, Dv) in [(128, 128), (48, 16)] {
-            for flags in [false, true] {
-                let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: .float16, D: D, Dv: Dv, tiles: .decodeMM(AttentionPlanner.decodeNVTiles(nvrd)),
-                                         typedOperands: true, maxScores: flags, kvLengths: flags, qOffsets: flags, paged: flags, pushParams: true, mods: mods.glsl.source)
-                let source = try plan.source()
-                XCTAssertTrue(source.defines.contains { $0.name == "DEC_PREFETCH" && $0.value == "3" })
-                let spirv = try ShaderCompiler.shared.compile(source, library: library)
-                try CooperativeMatrixKHRRewriter.verify(try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32))
-                compiled += 1
-            }
-        }
-        XCTAssertEqual(compiled, 62)
+        // nvrd (two chunks' words in flight) is gone: NVIDIA's compiler crashed on it (H100, 2026-12-07).
+        for bad in ["nvd", "nvrd", "nvx2rd", "nvrx2d"] { XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad]), bad) }
+        XCTAssertEqual(compiled, 58)
         // VKFLEX_DECODE_UNROLL: 1 or 0 for both kernels' step loops; unset, each its default.
         XCTAssertNil(try AttentionTuning.parse([:]).decodeDriverUnroll)
         XCTAssertEqual(try AttentionTuning.parse(["VKFLEX_DECODE_UNROLL": "0"]).decodeDriverUnroll, false)
@@ -489,7 +476,7 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(try parsed("16x1xs"), [16, 1, 0, 1])
         XCTAssertEqual(try parsed("4x2x8xs"), [4, 2, 8, 1])
         for bad in ["0", "16", "3x2", "32x1", "4x0", "4x9", "4x2x3", "4x2x128", "4xs", "4x2xsx8", "x", "mm8", "mm64", "mm16x8", "mm16x", "mm16x2x2", "mmx2", "mm16pp", "mm16px2", "4x2p"] {
-            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step, nvr2: with word loads; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed, d: nvr's next two steps in flight), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
+            XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_TILE=\(bad): use nv (the NVIDIA-layout kernel; nv2: two 16-key chunks a step, nvr2: with word loads; nvr: its matrices loaded word by word; nvx2, nvx4: 2 or 4 subgroups a workgroup; a final s: no prefetch, h: nvr's next step loaded as this one's is consumed), mm (the matrix kernel; mm16 or mm32: with 16 or 32 keys a step, mm16x4: and 1, 2 or 4 subgroups a workgroup, a final p: each step's K and V loaded a step ahead), scalar, or RxK[xL][xs]"), "\($0)") }
         }
         // Tiles: invocations per key = 16-byte units per row up to the smallest subgroup (NVIDIA's
         // 32, AMD's 32 or 64, Intel's 8, lavapipe's 8); 4 rows whatever the call's (more go to further workgroups).
