@@ -459,14 +459,15 @@ if [ "$what" = s25b ]; then
     echo "== forced for the compare: VKFLEX_BWD_TILES=$VKFLEX_BWD_TILES"
   fi
   VKFLEX_VALIDATE=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
-  step compare-bwd 480 bash .device/on-device.sh compare --backward
-  tail -12 "$out/compare-bwd.txt"
-  unset VKFLEX_BWD_TILES
-  # As time allows: decode_mqa_32k's split count below the planner's 132 (66 took 12% less, d25).
+  # decode_mqa_32k's split count below the planner's 132 (66 took 12% less, d25): about 8 s each.
   for n in 33 44 66 132; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
     grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
   done
+  step compare-bwd 480 bash .device/on-device.sh compare --backward
+  tail -12 "$out/compare-bwd.txt"
+  unset VKFLEX_BWD_TILES
+  # As time allows: speculative decoding's split count below the planner's 16.
   for n in 8 12 16; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
     grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
