@@ -458,9 +458,9 @@ if [ "$what" = s25b ]; then
     export VKFLEX_BWD_TILES=$(IFS=,; echo "${forced[*]}")
     echo "== forced for the compare: VKFLEX_BWD_TILES=$VKFLEX_BWD_TILES"
   fi
-  VKFLEX_VALIDATE=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
+  [ "${SKIP_SELFTEST:-0}" = 1 ] || VKFLEX_VALIDATE=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
   # decode_mqa_32k's split count below the planner's 132 (66 took 12% less, d25): about 8 s each.
-  for n in 33 44 66 132; do
+  for n in ${MQA_SPLITS:-33 44 66 132}; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
     grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
   done
