@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|s25b|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|s25b|s25c|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -426,6 +426,26 @@ if [ "$what" = s25 ]; then
   unset VKFLEX_BWD_TILES
   ab24 overlap0 prevnv
   (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
+fi
+if [ "$what" = s25c ]; then
+  # A short call (about 130 s): coopmat-nv's validated selftest on the final binary, the split
+  # counts of MQA and speculative decoding below the planner's, and one D = 64 backward candidate
+  # (the dQ pass without prefetch, as D = 128 gained) beside the planner's.
+  VKFLEX_VALIDATE=1 step selftest-nv 60 vkflex selftest --kernel coopmat-nv
+  for n in 132 66 44 33; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
+    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
+  for n in 16 12 8; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
+    grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
+  for t in default 64:8x64/8x64xp; do
+    if [ "$t" = default ]; then env=(); else env=(VKFLEX_BWD_TILES=$t); fi
+    step "bwd64-${t//[:\/]/_}" 40 env "${env[@]}" vkflex bench --b 16 --h 16 --s 8192 --d 64 --backward --no-check
+    grep -E "backward" "$out/bwd64-${t//[:\/]/_}.txt" | sed "s|^|$t |" | cut -c1-170
+  done
+  (cd "$out" && tar cf s25c.tar --exclude s25c.tar . 2>/dev/null && find . -type f ! -name s25c.tar -delete)
 fi
 if [ "$what" = s25b ]; then
   # The second call: the planner's D = 128 tiles are now s25's winner (the dQ pass 64 rows a
