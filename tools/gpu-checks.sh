@@ -427,16 +427,56 @@ if [ "$what" = s25 ]; then
   ab24 overlap0 prevnv
   (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
 fi
+# mqa_parts LIMIT: where nvrh's chunk goes on decode_mqa_32k (d25: an SM moved 12-14 KB/µs at
+# 4 or 8 subgroups). Patched shaders, results wrong (--no-check): `k-lines` loads K's words with
+# eight lanes a row (128 bytes of each of four rows an instruction, as V's loads and the scalar
+# kernel's read) where the B operand's layout gives four (64 bytes of each of eight rows) —
+# whether K's half-line loads cap an SM's bandwidth; `no-k` and `no-loads` take K's (and V's)
+# words from a value instead of memory. D = 128 only (the patch's K rows hold 16 words).
+mqa_parts() {
+  python3 - "$PWD/Shaders" /tmp/mqa-parts <<'PY'
+import os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+f = "flex_attention_decode_nv.comp"
+k_old = """#define LOAD_K_WORDS(ROW, KR) { \\
+    [[unroll]] for (int i = 0; i < 2; ++i) WORDS(k_w4, k_w2, k_w1, KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + K_WORD(lane & 3, 0), KW, K_G) }"""
+k_lines = """#define LOAD_K_WORDS(ROW, KR) { \\
+    [[unroll]] for (int q_ = 0; q_ < 4; ++q_) [[unroll]] for (int h_ = 0; h_ < 2; ++h_) { \\
+        const uvec4 u_ = k_w4[(koff + ((ROW) + (lane >> 3) + 4 * q_) * p.k_sl) / 8 + 8 * h_ + (lane & 7)]; \\
+        const int a_ = 4 * (2 * q_ + h_); KR[a_] = u_.x; KR[a_ + 1] = u_.y; KR[a_ + 2] = u_.z; KR[a_ + 3] = u_.w; } }"""
+k_none = """#define LOAD_K_WORDS(ROW, KR) { [[unroll]] for (int x_ = 0; x_ < 2 * KW; ++x_) KR[x_] = uint((ROW) + x_) * 0x00010001u; }"""
+v_old = """#define LOAD_V_WORDS(ROW, VR) { \\
+    [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + V_WORD(lane_r, 0), VW, V_G) }"""
+v_none = """#define LOAD_V_WORDS(ROW, VR) { [[unroll]] for (int x_ = 0; x_ < 4 * VW; ++x_) VR[x_] = uint((ROW) + x_) * 0x00010001u; }"""
+variants = {"k-lines": [(k_old, k_lines)], "no-k": [(k_old, k_none)], "no-loads": [(k_old, k_none), (v_old, v_none)]}
+for name, edits in variants.items():
+    d = os.path.join(dst, name)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(src, d)
+    q = os.path.join(d, f); s = open(q).read()
+    for old, new in edits:
+        if old not in s: sys.exit(f"{name}: the patch no longer applies to {f}")
+        s = s.replace(old, new)
+    open(q, "w").write(s)
+PY
+  for v in base k-lines no-k no-loads; do
+    [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/mqa-parts/$v
+    VKFLEX_PROFILE=1 step "mqa-parts-$v" "$1" vkflex bench --suite decode --no-check --cases ${PARTS_CASES:-decode_mqa_32k}
+    grep -E " (no|yes) |device time" "$out/mqa-parts-$v.txt" | sed "s/^/$v /" | cut -c1-160
+  done
+  unset VKFLEX_SHADER_DIR
+}
 if [ "$what" = s25c ]; then
-  # A short call (about 130 s): coopmat-nv's validated selftest on the final binary, the split
-  # counts of MQA and speculative decoding below the planner's, and one D = 64 backward candidate
-  # (the dQ pass without prefetch, as D = 128 gained) beside the planner's.
+  # A short call (about 150 s): coopmat-nv's validated selftest on the final binary, MQA's split
+  # counts below the planner's, where nvrh's chunk goes (mqa_parts), speculative decoding's split
+  # counts, then one D = 64 backward candidate (the dQ pass without prefetch, as D = 128 gained).
   VKFLEX_VALIDATE=1 step selftest-nv 60 vkflex selftest --kernel coopmat-nv
-  for n in 132 66 44 33; do
+  for n in 132 66 44; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
     grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
   done
-  for n in 16 12 8; do
+  mqa_parts 20
+  for n in 16 8; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
     grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
   done
