@@ -38,6 +38,8 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
     /// The NVIDIA-layout split-KV kernel's K and V loaded word by word into the registers of the
     /// matrices (`DEC_REGLOAD`), and the next step's as this one's are consumed (`DEC_PREFETCH=2`).
     var nvRegisters = false, nvRotate = false
+    /// `DEC_KLINES` (`VKFLEX_DECODE_KLINES=1`): K's words loaded eight lanes a row, then shuffled.
+    var nvKLines = false
     /// Its step loop left to the driver to unroll (`DEC_DONT_UNROLL=0`).
     var nvDriverUnroll = false
     /// Its 16-key chunks a step (`DEC_CHUNKS`), and with two, whether the device's B operand has
@@ -64,7 +66,7 @@ struct GenericTiles: Hashable, Sendable, CustomStringConvertible {
         return 2 * halves + (emulated && bf16 ? 4 : 2) * bq * (BKV + 8) + 4 * bq * (BKV + 4)
     }
 
-    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (soft ? " software matrices" : "") }
+    var description: String { "\(M)x\(N)x\(K) sg\(SG) \(NSG)x\(BKV)" + (emulated ? " emulated" : "") + (ownShared ? " owned in shared" : "") + (prefetch ? singleBuffer ? " prefetch, one buffer" : " prefetch" : "") + (registerSoftmax ? " register softmax" : "") + (splitDKV ? " dK/dV split" : "") + (rpw > 1 ? " \(rpw) row blocks a subgroup" : "") + (nvDecode ? " nvidia layout" : "") + (nvRegisters ? " register loads" : "") + (nvRotate ? " rotating" : "") + (nvChunks > 1 ? " \(nvChunks) chunks a step" : "") + (nvKLines ? " K by lines" : "") + (soft ? " software matrices" : "") }
 }
 
 extension AttentionPlanner {
@@ -289,6 +291,7 @@ extension AttentionPlanner {
         t.nvRotate = tuning.decodeNV?.rotate ?? false
         t.nvDriverUnroll = tuning.decodeDriverUnroll ?? false
         t.nvChunks = chunks
+        t.nvKLines = tuning.decodeKLines
         return t
     }
 

@@ -60,6 +60,10 @@ struct AttentionTuning: Sendable {
     /// chunks' loads issued at its start, Q read from shared memory (`DEC_CHUNKS=2`); `nvr2`: the
     /// same with nvr's word-by-word loads, for tuning.
     var decodeNVChunks = 1
+    /// `VKFLEX_DECODE_KLINES=1`: the NVIDIA-layout split-KV kernel's word loads (`nvr`, one chunk a
+    /// step) read K as they read V, eight lanes a row, and shuffle the words to the lanes the B
+    /// operand gives them (`DEC_KLINES`; head dims multiples of 64), for measuring.
+    var decodeKLines = false
     /// `VKFLEX_DECODE_UNROLL=1` / `0`: the split-KV kernels' step loops left to the driver to
     /// unroll, or `[[dont_unroll]]` (`DEC_DONT_UNROLL`); unset, the NVIDIA-layout kernel's is not
     /// unrolled and the scalar kernel's is left to the driver, for measuring.
@@ -130,6 +134,10 @@ struct AttentionTuning: Sendable {
                 throw FlexError("VKFLEX_COOPMAT_SHAPE=\(c): use MxNxK, a float16 shape the device lists (`vkflex devices`), e.g. 16x16x16")
             }
             t.coopmatShape = (v[0], v[1], v[2])
+        }
+        if let k = env["VKFLEX_DECODE_KLINES"], !k.isEmpty {
+            guard k == "0" || k == "1" else { throw FlexError("VKFLEX_DECODE_KLINES=\(k): use 1 (the NVIDIA-layout split-KV kernel's K words loaded eight lanes a row, then shuffled) or 0") }
+            t.decodeKLines = k == "1"
         }
         if let u = env["VKFLEX_DECODE_UNROLL"], !u.isEmpty {
             guard u == "0" || u == "1" else { throw FlexError("VKFLEX_DECODE_UNROLL=\(u): use 1 (the driver may unroll the split-KV kernels' step loops) or 0 (it may not); unset: not the NVIDIA-layout kernel's, the scalar kernel's yes") }
@@ -425,6 +433,7 @@ struct AttentionPlan: Hashable, Sendable {
                 .init("D", "\(D)"), .init("DV", "\(Dv)"), .init("NSG", "\(t.NSG)"),
                 .init("DEC_PREFETCH", t.nvRotate ? "2" : t.prefetch ? "1" : "0"), .init("DEC_REGLOAD", t.nvRegisters ? "1" : "0"),
                 .init("DEC_DONT_UNROLL", t.nvDriverUnroll ? "0" : "1"), .init("DEC_CHUNKS", "\(t.nvChunks)"),
+                .init("DEC_KLINES", t.nvKLines && t.nvRegisters && t.nvChunks == 1 && D % 64 == 0 ? "1" : "0"),
                 .init(dtype == .bfloat16 ? "IN_BF16" : "IN_F16", "1"),
             ], optimization: .full)
             if t.nvChunks > 1 { source.defines.append(.init("DEC_B_T", t.nvBTransposed ? "1" : "0")) }

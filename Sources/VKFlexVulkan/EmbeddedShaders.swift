@@ -2203,6 +2203,12 @@ void main() {
 #if DEC_PREFETCH == 2 && !DEC_REGLOAD || DEC_PREFETCH > 2
 #error DEC_PREFETCH is 0, 1, or 2 with word loads (DEC_REGLOAD)
 #endif
+#ifndef DEC_KLINES
+#define DEC_KLINES 0
+#endif
+#if DEC_KLINES && (!DEC_REGLOAD || DEC_CHUNKS != 1 || D % 64 != 0)
+#error DEC_KLINES is written for word loads (DEC_REGLOAD), one chunk a step and D a multiple of 64
+#endif
 layout(local_size_x = 32 * NSG) in;
 #define DEC_NSG NSG
 
@@ -2299,8 +2305,35 @@ layout(std430, set = 0, binding = VKF_BINDING_V) readonly buffer VBufW1 { uint v
     else { [[unroll]] for (int i_ = 0; i_ < (N); ++i_) DST[(AT) + i_] = U1[(W0) + i_ * (G)]; } }
 // This lane's words of the 16 keys from physical row ROW: K of keys l/4 and l/4 + 8, V of keys
 // 2·(l%4) + {0, 1, 8, 9}.
+#if DEC_KLINES && !DEC_COALESCED
+#error DEC_KLINES gives the lanes the interleaved units (DEC_COALESCED)
+#endif
+#if DEC_KLINES
+// DEC_KLINES: four lanes share a K row in the B operand, so its loads read 64 bytes of each of
+// eight rows an instruction; these read as V's do — eight lanes a row, 128 bytes of each of four
+// rows: instruction (q, h) gives lane l row l/8 + 4q, unit 8h + l%8 — into the slots of the two
+// units (rows q/2 · 8 + …, units 8h + c and 8h + 4 + c) that K_LINES_FIX then moves to the lanes
+// the layout gives them: for each (row half i, h), two shuffle rounds, in each of which every lane
+// shows one of its two loaded units and takes one (lanes of rows 0-3 of the half from the
+// instruction q = 2i, of rows 4-7 from q = 2i + 1). Run where the words are consumed, so the
+// shuffles wait on no load that could still be in flight.
+#define LOAD_K_WORDS(ROW, KR) { \
+    [[unroll]] for (int q_ = 0; q_ < 4; ++q_) [[unroll]] for (int h_ = 0; h_ < D / 64; ++h_) { \
+        const uvec4 u_ = k_w4[(koff + ((ROW) + (lane >> 3) + 4 * q_) * p.k_sl) / 8 + 8 * h_ + (lane & 7)]; \
+        const int a_ = (q_ >> 1) * KW + 8 * h_ + 4 * (q_ & 1); \
+        KR[a_] = u_.x; KR[a_ + 1] = u_.y; KR[a_ + 2] = u_.z; KR[a_ + 3] = u_.w; } }
+#define K_LINES_FIX(KR) { \
+    const bool lo_ = lane < 16, shows_a_ = (lane & 7) < 4; \
+    const uint s0_ = uint(((lane >> 2) & 3) * 8 + (lo_ ? 0 : 4) + (lane & 3)), s1_ = s0_ ^ 4u; \
+    [[unroll]] for (int i_ = 0; i_ < 2; ++i_) [[unroll]] for (int h_ = 0; h_ < D / 64; ++h_) [[unroll]] for (int x_ = 0; x_ < 4; ++x_) { \
+        const int ua_ = i_ * KW + 8 * h_ + x_, ub_ = ua_ + 4; \
+        const uint a_ = KR[ua_], b_ = KR[ub_]; \
+        const uint r0_ = subgroupShuffle(shows_a_ ? a_ : b_, s0_), r1_ = subgroupShuffle(shows_a_ ? b_ : a_, s1_); \
+        KR[ua_] = lo_ ? r0_ : r1_; KR[ub_] = lo_ ? r1_ : r0_; } }
+#else
 #define LOAD_K_WORDS(ROW, KR) { \
     [[unroll]] for (int i = 0; i < 2; ++i) WORDS(k_w4, k_w2, k_w1, KR, i * KW, (koff + ((ROW) + lane_r + 8 * i) * p.k_sl) / 2 + K_WORD(lane & 3, 0), KW, K_G) }
+#endif
 #define LOAD_V_WORDS(ROW, VR) { \
     [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + V_WORD(lane_r, 0), VW, V_G) }
 // The 32-bit word of Q at half X of the row from element AT (16-byte rows where p.vec_ok, else gathered).
@@ -2535,6 +2568,9 @@ void main() {
         if (more) { const int r_ = CHUNK_ROW(k0); LOAD_K_WORDS(r_, kn_) LOAD_V_WORDS(r_, vn_) }   // in flight while this chunk computes
 #elif DEC_PREFETCH == 0
         LOAD_K_WORDS(crow, kr) LOAD_V_WORDS(crow, vr)
+#endif
+#if DEC_KLINES
+        K_LINES_FIX(kr)
 #endif
         // S = Q Kᵀ, K's words put into B operands as they are consumed.
         FRAG_C sc = FRAG_C(0.0);

@@ -266,6 +266,21 @@ final class DecodeTests: FlexTestCase {
         }
         // nvrd (two chunks' words in flight) is gone: NVIDIA's compiler crashed on it (H100, 2026-12-07).
         for bad in ["nvd", "nvrd", "nvx2rd", "nvrx2d"] { XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_TILE": bad]), bad) }
+        // VKFLEX_DECODE_KLINES=1: K's words eight lanes a row, then shuffled (D a multiple of 64;
+        // elsewhere, and for coopMatLoadNV's or two chunks' steps, the define stays 0).
+        XCTAssertFalse(try AttentionTuning.parse([:]).decodeKLines)
+        XCTAssertThrowsError(try AttentionTuning.parse(["VKFLEX_DECODE_KLINES": "yes"])) { XCTAssertTrue("\($0)".contains("VKFLEX_DECODE_KLINES=yes"), "\($0)") }
+        for (tile, D, on) in [("nvrh", 128, true), ("nvr", 64, true), ("nvrs", 128, true), ("nvrh", 96, false), ("nv", 128, false), ("nvr2", 128, false)] {
+            var tuning = try AttentionTuning.parse(["VKFLEX_DECODE_TILE": tile, "VKFLEX_DECODE_KLINES": "1"])
+            XCTAssertTrue(tuning.decodeKLines)
+            if tile == "nvr2" { tuning.decodeNV = (1, false, true, false) }
+            let plan = AttentionPlan(pass: .forwardPartial, kernel: .splitKV, dtype: .float16, D: D, Dv: 128, tiles: .decodeMM(AttentionPlanner.decodeNVTiles(tuning)),
+                                     typedOperands: true, pushParams: true, mods: mods.glsl.source)
+            let source = try plan.source()
+            XCTAssertTrue(source.defines.contains { $0.name == "DEC_KLINES" && $0.value == (on ? "1" : "0") }, "\(tile) D=\(D)")
+            let spirv = try ShaderCompiler.shared.compile(source, library: library)
+            try CooperativeMatrixKHRRewriter.verify(try CooperativeMatrixKHRRewriter.rewrite(spirv, subgroupSize: 32))
+        }
         XCTAssertEqual(compiled, 58)
         // VKFLEX_DECODE_UNROLL: 1 or 0 for both kernels' step loops; unset, each its default.
         XCTAssertNil(try AttentionTuning.parse([:]).decodeDriverUnroll)
