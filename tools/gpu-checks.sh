@@ -467,17 +467,17 @@ PY
   unset VKFLEX_SHADER_DIR
 }
 if [ "$what" = s25c ]; then
-  # A short call (about 130 s): coopmat-nv's validated selftest on the final binary; K's word
-  # loads eight lanes a row (VKFLEX_DECODE_KLINES=1: its selftest on the KHR extension, where
-  # nvrh runs, then beside the planner's nvrh); MQA's split counts below the planner's; where
+  # A short call (about 130 s): K's word loads eight lanes a row (VKFLEX_DECODE_KLINES=1) beside
+  # the planner's nvrh, its selftest on the KHR extension (where nvrh runs), coopmat-nv's validated
+  # selftest on the final binary; MQA's split counts below the planner's; where
   # nvrh's chunk goes (mqa_parts); speculative decoding's split counts.
-  VKFLEX_VALIDATE=1 step selftest-nv 60 vkflex selftest --kernel coopmat-nv
-  VKFLEX_DECODE_TILE=nvrh VKFLEX_DECODE_KLINES=1 step selftest-klines 40 vkflex selftest --kernel split-kv
   for k in 0 1; do
     VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_KLINES=$k step "klines-$k" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k,specdec_4_of_8k
     grep -E " (no|yes) |device time" "$out/klines-$k.txt" | sed "s/^/klines $k /" | cut -c1-160
     grep -E 'pipeline flex_attention_decode_nv' "$out/klines-$k.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
   done
+  VKFLEX_DECODE_TILE=nvrh VKFLEX_DECODE_KLINES=1 step selftest-klines 40 vkflex selftest --kernel split-kv
+  VKFLEX_VALIDATE=1 step selftest-nv 60 vkflex selftest --kernel coopmat-nv
   for n in 66 44; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
     grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
