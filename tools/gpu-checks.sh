@@ -395,38 +395,33 @@ ab24() {
     grep -E "backward" "$out/ab-$v.txt" | cut -c1-150
   done
 }
-if [ "$what" = s25 ]; then
-  # Twenty-fifth session: every kernel's validated selftest; the dQ pass's 64-row steps and the
-  # dK/dV pass without prefetch at D = 128 (full, 8x16x8192) beside the planner's, with registers;
-  # the fastest, if it beats the planner's by more than 1%, forced at D = 128 only (`128:` prefix)
-  # for coopmat-nv's validated selftest and `compare --backward` (issue 20's bar); then ab24.
-  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+# bwd_sweep D B "TILES...": the full backward (B x 16 x 8192, head dim D) with each of the coopmat-nv
+# backward tiles (default: the planner's; else forced for head dim D only), with registers and
+# local memory; sets best, best_tf and base_tf (the planner's TFLOP/s).
+bwd_sweep() {
+  local d=$1 b=$2 t n tf
   best=default; best_tf=0; base_tf=0
-  for t in default 8x64/8x32xp 8x64xp/8x32xp 8x32xp/8x32; do
-    n=bwd128-${t//\//_}
-    if [ "$t" = default ]; then env=(); else env=(VKFLEX_BWD_TILES=128:$t); fi
-    VKFLEX_PIPELINE_STATS=1 step "$n" 50 env "${env[@]}" vkflex bench --b 8 --h 16 --s 8192 --d 128 --backward --no-check
+  for t in $3; do
+    n=bwd$d-${t//\//_}
+    if [ "$t" = default ]; then env=(); else env=(VKFLEX_BWD_TILES=$d:$t); fi
+    VKFLEX_PIPELINE_STATS=1 step "$n" 50 env "${env[@]}" vkflex bench --b $b --h 16 --s 8192 --d $d --backward --no-check
     grep -E "backward" "$out/$n.txt" | cut -c1-170
-    local_mem "$out/$n.txt"
+    local_mem "$out/$n.txt" | grep bwd_nv
     grep -E 'pipeline flex_attention_bwd_nv.*Register Count' "$out/$n.txt" | sed -E 's/.*pipeline (flex_attention_bwd_nv[^ ]*).*Register Count = ([0-9]+).*/   \1: \2 registers/' | sort -u | head -4
     tf=$(grep -E " backward " "$out/$n.txt" | sed -E 's/.* ([0-9.]+) TFLOP\/s.*/\1/' | head -1)
     [ -n "$tf" ] || continue
     [ "$t" = default ] && base_tf=$tf
     if awk -v a="$tf" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best=$t; best_tf=$tf; fi
   done
-  if [ "$best" != default ] && awk -v a="$best_tf" -v b="$base_tf" 'BEGIN { exit !(a > 1.01 * b) }'; then
-    export VKFLEX_BWD_TILES=128:$best
-    echo "== D = 128 tiles for the compare: $best ($best_tf against $base_tf TFLOP/s)"
-    VKFLEX_VALIDATE=1 step selftest-nv-tiles 90 vkflex selftest --kernel coopmat-nv
-  else
-    echo "== D = 128 tiles for the compare: the planner's ($base_tf; best other $best $best_tf)"
-  fi
-  step compare-bwd 480 bash .device/on-device.sh compare --backward
-  tail -24 "$out/compare-bwd.txt"
-  unset VKFLEX_BWD_TILES
-  ab24 overlap0 prevnv
-  (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
-fi
+}
+# decode_times NAME: the decode suite with each dispatch's time, then nvrh's residency on the
+# 16-row cases (how many subgroups an SM runs, and each one's run).
+decode_times() {
+  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step "$1" 120 stdbuf -oL vkflex bench --suite decode --no-check
+  grep -E " (no|yes) |device time" "$out/$1.txt" | cut -c1-160
+  VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
+  grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
+}
 # mqa_parts LIMIT: where nvrh's chunk goes on decode_mqa_32k (d25: an SM moved 12-14 KB/µs at
 # 4 or 8 subgroups). Patched shaders, results wrong (--no-check): `k-lines` loads K's words with
 # eight lanes a row (128 bytes of each of four rows an instruction, as V's loads and the scalar
@@ -435,7 +430,9 @@ fi
 # words from a value instead of memory. D = 128 only (the patch's K rows hold 16 words).
 mqa_parts() {
   python3 - "$PWD/Shaders" /tmp/mqa-parts <<'PY'
-import os, shutil, sys
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tools"))
+import shader_variants
 src, dst = sys.argv[1], sys.argv[2]
 f = "flex_attention_decode_nv.comp"
 k_old = """#define LOAD_K_WORDS(ROW, KR) { \\
@@ -449,15 +446,7 @@ v_old = """#define LOAD_V_WORDS(ROW, VR) { \\
     [[unroll]] for (int j = 0; j < 4; ++j) WORDS(v_w4, v_w2, v_w1, VR, j * VW, (voff + ((ROW) + lane_c + (j & 1) + 8 * (j >> 1)) * p.v_sl) / 2 + V_WORD(lane_r, 0), VW, V_G) }"""
 v_none = """#define LOAD_V_WORDS(ROW, VR) { [[unroll]] for (int x_ = 0; x_ < 4 * VW; ++x_) VR[x_] = uint((ROW) + x_) * 0x00010001u; }"""
 variants = {"k-lines": [(k_old, k_lines)], "no-k": [(k_old, k_none)], "no-loads": [(k_old, k_none), (v_old, v_none)]}
-for name, edits in variants.items():
-    d = os.path.join(dst, name)
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(src, d)
-    q = os.path.join(d, f); s = open(q).read()
-    for old, new in edits:
-        if old not in s: sys.exit(f"{name}: the patch no longer applies to {f}")
-        s = s.replace(old, new)
-    open(q, "w").write(s)
+shader_variants.write(src, dst, f, variants)
 PY
   for v in base k-lines no-k no-loads; do
     [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/mqa-parts/$v
@@ -466,6 +455,26 @@ PY
   done
   unset VKFLEX_SHADER_DIR
 }
+if [ "$what" = s25 ]; then
+  # Twenty-fifth session: every kernel's validated selftest; the dQ pass's 64-row steps and the
+  # dK/dV pass without prefetch at D = 128 (full, 8x16x8192) beside the planner's, with registers;
+  # the fastest, if it beats the planner's by more than 1%, forced at D = 128 only (`128:` prefix)
+  # for coopmat-nv's validated selftest and `compare --backward` (issue 20's bar); then ab24.
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  bwd_sweep 128 8 "default 8x64/8x32xp 8x64xp/8x32xp 8x32xp/8x32"
+  if [ "$best" != default ] && awk -v a="$best_tf" -v b="$base_tf" 'BEGIN { exit !(a > 1.01 * b) }'; then
+    export VKFLEX_BWD_TILES=128:$best
+    echo "== D = 128 tiles for the compare: $best ($best_tf against $base_tf TFLOP/s)"
+    VKFLEX_VALIDATE=1 step selftest-nv-tiles 90 vkflex selftest --kernel coopmat-nv
+  else
+    echo "== D = 128 tiles for the compare: the planner's ($base_tf; best other $best $best_tf)"
+  fi
+  step compare-bwd 480 bash .device/on-device.sh compare --backward
+  tail -24 "$out/compare-bwd.txt"
+  unset VKFLEX_BWD_TILES
+  ab24 overlap0 prevnv
+  (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
+fi
 if [ "$what" = s25c ]; then
   # A short call (about 130 s): K's word loads eight lanes a row (VKFLEX_DECODE_KLINES=1) beside
   # the planner's nvrh, its selftest on the KHR extension (where nvrh runs), coopmat-nv's validated
@@ -500,19 +509,7 @@ if [ "$what" = s25b ]; then
   # SKIP_SWEEP=1: the planner's tiles only (the selftest and the compare).
   [ "${SKIP_SWEEP:-0}" = 1 ] || for d in 64 128; do
     if [ $d = 64 ]; then cands=${S25B_64:-"default 8x64/8x64xp 8x64xp/8x128xp"}; b=16; else cands=${S25B_128:-"default 8x64/8x64"}; b=8; fi
-    best=default; best_tf=0; base_tf=0
-    for t in $cands; do
-      n=bwd$d-${t//\//_}
-      if [ "$t" = default ]; then env=(); else env=(VKFLEX_BWD_TILES=$d:$t); fi
-      VKFLEX_PIPELINE_STATS=1 step "$n" 50 env "${env[@]}" vkflex bench --b $b --h 16 --s 8192 --d $d --backward --no-check
-      grep -E "backward" "$out/$n.txt" | cut -c1-170
-      local_mem "$out/$n.txt" | grep bwd_nv
-      grep -E 'pipeline flex_attention_bwd_nv.*Register Count' "$out/$n.txt" | sed -E 's/.*pipeline (flex_attention_bwd_nv[^ ]*).*Register Count = ([0-9]+).*/   \1: \2 registers/' | sort -u | head -4
-      tf=$(grep -E " backward " "$out/$n.txt" | sed -E 's/.* ([0-9.]+) TFLOP\/s.*/\1/' | head -1)
-      [ -n "$tf" ] || continue
-      [ "$t" = default ] && base_tf=$tf
-      if awk -v a="$tf" -v b="$best_tf" 'BEGIN { exit !(a > b) }'; then best=$t; best_tf=$tf; fi
-    done
+    bwd_sweep $d $b "$cands"
     echo "== D = $d: best $best ($best_tf; the planner's $base_tf)"
     if [ "$best" != default ] && awk -v a="$best_tf" -v b="$base_tf" 'BEGIN { exit !(a > 1.01 * b) }'; then forced+=("$d:$best"); fi
   done
@@ -538,19 +535,9 @@ if [ "$what" = s25b ]; then
 fi
 if [ "$what" = d25 ]; then
   # Issue 22's decode_mqa_32k (1.88 TB/s on the H200, 2.4 wanted): each dispatch's time (kernel,
-  # merge) on the 16-row cases, nvrh's residency (each subgroup's start and length: what the
-  # fixed cost is), nvrd (two chunks in flight, never run) beside nvrh with its registers, and
-  # MQA's split count.
-  VKFLEX_PROFILE=1 step d25-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
-  grep -E " (no|yes) |device time" "$out/d25-decode.txt" | cut -c1-160
-  VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
-  grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
-  VKFLEX_DECODE_TILE=nvrd step selftest-nvrd 40 vkflex selftest --kernel split-kv
-  for t in nvrh nvrd; do
-    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "ab-$t" 45 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
-    grep -E " (no|yes) |device time" "$out/ab-$t.txt" | sed "s/^/$t /" | cut -c1-150
-    grep -E 'pipeline flex_attention_decode_nv' "$out/ab-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
-  done
+  # merge), nvrh's residency on the 16-row cases (each subgroup's start and length), and MQA's
+  # split count. (Its first run, 13:39, also tried nvrd, since removed.)
+  decode_times d25-decode
   for n in 66 99 132 264; do
     VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k
     grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
@@ -652,7 +639,7 @@ if [ "$what" = next ]; then
   # without it (the KHR one, where the planner now takes nvrh and the merge is one pass: neither
   # has run on a GPU as the planner's default), the decode suite beside PyTorch (issues 22 and 23 on
   # an H200), the decode suite with each dispatch's time and nvrh's residency (how long each
-  # subgroup takes: the fixed cost beside the steps), nvrd beside nvrh, the backward beside PyTorch (issue 20), the
+  # subgroup takes: the fixed cost beside the steps), the backward beside PyTorch (issue 20), the
   # dK/dV pass in two dispatches, the scalar kernel's splits, coopmat-generic's one-buffer pipeline.
   # On an H200 (H200=1) the backward's compare comes before the decode timings.
   # NEXT_REST=1: a second call on the same warm machine, after a first that ran out of time: the
@@ -680,19 +667,7 @@ if [ "$what" = next ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"
   fi
-  VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 step next-decode 120 stdbuf -oL vkflex bench --suite decode --no-check
-  grep -E " (no|yes) |device time" "$out/next-decode.txt" | cut -c1-160
-  VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
-  grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
-  # nvrd (two chunks' loads in flight, written in the eighteenth session after its last call):
-  # its selftest on the KHR extension, then beside nvrh on the 16-row cases, with its registers
-  # (local memory would mean the second buffer spilled).
-  VKFLEX_DECODE_TILE=nvrd step selftest-nvrd 40 vkflex selftest --kernel split-kv
-  for t in nvrh nvrd; do
-    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_TILE=$t step "ab-$t" 45 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k,decode_dense_4k
-    grep -E " (no|yes) |device time" "$out/ab-$t.txt" | sed "s/^/$t /" | cut -c1-150
-    grep -E 'pipeline flex_attention_decode_nv' "$out/ab-$t.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
-  done
+  decode_times next-decode
   if [ "$h200" != 1 ]; then
     step compare-backward 200 bash .device/on-device.sh compare --backward
     tail -14 "$out/compare-backward.txt"
@@ -834,7 +809,9 @@ if [ "$what" = nv-parts ]; then
   # mods, mask and running maximum taken out (no-softmax); results wrong (--no-check), the
   # planner's splits. If no-loads is several times faster, the step waits on its memory path.
   python3 - "$PWD/Shaders" /tmp/nv-parts <<'PY'
-import os, shutil, sys
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tools"))
+import shader_variants
 src, dst = sys.argv[1], sys.argv[2]
 f = "flex_attention_decode_nv.comp"
 loads = "        LOAD_KV(rowa, kfa, vfa)\n        LOAD_KV(rowb, kfb, vfb)\n"
@@ -844,15 +821,7 @@ soft = "        SCORE_CHUNK(sa, c0a, kna, cpa)\n        SCORE_CHUNK(sb, c0b, knb
 # k-rows: K's matrices loaded row-major from memory (wrong scores): whether the transposed load is the slow one.
 krow = ("coopMatLoadNV(KF[kk], k_units, ks_ + uint(2 * kk), uint(p.k_sl / 8), true)", "coopMatLoadNV(KF[kk], k_units, ks_ + uint(2 * kk), uint(p.k_sl / 8), false)")
 variants = {"no-loads": [(loads, shared)], "no-softmax": [(soft, "")], "neither": [(loads, shared), (soft, "")], "k-rows": [krow]}
-for name, edits in variants.items():
-    d = os.path.join(dst, name)
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.copytree(src, d)
-    q = os.path.join(d, f); s = open(q).read()
-    for old, new in edits:
-        if old not in s: sys.exit(f"{name}: the patch no longer applies to {f}")
-        s = s.replace(old, new)
-    open(q, "w").write(s)
+shader_variants.write(src, dst, f, variants)
 PY
   for v in base no-loads no-softmax neither k-rows; do
     [ "$v" = base ] && unset VKFLEX_SHADER_DIR || export VKFLEX_SHADER_DIR=/tmp/nv-parts/$v

@@ -1,20 +1,23 @@
-"""Patched copies of Shaders/ for tools/gpu-checks.sh's part-by-part timings (VKFLEX_SHADER_DIR)."""
+"""Copies of Shaders/ with one template patched, for timing a kernel with a part changed or taken
+out (tools/gpu-checks.sh: nv-parts, mqa_parts), read through VKFLEX_SHADER_DIR."""
 import os
 import shutil
 import sys
 
 
-def make(src, dst, variants, what, once=True):
-    """variants: {name: [(file, old, new), ...]}; each copy at dst/name, each `old` replaced by
-    `new` (found other than once — with once=False, not found — stops the script, naming WHAT and
-    the variant)."""
-    for name, edits in variants.items():
-        d = os.path.join(dst, name)
+def write(src, dst, name, variants):
+    """For each variant (name -> [(old, new), ...]) a copy of `src` under `dst`/variant with the
+    edits applied to template `name`; stops with a message when an edit no longer applies."""
+    for variant, edits in variants.items():
+        d = os.path.join(dst, variant)
         shutil.rmtree(d, ignore_errors=True)
         shutil.copytree(src, d)
-        for f, old, new in edits:
-            p = os.path.join(d, f)
-            s = open(p).read()
-            if s.count(old) != 1 if once else old not in s:
-                sys.exit(f"{what} {name}: the patch no longer applies to {f}")
-            open(p, "w").write(s.replace(old, new))
+        path = os.path.join(d, name)
+        with open(path) as f:
+            text = f.read()
+        for old, new in edits:
+            if old not in text:
+                sys.exit(f"{variant}: the patch no longer applies to {name}")
+            text = text.replace(old, new)
+        with open(path, "w") as f:
+            f.write(text)
