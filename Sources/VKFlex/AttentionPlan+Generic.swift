@@ -379,15 +379,31 @@ extension AttentionPlanner {
     /// (docs/performance.md, sixteenth session); now 8. `waves` (`VKFLEX_DECODE_WAVES`) sets the
     /// older rule for every kernel: about `waves` workgroups of 128 invocations a compute unit,
     /// rounded up.
+    ///
+    /// With `kvBlocks` (the key blocks a row's splits share), the NVIDIA-layout kernel takes half a
+    /// wave where a whole one would give each split fewer than ``decodeNVMinBlocksPerSplit``
+    /// blocks: an SM got through the same bytes a microsecond with four subgroups as with eight,
+    /// so the half wave saves each split's fixed cost (Q, the walk's start, its partial) and half
+    /// the merge (H100, `decode_mqa_32k`, `nvrh`, kernel + merge µs: 73.9 + 6.6 at 66 splits of 4
+    /// blocks, 76.3 + 7.2 at 99, 83.8 + 7.8 at the wave's 132 of 2; docs/performance.md,
+    /// twenty-fifth session). Speculative decoding's 16 splits walk 4 blocks each and stay.
     static func decodeWantedSplits(workgroups: Int, computeUnits: Int, workgroupSize: Int, subgroups: Int,
-                                   nvidiaLayout: Bool, waves: Int?) -> Int {
+                                   nvidiaLayout: Bool, waves: Int?, kvBlocks: Int? = nil) -> Int {
         let perWave = max(1, 128 / workgroupSize)
         guard let waves else {
             let resident = nvidiaLayout ? decodeNVResidentPerComputeUnit : decodeResidentPerComputeUnit * perWave
-            return max(1, resident * computeUnits / max(1, workgroups)) * (nvidiaLayout ? 1 : subgroups)
+            let wave = max(1, resident * computeUnits / max(1, workgroups))
+            if nvidiaLayout, let kvBlocks, wave > 1, (kvBlocks + wave - 1) / wave < decodeNVMinBlocksPerSplit {
+                return (wave + 1) / 2
+            }
+            return wave * (nvidiaLayout ? 1 : subgroups)
         }
         return (waves * perWave * computeUnits + workgroups - 1) / workgroups * subgroups
     }
+
+    /// Key blocks below which a split of the NVIDIA-layout kernel's full wave is too short to pay
+    /// for itself (``decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:kvBlocks:)``).
+    static let decodeNVMinBlocksPerSplit = 4
 
     /// Workgroups of 128 invocations of the scalar split-KV kernel a compute unit runs at once: its
     /// 128 registers a lane fill an NVIDIA SM's 65,536 with four (the residency probe counted 3.1-3.7
@@ -401,7 +417,7 @@ extension AttentionPlanner {
     /// 20 splits, 1,280 subgroups, against 127.2 at 16), so eight it is for every variant.
     static let decodeNVResidentPerComputeUnit = 8
 
-    /// A split-KV call's key splits: `wanted` (``decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:)``),
+    /// A split-KV call's key splits: `wanted` (``decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:kvBlocks:)``),
     /// at most one per KV block, whole workgroups of `subgroups` splits, and few enough that the
     /// partials (`partialBytesPerSplit` each) stay within the buffers the device pools: a larger
     /// scratch is a new allocation per call (``Device/maxPooledBufferBytes``).

@@ -24,7 +24,7 @@ struct AttentionTuning: Sendable {
     /// 128 invocations per compute unit, rounded up (4 was the best of 2-16 on an H100's decode
     /// suite: docs/performance.md; the matrix kernel's one-subgroup workgroups count as many
     /// subgroups; unset, every kernel takes one wave of what a compute unit holds, rounded down:
-    /// ``AttentionPlanner/decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:)``),
+    /// ``AttentionPlanner/decodeWantedSplits(workgroups:computeUnits:workgroupSize:subgroups:nvidiaLayout:waves:kvBlocks:)``),
     /// for tuning.
     var decodeWaves: Int?
     /// `VKFLEX_DECODE_SPLITS=n`: split-KV decoding's key splits (at most the KV blocks; a driver's

@@ -240,7 +240,7 @@ enum ForwardKernel {
                 if case .decodeMM(let t) = prepared.plan.tiles { nsg = t.NSG; nvLayout = t.nvDecode }
                 let wanted = AttentionPlanner.decodeWantedSplits(workgroups: workgroups, computeUnits: caps.computeUnits ?? 32,
                                                                  workgroupSize: prepared.plan.WG, subgroups: nsg, nvidiaLayout: nvLayout,
-                                                                 waves: tuning.decodeWaves)
+                                                                 waves: tuning.decodeWaves, kvBlocks: kvBlocks)
                 var splits = tuning.decodeSplits.map { max(1, min(kvBlocks, $0)) }
                     ?? AttentionPlanner.decodeSplits(wanted: wanted, kvBlocks: kvBlocks,
                                                      partialBytesPerSplit: nb * s.Hq * s.Lq * s.Dv * 4, subgroups: nsg)

@@ -179,6 +179,17 @@ final class DecodeTests: FlexTestCase {
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 16)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 132)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 2000, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil), 1)
+        // Half a wave where the wave's splits would walk fewer than 4 key blocks each: MQA's 256
+        // blocks over 132 splits (2 each) become 66; speculative decoding's 64 over 16 (4 each) stay;
+        // the scalar kernel and the older rule are not affected; the key blocks cap what is left.
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil, kvBlocks: 256), 66)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil, kvBlocks: 528), 132)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: nil, kvBlocks: 64), 16)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil, kvBlocks: 256), 66)
+        XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: 4, kvBlocks: 256), 264)
+        XCTAssertEqual(AttentionPlanner.decodeSplits(wanted: AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 32, subgroups: 1,
+                                                                                                 nvidiaLayout: true, waves: nil, kvBlocks: 32),
+                                                     kvBlocks: 32, partialBytesPerSplit: 64 << 10, subgroups: 1), 32)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 32, subgroups: 1, nvidiaLayout: true, waves: 4), 33)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 64, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 8)
         XCTAssertEqual(AttentionPlanner.decodeWantedSplits(workgroups: 8, computeUnits: 132, workgroupSize: 128, subgroups: 1, nvidiaLayout: false, waves: nil), 66)
