@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s25|s25b|s25c|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s26|s26b|s25|s25b|s25c|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -455,6 +455,41 @@ PY
   done
   unset VKFLEX_SHADER_DIR
 }
+if [ "$what" = s26 ]; then
+  # The twenty-sixth session's first call (about 560 s; on an H200 it is every open bar but 26's):
+  # every kernel's validated selftest of the final code (the dQ pass's 64-row steps above D = 64,
+  # the half wave for short splits, DEC_KLINES compiled out by default), the backward beside
+  # PyTorch (issue 20), the decode suite beside PyTorch (issue 22: decode_mqa_32k now 66 splits).
+  VKFLEX_VALIDATE=1 step selftest-validated 150 vkflex selftest --kernel all
+  step compare-bwd 300 bash .device/on-device.sh compare --backward
+  tail -12 "$out/compare-bwd.txt"
+  step compare-decode 220 bash .device/on-device.sh compare --suite decode
+  tail -10 "$out/compare-decode.txt"
+  (cd "$out" && tar cf s26.tar --exclude s26.tar . 2>/dev/null && find . -type f ! -name s26.tar -delete)
+fi
+if [ "$what" = s26b ]; then
+  # The second call: K's loads eight lanes a row beside nvrh with its selftest, where nvrh's chunk
+  # goes (mqa_parts), speculative decoding's and MQA's split counts, then the D = 64 backward
+  # tiles with the dQ pass apart (full, 16x16x8192).
+  for k in 0 1; do
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_KLINES=$k step "klines-$k" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k,specdec_4_of_8k
+    grep -E " (no|yes) |device time" "$out/klines-$k.txt" | sed "s/^/klines $k /" | cut -c1-160
+    grep -E 'pipeline flex_attention_decode_nv' "$out/klines-$k.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
+  done
+  VKFLEX_DECODE_TILE=nvrh VKFLEX_DECODE_KLINES=1 step selftest-klines 40 vkflex selftest --kernel split-kv
+  mqa_parts 20
+  for n in 33 44 132; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
+    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
+  for n in 8 12; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
+    grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
+  bwd_sweep 64 16 "default 8x64/8x64xp 8x64xp/8x128xp 8x64xp/8x128"
+  echo "== D = 64: best $best ($best_tf; the planner's $base_tf)"
+  (cd "$out" && tar cf s26b.tar --exclude s26b.tar . 2>/dev/null && find . -type f ! -name s26b.tar -delete)
+fi
 if [ "$what" = s25 ]; then
   # Twenty-fifth session: every kernel's validated selftest; the dQ pass's 64-row steps and the
   # dK/dV pass without prefetch at D = 128 (full, 8x16x8192) beside the planner's, with registers;
