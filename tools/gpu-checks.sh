@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks a session that changed kernels runs on the GPU machine, in order of priority, each
 # under its own time limit so that one hang cannot cost the rest; outputs under $OUT:
-#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s26|s26b|s25|s25b|s25c|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
+#   bash .device/on-device.sh bash tools/gpu-checks.sh [all|next|short|s26|s26b|s25|s25b|d25|s24|s24b|s24c|cache23|cmp23|final23|doc-lse|final22|lean|gen-parts|nvr|regsm|waves|bf16|biases|shapes|decode|decode-quick|bwd|generic|recheck|occupancy|residency|tiles|decode-prefetch|decode-nv|mm-parts|nv-parts|splits]
 # all: selftest under the validation layer (every kernel), the selftests without it (the KHR
 # extension, bf16 matrices on), the seed suite through coopmat-nv and coopmat-generic, the
 # backward through the matrix passes;
@@ -422,6 +422,27 @@ decode_times() {
   VKFLEX_RESIDENCY=flex_attention_decode_nv VKFLEX_PROFILE=1 step res-nvrh 40 vkflex bench --suite decode --no-check --cases specdec_4_of_8k,decode_mqa_32k
   grep -E '^(specdec|decode)|residency' "$out/res-nvrh.txt" | cut -c1-260
 }
+# split_counts NAME CASE LIMIT N...: CASE of the decode suite at each forced split count, with
+# each dispatch's time ($out/NAME-splits-N.txt).
+split_counts() {
+  local name=$1 c=$2 secs=$3 n; shift 3
+  for n in "$@"; do
+    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "$name-splits-$n" "$secs" vkflex bench --suite decode --no-check --cases "$c"
+    grep -E " (no|yes) |device time" "$out/$name-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
+  done
+}
+# klines_ab: the NVIDIA-layout split-KV kernel without and with K's loads eight lanes a row
+# (VKFLEX_DECODE_KLINES) on the 16-row cases, with its registers, then that variant's selftest on
+# the KHR extension (where nvrh runs).
+klines_ab() {
+  local k
+  for k in 0 1; do
+    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_KLINES=$k step "klines-$k" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k,specdec_4_of_8k
+    grep -E " (no|yes) |device time" "$out/klines-$k.txt" | sed "s/^/klines $k /" | cut -c1-160
+    grep -E 'pipeline flex_attention_decode_nv' "$out/klines-$k.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
+  done
+  VKFLEX_DECODE_TILE=nvrh VKFLEX_DECODE_KLINES=1 step selftest-klines 40 vkflex selftest --kernel split-kv
+}
 # mqa_parts LIMIT: where nvrh's chunk goes on decode_mqa_32k (d25: an SM moved 12-14 KB/µs at
 # 4 or 8 subgroups). Patched shaders, results wrong (--no-check): `k-lines` loads K's words with
 # eight lanes a row (128 bytes of each of four rows an instruction, as V's loads and the scalar
@@ -471,21 +492,10 @@ if [ "$what" = s26b ]; then
   # The second call: K's loads eight lanes a row beside nvrh with its selftest, where nvrh's chunk
   # goes (mqa_parts), speculative decoding's and MQA's split counts, then the D = 64 backward
   # tiles with the dQ pass apart (full, 16x16x8192).
-  for k in 0 1; do
-    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_KLINES=$k step "klines-$k" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k,specdec_4_of_8k
-    grep -E " (no|yes) |device time" "$out/klines-$k.txt" | sed "s/^/klines $k /" | cut -c1-160
-    grep -E 'pipeline flex_attention_decode_nv' "$out/klines-$k.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
-  done
-  VKFLEX_DECODE_TILE=nvrh VKFLEX_DECODE_KLINES=1 step selftest-klines 40 vkflex selftest --kernel split-kv
+  klines_ab
   mqa_parts 20
-  for n in 33 44 132; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
-    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
-  for n in 8 12; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
-    grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
+  split_counts mqa decode_mqa_32k 20 33 44 132
+  split_counts specdec specdec_4_of_8k 20 8 12
   bwd_sweep 64 16 "default 8x64/8x64xp 8x64xp/8x128xp 8x64xp/8x128"
   echo "== D = 64: best $best ($best_tf; the planner's $base_tf)"
   (cd "$out" && tar cf s26b.tar --exclude s26b.tar . 2>/dev/null && find . -type f ! -name s26b.tar -delete)
@@ -510,29 +520,6 @@ if [ "$what" = s25 ]; then
   ab24 overlap0 prevnv
   (cd "$out" && tar cf s25.tar --exclude s25.tar . 2>/dev/null && find . -type f ! -name s25.tar -delete)
 fi
-if [ "$what" = s25c ]; then
-  # A short call (about 130 s): K's word loads eight lanes a row (VKFLEX_DECODE_KLINES=1) beside
-  # the planner's nvrh, its selftest on the KHR extension (where nvrh runs), coopmat-nv's validated
-  # selftest on the final binary; MQA's split counts below the planner's; where
-  # nvrh's chunk goes (mqa_parts); speculative decoding's split counts.
-  for k in 0 1; do
-    VKFLEX_PROFILE=1 VKFLEX_PIPELINE_STATS=1 VKFLEX_DECODE_KLINES=$k step "klines-$k" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k,specdec_4_of_8k
-    grep -E " (no|yes) |device time" "$out/klines-$k.txt" | sed "s/^/klines $k /" | cut -c1-160
-    grep -E 'pipeline flex_attention_decode_nv' "$out/klines-$k.txt" | sed -E 's/.*Register Count = ([0-9]+).*Local Memory Size = ([0-9]+).*/   \1 registers, local \2/' | sort -u | head -2
-  done
-  VKFLEX_DECODE_TILE=nvrh VKFLEX_DECODE_KLINES=1 step selftest-klines 40 vkflex selftest --kernel split-kv
-  VKFLEX_VALIDATE=1 step selftest-nv 60 vkflex selftest --kernel coopmat-nv
-  for n in 66 44; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
-    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
-  mqa_parts 20
-  for n in 8 12; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
-    grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
-  (cd "$out" && tar cf s25c.tar --exclude s25c.tar . 2>/dev/null && find . -type f ! -name s25c.tar -delete)
-fi
 if [ "$what" = s25b ]; then
   # The second call: the planner's D = 128 tiles are now s25's winner (the dQ pass 64 rows a
   # step without prefetch). Each head dim's candidates beside the planner's — at D = 64 (full,
@@ -554,18 +541,12 @@ if [ "$what" = s25b ]; then
   fi
   [ "${SKIP_SELFTEST:-0}" = 1 ] || VKFLEX_VALIDATE=1 step selftest-nv 90 vkflex selftest --kernel coopmat-nv
   # decode_mqa_32k's split count below the planner's 132 (66 took 12% less, d25): about 8 s each.
-  for n in ${MQA_SPLITS:-33 44 66 132}; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 20 vkflex bench --suite decode --no-check --cases decode_mqa_32k
-    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
+  split_counts mqa decode_mqa_32k 20 ${MQA_SPLITS:-33 44 66 132}
   step compare-bwd 480 bash .device/on-device.sh compare --backward
   tail -12 "$out/compare-bwd.txt"
   unset VKFLEX_BWD_TILES
   # As time allows: speculative decoding's split count below the planner's 16.
-  for n in 8 12 16; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "specdec-splits-$n" 20 vkflex bench --suite decode --no-check --cases specdec_4_of_8k
-    grep -E " (no|yes) |device time" "$out/specdec-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
+  split_counts specdec specdec_4_of_8k 20 8 12 16
   (cd "$out" && tar cf s25b.tar --exclude s25b.tar . 2>/dev/null && find . -type f ! -name s25b.tar -delete)
 fi
 if [ "$what" = d25 ]; then
@@ -573,10 +554,7 @@ if [ "$what" = d25 ]; then
   # merge), nvrh's residency on the 16-row cases (each subgroup's start and length), and MQA's
   # split count. (Its first run, 13:39, also tried nvrd, since removed.)
   decode_times d25-decode
-  for n in 66 99 132 264; do
-    VKFLEX_PROFILE=1 VKFLEX_DECODE_SPLITS=$n step "mqa-splits-$n" 30 vkflex bench --suite decode --no-check --cases decode_mqa_32k
-    grep -E " (no|yes) |device time" "$out/mqa-splits-$n.txt" | sed "s/^/splits $n /" | cut -c1-160
-  done
+  split_counts mqa decode_mqa_32k 30 66 99 132 264
   (cd "$out" && tar cf d25.tar --exclude d25.tar . 2>/dev/null && find . -type f ! -name d25.tar -delete)
 fi
 if [ "$what" = s24 ]; then
